@@ -1,0 +1,155 @@
+//! The crate's one error type.
+//!
+//! Errors are for input that comes from outside the program: configs, token ids, batches,
+//! masks and files. A wrong shape passed to a single layer's `forward` or `backward` is a
+//! bug in the calling code; those functions `assert!` with both shapes in the message and
+//! list it under `# Panics`.
+
+use std::fmt;
+
+/// What went wrong, with the values involved.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A config field has a value the layer cannot be built with.
+    InvalidConfig {
+        /// The field, for example `"d_model"`.
+        field: &'static str,
+        /// Why the value is refused, naming the value.
+        why: String,
+    },
+    /// Two shapes that must agree do not.
+    ShapeMismatch {
+        /// What was being checked, for example `"source batch"`.
+        what: String,
+        /// The shape that was expected.
+        expected: Vec<usize>,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// A token id is not below the vocabulary size.
+    TokenOutOfRange {
+        /// The id.
+        id: usize,
+        /// Its batch row and position.
+        position: (usize, usize),
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A sequence is longer than a table or a configured maximum allows.
+    SequenceTooLong {
+        /// The sequence length.
+        len: usize,
+        /// The largest length allowed.
+        max: usize,
+    },
+    /// The input holds NaN or an infinity where a finite value is required.
+    NonFinite {
+        /// Which input.
+        what: String,
+    },
+    /// Anything else about the input that is not a shape: an empty batch, a mask that does
+    /// not fit, inconsistent lengths.
+    InvalidInput {
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A config error for `field`.
+    pub fn config(field: &'static str, why: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field,
+            why: why.into(),
+        }
+    }
+
+    /// A shape error.
+    pub fn shape(what: impl Into<String>, expected: &[usize], got: &[usize]) -> Self {
+        Error::ShapeMismatch {
+            what: what.into(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidConfig { field, why } => write!(f, "invalid config: {field}: {why}"),
+            Error::ShapeMismatch { what, expected, got } => {
+                write!(f, "{what}: expected shape {expected:?}, got {got:?}")
+            }
+            Error::TokenOutOfRange {
+                id,
+                position: (b, t),
+                vocab,
+            } => write!(
+                f,
+                "token id {id} at batch row {b}, position {t} is out of range for a vocabulary of {vocab}"
+            ),
+            Error::SequenceTooLong { len, max } => {
+                write!(f, "sequence of length {len} is longer than the maximum of {max}")
+            }
+            Error::NonFinite { what } => write!(f, "{what} holds NaN or an infinity"),
+            Error::InvalidInput { why } => write!(f, "invalid input: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Config checks shared by every layer's `init`.
+pub(crate) mod check {
+    use super::{Error, Result};
+
+    /// `value` must be at least 1.
+    pub fn positive(field: &'static str, value: usize) -> Result<()> {
+        if value == 0 {
+            return Err(Error::config(field, "must be at least 1, got 0"));
+        }
+        Ok(())
+    }
+
+    /// A dropout rate must be finite and in [0, 1).
+    pub fn dropout(field: &'static str, p: f32) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::config(
+                field,
+                format!("a dropout rate must be in [0, 1), got {p}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A layer-norm epsilon must be finite and positive.
+    pub fn eps(field: &'static str, eps: f32) -> Result<()> {
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::config(
+                field,
+                format!("must be finite and positive, got {eps}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `d_model` must split evenly into `n_heads` heads.
+    pub fn heads(d_model: usize, n_heads: usize) -> Result<()> {
+        positive("d_model", d_model)?;
+        positive("n_heads", n_heads)?;
+        if d_model % n_heads != 0 {
+            return Err(Error::config(
+                "n_heads",
+                format!(
+                    "d_model = {d_model} is not divisible by n_heads = {n_heads} (each head needs d_k = d_model / n_heads)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

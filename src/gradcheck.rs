@@ -1,0 +1,246 @@
+//! Finite-difference checks of hand-written backward passes, for this crate's layers and
+//! for yours.
+//!
+//! The check compares an analytic gradient with central differences
+//! `(L(θ + h) − L(θ − h)) / 2h` for every element of every tensor (or a sample of them). The
+//! loss is best a random projection of the output, `L = Σ R ⊙ y` with R fixed, so that
+//! `∂L/∂y = R` is what the backward pass is fed.
+//!
+//! In `f64` (every layer is generic over [`Float`]) the defaults are sharp: step `1e-6`,
+//! relative error at most `1e-6`. In `f32` use a step near `1e-3` and a bound near `1e-2`.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array2;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::gradcheck::{GradCheck, random_like};
+//! use vaswani::layers::LinearConfig;
+//! use vaswani::{Params, Tensors};
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let layer = LinearConfig::new(3, 2).init::<f64>(&mut rng)?;
+//! let x: Array2<f64> = random_like((4, 3), &mut rng);
+//! let r: Array2<f64> = random_like((4, 2), &mut rng);
+//!
+//! // Analytic gradients: backward fed with ∂L/∂y = R.
+//! let (_, cache) = layer.forward(x.view());
+//! let mut grads = layer.p.zeros_like();
+//! let grad_x = layer.backward(&cache, r.view(), &mut grads);
+//!
+//! // The point and its gradient, as (inputs, parameters).
+//! let mut point = (Tensors::new().with("x", x), layer.p.clone());
+//! let analytic = (Tensors::new().with("x", grad_x), grads);
+//! let report = GradCheck::default().run(&mut point, &analytic, |(inputs, p)| {
+//!     let y = vaswani::layers::Linear { cfg: layer.cfg.clone(), p: p.clone() }
+//!         .infer(inputs.get("x").view().into_dimensionality().unwrap());
+//!     (&y * &r).sum()
+//! });
+//! report.assert_ok();
+//! report.assert_all_nonzero();
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use std::fmt;
+
+use ndarray::{Array, Dimension, ShapeBuilder};
+use rand::Rng;
+
+use crate::kernels::Float;
+use crate::params::Params;
+
+/// Settings of a finite-difference check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradCheck {
+    /// The step h of the central difference.
+    pub step: f64,
+    /// The largest relative error accepted, `|a − n| / max(|a|, |n|, abs_floor)`.
+    pub tolerance: f64,
+    /// Below this magnitude errors are measured absolutely (both values near 0).
+    pub abs_floor: f64,
+    /// Check at most this many elements per tensor, spread evenly; `usize::MAX` for all.
+    pub max_per_tensor: usize,
+}
+
+impl Default for GradCheck {
+    /// Sharp settings for `f64`: step `1e-6`, tolerance `1e-6`, floor `1e-7`, every element.
+    fn default() -> Self {
+        GradCheck {
+            step: 1e-6,
+            tolerance: 1e-6,
+            abs_floor: 1e-7,
+            max_per_tensor: usize::MAX,
+        }
+    }
+}
+
+/// The result for one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorCheck {
+    /// The tensor's dotted name.
+    pub name: String,
+    /// How many elements were checked.
+    pub checked: usize,
+    /// The worst relative error among them.
+    pub max_error: f64,
+    /// The flat index of the worst element, with its analytic and numeric values.
+    pub worst: (usize, f64, f64),
+    /// The largest analytic gradient magnitude in the tensor (0 means no gradient arrived).
+    pub max_abs_grad: f64,
+}
+
+/// The result of [`GradCheck::run`]: one row per tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradCheckReport {
+    /// The tolerance the rows were held to.
+    pub tolerance: f64,
+    /// One row per tensor, in visiting order.
+    pub tensors: Vec<TensorCheck>,
+}
+
+impl GradCheck {
+    /// Compares `analytic` with central differences of `loss` around `point`.
+    ///
+    /// `point` and `analytic` must have the same tensors in the same order (the gradient of a
+    /// parameter tree has the tree's own type). `point` is perturbed one element at a time
+    /// and restored exactly.
+    ///
+    /// # Panics
+    /// If `point` and `analytic` have different names or shapes.
+    pub fn run<F: Float, P: Params<F>>(
+        &self,
+        point: &mut P,
+        analytic: &P,
+        mut loss: impl FnMut(&P) -> F,
+    ) -> GradCheckReport {
+        let mut grads: Vec<(String, Vec<F>, Vec<usize>)> = Vec::new();
+        analytic.visit("", &mut |name, t| {
+            grads.push((name.to_string(), t.iter().copied().collect(), t.shape().to_vec()))
+        });
+        let mut shapes = Vec::new();
+        point.visit("", &mut |name, t| {
+            shapes.push((name.to_string(), t.shape().to_vec()))
+        });
+        assert_eq!(
+            shapes,
+            grads
+                .iter()
+                .map(|(n, _, s)| (n.clone(), s.clone()))
+                .collect::<Vec<_>>(),
+            "GradCheck: the point and the analytic gradient have different tensors"
+        );
+        let mut tensors = Vec::new();
+        for (t_idx, (name, grad, _)) in grads.iter().enumerate() {
+            let len = grad.len();
+            let stride = len.div_ceil(self.max_per_tensor.max(1)).max(1);
+            let mut row = TensorCheck {
+                name: name.clone(),
+                checked: 0,
+                max_error: 0.0,
+                worst: (0, 0.0, 0.0),
+                max_abs_grad: grad.iter().map(|g| g.to_f64().abs()).fold(0.0, f64::max),
+            };
+            for i in (0..len).step_by(stride) {
+                let original = get(point, t_idx, i);
+                set(point, t_idx, i, F::from_f64(original.to_f64() + self.step));
+                let up = loss(point).to_f64();
+                set(point, t_idx, i, F::from_f64(original.to_f64() - self.step));
+                let down = loss(point).to_f64();
+                set(point, t_idx, i, original);
+                let numeric = (up - down) / (2.0 * self.step);
+                let a = grad[i].to_f64();
+                let err = (a - numeric).abs() / a.abs().max(numeric.abs()).max(self.abs_floor);
+                if !(err <= row.max_error) {
+                    row.max_error = err;
+                    row.worst = (i, a, numeric);
+                }
+                row.checked += 1;
+            }
+            tensors.push(row);
+        }
+        GradCheckReport {
+            tolerance: self.tolerance,
+            tensors,
+        }
+    }
+}
+
+fn get<F: Float, P: Params<F>>(p: &P, tensor: usize, i: usize) -> F {
+    let mut k = 0;
+    let mut out = F::ZERO;
+    p.visit("", &mut |_, t| {
+        if k == tensor {
+            out = *t.iter().nth(i).expect("index in range");
+        }
+        k += 1;
+    });
+    out
+}
+
+fn set<F: Float, P: Params<F>>(p: &mut P, tensor: usize, i: usize, value: F) {
+    let mut k = 0;
+    p.visit_mut("", &mut |_, mut t| {
+        if k == tensor {
+            *t.iter_mut().nth(i).expect("index in range") = value;
+        }
+        k += 1;
+    });
+}
+
+impl GradCheckReport {
+    /// Whether every tensor is within the tolerance (a NaN error fails).
+    pub fn is_ok(&self) -> bool {
+        self.tensors.iter().all(|t| t.max_error <= self.tolerance)
+    }
+
+    /// The names of tensors whose analytic gradient is zero everywhere.
+    pub fn zero_gradients(&self) -> Vec<&str> {
+        self.tensors
+            .iter()
+            .filter(|t| t.max_abs_grad == 0.0)
+            .map(|t| t.name.as_str())
+            .collect()
+    }
+
+    /// Panics with the whole report unless [`GradCheckReport::is_ok`].
+    pub fn assert_ok(&self) {
+        assert!(self.is_ok(), "gradient check failed:\n{self}");
+    }
+
+    /// Panics with the whole report if any tensor received no gradient at all.
+    pub fn assert_all_nonzero(&self) {
+        let zero = self.zero_gradients();
+        assert!(zero.is_empty(), "no gradient reached {zero:?}:\n{self}");
+    }
+}
+
+impl fmt::Display for GradCheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<40} {:>8} {:>12} {:>12}  worst (index: analytic vs numeric)",
+            "tensor", "checked", "max error", "max |grad|"
+        )?;
+        for t in &self.tensors {
+            let flag = if t.max_error <= self.tolerance {
+                ""
+            } else {
+                "  <-- FAIL"
+            };
+            writeln!(
+                f,
+                "{:<40} {:>8} {:>12.3e} {:>12.3e}  {}: {:.9e} vs {:.9e}{flag}",
+                t.name, t.checked, t.max_error, t.max_abs_grad, t.worst.0, t.worst.1, t.worst.2
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// An array of the given shape with elements uniform in [−1, 1): a fixed projection R for
+/// `L = Σ R ⊙ y`, or a random input.
+pub fn random_like<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
+    shape: Sh,
+    rng: &mut impl Rng,
+) -> Array<F, D> {
+    Array::from_shape_simple_fn(shape, || F::from_f64(rng.random_range(-1.0..1.0)))
+}

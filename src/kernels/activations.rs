@@ -1,0 +1,137 @@
+//! Element-wise activations of the feed-forward layer (§3.3) and their derivatives.
+//!
+//! - ReLU, `max(0, x)`: the paper's choice. Its derivative at exactly 0 is taken as 0, as
+//!   PyTorch does.
+//! - GELU, `x·Φ(x) = x/2 · (1 + erf(x/√2))`: the exact form, PyTorch's `F.gelu` default and
+//!   what `nn.Transformer(activation="gelu")` uses. Derivative `Φ(x) + x·φ(x)`.
+//! - GELU, tanh approximation `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`: PyTorch's
+//!   `approximate="tanh"`, GPT-2's choice.
+
+use super::Float;
+
+/// Which non-linearity the position-wise feed-forward layer applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Activation {
+    /// `max(0, x)`, the paper's (§3.3).
+    #[default]
+    Relu,
+    /// `x·Φ(x)` with the exact `erf`: PyTorch's `"gelu"`.
+    Gelu,
+    /// The tanh approximation of GELU: PyTorch's `approximate="tanh"`.
+    GeluTanh,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// 1/√(2π), the peak of the standard normal density φ.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+const GELU_TANH_C: f64 = 0.044_715;
+
+impl Activation {
+    /// The activation at `x`.
+    #[inline]
+    pub fn apply<F: Float>(self, x: F) -> F {
+        match self {
+            Activation::Relu => {
+                if x > F::ZERO {
+                    x
+                } else {
+                    F::ZERO
+                }
+            }
+            Activation::Gelu => {
+                let half = F::from_f64(0.5);
+                half * x * (F::ONE + (x * F::from_f64(FRAC_1_SQRT_2)).erf())
+            }
+            Activation::GeluTanh => {
+                let inner = F::from_f64(SQRT_2_OVER_PI) * (x + F::from_f64(GELU_TANH_C) * x * x * x);
+                F::from_f64(0.5) * x * (F::ONE + inner.tanh())
+            }
+        }
+    }
+
+    /// The derivative of the activation at `x`.
+    #[inline]
+    pub fn derivative<F: Float>(self, x: F) -> F {
+        match self {
+            Activation::Relu => {
+                if x > F::ZERO {
+                    F::ONE
+                } else {
+                    F::ZERO
+                }
+            }
+            Activation::Gelu => {
+                let cdf = F::from_f64(0.5) * (F::ONE + (x * F::from_f64(FRAC_1_SQRT_2)).erf());
+                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-F::from_f64(0.5) * x * x).exp();
+                cdf + x * pdf
+            }
+            Activation::GeluTanh => {
+                let c = F::from_f64(GELU_TANH_C);
+                let k = F::from_f64(SQRT_2_OVER_PI);
+                let t = (k * (x + c * x * x * x)).tanh();
+                let half = F::from_f64(0.5);
+                half * (F::ONE + t)
+                    + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x)
+            }
+        }
+    }
+
+    /// The naive twin of [`Activation::apply`]: the textbook formula in `f64`.
+    pub fn apply_naive(self, x: f64) -> f64 {
+        match self {
+            Activation::Relu => x.max(0.0),
+            Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / 2.0_f64.sqrt())),
+            Activation::GeluTanh => {
+                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Activation; 3] = [Activation::Relu, Activation::Gelu, Activation::GeluTanh];
+
+    #[test]
+    fn matches_naive_formula() {
+        for act in ALL {
+            for i in -400..=400 {
+                let x = i as f64 / 50.0;
+                assert!(
+                    (act.apply(x) - act.apply_naive(x)).abs() < 1e-15,
+                    "{act:?} at {x}"
+                );
+                let x32 = x as f32;
+                assert!(
+                    (act.apply(x32) as f64 - act.apply_naive(x32 as f64)).abs() < 2e-6,
+                    "{act:?} f32 at {x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn derivative_matches_finite_differences() {
+        let h = 1e-6;
+        for act in ALL {
+            for i in -300..=300 {
+                let x = i as f64 / 50.0 + 0.013; // off the ReLU kink
+                let numeric = (act.apply(x + h) - act.apply(x - h)) / (2.0 * h);
+                assert!((numeric - act.derivative(x)).abs() < 1e-8, "{act:?} at {x}");
+            }
+        }
+    }
+
+    #[test]
+    fn known_values() {
+        // PyTorch: F.gelu(torch.tensor(1.0)) = 0.8413447, approximate="tanh": 0.8411920.
+        assert!((Activation::Gelu.apply(1.0_f64) - 0.841_344_746).abs() < 1e-8);
+        assert!((Activation::GeluTanh.apply(1.0_f64) - 0.841_191_990).abs() < 1e-8);
+        assert_eq!(Activation::Relu.derivative(0.0_f32), 0.0);
+    }
+}

@@ -1,0 +1,348 @@
+//! General matrix multiplication, `C ← α·A·B + β·C`, over `matrixmultiply`.
+//!
+//! One safe entry, [`gemm`], takes ndarray views with any strides: a transposed operand is
+//! `a.t()`, a stride swap, and is never copied. Per-head attention uses strided sub-views of
+//! the `[B·T, d_model]` projections in the same way. [`gemm_batched`] runs one product per
+//! index of a leading batch axis.
+//!
+//! # Threads and determinism
+//!
+//! Large products are split across the rayon pool by rows of C (or by columns when C has
+//! few rows), never along the reduction axis k. `matrixmultiply` accumulates each element of
+//! C over k in the same order whatever the number of rows or columns it is given, so the
+//! result is bitwise identical for any thread count. `matrixmultiply`'s own `threading`
+//! feature stays off: rayon is the one pool.
+
+use ndarray::{ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Zip};
+use rayon::prelude::*;
+
+use super::Float;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// A split never makes pieces with fewer rows (or columns) than this.
+const MIN_SPLIT: usize = 32;
+
+/// `C ← α·A·B + β·C`, with A `[m, k]`, B `[k, n]` and C `[m, n]` of any strides.
+///
+/// If β is zero, C is only written: NaN or garbage in C does not reach the result.
+/// Large products run on the rayon pool, split by rows or columns of C; see the
+/// [module docs](self) for why the result does not depend on the thread count.
+///
+/// # Panics
+/// If the shapes do not chain: `a.ncols() != b.nrows()` or C is not `[a.nrows(), b.ncols()]`.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// let a = array![[1.0_f32, 2.0], [3.0, 4.0]];
+/// let mut c = ndarray::Array2::<f32>::zeros((2, 2));
+/// // C = A·Aᵀ, the transpose by strides.
+/// vaswani::kernels::gemm(1.0, a.view(), a.t(), 0.0, c.view_mut());
+/// assert_eq!(c, array![[5.0, 11.0], [11.0, 25.0]]);
+/// ```
+pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+    check_shapes(a.dim(), b.dim(), c.dim());
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let parts = rayon::current_num_threads();
+    if parts < 2 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+        gemm_serial(alpha, a, b, beta, c);
+    } else if m >= 2 * MIN_SPLIT {
+        let rows = chunk_len(m, parts);
+        c.axis_chunks_iter_mut(Axis(0), rows)
+            .into_par_iter()
+            .zip(a.axis_chunks_iter(Axis(0), rows))
+            .for_each(|(c, a)| gemm_serial(alpha, a, b, beta, c));
+    } else if n >= 2 * MIN_SPLIT {
+        let cols = chunk_len(n, parts);
+        c.axis_chunks_iter_mut(Axis(1), cols)
+            .into_par_iter()
+            .zip(b.axis_chunks_iter(Axis(1), cols))
+            .for_each(|(c, b)| gemm_serial(alpha, a, b, beta, c));
+    } else {
+        gemm_serial(alpha, a, b, beta, c);
+    }
+}
+
+/// `C[i] ← α·A[i]·B[i] + β·C[i]` for every index i of the leading axis, in parallel over i.
+///
+/// Each product runs whole on one thread, so the result does not depend on the thread
+/// count.
+///
+/// # Panics
+/// If the batch sizes differ or the shapes of one product do not chain.
+pub fn gemm_batched<F: Float>(
+    alpha: F,
+    a: ArrayView3<F>,
+    b: ArrayView3<F>,
+    beta: F,
+    mut c: ArrayViewMut3<F>,
+) {
+    assert!(
+        a.len_of(Axis(0)) == b.len_of(Axis(0)) && a.len_of(Axis(0)) == c.len_of(Axis(0)),
+        "gemm_batched: batch sizes differ: A {:?}, B {:?}, C {:?}",
+        a.shape(),
+        b.shape(),
+        c.shape()
+    );
+    let (_, m, k) = a.dim();
+    check_shapes((m, k), (b.dim().1, b.dim().2), (c.dim().1, c.dim().2));
+    Zip::from(c.axis_iter_mut(Axis(0)))
+        .and(a.axis_iter(Axis(0)))
+        .and(b.axis_iter(Axis(0)))
+        .par_for_each(|c, a, b| gemm_serial(alpha, a, b, beta, c));
+}
+
+/// Rows (or columns) per piece: `len` cut into about `parts` pieces, a multiple of 16 (the
+/// widest micro-kernel), none smaller than [`MIN_SPLIT`].
+fn chunk_len(len: usize, parts: usize) -> usize {
+    len.div_ceil(parts).next_multiple_of(16).max(MIN_SPLIT)
+}
+
+fn check_shapes(a: (usize, usize), b: (usize, usize), c: (usize, usize)) {
+    assert!(
+        a.1 == b.0 && c == (a.0, b.1),
+        "gemm: shapes do not chain: A {:?} · B {:?} into C {:?} (expected C {:?})",
+        [a.0, a.1],
+        [b.0, b.1],
+        [c.0, c.1],
+        [a.0, b.1]
+    );
+}
+
+/// The one call into `matrixmultiply`, on the calling thread.
+fn gemm_serial<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    debug_assert_eq!(b.nrows(), k);
+    debug_assert_eq!(c.dim(), (m, n));
+    let [rsa, csa] = [a.strides()[0], a.strides()[1]];
+    let [rsb, csb] = [b.strides()[0], b.strides()[1]];
+    let [rsc, csc] = [c.strides()[0], c.strides()[1]];
+    // SAFETY: each view's pointer and strides address exactly its own elements, all inside
+    // the allocation the view borrows (ndarray's invariant, for negative strides too, since
+    // `as_ptr` is the element [0, 0]). `c` is borrowed mutably while `a` and `b` are borrowed
+    // shared, so C cannot alias A or B, and a mutable view never maps two indices to one
+    // address. The dimensions were checked above. matrixmultiply reads C only when β ≠ 0.
+    unsafe {
+        F::gemm_raw(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            rsc,
+            csc,
+        );
+    }
+}
+
+/// The naive twin of [`gemm`]: three loops, accumulating in `f64`. For tests.
+pub fn gemm_naive<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+    check_shapes(a.dim(), b.dim(), c.dim());
+    for i in 0..a.nrows() {
+        for j in 0..b.ncols() {
+            let mut acc = 0.0;
+            for p in 0..a.ncols() {
+                acc += a[[i, p]].to_f64() * b[[p, j]].to_f64();
+            }
+            let prev = if beta == F::ZERO {
+                0.0
+            } else {
+                beta.to_f64() * c[[i, j]].to_f64()
+            };
+            c[[i, j]] = F::from_f64(alpha.to_f64() * acc + prev);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3, s};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Small integers, so that every product and sum is exact in f32 and the fast and naive
+    /// results must agree bit for bit.
+    fn int_matrix(rng: &mut StdRng, r: usize, c: usize) -> Array2<f32> {
+        Array2::from_shape_fn((r, c), |_| rng.random_range(-4..=4) as f32)
+    }
+
+    #[test]
+    fn matches_naive_at_odd_sizes_and_layouts() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 33, 9),
+            (65, 17, 130),
+            (129, 64, 3),
+            (0, 4, 3),
+            (3, 0, 4),
+        ] {
+            let a = int_matrix(&mut rng, m, k);
+            let at = a.t().to_owned(); // [k, m] so that at.t() is A by strides
+            let b = int_matrix(&mut rng, k, n);
+            let bt = b.t().to_owned();
+            let mut want = Array2::<f32>::from_elem((m, n), f32::NAN);
+            gemm_naive(1.0, a.view(), b.view(), 0.0, want.view_mut());
+            for (a_view, b_view) in [
+                (a.view(), b.view()),
+                (at.t(), b.view()),
+                (a.view(), bt.t()),
+                (at.t(), bt.t()),
+            ] {
+                // Output pre-filled with NaN: with β = 0 none of it may survive.
+                let mut got = Array2::<f32>::from_elem((m, n), f32::NAN);
+                gemm(1.0, a_view, b_view, 0.0, got.view_mut());
+                assert_eq!(got, want, "m={m} k={k} n={n}");
+                // Column-major output.
+                let mut got_f = Array2::<f32>::from_elem((n, m), f32::NAN);
+                gemm(1.0, a_view, b_view, 0.0, got_f.view_mut().reversed_axes());
+                assert_eq!(got_f.t(), want, "column-major C, m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn alpha_beta_and_strided_output() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (m, k, n) = (37, 21, 45);
+        let a = int_matrix(&mut rng, m, 2 * k);
+        let b = int_matrix(&mut rng, k, n);
+        let c0 = int_matrix(&mut rng, 2 * m, 3 * n);
+        // A as every other column, C as every other row and every third column.
+        let a_view = a.slice(s![.., ..;2]);
+        let mut got = c0.clone();
+        gemm(2.0, a_view, b.view(), -3.0, got.slice_mut(s![..;2, ..;3]));
+        let mut want = c0.clone();
+        gemm_naive(2.0, a_view, b.view(), -3.0, want.slice_mut(s![..;2, ..;3]));
+        assert_eq!(got, want);
+        // Elements outside the strided view are untouched.
+        assert_eq!(got.slice(s![1..;2, ..]), c0.slice(s![1..;2, ..]));
+    }
+
+    #[test]
+    fn negative_strides() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let a = int_matrix(&mut rng, 19, 23);
+        let b = int_matrix(&mut rng, 23, 11);
+        let a_rev = a.slice(s![..;-1, ..]);
+        let mut got = Array2::<f32>::from_elem((19, 11), f32::NAN);
+        gemm(1.0, a_rev, b.slice(s![.., ..;-1]), 0.0, got.view_mut());
+        let mut want = Array2::<f32>::zeros((19, 11));
+        gemm_naive(1.0, a_rev, b.slice(s![.., ..;-1]), 0.0, want.view_mut());
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn large_products_split_across_threads_match_naive() {
+        // Big enough to take the parallel row split (tall C) and column split (wide C).
+        let mut rng = StdRng::seed_from_u64(4);
+        for &(m, k, n) in &[(301, 67, 129), (40, 97, 1031)] {
+            let a = int_matrix(&mut rng, m, k);
+            let b = int_matrix(&mut rng, k, n);
+            let mut want = Array2::<f32>::zeros((m, n));
+            gemm_naive(1.0, a.view(), b.view(), 0.0, want.view_mut());
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = Array2::<f32>::from_elem((m, n), f32::NAN);
+                pool.install(|| gemm(1.0, a.view(), b.view(), 0.0, got.view_mut()));
+                assert_eq!(got, want, "threads={threads} m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn bitwise_identical_for_one_and_two_threads() {
+        // Non-integer values: here the rounding order matters, and must not change.
+        let mut rng = StdRng::seed_from_u64(5);
+        let (m, k, n) = (257, 300, 190);
+        let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
+        let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
+        let run = |threads: usize, b: ArrayView2<f32>| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = Array2::<f32>::zeros((m, b.ncols()));
+            pool.install(|| gemm(1.0, a.view(), b, 0.0, c.view_mut()));
+            c
+        };
+        let one = run(1, b.view());
+        let two = run(2, b.view());
+        assert!(
+            one.iter()
+                .zip(two.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        let wide_b = Array2::from_shape_fn((k, 2000), |_| rng.random::<f32>() - 0.5);
+        let a_short = a.slice(s![..40, ..]);
+        let run_wide = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = Array2::<f32>::zeros((40, 2000));
+            pool.install(|| gemm(1.0, a_short, wide_b.view(), 0.0, c.view_mut()));
+            c
+        };
+        let (one, two) = (run_wide(1), run_wide(2));
+        assert!(
+            one.iter()
+                .zip(two.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+    }
+
+    #[test]
+    fn batched_matches_naive_with_transposed_operand() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let (batch, m, k, n) = (5, 7, 9, 6);
+        let a = Array3::from_shape_fn((batch, m, k), |_| rng.random_range(-4..=4) as f64);
+        let b_t = Array3::from_shape_fn((batch, n, k), |_| rng.random_range(-4..=4) as f64);
+        let b = b_t.view().permuted_axes([0, 2, 1]); // [batch, k, n] by strides
+        let mut got = Array3::<f64>::from_elem((batch, m, n), f64::NAN);
+        gemm_batched(1.0, a.view(), b, 0.0, got.view_mut());
+        for i in 0..batch {
+            let mut want = Array2::<f64>::zeros((m, n));
+            gemm_naive(
+                1.0,
+                a.index_axis(Axis(0), i),
+                b.index_axis(Axis(0), i),
+                0.0,
+                want.view_mut(),
+            );
+            assert_eq!(got.index_axis(Axis(0), i), want);
+        }
+    }
+
+    #[test]
+    fn f64_uses_dgemm() {
+        let a = ndarray::array![[1.0_f64 + 1e-12, 0.0], [0.0, 1.0]];
+        let mut c = Array2::<f64>::zeros((2, 2));
+        gemm(1.0, a.view(), a.view(), 0.0, c.view_mut());
+        // In f32 the 1e-12 would be lost.
+        assert!(c[[0, 0]] > 1.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "shapes do not chain")]
+    fn mismatched_shapes_panic_with_both_shapes() {
+        let a = Array2::<f32>::zeros((2, 3));
+        let b = Array2::<f32>::zeros((4, 5));
+        let mut c = Array2::<f32>::zeros((2, 5));
+        gemm(1.0, a.view(), b.view(), 0.0, c.view_mut());
+    }
+}

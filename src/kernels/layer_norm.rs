@@ -1,0 +1,316 @@
+//! Layer normalisation over rows, forward and backward.
+//!
+//! For one row x of width d: `μ = mean(x)`, `σ² = mean((x − μ)²)` (biased, as PyTorch),
+//! `x̂ = (x − μ) / √(σ² + ε)` (ε inside the square root, as PyTorch), `y = γ ⊙ x̂ + β`.
+//! The mean and variance are computed in two passes, which stays accurate for rows with a
+//! large common offset where `E[x²] − E[x]²` would cancel.
+//!
+//! Backward, with `g = γ ⊙ ∂L/∂y` and `rstd = 1/√(σ² + ε)`:
+//! `∂L/∂x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, `∂L/∂γ = Σ_rows ∂L/∂y ⊙ x̂`,
+//! `∂L/∂β = Σ_rows ∂L/∂y`.
+
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
+
+use super::Float;
+
+/// Below this many elements the row loops stay on the calling thread.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// Normalises one row: writes `x̂` and `y`, returns `rstd = 1/√(σ² + ε)`.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn layer_norm_row<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
+    let d = x.len();
+    assert!(
+        gamma.len() == d && beta.len() == d && x_hat.len() == d && y.len() == d,
+        "layer_norm_row: lengths differ: x {d}, gamma {}, beta {}, x_hat {}, y {}",
+        gamma.len(),
+        beta.len(),
+        x_hat.len(),
+        y.len()
+    );
+    let inv_d = F::ONE / F::from_f64(d as f64);
+    let mean = x.iter().copied().sum::<F>() * inv_d;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() * inv_d;
+    let rstd = F::ONE / (var + eps).sqrt();
+    for j in 0..d {
+        let h = (x[j] - mean) * rstd;
+        x_hat[j] = h;
+        y[j] = gamma[j] * h + beta[j];
+    }
+    rstd
+}
+
+/// Input gradient of one row: `grad_x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))` with
+/// `g = γ ⊙ grad_y`. Parameter gradients are summed by [`layer_norm_rows_backward`].
+pub fn layer_norm_row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_x: &mut [F]) {
+    let d = x_hat.len();
+    let inv_d = F::ONE / F::from_f64(d as f64);
+    let mut mean_g = F::ZERO;
+    let mut mean_gx = F::ZERO;
+    for j in 0..d {
+        let g = gamma[j] * grad_y[j];
+        mean_g += g;
+        mean_gx += g * x_hat[j];
+    }
+    mean_g *= inv_d;
+    mean_gx *= inv_d;
+    for j in 0..d {
+        grad_x[j] = rstd * (gamma[j] * grad_y[j] - mean_g - x_hat[j] * mean_gx);
+    }
+}
+
+/// Layer norm of every row of `x` into `y`, keeping `x̂` and `rstd` for the backward pass.
+///
+/// All arrays must be in standard (row-major, contiguous) layout.
+///
+/// # Panics
+/// If the shapes differ: x, x̂ and y `[n, d]`, γ and β `[d]`, rstd `[n]`; or if an array is
+/// not contiguous.
+pub fn layer_norm_rows<F: Float>(
+    x: ArrayView2<F>,
+    gamma: ArrayView1<F>,
+    beta: ArrayView1<F>,
+    eps: F,
+    mut x_hat: ArrayViewMut2<F>,
+    mut rstd: ArrayViewMut1<F>,
+    mut y: ArrayViewMut2<F>,
+) {
+    let (n, d) = x.dim();
+    assert!(
+        gamma.len() == d && beta.len() == d && x_hat.dim() == (n, d) && y.dim() == (n, d) && rstd.len() == n,
+        "layer_norm_rows: x {:?}, gamma {:?}, beta {:?}, x_hat {:?}, rstd {:?}, y {:?}",
+        x.shape(),
+        gamma.shape(),
+        beta.shape(),
+        x_hat.shape(),
+        rstd.shape(),
+        y.shape()
+    );
+    let (gamma, beta) = (contiguous(&gamma), contiguous(&beta));
+    let zip = Zip::from(x.rows())
+        .and(x_hat.rows_mut())
+        .and(y.rows_mut())
+        .and(&mut rstd);
+    let row = |x: ArrayView1<F>, mut x_hat: ArrayViewMut1<F>, mut y: ArrayViewMut1<F>, rstd: &mut F| {
+        *rstd = layer_norm_row(
+            contiguous(&x),
+            gamma,
+            beta,
+            eps,
+            contiguous_mut(&mut x_hat),
+            contiguous_mut(&mut y),
+        );
+    };
+    if n * d >= PARALLEL_MIN_ELEMS {
+        zip.par_for_each(row);
+    } else {
+        zip.for_each(row);
+    }
+}
+
+/// Backward of [`layer_norm_rows`]: returns `grad_x`, and adds `Σ_rows grad_y ⊙ x̂` into
+/// `grad_gamma` and `Σ_rows grad_y` into `grad_beta`.
+///
+/// The input gradient is computed in parallel over rows; the parameter gradients are summed
+/// over rows in order on one thread, so the result does not depend on the thread count.
+///
+/// # Panics
+/// If the shapes differ or an array is not contiguous.
+pub fn layer_norm_rows_backward<F: Float>(
+    x_hat: ArrayView2<F>,
+    rstd: ArrayView1<F>,
+    gamma: ArrayView1<F>,
+    grad_y: ArrayView2<F>,
+    mut grad_gamma: ArrayViewMut1<F>,
+    mut grad_beta: ArrayViewMut1<F>,
+    mut grad_x: ArrayViewMut2<F>,
+) {
+    let (n, d) = x_hat.dim();
+    assert!(
+        rstd.len() == n
+            && gamma.len() == d
+            && grad_y.dim() == (n, d)
+            && grad_x.dim() == (n, d)
+            && grad_gamma.len() == d
+            && grad_beta.len() == d,
+        "layer_norm_rows_backward: x_hat {:?}, rstd {:?}, gamma {:?}, grad_y {:?}, grad_x {:?}",
+        x_hat.shape(),
+        rstd.shape(),
+        gamma.shape(),
+        grad_y.shape(),
+        grad_x.shape()
+    );
+    let gamma = contiguous(&gamma);
+    let zip = Zip::from(x_hat.rows())
+        .and(&rstd)
+        .and(grad_y.rows())
+        .and(grad_x.rows_mut());
+    let row = |x_hat: ArrayView1<F>, &rstd: &F, grad_y: ArrayView1<F>, mut grad_x: ArrayViewMut1<F>| {
+        layer_norm_row_backward(
+            contiguous(&x_hat),
+            rstd,
+            gamma,
+            contiguous(&grad_y),
+            contiguous_mut(&mut grad_x),
+        );
+    };
+    if n * d >= PARALLEL_MIN_ELEMS {
+        zip.par_for_each(row);
+    } else {
+        zip.for_each(row);
+    }
+    for (x_hat, grad_y) in x_hat.axis_iter(Axis(0)).zip(grad_y.axis_iter(Axis(0))) {
+        Zip::from(&mut grad_gamma)
+            .and(&mut grad_beta)
+            .and(&x_hat)
+            .and(&grad_y)
+            .for_each(|gg, gb, &h, &g| {
+                *gg += g * h;
+                *gb += g;
+            });
+    }
+}
+
+/// The naive twin of [`layer_norm_row`], in `f64`; returns `y`.
+pub fn layer_norm_row_naive<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: f64) -> Vec<F> {
+    let d = x.len() as f64;
+    let xs: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    let mean = xs.iter().sum::<f64>() / d;
+    let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d;
+    xs.iter()
+        .zip(gamma.iter().zip(beta))
+        .map(|(v, (g, b))| F::from_f64((v - mean) / (var + eps).sqrt() * g.to_f64() + b.to_f64()))
+        .collect()
+}
+
+fn contiguous<'a, F>(v: &'a ArrayView1<'_, F>) -> &'a [F] {
+    v.as_slice().expect("layer norm: arrays must be contiguous")
+}
+
+fn contiguous_mut<'a, F>(v: &'a mut ArrayViewMut1<'_, F>) -> &'a mut [F] {
+    v.as_slice_mut().expect("layer norm: arrays must be contiguous")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, Array2};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn matches_naive_and_pytorch_reference_value() {
+        // x = [1, 0, 0, 0]: PyTorch's nn.LayerNorm gives [1.7320, -0.5773, -0.5773, -0.5773]
+        // (the unbiased-std variant would give [1.5, -0.5, -0.5, -0.5]).
+        let x = [1.0_f32, 0.0, 0.0, 0.0];
+        let (g, b) = ([1.0_f32; 4], [0.0_f32; 4]);
+        let (mut h, mut y) = ([0.0; 4], [0.0; 4]);
+        layer_norm_row(&x, &g, &b, 1e-5, &mut h, &mut y);
+        let want = [1.7320, -0.5773, -0.5773, -0.5773];
+        for (got, want) in y.iter().zip(want) {
+            assert!((got - want).abs() < 1e-4, "{y:?}");
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        for d in [1, 3, 17, 64] {
+            let x: Vec<f64> = (0..d).map(|_| rng.random_range(-3.0..3.0) + 1000.0).collect();
+            let g: Vec<f64> = (0..d).map(|_| rng.random_range(0.5..1.5)).collect();
+            let b: Vec<f64> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (mut h, mut y) = (vec![0.0; d], vec![0.0; d]);
+            layer_norm_row(&x, &g, &b, 1e-5, &mut h, &mut y);
+            let want = layer_norm_row_naive(&x, &g, &b, 1e-5);
+            for (got, want) in y.iter().zip(want) {
+                assert!((got - want).abs() < 1e-9);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_have_mean_beta_and_scale_gamma_with_nan_prefilled_outputs() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let (n, d) = (300, 129); // past the parallel threshold
+        let x = Array2::from_shape_fn((n, d), |_| rng.random_range(-4.0..4.0_f64));
+        let gamma = Array1::from_elem(d, 2.5);
+        let beta = Array1::from_elem(d, -0.75);
+        let mut x_hat = Array2::from_elem((n, d), f64::NAN);
+        let mut y = Array2::from_elem((n, d), f64::NAN);
+        let mut rstd = Array1::from_elem(n, f64::NAN);
+        layer_norm_rows(
+            x.view(),
+            gamma.view(),
+            beta.view(),
+            1e-12,
+            x_hat.view_mut(),
+            rstd.view_mut(),
+            y.view_mut(),
+        );
+        for row in y.rows() {
+            let mean = row.mean().unwrap();
+            let std = row.mapv(|v| (v - mean).powi(2)).mean().unwrap().sqrt();
+            assert!((mean + 0.75).abs() < 1e-10, "mean {mean}");
+            assert!((std - 2.5).abs() < 1e-8, "std {std}");
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (n, d) = (3, 6);
+        let x = Array2::from_shape_fn((n, d), |_| rng.random_range(-2.0..2.0_f64));
+        let gamma = Array1::from_shape_fn(d, |_| rng.random_range(0.5..1.5));
+        let beta = Array1::from_shape_fn(d, |_| rng.random_range(-0.5..0.5));
+        let r = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0));
+        let eps = 1e-5;
+        let forward = |x: &Array2<f64>, gamma: &Array1<f64>, beta: &Array1<f64>| {
+            let mut x_hat = Array2::zeros((n, d));
+            let mut y = Array2::zeros((n, d));
+            let mut rstd = Array1::zeros(n);
+            layer_norm_rows(
+                x.view(),
+                gamma.view(),
+                beta.view(),
+                eps,
+                x_hat.view_mut(),
+                rstd.view_mut(),
+                y.view_mut(),
+            );
+            (y, x_hat, rstd)
+        };
+        let loss = |x: &Array2<f64>, g: &Array1<f64>, b: &Array1<f64>| (&forward(x, g, b).0 * &r).sum();
+        let (_, x_hat, rstd) = forward(&x, &gamma, &beta);
+        let mut grad_x = Array2::from_elem((n, d), f64::NAN);
+        let mut grad_gamma = Array1::zeros(d);
+        let mut grad_beta = Array1::zeros(d);
+        layer_norm_rows_backward(
+            x_hat.view(),
+            rstd.view(),
+            gamma.view(),
+            r.view(),
+            grad_gamma.view_mut(),
+            grad_beta.view_mut(),
+            grad_x.view_mut(),
+        );
+        let h = 1e-6;
+        for i in 0..n {
+            for j in 0..d {
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[[i, j]] += h;
+                down[[i, j]] -= h;
+                let numeric = (loss(&up, &gamma, &beta) - loss(&down, &gamma, &beta)) / (2.0 * h);
+                assert!((numeric - grad_x[[i, j]]).abs() < 1e-7, "x[{i},{j}]");
+            }
+        }
+        for j in 0..d {
+            let (mut up, mut down) = (gamma.clone(), gamma.clone());
+            up[j] += h;
+            down[j] -= h;
+            let numeric = (loss(&x, &up, &beta) - loss(&x, &down, &beta)) / (2.0 * h);
+            assert!((numeric - grad_gamma[j]).abs() < 1e-7, "gamma[{j}]");
+            let (mut up, mut down) = (beta.clone(), beta.clone());
+            up[j] += h;
+            down[j] -= h;
+            let numeric = (loss(&x, &gamma, &up) - loss(&x, &gamma, &down)) / (2.0 * h);
+            assert!((numeric - grad_beta[j]).abs() < 1e-7, "beta[{j}]");
+        }
+    }
+}

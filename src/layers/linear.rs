@@ -1,0 +1,284 @@
+//! Linear layer: `y = x·Wᵀ + b`.
+//!
+//! The weight is stored `[d_out, d_in]` as PyTorch's `nn.Linear` stores it, and `Wᵀ` is a
+//! stride swap handed to the GEMM, never a copy. Inputs are rows `[N, d_in]`, where N is
+//! usually B·T: every position of every sequence goes through one GEMM.
+//!
+//! Backward, for `grad_y = ∂L/∂y`:
+//! `∂L/∂x = grad_y·W`, `∂L/∂W = grad_yᵀ·x`, `∂L/∂b = Σ_rows grad_y`.
+//!
+//! PyTorch equivalent: `nn.Linear(d_in, d_out, bias=True)`.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use rand::Rng;
+
+use crate::error::{Result, check};
+use crate::kernels::{Float, gemm};
+use crate::params::xavier_uniform;
+
+/// Configuration of a [`Linear`] layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LinearConfig {
+    /// Input width.
+    pub d_in: usize,
+    /// Output width.
+    pub d_out: usize,
+    /// Whether the layer adds a bias b.
+    pub bias: bool,
+}
+
+/// Parameters of a [`Linear`] layer (and, with the same type, their gradients).
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(bound = ""))]
+pub struct LinearParams<F: Float = f32> {
+    /// W, `[d_out, d_in]`.
+    pub weight: Array2<F>,
+    /// b, `[d_out]`; `None` without bias.
+    pub bias: Option<Array1<F>>,
+}
+crate::impl_params!(LinearParams { weight, bias });
+
+/// A linear layer `y = x·Wᵀ + b`. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: LinearConfig,
+    /// Its parameters.
+    pub p: LinearParams<F>,
+}
+
+/// What [`Linear::backward`] needs from the forward pass: the input.
+#[derive(Clone, Debug)]
+pub struct LinearCache<F: Float = f32> {
+    x: Array2<F>,
+}
+
+impl LinearConfig {
+    /// A layer from `d_in` to `d_out` features, with bias.
+    pub fn new(d_in: usize, d_out: usize) -> Self {
+        LinearConfig {
+            d_in,
+            d_out,
+            bias: true,
+        }
+    }
+
+    /// The same config with the bias switched on or off.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Builds the layer: W Xavier-uniform (as `nn.Transformer` initialises its linear
+    /// layers), b zero.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if a width is 0.
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Linear<F>> {
+        check::positive("d_in", self.d_in)?;
+        check::positive("d_out", self.d_out)?;
+        Ok(Linear {
+            cfg: self.clone(),
+            p: LinearParams {
+                weight: xavier_uniform((self.d_out, self.d_in), self.d_in, self.d_out, rng),
+                bias: self.bias.then(|| Array1::zeros(self.d_out)),
+            },
+        })
+    }
+}
+
+impl<F: Float> Linear<F> {
+    /// Forward pass, keeping the input for [`Linear::backward`].
+    ///
+    /// # Shapes
+    /// `x`: `[N, d_in]` → `[N, d_out]`.
+    ///
+    /// # Panics
+    /// If `x` is not `[N, d_in]`.
+    pub fn forward(&self, x: ArrayView2<F>) -> (Array2<F>, LinearCache<F>) {
+        let y = self.infer(x);
+        (y, LinearCache { x: x.to_owned() })
+    }
+
+    /// Forward pass without a cache, for inference.
+    ///
+    /// # Panics
+    /// If `x` is not `[N, d_in]`.
+    pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
+        assert_eq!(
+            x.ncols(),
+            self.cfg.d_in,
+            "Linear: input is {:?}, expected [N, d_in = {}]",
+            x.shape(),
+            self.cfg.d_in
+        );
+        affine(x, self.p.weight.view(), self.p.bias.as_ref().map(|b| b.view()))
+    }
+
+    /// Backward pass: adds `∂L/∂W` and `∂L/∂b` into `g` and returns `∂L/∂x`.
+    ///
+    /// # Panics
+    /// If `grad_y` is not `[N, d_out]` for the N of the forward pass, or `g` has other
+    /// shapes than the parameters.
+    pub fn backward(
+        &self,
+        cache: &LinearCache<F>,
+        grad_y: ArrayView2<F>,
+        g: &mut LinearParams<F>,
+    ) -> Array2<F> {
+        affine_backward(
+            cache.x.view(),
+            self.p.weight.view(),
+            grad_y,
+            g.weight.view_mut(),
+            g.bias.as_mut().map(|b| b.view_mut()),
+        )
+    }
+}
+
+/// `y = x·Wᵀ + b` for rows x `[N, d_in]` and W `[d_out, d_in]`: the arithmetic of every
+/// projection in the crate.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn affine<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1<F>>) -> Array2<F> {
+    let mut y = Array2::zeros((x.nrows(), w.nrows()));
+    affine_into(x, w, b, y.view_mut());
+    y
+}
+
+/// [`affine`] into a given output, which may be a strided view.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn affine_into<F: Float>(
+    x: ArrayView2<F>,
+    w: ArrayView2<F>,
+    b: Option<ArrayView1<F>>,
+    mut y: ArrayViewMut2<F>,
+) {
+    assert!(
+        x.ncols() == w.ncols() && y.dim() == (x.nrows(), w.nrows()),
+        "affine: x {:?}, W {:?}, y {:?}: expected x [N, d_in], W [d_out, d_in], y [N, d_out]",
+        x.shape(),
+        w.shape(),
+        y.shape()
+    );
+    match b {
+        Some(b) => {
+            assert_eq!(
+                b.len(),
+                w.nrows(),
+                "affine: bias {:?} for W {:?}",
+                b.shape(),
+                w.shape()
+            );
+            let dim = y.dim();
+            y.assign(&b.broadcast(dim).expect("bias broadcasts over rows"));
+            gemm(F::ONE, x, w.t(), F::ONE, y);
+        }
+        None => gemm(F::ONE, x, w.t(), F::ZERO, y),
+    }
+}
+
+/// Backward of [`affine`]: adds `grad_yᵀ·x` into `grad_w` and `Σ_rows grad_y` into
+/// `grad_b`, returns `grad_y·W`.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn affine_backward<F: Float>(
+    x: ArrayView2<F>,
+    w: ArrayView2<F>,
+    grad_y: ArrayView2<F>,
+    grad_w: ArrayViewMut2<F>,
+    grad_b: Option<ArrayViewMut1<F>>,
+) -> Array2<F> {
+    assert!(
+        grad_y.dim() == (x.nrows(), w.nrows()) && grad_w.dim() == w.dim(),
+        "affine_backward: x {:?}, W {:?}, grad_y {:?}, grad_W {:?}",
+        x.shape(),
+        w.shape(),
+        grad_y.shape(),
+        grad_w.shape()
+    );
+    gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w);
+    if let Some(mut gb) = grad_b {
+        gb += &grad_y.sum_axis(Axis(0));
+    }
+    let mut grad_x = Array2::zeros(x.dim());
+    gemm(F::ONE, grad_y, w, F::ZERO, grad_x.view_mut());
+    grad_x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheck, random_like};
+    use crate::params::{Params, Tensors};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn gradients_match_finite_differences_with_and_without_bias() {
+        for bias in [true, false] {
+            let mut rng = StdRng::seed_from_u64(20);
+            let layer = LinearConfig::new(5, 3)
+                .with_bias(bias)
+                .init::<f64>(&mut rng)
+                .unwrap();
+            let x: Array2<f64> = random_like((4, 5), &mut rng);
+            let r: Array2<f64> = random_like((4, 3), &mut rng);
+            let (_, cache) = layer.forward(x.view());
+            let mut g = layer.p.zeros_like();
+            let grad_x = layer.backward(&cache, r.view(), &mut g);
+            let mut point = (Tensors::new().with("x", x), layer.p.clone());
+            let analytic = (Tensors::new().with("x", grad_x), g);
+            let report = GradCheck::default().run(&mut point, &analytic, |(t, p)| {
+                let y = affine(
+                    t.get("x").view().into_dimensionality().unwrap(),
+                    p.weight.view(),
+                    p.bias.as_ref().map(|b| b.view()),
+                );
+                (&y * &r).sum()
+            });
+            report.assert_ok();
+            report.assert_all_nonzero();
+        }
+    }
+
+    #[test]
+    fn backward_accumulates() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let layer = LinearConfig::new(3, 2).init::<f64>(&mut rng).unwrap();
+        let x: Array2<f64> = random_like((4, 3), &mut rng);
+        let r: Array2<f64> = random_like((4, 2), &mut rng);
+        let (_, cache) = layer.forward(x.view());
+        let mut once = layer.p.zeros_like();
+        layer.backward(&cache, r.view(), &mut once);
+        let mut twice = layer.p.zeros_like();
+        layer.backward(&cache, r.view(), &mut twice);
+        layer.backward(&cache, r.view(), &mut twice);
+        assert!(
+            (&twice.weight - &(&once.weight * 2.0))
+                .iter()
+                .all(|v| v.abs() < 1e-12)
+        );
+    }
+
+    #[test]
+    fn config_errors() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert!(LinearConfig::new(0, 3).init::<f32>(&mut rng).is_err());
+        assert!(LinearConfig::new(3, 0).init::<f32>(&mut rng).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "expected [N, d_in = 3]")]
+    fn wrong_width_panics_with_both_shapes() {
+        let layer = LinearConfig::new(3, 2)
+            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .unwrap();
+        layer.infer(Array2::zeros((2, 4)).view());
+    }
+}

@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod error;
+pub mod gradcheck;
+pub mod kernels;
+pub mod layers;
+pub mod params;
+
+pub use error::{Error, Result};
+pub use kernels::Float;
+pub use params::{Params, Tensors};
+
+pub use ndarray;
+pub use rand;

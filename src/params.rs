@@ -1,0 +1,256 @@
+//! Parameters by name: one trait that visits every tensor of a layer, block or model.
+//!
+//! Parameters, their gradients and an optimizer's moment estimates share one type, so
+//! `grads: LinearParams` has exactly the tensors of `params: LinearParams`. [`Params`] visits
+//! them in a fixed order under dotted names (`self_attn.w_q`,
+//! `encoder.layers.3.ffn.w1`); checkpoints, the PyTorch name map, weight-decay rules and the
+//! gradient checker are all written against it.
+
+use ndarray::{Array, ArrayD, ArrayViewD, ArrayViewMutD, Dimension};
+use ndarray_rand::RandomExt;
+use ndarray_rand::rand_distr::{Normal, Uniform};
+use rand::Rng;
+
+use crate::kernels::Float;
+
+/// A tree of named tensors that can be visited in a fixed order.
+pub trait Params<F: Float> {
+    /// Calls `f(name, tensor)` for every tensor, in a fixed order, names prefixed by
+    /// `prefix` and a dot (no dot when `prefix` is empty).
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>));
+
+    /// As [`Params::visit`], with mutable views.
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>));
+
+    /// A copy with every element 0: the starting point of a gradient accumulator.
+    fn zeros_like(&self) -> Self
+    where
+        Self: Clone,
+    {
+        let mut z = self.clone();
+        z.fill(F::ZERO);
+        z
+    }
+
+    /// Sets every element to `value`.
+    fn fill(&mut self, value: F) {
+        self.visit_mut("", &mut |_, mut t| t.fill(value));
+    }
+
+    /// The number of scalar parameters.
+    fn num_params(&self) -> usize {
+        let mut n = 0;
+        self.visit("", &mut |_, t| n += t.len());
+        n
+    }
+
+    /// The names and shapes of all tensors, in visiting order.
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        self.visit("", &mut |name, t| {
+            out.push((name.to_string(), t.shape().to_vec()))
+        });
+        out
+    }
+}
+
+/// `prefix.name`, or `name` when the prefix is empty.
+pub fn join(prefix: &str, name: &str) -> String {
+    match (prefix.is_empty(), name.is_empty()) {
+        (true, _) => name.to_string(),
+        (_, true) => prefix.to_string(),
+        _ => format!("{prefix}.{name}"),
+    }
+}
+
+/// A single tensor is named by the prefix alone.
+impl<F: Float, D: Dimension> Params<F> for Array<F, D> {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>)) {
+        f(prefix, self.view().into_dyn());
+    }
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>)) {
+        f(prefix, self.view_mut().into_dyn());
+    }
+}
+
+/// An absent tensor (a switched-off bias) visits nothing.
+impl<F: Float, P: Params<F>> Params<F> for Option<P> {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>)) {
+        if let Some(p) = self {
+            p.visit(prefix, f);
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>)) {
+        if let Some(p) = self {
+            p.visit_mut(prefix, f);
+        }
+    }
+}
+
+/// A stack of layers: elements named `0`, `1`, ….
+impl<F: Float, P: Params<F>> Params<F> for Vec<P> {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>)) {
+        for (i, p) in self.iter().enumerate() {
+            p.visit(&join(prefix, &i.to_string()), f);
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>)) {
+        for (i, p) in self.iter_mut().enumerate() {
+            p.visit_mut(&join(prefix, &i.to_string()), f);
+        }
+    }
+}
+
+/// Two trees side by side under the same prefix (inputs and parameters in a gradient check).
+impl<F: Float, A: Params<F>, B: Params<F>> Params<F> for (A, B) {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>)) {
+        self.0.visit(prefix, f);
+        self.1.visit(prefix, f);
+    }
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>)) {
+        self.0.visit_mut(prefix, f);
+        self.1.visit_mut(prefix, f);
+    }
+}
+
+/// A list of named tensors of any rank: the inputs of a gradient check, or a loose set of
+/// parameters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tensors<F: Float>(pub Vec<(String, ArrayD<F>)>);
+
+impl<F: Float> Tensors<F> {
+    /// An empty list.
+    pub fn new() -> Self {
+        Tensors(Vec::new())
+    }
+
+    /// Adds a tensor under `name`; returns the list for chaining.
+    pub fn with<D: Dimension>(mut self, name: &str, t: Array<F, D>) -> Self {
+        self.0.push((name.to_string(), t.into_dyn()));
+        self
+    }
+
+    /// The tensor named `name`.
+    ///
+    /// # Panics
+    /// If there is none.
+    pub fn get(&self, name: &str) -> &ArrayD<F> {
+        &self
+            .0
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("Tensors: no tensor named {name:?}"))
+            .1
+    }
+}
+
+impl<F: Float> Params<F> for Tensors<F> {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewD<'a, F>)) {
+        for (name, t) in &self.0 {
+            f(&join(prefix, name), t.view());
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ArrayViewMutD<'a, F>)) {
+        for (name, t) in &mut self.0 {
+            f(&join(prefix, name), t.view_mut());
+        }
+    }
+}
+
+/// Implements [`Params`] for a struct by visiting the listed fields in order, each under its
+/// field name.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! impl_params {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl<F: $crate::Float> $crate::Params<F> for $ty<F> {
+            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'a, F>)) {
+                $( $crate::Params::visit(&self.$field, &$crate::params::join(prefix, stringify!($field)), f); )*
+            }
+            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'a, F>)) {
+                $( $crate::Params::visit_mut(&mut self.$field, &$crate::params::join(prefix, stringify!($field)), f); )*
+            }
+        }
+    };
+}
+
+/// Xavier/Glorot uniform initialisation, as PyTorch's `nn.init.xavier_uniform_`:
+/// `U(−a, a)` with `a = √(6 / (fan_in + fan_out))`.
+pub fn xavier_uniform<F: Float, D: Dimension, Sh: ndarray::ShapeBuilder<Dim = D>>(
+    shape: Sh,
+    fan_in: usize,
+    fan_out: usize,
+    rng: &mut impl Rng,
+) -> Array<F, D> {
+    let a = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    let dist =
+        Uniform::new_inclusive(F::from_f64(-a), F::from_f64(a)).expect("xavier_uniform: bounds are finite");
+    Array::random_using(shape, dist, rng)
+}
+
+/// Normal initialisation `N(0, std²)`.
+pub fn normal<F: Float, D: Dimension, Sh: ndarray::ShapeBuilder<Dim = D>>(
+    shape: Sh,
+    std: f64,
+    rng: &mut impl Rng,
+) -> Array<F, D> {
+    let dist = Normal::new(0.0, std).expect("normal: std is finite and non-negative");
+    Array::from_shape_simple_fn(shape, || F::from_f64(rng.sample(dist)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, Array2};
+
+    #[derive(Clone)]
+    struct Two<F: Float> {
+        w: Array2<F>,
+        b: Option<Array1<F>>,
+    }
+    impl_params!(Two { w, b });
+
+    #[test]
+    fn visits_by_dotted_name_in_order() {
+        let layers = vec![
+            Two {
+                w: Array2::<f32>::ones((2, 3)),
+                b: Some(Array1::ones(2)),
+            },
+            Two {
+                w: Array2::ones((1, 1)),
+                b: None,
+            },
+        ];
+        assert_eq!(
+            layers.shapes(),
+            vec![
+                ("stack.0.w".to_string(), vec![2, 3]),
+                ("stack.0.b".to_string(), vec![2]),
+                ("stack.1.w".to_string(), vec![1, 1])
+            ]
+            .into_iter()
+            .map(|(n, s)| (n.replacen("stack.", "", 1), s))
+            .collect::<Vec<_>>()
+        );
+        let mut names = vec![];
+        layers.visit("stack", &mut |n, _| names.push(n.to_string()));
+        assert_eq!(names, ["stack.0.w", "stack.0.b", "stack.1.w"]);
+        assert_eq!(layers.num_params(), 9);
+        let z = layers.zeros_like();
+        let mut sum = 0.0;
+        z.visit("", &mut |_, t| sum += t.sum());
+        assert_eq!(sum, 0.0);
+    }
+
+    #[test]
+    fn xavier_bounds() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let w: Array2<f32> = xavier_uniform((64, 32), 32, 64, &mut rng);
+        let a = (6.0_f32 / 96.0).sqrt();
+        assert!(w.iter().all(|v| v.abs() <= a));
+        assert!(w.iter().any(|v| v.abs() > 0.9 * a));
+    }
+
+    use rand::SeedableRng;
+}

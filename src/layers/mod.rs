@@ -17,3 +17,10 @@
 pub mod linear;
 
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
+pub mod attention;
+pub mod mask;
+pub mod multi_head;
+
+pub use attention::{AttentionCache, AttentionConfig, ScaledDotProductAttention};
+pub use mask::{Mask, PairFlags, ResolvedMask};
+pub use multi_head::{MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};

@@ -1,0 +1,456 @@
+//! Scaled dot-product attention (Eq. 1, §3.2.1): `Attention(Q, K, V) = softmax(QKᵀ/√d_k)·V`.
+//!
+//! Each query row of Q is compared with every key row of K; the scores are scaled by
+//! `1/√d_k` "to counteract" the growth of dot products with d_k (§3.2.1, footnote 4), masked
+//! (see [`Mask`]), turned into weights by a softmax over the keys, optionally dropped out,
+//! and used to average the rows of V.
+//!
+//! The core, [`attention_forward`] and [`attention_backward`], works on 4-D views
+//! `[B, H, T, d]` with any strides. [`crate::layers::MultiHead`] hands it per-head views of
+//! its `[B·T, d_model]` projections (head h is columns `h·d_k .. (h+1)·d_k`), so heads are
+//! never copied apart or concatenated back: the output is written in place into the
+//! concatenated layout. The (b, h) pairs run in parallel on the rayon pool; each is computed
+//! whole by one thread, so results do not depend on the thread count. Attention dropout masks
+//! are drawn before the parallel part, in (b, h, i, j) order.
+//!
+//! # Backward
+//! With `S = QKᵀ/√d_k`, `P = softmax(S)`, `P' = P ⊙ M` (dropout mask M), `O = P'V` and
+//! `G = ∂L/∂O`:
+//! `∂L/∂V = P'ᵀG`, `∂L/∂P = (G·Vᵀ) ⊙ M`,
+//! `∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P))` (zero at blocked keys),
+//! `∂L/∂Q = ∂L/∂S · K / √d_k`, `∂L/∂K = (∂L/∂S)ᵀ · Q / √d_k`.
+//!
+//! # Masked keys
+//! Keys blocked for every query of a sequence (padding, by [`Mask::key_lengths`] or
+//! [`Mask::key_padding`]) never reach the output or the gradients, even if their keys or
+//! values hold NaN: padding by length is skipped outright (less work, too), padding by flags
+//! is zeroed in a copy of K and V when it holds a non-finite value. Keys blocked for only some
+//! queries (causal, explicit pairs) get weight exactly 0, so *finite* values there change
+//! nothing, bit for bit; NaN there would reach the output through `0·NaN`, as in PyTorch.
+//!
+//! PyTorch equivalent: `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`, whose
+//! fully masked rows also come out as zeros.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array3;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::layers::{AttentionConfig, Mask};
+//!
+//! let attn = AttentionConfig::new().init()?;
+//! let q = Array3::<f32>::ones((2, 4, 8)); // [B, Tq, d_k]
+//! let kv = Array3::<f32>::ones((2, 6, 8)); // [B, Tk, d_k]
+//! let (out, cache) = attn.forward(q.view(), kv.view(), kv.view(), &Mask::key_lengths(&[6, 3]), &mut StdRng::seed_from_u64(0));
+//! assert_eq!(out.dim(), (2, 4, 8));
+//! let w = cache.weights(); // [B, 1, Tq, Tk]
+//! assert_eq!(w[[1, 0, 0, 5]], 0.0); // padding gets no weight
+//! assert!((w.slice(ndarray::s![1, 0, 0, ..]).sum() - 1.0).abs() < 1e-6);
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{
+    Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Zip, s,
+};
+use rand::Rng;
+
+use crate::error::{Result, check};
+use crate::kernels::{Float, dropout_mask, gemm, softmax_row, softmax_row_backward};
+use crate::layers::mask::{Mask, ResolvedMask};
+
+/// Configuration of [`ScaledDotProductAttention`].
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AttentionConfig {
+    /// Dropout on the attention weights, in training only.
+    pub p_drop: f32,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        AttentionConfig::new()
+    }
+}
+
+/// Scaled dot-product attention on `[B, T, d]` inputs. See the [module docs](self).
+///
+/// It has no parameters: Q, K and V come in already projected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaledDotProductAttention {
+    /// Its configuration.
+    pub cfg: AttentionConfig,
+}
+
+/// What the backward pass needs from the forward pass: the inputs, the softmax weights and
+/// the dropout mask.
+#[derive(Clone, Debug)]
+pub struct AttentionCache<F: Float = f32> {
+    q: Array3<F>,
+    k: Array3<F>,
+    v: Array3<F>,
+    core: AttentionCoreCache<F>,
+}
+
+/// The weights and dropout mask of [`attention_forward`], for [`attention_backward`].
+#[derive(Clone, Debug)]
+pub struct AttentionCoreCache<F: Float = f32> {
+    /// `[B, H, Tq, Tk]`: softmax weights, before dropout.
+    probs: Array4<F>,
+    /// `[B, H, Tq, Tk]`: 0 or 1/(1−p); `None` without dropout.
+    drop: Option<Array4<F>>,
+    mask: ResolvedMask,
+}
+
+impl AttentionConfig {
+    /// No attention dropout.
+    pub fn new() -> Self {
+        AttentionConfig { p_drop: 0.0 }
+    }
+
+    /// The same config with dropout `p` on the attention weights.
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.p_drop = p;
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if the dropout rate is not in [0, 1).
+    pub fn init(&self) -> Result<ScaledDotProductAttention> {
+        check::dropout("p_drop", self.p_drop)?;
+        Ok(ScaledDotProductAttention { cfg: self.clone() })
+    }
+}
+
+impl ScaledDotProductAttention {
+    /// Forward pass in training mode (dropout on), keeping what backward needs.
+    ///
+    /// # Shapes
+    /// `q` `[B, Tq, d_k]`, `k` `[B, Tk, d_k]`, `v` `[B, Tk, d_v]` → `[B, Tq, d_v]`.
+    ///
+    /// # Panics
+    /// If the shapes do not fit together or the mask does not fit `(B, Tq, Tk)`.
+    pub fn forward<F: Float>(
+        &self,
+        q: ArrayView3<F>,
+        k: ArrayView3<F>,
+        v: ArrayView3<F>,
+        mask: &Mask,
+        rng: &mut impl Rng,
+    ) -> (Array3<F>, AttentionCache<F>) {
+        let (out, core) = self.run(q, k, v, mask, Some(rng));
+        let cache = AttentionCache {
+            q: q.to_owned(),
+            k: k.to_owned(),
+            v: v.to_owned(),
+            core,
+        };
+        (out, cache)
+    }
+
+    /// Forward pass without dropout or cache.
+    ///
+    /// # Panics
+    /// As [`ScaledDotProductAttention::forward`].
+    pub fn infer<F: Float>(
+        &self,
+        q: ArrayView3<F>,
+        k: ArrayView3<F>,
+        v: ArrayView3<F>,
+        mask: &Mask,
+    ) -> Array3<F> {
+        self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>).0
+    }
+
+    /// Forward pass without dropout, handing back the attention weights `[B, Tq, Tk]`.
+    ///
+    /// # Panics
+    /// As [`ScaledDotProductAttention::forward`].
+    pub fn infer_with_weights<F: Float>(
+        &self,
+        q: ArrayView3<F>,
+        k: ArrayView3<F>,
+        v: ArrayView3<F>,
+        mask: &Mask,
+    ) -> (Array3<F>, Array3<F>) {
+        let (out, core) = self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>);
+        (out, core.probs.index_axis_move(Axis(1), 0))
+    }
+
+    fn run<F: Float>(
+        &self,
+        q: ArrayView3<F>,
+        k: ArrayView3<F>,
+        v: ArrayView3<F>,
+        mask: &Mask,
+        rng: Option<&mut impl Rng>,
+    ) -> (Array3<F>, AttentionCoreCache<F>) {
+        let (b, tq, _) = q.dim();
+        let dv = v.dim().2;
+        let mask = resolve_or_panic(mask, b, tq, k.dim().1);
+        let mut out = Array3::zeros((b, tq, dv));
+        let p = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
+        let core = attention_forward(
+            q.insert_axis(Axis(1)),
+            k.insert_axis(Axis(1)),
+            v.insert_axis(Axis(1)),
+            mask,
+            p,
+            rng,
+            out.view_mut().insert_axis(Axis(1)),
+        );
+        (out, core)
+    }
+
+    /// Backward pass: returns `(∂L/∂Q, ∂L/∂K, ∂L/∂V)`.
+    ///
+    /// # Panics
+    /// If `grad_out` is not `[B, Tq, d_v]`.
+    pub fn backward<F: Float>(
+        &self,
+        cache: &AttentionCache<F>,
+        grad_out: ArrayView3<F>,
+    ) -> (Array3<F>, Array3<F>, Array3<F>) {
+        let mut grad_q = Array3::zeros(cache.q.dim());
+        let mut grad_k = Array3::zeros(cache.k.dim());
+        let mut grad_v = Array3::zeros(cache.v.dim());
+        attention_backward(
+            cache.q.view().insert_axis(Axis(1)),
+            cache.k.view().insert_axis(Axis(1)),
+            cache.v.view().insert_axis(Axis(1)),
+            &cache.core,
+            grad_out.insert_axis(Axis(1)),
+            grad_q.view_mut().insert_axis(Axis(1)),
+            grad_k.view_mut().insert_axis(Axis(1)),
+            grad_v.view_mut().insert_axis(Axis(1)),
+        );
+        (grad_q, grad_k, grad_v)
+    }
+}
+
+impl<F: Float> AttentionCache<F> {
+    /// The attention weights of the forward pass, `[B, 1, Tq, Tk]`, before dropout.
+    pub fn weights(&self) -> ArrayView4<'_, F> {
+        self.core.weights()
+    }
+}
+
+impl<F: Float> AttentionCoreCache<F> {
+    /// The attention weights, `[B, H, Tq, Tk]`, before dropout.
+    pub fn weights(&self) -> ArrayView4<'_, F> {
+        self.probs.view()
+    }
+
+    /// Takes the weights out of the cache.
+    pub fn into_weights(self) -> Array4<F> {
+        self.probs
+    }
+}
+
+/// Resolves a mask inside a layer, where a mismatch is the caller's bug.
+pub(crate) fn resolve_or_panic(mask: &Mask, b: usize, tq: usize, tk: usize) -> ResolvedMask {
+    mask.resolve(b, tq, tk)
+        .unwrap_or_else(|e| panic!("attention: the mask does not fit (B, Tq, Tk) = ({b}, {tq}, {tk}): {e}"))
+}
+
+/// `out ← softmax(QKᵀ/√d_k + mask)·V` per (batch, head), with dropout `p` on the weights when
+/// `rng` is given. Returns the weights and dropout mask for [`attention_backward`].
+///
+/// # Shapes
+/// `q` `[B, H, Tq, d_k]`, `k` `[B, H, Tk, d_k]`, `v` `[B, H, Tk, d_v]`, `out`
+/// `[B, H, Tq, d_v]`, all with any strides; `mask` resolved for `(B, Tq, Tk)`.
+///
+/// # Panics
+/// If the shapes do not fit together.
+pub fn attention_forward<F: Float>(
+    q: ArrayView4<F>,
+    k: ArrayView4<F>,
+    v: ArrayView4<F>,
+    mask: ResolvedMask,
+    p_drop: f32,
+    rng: Option<&mut impl Rng>,
+    mut out: ArrayViewMut4<F>,
+) -> AttentionCoreCache<F> {
+    let (b, h, tq, dk) = q.dim();
+    let (tk, dv) = (k.dim().2, v.dim().3);
+    assert!(
+        k.dim() == (b, h, tk, dk) && v.dim() == (b, h, tk, dv) && out.dim() == (b, h, tq, dv),
+        "attention: q {:?}, k {:?}, v {:?}, out {:?}: expected [B, H, Tq, d_k], [B, H, Tk, d_k], [B, H, Tk, d_v], [B, H, Tq, d_v]",
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        out.shape()
+    );
+    assert_eq!(
+        mask.dims(),
+        (b, tq, tk),
+        "attention: mask resolved for another shape"
+    );
+    let mut probs = Array4::zeros((b, h, tq, tk));
+    let drop = match rng {
+        Some(rng) if p_drop > 0.0 => Some(dropout_mask::<F, _, _>(p_drop, (b, h, tq, tk), rng)),
+        _ => None,
+    };
+    if b * h * tq * dv == 0 || tk == 0 {
+        out.fill(F::ZERO);
+        return AttentionCoreCache { probs, drop, mask };
+    }
+    let scale = F::ONE / F::from_f64((dk as f64).sqrt());
+    Zip::indexed(out.exact_chunks_mut((1, 1, tq, dv)))
+        .and(probs.exact_chunks_mut((1, 1, tq, tk)))
+        .par_for_each(|(bi, hi, _, _), out, probs| {
+            let (mut out, mut probs) = (squeeze(out), squeeze(probs));
+            let kb = mask.key_limit(bi);
+            let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+            // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
+            gemm(
+                scale,
+                q.slice(s![bi, hi, .., ..]),
+                k.t(),
+                F::ZERO,
+                probs.slice_mut(s![.., ..kb]),
+            );
+            for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
+                softmax_row(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+            }
+            let dropped;
+            let weights = match &drop {
+                Some(m) => {
+                    dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
+                    dropped.view()
+                }
+                None => probs.slice(s![.., ..kb]),
+            };
+            gemm(F::ONE, weights, v, F::ZERO, out.view_mut());
+        });
+    AttentionCoreCache { probs, drop, mask }
+}
+
+/// Backward of [`attention_forward`]: writes `∂L/∂Q`, `∂L/∂K` and `∂L/∂V` (overwriting them).
+///
+/// # Shapes
+/// As [`attention_forward`], with `grad_out` shaped as its `out` and each gradient as its
+/// input.
+///
+/// # Panics
+/// If the shapes differ from those of the forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<F: Float>(
+    q: ArrayView4<F>,
+    k: ArrayView4<F>,
+    v: ArrayView4<F>,
+    cache: &AttentionCoreCache<F>,
+    grad_out: ArrayView4<F>,
+    mut grad_q: ArrayViewMut4<F>,
+    mut grad_k: ArrayViewMut4<F>,
+    mut grad_v: ArrayViewMut4<F>,
+) {
+    let (b, h, tq, dk) = q.dim();
+    let (tk, dv) = (k.dim().2, v.dim().3);
+    assert!(
+        cache.probs.dim() == (b, h, tq, tk)
+            && grad_out.dim() == (b, h, tq, dv)
+            && grad_q.dim() == q.dim()
+            && grad_k.dim() == k.dim()
+            && grad_v.dim() == v.dim(),
+        "attention_backward: q {:?}, k {:?}, v {:?}, weights {:?}, grad_out {:?}",
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        cache.probs.shape(),
+        grad_out.shape()
+    );
+    grad_q.fill(F::ZERO);
+    grad_k.fill(F::ZERO);
+    grad_v.fill(F::ZERO);
+    if b * h * tq * tk * dk * dv == 0 {
+        return;
+    }
+    let mask = &cache.mask;
+    let scale = F::ONE / F::from_f64((dk as f64).sqrt());
+    Zip::indexed(grad_q.exact_chunks_mut((1, 1, tq, dk)))
+        .and(grad_k.exact_chunks_mut((1, 1, tk, dk)))
+        .and(grad_v.exact_chunks_mut((1, 1, tk, dv)))
+        .par_for_each(|(bi, hi, _, _), grad_q, grad_k, grad_v| {
+            let (mut grad_q, mut grad_k, mut grad_v) = (squeeze(grad_q), squeeze(grad_k), squeeze(grad_v));
+            let kb = mask.key_limit(bi);
+            let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+            let probs = cache.probs.slice(s![bi, hi, .., ..kb]);
+            let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
+            let g = grad_out.slice(s![bi, hi, .., ..]);
+            // ∂L/∂V = P'ᵀ·G
+            let dropped;
+            let weights = match &drop {
+                Some(m) => {
+                    dropped = &probs * m;
+                    dropped.view()
+                }
+                None => probs,
+            };
+            gemm(F::ONE, weights.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
+            // ∂L/∂P = (G·Vᵀ) ⊙ M
+            let mut grad_p = Array2::zeros((tq, kb));
+            gemm(F::ONE, g, v.t(), F::ZERO, grad_p.view_mut());
+            if let Some(m) = &drop {
+                grad_p *= m;
+            }
+            // ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked keys.
+            let mut grad_s = Array2::zeros((tq, kb));
+            for i in 0..tq {
+                softmax_row_backward(
+                    probs.row(i).to_slice().expect("contiguous"),
+                    grad_p.row(i).to_slice().expect("contiguous"),
+                    grad_s.row_mut(i).into_slice().expect("contiguous"),
+                    mask.row(bi, i),
+                );
+            }
+            // ∂L/∂Q = ∂L/∂S·K/√d_k, ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
+            gemm(scale, grad_s.view(), k, F::ZERO, grad_q.view_mut());
+            gemm(
+                scale,
+                grad_s.t(),
+                q.slice(s![bi, hi, .., ..]),
+                F::ZERO,
+                grad_k.slice_mut(s![..kb, ..]),
+            );
+        });
+}
+
+/// For padding by flags: copies of K and V of one (sequence, head) with the padded rows
+/// zeroed, made only when a padded row holds a non-finite value (so that `0·NaN` cannot reach
+/// the output).
+fn clean_padding<F: Float>(
+    k: ArrayView2<F>,
+    v: ArrayView2<F>,
+    kept: Option<&[bool]>,
+) -> Option<(Array2<F>, Array2<F>)> {
+    let kept = kept?;
+    let dirty = |x: &ArrayView2<F>| {
+        x.rows()
+            .into_iter()
+            .zip(kept)
+            .any(|(r, &keep)| !keep && r.iter().any(|e| !e.is_finite()))
+    };
+    if !dirty(&k) && !dirty(&v) {
+        return None;
+    }
+    let clean = |x: ArrayView2<F>| {
+        let mut c = x.to_owned();
+        for (mut r, &keep) in c.rows_mut().into_iter().zip(kept) {
+            if !keep {
+                r.fill(F::ZERO);
+            }
+        }
+        c
+    };
+    Some((clean(k), clean(v)))
+}
+
+/// `[1, 1, r, c]` → `[r, c]`.
+fn squeeze<F>(x: ArrayViewMut4<'_, F>) -> ArrayViewMut2<'_, F> {
+    x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
+}

@@ -1,0 +1,394 @@
+//! Multi-head attention (§3.2.2):
+//! `MultiHead(Q, K, V) = Concat(head₁, …, head_h)·W_O`, `headᵢ = Attention(Q·W_Qᵢ, K·W_Kᵢ, V·W_Vᵢ)`.
+//!
+//! h heads of width `d_k = d_v = d_model / h` attend in parallel, each in its own learned
+//! subspace; their outputs are **concatenated** (not averaged) and projected back to
+//! d_model by W_O. With `d_k = d_model/h` the cost is that of one head of full width (§3.2.2).
+//!
+//! The projections are single GEMMs over all `[B·T, d_model]` rows. Head i of `Q·W_Qᵀ` is
+//! columns `i·d_k .. (i+1)·d_k` of the result; the attention core reads it through a strided
+//! `[B, H, T, d_k]` view and writes its output straight into the concatenated layout, so
+//! splitting and concatenating heads cost no copies.
+//!
+//! - Self-attention: queries, keys and values all come from x (`memory = None`).
+//! - Cross-attention (encoder-decoder attention, §3.2.3): queries from the decoder stream x,
+//!   keys and values from the encoder output `memory`, which may be of another length.
+//!
+//! Each W is stored `[out, in]` as in PyTorch (`y = x·Wᵀ + b`), with the paper's names:
+//! `w_q`, `w_k`, `w_v` (PyTorch packs them as the rows of `in_proj_weight`, in that order)
+//! and `w_o` (`out_proj.weight`).
+//!
+//! # Backward
+//! Through `W_O` as a linear layer, through the attention core (see
+//! [`crate::layers::attention`]), then through `W_Q`, `W_K`, `W_V` as linear layers. In
+//! self-attention x feeds all three projections and its gradient is their sum.
+//!
+//! PyTorch equivalent: `nn.MultiheadAttention(d_model, n_heads, dropout=p_drop,
+//! batch_first=True)`, called as `mha(x, x, x)` or `mha(x, memory, memory)`.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array3;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::layers::{Mask, MultiHeadConfig};
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let mha = MultiHeadConfig::new(16, 4).init::<f32>(&mut rng)?;
+//! let x = Array3::<f32>::ones((2, 5, 16)); // [B, T, d_model]
+//! let memory = Array3::<f32>::ones((2, 7, 16)); // [B, S, d_model]
+//! let (y, weights) = mha.infer_with_weights(x.view(), Some(memory.view()), &Mask::none());
+//! assert_eq!(y.dim(), (2, 5, 16));
+//! assert_eq!(weights.dim(), (2, 4, 5, 7)); // [B, H, T, S]: one map per head
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{
+    Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4,
+};
+use rand::Rng;
+
+use crate::error::{Result, check};
+use crate::kernels::Float;
+use crate::layers::attention::{AttentionCoreCache, attention_backward, attention_forward, resolve_or_panic};
+use crate::layers::linear::{affine, affine_backward};
+use crate::layers::mask::Mask;
+use crate::params::xavier_uniform;
+
+/// Configuration of [`MultiHead`] attention.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct MultiHeadConfig {
+    /// Model width; must be divisible by `n_heads`.
+    pub d_model: usize,
+    /// Number of heads h.
+    pub n_heads: usize,
+    /// Dropout on the attention weights (training only). PyTorch's `nn.Transformer` passes
+    /// its `dropout` (0.1) here.
+    pub p_drop: f32,
+    /// Whether the four projections have biases.
+    pub bias: bool,
+}
+
+/// Parameters of [`MultiHead`] attention (and their gradients).
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(bound = ""))]
+pub struct MultiHeadParams<F: Float = f32> {
+    /// W_Q, `[d_model, d_model]`: all heads' query projections, head i in rows `i·d_k..`.
+    pub w_q: Array2<F>,
+    /// Query bias `[d_model]`.
+    pub b_q: Option<Array1<F>>,
+    /// W_K, `[d_model, d_model]`.
+    pub w_k: Array2<F>,
+    /// Key bias `[d_model]`.
+    pub b_k: Option<Array1<F>>,
+    /// W_V, `[d_model, d_model]`.
+    pub w_v: Array2<F>,
+    /// Value bias `[d_model]`.
+    pub b_v: Option<Array1<F>>,
+    /// W_O, `[d_model, d_model]`: projects the concatenated heads.
+    pub w_o: Array2<F>,
+    /// Output bias `[d_model]`.
+    pub b_o: Option<Array1<F>>,
+}
+crate::impl_params!(MultiHeadParams {
+    w_q,
+    b_q,
+    w_k,
+    b_k,
+    w_v,
+    b_v,
+    w_o,
+    b_o
+});
+
+/// Multi-head attention. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultiHead<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: MultiHeadConfig,
+    /// Its parameters.
+    pub p: MultiHeadParams<F>,
+}
+
+/// What [`MultiHead::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct MultiHeadCache<F: Float = f32> {
+    /// `(B, Tq, Tk)`.
+    dims: (usize, usize, usize),
+    /// Query input rows `[B·Tq, d]`.
+    x: Array2<F>,
+    /// Key/value input rows `[B·Tk, d]` for cross-attention; `None` in self-attention.
+    memory: Option<Array2<F>>,
+    q: Array2<F>,
+    k: Array2<F>,
+    v: Array2<F>,
+    /// The concatenated head outputs `[B·Tq, d]`, input of W_O.
+    ctx: Array2<F>,
+    core: AttentionCoreCache<F>,
+}
+
+impl MultiHeadConfig {
+    /// `n_heads` heads over `d_model`, with biases and PyTorch's `nn.Transformer` attention
+    /// dropout of 0.1.
+    pub fn new(d_model: usize, n_heads: usize) -> Self {
+        MultiHeadConfig {
+            d_model,
+            n_heads,
+            p_drop: 0.1,
+            bias: true,
+        }
+    }
+
+    /// The same config with attention dropout `p`.
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.p_drop = p;
+        self
+    }
+
+    /// The same config with the projection biases on or off.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// The width of one head, `d_k = d_model / n_heads`.
+    pub fn d_k(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// Builds the layer. W_Q, W_K and W_V are Xavier-uniform as the `[3·d_model, d_model]`
+    /// matrix PyTorch packs them in (fan-out 3·d_model), W_O Xavier-uniform, biases zero:
+    /// PyTorch's initialisation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if d_model or n_heads is 0,
+    /// d_model is not divisible by n_heads, or the dropout rate is not in [0, 1).
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<MultiHead<F>> {
+        check::heads(self.d_model, self.n_heads)?;
+        check::dropout("p_drop", self.p_drop)?;
+        let d = self.d_model;
+        let mut in_proj = || xavier_uniform((d, d), d, 3 * d, rng);
+        let (w_q, w_k, w_v) = (in_proj(), in_proj(), in_proj());
+        let w_o = xavier_uniform((d, d), d, d, rng);
+        let bias = || self.bias.then(|| Array1::zeros(d));
+        Ok(MultiHead {
+            cfg: self.clone(),
+            p: MultiHeadParams {
+                w_q,
+                b_q: bias(),
+                w_k,
+                b_k: bias(),
+                w_v,
+                b_v: bias(),
+                w_o,
+                b_o: bias(),
+            },
+        })
+    }
+}
+
+impl<F: Float> MultiHead<F> {
+    /// Forward pass in training mode (attention dropout on), keeping what backward needs.
+    ///
+    /// `memory = None` is self-attention; `Some(m)` is cross-attention with keys and values
+    /// from m.
+    ///
+    /// # Shapes
+    /// `x` `[B, Tq, d_model]`, `memory` `[B, Tk, d_model]` → `[B, Tq, d_model]`; the mask is
+    /// for `(B, Tq, Tk)` (Tk = Tq in self-attention).
+    ///
+    /// # Panics
+    /// If a width is not d_model, the batch sizes differ, or the mask does not fit.
+    pub fn forward(
+        &self,
+        x: ArrayView3<F>,
+        memory: Option<ArrayView3<F>>,
+        mask: &Mask,
+        rng: &mut impl Rng,
+    ) -> (Array3<F>, MultiHeadCache<F>) {
+        let (y, cache) = self.run(x, memory, mask, Some(rng));
+        (y, cache)
+    }
+
+    /// Forward pass without dropout and without cache.
+    ///
+    /// # Panics
+    /// As [`MultiHead::forward`].
+    pub fn infer(&self, x: ArrayView3<F>, memory: Option<ArrayView3<F>>, mask: &Mask) -> Array3<F> {
+        self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>).0
+    }
+
+    /// Forward pass without dropout that also hands back every head's attention weights,
+    /// `[B, H, Tq, Tk]` (PyTorch: `need_weights=True, average_attn_weights=False`).
+    ///
+    /// # Panics
+    /// As [`MultiHead::forward`].
+    pub fn infer_with_weights(
+        &self,
+        x: ArrayView3<F>,
+        memory: Option<ArrayView3<F>>,
+        mask: &Mask,
+    ) -> (Array3<F>, Array4<F>) {
+        let (y, cache) = self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>);
+        (y, cache.core.into_weights())
+    }
+
+    fn run(
+        &self,
+        x: ArrayView3<F>,
+        memory: Option<ArrayView3<F>>,
+        mask: &Mask,
+        rng: Option<&mut impl Rng>,
+    ) -> (Array3<F>, MultiHeadCache<F>) {
+        let d = self.cfg.d_model;
+        let (b, tq, dx) = x.dim();
+        let src = memory.unwrap_or(x);
+        let (bm, tk, dm) = src.dim();
+        assert!(
+            dx == d && dm == d && bm == b,
+            "MultiHead: x {:?}, memory {:?}: expected [B, Tq, d_model = {d}] and [B, Tk, d_model = {d}]",
+            x.shape(),
+            src.shape()
+        );
+        let mask = resolve_or_panic(mask, b, tq, tk);
+        let x_rows = rows(x);
+        let m_rows = memory.map(rows);
+        let src_rows = m_rows.as_ref().unwrap_or(&x_rows);
+        let p = &self.p;
+        let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
+        let k = affine(src_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
+        let v = affine(src_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
+        let mut ctx = Array2::zeros((b * tq, d));
+        let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
+        let core = attention_forward(
+            self.heads(q.view(), b),
+            self.heads(k.view(), b),
+            self.heads(v.view(), b),
+            mask,
+            p_drop,
+            rng,
+            self.heads_mut(ctx.view_mut(), b),
+        );
+        let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
+        let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
+        let cache = MultiHeadCache {
+            dims: (b, tq, tk),
+            x: x_rows,
+            memory: m_rows,
+            q,
+            k,
+            v,
+            ctx,
+            core,
+        };
+        (y, cache)
+    }
+
+    /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`
+    /// (`None` in self-attention, where x's gradient already includes the key and value paths).
+    ///
+    /// # Panics
+    /// If `grad_y` is not `[B, Tq, d_model]`.
+    pub fn backward(
+        &self,
+        cache: &MultiHeadCache<F>,
+        grad_y: ArrayView3<F>,
+        g: &mut MultiHeadParams<F>,
+    ) -> (Array3<F>, Option<Array3<F>>) {
+        let (b, tq, tk) = cache.dims;
+        let d = self.cfg.d_model;
+        assert_eq!(
+            grad_y.dim(),
+            (b, tq, d),
+            "MultiHead::backward: grad_y is {:?}, expected [B, Tq, d_model] = {:?}",
+            grad_y.shape(),
+            [b, tq, d]
+        );
+        let p = &self.p;
+        let grad_y = rows(grad_y);
+        let grad_ctx = affine_backward(
+            cache.ctx.view(),
+            p.w_o.view(),
+            grad_y.view(),
+            g.w_o.view_mut(),
+            g.b_o.as_mut().map(|b| b.view_mut()),
+        );
+        let mut grad_q = Array2::zeros((b * tq, d));
+        let mut grad_k = Array2::zeros((b * tk, d));
+        let mut grad_v = Array2::zeros((b * tk, d));
+        attention_backward(
+            self.heads(cache.q.view(), b),
+            self.heads(cache.k.view(), b),
+            self.heads(cache.v.view(), b),
+            &cache.core,
+            self.heads(grad_ctx.view(), b),
+            self.heads_mut(grad_q.view_mut(), b),
+            self.heads_mut(grad_k.view_mut(), b),
+            self.heads_mut(grad_v.view_mut(), b),
+        );
+        let src = cache.memory.as_ref().unwrap_or(&cache.x);
+        let mut grad_x = affine_backward(
+            cache.x.view(),
+            p.w_q.view(),
+            grad_q.view(),
+            g.w_q.view_mut(),
+            g.b_q.as_mut().map(|b| b.view_mut()),
+        );
+        let mut grad_src = affine_backward(
+            src.view(),
+            p.w_k.view(),
+            grad_k.view(),
+            g.w_k.view_mut(),
+            g.b_k.as_mut().map(|b| b.view_mut()),
+        );
+        grad_src += &affine_backward(
+            src.view(),
+            p.w_v.view(),
+            grad_v.view(),
+            g.w_v.view_mut(),
+            g.b_v.as_mut().map(|b| b.view_mut()),
+        );
+        let to3 = |a: Array2<F>, t: usize| a.into_shape_with_order((b, t, d)).expect("standard layout");
+        match cache.memory {
+            Some(_) => (to3(grad_x, tq), Some(to3(grad_src, tk))),
+            None => {
+                grad_x += &grad_src;
+                (to3(grad_x, tq), None)
+            }
+        }
+    }
+
+    /// `[B·T, d_model]` rows as `[B, H, T, d_k]` per-head views (no copy).
+    fn heads<'a>(&self, x: ArrayView2<'a, F>, b: usize) -> ArrayView4<'a, F> {
+        let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
+        let t = x.nrows() / b.max(1);
+        x.into_shape_with_order((b, t, h, dk))
+            .expect("standard layout")
+            .permuted_axes([0, 2, 1, 3])
+    }
+
+    fn heads_mut<'a>(&self, x: ArrayViewMut2<'a, F>, b: usize) -> ArrayViewMut4<'a, F> {
+        let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
+        let t = x.nrows() / b.max(1);
+        x.into_shape_with_order((b, t, h, dk))
+            .expect("standard layout")
+            .permuted_axes([0, 2, 1, 3])
+    }
+}
+
+impl<F: Float> MultiHeadCache<F> {
+    /// Every head's attention weights of the forward pass, `[B, H, Tq, Tk]`, before dropout.
+    pub fn weights(&self) -> ArrayView4<'_, F> {
+        self.core.weights()
+    }
+}
+
+/// `[B, T, d]` as owned standard-layout rows `[B·T, d]`.
+fn rows<F: Float>(x: ArrayView3<F>) -> Array2<F> {
+    let (b, t, d) = x.dim();
+    x.as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b * t, d))
+        .expect("standard layout")
+}

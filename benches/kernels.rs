@@ -1,1 +1,98 @@
-fn main() {}
+//! Kernel benchmarks: GEMM at the shapes of `../shared/bench/WORKLOADS.md` and the two
+//! reference sizes, softmax and layer norm; with 1 and 2 rayon threads. Throughput is in
+//! FLOPs, so criterion reports GFLOP/s (2·m·k·n per GEMM).
+//!
+//! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ndarray::{Array1, Array2};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::kernels::{RowMask, gemm, layer_norm_rows, softmax_row};
+
+fn random(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
+    Array2::from_shape_fn((rows, cols), |_| rng.random_range(-1.0..1.0))
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
+}
+
+/// (name, m, k, n): the reference sizes, then the projections of each workload
+/// (rows = batch · length).
+const GEMMS: &[(&str, usize, usize, usize)] = &[
+    ("square_1024", 1024, 1024, 1024),
+    ("512x512x2048", 512, 512, 2048),
+    ("tiny_qkv", 256, 64, 64),
+    ("tiny_ffn1", 256, 64, 256),
+    ("tiny_logits", 256, 64, 100),
+    ("small_qkv", 1024, 256, 256),
+    ("small_ffn1", 1024, 256, 1024),
+    ("small_ffn2", 1024, 1024, 256),
+    ("small_logits", 1024, 256, 1000),
+    ("base_qkv", 512, 512, 512),
+    ("base_ffn1", 512, 512, 2048),
+    ("base_ffn2", 512, 2048, 512),
+    ("base_logits", 512, 512, 8000),
+];
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut group = c.benchmark_group("gemm");
+    group.sample_size(20);
+    for &(name, m, k, n) in GEMMS {
+        let a = random(m, k, &mut rng);
+        // B as the transpose of a stored [n, k] weight, as every projection uses it.
+        let w = random(n, k, &mut rng);
+        let mut out = Array2::<f32>::zeros((m, n));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &threads, |bench, _| {
+                pool.install(|| bench.iter(|| gemm(1.0, a.view(), w.t(), 0.0, out.view_mut())))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_softmax(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut group = c.benchmark_group("softmax");
+    for &(rows, cols) in &[(16 * 4 * 16, 16), (8 * 8 * 64, 64)] {
+        let x = random(rows, cols, &mut rng);
+        group.throughput(Throughput::Elements((rows * cols) as u64));
+        group.bench_function(format!("{rows}x{cols}_causal"), |bench| {
+            bench.iter_batched_ref(
+                || x.clone(),
+                |x| {
+                    for (i, mut row) in x.rows_mut().into_iter().enumerate() {
+                        let mask = RowMask { limit: i % cols + 1, keys: None, pairs: None };
+                        softmax_row(row.as_slice_mut().expect("contiguous"), mask);
+                    }
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn bench_layer_norm(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut group = c.benchmark_group("layer_norm");
+    for &(rows, d) in &[(256, 64), (512, 512)] {
+        let x = random(rows, d, &mut rng);
+        let (gamma, beta) = (Array1::ones(d), Array1::zeros(d));
+        let (mut x_hat, mut y, mut rstd) = (Array2::zeros((rows, d)), Array2::zeros((rows, d)), Array1::zeros(rows));
+        group.throughput(Throughput::Elements((rows * d) as u64));
+        group.bench_function(format!("{rows}x{d}"), |bench| {
+            bench.iter(|| {
+                layer_norm_rows(x.view(), gamma.view(), beta.view(), 1e-5, x_hat.view_mut(), rstd.view_mut(), y.view_mut())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_softmax, bench_layer_norm);
+criterion_main!(benches);

@@ -14,7 +14,10 @@ fn random(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
 }
 
 fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
 }
 
 /// (name, m, k, n): the reference sizes, then the projections of each workload
@@ -47,9 +50,11 @@ fn bench_gemm(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
         for threads in [1, 2] {
             let pool = pool(threads);
-            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &threads, |bench, _| {
-                pool.install(|| bench.iter(|| gemm(1.0, a.view(), w.t(), 0.0, out.view_mut())))
-            });
+            group.bench_with_input(
+                BenchmarkId::new(name, format!("{threads}t")),
+                &threads,
+                |bench, _| pool.install(|| bench.iter(|| gemm(1.0, a.view(), w.t(), 0.0, out.view_mut()))),
+            );
         }
     }
     group.finish();
@@ -66,7 +71,11 @@ fn bench_softmax(c: &mut Criterion) {
                 || x.clone(),
                 |x| {
                     for (i, mut row) in x.rows_mut().into_iter().enumerate() {
-                        let mask = RowMask { limit: i % cols + 1, keys: None, pairs: None };
+                        let mask = RowMask {
+                            limit: i % cols + 1,
+                            keys: None,
+                            pairs: None,
+                        };
                         softmax_row(row.as_slice_mut().expect("contiguous"), mask);
                     }
                 },
@@ -83,11 +92,23 @@ fn bench_layer_norm(c: &mut Criterion) {
     for &(rows, d) in &[(256, 64), (512, 512)] {
         let x = random(rows, d, &mut rng);
         let (gamma, beta) = (Array1::ones(d), Array1::zeros(d));
-        let (mut x_hat, mut y, mut rstd) = (Array2::zeros((rows, d)), Array2::zeros((rows, d)), Array1::zeros(rows));
+        let (mut x_hat, mut y, mut rstd) = (
+            Array2::zeros((rows, d)),
+            Array2::zeros((rows, d)),
+            Array1::zeros(rows),
+        );
         group.throughput(Throughput::Elements((rows * d) as u64));
         group.bench_function(format!("{rows}x{d}"), |bench| {
             bench.iter(|| {
-                layer_norm_rows(x.view(), gamma.view(), beta.view(), 1e-5, x_hat.view_mut(), rstd.view_mut(), y.view_mut())
+                layer_norm_rows(
+                    x.view(),
+                    gamma.view(),
+                    beta.view(),
+                    1e-5,
+                    x_hat.view_mut(),
+                    rstd.view_mut(),
+                    y.view_mut(),
+                )
             })
         });
     }

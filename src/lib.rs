@@ -7,6 +7,7 @@ pub mod gradcheck;
 pub mod kernels;
 pub mod layers;
 pub mod params;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use kernels::Float;

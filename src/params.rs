@@ -37,6 +37,42 @@ pub trait Params<F: Float> {
         self.visit_mut("", &mut |_, mut t| t.fill(value));
     }
 
+    /// Multiplies every element by `factor`.
+    fn scale(&mut self, factor: F) {
+        self.visit_mut("", &mut |_, mut t| t.mapv_inplace(|v| v * factor));
+    }
+
+    /// `self += factor · other`, tensor by tensor.
+    ///
+    /// # Panics
+    /// If `other` has other tensors (names or shapes) than `self`.
+    fn add_scaled(&mut self, other: &Self, factor: F) {
+        let mut theirs = Vec::new();
+        other.visit("", &mut |name, t| theirs.push((name.to_string(), t)));
+        let mut it = theirs.into_iter();
+        self.visit_mut("", &mut |name, mut t| {
+            let (other_name, o) = it
+                .next()
+                .unwrap_or_else(|| panic!("add_scaled: {name} missing from the other tree"));
+            assert!(
+                other_name == name && o.shape() == t.shape(),
+                "add_scaled: {name} {:?} paired with {other_name} {:?}",
+                t.shape(),
+                o.shape()
+            );
+            t.zip_mut_with(&o, |a, &b| *a += factor * b);
+        });
+    }
+
+    /// The sum of squares of every element, accumulated in `f64` in visiting order.
+    fn sq_norm(&self) -> f64 {
+        let mut acc = 0.0;
+        self.visit("", &mut |_, t| {
+            acc += t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>()
+        });
+        acc
+    }
+
     /// The number of scalar parameters.
     fn num_params(&self) -> usize {
         let mut n = 0;

@@ -1,0 +1,400 @@
+//! Optimizers over any [`Params`] tree, and clipping by the global gradient norm.
+//!
+//! The moment estimates of [`Adam`] and the velocity of [`Sgd`] have the type of the
+//! parameters, so they are visited, saved and restored under the same dotted names. The
+//! learning rate comes in with each step, from a [`crate::train::Schedule`].
+//!
+//! - [`Adam`] with the paper's settings (§5.3): β₁ = 0.9, β₂ = 0.98, ε = 1e-9
+//!   ([`AdamConfig::paper`]); PyTorch's `torch.optim.Adam`.
+//! - AdamW: Adam with decoupled weight decay (Loshchilov & Hutter), applied to tensors of
+//!   rank ≥ 2 only, so biases and layer-norm gains are not decayed ([`AdamConfig::adamw`]);
+//!   PyTorch's `torch.optim.AdamW` with the usual two parameter groups.
+//! - [`Sgd`] with momentum, PyTorch's `torch.optim.SGD(momentum=μ)`.
+//!
+//! Every update is element-wise, so it does not depend on the thread count.
+
+use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
+
+use crate::error::{Error, Result};
+use crate::kernels::Float;
+use crate::params::Params;
+
+/// An optimizer: updates parameters from their gradients.
+pub trait Optimizer<F: Float, P: Params<F>> {
+    /// One update with learning rate `lr`.
+    ///
+    /// # Panics
+    /// If `grads` has other tensors than `params`.
+    fn step(&mut self, params: &mut P, grads: &P, lr: f64);
+}
+
+/// Settings of [`Adam`] and AdamW.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AdamConfig {
+    /// β₁, the decay of the first moment.
+    pub beta1: f64,
+    /// β₂, the decay of the second moment.
+    pub beta2: f64,
+    /// ε, added to the root of the second moment.
+    pub eps: f64,
+    /// Weight decay λ (0 for none).
+    pub weight_decay: f64,
+    /// `true`: decoupled decay `θ ← θ − lr·λ·θ` (AdamW), on tensors of rank ≥ 2 only.
+    /// `false`: L2 decay `g ← g + λ·θ` on every tensor (PyTorch's `Adam(weight_decay=λ)`).
+    pub decoupled: bool,
+}
+
+impl AdamConfig {
+    /// The paper's Adam (§5.3): β₁ = 0.9, β₂ = 0.98, ε = 1e-9, no weight decay.
+    pub fn paper() -> Self {
+        AdamConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            weight_decay: 0.0,
+            decoupled: false,
+        }
+    }
+
+    /// AdamW: PyTorch's defaults β₁ = 0.9, β₂ = 0.999, ε = 1e-8, with decoupled weight decay
+    /// `weight_decay` on tensors of rank ≥ 2 (weights and embeddings, not biases or norms).
+    pub fn adamw(weight_decay: f64) -> Self {
+        AdamConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            decoupled: true,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::config(
+                "eps",
+                format!("must be finite and positive, got {}", self.eps),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::config(
+                "weight_decay",
+                format!("must be finite and ≥ 0, got {}", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Adam (and AdamW). Its state is public so that checkpoints can save and restore it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adam<F: Float, P: Params<F>> {
+    /// Its settings.
+    pub cfg: AdamConfig,
+    /// First-moment estimates, shaped as the parameters.
+    pub m: P,
+    /// Second-moment estimates, shaped as the parameters.
+    pub v: P,
+    /// Steps taken so far.
+    pub t: u64,
+    _f: std::marker::PhantomData<F>,
+}
+
+impl<F: Float, P: Params<F> + Clone> Adam<F, P> {
+    /// A fresh optimizer for `params` (moments zero, no step taken).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for β outside [0, 1), ε ≤ 0 or a negative or non-finite decay.
+    pub fn new(cfg: AdamConfig, params: &P) -> Result<Self> {
+        cfg.check()?;
+        Ok(Adam {
+            cfg,
+            m: params.zeros_like(),
+            v: params.zeros_like(),
+            t: 0,
+            _f: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<F: Float, P: Params<F>> Adam<F, P> {
+    /// Rebuilds an optimizer from saved state (see [`Adam::new`] for the errors).
+    ///
+    /// # Errors
+    /// As [`Adam::new`].
+    pub fn from_state(cfg: AdamConfig, m: P, v: P, t: u64) -> Result<Self> {
+        cfg.check()?;
+        Ok(Adam {
+            cfg,
+            m,
+            v,
+            t,
+            _f: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
+    fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
+        self.t += 1;
+        let c = &self.cfg;
+        let (b1, b2) = (c.beta1, c.beta2);
+        let bias1 = 1.0 - b1.powi(self.t.min(i32::MAX as u64) as i32);
+        let bias2 = 1.0 - b2.powi(self.t.min(i32::MAX as u64) as i32);
+        // θ ← θ − (lr/bias1)·m / (√v/√bias2 + ε), as PyTorch computes it.
+        let step_size = F::from_f64(lr / bias1);
+        let inv_sqrt_bias2 = F::from_f64(1.0 / bias2.sqrt());
+        let (b1f, b2f) = (F::from_f64(b1), F::from_f64(b2));
+        let (one_b1, one_b2) = (F::from_f64(1.0 - b1), F::from_f64(1.0 - b2));
+        let eps = F::from_f64(c.eps);
+        let l2 = F::from_f64(if c.decoupled { 0.0 } else { c.weight_decay });
+        let decay = c.decoupled && c.weight_decay > 0.0;
+        let shrink = F::from_f64(1.0 - lr * c.weight_decay);
+        zip_state(
+            params,
+            grads,
+            &mut [&mut self.m, &mut self.v],
+            |_, mut p, g, state| {
+                let [m, v] = state else {
+                    unreachable!("two state trees")
+                };
+                if decay && p.ndim() >= 2 {
+                    p.mapv_inplace(|x| x * shrink);
+                }
+                Zip::from(&mut p).and(&g).and(m).and(v).for_each(|p, &g, m, v| {
+                    let g = g + l2 * *p;
+                    *m = b1f * *m + one_b1 * g;
+                    *v = b2f * *v + one_b2 * g * g;
+                    *p -= step_size * *m / (v.sqrt() * inv_sqrt_bias2 + eps);
+                });
+            },
+        );
+    }
+}
+
+/// Stochastic gradient descent with momentum: `b ← μ·b + g`, `θ ← θ − lr·b` (PyTorch's form).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sgd<F: Float, P: Params<F>> {
+    /// Momentum μ (0 for plain SGD).
+    pub momentum: f64,
+    /// The velocity b, shaped as the parameters.
+    pub velocity: P,
+    _f: std::marker::PhantomData<F>,
+}
+
+impl<F: Float, P: Params<F> + Clone> Sgd<F, P> {
+    /// A fresh optimizer for `params`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if the momentum is not in [0, 1).
+    pub fn new(momentum: f64, params: &P) -> Result<Self> {
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(Error::config(
+                "momentum",
+                format!("must be in [0, 1), got {momentum}"),
+            ));
+        }
+        Ok(Sgd {
+            momentum,
+            velocity: params.zeros_like(),
+            _f: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<F: Float, P: Params<F>> Optimizer<F, P> for Sgd<F, P> {
+    fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
+        let (mu, lr) = (F::from_f64(self.momentum), F::from_f64(lr));
+        zip_state(params, grads, &mut [&mut self.velocity], |_, mut p, g, state| {
+            let [b] = state else {
+                unreachable!("one state tree")
+            };
+            Zip::from(&mut p).and(&g).and(b).for_each(|p, &g, b| {
+                *b = mu * *b + g;
+                *p -= lr * *b;
+            });
+        });
+    }
+}
+
+/// Scales `grads` so that their global L2 norm is at most `max_norm`; returns the norm before
+/// clipping. PyTorch's `clip_grad_norm_` over all parameters (not per tensor).
+///
+/// The norm is summed in `f64` in visiting order, so it does not depend on the thread count.
+pub fn clip_grad_norm<F: Float, P: Params<F>>(grads: &mut P, max_norm: f64) -> f64 {
+    let norm = grads.sq_norm().sqrt();
+    if norm > max_norm && norm.is_finite() {
+        grads.scale(F::from_f64(max_norm / (norm + 1e-6)));
+    }
+    norm
+}
+
+/// Visits every tensor of `params` with the matching tensors of `grads` and of each state tree.
+fn zip_state<F: Float, P: Params<F>>(
+    params: &mut P,
+    grads: &P,
+    states: &mut [&mut P],
+    mut f: impl FnMut(&str, ArrayViewMutD<'_, F>, ArrayViewD<'_, F>, &mut [ArrayViewMutD<'_, F>]),
+) {
+    let mut g_views = Vec::new();
+    grads.visit("", &mut |name, t| g_views.push((name.to_string(), t)));
+    let mut s_views: Vec<Vec<ArrayViewMutD<'_, F>>> = Vec::new();
+    for s in states.iter_mut() {
+        let mut v = Vec::new();
+        s.visit_mut("", &mut |_, t| v.push(t));
+        s_views.push(v);
+    }
+    let mut iters: Vec<_> = s_views.into_iter().map(|v| v.into_iter()).collect();
+    let mut g_iter = g_views.into_iter();
+    params.visit_mut("", &mut |name, p| {
+        let (g_name, g) = g_iter
+            .next()
+            .unwrap_or_else(|| panic!("optimizer: no gradient for {name}"));
+        assert!(
+            g_name == name && g.shape() == p.shape(),
+            "optimizer: parameter {name} {:?} paired with gradient {g_name} {:?}",
+            p.shape(),
+            g.shape()
+        );
+        let mut state: Vec<_> = iters
+            .iter_mut()
+            .map(|it| it.next().expect("state shaped as the parameters"))
+            .collect();
+        f(name, p, g, &mut state);
+    });
+}
+
+/// The element-wise mean of parameter sets, for checkpoint averaging (§6.1: "averaging the
+/// last 5 checkpoints, which were written at 10-minute intervals").
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an empty list.
+///
+/// # Panics
+/// If the sets have different tensors.
+pub fn average<F: Float, P: Params<F> + Clone>(sets: &[P]) -> Result<P> {
+    let (first, rest) = sets.split_first().ok_or_else(|| Error::InvalidInput {
+        why: "average of no parameter sets".into(),
+    })?;
+    let mut sum = first.clone();
+    for s in rest {
+        sum.add_scaled(s, F::ONE);
+    }
+    sum.scale(F::from_f64(1.0 / sets.len() as f64));
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Tensors;
+    use ndarray::{Array1, Array2, array};
+
+    fn quadratic_grad(p: &Tensors<f64>) -> Tensors<f64> {
+        // L = Σ (θ − 3)², ∂L/∂θ = 2(θ − 3)
+        let mut g = p.clone();
+        g.visit_mut("", &mut |_, mut t| t.mapv_inplace(|v| 2.0 * (v - 3.0)));
+        g
+    }
+
+    #[test]
+    fn adam_matches_pytorch_first_steps() {
+        // torch: p = tensor([1.0, -2.0]); opt = Adam([p], lr=0.1, betas=(0.9, 0.98), eps=1e-9)
+        // (float64) loss = ((p - 3)**2).sum(); after three steps p = [1.29946807, -1.70017753]
+        let mut p = Tensors::new().with("w", array![1.0_f64, -2.0]);
+        let mut adam = Adam::new(AdamConfig::paper(), &p).unwrap();
+        for _ in 0..3 {
+            let g = quadratic_grad(&p);
+            adam.step(&mut p, &g, 0.1);
+        }
+        let w = p.get("w");
+        assert!(
+            (w[0] - 1.299_468_07).abs() < 1e-8 && (w[1] + 1.700_177_53).abs() < 1e-8,
+            "{w}"
+        );
+        assert_eq!(adam.t, 3);
+    }
+
+    #[test]
+    fn adam_converges_and_sgd_too() {
+        let mut p = Tensors::new()
+            .with("w", Array2::<f64>::zeros((2, 2)))
+            .with("b", Array1::<f64>::zeros(3));
+        let mut adam = Adam::new(AdamConfig::paper(), &p).unwrap();
+        for _ in 0..500 {
+            let g = quadratic_grad(&p);
+            adam.step(&mut p, &g, 0.05);
+        }
+        p.visit("", &mut |_, t| {
+            assert!(t.iter().all(|v| (v - 3.0).abs() < 1e-3), "{t}")
+        });
+        let mut q = Tensors::new().with("w", Array1::<f64>::zeros(2));
+        let mut sgd = Sgd::new(0.9, &q).unwrap();
+        for _ in 0..300 {
+            let g = quadratic_grad(&q);
+            sgd.step(&mut q, &g, 0.01);
+        }
+        assert!(q.get("w").iter().all(|v| (v - 3.0).abs() < 1e-3));
+    }
+
+    #[test]
+    fn adamw_decays_matrices_but_not_vectors() {
+        let mut p = Tensors::new()
+            .with("w", Array2::<f64>::ones((2, 2)))
+            .with("b", Array1::<f64>::ones(2));
+        let zero = p.zeros_like();
+        let mut opt = Adam::new(AdamConfig::adamw(0.1), &p).unwrap();
+        opt.step(&mut p, &zero, 0.5);
+        assert!(p.get("w").iter().all(|&v| (v - 0.95).abs() < 1e-12));
+        assert!(p.get("b").iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let mut g = Tensors::new()
+            .with("a", array![3.0_f64, 0.0])
+            .with("b", array![0.0_f64, 4.0]);
+        assert_eq!(clip_grad_norm(&mut g, 10.0), 5.0);
+        assert_eq!(g.get("a")[0], 3.0);
+        let before = clip_grad_norm(&mut g, 1.0);
+        assert_eq!(before, 5.0);
+        assert!((g.sq_norm().sqrt() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn averaging_and_config_errors() {
+        let a = Tensors::new().with("w", array![1.0_f64, 2.0]);
+        let b = Tensors::new().with("w", array![3.0_f64, 6.0]);
+        assert_eq!(
+            average(&[a.clone(), b]).unwrap().get("w"),
+            &array![2.0, 4.0].into_dyn()
+        );
+        assert!(average::<f64, Tensors<f64>>(&[]).is_err());
+        assert!(
+            Adam::new(
+                AdamConfig {
+                    beta2: 1.0,
+                    ..AdamConfig::paper()
+                },
+                &a
+            )
+            .is_err()
+        );
+        assert!(
+            Adam::new(
+                AdamConfig {
+                    eps: 0.0,
+                    ..AdamConfig::paper()
+                },
+                &a
+            )
+            .is_err()
+        );
+        assert!(Sgd::new(1.5, &a).is_err());
+    }
+}

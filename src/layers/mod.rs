@@ -14,8 +14,10 @@
 //! micro-batches need no extra code. Layers hold no hidden state: `&self` everywhere, `Send`
 //! and `Sync`.
 
+pub mod dropout;
 pub mod layer_norm;
 pub mod linear;
 
+pub use dropout::{Dropout, DropoutCache, DropoutConfig};
 pub use layer_norm::{LayerNorm, LayerNormCache, LayerNormConfig, LayerNormParams};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};

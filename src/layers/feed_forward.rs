@@ -27,11 +27,12 @@
 //! `b2` are `linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`.
 //!
 //! Differences from the paper: the paper has no dropout inside the feed-forward layer (its
-//! §5.4 dropout is on sub-layer outputs, which `Residual` applies); PyTorch adds this one,
-//! at the rate of its other dropouts (tensor2tensor has it too, as a separate
-//! `relu_dropout`). `p_drop = 0` gives the paper's layer. GELU is offered beside the
-//! paper's ReLU. Initialisation: W1 and W2 are Xavier-uniform, as `nn.Transformer` resets
-//! them; the biases start at 0, where PyTorch keeps `nn.Linear`'s `U(±1/√fan_in)`.
+//! §5.4 dropout is on sub-layer outputs, which [`Residual`](crate::layers::Residual)
+//! applies); PyTorch adds this one, at the rate of its other dropouts (tensor2tensor has it
+//! too, as a separate `relu_dropout`). `p_drop = 0` gives the paper's layer. GELU is
+//! offered beside the paper's ReLU. Initialisation: W1 and W2 are Xavier-uniform, as
+//! `nn.Transformer` resets them; the biases start at 0, where PyTorch keeps `nn.Linear`'s
+//! `U(±1/√fan_in)`.
 //!
 //! # Example
 //! ```

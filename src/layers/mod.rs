@@ -18,8 +18,10 @@ pub mod dropout;
 pub mod feed_forward;
 pub mod layer_norm;
 pub mod linear;
+pub mod residual;
 
 pub use dropout::{Dropout, DropoutCache, DropoutConfig};
 pub use feed_forward::{FeedForward, FeedForwardCache, FeedForwardConfig, FeedForwardParams};
 pub use layer_norm::{LayerNorm, LayerNormCache, LayerNormConfig, LayerNormParams};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
+pub use residual::{Residual, ResidualCache, ResidualConfig};

@@ -1,0 +1,446 @@
+//! Position-wise feed-forward network: `FFN(x) = act(x·W1ᵀ + b1)·W2ᵀ + b2` (Eq. 2, §3.3).
+//!
+//! "Two linear transformations with a ReLU activation in between", applied to each position
+//! separately and identically (§3.3): rows `[N, d_model]`, N usually B·T, are widened to
+//! `d_ff` and projected back. The base model has `d_model = 512`, `d_ff = 2048`. As in
+//! PyTorch, dropout is applied to the inner activation:
+//!
+//! ```text
+//! h = x·W1ᵀ + b1          [N, d_ff]      pre-activation
+//! a = Dropout(act(h))     [N, d_ff]      input of the second projection
+//! y = a·W2ᵀ + b2          [N, d_model]
+//! ```
+//!
+//! The weights are stored `[out, in]` as PyTorch's `nn.Linear` stores them (W1 `[d_ff,
+//! d_model]`, W2 `[d_model, d_ff]`), so the paper's `x·W1` is `x·W1ᵀ` here; the two
+//! projections are [`affine`] and [`affine_backward`], the arithmetic of
+//! [`Linear`](crate::layers::Linear).
+//!
+//! Backward, for `grad_y = ∂L/∂y` and the dropout mask m' (`0` or `1/(1 − p)`):
+//! `∂L/∂a = grad_y·W2`, `∂L/∂W2 = grad_yᵀ·a`, `∂L/∂b2 = Σ_rows grad_y`;
+//! `∂L/∂h = ∂L/∂a ⊙ m' ⊙ act'(h)`;
+//! `∂L/∂x = ∂L/∂h·W1`, `∂L/∂W1 = (∂L/∂h)ᵀ·x`, `∂L/∂b1 = Σ_rows ∂L/∂h`.
+//!
+//! PyTorch equivalent: the `linear1`, `activation`, `dropout` and `linear2` of
+//! `nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=d_ff, dropout=p_drop,
+//! activation=...)`, that is `linear2(dropout(activation(linear1(x))))`; `w1`, `b1`, `w2`,
+//! `b2` are `linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`.
+//!
+//! Differences from the paper: the paper has no dropout inside the feed-forward layer (its
+//! §5.4 dropout is on sub-layer outputs, which [`Residual`](crate::layers::Residual)
+//! applies); PyTorch adds this one, at the rate of its other dropouts (tensor2tensor has it
+//! too, as a separate `relu_dropout`). `p_drop = 0` gives the paper's layer. GELU is
+//! offered beside the paper's ReLU. Initialisation: W1 and W2 are Xavier-uniform, as
+//! `nn.Transformer` resets them; the biases start at 0, where PyTorch keeps `nn.Linear`'s
+//! `U(±1/√fan_in)`.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array2;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::Params;
+//! use vaswani::gradcheck::random_like;
+//! use vaswani::kernels::Activation;
+//! use vaswani::layers::FeedForwardConfig;
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let ffn = FeedForwardConfig::new(8, 32)
+//!     .with_activation(Activation::Gelu)
+//!     .init::<f32>(&mut rng)?;
+//! let x: Array2<f32> = random_like((6, 8), &mut rng);
+//!
+//! // Training: dropout on the inner activation, with a mask drawn from `rng`.
+//! let (y, cache) = ffn.forward(x.view(), &mut rng);
+//! assert_eq!(y.dim(), (6, 8));
+//! let mut grads = ffn.p.zeros_like();
+//! let grad_x = ffn.backward(&cache, Array2::ones((6, 8)).view(), &mut grads);
+//! assert_eq!(grad_x.dim(), (6, 8));
+//! assert_eq!(grads.shapes()[0], ("w1".to_string(), vec![32, 8]));
+//!
+//! // Inference: no dropout.
+//! let y = ffn.infer(x.view());
+//! assert!(y.iter().all(|v| v.is_finite()));
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{Array1, Array2, ArrayView2, Zip};
+use rand::Rng;
+
+use crate::error::{Result, check};
+use crate::kernels::{Activation, Float};
+use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
+use crate::layers::linear::{affine, affine_backward};
+use crate::params::xavier_uniform;
+
+/// Below this many elements the activation and its derivative stay on the calling thread.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// Configuration of a [`FeedForward`] layer.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct FeedForwardConfig {
+    /// Width of the input and output rows.
+    pub d_model: usize,
+    /// Width of the inner layer (2048 in the base model).
+    pub d_ff: usize,
+    /// The non-linearity between the projections; ReLU in the paper.
+    pub activation: Activation,
+    /// Dropout rate on the inner activation, in [0, 1); PyTorch's default is 0.1.
+    pub p_drop: f32,
+    /// Whether both projections add a bias (b1, b2).
+    pub bias: bool,
+}
+
+/// Parameters of a [`FeedForward`] layer (and, with the same type, their gradients).
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(bound = ""))]
+pub struct FeedForwardParams<F: Float = f32> {
+    /// W1, `[d_ff, d_model]` (PyTorch's `linear1.weight`).
+    pub w1: Array2<F>,
+    /// b1, `[d_ff]`; `None` without bias (PyTorch's `linear1.bias`).
+    pub b1: Option<Array1<F>>,
+    /// W2, `[d_model, d_ff]` (PyTorch's `linear2.weight`).
+    pub w2: Array2<F>,
+    /// b2, `[d_model]`; `None` without bias (PyTorch's `linear2.bias`).
+    pub b2: Option<Array1<F>>,
+}
+crate::impl_params!(FeedForwardParams { w1, b1, w2, b2 });
+
+/// The position-wise feed-forward network `act(x·W1ᵀ + b1)·W2ᵀ + b2` (Eq. 2, §3.3). See the
+/// [module docs](self).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeedForward<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: FeedForwardConfig,
+    /// Its parameters.
+    pub p: FeedForwardParams<F>,
+    /// The dropout on the inner activation, of rate `cfg.p_drop`.
+    pub dropout: Dropout,
+}
+
+/// What [`FeedForward::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct FeedForwardCache<F: Float = f32> {
+    /// The input x, `[N, d_model]`.
+    x: Array2<F>,
+    /// The pre-activation h = x·W1ᵀ + b1, `[N, d_ff]`.
+    h: Array2<F>,
+    /// The input of the second projection, a = Dropout(act(h)), `[N, d_ff]`.
+    a: Array2<F>,
+    /// The dropout mask.
+    dropout: DropoutCache<F>,
+}
+
+impl FeedForwardConfig {
+    /// A layer of widths `d_model` → `d_ff` → `d_model`, with PyTorch's defaults for the
+    /// rest: ReLU, `p_drop = 0.1`, biases.
+    pub fn new(d_model: usize, d_ff: usize) -> Self {
+        FeedForwardConfig {
+            d_model,
+            d_ff,
+            activation: Activation::Relu,
+            p_drop: 0.1,
+            bias: true,
+        }
+    }
+
+    /// The same config with another activation.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// The same config with another dropout rate.
+    pub fn with_p_drop(mut self, p_drop: f32) -> Self {
+        self.p_drop = p_drop;
+        self
+    }
+
+    /// The same config with the biases switched on or off.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Builds the layer: W1 then W2 Xavier-uniform, each with its own fan-in and fan-out
+    /// (as `nn.Transformer` initialises them), biases zero.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if a width is 0 or `p_drop` is
+    /// not in [0, 1).
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<FeedForward<F>> {
+        check::positive("d_model", self.d_model)?;
+        check::positive("d_ff", self.d_ff)?;
+        check::dropout("p_drop", self.p_drop)?;
+        let (d_model, d_ff) = (self.d_model, self.d_ff);
+        let w1 = xavier_uniform((d_ff, d_model), d_model, d_ff, rng);
+        let w2 = xavier_uniform((d_model, d_ff), d_ff, d_model, rng);
+        Ok(FeedForward {
+            cfg: self.clone(),
+            p: FeedForwardParams {
+                w1,
+                b1: self.bias.then(|| Array1::zeros(d_ff)),
+                w2,
+                b2: self.bias.then(|| Array1::zeros(d_model)),
+            },
+            dropout: DropoutConfig::new(self.p_drop).init()?,
+        })
+    }
+}
+
+impl<F: Float> FeedForward<F> {
+    /// Forward pass in training: dropout on the inner activation with a mask drawn from
+    /// `rng`, keeping x, h, a and the mask for [`FeedForward::backward`].
+    ///
+    /// # Shapes
+    /// `x`: `[N, d_model]` → `[N, d_model]`.
+    ///
+    /// # Panics
+    /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
+    pub fn forward(&self, x: ArrayView2<F>, rng: &mut impl Rng) -> (Array2<F>, FeedForwardCache<F>) {
+        self.check_input(x);
+        let h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+        let mut a = activate(self.cfg.activation, &h);
+        let dropout = self.dropout.draw(a.dim(), rng);
+        dropout.apply_inplace(a.view_mut());
+        let y = affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()));
+        let cache = FeedForwardCache {
+            x: x.to_owned(),
+            h,
+            a,
+            dropout,
+        };
+        (y, cache)
+    }
+
+    /// Forward pass without a cache and without dropout, for inference.
+    ///
+    /// # Shapes
+    /// `x`: `[N, d_model]` → `[N, d_model]`.
+    ///
+    /// # Panics
+    /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
+    pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
+        self.check_input(x);
+        let h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+        let a = activate(self.cfg.activation, &h);
+        affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()))
+    }
+
+    /// Backward pass: adds `∂L/∂W1`, `∂L/∂b1`, `∂L/∂W2`, `∂L/∂b2` into `g` and returns
+    /// `∂L/∂x`.
+    ///
+    /// # Shapes
+    /// `grad_y`: `[N, d_model]` → `[N, d_model]`.
+    ///
+    /// # Panics
+    /// If `grad_y` is not `[N, d_model]` for the N of the forward pass, or `g` has other
+    /// shapes (or other biases) than the parameters.
+    pub fn backward(
+        &self,
+        cache: &FeedForwardCache<F>,
+        grad_y: ArrayView2<F>,
+        g: &mut FeedForwardParams<F>,
+    ) -> Array2<F> {
+        assert_eq!(
+            grad_y.dim(),
+            cache.x.dim(),
+            "FeedForward::backward: grad_y is {:?}, expected the forward output's {:?}",
+            grad_y.shape(),
+            cache.x.shape()
+        );
+        assert!(
+            g.b1.is_some() == self.p.b1.is_some() && g.b2.is_some() == self.p.b2.is_some(),
+            "FeedForward::backward: g has biases (b1 {}, b2 {}), the layer (b1 {}, b2 {})",
+            g.b1.is_some(),
+            g.b2.is_some(),
+            self.p.b1.is_some(),
+            self.p.b2.is_some()
+        );
+        // ∂L/∂a, then ∂L/∂h in place: ⊙ mask, ⊙ act'(h).
+        let mut grad_h = affine_backward(
+            cache.a.view(),
+            self.p.w2.view(),
+            grad_y,
+            g.w2.view_mut(),
+            g.b2.as_mut().map(|b| b.view_mut()),
+        );
+        cache.dropout.apply_inplace(grad_h.view_mut());
+        let act = self.cfg.activation;
+        let zip = Zip::from(&mut grad_h).and(&cache.h);
+        let chain = |gh: &mut F, &h: &F| *gh *= act.derivative(h);
+        if cache.h.len() >= PARALLEL_MIN_ELEMS {
+            zip.par_for_each(chain);
+        } else {
+            zip.for_each(chain);
+        }
+        affine_backward(
+            cache.x.view(),
+            self.p.w1.view(),
+            grad_h.view(),
+            g.w1.view_mut(),
+            g.b1.as_mut().map(|b| b.view_mut()),
+        )
+    }
+
+    fn check_input(&self, x: ArrayView2<F>) {
+        assert_eq!(
+            x.ncols(),
+            self.cfg.d_model,
+            "FeedForward: input is {:?}, expected [N, d_model = {}]",
+            x.shape(),
+            self.cfg.d_model
+        );
+    }
+}
+
+/// `act(h)` element-wise, on the rayon pool for large arrays (each element on its own, so
+/// the result does not depend on the thread count).
+fn activate<F: Float>(act: Activation, h: &Array2<F>) -> Array2<F> {
+    let mut out = h.clone();
+    if out.len() >= PARALLEL_MIN_ELEMS {
+        out.par_mapv_inplace(|v| act.apply(v));
+    } else {
+        out.mapv_inplace(|v| act.apply(v));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheck, random_like};
+    use crate::params::{Params, Tensors};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    /// Checks x and every parameter of `layer` against finite differences, with the dropout
+    /// mask fixed by re-seeding the rng in the loss.
+    fn check_gradients(layer: &FeedForward<f64>, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x: Array2<f64> = random_like((4, layer.cfg.d_model), &mut rng);
+        let r: Array2<f64> = random_like((4, layer.cfg.d_model), &mut rng);
+        let mask_seed = seed + 1000;
+        let (_, cache) = layer.forward(x.view(), &mut StdRng::seed_from_u64(mask_seed));
+        let mut g = layer.p.zeros_like();
+        let grad_x = layer.backward(&cache, r.view(), &mut g);
+        let mut point = (Tensors::new().with("x", x), layer.p.clone());
+        let analytic = (Tensors::new().with("x", grad_x), g);
+        let report = GradCheck::default().run(&mut point, &analytic, |(t, p)| {
+            let layer = FeedForward {
+                cfg: layer.cfg.clone(),
+                p: p.clone(),
+                dropout: layer.dropout.clone(),
+            };
+            let x = t.get("x").view().into_dimensionality().unwrap();
+            let (y, _) = layer.forward(x, &mut StdRng::seed_from_u64(mask_seed));
+            (&y * &r).sum()
+        });
+        report.assert_ok();
+        report.assert_all_nonzero();
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_for_every_activation_with_dropout() {
+        for (i, act) in [Activation::Relu, Activation::Gelu, Activation::GeluTanh]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = StdRng::seed_from_u64(50 + i as u64);
+            let mut layer = FeedForwardConfig::new(5, 7)
+                .with_activation(act)
+                .with_p_drop(0.3)
+                .init::<f64>(&mut rng)
+                .unwrap();
+            // Non-zero biases, so that a bias missing from forward or backward shows.
+            layer.p.b1 = Some(random_like(7, &mut rng) * 0.5);
+            layer.p.b2 = Some(random_like(5, &mut rng) * 0.5);
+            check_gradients(&layer, 60 + i as u64);
+        }
+    }
+
+    #[test]
+    fn without_bias() {
+        let mut rng = StdRng::seed_from_u64(53);
+        let layer = FeedForwardConfig::new(5, 7)
+            .with_bias(false)
+            .with_p_drop(0.3)
+            .init::<f64>(&mut rng)
+            .unwrap();
+        assert_eq!(
+            layer.p.shapes(),
+            [("w1".to_string(), vec![7, 5]), ("w2".to_string(), vec![5, 7])]
+        );
+        check_gradients(&layer, 63);
+        // Without biases, FFN(0) = 0.
+        assert!(
+            layer
+                .infer(Array2::zeros((2, 5)).view())
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+    }
+
+    #[test]
+    fn infer_equals_forward_without_dropout() {
+        let mut rng = StdRng::seed_from_u64(54);
+        for act in [Activation::Relu, Activation::Gelu, Activation::GeluTanh] {
+            let layer = FeedForwardConfig::new(6, 10)
+                .with_activation(act)
+                .with_p_drop(0.0)
+                .init::<f32>(&mut rng)
+                .unwrap();
+            let x: Array2<f32> = random_like((5, 6), &mut rng);
+            let (y, _) = layer.forward(x.view(), &mut rng);
+            assert_eq!(y, layer.infer(x.view()));
+        }
+    }
+
+    #[test]
+    fn names_shapes_and_xavier_bounds() {
+        let layer = FeedForwardConfig::new(8, 32)
+            .init::<f32>(&mut StdRng::seed_from_u64(55))
+            .unwrap();
+        assert_eq!(
+            layer.p.shapes(),
+            [
+                ("w1".to_string(), vec![32, 8]),
+                ("b1".to_string(), vec![32]),
+                ("w2".to_string(), vec![8, 32]),
+                ("b2".to_string(), vec![8]),
+            ]
+        );
+        let a = (6.0_f32 / 40.0).sqrt();
+        for w in [&layer.p.w1, &layer.p.w2] {
+            assert!(w.iter().all(|v| v.abs() <= a));
+            assert!(w.iter().any(|v| v.abs() > 0.9 * a));
+        }
+        assert!(layer.p.b1.as_ref().unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn config_errors() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert!(FeedForwardConfig::new(0, 4).init::<f32>(&mut rng).is_err());
+        assert!(FeedForwardConfig::new(4, 0).init::<f32>(&mut rng).is_err());
+        for p in [1.0, -0.1, f32::NAN] {
+            let err = FeedForwardConfig::new(4, 8)
+                .with_p_drop(p)
+                .init::<f32>(&mut rng)
+                .unwrap_err();
+            assert!(
+                matches!(err, crate::Error::InvalidConfig { field: "p_drop", .. }),
+                "p_drop {p}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "expected [N, d_model = 4]")]
+    fn wrong_width_panics_with_both_shapes() {
+        let layer = FeedForwardConfig::new(4, 8)
+            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .unwrap();
+        layer.infer(Array2::zeros((2, 5)).view());
+    }
+}

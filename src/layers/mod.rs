@@ -14,6 +14,8 @@
 //! micro-batches need no extra code. Layers hold no hidden state: `&self` everywhere, `Send`
 //! and `Sync`.
 
+pub mod embedding;
 pub mod linear;
 
+pub use embedding::{Embedding, EmbeddingCache, EmbeddingConfig, EmbeddingParams, ProjectionCache};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};

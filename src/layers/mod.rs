@@ -16,6 +16,11 @@
 
 pub mod embedding;
 pub mod linear;
+pub mod positional;
 
 pub use embedding::{Embedding, EmbeddingCache, EmbeddingConfig, EmbeddingParams, ProjectionCache};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
+pub use positional::{
+    LearnedPositional, LearnedPositionalConfig, LearnedPositionalParams, SinusoidalConfig,
+    SinusoidalEncoding, sinusoidal_rows, sinusoidal_table,
+};

@@ -142,7 +142,7 @@ pub(crate) mod check {
     pub fn heads(d_model: usize, n_heads: usize) -> Result<()> {
         positive("d_model", d_model)?;
         positive("n_heads", n_heads)?;
-        if d_model % n_heads != 0 {
+        if !d_model.is_multiple_of(n_heads) {
             return Err(Error::config(
                 "n_heads",
                 format!(

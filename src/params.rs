@@ -238,6 +238,7 @@ pub fn normal<F: Float, D: Dimension, Sh: ndarray::ShapeBuilder<Dim = D>>(
 mod tests {
     use super::*;
     use ndarray::{Array1, Array2};
+    use rand::SeedableRng;
 
     #[derive(Clone)]
     struct Two<F: Float> {
@@ -258,25 +259,17 @@ mod tests {
                 b: None,
             },
         ];
-        assert_eq!(
-            layers.shapes(),
-            vec![
-                ("stack.0.w".to_string(), vec![2, 3]),
-                ("stack.0.b".to_string(), vec![2]),
-                ("stack.1.w".to_string(), vec![1, 1])
-            ]
-            .into_iter()
-            .map(|(n, s)| (n.replacen("stack.", "", 1), s))
-            .collect::<Vec<_>>()
-        );
+        let expected = [("0.w", vec![2, 3]), ("0.b", vec![2]), ("1.w", vec![1, 1])];
+        assert_eq!(layers.shapes(), expected.map(|(n, s)| (n.to_string(), s)));
         let mut names = vec![];
         layers.visit("stack", &mut |n, _| names.push(n.to_string()));
         assert_eq!(names, ["stack.0.w", "stack.0.b", "stack.1.w"]);
         assert_eq!(layers.num_params(), 9);
         let z = layers.zeros_like();
-        let mut sum = 0.0;
-        z.visit("", &mut |_, t| sum += t.sum());
-        assert_eq!(sum, 0.0);
+        assert_eq!(z.sq_norm(), 0.0);
+        let mut doubled = layers.clone();
+        doubled.add_scaled(&layers, 1.0);
+        assert_eq!(doubled.sq_norm(), 4.0 * layers.sq_norm());
     }
 
     #[test]
@@ -287,6 +280,4 @@ mod tests {
         assert!(w.iter().all(|v| v.abs() <= a));
         assert!(w.iter().any(|v| v.abs() > 0.9 * a));
     }
-
-    use rand::SeedableRng;
 }

@@ -46,6 +46,13 @@ pub fn layer_norm_row<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat:
 /// `g = γ ⊙ grad_y`. Parameter gradients are summed by [`layer_norm_rows_backward`].
 pub fn layer_norm_row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_x: &mut [F]) {
     let d = x_hat.len();
+    assert!(
+        gamma.len() == d && grad_y.len() == d && grad_x.len() == d,
+        "layer_norm_row_backward: lengths differ: x_hat {d}, gamma {}, grad_y {}, grad_x {}",
+        gamma.len(),
+        grad_y.len(),
+        grad_x.len()
+    );
     let inv_d = F::ONE / F::from_f64(d as f64);
     let mut mean_g = F::ZERO;
     let mut mean_gx = F::ZERO;
@@ -135,12 +142,14 @@ pub fn layer_norm_rows_backward<F: Float>(
             && grad_x.dim() == (n, d)
             && grad_gamma.len() == d
             && grad_beta.len() == d,
-        "layer_norm_rows_backward: x_hat {:?}, rstd {:?}, gamma {:?}, grad_y {:?}, grad_x {:?}",
+        "layer_norm_rows_backward: x_hat {:?}, rstd {:?}, gamma {:?}, grad_y {:?}, grad_x {:?}, grad_gamma {:?}, grad_beta {:?}",
         x_hat.shape(),
         rstd.shape(),
         gamma.shape(),
         grad_y.shape(),
-        grad_x.shape()
+        grad_x.shape(),
+        grad_gamma.shape(),
+        grad_beta.shape()
     );
     let gamma = contiguous(&gamma);
     let zip = Zip::from(x_hat.rows())

@@ -3,12 +3,12 @@
 //! Each kernel has a naive twin (`*_naive`) written for clarity, and the tests hold the two
 //! together at odd sizes, with strided and transposed inputs and NaN-filled outputs.
 
-mod activations;
-mod dropout;
-mod float;
-mod gemm;
-mod layer_norm;
-mod softmax;
+pub mod activations;
+pub mod dropout;
+pub mod float;
+pub mod gemm;
+pub mod layer_norm;
+pub mod softmax;
 
 pub use activations::Activation;
 pub use dropout::dropout_mask;

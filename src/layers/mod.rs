@@ -34,7 +34,7 @@ pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
 pub use mask::{Mask, PairFlags, ResolvedMask};
 pub use multi_head::{MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};
 pub use positional::{
-    LearnedPositional, LearnedPositionalConfig, LearnedPositionalParams, SinusoidalConfig, SinusoidalEncoding,
-    sinusoidal_rows, sinusoidal_table,
+    LearnedPositional, LearnedPositionalConfig, LearnedPositionalParams, SinusoidalConfig,
+    SinusoidalEncoding, sinusoidal_rows, sinusoidal_table,
 };
 pub use residual::{Residual, ResidualCache, ResidualConfig};

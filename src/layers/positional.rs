@@ -335,7 +335,7 @@ impl<F: Float> LearnedPositional<F> {
 fn check_rows(what: &str, shape: (usize, usize), seq_len: usize, d_model: usize) {
     let rows_fit = match seq_len {
         0 => shape.0 == 0,
-        t => shape.0 % t == 0,
+        t => shape.0.is_multiple_of(t),
     };
     assert!(
         rows_fit && shape.1 == d_model,
@@ -356,7 +356,11 @@ mod tests {
     fn formula(pos: usize, j: usize, d: usize) -> f64 {
         let i = (j / 2) as f64;
         let angle = pos as f64 * (-2.0 * i * 10000.0_f64.ln() / d as f64).exp();
-        if j % 2 == 0 { angle.sin() } else { angle.cos() }
+        if j.is_multiple_of(2) {
+            angle.sin()
+        } else {
+            angle.cos()
+        }
     }
 
     #[test]

@@ -57,22 +57,24 @@ pub struct GradCheck {
     pub step: f64,
     /// The largest relative error accepted, `|a − n| / max(|a|, |n|, abs_floor)`.
     pub tolerance: f64,
-    /// Below this magnitude errors are measured absolutely (both values near 0).
+    /// Below this magnitude errors are measured absolutely (both values near 0). The check
+    /// raises it to cover the rounding noise of the loss, `20·ε_f64·|L|/(step·tolerance)`,
+    /// where a truly zero gradient reads as about `ε_f64·|L|/step`.
     pub abs_floor: f64,
     /// Check at most this many elements per tensor, spread evenly; `usize::MAX` for all.
     pub max_per_tensor: usize,
 }
 
 impl Default for GradCheck {
-    /// Sharp settings for `f64`: step `1e-4`, tolerance `1e-6`, floor `1e-6`, every element.
+    /// Sharp settings for `f64`: step `1e-4`, tolerance `1e-6`, floor `1e-5`, every element.
     ///
     /// The floor is there because rounding in the loss leaves about `1e-12·|L|` of noise in
-    /// each numeric derivative: a gradient that is truly 0 reads as ±1e-13 or so.
+    /// each numeric derivative: a gradient that is truly 0 reads as ±1e-12 or so.
     fn default() -> Self {
         GradCheck {
             step: 1e-4,
             tolerance: 1e-6,
-            abs_floor: 1e-6,
+            abs_floor: 1e-5,
             max_per_tensor: usize::MAX,
         }
     }
@@ -133,6 +135,8 @@ impl GradCheck {
                 .collect::<Vec<_>>(),
             "GradCheck: the point and the analytic gradient have different tensors"
         );
+        let noise = 20.0 * f64::EPSILON * loss(point).to_f64().abs() / (self.step * self.tolerance);
+        let floor = self.abs_floor.max(noise);
         let mut tensors = Vec::new();
         for (t_idx, (name, grad, _)) in grads.iter().enumerate() {
             let len = grad.len();
@@ -159,7 +163,7 @@ impl GradCheck {
                 set(point, t_idx, i, original);
                 let numeric = (m2 - 8.0 * m1 + 8.0 * p1 - p2) / (12.0 * self.step);
                 let a = grad[i].to_f64();
-                let err = (a - numeric).abs() / a.abs().max(numeric.abs()).max(self.abs_floor);
+                let err = (a - numeric).abs() / a.abs().max(numeric.abs()).max(floor);
                 if err > row.max_error || err.is_nan() {
                     row.max_error = err;
                     row.worst = (i, a, numeric);

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod blocks;
 pub mod error;
 pub mod gradcheck;
 pub mod kernels;

@@ -210,6 +210,24 @@ macro_rules! impl_params {
     };
 }
 
+/// Implements [`Params`] for a layer by delegating to one field (its parameter struct): the
+/// layer visits exactly its parameters' names, so a block can list its layers in
+/// [`impl_params!`].
+#[macro_export]
+#[doc(hidden)]
+macro_rules! delegate_params {
+    ($ty:ident => $($path:ident).+) => {
+        impl<F: $crate::Float> $crate::Params<F> for $ty<F> {
+            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'a, F>)) {
+                $crate::Params::visit(&self.$($path).+, prefix, f);
+            }
+            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'a, F>)) {
+                $crate::Params::visit_mut(&mut self.$($path).+, prefix, f);
+            }
+        }
+    };
+}
+
 /// Xavier/Glorot uniform initialisation, as PyTorch's `nn.init.xavier_uniform_`:
 /// `U(−a, a)` with `a = √(6 / (fan_in + fan_out))`.
 pub fn xavier_uniform<F: Float, D: Dimension, Sh: ndarray::ShapeBuilder<Dim = D>>(

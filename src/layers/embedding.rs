@@ -110,6 +110,7 @@ pub struct Embedding<F: Float = f32> {
     /// Its parameters.
     pub p: EmbeddingParams<F>,
 }
+crate::delegate_params!(Embedding => p);
 
 /// What [`Embedding::backward`] needs from the forward pass: the ids, `[B, T]`.
 #[derive(Clone, Debug)]

@@ -118,6 +118,7 @@ pub struct FeedForward<F: Float = f32> {
     /// The dropout on the inner activation, of rate `cfg.p_drop`.
     pub dropout: Dropout,
 }
+crate::delegate_params!(FeedForward => p);
 
 /// What [`FeedForward::backward`] needs from the forward pass.
 #[derive(Clone, Debug)]

@@ -78,6 +78,7 @@ pub struct LayerNorm<F: Float = f32> {
     /// Its parameters.
     pub p: LayerNormParams<F>,
 }
+crate::delegate_params!(LayerNorm => p);
 
 /// What [`LayerNorm::backward`] needs from the forward pass: the normalised rows x̂ and
 /// `rstd = 1/√(σ² + ε)` per row.

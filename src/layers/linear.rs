@@ -48,6 +48,7 @@ pub struct Linear<F: Float = f32> {
     /// Its parameters.
     pub p: LinearParams<F>,
 }
+crate::delegate_params!(Linear => p);
 
 /// What [`Linear::backward`] needs from the forward pass: the input.
 #[derive(Clone, Debug)]

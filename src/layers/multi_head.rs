@@ -110,6 +110,7 @@ pub struct MultiHead<F: Float = f32> {
     /// Its parameters.
     pub p: MultiHeadParams<F>,
 }
+crate::delegate_params!(MultiHead => p);
 
 /// What [`MultiHead::backward`] needs from the forward pass.
 #[derive(Clone, Debug)]

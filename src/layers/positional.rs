@@ -114,6 +114,7 @@ pub struct LearnedPositional<F: Float = f32> {
     /// Its parameters.
     pub p: LearnedPositionalParams<F>,
 }
+crate::delegate_params!(LearnedPositional => p);
 
 /// The sinusoidal encoding of positions `0..len`: `[len, d_model]`, row `pos` is `PE(pos)`
 /// (§3.5), in the paper's interleaved layout.

@@ -124,6 +124,7 @@ pub struct Residual<F: Float = f32> {
     /// The dropout on the sub-layer's output, of rate `cfg.p_drop`.
     pub dropout: Dropout,
 }
+crate::delegate_params!(Residual => norm.p);
 
 /// What [`Residual::backward`] needs from the forward pass: the sub-layer's own cache `C`,
 /// the dropout mask and the layer norm's cache.

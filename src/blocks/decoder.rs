@@ -1,0 +1,213 @@
+//! The decoder: a stack of N identical [`DecoderLayer`]s (§3.1), each attending over the same
+//! encoder output, optionally followed by a final LayerNorm (see [`FinalNorm`]).
+//!
+//! PyTorch equivalent: `nn.TransformerDecoder(layer, num_layers, norm)`.
+
+use ndarray::{Array3, ArrayView3};
+use rand::Rng;
+
+use super::{
+    BlockConfig, DecoderLayer, DecoderLayerCache, DecoderLayerWeights, FinalNorm, flat, rows, unrows,
+};
+use crate::error::{Result, check};
+use crate::kernels::Float;
+use crate::layers::{LayerNorm, LayerNormCache, LayerNormConfig, Mask};
+
+/// Configuration of a [`Decoder`] stack.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct DecoderConfig {
+    /// The layers' shared config.
+    pub block: BlockConfig,
+    /// Number of layers N.
+    pub n_layers: usize,
+    /// Whether the stack ends with a LayerNorm.
+    pub final_norm: FinalNorm,
+}
+
+/// A stack of decoder layers. Its gradients have its own type (see [`crate::blocks`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoder<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: DecoderConfig,
+    /// The layers, bottom first.
+    pub layers: Vec<DecoderLayer<F>>,
+    /// The final LayerNorm, if any.
+    pub norm: Option<LayerNorm<F>>,
+}
+crate::impl_params!(Decoder { layers, norm });
+
+/// What [`Decoder::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct DecoderCache<F: Float = f32> {
+    layers: Vec<DecoderLayerCache<F>>,
+    norm: Option<LayerNormCache<F>>,
+    dims: (usize, usize, usize),
+}
+
+impl DecoderConfig {
+    /// `n_layers` layers of `block`, with the final LayerNorm chosen automatically.
+    pub fn new(block: BlockConfig, n_layers: usize) -> Self {
+        DecoderConfig {
+            block,
+            n_layers,
+            final_norm: FinalNorm::Auto,
+        }
+    }
+
+    /// The same config with another final-norm choice.
+    pub fn with_final_norm(mut self, final_norm: FinalNorm) -> Self {
+        self.final_norm = final_norm;
+        self
+    }
+
+    /// Builds the stack.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for zero layers or a bad block.
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Decoder<F>> {
+        check::positive("n_layers", self.n_layers)?;
+        self.block.check()?;
+        let layers = (0..self.n_layers)
+            .map(|_| DecoderLayer::new(&self.block, rng))
+            .collect::<Result<_>>()?;
+        let norm = self
+            .has_final_norm()
+            .then(|| {
+                LayerNormConfig::new(self.block.d_model)
+                    .with_eps(self.block.eps)
+                    .init(rng)
+            })
+            .transpose()?;
+        Ok(Decoder {
+            cfg: self.clone(),
+            layers,
+            norm,
+        })
+    }
+
+    /// Whether the stack ends with a LayerNorm.
+    pub fn has_final_norm(&self) -> bool {
+        self.final_norm.present(self.block.norm_first)
+    }
+}
+
+impl<F: Float> Decoder<F> {
+    /// Forward pass in training mode through every layer.
+    ///
+    /// # Shapes
+    /// `x` `[B, T, d_model]`, `memory` `[B, S, d_model]` → `[B, T, d_model]`; `self_mask`
+    /// for `(B, T, T)`, `memory_mask` for `(B, T, S)`.
+    ///
+    /// # Panics
+    /// If a shape or a mask does not fit.
+    pub fn forward(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+        rng: &mut impl Rng,
+    ) -> (Array3<F>, DecoderCache<F>) {
+        let (b, t, _) = x.dim();
+        let mut h = x.to_owned();
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, c) = layer.forward(h.view(), memory, self_mask, memory_mask, rng);
+            caches.push(c);
+            h = y;
+        }
+        let (y, norm) = match &self.norm {
+            Some(ln) => {
+                let (y, c) = ln.forward(flat(h).view());
+                (unrows(y, b, t), Some(c))
+            }
+            None => (h, None),
+        };
+        (
+            y,
+            DecoderCache {
+                layers: caches,
+                norm,
+                dims: (b, t, memory.dim().1),
+            },
+        )
+    }
+
+    /// Forward pass without dropout or cache.
+    ///
+    /// # Panics
+    /// As [`Decoder::forward`].
+    pub fn infer(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+    ) -> Array3<F> {
+        self.infer_with_weights(x, memory, self_mask, memory_mask).0
+    }
+
+    /// Forward pass without dropout, with every layer's attention maps.
+    ///
+    /// # Panics
+    /// As [`Decoder::forward`].
+    pub fn infer_with_weights(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+    ) -> (Array3<F>, Vec<DecoderLayerWeights<F>>) {
+        let (b, t, _) = x.dim();
+        let mut h = x.to_owned();
+        let mut weights = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, w) = layer.infer_with_weights(h.view(), memory, self_mask, memory_mask);
+            weights.push(w);
+            h = y;
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, t);
+        }
+        (h, weights)
+    }
+
+    /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`;
+    /// the memory gradient sums the contributions of every layer.
+    ///
+    /// # Panics
+    /// If `grad_y` does not have the output's shape.
+    pub fn backward(
+        &self,
+        cache: &DecoderCache<F>,
+        grad_y: ArrayView3<F>,
+        g: &mut Decoder<F>,
+    ) -> (Array3<F>, Array3<F>) {
+        let (b, t, s) = cache.dims;
+        let mut grad = match (&self.norm, &cache.norm, &mut g.norm) {
+            (Some(ln), Some(c), Some(gn)) => unrows(ln.backward(c, rows(grad_y).view(), &mut gn.p), b, t),
+            _ => grad_y.to_owned(),
+        };
+        let mut grad_memory = Array3::zeros((b, s, self.cfg.block.d_model));
+        for ((layer, c), gl) in self
+            .layers
+            .iter()
+            .zip(&cache.layers)
+            .zip(g.layers.iter_mut())
+            .rev()
+        {
+            let (gx, gm) = layer.backward(c, grad.view(), gl);
+            grad_memory += &gm;
+            grad = gx;
+        }
+        (grad, grad_memory)
+    }
+}
+
+impl<F: Float> DecoderCache<F> {
+    /// The caches of the layers, bottom first.
+    pub fn layers(&self) -> &[DecoderLayerCache<F>] {
+        &self.layers
+    }
+}

@@ -1,0 +1,243 @@
+//! The decoder layer (§3.1, Figure 1, right): masked self-attention, cross-attention over the
+//! encoder output ("encoder-decoder attention", §3.2.3), and a position-wise feed-forward
+//! network, each in a residual connection.
+//!
+//! Post-norm (the paper):
+//! `h₁ = LN₁(x + Drop(SelfAttn(x)))`, `h₂ = LN₂(h₁ + Drop(CrossAttn(h₁, m)))`,
+//! `y = LN₃(h₂ + Drop(FFN(h₂)))`, with m the encoder output ("memory"). Pre-norm moves each
+//! LN to the sub-layer's input.
+//!
+//! The self-attention mask is normally causal, so that "predictions for position i can
+//! depend only on the known outputs at positions less than i" (§3.2.3); the memory mask
+//! normally blocks the source's padding.
+//!
+//! PyTorch equivalent: `nn.TransformerDecoderLayer(…, batch_first=True, norm_first)`; its
+//! `self_attn`, `multihead_attn`, `linear1`/`linear2`, `norm1..3` are here `self_attn`,
+//! `cross_attn`, `ffn`, `norm1..3`.
+
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
+use rand::Rng;
+
+use super::{BlockConfig, flat, rows, unrows, view3};
+use crate::error::Result;
+use crate::kernels::Float;
+use crate::layers::{
+    FeedForward, FeedForwardCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
+};
+
+/// A decoder layer. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderLayer<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: BlockConfig,
+    /// Masked multi-head self-attention.
+    pub self_attn: MultiHead<F>,
+    /// The residual connection around the self-attention.
+    pub norm1: Residual<F>,
+    /// Multi-head attention over the encoder output.
+    pub cross_attn: MultiHead<F>,
+    /// The residual connection around the cross-attention.
+    pub norm2: Residual<F>,
+    /// The position-wise feed-forward network.
+    pub ffn: FeedForward<F>,
+    /// The residual connection around the feed-forward network.
+    pub norm3: Residual<F>,
+}
+crate::impl_params!(DecoderLayer {
+    self_attn,
+    norm1,
+    cross_attn,
+    norm2,
+    ffn,
+    norm3
+});
+
+/// What [`DecoderLayer::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct DecoderLayerCache<F: Float = f32> {
+    b: usize,
+    t: usize,
+    s: usize,
+    self_attn: ResidualCache<F, MultiHeadCache<F>>,
+    cross_attn: ResidualCache<F, MultiHeadCache<F>>,
+    ffn: ResidualCache<F, FeedForwardCache<F>>,
+}
+
+/// Attention weights of one decoder layer, each `[B, H, Tq, Tk]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderLayerWeights<F: Float = f32> {
+    /// Self-attention, `[B, H, T, T]`.
+    pub self_attn: Array4<F>,
+    /// Cross-attention over the memory, `[B, H, T, S]`.
+    pub cross_attn: Array4<F>,
+}
+
+impl<F: Float> DecoderLayer<F> {
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad config.
+    pub fn new(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
+        cfg.check()?;
+        Ok(DecoderLayer {
+            cfg: cfg.clone(),
+            self_attn: cfg.attention().init(rng)?,
+            norm1: cfg.residual().init(rng)?,
+            cross_attn: cfg.attention().init(rng)?,
+            norm2: cfg.residual().init(rng)?,
+            ffn: cfg.feed_forward().init(rng)?,
+            norm3: cfg.residual().init(rng)?,
+        })
+    }
+
+    /// Forward pass in training mode (dropout on), keeping what backward needs.
+    ///
+    /// # Shapes
+    /// `x` `[B, T, d_model]`, `memory` `[B, S, d_model]` → `[B, T, d_model]`; `self_mask` for
+    /// `(B, T, T)`, `memory_mask` for `(B, T, S)`.
+    ///
+    /// # Panics
+    /// If a shape does not fit or a mask does not fit.
+    pub fn forward(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+        rng: &mut impl Rng,
+    ) -> (Array3<F>, DecoderLayerCache<F>) {
+        let (b, t, s) = self.check_input(x, memory);
+        let x = rows(x);
+        let (h1, self_attn) = self.norm1.forward(x.view(), rng, |z, rng| {
+            let (y, c) = self.self_attn.forward(view3(z, b, t), None, self_mask, rng);
+            (flat(y), c)
+        });
+        let (h2, cross_attn) = self.norm2.forward(h1.view(), rng, |z, rng| {
+            let (y, c) = self
+                .cross_attn
+                .forward(view3(z, b, t), Some(memory), memory_mask, rng);
+            (flat(y), c)
+        });
+        let (y, ffn) = self
+            .norm3
+            .forward(h2.view(), rng, |z, rng| self.ffn.forward(z, rng));
+        (
+            unrows(y, b, t),
+            DecoderLayerCache {
+                b,
+                t,
+                s,
+                self_attn,
+                cross_attn,
+                ffn,
+            },
+        )
+    }
+
+    /// Forward pass without dropout or cache.
+    ///
+    /// # Panics
+    /// As [`DecoderLayer::forward`].
+    pub fn infer(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+    ) -> Array3<F> {
+        self.infer_with_weights(x, memory, self_mask, memory_mask).0
+    }
+
+    /// Forward pass without dropout, with both attention maps.
+    ///
+    /// # Panics
+    /// As [`DecoderLayer::forward`].
+    pub fn infer_with_weights(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+    ) -> (Array3<F>, DecoderLayerWeights<F>) {
+        let (b, t, _) = self.check_input(x, memory);
+        let x = rows(x);
+        let (mut w_self, mut w_cross) = (None, None);
+        let h1 = self.norm1.infer(x.view(), |z| {
+            let (y, w) = self.self_attn.infer_with_weights(view3(z, b, t), None, self_mask);
+            w_self = Some(w);
+            flat(y)
+        });
+        let h2 = self.norm2.infer(h1.view(), |z| {
+            let (y, w) = self
+                .cross_attn
+                .infer_with_weights(view3(z, b, t), Some(memory), memory_mask);
+            w_cross = Some(w);
+            flat(y)
+        });
+        let y = self.norm3.infer(h2.view(), |z| self.ffn.infer(z));
+        let weights = DecoderLayerWeights {
+            self_attn: w_self.expect("the self-attention ran"),
+            cross_attn: w_cross.expect("the cross-attention ran"),
+        };
+        (unrows(y, b, t), weights)
+    }
+
+    /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`.
+    ///
+    /// # Panics
+    /// If `grad_y` is not `[B, T, d_model]` of the forward pass.
+    pub fn backward(
+        &self,
+        cache: &DecoderLayerCache<F>,
+        grad_y: ArrayView3<F>,
+        g: &mut DecoderLayer<F>,
+    ) -> (Array3<F>, Array3<F>) {
+        let (b, t, s) = (cache.b, cache.t, cache.s);
+        let grad_y = rows(grad_y);
+        let grad_h2 = self
+            .norm3
+            .backward(&cache.ffn, grad_y.view(), &mut g.norm3.norm.p, |c, gz| {
+                self.ffn.backward(c, gz, &mut g.ffn.p)
+            });
+        let mut grad_memory = None;
+        let grad_h1 = self
+            .norm2
+            .backward(&cache.cross_attn, grad_h2.view(), &mut g.norm2.norm.p, |c, gz| {
+                let (gx, gm) = self.cross_attn.backward(c, view3(gz, b, t), &mut g.cross_attn.p);
+                grad_memory = gm;
+                flat(gx)
+            });
+        let grad_x = self
+            .norm1
+            .backward(&cache.self_attn, grad_h1.view(), &mut g.norm1.norm.p, |c, gz| {
+                let (gx, _) = self.self_attn.backward(c, view3(gz, b, t), &mut g.self_attn.p);
+                flat(gx)
+            });
+        let grad_memory = grad_memory.expect("cross-attention returns a memory gradient");
+        debug_assert_eq!(grad_memory.dim().1, s);
+        (unrows(grad_x, b, t), grad_memory)
+    }
+
+    fn check_input(&self, x: ArrayView3<F>, memory: ArrayView3<F>) -> (usize, usize, usize) {
+        let d = self.cfg.d_model;
+        assert!(
+            x.dim().2 == d && memory.dim().2 == d && memory.dim().0 == x.dim().0,
+            "DecoderLayer: x {:?}, memory {:?}: expected [B, T, d_model = {d}] and [B, S, d_model = {d}]",
+            x.shape(),
+            memory.shape()
+        );
+        (x.dim().0, x.dim().1, memory.dim().1)
+    }
+}
+
+impl<F: Float> DecoderLayerCache<F> {
+    /// The self-attention weights of the forward pass, `[B, H, T, T]`, before dropout.
+    pub fn self_attention_weights(&self) -> ArrayView4<'_, F> {
+        self.self_attn.sublayer().weights()
+    }
+
+    /// The cross-attention weights of the forward pass, `[B, H, T, S]`, before dropout.
+    pub fn cross_attention_weights(&self) -> ArrayView4<'_, F> {
+        self.cross_attn.sublayer().weights()
+    }
+}

@@ -1,0 +1,183 @@
+//! The encoder: a stack of N identical [`EncoderLayer`]s (§3.1, N = 6 in the paper),
+//! optionally followed by a final LayerNorm (see [`FinalNorm`]).
+//!
+//! PyTorch equivalent: `nn.TransformerEncoder(layer, num_layers, norm)`; parameter names
+//! `layers.{i}.…` and `norm.…` as there.
+
+use ndarray::{Array3, Array4, ArrayView3};
+use rand::Rng;
+
+use super::{BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, unrows};
+use crate::error::{Result, check};
+use crate::kernels::Float;
+use crate::layers::{LayerNorm, LayerNormCache, LayerNormConfig, Mask};
+
+/// Configuration of an [`Encoder`] stack.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct EncoderConfig {
+    /// The layers' shared config.
+    pub block: BlockConfig,
+    /// Number of layers N.
+    pub n_layers: usize,
+    /// Whether the stack ends with a LayerNorm.
+    pub final_norm: FinalNorm,
+}
+
+/// A stack of encoder layers. Its gradients have its own type (see [`crate::blocks`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoder<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: EncoderConfig,
+    /// The layers, bottom first.
+    pub layers: Vec<EncoderLayer<F>>,
+    /// The final LayerNorm, if any.
+    pub norm: Option<LayerNorm<F>>,
+}
+crate::impl_params!(Encoder { layers, norm });
+
+/// What [`Encoder::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct EncoderCache<F: Float = f32> {
+    layers: Vec<EncoderLayerCache<F>>,
+    norm: Option<LayerNormCache<F>>,
+    dims: (usize, usize),
+}
+
+impl EncoderConfig {
+    /// `n_layers` layers of `block`, with the final LayerNorm chosen automatically.
+    pub fn new(block: BlockConfig, n_layers: usize) -> Self {
+        EncoderConfig {
+            block,
+            n_layers,
+            final_norm: FinalNorm::Auto,
+        }
+    }
+
+    /// The same config with another final-norm choice.
+    pub fn with_final_norm(mut self, final_norm: FinalNorm) -> Self {
+        self.final_norm = final_norm;
+        self
+    }
+
+    /// Builds the stack.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for zero layers or a bad block.
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Encoder<F>> {
+        check::positive("n_layers", self.n_layers)?;
+        self.block.check()?;
+        let layers = (0..self.n_layers)
+            .map(|_| EncoderLayer::new(&self.block, rng))
+            .collect::<Result<_>>()?;
+        let norm = self
+            .has_final_norm()
+            .then(|| self.final_layer_norm().init(rng))
+            .transpose()?;
+        Ok(Encoder {
+            cfg: self.clone(),
+            layers,
+            norm,
+        })
+    }
+
+    /// Whether the stack ends with a LayerNorm.
+    pub fn has_final_norm(&self) -> bool {
+        self.final_norm.present(self.block.norm_first)
+    }
+
+    fn final_layer_norm(&self) -> LayerNormConfig {
+        LayerNormConfig::new(self.block.d_model).with_eps(self.block.eps)
+    }
+}
+
+impl<F: Float> Encoder<F> {
+    /// Forward pass in training mode through every layer.
+    ///
+    /// # Shapes
+    /// `x` `[B, S, d_model]` → `[B, S, d_model]`; `mask` for `(B, S, S)`.
+    ///
+    /// # Panics
+    /// If a shape or the mask does not fit.
+    pub fn forward(&self, x: ArrayView3<F>, mask: &Mask, rng: &mut impl Rng) -> (Array3<F>, EncoderCache<F>) {
+        let (b, s, _) = x.dim();
+        let mut h = x.to_owned();
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, c) = layer.forward(h.view(), mask, rng);
+            caches.push(c);
+            h = y;
+        }
+        let (y, norm) = match &self.norm {
+            Some(ln) => {
+                let (y, c) = ln.forward(flat(h).view());
+                (unrows(y, b, s), Some(c))
+            }
+            None => (h, None),
+        };
+        (
+            y,
+            EncoderCache {
+                layers: caches,
+                norm,
+                dims: (b, s),
+            },
+        )
+    }
+
+    /// Forward pass without dropout or cache.
+    ///
+    /// # Panics
+    /// As [`Encoder::forward`].
+    pub fn infer(&self, x: ArrayView3<F>, mask: &Mask) -> Array3<F> {
+        self.infer_with_weights(x, mask).0
+    }
+
+    /// Forward pass without dropout, with every layer's attention weights `[B, H, S, S]`.
+    ///
+    /// # Panics
+    /// As [`Encoder::forward`].
+    pub fn infer_with_weights(&self, x: ArrayView3<F>, mask: &Mask) -> (Array3<F>, Vec<Array4<F>>) {
+        let (b, s, _) = x.dim();
+        let mut h = x.to_owned();
+        let mut weights = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, w) = layer.infer_with_weights(h.view(), mask);
+            weights.push(w);
+            h = y;
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, s);
+        }
+        (h, weights)
+    }
+
+    /// Backward pass: adds the parameter gradients into `g` and returns `∂L/∂x`.
+    ///
+    /// # Panics
+    /// If `grad_y` does not have the output's shape.
+    pub fn backward(&self, cache: &EncoderCache<F>, grad_y: ArrayView3<F>, g: &mut Encoder<F>) -> Array3<F> {
+        let (b, s) = cache.dims;
+        let mut grad = match (&self.norm, &cache.norm, &mut g.norm) {
+            (Some(ln), Some(c), Some(gn)) => unrows(ln.backward(c, rows(grad_y).view(), &mut gn.p), b, s),
+            _ => grad_y.to_owned(),
+        };
+        for ((layer, c), gl) in self
+            .layers
+            .iter()
+            .zip(&cache.layers)
+            .zip(g.layers.iter_mut())
+            .rev()
+        {
+            grad = layer.backward(c, grad.view(), gl);
+        }
+        grad
+    }
+}
+
+impl<F: Float> EncoderCache<F> {
+    /// The caches of the layers, bottom first (their attention weights, for instance).
+    pub fn layers(&self) -> &[EncoderLayerCache<F>] {
+        &self.layers
+    }
+}

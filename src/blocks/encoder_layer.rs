@@ -1,0 +1,181 @@
+//! The encoder layer (§3.1, Figure 1, left): self-attention, then a position-wise
+//! feed-forward network, each in a residual connection.
+//!
+//! Post-norm (the paper): `h = LN₁(x + Drop(SelfAttn(x)))`, `y = LN₂(h + Drop(FFN(h)))`.
+//! Pre-norm: `h = x + Drop(SelfAttn(LN₁(x)))`, `y = h + Drop(FFN(LN₂(h)))`.
+//!
+//! With a causal mask the same layer is the block of a decoder-only language model.
+//!
+//! PyTorch equivalent: `nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
+//! activation, layer_norm_eps, batch_first=True, norm_first)`; its parameters `self_attn`,
+//! `linear1`/`linear2`, `norm1`, `norm2` are here `self_attn`, `ffn`, `norm1`, `norm2`.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array3;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::blocks::{BlockConfig, EncoderLayer};
+//! use vaswani::layers::Mask;
+//! use vaswani::Params;
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let layer: EncoderLayer = EncoderLayer::new(&BlockConfig::new(16, 4, 32), &mut rng)?;
+//! let x = Array3::<f32>::zeros((2, 5, 16));
+//! let (y, cache) = layer.forward(x.view(), &Mask::key_lengths(&[5, 3]), &mut rng);
+//! let mut grads = layer.zeros_like();
+//! let grad_x = layer.backward(&cache, y.view(), &mut grads);
+//! assert_eq!(grad_x.dim(), (2, 5, 16));
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
+use rand::Rng;
+
+use super::{BlockConfig, flat, rows, unrows, view3};
+use crate::error::Result;
+use crate::kernels::Float;
+use crate::layers::{
+    FeedForward, FeedForwardCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
+};
+
+/// An encoder layer. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncoderLayer<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: BlockConfig,
+    /// Multi-head self-attention.
+    pub self_attn: MultiHead<F>,
+    /// The residual connection around the self-attention, with its LayerNorm.
+    pub norm1: Residual<F>,
+    /// The position-wise feed-forward network.
+    pub ffn: FeedForward<F>,
+    /// The residual connection around the feed-forward network, with its LayerNorm.
+    pub norm2: Residual<F>,
+}
+crate::impl_params!(EncoderLayer {
+    self_attn,
+    norm1,
+    ffn,
+    norm2
+});
+
+/// What [`EncoderLayer::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct EncoderLayerCache<F: Float = f32> {
+    b: usize,
+    t: usize,
+    attn: ResidualCache<F, MultiHeadCache<F>>,
+    ffn: ResidualCache<F, FeedForwardCache<F>>,
+}
+
+impl<F: Float> EncoderLayer<F> {
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad config (see
+    /// [`BlockConfig::check`]).
+    pub fn new(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
+        cfg.check()?;
+        Ok(EncoderLayer {
+            cfg: cfg.clone(),
+            self_attn: cfg.attention().init(rng)?,
+            norm1: cfg.residual().init(rng)?,
+            ffn: cfg.feed_forward().init(rng)?,
+            norm2: cfg.residual().init(rng)?,
+        })
+    }
+
+    /// Forward pass in training mode (dropout on), keeping what backward needs.
+    ///
+    /// # Shapes
+    /// `x` `[B, T, d_model]` → `[B, T, d_model]`; `mask` for `(B, T, T)`.
+    ///
+    /// # Panics
+    /// If `x` is not `[B, T, d_model]` or the mask does not fit.
+    pub fn forward(
+        &self,
+        x: ArrayView3<F>,
+        mask: &Mask,
+        rng: &mut impl Rng,
+    ) -> (Array3<F>, EncoderLayerCache<F>) {
+        let (b, t, _) = self.check_input(x);
+        let x = rows(x);
+        let (h, attn) = self.norm1.forward(x.view(), rng, |z, rng| {
+            let (y, c) = self.self_attn.forward(view3(z, b, t), None, mask, rng);
+            (flat(y), c)
+        });
+        let (y, ffn) = self
+            .norm2
+            .forward(h.view(), rng, |z, rng| self.ffn.forward(z, rng));
+        (unrows(y, b, t), EncoderLayerCache { b, t, attn, ffn })
+    }
+
+    /// Forward pass without dropout or cache.
+    ///
+    /// # Panics
+    /// As [`EncoderLayer::forward`].
+    pub fn infer(&self, x: ArrayView3<F>, mask: &Mask) -> Array3<F> {
+        self.infer_with_weights(x, mask).0
+    }
+
+    /// Forward pass without dropout, with the self-attention weights `[B, H, T, T]`.
+    ///
+    /// # Panics
+    /// As [`EncoderLayer::forward`].
+    pub fn infer_with_weights(&self, x: ArrayView3<F>, mask: &Mask) -> (Array3<F>, Array4<F>) {
+        let (b, t, _) = self.check_input(x);
+        let x = rows(x);
+        let mut weights = None;
+        let h = self.norm1.infer(x.view(), |z| {
+            let (y, w) = self.self_attn.infer_with_weights(view3(z, b, t), None, mask);
+            weights = Some(w);
+            flat(y)
+        });
+        let y = self.norm2.infer(h.view(), |z| self.ffn.infer(z));
+        (unrows(y, b, t), weights.expect("the attention ran"))
+    }
+
+    /// Backward pass: adds the parameter gradients into `g` and returns `∂L/∂x`.
+    ///
+    /// # Panics
+    /// If `grad_y` is not `[B, T, d_model]` of the forward pass.
+    pub fn backward(
+        &self,
+        cache: &EncoderLayerCache<F>,
+        grad_y: ArrayView3<F>,
+        g: &mut EncoderLayer<F>,
+    ) -> Array3<F> {
+        let (b, t) = (cache.b, cache.t);
+        let grad_y = rows(grad_y);
+        let grad_h = self
+            .norm2
+            .backward(&cache.ffn, grad_y.view(), &mut g.norm2.norm.p, |c, gz| {
+                self.ffn.backward(c, gz, &mut g.ffn.p)
+            });
+        let grad_x = self
+            .norm1
+            .backward(&cache.attn, grad_h.view(), &mut g.norm1.norm.p, |c, gz| {
+                let (gx, _) = self.self_attn.backward(c, view3(gz, b, t), &mut g.self_attn.p);
+                flat(gx)
+            });
+        unrows(grad_x, b, t)
+    }
+
+    fn check_input(&self, x: ArrayView3<F>) -> (usize, usize, usize) {
+        assert_eq!(
+            x.dim().2,
+            self.cfg.d_model,
+            "EncoderLayer: input is {:?}, expected [B, T, d_model = {}]",
+            x.shape(),
+            self.cfg.d_model
+        );
+        x.dim()
+    }
+}
+
+impl<F: Float> EncoderLayerCache<F> {
+    /// The self-attention weights of the forward pass, `[B, H, T, T]`, before dropout.
+    pub fn attention_weights(&self) -> ArrayView4<'_, F> {
+        self.attn.sublayer().weights()
+    }
+}

@@ -1,0 +1,196 @@
+//! Blocks: the encoder and decoder layers of Figure 1, and stacks of N of them.
+//!
+//! ```text
+//! encoder layer   x → Add&Norm(self-attention) → Add&Norm(feed-forward)
+//! decoder layer   x → Add&Norm(masked self-attention) → Add&Norm(cross-attention over the
+//!                     encoder output) → Add&Norm(feed-forward)
+//! ```
+//!
+//! Each sub-layer sits in a [`Residual`](crate::layers::Residual) connection, post-norm
+//! (the paper, §3.1) or pre-norm (`norm_first`). A block's gradients have the block's own
+//! type: `let mut g = layer.zeros_like()` ([`Params::zeros_like`](crate::Params)) gives a
+//! zeroed copy whose tensors `backward` adds into, under the same dotted names
+//! (`self_attn.w_q`, `norm1.gamma`, `ffn.w1`, …). Blocks take and return `[B, T, d_model]`
+//! arrays; inside, position-wise layers see `[B·T, d_model]` rows.
+
+pub mod decoder;
+pub mod decoder_layer;
+pub mod encoder;
+pub mod encoder_layer;
+
+pub use decoder::{Decoder, DecoderCache, DecoderConfig};
+pub use decoder_layer::{DecoderLayer, DecoderLayerCache, DecoderLayerWeights};
+pub use encoder::{Encoder, EncoderCache, EncoderConfig};
+pub use encoder_layer::{EncoderLayer, EncoderLayerCache};
+
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, CowArray, Ix2};
+
+use crate::error::{Result, check};
+use crate::kernels::{Activation, Float};
+
+/// The sizes and switches shared by every layer of a stack; PyTorch's
+/// `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` arguments.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct BlockConfig {
+    /// Model width d_model.
+    pub d_model: usize,
+    /// Attention heads h.
+    pub n_heads: usize,
+    /// Inner width of the feed-forward layer d_ff.
+    pub d_ff: usize,
+    /// Dropout rate, used on every sub-layer output, on the attention weights and inside the
+    /// feed-forward layer, as PyTorch's `dropout` (the paper's P_drop = 0.1, §5.4).
+    pub p_drop: f32,
+    /// The feed-forward activation.
+    pub activation: Activation,
+    /// `false`: post-norm, `LayerNorm(x + Sublayer(x))` (the paper); `true`: pre-norm.
+    pub norm_first: bool,
+    /// Layer-norm ε.
+    pub eps: f32,
+    /// Whether the linear projections have biases.
+    pub bias: bool,
+}
+
+impl BlockConfig {
+    /// A block of the given sizes with PyTorch's defaults: dropout 0.1, ReLU, post-norm,
+    /// ε = 1e-5, biases.
+    pub fn new(d_model: usize, n_heads: usize, d_ff: usize) -> Self {
+        BlockConfig {
+            d_model,
+            n_heads,
+            d_ff,
+            p_drop: 0.1,
+            activation: Activation::Relu,
+            norm_first: false,
+            eps: 1e-5,
+            bias: true,
+        }
+    }
+
+    /// The same config with dropout `p`.
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.p_drop = p;
+        self
+    }
+
+    /// The same config with another activation.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// The same config, pre-norm (`true`) or post-norm (`false`).
+    pub fn with_norm_first(mut self, norm_first: bool) -> Self {
+        self.norm_first = norm_first;
+        self
+    }
+
+    /// The same config with another layer-norm ε.
+    pub fn with_eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The same config with biases on or off.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a zero size, d_model not
+    /// divisible by n_heads, dropout outside [0, 1), or ε not finite and positive.
+    pub fn check(&self) -> Result<()> {
+        check::heads(self.d_model, self.n_heads)?;
+        check::positive("d_ff", self.d_ff)?;
+        check::dropout("p_drop", self.p_drop)?;
+        check::eps("eps", self.eps)
+    }
+
+    pub(crate) fn attention(&self) -> crate::layers::MultiHeadConfig {
+        crate::layers::MultiHeadConfig::new(self.d_model, self.n_heads)
+            .with_dropout(self.p_drop)
+            .with_bias(self.bias)
+    }
+
+    pub(crate) fn feed_forward(&self) -> crate::layers::FeedForwardConfig {
+        crate::layers::FeedForwardConfig::new(self.d_model, self.d_ff)
+            .with_activation(self.activation)
+            .with_p_drop(self.p_drop)
+            .with_bias(self.bias)
+    }
+
+    pub(crate) fn residual(&self) -> crate::layers::ResidualConfig {
+        crate::layers::ResidualConfig::new(self.d_model)
+            .with_norm_first(self.norm_first)
+            .with_p_drop(self.p_drop)
+            .with_eps(self.eps)
+    }
+}
+
+/// Whether a stack ends with a LayerNorm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum FinalNorm {
+    /// The right choice for the norm placement: a pre-norm stack ends with a LayerNorm (its
+    /// residual stream is never normalised otherwise), a post-norm stack does not (its last
+    /// sub-layer already normalised).
+    #[default]
+    Auto,
+    /// Always: what PyTorch's `nn.Transformer` builds, even for post-norm (two LayerNorms in
+    /// a row; pytorch/pytorch#74092).
+    Always,
+    /// Never.
+    Never,
+}
+
+impl FinalNorm {
+    /// Whether a stack with this setting and norm placement ends with a LayerNorm.
+    pub fn present(self, norm_first: bool) -> bool {
+        match self {
+            FinalNorm::Auto => norm_first,
+            FinalNorm::Always => true,
+            FinalNorm::Never => false,
+        }
+    }
+}
+
+/// `[B, T, d]` as `[B·T, d]` rows, without a copy when the input is in standard layout.
+pub(crate) fn rows<F: Float>(x: ArrayView3<'_, F>) -> CowArray<'_, F, Ix2> {
+    let (b, t, d) = x.dim();
+    match x.to_slice() {
+        Some(_) => CowArray::from(x.into_shape_with_order((b * t, d)).expect("standard layout")),
+        None => CowArray::from(
+            x.as_standard_layout()
+                .into_owned()
+                .into_shape_with_order((b * t, d))
+                .expect("standard layout"),
+        ),
+    }
+}
+
+/// An owned `[B, T, d]` as `[B·T, d]` rows (no copy for standard layout).
+pub(crate) fn flat<F: Float>(x: Array3<F>) -> Array2<F> {
+    let (b, t, d) = x.dim();
+    x.as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b * t, d))
+        .expect("standard layout")
+}
+
+/// `[B·T, d]` rows as `[B, T, d]`.
+pub(crate) fn unrows<F: Float>(x: Array2<F>, b: usize, t: usize) -> Array3<F> {
+    let d = x.ncols();
+    x.into_shape_with_order((b, t, d)).expect("standard layout")
+}
+
+/// A standard-layout rows view as `[B, T, d]`.
+pub(crate) fn view3<F: Float>(x: ArrayView2<'_, F>, b: usize, t: usize) -> ArrayView3<'_, F> {
+    let d = x.ncols();
+    x.into_shape_with_order((b, t, d))
+        .expect("rows in standard layout")
+}

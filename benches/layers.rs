@@ -1,1 +1,93 @@
-fn main() {}
+//! Layer benchmarks: multi-head attention and the feed-forward layer, forward and backward
+//! apart, at the `tiny` and `base` sizes of `../shared/bench/WORKLOADS.md`, with 1 and 2
+//! rayon threads. Throughput is in FLOPs (the FLOP model of WORKLOADS.md; a backward pass is
+//! counted as twice its forward), so criterion reports GFLOP/s.
+//!
+//! `cargo bench --bench layers`; one group: `cargo bench --bench layers -- multi_head`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ndarray::{Array2, Array3};
+use rand::{SeedableRng, rngs::StdRng};
+use vaswani::Params;
+use vaswani::gradcheck::random_like;
+use vaswani::layers::{FeedForwardConfig, Mask, MultiHeadConfig};
+
+/// (name, d_model, heads, d_ff, batch, length)
+const SIZES: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 64, 4, 256, 16, 16), ("base", 512, 8, 2048, 8, 64)];
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+fn bench_multi_head(c: &mut Criterion) {
+    let mut group = c.benchmark_group("multi_head");
+    group.sample_size(20);
+    for &(name, d, h, _, b, t) in SIZES {
+        let mut rng = StdRng::seed_from_u64(0);
+        let mha = MultiHeadConfig::new(d, h)
+            .init::<f32>(&mut rng)
+            .expect("valid config");
+        let x: Array3<f32> = random_like((b, t, d), &mut rng);
+        let grad_y: Array3<f32> = random_like((b, t, d), &mut rng);
+        let mask = Mask::causal();
+        // Q, K, V and output projections plus QKᵀ and AV, per WORKLOADS.md.
+        let flops = (b * t * 2 * d * d * 4 + b * 4 * t * t * d) as u64;
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.throughput(Throughput::Elements(flops));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/forward"), format!("{threads}t")),
+                &(),
+                |bench, _| pool.install(|| bench.iter(|| mha.forward(x.view(), None, &mask, &mut rng))),
+            );
+            let (_, cache) = mha.forward(x.view(), None, &mask, &mut rng);
+            let mut g = mha.p.zeros_like();
+            group.throughput(Throughput::Elements(2 * flops));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/backward"), format!("{threads}t")),
+                &(),
+                |bench, _| pool.install(|| bench.iter(|| mha.backward(&cache, grad_y.view(), &mut g))),
+            );
+        }
+    }
+    group.finish();
+}
+
+fn bench_feed_forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("feed_forward");
+    group.sample_size(20);
+    for &(name, d, _, d_ff, b, t) in SIZES {
+        let mut rng = StdRng::seed_from_u64(1);
+        let ffn = FeedForwardConfig::new(d, d_ff)
+            .init::<f32>(&mut rng)
+            .expect("valid config");
+        let x: Array2<f32> = random_like((b * t, d), &mut rng);
+        let grad_y: Array2<f32> = random_like((b * t, d), &mut rng);
+        let flops = (b * t * 2 * d * d_ff * 2) as u64;
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.throughput(Throughput::Elements(flops));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/forward"), format!("{threads}t")),
+                &(),
+                |bench, _| pool.install(|| bench.iter(|| ffn.forward(x.view(), &mut rng))),
+            );
+            let (_, cache) = ffn.forward(x.view(), &mut rng);
+            let mut g = ffn.p.zeros_like();
+            group.throughput(Throughput::Elements(2 * flops));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/backward"), format!("{threads}t")),
+                &(),
+                |bench, _| pool.install(|| bench.iter(|| ffn.backward(&cache, grad_y.view(), &mut g))),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_multi_head, bench_feed_forward);
+criterion_main!(benches);

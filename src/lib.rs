@@ -7,6 +7,7 @@ pub mod error;
 pub mod gradcheck;
 pub mod kernels;
 pub mod layers;
+pub mod models;
 pub mod params;
 pub mod train;
 

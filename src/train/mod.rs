@@ -10,3 +10,6 @@ pub use batch::{pad_batch, token_batches};
 pub use loss::{CrossEntropy, cross_entropy, log_softmax};
 pub use optim::{Adam, AdamConfig, Optimizer, Sgd, average, clip_grad_norm};
 pub use schedule::Schedule;
+pub mod trainer;
+
+pub use trainer::{LossStats, StepStats, Trainable, Trainer, TrainerConfig};

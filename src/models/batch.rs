@@ -1,0 +1,269 @@
+//! Batches as models take them: padded token ids or feature vectors, each with the real
+//! length of every sequence. Constructors check the layout, so a model never sees lengths
+//! that disagree with the ids.
+
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix3};
+
+use crate::error::{Error, Result};
+use crate::kernels::Float;
+use crate::layers::Mask;
+
+/// Token ids `[B, T]`, padded after each sequence's length. What sits in the padding is
+/// never read: it may be any number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenBatch {
+    ids: Array2<usize>,
+    lengths: Vec<usize>,
+}
+
+impl TokenBatch {
+    /// A batch from padded ids and the length of each row.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty batch (B = 0), [`Error::ShapeMismatch`] if there is
+    /// not one length per row, [`Error::InvalidInput`] if a length exceeds T.
+    pub fn new(ids: Array2<usize>, lengths: Vec<usize>) -> Result<Self> {
+        let (b, t) = ids.dim();
+        if b == 0 {
+            return Err(Error::InvalidInput {
+                why: "an empty batch (no sequences)".into(),
+            });
+        }
+        if lengths.len() != b {
+            return Err(Error::shape(
+                "lengths (one per batch row)",
+                &[b],
+                &[lengths.len()],
+            ));
+        }
+        if let Some((row, &len)) = lengths.iter().enumerate().find(|&(_, &l)| l > t) {
+            return Err(Error::InvalidInput {
+                why: format!("length {len} of batch row {row} exceeds the {t} columns of ids"),
+            });
+        }
+        Ok(TokenBatch { ids, lengths })
+    }
+
+    /// A batch without padding: every row is a whole sequence.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty batch.
+    pub fn full(ids: Array2<usize>) -> Result<Self> {
+        let lengths = vec![ids.ncols(); ids.nrows()];
+        TokenBatch::new(ids, lengths)
+    }
+
+    /// A batch from sequences of different lengths, padded with `pad` to the longest.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty list.
+    pub fn from_sequences<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<Self> {
+        let (ids, lengths) = crate::train::pad_batch(seqs, pad)?;
+        TokenBatch::new(ids, lengths)
+    }
+
+    /// The padded ids, `[B, T]`.
+    pub fn ids(&self) -> ArrayView2<'_, usize> {
+        self.ids.view()
+    }
+
+    /// The real length of each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// B.
+    pub fn batch_size(&self) -> usize {
+        self.ids.nrows()
+    }
+
+    /// T, the padded length.
+    pub fn seq_len(&self) -> usize {
+        self.ids.ncols()
+    }
+
+    /// The number of real tokens, Σ lengths.
+    pub fn tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// Sequence b without its padding.
+    pub fn sequence(&self, b: usize) -> Vec<usize> {
+        self.ids.row(b).iter().take(self.lengths[b]).copied().collect()
+    }
+
+    /// Checks that every real id is below `vocab`.
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfRange`] naming the first bad id, its (row, position) and `vocab`.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        for (b, (row, &len)) in self.ids.rows().into_iter().zip(&self.lengths).enumerate() {
+            if let Some((t, &id)) = row.iter().take(len).enumerate().find(|&(_, &id)| id >= vocab) {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    position: (b, t),
+                    vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids with the padding replaced by 0, safe to look up in any vocabulary.
+    pub(crate) fn lookup_ids(&self) -> Array2<usize> {
+        let mut ids = self.ids.clone();
+        for (mut row, &len) in ids.rows_mut().into_iter().zip(&self.lengths) {
+            row.iter_mut().skip(len).for_each(|id| *id = 0);
+        }
+        ids
+    }
+
+    /// The targets for a loss: row-major ids with padded positions set to [`IGNORE`].
+    pub(crate) fn loss_targets(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.ids.len());
+        for (row, &len) in self.ids.rows().into_iter().zip(&self.lengths) {
+            out.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(t, &id)| if t < len { id } else { IGNORE }),
+            );
+        }
+        out
+    }
+
+    /// The mask that blocks the padded keys.
+    pub fn padding_mask(&self) -> Mask {
+        Mask::key_lengths(&self.lengths)
+    }
+}
+
+/// The target id that the loss skips (padding).
+pub(crate) const IGNORE: usize = usize::MAX;
+
+/// Feature vectors `[B, T, d_in]` (sensor windows, time series), padded after each
+/// sequence's length. Padded rows are never read: they may hold anything, NaN included.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureBatch<F: Float = f32> {
+    x: Array3<F>,
+    lengths: Vec<usize>,
+}
+
+impl<F: Float> FeatureBatch<F> {
+    /// A batch from padded features and the length of each sequence.
+    ///
+    /// # Errors
+    /// As [`TokenBatch::new`].
+    pub fn new(x: Array3<F>, lengths: Vec<usize>) -> Result<Self> {
+        let (b, t, _) = x.dim();
+        TokenBatch::new(Array2::zeros((b, t)), lengths.clone())?;
+        Ok(FeatureBatch { x, lengths })
+    }
+
+    /// A batch from an array of any rank, which must be `[B, T, d_in]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the expected layout for another rank, else as
+    /// [`FeatureBatch::new`].
+    pub fn from_dyn(x: ArrayD<F>, lengths: Vec<usize>) -> Result<Self> {
+        let shape = x.shape().to_vec();
+        let x = x.into_dimensionality::<Ix3>().map_err(|_| Error::InvalidInput {
+            why: format!("features must be [batch, length, features], got an array of shape {shape:?}"),
+        })?;
+        FeatureBatch::new(x, lengths)
+    }
+
+    /// The features, `[B, T, d_in]`.
+    pub fn x(&self) -> ArrayView3<'_, F> {
+        self.x.view()
+    }
+
+    /// The real length of each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// B.
+    pub fn batch_size(&self) -> usize {
+        self.x.dim().0
+    }
+
+    /// An opt-in check that every real (unpadded) value is finite.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] naming the first (row, position) holding NaN or an infinity.
+    pub fn check_finite(&self) -> Result<()> {
+        for (b, &len) in self.lengths.iter().enumerate() {
+            for t in 0..len {
+                if self.x.slice(ndarray::s![b, t, ..]).iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: format!("features at batch row {b}, position {t}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The features with padded rows zeroed, so that nothing non-finite in the padding can
+    /// reach a gradient through `0·NaN`.
+    pub(crate) fn clean_features(&self) -> Array3<F> {
+        let mut x = self.x.as_standard_layout().into_owned();
+        for (b, &len) in self.lengths.iter().enumerate() {
+            x.slice_mut(ndarray::s![b, len.., ..]).fill(F::ZERO);
+        }
+        x
+    }
+
+    /// The mask that blocks the padded positions.
+    pub fn padding_mask(&self) -> Mask {
+        Mask::key_lengths(&self.lengths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn layout_is_checked() {
+        assert!(TokenBatch::new(Array2::zeros((0, 3)), vec![]).is_err());
+        assert!(matches!(
+            TokenBatch::new(Array2::zeros((2, 3)), vec![3]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(TokenBatch::new(Array2::zeros((2, 3)), vec![3, 4]).is_err());
+        let b = TokenBatch::from_sequences(&[vec![4, 5, 6], vec![7]], 99).unwrap();
+        assert_eq!(b.lengths(), &[3, 1]);
+        assert_eq!(b.tokens(), 4);
+        assert_eq!(b.sequence(1), vec![7]);
+        // The pad id 99 is outside a vocabulary of 10 but is never read.
+        assert!(b.check_vocab(10).is_ok());
+        assert!(matches!(
+            b.check_vocab(6),
+            Err(Error::TokenOutOfRange {
+                id: 6,
+                position: (0, 2),
+                vocab: 6
+            })
+        ));
+        assert_eq!(b.lookup_ids(), array![[4, 5, 6], [7, 0, 0]]);
+        assert_eq!(b.loss_targets(), vec![4, 5, 6, 7, IGNORE, IGNORE]);
+    }
+
+    #[test]
+    fn features_rank_and_finiteness() {
+        let err = FeatureBatch::<f32>::from_dyn(ArrayD::zeros(vec![4, 3]), vec![3; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[batch, length, features]"), "{err}");
+        let mut x = Array3::<f32>::zeros((2, 3, 2));
+        x[[1, 2, 0]] = f32::NAN; // padding of row 1
+        let f = FeatureBatch::new(x.clone(), vec![3, 2]).unwrap();
+        assert!(f.check_finite().is_ok());
+        assert!(f.clean_features().iter().all(|v| v.is_finite()));
+        x[[0, 1, 1]] = f32::INFINITY;
+        let f = FeatureBatch::new(x, vec![3, 2]).unwrap();
+        assert!(matches!(f.check_finite(), Err(Error::NonFinite { .. })));
+    }
+}

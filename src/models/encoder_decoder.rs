@@ -1,0 +1,633 @@
+//! The encoder-decoder Transformer of Figure 1: a sequence-to-sequence model.
+//!
+//! ```text
+//! source ids → Embedding·√d_model + positions → Dropout → Encoder ──────────┐ memory
+//! target ids → Embedding·√d_model + positions → Dropout → Decoder(·, memory) → Linear → logits
+//! ```
+//!
+//! The target is fed shifted right ("teacher forcing"): the decoder sees `[BOS, y₁, …, yₙ]`
+//! and is trained to predict `[y₁, …, yₙ, EOS]`; the causal mask keeps position i from
+//! seeing later positions (§3.2.3). Source and target may share one embedding, and the
+//! output projection may reuse the target embedding (§3.4: "we share the same weight matrix
+//! between the two embedding layers and the pre-softmax linear transformation").
+//!
+//! # Example
+//! ```
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::blocks::BlockConfig;
+//! use vaswani::models::{EncoderDecoderConfig, Seq2SeqBatch};
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let cfg = EncoderDecoderConfig::new(20, 20, BlockConfig::new(16, 2, 32), 1, 1);
+//! let model = cfg.init::<f32>(&mut rng)?;
+//! // BOS = 1, EOS = 2, PAD = 0.
+//! let batch = Seq2SeqBatch::from_pairs(&[(vec![5, 6, 7], vec![7, 6, 5]), (vec![8], vec![8])], 1, 2, 0)?;
+//! let logits = model.infer(&batch.src, &batch.tgt_in)?;
+//! assert_eq!(logits.dim(), (2 * 4, 20)); // [B·T, V]
+//! let decoded = model.greedy(&batch.src, 1, 2, 5)?;
+//! assert_eq!(decoded.len(), 2);
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{Array2, Array3, ArrayView2, Axis, s};
+use rand::Rng;
+
+use crate::blocks::{
+    BlockConfig, Decoder, DecoderCache, DecoderConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat,
+};
+use crate::error::{Error, Result, check};
+use crate::kernels::Float;
+use crate::layers::{
+    Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
+};
+use crate::models::batch::TokenBatch;
+use crate::models::cost::Cost;
+use crate::models::input::{InputCache, InputStage, Positions};
+use crate::train::{LossStats, Trainable, cross_entropy};
+
+/// Configuration of an [`EncoderDecoder`].
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct EncoderDecoderConfig {
+    /// Source vocabulary size.
+    pub src_vocab: usize,
+    /// Target vocabulary size.
+    pub tgt_vocab: usize,
+    /// The layers' sizes and switches, shared by encoder and decoder.
+    pub block: BlockConfig,
+    /// Encoder layers N.
+    pub n_encoder_layers: usize,
+    /// Decoder layers N.
+    pub n_decoder_layers: usize,
+    /// Whether each stack ends with a LayerNorm.
+    pub final_norm: FinalNorm,
+    /// How positions are encoded.
+    pub positions: Positions,
+    /// One embedding for source and target (needs equal vocabularies).
+    pub share_embeddings: bool,
+    /// The output projection is the target embedding (§3.4).
+    pub tie_output: bool,
+}
+
+/// The encoder-decoder Transformer. Its gradients have its own type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncoderDecoder<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: EncoderDecoderConfig,
+    /// The source embedding (also the target's when shared).
+    pub src_embed: Embedding<F>,
+    /// The target embedding; `None` when shared with the source.
+    pub tgt_embed: Option<Embedding<F>>,
+    /// Positions and dropout for the source.
+    pub src_input: InputStage<F>,
+    /// Positions and dropout for the target.
+    pub tgt_input: InputStage<F>,
+    /// The encoder stack.
+    pub encoder: Encoder<F>,
+    /// The decoder stack.
+    pub decoder: Decoder<F>,
+    /// The output projection; `None` when tied to the target embedding.
+    pub generator: Option<Linear<F>>,
+}
+crate::impl_params!(EncoderDecoder {
+    src_embed,
+    tgt_embed,
+    src_input,
+    tgt_input,
+    encoder,
+    decoder,
+    generator
+});
+
+/// What [`EncoderDecoder::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct EncoderDecoderCache<F: Float = f32> {
+    src_embed: EmbeddingCache,
+    src_input: InputCache<F>,
+    encoder: EncoderCache<F>,
+    tgt_embed: EmbeddingCache,
+    tgt_input: InputCache<F>,
+    decoder: DecoderCache<F>,
+    output: OutputCache<F>,
+}
+
+#[derive(Clone, Debug)]
+enum OutputCache<F: Float> {
+    Tied(ProjectionCache<F>),
+    Linear(LinearCache<F>),
+}
+
+/// A training batch: source, decoder input and decoder target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seq2SeqBatch {
+    /// The source sequences.
+    pub src: TokenBatch,
+    /// The decoder input, `[BOS, y₁, …, yₙ]`.
+    pub tgt_in: TokenBatch,
+    /// The decoder target, `[y₁, …, yₙ, EOS]`: same lengths as `tgt_in`.
+    pub tgt_out: TokenBatch,
+}
+
+impl Seq2SeqBatch {
+    /// A batch from (source, target) pairs: the target is shifted right behind `bos` for the
+    /// decoder input and followed by `eos` for the decoder target; rows are padded with `pad`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty list.
+    pub fn from_pairs<S: AsRef<[usize]>, T: AsRef<[usize]>>(
+        pairs: &[(S, T)],
+        bos: usize,
+        eos: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        let src: Vec<&[usize]> = pairs.iter().map(|(s, _)| s.as_ref()).collect();
+        let tgt_in: Vec<Vec<usize>> = pairs
+            .iter()
+            .map(|(_, t)| std::iter::once(bos).chain(t.as_ref().iter().copied()).collect())
+            .collect();
+        let tgt_out: Vec<Vec<usize>> = pairs
+            .iter()
+            .map(|(_, t)| t.as_ref().iter().copied().chain(std::iter::once(eos)).collect())
+            .collect();
+        Ok(Seq2SeqBatch {
+            src: TokenBatch::from_sequences(&src, pad)?,
+            tgt_in: TokenBatch::from_sequences(&tgt_in, pad)?,
+            tgt_out: TokenBatch::from_sequences(&tgt_out, pad)?,
+        })
+    }
+}
+
+impl EncoderDecoderConfig {
+    /// A model of the given vocabularies and layer counts over `block`, with sinusoidal
+    /// positions, separate embeddings and an untied output projection (switch them with
+    /// the `with_*` methods).
+    pub fn new(
+        src_vocab: usize,
+        tgt_vocab: usize,
+        block: BlockConfig,
+        n_encoder_layers: usize,
+        n_decoder_layers: usize,
+    ) -> Self {
+        EncoderDecoderConfig {
+            src_vocab,
+            tgt_vocab,
+            block,
+            n_encoder_layers,
+            n_decoder_layers,
+            final_norm: FinalNorm::Auto,
+            positions: Positions::Sinusoidal,
+            share_embeddings: false,
+            tie_output: false,
+        }
+    }
+
+    /// The paper's base model (Table 3): N = 6, d_model = 512, d_ff = 2048, h = 8,
+    /// P_drop = 0.1, post-norm, one vocabulary shared by source and target with the
+    /// embeddings and the output projection tied (§3.4).
+    pub fn base(vocab: usize) -> Self {
+        EncoderDecoderConfig::new(vocab, vocab, BlockConfig::new(512, 8, 2048), 6, 6)
+            .with_shared_embeddings(true)
+            .with_tied_output(true)
+    }
+
+    /// The paper's big model (Table 3): N = 6, d_model = 1024, d_ff = 4096, h = 16,
+    /// P_drop = 0.3, shared and tied as [`EncoderDecoderConfig::base`].
+    pub fn big(vocab: usize) -> Self {
+        EncoderDecoderConfig::new(
+            vocab,
+            vocab,
+            BlockConfig::new(1024, 16, 4096).with_dropout(0.3),
+            6,
+            6,
+        )
+        .with_shared_embeddings(true)
+        .with_tied_output(true)
+    }
+
+    /// The same config with source and target embeddings shared or not.
+    pub fn with_shared_embeddings(mut self, share: bool) -> Self {
+        self.share_embeddings = share;
+        self
+    }
+
+    /// The same config with the output projection tied to the target embedding or not.
+    pub fn with_tied_output(mut self, tie: bool) -> Self {
+        self.tie_output = tie;
+        self
+    }
+
+    /// The same config with another position encoding.
+    pub fn with_positions(mut self, positions: Positions) -> Self {
+        self.positions = positions;
+        self
+    }
+
+    /// The same config with another final-norm choice for both stacks.
+    pub fn with_final_norm(mut self, final_norm: FinalNorm) -> Self {
+        self.final_norm = final_norm;
+        self
+    }
+
+    /// Checks the config without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero sizes, heads that do not divide d_model, rates out
+    /// of range, or shared embeddings over vocabularies of different sizes.
+    pub fn check(&self) -> Result<()> {
+        check::positive("src_vocab", self.src_vocab)?;
+        check::positive("tgt_vocab", self.tgt_vocab)?;
+        check::positive("n_encoder_layers", self.n_encoder_layers)?;
+        check::positive("n_decoder_layers", self.n_decoder_layers)?;
+        if let Positions::Learned { max_len } = self.positions {
+            check::positive("max_len", max_len)?;
+        }
+        self.block.check()?;
+        if self.share_embeddings && self.src_vocab != self.tgt_vocab {
+            return Err(Error::config(
+                "share_embeddings",
+                format!(
+                    "needs one vocabulary, got src_vocab = {} and tgt_vocab = {}",
+                    self.src_vocab, self.tgt_vocab
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds the model with PyTorch's initialisation (see each layer).
+    ///
+    /// # Errors
+    /// As [`EncoderDecoderConfig::check`].
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderDecoder<F>> {
+        self.check()?;
+        let d = self.block.d_model;
+        let src_embed = EmbeddingConfig::new(self.src_vocab, d).init(rng)?;
+        let tgt_embed = (!self.share_embeddings)
+            .then(|| EmbeddingConfig::new(self.tgt_vocab, d).init(rng))
+            .transpose()?;
+        let src_input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
+        let tgt_input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
+        let encoder = self.encoder_config().init(rng)?;
+        let decoder = self.decoder_config().init(rng)?;
+        let generator = (!self.tie_output)
+            .then(|| LinearConfig::new(d, self.tgt_vocab).with_bias(false).init(rng))
+            .transpose()?;
+        Ok(EncoderDecoder {
+            cfg: self.clone(),
+            src_embed,
+            tgt_embed,
+            src_input,
+            tgt_input,
+            encoder,
+            decoder,
+            generator,
+        })
+    }
+
+    fn encoder_config(&self) -> EncoderConfig {
+        EncoderConfig::new(self.block.clone(), self.n_encoder_layers).with_final_norm(self.final_norm)
+    }
+
+    fn decoder_config(&self) -> DecoderConfig {
+        DecoderConfig::new(self.block.clone(), self.n_decoder_layers).with_final_norm(self.final_norm)
+    }
+
+    /// Parameter count and FLOPs for a batch of `batch` pairs of source length `src_len`
+    /// and target length `tgt_len`, before anything is built (FLOP model of
+    /// `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·Tq·Tk·d per sequence, the
+    /// output projection counts, a training step is 3× the forward).
+    pub fn cost(&self, batch: usize, src_len: usize, tgt_len: usize) -> Cost {
+        let b = &self.block;
+        let (d, f) = (b.d_model as u64, b.d_ff as u64);
+        let bias = |n: u64| if b.bias { n } else { 0 };
+        let attn_params = 4 * d * d + bias(4 * d);
+        let ffn_params = 2 * d * f + bias(f + d);
+        let norm = 2 * d;
+        let enc_layer = attn_params + ffn_params + 2 * norm;
+        let dec_layer = 2 * attn_params + ffn_params + 3 * norm;
+        let embeds = self.src_vocab as u64 * d
+            + if self.share_embeddings {
+                0
+            } else {
+                self.tgt_vocab as u64 * d
+            };
+        let generator = if self.tie_output {
+            0
+        } else {
+            self.tgt_vocab as u64 * d
+        };
+        let learned = match self.positions {
+            Positions::Learned { max_len } => 2 * max_len as u64 * d,
+            Positions::Sinusoidal => 0,
+        };
+        let final_norms = norm
+            * (u64::from(self.encoder_config().has_final_norm())
+                + u64::from(self.decoder_config().has_final_norm()));
+        let params = embeds
+            + generator
+            + learned
+            + self.n_encoder_layers as u64 * enc_layer
+            + self.n_decoder_layers as u64 * dec_layer
+            + final_norms;
+        let (s, t, v) = (src_len as u64, tgt_len as u64, self.tgt_vocab as u64);
+        let dense = |m: u64, n: u64, tokens: u64| 2 * m * n * tokens;
+        let attn = |lq: u64, lk: u64| 4 * lq * lk * d;
+        let enc = dense(d, 3 * d, s) + attn(s, s) + dense(d, d, s) + dense(d, f, s) + dense(f, d, s);
+        let dec = dense(d, 3 * d, t)
+            + attn(t, t)
+            + dense(d, d, t)
+            + dense(d, d, t)
+            + dense(d, 2 * d, s)
+            + attn(t, s)
+            + dense(d, d, t)
+            + dense(d, f, t)
+            + dense(f, d, t);
+        let forward = batch as u64
+            * (self.n_encoder_layers as u64 * enc + self.n_decoder_layers as u64 * dec + dense(d, v, t));
+        Cost::new(params, forward)
+    }
+}
+
+impl<F: Float> EncoderDecoder<F> {
+    /// The embedding the target uses (the source's when shared).
+    pub fn target_embedding(&self) -> &Embedding<F> {
+        self.tgt_embed.as_ref().unwrap_or(&self.src_embed)
+    }
+
+    fn check_batches(&self, src: &TokenBatch, tgt: &TokenBatch) -> Result<()> {
+        if src.batch_size() != tgt.batch_size() {
+            return Err(Error::shape(
+                "target batch size (must equal the source's)",
+                &[src.batch_size()],
+                &[tgt.batch_size()],
+            ));
+        }
+        src.check_vocab(self.cfg.src_vocab)?;
+        tgt.check_vocab(self.cfg.tgt_vocab)?;
+        for (input, len) in [(&self.src_input, src.seq_len()), (&self.tgt_input, tgt.seq_len())] {
+            if let Some(max) = input.max_len().filter(|&max| len > max) {
+                return Err(Error::SequenceTooLong { len, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward pass in training mode: logits `[B·T, V]` for every target position, and the
+    /// cache for [`EncoderDecoder::backward`].
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if the batch sizes differ, [`Error::TokenOutOfRange`] for an
+    /// id outside its vocabulary, [`Error::SequenceTooLong`] past a learned position table.
+    pub fn forward(
+        &self,
+        src: &TokenBatch,
+        tgt_in: &TokenBatch,
+        rng: &mut impl Rng,
+    ) -> Result<(Array2<F>, EncoderDecoderCache<F>)> {
+        self.check_batches(src, tgt_in)?;
+        let (b, s, t) = (src.batch_size(), src.seq_len(), tgt_in.seq_len());
+        let src_mask = src.padding_mask();
+        let (x, src_embed) = self.src_embed.forward(src.lookup_ids().view())?;
+        let (x, src_input) = self.src_input.forward(x, b, s, 0, rng)?;
+        let (memory, encoder) = self.encoder.forward(x.view(), &src_mask, rng);
+        let (y, tgt_embed) = self.target_embedding().forward(tgt_in.lookup_ids().view())?;
+        let (y, tgt_input) = self.tgt_input.forward(y, b, t, 0, rng)?;
+        let self_mask = Mask::causal().and(tgt_in.padding_mask());
+        let (h, decoder) = self
+            .decoder
+            .forward(y.view(), memory.view(), &self_mask, &src_mask, rng);
+        let h = flat(h);
+        let (logits, output) = match &self.generator {
+            Some(g) => {
+                let (l, c) = g.forward(h.view());
+                (l, OutputCache::Linear(c))
+            }
+            None => {
+                let (l, c) = self.target_embedding().project(h.view());
+                (l, OutputCache::Tied(c))
+            }
+        };
+        Ok((
+            logits,
+            EncoderDecoderCache {
+                src_embed,
+                src_input,
+                encoder,
+                tgt_embed,
+                tgt_input,
+                decoder,
+                output,
+            },
+        ))
+    }
+
+    /// Backward pass from `∂L/∂logits` `[B·T, V]`: adds every parameter's gradient into `g`.
+    ///
+    /// # Panics
+    /// If `grad_logits` does not have the logits' shape.
+    pub fn backward(
+        &self,
+        cache: &EncoderDecoderCache<F>,
+        grad_logits: ArrayView2<F>,
+        g: &mut EncoderDecoder<F>,
+    ) {
+        let (b, t) = InputStage::dims(&cache.tgt_input);
+        let grad_h = match (&cache.output, &self.generator, &mut g.generator) {
+            (OutputCache::Linear(c), Some(generator), Some(gg)) => {
+                generator.backward(c, grad_logits, &mut gg.p)
+            }
+            (OutputCache::Tied(c), None, None) => {
+                let gt = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
+                self.target_embedding()
+                    .project_backward(c, grad_logits, &mut gt.p)
+            }
+            _ => panic!("EncoderDecoder::backward: the gradient tree does not match the model's tying"),
+        };
+        let grad_h = crate::blocks::unrows(grad_h, b, t);
+        let (grad_y, grad_memory) = self
+            .decoder
+            .backward(&cache.decoder, grad_h.view(), &mut g.decoder);
+        let grad_y = self
+            .tgt_input
+            .backward(&cache.tgt_input, grad_y.view(), &mut g.tgt_input);
+        let gt = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
+        self.target_embedding()
+            .backward(&cache.tgt_embed, grad_y.view(), &mut gt.p);
+        let grad_x = self
+            .encoder
+            .backward(&cache.encoder, grad_memory.view(), &mut g.encoder);
+        let grad_x = self
+            .src_input
+            .backward(&cache.src_input, grad_x.view(), &mut g.src_input);
+        self.src_embed
+            .backward(&cache.src_embed, grad_x.view(), &mut g.src_embed.p);
+    }
+
+    /// The encoder's output ("memory") `[B, S, d_model]`, without dropout.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::forward`] for the source.
+    pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
+        src.check_vocab(self.cfg.src_vocab)?;
+        if let Some(max) = self.src_input.max_len().filter(|&max| src.seq_len() > max) {
+            return Err(Error::SequenceTooLong {
+                len: src.seq_len(),
+                max,
+            });
+        }
+        let (b, s) = (src.batch_size(), src.seq_len());
+        let x = self
+            .src_input
+            .infer(self.src_embed.infer(src.lookup_ids().view())?, b, s, 0)?;
+        Ok(self.encoder.infer(x.view(), &src.padding_mask()))
+    }
+
+    /// Logits `[B·T, V]` of the decoder over a memory from [`EncoderDecoder::encode`], without
+    /// dropout.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::forward`] for the target, and [`Error::ShapeMismatch`] if the
+    /// memory does not fit the batch.
+    pub fn decode(&self, memory: &Array3<F>, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
+        self.check_batches(src, tgt_in)?;
+        let (b, t) = (tgt_in.batch_size(), tgt_in.seq_len());
+        let expected = [b, src.seq_len(), self.cfg.block.d_model];
+        if memory.shape() != expected {
+            return Err(Error::shape("memory [B, S, d_model]", &expected, memory.shape()));
+        }
+        let y = self.tgt_input.infer(
+            self.target_embedding().infer(tgt_in.lookup_ids().view())?,
+            b,
+            t,
+            0,
+        )?;
+        let self_mask = Mask::causal().and(tgt_in.padding_mask());
+        let h = flat(
+            self.decoder
+                .infer(y.view(), memory.view(), &self_mask, &src.padding_mask()),
+        );
+        Ok(match &self.generator {
+            Some(g) => g.infer(h.view()),
+            None => self.target_embedding().project_infer(h.view()),
+        })
+    }
+
+    /// Teacher-forced logits `[B·T, V]` without dropout (evaluation).
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::forward`].
+    pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
+        self.check_batches(src, tgt_in)?;
+        let memory = self.encode(src)?;
+        self.decode(&memory, src, tgt_in)
+    }
+
+    /// Greedy decoding without a cache: encodes once, then re-runs the decoder over the
+    /// growing prefix, `max_len` steps at most, taking the most likely token each time.
+    /// Returns each sequence's tokens up to (not including) `eos`.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::forward`], and [`Error::TokenOutOfRange`] if `bos` is not in the
+    /// target vocabulary.
+    pub fn greedy(
+        &self,
+        src: &TokenBatch,
+        bos: usize,
+        eos: usize,
+        max_len: usize,
+    ) -> Result<Vec<Vec<usize>>> {
+        let memory = self.encode(src)?;
+        let b = src.batch_size();
+        let mut prefix = Array2::from_elem((b, 1), bos);
+        let mut done = vec![false; b];
+        let mut out = vec![Vec::new(); b];
+        for step in 0..max_len {
+            let tgt = TokenBatch::full(prefix.clone())?;
+            let logits = self.decode(&memory, src, &tgt)?;
+            let v = logits.ncols();
+            let last = logits
+                .into_shape_with_order((b, step + 1, v))
+                .expect("standard layout");
+            let next: Vec<usize> = last
+                .index_axis(Axis(1), step)
+                .rows()
+                .into_iter()
+                .map(argmax)
+                .collect();
+            for (i, &tok) in next.iter().enumerate() {
+                if !done[i] {
+                    if tok == eos {
+                        done[i] = true;
+                    } else {
+                        out[i].push(tok);
+                    }
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let mut grown = Array2::from_elem((b, step + 2), eos);
+            grown.slice_mut(s![.., ..step + 1]).assign(&prefix);
+            for (i, &tok) in next.iter().enumerate() {
+                grown[[i, step + 1]] = tok;
+            }
+            prefix = grown;
+        }
+        Ok(out)
+    }
+}
+
+/// The index of the largest value (the first, on ties).
+pub(crate) fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, F::NEG_INFINITY),
+            |best, (j, &x)| if x > best.1 { (j, x) } else { best },
+        )
+        .0
+}
+
+impl<F: Float> Trainable<F> for EncoderDecoder<F> {
+    type Batch = Seq2SeqBatch;
+
+    fn batch_tokens(batch: &Seq2SeqBatch) -> usize {
+        batch.tgt_out.tokens()
+    }
+
+    fn accumulate<R: Rng>(
+        &self,
+        batch: &Seq2SeqBatch,
+        smoothing: f64,
+        weight: f64,
+        grads: &mut Self,
+        rng: &mut R,
+    ) -> Result<LossStats> {
+        if batch.tgt_out.ids().dim() != batch.tgt_in.ids().dim()
+            || batch.tgt_out.lengths() != batch.tgt_in.lengths()
+        {
+            return Err(Error::shape(
+                "decoder targets (shaped as the decoder input)",
+                batch.tgt_in.ids().shape(),
+                batch.tgt_out.ids().shape(),
+            ));
+        }
+        batch.tgt_out.check_vocab(self.cfg.tgt_vocab)?;
+        let (logits, cache) = self.forward(&batch.src, &batch.tgt_in, rng)?;
+        let mut ce = cross_entropy(
+            logits.view(),
+            &batch.tgt_out.loss_targets(),
+            Some(crate::models::batch::IGNORE),
+            smoothing,
+        )?;
+        if weight != 1.0 {
+            ce.grad.mapv_inplace(|v| v * F::from_f64(weight));
+        }
+        self.backward(&cache, ce.grad.view(), grads);
+        Ok(LossStats {
+            loss: ce.loss,
+            tokens: ce.tokens,
+            correct: ce.correct,
+        })
+    }
+}

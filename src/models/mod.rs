@@ -1,0 +1,19 @@
+//! Whole models: the encoder-decoder of Figure 1, an encoder-only classifier or regressor
+//! over tokens or feature vectors, and a decoder-only language model; the paper's presets
+//! (Table 3).
+//!
+//! Model entry points return [`Result`](crate::Result): token ids, lengths, batch sizes and
+//! sequence lengths come from outside the program and are checked (see
+//! `BAD_INPUTS.md`-style errors in [`crate::Error`]). Every model implements
+//! [`Params`](crate::Params) (its gradients have its own type) and
+//! [`Trainable`](crate::train::Trainable) for the [`Trainer`](crate::train::Trainer).
+
+pub mod batch;
+pub mod cost;
+pub mod encoder_decoder;
+pub mod input;
+
+pub use batch::{FeatureBatch, TokenBatch};
+pub use cost::Cost;
+pub use encoder_decoder::{EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch};
+pub use input::{InputCache, InputStage, Positions};

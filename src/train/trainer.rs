@@ -1,0 +1,199 @@
+//! A training loop that any model can plug into: micro-batches accumulated into one
+//! gradient, clipping, the learning-rate schedule and the optimizer.
+//!
+//! A model implements [`Trainable`]: given a batch it runs forward, the loss and backward,
+//! adding `weight · ∂loss/∂θ` into a gradient tree of its own type. The [`Trainer`] weighs
+//! each micro-batch by its share of the step's tokens, so the accumulated gradient is that of
+//! the per-token mean loss over all micro-batches: the same as one large batch.
+
+use rand::Rng;
+
+use crate::error::Result;
+use crate::kernels::Float;
+use crate::params::Params;
+use crate::train::optim::{Adam, AdamConfig, Optimizer, clip_grad_norm};
+use crate::train::schedule::Schedule;
+
+/// The loss of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossStats {
+    /// The mean loss per counted token (or example).
+    pub loss: f64,
+    /// How many tokens (or examples) counted.
+    pub tokens: usize,
+    /// How many of them were predicted right (0 for regression).
+    pub correct: usize,
+}
+
+impl LossStats {
+    /// The fraction predicted right.
+    pub fn accuracy(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.tokens as f64
+        }
+    }
+
+    /// Token-weighted combination of two batches' statistics.
+    pub fn merge(self, other: LossStats) -> LossStats {
+        let tokens = self.tokens + other.tokens;
+        let loss = if tokens == 0 {
+            0.0
+        } else {
+            (self.loss * self.tokens as f64 + other.loss * other.tokens as f64) / tokens as f64
+        };
+        LossStats {
+            loss,
+            tokens,
+            correct: self.correct + other.correct,
+        }
+    }
+}
+
+/// A model that can be trained: forward, loss and backward on one batch.
+pub trait Trainable<F: Float>: Params<F> + Clone {
+    /// What one training batch holds (inputs and targets).
+    type Batch;
+
+    /// The number of tokens (or examples) the batch's loss is averaged over.
+    fn batch_tokens(batch: &Self::Batch) -> usize;
+
+    /// Runs the batch in training mode and adds `weight · ∂loss/∂θ` into `grads`, where the
+    /// loss is the batch's mean with label smoothing `smoothing` (ignored by losses it does
+    /// not apply to).
+    ///
+    /// # Errors
+    /// The model's input errors: token ids out of range, mismatched batches, too long.
+    fn accumulate<R: Rng>(
+        &self,
+        batch: &Self::Batch,
+        smoothing: f64,
+        weight: f64,
+        grads: &mut Self,
+        rng: &mut R,
+    ) -> Result<LossStats>;
+}
+
+/// Settings of a [`Trainer`].
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TrainerConfig {
+    /// The optimizer.
+    pub adam: AdamConfig,
+    /// The learning rate by step.
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this, if set.
+    pub clip_norm: Option<f64>,
+    /// Label smoothing ε (§5.4: 0.1).
+    pub label_smoothing: f64,
+}
+
+impl TrainerConfig {
+    /// The paper's training setup (§5.3, §5.4) for width `d_model`: Adam (0.9, 0.98, 1e-9),
+    /// the schedule of Eq. 3 with `warmup` steps, label smoothing 0.1, no clipping.
+    pub fn paper(d_model: usize, warmup: u64) -> Self {
+        TrainerConfig {
+            adam: AdamConfig::paper(),
+            schedule: Schedule::paper(d_model, warmup),
+            clip_norm: None,
+            label_smoothing: 0.1,
+        }
+    }
+}
+
+/// What one [`Trainer::step`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step's loss statistics over all its micro-batches.
+    pub loss: LossStats,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Owns a model, its gradient buffer and its optimizer, and takes training steps.
+#[derive(Clone, Debug)]
+pub struct Trainer<F: Float, M: Trainable<F>> {
+    /// The model being trained.
+    pub model: M,
+    /// The optimizer state (moments and step count), for checkpoints.
+    pub optimizer: Adam<F, M>,
+    /// Its settings.
+    pub cfg: TrainerConfig,
+    grads: M,
+}
+
+impl<F: Float, M: Trainable<F>> Trainer<F, M> {
+    /// A trainer with a fresh optimizer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for bad optimizer settings or a
+    /// label smoothing outside [0, 1).
+    pub fn new(model: M, cfg: TrainerConfig) -> Result<Self> {
+        let optimizer = Adam::new(cfg.adam.clone(), &model)?;
+        Trainer::resume(model, optimizer, cfg)
+    }
+
+    /// A trainer that continues from saved model and optimizer state.
+    ///
+    /// # Errors
+    /// As [`Trainer::new`].
+    pub fn resume(model: M, optimizer: Adam<F, M>, cfg: TrainerConfig) -> Result<Self> {
+        if !(0.0..1.0).contains(&cfg.label_smoothing) {
+            return Err(crate::Error::config(
+                "label_smoothing",
+                format!("must be in [0, 1), got {}", cfg.label_smoothing),
+            ));
+        }
+        let grads = model.zeros_like();
+        Ok(Trainer {
+            model,
+            optimizer,
+            cfg,
+            grads,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.optimizer.t
+    }
+
+    /// One optimizer step over `micro_batches`, their gradients accumulated with token
+    /// weights. An empty list, or batches with no token, leave the model unchanged.
+    ///
+    /// # Errors
+    /// The model's input errors; the model is unchanged then.
+    pub fn step<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
+        let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
+        let lr = self.cfg.schedule.lr(self.optimizer.t + 1);
+        if total == 0 {
+            return Ok(StepStats {
+                loss: LossStats::default(),
+                lr,
+                grad_norm: 0.0,
+            });
+        }
+        self.grads.fill(F::ZERO);
+        let mut stats = LossStats::default();
+        for batch in micro_batches {
+            let weight = M::batch_tokens(batch) as f64 / total as f64;
+            let s = self
+                .model
+                .accumulate(batch, self.cfg.label_smoothing, weight, &mut self.grads, rng)?;
+            stats = stats.merge(s);
+        }
+        let grad_norm = match self.cfg.clip_norm {
+            Some(max) => clip_grad_norm(&mut self.grads, max),
+            None => self.grads.sq_norm().sqrt(),
+        };
+        self.optimizer.step(&mut self.model, &self.grads, lr);
+        Ok(StepStats {
+            loss: stats,
+            lr,
+            grad_norm,
+        })
+    }
+}

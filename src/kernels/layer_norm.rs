@@ -11,10 +11,7 @@
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 
-use super::Float;
-
-/// Below this many elements the row loops stay on the calling thread.
-const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+use super::{Float, parallel_worth};
 
 /// Normalises one row: writes `x̂` and `y`, returns `rstd = 1/√(σ² + ε)`.
 ///
@@ -110,7 +107,7 @@ pub fn layer_norm_rows<F: Float>(
             contiguous_mut(&mut y),
         );
     };
-    if n * d >= PARALLEL_MIN_ELEMS {
+    if parallel_worth(n * d) {
         zip.par_for_each(row);
     } else {
         zip.for_each(row);
@@ -165,7 +162,7 @@ pub fn layer_norm_rows_backward<F: Float>(
             contiguous_mut(&mut grad_x),
         );
     };
-    if n * d >= PARALLEL_MIN_ELEMS {
+    if parallel_worth(n * d) {
         zip.par_for_each(row);
     } else {
         zip.for_each(row);

@@ -11,6 +11,18 @@ pub mod layer_norm;
 pub mod softmax;
 
 pub use activations::Activation;
+
+/// Below this much work (multiply-adds or elements), a loop stays on the calling thread: handing
+/// it to the rayon pool would cost more than it saves.
+pub const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// Whether `work` units are worth spreading over the rayon pool: enough of them, and more than
+/// one thread to spread them over. Splits never depend on the answer for their results (only
+/// independent rows, heads and batches are split), so this changes speed, never values.
+#[inline]
+pub fn parallel_worth(work: usize) -> bool {
+    work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+}
 pub use dropout::dropout_mask;
 pub use float::{Float, MaybeSerde};
 pub use gemm::{gemm, gemm_batched, gemm_naive};

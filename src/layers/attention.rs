@@ -54,7 +54,7 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, dropout_mask, gemm, softmax_row, softmax_row_backward};
+use crate::kernels::{Float, dropout_mask, gemm, parallel_worth, softmax_row, softmax_row_backward};
 use crate::layers::mask::{Mask, ResolvedMask};
 
 /// Configuration of [`ScaledDotProductAttention`].
@@ -296,9 +296,10 @@ pub fn attention_forward<F: Float>(
         return AttentionCoreCache { probs, drop, mask };
     }
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
-    Zip::indexed(out.exact_chunks_mut((1, 1, tq, dv)))
-        .and(probs.exact_chunks_mut((1, 1, tq, tk)))
-        .par_for_each(|(bi, hi, _, _), out, probs| {
+    let zip = Zip::indexed(out.exact_chunks_mut((1, 1, tq, dv))).and(probs.exact_chunks_mut((1, 1, tq, tk)));
+    let parallel = parallel_worth(b * h * tq * tk * (dk + dv));
+    let one =
+        |(bi, hi, _, _): (usize, usize, usize, usize), out: ArrayViewMut4<F>, probs: ArrayViewMut4<F>| {
             let (mut out, mut probs) = (squeeze(out), squeeze(probs));
             let kb = mask.key_limit(bi);
             let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
@@ -324,7 +325,12 @@ pub fn attention_forward<F: Float>(
                 None => probs.slice(s![.., ..kb]),
             };
             gemm(F::ONE, weights, v, F::ZERO, out.view_mut());
-        });
+        };
+    if parallel {
+        zip.par_for_each(one);
+    } else {
+        zip.for_each(one);
+    }
     AttentionCoreCache { probs, drop, mask }
 }
 
@@ -370,54 +376,64 @@ pub fn attention_backward<F: Float>(
     }
     let mask = &cache.mask;
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
-    Zip::indexed(grad_q.exact_chunks_mut((1, 1, tq, dk)))
+    let zip = Zip::indexed(grad_q.exact_chunks_mut((1, 1, tq, dk)))
         .and(grad_k.exact_chunks_mut((1, 1, tk, dk)))
-        .and(grad_v.exact_chunks_mut((1, 1, tk, dv)))
-        .par_for_each(|(bi, hi, _, _), grad_q, grad_k, grad_v| {
-            let (mut grad_q, mut grad_k, mut grad_v) = (squeeze(grad_q), squeeze(grad_k), squeeze(grad_v));
-            let kb = mask.key_limit(bi);
-            let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
-            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
-            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
-            let probs = cache.probs.slice(s![bi, hi, .., ..kb]);
-            let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
-            let g = grad_out.slice(s![bi, hi, .., ..]);
-            // ∂L/∂V = P'ᵀ·G
-            let dropped;
-            let weights = match &drop {
-                Some(m) => {
-                    dropped = &probs * m;
-                    dropped.view()
-                }
-                None => probs,
-            };
-            gemm(F::ONE, weights.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
-            // ∂L/∂P = (G·Vᵀ) ⊙ M
-            let mut grad_p = Array2::zeros((tq, kb));
-            gemm(F::ONE, g, v.t(), F::ZERO, grad_p.view_mut());
-            if let Some(m) = &drop {
-                grad_p *= m;
+        .and(grad_v.exact_chunks_mut((1, 1, tk, dv)));
+    let parallel = parallel_worth(b * h * tq * tk * (dk + dv));
+    type Chunk<'a, F> = ArrayViewMut4<'a, F>;
+    let one = |(bi, hi, _, _): (usize, usize, usize, usize),
+               grad_q: Chunk<F>,
+               grad_k: Chunk<F>,
+               grad_v: Chunk<F>| {
+        let (mut grad_q, mut grad_k, mut grad_v) = (squeeze(grad_q), squeeze(grad_k), squeeze(grad_v));
+        let kb = mask.key_limit(bi);
+        let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+        let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+        let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+        let probs = cache.probs.slice(s![bi, hi, .., ..kb]);
+        let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
+        let g = grad_out.slice(s![bi, hi, .., ..]);
+        // ∂L/∂V = P'ᵀ·G
+        let dropped;
+        let weights = match &drop {
+            Some(m) => {
+                dropped = &probs * m;
+                dropped.view()
             }
-            // ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked keys.
-            let mut grad_s = Array2::zeros((tq, kb));
-            for i in 0..tq {
-                softmax_row_backward(
-                    probs.row(i).to_slice().expect("contiguous"),
-                    grad_p.row(i).to_slice().expect("contiguous"),
-                    grad_s.row_mut(i).into_slice().expect("contiguous"),
-                    mask.row(bi, i),
-                );
-            }
-            // ∂L/∂Q = ∂L/∂S·K/√d_k, ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
-            gemm(scale, grad_s.view(), k, F::ZERO, grad_q.view_mut());
-            gemm(
-                scale,
-                grad_s.t(),
-                q.slice(s![bi, hi, .., ..]),
-                F::ZERO,
-                grad_k.slice_mut(s![..kb, ..]),
+            None => probs,
+        };
+        gemm(F::ONE, weights.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
+        // ∂L/∂P = (G·Vᵀ) ⊙ M
+        let mut grad_p = Array2::zeros((tq, kb));
+        gemm(F::ONE, g, v.t(), F::ZERO, grad_p.view_mut());
+        if let Some(m) = &drop {
+            grad_p *= m;
+        }
+        // ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked keys.
+        let mut grad_s = Array2::zeros((tq, kb));
+        for i in 0..tq {
+            softmax_row_backward(
+                probs.row(i).to_slice().expect("contiguous"),
+                grad_p.row(i).to_slice().expect("contiguous"),
+                grad_s.row_mut(i).into_slice().expect("contiguous"),
+                mask.row(bi, i),
             );
-        });
+        }
+        // ∂L/∂Q = ∂L/∂S·K/√d_k, ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
+        gemm(scale, grad_s.view(), k, F::ZERO, grad_q.view_mut());
+        gemm(
+            scale,
+            grad_s.t(),
+            q.slice(s![bi, hi, .., ..]),
+            F::ZERO,
+            grad_k.slice_mut(s![..kb, ..]),
+        );
+    };
+    if parallel {
+        zip.par_for_each(one);
+    } else {
+        zip.for_each(one);
+    }
 }
 
 /// For padding by flags: copies of K and V of one (sequence, head) with the padded rows

@@ -76,9 +76,6 @@ use crate::error::{Error, Result, check};
 use crate::kernels::{Float, gemm};
 use crate::params::normal;
 
-/// Below this many output elements the gather stays on the calling thread.
-const PARALLEL_MIN_ELEMS: usize = 1 << 15;
-
 /// Configuration of an [`Embedding`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -186,7 +183,7 @@ impl<F: Float> Embedding<F> {
         let s = self.factor();
         let w = self.p.weight.view();
         let mut y = Array2::zeros((ids.len(), self.cfg.d_model));
-        let parallel = y.len() >= PARALLEL_MIN_ELEMS;
+        let parallel = crate::kernels::parallel_worth(y.len());
         // `ids.iter()` runs in row-major order: b, then t.
         let flat = Array1::from_iter(ids.iter().copied());
         let zip = Zip::from(y.rows_mut()).and(&flat);

@@ -72,9 +72,6 @@ use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::linear::{affine, affine_backward};
 use crate::params::xavier_uniform;
 
-/// Below this many elements the activation and its derivative stay on the calling thread.
-const PARALLEL_MIN_ELEMS: usize = 1 << 15;
-
 /// Configuration of a [`FeedForward`] layer.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -271,7 +268,7 @@ impl<F: Float> FeedForward<F> {
         let act = self.cfg.activation;
         let zip = Zip::from(&mut grad_h).and(&cache.h);
         let chain = |gh: &mut F, &h: &F| *gh *= act.derivative(h);
-        if cache.h.len() >= PARALLEL_MIN_ELEMS {
+        if crate::kernels::parallel_worth(cache.h.len()) {
             zip.par_for_each(chain);
         } else {
             zip.for_each(chain);
@@ -300,7 +297,7 @@ impl<F: Float> FeedForward<F> {
 /// the result does not depend on the thread count).
 fn activate<F: Float>(act: Activation, h: &Array2<F>) -> Array2<F> {
     let mut out = h.clone();
-    if out.len() >= PARALLEL_MIN_ELEMS {
+    if crate::kernels::parallel_worth(out.len()) {
         out.par_mapv_inplace(|v| act.apply(v));
     } else {
         out.mapv_inplace(|v| act.apply(v));

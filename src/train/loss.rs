@@ -95,36 +95,45 @@ pub fn cross_entropy<F: Float>(
     }
     let eps = smoothing;
     let inv_n = 1.0 / tokens as f64;
-    Zip::from(logits.rows())
+    let zip = Zip::from(logits.rows())
         .and(grad.rows_mut())
         .and(targets)
         .and(&mut row_loss[..])
-        .and(&mut row_correct[..])
-        .par_for_each(|z, mut g, &y, loss, correct| {
-            if !counted(y) {
-                return;
-            }
-            let max = z.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x)).to_f64();
-            let sum_exp: f64 = z.iter().map(|&x| (x.to_f64() - max).exp()).sum();
-            let log_z = max + sum_exp.ln();
-            // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p
-            let sum_log_p: f64 = z.iter().map(|&x| x.to_f64() - log_z).sum();
-            *loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
-            let argmax = z
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, F::NEG_INFINITY),
-                    |best, (j, &x)| if x > best.1 { (j, x) } else { best },
-                )
-                .0;
-            *correct = argmax == y;
-            for (j, (gj, &zj)) in g.iter_mut().zip(z.iter()).enumerate() {
-                let p = (zj.to_f64() - log_z).exp();
-                let q = eps / v as f64 + if j == y { 1.0 - eps } else { 0.0 };
-                *gj = F::from_f64((p - q) * inv_n);
-            }
-        });
+        .and(&mut row_correct[..]);
+    let one = |z: ndarray::ArrayView1<F>,
+               mut g: ndarray::ArrayViewMut1<F>,
+               &y: &usize,
+               loss: &mut f64,
+               correct: &mut bool| {
+        if !counted(y) {
+            return;
+        }
+        let max = z.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x)).to_f64();
+        let sum_exp: f64 = z.iter().map(|&x| (x.to_f64() - max).exp()).sum();
+        let log_z = max + sum_exp.ln();
+        // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p
+        let sum_log_p: f64 = z.iter().map(|&x| x.to_f64() - log_z).sum();
+        *loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
+        let argmax = z
+            .iter()
+            .enumerate()
+            .fold(
+                (0, F::NEG_INFINITY),
+                |best, (j, &x)| if x > best.1 { (j, x) } else { best },
+            )
+            .0;
+        *correct = argmax == y;
+        for (j, (gj, &zj)) in g.iter_mut().zip(z.iter()).enumerate() {
+            let p = (zj.to_f64() - log_z).exp();
+            let q = eps / v as f64 + if j == y { 1.0 - eps } else { 0.0 };
+            *gj = F::from_f64((p - q) * inv_n);
+        }
+    };
+    if crate::kernels::parallel_worth(n * v) {
+        zip.par_for_each(one);
+    } else {
+        zip.for_each(one);
+    }
     let loss = row_loss.iter().sum::<f64>() * inv_n;
     let correct = row_correct.iter().filter(|&&c| c).count();
     Ok(CrossEntropy {

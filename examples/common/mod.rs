@@ -1,0 +1,408 @@
+//! Shared pieces of the training examples: the common flags, the one rayon pool, a progress
+//! bar and PNG loss curves. An example includes it with `mod common;`.
+//!
+//! ```ignore
+//! mod common;
+//! use clap::Parser;
+//!
+//! /// Learn to copy a sequence.
+//! #[derive(Parser, Debug)]
+//! struct Args {
+//!     #[command(flatten)]
+//!     common: common::CommonArgs<2000>, // 2000 is this example's default for --steps
+//!     /// Model width.
+//!     #[arg(long, default_value_t = 64)]
+//!     d_model: usize,
+//! }
+//!
+//! let args = Args::parse();
+//! common::init_threads(args.common.threads);
+//! let mut progress = common::Progress::new(args.common.steps, "copy_task");
+//! for step in 0..args.common.steps {
+//!     let (loss, tokens) = train_step(/* … */);
+//!     progress.update(step, loss, tokens);
+//! }
+//! progress.finish();
+//! common::plot_curves(Path::new("copy_task_loss.png"), "copy task", "loss", &[("train", curve)], true)?;
+//! ```
+
+// Each example uses only some of these helpers; the rest would be dead code in that example.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::error::Error;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
+
+/// The flags every training example takes, to `#[command(flatten)]` into its own
+/// `clap::Parser` struct. `STEPS` is the example's default for `--steps`, so that `--help`
+/// shows it. `--save` and `--resume` are here so that every example spells them alike; an
+/// example that does not implement them yet must refuse them, not ignore them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs<const STEPS: usize> {
+    /// Number of training steps (optimizer updates).
+    #[arg(long, value_name = "N", default_value_t = STEPS)]
+    pub steps: usize,
+    /// Threads in the rayon pool. Results are the same for any number of threads.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = at_least_one)]
+    pub threads: usize,
+    /// Seed of every random choice: initialisation, data, dropout.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint to FILE at the end of training.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+    /// Start from the checkpoint in FILE instead of a fresh initialisation.
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+}
+
+/// Parses a count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Builds rayon's global pool with `n` threads: the one pool that every parallel kernel of
+/// the crate runs on. Call it once, first thing in `main`.
+///
+/// Exits with status 2 (as clap does for a bad flag) if `n` is 0, which rayon would
+/// otherwise read as "one thread per core".
+pub fn init_threads(n: usize) {
+    if n == 0 {
+        eprintln!("error: --threads must be at least 1");
+        std::process::exit(2);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .unwrap_or_else(|e| panic!("init_threads({n}): the rayon global pool was already built: {e}"));
+}
+
+/// A progress bar on stderr for a training loop: step/total, the mean loss over the last
+/// [`Progress::LOSS_WINDOW`] steps, tokens per second of wall time since [`Progress::new`],
+/// and the estimated time left.
+///
+/// When stderr is not a terminal (a log file, CI) indicatif draws nothing; `Progress` then
+/// prints one plain line every 10% of the steps instead.
+pub struct Progress {
+    bar: ProgressBar,
+    label: String,
+    total: usize,
+    start: Instant,
+    /// Steps and tokens seen since `new` (not since step 0: a resumed run starts midway).
+    steps_done: usize,
+    tokens_done: usize,
+    recent_losses: VecDeque<f64>,
+    /// Without a terminal: the next tenth of `total` at which to print a line.
+    next_tenth: usize,
+}
+
+impl Progress {
+    /// Number of recent steps whose losses are averaged in the display.
+    pub const LOSS_WINDOW: usize = 50;
+
+    /// A bar for a run of `total_steps` steps, named `label`.
+    pub fn new(total_steps: usize, label: &str) -> Self {
+        let bar = ProgressBar::new(total_steps as u64);
+        let style = ProgressStyle::with_template("{prefix} [{wide_bar:.cyan/blue}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(label.to_string());
+        Progress {
+            bar,
+            label: label.to_string(),
+            total: total_steps,
+            start: Instant::now(),
+            steps_done: 0,
+            tokens_done: 0,
+            recent_losses: VecDeque::with_capacity(Self::LOSS_WINDOW),
+            next_tenth: 1,
+        }
+    }
+
+    /// Records the step of 0-based index `step` that just finished, with its `loss` and the
+    /// number of tokens it processed.
+    pub fn update(&mut self, step: usize, loss: f64, tokens: usize) {
+        self.steps_done += 1;
+        self.tokens_done += tokens;
+        if self.recent_losses.len() == Self::LOSS_WINDOW {
+            self.recent_losses.pop_front();
+        }
+        self.recent_losses.push_back(loss);
+
+        let pos = (step + 1).min(self.total);
+        let status = self.status(pos);
+        self.bar.set_position(pos as u64);
+        if self.bar.is_hidden() {
+            if pos * 10 >= self.next_tenth * self.total {
+                eprintln!("{} {pos}/{} {status}", self.label, self.total);
+                self.next_tenth = pos * 10 / self.total.max(1) + 1;
+            }
+        } else {
+            self.bar.set_message(status);
+        }
+    }
+
+    /// Mean loss over the last [`Progress::LOSS_WINDOW`] steps (NaN before the first).
+    pub fn mean_loss(&self) -> f64 {
+        self.recent_losses.iter().sum::<f64>() / self.recent_losses.len() as f64
+    }
+
+    /// Tokens per second of wall time since [`Progress::new`].
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.tokens_done as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Leaves the bar at its final state and prints the time taken.
+    pub fn finish(&self) {
+        self.bar.finish();
+        eprintln!(
+            "{}: {} steps in {}, {} tokens/s",
+            self.label,
+            self.steps_done,
+            fmt_duration(self.start.elapsed()),
+            fmt_si(self.tokens_per_sec())
+        );
+    }
+
+    /// "loss 1.234 · 12.3k tok/s · 1m 05s left", at position `pos` of `total`.
+    fn status(&self, pos: usize) -> String {
+        let per_step = self.start.elapsed().as_secs_f64() / self.steps_done.max(1) as f64;
+        let left = Duration::from_secs_f64(per_step * self.total.saturating_sub(pos) as f64);
+        format!(
+            "loss {:.4} · {} tok/s · {} left",
+            self.mean_loss(),
+            fmt_si(self.tokens_per_sec()),
+            fmt_duration(left)
+        )
+    }
+}
+
+/// A duration the way a person reads it: `850ms`, `12.3s`, `4m 05s`, `2h 07m`.
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{}ms", d.as_millis())
+    } else if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m {:02}s", d.as_secs() / 60, d.as_secs() % 60)
+    } else {
+        format!("{}h {:02}m", d.as_secs() / 3600, d.as_secs() / 60 % 60)
+    }
+}
+
+/// A count or rate with an SI suffix and 3 significant digits: `950`, `12.3k`, `4.56M`.
+pub fn fmt_si(x: f64) -> String {
+    let (v, suffix) = match x.abs() {
+        a if a >= 1e9 => (x / 1e9, "G"),
+        a if a >= 1e6 => (x / 1e6, "M"),
+        a if a >= 1e3 => (x / 1e3, "k"),
+        _ => (x, ""),
+    };
+    let decimals = match v.abs() {
+        a if a >= 100.0 => 0,
+        a if a >= 10.0 => 1,
+        _ => 2,
+    };
+    let decimals = if suffix.is_empty() && v.fract() == 0.0 {
+        0
+    } else {
+        decimals
+    };
+    format!("{v:.decimals$}{suffix}")
+}
+
+/// Draws line `series` of (x, y) points, each with its legend name, to a 900×560 PNG at
+/// `path`, with a `title`, "step" under the x axis and `y_label` beside the y axis; with
+/// `log_y` the y axis is logarithmic (points with y ≤ 0 are then left out). Points that are
+/// not finite are left out.
+///
+/// ```ignore
+/// let train: Vec<(f64, f64)> = losses.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect();
+/// common::plot_curves(Path::new("loss.png"), "copy task", "loss (nats/token)",
+///                     &[("train", train)], true)?;
+/// ```
+pub fn plot_curves(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> Result<(), Box<dyn Error>> {
+    register_font();
+    let keep = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!log_y || y > 0.0);
+    let series: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(name, points)| (*name, points.iter().copied().filter(keep).collect()))
+        .collect();
+    let all = || series.iter().flat_map(|(_, points)| points.iter());
+    if all().next().is_none() {
+        return Err(format!("plot_curves({}): no point to draw", path.display()).into());
+    }
+    let (x0, x1) = min_max(all().map(|p| p.0));
+    let (y0, y1) = min_max(all().map(|p| p.1));
+    let x = pad(x0, x1, 0.0);
+    if log_y {
+        // A fifth of a decade of room above and below.
+        let y = pad(y0.log10(), y1.log10(), 0.2);
+        let y = 10f64.powf(y.start)..10f64.powf(y.end);
+        // plotters' own log ticks can label 1 twice (0.1·(1 + 0.1·90) ≠ 1 in floating point).
+        let ticks = log_ticks(y.start, y.end);
+        draw_chart(
+            path,
+            title,
+            y_label,
+            &series,
+            x,
+            y.log_scale().with_key_points(ticks),
+        )
+    } else {
+        let margin = 0.05 * (y1 - y0);
+        draw_chart(path, title, y_label, &series, x, pad(y0, y1, margin))
+    }
+}
+
+/// The body of [`plot_curves`], for a linear or a logarithmic y axis.
+fn draw_chart<Y>(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    x: Range<f64>,
+    y: Y,
+) -> Result<(), Box<dyn Error>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    // Ten colours that stay apart on white (matplotlib's "tab10").
+    const COLOURS: [RGBColor; 10] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_label)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(210, 210, 210))
+        .draw()?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        // A line through a single point is invisible: mark it with a dot.
+        let dot = if points.len() == 1 { 4 } else { 0 };
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)).point_size(dot))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], colour.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(160, 160, 160))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The font family that plots use; [`register_font`] gives it DejaVu Sans.
+const FONT: &str = "sans-serif";
+
+/// Registers DejaVu Sans (from the `dejavu` crate, so no system font is needed) as
+/// [`FONT`] with plotters' ab_glyph renderer, once per process.
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        use plotters::style::{FontStyle, register_font};
+        for (style, bytes) in [
+            (FontStyle::Normal, dejavu::sans::regular()),
+            (FontStyle::Bold, dejavu::sans::bold()),
+        ] {
+            register_font(FONT, style, bytes)
+                .unwrap_or_else(|_| panic!("the DejaVu Sans font shipped by the dejavu crate is invalid"));
+        }
+    });
+}
+
+/// Smallest and largest of some finite values.
+fn min_max(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+/// `lo - margin .. hi + margin`, widened to a non-empty range when `lo == hi`.
+fn pad(lo: f64, hi: f64, margin: f64) -> Range<f64> {
+    if hi - lo + 2.0 * margin > 0.0 {
+        lo - margin..hi + margin
+    } else {
+        let half = 0.5 * lo.abs().max(1.0);
+        lo - half..hi + half
+    }
+}
+
+/// Ticks for a log axis from `lo` to `hi` (both > 0): 1, 2, …, 9 times the powers of ten on
+/// a short axis, 1, 2 and 5 times them on a middling one, the powers of ten alone on a long one.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().floor() as i32);
+    let mantissas: &[f64] = match last - first {
+        ..=1 => &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+        2..=3 => &[1.0, 2.0, 5.0],
+        _ => &[1.0],
+    };
+    (first..=last)
+        .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
+        .filter(|v| (lo..=hi).contains(v))
+        .collect()
+}
+
+/// An axis tick: at most 3 significant digits, no trailing zeros, `1.5e-4` for tiny values.
+fn fmt_tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".to_string();
+    }
+    if !(1e-3..1e6).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+    let mut s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.truncate(s.trim_end_matches('0').trim_end_matches('.').len());
+    }
+    s
+}

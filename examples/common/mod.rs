@@ -63,6 +63,17 @@ pub struct CommonArgs<const STEPS: usize> {
     pub resume: Option<PathBuf>,
 }
 
+impl<const STEPS: usize> CommonArgs<STEPS> {
+    /// Exits with status 2 if `--save` or `--resume` was given, for an example that cannot
+    /// honour them yet.
+    pub fn refuse_checkpoint_flags(&self, example: &str) {
+        if self.save.is_some() || self.resume.is_some() {
+            eprintln!("error: {example} does not support --save or --resume yet");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// Parses a count that must be at least 1.
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

@@ -1,0 +1,229 @@
+//! The crate on the reference workloads of `../shared/bench/WORKLOADS.md`, measured as
+//! `../shared/bench/torch_baseline.py` measures PyTorch, so the two can be set side by side
+//! (`../shared/bench/compare.py` runs both):
+//!
+//!     cargo run --release --example bench -- --workload tiny --threads 2 --json
+//!     cargo run --release --example bench -- --workload base --threads 1 --what train_step --steps 5
+//!
+//! The model is the PyTorch script's: `nn.Transformer` post-norm, ReLU, dropout 0.1, one
+//! embedding shared by source and target and tied to the output projection, sinusoidal
+//! positions, label smoothing 0.1, Adam (0.9, 0.98, 1e-9). Each measurement prints one line
+//! (JSON with `--json`) with the fields of the PyTorch script and its FLOP model.
+
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::blocks::BlockConfig;
+use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
+use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::{Params, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Tiny,
+    Small,
+    Base,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[allow(clippy::enum_variant_names)]
+enum What {
+    #[value(name = "train_step")]
+    TrainStep,
+    #[value(name = "eval_forward")]
+    EvalForward,
+    #[value(name = "greedy_decode")]
+    GreedyDecode,
+}
+
+/// Measure the crate on a reference workload.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Which workload of WORKLOADS.md.
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Threads in the rayon pool.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Measured repetitions.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Unmeasured repetitions first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// What to measure.
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [What::TrainStep, What::EvalForward, What::GreedyDecode])]
+    what: Vec<What>,
+    /// Seed of the model and the data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// (d_model, heads, d_ff, layers, vocab, batch, src_len, tgt_len)
+fn sizes(w: Workload) -> (usize, usize, usize, usize, usize, usize, usize, usize) {
+    match w {
+        Workload::Tiny => (64, 4, 256, 2, 100, 16, 16, 16),
+        Workload::Small => (256, 8, 1024, 2, 1000, 32, 32, 32),
+        Workload::Base => (512, 8, 2048, 6, 8000, 8, 64, 64),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.threads == 0 {
+        eprintln!("error: --threads must be at least 1");
+        std::process::exit(2);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()
+        .expect("thread pool");
+    pool.install(|| run(&args))
+}
+
+fn run(args: &Args) -> Result<()> {
+    let (d, h, f, layers, v, b, s, t) = sizes(args.workload);
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)
+        .with_shared_embeddings(true)
+        .with_tied_output(true);
+    let model: EncoderDecoder = cfg.init(&mut rng)?;
+    // Random ids in [2, V) as the PyTorch script draws them; the decoder sees T tokens and
+    // the loss covers all T.
+    let mut ids = |len: usize| -> Vec<Vec<usize>> {
+        (0..b)
+            .map(|_| (0..len).map(|_| rng.random_range(2..v)).collect())
+            .collect()
+    };
+    let src = TokenBatch::from_sequences(&ids(s), 0)?;
+    let tgt = ids(t + 1);
+    let tgt_in = TokenBatch::from_sequences(&tgt.iter().map(|x| x[..t].to_vec()).collect::<Vec<_>>(), 0)?;
+    let tgt_out = TokenBatch::from_sequences(&tgt.iter().map(|x| x[1..].to_vec()).collect::<Vec<_>>(), 0)?;
+    let batch = Seq2SeqBatch {
+        src: src.clone(),
+        tgt_in: tgt_in.clone(),
+        tgt_out,
+    };
+    eprintln!(
+        "# vaswani {}, threads={}, workload={:?} d_model={d} heads={h} d_ff={f} layers={layers} vocab={v} batch={b} src={s} tgt={t}, parameters={}",
+        env!("CARGO_PKG_VERSION"),
+        rayon::current_num_threads(),
+        args.workload,
+        model.num_params()
+    );
+    let cost = cfg.cost(b, s, t);
+    let mut trainer = Trainer::new(
+        model,
+        TrainerConfig {
+            adam: AdamConfig::paper(),
+            schedule: Schedule::Constant { lr: 1e-4 },
+            clip_norm: None,
+            label_smoothing: 0.1,
+        },
+    )?;
+    let mut dropout_rng = StdRng::seed_from_u64(args.seed.wrapping_add(1));
+    for &what in &args.what {
+        let times = match what {
+            What::TrainStep => time_it(args, || {
+                trainer
+                    .step(std::slice::from_ref(&batch), &mut dropout_rng)
+                    .map(|_| ())
+            })?,
+            What::EvalForward => time_it(args, || trainer.model.infer(&src, &tgt_in).map(|_| ()))?,
+            What::GreedyDecode => time_it(args, || trainer.model.greedy(&src, 1, usize::MAX, t).map(|_| ()))?,
+        };
+        let flops = match what {
+            What::TrainStep => cost.train_flops,
+            What::EvalForward => cost.forward_flops,
+            What::GreedyDecode => decode_flops(
+                d as u64,
+                f as u64,
+                layers as u64,
+                v as u64,
+                b as u64,
+                s as u64,
+                t as u64,
+            ),
+        };
+        report(args, what, &times, (b * t) as f64, flops as f64);
+    }
+    Ok(())
+}
+
+/// The FLOPs `torch_baseline.py` credits a greedy decode with: the encoder once, then T
+/// decoder steps of one token, step i attending to i cached positions and to the source.
+fn decode_flops(d: u64, f: u64, layers: u64, v: u64, b: u64, s: u64, t: u64) -> u64 {
+    let dense = |m: u64, n: u64, tokens: u64| 2 * m * n * tokens;
+    let attn = |lq: u64, lk: u64| 4 * lq * lk * d;
+    let enc_layer = dense(d, 3 * d, s) + attn(s, s) + dense(d, d, s) + dense(d, f, s) + dense(f, d, s);
+    let self_cached: u64 = (1..=t).map(|i| attn(1, i)).sum();
+    let cross: u64 = (0..t).map(|_| attn(1, s)).sum();
+    let dec_layer = dense(d, 3 * d, t)
+        + self_cached
+        + dense(d, d, t)
+        + dense(d, d, t)
+        + dense(d, 2 * d, s)
+        + cross
+        + dense(d, d, t)
+        + dense(d, f, t)
+        + dense(f, d, t);
+    b * (layers * enc_layer + layers * dec_layer + dense(d, v, t))
+}
+
+fn time_it(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..args.warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    };
+    let what_name = match what {
+        What::TrainStep => "train_step",
+        What::EvalForward => "eval_forward",
+        What::GreedyDecode => "greedy_decode",
+    };
+    let workload = format!("{:?}", args.workload).to_lowercase();
+    let (min, max) = (sorted[0], sorted[n - 1]);
+    let tokens_per_s = tokens / median;
+    let gflops = flops / median / 1e9;
+    if args.json {
+        println!(
+            "{{\"workload\": \"{workload}\", \"threads\": {}, \"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"impl\": \"vaswani {}\"}}",
+            args.threads,
+            median * 1e3,
+            min * 1e3,
+            max * 1e3,
+            tokens_per_s,
+            gflops,
+            args.steps,
+            env!("CARGO_PKG_VERSION")
+        );
+    } else {
+        println!(
+            "{workload:>5} threads={} {what_name:<13} median {:10.3} ms (min {:.3}, max {:.3})  {tokens_per_s:10.1} tok/s {gflops:8.2} GFLOP/s",
+            args.threads,
+            median * 1e3,
+            min * 1e3,
+            max * 1e3
+        );
+    }
+}

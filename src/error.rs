@@ -48,6 +48,20 @@ pub enum Error {
         /// Which input.
         what: String,
     },
+    /// A file could not be read or written.
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's reason.
+        why: String,
+    },
+    /// A file is not a valid checkpoint or state_dict, or does not fit the model.
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Anything else about the input that is not a shape: an empty batch, a mask that does
     /// not fit, inconsistent lengths.
     InvalidInput {
@@ -97,6 +111,8 @@ impl fmt::Display for Error {
                 write!(f, "sequence of length {len} is longer than the maximum of {max}")
             }
             Error::NonFinite { what } => write!(f, "{what} holds NaN or an infinity"),
+            Error::Io { path, why } => write!(f, "{path}: {why}"),
+            Error::Checkpoint { path, why } => write!(f, "{path}: {why}"),
             Error::InvalidInput { why } => write!(f, "invalid input: {why}"),
         }
     }

@@ -5,6 +5,8 @@
 pub mod blocks;
 pub mod error;
 pub mod gradcheck;
+#[cfg(feature = "serde")]
+pub mod io;
 pub mod kernels;
 pub mod layers;
 pub mod models;

@@ -15,6 +15,8 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// From exact counts.
+    #[allow(dead_code)]
     pub(crate) fn new(params: u64, forward_flops: u64) -> Self {
         Cost {
             params,
@@ -23,9 +25,19 @@ impl Cost {
         }
     }
 
+    /// From counts computed in `f64` (so that absurd configs saturate instead of wrapping
+    /// around): exact below 2⁵³, saturating at `u64::MAX` above.
+    pub(crate) fn from_f64(params: f64, forward_flops: f64) -> Self {
+        Cost {
+            params: params as u64,
+            forward_flops: forward_flops as u64,
+            train_flops: (3.0 * forward_flops) as u64,
+        }
+    }
+
     /// Bytes of the parameters in `f32`, and as much again for gradients and each of Adam's
     /// two moments: `(parameters, training state)`.
     pub fn memory_bytes(&self) -> (u64, u64) {
-        (4 * self.params, 16 * self.params)
+        (self.params.saturating_mul(4), self.params.saturating_mul(16))
     }
 }

@@ -16,6 +16,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
+use vaswani::io::{load_trainer, save_trainer};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
 use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Result};
@@ -29,7 +30,7 @@ const SPECIALS: usize = 3;
 #[derive(Parser, Debug)]
 struct Args {
     #[command(flatten)]
-    common: common::CommonArgs<800>,
+    common: common::CommonArgs<1000>,
     /// Distinct symbols (the vocabulary is these plus PAD, BOS and EOS).
     #[arg(long, default_value_t = 10)]
     symbols: usize,
@@ -54,6 +55,10 @@ struct Args {
     /// Held-out sequences to decode.
     #[arg(long, default_value_t = 1000)]
     held_out: usize,
+    /// With --save, also write the checkpoint every N steps (a killed run then resumes from
+    /// the last one with --resume, exactly as if it had not stopped).
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
     /// Where to write the loss curve.
     #[arg(long, default_value = "copy_task_loss.png")]
     plot: PathBuf,
@@ -76,7 +81,6 @@ fn batch(rng: &mut StdRng, args: &Args, size: usize) -> Result<Seq2SeqBatch> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    args.common.refuse_checkpoint_flags("copy_task");
     common::init_threads(args.common.threads);
     // The whole run happens on the pool, so that every kernel's parallel loops start from a
     // worker thread.
@@ -86,11 +90,11 @@ fn main() -> Result<()> {
 fn run(args: &Args) -> Result<()> {
     let start = Instant::now();
     let vocab = SPECIALS + args.symbols;
-    // Separate streams: the model's initialisation and dropout, the training data, the
-    // held-out data. Each is fixed by --seed.
-    let mut rng = StdRng::seed_from_u64(args.common.seed);
-    let mut data_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(1));
-    let mut held_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(2));
+    let seed = args.common.seed;
+    // Every random draw is fixed by --seed: the initialisation and the held-out data here,
+    // and each step's batch and dropout by (seed, step), so that --resume continues exactly.
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut held_rng = StdRng::seed_from_u64(seed.wrapping_add(2));
 
     let block = BlockConfig::new(args.d_model, args.heads, 2 * args.d_model).with_dropout(0.0);
     let cfg = EncoderDecoderConfig::new(vocab, vocab, block, args.layers, args.layers)
@@ -108,35 +112,53 @@ fn run(args: &Args) -> Result<()> {
         model.num_params()
     );
     let steps = args.common.steps as u64;
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            adam: AdamConfig::paper(),
-            schedule: Schedule::Cosine {
-                peak: args.lr,
-                warmup: 100.min(steps / 4),
-                total: steps,
-                min: 0.0,
-            },
-            clip_norm: Some(1.0),
-            label_smoothing: 0.0,
+    let fresh = TrainerConfig {
+        adam: AdamConfig::paper(),
+        schedule: Schedule::Cosine {
+            peak: args.lr,
+            warmup: 100.min(steps / 4),
+            total: steps,
+            min: 0.0,
         },
-    )?;
+        clip_norm: Some(1.0),
+        label_smoothing: 0.0,
+    };
+    let mut trainer = match &args.common.resume {
+        Some(path) => {
+            let t: Trainer<f32, EncoderDecoder> = load_trainer(path)?;
+            println!("resumed from {} at step {}", path.display(), t.steps());
+            t
+        }
+        None => Trainer::new(model, fresh)?,
+    };
 
     let valid = batch(&mut held_rng, args, 256)?;
     let mut train_curve = Vec::new();
     let mut valid_curve = Vec::new();
+    let first = trainer.steps() as usize;
     let mut progress = common::Progress::new(args.common.steps, "copy_task");
-    for step in 0..args.common.steps {
-        let b = batch(&mut data_rng, args, args.batch)?;
-        let stats = trainer.step(std::slice::from_ref(&b), &mut rng)?;
+    for step in first..args.common.steps {
+        let b = batch(&mut common::step_rng(seed, step as u64, 0), args, args.batch)?;
+        let stats = trainer.step(
+            std::slice::from_ref(&b),
+            &mut common::step_rng(seed, step as u64, 1),
+        )?;
         progress.update(step, stats.loss.loss, b.tgt_out.tokens());
         train_curve.push((step as f64 + 1.0, stats.loss.loss));
+        if let (Some(path), Some(every)) = (&args.common.save, args.save_every) {
+            if (step + 1) % every == 0 {
+                save_trainer(path, &trainer)?;
+            }
+        }
         if (step + 1) % 50 == 0 || step + 1 == args.common.steps {
             valid_curve.push((step as f64 + 1.0, held_out_loss(&trainer.model, &valid)?));
         }
     }
     progress.finish();
+    if let Some(path) = &args.common.save {
+        save_trainer(path, &trainer)?;
+        println!("checkpoint (model and optimizer) written to {}", path.display());
+    }
     let final_loss = train_curve.last().map_or(f64::NAN, |&(_, l)| l);
     println!("final training loss {final_loss:.9} (the same for any --threads)");
     common::plot_curves(

@@ -74,6 +74,18 @@ impl<const STEPS: usize> CommonArgs<STEPS> {
     }
 }
 
+/// The random stream `stream` of training step `step`: a pure function of (seed, step,
+/// stream), so that a run resumed from a checkpoint at step k draws exactly what an
+/// uninterrupted run draws from step k on.
+pub fn step_rng(seed: u64, step: u64, stream: u64) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    // SplitMix64 finaliser over the three words: well-spread seeds for neighbouring steps.
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
 /// Parses a count that must be at least 1.
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

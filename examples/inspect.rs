@@ -1,0 +1,56 @@
+//! Prints what a checkpoint holds: its kind, config, step, parameter count and tensors.
+//!
+//!     cargo run --release --example inspect -- model.safetensors
+//!
+//! A file it cannot load gets the error on standard error and exit status 1, never a panic.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use vaswani::io::{CheckpointInfo, inspect, load_model};
+use vaswani::models::EncoderDecoder;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [path] = args.as_slice() else {
+        eprintln!("usage: inspect FILE.safetensors");
+        return ExitCode::from(2);
+    };
+    match run(path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &str) -> vaswani::Result<()> {
+    let info: CheckpointInfo = inspect(path)?;
+    // Where the crate knows the kind, load the whole model too, so that a file whose tensors
+    // do not fit its config is reported here as well.
+    if info.kind == "encoder_decoder" {
+        match info.dtype.as_str() {
+            "f64" => drop(load_model::<f64, EncoderDecoder<f64>>(path)?),
+            _ => drop(load_model::<f32, EncoderDecoder>(path)?),
+        }
+    }
+    println!("{path}");
+    println!(
+        "  kind       {} ({}), format version {}",
+        info.kind, info.dtype, info.version
+    );
+    println!("  parameters {}", info.params);
+    if let Some(step) = info.step {
+        println!("  training   step {step}, optimizer state saved");
+    }
+    println!("  config     {}", info.config);
+    if let Some(trainer) = &info.trainer {
+        println!("  trainer    {trainer}");
+    }
+    println!("  tensors    {}", info.tensors.len());
+    for t in &info.tensors {
+        println!("    {:<48} {:<5} {:?}", t.name, t.dtype, t.shape);
+    }
+    Ok(())
+}

@@ -35,22 +35,30 @@ fn run(path: &str) -> vaswani::Result<()> {
             _ => drop(load_model::<f32, EncoderDecoder>(path)?),
         }
     }
-    println!("{path}");
-    println!(
+    // Written with `writeln!` so that a closed pipe (`| head`) ends the listing quietly
+    // instead of panicking as `println!` would.
+    let _ = print_info(path, &info, &mut std::io::stdout().lock());
+    Ok(())
+}
+
+fn print_info(path: &str, info: &CheckpointInfo, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "{path}")?;
+    writeln!(
+        out,
         "  kind       {} ({}), format version {}",
         info.kind, info.dtype, info.version
-    );
-    println!("  parameters {}", info.params);
+    )?;
+    writeln!(out, "  parameters {}", info.params)?;
     if let Some(step) = info.step {
-        println!("  training   step {step}, optimizer state saved");
+        writeln!(out, "  training   step {step}, optimizer state saved")?;
     }
-    println!("  config     {}", info.config);
+    writeln!(out, "  config     {}", info.config)?;
     if let Some(trainer) = &info.trainer {
-        println!("  trainer    {trainer}");
+        writeln!(out, "  trainer    {trainer}")?;
     }
-    println!("  tensors    {}", info.tensors.len());
+    writeln!(out, "  tensors    {}", info.tensors.len())?;
     for t in &info.tensors {
-        println!("    {:<48} {:<5} {:?}", t.name, t.dtype, t.shape);
+        writeln!(out, "    {:<48} {:<5} {:?}", t.name, t.dtype, t.shape)?;
     }
     Ok(())
 }

@@ -11,9 +11,14 @@
 pub mod batch;
 pub mod cost;
 pub mod encoder_decoder;
+pub mod encoder_only;
 pub mod input;
 
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
 pub use encoder_decoder::{EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch};
+pub use encoder_only::{
+    EncoderInput, EncoderOnly, EncoderOnlyCache, EncoderOnlyConfig, Head, InputKind, LabeledBatch, Pooling,
+    Targets,
+};
 pub use input::{InputCache, InputStage, Positions};

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use vaswani::io::{CheckpointInfo, inspect, load_model};
-use vaswani::models::EncoderDecoder;
+use vaswani::models::{EncoderDecoder, EncoderOnly};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,11 +29,12 @@ fn run(path: &str) -> vaswani::Result<()> {
     let info: CheckpointInfo = inspect(path)?;
     // Where the crate knows the kind, load the whole model too, so that a file whose tensors
     // do not fit its config is reported here as well.
-    if info.kind == "encoder_decoder" {
-        match info.dtype.as_str() {
-            "f64" => drop(load_model::<f64, EncoderDecoder<f64>>(path)?),
-            _ => drop(load_model::<f32, EncoderDecoder>(path)?),
-        }
+    match (info.kind.as_str(), info.dtype.as_str()) {
+        ("encoder_decoder", "f64") => drop(load_model::<f64, EncoderDecoder<f64>>(path)?),
+        ("encoder_decoder", _) => drop(load_model::<f32, EncoderDecoder>(path)?),
+        ("encoder_only", "f64") => drop(load_model::<f64, EncoderOnly<f64>>(path)?),
+        ("encoder_only", _) => drop(load_model::<f32, EncoderOnly>(path)?),
+        _ => {}
     }
     // Written with `writeln!` so that a closed pipe (`| head`) ends the listing quietly
     // instead of panicking as `println!` would.

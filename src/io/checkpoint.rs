@@ -41,7 +41,7 @@ use serde::de::DeserializeOwned;
 use super::tensors::{OwnedTensor, TensorFile, TensorInfo, write_tensor_file};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
-use crate::models::{EncoderDecoder, EncoderDecoderConfig};
+use crate::models::{EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig};
 use crate::params::Params;
 use crate::train::{Adam, Trainable, Trainer, TrainerConfig};
 
@@ -80,6 +80,20 @@ impl<F: Float> Checkpointable<F> for EncoderDecoder<F> {
     }
     fn param_count(cfg: &EncoderDecoderConfig) -> u64 {
         cfg.cost(1, 1, 1).params
+    }
+}
+
+impl<F: Float> Checkpointable<F> for EncoderOnly<F> {
+    const KIND: &'static str = "encoder_only";
+    type Config = EncoderOnlyConfig;
+    fn config(&self) -> &EncoderOnlyConfig {
+        &self.cfg
+    }
+    fn from_config(cfg: &EncoderOnlyConfig) -> Result<Self> {
+        cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
+    }
+    fn param_count(cfg: &EncoderOnlyConfig) -> u64 {
+        cfg.cost(1, 1).params
     }
 }
 

@@ -382,37 +382,39 @@ impl EncoderOnlyConfig {
     /// models counts (dense d_in → d_model per position), the token embedding and the pooling
     /// do not, the head counts once per sequence.
     pub fn cost(&self, batch: usize, len: usize) -> Cost {
+        // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
         let b = &self.block;
-        let (d, f) = (b.d_model as u64, b.d_ff as u64);
-        let bias = |n: u64| if b.bias { n } else { 0 };
-        let norm = 2 * d;
-        let layer = 4 * d * d + bias(4 * d) + 2 * d * f + bias(f + d) + 2 * norm;
+        let (d, f) = (b.d_model as f64, b.d_ff as f64);
+        let bias = |n: f64| if b.bias { n } else { 0.0 };
+        let norm = 2.0 * d;
+        let layer = 4.0 * d * d + bias(4.0 * d) + 2.0 * d * f + bias(f + d) + 2.0 * norm;
         let input = match self.input {
-            InputKind::Tokens { vocab } => vocab as u64 * d,
-            InputKind::Features { d_in } => d_in as u64 * d + d,
+            InputKind::Tokens { vocab } => vocab as f64 * d,
+            InputKind::Features { d_in } => d_in as f64 * d + d,
         };
         let learned = match self.positions {
-            Positions::Learned { max_len } => max_len as u64 * d,
-            Positions::Sinusoidal => 0,
+            Positions::Learned { max_len } => max_len as f64 * d,
+            Positions::Sinusoidal => 0.0,
         };
         let final_norm = if self.encoder_config().has_final_norm() {
             norm
         } else {
-            0
+            0.0
         };
-        let n_out = self.head.n_out() as u64;
+        let n_out = self.head.n_out() as f64;
         let head = d * n_out + n_out;
-        let params = input + learned + self.n_layers as u64 * layer + final_norm + head;
+        let n_layers = self.n_layers as f64;
+        let params = input + learned + n_layers * layer + final_norm + head;
 
-        let t = len as u64;
-        let dense = |m: u64, n: u64, tokens: u64| 2 * m * n * tokens;
-        let enc = dense(d, 3 * d, t) + 4 * t * t * d + dense(d, d, t) + dense(d, f, t) + dense(f, d, t);
+        let t = len as f64;
+        let dense = |m: f64, n: f64, tokens: f64| 2.0 * m * n * tokens;
+        let enc = dense(d, 3.0 * d, t) + 4.0 * t * t * d + dense(d, d, t) + dense(d, f, t) + dense(f, d, t);
         let proj = match self.input {
-            InputKind::Tokens { .. } => 0,
-            InputKind::Features { d_in } => dense(d_in as u64, d, t),
+            InputKind::Tokens { .. } => 0.0,
+            InputKind::Features { d_in } => dense(d_in as f64, d, t),
         };
-        let forward = batch as u64 * (proj + self.n_layers as u64 * enc + dense(d, n_out, 1));
-        Cost::new(params, forward)
+        let forward = batch as f64 * (proj + n_layers * enc + dense(d, n_out, 1.0));
+        Cost::from_f64(params, forward)
     }
 }
 

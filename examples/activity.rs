@@ -28,9 +28,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use ndarray::Array3;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
+use vaswani::io::{load_trainer, save_trainer};
 use vaswani::kernels::Activation;
 use vaswani::models::{EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
 use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig, cross_entropy};
@@ -245,7 +245,6 @@ fn batch(examples: &[&Example]) -> Result<LabeledBatch> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    args.common.refuse_checkpoint_flags("activity");
     if args.window < 2 || args.batch == 0 || args.held_out == 0 || args.held_out >= args.windows {
         eprintln!("error: need --window ≥ 2, --batch ≥ 1 and 1 ≤ --held-out < --windows");
         std::process::exit(2);
@@ -258,11 +257,11 @@ fn main() -> Result<()> {
 
 fn run(args: &Args) -> Result<()> {
     let start = Instant::now();
-    // Separate streams, each fixed by --seed: the model's initialisation and dropout, the
-    // data set, the order of the training windows.
-    let mut rng = StdRng::seed_from_u64(args.common.seed);
-    let mut data_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(1));
-    let mut order_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(2));
+    // Every random draw is fixed by --seed: the initialisation and the data set here, and
+    // each step's windows and dropout by (seed, step), so that --resume continues exactly.
+    let seed = args.common.seed;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data_rng = StdRng::seed_from_u64(seed.wrapping_add(1));
 
     let examples: Vec<Example> = (0..args.windows)
         .map(|_| {
@@ -305,38 +304,45 @@ fn run(args: &Args) -> Result<()> {
         model.num_params()
     );
     let steps = args.common.steps as u64;
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            adam: AdamConfig::paper(),
-            schedule: Schedule::Cosine {
-                peak: args.lr,
-                warmup: (steps / 10).max(1),
-                total: steps,
-                min: 0.0,
-            },
-            clip_norm: Some(1.0),
-            label_smoothing: SMOOTHING,
+    let fresh = TrainerConfig {
+        adam: AdamConfig::paper(),
+        schedule: Schedule::Cosine {
+            peak: args.lr,
+            warmup: (steps / 10).max(1),
+            total: steps,
+            min: 0.0,
         },
-    )?;
+        clip_norm: Some(1.0),
+        label_smoothing: SMOOTHING,
+    };
+    let mut trainer = match &args.common.resume {
+        Some(path) => {
+            let t: Trainer<f32, EncoderOnly> = load_trainer(path)?;
+            println!("resumed from {} at step {}", path.display(), t.steps());
+            t
+        }
+        None => Trainer::new(model, fresh)?,
+    };
 
     // A fixed slice of the held-out windows for the curve.
     let curve_batch = batch(&held_out.iter().take(250).collect::<Vec<_>>())?;
     let mut train_curve = Vec::new();
     let mut held_curve = Vec::new();
-    let mut order: Vec<usize> = Vec::new();
     let mut progress = common::Progress::new(args.common.steps, "activity");
-    for step in 0..args.common.steps {
-        // Epochs over the training windows, each in a new random order.
-        while order.len() < args.batch {
-            let mut epoch: Vec<usize> = (0..train.len()).collect();
-            epoch.shuffle(&mut order_rng);
-            order.extend(epoch);
-        }
-        let picked: Vec<&Example> = order.drain(..args.batch).map(|i| &train[i]).collect();
-        let stats = trainer.step(&[batch(&picked)?], &mut rng)?;
+    for step in trainer.steps() as usize..args.common.steps {
+        // A batch of distinct training windows drawn at random for this step.
+        let mut pick_rng = common::step_rng(seed, step as u64, 0);
+        let picked: Vec<&Example> =
+            rand::seq::index::sample(&mut pick_rng, train.len(), args.batch.min(train.len()))
+                .into_iter()
+                .map(|i| &train[i])
+                .collect();
+        let stats = trainer.step(&[batch(&picked)?], &mut common::step_rng(seed, step as u64, 1))?;
         progress.update(step, stats.loss.loss, picked.len());
         train_curve.push((step as f64 + 1.0, stats.loss.loss));
+        if let Some(path) = args.common.save_due(step) {
+            save_trainer(path, &trainer)?;
+        }
         if (step + 1) % 50 == 0 || step + 1 == args.common.steps {
             held_curve.push((step as f64 + 1.0, loss(&trainer.model, &curve_batch, SMOOTHING)?));
         }

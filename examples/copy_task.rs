@@ -55,10 +55,6 @@ struct Args {
     /// Held-out sequences to decode.
     #[arg(long, default_value_t = 1000)]
     held_out: usize,
-    /// With --save, also write the checkpoint every N steps (a killed run then resumes from
-    /// the last one with --resume, exactly as if it had not stopped).
-    #[arg(long, value_name = "N")]
-    save_every: Option<usize>,
     /// Where to write the loss curve.
     #[arg(long, default_value = "copy_task_loss.png")]
     plot: PathBuf,
@@ -145,10 +141,8 @@ fn run(args: &Args) -> Result<()> {
         )?;
         progress.update(step, stats.loss.loss, b.tgt_out.tokens());
         train_curve.push((step as f64 + 1.0, stats.loss.loss));
-        if let (Some(path), Some(every)) = (&args.common.save, args.save_every) {
-            if (step + 1) % every == 0 {
-                save_trainer(path, &trainer)?;
-            }
+        if let Some(path) = args.common.save_due(step) {
+            save_trainer(path, &trainer)?;
         }
         if (step + 1) % 50 == 0 || step + 1 == args.common.steps {
             valid_curve.push((step as f64 + 1.0, held_out_loss(&trainer.model, &valid)?));
@@ -156,7 +150,6 @@ fn run(args: &Args) -> Result<()> {
     }
     progress.finish();
     if let Some(path) = &args.common.save {
-        save_trainer(path, &trainer)?;
         println!("checkpoint (model and optimizer) written to {}", path.display());
     }
     let final_loss = train_curve.last().map_or(f64::NAN, |&(_, l)| l);

@@ -61,9 +61,21 @@ pub struct CommonArgs<const STEPS: usize> {
     /// Start from the checkpoint in FILE instead of a fresh initialisation.
     #[arg(long, value_name = "FILE")]
     pub resume: Option<PathBuf>,
+    /// With --save, also write the checkpoint every N steps, so that a run that is stopped
+    /// resumes from the last one with --resume exactly as if it had not stopped.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub save_every: Option<usize>,
 }
 
 impl<const STEPS: usize> CommonArgs<STEPS> {
+    /// Whether the checkpoint is due after `step` (0-based) of `--steps`: every `--save-every`
+    /// steps and at the end, when `--save` is given.
+    pub fn save_due(&self, step: usize) -> Option<&Path> {
+        let path = self.save.as_deref()?;
+        let periodic = self.save_every.is_some_and(|n| (step + 1) % n == 0);
+        (periodic || step + 1 == self.steps).then_some(path)
+    }
+
     /// Exits with status 2 if `--save` or `--resume` was given, for an example that cannot
     /// honour them yet.
     pub fn refuse_checkpoint_flags(&self, example: &str) {

@@ -72,7 +72,7 @@ impl<const STEPS: usize> CommonArgs<STEPS> {
     /// steps and at the end, when `--save` is given.
     pub fn save_due(&self, step: usize) -> Option<&Path> {
         let path = self.save.as_deref()?;
-        let periodic = self.save_every.is_some_and(|n| (step + 1) % n == 0);
+        let periodic = self.save_every.is_some_and(|n| (step + 1).is_multiple_of(n));
         (periodic || step + 1 == self.steps).then_some(path)
     }
 

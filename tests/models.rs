@@ -186,3 +186,70 @@ fn padding_does_not_change_real_outputs() {
         }
     }
 }
+
+#[test]
+fn accumulated_micro_batches_give_the_large_batch_gradient() {
+    use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+    let mut rng = StdRng::seed_from_u64(64);
+    let model: EncoderDecoder<f64> =
+        EncoderDecoderConfig::new(12, 12, BlockConfig::new(8, 2, 16).with_dropout(0.0), 1, 1)
+            .init(&mut rng)
+            .unwrap();
+    let pairs: Vec<(Vec<usize>, Vec<usize>)> = vec![
+        (vec![3, 4, 5], vec![5, 4]),
+        (vec![6], vec![6, 7, 8, 9]),
+        (vec![7, 8], vec![10]),
+        (vec![3, 3, 3, 3], vec![4, 5, 6]),
+    ];
+    let whole = Seq2SeqBatch::from_pairs(&pairs, 1, 2, 0).unwrap();
+    let parts = [
+        Seq2SeqBatch::from_pairs(&pairs[..1], 1, 2, 0).unwrap(),
+        Seq2SeqBatch::from_pairs(&pairs[1..], 1, 2, 0).unwrap(),
+    ];
+    // The gradients, weighted by each micro-batch's share of the tokens as the Trainer does.
+    let mut g_whole = model.zeros_like();
+    model
+        .accumulate(&whole, 0.1, 1.0, &mut g_whole, &mut StdRng::seed_from_u64(0))
+        .unwrap();
+    let mut g_parts = model.zeros_like();
+    let total = whole.tgt_out.tokens() as f64;
+    for part in &parts {
+        model
+            .accumulate(
+                part,
+                0.1,
+                part.tgt_out.tokens() as f64 / total,
+                &mut g_parts,
+                &mut StdRng::seed_from_u64(0),
+            )
+            .unwrap();
+    }
+    let mut diff = g_whole.clone();
+    diff.add_scaled(&g_parts, -1.0);
+    assert!(
+        diff.sq_norm().sqrt() < 1e-12 * g_whole.sq_norm().sqrt(),
+        "{}",
+        diff.sq_norm().sqrt()
+    );
+    // And the Trainer reports the same per-token mean loss either way.
+    let cfg = TrainerConfig {
+        adam: AdamConfig::paper(),
+        schedule: Schedule::Constant { lr: 1e-3 },
+        clip_norm: None,
+        label_smoothing: 0.1,
+    };
+    let mut one = Trainer::new(model.clone(), cfg.clone()).unwrap();
+    let mut two = Trainer::new(model, cfg).unwrap();
+    let a = one
+        .step(std::slice::from_ref(&whole), &mut StdRng::seed_from_u64(0))
+        .unwrap();
+    let b = two.step(&parts, &mut StdRng::seed_from_u64(0)).unwrap();
+    assert_eq!(a.loss.tokens, b.loss.tokens);
+    assert!(
+        (a.loss.loss - b.loss.loss).abs() < 1e-12,
+        "{} vs {}",
+        a.loss.loss,
+        b.loss.loss
+    );
+    assert!((a.grad_norm - b.grad_norm).abs() < 1e-12 * a.grad_norm);
+}

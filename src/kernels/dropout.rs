@@ -1,10 +1,13 @@
 //! Dropout masks (§5.4): each element kept with probability 1 − p and scaled by 1/(1 − p).
 //!
-//! The mask is drawn from the caller's seeded RNG, one `u32` per element compared with
-//! `p·2³²`, so the same seed gives the same mask for `f32` and `f64` and on every machine.
+//! One `u64` drawn from the caller's seeded RNG seeds a fast generator (xoshiro256++, rand's
+//! `SmallRng`) for the mask, which gives one `u32` per element compared with `p·2³²`: the same
+//! seed gives the same mask for `f32` and `f64` and on every machine, and a mask costs about
+//! a nanosecond per element rather than the caller's cryptographic generator's several.
 
 use ndarray::{Array, Dimension, ShapeBuilder};
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 
 use super::Float;
 
@@ -20,12 +23,19 @@ pub fn dropout_mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
     assert!((0.0..1.0).contains(&p), "dropout_mask: p = {p} is not in [0, 1)");
     let threshold = (p as f64 * 4_294_967_296.0) as u64;
     let keep = F::from_f64(1.0 / (1.0 - p as f64));
+    let mut fast = SmallRng::seed_from_u64(rng.next_u64());
+    // Two 32-bit draws from each 64-bit output.
+    let mut spare: Option<u32> = None;
     Array::from_shape_simple_fn(shape, || {
-        if (rng.next_u32() as u64) < threshold {
-            F::ZERO
-        } else {
-            keep
-        }
+        let r = match spare.take() {
+            Some(r) => r,
+            None => {
+                let x = fast.next_u64();
+                spare = Some((x >> 32) as u32);
+                x as u32
+            }
+        };
+        if (r as u64) < threshold { F::ZERO } else { keep }
     })
 }
 

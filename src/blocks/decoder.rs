@@ -11,7 +11,7 @@ use super::{
 };
 use crate::error::{Result, check};
 use crate::kernels::Float;
-use crate::layers::{LayerNorm, LayerNormCache, LayerNormConfig, Mask};
+use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of a [`Decoder`] stack.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,6 +36,26 @@ pub struct Decoder<F: Float = f32> {
     pub norm: Option<LayerNorm<F>>,
 }
 crate::impl_params!(Decoder { layers, norm });
+
+/// The key/value caches of a decode in progress: per layer, the self-attention keys and values
+/// of the positions generated so far and the memory's keys and values, projected once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderState<F: Float = f32> {
+    self_caches: Vec<KvCache<F>>,
+    cross: Vec<KvCache<F>>,
+}
+
+impl<F: Float> DecoderState<F> {
+    /// The number of target positions decoded so far.
+    pub fn len(&self) -> usize {
+        self.self_caches.first().map_or(0, |c| c.len())
+    }
+
+    /// Whether no position has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What [`Decoder::backward`] needs from the forward pass.
 #[derive(Clone, Debug)]
@@ -171,6 +191,44 @@ impl<F: Float> Decoder<F> {
             h = unrows(ln.infer(flat(h).view()), b, t);
         }
         (h, weights)
+    }
+
+    /// Starts a step-by-step decode over `memory` `[B, S, d_model]`: projects every layer's
+    /// cross-attention keys and values once, with room for `capacity` target positions.
+    ///
+    /// # Panics
+    /// If `memory` is not `[B, S, d_model]`.
+    pub fn begin(&self, memory: ArrayView3<F>, capacity: usize) -> DecoderState<F> {
+        let b = memory.dim().0;
+        DecoderState {
+            self_caches: self
+                .layers
+                .iter()
+                .map(|l| l.self_attn.empty_cache(b, capacity))
+                .collect(),
+            cross: self
+                .layers
+                .iter()
+                .map(|l| l.cross_attn.project_kv(memory))
+                .collect(),
+        }
+    }
+
+    /// Inference for the next target positions `x` `[B, Tq, d_model]` of a decode begun with
+    /// [`Decoder::begin`]; equal to [`Decoder::infer`] with a causal mask at those rows.
+    ///
+    /// # Panics
+    /// If a shape does not fit or `memory_mask` does not fit `(B, Tq, S)`.
+    pub fn infer_step(&self, x: ArrayView3<F>, state: &mut DecoderState<F>, memory_mask: &Mask) -> Array3<F> {
+        let (b, t, _) = x.dim();
+        let mut h = x.to_owned();
+        for ((layer, cache), cross) in self.layers.iter().zip(&mut state.self_caches).zip(&state.cross) {
+            h = layer.infer_step(h.view(), cache, cross, memory_mask);
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, t);
+        }
+        h
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`;

@@ -22,7 +22,7 @@ use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::layers::{
-    FeedForward, FeedForwardCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
+    FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
 
 /// A decoder layer. See the [module docs](self).
@@ -180,6 +180,41 @@ impl<F: Float> DecoderLayer<F> {
             cross_attn: w_cross.expect("the cross-attention ran"),
         };
         (unrows(y, b, t), weights)
+    }
+
+    /// Inference for new target positions `x` `[B, Tq, d_model]` that follow the positions
+    /// already in `self_cache`, with the memory's keys and values projected once in `cross`
+    /// ([`MultiHead::project_kv`] of this layer's `cross_attn`): step-by-step decoding. Equal
+    /// to [`DecoderLayer::infer`] over the whole target with a causal mask, at the new rows.
+    ///
+    /// # Panics
+    /// If a shape does not fit or `memory_mask` does not fit `(B, Tq, S)`.
+    pub fn infer_step(
+        &self,
+        x: ArrayView3<F>,
+        self_cache: &mut KvCache<F>,
+        cross: &KvCache<F>,
+        memory_mask: &Mask,
+    ) -> Array3<F> {
+        let (b, t, d) = x.dim();
+        assert_eq!(
+            d,
+            self.cfg.d_model,
+            "DecoderLayer::infer_step: x is {:?}, expected [B, Tq, d_model = {d}]",
+            x.shape()
+        );
+        let x = rows(x);
+        let h1 = self.norm1.infer(x.view(), |z| {
+            flat(self.self_attn.infer_cached(view3(z, b, t), self_cache))
+        });
+        let h2 = self.norm2.infer(h1.view(), |z| {
+            flat(
+                self.cross_attn
+                    .infer_with_cache(view3(z, b, t), cross, memory_mask),
+            )
+        });
+        let y = self.norm3.infer(h2.view(), |z| self.ffn.infer(z));
+        unrows(y, b, t)
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`.

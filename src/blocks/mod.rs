@@ -18,7 +18,7 @@ pub mod decoder_layer;
 pub mod encoder;
 pub mod encoder_layer;
 
-pub use decoder::{Decoder, DecoderCache, DecoderConfig};
+pub use decoder::{Decoder, DecoderCache, DecoderConfig, DecoderState};
 pub use decoder_layer::{DecoderLayer, DecoderLayerCache, DecoderLayerWeights};
 pub use encoder::{Encoder, EncoderCache, EncoderConfig};
 pub use encoder_layer::{EncoderLayer, EncoderLayerCache};

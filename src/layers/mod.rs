@@ -32,7 +32,7 @@ pub use feed_forward::{FeedForward, FeedForwardCache, FeedForwardConfig, FeedFor
 pub use layer_norm::{LayerNorm, LayerNormCache, LayerNormConfig, LayerNormParams};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
 pub use mask::{Mask, PairFlags, ResolvedMask};
-pub use multi_head::{MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};
+pub use multi_head::{KvCache, MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};
 pub use positional::{
     LearnedPositional, LearnedPositionalConfig, LearnedPositionalParams, SinusoidalConfig,
     SinusoidalEncoding, sinusoidal_rows, sinusoidal_table,

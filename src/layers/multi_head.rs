@@ -43,7 +43,7 @@
 //! ```
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4,
+    Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, s,
 };
 use rand::Rng;
 
@@ -127,6 +127,62 @@ pub struct MultiHeadCache<F: Float = f32> {
     /// The concatenated head outputs `[B·Tq, d]`, input of W_O.
     ctx: Array2<F>,
     core: AttentionCoreCache<F>,
+}
+
+/// The keys and values of positions already seen, per head, for decoding step by step: the
+/// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
+/// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache<F: Float = f32> {
+    /// `[B, H, capacity, d_k]`; positions `..len` are filled.
+    k: Array4<F>,
+    /// `[B, H, capacity, d_k]`.
+    v: Array4<F>,
+    len: usize,
+}
+
+impl<F: Float> KvCache<F> {
+    /// The number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The batch size.
+    pub fn batch_size(&self) -> usize {
+        self.k.dim().0
+    }
+
+    fn keys(&self) -> ArrayView4<'_, F> {
+        self.k.slice(s![.., .., ..self.len, ..])
+    }
+
+    fn values(&self) -> ArrayView4<'_, F> {
+        self.v.slice(s![.., .., ..self.len, ..])
+    }
+
+    /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.
+    fn push(&mut self, k: ArrayView4<F>, v: ArrayView4<F>) {
+        let (b, h, t, dk) = k.dim();
+        let need = self.len + t;
+        if need > self.k.dim().2 {
+            let cap = need.max(2 * self.k.dim().2).max(8);
+            for buf in [&mut self.k, &mut self.v] {
+                let mut grown = Array4::zeros((b, h, cap, dk));
+                grown
+                    .slice_mut(s![.., .., ..self.len, ..])
+                    .assign(&buf.slice(s![.., .., ..self.len, ..]));
+                *buf = grown;
+            }
+        }
+        self.k.slice_mut(s![.., .., self.len..need, ..]).assign(&k);
+        self.v.slice_mut(s![.., .., self.len..need, ..]).assign(&v);
+        self.len = need;
+    }
 }
 
 impl MultiHeadConfig {
@@ -358,6 +414,103 @@ impl<F: Float> MultiHead<F> {
                 (to3(grad_x, tq), None)
             }
         }
+    }
+
+    /// An empty self-attention cache for `b` sequences, with room for `capacity` positions
+    /// before it grows.
+    pub fn empty_cache(&self, b: usize, capacity: usize) -> KvCache<F> {
+        let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
+        KvCache {
+            k: Array4::zeros((b, h, capacity, dk)),
+            v: Array4::zeros((b, h, capacity, dk)),
+            len: 0,
+        }
+    }
+
+    /// Cross-attention keys and values of `memory` `[B, S, d_model]`, projected once for a
+    /// whole decode.
+    ///
+    /// # Panics
+    /// If `memory` is not `[B, S, d_model]`.
+    pub fn project_kv(&self, memory: ArrayView3<F>) -> KvCache<F> {
+        let (b, s_len, d) = memory.dim();
+        assert_eq!(
+            d,
+            self.cfg.d_model,
+            "MultiHead::project_kv: memory is {:?}, expected [B, S, d_model = {}]",
+            memory.shape(),
+            self.cfg.d_model
+        );
+        let m = rows(memory);
+        let p = &self.p;
+        let k = affine(m.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
+        let v = affine(m.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
+        let mut cache = self.empty_cache(b, s_len);
+        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
+        cache
+    }
+
+    /// Self-attention for new positions `x` `[B, Tq, d_model]` that follow the `cache.len()`
+    /// positions already cached: their keys and values are appended, and each new position
+    /// attends causally to every position up to itself. Equal to [`MultiHead::infer`] over the
+    /// whole sequence with a causal mask, restricted to the new rows.
+    ///
+    /// # Panics
+    /// If `x` is not `[B, Tq, d_model]` for the cache's B.
+    pub fn infer_cached(&self, x: ArrayView3<F>, cache: &mut KvCache<F>) -> Array3<F> {
+        let (b, _, d) = x.dim();
+        assert!(
+            d == self.cfg.d_model && b == cache.batch_size(),
+            "MultiHead::infer_cached: x is {:?}, expected [B = {}, Tq, d_model = {}]",
+            x.shape(),
+            cache.batch_size(),
+            self.cfg.d_model
+        );
+        let x_rows = rows(x);
+        let p = &self.p;
+        let k = affine(x_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
+        let v = affine(x_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
+        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
+        self.attend(x_rows, cache, &Mask::causal())
+    }
+
+    /// Attention of `x` `[B, Tq, d_model]` over cached keys and values (cross-attention over a
+    /// memory from [`MultiHead::project_kv`]); `mask` is for `(B, Tq, cache.len())`.
+    ///
+    /// # Panics
+    /// If `x` does not fit the cache or the mask does not fit.
+    pub fn infer_with_cache(&self, x: ArrayView3<F>, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+        let (b, _, d) = x.dim();
+        assert!(
+            d == self.cfg.d_model && b == cache.batch_size(),
+            "MultiHead::infer_with_cache: x is {:?}, expected [B = {}, Tq, d_model = {}]",
+            x.shape(),
+            cache.batch_size(),
+            self.cfg.d_model
+        );
+        self.attend(rows(x), cache, mask)
+    }
+
+    /// Queries from `x_rows`, attention over the cache, W_O.
+    fn attend(&self, x_rows: Array2<F>, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+        let b = cache.batch_size();
+        let tq = x_rows.nrows() / b.max(1);
+        let d = self.cfg.d_model;
+        let p = &self.p;
+        let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
+        let mask = resolve_or_panic(mask, b, tq, cache.len());
+        let mut ctx = Array2::zeros((b * tq, d));
+        attention_forward(
+            self.heads(q.view(), b),
+            cache.keys(),
+            cache.values(),
+            mask,
+            0.0,
+            None::<&mut rand::rngs::SmallRng>,
+            self.heads_mut(ctx.view_mut(), b),
+        );
+        let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
+        y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }
 
     /// `[B·T, d_model]` rows as `[B, H, T, d_k]` per-head views (no copy).

@@ -33,7 +33,8 @@ use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use rand::Rng;
 
 use crate::blocks::{
-    BlockConfig, Decoder, DecoderCache, DecoderConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat,
+    BlockConfig, Decoder, DecoderCache, DecoderConfig, DecoderState, Encoder, EncoderCache, EncoderConfig,
+    FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
@@ -115,6 +116,27 @@ pub struct EncoderDecoderCache<F: Float = f32> {
 enum OutputCache<F: Float> {
     Tied(ProjectionCache<F>),
     Linear(LinearCache<F>),
+}
+
+/// A decode in progress (see [`EncoderDecoder::begin_decode`]): the source's padding mask and
+/// the decoder's key/value caches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeState<F: Float = f32> {
+    src_mask: Mask,
+    decoder: DecoderState<F>,
+    b: usize,
+}
+
+impl<F: Float> DecodeState<F> {
+    /// The number of target positions fed so far.
+    pub fn len(&self) -> usize {
+        self.decoder.len()
+    }
+
+    /// Whether no target position has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.decoder.is_empty()
+    }
 }
 
 /// A training batch: source, decoder input and decoder target.
@@ -510,14 +532,114 @@ impl<F: Float> EncoderDecoder<F> {
         self.decode(&memory, src, tgt_in)
     }
 
-    /// Greedy decoding without a cache: encodes once, then re-runs the decoder over the
-    /// growing prefix, `max_len` steps at most, taking the most likely token each time.
-    /// Returns each sequence's tokens up to (not including) `eos`.
+    /// Encodes `src` and starts decoding it step by step with a key/value cache: each
+    /// [`EncoderDecoder::decode_step`] then costs one position's work instead of the whole
+    /// prefix's. `capacity` is the number of target positions to make room for (the caches
+    /// grow past it if needed).
     ///
     /// # Errors
-    /// As [`EncoderDecoder::forward`], and [`Error::TokenOutOfRange`] if `bos` is not in the
-    /// target vocabulary.
+    /// As [`EncoderDecoder::encode`].
+    pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<F>> {
+        let memory = self.encode(src)?;
+        Ok(DecodeState {
+            src_mask: src.padding_mask(),
+            decoder: self.decoder.begin(memory.view(), capacity),
+            b: src.batch_size(),
+        })
+    }
+
+    /// Feeds the next target token of every sequence and returns the logits `[B, V]` for the
+    /// position after it: the same numbers as the last row of [`EncoderDecoder::decode`] over
+    /// the whole prefix.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for a number of tokens other than B,
+    /// [`Error::TokenOutOfRange`] for an id outside the target vocabulary,
+    /// [`Error::SequenceTooLong`] past a learned position table.
+    pub fn decode_step(&self, state: &mut DecodeState<F>, tokens: &[usize]) -> Result<Array2<F>> {
+        let b = state.b;
+        if tokens.len() != b {
+            return Err(Error::shape(
+                "decode_step tokens (one per sequence)",
+                &[b],
+                &[tokens.len()],
+            ));
+        }
+        let pos = state.len();
+        let ids = TokenBatch::full(Array2::from_shape_vec((b, 1), tokens.to_vec()).expect("b ids"))?;
+        ids.check_vocab(self.cfg.tgt_vocab).map_err(|e| match e {
+            Error::TokenOutOfRange {
+                id,
+                position: (row, _),
+                vocab,
+            } => Error::TokenOutOfRange {
+                id,
+                position: (row, pos),
+                vocab,
+            },
+            e => e,
+        })?;
+        if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + 1 > max) {
+            return Err(Error::SequenceTooLong { len: pos + 1, max });
+        }
+        let y = self
+            .tgt_input
+            .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
+        let h = flat(
+            self.decoder
+                .infer_step(y.view(), &mut state.decoder, &state.src_mask),
+        );
+        Ok(match &self.generator {
+            Some(g) => g.infer(h.view()),
+            None => self.target_embedding().project_infer(h.view()),
+        })
+    }
+
+    /// Greedy decoding with the key/value cache: encodes once, then feeds `bos` and each
+    /// most likely token back, `max_len` steps at most. Returns each sequence's tokens up to
+    /// (not including) `eos`.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::begin_decode`] and [`EncoderDecoder::decode_step`] (`bos` must be
+    /// in the target vocabulary).
     pub fn greedy(
+        &self,
+        src: &TokenBatch,
+        bos: usize,
+        eos: usize,
+        max_len: usize,
+    ) -> Result<Vec<Vec<usize>>> {
+        let b = src.batch_size();
+        let mut state = self.begin_decode(src, max_len)?;
+        let mut next = vec![bos; b];
+        let mut done = vec![false; b];
+        let mut out = vec![Vec::new(); b];
+        for _ in 0..max_len {
+            let logits = self.decode_step(&mut state, &next)?;
+            next = logits.rows().into_iter().map(argmax).collect();
+            for (i, &tok) in next.iter().enumerate() {
+                if !done[i] {
+                    if tok == eos {
+                        done[i] = true;
+                    } else {
+                        out[i].push(tok);
+                    }
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Greedy decoding without a cache, re-running the decoder over the whole prefix at every
+    /// step as PyTorch's `nn.Transformer` must: the reference [`EncoderDecoder::greedy`] is
+    /// tested against, and the slow baseline it is measured against.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::greedy`].
+    pub fn greedy_uncached(
         &self,
         src: &TokenBatch,
         bos: usize,

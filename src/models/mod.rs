@@ -16,7 +16,9 @@ pub mod input;
 
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
-pub use encoder_decoder::{EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch};
+pub use encoder_decoder::{
+    DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch,
+};
 pub use encoder_only::{
     EncoderInput, EncoderOnly, EncoderOnlyCache, EncoderOnlyConfig, Head, InputKind, LabeledBatch, Pooling,
     Targets,

@@ -328,7 +328,7 @@ fn run(args: &Args) -> Result<()> {
     let curve_batch = batch(&held_out.iter().take(250).collect::<Vec<_>>())?;
     let mut train_curve = Vec::new();
     let mut held_curve = Vec::new();
-    let mut progress = common::Progress::new(args.common.steps, "activity");
+    let mut progress = common::Progress::new(args.common.steps, "activity").with_unit("windows");
     for step in trainer.steps() as usize..args.common.steps {
         // A batch of distinct training windows drawn at random for this step.
         let mut pick_rng = common::step_rng(seed, step as u64, 0);

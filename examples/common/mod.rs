@@ -132,6 +132,8 @@ pub fn init_threads(n: usize) {
 pub struct Progress {
     bar: ProgressBar,
     label: String,
+    /// What `update` counts: "tokens" unless [`Progress::with_unit`] says otherwise.
+    unit: &'static str,
     total: usize,
     start: Instant,
     /// Steps and tokens seen since `new` (not since step 0: a resumed run starts midway).
@@ -157,6 +159,7 @@ impl Progress {
         Progress {
             bar,
             label: label.to_string(),
+            unit: "tokens",
             total: total_steps,
             start: Instant::now(),
             steps_done: 0,
@@ -164,6 +167,12 @@ impl Progress {
             recent_losses: VecDeque::with_capacity(Self::LOSS_WINDOW),
             next_tenth: 1,
         }
+    }
+
+    /// The same bar counting `unit` (e.g. "windows") instead of tokens.
+    pub fn with_unit(mut self, unit: &'static str) -> Self {
+        self.unit = unit;
+        self
     }
 
     /// Records the step of 0-based index `step` that just finished, with its `loss` and the
@@ -203,22 +212,24 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish();
         eprintln!(
-            "{}: {} steps in {}, {} tokens/s",
+            "{}: {} steps in {}, {} {}/s",
             self.label,
             self.steps_done,
             fmt_duration(self.start.elapsed()),
-            fmt_si(self.tokens_per_sec())
+            fmt_si(self.tokens_per_sec()),
+            self.unit
         );
     }
 
-    /// "loss 1.234 · 12.3k tok/s · 1m 05s left", at position `pos` of `total`.
+    /// "loss 1.234 · 12.3k tokens/s · 1m 05s left", at position `pos` of `total`.
     fn status(&self, pos: usize) -> String {
         let per_step = self.start.elapsed().as_secs_f64() / self.steps_done.max(1) as f64;
         let left = Duration::from_secs_f64(per_step * self.total.saturating_sub(pos) as f64);
         format!(
-            "loss {:.4} · {} tok/s · {} left",
+            "loss {:.4} · {} {}/s · {} left",
             self.mean_loss(),
             fmt_si(self.tokens_per_sec()),
+            self.unit,
             fmt_duration(left)
         )
     }

@@ -12,6 +12,17 @@ pub mod softmax;
 
 pub use activations::Activation;
 
+/// The index of the largest value of `row` (the first on ties; NaN never wins).
+pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, F::NEG_INFINITY),
+            |best, (j, &x)| if x > best.1 { (j, x) } else { best },
+        )
+        .0
+}
+
 /// Below this much work (multiply-adds or elements), a loop stays on the calling thread: handing
 /// it to the rayon pool would cost more than it saves.
 pub const PARALLEL_MIN_WORK: usize = 1 << 15;

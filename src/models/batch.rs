@@ -24,23 +24,7 @@ impl TokenBatch {
     /// not one length per row, [`Error::InvalidInput`] if a length exceeds T.
     pub fn new(ids: Array2<usize>, lengths: Vec<usize>) -> Result<Self> {
         let (b, t) = ids.dim();
-        if b == 0 {
-            return Err(Error::InvalidInput {
-                why: "an empty batch (no sequences)".into(),
-            });
-        }
-        if lengths.len() != b {
-            return Err(Error::shape(
-                "lengths (one per batch row)",
-                &[b],
-                &[lengths.len()],
-            ));
-        }
-        if let Some((row, &len)) = lengths.iter().enumerate().find(|&(_, &l)| l > t) {
-            return Err(Error::InvalidInput {
-                why: format!("length {len} of batch row {row} exceeds the {t} columns of ids"),
-            });
-        }
+        check_lengths(b, t, &lengths)?;
         Ok(TokenBatch { ids, lengths })
     }
 
@@ -137,6 +121,28 @@ impl TokenBatch {
     }
 }
 
+/// Checks B > 0, one length per row, and no length past T.
+fn check_lengths(b: usize, t: usize, lengths: &[usize]) -> Result<()> {
+    if b == 0 {
+        return Err(Error::InvalidInput {
+            why: "an empty batch (no sequences)".into(),
+        });
+    }
+    if lengths.len() != b {
+        return Err(Error::shape(
+            "lengths (one per batch row)",
+            &[b],
+            &[lengths.len()],
+        ));
+    }
+    if let Some((row, &len)) = lengths.iter().enumerate().find(|&(_, &l)| l > t) {
+        return Err(Error::InvalidInput {
+            why: format!("length {len} of batch row {row} exceeds the {t} positions of the batch"),
+        });
+    }
+    Ok(())
+}
+
 /// The target id that the loss skips (padding).
 pub(crate) const IGNORE: usize = usize::MAX;
 
@@ -155,7 +161,7 @@ impl<F: Float> FeatureBatch<F> {
     /// As [`TokenBatch::new`].
     pub fn new(x: Array3<F>, lengths: Vec<usize>) -> Result<Self> {
         let (b, t, _) = x.dim();
-        TokenBatch::new(Array2::zeros((b, t)), lengths.clone())?;
+        check_lengths(b, t, &lengths)?;
         Ok(FeatureBatch { x, lengths })
     }
 

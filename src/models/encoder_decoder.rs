@@ -37,7 +37,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::kernels::Float;
+use crate::kernels::{Float, argmax};
 use crate::layers::{
     Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
 };
@@ -685,17 +685,6 @@ impl<F: Float> EncoderDecoder<F> {
         }
         Ok(out)
     }
-}
-
-/// The index of the largest value (the first, on ties).
-pub(crate) fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, F::NEG_INFINITY),
-            |best, (j, &x)| if x > best.1 { (j, x) } else { best },
-        )
-        .0
 }
 
 impl<F: Float> Trainable<F> for EncoderDecoder<F> {

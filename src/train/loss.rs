@@ -50,9 +50,10 @@ impl<F: Float> CrossEntropy<F> {
 /// gradient all zeros.
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`] if there is not one target per row, [`Error::TokenOutOfRange`]
-/// for a target id ≥ V that is not the ignored id (its position is reported as `(0, row)`),
-/// [`Error::InvalidConfig`] if `smoothing` is not in [0, 1).
+/// [`Error::ShapeMismatch`] if there is not one target per row, [`Error::InvalidInput`]
+/// naming the row for a target id ≥ V that is not the ignored id (models check their targets
+/// first and report the batch row and position), [`Error::InvalidConfig`] if `smoothing` is
+/// not in [0, 1).
 pub fn cross_entropy<F: Float>(
     logits: ArrayView2<F>,
     targets: &[usize],
@@ -75,10 +76,8 @@ pub fn cross_entropy<F: Float>(
     }
     let counted = |y: usize| Some(y) != ignore;
     if let Some((row, &id)) = targets.iter().enumerate().find(|&(_, &y)| counted(y) && y >= v) {
-        return Err(Error::TokenOutOfRange {
-            id,
-            position: (0, row),
-            vocab: v,
+        return Err(Error::InvalidInput {
+            why: format!("target id {id} of logits row {row} is out of range for {v} classes"),
         });
     }
     let tokens = targets.iter().filter(|&&y| counted(y)).count();
@@ -114,14 +113,7 @@ pub fn cross_entropy<F: Float>(
         // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p
         let sum_log_p: f64 = z.iter().map(|&x| x.to_f64() - log_z).sum();
         *loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
-        let argmax = z
-            .iter()
-            .enumerate()
-            .fold(
-                (0, F::NEG_INFINITY),
-                |best, (j, &x)| if x > best.1 { (j, x) } else { best },
-            )
-            .0;
+        let argmax = crate::kernels::argmax(z);
         *correct = argmax == y;
         for (j, (gj, &zj)) in g.iter_mut().zip(z.iter()).enumerate() {
             let p = (zj.to_f64() - log_z).exp();
@@ -207,14 +199,13 @@ mod tests {
             cross_entropy(z.view(), &[1], None, 0.0),
             Err(Error::ShapeMismatch { .. })
         ));
-        assert!(matches!(
-            cross_entropy(z.view(), &[1, 4], None, 0.0),
-            Err(Error::TokenOutOfRange {
-                id: 4,
-                position: (0, 1),
-                vocab: 4
-            })
-        ));
+        let err = cross_entropy(z.view(), &[1, 4], None, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("target id 4 of logits row 1") && err.contains("4 classes"),
+            "{err}"
+        );
         assert!(cross_entropy(z.view(), &[1, 9], Some(9), 0.0).is_ok());
         assert!(cross_entropy(z.view(), &[1, 1], None, 1.0).is_err());
         let all_ignored = cross_entropy(z.view(), &[0, 0], Some(0), 0.1).unwrap();

@@ -77,6 +77,10 @@ pub trait Float:
     fn is_finite(self) -> bool;
     /// Whether the value is NaN.
     fn is_nan(self) -> bool;
+    /// `self · a + b` with one rounding (a fused multiply-add where the CPU has one).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// The slice as `f32`s, if the type is `f32` (for kernels written for `f32` only).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
 
     /// `C ← α·A·B + β·C` on raw strided pointers, by `matrixmultiply`'s `sgemm` or `dgemm`.
     ///
@@ -104,7 +108,7 @@ pub trait Float:
 }
 
 macro_rules! impl_float {
-    ($t:ty, $gemm:path, $erf:path) => {
+    ($t:ty, $gemm:path, $erf:path, |$s:ident| $as_f32:expr) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -155,6 +159,14 @@ macro_rules! impl_float {
             fn is_nan(self) -> bool {
                 <$t>::is_nan(self)
             }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn as_f32($s: &[Self]) -> Option<&[f32]> {
+                $as_f32
+            }
 
             #[inline]
             unsafe fn gemm_raw(
@@ -180,5 +192,5 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, matrixmultiply::sgemm, libm::erff);
-impl_float!(f64, matrixmultiply::dgemm, libm::erf);
+impl_float!(f32, matrixmultiply::sgemm, libm::erff, |s| Some(s));
+impl_float!(f64, matrixmultiply::dgemm, libm::erf, |_s| None);

@@ -5,6 +5,10 @@
 //! the `[B·T, d_model]` projections in the same way. [`gemm_batched`] runs one product per
 //! index of a leading batch axis.
 //!
+//! Products with few rows (m ≤ 16: decoding steps) whose operands are laid out for it skip
+//! `matrixmultiply`, whose packing of B would cost as much as the arithmetic, and use the
+//! kernels of [`super::small_gemm`].
+//!
 //! # Threads and determinism
 //!
 //! Large products are split across the rayon pool by rows of C (or by columns when C has
@@ -17,6 +21,7 @@ use ndarray::{ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
 use super::Float;
+use super::small_gemm::{self, SMALL_M};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -45,6 +50,15 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
+    if m <= SMALL_M && m * n * k > 0 {
+        let unit = |stride: isize, len: usize| stride == 1 || len <= 1;
+        if unit(a.strides()[1], k) && unit(b.strides()[0], k) {
+            return small_gemm::dot_rows(alpha, a, b, beta, c);
+        }
+        if beta == F::ZERO && unit(b.strides()[1], n) && unit(c.strides()[1], n) {
+            return small_gemm::axpy_rows(alpha, a, b, beta, c);
+        }
+    }
     let parts = rayon::current_num_threads();
     if parts < 2 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
         gemm_serial(alpha, a, b, beta, c);

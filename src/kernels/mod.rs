@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod float;
 pub mod gemm;
 pub mod layer_norm;
+pub mod small_gemm;
 pub mod softmax;
 
 pub use activations::Activation;

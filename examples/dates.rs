@@ -30,6 +30,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
+use vaswani::io::{load_trainer, save_trainer};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
 use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Result};
@@ -453,7 +454,6 @@ fn batch(examples: &[Example]) -> Result<Seq2SeqBatch> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    args.common.refuse_checkpoint_flags("dates");
     common::init_threads(args.common.threads);
     // The whole run happens on the pool, so that every kernel's parallel loops start from a
     // worker thread.
@@ -463,10 +463,9 @@ fn main() -> Result<()> {
 fn run(args: &Args) -> Result<()> {
     let start = Instant::now();
     let seed = args.common.seed;
-    // Separate streams: the model's initialisation and dropout, the training data, the
-    // held-out data. Each is fixed by --seed.
+    // Every random draw is fixed by --seed: the initialisation and the held-out data here,
+    // and each step's batch and dropout by (seed, step), so that --resume continues exactly.
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut data_rng = StdRng::seed_from_u64(seed.wrapping_add(1));
     let mut held_rng = StdRng::seed_from_u64(seed.wrapping_add(2));
 
     let days = calendar();
@@ -506,20 +505,25 @@ fn run(args: &Args) -> Result<()> {
         model.num_params()
     );
     let steps = args.common.steps as u64;
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            adam: AdamConfig::paper(),
-            schedule: Schedule::Cosine {
-                peak: args.lr,
-                warmup: 100.min(steps / 4),
-                total: steps,
-                min: 0.0,
-            },
-            clip_norm: Some(1.0),
-            label_smoothing: 0.0,
+    let fresh = TrainerConfig {
+        adam: AdamConfig::paper(),
+        schedule: Schedule::Cosine {
+            peak: args.lr,
+            warmup: 100.min(steps / 4),
+            total: steps,
+            min: 0.0,
         },
-    )?;
+        clip_norm: Some(1.0),
+        label_smoothing: 0.0,
+    };
+    let mut trainer = match &args.common.resume {
+        Some(path) => {
+            let t: Trainer<f32, EncoderDecoder> = load_trainer(path)?;
+            println!("resumed from {} at step {}", path.display(), t.steps());
+            t
+        }
+        None => Trainer::new(model, fresh)?,
+    };
 
     let valid_seen = batch(&examples(&mut held_rng, &held_days, &SEEN, 128))?;
     let valid_unseen = batch(&examples(&mut held_rng, &held_days, &UNSEEN, 128))?;
@@ -527,15 +531,26 @@ fn run(args: &Args) -> Result<()> {
     let mut seen_curve = Vec::new();
     let mut unseen_curve = Vec::new();
     let mut progress = common::Progress::new(args.common.steps, "dates");
-    for step in 0..args.common.steps {
-        let b = batch(&examples(&mut data_rng, &train_days, &SEEN, args.batch))?;
-        let stats = trainer.step(std::slice::from_ref(&b), &mut rng)?;
+    for step in trainer.steps() as usize..args.common.steps {
+        let b = batch(&examples(
+            &mut common::step_rng(seed, step as u64, 0),
+            &train_days,
+            &SEEN,
+            args.batch,
+        ))?;
+        let stats = trainer.step(
+            std::slice::from_ref(&b),
+            &mut common::step_rng(seed, step as u64, 1),
+        )?;
         progress.update(step, stats.loss.loss, b.src.tokens() + b.tgt_out.tokens());
         train_curve.push((step as f64 + 1.0, stats.loss.loss));
+        if let Some(path) = args.common.save_due(step) {
+            save_trainer(path, &trainer)?;
+        }
         if (step + 1) % 50 == 0 || step + 1 == args.common.steps {
             let x = step as f64 + 1.0;
-            seen_curve.push((x, held_out_loss(&trainer.model, &valid_seen)?));
-            unseen_curve.push((x, held_out_loss(&trainer.model, &valid_unseen)?));
+            seen_curve.push((x, trainer.model.loss(&valid_seen, 0.0)?.loss));
+            unseen_curve.push((x, trainer.model.loss(&valid_unseen, 0.0)?.loss));
         }
     }
     progress.finish();
@@ -615,10 +630,4 @@ fn run(args: &Args) -> Result<()> {
         common::fmt_duration(start.elapsed())
     );
     Ok(())
-}
-
-fn held_out_loss(model: &EncoderDecoder, batch: &Seq2SeqBatch) -> Result<f64> {
-    let logits = model.infer(&batch.src, &batch.tgt_in)?;
-    let targets: Vec<usize> = batch.tgt_out.ids().iter().copied().collect();
-    Ok(vaswani::train::cross_entropy(logits.view(), &targets, Some(PAD), 0.0)?.loss)
 }

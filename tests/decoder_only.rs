@@ -276,25 +276,27 @@ fn generation_is_seeded_and_crops_to_a_learned_table() {
     let model = small_model(Positions::Learned { max_len: 5 }, 76);
     // A prompt longer than the table, and generation far past it: the context is cropped.
     let prompt = [1, 2, 3, 4, 5, 6, 7];
-    let a = model
-        .generate(
-            &prompt,
-            12,
-            Sampling::Temperature(0.8),
-            &mut StdRng::seed_from_u64(8),
-        )
-        .unwrap();
-    let b = model
-        .generate(
-            &prompt,
-            12,
-            Sampling::Temperature(0.8),
-            &mut StdRng::seed_from_u64(8),
-        )
-        .unwrap();
+    let sample = |seed| {
+        model
+            .generate(
+                &prompt,
+                12,
+                Sampling::Temperature(0.8),
+                &mut StdRng::seed_from_u64(seed),
+            )
+            .unwrap()
+    };
+    let (a, b) = (sample(8), sample(8));
     assert_eq!(a.len(), 12);
     assert_eq!(a, b);
     assert!(a.iter().all(|&id| id < 20));
+    // Cropping: the prompt reads as its last max_len = 5 tokens.
+    let greedy = |p: &[usize]| {
+        model
+            .generate(p, 3, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
+            .unwrap()
+    };
+    assert_eq!(greedy(&prompt), greedy(&prompt[2..]));
     // Greedy: the first token is the arg-max of the last position's logits.
     let g = model
         .generate(&[3, 4], 1, Sampling::Greedy, &mut StdRng::seed_from_u64(0))

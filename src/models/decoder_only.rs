@@ -78,12 +78,12 @@ use rand::Rng;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
+use crate::kernels::argmax;
 use crate::layers::{
     Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
 };
 use crate::models::batch::{IGNORE, TokenBatch};
 use crate::models::cost::Cost;
-use crate::models::encoder_decoder::argmax;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::train::{LossStats, Trainable, cross_entropy, log_softmax};
 

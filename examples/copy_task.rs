@@ -145,7 +145,7 @@ fn run(args: &Args) -> Result<()> {
             save_trainer(path, &trainer)?;
         }
         if (step + 1) % 50 == 0 || step + 1 == args.common.steps {
-            valid_curve.push((step as f64 + 1.0, held_out_loss(&trainer.model, &valid)?));
+            valid_curve.push((step as f64 + 1.0, trainer.model.loss(&valid, 0.0)?.loss));
         }
     }
     progress.finish();
@@ -189,10 +189,4 @@ fn run(args: &Args) -> Result<()> {
         common::fmt_duration(start.elapsed())
     );
     Ok(())
-}
-
-fn held_out_loss(model: &EncoderDecoder, batch: &Seq2SeqBatch) -> Result<f64> {
-    let logits = model.infer(&batch.src, &batch.tgt_in)?;
-    let targets: Vec<usize> = batch.tgt_out.ids().iter().copied().collect();
-    Ok(vaswani::train::cross_entropy(logits.view(), &targets, Some(PAD), 0.0)?.loss)
 }

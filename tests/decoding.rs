@@ -91,3 +91,28 @@ fn decode_errors() {
         Error::SequenceTooLong { len: 4, max: 3 }
     );
 }
+
+#[test]
+fn causal_encoder_steps_equal_the_full_causal_pass() {
+    use ndarray::Array3;
+    use vaswani::blocks::EncoderConfig;
+    use vaswani::gradcheck::random_like;
+    use vaswani::layers::Mask;
+    for norm_first in [false, true] {
+        let enc = EncoderConfig::new(BlockConfig::new(16, 4, 32).with_norm_first(norm_first), 2)
+            .init::<f32>(&mut StdRng::seed_from_u64(73))
+            .unwrap();
+        let x: Array3<f32> = random_like((3, 7, 16), &mut StdRng::seed_from_u64(74));
+        let full = enc.infer(x.view(), &Mask::causal());
+        let mut caches = enc.begin(3, 2);
+        // Two positions, then one, then four: any split gives the same rows.
+        let mut start = 0;
+        for len in [2, 1, 4] {
+            let step = enc.infer_step(x.slice(s![.., start..start + len, ..]), &mut caches);
+            let want = full.slice(s![.., start..start + len, ..]);
+            let err = (&step - &want).iter().fold(0.0f32, |a, e| a.max(e.abs()));
+            assert!(err < 1e-5, "positions {start}..{}: {err}", start + len);
+            start += len;
+        }
+    }
+}

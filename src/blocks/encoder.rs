@@ -10,7 +10,7 @@ use rand::Rng;
 use super::{BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, unrows};
 use crate::error::{Result, check};
 use crate::kernels::Float;
-use crate::layers::{LayerNorm, LayerNormCache, LayerNormConfig, Mask};
+use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of an [`Encoder`] stack.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,6 +150,40 @@ impl<F: Float> Encoder<F> {
             h = unrows(ln.infer(flat(h).view()), b, s);
         }
         (h, weights)
+    }
+
+    /// Empty key/value caches, one per layer, for causal step-by-step inference with
+    /// [`Encoder::infer_step`] (a decoder-only model), with room for `capacity` positions.
+    pub fn begin(&self, b: usize, capacity: usize) -> Vec<KvCache<F>> {
+        self.layers
+            .iter()
+            .map(|l| l.self_attn.empty_cache(b, capacity))
+            .collect()
+    }
+
+    /// Causal inference for the next positions `x` `[B, Tq, d_model]`, after those already in
+    /// `caches` (from [`Encoder::begin`]); equal to [`Encoder::infer`] with a causal mask at
+    /// those rows.
+    ///
+    /// # Panics
+    /// If `x` does not fit the caches, or `caches` is not one per layer.
+    pub fn infer_step(&self, x: ArrayView3<F>, caches: &mut [KvCache<F>]) -> Array3<F> {
+        assert_eq!(
+            caches.len(),
+            self.layers.len(),
+            "Encoder::infer_step: {} caches for {} layers",
+            caches.len(),
+            self.layers.len()
+        );
+        let (b, t, _) = x.dim();
+        let mut h = x.to_owned();
+        for (layer, cache) in self.layers.iter().zip(caches) {
+            h = layer.infer_step(h.view(), cache);
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, t);
+        }
+        h
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `∂L/∂x`.

@@ -35,7 +35,7 @@ use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::layers::{
-    FeedForward, FeedForwardCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
+    FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
 
 /// An encoder layer. See the [module docs](self).
@@ -133,6 +133,22 @@ impl<F: Float> EncoderLayer<F> {
         });
         let y = self.norm2.infer(h.view(), |z| self.ffn.infer(z));
         (unrows(y, b, t), weights.expect("the attention ran"))
+    }
+
+    /// Causal inference for new positions `x` `[B, Tq, d_model]` that follow the positions
+    /// already in `cache`: the block of a decoder-only model, step by step. Equal to
+    /// [`EncoderLayer::infer`] with a causal mask over the whole sequence, at the new rows.
+    ///
+    /// # Panics
+    /// If `x` is not `[B, Tq, d_model]` for the cache's B.
+    pub fn infer_step(&self, x: ArrayView3<F>, cache: &mut KvCache<F>) -> Array3<F> {
+        let (b, t, _) = self.check_input(x);
+        let x = rows(x);
+        let h = self.norm1.infer(x.view(), |z| {
+            flat(self.self_attn.infer_cached(view3(z, b, t), cache))
+        });
+        let y = self.norm2.infer(h.view(), |z| self.ffn.infer(z));
+        unrows(y, b, t)
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `∂L/∂x`.

@@ -532,6 +532,28 @@ impl<F: Float> EncoderDecoder<F> {
         self.decode(&memory, src, tgt_in)
     }
 
+    /// The teacher-forced loss of a batch without dropout (evaluation): the mean
+    /// cross-entropy over the real target tokens, with label smoothing `smoothing`.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::forward`], and for targets shaped unlike the decoder input.
+    pub fn loss(&self, batch: &Seq2SeqBatch, smoothing: f64) -> Result<LossStats> {
+        check_targets(batch)?;
+        batch.tgt_out.check_vocab(self.cfg.tgt_vocab)?;
+        let logits = self.infer(&batch.src, &batch.tgt_in)?;
+        let ce = cross_entropy(
+            logits.view(),
+            &batch.tgt_out.loss_targets(),
+            Some(crate::models::batch::IGNORE),
+            smoothing,
+        )?;
+        Ok(LossStats {
+            loss: ce.loss,
+            tokens: ce.tokens,
+            correct: ce.correct,
+        })
+    }
+
     /// Encodes `src` and starts decoding it step by step with a key/value cache: each
     /// [`EncoderDecoder::decode_step`] then costs one position's work instead of the whole
     /// prefix's. `capacity` is the number of target positions to make room for (the caches
@@ -687,6 +709,20 @@ impl<F: Float> EncoderDecoder<F> {
     }
 }
 
+/// The decoder targets must be shaped as the decoder input.
+fn check_targets(batch: &Seq2SeqBatch) -> Result<()> {
+    if batch.tgt_out.ids().dim() != batch.tgt_in.ids().dim()
+        || batch.tgt_out.lengths() != batch.tgt_in.lengths()
+    {
+        return Err(Error::shape(
+            "decoder targets (shaped as the decoder input)",
+            batch.tgt_in.ids().shape(),
+            batch.tgt_out.ids().shape(),
+        ));
+    }
+    Ok(())
+}
+
 impl<F: Float> Trainable<F> for EncoderDecoder<F> {
     type Batch = Seq2SeqBatch;
 
@@ -702,15 +738,7 @@ impl<F: Float> Trainable<F> for EncoderDecoder<F> {
         grads: &mut Self,
         rng: &mut R,
     ) -> Result<LossStats> {
-        if batch.tgt_out.ids().dim() != batch.tgt_in.ids().dim()
-            || batch.tgt_out.lengths() != batch.tgt_in.lengths()
-        {
-            return Err(Error::shape(
-                "decoder targets (shaped as the decoder input)",
-                batch.tgt_in.ids().shape(),
-                batch.tgt_out.ids().shape(),
-            ));
-        }
+        check_targets(batch)?;
         batch.tgt_out.check_vocab(self.cfg.tgt_vocab)?;
         let (logits, cache) = self.forward(&batch.src, &batch.tgt_in, rng)?;
         let mut ce = cross_entropy(

@@ -10,12 +10,14 @@
 
 pub mod batch;
 pub mod cost;
+pub mod decoder_only;
 pub mod encoder_decoder;
 pub mod encoder_only;
 pub mod input;
 
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
+pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, LmBatch, Sampling};
 pub use encoder_decoder::{
     DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch,
 };

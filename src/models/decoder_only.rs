@@ -1,0 +1,622 @@
+//! The decoder-only Transformer: a causal language model, the paper's encoder layer run under
+//! a causal mask (the "decoder" of GPT and of Liu et al. 2018, which drops the
+//! cross-attention of Figure 1's decoder because there is no source).
+//!
+//! ```text
+//! ids x₀ … x_{T−1} → Embedding·√d_model + positions → Dropout → N × layer (causal) → [LayerNorm]
+//!                  → h·Eᵀ (tied, §3.4) or Linear → logits; position t scores token x_{t+1}
+//! ```
+//!
+//! Each layer is an [`EncoderLayer`](crate::blocks::EncoderLayer) (self-attention and
+//! feed-forward, each in an Add & Norm residual) whose self-attention is masked as the
+//! paper's decoder (§3.2.3): "We need to prevent leftward information flow in the decoder to
+//! preserve the auto-regressive property. We implement this inside of scaled dot-product
+//! attention by masking out (setting to −∞) all values in the input of the softmax which
+//! correspond to illegal connections." Position t therefore sees positions 0..=t only, and its
+//! logits are a distribution over the token at t + 1: one forward pass trains every prefix
+//! of every sequence at once.
+//!
+//! A pre-norm stack ends with a LayerNorm ([`FinalNorm::Auto`]), as GPT-2's `ln_f`. The
+//! defaults are the paper's where it has one: sinusoidal positions (§3.5), post-norm, the
+//! output projection tied to the embedding (§3.4). Sinusoids need no table, so generation can
+//! run past any length; learned positions ([`Positions::Learned`], as GPT-2, "nearly
+//! identical results" in Table 3 row E) cap the context at `max_len`, and
+//! [`DecoderOnly::generate`] then crops to the last `max_len` tokens.
+//!
+//! # Shapes
+//! B sequences of (padded) length T in a [`TokenBatch`] → logits `[B·T, V]`: row `b·T + t`
+//! holds the scores of the token after position t of sequence b. Rows of padded positions
+//! hold finite numbers that mean nothing; the loss skips them.
+//!
+//! # PyTorch equivalent
+//! ```text
+//! layer = nn.TransformerEncoderLayer(d_model, nhead, d_ff, dropout, activation,
+//!                                    batch_first=True, norm_first=norm_first)
+//! blocks = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model) if norm_first else None)
+//! emb = nn.Embedding(V, d_model)
+//! head = nn.Linear(d_model, V, bias=False); head.weight = emb.weight     # tie_output
+//! mask = nn.Transformer.generate_square_subsequent_mask(T)
+//! h = blocks(dropout(emb(ids) * math.sqrt(d_model) + pe[:T]), mask=mask, is_causal=True)
+//! logits = head(h)
+//! ```
+//! Parameter names: `embed.weight`, `input.weight` (a learned position table),
+//! `blocks.layers.{i}.…` as in [`EncoderLayer`](crate::blocks::EncoderLayer), `blocks.norm.…`
+//! and `head.weight` (untied only).
+//!
+//! # Example
+//! ```
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::blocks::BlockConfig;
+//! use vaswani::models::{DecoderOnlyConfig, LmBatch, Sampling, TokenBatch};
+//! use vaswani::train::{Trainer, TrainerConfig};
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let cfg = DecoderOnlyConfig::new(12, BlockConfig::new(16, 2, 32), 2);
+//! let model = cfg.init::<f32>(&mut rng)?;
+//! assert_eq!(cfg.cost(1, 1).params, vaswani::Params::num_params(&model) as u64);
+//!
+//! // Logits for every position: [B·T, V].
+//! let tokens = TokenBatch::from_sequences(&[vec![3, 4, 5, 6], vec![7, 8]], 0)?;
+//! assert_eq!(model.infer(&tokens)?.dim(), (2 * 4, 12));
+//!
+//! // One training step: each sequence predicts itself shifted by one.
+//! let batch = LmBatch::from_sequences(&[vec![3, 4, 5, 6], vec![7, 8]], 0)?;
+//! let mut trainer = Trainer::new(model, TrainerConfig::paper(16, 100))?;
+//! trainer.step(&[batch], &mut rng)?;
+//!
+//! // Generation re-runs the model on the growing sequence.
+//! let next = trainer.model.generate(&[3, 4], 5, Sampling::Temperature(0.8), &mut rng)?;
+//! assert_eq!(next.len(), 5);
+//! let bits = trainer.model.bits_per_token(&tokens)?;
+//! assert!(bits > 0.0);
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis, s};
+use rand::Rng;
+
+use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
+use crate::error::{Error, Result, check};
+use crate::kernels::Float;
+use crate::kernels::argmax;
+use crate::layers::{
+    Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
+};
+use crate::models::batch::{IGNORE, TokenBatch};
+use crate::models::cost::Cost;
+use crate::models::input::{InputCache, InputStage, Positions};
+use crate::train::{LossStats, Trainable, cross_entropy, log_softmax};
+
+/// Configuration of a [`DecoderOnly`] language model.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct DecoderOnlyConfig {
+    /// Vocabulary size V.
+    pub vocab: usize,
+    /// The layers' sizes and switches.
+    pub block: BlockConfig,
+    /// Layers N.
+    pub n_layers: usize,
+    /// Whether the stack ends with a LayerNorm ([`FinalNorm::Auto`]: when pre-norm).
+    pub final_norm: FinalNorm,
+    /// How positions are encoded.
+    pub positions: Positions,
+    /// The output projection is the embedding, `logits = h·Eᵀ` (§3.4).
+    pub tie_output: bool,
+}
+
+/// A decoder-only (causal) language model. See the [module docs](self). Its gradients have
+/// its own type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderOnly<F: Float = f32> {
+    /// Its configuration.
+    pub cfg: DecoderOnlyConfig,
+    /// The token embedding (also the output projection when tied).
+    pub embed: Embedding<F>,
+    /// Positions and dropout.
+    pub input: InputStage<F>,
+    /// The layers, run with a causal mask, and the final LayerNorm if any.
+    pub blocks: Encoder<F>,
+    /// The output projection; `None` when tied to the embedding.
+    pub head: Option<Linear<F>>,
+}
+crate::impl_params!(DecoderOnly {
+    embed,
+    input,
+    blocks,
+    head
+});
+
+/// What [`DecoderOnly::backward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+pub struct DecoderOnlyCache<F: Float = f32> {
+    embed: EmbeddingCache,
+    input: InputCache<F>,
+    blocks: EncoderCache<F>,
+    output: OutputCache<F>,
+}
+
+#[derive(Clone, Debug)]
+enum OutputCache<F: Float> {
+    Tied(ProjectionCache<F>),
+    Linear(LinearCache<F>),
+}
+
+impl<F: Float> DecoderOnlyCache<F> {
+    /// The stack's cache: each layer's attention weights, for instance.
+    pub fn blocks(&self) -> &EncoderCache<F> {
+        &self.blocks
+    }
+}
+
+/// A language-model training batch: each sequence's tokens but the last, and the same
+/// sequence shifted left by one (the token each position must predict).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmBatch {
+    /// `seq[..n − 1]` of each sequence.
+    pub input: TokenBatch,
+    /// `seq[1..]` of each sequence: same lengths as `input`.
+    pub target: TokenBatch,
+}
+
+impl LmBatch {
+    /// A batch from whole sequences, padded with `pad`: the input is `seq[..n − 1]` and the
+    /// target `seq[1..]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty list, or for a sequence shorter than 2 tokens (it
+    /// has nothing to predict; it is refused rather than skipped so that no data is dropped
+    /// without a word).
+    pub fn from_sequences<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<Self> {
+        if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.as_ref().len() < 2) {
+            return Err(Error::InvalidInput {
+                why: format!(
+                    "sequence {i} has {} token(s): a language-model example needs at least 2 (one to \
+                     read, one to predict)",
+                    s.as_ref().len()
+                ),
+            });
+        }
+        let input: Vec<&[usize]> = seqs.iter().map(|s| &s.as_ref()[..s.as_ref().len() - 1]).collect();
+        let target: Vec<&[usize]> = seqs.iter().map(|s| &s.as_ref()[1..]).collect();
+        Ok(LmBatch {
+            input: TokenBatch::from_sequences(&input, pad)?,
+            target: TokenBatch::from_sequences(&target, pad)?,
+        })
+    }
+}
+
+/// How [`DecoderOnly::generate`] picks each next token from its logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (the lowest id on ties). Draws nothing from the RNG.
+    Greedy,
+    /// A draw from `softmax(logits / t)`: t < 1 sharpens, t > 1 flattens. t must be finite
+    /// and positive.
+    Temperature(f64),
+    /// A draw from `softmax(logits / temperature)` restricted to the `k` highest logits (ties
+    /// broken by the lower id); `k ≥ V` keeps every token.
+    TopK {
+        /// How many tokens stay candidates (at least 1).
+        k: usize,
+        /// The temperature, finite and positive.
+        temperature: f64,
+    },
+}
+
+impl Sampling {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a temperature that is not finite and positive (field
+    /// `temperature`) or `k = 0` (field `top_k`).
+    pub fn check(&self) -> Result<()> {
+        let temperature = match *self {
+            Sampling::Greedy => return Ok(()),
+            Sampling::Temperature(t) => t,
+            Sampling::TopK { k, temperature } => {
+                check::positive("top_k", k)?;
+                temperature
+            }
+        };
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::config(
+                "temperature",
+                format!("must be finite and positive, got {temperature}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Picks a token id from one row of logits `[V]`, drawing at most one uniform number from
+    /// `rng`. The arithmetic is in `f64`, sequential and in a fixed order, so a seeded `rng`
+    /// gives the same choice on every run and for any thread count.
+    ///
+    /// # Errors
+    /// As [`Sampling::check`]; [`Error::NonFinite`] if a logit is NaN or infinite, and
+    /// [`Error::InvalidInput`] for an empty row.
+    pub fn pick<F: Float>(&self, logits: ArrayView1<F>, rng: &mut impl Rng) -> Result<usize> {
+        self.check()?;
+        if logits.is_empty() {
+            return Err(Error::InvalidInput {
+                why: "no logits to pick a token from (V = 0)".into(),
+            });
+        }
+        if logits.iter().any(|z| !z.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "the logits of the next token".into(),
+            });
+        }
+        let (k, temperature) = match *self {
+            Sampling::Greedy => return Ok(argmax(logits)),
+            Sampling::Temperature(t) => (logits.len(), t),
+            Sampling::TopK { k, temperature } => (k.min(logits.len()), temperature),
+        };
+        // Candidates by decreasing logit, ties by increasing id: a fixed order.
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].to_f64().total_cmp(&logits[a].to_f64()).then(a.cmp(&b)));
+        order.truncate(k);
+        let max = logits[order[0]].to_f64();
+        let weights: Vec<f64> = order
+            .iter()
+            .map(|&j| ((logits[j].to_f64() - max) / temperature).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        for (&j, &w) in order.iter().zip(&weights) {
+            if u < w {
+                return Ok(j);
+            }
+            u -= w;
+        }
+        // Rounding left u just past the last weight.
+        Ok(order[k - 1])
+    }
+}
+
+impl DecoderOnlyConfig {
+    /// A model of `n_layers` layers of `block` over `vocab` tokens, with the paper's choices:
+    /// sinusoidal positions, the output projection tied to the embedding, and the final
+    /// LayerNorm chosen by the norm placement (switch them with the `with_*` methods).
+    pub fn new(vocab: usize, block: BlockConfig, n_layers: usize) -> Self {
+        DecoderOnlyConfig {
+            vocab,
+            block,
+            n_layers,
+            final_norm: FinalNorm::Auto,
+            positions: Positions::Sinusoidal,
+            tie_output: true,
+        }
+    }
+
+    /// The same config with the output projection tied to the embedding or not.
+    pub fn with_tied_output(mut self, tie: bool) -> Self {
+        self.tie_output = tie;
+        self
+    }
+
+    /// The same config with another position encoding.
+    pub fn with_positions(mut self, positions: Positions) -> Self {
+        self.positions = positions;
+        self
+    }
+
+    /// The same config with another final-norm choice.
+    pub fn with_final_norm(mut self, final_norm: FinalNorm) -> Self {
+        self.final_norm = final_norm;
+        self
+    }
+
+    /// Checks the config without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero sizes (vocab, layers, a learned table's `max_len`,
+    /// the block's), heads that do not divide d_model, dropout outside [0, 1) or ε not finite
+    /// and positive.
+    pub fn check(&self) -> Result<()> {
+        check::positive("vocab", self.vocab)?;
+        check::positive("n_layers", self.n_layers)?;
+        if let Positions::Learned { max_len } = self.positions {
+            check::positive("max_len", max_len)?;
+        }
+        self.block.check()
+    }
+
+    /// Builds the model with PyTorch's initialisation (see each layer).
+    ///
+    /// # Errors
+    /// As [`DecoderOnlyConfig::check`].
+    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
+        self.check()?;
+        let d = self.block.d_model;
+        let embed = EmbeddingConfig::new(self.vocab, d).init(rng)?;
+        let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
+        let blocks = self.blocks_config().init(rng)?;
+        let head = (!self.tie_output)
+            .then(|| LinearConfig::new(d, self.vocab).with_bias(false).init(rng))
+            .transpose()?;
+        Ok(DecoderOnly {
+            cfg: self.clone(),
+            embed,
+            input,
+            blocks,
+            head,
+        })
+    }
+
+    fn blocks_config(&self) -> EncoderConfig {
+        EncoderConfig::new(self.block.clone(), self.n_layers).with_final_norm(self.final_norm)
+    }
+
+    /// Parameter count and FLOPs for `batch` sequences of length `len`, before anything is
+    /// built (FLOP model of `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·T·T·d per
+    /// sequence even though the causal mask lets half of it be skipped, the output projection
+    /// counts, a training step is 3× the forward).
+    pub fn cost(&self, batch: usize, len: usize) -> Cost {
+        let b = &self.block;
+        let (d, f, v) = (b.d_model as u64, b.d_ff as u64, self.vocab as u64);
+        let bias = |n: u64| if b.bias { n } else { 0 };
+        let layer = 4 * d * d + bias(4 * d) + 2 * d * f + bias(f + d) + 2 * (2 * d);
+        let head = if self.tie_output { 0 } else { v * d };
+        let learned = match self.positions {
+            Positions::Learned { max_len } => max_len as u64 * d,
+            Positions::Sinusoidal => 0,
+        };
+        let final_norm = 2 * d * u64::from(self.blocks_config().has_final_norm());
+        let params = v * d + head + learned + self.n_layers as u64 * layer + final_norm;
+        let t = len as u64;
+        let dense = |m: u64, n: u64| 2 * m * n * t;
+        let per_layer = dense(d, 3 * d) + 4 * t * t * d + dense(d, d) + dense(d, f) + dense(f, d);
+        let forward = batch as u64 * (self.n_layers as u64 * per_layer + dense(d, v));
+        Cost::new(params, forward)
+    }
+}
+
+impl<F: Float> DecoderOnly<F> {
+    /// Checks ids against the vocabulary and the length against a learned table.
+    fn check_tokens(&self, tokens: &TokenBatch) -> Result<()> {
+        tokens.check_vocab(self.cfg.vocab)?;
+        let len = tokens.seq_len();
+        match self.input.max_len() {
+            Some(max) if len > max => Err(Error::SequenceTooLong { len, max }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Causal, and padded keys blocked too. For a real position the causal part alone already
+    /// hides the padding (it lies after the sequence); the key lengths keep padded positions
+    /// reading real tokens only.
+    fn mask(tokens: &TokenBatch) -> Mask {
+        Mask::causal().and(tokens.padding_mask())
+    }
+
+    /// Forward pass in training mode (dropout on): logits `[B·T, V]` and the cache for
+    /// [`DecoderOnly::backward`].
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfRange`] for a real id ≥ V (padding is never read),
+    /// [`Error::SequenceTooLong`] for T past a learned position table.
+    pub fn forward(
+        &self,
+        tokens: &TokenBatch,
+        rng: &mut impl Rng,
+    ) -> Result<(Array2<F>, DecoderOnlyCache<F>)> {
+        self.check_tokens(tokens)?;
+        let (b, t) = (tokens.batch_size(), tokens.seq_len());
+        let (x, embed) = self.embed.forward(tokens.lookup_ids().view())?;
+        let (x, input) = self.input.forward(x, b, t, 0, rng)?;
+        let (h, blocks) = self.blocks.forward(x.view(), &Self::mask(tokens), rng);
+        let h = flat(h);
+        let (logits, output) = match &self.head {
+            Some(head) => {
+                let (l, c) = head.forward(h.view());
+                (l, OutputCache::Linear(c))
+            }
+            None => {
+                let (l, c) = self.embed.project(h.view());
+                (l, OutputCache::Tied(c))
+            }
+        };
+        Ok((
+            logits,
+            DecoderOnlyCache {
+                embed,
+                input,
+                blocks,
+                output,
+            },
+        ))
+    }
+
+    /// Backward pass from `∂L/∂logits` `[B·T, V]`: adds every parameter's gradient into `g`
+    /// (the tied embedding receives both its uses).
+    ///
+    /// # Panics
+    /// If `grad_logits` does not have the logits' shape, or `g` is not shaped as the model.
+    pub fn backward(&self, cache: &DecoderOnlyCache<F>, grad_logits: ArrayView2<F>, g: &mut DecoderOnly<F>) {
+        let (b, t) = InputStage::dims(&cache.input);
+        let grad_h = match (&cache.output, &self.head, &mut g.head) {
+            (OutputCache::Linear(c), Some(head), Some(gh)) => head.backward(c, grad_logits, &mut gh.p),
+            (OutputCache::Tied(c), None, None) => self.embed.project_backward(c, grad_logits, &mut g.embed.p),
+            _ => panic!("DecoderOnly::backward: the gradient tree does not match the model's tying"),
+        };
+        let grad_x = self
+            .blocks
+            .backward(&cache.blocks, unrows(grad_h, b, t).view(), &mut g.blocks);
+        let grad_x = self.input.backward(&cache.input, grad_x.view(), &mut g.input);
+        self.embed.backward(&cache.embed, grad_x.view(), &mut g.embed.p);
+    }
+
+    /// The last hidden states `[B·T, d_model]`, without dropout.
+    fn hidden(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
+        self.check_tokens(tokens)?;
+        let (b, t) = (tokens.batch_size(), tokens.seq_len());
+        let x = self
+            .input
+            .infer(self.embed.infer(tokens.lookup_ids().view())?, b, t, 0)?;
+        Ok(flat(self.blocks.infer(x.view(), &Self::mask(tokens))))
+    }
+
+    /// The output projection of hidden rows `[N, d_model]` → `[N, V]`.
+    fn project(&self, h: ArrayView2<F>) -> Array2<F> {
+        match &self.head {
+            Some(head) => head.infer(h),
+            None => self.embed.project_infer(h),
+        }
+    }
+
+    /// Logits `[B·T, V]` without dropout (evaluation).
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::forward`].
+    pub fn infer(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
+        Ok(self.project(self.hidden(tokens)?.view()))
+    }
+
+    /// The log-likelihood, in nats, of every real token after the first of each sequence given
+    /// the tokens before it: `Σ_b Σ_{1 ≤ t < len_b} ln p(x_t | x_<t)`, summed in `f64` in
+    /// row order. It adds over batches; divide by the number of predicted tokens,
+    /// `Σ_b max(len_b − 1, 0)`, for a mean (0 when there is none).
+    ///
+    /// The last token of a sequence is only predicted, never read, so with learned positions
+    /// a sequence may hold `max_len + 1` tokens (as the sequences of an [`LmBatch`] do).
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfRange`] for a real id ≥ V, [`Error::SequenceTooLong`] for T past
+    /// `max_len + 1`.
+    pub fn log_likelihood(&self, tokens: &TokenBatch) -> Result<f64> {
+        Ok(self.score(tokens)?.0)
+    }
+
+    /// The mean negative log-likelihood in bits (log base 2) of the real tokens after the
+    /// first of each sequence: `−log_likelihood / (ln 2 · Σ_b (len_b − 1))`. For characters it
+    /// is bits per character.
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::log_likelihood`], and [`Error::InvalidInput`] if no sequence has 2
+    /// tokens (nothing is predicted).
+    pub fn bits_per_token(&self, tokens: &TokenBatch) -> Result<f64> {
+        let (ll, count) = self.score(tokens)?;
+        if count == 0 {
+            return Err(Error::InvalidInput {
+                why: "no token to predict: every sequence is shorter than 2 tokens".into(),
+            });
+        }
+        Ok(-ll / (count as f64 * std::f64::consts::LN_2))
+    }
+
+    /// The log-likelihood in nats and the number of predicted tokens. The model reads each
+    /// sequence but its last token.
+    fn score(&self, tokens: &TokenBatch) -> Result<(f64, usize)> {
+        tokens.check_vocab(self.cfg.vocab)?;
+        let t = tokens.seq_len();
+        if let Some(max) = self.input.max_len().filter(|&max| t > max + 1) {
+            return Err(Error::SequenceTooLong { len: t, max: max + 1 });
+        }
+        let t_in = t.saturating_sub(1);
+        let input = TokenBatch::new(
+            tokens.ids().slice(s![.., ..t_in]).to_owned(),
+            tokens
+                .lengths()
+                .iter()
+                .map(|&len| len.saturating_sub(1))
+                .collect(),
+        )?;
+        let logits = self.infer(&input)?;
+        let (mut ll, mut count) = (0.0, 0);
+        for (b, &len) in input.lengths().iter().enumerate() {
+            for i in 0..len {
+                let row = logits.slice(s![b * t_in + i..b * t_in + i + 1, ..]);
+                ll += log_softmax(row)[[0, tokens.ids()[[b, i + 1]]]];
+                count += 1;
+            }
+        }
+        Ok((ll, count))
+    }
+
+    /// Generates `n` tokens after `prompt`, one at a time and without a cache: each step
+    /// re-runs the model (no dropout) on the sequence so far, cropped to its last `max_len`
+    /// tokens when positions are learned, and picks the next token from the last position's
+    /// logits with `sampling`. Returns the `n` new tokens (not the prompt).
+    ///
+    /// Each step costs a full forward pass over the context: `O(T²)` for T tokens, where a
+    /// key/value cache would make it `O(T)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty prompt, [`Error::TokenOutOfRange`] for a prompt id
+    /// ≥ V (at position `(0, t)`), and as [`Sampling::pick`] (bad temperature or `k`,
+    /// non-finite logits).
+    pub fn generate(
+        &self,
+        prompt: &[usize],
+        n: usize,
+        sampling: Sampling,
+        rng: &mut impl Rng,
+    ) -> Result<Vec<usize>> {
+        sampling.check()?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput {
+                why: "an empty prompt: generation needs at least one token to start from".into(),
+            });
+        }
+        let mut seq = prompt.to_vec();
+        for _ in 0..n {
+            let start = self
+                .input
+                .max_len()
+                .map_or(0, |max| seq.len().saturating_sub(max));
+            let context = &seq[start..];
+            let ids = Array2::from_shape_vec((1, context.len()), context.to_vec()).expect("one row");
+            let h = self.hidden(&TokenBatch::full(ids)?)?;
+            let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
+            seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
+        }
+        Ok(seq.split_off(prompt.len()))
+    }
+}
+
+impl<F: Float> Trainable<F> for DecoderOnly<F> {
+    type Batch = LmBatch;
+
+    fn batch_tokens(batch: &LmBatch) -> usize {
+        batch.target.tokens()
+    }
+
+    /// Cross-entropy over every real target token (padding skipped), with the trainer's label
+    /// smoothing.
+    fn accumulate<R: Rng>(
+        &self,
+        batch: &LmBatch,
+        smoothing: f64,
+        weight: f64,
+        grads: &mut Self,
+        rng: &mut R,
+    ) -> Result<LossStats> {
+        if batch.target.ids().dim() != batch.input.ids().dim()
+            || batch.target.lengths() != batch.input.lengths()
+        {
+            return Err(Error::shape(
+                "language-model targets (shaped as the input)",
+                batch.input.ids().shape(),
+                batch.target.ids().shape(),
+            ));
+        }
+        batch.target.check_vocab(self.cfg.vocab)?;
+        let (logits, cache) = self.forward(&batch.input, rng)?;
+        let mut ce = cross_entropy(
+            logits.view(),
+            &batch.target.loss_targets(),
+            Some(IGNORE),
+            smoothing,
+        )?;
+        if weight != 1.0 {
+            ce.grad.mapv_inplace(|v| v * F::from_f64(weight));
+        }
+        self.backward(&cache, ce.grad.view(), grads);
+        Ok(LossStats {
+            loss: ce.loss,
+            tokens: ce.tokens,
+            correct: ce.correct,
+        })
+    }
+}

@@ -36,6 +36,10 @@ const GEMMS: &[(&str, usize, usize, usize)] = &[
     ("base_ffn1", 512, 512, 2048),
     ("base_ffn2", 512, 2048, 512),
     ("base_logits", 512, 512, 8000),
+    // Decoding steps: one row per sequence, the small-row kernels.
+    ("decode_base_ffn1", 8, 512, 2048),
+    ("decode_base_logits", 8, 512, 8000),
+    ("decode_small_ffn2", 32, 1024, 256),
 ];
 
 fn bench_gemm(c: &mut Criterion) {

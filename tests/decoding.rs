@@ -1,4 +1,4 @@
-//! Decoding with the key/value cache gives exactly what decoding without it gives.
+//! Decoding with the key/value cache gives what decoding without it gives.
 
 use ndarray::{Array2, s};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -40,9 +40,14 @@ fn each_cached_step_equals_the_full_prefix_decode() {
                 .into_shape_with_order((2, t + 1, 19))
                 .unwrap();
             let last = full.slice(s![.., t, ..]);
-            // Bit for bit: every product accumulates over the same terms in the same order
-            // (the masked future adds exact zeros).
-            assert_eq!(step, last, "step {t}");
+            // Equal to rounding: a step multiplies a few rows, which the small-row GEMM kernels
+            // take, while the full pass may go through matrixmultiply, which rounds otherwise.
+            let scale = last.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = (&step - &last).iter().fold(0.0f32, |m, e| m.max(e.abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "step {t}: max difference {err} for logits up to {scale}"
+            );
         }
         assert_eq!(state.len(), 8);
     }

@@ -5,7 +5,7 @@
 //! the `[B·T, d_model]` projections in the same way. [`gemm_batched`] runs one product per
 //! index of a leading batch axis.
 //!
-//! Products with few rows (m ≤ 16: decoding steps) whose operands are laid out for it skip
+//! Products with few rows (decoding steps) whose operands are laid out for it skip
 //! `matrixmultiply`, whose packing of B would cost as much as the arithmetic, and use the
 //! kernels of [`super::small_gemm`].
 //!
@@ -21,7 +21,7 @@ use ndarray::{ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
 use super::Float;
-use super::small_gemm::{self, SMALL_M};
+use super::small_gemm;
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -50,12 +50,12 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
-    if m <= SMALL_M && m * n * k > 0 {
+    if small_gemm::takes(m, k) && m * n * k > 0 {
         let unit = |stride: isize, len: usize| stride == 1 || len <= 1;
         if unit(a.strides()[1], k) && unit(b.strides()[0], k) {
             return small_gemm::dot_rows(alpha, a, b, beta, c);
         }
-        if beta == F::ZERO && unit(b.strides()[1], n) && unit(c.strides()[1], n) {
+        if m <= 8 && beta == F::ZERO && unit(b.strides()[1], n) && unit(c.strides()[1], n) {
             return small_gemm::axpy_rows(alpha, a, b, beta, c);
         }
     }

@@ -1,13 +1,13 @@
-//! Products with few rows, `C ← α·A·B + β·C` for m ≤ [`SMALL_M`]: a decoding step (one new
+//! Products with few rows, `C ← α·A·B + β·C` ([`takes`]): a decoding step (one new
 //! position per sequence) or one query against cached keys.
 //!
 //! `matrixmultiply` copies ("packs") all of B into its own layout on every call. With many
 //! rows of A that copy is repaid many times over; with a handful it costs as much as the
 //! arithmetic. These kernels read B where it is:
 //!
-//! - [`dot_rows`], when B's columns are contiguous (B = Wᵀ of a `[out, in]` weight, or Kᵀ of
+//! - `dot_rows`, when B's columns are contiguous (B = Wᵀ of a `[out, in]` weight, or Kᵀ of
 //!   cached keys): each element of C is a dot product of two contiguous slices;
-//! - [`axpy_rows`], when B's rows are contiguous (B = V of cached values): each row of C is a
+//! - `axpy_rows`, when B's rows are contiguous (B = V of cached values): each row of C is a
 //!   sum of rows of B scaled by A's entries.
 //!
 //! A dot product accumulates in `L` lanes (16 with AVX-512, 8 with AVX2 and FMA, chosen at run
@@ -20,15 +20,25 @@ use rayon::prelude::*;
 
 use super::{Float, parallel_worth};
 
-/// Products with at most this many rows take these kernels.
-pub const SMALL_M: usize = 16;
+/// Whether an `m × k` by `k × n` product takes these kernels: with up to 8 rows always, with
+/// up to 32 rows when k is at least 128. Measured against `matrixmultiply` on AVX-512 and
+/// AVX2 paths: below that k, or past 32 rows, its packing is repaid.
+pub fn takes(m: usize, k: usize) -> bool {
+    m <= 8 || (m <= 32 && k >= 128)
+}
 
 /// Columns of C per parallel piece.
 const COLUMN_BLOCK: usize = 64;
 
 /// `C ← α·A·B + β·C` with A's rows and B's columns contiguous (`a.strides()[1] == 1`,
 /// `b.strides()[0] == 1`).
-pub(super) fn dot_rows<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+pub(super) fn dot_rows<F: Float>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    mut c: ArrayViewMut2<F>,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
     let run = |b: ArrayView2<F>, mut c: ArrayViewMut2<F>| {
@@ -49,7 +59,13 @@ pub(super) fn dot_rows<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, b
 }
 
 /// `C ← α·A·B` (β = 0) with B's rows and C's rows contiguous.
-pub(super) fn axpy_rows<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
+pub(super) fn axpy_rows<F: Float>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    c: ArrayViewMut2<F>,
+) {
     dispatch_axpy(alpha, a, b, beta, c);
 }
 
@@ -59,11 +75,23 @@ macro_rules! dispatch {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
+                fn avx512<F: Float>(
+                    alpha: F,
+                    a: ArrayView2<F>,
+                    b: ArrayView2<F>,
+                    beta: F,
+                    c: ArrayViewMut2<F>,
+                ) {
                     $body::<F, 16, true>(alpha, a, b, beta, c)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
+                fn avx2<F: Float>(
+                    alpha: F,
+                    a: ArrayView2<F>,
+                    b: ArrayView2<F>,
+                    beta: F,
+                    c: ArrayViewMut2<F>,
+                ) {
                     $body::<F, 8, true>(alpha, a, b, beta, c)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -115,7 +143,13 @@ fn madd<F: Float, const FMA: bool>(a: F, b: F, c: F) -> F {
 }
 
 #[inline(always)]
-fn dot_body<F: Float, const L: usize, const FMA: bool>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+fn dot_body<F: Float, const L: usize, const FMA: bool>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    mut c: ArrayViewMut2<F>,
+) {
     let (m, n) = c.dim();
     for j in 0..n {
         let col = b.column(j);
@@ -131,7 +165,13 @@ fn dot_body<F: Float, const L: usize, const FMA: bool>(alpha: F, a: ArrayView2<F
 }
 
 #[inline(always)]
-fn axpy_body<F: Float, const L: usize, const FMA: bool>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+fn axpy_body<F: Float, const L: usize, const FMA: bool>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    mut c: ArrayViewMut2<F>,
+) {
     debug_assert!(beta == F::ZERO, "axpy_rows overwrites C");
     let (m, k) = a.dim();
     for i in 0..m {
@@ -153,8 +193,9 @@ fn axpy_body<F: Float, const L: usize, const FMA: bool>(alpha: F, a: ArrayView2<
     }
 }
 
-/// The `f32` dot-product kernel with AVX2 and FMA intrinsics: tiles of 2 rows of A by 4
-/// columns of B, 8 lanes each, so that each load of B feeds two fused multiply-adds.
+/// The `f32` dot-product kernel with AVX2 and FMA intrinsics: tiles of rows of A by 4 columns
+/// of B, 8 lanes each, so that each load of B feeds several fused multiply-adds. With
+/// AVX-512VL the same code has 32 vector registers and takes 4 rows at a time, else 2.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -164,87 +205,165 @@ mod x86 {
     use super::Float;
 
     /// Runs the product if F is `f32` and the CPU has AVX2 and FMA; returns whether it did.
-    pub(super) fn dot_f32<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) -> bool {
-        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+    pub(super) fn dot_f32<F: Float>(
+        alpha: F,
+        a: ArrayView2<F>,
+        b: ArrayView2<F>,
+        beta: F,
+        mut c: ArrayViewMut2<F>,
+    ) -> bool {
+        let wide =
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        if !(wide || avx2) {
             return false;
         }
-        let rows: Option<Vec<&[f32]>> = a.rows().into_iter().map(|r| r.to_slice().and_then(F::as_f32)).collect();
-        let cols: Option<Vec<&[f32]>> = b.columns().into_iter().map(|c| c.to_slice().and_then(F::as_f32)).collect();
-        let (Some(rows), Some(cols)) = (rows, cols) else { return false };
-        let (m, n) = (rows.len(), cols.len());
+        let rows: Option<Vec<&[f32]>> = a
+            .rows()
+            .into_iter()
+            .map(|r| r.to_slice().and_then(F::as_f32))
+            .collect();
+        let cols: Option<Vec<&[f32]>> = b
+            .columns()
+            .into_iter()
+            .map(|c| c.to_slice().and_then(F::as_f32))
+            .collect();
+        let (Some(rows), Some(cols)) = (rows, cols) else {
+            return false;
+        };
+        if rows.iter().chain(&cols).any(|s| s.len() != rows[0].len()) {
+            return false;
+        }
         let mut store = |i: usize, j: usize, v: f32| {
             let v = alpha * F::from_f64(v as f64);
             let out = &mut c[[i, j]];
             *out = if beta == F::ZERO { v } else { v + beta * *out };
         };
-        // Each tile's products go to C as soon as they are done.
-        fn emit<const R: usize, const C: usize>(t: [[f32; C]; R], i: usize, j: usize, store: &mut impl FnMut(usize, usize, f32)) {
+        // SAFETY: the CPU has the features of the function called, detected above; every slice
+        // has the same length k, which is all the tiles read.
+        unsafe {
+            if wide {
+                drive_avx512(&rows, &cols, &mut store);
+            } else {
+                drive_avx2(&rows, &cols, &mut store);
+            }
+        }
+        true
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn drive_avx512(rows: &[&[f32]], cols: &[&[f32]], store: &mut impl FnMut(usize, usize, f32)) {
+        // SAFETY: as for `drive`.
+        unsafe { drive::<4>(rows, cols, store) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn drive_avx2(rows: &[&[f32]], cols: &[&[f32]], store: &mut impl FnMut(usize, usize, f32)) {
+        // SAFETY: as for `drive`.
+        unsafe { drive::<2>(rows, cols, store) }
+    }
+
+    /// Columns outer, rows inner: each block of four columns of B is read from memory once and
+    /// serves every row of A from the L1 cache. `RB` rows at a time, then the rest one by one.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; all slices must have one length.
+    #[inline(always)]
+    unsafe fn drive<const RB: usize>(
+        rows: &[&[f32]],
+        cols: &[&[f32]],
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
+        fn emit<const R: usize, const C: usize>(
+            t: [[f32; C]; R],
+            i: usize,
+            j: usize,
+            store: &mut impl FnMut(usize, usize, f32),
+        ) {
             for (di, row) in t.iter().enumerate() {
                 for (dj, &v) in row.iter().enumerate() {
                     store(i + di, j + dj, v);
                 }
             }
         }
-        let mut i = 0;
-        while i < m {
-            let mut j = 0;
-            while j < n {
-                let four = j + 4 <= n;
-                // SAFETY (each call): the CPU has AVX2 and FMA, checked above.
-                match (i + 2 <= m, four) {
-                    (true, true) => emit(unsafe { tile([rows[i], rows[i + 1]], [cols[j], cols[j + 1], cols[j + 2], cols[j + 3]]) }, i, j, &mut store),
-                    (true, false) => emit(unsafe { tile([rows[i], rows[i + 1]], [cols[j]]) }, i, j, &mut store),
-                    (false, true) => emit(unsafe { tile([rows[i]], [cols[j], cols[j + 1], cols[j + 2], cols[j + 3]]) }, i, j, &mut store),
-                    (false, false) => emit(unsafe { tile([rows[i]], [cols[j]]) }, i, j, &mut store),
+        let (m, n) = (rows.len(), cols.len());
+        let mut j = 0;
+        while j < n {
+            let mut i = 0;
+            // SAFETY (each tile): the caller's.
+            if j + 4 <= n {
+                let w = [cols[j], cols[j + 1], cols[j + 2], cols[j + 3]];
+                while i + RB <= m {
+                    let x: [&[f32]; RB] = std::array::from_fn(|r| rows[i + r]);
+                    emit(unsafe { tile(x, w) }, i, j, store);
+                    i += RB;
                 }
-                j += if four { 4 } else { 1 };
+                while i < m {
+                    emit(unsafe { tile([rows[i]], w) }, i, j, store);
+                    i += 1;
+                }
+                j += 4;
+            } else {
+                while i < m {
+                    emit(unsafe { tile([rows[i]], [cols[j]]) }, i, j, store);
+                    i += 1;
+                }
+                j += 1;
             }
-            i += 2;
         }
-        true
     }
 
     /// `R × C` dot products of length k: 8-lane fused multiply-adds, a fixed horizontal sum,
     /// then the tail in order.
-    #[target_feature(enable = "avx2,fma")]
-    fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; all slices must have one length.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
         let k = x[0].len();
-        assert!(x.iter().all(|s| s.len() == k) && w.iter().all(|s| s.len() == k), "tile: slices of unequal length");
         let k8 = k / 8 * 8;
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut o = 0;
-        while o < k8 {
-            // SAFETY: o + 8 ≤ k8 ≤ k, the length of every slice.
-            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(w[c].as_ptr().add(o)) });
+        // SAFETY (all intrinsics below): the caller guarantees AVX2 and FMA; every load reads
+        // 8 floats at offset o with o + 8 ≤ k8 ≤ k, the length of every slice.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut o = 0;
+            while o < k8 {
+                let wv: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(w[c].as_ptr().add(o)));
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(x[r].as_ptr().add(o));
+                    for c in 0..C {
+                        acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+                    }
+                }
+                o += 8;
+            }
+            let mut out = [[0.0f32; C]; R];
             for r in 0..R {
-                // SAFETY: as above.
-                let xv = unsafe { _mm256_loadu_ps(x[r].as_ptr().add(o)) };
                 for c in 0..C {
-                    acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+                    let mut sum = hsum(acc[r][c]);
+                    for p in k8..k {
+                        sum = x[r][p].mul_add(w[c][p], sum);
+                    }
+                    out[r][c] = sum;
                 }
             }
-            o += 8;
+            out
         }
-        let mut out = [[0.0f32; C]; R];
-        for r in 0..R {
-            for c in 0..C {
-                let mut s = hsum(acc[r][c]);
-                for p in k8..k {
-                    s = x[r][p].mul_add(w[c][p], s);
-                }
-                out[r][c] = s;
-            }
-        }
-        out
     }
 
     /// The 8 lanes of `v` summed in a fixed order.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: the caller's.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            _mm_cvtss_f32(s)
+        }
     }
 }
 

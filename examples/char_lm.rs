@@ -28,6 +28,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::Params;
 use vaswani::blocks::BlockConfig;
+use vaswani::io::{load_trainer, save_trainer};
 use vaswani::kernels::Activation;
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
 use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
@@ -109,20 +110,16 @@ impl Corpus {
 
 fn main() {
     let args = Args::parse();
-    if args.common.save.is_some() || args.common.resume.is_some() {
-        eprintln!(
-            "error: char_lm cannot save or resume checkpoints yet (the crate has no checkpoint format)"
-        );
-        std::process::exit(2);
-    }
     common::init_threads(args.common.threads);
-    if let Err(e) = run(&args) {
+    // The whole run happens on the pool, so that every kernel's parallel loops start from a
+    // worker thread.
+    if let Err(e) = rayon::scope(|_| run(&args)) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
     let sampling = Sampling::Temperature(args.temperature);
     sampling.check()?;
     if !(args.lr.is_finite() && args.lr > 0.0) {
@@ -159,8 +156,10 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     let cfg = DecoderOnlyConfig::new(vocab, block, args.layers).with_positions(Positions::Learned {
         max_len: args.context,
     });
-    let mut rng = StdRng::seed_from_u64(args.common.seed);
-    let mut data_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(1));
+    // Every random draw is fixed by --seed: the initialisation here, each step's windows and
+    // dropout by (seed, step), so that --resume continues exactly.
+    let seed = args.common.seed;
+    let mut rng = StdRng::seed_from_u64(seed);
     let model: DecoderOnly = cfg.init(&mut rng)?;
     println!(
         "model: {} layers, d_model {}, {} heads, context {}, pre-norm, GELU, tied output: {} parameters",
@@ -183,29 +182,51 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
     };
-    let mut trainer = Trainer::new(model, trainer_cfg)?;
+    let mut trainer = match &args.common.resume {
+        Some(path) => {
+            let t: Trainer<f32, DecoderOnly> = load_trainer(path)?;
+            if t.model.cfg != cfg {
+                return Err(format!(
+                    "{} holds a model of another config than these flags and this text ask for",
+                    path.display()
+                )
+                .into());
+            }
+            println!("resumed from {} at step {}", path.display(), t.steps());
+            t
+        }
+        None => Trainer::new(model, trainer_cfg)?,
+    };
     let mut progress = common::Progress::new(steps, "char_lm");
     let mut curve = Vec::with_capacity(steps);
-    for step in 0..steps {
+    for step in trainer.steps() as usize..steps {
+        let mut data_rng = common::step_rng(seed, step as u64, 0);
         let windows: Vec<&[usize]> = (0..args.batch)
             .map(|_| {
                 let start = data_rng.random_range(0..=train.len() - args.context - 1);
                 &train[start..start + args.context + 1]
             })
             .collect();
-        let stats = trainer.step(&[LmBatch::from_sequences(&windows, 0)?], &mut rng)?;
+        let stats = trainer.step(
+            &[LmBatch::from_sequences(&windows, 0)?],
+            &mut common::step_rng(seed, step as u64, 1),
+        )?;
         progress.update(step, stats.loss.loss, stats.loss.tokens);
         curve.push((step as f64 + 1.0, stats.loss.loss / std::f64::consts::LN_2));
+        if let Some(path) = args.common.save_due(step) {
+            save_trainer(path, &trainer)?;
+        }
     }
     progress.finish();
-    if let Some(path) = &args.plot {
+    if let (Some(path), false) = (&args.plot, curve.is_empty()) {
         common::plot_curves(
             path,
             "char_lm",
             "training loss (bits/char)",
             &[("train", curve)],
             false,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
     }
     let model = &trainer.model;
 
@@ -234,7 +255,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn read_text(path: &Path) -> Result<String, Box<dyn Error>> {
+fn read_text(path: &Path) -> Result<String, Box<dyn Error + Send + Sync>> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| format!("{} is not UTF-8 text: {e}", path.display()).into())
 }
@@ -242,7 +263,7 @@ fn read_text(path: &Path) -> Result<String, Box<dyn Error>> {
 /// Bits per character of the model on `held_out`: consecutive windows of `context` + 1
 /// characters overlapping by one, so that every character after the first is predicted
 /// exactly once, from up to `context` characters before it.
-fn held_out_bits(model: &DecoderOnly, held_out: &[usize], context: usize) -> Result<f64, Box<dyn Error>> {
+fn held_out_bits(model: &DecoderOnly, held_out: &[usize], context: usize) -> Result<f64, Box<dyn Error + Send + Sync>> {
     let windows: Vec<&[usize]> = (0..held_out.len() - 1)
         .step_by(context)
         .map(|start| &held_out[start..(start + context + 1).min(held_out.len())])

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use vaswani::io::{CheckpointInfo, inspect, load_model};
-use vaswani::models::{EncoderDecoder, EncoderOnly};
+use vaswani::models::{DecoderOnly, EncoderDecoder, EncoderOnly};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +34,8 @@ fn run(path: &str) -> vaswani::Result<()> {
         ("encoder_decoder", _) => drop(load_model::<f32, EncoderDecoder>(path)?),
         ("encoder_only", "f64") => drop(load_model::<f64, EncoderOnly<f64>>(path)?),
         ("encoder_only", _) => drop(load_model::<f32, EncoderOnly>(path)?),
+        ("decoder_only", "f64") => drop(load_model::<f64, DecoderOnly<f64>>(path)?),
+        ("decoder_only", _) => drop(load_model::<f32, DecoderOnly>(path)?),
         _ => {}
     }
     // Written with `writeln!` so that a closed pipe (`| head`) ends the listing quietly

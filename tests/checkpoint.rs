@@ -522,3 +522,51 @@ fn mutated_checkpoints_give_errors_or_identical_models_never_panics() {
     }
     assert!(errors > 1500, "{errors} errors, {identical} identical");
 }
+
+#[test]
+fn every_model_kind_round_trips() {
+    use vaswani::models::{
+        DecoderOnly, DecoderOnlyConfig, EncoderOnly, EncoderOnlyConfig, Head, InputKind, Positions,
+    };
+    let path = temp("kinds.safetensors");
+    let lm: DecoderOnly = DecoderOnlyConfig::new(13, BlockConfig::new(8, 2, 12).with_norm_first(true), 2)
+        .with_positions(Positions::Learned { max_len: 9 })
+        .init(&mut StdRng::seed_from_u64(13))
+        .unwrap();
+    save_model(&path, &lm).unwrap();
+    assert_eq!(load_model::<f32, DecoderOnly>(&path).unwrap(), lm);
+    assert_eq!(inspect(&path).unwrap().kind, "decoder_only");
+    // Another kind's loader refuses it by name.
+    let why = checkpoint_error(load_model(&path));
+    assert!(
+        why.contains("decoder_only") && why.contains("encoder_decoder"),
+        "{why}"
+    );
+    let clf: EncoderOnly = EncoderOnlyConfig::new(
+        InputKind::Features { d_in: 5 },
+        BlockConfig::new(8, 2, 12),
+        1,
+        Head::Classify { classes: 4 },
+    )
+    .init(&mut StdRng::seed_from_u64(14))
+    .unwrap();
+    save_model(&path, &clf).unwrap();
+    assert_eq!(load_model::<f32, EncoderOnly>(&path).unwrap(), clf);
+}
+
+#[test]
+fn a_learning_rate_that_is_not_positive_is_a_config_error() {
+    let m = model(15);
+    for lr in [0.0, -1e-3, f64::NAN] {
+        let cfg = TrainerConfig {
+            adam: AdamConfig::paper(),
+            schedule: Schedule::Constant { lr },
+            clip_norm: None,
+            label_smoothing: 0.1,
+        };
+        assert!(matches!(
+            Trainer::new(m.clone(), cfg),
+            Err(Error::InvalidConfig { field: "lr", .. })
+        ));
+    }
+}

@@ -41,7 +41,9 @@ use serde::de::DeserializeOwned;
 use super::tensors::{OwnedTensor, TensorFile, TensorInfo, write_tensor_file};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
-use crate::models::{EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig};
+use crate::models::{
+    DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig,
+};
 use crate::params::Params;
 use crate::train::{Adam, Trainable, Trainer, TrainerConfig};
 
@@ -93,6 +95,20 @@ impl<F: Float> Checkpointable<F> for EncoderOnly<F> {
         cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
     }
     fn param_count(cfg: &EncoderOnlyConfig) -> u64 {
+        cfg.cost(1, 1).params
+    }
+}
+
+impl<F: Float> Checkpointable<F> for DecoderOnly<F> {
+    const KIND: &'static str = "decoder_only";
+    type Config = DecoderOnlyConfig;
+    fn config(&self) -> &DecoderOnlyConfig {
+        &self.cfg
+    }
+    fn from_config(cfg: &DecoderOnlyConfig) -> Result<Self> {
+        cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
+    }
+    fn param_count(cfg: &DecoderOnlyConfig) -> u64 {
         cfg.cost(1, 1).params
     }
 }

@@ -15,16 +15,6 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// From exact counts.
-    #[allow(dead_code)]
-    pub(crate) fn new(params: u64, forward_flops: u64) -> Self {
-        Cost {
-            params,
-            forward_flops,
-            train_flops: 3 * forward_flops,
-        }
-    }
-
     /// From counts computed in `f64` (so that absurd configs saturate instead of wrapping
     /// around): exact below 2⁵³, saturating at `u64::MAX` above.
     pub(crate) fn from_f64(params: f64, forward_flops: f64) -> Self {

@@ -79,13 +79,14 @@ use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::argmax;
-use crate::layers::{
-    Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
-};
-use crate::models::batch::{IGNORE, TokenBatch};
+use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
+use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
-use crate::train::{LossStats, Trainable, cross_entropy, log_softmax};
+use crate::models::output::{
+    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
+};
+use crate::train::{LossStats, Trainable, log_softmax};
 
 /// Configuration of a [`DecoderOnly`] language model.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,12 +135,6 @@ pub struct DecoderOnlyCache<F: Float = f32> {
     input: InputCache<F>,
     blocks: EncoderCache<F>,
     output: OutputCache<F>,
-}
-
-#[derive(Clone, Debug)]
-enum OutputCache<F: Float> {
-    Tied(ProjectionCache<F>),
-    Linear(LinearCache<F>),
 }
 
 impl<F: Float> DecoderOnlyCache<F> {
@@ -353,22 +348,24 @@ impl DecoderOnlyConfig {
     /// sequence even though the causal mask lets half of it be skipped, the output projection
     /// counts, a training step is 3× the forward).
     pub fn cost(&self, batch: usize, len: usize) -> Cost {
+        // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
         let b = &self.block;
-        let (d, f, v) = (b.d_model as u64, b.d_ff as u64, self.vocab as u64);
-        let bias = |n: u64| if b.bias { n } else { 0 };
-        let layer = 4 * d * d + bias(4 * d) + 2 * d * f + bias(f + d) + 2 * (2 * d);
-        let head = if self.tie_output { 0 } else { v * d };
+        let (d, f, v) = (b.d_model as f64, b.d_ff as f64, self.vocab as f64);
+        let bias = |n: f64| if b.bias { n } else { 0.0 };
+        let layer = 4.0 * d * d + bias(4.0 * d) + 2.0 * d * f + bias(f + d) + 2.0 * (2.0 * d);
+        let head = if self.tie_output { 0.0 } else { v * d };
         let learned = match self.positions {
-            Positions::Learned { max_len } => max_len as u64 * d,
-            Positions::Sinusoidal => 0,
+            Positions::Learned { max_len } => max_len as f64 * d,
+            Positions::Sinusoidal => 0.0,
         };
-        let final_norm = 2 * d * u64::from(self.blocks_config().has_final_norm());
-        let params = v * d + head + learned + self.n_layers as u64 * layer + final_norm;
-        let t = len as u64;
-        let dense = |m: u64, n: u64| 2 * m * n * t;
-        let per_layer = dense(d, 3 * d) + 4 * t * t * d + dense(d, d) + dense(d, f) + dense(f, d);
-        let forward = batch as u64 * (self.n_layers as u64 * per_layer + dense(d, v));
-        Cost::new(params, forward)
+        let final_norm = 2.0 * d * f64::from(u8::from(self.blocks_config().has_final_norm()));
+        let n_layers = self.n_layers as f64;
+        let params = v * d + head + learned + n_layers * layer + final_norm;
+        let t = len as f64;
+        let dense = |m: f64, n: f64| 2.0 * m * n * t;
+        let per_layer = dense(d, 3.0 * d) + 4.0 * t * t * d + dense(d, d) + dense(d, f) + dense(f, d);
+        let forward = batch as f64 * (n_layers * per_layer + dense(d, v));
+        Cost::from_f64(params, forward)
     }
 }
 
@@ -407,16 +404,7 @@ impl<F: Float> DecoderOnly<F> {
         let (x, input) = self.input.forward(x, b, t, 0, rng)?;
         let (h, blocks) = self.blocks.forward(x.view(), &Self::mask(tokens), rng);
         let h = flat(h);
-        let (logits, output) = match &self.head {
-            Some(head) => {
-                let (l, c) = head.forward(h.view());
-                (l, OutputCache::Linear(c))
-            }
-            None => {
-                let (l, c) = self.embed.project(h.view());
-                (l, OutputCache::Tied(c))
-            }
-        };
+        let (logits, output) = output_forward(self.head.as_ref(), &self.embed, h.view());
         Ok((
             logits,
             DecoderOnlyCache {
@@ -435,11 +423,14 @@ impl<F: Float> DecoderOnly<F> {
     /// If `grad_logits` does not have the logits' shape, or `g` is not shaped as the model.
     pub fn backward(&self, cache: &DecoderOnlyCache<F>, grad_logits: ArrayView2<F>, g: &mut DecoderOnly<F>) {
         let (b, t) = InputStage::dims(&cache.input);
-        let grad_h = match (&cache.output, &self.head, &mut g.head) {
-            (OutputCache::Linear(c), Some(head), Some(gh)) => head.backward(c, grad_logits, &mut gh.p),
-            (OutputCache::Tied(c), None, None) => self.embed.project_backward(c, grad_logits, &mut g.embed.p),
-            _ => panic!("DecoderOnly::backward: the gradient tree does not match the model's tying"),
-        };
+        let grad_h = output_backward(
+            self.head.as_ref(),
+            &self.embed,
+            &cache.output,
+            grad_logits,
+            g.head.as_mut(),
+            &mut g.embed,
+        );
         let grad_x = self
             .blocks
             .backward(&cache.blocks, unrows(grad_h, b, t).view(), &mut g.blocks);
@@ -459,10 +450,7 @@ impl<F: Float> DecoderOnly<F> {
 
     /// The output projection of hidden rows `[N, d_model]` → `[N, V]`.
     fn project(&self, h: ArrayView2<F>) -> Array2<F> {
-        match &self.head {
-            Some(head) => head.infer(h),
-            None => self.embed.project_infer(h),
-        }
+        output_infer(self.head.as_ref(), &self.embed, h)
     }
 
     /// Logits `[B·T, V]` without dropout (evaluation).
@@ -534,13 +522,14 @@ impl<F: Float> DecoderOnly<F> {
         Ok((ll, count))
     }
 
-    /// Generates `n` tokens after `prompt`, one at a time and without a cache: each step
-    /// re-runs the model (no dropout) on the sequence so far, cropped to its last `max_len`
-    /// tokens when positions are learned, and picks the next token from the last position's
-    /// logits with `sampling`. Returns the `n` new tokens (not the prompt).
+    /// Generates `n` tokens after `prompt`, one at a time, picking each from the last
+    /// position's logits (no dropout) with `sampling`. Returns the `n` new tokens (not the
+    /// prompt).
     ///
-    /// Each step costs a full forward pass over the context: `O(T²)` for T tokens, where a
-    /// key/value cache would make it `O(T)`.
+    /// With a key/value cache ([`Encoder::infer_step`]): the prompt is run once, then each step
+    /// costs one position's work. When prompt and output would not fit a learned position table,
+    /// the context is cropped to its last `max_len` tokens instead, which moves every position,
+    /// so each step then re-runs the whole window.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an empty prompt, [`Error::TokenOutOfRange`] for a prompt id
@@ -560,6 +549,29 @@ impl<F: Float> DecoderOnly<F> {
             });
         }
         let mut seq = prompt.to_vec();
+        let fits = self.input.max_len().is_none_or(|max| prompt.len() + n <= max);
+        if fits {
+            // With the key/value cache: the prompt in one pass, then one position per token.
+            self.check_tokens(&TokenBatch::full(
+                Array2::from_shape_vec((1, seq.len()), seq.clone()).expect("one row"),
+            )?)?;
+            let mut caches = self.blocks.begin(1, prompt.len() + n);
+            let mut fresh: &[usize] = prompt;
+            for _ in 0..n {
+                let start = seq.len() - fresh.len();
+                let ids = Array2::from_shape_vec((1, fresh.len()), fresh.to_vec()).expect("one row");
+                let x = self
+                    .input
+                    .infer(self.embed.infer(ids.view())?, 1, fresh.len(), start)?;
+                let h = flat(self.blocks.infer_step(x.view(), &mut caches));
+                let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
+                seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
+                fresh = &seq[seq.len() - 1..];
+            }
+            return Ok(seq.split_off(prompt.len()));
+        }
+        // Past a learned table: the context slides, positions shift, and the whole window is
+        // run again at each step.
         for _ in 0..n {
             let start = self
                 .input
@@ -592,31 +604,15 @@ impl<F: Float> Trainable<F> for DecoderOnly<F> {
         grads: &mut Self,
         rng: &mut R,
     ) -> Result<LossStats> {
-        if batch.target.ids().dim() != batch.input.ids().dim()
-            || batch.target.lengths() != batch.input.lengths()
-        {
-            return Err(Error::shape(
-                "language-model targets (shaped as the input)",
-                batch.input.ids().shape(),
-                batch.target.ids().shape(),
-            ));
-        }
-        batch.target.check_vocab(self.cfg.vocab)?;
-        let (logits, cache) = self.forward(&batch.input, rng)?;
-        let mut ce = cross_entropy(
-            logits.view(),
-            &batch.target.loss_targets(),
-            Some(IGNORE),
-            smoothing,
+        check_targets(
+            &batch.input,
+            &batch.target,
+            self.cfg.vocab,
+            "language-model targets",
         )?;
-        if weight != 1.0 {
-            ce.grad.mapv_inplace(|v| v * F::from_f64(weight));
-        }
+        let (logits, cache) = self.forward(&batch.input, rng)?;
+        let ce = token_loss(logits.view(), &batch.target, smoothing, weight)?;
         self.backward(&cache, ce.grad.view(), grads);
-        Ok(LossStats {
-            loss: ce.loss,
-            tokens: ce.tokens,
-            correct: ce.correct,
-        })
+        Ok(LossStats::from(&ce))
     }
 }

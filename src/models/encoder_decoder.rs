@@ -38,13 +38,14 @@ use crate::blocks::{
 };
 use crate::error::{Error, Result, check};
 use crate::kernels::{Float, argmax};
-use crate::layers::{
-    Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask, ProjectionCache,
-};
+use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
-use crate::train::{LossStats, Trainable, cross_entropy};
+use crate::models::output::{
+    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
+};
+use crate::train::{LossStats, Trainable};
 
 /// Configuration of an [`EncoderDecoder`].
 #[derive(Clone, Debug, PartialEq)]
@@ -110,12 +111,6 @@ pub struct EncoderDecoderCache<F: Float = f32> {
     tgt_input: InputCache<F>,
     decoder: DecoderCache<F>,
     output: OutputCache<F>,
-}
-
-#[derive(Clone, Debug)]
-enum OutputCache<F: Float> {
-    Tied(ProjectionCache<F>),
-    Linear(LinearCache<F>),
 }
 
 /// A decode in progress (see [`EncoderDecoder::begin_decode`]): the source's padding mask and
@@ -407,16 +402,7 @@ impl<F: Float> EncoderDecoder<F> {
             .decoder
             .forward(y.view(), memory.view(), &self_mask, &src_mask, rng);
         let h = flat(h);
-        let (logits, output) = match &self.generator {
-            Some(g) => {
-                let (l, c) = g.forward(h.view());
-                (l, OutputCache::Linear(c))
-            }
-            None => {
-                let (l, c) = self.target_embedding().project(h.view());
-                (l, OutputCache::Tied(c))
-            }
-        };
+        let (logits, output) = output_forward(self.generator.as_ref(), self.target_embedding(), h.view());
         Ok((
             logits,
             EncoderDecoderCache {
@@ -442,17 +428,15 @@ impl<F: Float> EncoderDecoder<F> {
         g: &mut EncoderDecoder<F>,
     ) {
         let (b, t) = InputStage::dims(&cache.tgt_input);
-        let grad_h = match (&cache.output, &self.generator, &mut g.generator) {
-            (OutputCache::Linear(c), Some(generator), Some(gg)) => {
-                generator.backward(c, grad_logits, &mut gg.p)
-            }
-            (OutputCache::Tied(c), None, None) => {
-                let gt = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
-                self.target_embedding()
-                    .project_backward(c, grad_logits, &mut gt.p)
-            }
-            _ => panic!("EncoderDecoder::backward: the gradient tree does not match the model's tying"),
-        };
+        let g_embed = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
+        let grad_h = output_backward(
+            self.generator.as_ref(),
+            self.target_embedding(),
+            &cache.output,
+            grad_logits,
+            g.generator.as_mut(),
+            g_embed,
+        );
         let grad_h = crate::blocks::unrows(grad_h, b, t);
         let (grad_y, grad_memory) = self
             .decoder
@@ -516,10 +500,11 @@ impl<F: Float> EncoderDecoder<F> {
             self.decoder
                 .infer(y.view(), memory.view(), &self_mask, &src.padding_mask()),
         );
-        Ok(match &self.generator {
-            Some(g) => g.infer(h.view()),
-            None => self.target_embedding().project_infer(h.view()),
-        })
+        Ok(output_infer(
+            self.generator.as_ref(),
+            self.target_embedding(),
+            h.view(),
+        ))
     }
 
     /// Teacher-forced logits `[B·T, V]` without dropout (evaluation).
@@ -538,20 +523,19 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`], and for targets shaped unlike the decoder input.
     pub fn loss(&self, batch: &Seq2SeqBatch, smoothing: f64) -> Result<LossStats> {
-        check_targets(batch)?;
-        batch.tgt_out.check_vocab(self.cfg.tgt_vocab)?;
-        let logits = self.infer(&batch.src, &batch.tgt_in)?;
-        let ce = cross_entropy(
-            logits.view(),
-            &batch.tgt_out.loss_targets(),
-            Some(crate::models::batch::IGNORE),
-            smoothing,
+        check_targets(
+            &batch.tgt_in,
+            &batch.tgt_out,
+            self.cfg.tgt_vocab,
+            "decoder targets",
         )?;
-        Ok(LossStats {
-            loss: ce.loss,
-            tokens: ce.tokens,
-            correct: ce.correct,
-        })
+        let logits = self.infer(&batch.src, &batch.tgt_in)?;
+        Ok(LossStats::from(&token_loss(
+            logits.view(),
+            &batch.tgt_out,
+            smoothing,
+            1.0,
+        )?))
     }
 
     /// Encodes `src` and starts decoding it step by step with a key/value cache: each
@@ -611,10 +595,11 @@ impl<F: Float> EncoderDecoder<F> {
             self.decoder
                 .infer_step(y.view(), &mut state.decoder, &state.src_mask),
         );
-        Ok(match &self.generator {
-            Some(g) => g.infer(h.view()),
-            None => self.target_embedding().project_infer(h.view()),
-        })
+        Ok(output_infer(
+            self.generator.as_ref(),
+            self.target_embedding(),
+            h.view(),
+        ))
     }
 
     /// Greedy decoding with the key/value cache: encodes once, then feeds `bos` and each
@@ -709,20 +694,6 @@ impl<F: Float> EncoderDecoder<F> {
     }
 }
 
-/// The decoder targets must be shaped as the decoder input.
-fn check_targets(batch: &Seq2SeqBatch) -> Result<()> {
-    if batch.tgt_out.ids().dim() != batch.tgt_in.ids().dim()
-        || batch.tgt_out.lengths() != batch.tgt_in.lengths()
-    {
-        return Err(Error::shape(
-            "decoder targets (shaped as the decoder input)",
-            batch.tgt_in.ids().shape(),
-            batch.tgt_out.ids().shape(),
-        ));
-    }
-    Ok(())
-}
-
 impl<F: Float> Trainable<F> for EncoderDecoder<F> {
     type Batch = Seq2SeqBatch;
 
@@ -738,23 +709,15 @@ impl<F: Float> Trainable<F> for EncoderDecoder<F> {
         grads: &mut Self,
         rng: &mut R,
     ) -> Result<LossStats> {
-        check_targets(batch)?;
-        batch.tgt_out.check_vocab(self.cfg.tgt_vocab)?;
-        let (logits, cache) = self.forward(&batch.src, &batch.tgt_in, rng)?;
-        let mut ce = cross_entropy(
-            logits.view(),
-            &batch.tgt_out.loss_targets(),
-            Some(crate::models::batch::IGNORE),
-            smoothing,
+        check_targets(
+            &batch.tgt_in,
+            &batch.tgt_out,
+            self.cfg.tgt_vocab,
+            "decoder targets",
         )?;
-        if weight != 1.0 {
-            ce.grad.mapv_inplace(|v| v * F::from_f64(weight));
-        }
+        let (logits, cache) = self.forward(&batch.src, &batch.tgt_in, rng)?;
+        let ce = token_loss(logits.view(), &batch.tgt_out, smoothing, weight)?;
         self.backward(&cache, ce.grad.view(), grads);
-        Ok(LossStats {
-            loss: ce.loss,
-            tokens: ce.tokens,
-            correct: ce.correct,
-        })
+        Ok(LossStats::from(&ce))
     }
 }

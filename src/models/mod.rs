@@ -14,6 +14,7 @@ pub mod decoder_only;
 pub mod encoder_decoder;
 pub mod encoder_only;
 pub mod input;
+mod output;
 
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;

@@ -5,6 +5,8 @@
 //! `lrate = d_model^−0.5 · min(step^−0.5, step · warmup^−1.5)`, with warmup = 4000.
 //! Its peak, at `step = warmup`, is `(d_model · warmup)^−0.5` (7.0e-4 for the base model).
 
+use crate::error::{Error, Result};
+
 /// A learning-rate schedule.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -43,6 +45,43 @@ impl Schedule {
             d_model,
             warmup,
             scale: 1.0,
+        }
+    }
+
+    /// Checks that every rate the schedule can give is finite and positive (the cosine's final
+    /// rate may be 0).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn check(&self) -> Result<()> {
+        let positive = |field: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    field,
+                    format!("a learning rate must be finite and positive, got {v}"),
+                ))
+            }
+        };
+        match *self {
+            Schedule::Constant { lr } => positive("lr", lr),
+            Schedule::Noam { d_model, scale, .. } => {
+                if d_model == 0 {
+                    return Err(Error::config("d_model", "must be at least 1, got 0"));
+                }
+                positive("scale", scale)
+            }
+            Schedule::Cosine { peak, min, .. } => {
+                positive("peak", peak)?;
+                if !(min.is_finite() && (0.0..=peak).contains(&min)) {
+                    return Err(Error::config(
+                        "min",
+                        format!("must be finite, at least 0 and at most the peak {peak}, got {min}"),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -92,6 +131,43 @@ mod tests {
         assert!(s.lr(16000) < s.lr(4000));
         // Past warm-up it is d_model^-0.5 · step^-0.5.
         assert!((s.lr(16000) - 512.0_f64.powf(-0.5) / 16000.0_f64.sqrt()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn rates_that_are_not_positive_are_config_errors() {
+        assert!(Schedule::Constant { lr: 0.0 }.check().is_err());
+        assert!(Schedule::Constant { lr: f64::NAN }.check().is_err());
+        assert!(Schedule::Constant { lr: -1e-3 }.check().is_err());
+        assert!(
+            Schedule::Noam {
+                d_model: 0,
+                warmup: 10,
+                scale: 1.0
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Schedule::Cosine {
+                peak: 1e-3,
+                warmup: 1,
+                total: 10,
+                min: 2e-3
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Schedule::Cosine {
+                peak: 1e-3,
+                warmup: 1,
+                total: 10,
+                min: 0.0
+            }
+            .check()
+            .is_ok()
+        );
+        assert!(Schedule::paper(512, 4000).check().is_ok());
     }
 
     #[test]

@@ -129,8 +129,8 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     /// A trainer with a fresh optimizer.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for bad optimizer settings or a
-    /// label smoothing outside [0, 1).
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for bad optimizer settings, a
+    /// learning rate that is not finite and positive, or a label smoothing outside [0, 1).
     pub fn new(model: M, cfg: TrainerConfig) -> Result<Self> {
         let optimizer = Adam::new(cfg.adam.clone(), &model)?;
         Trainer::resume(model, optimizer, cfg)
@@ -141,6 +141,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     /// # Errors
     /// As [`Trainer::new`].
     pub fn resume(model: M, optimizer: Adam<F, M>, cfg: TrainerConfig) -> Result<Self> {
+        cfg.schedule.check()?;
         if !(0.0..1.0).contains(&cfg.label_smoothing) {
             return Err(crate::Error::config(
                 "label_smoothing",

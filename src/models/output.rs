@@ -1,0 +1,112 @@
+//! The pieces both token-predicting models share: the output projection (a `Linear` or the
+//! tied embedding, §3.4) and the token loss over padded targets.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::error::{Error, Result};
+use crate::kernels::Float;
+use crate::layers::{Embedding, Linear, LinearCache, ProjectionCache};
+use crate::models::batch::{IGNORE, TokenBatch};
+use crate::train::{CrossEntropy, LossStats, cross_entropy};
+
+/// What the output projection's backward pass needs.
+#[derive(Clone, Debug)]
+pub(crate) enum OutputCache<F: Float> {
+    /// Through the tied embedding.
+    Tied(ProjectionCache<F>),
+    /// Through a separate linear layer.
+    Linear(LinearCache<F>),
+}
+
+/// Logits `[N, V]` of hidden rows `h`, through `head` or, when there is none, the tied
+/// embedding; with the cache for [`output_backward`].
+pub(crate) fn output_forward<F: Float>(
+    head: Option<&Linear<F>>,
+    embed: &Embedding<F>,
+    h: ArrayView2<F>,
+) -> (Array2<F>, OutputCache<F>) {
+    match head {
+        Some(head) => {
+            let (l, c) = head.forward(h);
+            (l, OutputCache::Linear(c))
+        }
+        None => {
+            let (l, c) = embed.project(h);
+            (l, OutputCache::Tied(c))
+        }
+    }
+}
+
+/// [`output_forward`] without a cache.
+pub(crate) fn output_infer<F: Float>(
+    head: Option<&Linear<F>>,
+    embed: &Embedding<F>,
+    h: ArrayView2<F>,
+) -> Array2<F> {
+    match head {
+        Some(head) => head.infer(h),
+        None => embed.project_infer(h),
+    }
+}
+
+/// Backward of [`output_forward`]: adds the head's (or the tied embedding's) gradient and
+/// returns `∂L/∂h`.
+///
+/// # Panics
+/// If the gradient tree's tying differs from the model's.
+pub(crate) fn output_backward<F: Float>(
+    head: Option<&Linear<F>>,
+    embed: &Embedding<F>,
+    cache: &OutputCache<F>,
+    grad_logits: ArrayView2<F>,
+    g_head: Option<&mut Linear<F>>,
+    g_embed: &mut Embedding<F>,
+) -> Array2<F> {
+    match (cache, head, g_head) {
+        (OutputCache::Linear(c), Some(head), Some(gh)) => head.backward(c, grad_logits, &mut gh.p),
+        (OutputCache::Tied(c), None, None) => embed.project_backward(c, grad_logits, &mut g_embed.p),
+        _ => panic!("output_backward: the gradient tree does not match the model's tying"),
+    }
+}
+
+/// Checks that `targets` are shaped as `input` and inside the vocabulary.
+pub(crate) fn check_targets(
+    input: &TokenBatch,
+    targets: &TokenBatch,
+    vocab: usize,
+    what: &str,
+) -> Result<()> {
+    if targets.ids().dim() != input.ids().dim() || targets.lengths() != input.lengths() {
+        return Err(Error::shape(
+            format!("{what} (shaped as the input)"),
+            input.ids().shape(),
+            targets.ids().shape(),
+        ));
+    }
+    targets.check_vocab(vocab)
+}
+
+/// The mean token cross-entropy of `logits` `[B·T, V]` against the real tokens of `targets`,
+/// its gradient scaled by `weight` (a micro-batch's share of a step).
+pub(crate) fn token_loss<F: Float>(
+    logits: ArrayView2<F>,
+    targets: &TokenBatch,
+    smoothing: f64,
+    weight: f64,
+) -> Result<CrossEntropy<F>> {
+    let mut ce = cross_entropy(logits, &targets.loss_targets(), Some(IGNORE), smoothing)?;
+    if weight != 1.0 {
+        ce.grad.mapv_inplace(|v| v * F::from_f64(weight));
+    }
+    Ok(ce)
+}
+
+impl<F: Float> From<&CrossEntropy<F>> for LossStats {
+    fn from(ce: &CrossEntropy<F>) -> Self {
+        LossStats {
+            loss: ce.loss,
+            tokens: ce.tokens,
+            correct: ce.correct,
+        }
+    }
+}

@@ -263,7 +263,11 @@ fn read_text(path: &Path) -> Result<String, Box<dyn Error + Send + Sync>> {
 /// Bits per character of the model on `held_out`: consecutive windows of `context` + 1
 /// characters overlapping by one, so that every character after the first is predicted
 /// exactly once, from up to `context` characters before it.
-fn held_out_bits(model: &DecoderOnly, held_out: &[usize], context: usize) -> Result<f64, Box<dyn Error + Send + Sync>> {
+fn held_out_bits(
+    model: &DecoderOnly,
+    held_out: &[usize],
+    context: usize,
+) -> Result<f64, Box<dyn Error + Send + Sync>> {
     let windows: Vec<&[usize]> = (0..held_out.len() - 1)
         .step_by(context)
         .map(|start| &held_out[start..(start + context + 1).min(held_out.len())])

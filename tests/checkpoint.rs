@@ -47,6 +47,19 @@ fn raw_bytes(header: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A hand-edited checkpoint with its checksum recomputed, so that the loader's deeper checks
+/// (rather than the checksum) meet the edit.
+fn resealed(bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = bytes[8 + n..].to_vec();
+    let digest = vaswani::io::TensorFile::from_bytes("edit", bytes)
+        .unwrap()
+        .digest("checksum");
+    header["__metadata__"]["checksum"] = serde_json::json!(format!("{digest:016x}"));
+    raw(&header.to_string(), &data)
+}
+
 #[test]
 fn round_trip_is_exact_for_f32_and_f64() {
     let path = temp("round_trip.safetensors");
@@ -171,6 +184,12 @@ fn row_12_truncated_or_corrupted_files() {
             b.extend([0u8; 7]);
             b
         }),
+        ("a flipped bit in the data", {
+            let mut b = good.clone();
+            let last = b.len() - 1;
+            b[last] ^= 0x10;
+            b
+        }),
     ];
     for (what, bytes) in cases {
         std::fs::write(&path, &bytes).unwrap();
@@ -209,7 +228,11 @@ fn row_13_huge_declared_sizes_fail_before_allocating() {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = &patched.as_bytes()[8..8 + n + (patched.len() - text.len())];
     let data = &bytes[8 + n..];
-    std::fs::write(&path, raw(std::str::from_utf8(header).unwrap(), data)).unwrap();
+    let edited = raw(std::str::from_utf8(header).unwrap(), data);
+    // The checksum catches the edit first; resealed, the parameter bound does.
+    std::fs::write(&path, &edited).unwrap();
+    assert!(checkpoint_error(load_model(&path)).contains("checksum"));
+    std::fs::write(&path, resealed(edited)).unwrap();
     let why = checkpoint_error(load_model(&path));
     assert!(
         why.contains("implies") && why.contains("more than a file"),
@@ -314,7 +337,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
         .iter()
         .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
         .collect();
-    std::fs::write(&path, rebuild("BF16", bf16)).unwrap();
+    std::fs::write(&path, resealed(rebuild("BF16", bf16))).unwrap();
     let loaded: EncoderDecoder = load_model(&path).unwrap();
     let got = &loaded.src_embed.p.weight;
     assert!(
@@ -323,7 +346,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
             .all(|(g, w)| *g == f32::from_bits((w.to_bits() >> 16) << 16))
     );
     let i64s: Vec<u8> = f32s.iter().flat_map(|v| (*v as i64).to_le_bytes()).collect();
-    std::fs::write(&path, rebuild("I64", i64s)).unwrap();
+    std::fs::write(&path, resealed(rebuild("I64", i64s))).unwrap();
     let why = checkpoint_error(load_model(&path));
     assert!(why.contains(name) && why.contains("I64"), "{why}");
     // Row 16: a byte length that is not a whole number of elements is refused.
@@ -351,7 +374,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
         h[&k]["data_offsets"] = serde_json::json!([d.len(), d.len() + (e - s)]);
         d.extend(&data[s..e]);
     }
-    std::fs::write(&path, raw(&h.to_string(), &d)).unwrap();
+    std::fs::write(&path, resealed(raw(&h.to_string(), &d))).unwrap();
     let why = checkpoint_error(load_model(&path));
     assert!(why.contains("unexpected [\"odd\"]"), "{why}");
     // Row 18: the shared, tied embedding missing: the error names it.
@@ -376,7 +399,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
         h[&k]["data_offsets"] = serde_json::json!([d.len(), d.len() + (e - s)]);
         d.extend(&data[s..e]);
     }
-    std::fs::write(&path, raw(&h.to_string(), &d)).unwrap();
+    std::fs::write(&path, resealed(raw(&h.to_string(), &d))).unwrap();
     let why = checkpoint_error(load_model(&path));
     assert!(why.contains("missing") && why.contains(name), "{why}");
 }
@@ -510,11 +533,8 @@ fn mutated_checkpoints_give_errors_or_identical_models_never_panics() {
         match load_model::<f32, EncoderDecoder>(&path) {
             Err(_) => errors += 1,
             Ok(loaded) => {
-                // Bits flipped in the data give another valid model; anything else that
-                // loads must be the original.
-                if bytes.len() == good.len() && bytes[..8 + header_len] == good[..8 + header_len] {
-                    continue;
-                }
+                // The checksum covers every byte that matters: whatever loads is the original
+                // (a flip can land in JSON whitespace, or in padding nothing reads).
                 assert_eq!(loaded, m, "case {case} loaded a different model");
                 identical += 1;
             }

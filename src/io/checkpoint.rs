@@ -4,8 +4,9 @@
 //! Layout: every parameter under its dotted name (`encoder.layers.0.self_attn.w_q`), in the
 //! model's float type; with training state, the Adam moments under `optimizer.m.<name>` and
 //! `optimizer.v.<name>`. The header's metadata holds `format = "vaswani"`,
-//! `format_version = "1"`, the model `kind`, the float type, the `config` as JSON, and with
-//! training state the `step` and the `trainer` settings as JSON.
+//! `format_version = "1"`, the model `kind`, the float type, the `config` as JSON, with
+//! training state the `step` and the `trainer` settings as JSON, and a `checksum` over all of
+//! that and every tensor, so that a corrupted file is an error, never a different model.
 //!
 //! Saving is atomic (a synced temporary file renamed over the target). Loading validates
 //! everything before trusting it: the file structure (see [`super::tensors`]), the format and
@@ -38,7 +39,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::tensors::{OwnedTensor, TensorFile, TensorInfo, write_tensor_file};
+use super::tensors::{OwnedTensor, TensorFile, TensorInfo, digest, write_tensor_file};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::models::{
@@ -51,6 +52,8 @@ use crate::train::{Adam, Trainable, Trainer, TrainerConfig};
 pub const FORMAT: &str = "vaswani";
 /// The checkpoint format version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The metadata key of the checksum.
+const CHECKSUM: &str = "checksum";
 
 /// A model that can be saved and loaded: it knows its kind and config, and can be rebuilt
 /// from the config.
@@ -191,6 +194,8 @@ fn write<F: Float, M: Checkpointable<F>>(
             tensors.push((name.to_string(), OwnedTensor::float(t)))
         });
     }
+    let checksum = digest(&tensors, &metadata);
+    metadata.insert(CHECKSUM.into(), format!("{checksum:016x}"));
     write_tensor_file(path, &tensors, metadata)
 }
 
@@ -221,6 +226,13 @@ fn header(file: &TensorFile) -> Result<CheckpointInfo> {
     if version != FORMAT_VERSION {
         return Err(file.error(format!(
             "format version {version}, this crate reads version {FORMAT_VERSION}"
+        )));
+    }
+    let stored = get(CHECKSUM)?;
+    let actual = format!("{:016x}", file.digest(CHECKSUM));
+    if *stored != actual {
+        return Err(file.error(format!(
+            "checksum mismatch (stored {stored}, computed {actual}): the file is corrupted"
         )));
     }
     let step = match meta.get("step") {

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod layers;
 pub mod models;
 pub mod params;
+pub mod runtime;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -20,11 +20,11 @@ use rayon::prelude::*;
 
 use super::{Float, parallel_worth};
 
-/// Whether an `m × k` by `k × n` product takes these kernels: with up to 8 rows always, with
-/// up to 32 rows when k is at least 128. Measured against `matrixmultiply` on AVX-512 and
-/// AVX2 paths: below that k, or past 32 rows, its packing is repaid.
+/// Whether an `m × k` by `k × n` product takes these kernels: with up to 8 rows when k is at
+/// least 32, with up to 32 rows when k is at least 128. Measured against `matrixmultiply`:
+/// with shorter dot products, or past 32 rows, its packing is repaid.
 pub fn takes(m: usize, k: usize) -> bool {
-    m <= 8 || (m <= 32 && k >= 128)
+    (m <= 8 && k >= 32) || (m <= 32 && k >= 128)
 }
 
 /// Columns of C per parallel piece.
@@ -380,7 +380,18 @@ mod tests {
     #[test]
     fn both_kernels_match_naive_at_odd_sizes_with_nan_prefilled_outputs() {
         let mut rng = StdRng::seed_from_u64(80);
-        for &(m, k, n) in &[(1, 1, 1), (1, 17, 3), (3, 33, 70), (16, 100, 129), (7, 5, 200)] {
+        // Sizes the small kernels take (see `takes`), with odd k, and a few they leave to
+        // matrixmultiply.
+        for &(m, k, n) in &[
+            (1, 33, 1),
+            (3, 33, 70),
+            (2, 47, 9),
+            (8, 64, 1),
+            (5, 130, 70),
+            (16, 200, 33),
+            (31, 129, 5),
+            (7, 5, 200),
+        ] {
             let a = ints(&mut rng, m, k);
             let w = ints(&mut rng, n, k); // [out, in]: w.t() has contiguous columns
             let v = ints(&mut rng, k, n); // rows contiguous

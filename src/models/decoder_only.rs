@@ -323,6 +323,7 @@ impl DecoderOnlyConfig {
     /// As [`DecoderOnlyConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
         self.check()?;
+        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let embed = EmbeddingConfig::new(self.vocab, d).init(rng)?;
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;

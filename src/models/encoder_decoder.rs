@@ -277,6 +277,7 @@ impl EncoderDecoderConfig {
     /// As [`EncoderDecoderConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderDecoder<F>> {
         self.check()?;
+        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let src_embed = EmbeddingConfig::new(self.src_vocab, d).init(rng)?;
         let tgt_embed = (!self.share_embeddings)

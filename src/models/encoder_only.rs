@@ -355,6 +355,7 @@ impl EncoderOnlyConfig {
     /// As [`EncoderOnlyConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
         self.check()?;
+        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let (embed, input_proj) = match self.input {
             InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init(rng)?), None),

@@ -142,6 +142,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     /// As [`Trainer::new`].
     pub fn resume(model: M, optimizer: Adam<F, M>, cfg: TrainerConfig) -> Result<Self> {
         cfg.schedule.check()?;
+        crate::runtime::retain_freed_memory();
         if !(0.0..1.0).contains(&cfg.label_smoothing) {
             return Err(crate::Error::config(
                 "label_smoothing",

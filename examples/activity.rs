@@ -30,10 +30,10 @@ use clap::Parser;
 use ndarray::Array3;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
-use vaswani::io::{load_trainer, save_trainer};
+use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig, cross_entropy};
+use vaswani::train::{AdamConfig, Schedule, TrainerConfig, cross_entropy};
 use vaswani::{Params, Result};
 
 /// Samples per second.
@@ -315,14 +315,7 @@ fn run(args: &Args) -> Result<()> {
         clip_norm: Some(1.0),
         label_smoothing: SMOOTHING,
     };
-    let mut trainer = match &args.common.resume {
-        Some(path) => {
-            let t: Trainer<f32, EncoderOnly> = load_trainer(path)?;
-            println!("resumed from {} at step {}", path.display(), t.steps());
-            t
-        }
-        None => Trainer::new(model, fresh)?,
-    };
+    let mut trainer = args.common.trainer(model, fresh)?;
 
     // A fixed slice of the held-out windows for the curve.
     let curve_batch = batch(&held_out.iter().take(250).collect::<Vec<_>>())?;

@@ -28,10 +28,10 @@ use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::Params;
 use vaswani::blocks::BlockConfig;
-use vaswani::io::{load_trainer, save_trainer};
+use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
 
 /// The default text: Shakespeare's Hamlet (public domain; see examples/data/README.md).
 const HAMLET: &str = include_str!("data/hamlet.txt");
@@ -182,21 +182,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
     };
-    let mut trainer = match &args.common.resume {
-        Some(path) => {
-            let t: Trainer<f32, DecoderOnly> = load_trainer(path)?;
-            if t.model.cfg != cfg {
-                return Err(format!(
-                    "{} holds a model of another config than these flags and this text ask for",
-                    path.display()
-                )
-                .into());
-            }
-            println!("resumed from {} at step {}", path.display(), t.steps());
-            t
-        }
-        None => Trainer::new(model, trainer_cfg)?,
-    };
+    let mut trainer = args.common.trainer(model, trainer_cfg)?;
     let mut progress = common::Progress::new(steps, "char_lm");
     let mut curve = Vec::with_capacity(steps);
     for step in trainer.steps() as usize..steps {

@@ -16,9 +16,9 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
-use vaswani::io::{load_trainer, save_trainer};
+use vaswani::io::save_trainer;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
 use vaswani::{Params, Result};
 
 const PAD: usize = 0;
@@ -119,14 +119,7 @@ fn run(args: &Args) -> Result<()> {
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
     };
-    let mut trainer = match &args.common.resume {
-        Some(path) => {
-            let t: Trainer<f32, EncoderDecoder> = load_trainer(path)?;
-            println!("resumed from {} at step {}", path.display(), t.steps());
-            t
-        }
-        None => Trainer::new(model, fresh)?,
-    };
+    let mut trainer = args.common.trainer(model, fresh)?;
 
     let valid = batch(&mut held_rng, args, 256)?;
     let mut train_curve = Vec::new();

@@ -30,9 +30,9 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
-use vaswani::io::{load_trainer, save_trainer};
+use vaswani::io::save_trainer;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
 use vaswani::{Params, Result};
 
 const PAD: usize = 0;
@@ -516,14 +516,7 @@ fn run(args: &Args) -> Result<()> {
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
     };
-    let mut trainer = match &args.common.resume {
-        Some(path) => {
-            let t: Trainer<f32, EncoderDecoder> = load_trainer(path)?;
-            println!("resumed from {} at step {}", path.display(), t.steps());
-            t
-        }
-        None => Trainer::new(model, fresh)?,
-    };
+    let mut trainer = args.common.trainer(model, fresh)?;
 
     let valid_seen = batch(&examples(&mut held_rng, &held_days, &SEEN, 128))?;
     let valid_unseen = batch(&examples(&mut held_rng, &held_days, &UNSEEN, 128))?;

@@ -68,6 +68,32 @@ pub struct CommonArgs<const STEPS: usize> {
 }
 
 impl<const STEPS: usize> CommonArgs<STEPS> {
+    /// The trainer to start from: the one saved in `--resume` if given, which must hold a
+    /// model of `model`'s config, else a fresh one over `model` with `cfg`.
+    pub fn trainer<M>(
+        &self,
+        model: M,
+        cfg: vaswani::train::TrainerConfig,
+    ) -> vaswani::Result<vaswani::train::Trainer<f32, M>>
+    where
+        M: vaswani::io::Checkpointable<f32> + vaswani::train::Trainable<f32>,
+    {
+        let Some(path) = &self.resume else {
+            return vaswani::train::Trainer::new(model, cfg);
+        };
+        let trainer: vaswani::train::Trainer<f32, M> = vaswani::io::load_trainer(path)?;
+        if trainer.model.config() != model.config() {
+            return Err(vaswani::Error::InvalidInput {
+                why: format!(
+                    "{} holds a model of another config than these flags ask for",
+                    path.display()
+                ),
+            });
+        }
+        println!("resumed from {} at step {}", path.display(), trainer.steps());
+        Ok(trainer)
+    }
+
     /// Whether the checkpoint is due after `step` (0-based) of `--steps`: every `--save-every`
     /// steps and at the end, when `--save` is given.
     pub fn save_due(&self, step: usize) -> Option<&Path> {

@@ -243,16 +243,14 @@ fn batch(examples: &[&Example]) -> Result<LabeledBatch> {
     ))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if args.window < 2 || args.batch == 0 || args.held_out == 0 || args.held_out >= args.windows {
         eprintln!("error: need --window ≥ 2, --batch ≥ 1 and 1 ≤ --held-out < --windows");
         std::process::exit(2);
     }
     common::init_threads(args.common.threads);
-    // The whole run happens on the pool, so that every kernel's parallel loops start from a
-    // worker thread.
-    rayon::scope(|_| run(&args))
+    common::run_on_pool(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {

@@ -108,15 +108,10 @@ impl Corpus {
     }
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::init_threads(args.common.threads);
-    // The whole run happens on the pool, so that every kernel's parallel loops start from a
-    // worker thread.
-    if let Err(e) = rayon::scope(|_| run(&args)) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::run_on_pool(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {

@@ -75,12 +75,10 @@ fn batch(rng: &mut StdRng, args: &Args, size: usize) -> Result<Seq2SeqBatch> {
     Seq2SeqBatch::from_pairs(&pairs, BOS, EOS, PAD)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::init_threads(args.common.threads);
-    // The whole run happens on the pool, so that every kernel's parallel loops start from a
-    // worker thread.
-    rayon::scope(|_| run(&args))
+    common::run_on_pool(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {

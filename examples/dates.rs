@@ -452,12 +452,10 @@ fn batch(examples: &[Example]) -> Result<Seq2SeqBatch> {
 
 // ---------------------------------------------------------------------------------------
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::init_threads(args.common.threads);
-    // The whole run happens on the pool, so that every kernel's parallel loops start from a
-    // worker thread.
-    rayon::scope(|_| run(&args))
+    common::run_on_pool(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {

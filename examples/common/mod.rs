@@ -133,6 +133,20 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Runs `run` on the rayon pool (so that every kernel's parallel loops start from a worker
+/// thread) and turns its error into a message on stderr and exit status 1.
+pub fn run_on_pool<E: std::fmt::Display + Send>(
+    run: impl FnOnce() -> Result<(), E> + Send,
+) -> std::process::ExitCode {
+    match rayon::scope(|_| run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Builds rayon's global pool with `n` threads: the one pool that every parallel kernel of
 /// the crate runs on. Call it once, first thing in `main`.
 ///

@@ -47,6 +47,20 @@ fn raw_bytes(header: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Every tensor's name and byte range in a header, by start offset.
+fn by_offset(header: &serde_json::Value) -> Vec<(String, usize, usize)> {
+    let range = |v: &serde_json::Value, i: usize| v["data_offsets"][i].as_u64().unwrap() as usize;
+    let mut out: Vec<(String, usize, usize)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), range(v, 0), range(v, 1)))
+        .collect();
+    out.sort_by_key(|e| e.1);
+    out
+}
+
 /// A hand-edited checkpoint with its checksum recomputed, so that the loader's deeper checks
 /// (rather than the checksum) meet the edit.
 fn resealed(bytes: Vec<u8>) -> Vec<u8> {
@@ -301,20 +315,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
     let rebuild = |dtype: &str, tensor_bytes: Vec<u8>| {
         let mut h = header.clone();
         let mut d = Vec::new();
-        let mut offsets: Vec<(String, usize, usize)> = h
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| *k != "__metadata__")
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v["data_offsets"][0].as_u64().unwrap() as usize,
-                    v["data_offsets"][1].as_u64().unwrap() as usize,
-                )
-            })
-            .collect();
-        offsets.sort_by_key(|o| o.1);
+        let offsets = by_offset(&h);
         for (k, s, e) in offsets {
             let bytes = if k == name {
                 tensor_bytes.clone()
@@ -356,20 +357,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
     let mut h = header.clone();
     let mut d = vec![7u8; 3];
     h["odd"] = serde_json::json!({"dtype": "U8", "shape": [3], "data_offsets": [0, 3]});
-    let mut entries: Vec<(String, usize, usize)> = header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v["data_offsets"][0].as_u64().unwrap() as usize,
-                v["data_offsets"][1].as_u64().unwrap() as usize,
-            )
-        })
-        .collect();
-    entries.sort_by_key(|e| e.1);
+    let entries = by_offset(&header);
     for (k, s, e) in entries {
         h[&k]["data_offsets"] = serde_json::json!([d.len(), d.len() + (e - s)]);
         d.extend(&data[s..e]);
@@ -390,20 +378,7 @@ fn rows_15_16_18_dtypes_alignment_missing_tied_weights() {
     let mut h = header.clone();
     h.as_object_mut().unwrap().remove(name);
     let mut d = Vec::new();
-    let mut entries: Vec<(String, usize, usize)> = h
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v["data_offsets"][0].as_u64().unwrap() as usize,
-                v["data_offsets"][1].as_u64().unwrap() as usize,
-            )
-        })
-        .collect();
-    entries.sort_by_key(|e| e.1);
+    let entries = by_offset(&h);
     for (k, s, e) in entries {
         h[&k]["data_offsets"] = serde_json::json!([d.len(), d.len() + (e - s)]);
         d.extend(&data[s..e]);

@@ -73,6 +73,30 @@ pub trait Params<F: Float> {
         acc
     }
 
+    /// An opt-in check that every element is finite (no NaN, no infinity), for weights loaded
+    /// from elsewhere or a training run that may have diverged.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`](crate::Error::NonFinite) naming the first tensor that is not, and
+    /// how many of its elements are not.
+    fn check_finite(&self) -> crate::Result<()> {
+        let mut bad: Option<(String, usize)> = None;
+        self.visit("", &mut |name, t| {
+            if bad.is_none() {
+                let n = t.iter().filter(|v| !v.is_finite()).count();
+                if n > 0 {
+                    bad = Some((name.to_string(), n));
+                }
+            }
+        });
+        match bad {
+            Some((name, n)) => Err(crate::Error::NonFinite {
+                what: format!("{name} ({n} of its elements)"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The number of scalar parameters.
     fn num_params(&self) -> usize {
         let mut n = 0;
@@ -288,6 +312,18 @@ mod tests {
         let mut doubled = layers.clone();
         doubled.add_scaled(&layers, 1.0);
         assert_eq!(doubled.sq_norm(), 4.0 * layers.sq_norm());
+    }
+
+    #[test]
+    fn finiteness_check_names_the_tensor() {
+        let mut layers = vec![Two {
+            w: Array2::<f32>::ones((2, 2)),
+            b: Some(Array1::ones(2)),
+        }];
+        assert!(layers.check_finite().is_ok());
+        layers[0].b.as_mut().unwrap()[1] = f32::NAN;
+        let err = layers.check_finite().unwrap_err().to_string();
+        assert!(err.contains("0.b (1 of its elements)"), "{err}");
     }
 
     #[test]

@@ -107,16 +107,22 @@ pub fn cross_entropy<F: Float>(
         if !counted(y) {
             return;
         }
-        let max = z.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x)).to_f64();
-        let sum_exp: f64 = z.iter().map(|&x| (x.to_f64() - max).exp()).sum();
-        let log_z = max + sum_exp.ln();
+        let max = z.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x));
+        // One exponential per logit, kept in g, summed in f64.
+        let mut sum_exp = 0.0f64;
+        for (gj, &zj) in g.iter_mut().zip(z.iter()) {
+            *gj = (zj - max).exp();
+            sum_exp += gj.to_f64();
+        }
+        let log_z = max.to_f64() + sum_exp.ln();
         // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p
         let sum_log_p: f64 = z.iter().map(|&x| x.to_f64() - log_z).sum();
         *loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
         let argmax = crate::kernels::argmax(z);
         *correct = argmax == y;
-        for (j, (gj, &zj)) in g.iter_mut().zip(z.iter()).enumerate() {
-            let p = (zj.to_f64() - log_z).exp();
+        let inv_sum = 1.0 / sum_exp;
+        for (j, gj) in g.iter_mut().enumerate() {
+            let p = gj.to_f64() * inv_sum;
             let q = eps / v as f64 + if j == y { 1.0 - eps } else { 0.0 };
             *gj = F::from_f64((p - q) * inv_n);
         }

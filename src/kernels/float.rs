@@ -105,10 +105,35 @@ pub trait Float:
         rsc: isize,
         csc: isize,
     );
+
+    /// `C ← α·A·B + β·C` by the crate's own packed kernels, on up to `parts` threads, if this
+    /// type and CPU have them; `false` (and nothing done) otherwise.
+    ///
+    /// # Safety
+    /// As [`Float::gemm_raw`].
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_packed(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+        parts: usize,
+    ) -> bool;
 }
 
 macro_rules! impl_float {
-    ($t:ty, $gemm:path, $erf:path, |$s:ident| $as_f32:expr) => {
+    ($t:ty, $gemm:path, $packed:path, $erf:path, |$s:ident| $as_f32:expr) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -188,9 +213,47 @@ macro_rules! impl_float {
                 // SAFETY: forwarded from this function's contract, which is matrixmultiply's.
                 unsafe { $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
             }
+
+            #[inline]
+            unsafe fn gemm_packed(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: *const Self,
+                rsa: isize,
+                csa: isize,
+                b: *const Self,
+                rsb: isize,
+                csb: isize,
+                beta: Self,
+                c: *mut Self,
+                rsc: isize,
+                csc: isize,
+                parts: usize,
+            ) -> bool {
+                // SAFETY: forwarded from this function's contract.
+                unsafe {
+                    $packed(
+                        m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc, parts,
+                    )
+                }
+            }
         }
     };
 }
 
-impl_float!(f32, matrixmultiply::sgemm, libm::erff, |s| Some(s));
-impl_float!(f64, matrixmultiply::dgemm, libm::erf, |_s| None);
+impl_float!(
+    f32,
+    matrixmultiply::sgemm,
+    super::gemm::packed_f32,
+    libm::erff,
+    |s| Some(s)
+);
+impl_float!(
+    f64,
+    matrixmultiply::dgemm,
+    super::gemm::packed_none,
+    libm::erf,
+    |_s| None
+);

@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod float;
 pub mod gemm;
 pub mod layer_norm;
+pub mod parallel;
 pub mod small_gemm;
 pub mod softmax;
 
@@ -33,7 +34,7 @@ pub const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// independent rows, heads and batches are split), so this changes speed, never values.
 #[inline]
 pub fn parallel_worth(work: usize) -> bool {
-    work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+    work >= PARALLEL_MIN_WORK && parallel::threads() > 1
 }
 pub use dropout::dropout_mask;
 pub use float::{Float, MaybeSerde};

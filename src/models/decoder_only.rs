@@ -399,22 +399,24 @@ impl<F: Float> DecoderOnly<F> {
         tokens: &TokenBatch,
         rng: &mut impl Rng,
     ) -> Result<(Array2<F>, DecoderOnlyCache<F>)> {
-        self.check_tokens(tokens)?;
-        let (b, t) = (tokens.batch_size(), tokens.seq_len());
-        let (x, embed) = self.embed.forward(tokens.lookup_ids().view())?;
-        let (x, input) = self.input.forward(x, b, t, 0, rng)?;
-        let (h, blocks) = self.blocks.forward(x.view(), &Self::mask(tokens), rng);
-        let h = flat(h);
-        let (logits, output) = output_forward(self.head.as_ref(), &self.embed, h.view());
-        Ok((
-            logits,
-            DecoderOnlyCache {
-                embed,
-                input,
-                blocks,
-                output,
-            },
-        ))
+        crate::kernels::parallel::with_team(|| {
+            self.check_tokens(tokens)?;
+            let (b, t) = (tokens.batch_size(), tokens.seq_len());
+            let (x, embed) = self.embed.forward(tokens.lookup_ids().view())?;
+            let (x, input) = self.input.forward(x, b, t, 0, rng)?;
+            let (h, blocks) = self.blocks.forward(x.view(), &Self::mask(tokens), rng);
+            let h = flat(h);
+            let (logits, output) = output_forward(self.head.as_ref(), &self.embed, h.view());
+            Ok((
+                logits,
+                DecoderOnlyCache {
+                    embed,
+                    input,
+                    blocks,
+                    output,
+                },
+            ))
+        })
     }
 
     /// Backward pass from `∂L/∂logits` `[B·T, V]`: adds every parameter's gradient into `g`
@@ -423,20 +425,22 @@ impl<F: Float> DecoderOnly<F> {
     /// # Panics
     /// If `grad_logits` does not have the logits' shape, or `g` is not shaped as the model.
     pub fn backward(&self, cache: &DecoderOnlyCache<F>, grad_logits: ArrayView2<F>, g: &mut DecoderOnly<F>) {
-        let (b, t) = InputStage::dims(&cache.input);
-        let grad_h = output_backward(
-            self.head.as_ref(),
-            &self.embed,
-            &cache.output,
-            grad_logits,
-            g.head.as_mut(),
-            &mut g.embed,
-        );
-        let grad_x = self
-            .blocks
-            .backward(&cache.blocks, unrows(grad_h, b, t).view(), &mut g.blocks);
-        let grad_x = self.input.backward(&cache.input, grad_x.view(), &mut g.input);
-        self.embed.backward(&cache.embed, grad_x.view(), &mut g.embed.p);
+        crate::kernels::parallel::with_team(|| {
+            let (b, t) = InputStage::dims(&cache.input);
+            let grad_h = output_backward(
+                self.head.as_ref(),
+                &self.embed,
+                &cache.output,
+                grad_logits,
+                g.head.as_mut(),
+                &mut g.embed,
+            );
+            let grad_x = self
+                .blocks
+                .backward(&cache.blocks, unrows(grad_h, b, t).view(), &mut g.blocks);
+            let grad_x = self.input.backward(&cache.input, grad_x.view(), &mut g.input);
+            self.embed.backward(&cache.embed, grad_x.view(), &mut g.embed.p);
+        })
     }
 
     /// The last hidden states `[B·T, d_model]`, without dropout.
@@ -459,7 +463,7 @@ impl<F: Float> DecoderOnly<F> {
     /// # Errors
     /// As [`DecoderOnly::forward`].
     pub fn infer(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
-        Ok(self.project(self.hidden(tokens)?.view()))
+        crate::kernels::parallel::with_team(|| Ok(self.project(self.hidden(tokens)?.view())))
     }
 
     /// The log-likelihood, in nats, of every real token after the first of each sequence given
@@ -474,7 +478,7 @@ impl<F: Float> DecoderOnly<F> {
     /// [`Error::TokenOutOfRange`] for a real id ≥ V, [`Error::SequenceTooLong`] for T past
     /// `max_len + 1`.
     pub fn log_likelihood(&self, tokens: &TokenBatch) -> Result<f64> {
-        Ok(self.score(tokens)?.0)
+        crate::kernels::parallel::with_team(|| Ok(self.score(tokens)?.0))
     }
 
     /// The mean negative log-likelihood in bits (log base 2) of the real tokens after the
@@ -485,13 +489,15 @@ impl<F: Float> DecoderOnly<F> {
     /// As [`DecoderOnly::log_likelihood`], and [`Error::InvalidInput`] if no sequence has 2
     /// tokens (nothing is predicted).
     pub fn bits_per_token(&self, tokens: &TokenBatch) -> Result<f64> {
-        let (ll, count) = self.score(tokens)?;
-        if count == 0 {
-            return Err(Error::InvalidInput {
-                why: "no token to predict: every sequence is shorter than 2 tokens".into(),
-            });
-        }
-        Ok(-ll / (count as f64 * std::f64::consts::LN_2))
+        crate::kernels::parallel::with_team(|| {
+            let (ll, count) = self.score(tokens)?;
+            if count == 0 {
+                return Err(Error::InvalidInput {
+                    why: "no token to predict: every sequence is shorter than 2 tokens".into(),
+                });
+            }
+            Ok(-ll / (count as f64 * std::f64::consts::LN_2))
+        })
     }
 
     /// The log-likelihood in nats and the number of predicted tokens. The model reads each
@@ -543,48 +549,50 @@ impl<F: Float> DecoderOnly<F> {
         sampling: Sampling,
         rng: &mut impl Rng,
     ) -> Result<Vec<usize>> {
-        sampling.check()?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidInput {
-                why: "an empty prompt: generation needs at least one token to start from".into(),
-            });
-        }
-        let mut seq = prompt.to_vec();
-        let fits = self.input.max_len().is_none_or(|max| prompt.len() + n <= max);
-        if fits {
-            // With the key/value cache: the prompt in one pass, then one position per token.
-            self.check_tokens(&TokenBatch::full(
-                Array2::from_shape_vec((1, seq.len()), seq.clone()).expect("one row"),
-            )?)?;
-            let mut caches = self.blocks.begin(1, prompt.len() + n);
-            let mut fresh: &[usize] = prompt;
+        crate::kernels::parallel::with_team(|| {
+            sampling.check()?;
+            if prompt.is_empty() {
+                return Err(Error::InvalidInput {
+                    why: "an empty prompt: generation needs at least one token to start from".into(),
+                });
+            }
+            let mut seq = prompt.to_vec();
+            let fits = self.input.max_len().is_none_or(|max| prompt.len() + n <= max);
+            if fits {
+                // With the key/value cache: the prompt in one pass, then one position per token.
+                self.check_tokens(&TokenBatch::full(
+                    Array2::from_shape_vec((1, seq.len()), seq.clone()).expect("one row"),
+                )?)?;
+                let mut caches = self.blocks.begin(1, prompt.len() + n);
+                let mut fresh: &[usize] = prompt;
+                for _ in 0..n {
+                    let start = seq.len() - fresh.len();
+                    let ids = Array2::from_shape_vec((1, fresh.len()), fresh.to_vec()).expect("one row");
+                    let x = self
+                        .input
+                        .infer(self.embed.infer(ids.view())?, 1, fresh.len(), start)?;
+                    let h = flat(self.blocks.infer_step(x.view(), &mut caches));
+                    let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
+                    seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
+                    fresh = &seq[seq.len() - 1..];
+                }
+                return Ok(seq.split_off(prompt.len()));
+            }
+            // Past a learned table: the context slides, positions shift, and the whole window is
+            // run again at each step.
             for _ in 0..n {
-                let start = seq.len() - fresh.len();
-                let ids = Array2::from_shape_vec((1, fresh.len()), fresh.to_vec()).expect("one row");
-                let x = self
+                let start = self
                     .input
-                    .infer(self.embed.infer(ids.view())?, 1, fresh.len(), start)?;
-                let h = flat(self.blocks.infer_step(x.view(), &mut caches));
+                    .max_len()
+                    .map_or(0, |max| seq.len().saturating_sub(max));
+                let context = &seq[start..];
+                let ids = Array2::from_shape_vec((1, context.len()), context.to_vec()).expect("one row");
+                let h = self.hidden(&TokenBatch::full(ids)?)?;
                 let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
                 seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
-                fresh = &seq[seq.len() - 1..];
             }
-            return Ok(seq.split_off(prompt.len()));
-        }
-        // Past a learned table: the context slides, positions shift, and the whole window is
-        // run again at each step.
-        for _ in 0..n {
-            let start = self
-                .input
-                .max_len()
-                .map_or(0, |max| seq.len().saturating_sub(max));
-            let context = &seq[start..];
-            let ids = Array2::from_shape_vec((1, context.len()), context.to_vec()).expect("one row");
-            let h = self.hidden(&TokenBatch::full(ids)?)?;
-            let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
-            seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
-        }
-        Ok(seq.split_off(prompt.len()))
+            Ok(seq.split_off(prompt.len()))
+        })
     }
 }
 

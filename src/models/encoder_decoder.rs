@@ -390,32 +390,34 @@ impl<F: Float> EncoderDecoder<F> {
         tgt_in: &TokenBatch,
         rng: &mut impl Rng,
     ) -> Result<(Array2<F>, EncoderDecoderCache<F>)> {
-        self.check_batches(src, tgt_in)?;
-        let (b, s, t) = (src.batch_size(), src.seq_len(), tgt_in.seq_len());
-        let src_mask = src.padding_mask();
-        let (x, src_embed) = self.src_embed.forward(src.lookup_ids().view())?;
-        let (x, src_input) = self.src_input.forward(x, b, s, 0, rng)?;
-        let (memory, encoder) = self.encoder.forward(x.view(), &src_mask, rng);
-        let (y, tgt_embed) = self.target_embedding().forward(tgt_in.lookup_ids().view())?;
-        let (y, tgt_input) = self.tgt_input.forward(y, b, t, 0, rng)?;
-        let self_mask = Mask::causal().and(tgt_in.padding_mask());
-        let (h, decoder) = self
-            .decoder
-            .forward(y.view(), memory.view(), &self_mask, &src_mask, rng);
-        let h = flat(h);
-        let (logits, output) = output_forward(self.generator.as_ref(), self.target_embedding(), h.view());
-        Ok((
-            logits,
-            EncoderDecoderCache {
-                src_embed,
-                src_input,
-                encoder,
-                tgt_embed,
-                tgt_input,
-                decoder,
-                output,
-            },
-        ))
+        crate::kernels::parallel::with_team(|| {
+            self.check_batches(src, tgt_in)?;
+            let (b, s, t) = (src.batch_size(), src.seq_len(), tgt_in.seq_len());
+            let src_mask = src.padding_mask();
+            let (x, src_embed) = self.src_embed.forward(src.lookup_ids().view())?;
+            let (x, src_input) = self.src_input.forward(x, b, s, 0, rng)?;
+            let (memory, encoder) = self.encoder.forward(x.view(), &src_mask, rng);
+            let (y, tgt_embed) = self.target_embedding().forward(tgt_in.lookup_ids().view())?;
+            let (y, tgt_input) = self.tgt_input.forward(y, b, t, 0, rng)?;
+            let self_mask = Mask::causal().and(tgt_in.padding_mask());
+            let (h, decoder) = self
+                .decoder
+                .forward(y.view(), memory.view(), &self_mask, &src_mask, rng);
+            let h = flat(h);
+            let (logits, output) = output_forward(self.generator.as_ref(), self.target_embedding(), h.view());
+            Ok((
+                logits,
+                EncoderDecoderCache {
+                    src_embed,
+                    src_input,
+                    encoder,
+                    tgt_embed,
+                    tgt_input,
+                    decoder,
+                    output,
+                },
+            ))
+        })
     }
 
     /// Backward pass from `∂L/∂logits` `[B·T, V]`: adds every parameter's gradient into `g`.
@@ -428,34 +430,36 @@ impl<F: Float> EncoderDecoder<F> {
         grad_logits: ArrayView2<F>,
         g: &mut EncoderDecoder<F>,
     ) {
-        let (b, t) = InputStage::dims(&cache.tgt_input);
-        let g_embed = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
-        let grad_h = output_backward(
-            self.generator.as_ref(),
-            self.target_embedding(),
-            &cache.output,
-            grad_logits,
-            g.generator.as_mut(),
-            g_embed,
-        );
-        let grad_h = crate::blocks::unrows(grad_h, b, t);
-        let (grad_y, grad_memory) = self
-            .decoder
-            .backward(&cache.decoder, grad_h.view(), &mut g.decoder);
-        let grad_y = self
-            .tgt_input
-            .backward(&cache.tgt_input, grad_y.view(), &mut g.tgt_input);
-        let gt = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
-        self.target_embedding()
-            .backward(&cache.tgt_embed, grad_y.view(), &mut gt.p);
-        let grad_x = self
-            .encoder
-            .backward(&cache.encoder, grad_memory.view(), &mut g.encoder);
-        let grad_x = self
-            .src_input
-            .backward(&cache.src_input, grad_x.view(), &mut g.src_input);
-        self.src_embed
-            .backward(&cache.src_embed, grad_x.view(), &mut g.src_embed.p);
+        crate::kernels::parallel::with_team(|| {
+            let (b, t) = InputStage::dims(&cache.tgt_input);
+            let g_embed = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
+            let grad_h = output_backward(
+                self.generator.as_ref(),
+                self.target_embedding(),
+                &cache.output,
+                grad_logits,
+                g.generator.as_mut(),
+                g_embed,
+            );
+            let grad_h = crate::blocks::unrows(grad_h, b, t);
+            let (grad_y, grad_memory) = self
+                .decoder
+                .backward(&cache.decoder, grad_h.view(), &mut g.decoder);
+            let grad_y = self
+                .tgt_input
+                .backward(&cache.tgt_input, grad_y.view(), &mut g.tgt_input);
+            let gt = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
+            self.target_embedding()
+                .backward(&cache.tgt_embed, grad_y.view(), &mut gt.p);
+            let grad_x = self
+                .encoder
+                .backward(&cache.encoder, grad_memory.view(), &mut g.encoder);
+            let grad_x = self
+                .src_input
+                .backward(&cache.src_input, grad_x.view(), &mut g.src_input);
+            self.src_embed
+                .backward(&cache.src_embed, grad_x.view(), &mut g.src_embed.p);
+        })
     }
 
     /// The encoder's output ("memory") `[B, S, d_model]`, without dropout.
@@ -463,18 +467,20 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`] for the source.
     pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
-        src.check_vocab(self.cfg.src_vocab)?;
-        if let Some(max) = self.src_input.max_len().filter(|&max| src.seq_len() > max) {
-            return Err(Error::SequenceTooLong {
-                len: src.seq_len(),
-                max,
-            });
-        }
-        let (b, s) = (src.batch_size(), src.seq_len());
-        let x = self
-            .src_input
-            .infer(self.src_embed.infer(src.lookup_ids().view())?, b, s, 0)?;
-        Ok(self.encoder.infer(x.view(), &src.padding_mask()))
+        crate::kernels::parallel::with_team(|| {
+            src.check_vocab(self.cfg.src_vocab)?;
+            if let Some(max) = self.src_input.max_len().filter(|&max| src.seq_len() > max) {
+                return Err(Error::SequenceTooLong {
+                    len: src.seq_len(),
+                    max,
+                });
+            }
+            let (b, s) = (src.batch_size(), src.seq_len());
+            let x = self
+                .src_input
+                .infer(self.src_embed.infer(src.lookup_ids().view())?, b, s, 0)?;
+            Ok(self.encoder.infer(x.view(), &src.padding_mask()))
+        })
     }
 
     /// Logits `[B·T, V]` of the decoder over a memory from [`EncoderDecoder::encode`], without
@@ -484,28 +490,30 @@ impl<F: Float> EncoderDecoder<F> {
     /// As [`EncoderDecoder::forward`] for the target, and [`Error::ShapeMismatch`] if the
     /// memory does not fit the batch.
     pub fn decode(&self, memory: &Array3<F>, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        self.check_batches(src, tgt_in)?;
-        let (b, t) = (tgt_in.batch_size(), tgt_in.seq_len());
-        let expected = [b, src.seq_len(), self.cfg.block.d_model];
-        if memory.shape() != expected {
-            return Err(Error::shape("memory [B, S, d_model]", &expected, memory.shape()));
-        }
-        let y = self.tgt_input.infer(
-            self.target_embedding().infer(tgt_in.lookup_ids().view())?,
-            b,
-            t,
-            0,
-        )?;
-        let self_mask = Mask::causal().and(tgt_in.padding_mask());
-        let h = flat(
-            self.decoder
-                .infer(y.view(), memory.view(), &self_mask, &src.padding_mask()),
-        );
-        Ok(output_infer(
-            self.generator.as_ref(),
-            self.target_embedding(),
-            h.view(),
-        ))
+        crate::kernels::parallel::with_team(|| {
+            self.check_batches(src, tgt_in)?;
+            let (b, t) = (tgt_in.batch_size(), tgt_in.seq_len());
+            let expected = [b, src.seq_len(), self.cfg.block.d_model];
+            if memory.shape() != expected {
+                return Err(Error::shape("memory [B, S, d_model]", &expected, memory.shape()));
+            }
+            let y = self.tgt_input.infer(
+                self.target_embedding().infer(tgt_in.lookup_ids().view())?,
+                b,
+                t,
+                0,
+            )?;
+            let self_mask = Mask::causal().and(tgt_in.padding_mask());
+            let h = flat(
+                self.decoder
+                    .infer(y.view(), memory.view(), &self_mask, &src.padding_mask()),
+            );
+            Ok(output_infer(
+                self.generator.as_ref(),
+                self.target_embedding(),
+                h.view(),
+            ))
+        })
     }
 
     /// Teacher-forced logits `[B·T, V]` without dropout (evaluation).
@@ -513,9 +521,11 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        self.check_batches(src, tgt_in)?;
-        let memory = self.encode(src)?;
-        self.decode(&memory, src, tgt_in)
+        crate::kernels::parallel::with_team(|| {
+            self.check_batches(src, tgt_in)?;
+            let memory = self.encode(src)?;
+            self.decode(&memory, src, tgt_in)
+        })
     }
 
     /// The teacher-forced loss of a batch without dropout (evaluation): the mean
@@ -524,19 +534,21 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`], and for targets shaped unlike the decoder input.
     pub fn loss(&self, batch: &Seq2SeqBatch, smoothing: f64) -> Result<LossStats> {
-        check_targets(
-            &batch.tgt_in,
-            &batch.tgt_out,
-            self.cfg.tgt_vocab,
-            "decoder targets",
-        )?;
-        let logits = self.infer(&batch.src, &batch.tgt_in)?;
-        Ok(LossStats::from(&token_loss(
-            logits.view(),
-            &batch.tgt_out,
-            smoothing,
-            1.0,
-        )?))
+        crate::kernels::parallel::with_team(|| {
+            check_targets(
+                &batch.tgt_in,
+                &batch.tgt_out,
+                self.cfg.tgt_vocab,
+                "decoder targets",
+            )?;
+            let logits = self.infer(&batch.src, &batch.tgt_in)?;
+            Ok(LossStats::from(&token_loss(
+                logits.view(),
+                &batch.tgt_out,
+                smoothing,
+                1.0,
+            )?))
+        })
     }
 
     /// Encodes `src` and starts decoding it step by step with a key/value cache: each
@@ -547,11 +559,13 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::encode`].
     pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<F>> {
-        let memory = self.encode(src)?;
-        Ok(DecodeState {
-            src_mask: src.padding_mask(),
-            decoder: self.decoder.begin(memory.view(), capacity),
-            b: src.batch_size(),
+        crate::kernels::parallel::with_team(|| {
+            let memory = self.encode(src)?;
+            Ok(DecodeState {
+                src_mask: src.padding_mask(),
+                decoder: self.decoder.begin(memory.view(), capacity),
+                b: src.batch_size(),
+            })
         })
     }
 
@@ -564,43 +578,45 @@ impl<F: Float> EncoderDecoder<F> {
     /// [`Error::TokenOutOfRange`] for an id outside the target vocabulary,
     /// [`Error::SequenceTooLong`] past a learned position table.
     pub fn decode_step(&self, state: &mut DecodeState<F>, tokens: &[usize]) -> Result<Array2<F>> {
-        let b = state.b;
-        if tokens.len() != b {
-            return Err(Error::shape(
-                "decode_step tokens (one per sequence)",
-                &[b],
-                &[tokens.len()],
-            ));
-        }
-        let pos = state.len();
-        let ids = TokenBatch::full(Array2::from_shape_vec((b, 1), tokens.to_vec()).expect("b ids"))?;
-        ids.check_vocab(self.cfg.tgt_vocab).map_err(|e| match e {
-            Error::TokenOutOfRange {
-                id,
-                position: (row, _),
-                vocab,
-            } => Error::TokenOutOfRange {
-                id,
-                position: (row, pos),
-                vocab,
-            },
-            e => e,
-        })?;
-        if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + 1 > max) {
-            return Err(Error::SequenceTooLong { len: pos + 1, max });
-        }
-        let y = self
-            .tgt_input
-            .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
-        let h = flat(
-            self.decoder
-                .infer_step(y.view(), &mut state.decoder, &state.src_mask),
-        );
-        Ok(output_infer(
-            self.generator.as_ref(),
-            self.target_embedding(),
-            h.view(),
-        ))
+        crate::kernels::parallel::with_team(|| {
+            let b = state.b;
+            if tokens.len() != b {
+                return Err(Error::shape(
+                    "decode_step tokens (one per sequence)",
+                    &[b],
+                    &[tokens.len()],
+                ));
+            }
+            let pos = state.len();
+            let ids = TokenBatch::full(Array2::from_shape_vec((b, 1), tokens.to_vec()).expect("b ids"))?;
+            ids.check_vocab(self.cfg.tgt_vocab).map_err(|e| match e {
+                Error::TokenOutOfRange {
+                    id,
+                    position: (row, _),
+                    vocab,
+                } => Error::TokenOutOfRange {
+                    id,
+                    position: (row, pos),
+                    vocab,
+                },
+                e => e,
+            })?;
+            if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + 1 > max) {
+                return Err(Error::SequenceTooLong { len: pos + 1, max });
+            }
+            let y = self
+                .tgt_input
+                .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
+            let h = flat(
+                self.decoder
+                    .infer_step(y.view(), &mut state.decoder, &state.src_mask),
+            );
+            Ok(output_infer(
+                self.generator.as_ref(),
+                self.target_embedding(),
+                h.view(),
+            ))
+        })
     }
 
     /// Greedy decoding with the key/value cache: encodes once, then feeds `bos` and each
@@ -617,28 +633,30 @@ impl<F: Float> EncoderDecoder<F> {
         eos: usize,
         max_len: usize,
     ) -> Result<Vec<Vec<usize>>> {
-        let b = src.batch_size();
-        let mut state = self.begin_decode(src, max_len)?;
-        let mut next = vec![bos; b];
-        let mut done = vec![false; b];
-        let mut out = vec![Vec::new(); b];
-        for _ in 0..max_len {
-            let logits = self.decode_step(&mut state, &next)?;
-            next = logits.rows().into_iter().map(argmax).collect();
-            for (i, &tok) in next.iter().enumerate() {
-                if !done[i] {
-                    if tok == eos {
-                        done[i] = true;
-                    } else {
-                        out[i].push(tok);
+        crate::kernels::parallel::with_team(|| {
+            let b = src.batch_size();
+            let mut state = self.begin_decode(src, max_len)?;
+            let mut next = vec![bos; b];
+            let mut done = vec![false; b];
+            let mut out = vec![Vec::new(); b];
+            for _ in 0..max_len {
+                let logits = self.decode_step(&mut state, &next)?;
+                next = logits.rows().into_iter().map(argmax).collect();
+                for (i, &tok) in next.iter().enumerate() {
+                    if !done[i] {
+                        if tok == eos {
+                            done[i] = true;
+                        } else {
+                            out[i].push(tok);
+                        }
                     }
                 }
+                if done.iter().all(|&d| d) {
+                    break;
+                }
             }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Greedy decoding without a cache, re-running the decoder over the whole prefix at every
@@ -654,44 +672,46 @@ impl<F: Float> EncoderDecoder<F> {
         eos: usize,
         max_len: usize,
     ) -> Result<Vec<Vec<usize>>> {
-        let memory = self.encode(src)?;
-        let b = src.batch_size();
-        let mut prefix = Array2::from_elem((b, 1), bos);
-        let mut done = vec![false; b];
-        let mut out = vec![Vec::new(); b];
-        for step in 0..max_len {
-            let tgt = TokenBatch::full(prefix.clone())?;
-            let logits = self.decode(&memory, src, &tgt)?;
-            let v = logits.ncols();
-            let last = logits
-                .into_shape_with_order((b, step + 1, v))
-                .expect("standard layout");
-            let next: Vec<usize> = last
-                .index_axis(Axis(1), step)
-                .rows()
-                .into_iter()
-                .map(argmax)
-                .collect();
-            for (i, &tok) in next.iter().enumerate() {
-                if !done[i] {
-                    if tok == eos {
-                        done[i] = true;
-                    } else {
-                        out[i].push(tok);
+        crate::kernels::parallel::with_team(|| {
+            let memory = self.encode(src)?;
+            let b = src.batch_size();
+            let mut prefix = Array2::from_elem((b, 1), bos);
+            let mut done = vec![false; b];
+            let mut out = vec![Vec::new(); b];
+            for step in 0..max_len {
+                let tgt = TokenBatch::full(prefix.clone())?;
+                let logits = self.decode(&memory, src, &tgt)?;
+                let v = logits.ncols();
+                let last = logits
+                    .into_shape_with_order((b, step + 1, v))
+                    .expect("standard layout");
+                let next: Vec<usize> = last
+                    .index_axis(Axis(1), step)
+                    .rows()
+                    .into_iter()
+                    .map(argmax)
+                    .collect();
+                for (i, &tok) in next.iter().enumerate() {
+                    if !done[i] {
+                        if tok == eos {
+                            done[i] = true;
+                        } else {
+                            out[i].push(tok);
+                        }
                     }
                 }
+                if done.iter().all(|&d| d) {
+                    break;
+                }
+                let mut grown = Array2::from_elem((b, step + 2), eos);
+                grown.slice_mut(s![.., ..step + 1]).assign(&prefix);
+                for (i, &tok) in next.iter().enumerate() {
+                    grown[[i, step + 1]] = tok;
+                }
+                prefix = grown;
             }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let mut grown = Array2::from_elem((b, step + 2), eos);
-            grown.slice_mut(s![.., ..step + 1]).assign(&prefix);
-            for (i, &tok) in next.iter().enumerate() {
-                grown[[i, step + 1]] = tok;
-            }
-            prefix = grown;
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }
 

@@ -461,33 +461,35 @@ impl<F: Float> EncoderOnly<F> {
         input: &EncoderInput<F>,
         rng: &mut impl Rng,
     ) -> Result<(Array2<F>, EncoderOnlyCache<F>)> {
-        self.check_input(input)?;
-        let (b, t) = (input.batch_size(), input.seq_len());
-        let (x, embed) = match (input, &self.embed, &self.input_proj) {
-            (EncoderInput::Tokens(tokens), Some(embed), _) => {
-                let (x, c) = embed.forward(tokens.lookup_ids().view())?;
-                (x, InputProjCache::Tokens(c))
-            }
-            (EncoderInput::Features(features), _, Some(proj)) => {
-                let (x, c) = proj.forward(flat(features.clean_features()).view());
-                (x, InputProjCache::Features(c))
-            }
-            _ => unreachable!("check_input matched the input kind to the model"),
-        };
-        let (x, input_cache) = self.input.forward(x, b, t, 0, rng)?;
-        let (h, encoder) = self.encoder.forward(x.view(), &input.padding_mask(), rng);
-        let pooled = pool(h.view(), input.lengths(), self.cfg.pooling);
-        let (y, head) = self.head.forward(pooled.view());
-        Ok((
-            y,
-            EncoderOnlyCache {
-                embed,
-                input: input_cache,
-                encoder,
-                lengths: input.lengths().to_vec(),
-                head,
-            },
-        ))
+        crate::kernels::parallel::with_team(|| {
+            self.check_input(input)?;
+            let (b, t) = (input.batch_size(), input.seq_len());
+            let (x, embed) = match (input, &self.embed, &self.input_proj) {
+                (EncoderInput::Tokens(tokens), Some(embed), _) => {
+                    let (x, c) = embed.forward(tokens.lookup_ids().view())?;
+                    (x, InputProjCache::Tokens(c))
+                }
+                (EncoderInput::Features(features), _, Some(proj)) => {
+                    let (x, c) = proj.forward(flat(features.clean_features()).view());
+                    (x, InputProjCache::Features(c))
+                }
+                _ => unreachable!("check_input matched the input kind to the model"),
+            };
+            let (x, input_cache) = self.input.forward(x, b, t, 0, rng)?;
+            let (h, encoder) = self.encoder.forward(x.view(), &input.padding_mask(), rng);
+            let pooled = pool(h.view(), input.lengths(), self.cfg.pooling);
+            let (y, head) = self.head.forward(pooled.view());
+            Ok((
+                y,
+                EncoderOnlyCache {
+                    embed,
+                    input: input_cache,
+                    encoder,
+                    lengths: input.lengths().to_vec(),
+                    head,
+                },
+            ))
+        })
     }
 
     /// Backward pass from `∂L/∂outputs` `[B, n_out]`: adds every parameter's gradient into
@@ -496,30 +498,32 @@ impl<F: Float> EncoderOnly<F> {
     /// # Panics
     /// If `grad_out` does not have the outputs' shape, or `g` is not shaped as the model.
     pub fn backward(&self, cache: &EncoderOnlyCache<F>, grad_out: ArrayView2<F>, g: &mut EncoderOnly<F>) {
-        let (b, t) = InputStage::dims(&cache.input);
-        let grad_pooled = self.head.backward(&cache.head, grad_out, &mut g.head.p);
-        let grad_h = pool_backward(grad_pooled.view(), &cache.lengths, t, self.cfg.pooling);
-        let grad_x = self
-            .encoder
-            .backward(&cache.encoder, grad_h.view(), &mut g.encoder);
-        let grad_x = self.input.backward(&cache.input, grad_x.view(), &mut g.input);
-        debug_assert_eq!(grad_x.nrows(), b * t);
-        match (
-            &cache.embed,
-            &self.embed,
-            &mut g.embed,
-            &self.input_proj,
-            &mut g.input_proj,
-        ) {
-            (InputProjCache::Tokens(c), Some(embed), Some(ge), _, _) => {
-                embed.backward(c, grad_x.view(), &mut ge.p);
+        crate::kernels::parallel::with_team(|| {
+            let (b, t) = InputStage::dims(&cache.input);
+            let grad_pooled = self.head.backward(&cache.head, grad_out, &mut g.head.p);
+            let grad_h = pool_backward(grad_pooled.view(), &cache.lengths, t, self.cfg.pooling);
+            let grad_x = self
+                .encoder
+                .backward(&cache.encoder, grad_h.view(), &mut g.encoder);
+            let grad_x = self.input.backward(&cache.input, grad_x.view(), &mut g.input);
+            debug_assert_eq!(grad_x.nrows(), b * t);
+            match (
+                &cache.embed,
+                &self.embed,
+                &mut g.embed,
+                &self.input_proj,
+                &mut g.input_proj,
+            ) {
+                (InputProjCache::Tokens(c), Some(embed), Some(ge), _, _) => {
+                    embed.backward(c, grad_x.view(), &mut ge.p);
+                }
+                (InputProjCache::Features(c), _, _, Some(proj), Some(gp)) => {
+                    // The gradient at the features is not needed.
+                    proj.backward(c, grad_x.view(), &mut gp.p);
+                }
+                _ => panic!("EncoderOnly::backward: the gradient tree does not match the model's input kind"),
             }
-            (InputProjCache::Features(c), _, _, Some(proj), Some(gp)) => {
-                // The gradient at the features is not needed.
-                proj.backward(c, grad_x.view(), &mut gp.p);
-            }
-            _ => panic!("EncoderOnly::backward: the gradient tree does not match the model's input kind"),
-        }
+        })
     }
 
     /// The encoder's output `[B, T, d_model]` at every position, without dropout. Rows at
@@ -528,17 +532,19 @@ impl<F: Float> EncoderOnly<F> {
     /// # Errors
     /// As [`EncoderOnly::forward`].
     pub fn encode(&self, input: &EncoderInput<F>) -> Result<Array3<F>> {
-        self.check_input(input)?;
-        let (b, t) = (input.batch_size(), input.seq_len());
-        let x = match (input, &self.embed, &self.input_proj) {
-            (EncoderInput::Tokens(tokens), Some(embed), _) => embed.infer(tokens.lookup_ids().view())?,
-            (EncoderInput::Features(features), _, Some(proj)) => {
-                proj.infer(flat(features.clean_features()).view())
-            }
-            _ => unreachable!("check_input matched the input kind to the model"),
-        };
-        let x = self.input.infer(x, b, t, 0)?;
-        Ok(self.encoder.infer(x.view(), &input.padding_mask()))
+        crate::kernels::parallel::with_team(|| {
+            self.check_input(input)?;
+            let (b, t) = (input.batch_size(), input.seq_len());
+            let x = match (input, &self.embed, &self.input_proj) {
+                (EncoderInput::Tokens(tokens), Some(embed), _) => embed.infer(tokens.lookup_ids().view())?,
+                (EncoderInput::Features(features), _, Some(proj)) => {
+                    proj.infer(flat(features.clean_features()).view())
+                }
+                _ => unreachable!("check_input matched the input kind to the model"),
+            };
+            let x = self.input.infer(x, b, t, 0)?;
+            Ok(self.encoder.infer(x.view(), &input.padding_mask()))
+        })
     }
 
     /// The pooled vectors `[B, d_model]` (a sequence embedding), without dropout.
@@ -546,8 +552,10 @@ impl<F: Float> EncoderOnly<F> {
     /// # Errors
     /// As [`EncoderOnly::forward`].
     pub fn pooled(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
-        let h = self.encode(input)?;
-        Ok(pool(h.view(), input.lengths(), self.cfg.pooling))
+        crate::kernels::parallel::with_team(|| {
+            let h = self.encode(input)?;
+            Ok(pool(h.view(), input.lengths(), self.cfg.pooling))
+        })
     }
 
     /// Outputs `[B, n_out]` (logits or values) without dropout (evaluation).
@@ -555,7 +563,7 @@ impl<F: Float> EncoderOnly<F> {
     /// # Errors
     /// As [`EncoderOnly::forward`].
     pub fn infer(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
-        Ok(self.head.infer(self.pooled(input)?.view()))
+        crate::kernels::parallel::with_team(|| Ok(self.head.infer(self.pooled(input)?.view())))
     }
 
     /// The most likely class of each sequence (the first, on ties).
@@ -563,12 +571,16 @@ impl<F: Float> EncoderOnly<F> {
     /// # Errors
     /// [`Error::InvalidInput`] for a regression model, else as [`EncoderOnly::forward`].
     pub fn predict(&self, input: &EncoderInput<F>) -> Result<Vec<usize>> {
-        if let Head::Regress { outputs } = self.cfg.head {
-            return Err(Error::InvalidInput {
-                why: format!("predict needs a classification head; this model regresses {outputs} outputs"),
-            });
-        }
-        Ok(self.infer(input)?.rows().into_iter().map(argmax).collect())
+        crate::kernels::parallel::with_team(|| {
+            if let Head::Regress { outputs } = self.cfg.head {
+                return Err(Error::InvalidInput {
+                    why: format!(
+                        "predict needs a classification head; this model regresses {outputs} outputs"
+                    ),
+                });
+            }
+            Ok(self.infer(input)?.rows().into_iter().map(argmax).collect())
+        })
     }
 }
 

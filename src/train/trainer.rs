@@ -169,33 +169,35 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     /// # Errors
     /// The model's input errors; the model is unchanged then.
     pub fn step<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
-        let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
-        let lr = self.cfg.schedule.lr(self.optimizer.t + 1);
-        if total == 0 {
-            return Ok(StepStats {
-                loss: LossStats::default(),
+        crate::kernels::parallel::with_team(|| {
+            let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
+            let lr = self.cfg.schedule.lr(self.optimizer.t + 1);
+            if total == 0 {
+                return Ok(StepStats {
+                    loss: LossStats::default(),
+                    lr,
+                    grad_norm: 0.0,
+                });
+            }
+            self.grads.fill(F::ZERO);
+            let mut stats = LossStats::default();
+            for batch in micro_batches {
+                let weight = M::batch_tokens(batch) as f64 / total as f64;
+                let s =
+                    self.model
+                        .accumulate(batch, self.cfg.label_smoothing, weight, &mut self.grads, rng)?;
+                stats = stats.merge(s);
+            }
+            let grad_norm = match self.cfg.clip_norm {
+                Some(max) => clip_grad_norm(&mut self.grads, max),
+                None => self.grads.sq_norm().sqrt(),
+            };
+            self.optimizer.step(&mut self.model, &self.grads, lr);
+            Ok(StepStats {
+                loss: stats,
                 lr,
-                grad_norm: 0.0,
-            });
-        }
-        self.grads.fill(F::ZERO);
-        let mut stats = LossStats::default();
-        for batch in micro_batches {
-            let weight = M::batch_tokens(batch) as f64 / total as f64;
-            let s = self
-                .model
-                .accumulate(batch, self.cfg.label_smoothing, weight, &mut self.grads, rng)?;
-            stats = stats.merge(s);
-        }
-        let grad_norm = match self.cfg.clip_norm {
-            Some(max) => clip_grad_norm(&mut self.grads, max),
-            None => self.grads.sq_norm().sqrt(),
-        };
-        self.optimizer.step(&mut self.model, &self.grads, lr);
-        Ok(StepStats {
-            loss: stats,
-            lr,
-            grad_norm,
+                grad_norm,
+            })
         })
     }
 }

@@ -23,6 +23,12 @@ use rayon::prelude::*;
 use super::Float;
 use super::small_gemm;
 
+mod micro;
+mod packed;
+
+pub use packed::{Isa, KC};
+use packed::{Mat, MatMut};
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// A split never makes pieces with fewer rows (or columns) than this.
@@ -59,8 +65,16 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
             return small_gemm::axpy_rows(alpha, a, b, beta, c);
         }
     }
-    let parts = rayon::current_num_threads();
-    if parts < 2 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+    let parts = super::parallel::threads();
+    let parts = if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+        1
+    } else {
+        parts
+    };
+    if gemm_packed(alpha, a, b, beta, c.view_mut(), parts) {
+        return;
+    }
+    if parts < 2 {
         gemm_serial(alpha, a, b, beta, c);
     } else if m >= 2 * MIN_SPLIT {
         let rows = chunk_len(m, parts);
@@ -77,6 +91,155 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
     } else {
         gemm_serial(alpha, a, b, beta, c);
     }
+}
+
+/// The packed kernels of this crate ([`packed`]) when the element type and the CPU have them;
+/// `false` when the caller must fall back to `matrixmultiply`.
+fn gemm_packed<F: Float>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    mut c: ArrayViewMut2<F>,
+    parts: usize,
+) -> bool {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let [rsa, csa] = [a.strides()[0], a.strides()[1]];
+    let [rsb, csb] = [b.strides()[0], b.strides()[1]];
+    let [rsc, csc] = [c.strides()[0], c.strides()[1]];
+    // SAFETY: as in `gemm_serial`: each view addresses exactly its own elements, C is borrowed
+    // mutably and so aliases neither A nor B, and the shapes were checked by the caller.
+    unsafe {
+        F::gemm_packed(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            rsc,
+            csc,
+            parts,
+        )
+    }
+}
+
+/// [`Float::gemm_packed`] for `f32`: the packed kernels of the best [`Isa`] of this CPU.
+///
+/// # Safety
+/// As [`Float::gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn packed_f32(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    parts: usize,
+) -> bool {
+    let Some(isa) = Isa::best() else { return false };
+    let (a, b) = (
+        Mat {
+            ptr: a,
+            rs: rsa,
+            cs: csa,
+        },
+        Mat {
+            ptr: b,
+            rs: rsb,
+            cs: csb,
+        },
+    );
+    let c = MatMut {
+        ptr: c,
+        rs: rsc,
+        cs: csc,
+    };
+    // SAFETY: forwarded from this function's contract; `best` checked the CPU.
+    unsafe { packed::gemm(isa, m, k, n, alpha, a, b, beta, c, parts) };
+    true
+}
+
+/// [`Float::gemm_packed`] for types without packed kernels.
+///
+/// # Safety
+/// None needed: it does nothing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn packed_none<F>(
+    _m: usize,
+    _k: usize,
+    _n: usize,
+    _alpha: F,
+    _a: *const F,
+    _rsa: isize,
+    _csa: isize,
+    _b: *const F,
+    _rsb: isize,
+    _csb: isize,
+    _beta: F,
+    _c: *mut F,
+    _rsc: isize,
+    _csc: isize,
+    _parts: usize,
+) -> bool {
+    false
+}
+
+/// `C ← α·A·B + β·C` in `f32` by the kernels of `isa`, on up to `parts` threads: every path of
+/// [`gemm`] on its own, for tests and benchmarks.
+///
+/// # Panics
+/// If the shapes do not chain, or the CPU does not run `isa`.
+pub fn gemm_f32_with(
+    isa: Isa,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<f32>,
+    parts: usize,
+) {
+    check_shapes(a.dim(), b.dim(), c.dim());
+    assert!(
+        Isa::available().contains(&isa),
+        "gemm: this CPU does not run {isa:?}"
+    );
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let ma = Mat {
+        ptr: a.as_ptr(),
+        rs: a.strides()[0],
+        cs: a.strides()[1],
+    };
+    let mb = Mat {
+        ptr: b.as_ptr(),
+        rs: b.strides()[0],
+        cs: b.strides()[1],
+    };
+    let mc = MatMut {
+        ptr: c.as_mut_ptr(),
+        rs: c.strides()[0],
+        cs: c.strides()[1],
+    };
+    // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
+    // CPU runs `isa` (both checked above).
+    unsafe { packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts) };
 }
 
 /// `C[i] ← α·A[i]·B[i] + β·C[i]` for every index i of the leading axis, in parallel over i.
@@ -125,8 +288,11 @@ fn check_shapes(a: (usize, usize), b: (usize, usize), c: (usize, usize)) {
     );
 }
 
-/// The one call into `matrixmultiply`, on the calling thread.
+/// One product on the calling thread: the packed kernels, or `matrixmultiply`.
 fn gemm_serial<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+    if gemm_packed(alpha, a, b, beta, c.view_mut(), 1) {
+        return;
+    }
     let (m, k) = a.dim();
     let n = b.ncols();
     debug_assert_eq!(b.nrows(), k);
@@ -222,6 +388,93 @@ mod tests {
                 let mut got_f = Array2::<f32>::from_elem((n, m), f32::NAN);
                 gemm(1.0, a_view, b_view, 0.0, got_f.view_mut().reversed_axes());
                 assert_eq!(got_f.t(), want, "column-major C, m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// Every kernel family of this CPU against the naive twin, exactly (small integers), at
+    /// sizes that cross the tile, panel-block and k-block edges, with every operand layout,
+    /// β = 0 over NaN and β ≠ 0, on 1, 2 and 3 threads.
+    #[test]
+    fn every_kernel_path_matches_naive() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for isa in Isa::available() {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (5, 3, 17),
+                (13, 31, 33),
+                (25, KC + 1, 40),
+                (12 * 16 + 7, 2 * KC + 3, 65),
+                (200, 64, 7),
+                (3, 100, 300),
+            ] {
+                let a = int_matrix(&mut rng, m, k);
+                let at = a.t().to_owned();
+                let b = int_matrix(&mut rng, k, n);
+                let bt = b.t().to_owned();
+                let c0 = int_matrix(&mut rng, m, n);
+                for (alpha, beta) in [(1.0, 0.0), (2.0, -3.0), (1.0, 1.0)] {
+                    let mut want = c0.clone();
+                    gemm_naive(alpha, a.view(), b.view(), beta, want.view_mut());
+                    for (a_view, b_view) in [(a.view(), b.view()), (at.t(), bt.t())] {
+                        for parts in [1, 2, 3] {
+                            let mut got = if beta == 0.0 {
+                                Array2::from_elem((m, n), f32::NAN)
+                            } else {
+                                c0.clone()
+                            };
+                            gemm_f32_with(isa, alpha, a_view, b_view, beta, got.view_mut(), parts);
+                            assert_eq!(
+                                got, want,
+                                "{isa:?} m={m} k={k} n={n} alpha={alpha} beta={beta} parts={parts}"
+                            );
+                            // Column-major C.
+                            let mut got_f = Array2::<f32>::from_elem((n, m), f32::NAN);
+                            got_f.view_mut().reversed_axes().assign(&c0);
+                            if beta == 0.0 {
+                                got_f.fill(f32::NAN);
+                            }
+                            gemm_f32_with(
+                                isa,
+                                alpha,
+                                a_view,
+                                b_view,
+                                beta,
+                                got_f.view_mut().reversed_axes(),
+                                parts,
+                            );
+                            assert_eq!(got_f.t(), want, "{isa:?} column-major C m={m} k={k} n={n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector kernels round exactly as their scalar twin (same products, same order, same
+    /// fused updates), on values where the order matters, at any thread count.
+    #[test]
+    fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let (m, k, n) = (77, 2 * KC + 9, 70);
+        let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
+        let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
+        let c0 = Array2::from_shape_fn((m, n), |_| rng.random::<f32>() - 0.5);
+        let run = |isa: Isa, parts: usize| {
+            let mut c = c0.clone();
+            gemm_f32_with(isa, 0.7, a.view(), b.view(), 1.3, c.view_mut(), parts);
+            c
+        };
+        let want = run(Isa::Scalar, 1);
+        for isa in Isa::available() {
+            for parts in [1, 2] {
+                let got = run(isa, parts);
+                assert!(
+                    got.iter()
+                        .zip(want.iter())
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa:?} parts={parts}"
+                );
             }
         }
     }

@@ -1,0 +1,345 @@
+//! The x86-64 micro-kernels of the packed GEMM: one `MR × NR` tile of C from an `MR`-row panel
+//! of packed A and an `NR`-column panel of packed B (see [`super::packed`] for the layouts).
+//!
+//! - AVX-512: `MR × 32` (MR = 8), two 16-lane vectors of B per step of k and one broadcast of A per
+//!   row, `2·MR` accumulators in registers.
+//! - AVX2 + FMA: `6 × 16`, two 8-lane vectors of B, 12 accumulators.
+//!
+//! Every element of the tile is one register lane that accumulates its products in order of k
+//! with fused multiply-adds, so its value does not depend on where the tile lies in C, on the
+//! block sizes around it or on the thread that runs it. [`Update`] is applied the same way
+//! by the vector stores and by the scalar path for edge tiles and strided C.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Where one tile goes and how it is combined with what is there.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tile {
+    /// Element `[0, 0]` of the tile in C.
+    pub c: *mut f32,
+    /// Row stride of C.
+    pub rsc: isize,
+    /// Column stride of C.
+    pub csc: isize,
+    /// Rows of the tile that lie inside C (at most MR).
+    pub rows: usize,
+    /// Columns of the tile that lie inside C (at most NR).
+    pub cols: usize,
+    /// How the product is combined with C.
+    pub update: Update,
+}
+
+/// How a tile's product `acc` (over one block of k) meets C.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Update {
+    /// `C ← α·acc`: C is only written (the first block of k when β = 0).
+    Set { alpha: f32 },
+    /// `C ← α·acc + β·C`, one rounding for the sum (the first block of k).
+    Scale { alpha: f32, beta: f32 },
+    /// `C ← α·acc + C`, one rounding (every later block of k).
+    Add { alpha: f32 },
+}
+
+impl Update {
+    /// The scalar form, bit for bit what the vector stores compute.
+    #[inline(always)]
+    pub fn apply(self, acc: f32, c: f32) -> f32 {
+        match self {
+            Update::Set { alpha } => alpha * acc,
+            Update::Scale { alpha, beta } => acc.mul_add(alpha, beta * c),
+            Update::Add { alpha } => acc.mul_add(alpha, c),
+        }
+    }
+}
+
+/// Writes a tile held in `acc` (row-major, `nr` per row) through the scalar [`Update`].
+///
+/// # Safety
+/// `t` must describe `t.rows × t.cols` writable elements of C (readable too unless the update
+/// is `Set`).
+#[inline(always)]
+unsafe fn store_scalar(acc: &[f32], nr: usize, t: &Tile) {
+    for r in 0..t.rows {
+        for j in 0..t.cols {
+            // SAFETY: (r, j) is inside the tile, which the caller vouches for.
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc + j as isize * t.csc);
+                let old = if matches!(t.update, Update::Set { .. }) {
+                    0.0
+                } else {
+                    *p
+                };
+                *p = t.update.apply(acc[r * nr + j], old);
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel: `MR × 32`.
+///
+/// # Safety
+/// The CPU must have AVX-512F. `a` must hold `kc·MR` floats and `b` `kc·32` floats, and `t`
+/// must describe a tile of C as [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    let mut lo = [_mm512_setzero_ps(); MR];
+    let mut hi = [_mm512_setzero_ps(); MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        // SAFETY: a has MR and b has 32 floats left for each remaining step of k.
+        unsafe {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for r in 0..MR {
+                let ar = _mm512_set1_ps(*a.add(r));
+                lo[r] = _mm512_fmadd_ps(ar, b0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(ar, b1, hi[r]);
+            }
+            a = a.add(MR);
+            b = b.add(32);
+        }
+    }
+    if t.csc == 1 && t.cols == 32 {
+        for r in 0..MR {
+            if r >= t.rows {
+                break;
+            }
+            // SAFETY: row r < rows and its 32 columns are inside C (csc = 1).
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc);
+                store512(p, lo[r], t.update, 0xffff);
+                store512(p.add(16), hi[r], t.update, 0xffff);
+            }
+        }
+    } else if t.csc == 1 {
+        let m0 = if t.cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << t.cols) as u16 - 1
+        };
+        let m1 = if t.cols <= 16 {
+            0
+        } else {
+            ((1u32 << (t.cols - 16)) - 1) as u16
+        };
+        for r in 0..MR {
+            if r >= t.rows {
+                break;
+            }
+            // SAFETY: the masks cover exactly the columns inside C; masked-off lanes are
+            // neither read nor written.
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc);
+                store512(p, lo[r], t.update, m0);
+                if m1 != 0 {
+                    store512(p.add(16), hi[r], t.update, m1);
+                }
+            }
+        }
+    } else {
+        let mut tile = [[0.0f32; 32]; MR];
+        for r in 0..MR {
+            // SAFETY: each row of `tile` holds 32 floats.
+            unsafe {
+                _mm512_storeu_ps(tile[r].as_mut_ptr(), lo[r]);
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), hi[r]);
+            }
+        }
+        // SAFETY: `tile` is MR rows of 32; the caller vouches for t.
+        unsafe { store_scalar(tile.as_flattened(), 32, t) };
+    }
+}
+
+/// One 16-lane store of a tile row under `mask`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store512(p: *mut f32, acc: __m512, update: Update, mask: u16) {
+    // SAFETY: the caller vouches for the masked lanes of p.
+    unsafe {
+        let v = match update {
+            Update::Set { alpha } => _mm512_mul_ps(acc, _mm512_set1_ps(alpha)),
+            Update::Scale { alpha, beta } => {
+                let old = _mm512_maskz_loadu_ps(mask, p);
+                _mm512_fmadd_ps(
+                    acc,
+                    _mm512_set1_ps(alpha),
+                    _mm512_mul_ps(old, _mm512_set1_ps(beta)),
+                )
+            }
+            Update::Add { alpha } => {
+                let old = _mm512_maskz_loadu_ps(mask, p);
+                _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), old)
+            }
+        };
+        _mm512_mask_storeu_ps(p, mask, v);
+    }
+}
+
+/// The AVX2 + FMA kernel: `6 × 16`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA. `a` must hold `kc·6` floats and `b` `kc·16` floats, and `t`
+/// must describe a tile of C as [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    const MR: usize = 6;
+    let mut lo = [_mm256_setzero_ps(); MR];
+    let mut hi = [_mm256_setzero_ps(); MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        // SAFETY: a has 6 and b has 16 floats left for each remaining step of k.
+        unsafe {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for r in 0..MR {
+                let ar = _mm256_broadcast_ss(&*a.add(r));
+                lo[r] = _mm256_fmadd_ps(ar, b0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(ar, b1, hi[r]);
+            }
+            a = a.add(MR);
+            b = b.add(16);
+        }
+    }
+    if t.csc == 1 && t.cols == 16 {
+        for r in 0..MR {
+            if r >= t.rows {
+                break;
+            }
+            // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc);
+                store256(p, lo[r], t.update);
+                store256(p.add(8), hi[r], t.update);
+            }
+        }
+    } else {
+        let mut tile = [[0.0f32; 16]; MR];
+        for r in 0..MR {
+            // SAFETY: each row of `tile` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(tile[r].as_mut_ptr(), lo[r]);
+                _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), hi[r]);
+            }
+        }
+        // SAFETY: `tile` is 6 rows of 16; the caller vouches for t.
+        unsafe { store_scalar(tile.as_flattened(), 16, t) };
+    }
+}
+
+/// One 8-lane store of a tile row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store256(p: *mut f32, acc: __m256, update: Update) {
+    // SAFETY: the caller vouches for 8 floats at p.
+    unsafe {
+        let v = match update {
+            Update::Set { alpha } => _mm256_mul_ps(acc, _mm256_set1_ps(alpha)),
+            Update::Scale { alpha, beta } => _mm256_fmadd_ps(
+                acc,
+                _mm256_set1_ps(alpha),
+                _mm256_mul_ps(_mm256_loadu_ps(p), _mm256_set1_ps(beta)),
+            ),
+            Update::Add { alpha } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(p)),
+        };
+        _mm256_storeu_ps(p, v);
+    }
+}
+
+/// The kernels' arithmetic in plain Rust, for any `MR × NR`: the naive twin of the micro-kernels
+/// (same products, same order, same fused updates), and the path of CPUs without AVX2.
+///
+/// # Safety
+/// As the vector kernels.
+pub(crate) unsafe fn kernel_scalar(mr: usize, nr: usize, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    let mut acc = vec![0.0f32; mr * nr];
+    for p in 0..kc {
+        for r in 0..mr {
+            // SAFETY: a holds kc·mr and b kc·nr floats.
+            let ar = unsafe { *a.add(p * mr + r) };
+            for j in 0..nr {
+                let bj = unsafe { *b.add(p * nr + j) };
+                acc[r * nr + j] = ar.mul_add(bj, acc[r * nr + j]);
+            }
+        }
+    }
+    // SAFETY: the caller vouches for t.
+    unsafe { store_scalar(&acc, nr, t) };
+}
+
+/// Transposes an 8 × 8 block: line i of `src` (8 floats at `src + i·ss`) becomes column i of
+/// `dst` (float i of the 8 at `dst + j·ds`, for each j).
+///
+/// # Safety
+/// The CPU must have AVX; the 8 source and 8 destination lines must be valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn transpose8x8(src: *const f32, ss: isize, dst: *mut f32, ds: isize) {
+    // SAFETY: the caller vouches for the 8 lines on each side.
+    unsafe {
+        let r = |i: isize| _mm256_loadu_ps(src.offset(i * ss));
+        let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+        let t0 = _mm256_unpacklo_ps(r0, r1);
+        let t1 = _mm256_unpackhi_ps(r0, r1);
+        let t2 = _mm256_unpacklo_ps(r2, r3);
+        let t3 = _mm256_unpackhi_ps(r2, r3);
+        let t4 = _mm256_unpacklo_ps(r4, r5);
+        let t5 = _mm256_unpackhi_ps(r4, r5);
+        let t6 = _mm256_unpacklo_ps(r6, r7);
+        let t7 = _mm256_unpackhi_ps(r6, r7);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let w = |j: isize, v: __m256| _mm256_storeu_ps(dst.offset(j * ds), v);
+        w(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
+        w(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
+        w(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
+        w(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
+        w(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
+        w(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
+        w(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
+        w(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+    }
+}
+
+/// Transposes a 4 × 8 block: line i of `src` (8 floats at `src + i·ss`, i < 4) becomes
+/// column i of `dst` (float i of the 4 at `dst + j·ds`, for each j < 8).
+///
+/// # Safety
+/// The CPU must have AVX; the 4 source lines of 8 and 8 destination lines of 4 must be valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn transpose4x8(src: *const f32, ss: isize, dst: *mut f32, ds: isize) {
+    // SAFETY: the caller vouches for the lines on each side.
+    unsafe {
+        let r = |i: isize| _mm256_loadu_ps(src.offset(i * ss));
+        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+        let t0 = _mm256_unpacklo_ps(r0, r1);
+        let t1 = _mm256_unpackhi_ps(r0, r1);
+        let t2 = _mm256_unpacklo_ps(r2, r3);
+        let t3 = _mm256_unpackhi_ps(r2, r3);
+        // Column j of the block is in lane j%4 of u_{j%4}'s 128-bit half j/4.
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let w = |j: isize, v: __m128| _mm_storeu_ps(dst.offset(j * ds), v);
+        w(0, _mm256_castps256_ps128(u0));
+        w(1, _mm256_castps256_ps128(u1));
+        w(2, _mm256_castps256_ps128(u2));
+        w(3, _mm256_castps256_ps128(u3));
+        w(4, _mm256_extractf128_ps::<1>(u0));
+        w(5, _mm256_extractf128_ps::<1>(u1));
+        w(6, _mm256_extractf128_ps::<1>(u2));
+        w(7, _mm256_extractf128_ps::<1>(u3));
+    }
+}

@@ -1,0 +1,443 @@
+//! The packed `f32` GEMM: operands copied into the micro-kernels' layouts, then tiles of C
+//! computed by [`super::micro`].
+//!
+//! # Layouts
+//! - Packed B: for each block of [`KC`] rows of B (the last may be shorter, `kc` rows), for each
+//!   panel of NR columns, `kc × NR` floats, row by row; columns past n are zero. The block
+//!   that starts at row `p0` starts at float `p0 · n_panels · NR`.
+//! - Packed A: for each panel of MR rows of one `mc × kc` block, `kc × MR` floats, column by
+//!   column; rows past the block are zero.
+//!
+//! # Loops
+//! For each block of k (at most [`KC`]): for each block of at most [`MC_PANELS`] panels of A
+//! (packed into a buffer that stays in L2): for each panel of B (`kc × NR`, in L1 while it is
+//! used): for each panel of A: one micro-kernel. B is packed once per call, before the loops,
+//! and shared by every thread.
+//!
+//! # Threads and determinism
+//! With more than one part, C is cut into contiguous runs of MR-row panels (or, when it has
+//! few rows, of NR-column panels), one per thread. Every element of C is accumulated over k
+//! in the same blocks of [`KC`] and in the same order within a block whatever the cut, so the
+//! result is bitwise identical for any number of threads.
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use super::micro::{Tile, Update, kernel_scalar};
+use crate::kernels::parallel::for_each_index;
+
+/// Rows of B (columns of A) per block. Every element of C is summed over k in blocks of this
+/// many, whatever the thread count. Measured on AVX-512 at the workloads' shapes: 512 is a
+/// few percent faster than 192, 256 or 384 (fewer passes over C; the `KC × 32` B panel, 64 KiB,
+/// streams from L2 as fast as it would be read from L1).
+pub const KC: usize = 512;
+/// Panels of A per block: `MC_PANELS · MR × KC` floats (256 KiB with MR = 8), held in L2.
+pub const MC_PANELS: usize = 16;
+
+/// A micro-kernel family, chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: `8 × 32` tiles (as fast as `12 × 32` or `14 × 32` on large products, and
+    /// without their wasted rows on the 32- and 64-row products of attention).
+    Avx512,
+    /// AVX2 and FMA: `6 × 16` tiles.
+    Avx2,
+    /// Plain Rust, `4 × 8` tiles: the vector kernels' naive twin.
+    Scalar,
+}
+
+impl Isa {
+    /// The fastest family this CPU runs, if any has a vector kernel.
+    pub fn best() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Some(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Some(Isa::Avx2);
+            }
+        }
+        None
+    }
+
+    /// Every family this CPU runs, the fastest first, ending with `Scalar`.
+    pub fn available() -> Vec<Isa> {
+        let mut all = Vec::new();
+        if Isa::best() == Some(Isa::Avx512) {
+            all.push(Isa::Avx512);
+        }
+        if Isa::best().is_some() {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                all.push(Isa::Avx2);
+            }
+        }
+        all.push(Isa::Scalar);
+        all
+    }
+
+    /// Rows of a tile.
+    pub const fn mr(self) -> usize {
+        match self {
+            Isa::Avx512 => 8,
+            Isa::Avx2 => 6,
+            Isa::Scalar => 4,
+        }
+    }
+
+    /// Columns of a tile.
+    pub const fn nr(self) -> usize {
+        match self {
+            Isa::Avx512 => 32,
+            Isa::Avx2 => 16,
+            Isa::Scalar => 8,
+        }
+    }
+
+    /// One tile.
+    ///
+    /// # Safety
+    /// The CPU runs this family; `a` holds `kc·MR` floats, `b` `kc·NR` floats, and `t`
+    /// describes a tile of C (see [`super::micro`]).
+    #[inline]
+    unsafe fn kernel(self, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => super::micro::kernel_avx512::<8>(kc, a, b, t),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => super::micro::kernel_avx2(kc, a, b, t),
+                _ => kernel_scalar(self.mr(), self.nr(), kc, a, b, t),
+            }
+        }
+    }
+}
+
+/// A read-only strided matrix by pointer, to share between threads.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// A writable strided matrix by pointer; threads write disjoint tiles of it.
+#[derive(Clone, Copy)]
+pub(crate) struct MatMut {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: the pointers are only dereferenced inside `gemm`, while the views they come from are
+// borrowed (A and B shared, C exclusively), and threads write disjoint parts of C.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+unsafe impl Send for MatMut {}
+unsafe impl Sync for MatMut {}
+
+impl Mat {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        // SAFETY: the caller keeps (i, j) inside the matrix.
+        unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
+    }
+}
+
+thread_local! {
+    static A_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static B_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a 64-byte-aligned scratch slice of `len` floats from this thread's buffer
+/// `key`, which keeps its memory between calls. Re-entry (a call from inside `f` on the same
+/// thread, as rayon's work stealing can cause) finds the buffer taken and uses a new one.
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = key.with(Cell::take);
+    if buf.len() < len + 16 {
+        buf = vec![0.0; len + 16];
+    }
+    let skip = buf.as_ptr().align_offset(64).min(15);
+    let out = f(&mut buf[skip..skip + len]);
+    key.with(|cell| {
+        let other = cell.take();
+        cell.set(if other.len() > buf.len() { other } else { buf });
+    });
+    out
+}
+
+/// `C ← α·A·B + β·C` (`m × k` by `k × n`) on `parts` threads at most; see the module docs.
+///
+/// # Safety
+/// `a`, `b` and `c` address `m × k`, `k × n` and `m × n` matrices inside live allocations, C
+/// aliases neither A nor B and no two of its elements share an address; the CPU runs `isa`.
+/// If β is zero C need not be initialised.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: MatMut,
+    parts: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) is inside C.
+                unsafe {
+                    let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
+                    *p = if beta == 0.0 { 0.0 } else { beta * *p };
+                }
+            }
+        }
+        return;
+    }
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    // How C is cut: by rows when each part gets at least two panels of them, else by columns.
+    let (parts, by_rows) = if parts < 2 {
+        (1, true)
+    } else if m_panels >= 2 * parts {
+        (parts, true)
+    } else if n_panels >= 2 * parts {
+        (parts, false)
+    } else {
+        (1, true)
+    };
+    with_scratch(&B_BUF, k * n_panels * nr, |bpack| {
+        let out = SharedMut(bpack.as_mut_ptr());
+        // SAFETY: B is k × n (caller) and `bpack` holds every block's panels; parts pack
+        // disjoint panels, which occupy disjoint floats.
+        let pack_panels =
+            |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa != Isa::Scalar) };
+        if parts > 1 {
+            let per = n_panels.div_ceil(parts);
+            for_each_index(parts, |i| {
+                pack_panels((i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+            });
+        } else {
+            pack_panels(0..n_panels);
+        }
+        let bpack = &*bpack;
+        let run = |rows: Range<usize>, panels: Range<usize>| {
+            // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
+            unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels) }
+        };
+        if parts == 1 {
+            run(0..m, 0..n_panels);
+        } else if by_rows {
+            let per = m_panels.div_ceil(parts) * mr;
+            for_each_index(parts, |i| {
+                run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
+            });
+        } else {
+            let per = n_panels.div_ceil(parts);
+            for_each_index(parts, |i| {
+                run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+            });
+        }
+    });
+}
+
+/// The packed-B buffer, shared by threads that pack disjoint panels of it.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: see `pack_b`, the one user.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Packs the column panels `panels` of B (every block of k) into `out` (layout: module docs).
+///
+/// # Safety
+/// B is `k × n`; `out` points to `k · ceil(n / nr) · nr` floats, of which no other thread
+/// touches those of these panels; with `simd` the CPU has AVX2.
+unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, out: SharedMut, simd: bool) {
+    let n_pad = n.div_ceil(nr) * nr;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for jp in panels.clone() {
+            let j0 = jp * nr;
+            let cols = nr.min(n - j0);
+            // SAFETY: this panel's floats of this block, inside `out` and ours alone.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(out.0.add(p0 * n_pad + jp * kc * nr), kc * nr) };
+            // SAFETY (for every read below): rows p0..p0 + kc and columns j0..j0 + cols are
+            // inside B.
+            if b.cs == 1 {
+                for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
+                    let src = unsafe {
+                        std::slice::from_raw_parts(b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize), cols)
+                    };
+                    row[..cols].copy_from_slice(src);
+                    row[cols..].fill(0.0);
+                }
+                continue;
+            }
+            let mut p_done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if simd && b.rs == 1 && cols == nr && nr % 8 == 0 {
+                // Columns of B are contiguous: 8 × 8 transposes.
+                p_done = kc - kc % 8;
+                for j in (0..nr).step_by(8) {
+                    for p in (0..p_done).step_by(8) {
+                        // SAFETY: an 8 × 8 block of B and of the panel; the CPU has AVX2.
+                        unsafe {
+                            let src = b.ptr.offset((p0 + p) as isize + (j0 + j) as isize * b.cs);
+                            super::micro::transpose8x8(
+                                src,
+                                b.cs,
+                                dst.as_mut_ptr().add(p * nr + j),
+                                nr as isize,
+                            );
+                        }
+                    }
+                }
+            }
+            for j in 0..nr {
+                for p in p_done..kc {
+                    dst[p * nr + j] = if j < cols {
+                        unsafe { b.at(p0 + p, j0 + j) }
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
+///
+/// # Safety
+/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; with `simd` the CPU
+/// has AVX2.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], simd: bool) {
+    for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
+        let r0 = i0 + ip * mr;
+        let rows = mr.min(i0 + mc - r0);
+        // SAFETY (for every read below): rows r0..r0 + rows and columns p0..p0 + kc are
+        // inside A.
+        let at =
+            |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
+        if a.rs == 1 {
+            // Columns of A are contiguous: each step of k is one copy.
+            for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
+                col[..rows].copy_from_slice(unsafe { std::slice::from_raw_parts(at(0, p), rows) });
+                col[rows..].fill(0.0);
+            }
+            continue;
+        }
+        let mut r_done = 0;
+        let mut p_done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd && a.cs == 1 && rows == mr {
+            // Rows of A are contiguous: 8 × 8 and 4 × 8 transposes.
+            p_done = kc - kc % 8;
+            for p in (0..p_done).step_by(8) {
+                let mut r = 0;
+                // SAFETY: blocks of A and of the panel; the CPU has AVX2.
+                unsafe {
+                    while r + 8 <= mr {
+                        super::micro::transpose8x8(
+                            at(r, p),
+                            a.rs,
+                            dst.as_mut_ptr().add(p * mr + r),
+                            mr as isize,
+                        );
+                        r += 8;
+                    }
+                    while r + 4 <= mr {
+                        super::micro::transpose4x8(
+                            at(r, p),
+                            a.rs,
+                            dst.as_mut_ptr().add(p * mr + r),
+                            mr as isize,
+                        );
+                        r += 4;
+                    }
+                }
+                r_done = r;
+            }
+        }
+        for p in 0..kc {
+            let r_from = if p < p_done { r_done } else { 0 };
+            for r in r_from..mr {
+                dst[p * mr + r] = if r < rows { unsafe { *at(r, p) } } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// The tiles of rows `rows` (a run of whole MR panels, or to the end of C) and column panels
+/// `panels`, on the calling thread.
+///
+/// # Safety
+/// As [`gemm`]; `bpack` holds B packed; no other thread writes these tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_part(
+    isa: Isa,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    bpack: &[f32],
+    beta: f32,
+    c: MatMut,
+    rows: Range<usize>,
+    panels: Range<usize>,
+) {
+    if rows.is_empty() || panels.is_empty() {
+        return;
+    }
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let n_pad = n.div_ceil(nr) * nr;
+    let mc_max = MC_PANELS * mr;
+    with_scratch(&A_BUF, mc_max * KC, |apack| {
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let update = match (p0, beta == 0.0) {
+                (0, true) => Update::Set { alpha },
+                (0, false) => Update::Scale { alpha, beta },
+                _ => Update::Add { alpha },
+            };
+            for i0 in rows.clone().step_by(mc_max) {
+                let mc = mc_max.min(rows.end - i0);
+                // SAFETY: the block is inside A (caller).
+                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa != Isa::Scalar) };
+                for jp in panels.clone() {
+                    let j0 = jp * nr;
+                    let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
+                    for ip in 0..mc.div_ceil(mr) {
+                        let r0 = i0 + ip * mr;
+                        let tile = Tile {
+                            // SAFETY: (r0, j0) is inside C.
+                            c: unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) },
+                            rsc: c.rs,
+                            csc: c.cs,
+                            rows: mr.min(i0 + mc - r0),
+                            cols: nr.min(n - j0),
+                            update,
+                        };
+                        // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
+                        unsafe { isa.kernel(kc, apack[ip * mr * kc..].as_ptr(), bp, &tile) };
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,294 @@
+//! Fork-join over the threads of the current rayon pool, with a start-up measured in
+//! nanoseconds rather than in the tens or hundreds of microseconds it takes to wake a sleeping
+//! thread.
+//!
+//! A training step or a forward pass is a chain of a few hundred short parallel loops
+//! (GEMMs, attention heads, layer norms), each a fraction of a millisecond. Between two of
+//! them the pool's other threads fall asleep, and waking one costs about 70 µs on a virtual
+//! machine, sometimes more than the loop itself: the loop then runs on one thread. OpenMP
+//! runtimes avoid this by letting idle threads spin for a while; [`with_team`] does the same
+//! for the length of one call into the crate, without a pool or a global setting of its own:
+//!
+//! - [`with_team`] runs a closure with the other threads of the current rayon pool held in a
+//!   spin loop (rayon jobs of a scope, so they leave when the closure returns);
+//! - [`for_each_index`] calls `f(0..parts)` on the team, or on rayon outside a team; a call
+//!   from inside a part runs on the calling thread, so nested loops never oversubscribe.
+//!
+//! Parts are handed out one at a time by an atomic counter, so which thread runs which part
+//! varies from run to run; what a part computes must depend on its index only. The crate's
+//! loops split independent rows, heads and tiles, never a sum, so their results are the
+//! same for any number of threads.
+//!
+//! The model entry points (training steps, forward passes, decoding) enter a team; code that
+//! calls single layers or kernels directly runs on rayon as before, or can enter one itself.
+
+use std::any::Any;
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+
+/// Spins of an idle helper between two yields of its time slice.
+const SPINS_PER_YIELD: u32 = 1 << 12;
+
+/// One parallel loop, on the stack of the thread that runs it.
+struct Region<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    parts: usize,
+}
+
+/// The shared state of a team.
+struct Team {
+    /// Odd while a region is open, even while none is; changes with every open and close.
+    epoch: AtomicUsize,
+    /// The open region (valid while `epoch` is odd and a reader is counted in `active`).
+    region: AtomicPtr<Region<'static>>,
+    /// The next part to hand out.
+    next: AtomicUsize,
+    /// Parts not yet finished.
+    remaining: AtomicUsize,
+    /// Helpers that may be reading the region.
+    active: AtomicUsize,
+    /// Set when the team's closure has returned: helpers leave.
+    done: AtomicBool,
+    /// The first panic of a part, to resume on the calling thread.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Threads in the team, the caller included.
+    size: usize,
+}
+
+thread_local! {
+    /// The team this thread leads, while it runs the closure of [`with_team`].
+    static TEAM: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
+    /// Whether this thread is running a part (nested loops then run serially).
+    static IN_PART: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the other threads of the current rayon pool ready for [`for_each_index`].
+///
+/// With one thread, or when already inside a team, this is just `f()`. The helpers spin
+/// while `f` runs: the pool's threads are busy for its whole length, as an OpenMP team's
+/// are.
+///
+/// # Panics
+/// Resumes a panic of `f` or of a part.
+pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || !TEAM.get().is_null() || IN_PART.get() {
+        return f();
+    }
+    let team = Team {
+        epoch: AtomicUsize::new(0),
+        region: AtomicPtr::new(std::ptr::null_mut()),
+        next: AtomicUsize::new(0),
+        remaining: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        done: AtomicBool::new(false),
+        panic: Mutex::new(None),
+        size: threads,
+    };
+    let out = rayon::in_place_scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| team.help());
+        }
+        TEAM.set(&team);
+        let out = catch_unwind(AssertUnwindSafe(f));
+        TEAM.set(std::ptr::null());
+        team.done.store(true, Ordering::Release);
+        out
+    });
+    match out {
+        Ok(r) => r,
+        Err(p) => resume_unwind(p),
+    }
+}
+
+/// The number of threads a loop started here would run on.
+pub fn threads() -> usize {
+    if IN_PART.get() {
+        return 1;
+    }
+    let team = TEAM.get();
+    if team.is_null() {
+        rayon::current_num_threads()
+    } else {
+        // SAFETY: TEAM points to the team on this thread's stack while its closure runs.
+        unsafe { (*team).size }
+    }
+}
+
+/// Calls `f(i)` for every `i` in `0..parts`, on the current team, or on rayon's pool outside
+/// one, or on this thread inside a part of another loop or with `parts < 2`.
+///
+/// # Panics
+/// Resumes a panic of `f`.
+pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
+    if parts < 2 || IN_PART.get() {
+        (0..parts).for_each(f);
+        return;
+    }
+    let team = TEAM.get();
+    if team.is_null() {
+        (0..parts).into_par_iter().for_each(|i| as_part(|| f(i)));
+        return;
+    }
+    // SAFETY: TEAM points to the team on this thread's stack while its closure runs.
+    unsafe { (*team).run(parts, &f) };
+}
+
+/// Runs `g` flagged as a part, so that loops inside it stay on this thread.
+fn as_part<R>(g: impl FnOnce() -> R) -> R {
+    let was = IN_PART.replace(true);
+    let out = g();
+    IN_PART.set(was);
+    out
+}
+
+impl Team {
+    /// Opens a region, works on it, waits for every part and every reader.
+    fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        let region = Region { f, parts };
+        self.next.store(0, Ordering::Relaxed);
+        self.remaining.store(parts, Ordering::Relaxed);
+        // SAFETY of the cast: the pointer is only dereferenced while the region is open and
+        // counted readers hold it, and this function waits for both to end before returning.
+        self.region.store(
+            &region as *const Region<'_> as *mut Region<'static>,
+            Ordering::Relaxed,
+        );
+        self.epoch.fetch_add(1, Ordering::SeqCst); // open (odd)
+        self.work(&region);
+        while self.remaining.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst); // closed (even)
+        while self.active.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        if let Some(p) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            resume_unwind(p);
+        }
+    }
+
+    /// Takes parts of `region` until none is left.
+    fn work(&self, region: &Region<'_>) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= region.parts {
+                return;
+            }
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| (region.f)(i)))) {
+                self.panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(p);
+            }
+            self.remaining.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// A helper's loop: wait for a region, work on it, until the team is done.
+    fn help(&self) {
+        let mut seen = 0;
+        let mut spins = 0u32;
+        loop {
+            let e = self.epoch.load(Ordering::Acquire);
+            if e % 2 == 1 && e != seen {
+                self.active.fetch_add(1, Ordering::SeqCst);
+                if self.epoch.load(Ordering::SeqCst) == e {
+                    // SAFETY: the region is open and this thread is counted in `active`, so
+                    // `run` has not returned and the region it points to is alive.
+                    let region = unsafe { &*self.region.load(Ordering::Acquire) };
+                    self.work(region);
+                }
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                seen = e;
+                spins = 0;
+                continue;
+            }
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            spins += 1;
+            if spins % SPINS_PER_YIELD == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_index_runs_once_in_and_out_of_a_team() {
+        for threads in [1, 2, 3] {
+            pool(threads).install(|| {
+                for in_team in [false, true] {
+                    let hits: Vec<AtomicU64> = (0..1000).map(|_| AtomicU64::new(0)).collect();
+                    let body = || {
+                        for round in 0..50 {
+                            for_each_index(20, |i| {
+                                hits[round * 20 + i].fetch_add(1, Ordering::Relaxed);
+                            });
+                        }
+                    };
+                    if in_team {
+                        with_team(body);
+                    } else {
+                        body();
+                    }
+                    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn nested_loops_run_inside_the_part() {
+        pool(2).install(|| {
+            with_team(|| {
+                let total = AtomicU64::new(0);
+                for_each_index(4, |_| {
+                    assert_eq!(threads(), 1);
+                    for_each_index(5, |j| {
+                        total.fetch_add(j as u64, Ordering::Relaxed);
+                    });
+                });
+                assert_eq!(total.load(Ordering::Relaxed), 4 * 10);
+                assert_eq!(threads(), 2);
+            })
+        });
+    }
+
+    #[test]
+    fn a_panicking_part_reaches_the_caller_and_the_team_goes_on() {
+        pool(2).install(|| {
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                with_team(|| {
+                    for_each_index(8, |i| {
+                        if i == 5 {
+                            panic!("part 5");
+                        }
+                    })
+                })
+            }));
+            assert!(caught.is_err());
+            // The pool is still usable.
+            assert_eq!(with_team(|| 3 + 4), 7);
+        });
+    }
+}

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""The crate beside PyTorch on the reference workloads, measured back to back.
+
+For each workload, thread count and measurement it runs `scripts/bench_torch.py` (PyTorch)
+and then the crate's `bench` example (`cargo build --release --example bench` first), each
+in a fresh process with the same --workload, --threads, --steps, --warmup and --seed, the
+crate with RAYON_NUM_THREADS set to the thread count as well. It prints both medians, the
+speed-up (PyTorch's median / the crate's median: above 1 the crate is faster), the crate's
+GFLOP/s (FLOP model of scripts/README.md) and, given --peak-gflops, the fraction of the
+machine's FMA peak that this is.
+
+Decoding: the crate's `greedy_decode` uses its key/value cache. It is set beside both of
+PyTorch's decodes, which run in one process right before it:
+  greedy_decode  nn.Transformer as it is, re-running the prefix at every step (no cache);
+  cached_decode  a key/value cache written by hand over the same nn.Transformer weights.
+so a decoding row has two speed-ups: against greedy_decode and against cached_decode.
+
+--precision is passed to both sides. PyTorch supports fp32 and bf16 (autocast). The crate's
+`bench` is asked with --precision only if its --help lists that option; until it does, only
+fp32 can be compared and --precision bf16 stops with a message (run bench_torch.py alone for
+PyTorch's bf16 figures).
+
+--markdown FILE writes the results as Markdown: the machine and versions, a table with one
+row per workload, thread count and measurement (decoding twice: against PyTorch without and
+with a cache), and a summary of speed-ups in the layout of the README's speed table.
+
+Run from anywhere; paths default to this repository. Nothing else should run meanwhile.
+
+    python3 scripts/compare.py --python .venv-torch/bin/python --workloads tiny --threads 1
+    python3 scripts/compare.py --python .venv-torch/bin/python --peak-gflops 240 483 --markdown speed.md
+    python3 scripts/compare.py --workloads small --what train_step eval_forward --steps 20
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MEASUREMENTS = ("train_step", "eval_forward", "greedy_decode")
+NAMES = {"train_step": "train step", "eval_forward": "eval forward", "greedy_decode": "greedy decode"}
+
+
+def run_json(cmd, env=None):
+    """Run cmd; return ({what: record} from its JSON lines, its '#' stderr header lines)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    recs = {}
+    for line in out.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "what" in rec:
+            recs[rec["what"]] = rec
+    if out.returncode != 0:
+        sys.stderr.write(f"failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-800:]}\n")
+    header = [line for line in out.stderr.splitlines() if line.startswith("#")]
+    return recs, header
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def times(x):
+    return "-" if x is None else f"{x:.2f}×"
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_python = ROOT / ".venv-torch" / "bin" / "python"
+    ap.add_argument("--python", default=os.environ.get("TORCH_PYTHON") or
+                    (str(default_python) if default_python.exists() else sys.executable),
+                    help="a Python that has torch (default: $TORCH_PYTHON, else .venv-torch/bin/python "
+                         "of this repository if present, else this Python)")
+    ap.add_argument("--bench", default=str(ROOT / "target" / "release" / "examples" / "bench"),
+                    help="the crate's bench example (default: target/release/examples/bench of this repository)")
+    ap.add_argument("--workloads", nargs="+", choices=("tiny", "small", "base"), default=["tiny", "small", "base"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--what", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS),
+                    help="measurements (greedy_decode also runs PyTorch's cached_decode)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="measured repetitions (default 10; base uses max(3, steps // 2))")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured repetitions first (default 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="passed to both sides; anything but fp32 needs the crate's bench to accept --precision")
+    ap.add_argument("--peak-gflops", nargs="+", type=float, metavar="P",
+                    help="the machine's FMA peak in GFLOP/s at 1, 2, ... threads (e.g. 240 483), for the "
+                         "crate's fraction of peak")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables to FILE")
+    ap.add_argument("--jsonl", metavar="FILE", help="also write every JSON line of both sides to FILE")
+    args = ap.parse_args()
+
+    bench = Path(args.bench)
+    if not bench.exists():
+        sys.exit(f"{bench} not found: build the crate's bench example first (cargo build --release --example bench)")
+    bench_help = subprocess.run([str(bench), "--help"], capture_output=True, text=True).stdout
+    crate_has_precision = "--precision" in bench_help
+    if args.precision != "fp32" and not crate_has_precision:
+        sys.exit(f"the crate's bench has no --precision option: only fp32 can be compared for now "
+                 f"(PyTorch alone: {args.python} {HERE / 'bench_torch.py'} --precision {args.precision} ...)")
+    peak = {i + 1: p for i, p in enumerate(args.peak_gflops or [])}
+
+    rows = []  # dicts: workload, threads, what, torch, crate, torch_cached
+    headers = []
+    jsonl = open(args.jsonl, "w") if args.jsonl else None
+    print(f"{'workload':>8} {'thr':>3} {'what':<14} {'torch ms':>10} {'crate ms':>10} {'speed-up':>9} "
+          f"{'crate GFLOP/s':>14} {'of peak':>8}   decoding: {'torch cached ms':>15} {'speed-up':>9}")
+    for wl in args.workloads:
+        steps = max(3, args.steps // 2) if wl == "base" else args.steps
+        for th in args.threads:
+            for what in args.what:
+                common = ["--workload", wl, "--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
+                          "--seed", str(args.seed), "--json"]
+                torch_what = [what, "cached_decode"] if what == "greedy_decode" else [what]
+                torch_recs, h1 = run_json([args.python, str(HERE / "bench_torch.py"), *common,
+                                           "--precision", args.precision, "--what", *torch_what])
+                crate_cmd = [str(bench), *common, "--what", what]
+                if crate_has_precision:
+                    crate_cmd += ["--precision", args.precision]
+                crate_recs, h2 = run_json(crate_cmd, env={**os.environ, "RAYON_NUM_THREADS": str(th)})
+                if not headers:
+                    headers = h1 + h2
+                if jsonl:
+                    for rec in [*torch_recs.values(), *crate_recs.values()]:
+                        jsonl.write(json.dumps(rec) + "\n")
+                    jsonl.flush()
+                t, c, tc = torch_recs.get(what), crate_recs.get(what), torch_recs.get("cached_decode")
+                if c is not None and c.get("precision", "fp32") != args.precision:
+                    sys.exit(f"the crate reported precision {c.get('precision')!r}, not {args.precision!r}")
+                row = dict(workload=wl, threads=th, what=what,
+                           torch=t and t["median_ms"], crate=c and c["median_ms"],
+                           crate_gflops=c and c["gflops"], torch_cached=tc and tc["median_ms"])
+                row["speedup"] = ratio(row["torch"], row["crate"])
+                row["speedup_cached"] = ratio(row["torch_cached"], row["crate"])
+                row["of_peak"] = ratio(row["crate_gflops"], peak.get(th))
+                rows.append(row)
+                line = (f"{wl:>8} {th:>3} {what:<14} {fmt(row['torch'], '10.2f')} {fmt(row['crate'], '10.2f')} "
+                        f"{fmt(row['speedup'], '8.2f')}x {fmt(row['crate_gflops'], '14.1f')} "
+                        f"{fmt(row['of_peak'] and 100 * row['of_peak'], '7.1f')}%")
+                if what == "greedy_decode":
+                    line += f"             {fmt(row['torch_cached'], '15.2f')} {fmt(row['speedup_cached'], '8.2f')}x"
+                print(line, flush=True)
+    if jsonl:
+        jsonl.close()
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(args, rows, headers, peak))
+        print(f"wrote {args.markdown}")
+
+
+def markdown(args, rows, headers, peak):
+    """The results as Markdown: setup, one detailed table, one table of speed-ups."""
+    out = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; precision {args.precision}; "
+           f"medians over {args.steps} measured repetitions ({max(3, args.steps // 2)} for base) after "
+           f"{args.warmup} warm-up, seed {args.seed}. Speed-up = PyTorch's median / the crate's (above 1 the crate is "
+           "faster)." + (" FMA peak " + " / ".join(f"{p:g}" for p in peak.values()) +
+                         f" GFLOP/s at {' / '.join(str(k) for k in peak)} threads." if peak else ""), ""]
+    out += [f"    {h}" for h in headers] + [""]
+    out += ["| workload | threads | measurement | PyTorch ms | vaswani ms | speed-up | vaswani GFLOP/s | of FMA peak |",
+            "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [(NAMES[r["what"]] + (" (PyTorch: nn.Transformer, no cache)" if r["what"] == "greedy_decode" else ""),
+                  r["torch"], r["speedup"])]
+        if r["what"] == "greedy_decode":
+            cells.append(("greedy decode (PyTorch: hand-written key/value cache)", r["torch_cached"], r["speedup_cached"]))
+        for name, torch_ms, speedup in cells:
+            out.append(f"| {r['workload']} | {r['threads']} | {name} | {fmt(torch_ms, '.2f')} | {fmt(r['crate'], '.2f')} | "
+                       f"{times(speedup)} | {fmt(r['crate_gflops'], '.1f')} | "
+                       f"{fmt(r['of_peak'] and 100 * r['of_peak'], '.0f')}{'%' if r['of_peak'] else ''} |")
+    # Speed-ups only, one row per workload and thread count.
+    cols = [w for w in MEASUREMENTS if w in args.what]
+    head = [NAMES[w] if w != "greedy_decode" else "greedy decode vs nn.Transformer" for w in cols]
+    if "greedy_decode" in cols:
+        head.append("greedy decode vs cached PyTorch")
+    out += ["", "| workload | threads | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
+    by_key = {(r["workload"], r["threads"], r["what"]): r for r in rows}
+    for wl in args.workloads:
+        for th in args.threads:
+            cells = [times(by_key[(wl, th, w)]["speedup"]) for w in cols]
+            if "greedy_decode" in cols:
+                cells.append(times(by_key[(wl, th, "greedy_decode")]["speedup_cached"]))
+            out.append(f"| {wl} | {th} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

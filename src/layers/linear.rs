@@ -9,11 +9,11 @@
 //!
 //! PyTorch equivalent: `nn.Linear(d_in, d_out, bias=True)`.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, gemm};
+use crate::kernels::{Float, add_column_sums, filled, gemm, gemm_bias};
 use crate::params::xavier_uniform;
 
 /// Configuration of a [`Linear`] layer.
@@ -145,43 +145,36 @@ impl<F: Float> Linear<F> {
 /// # Panics
 /// If the shapes do not fit.
 pub fn affine<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1<F>>) -> Array2<F> {
-    let mut y = Array2::zeros((x.nrows(), w.nrows()));
-    affine_into(x, w, b, y.view_mut());
-    y
+    check_affine(x, w, b);
+    // SAFETY: gemm_bias writes every element of y (C is only written).
+    unsafe { filled((x.nrows(), w.nrows()), |y| gemm_bias(x, w.t(), b, false, y)) }
 }
 
 /// [`affine`] into a given output, which may be a strided view.
 ///
 /// # Panics
 /// If the shapes do not fit.
-pub fn affine_into<F: Float>(
-    x: ArrayView2<F>,
-    w: ArrayView2<F>,
-    b: Option<ArrayView1<F>>,
-    mut y: ArrayViewMut2<F>,
-) {
+pub fn affine_into<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1<F>>, y: ArrayViewMut2<F>) {
+    check_affine(x, w, b);
+    assert_eq!(
+        y.dim(),
+        (x.nrows(), w.nrows()),
+        "affine: y {:?} for x {:?} and W {:?}: expected [N, d_out]",
+        y.shape(),
+        x.shape(),
+        w.shape()
+    );
+    gemm_bias(x, w.t(), b, false, y);
+}
+
+fn check_affine<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1<F>>) {
     assert!(
-        x.ncols() == w.ncols() && y.dim() == (x.nrows(), w.nrows()),
-        "affine: x {:?}, W {:?}, y {:?}: expected x [N, d_in], W [d_out, d_in], y [N, d_out]",
+        x.ncols() == w.ncols() && b.is_none_or(|b| b.len() == w.nrows()),
+        "affine: x {:?}, W {:?}, bias {:?}: expected x [N, d_in], W [d_out, d_in], bias [d_out]",
         x.shape(),
         w.shape(),
-        y.shape()
+        b.map(|b| b.len())
     );
-    match b {
-        Some(b) => {
-            assert_eq!(
-                b.len(),
-                w.nrows(),
-                "affine: bias {:?} for W {:?}",
-                b.shape(),
-                w.shape()
-            );
-            let dim = y.dim();
-            y.assign(&b.broadcast(dim).expect("bias broadcasts over rows"));
-            gemm(F::ONE, x, w.t(), F::ONE, y);
-        }
-        None => gemm(F::ONE, x, w.t(), F::ZERO, y),
-    }
 }
 
 /// Backward of [`affine`]: adds `grad_yᵀ·x` into `grad_w` and `Σ_rows grad_y` into
@@ -196,21 +189,34 @@ pub fn affine_backward<F: Float>(
     grad_w: ArrayViewMut2<F>,
     grad_b: Option<ArrayViewMut1<F>>,
 ) -> Array2<F> {
+    affine_backward_weights(x, grad_y, grad_w, grad_b);
+    check_affine(x, w, None);
+    // SAFETY: a GEMM with β = 0 writes every element.
+    unsafe { filled(x.dim(), |gx| gemm(F::ONE, grad_y, w, F::ZERO, gx)) }
+}
+
+/// The parameter half of [`affine_backward`]: adds `grad_yᵀ·x` into `grad_w` and
+/// `Σ_rows grad_y` into `grad_b`.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn affine_backward_weights<F: Float>(
+    x: ArrayView2<F>,
+    grad_y: ArrayView2<F>,
+    grad_w: ArrayViewMut2<F>,
+    grad_b: Option<ArrayViewMut1<F>>,
+) {
     assert!(
-        grad_y.dim() == (x.nrows(), w.nrows()) && grad_w.dim() == w.dim(),
-        "affine_backward: x {:?}, W {:?}, grad_y {:?}, grad_W {:?}",
+        grad_y.nrows() == x.nrows() && grad_w.dim() == (grad_y.ncols(), x.ncols()),
+        "affine_backward: x {:?}, grad_y {:?}, grad_W {:?}",
         x.shape(),
-        w.shape(),
         grad_y.shape(),
         grad_w.shape()
     );
     gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w);
-    if let Some(mut gb) = grad_b {
-        gb += &grad_y.sum_axis(Axis(0));
+    if let Some(gb) = grad_b {
+        add_column_sums(grad_y, gb);
     }
-    let mut grad_x = Array2::zeros(x.dim());
-    gemm(F::ONE, grad_y, w, F::ZERO, grad_x.view_mut());
-    grad_x
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub(crate) struct Tile {
     pub cols: usize,
     /// How the product is combined with C.
     pub update: Update,
+    /// Whether `max(·, 0)` follows the update (ReLU, on the last block of k).
+    pub relu: bool,
 }
 
 /// How a tile's product `acc` (over one block of k) meets C.
@@ -39,17 +41,32 @@ pub(crate) enum Update {
     Scale { alpha: f32, beta: f32 },
     /// `C ← α·acc + C`, one rounding (every later block of k).
     Add { alpha: f32 },
+    /// `C ← α·acc + bias`, one rounding, with `bias` pointing at the bias of the tile's first
+    /// column (the first block of k of a product with a bias).
+    Bias { alpha: f32, bias: *const f32 },
 }
 
 impl Update {
-    /// The scalar form, bit for bit what the vector stores compute.
+    /// The scalar form for column `j` of the tile, bit for bit what the vector stores compute.
+    ///
+    /// # Safety
+    /// For `Bias`, the bias of column j must be readable.
     #[inline(always)]
-    pub fn apply(self, acc: f32, c: f32) -> f32 {
-        match self {
+    pub unsafe fn apply(self, acc: f32, c: f32, j: usize, relu: bool) -> f32 {
+        let v = match self {
             Update::Set { alpha } => alpha * acc,
             Update::Scale { alpha, beta } => acc.mul_add(alpha, beta * c),
             Update::Add { alpha } => acc.mul_add(alpha, c),
-        }
+            // SAFETY: the caller vouches for the bias of column j.
+            Update::Bias { alpha, bias } => acc.mul_add(alpha, unsafe { *bias.add(j) }),
+        };
+        // As `_mm512_max_ps(v, 0)`: NaN and −0 give +0, as `Activation::Relu` does.
+        if relu && !(v > 0.0) { 0.0 } else { v }
+    }
+
+    /// Whether C is read.
+    fn reads_c(self) -> bool {
+        matches!(self, Update::Scale { .. } | Update::Add { .. })
     }
 }
 
@@ -65,12 +82,8 @@ unsafe fn store_scalar(acc: &[f32], nr: usize, t: &Tile) {
             // SAFETY: (r, j) is inside the tile, which the caller vouches for.
             unsafe {
                 let p = t.c.offset(r as isize * t.rsc + j as isize * t.csc);
-                let old = if matches!(t.update, Update::Set { .. }) {
-                    0.0
-                } else {
-                    *p
-                };
-                *p = t.update.apply(acc[r * nr + j], old);
+                let old = if t.update.reads_c() { *p } else { 0.0 };
+                *p = t.update.apply(acc[r * nr + j], old, j, t.relu);
             }
         }
     }
@@ -109,8 +122,8 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
             // SAFETY: row r < rows and its 32 columns are inside C (csc = 1).
             unsafe {
                 let p = t.c.offset(r as isize * t.rsc);
-                store512(p, lo[r], t.update, 0xffff);
-                store512(p.add(16), hi[r], t.update, 0xffff);
+                store512(p, lo[r], t.update, 0, t.relu, 0xffff);
+                store512(p.add(16), hi[r], t.update, 16, t.relu, 0xffff);
             }
         }
     } else if t.csc == 1 {
@@ -132,9 +145,9 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
             // neither read nor written.
             unsafe {
                 let p = t.c.offset(r as isize * t.rsc);
-                store512(p, lo[r], t.update, m0);
+                store512(p, lo[r], t.update, 0, t.relu, m0);
                 if m1 != 0 {
-                    store512(p.add(16), hi[r], t.update, m1);
+                    store512(p.add(16), hi[r], t.update, 16, t.relu, m1);
                 }
             }
         }
@@ -152,14 +165,18 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
     }
 }
 
-/// One 16-lane store of a tile row under `mask`.
+/// One 16-lane store under `mask` of a tile row's columns `j0..j0 + 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn store512(p: *mut f32, acc: __m512, update: Update, mask: u16) {
-    // SAFETY: the caller vouches for the masked lanes of p.
+unsafe fn store512(p: *mut f32, acc: __m512, update: Update, j0: usize, relu: bool, mask: u16) {
+    // SAFETY: the caller vouches for the masked lanes of p (and of the bias).
     unsafe {
         let v = match update {
+            Update::Bias { alpha, bias } => {
+                let b = _mm512_maskz_loadu_ps(mask, bias.add(j0));
+                _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), b)
+            }
             Update::Set { alpha } => _mm512_mul_ps(acc, _mm512_set1_ps(alpha)),
             Update::Scale { alpha, beta } => {
                 let old = _mm512_maskz_loadu_ps(mask, p);
@@ -174,6 +191,7 @@ unsafe fn store512(p: *mut f32, acc: __m512, update: Update, mask: u16) {
                 _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), old)
             }
         };
+        let v = if relu { _mm512_max_ps(v, _mm512_setzero_ps()) } else { v };
         _mm512_mask_storeu_ps(p, mask, v);
     }
 }
@@ -212,8 +230,8 @@ pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Ti
             // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
             unsafe {
                 let p = t.c.offset(r as isize * t.rsc);
-                store256(p, lo[r], t.update);
-                store256(p.add(8), hi[r], t.update);
+                store256(p, lo[r], t.update, 0, t.relu);
+                store256(p.add(8), hi[r], t.update, 8, t.relu);
             }
         }
     } else {
@@ -230,14 +248,15 @@ pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Ti
     }
 }
 
-/// One 8-lane store of a tile row.
+/// One 8-lane store of a tile row's columns `j0..j0 + 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn store256(p: *mut f32, acc: __m256, update: Update) {
-    // SAFETY: the caller vouches for 8 floats at p.
+unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bool) {
+    // SAFETY: the caller vouches for 8 floats at p (and of the bias).
     unsafe {
         let v = match update {
+            Update::Bias { alpha, bias } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(bias.add(j0))),
             Update::Set { alpha } => _mm256_mul_ps(acc, _mm256_set1_ps(alpha)),
             Update::Scale { alpha, beta } => _mm256_fmadd_ps(
                 acc,
@@ -246,6 +265,7 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update) {
             ),
             Update::Add { alpha } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(p)),
         };
+        let v = if relu { _mm256_max_ps(v, _mm256_setzero_ps()) } else { v };
         _mm256_storeu_ps(p, v);
     }
 }

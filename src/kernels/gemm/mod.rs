@@ -17,8 +17,9 @@
 //! result is bitwise identical for any thread count. `matrixmultiply`'s own `threading`
 //! feature stays off: rayon is the one pool.
 
-use ndarray::{ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Zip};
-use rayon::prelude::*;
+use std::any::TypeId;
+
+use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder, Zip, s};
 
 use super::Float;
 use super::small_gemm;
@@ -27,7 +28,7 @@ mod micro;
 mod packed;
 
 pub use packed::{Isa, KC};
-use packed::{Mat, MatMut};
+use packed::{Epilogue, Mat, MatMut};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -65,140 +66,150 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
             return small_gemm::axpy_rows(alpha, a, b, beta, c);
         }
     }
-    let parts = super::parallel::threads();
-    let parts = if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
-        1
-    } else {
-        parts
-    };
-    if gemm_packed(alpha, a, b, beta, c.view_mut(), parts) {
+    let parts = parts_for(m, n, k);
+    if packed_f32(alpha, a, b, beta, c.view_mut(), parts, None, false) {
         return;
     }
     if parts < 2 {
-        gemm_serial(alpha, a, b, beta, c);
-    } else if m >= 2 * MIN_SPLIT {
-        let rows = chunk_len(m, parts);
-        c.axis_chunks_iter_mut(Axis(0), rows)
-            .into_par_iter()
-            .zip(a.axis_chunks_iter(Axis(0), rows))
-            .for_each(|(c, a)| gemm_serial(alpha, a, b, beta, c));
+        return gemm_serial(alpha, a, b, beta, c);
+    }
+    // matrixmultiply, split into whole rows (or columns) of C.
+    let (by_rows, len) = if m >= 2 * MIN_SPLIT {
+        (true, m)
     } else if n >= 2 * MIN_SPLIT {
-        let cols = chunk_len(n, parts);
-        c.axis_chunks_iter_mut(Axis(1), cols)
-            .into_par_iter()
-            .zip(b.axis_chunks_iter(Axis(1), cols))
-            .for_each(|(c, b)| gemm_serial(alpha, a, b, beta, c));
+        (false, n)
     } else {
-        gemm_serial(alpha, a, b, beta, c);
+        return gemm_serial(alpha, a, b, beta, c);
+    };
+    let chunk = chunk_len(len, parts);
+    let pieces = len.div_ceil(chunk);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_strides = (c.strides()[0], c.strides()[1]);
+    let c_dim = c.dim();
+    super::parallel::for_each_index(pieces, |i| {
+        let range = i * chunk..((i + 1) * chunk).min(len);
+        // SAFETY: pieces are disjoint rows (or columns) of C, which the caller lends mutably.
+        let c = unsafe { raw_view_mut(c_ptr, c_dim, c_strides) };
+        if by_rows {
+            gemm_serial(alpha, a.slice(s![range.clone(), ..]), b, beta, c.slice_move(s![range, ..]));
+        } else {
+            gemm_serial(alpha, a, b.slice(s![.., range.clone()]), beta, c.slice_move(s![.., range]));
+        }
+    });
+}
+
+/// `C ← A·B + bias`, then `max(·, 0)` if `relu`: the product of a linear layer with its bias
+/// (one per column of C, broadcast over the rows), and of the first layer of a ReLU
+/// feed-forward network, in one pass over C. C is only written.
+///
+/// # Panics
+/// If the shapes do not chain, or the bias does not have one element per column of C.
+pub fn gemm_bias<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, bias: Option<ArrayView1<F>>, relu: bool, mut c: ArrayViewMut2<F>) {
+    check_shapes(a.dim(), b.dim(), c.dim());
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    if let Some(bias) = &bias {
+        assert_eq!(bias.len(), n, "gemm_bias: bias {:?} for C {:?}", bias.shape(), c.shape());
+    }
+    if !small_gemm::takes(m, k) {
+        let owned = bias.as_ref().map(|b| b.as_standard_layout());
+        let parts = parts_for(m, n, k);
+        let bias_view = owned.as_ref().map(|b| b.view());
+        if packed_f32(F::ONE, a, b, F::ZERO, c.view_mut(), parts, bias_view, relu) {
+            return;
+        }
+    }
+    match bias {
+        Some(bias) => {
+            c.assign(&bias.broadcast((m, n)).expect("bias broadcasts over rows"));
+            gemm(F::ONE, a, b, F::ONE, c.view_mut());
+        }
+        None => gemm(F::ONE, a, b, F::ZERO, c.view_mut()),
+    }
+    if relu {
+        c.mapv_inplace(|v| if v > F::ZERO { v } else { F::ZERO });
     }
 }
 
-/// The packed kernels of this crate ([`packed`]) when the element type and the CPU have them;
-/// `false` when the caller must fall back to `matrixmultiply`.
-fn gemm_packed<F: Float>(
+/// How many threads a product of this size is split over.
+fn parts_for(m: usize, n: usize, k: usize) -> usize {
+    if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+        1
+    } else {
+        super::parallel::threads()
+    }
+}
+
+/// A pointer to send to the threads that write disjoint parts of what it points to.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: only used to rebuild disjoint views of a mutably borrowed array (see `gemm`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// # Safety
+/// The pointer, shape and strides come from a live mutable view, and no two threads use the
+/// same elements of the view returned.
+unsafe fn raw_view_mut<'a, F>(p: SendPtr<F>, dim: (usize, usize), strides: (isize, isize)) -> ArrayViewMut2<'a, F> {
+    // SAFETY: forwarded from this function's contract; ndarray takes strides in elements.
+    unsafe { ArrayViewMut2::from_shape_ptr(dim.strides((strides.0 as usize, strides.1 as usize)), p.0) }
+}
+
+/// The crate's packed kernels ([`packed`]) when the element type is `f32` and the CPU has a
+/// vector [`Isa`]; `false` when the caller must fall back to `matrixmultiply`.
+#[allow(clippy::too_many_arguments)]
+fn packed_f32<F: Float>(
     alpha: F,
     a: ArrayView2<F>,
     b: ArrayView2<F>,
     beta: F,
     mut c: ArrayViewMut2<F>,
     parts: usize,
+    bias: Option<ArrayView1<F>>,
+    relu: bool,
 ) -> bool {
+    if TypeId::of::<F>() != TypeId::of::<f32>() {
+        return false;
+    }
+    let Some(isa) = Isa::best() else { return false };
     let (m, k) = a.dim();
     let n = b.ncols();
-    let [rsa, csa] = [a.strides()[0], a.strides()[1]];
-    let [rsb, csb] = [b.strides()[0], b.strides()[1]];
-    let [rsc, csc] = [c.strides()[0], c.strides()[1]];
-    // SAFETY: as in `gemm_serial`: each view addresses exactly its own elements, C is borrowed
-    // mutably and so aliases neither A nor B, and the shapes were checked by the caller.
+    // F is f32 (checked above), so these casts change nothing but the type.
+    let mat = |v: &ArrayView2<F>| Mat {
+        ptr: v.as_ptr() as *const f32,
+        rs: v.strides()[0],
+        cs: v.strides()[1],
+    };
+    let (ma, mb) = (mat(&a), mat(&b));
+    let mc = MatMut {
+        ptr: c.as_mut_ptr() as *mut f32,
+        rs: c.strides()[0],
+        cs: c.strides()[1],
+    };
+    let ep = Epilogue {
+        bias: bias.map(|b| b.as_ptr() as *const f32),
+        relu,
+    };
+    // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
+    // strides too), C is borrowed mutably and so aliases neither A nor B, the shapes were
+    // checked by the callers, the bias is contiguous with n elements, and `best` checked the
+    // CPU.
     unsafe {
-        F::gemm_packed(
+        packed::gemm(
+            isa,
             m,
             k,
             n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            rsc,
-            csc,
+            alpha.to_f64() as f32,
+            ma,
+            mb,
+            beta.to_f64() as f32,
+            mc,
             parts,
+            ep,
         )
-    }
-}
-
-/// [`Float::gemm_packed`] for `f32`: the packed kernels of the best [`Isa`] of this CPU.
-///
-/// # Safety
-/// As [`Float::gemm_raw`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn packed_f32(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    beta: f32,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
-    parts: usize,
-) -> bool {
-    let Some(isa) = Isa::best() else { return false };
-    let (a, b) = (
-        Mat {
-            ptr: a,
-            rs: rsa,
-            cs: csa,
-        },
-        Mat {
-            ptr: b,
-            rs: rsb,
-            cs: csb,
-        },
-    );
-    let c = MatMut {
-        ptr: c,
-        rs: rsc,
-        cs: csc,
     };
-    // SAFETY: forwarded from this function's contract; `best` checked the CPU.
-    unsafe { packed::gemm(isa, m, k, n, alpha, a, b, beta, c, parts) };
     true
-}
-
-/// [`Float::gemm_packed`] for types without packed kernels.
-///
-/// # Safety
-/// None needed: it does nothing.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn packed_none<F>(
-    _m: usize,
-    _k: usize,
-    _n: usize,
-    _alpha: F,
-    _a: *const F,
-    _rsa: isize,
-    _csa: isize,
-    _b: *const F,
-    _rsb: isize,
-    _csb: isize,
-    _beta: F,
-    _c: *mut F,
-    _rsc: isize,
-    _csc: isize,
-    _parts: usize,
-) -> bool {
-    false
 }
 
 /// `C ← α·A·B + β·C` in `f32` by the kernels of `isa`, on up to `parts` threads: every path of
@@ -206,40 +217,17 @@ pub(crate) unsafe fn packed_none<F>(
 ///
 /// # Panics
 /// If the shapes do not chain, or the CPU does not run `isa`.
-pub fn gemm_f32_with(
-    isa: Isa,
-    alpha: f32,
-    a: ArrayView2<f32>,
-    b: ArrayView2<f32>,
-    beta: f32,
-    mut c: ArrayViewMut2<f32>,
-    parts: usize,
-) {
+pub fn gemm_f32_with(isa: Isa, alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, mut c: ArrayViewMut2<f32>, parts: usize) {
     check_shapes(a.dim(), b.dim(), c.dim());
-    assert!(
-        Isa::available().contains(&isa),
-        "gemm: this CPU does not run {isa:?}"
-    );
+    assert!(Isa::available().contains(&isa), "gemm: this CPU does not run {isa:?}");
     let (m, k) = a.dim();
     let n = b.ncols();
-    let ma = Mat {
-        ptr: a.as_ptr(),
-        rs: a.strides()[0],
-        cs: a.strides()[1],
-    };
-    let mb = Mat {
-        ptr: b.as_ptr(),
-        rs: b.strides()[0],
-        cs: b.strides()[1],
-    };
-    let mc = MatMut {
-        ptr: c.as_mut_ptr(),
-        rs: c.strides()[0],
-        cs: c.strides()[1],
-    };
+    let ma = Mat { ptr: a.as_ptr(), rs: a.strides()[0], cs: a.strides()[1] };
+    let mb = Mat { ptr: b.as_ptr(), rs: b.strides()[0], cs: b.strides()[1] };
+    let mc = MatMut { ptr: c.as_mut_ptr(), rs: c.strides()[0], cs: c.strides()[1] };
     // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
     // CPU runs `isa` (both checked above).
-    unsafe { packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts) };
+    unsafe { packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts, Epilogue::default()) };
 }
 
 /// `C[i] ← α·A[i]·B[i] + β·C[i]` for every index i of the leading axis, in parallel over i.
@@ -290,7 +278,7 @@ fn check_shapes(a: (usize, usize), b: (usize, usize), c: (usize, usize)) {
 
 /// One product on the calling thread: the packed kernels, or `matrixmultiply`.
 fn gemm_serial<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
-    if gemm_packed(alpha, a, b, beta, c.view_mut(), 1) {
+    if packed_f32(alpha, a, b, beta, c.view_mut(), 1, None, false) {
         return;
     }
     let (m, k) = a.dim();

@@ -172,12 +172,26 @@ fn with_scratch<R>(
     out
 }
 
-/// `C ← α·A·B + β·C` (`m × k` by `k × n`) on `parts` threads at most; see the module docs.
+/// What follows the product: `C ← act(α·A·B + bias)` in place of `α·A·B + β·C`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Epilogue {
+    /// A bias per column of C (n floats); β must then be 0.
+    pub bias: Option<*const f32>,
+    /// `max(·, 0)` on the result.
+    pub relu: bool,
+}
+
+// SAFETY: the bias is read-only while `gemm` runs, and borrowed for that long by the caller.
+unsafe impl Send for Epilogue {}
+unsafe impl Sync for Epilogue {}
+
+/// `C ← α·A·B + β·C`, or with an [`Epilogue`] `C ← act(α·A·B + bias)` (`m × k` by `k × n`),
+/// on `parts` threads at most; see the module docs.
 ///
 /// # Safety
 /// `a`, `b` and `c` address `m × k`, `k × n` and `m × n` matrices inside live allocations, C
-/// aliases neither A nor B and no two of its elements share an address; the CPU runs `isa`.
-/// If β is zero C need not be initialised.
+/// aliases neither A nor B and no two of its elements share an address; the CPU runs `isa`;
+/// the bias holds n floats. If β is zero C need not be initialised.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     isa: Isa,
@@ -190,17 +204,24 @@ pub(crate) unsafe fn gemm(
     beta: f32,
     c: MatMut,
     parts: usize,
+    ep: Epilogue,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
+        let update = match ep.bias {
+            Some(bias) => Update::Bias { alpha, bias },
+            None if beta == 0.0 => Update::Set { alpha },
+            None => Update::Scale { alpha, beta },
+        };
         for i in 0..m {
             for j in 0..n {
-                // SAFETY: (i, j) is inside C.
+                // SAFETY: (i, j) is inside C and j inside the bias.
                 unsafe {
                     let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
-                    *p = if beta == 0.0 { 0.0 } else { beta * *p };
+                    let old = if beta == 0.0 { 0.0 } else { *p };
+                    *p = update.apply(0.0, old, j, ep.relu);
                 }
             }
         }
@@ -235,7 +256,7 @@ pub(crate) unsafe fn gemm(
         let bpack = &*bpack;
         let run = |rows: Range<usize>, panels: Range<usize>| {
             // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
-            unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels) }
+            unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
         };
         if parts == 1 {
             run(0..m, 0..n_panels);
@@ -400,6 +421,7 @@ unsafe fn run_part(
     c: MatMut,
     rows: Range<usize>,
     panels: Range<usize>,
+    ep: Epilogue,
 ) {
     if rows.is_empty() || panels.is_empty() {
         return;
@@ -410,11 +432,7 @@ unsafe fn run_part(
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            let update = match (p0, beta == 0.0) {
-                (0, true) => Update::Set { alpha },
-                (0, false) => Update::Scale { alpha, beta },
-                _ => Update::Add { alpha },
-            };
+            let relu = ep.relu && p0 + kc == k;
             for i0 in rows.clone().step_by(mc_max) {
                 let mc = mc_max.min(rows.end - i0);
                 // SAFETY: the block is inside A (caller).
@@ -422,6 +440,13 @@ unsafe fn run_part(
                 for jp in panels.clone() {
                     let j0 = jp * nr;
                     let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
+                    let update = match (p0, ep.bias) {
+                        // SAFETY: j0 < n, inside the bias.
+                        (0, Some(bias)) => Update::Bias { alpha, bias: unsafe { bias.add(j0) } },
+                        (0, None) if beta == 0.0 => Update::Set { alpha },
+                        (0, None) => Update::Scale { alpha, beta },
+                        _ => Update::Add { alpha },
+                    };
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
                         let tile = Tile {
@@ -432,6 +457,7 @@ unsafe fn run_part(
                             rows: mr.min(i0 + mc - r0),
                             cols: nr.min(n - j0),
                             update,
+                            relu,
                         };
                         // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
                         unsafe { isa.kernel(kc, apack[ip * mr * kc..].as_ptr(), bp, &tile) };

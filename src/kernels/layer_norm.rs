@@ -9,11 +9,15 @@
 //! `∂L/∂x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, `∂L/∂γ = Σ_rows ∂L/∂y ⊙ x̂`,
 //! `∂L/∂β = Σ_rows ∂L/∂y`.
 
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
-use super::{Float, parallel_worth};
+use super::Float;
+use super::parallel::for_each_chunk_mut;
+use super::simd::{dot, sum, sum_by, widest};
 
 /// Normalises one row: writes `x̂` and `y`, returns `rstd = 1/√(σ² + ε)`.
+///
+/// The sums run in the lanes of [`super::simd::sum`].
 ///
 /// # Panics
 /// If the slices differ in length.
@@ -27,9 +31,16 @@ pub fn layer_norm_row<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat:
         x_hat.len(),
         y.len()
     );
+    normalize(x, gamma, beta, eps, x_hat, y)
+}
+
+/// The row arithmetic of [`layer_norm_row`], lengths checked by the caller.
+#[inline(always)]
+fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
+    let d = x.len();
     let inv_d = F::ONE / F::from_f64(d as f64);
-    let mean = x.iter().copied().sum::<F>() * inv_d;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() * inv_d;
+    let mean = sum(x) * inv_d;
+    let var = sum_by(d, |j| (x[j] - mean) * (x[j] - mean)) * inv_d;
     let rstd = F::ONE / (var + eps).sqrt();
     for j in 0..d {
         let h = (x[j] - mean) * rstd;
@@ -39,8 +50,11 @@ pub fn layer_norm_row<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat:
     rstd
 }
 
-/// Input gradient of one row: `grad_x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))` with
-/// `g = γ ⊙ grad_y`. Parameter gradients are summed by [`layer_norm_rows_backward`].
+/// Backward of [`layer_norm_row`] for one row: writes `∂L/∂x` (γ and β gradients are summed
+/// over rows by [`layer_norm_rows_backward`]).
+///
+/// # Panics
+/// If the slices differ in length.
 pub fn layer_norm_row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_x: &mut [F]) {
     let d = x_hat.len();
     assert!(
@@ -50,30 +64,47 @@ pub fn layer_norm_row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad
         grad_y.len(),
         grad_x.len()
     );
+    row_backward(x_hat, rstd, gamma, grad_y, grad_x)
+}
+
+#[inline(always)]
+fn row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_x: &mut [F]) {
+    let d = x_hat.len();
     let inv_d = F::ONE / F::from_f64(d as f64);
-    let mut mean_g = F::ZERO;
-    let mut mean_gx = F::ZERO;
-    for j in 0..d {
-        let g = gamma[j] * grad_y[j];
-        mean_g += g;
-        mean_gx += g * x_hat[j];
-    }
-    mean_g *= inv_d;
-    mean_gx *= inv_d;
+    let mean_g = dot(gamma, grad_y) * inv_d;
+    let mean_gx = sum_by(d, |j| gamma[j] * grad_y[j] * x_hat[j]) * inv_d;
     for j in 0..d {
         grad_x[j] = rstd * (gamma[j] * grad_y[j] - mean_g - x_hat[j] * mean_gx);
     }
 }
 
-/// Layer norm of every row of `x` into `y`, keeping `x̂` and `rstd` for the backward pass.
-///
-/// All arrays must be in standard (row-major, contiguous) layout.
+/// [`layer_norm_row`] over every row of x `[N, d]`: writes `x̂` `[N, d]`, `rstd` `[N]` and
+/// `y` `[N, d]` (all overwritten). Rows run in parallel when there are enough of them.
 ///
 /// # Panics
-/// If the shapes differ: x, x̂ and y `[n, d]`, γ and β `[d]`, rstd `[n]`; or if an array is
-/// not contiguous.
+/// If the shapes do not fit, or an array is not contiguous.
 pub fn layer_norm_rows<F: Float>(
     x: ArrayView2<F>,
+    gamma: ArrayView1<F>,
+    beta: ArrayView1<F>,
+    eps: F,
+    x_hat: ArrayViewMut2<F>,
+    rstd: ArrayViewMut1<F>,
+    y: ArrayViewMut2<F>,
+) {
+    layer_norm_rows_sum(x, None, gamma, beta, eps, x_hat, rstd, y);
+}
+
+/// [`layer_norm_rows`] of `x + z ⊙ mask` (`z ⊙ mask` when a mask is given, else `z`), without
+/// storing the sum: the post-norm residual connection `LN(x + Dropout(z))` in one pass.
+/// With `z = None` it is [`layer_norm_rows`] of x.
+///
+/// # Panics
+/// If the shapes do not fit, or an array is not contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_rows_sum<F: Float>(
+    x: ArrayView2<F>,
+    z: Option<(ArrayView2<F>, Option<ArrayView2<F>>)>,
     gamma: ArrayView1<F>,
     beta: ArrayView1<F>,
     eps: F,
@@ -83,45 +114,121 @@ pub fn layer_norm_rows<F: Float>(
 ) {
     let (n, d) = x.dim();
     assert!(
-        gamma.len() == d && beta.len() == d && x_hat.dim() == (n, d) && y.dim() == (n, d) && rstd.len() == n,
-        "layer_norm_rows: x {:?}, gamma {:?}, beta {:?}, x_hat {:?}, rstd {:?}, y {:?}",
+        gamma.len() == d
+            && beta.len() == d
+            && x_hat.dim() == (n, d)
+            && y.dim() == (n, d)
+            && rstd.len() == n
+            && z.as_ref()
+                .is_none_or(|(z, m)| z.dim() == (n, d) && m.as_ref().is_none_or(|m| m.dim() == (n, d))),
+        "layer_norm_rows: x {:?}, z {:?}, gamma {:?}, beta {:?}, x_hat {:?}, rstd {:?}, y {:?}",
         x.shape(),
+        z.as_ref().map(|(z, _)| z.shape().to_vec()),
         gamma.shape(),
         beta.shape(),
         x_hat.shape(),
         rstd.shape(),
         y.shape()
     );
+    if n * d == 0 {
+        return;
+    }
+    let x = contiguous(&x);
+    let z = z.as_ref().map(|(z, m)| (contiguous(z), m.as_ref().map(contiguous)));
     let (gamma, beta) = (contiguous(&gamma), contiguous(&beta));
-    let zip = Zip::from(x.rows())
-        .and(x_hat.rows_mut())
-        .and(y.rows_mut())
-        .and(&mut rstd);
-    let row = |x: ArrayView1<F>, mut x_hat: ArrayViewMut1<F>, mut y: ArrayViewMut1<F>, rstd: &mut F| {
-        *rstd = layer_norm_row(
-            contiguous(&x),
-            gamma,
-            beta,
-            eps,
-            contiguous_mut(&mut x_hat),
-            contiguous_mut(&mut y),
-        );
-    };
-    if parallel_worth(n * d) {
-        zip.par_for_each(row);
-    } else {
-        zip.for_each(row);
+    let x_hat = contiguous_mut(&mut x_hat);
+    let rstd = contiguous_mut(&mut rstd);
+    let y = contiguous_mut(&mut y);
+    let (x_hat, rstd) = (SendMut(x_hat.as_mut_ptr()), SendMut(rstd.as_mut_ptr()));
+    for_each_chunk_mut(y, d, 8 * n * d, |at, y| {
+        let rows = at / d..at / d + y.len() / d;
+        // SAFETY: the chunk's rows of x̂ and rstd, disjoint from other chunks'.
+        let (x_hat, rstd) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(x_hat.at(at), y.len()),
+                std::slice::from_raw_parts_mut(rstd.at(rows.start), rows.len()),
+            )
+        };
+        let x = &x[at..at + y.len()];
+        let z = z.map(|(z, m)| (&z[at..at + y.len()], m.map(|m| &m[at..at + y.len()])));
+        widest!(rows_forward(x, z, gamma, beta, eps, x_hat, rstd, y))
+    });
+}
+
+/// The rows of one chunk of [`layer_norm_rows_sum`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_forward<F: Float>(
+    x: &[F],
+    z: Option<(&[F], Option<&[F]>)>,
+    gamma: &[F],
+    beta: &[F],
+    eps: F,
+    x_hat: &mut [F],
+    rstd: &mut [F],
+    y: &mut [F],
+) {
+    let d = gamma.len();
+    for (i, r) in rstd.iter_mut().enumerate() {
+        let at = i * d..(i + 1) * d;
+        let (x, x_hat, y) = (&x[at.clone()], &mut x_hat[at.clone()], &mut y[at.clone()]);
+        *r = match z {
+            None => normalize(x, gamma, beta, eps, x_hat, y),
+            Some((z, m)) => {
+                // The sum goes into x̂ first, then is normalised from there.
+                let z = &z[at.clone()];
+                match m {
+                    Some(m) => {
+                        let m = &m[at];
+                        for j in 0..d {
+                            x_hat[j] = x[j] + z[j] * m[j];
+                        }
+                    }
+                    None => {
+                        for j in 0..d {
+                            x_hat[j] = x[j] + z[j];
+                        }
+                    }
+                }
+                normalize_in_place(gamma, beta, eps, x_hat, y)
+            }
+        };
     }
 }
 
-/// Backward of [`layer_norm_rows`]: returns `grad_x`, and adds `Σ_rows grad_y ⊙ x̂` into
-/// `grad_gamma` and `Σ_rows grad_y` into `grad_beta`.
-///
-/// The input gradient is computed in parallel over rows; the parameter gradients are summed
-/// over rows in order on one thread, so the result does not depend on the thread count.
+/// [`normalize`] of the row held in `x_hat`, overwritten by `x̂`.
+#[inline(always)]
+fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
+    let d = x_hat.len();
+    let inv_d = F::ONE / F::from_f64(d as f64);
+    let mean = sum(x_hat) * inv_d;
+    let var = sum_by(d, |j| (x_hat[j] - mean) * (x_hat[j] - mean)) * inv_d;
+    let rstd = F::ONE / (var + eps).sqrt();
+    for j in 0..d {
+        let h = (x_hat[j] - mean) * rstd;
+        x_hat[j] = h;
+        y[j] = gamma[j] * h + beta[j];
+    }
+    rstd
+}
+
+/// A pointer to send to threads that write disjoint parts of what it points to.
+#[derive(Clone, Copy)]
+struct SendMut<F>(*mut F);
+// SAFETY: used only for disjoint rows of arrays borrowed mutably for the call.
+unsafe impl<F> Send for SendMut<F> {}
+unsafe impl<F> Sync for SendMut<F> {}
+impl<F> SendMut<F> {
+    fn at(self, i: usize) -> *mut F {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Backward of [`layer_norm_rows`]: writes `∂L/∂x` `[N, d]` (overwritten) and adds `∂L/∂γ`
+/// and `∂L/∂β` into `grad_gamma` and `grad_beta` (summed over rows in order, on one thread).
 ///
 /// # Panics
-/// If the shapes differ or an array is not contiguous.
+/// If the shapes do not fit, or an array is not contiguous.
 pub fn layer_norm_rows_backward<F: Float>(
     x_hat: ArrayView2<F>,
     rstd: ArrayView1<F>,
@@ -148,35 +255,30 @@ pub fn layer_norm_rows_backward<F: Float>(
         grad_gamma.shape(),
         grad_beta.shape()
     );
-    let gamma = contiguous(&gamma);
-    let zip = Zip::from(x_hat.rows())
-        .and(&rstd)
-        .and(grad_y.rows())
-        .and(grad_x.rows_mut());
-    let row = |x_hat: ArrayView1<F>, &rstd: &F, grad_y: ArrayView1<F>, mut grad_x: ArrayViewMut1<F>| {
-        layer_norm_row_backward(
-            contiguous(&x_hat),
-            rstd,
-            gamma,
-            contiguous(&grad_y),
-            contiguous_mut(&mut grad_x),
-        );
-    };
-    if parallel_worth(n * d) {
-        zip.par_for_each(row);
-    } else {
-        zip.for_each(row);
+    if n * d == 0 {
+        return;
     }
-    for (x_hat, grad_y) in x_hat.axis_iter(Axis(0)).zip(grad_y.axis_iter(Axis(0))) {
-        Zip::from(&mut grad_gamma)
-            .and(&mut grad_beta)
-            .and(&x_hat)
-            .and(&grad_y)
-            .for_each(|gg, gb, &h, &g| {
-                *gg += g * h;
-                *gb += g;
-            });
-    }
+    let (x_hat, rstd, gamma, grad_y) = (contiguous(&x_hat), contiguous(&rstd), contiguous(&gamma), contiguous(&grad_y));
+    for_each_chunk_mut(contiguous_mut(&mut grad_x), d, 8 * n * d, |at, gx| {
+        let rows = at / d..at / d + gx.len() / d;
+        widest!({
+            for (i, r) in rows.enumerate() {
+                let row = r * d..(r + 1) * d;
+                row_backward(&x_hat[row.clone()], rstd[r], gamma, &grad_y[row], &mut gx[i * d..(i + 1) * d]);
+            }
+        })
+    });
+    let (gg, gb) = (contiguous_mut(&mut grad_gamma), contiguous_mut(&mut grad_beta));
+    widest!({
+        for r in 0..n {
+            let row = r * d..(r + 1) * d;
+            let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
+            for j in 0..d {
+                gg[j] += g[j] * h[j];
+                gb[j] += g[j];
+            }
+        }
+    });
 }
 
 /// The naive twin of [`layer_norm_row`], in `f64`; returns `y`.
@@ -191,11 +293,11 @@ pub fn layer_norm_row_naive<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: f64
         .collect()
 }
 
-fn contiguous<'a, F>(v: &'a ArrayView1<'_, F>) -> &'a [F] {
+fn contiguous<'a, F, D: ndarray::Dimension>(v: &'a ndarray::ArrayView<'_, F, D>) -> &'a [F] {
     v.as_slice().expect("layer norm: arrays must be contiguous")
 }
 
-fn contiguous_mut<'a, F>(v: &'a mut ArrayViewMut1<'_, F>) -> &'a mut [F] {
+fn contiguous_mut<'a, F, D: ndarray::Dimension>(v: &'a mut ndarray::ArrayViewMut<'_, F, D>) -> &'a mut [F] {
     v.as_slice_mut().expect("layer norm: arrays must be contiguous")
 }
 

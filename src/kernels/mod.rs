@@ -9,6 +9,7 @@ pub mod float;
 pub mod gemm;
 pub mod layer_norm;
 pub mod parallel;
+pub mod simd;
 pub mod small_gemm;
 pub mod softmax;
 
@@ -91,5 +92,6 @@ pub use float::{Float, MaybeSerde};
 pub use gemm::{gemm, gemm_batched, gemm_bias, gemm_naive};
 pub use layer_norm::{
     layer_norm_row, layer_norm_row_backward, layer_norm_row_naive, layer_norm_rows, layer_norm_rows_backward,
+    layer_norm_rows_sum,
 };
 pub use softmax::{RowMask, softmax_row, softmax_row_backward, softmax_row_naive};

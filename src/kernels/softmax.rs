@@ -7,6 +7,7 @@
 //! This is what PyTorch's `scaled_dot_product_attention` has done since 2024 (`_safe_softmax`).
 
 use super::Float;
+use super::simd::{dot, exp_f32, max, sum, sum_by, widest};
 
 /// Which entries of one row take part in a softmax.
 ///
@@ -39,35 +40,52 @@ impl<'a> RowMask<'a> {
         j < self.limit && self.keys.is_none_or(|k| k[j]) && self.pairs.is_none_or(|p| p[j])
     }
 
-    /// Whether every entry of a row of `len` is allowed.
-    #[inline]
-    fn is_full(&self, len: usize) -> bool {
-        self.limit >= len && self.keys.is_none() && self.pairs.is_none()
-    }
 }
 
 /// Softmax over the allowed entries of `row`, in place; blocked entries become 0.
 ///
 /// A row with no allowed entry, or whose allowed scores are all `−∞`, becomes all zeros.
-/// NaN among the allowed scores makes the row NaN (it is not hidden).
+/// NaN among the allowed scores makes the row NaN (it is not hidden). In `f32` the
+/// exponentials are [`super::simd::exp_f32`] (within 2 ulp) and the sum runs in lanes
+/// ([`super::simd::sum`]), compiled for the widest vectors of the CPU.
 pub fn softmax_row<F: Float>(row: &mut [F], mask: RowMask<'_>) {
+    widest!(softmax_row_inline(row, mask))
+}
+
+/// [`softmax_row`] without the dispatch to vector builds, for loops that dispatch once
+/// around many rows.
+#[inline(always)]
+pub(crate) fn softmax_row_inline<F: Float>(row: &mut [F], mask: RowMask<'_>) {
     let len = row.len();
-    if mask.is_full(len) {
-        let max = row.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x));
+    let limit = mask.limit.min(len);
+    if mask.keys.is_none() && mask.pairs.is_none() {
+        // Entries before `limit` allowed, the rest blocked.
+        let (live, dead) = row.split_at_mut(limit);
+        dead.fill(F::ZERO);
+        let max = max(live);
         if max == F::NEG_INFINITY {
-            row.fill(F::ZERO);
+            live.fill(F::ZERO);
             return;
         }
-        let mut sum = F::ZERO;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = F::ONE / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
+        let total = match F::as_f32_mut(live) {
+            Some(live) => {
+                let m = max.to_f64() as f32;
+                for x in live.iter_mut() {
+                    *x = exp_f32(*x - m);
+                }
+                F::from_f64(sum(live) as f64)
+            }
+            None => {
+                for x in live.iter_mut() {
+                    *x = (*x - max).exp();
+                }
+                sum(live)
+            }
+        };
+        let inv = F::ONE / total;
+        live.iter_mut().for_each(|x| *x *= inv);
         return;
     }
-    let limit = mask.limit.min(len);
     let mut max = F::NEG_INFINITY;
     for (j, &x) in row[..limit].iter().enumerate() {
         if mask.allows(j) {
@@ -78,12 +96,10 @@ pub fn softmax_row<F: Float>(row: &mut [F], mask: RowMask<'_>) {
         row.fill(F::ZERO);
         return;
     }
-    let mut sum = F::ZERO;
     for (j, x) in row[..limit].iter_mut().enumerate() {
         *x = if mask.allows(j) { (*x - max).exp() } else { F::ZERO };
-        sum += *x;
     }
-    let inv = F::ONE / sum;
+    let inv = F::ONE / sum(&row[..limit]);
     row[..limit].iter_mut().for_each(|x| *x *= inv);
     row[limit..].fill(F::ZERO);
 }
@@ -101,13 +117,23 @@ pub fn softmax_row_backward<F: Float>(p: &[F], grad_p: &[F], grad_s: &mut [F], m
         grad_p.len(),
         grad_s.len()
     );
+    widest!(softmax_row_backward_inline(p, grad_p, grad_s, mask))
+}
+
+/// [`softmax_row_backward`] without the dispatch to vector builds (lengths checked by the
+/// caller).
+#[inline(always)]
+pub(crate) fn softmax_row_backward_inline<F: Float>(p: &[F], grad_p: &[F], grad_s: &mut [F], mask: RowMask<'_>) {
     let limit = mask.limit.min(p.len());
-    let mut dot = F::ZERO;
-    for j in 0..limit {
-        if mask.allows(j) {
-            dot += p[j] * grad_p[j];
+    if mask.keys.is_none() && mask.pairs.is_none() {
+        let dot = dot(&p[..limit], &grad_p[..limit]);
+        for j in 0..limit {
+            grad_s[j] = p[j] * (grad_p[j] - dot);
         }
+        grad_s[limit..].fill(F::ZERO);
+        return;
     }
+    let dot = sum_by(limit, |j| if mask.allows(j) { p[j] * grad_p[j] } else { F::ZERO });
     for j in 0..limit {
         grad_s[j] = if mask.allows(j) {
             p[j] * (grad_p[j] - dot)

@@ -45,7 +45,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, layer_norm_rows, layer_norm_rows_backward};
+use crate::kernels::{Float, filled, layer_norm_rows_backward, layer_norm_rows_sum};
 
 /// Configuration of a [`LayerNorm`] layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,21 +168,55 @@ impl<F: Float> LayerNorm<F> {
         );
         let grad_y = grad_y.as_standard_layout();
         let gamma = self.p.gamma.as_standard_layout();
-        let mut grad_x = Array2::zeros(cache.x_hat.dim());
-        layer_norm_rows_backward(
-            cache.x_hat.view(),
-            cache.rstd.view(),
-            gamma.view(),
-            grad_y.view(),
-            g.gamma.view_mut(),
-            g.beta.view_mut(),
-            grad_x.view_mut(),
-        );
-        grad_x
+        // SAFETY: the backward kernel writes every element of grad_x.
+        unsafe {
+            filled(cache.x_hat.dim(), |grad_x| {
+                layer_norm_rows_backward(
+                    cache.x_hat.view(),
+                    cache.rstd.view(),
+                    gamma.view(),
+                    grad_y.view(),
+                    g.gamma.view_mut(),
+                    g.beta.view_mut(),
+                    grad_x,
+                )
+            })
+        }
     }
 
     /// `(y, x̂, rstd)` for the rows of `x`.
     fn normalize(&self, x: ArrayView2<F>) -> (Array2<F>, Array2<F>, Array1<F>) {
+        self.normalize_sum(x, None)
+    }
+
+    /// Forward pass of `LN(x + z ⊙ mask)` (`LN(x + z)` without a mask) without storing the
+    /// sum: the post-norm residual connection in one pass over the rows.
+    ///
+    /// # Panics
+    /// If x or z is not `[N, d_model]`, or the mask has another shape than z.
+    pub(crate) fn forward_sum(
+        &self,
+        x: ArrayView2<F>,
+        z: ArrayView2<F>,
+        mask: Option<ArrayView2<F>>,
+    ) -> (Array2<F>, LayerNormCache<F>) {
+        let (y, x_hat, rstd) = self.normalize_sum(x, Some((z, mask)));
+        (y, LayerNormCache { x_hat, rstd })
+    }
+
+    /// [`LayerNorm::forward_sum`] without a cache.
+    ///
+    /// # Panics
+    /// As [`LayerNorm::forward_sum`].
+    pub(crate) fn infer_sum(&self, x: ArrayView2<F>, z: ArrayView2<F>) -> Array2<F> {
+        self.normalize_sum(x, Some((z, None))).0
+    }
+
+    fn normalize_sum(
+        &self,
+        x: ArrayView2<F>,
+        z: Option<(ArrayView2<F>, Option<ArrayView2<F>>)>,
+    ) -> (Array2<F>, Array2<F>, Array1<F>) {
         assert_eq!(
             x.ncols(),
             self.cfg.d_model,
@@ -190,22 +224,41 @@ impl<F: Float> LayerNorm<F> {
             x.shape(),
             self.cfg.d_model
         );
+        if let Some((z, mask)) = &z {
+            assert!(
+                z.dim() == x.dim() && mask.as_ref().is_none_or(|m| m.dim() == z.dim()),
+                "LayerNorm: the residual sum of x {:?} and z {:?} (mask {:?})",
+                x.shape(),
+                z.shape(),
+                mask.as_ref().map(|m| m.shape().to_vec())
+            );
+        }
         let x = x.as_standard_layout();
+        let z = z
+            .as_ref()
+            .map(|(z, m)| (z.as_standard_layout(), m.as_ref().map(|m| m.as_standard_layout())));
         let gamma = self.p.gamma.as_standard_layout();
         let beta = self.p.beta.as_standard_layout();
-        let mut y = Array2::zeros(x.dim());
-        let mut x_hat = Array2::zeros(x.dim());
         let mut rstd = Array1::zeros(x.nrows());
-        layer_norm_rows(
-            x.view(),
-            gamma.view(),
-            beta.view(),
-            F::from_f64(f64::from(self.cfg.eps)),
-            x_hat.view_mut(),
-            rstd.view_mut(),
-            y.view_mut(),
-        );
-        (y, x_hat, rstd)
+        let mut x_hat = None;
+        // SAFETY: the kernel writes every element of y and x̂.
+        let y = unsafe {
+            filled(x.dim(), |y| {
+                x_hat = Some(filled(x.dim(), |x_hat| {
+                    layer_norm_rows_sum(
+                        x.view(),
+                        z.as_ref().map(|(z, m)| (z.view(), m.as_ref().map(|m| m.view()))),
+                        gamma.view(),
+                        beta.view(),
+                        F::from_f64(f64::from(self.cfg.eps)),
+                        x_hat,
+                        rstd.view_mut(),
+                        y,
+                    )
+                }))
+            })
+        };
+        (y, x_hat.expect("written"), rstd)
     }
 }
 

@@ -221,12 +221,11 @@ impl<F: Float> Residual<F> {
             };
             (y, cache)
         } else {
-            let (mut z, sublayer) = sublayer(x, rng);
+            let (z, sublayer) = sublayer(x, rng);
             check_sublayer_output("forward", z.dim(), dim);
             let dropout = self.dropout.draw(dim, rng);
-            dropout.apply_inplace(z.view_mut());
-            z += &x;
-            let (y, norm) = self.norm.forward(z.view());
+            // LN(x + z ⊙ mask) in one pass.
+            let (y, norm) = self.norm.forward_sum(x, z.view(), dropout.mask().map(|m| m.view()));
             let cache = ResidualCache {
                 sublayer,
                 dropout,
@@ -256,10 +255,9 @@ impl<F: Float> Residual<F> {
             y += &x;
             y
         } else {
-            let mut z = sublayer(x);
+            let z = sublayer(x);
             check_sublayer_output("infer", z.dim(), x.dim());
-            z += &x;
-            self.norm.infer(z.view())
+            self.norm.infer_sum(x, z.view())
         }
     }
 

@@ -1,0 +1,204 @@
+//! Plain loops compiled for the widest vectors the CPU has, and sums whose order does not
+//! depend on them.
+//!
+//! [`widest!`] compiles one body three times (AVX-512, AVX2 + FMA, the baseline x86-64) and
+//! runs the best the CPU has, checked at run time: the crate builds for a generic x86-64 and
+//! still uses the vectors of the machine it runs on. The compiler vectorises a loop only
+//! where that keeps its arithmetic exactly as written, so the three builds give the same
+//! bits.
+//!
+//! A plain sum `x.iter().sum()` is a chain of dependent additions that cannot be vectorised
+//! without changing its rounding. [`sum`] and [`dot`] instead add into [`LANES`] partial sums,
+//! element j into lane `j % LANES`, and add the lanes in a fixed tree: the compiler turns the
+//! lanes into vector registers, and the order of additions, hence the result, is the same on
+//! every machine and for every build.
+
+use super::Float;
+
+/// Partial sums of [`sum`] and [`dot`].
+pub const LANES: usize = 16;
+
+/// Runs `$body` (an expression) compiled with AVX-512, with AVX2 and FMA, or for the
+/// baseline, whichever is the widest this CPU runs.
+macro_rules! widest {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[inline]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked).
+                unsafe { avx512(|| $body) }
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA (checked).
+                unsafe { avx2(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+pub(crate) use widest;
+
+/// Adds the [`LANES`] partial sums in a fixed tree.
+#[inline(always)]
+fn reduce<F: Float>(mut acc: [F; LANES]) -> F {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = acc[i] + acc[i + w];
+        }
+    }
+    acc[0]
+}
+
+/// `Σ f(j)` over `0..len`, element j into lane `j % LANES`, the lanes added in a fixed tree.
+#[inline(always)]
+pub fn sum_by<F: Float>(len: usize, f: impl Fn(usize) -> F) -> F {
+    let mut acc = [F::ZERO; LANES];
+    let whole = len - len % LANES;
+    let mut j = 0;
+    while j < whole {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(j + l);
+        }
+        j += LANES;
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(len - whole) {
+        *a += f(whole + l);
+    }
+    reduce(acc)
+}
+
+/// The largest element of x, NaN ignored (`−∞` for an empty or all-NaN slice), in lanes as
+/// [`sum_by`]: the same value in any order, but with independent chains the compiler can
+/// turn into vector maxima.
+#[inline(always)]
+pub fn max<F: Float>(x: &[F]) -> F {
+    let mut acc = [F::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if v > *a { v } else { *a };
+    }
+    acc.iter().fold(F::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `Σ x`, in the order of [`sum_by`].
+#[inline(always)]
+pub fn sum<F: Float>(x: &[F]) -> F {
+    sum_by(x.len(), |j| x[j])
+}
+
+/// `Σ x ⊙ y`, in the order of [`sum_by`].
+///
+/// # Panics
+/// If the lengths differ.
+#[inline(always)]
+pub fn dot<F: Float>(x: &[F], y: &[F]) -> F {
+    assert_eq!(x.len(), y.len(), "dot: lengths differ");
+    sum_by(x.len(), |j| x[j] * y[j])
+}
+
+/// `eˣ` in `f32` by range reduction and a polynomial (Cephes' `expf`), written in plain
+/// multiplies and adds so that a loop of it vectorises and gives the same bits in every build.
+/// Within 2 ulp of the exact value from −86.5 to 88.7; 0 below −86.5 (where eˣ < 3·10⁻³⁸,
+/// near the smallest normal float), +∞ above 88.72, NaN for NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Rounds to the nearest integer for |v| < 2²², by the float adder.
+    const ROUND: f32 = 12_582_912.0;
+    // max/min rather than clamp: NaN becomes −86.5 here (and NaN again at the end).
+    let xc = x.max(-86.5).min(88.7);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n sits in the low bits of t's mantissa.
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let r = (xc - n * C1) - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * (r * r) + r + 1.0;
+    // 2ⁿ = 2ⁿ⁻¹·2, from the exponent bits (n is in [−125, 128]).
+    let half = f32::from_bits(((n_int + 126) as u32) << 23);
+    let v = e * half * 2.0;
+    if x < -86.5 {
+        0.0
+    } else if x > 88.72 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp() {
+        let mut x = -86.5_f32;
+        let mut worst = 0.0_f64;
+        while x < 88.7 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            let ulp = (want as f32).next_up() as f64 - want as f32 as f64;
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.001_37;
+        }
+        assert!(worst <= 2.0, "worst {worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        let xs: Vec<f32> = (0..1000).map(|i| -20.0 + 0.04 * i as f32).collect();
+        let plain: Vec<u32> = xs.iter().map(|&v| exp_f32(v).to_bits()).collect();
+        let wide: Vec<u32> = widest!(xs.iter().map(|&v| exp_f32(v).to_bits()).collect());
+        assert_eq!(plain, wide);
+    }
+
+    #[test]
+    fn lane_sums_are_exact_on_integers_and_the_same_in_every_build() {
+        for len in [0, 1, 15, 16, 17, 100, 1000] {
+            let x: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 3.0).collect();
+            let want: f32 = x.iter().sum();
+            assert_eq!(sum(&x), want, "len {len}");
+            let plain = sum(&x);
+            let wide = widest!(sum(&x));
+            assert_eq!(plain.to_bits(), wide.to_bits());
+        }
+        let x: Vec<f64> = (0..1001).map(|i| 1.0 / (1.0 + i as f64)).collect();
+        let y: Vec<f64> = (0..1001).map(|i| (i as f64).sin()).collect();
+        assert_eq!(dot(&x, &y).to_bits(), widest!(dot(&x, &y)).to_bits());
+        let naive: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((dot(&x, &y) - naive).abs() < 1e-12);
+    }
+}

@@ -95,6 +95,14 @@ fn decode_errors() {
         m.decode_step(&mut state, &[1]).unwrap_err(),
         Error::SequenceTooLong { len: 4, max: 3 }
     );
+    // A state carries its model's packed weights: another model refuses it.
+    let other = model(false, Positions::Learned { max_len: 3 });
+    let mut state = m.begin_decode(&src, 4).unwrap();
+    assert!(matches!(
+        other.decode_step(&mut state, &[1]),
+        Err(Error::InvalidInput { .. })
+    ));
+    assert!(m.decode_step(&mut state, &[1]).is_ok());
 }
 
 #[test]

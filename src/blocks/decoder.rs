@@ -6,6 +6,7 @@
 use ndarray::{Array3, ArrayView3};
 use rand::Rng;
 
+use super::decoder_layer::PackedDecoderLayer;
 use super::{
     BlockConfig, DecoderLayer, DecoderLayerCache, DecoderLayerWeights, FinalNorm, flat, rows, unrows,
 };
@@ -220,10 +221,28 @@ impl<F: Float> Decoder<F> {
     /// # Panics
     /// If a shape does not fit or `memory_mask` does not fit `(B, Tq, S)`.
     pub fn infer_step(&self, x: ArrayView3<F>, state: &mut DecoderState<F>, memory_mask: &Mask) -> Array3<F> {
+        self.infer_step_packed(x, state, memory_mask, None)
+    }
+
+    /// Every layer's weights packed for decoding; `None` where nothing packs
+    /// ([`crate::kernels::PackedB`]).
+    pub(crate) fn pack(&self) -> Option<Vec<PackedDecoderLayer<F>>> {
+        self.layers.iter().map(|l| l.pack()).collect()
+    }
+
+    /// [`Decoder::infer_step`] with the weights of [`Decoder::pack`] (`None`: the weights as
+    /// they are).
+    pub(crate) fn infer_step_packed(
+        &self,
+        x: ArrayView3<F>,
+        state: &mut DecoderState<F>,
+        memory_mask: &Mask,
+        packed: Option<&[PackedDecoderLayer<F>]>,
+    ) -> Array3<F> {
         let (b, t, _) = x.dim();
         let mut h = x.to_owned();
-        for ((layer, cache), cross) in self.layers.iter().zip(&mut state.self_caches).zip(&state.cross) {
-            h = layer.infer_step(h.view(), cache, cross, memory_mask);
+        for (i, ((layer, cache), cross)) in self.layers.iter().zip(&mut state.self_caches).zip(&state.cross).enumerate() {
+            h = layer.infer_step_packed(h.view(), cache, cross, memory_mask, packed.map(|p| &p[i]));
         }
         if let Some(ln) = &self.norm {
             h = unrows(ln.infer(flat(h).view()), b, t);

@@ -21,6 +21,8 @@ use rand::Rng;
 use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
+use crate::layers::feed_forward::PackedFeedForward;
+use crate::layers::multi_head::PackedMultiHead;
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
@@ -70,6 +72,14 @@ pub struct DecoderLayerWeights<F: Float = f32> {
     pub self_attn: Array4<F>,
     /// Cross-attention over the memory, `[B, H, T, S]`.
     pub cross_attn: Array4<F>,
+}
+
+/// A [`DecoderLayer`]'s weights packed for decoding, valid while the layer is borrowed.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedDecoderLayer<F: Float> {
+    self_attn: PackedMultiHead<F>,
+    cross_attn: PackedMultiHead<F>,
+    ffn: PackedFeedForward,
 }
 
 impl<F: Float> DecoderLayer<F> {
@@ -196,6 +206,29 @@ impl<F: Float> DecoderLayer<F> {
         cross: &KvCache<F>,
         memory_mask: &Mask,
     ) -> Array3<F> {
+        self.infer_step_packed(x, self_cache, cross, memory_mask, None)
+    }
+
+    /// The weights packed for decoding; `None` where nothing packs
+    /// ([`crate::kernels::PackedB`]).
+    pub(crate) fn pack(&self) -> Option<PackedDecoderLayer<F>> {
+        Some(PackedDecoderLayer {
+            self_attn: self.self_attn.pack(true)?,
+            cross_attn: self.cross_attn.pack(false)?,
+            ffn: self.ffn.pack()?,
+        })
+    }
+
+    /// [`DecoderLayer::infer_step`] with the weights of [`DecoderLayer::pack`] (`None`: the
+    /// weights as they are).
+    pub(crate) fn infer_step_packed(
+        &self,
+        x: ArrayView3<F>,
+        self_cache: &mut KvCache<F>,
+        cross: &KvCache<F>,
+        memory_mask: &Mask,
+        packed: Option<&PackedDecoderLayer<F>>,
+    ) -> Array3<F> {
         let (b, t, d) = x.dim();
         assert_eq!(
             d,
@@ -205,15 +238,22 @@ impl<F: Float> DecoderLayer<F> {
         );
         let x = rows(x);
         let h1 = self.norm1.infer(x.view(), |z| {
-            flat(self.self_attn.infer_cached(view3(z, b, t), self_cache))
-        });
-        let h2 = self.norm2.infer(h1.view(), |z| {
             flat(
-                self.cross_attn
-                    .infer_with_cache(view3(z, b, t), cross, memory_mask),
+                self.self_attn
+                    .infer_cached_packed(view3(z, b, t), self_cache, packed.map(|p| &p.self_attn)),
             )
         });
-        let y = self.norm3.infer(h2.view(), |z| self.ffn.infer(z));
+        let h2 = self.norm2.infer(h1.view(), |z| {
+            flat(self.cross_attn.infer_with_cache_packed(
+                view3(z, b, t),
+                cross,
+                memory_mask,
+                packed.map(|p| &p.cross_attn),
+            ))
+        });
+        let y = self.norm3.infer(h2.view(), |z| {
+            self.ffn.infer_packed(z, packed.map(|p| &p.ffn))
+        });
         unrows(y, b, t)
     }
 

@@ -89,7 +89,7 @@ pub fn parallel_worth(work: usize) -> bool {
 }
 pub use dropout::dropout_mask;
 pub use float::{Float, MaybeSerde};
-pub use gemm::{gemm, gemm_batched, gemm_bias, gemm_naive};
+pub use gemm::{PackedB, gemm, gemm_batched, gemm_bias, gemm_naive, gemm_packed};
 pub use layer_norm::{
     layer_norm_row, layer_norm_row_backward, layer_norm_row_naive, layer_norm_rows, layer_norm_rows_backward,
     layer_norm_rows_sum,

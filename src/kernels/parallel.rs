@@ -162,6 +162,43 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], align: usize, work: usize, f:
     });
 }
 
+/// Cuts `c` along `axis` into `parts` contiguous ranges (lengths multiples of `align`, but the
+/// last) and calls `f(range, view of that range)` for each, on the team.
+pub fn for_each_split_mut<T: Send>(
+    mut c: ndarray::ArrayViewMut2<'_, T>,
+    axis: ndarray::Axis,
+    parts: usize,
+    align: usize,
+    f: impl Fn(std::ops::Range<usize>, ndarray::ArrayViewMut2<'_, T>) + Sync,
+) {
+    let len = c.len_of(axis);
+    let chunk = len.div_ceil(parts.max(1)).div_ceil(align.max(1)) * align.max(1);
+    if parts < 2 || chunk >= len {
+        let all = 0..len;
+        f(all, c);
+        return;
+    }
+    let pieces = len.div_ceil(chunk);
+    let (dim, strides) = (c.dim(), (c.strides()[0], c.strides()[1]));
+    let base = SharedSlice(c.as_mut_ptr());
+    for_each_index(pieces, |i| {
+        let range = i * chunk..((i + 1) * chunk).min(len);
+        // SAFETY: a view of the same elements as `c` (pointer, shape and strides from it);
+        // each piece then touches only its own range along `axis`, disjoint from the others'.
+        let all = unsafe {
+            ndarray::ArrayViewMut2::from_shape_ptr(
+                ndarray::ShapeBuilder::strides(dim, (strides.0 as usize, strides.1 as usize)),
+                base.at(0),
+            )
+        };
+        let piece = match axis.index() {
+            0 => all.slice_move(ndarray::s![range.clone(), ..]),
+            _ => all.slice_move(ndarray::s![.., range.clone()]),
+        };
+        f(range, piece);
+    });
+}
+
 /// A slice's pointer, shared by threads that touch disjoint ranges of it.
 struct SharedSlice<T>(*mut T);
 impl<T> Clone for SharedSlice<T> {

@@ -16,7 +16,9 @@
 //! product's last bits depend on whether it has few or many rows.
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
+use ndarray::s;
+
+use super::parallel::{for_each_split_mut, threads};
 
 use super::{Float, parallel_worth};
 
@@ -37,7 +39,7 @@ pub(super) fn dot_rows<F: Float>(
     a: ArrayView2<F>,
     b: ArrayView2<F>,
     beta: F,
-    mut c: ArrayViewMut2<F>,
+    c: ArrayViewMut2<F>,
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
@@ -48,14 +50,10 @@ pub(super) fn dot_rows<F: Float>(
         }
         dispatch_dot(alpha, a, b, beta, c)
     };
-    if parallel_worth(m * n * k) && n > COLUMN_BLOCK {
-        c.axis_chunks_iter_mut(Axis(1), COLUMN_BLOCK)
-            .into_par_iter()
-            .zip(b.axis_chunks_iter(Axis(1), COLUMN_BLOCK))
-            .for_each(|(c, b)| run(b, c));
-    } else {
-        run(b, c);
-    }
+    let parts = if parallel_worth(m * n * k) { threads() } else { 1 };
+    for_each_split_mut(c, Axis(1), parts, COLUMN_BLOCK, |cols, c| {
+        run(b.slice(s![.., cols]), c)
+    });
 }
 
 /// `C ← α·A·B` (β = 0) with B's rows and C's rows contiguous.

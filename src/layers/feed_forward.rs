@@ -68,7 +68,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::parallel::for_each_chunk_mut;
-use crate::kernels::{Activation, Float, filled, gemm_bias};
+use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::linear::{affine, affine_backward};
 use crate::params::xavier_uniform;
@@ -130,6 +130,15 @@ pub struct FeedForwardCache<F: Float = f32> {
     a: Array2<F>,
     /// The dropout mask.
     dropout: DropoutCache<F>,
+}
+
+/// W1 and W2 of a [`FeedForward`] packed once for the many products of a decode
+/// ([`crate::kernels::PackedB`]); made by [`FeedForward::pack`], valid while the layer is
+/// borrowed.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedFeedForward {
+    w1: PackedB,
+    w2: PackedB,
 }
 
 impl FeedForwardConfig {
@@ -224,6 +233,35 @@ impl<F: Float> FeedForward<F> {
         self.check_input(x);
         let (_, a) = self.hidden(x);
         affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()))
+    }
+
+    /// W1 and W2 packed for decoding; `None` where nothing packs (see [`PackedB`]).
+    pub(crate) fn pack(&self) -> Option<PackedFeedForward> {
+        Some(PackedFeedForward {
+            w1: PackedB::new(self.p.w1.t())?,
+            w2: PackedB::new(self.p.w2.t())?,
+        })
+    }
+
+    /// [`FeedForward::infer`] with the weights of [`FeedForward::pack`] (`None`: the weights
+    /// as they are).
+    pub(crate) fn infer_packed(&self, x: ArrayView2<F>, packed: Option<&PackedFeedForward>) -> Array2<F> {
+        let Some(packed) = packed else {
+            return self.infer(x);
+        };
+        self.check_input(x);
+        let (n, d_ff, d) = (x.nrows(), self.cfg.d_ff, self.cfg.d_model);
+        let (b1, b2) = (self.p.b1.as_ref().map(|b| b.view()), self.p.b2.as_ref().map(|b| b.view()));
+        let a = if self.cfg.activation == Activation::Relu {
+            // SAFETY: gemm_packed writes every element.
+            unsafe { filled((n, d_ff), |a| gemm_packed(x, &packed.w1, b1, true, a)) }
+        } else {
+            // SAFETY: as above.
+            let h = unsafe { filled((n, d_ff), |h| gemm_packed(x, &packed.w1, b1, false, h)) };
+            activate(self.cfg.activation, &h)
+        };
+        // SAFETY: as above.
+        unsafe { filled((n, d), |y| gemm_packed(a.view(), &packed.w2, b2, false, y)) }
     }
 
     /// `(h, act(h))` with `h = x·W1ᵀ + b1`; for ReLU one pass that keeps only `act(h)`.

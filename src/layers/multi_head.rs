@@ -43,12 +43,12 @@
 //! ```
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, s,
+    Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, s,
 };
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::Float;
+use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::attention::{AttentionCoreCache, attention_backward, attention_forward, resolve_or_panic};
 use crate::layers::linear::{affine, affine_backward};
 use crate::layers::mask::Mask;
@@ -183,6 +183,20 @@ impl<F: Float> KvCache<F> {
         self.v.slice_mut(s![.., .., self.len..need, ..]).assign(&v);
         self.len = need;
     }
+}
+
+/// The projections of a [`MultiHead`] packed once for the many products of a decode
+/// ([`crate::kernels::PackedB`]): W_Q, W_K and W_V side by side (self-attention) or W_Q alone
+/// (cross-attention, whose keys and values are projected once), and W_O. Made by
+/// [`MultiHead::pack`], valid while the layer is borrowed.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedMultiHead<F: Float> {
+    /// `[W_Q W_K W_V]ᵀ` (self-attention) or `W_Qᵀ` (cross-attention).
+    input: PackedB,
+    /// The biases of `input`, side by side.
+    input_bias: Option<Array1<F>>,
+    /// `W_Oᵀ`.
+    output: PackedB,
 }
 
 impl MultiHeadConfig {
@@ -510,6 +524,118 @@ impl<F: Float> MultiHead<F> {
             self.heads_mut(ctx.view_mut(), b),
         );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
+        y.into_shape_with_order((b, tq, d)).expect("standard layout")
+    }
+
+    /// The projections packed for decoding: Q, K and V together for self-attention
+    /// (`self_attention`), Q alone for cross-attention; `None` where nothing packs (see
+    /// [`PackedB`]).
+    pub(crate) fn pack(&self, self_attention: bool) -> Option<PackedMultiHead<F>> {
+        let p = &self.p;
+        let (input, input_bias) = if self_attention {
+            let input = PackedB::concat(&[p.w_q.t(), p.w_k.t(), p.w_v.t()])?;
+            let bias = match (&p.b_q, &p.b_k, &p.b_v) {
+                (Some(q), Some(k), Some(v)) => Some(ndarray::concatenate(Axis(0), &[q.view(), k.view(), v.view()]).expect("1-D")),
+                _ => None,
+            };
+            (input, bias)
+        } else {
+            (PackedB::new(p.w_q.t())?, p.b_q.clone())
+        };
+        if self_attention && input_bias.is_none() && (p.b_q.is_some() || p.b_k.is_some() || p.b_v.is_some()) {
+            // Some but not all of the three biases: not a layout this crate builds.
+            return None;
+        }
+        Some(PackedMultiHead {
+            input,
+            input_bias,
+            output: PackedB::new(p.w_o.t())?,
+        })
+    }
+
+    /// [`MultiHead::infer_cached`] with the projections of [`MultiHead::pack`] (`None`: the
+    /// weights as they are).
+    pub(crate) fn infer_cached_packed(
+        &self,
+        x: ArrayView3<F>,
+        cache: &mut KvCache<F>,
+        packed: Option<&PackedMultiHead<F>>,
+    ) -> Array3<F> {
+        let Some(packed) = packed else {
+            return self.infer_cached(x, cache);
+        };
+        let (b, tq, d) = x.dim();
+        assert!(
+            d == self.cfg.d_model && b == cache.batch_size() && packed.input.dim() == (d, 3 * d),
+            "MultiHead::infer_cached: x is {:?}, expected [B = {}, Tq, d_model = {}]",
+            x.shape(),
+            cache.batch_size(),
+            self.cfg.d_model
+        );
+        let x_rows = rows(x);
+        // SAFETY: gemm_packed writes every element.
+        let qkv = unsafe {
+            filled((b * tq, 3 * d), |c| {
+                gemm_packed(x_rows.view(), &packed.input, packed.input_bias.as_ref().map(|b| b.view()), false, c)
+            })
+        };
+        let part = |i: usize| qkv.slice(s![.., i * d..(i + 1) * d]).to_owned();
+        let (q, k, v) = (part(0), part(1), part(2));
+        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
+        self.attend_projected(q, cache, &Mask::causal(), &packed.output)
+    }
+
+    /// [`MultiHead::infer_with_cache`] with the projections of [`MultiHead::pack`].
+    pub(crate) fn infer_with_cache_packed(
+        &self,
+        x: ArrayView3<F>,
+        cache: &KvCache<F>,
+        mask: &Mask,
+        packed: Option<&PackedMultiHead<F>>,
+    ) -> Array3<F> {
+        let Some(packed) = packed else {
+            return self.infer_with_cache(x, cache, mask);
+        };
+        let (b, tq, d) = x.dim();
+        assert!(
+            d == self.cfg.d_model && b == cache.batch_size() && packed.input.dim() == (d, d),
+            "MultiHead::infer_with_cache: x is {:?}, expected [B = {}, Tq, d_model = {}]",
+            x.shape(),
+            cache.batch_size(),
+            self.cfg.d_model
+        );
+        let x_rows = rows(x);
+        // SAFETY: gemm_packed writes every element.
+        let q = unsafe {
+            filled((b * tq, d), |c| {
+                gemm_packed(x_rows.view(), &packed.input, packed.input_bias.as_ref().map(|b| b.view()), false, c)
+            })
+        };
+        self.attend_projected(q, cache, mask, &packed.output)
+    }
+
+    /// Attention of projected queries `[B·Tq, d_model]` over the cache, then W_O packed.
+    fn attend_projected(&self, q: Array2<F>, cache: &KvCache<F>, mask: &Mask, w_o: &PackedB) -> Array3<F> {
+        let b = cache.batch_size();
+        let tq = q.nrows() / b.max(1);
+        let d = self.cfg.d_model;
+        let mask = resolve_or_panic(mask, b, tq, cache.len());
+        let mut ctx = Array2::zeros((b * tq, d));
+        attention_forward(
+            self.heads(q.view(), b),
+            cache.keys(),
+            cache.values(),
+            mask,
+            0.0,
+            None::<&mut rand::rngs::SmallRng>,
+            self.heads_mut(ctx.view_mut(), b),
+        );
+        // SAFETY: gemm_packed writes every element.
+        let y = unsafe {
+            filled((b * tq, d), |c| {
+                gemm_packed(ctx.view(), w_o, self.p.b_o.as_ref().map(|b| b.view()), false, c)
+            })
+        };
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }
 

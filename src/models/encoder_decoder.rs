@@ -37,7 +37,8 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::kernels::{Float, argmax};
+use crate::blocks::decoder_layer::PackedDecoderLayer;
+use crate::kernels::{Float, PackedB, argmax, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
@@ -113,16 +114,29 @@ pub struct EncoderDecoderCache<F: Float = f32> {
     output: OutputCache<F>,
 }
 
-/// A decode in progress (see [`EncoderDecoder::begin_decode`]): the source's padding mask and
-/// the decoder's key/value caches.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DecodeState<F: Float = f32> {
+/// A decode in progress (see [`EncoderDecoder::begin_decode`]): the source's padding mask, the
+/// decoder's key/value caches, and the decoder's and output projection's weights packed once
+/// for the decode's many small products (`f32` on CPUs with the crate's vector kernels).
+///
+/// It borrows the model it was begun with, so the model cannot change under the packed
+/// weights, and [`EncoderDecoder::decode_step`] refuses a state begun with another model.
+#[derive(Clone, Debug)]
+pub struct DecodeState<'m, F: Float = f32> {
     src_mask: Mask,
     decoder: DecoderState<F>,
     b: usize,
+    model: &'m EncoderDecoder<F>,
+    packed: Option<PackedDecode<F>>,
 }
 
-impl<F: Float> DecodeState<F> {
+/// The weights a decode step multiplies by, packed once per decode.
+#[derive(Clone, Debug)]
+struct PackedDecode<F: Float> {
+    decoder: Vec<PackedDecoderLayer<F>>,
+    output: PackedB,
+}
+
+impl<F: Float> DecodeState<'_, F> {
     /// The number of target positions fed so far.
     pub fn len(&self) -> usize {
         self.decoder.len()
@@ -558,13 +572,23 @@ impl<F: Float> EncoderDecoder<F> {
     ///
     /// # Errors
     /// As [`EncoderDecoder::encode`].
-    pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<F>> {
+    pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<'_, F>> {
         crate::kernels::parallel::with_team(|| {
             let memory = self.encode(src)?;
+            let output = match &self.generator {
+                Some(head) => PackedB::new(head.p.weight.t()),
+                None => PackedB::new(self.target_embedding().p.weight.t()),
+            };
+            let packed = match (self.decoder.pack(), output) {
+                (Some(decoder), Some(output)) => Some(PackedDecode { decoder, output }),
+                _ => None,
+            };
             Ok(DecodeState {
                 src_mask: src.padding_mask(),
                 decoder: self.decoder.begin(memory.view(), capacity),
                 b: src.batch_size(),
+                model: self,
+                packed,
             })
         })
     }
@@ -577,8 +601,13 @@ impl<F: Float> EncoderDecoder<F> {
     /// [`Error::ShapeMismatch`] for a number of tokens other than B,
     /// [`Error::TokenOutOfRange`] for an id outside the target vocabulary,
     /// [`Error::SequenceTooLong`] past a learned position table.
-    pub fn decode_step(&self, state: &mut DecodeState<F>, tokens: &[usize]) -> Result<Array2<F>> {
+    pub fn decode_step(&self, state: &mut DecodeState<'_, F>, tokens: &[usize]) -> Result<Array2<F>> {
         crate::kernels::parallel::with_team(|| {
+            if !std::ptr::eq(state.model, self) {
+                return Err(Error::InvalidInput {
+                    why: "decode_step: the decode state was begun with another model".into(),
+                });
+            }
             let b = state.b;
             if tokens.len() != b {
                 return Err(Error::shape(
@@ -607,15 +636,26 @@ impl<F: Float> EncoderDecoder<F> {
             let y = self
                 .tgt_input
                 .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
-            let h = flat(
-                self.decoder
-                    .infer_step(y.view(), &mut state.decoder, &state.src_mask),
-            );
-            Ok(output_infer(
-                self.generator.as_ref(),
-                self.target_embedding(),
-                h.view(),
-            ))
+            let packed = state.packed.as_ref();
+            let h = flat(self.decoder.infer_step_packed(
+                y.view(),
+                &mut state.decoder,
+                &state.src_mask,
+                packed.map(|p| p.decoder.as_slice()),
+            ));
+            Ok(match packed {
+                Some(p) => {
+                    let bias = self.generator.as_ref().and_then(|g| g.p.bias.as_ref());
+                    let v = p.output.dim().1;
+                    // SAFETY: gemm_packed writes every element.
+                    unsafe {
+                        filled((h.nrows(), v), |logits| {
+                            gemm_packed(h.view(), &p.output, bias.map(|b| b.view()), false, logits)
+                        })
+                    }
+                }
+                None => output_infer(self.generator.as_ref(), self.target_embedding(), h.view()),
+            })
         })
     }
 

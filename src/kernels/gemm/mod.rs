@@ -131,6 +131,98 @@ pub fn gemm_bias<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, bias: Option<Arra
     }
 }
 
+/// The B operand of `C ← A·B` packed once for many products: a weight at inference
+/// (`B = Wᵀ` of an `[out, in]` weight), so that a decoding step, whose products have a few
+/// rows, reads each weight once in the kernels' layout instead of copying it first.
+///
+/// Only `f32` on a CPU with the crate's vector kernels packs; elsewhere the constructors
+/// return `None` and callers use [`gemm`]. The packed copy does not follow later changes of
+/// the matrix it was made from: hold it only while that matrix is borrowed.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    isa: Isa,
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// B `[k, n]` (any strides) packed, or `None` where nothing packs.
+    pub fn new<F: Float>(b: ArrayView2<F>) -> Option<PackedB> {
+        if TypeId::of::<F>() != TypeId::of::<f32>() {
+            return None;
+        }
+        let isa = Isa::best()?;
+        let (k, n) = b.dim();
+        let mb = Mat {
+            ptr: b.as_ptr() as *const f32,
+            rs: b.strides()[0],
+            cs: b.strides()[1],
+        };
+        // SAFETY: the view addresses its own k × n elements, which are f32 (checked above).
+        let data = unsafe { packed::pack_b_all(isa, k, n, mb, super::parallel::threads()) };
+        Some(PackedB { isa, k, n, data })
+    }
+
+    /// Several B with the same number of rows, side by side (`[B₀ B₁ …]`, `k × Σ nᵢ`): one
+    /// product for several weights, such as the query, key and value projections.
+    ///
+    /// # Panics
+    /// If the operands have different numbers of rows, or there are none.
+    pub fn concat<F: Float>(bs: &[ArrayView2<F>]) -> Option<PackedB> {
+        assert!(
+            !bs.is_empty() && bs.iter().all(|b| b.nrows() == bs[0].nrows()),
+            "PackedB::concat: operands of shapes {:?}",
+            bs.iter().map(|b| b.shape().to_vec()).collect::<Vec<_>>()
+        );
+        let whole = ndarray::concatenate(Axis(1), bs).expect("same number of rows");
+        PackedB::new(whole.view())
+    }
+
+    /// `(k, n)`: the shape of B.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `C ← A·B + bias`, then `max(·, 0)` if `relu`, with B packed beforehand: [`gemm_bias`] for
+/// a weight used many times. C is only written.
+///
+/// # Panics
+/// If the shapes do not chain or the bias does not fit, or the element type is not `f32`
+/// (a [`PackedB`] exists only for `f32`).
+pub fn gemm_packed<F: Float>(a: ArrayView2<F>, b: &PackedB, bias: Option<ArrayView1<F>>, relu: bool, mut c: ArrayViewMut2<F>) {
+    assert!(
+        TypeId::of::<F>() == TypeId::of::<f32>(),
+        "gemm_packed: a PackedB multiplies f32 only"
+    );
+    check_shapes(a.dim(), b.dim(), c.dim());
+    let (m, k) = a.dim();
+    let n = b.n;
+    let bias = bias.map(|bias| {
+        assert_eq!(bias.len(), n, "gemm_packed: bias {:?} for C {:?}", bias.shape(), c.shape());
+        bias.as_standard_layout().into_owned()
+    });
+    let ma = Mat {
+        ptr: a.as_ptr() as *const f32,
+        rs: a.strides()[0],
+        cs: a.strides()[1],
+    };
+    let mc = MatMut {
+        ptr: c.as_mut_ptr() as *mut f32,
+        rs: c.strides()[0],
+        cs: c.strides()[1],
+    };
+    let ep = Epilogue {
+        bias: bias.as_ref().map(|b| b.as_ptr() as *const f32),
+        relu,
+    };
+    // SAFETY: F is f32 (asserted); the views address their own elements, C is exclusive, the
+    // shapes chain (checked), the bias is contiguous with n elements, and `b` was packed for
+    // its ISA, which `Isa::best` found on this CPU.
+    unsafe { packed::gemm_packed_b(b.isa, m, k, n, 1.0, ma, &b.data, 0.0, mc, parts_for(m, n, k), ep) };
+}
+
 /// How many threads a product of this size is split over.
 fn parts_for(m: usize, n: usize, k: usize) -> usize {
     if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
@@ -463,6 +555,36 @@ mod tests {
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "{isa:?} parts={parts}"
                 );
+            }
+        }
+    }
+
+    /// Products with B packed beforehand (alone or side by side with others), with a bias and
+    /// a ReLU, against the naive twin, on 1 and 2 threads.
+    #[test]
+    fn prepacked_products_match_naive_with_bias_and_relu() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for &(m, k, n) in &[(1, 7, 5), (8, 64, 96), (33, KC + 5, 70)] {
+            let a = int_matrix(&mut rng, m, k);
+            let w1 = int_matrix(&mut rng, n, k); // [out, in], used as W1ᵀ
+            let w2 = int_matrix(&mut rng, 3, k);
+            let bias = int_matrix(&mut rng, 1, n + 3).row(0).to_owned();
+            let Some(packed) = PackedB::concat(&[w1.t(), w2.t()]) else {
+                return; // nothing packs on this CPU
+            };
+            assert_eq!(packed.dim(), (k, n + 3));
+            let both = ndarray::concatenate(Axis(0), &[w1.view(), w2.view()]).unwrap();
+            let mut want = Array2::<f32>::zeros((m, n + 3));
+            gemm_naive(1.0, a.view(), both.t(), 0.0, want.view_mut());
+            want += &bias;
+            let want_relu = want.mapv(|v| v.max(0.0));
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for relu in [false, true] {
+                    let mut got = Array2::from_elem((m, n + 3), f32::NAN);
+                    pool.install(|| gemm_packed(a.view(), &packed, Some(bias.view()), relu, got.view_mut()));
+                    assert_eq!(got, if relu { want_relu.clone() } else { want.clone() }, "m={m} k={k} n={n}");
+                }
             }
         }
     }

@@ -227,18 +227,9 @@ pub(crate) unsafe fn gemm(
         }
         return;
     }
-    let (mr, nr) = (isa.mr(), isa.nr());
-    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
-    // How C is cut: by rows when each part gets at least two panels of them, else by columns.
-    let (parts, by_rows) = if parts < 2 {
-        (1, true)
-    } else if m_panels >= 2 * parts {
-        (parts, true)
-    } else if n_panels >= 2 * parts {
-        (parts, false)
-    } else {
-        (1, true)
-    };
+    let nr = isa.nr();
+    let n_panels = n.div_ceil(nr);
+    let (parts, _) = split(parts, m.div_ceil(isa.mr()), n_panels);
     with_scratch(&B_BUF, k * n_panels * nr, |bpack| {
         let out = SharedMut(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller) and `bpack` holds every block's panels; parts pack
@@ -253,25 +244,92 @@ pub(crate) unsafe fn gemm(
         } else {
             pack_panels(0..n_panels);
         }
-        let bpack = &*bpack;
-        let run = |rows: Range<usize>, panels: Range<usize>| {
-            // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
-            unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
-        };
-        if parts == 1 {
-            run(0..m, 0..n_panels);
-        } else if by_rows {
-            let per = m_panels.div_ceil(parts) * mr;
-            for_each_index(parts, |i| {
-                run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
-            });
-        } else {
-            let per = n_panels.div_ceil(parts);
-            for_each_index(parts, |i| {
-                run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
-            });
+        // SAFETY: forwarded from this function's contract; B is now packed in `bpack`.
+        unsafe { gemm_packed_b(isa, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
+    });
+}
+
+/// [`gemm`] with B already packed (the layout of the module docs, for `isa`).
+///
+/// # Safety
+/// As [`gemm`], and `bpack` holds B `k × n` packed for `isa`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_packed_b(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    bpack: &[f32],
+    beta: f32,
+    c: MatMut,
+    parts: usize,
+    ep: Epilogue,
+) {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    debug_assert!(bpack.len() >= k * n_panels * nr);
+    let (parts, by_rows) = split(parts, m_panels, n_panels);
+    let run = |rows: Range<usize>, panels: Range<usize>| {
+        // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
+        unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
+    };
+    if parts == 1 {
+        run(0..m, 0..n_panels);
+    } else if by_rows {
+        let per = m_panels.div_ceil(parts) * mr;
+        for_each_index(parts, |i| {
+            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
+        });
+    } else {
+        let per = n_panels.div_ceil(parts);
+        for_each_index(parts, |i| {
+            run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+        });
+    }
+}
+
+/// How C is cut between `parts` threads: `(parts, by_rows)`. By rows when each part gets at
+/// least two panels of them, else by columns when each gets two panels of those, else not.
+fn split(parts: usize, m_panels: usize, n_panels: usize) -> (usize, bool) {
+    if parts < 2 {
+        (1, true)
+    } else if m_panels >= 2 * parts {
+        (parts, true)
+    } else if n_panels >= 2 * parts {
+        (parts, false)
+    } else {
+        (1, true)
+    }
+}
+
+/// Packs all of B (`k × n`) for `isa` into a new buffer, on up to `parts` threads: the
+/// operand of many later products (a weight at inference).
+///
+/// # Safety
+/// `b` addresses a `k × n` matrix inside a live allocation.
+pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usize) -> Vec<f32> {
+    let nr = isa.nr();
+    let n_panels = n.div_ceil(nr);
+    let mut out = vec![0.0f32; k * n_panels * nr];
+    let shared = SharedMut(out.as_mut_ptr());
+    let per = n_panels.div_ceil(parts.max(1));
+    for_each_index(n_panels.div_ceil(per.max(1)), |i| {
+        // SAFETY: B is k × n (caller); parts pack disjoint panels of `out`.
+        unsafe {
+            pack_b(
+                b,
+                k,
+                n,
+                nr,
+                (i * per).min(n_panels)..((i + 1) * per).min(n_panels),
+                shared,
+                isa != Isa::Scalar,
+            )
         }
     });
+    out
 }
 
 /// The packed-B buffer, shared by threads that pack disjoint panels of it.

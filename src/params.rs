@@ -68,7 +68,14 @@ pub trait Params<F: Float> {
     fn sq_norm(&self) -> f64 {
         let mut acc = 0.0;
         self.visit("", &mut |_, t| {
-            acc += t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>()
+            acc += match t.as_slice_memory_order() {
+                // In the lanes of kernels::simd (the same value on every machine).
+                Some(x) => crate::kernels::simd::widest!(crate::kernels::simd::sum_by(x.len(), |j| {
+                    let v = x[j].to_f64();
+                    v * v
+                })),
+                None => t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>(),
+            }
         });
         acc
     }

@@ -241,7 +241,13 @@ impl<F: Float> Decoder<F> {
     ) -> Array3<F> {
         let (b, t, _) = x.dim();
         let mut h = x.to_owned();
-        for (i, ((layer, cache), cross)) in self.layers.iter().zip(&mut state.self_caches).zip(&state.cross).enumerate() {
+        for (i, ((layer, cache), cross)) in self
+            .layers
+            .iter()
+            .zip(&mut state.self_caches)
+            .zip(&state.cross)
+            .enumerate()
+        {
             h = layer.infer_step_packed(h.view(), cache, cross, memory_mask, packed.map(|p| &p[i]));
         }
         if let Some(ln) = &self.norm {

@@ -251,9 +251,9 @@ impl<F: Float> DecoderLayer<F> {
                 packed.map(|p| &p.cross_attn),
             ))
         });
-        let y = self.norm3.infer(h2.view(), |z| {
-            self.ffn.infer_packed(z, packed.map(|p| &p.ffn))
-        });
+        let y = self
+            .norm3
+            .infer(h2.view(), |z| self.ffn.infer_packed(z, packed.map(|p| &p.ffn)));
         unrows(y, b, t)
     }
 

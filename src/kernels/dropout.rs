@@ -32,7 +32,11 @@ pub fn dropout_mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
     // SAFETY: a new array is contiguous, `len` elements from its pointer; `fill_mask` writes
     // every one of them and reads none, so the array is initialised afterwards.
     unsafe {
-        fill_mask(p, key, std::slice::from_raw_parts_mut(mask.as_mut_ptr() as *mut F, len));
+        fill_mask(
+            p,
+            key,
+            std::slice::from_raw_parts_mut(mask.as_mut_ptr() as *mut F, len),
+        );
         mask.assume_init()
     }
 }
@@ -81,7 +85,11 @@ fn fill_f32(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
         // p < 1, so the threshold fits in 32 bits unless p rounds to 1 in f64 (it cannot).
         let threshold = threshold.min(u32::MAX as u64) as u32;
         for (i, x) in out.iter_mut().enumerate() {
-            *x = if draw(key, (at + i) as u32) < threshold { 0.0 } else { keep };
+            *x = if draw(key, (at + i) as u32) < threshold {
+                0.0
+            } else {
+                keep
+            };
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -132,7 +140,13 @@ mod tests {
     fn the_vector_loop_matches_the_scalar_draws_on_any_thread_count() {
         let key = 0x1234_5678_9abc_def0;
         let want: Vec<f32> = (0..10_000u32)
-            .map(|i| if draw(key, i) < (0.25 * 4_294_967_296.0) as u32 { 0.0 } else { 1.0 / 0.75 })
+            .map(|i| {
+                if draw(key, i) < (0.25 * 4_294_967_296.0) as u32 {
+                    0.0
+                } else {
+                    1.0 / 0.75
+                }
+            })
             .collect();
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()

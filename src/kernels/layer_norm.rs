@@ -134,7 +134,9 @@ pub fn layer_norm_rows_sum<F: Float>(
         return;
     }
     let x = contiguous(&x);
-    let z = z.as_ref().map(|(z, m)| (contiguous(z), m.as_ref().map(contiguous)));
+    let z = z
+        .as_ref()
+        .map(|(z, m)| (contiguous(z), m.as_ref().map(contiguous)));
     let (gamma, beta) = (contiguous(&gamma), contiguous(&beta));
     let x_hat = contiguous_mut(&mut x_hat);
     let rstd = contiguous_mut(&mut rstd);
@@ -258,13 +260,24 @@ pub fn layer_norm_rows_backward<F: Float>(
     if n * d == 0 {
         return;
     }
-    let (x_hat, rstd, gamma, grad_y) = (contiguous(&x_hat), contiguous(&rstd), contiguous(&gamma), contiguous(&grad_y));
+    let (x_hat, rstd, gamma, grad_y) = (
+        contiguous(&x_hat),
+        contiguous(&rstd),
+        contiguous(&gamma),
+        contiguous(&grad_y),
+    );
     for_each_chunk_mut(contiguous_mut(&mut grad_x), d, 8 * n * d, |at, gx| {
         let rows = at / d..at / d + gx.len() / d;
         widest!({
             for (i, r) in rows.enumerate() {
                 let row = r * d..(r + 1) * d;
-                row_backward(&x_hat[row.clone()], rstd[r], gamma, &grad_y[row], &mut gx[i * d..(i + 1) * d]);
+                row_backward(
+                    &x_hat[row.clone()],
+                    rstd[r],
+                    gamma,
+                    &grad_y[row],
+                    &mut gx[i * d..(i + 1) * d],
+                );
             }
         })
     });

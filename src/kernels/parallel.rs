@@ -142,7 +142,12 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
 /// parallel when `work` (an estimate of the cost, e.g. elements times operations per element)
 /// is worth it ([`super::parallel_worth`]). Chunks are whole multiples of `align` elements
 /// (but the last), so a chunk can be made of whole rows.
-pub fn for_each_chunk_mut<T: Send>(data: &mut [T], align: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    align: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
     let len = data.len();
     let parts = if super::parallel_worth(work) { threads() } else { 1 };
     if parts < 2 || len <= align {
@@ -197,6 +202,99 @@ pub fn for_each_split_mut<T: Send>(
         };
         f(range, piece);
     });
+}
+
+/// A 4-D mutable view handed out as the disjoint 2-D views of its `(i, j)` pairs (one sequence
+/// and one head of attention), for the parts of a parallel loop.
+pub struct PairViews<'a, T> {
+    ptr: *mut T,
+    dim: [usize; 4],
+    strides: [isize; 4],
+    _life: std::marker::PhantomData<ndarray::ArrayViewMut4<'a, T>>,
+}
+
+// SAFETY: the views it hands out are disjoint (`get`'s contract), as for `&mut [T]` split in
+// pieces.
+unsafe impl<T: Send> Send for PairViews<'_, T> {}
+unsafe impl<T: Send> Sync for PairViews<'_, T> {}
+
+impl<'a, T> PairViews<'a, T> {
+    /// Takes the view for the length of the loop.
+    pub fn new(mut v: ndarray::ArrayViewMut4<'a, T>) -> Self {
+        let (a, b, c, d) = v.dim();
+        let s = v.strides();
+        let strides = [s[0], s[1], s[2], s[3]];
+        PairViews {
+            ptr: v.as_mut_ptr(),
+            dim: [a, b, c, d],
+            strides,
+            _life: std::marker::PhantomData,
+        }
+    }
+
+    /// The `[.., ..]` view of pair `(i, j)`.
+    ///
+    /// # Safety
+    /// Each pair may be taken once at a time: two live views of the same pair alias.
+    pub unsafe fn get(&self, i: usize, j: usize) -> ndarray::ArrayViewMut2<'a, T> {
+        assert!(
+            i < self.dim[0] && j < self.dim[1],
+            "PairViews: pair ({i}, {j}) out of {:?}",
+            self.dim
+        );
+        let [_, _, r, c] = self.dim;
+        let [si, sj, sr, sc] = self.strides;
+        // SAFETY: (i, j) is inside the view (asserted), so its [r, c] elements are elements of
+        // the view `new` took, with the view's strides; disjoint from other pairs (caller).
+        unsafe {
+            let p = self.ptr.offset(i as isize * si + j as isize * sj);
+            ndarray::ArrayViewMut2::from_shape_ptr(
+                ndarray::ShapeBuilder::strides((r, c), (sr as usize, sc as usize)),
+                p,
+            )
+        }
+    }
+}
+
+/// A mutable slice shared by the parts of a parallel loop, each of which takes its own ranges.
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _life: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: see `range`: parts take disjoint ranges, as with `split_at_mut`.
+unsafe impl<T: Send> Send for Disjoint<'_, T> {}
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    /// Takes the slice for the length of the loop.
+    pub fn new(s: &'a mut [T]) -> Self {
+        Disjoint {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _life: std::marker::PhantomData,
+        }
+    }
+
+    /// Elements `at..at + len`.
+    ///
+    /// # Safety
+    /// Ranges alive at the same time must not overlap.
+    ///
+    /// # Panics
+    /// If the range goes past the end.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, at: usize, len: usize) -> &'a mut [T] {
+        assert!(
+            at + len <= self.len,
+            "Disjoint: {at}..{} past {}",
+            at + len,
+            self.len
+        );
+        // SAFETY: inside the slice (asserted); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
+    }
 }
 
 /// A slice's pointer, shared by threads that touch disjoint ranges of it.

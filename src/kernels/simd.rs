@@ -100,7 +100,8 @@ pub fn max<F: Float>(x: &[F]) -> F {
     for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
         *a = if v > *a { v } else { *a };
     }
-    acc.iter().fold(F::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    acc.iter()
+        .fold(F::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `Σ x`, in the order of [`sum_by`].

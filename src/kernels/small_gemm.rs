@@ -15,8 +15,8 @@
 //! count, like the rest of the crate. They round differently from `matrixmultiply`, so a
 //! product's last bits depend on whether it has few or many rows.
 
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use ndarray::s;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::parallel::{for_each_split_mut, threads};
 
@@ -34,13 +34,7 @@ const COLUMN_BLOCK: usize = 64;
 
 /// `C ← α·A·B + β·C` with A's rows and B's columns contiguous (`a.strides()[1] == 1`,
 /// `b.strides()[0] == 1`).
-pub(super) fn dot_rows<F: Float>(
-    alpha: F,
-    a: ArrayView2<F>,
-    b: ArrayView2<F>,
-    beta: F,
-    c: ArrayViewMut2<F>,
-) {
+pub(super) fn dot_rows<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
     let (m, k) = a.dim();
     let n = b.ncols();
     let run = |b: ArrayView2<F>, mut c: ArrayViewMut2<F>| {

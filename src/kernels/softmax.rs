@@ -39,7 +39,6 @@ impl<'a> RowMask<'a> {
     pub fn allows(&self, j: usize) -> bool {
         j < self.limit && self.keys.is_none_or(|k| k[j]) && self.pairs.is_none_or(|p| p[j])
     }
-
 }
 
 /// Softmax over the allowed entries of `row`, in place; blocked entries become 0.
@@ -123,7 +122,12 @@ pub fn softmax_row_backward<F: Float>(p: &[F], grad_p: &[F], grad_s: &mut [F], m
 /// [`softmax_row_backward`] without the dispatch to vector builds (lengths checked by the
 /// caller).
 #[inline(always)]
-pub(crate) fn softmax_row_backward_inline<F: Float>(p: &[F], grad_p: &[F], grad_s: &mut [F], mask: RowMask<'_>) {
+pub(crate) fn softmax_row_backward_inline<F: Float>(
+    p: &[F],
+    grad_p: &[F],
+    grad_s: &mut [F],
+    mask: RowMask<'_>,
+) {
     let limit = mask.limit.min(p.len());
     if mask.keys.is_none() && mask.pairs.is_none() {
         let dot = dot(&p[..limit], &grad_p[..limit]);

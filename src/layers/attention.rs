@@ -48,13 +48,14 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{
-    Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Zip, s,
-};
+use ndarray::{Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, Axis, s};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, dropout_mask, gemm, parallel_worth, softmax_row, softmax_row_backward};
+use crate::kernels::parallel::{PairViews, for_each_index};
+use crate::kernels::simd::widest;
+use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
+use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
 
 /// Configuration of [`ScaledDotProductAttention`].
@@ -296,41 +297,41 @@ pub fn attention_forward<F: Float>(
         return AttentionCoreCache { probs, drop, mask };
     }
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
-    let zip = Zip::indexed(out.exact_chunks_mut((1, 1, tq, dv))).and(probs.exact_chunks_mut((1, 1, tq, tk)));
-    let parallel = parallel_worth(b * h * tq * tk * (dk + dv));
-    let one =
-        |(bi, hi, _, _): (usize, usize, usize, usize), out: ArrayViewMut4<F>, probs: ArrayViewMut4<F>| {
-            let (mut out, mut probs) = (squeeze(out), squeeze(probs));
-            let kb = mask.key_limit(bi);
-            let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
-            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
-            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
-            // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
-            gemm(
-                scale,
-                q.slice(s![bi, hi, .., ..]),
-                k.t(),
-                F::ZERO,
-                probs.slice_mut(s![.., ..kb]),
-            );
-            for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
-                softmax_row(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+    let outs = PairViews::new(out);
+    let all_probs = PairViews::new(probs.view_mut());
+    let one = |pair: usize| {
+        let (bi, hi) = (pair / h, pair % h);
+        // SAFETY: each pair is taken by one part only.
+        let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
+        let kb = mask.key_limit(bi);
+        let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+        let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+        let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+        // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
+        gemm(
+            scale,
+            q.slice(s![bi, hi, .., ..]),
+            k.t(),
+            F::ZERO,
+            probs.slice_mut(s![.., ..kb]),
+        );
+        widest!(for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
+            softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+        });
+        match &drop {
+            Some(m) => {
+                let dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
+                gemm(F::ONE, dropped.view(), v, F::ZERO, out.view_mut());
             }
-            let dropped;
-            let weights = match &drop {
-                Some(m) => {
-                    dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
-                    dropped.view()
-                }
-                None => probs.slice(s![.., ..kb]),
-            };
-            gemm(F::ONE, weights, v, F::ZERO, out.view_mut());
-        };
-    if parallel {
-        zip.par_for_each(one);
+            None => gemm(F::ONE, probs.slice(s![.., ..kb]), v, F::ZERO, out.view_mut()),
+        }
+    };
+    if parallel_worth(b * h * tq * tk * (dk + dv)) {
+        for_each_index(b * h, one);
     } else {
-        zip.for_each(one);
+        (0..b * h).for_each(one);
     }
+    std::mem::drop((outs, all_probs));
     AttentionCoreCache { probs, drop, mask }
 }
 
@@ -376,16 +377,16 @@ pub fn attention_backward<F: Float>(
     }
     let mask = &cache.mask;
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
-    let zip = Zip::indexed(grad_q.exact_chunks_mut((1, 1, tq, dk)))
-        .and(grad_k.exact_chunks_mut((1, 1, tk, dk)))
-        .and(grad_v.exact_chunks_mut((1, 1, tk, dv)));
-    let parallel = parallel_worth(b * h * tq * tk * (dk + dv));
-    type Chunk<'a, F> = ArrayViewMut4<'a, F>;
-    let one = |(bi, hi, _, _): (usize, usize, usize, usize),
-               grad_q: Chunk<F>,
-               grad_k: Chunk<F>,
-               grad_v: Chunk<F>| {
-        let (mut grad_q, mut grad_k, mut grad_v) = (squeeze(grad_q), squeeze(grad_k), squeeze(grad_v));
+    let (gqs, gks, gvs) = (
+        PairViews::new(grad_q.view_mut()),
+        PairViews::new(grad_k.view_mut()),
+        PairViews::new(grad_v.view_mut()),
+    );
+    let one = |pair: usize| {
+        let (bi, hi) = (pair / h, pair % h);
+        // SAFETY: each pair is taken by one part only.
+        let (mut grad_q, mut grad_k, mut grad_v) =
+            unsafe { (gqs.get(bi, hi), gks.get(bi, hi), gvs.get(bi, hi)) };
         let kb = mask.key_limit(bi);
         let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
@@ -394,15 +395,13 @@ pub fn attention_backward<F: Float>(
         let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
         let g = grad_out.slice(s![bi, hi, .., ..]);
         // ∂L/∂V = P'ᵀ·G
-        let dropped;
-        let weights = match &drop {
+        match &drop {
             Some(m) => {
-                dropped = &probs * m;
-                dropped.view()
+                let dropped = &probs * m;
+                gemm(F::ONE, dropped.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
             }
-            None => probs,
-        };
-        gemm(F::ONE, weights.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
+            None => gemm(F::ONE, probs.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..])),
+        }
         // ∂L/∂P = (G·Vᵀ) ⊙ M
         let mut grad_p = Array2::zeros((tq, kb));
         gemm(F::ONE, g, v.t(), F::ZERO, grad_p.view_mut());
@@ -411,14 +410,14 @@ pub fn attention_backward<F: Float>(
         }
         // ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked keys.
         let mut grad_s = Array2::zeros((tq, kb));
-        for i in 0..tq {
-            softmax_row_backward(
+        widest!(for i in 0..tq {
+            softmax_row_backward_inline(
                 probs.row(i).to_slice().expect("contiguous"),
                 grad_p.row(i).to_slice().expect("contiguous"),
                 grad_s.row_mut(i).into_slice().expect("contiguous"),
                 mask.row(bi, i),
             );
-        }
+        });
         // ∂L/∂Q = ∂L/∂S·K/√d_k, ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
         gemm(scale, grad_s.view(), k, F::ZERO, grad_q.view_mut());
         gemm(
@@ -429,10 +428,10 @@ pub fn attention_backward<F: Float>(
             grad_k.slice_mut(s![..kb, ..]),
         );
     };
-    if parallel {
-        zip.par_for_each(one);
+    if parallel_worth(b * h * tq * tk * (dk + dv)) {
+        for_each_index(b * h, one);
     } else {
-        zip.for_each(one);
+        (0..b * h).for_each(one);
     }
 }
 
@@ -464,9 +463,4 @@ fn clean_padding<F: Float>(
         c
     };
     Some((clean(k), clean(v)))
-}
-
-/// `[1, 1, r, c]` → `[r, c]`.
-fn squeeze<F>(x: ArrayViewMut4<'_, F>) -> ArrayViewMut2<'_, F> {
-    x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
 }

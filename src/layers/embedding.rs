@@ -69,10 +69,11 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut1, Zip};
+use ndarray::{Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Error, Result, check};
+use crate::kernels::parallel::for_each_chunk_mut;
 use crate::kernels::{Float, gemm};
 use crate::params::normal;
 
@@ -182,19 +183,21 @@ impl<F: Float> Embedding<F> {
         self.check_ids(ids)?;
         let s = self.factor();
         let w = self.p.weight.view();
-        let mut y = Array2::zeros((ids.len(), self.cfg.d_model));
-        let parallel = crate::kernels::parallel_worth(y.len());
+        let d = self.cfg.d_model;
+        let mut y = Array2::zeros((ids.len(), d));
         // `ids.iter()` runs in row-major order: b, then t.
-        let flat = Array1::from_iter(ids.iter().copied());
-        let zip = Zip::from(y.rows_mut()).and(&flat);
-        let gather = |mut row: ArrayViewMut1<F>, &id: &usize| {
-            row.zip_mut_with(&w.row(id), |o, &e| *o = s * e);
-        };
-        if parallel {
-            zip.par_for_each(gather);
-        } else {
-            zip.for_each(gather);
-        }
+        let flat: Vec<usize> = ids.iter().copied().collect();
+        let w = w.as_standard_layout();
+        let w = w.as_slice().expect("standard layout");
+        let out = y.as_slice_mut().expect("a new array is contiguous");
+        for_each_chunk_mut(out, d, out.len(), |at, rows| {
+            for (r, row) in rows.chunks_exact_mut(d).enumerate() {
+                let id = flat[at / d + r];
+                for (o, &e) in row.iter_mut().zip(&w[id * d..(id + 1) * d]) {
+                    *o = s * e;
+                }
+            }
+        });
         Ok(y)
     }
 

@@ -68,6 +68,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::parallel::for_each_chunk_mut;
+use crate::kernels::simd::widest;
 use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::linear::{affine, affine_backward};
@@ -251,7 +252,10 @@ impl<F: Float> FeedForward<F> {
         };
         self.check_input(x);
         let (n, d_ff, d) = (x.nrows(), self.cfg.d_ff, self.cfg.d_model);
-        let (b1, b2) = (self.p.b1.as_ref().map(|b| b.view()), self.p.b2.as_ref().map(|b| b.view()));
+        let (b1, b2) = (
+            self.p.b1.as_ref().map(|b| b.view()),
+            self.p.b2.as_ref().map(|b| b.view()),
+        );
         let a = if self.cfg.activation == Activation::Relu {
             // SAFETY: gemm_packed writes every element.
             unsafe { filled((n, d_ff), |a| gemm_packed(x, &packed.w1, b1, true, a)) }
@@ -322,23 +326,35 @@ impl<F: Float> FeedForward<F> {
             g.w2.view_mut(),
             g.b2.as_mut().map(|b| b.view_mut()),
         );
-        cache.dropout.apply_inplace(grad_h.view_mut());
         let act = self.cfg.activation;
+        let mask = cache
+            .dropout
+            .mask()
+            .map(|m| m.as_slice().expect("standard layout"));
         let gh = grad_h.as_slice_mut().expect("standard layout");
         match &cache.h {
             // ReLU: act'(h) = 1 where a > 0 (a kept entry of a positive h), else 0; where a
-            // was dropped the mask has already zeroed the gradient.
+            // was dropped the mask is 0 anyway. One pass: ⊙ mask ⊙ [a > 0].
             None => {
                 let a = cache.a.as_slice().expect("standard layout");
                 for_each_chunk_mut(gh, 1, a.len(), |at, gh| {
-                    for (g, &a) in gh.iter_mut().zip(&a[at..]) {
-                        if !(a > F::ZERO) {
-                            *g = F::ZERO;
+                    let a = &a[at..at + gh.len()];
+                    match mask {
+                        Some(m) => {
+                            let m = &m[at..at + gh.len()];
+                            widest!(for j in 0..gh.len() {
+                                gh[j] = if a[j] > F::ZERO { gh[j] * m[j] } else { F::ZERO };
+                            })
                         }
+                        None => widest!(for j in 0..gh.len() {
+                            gh[j] = if a[j] > F::ZERO { gh[j] } else { F::ZERO };
+                        }),
                     }
                 });
             }
             Some(h) => {
+                cache.dropout.apply_inplace(grad_h.view_mut());
+                let gh = grad_h.as_slice_mut().expect("standard layout");
                 let h = h.as_slice().expect("standard layout");
                 for_each_chunk_mut(gh, 1, 16 * h.len(), |at, gh| {
                     for (g, &h) in gh.iter_mut().zip(&h[at..]) {

@@ -154,7 +154,12 @@ pub fn affine<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1
 ///
 /// # Panics
 /// If the shapes do not fit.
-pub fn affine_into<F: Float>(x: ArrayView2<F>, w: ArrayView2<F>, b: Option<ArrayView1<F>>, y: ArrayViewMut2<F>) {
+pub fn affine_into<F: Float>(
+    x: ArrayView2<F>,
+    w: ArrayView2<F>,
+    b: Option<ArrayView1<F>>,
+    y: ArrayViewMut2<F>,
+) {
     check_affine(x, w, b);
     assert_eq!(
         y.dim(),

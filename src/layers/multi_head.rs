@@ -535,7 +535,9 @@ impl<F: Float> MultiHead<F> {
         let (input, input_bias) = if self_attention {
             let input = PackedB::concat(&[p.w_q.t(), p.w_k.t(), p.w_v.t()])?;
             let bias = match (&p.b_q, &p.b_k, &p.b_v) {
-                (Some(q), Some(k), Some(v)) => Some(ndarray::concatenate(Axis(0), &[q.view(), k.view(), v.view()]).expect("1-D")),
+                (Some(q), Some(k), Some(v)) => {
+                    Some(ndarray::concatenate(Axis(0), &[q.view(), k.view(), v.view()]).expect("1-D"))
+                }
                 _ => None,
             };
             (input, bias)
@@ -576,7 +578,13 @@ impl<F: Float> MultiHead<F> {
         // SAFETY: gemm_packed writes every element.
         let qkv = unsafe {
             filled((b * tq, 3 * d), |c| {
-                gemm_packed(x_rows.view(), &packed.input, packed.input_bias.as_ref().map(|b| b.view()), false, c)
+                gemm_packed(
+                    x_rows.view(),
+                    &packed.input,
+                    packed.input_bias.as_ref().map(|b| b.view()),
+                    false,
+                    c,
+                )
             })
         };
         let part = |i: usize| qkv.slice(s![.., i * d..(i + 1) * d]).to_owned();
@@ -608,7 +616,13 @@ impl<F: Float> MultiHead<F> {
         // SAFETY: gemm_packed writes every element.
         let q = unsafe {
             filled((b * tq, d), |c| {
-                gemm_packed(x_rows.view(), &packed.input, packed.input_bias.as_ref().map(|b| b.view()), false, c)
+                gemm_packed(
+                    x_rows.view(),
+                    &packed.input,
+                    packed.input_bias.as_ref().map(|b| b.view()),
+                    false,
+                    c,
+                )
             })
         };
         self.attend_projected(q, cache, mask, &packed.output)

@@ -32,12 +32,12 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use rand::Rng;
 
+use crate::blocks::decoder_layer::PackedDecoderLayer;
 use crate::blocks::{
     BlockConfig, Decoder, DecoderCache, DecoderConfig, DecoderState, Encoder, EncoderCache, EncoderConfig,
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::blocks::decoder_layer::PackedDecoderLayer;
 use crate::kernels::{Float, PackedB, argmax, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;

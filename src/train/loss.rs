@@ -13,10 +13,12 @@
 //! PyTorch equivalent: `F.cross_entropy(logits, targets, ignore_index=pad,
 //! label_smoothing=ε)` with the default mean reduction.
 
-use ndarray::{Array2, ArrayView2, Axis, Zip};
+use ndarray::{Array2, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::kernels::Float;
+use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
+use crate::kernels::simd::{exp_f32, max, sum_by, widest};
 
 /// Loss value, gradient and counts of [`cross_entropy`].
 #[derive(Clone, Debug)]
@@ -94,44 +96,27 @@ pub fn cross_entropy<F: Float>(
     }
     let eps = smoothing;
     let inv_n = 1.0 / tokens as f64;
-    let zip = Zip::from(logits.rows())
-        .and(grad.rows_mut())
-        .and(targets)
-        .and(&mut row_loss[..])
-        .and(&mut row_correct[..]);
-    let one = |z: ndarray::ArrayView1<F>,
-               mut g: ndarray::ArrayViewMut1<F>,
-               &y: &usize,
-               loss: &mut f64,
-               correct: &mut bool| {
-        if !counted(y) {
-            return;
-        }
-        let max = z.iter().fold(F::NEG_INFINITY, |m, &x| m.max(x));
-        // One exponential per logit, kept in g, summed in f64.
-        let mut sum_exp = 0.0f64;
-        for (gj, &zj) in g.iter_mut().zip(z.iter()) {
-            *gj = (zj - max).exp();
-            sum_exp += gj.to_f64();
-        }
-        let log_z = max.to_f64() + sum_exp.ln();
-        // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p
-        let sum_log_p: f64 = z.iter().map(|&x| x.to_f64() - log_z).sum();
-        *loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
-        let argmax = crate::kernels::argmax(z);
-        *correct = argmax == y;
-        let inv_sum = 1.0 / sum_exp;
-        for (j, gj) in g.iter_mut().enumerate() {
-            let p = gj.to_f64() * inv_sum;
-            let q = eps / v as f64 + if j == y { 1.0 - eps } else { 0.0 };
-            *gj = F::from_f64((p - q) * inv_n);
-        }
-    };
-    if crate::kernels::parallel_worth(n * v) {
-        zip.par_for_each(one);
-    } else {
-        zip.for_each(one);
-    }
+    let logits = logits.as_standard_layout();
+    let z_all = logits.as_slice().expect("standard layout");
+    let (losses, corrects) = (Disjoint::new(&mut row_loss), Disjoint::new(&mut row_correct));
+    let grad_all = grad.as_slice_mut().expect("a new array is contiguous");
+    // Rows on their own, in parallel chunks of whole rows; each row's sums run in lanes.
+    for_each_chunk_mut(grad_all, v, 8 * n * v, |at, g_rows| {
+        let (r0, rows) = (at / v, g_rows.len() / v);
+        // SAFETY: this chunk's rows of the per-row results, disjoint from other chunks'.
+        let (losses, corrects) = unsafe { (losses.range(r0, rows), corrects.range(r0, rows)) };
+        widest!(for r in 0..rows {
+            let y = targets[r0 + r];
+            if !counted(y) {
+                continue;
+            }
+            let z = &z_all[(r0 + r) * v..(r0 + r + 1) * v];
+            let g = &mut g_rows[r * v..(r + 1) * v];
+            let (loss, correct) = row_cross_entropy(z, g, y, eps, inv_n);
+            losses[r] = loss;
+            corrects[r] = correct;
+        })
+    });
     let loss = row_loss.iter().sum::<f64>() * inv_n;
     let correct = row_correct.iter().filter(|&&c| c).count();
     Ok(CrossEntropy {
@@ -152,6 +137,43 @@ pub fn log_softmax<F: Float>(logits: ArrayView2<F>) -> Array2<f64> {
         row.mapv_inplace(|x| x - log_z);
     }
     out
+}
+
+/// One row of [`cross_entropy`]: writes the gradient of the row into g and returns its loss
+/// and whether its argmax is the target. The exponentials are kept in g and summed in `f64`
+/// lanes.
+#[inline(always)]
+fn row_cross_entropy<F: Float>(z: &[F], g: &mut [F], y: usize, eps: f64, inv_n: f64) -> (f64, bool) {
+    let v = z.len();
+    let max = max(z);
+    let sum_exp = match (F::as_f32(z), F::as_f32_mut(g)) {
+        (Some(z), Some(g)) => {
+            let m = max.to_f64() as f32;
+            for j in 0..v {
+                g[j] = exp_f32(z[j] - m);
+            }
+            sum_by(v, |j| g[j] as f64)
+        }
+        _ => {
+            for j in 0..v {
+                g[j] = (z[j] - max).exp();
+            }
+            sum_by(v, |j| g[j].to_f64())
+        }
+    };
+    let log_z = max.to_f64() + sum_exp.ln();
+    // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p, with Σ log p = Σ z − V·log Z.
+    let sum_log_p = sum_by(v, |j| z[j].to_f64()) - v as f64 * log_z;
+    let loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
+    let correct = crate::kernels::argmax(ndarray::ArrayView1::from(z)) == y;
+    // ∂/∂z = (p − q)/N with q = ε/V, plus 1 − ε at the target.
+    let (inv_sum, q) = (1.0 / sum_exp, eps / v as f64);
+    let p_y = g[y].to_f64() * inv_sum;
+    for gj in g.iter_mut() {
+        *gj = F::from_f64((gj.to_f64() * inv_sum - q) * inv_n);
+    }
+    g[y] = F::from_f64((p_y - q - (1.0 - eps)) * inv_n);
+    (loss, correct)
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 use crate::error::{Error, Result};
 use crate::kernels::Float;
+use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
+use crate::kernels::simd::widest;
 use crate::params::Params;
 
 /// An optimizer: updates parameters from their gradients.
@@ -166,11 +168,39 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
                 if decay && p.ndim() >= 2 {
                     p.mapv_inplace(|x| x * shrink);
                 }
-                Zip::from(&mut p).and(&g).and(m).and(v).for_each(|p, &g, m, v| {
+                let update = |p: &mut F, g: F, m: &mut F, v: &mut F| {
                     let g = g + l2 * *p;
                     *m = b1f * *m + one_b1 * g;
                     *v = b2f * *v + one_b2 * g * g;
                     *p -= step_size * *m / (v.sqrt() * inv_sqrt_bias2 + eps);
+                };
+                let same = p.is_standard_layout()
+                    && g.is_standard_layout()
+                    && m.is_standard_layout()
+                    && v.is_standard_layout();
+                if !same {
+                    Zip::from(&mut p)
+                        .and(&g)
+                        .and(m)
+                        .and(v)
+                        .for_each(|p, &g, m, v| update(p, g, m, v));
+                    return;
+                }
+                // One flat loop per tensor, in parallel chunks, vectorised.
+                let (g, m, v) = (
+                    g.as_slice().expect("standard layout"),
+                    Disjoint::new(m.as_slice_mut().expect("standard layout")),
+                    Disjoint::new(v.as_slice_mut().expect("standard layout")),
+                );
+                let p = p.as_slice_mut().expect("standard layout");
+                let len = p.len();
+                for_each_chunk_mut(p, 16, 16 * len, |at, p| {
+                    // SAFETY: the chunk's own range of m and v, disjoint from other chunks'.
+                    let (m, v) = unsafe { (m.range(at, p.len()), v.range(at, p.len())) };
+                    let g = &g[at..at + p.len()];
+                    widest!(for j in 0..p.len() {
+                        update(&mut p[j], g[j], &mut m[j], &mut v[j]);
+                    })
                 });
             },
         );

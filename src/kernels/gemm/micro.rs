@@ -197,7 +197,11 @@ unsafe fn store512(p: *mut f32, acc: __m512, update: Update, j0: usize, relu: bo
                 _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), old)
             }
         };
-        let v = if relu { _mm512_max_ps(v, _mm512_setzero_ps()) } else { v };
+        let v = if relu {
+            _mm512_max_ps(v, _mm512_setzero_ps())
+        } else {
+            v
+        };
         _mm512_mask_storeu_ps(p, mask, v);
     }
 }
@@ -262,7 +266,9 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bo
     // SAFETY: the caller vouches for 8 floats at p (and of the bias).
     unsafe {
         let v = match update {
-            Update::Bias { alpha, bias } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(bias.add(j0))),
+            Update::Bias { alpha, bias } => {
+                _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(bias.add(j0)))
+            }
             Update::Set { alpha } => _mm256_mul_ps(acc, _mm256_set1_ps(alpha)),
             Update::Scale { alpha, beta } => _mm256_fmadd_ps(
                 acc,
@@ -271,7 +277,11 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bo
             ),
             Update::Add { alpha } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(p)),
         };
-        let v = if relu { _mm256_max_ps(v, _mm256_setzero_ps()) } else { v };
+        let v = if relu {
+            _mm256_max_ps(v, _mm256_setzero_ps())
+        } else {
+            v
+        };
         _mm256_storeu_ps(p, v);
     }
 }

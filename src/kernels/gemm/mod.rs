@@ -27,8 +27,8 @@ use super::small_gemm;
 mod micro;
 mod packed;
 
-pub use packed::{Isa, KC};
 use packed::{Epilogue, Mat, MatMut};
+pub use packed::{Isa, KC};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -91,9 +91,21 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
         // SAFETY: pieces are disjoint rows (or columns) of C, which the caller lends mutably.
         let c = unsafe { raw_view_mut(c_ptr, c_dim, c_strides) };
         if by_rows {
-            gemm_serial(alpha, a.slice(s![range.clone(), ..]), b, beta, c.slice_move(s![range, ..]));
+            gemm_serial(
+                alpha,
+                a.slice(s![range.clone(), ..]),
+                b,
+                beta,
+                c.slice_move(s![range, ..]),
+            );
         } else {
-            gemm_serial(alpha, a, b.slice(s![.., range.clone()]), beta, c.slice_move(s![.., range]));
+            gemm_serial(
+                alpha,
+                a,
+                b.slice(s![.., range.clone()]),
+                beta,
+                c.slice_move(s![.., range]),
+            );
         }
     });
 }
@@ -104,12 +116,24 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
 ///
 /// # Panics
 /// If the shapes do not chain, or the bias does not have one element per column of C.
-pub fn gemm_bias<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, bias: Option<ArrayView1<F>>, relu: bool, mut c: ArrayViewMut2<F>) {
+pub fn gemm_bias<F: Float>(
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    bias: Option<ArrayView1<F>>,
+    relu: bool,
+    mut c: ArrayViewMut2<F>,
+) {
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
     if let Some(bias) = &bias {
-        assert_eq!(bias.len(), n, "gemm_bias: bias {:?} for C {:?}", bias.shape(), c.shape());
+        assert_eq!(
+            bias.len(),
+            n,
+            "gemm_bias: bias {:?} for C {:?}",
+            bias.shape(),
+            c.shape()
+        );
     }
     if !small_gemm::takes(m, k) {
         let owned = bias.as_ref().map(|b| b.as_standard_layout());
@@ -191,7 +215,13 @@ impl PackedB {
 /// # Panics
 /// If the shapes do not chain or the bias does not fit, or the element type is not `f32`
 /// (a [`PackedB`] exists only for `f32`).
-pub fn gemm_packed<F: Float>(a: ArrayView2<F>, b: &PackedB, bias: Option<ArrayView1<F>>, relu: bool, mut c: ArrayViewMut2<F>) {
+pub fn gemm_packed<F: Float>(
+    a: ArrayView2<F>,
+    b: &PackedB,
+    bias: Option<ArrayView1<F>>,
+    relu: bool,
+    mut c: ArrayViewMut2<F>,
+) {
     assert!(
         TypeId::of::<F>() == TypeId::of::<f32>(),
         "gemm_packed: a PackedB multiplies f32 only"
@@ -200,7 +230,13 @@ pub fn gemm_packed<F: Float>(a: ArrayView2<F>, b: &PackedB, bias: Option<ArrayVi
     let (m, k) = a.dim();
     let n = b.n;
     let bias = bias.map(|bias| {
-        assert_eq!(bias.len(), n, "gemm_packed: bias {:?} for C {:?}", bias.shape(), c.shape());
+        assert_eq!(
+            bias.len(),
+            n,
+            "gemm_packed: bias {:?} for C {:?}",
+            bias.shape(),
+            c.shape()
+        );
         bias.as_standard_layout().into_owned()
     });
     let ma = Mat {
@@ -242,7 +278,11 @@ unsafe impl<T> Sync for SendPtr<T> {}
 /// # Safety
 /// The pointer, shape and strides come from a live mutable view, and no two threads use the
 /// same elements of the view returned.
-unsafe fn raw_view_mut<'a, F>(p: SendPtr<F>, dim: (usize, usize), strides: (isize, isize)) -> ArrayViewMut2<'a, F> {
+unsafe fn raw_view_mut<'a, F>(
+    p: SendPtr<F>,
+    dim: (usize, usize),
+    strides: (isize, isize),
+) -> ArrayViewMut2<'a, F> {
     // SAFETY: forwarded from this function's contract; ndarray takes strides in elements.
     unsafe { ArrayViewMut2::from_shape_ptr(dim.strides((strides.0 as usize, strides.1 as usize)), p.0) }
 }
@@ -309,14 +349,37 @@ fn packed_f32<F: Float>(
 ///
 /// # Panics
 /// If the shapes do not chain, or the CPU does not run `isa`.
-pub fn gemm_f32_with(isa: Isa, alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, mut c: ArrayViewMut2<f32>, parts: usize) {
+pub fn gemm_f32_with(
+    isa: Isa,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<f32>,
+    parts: usize,
+) {
     check_shapes(a.dim(), b.dim(), c.dim());
-    assert!(Isa::available().contains(&isa), "gemm: this CPU does not run {isa:?}");
+    assert!(
+        Isa::available().contains(&isa),
+        "gemm: this CPU does not run {isa:?}"
+    );
     let (m, k) = a.dim();
     let n = b.ncols();
-    let ma = Mat { ptr: a.as_ptr(), rs: a.strides()[0], cs: a.strides()[1] };
-    let mb = Mat { ptr: b.as_ptr(), rs: b.strides()[0], cs: b.strides()[1] };
-    let mc = MatMut { ptr: c.as_mut_ptr(), rs: c.strides()[0], cs: c.strides()[1] };
+    let ma = Mat {
+        ptr: a.as_ptr(),
+        rs: a.strides()[0],
+        cs: a.strides()[1],
+    };
+    let mb = Mat {
+        ptr: b.as_ptr(),
+        rs: b.strides()[0],
+        cs: b.strides()[1],
+    };
+    let mc = MatMut {
+        ptr: c.as_mut_ptr(),
+        rs: c.strides()[0],
+        cs: c.strides()[1],
+    };
     // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
     // CPU runs `isa` (both checked above).
     unsafe { packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts, Epilogue::default()) };
@@ -579,11 +642,18 @@ mod tests {
             want += &bias;
             let want_relu = want.mapv(|v| v.max(0.0));
             for threads in [1, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 for relu in [false, true] {
                     let mut got = Array2::from_elem((m, n + 3), f32::NAN);
                     pool.install(|| gemm_packed(a.view(), &packed, Some(bias.view()), relu, got.view_mut()));
-                    assert_eq!(got, if relu { want_relu.clone() } else { want.clone() }, "m={m} k={k} n={n}");
+                    assert_eq!(
+                        got,
+                        if relu { want_relu.clone() } else { want.clone() },
+                        "m={m} k={k} n={n}"
+                    );
                 }
             }
         }

@@ -361,7 +361,7 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                     let src = unsafe {
                         std::slice::from_raw_parts(b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize), cols)
                     };
-                    row[..cols].copy_from_slice(src);
+                    copy_short(&mut row[..cols], src);
                     row[cols..].fill(0.0);
                 }
                 continue;
@@ -399,6 +399,25 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     }
 }
 
+/// `dst ← src` for the short runs of packing (a panel's width): the lengths of whole panels
+/// are copied with fixed-size moves the compiler inlines, rather than a call to `memcpy` for
+/// every 32 or 128 bytes.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
+        let d: &mut [f32; N] = dst.try_into().expect("length N");
+        *d = *<&[f32; N]>::try_from(src).expect("length N");
+    }
+    match dst.len() {
+        32 => fixed::<32>(dst, src),
+        16 => fixed::<16>(dst, src),
+        8 => fixed::<8>(dst, src),
+        6 => fixed::<6>(dst, src),
+        4 => fixed::<4>(dst, src),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 /// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
 ///
 /// # Safety
@@ -416,7 +435,9 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
         if a.rs == 1 {
             // Columns of A are contiguous: each step of k is one copy.
             for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
-                col[..rows].copy_from_slice(unsafe { std::slice::from_raw_parts(at(0, p), rows) });
+                copy_short(&mut col[..rows], unsafe {
+                    std::slice::from_raw_parts(at(0, p), rows)
+                });
                 col[rows..].fill(0.0);
             }
             continue;
@@ -500,7 +521,10 @@ unsafe fn run_part(
                     let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
                     let update = match (p0, ep.bias) {
                         // SAFETY: j0 < n, inside the bias.
-                        (0, Some(bias)) => Update::Bias { alpha, bias: unsafe { bias.add(j0) } },
+                        (0, Some(bias)) => Update::Bias {
+                            alpha,
+                            bias: unsafe { bias.add(j0) },
+                        },
                         (0, None) if beta == 0.0 => Update::Set { alpha },
                         (0, None) => Update::Scale { alpha, beta },
                         _ => Update::Add { alpha },

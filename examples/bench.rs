@@ -40,9 +40,9 @@ enum What {
 /// Measure the crate on a reference workload.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Which workload of WORKLOADS.md.
-    #[arg(long, value_enum)]
-    workload: Workload,
+    /// Which reference workload (see scripts/README.md).
+    #[arg(long, value_enum, required_unless_present = "peak")]
+    workload: Option<Workload>,
     /// Threads in the rayon pool.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -61,6 +61,10 @@ struct Args {
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
+    /// Measure the machine's fp32 FMA peak on 1 and on --threads threads instead (the peak
+    /// that the "fraction of peak" figures are quoted against), and exit.
+    #[arg(long)]
+    peak: bool,
 }
 
 /// (d_model, heads, d_ff, layers, vocab, batch, src_len, tgt_len)
@@ -78,6 +82,10 @@ fn main() -> Result<()> {
         eprintln!("error: --threads must be at least 1");
         std::process::exit(2);
     }
+    if args.peak {
+        peak(&args);
+        return Ok(());
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()
@@ -85,8 +93,37 @@ fn main() -> Result<()> {
     pool.install(|| run(&args))
 }
 
+/// The fp32 FMA peak of 1 and of `--threads` threads, each thread running the measuring loop
+/// at the same time; the median of 5 measurements.
+fn peak(args: &Args) {
+    for threads in [1, args.threads] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        let mut runs: Vec<f64> = (0..5)
+            .map(|_| {
+                pool.broadcast(|_| vaswani::kernels::simd::fma_peak_gflops(0.2))
+                    .iter()
+                    .sum()
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        let gflops = runs[2];
+        if args.json {
+            println!("{{\"what\": \"fma_peak\", \"threads\": {threads}, \"gflops\": {gflops:.1}}}");
+        } else {
+            println!("fp32 FMA peak, {threads} thread(s): {gflops:.1} GFLOP/s");
+        }
+        if args.threads == 1 {
+            break;
+        }
+    }
+}
+
 fn run(args: &Args) -> Result<()> {
-    let (d, h, f, layers, v, b, s, t) = sizes(args.workload);
+    let workload = args.workload.expect("required unless --peak");
+    let (d, h, f, layers, v, b, s, t) = sizes(workload);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)
         .with_shared_embeddings(true)
@@ -112,7 +149,7 @@ fn run(args: &Args) -> Result<()> {
         "# vaswani {}, threads={}, workload={:?} d_model={d} heads={h} d_ff={f} layers={layers} vocab={v} batch={b} src={s} tgt={t}, parameters={}",
         env!("CARGO_PKG_VERSION"),
         rayon::current_num_threads(),
-        args.workload,
+        workload,
         model.num_params()
     );
     let cost = cfg.cost(b, s, t);
@@ -201,7 +238,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
         What::EvalForward => "eval_forward",
         What::GreedyDecode => "greedy_decode",
     };
-    let workload = format!("{:?}", args.workload).to_lowercase();
+    let workload = format!("{:?}", args.workload.expect("a workload")).to_lowercase();
     let (min, max) = (sorted[0], sorted[n - 1]);
     let tokens_per_s = tokens / median;
     let gflops = flops / median / 1e9;

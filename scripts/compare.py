@@ -6,8 +6,8 @@ and then the crate's `bench` example (`cargo build --release --example bench` fi
 in a fresh process with the same --workload, --threads, --steps, --warmup and --seed, the
 crate with RAYON_NUM_THREADS set to the thread count as well. It prints both medians, the
 speed-up (PyTorch's median / the crate's median: above 1 the crate is faster), the crate's
-GFLOP/s (FLOP model of scripts/README.md) and, given --peak-gflops, the fraction of the
-machine's FMA peak that this is.
+GFLOP/s (FLOP model of scripts/README.md) and the fraction of the machine's FMA peak that
+this is (the peak measured by `bench --peak`, or given with --peak-gflops).
 
 Decoding: the crate's `greedy_decode` uses its key/value cache. It is set beside both of
 PyTorch's decodes, which run in one process right before it:
@@ -27,7 +27,7 @@ with a cache), and a summary of speed-ups in the layout of the README's speed ta
 Run from anywhere; paths default to this repository. Nothing else should run meanwhile.
 
     python3 scripts/compare.py --python .venv-torch/bin/python --workloads tiny --threads 1
-    python3 scripts/compare.py --python .venv-torch/bin/python --peak-gflops 240 483 --markdown speed.md
+    python3 scripts/compare.py --python .venv-torch/bin/python --markdown speed.md
     python3 scripts/compare.py --workloads small --what train_step eval_forward --steps 20
 """
 import argparse
@@ -104,7 +104,7 @@ def main():
                     help="passed to both sides; anything but fp32 needs the crate's bench to accept --precision")
     ap.add_argument("--peak-gflops", nargs="+", type=float, metavar="P",
                     help="the machine's FMA peak in GFLOP/s at 1, 2, ... threads (e.g. 240 483), for the "
-                         "crate's fraction of peak")
+                         "crate's fraction of peak; by default measured with the crate's `bench --peak`")
     ap.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables to FILE")
     ap.add_argument("--jsonl", metavar="FILE", help="also write every JSON line of both sides to FILE")
     args = ap.parse_args()
@@ -117,7 +117,22 @@ def main():
     if args.precision != "fp32" and not crate_has_precision:
         sys.exit(f"the crate's bench has no --precision option: only fp32 can be compared for now "
                  f"(PyTorch alone: {args.python} {HERE / 'bench_torch.py'} --precision {args.precision} ...)")
-    peak = {i + 1: p for i, p in enumerate(args.peak_gflops or [])}
+    if args.peak_gflops:
+        peak = {i + 1: p for i, p in enumerate(args.peak_gflops)}
+    else:
+        # The crate measures the FMA peak itself: every thread runs a chain of FMAs at once.
+        peak = {}
+        out = subprocess.run([str(bench), "--peak", "--json", "--threads", str(max(args.threads))],
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("what") == "fma_peak":
+                peak[rec["threads"]] = rec["gflops"]
+        print(f"# FMA peak measured by {bench} --peak: " +
+              ", ".join(f"{p:g} GFLOP/s at {t} thread(s)" for t, p in peak.items()))
 
     rows = []  # dicts: workload, threads, what, torch, crate, torch_cached
     headers = []

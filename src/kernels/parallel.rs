@@ -388,7 +388,7 @@ impl Team {
                 return;
             }
             spins += 1;
-            if spins % SPINS_PER_YIELD == 0 {
+            if spins.is_multiple_of(SPINS_PER_YIELD) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

@@ -61,7 +61,7 @@ fn reduce<F: Float>(mut acc: [F; LANES]) -> F {
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] = acc[i] + acc[i + w];
+            acc[i] += acc[i + w];
         }
     }
     acc[0]
@@ -120,6 +120,7 @@ pub fn dot<F: Float>(x: &[F], y: &[F]) -> F {
     sum_by(x.len(), |j| x[j] * y[j])
 }
 
+#[allow(clippy::excessive_precision)] // Cephes' coefficients as published
 /// `eˣ` in `f32` by range reduction and a polynomial (Cephes' `expf`), written in plain
 /// multiplies and adds so that a loop of it vectorises and gives the same bits in every build.
 /// Within 2 ulp of the exact value from −86.5 to 88.7; 0 below −86.5 (where eˣ < 3·10⁻³⁸,
@@ -132,6 +133,7 @@ pub fn exp_f32(x: f32) -> f32 {
     // Rounds to the nearest integer for |v| < 2²², by the float adder.
     const ROUND: f32 = 12_582_912.0;
     // max/min rather than clamp: NaN becomes −86.5 here (and NaN again at the end).
+    #[allow(clippy::manual_clamp)] // clamp would keep NaN, which the casts below must not see
     let xc = x.max(-86.5).min(88.7);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
@@ -156,6 +158,71 @@ pub fn exp_f32(x: f32) -> f32 {
         x
     } else {
         v
+    }
+}
+
+/// This thread's `f32` fused multiply-add throughput, in GFLOP/s (2 FLOP per lane), measured
+/// for about `seconds` with the widest FMA the CPU has (16 lanes with AVX-512, 8 with AVX2):
+/// the peak that "fraction of peak" figures are quoted against. Run it on every thread at
+/// once (as `bench --peak` does) for the peak of several threads; 0 on CPUs without FMA.
+pub fn fma_peak_gflops(seconds: f64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // 16 independent chains hide the FMA latency on both FMA ports.
+        #[target_feature(enable = "avx512f")]
+        fn run512(iters: u64) -> f32 {
+            let mut acc = [_mm512_set1_ps(1.0); 16];
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, a, b);
+                }
+            }
+            acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn run256(iters: u64) -> f32 {
+            let mut acc = [_mm256_set1_ps(1.0); 12];
+            let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm256_fmadd_ps(*x, a, b);
+                }
+            }
+            let mut out = [0.0f32; 8];
+            let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &x| _mm256_add_ps(s, x));
+            // SAFETY: `out` holds 8 floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+            out.iter().sum()
+        }
+        let (lanes, chains, run): (f64, f64, fn(u64) -> f32) =
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked).
+                (16.0, 16.0, |n| unsafe { run512(n) })
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA (checked).
+                (8.0, 12.0, |n| unsafe { run256(n) })
+            } else {
+                return 0.0;
+            };
+        let mut iters = 1_000u64;
+        loop {
+            let start = std::time::Instant::now();
+            std::hint::black_box(run(std::hint::black_box(iters)));
+            let elapsed = start.elapsed().as_secs_f64();
+            if elapsed >= seconds {
+                return iters as f64 * chains * lanes * 2.0 / elapsed / 1e9;
+            }
+            iters = (iters as f64 * (seconds / elapsed.max(1e-6)).clamp(1.5, 100.0)) as u64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = seconds;
+        0.0
     }
 }
 

@@ -331,7 +331,6 @@ pub fn attention_forward<F: Float>(
     } else {
         (0..b * h).for_each(one);
     }
-    std::mem::drop((outs, all_probs));
     AttentionCoreCache { probs, drop, mask }
 }
 

@@ -61,7 +61,11 @@ impl Update {
             Update::Bias { alpha, bias } => acc.mul_add(alpha, unsafe { *bias.add(j) }),
         };
         // As `_mm512_max_ps(v, 0)`: NaN and −0 give +0, as `Activation::Relu` does.
-        if relu && !(v > 0.0) { 0.0 } else { v }
+        if relu && v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            0.0
+        } else {
+            v
+        }
     }
 
     /// Whether C is read.

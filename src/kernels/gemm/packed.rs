@@ -368,7 +368,7 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
             }
             let mut p_done = 0;
             #[cfg(target_arch = "x86_64")]
-            if simd && b.rs == 1 && cols == nr && nr % 8 == 0 {
+            if simd && b.rs == 1 && cols == nr && nr.is_multiple_of(8) {
                 // Columns of B are contiguous: 8 × 8 transposes.
                 p_done = kc - kc % 8;
                 for j in (0..nr).step_by(8) {

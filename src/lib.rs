@@ -11,7 +11,6 @@ pub mod kernels;
 pub mod layers;
 pub mod models;
 pub mod params;
-pub mod runtime;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::error::{Result, check};
 use crate::kernels::Float;
+use crate::kernels::workspace::Recycle;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of a [`Decoder`] stack.
@@ -65,6 +66,7 @@ pub struct DecoderCache<F: Float = f32> {
     norm: Option<LayerNormCache<F>>,
     dims: (usize, usize, usize),
 }
+crate::kernels::workspace::impl_recycle!(DecoderCache<F: Float> { layers, norm });
 
 impl DecoderConfig {
     /// `n_layers` layers of `block`, with the final LayerNorm chosen automatically.
@@ -131,12 +133,12 @@ impl<F: Float> Decoder<F> {
         rng: &mut impl Rng,
     ) -> (Array3<F>, DecoderCache<F>) {
         let (b, t, _) = x.dim();
-        let mut h = x.to_owned();
+        let mut h = crate::kernels::workspace::owned(x);
         let mut caches = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (y, c) = layer.forward(h.view(), memory, self_mask, memory_mask, rng);
             caches.push(c);
-            h = y;
+            std::mem::replace(&mut h, y).give_back();
         }
         let (y, norm) = match &self.norm {
             Some(ln) => {
@@ -272,7 +274,7 @@ impl<F: Float> Decoder<F> {
             (Some(ln), Some(c), Some(gn)) => unrows(ln.backward(c, rows(grad_y).view(), &mut gn.p), b, t),
             _ => grad_y.to_owned(),
         };
-        let mut grad_memory = Array3::zeros((b, s, self.cfg.block.d_model));
+        let mut grad_memory = crate::kernels::workspace::zeros((b, s, self.cfg.block.d_model));
         for ((layer, c), gl) in self
             .layers
             .iter()
@@ -282,7 +284,7 @@ impl<F: Float> Decoder<F> {
         {
             let (gx, gm) = layer.backward(c, grad.view(), gl);
             grad_memory += &gm;
-            grad = gx;
+            (std::mem::replace(&mut grad, gx), gm).give_back();
         }
         (grad, grad_memory)
     }

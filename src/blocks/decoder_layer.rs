@@ -21,6 +21,7 @@ use rand::Rng;
 use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
+use crate::kernels::workspace::Recycle;
 use crate::layers::feed_forward::PackedFeedForward;
 use crate::layers::multi_head::PackedMultiHead;
 use crate::layers::{
@@ -64,6 +65,7 @@ pub struct DecoderLayerCache<F: Float = f32> {
     cross_attn: ResidualCache<F, MultiHeadCache<F>>,
     ffn: ResidualCache<F, FeedForwardCache<F>>,
 }
+crate::kernels::workspace::impl_recycle!(DecoderLayerCache<F: Float> { self_attn, cross_attn, ffn });
 
 /// Attention weights of one decoder layer, each `[B, H, Tq, Tk]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +133,7 @@ impl<F: Float> DecoderLayer<F> {
         let (y, ffn) = self
             .norm3
             .forward(h2.view(), rng, |z, rng| self.ffn.forward(z, rng));
+        (h1, h2).give_back();
         (
             unrows(y, b, t),
             DecoderLayerCache {
@@ -290,6 +293,7 @@ impl<F: Float> DecoderLayer<F> {
             });
         let grad_memory = grad_memory.expect("cross-attention returns a memory gradient");
         debug_assert_eq!(grad_memory.dim().1, s);
+        (grad_h1, grad_h2).give_back();
         (unrows(grad_x, b, t), grad_memory)
     }
 

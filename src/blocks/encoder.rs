@@ -10,6 +10,7 @@ use rand::Rng;
 use super::{BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, unrows};
 use crate::error::{Result, check};
 use crate::kernels::Float;
+use crate::kernels::workspace::Recycle;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of an [`Encoder`] stack.
@@ -43,6 +44,7 @@ pub struct EncoderCache<F: Float = f32> {
     norm: Option<LayerNormCache<F>>,
     dims: (usize, usize),
 }
+crate::kernels::workspace::impl_recycle!(EncoderCache<F: Float> { layers, norm });
 
 impl EncoderConfig {
     /// `n_layers` layers of `block`, with the final LayerNorm chosen automatically.
@@ -101,12 +103,12 @@ impl<F: Float> Encoder<F> {
     /// If a shape or the mask does not fit.
     pub fn forward(&self, x: ArrayView3<F>, mask: &Mask, rng: &mut impl Rng) -> (Array3<F>, EncoderCache<F>) {
         let (b, s, _) = x.dim();
-        let mut h = x.to_owned();
+        let mut h = crate::kernels::workspace::owned(x);
         let mut caches = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (y, c) = layer.forward(h.view(), mask, rng);
             caches.push(c);
-            h = y;
+            std::mem::replace(&mut h, y).give_back();
         }
         let (y, norm) = match &self.norm {
             Some(ln) => {
@@ -203,7 +205,8 @@ impl<F: Float> Encoder<F> {
             .zip(g.layers.iter_mut())
             .rev()
         {
-            grad = layer.backward(c, grad.view(), gl);
+            let next = layer.backward(c, grad.view(), gl);
+            std::mem::replace(&mut grad, next).give_back();
         }
         grad
     }

@@ -34,6 +34,7 @@ use rand::Rng;
 use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
+use crate::kernels::workspace::Recycle;
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
@@ -67,6 +68,7 @@ pub struct EncoderLayerCache<F: Float = f32> {
     attn: ResidualCache<F, MultiHeadCache<F>>,
     ffn: ResidualCache<F, FeedForwardCache<F>>,
 }
+crate::kernels::workspace::impl_recycle!(EncoderLayerCache<F: Float> { attn, ffn });
 
 impl<F: Float> EncoderLayer<F> {
     /// Builds the layer.
@@ -107,6 +109,7 @@ impl<F: Float> EncoderLayer<F> {
         let (y, ffn) = self
             .norm2
             .forward(h.view(), rng, |z, rng| self.ffn.forward(z, rng));
+        h.give_back();
         (unrows(y, b, t), EncoderLayerCache { b, t, attn, ffn })
     }
 
@@ -174,6 +177,7 @@ impl<F: Float> EncoderLayer<F> {
                 let (gx, _) = self.self_attn.backward(c, view3(gz, b, t), &mut g.self_attn.p);
                 flat(gx)
             });
+        grad_h.give_back();
         unrows(grad_x, b, t)
     }
 

@@ -176,10 +176,12 @@ pub(crate) fn rows<F: Float>(x: ArrayView3<'_, F>) -> CowArray<'_, F, Ix2> {
 /// An owned `[B, T, d]` as `[B·T, d]` rows (no copy for standard layout).
 pub(crate) fn flat<F: Float>(x: Array3<F>) -> Array2<F> {
     let (b, t, d) = x.dim();
-    x.as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((b * t, d))
-        .expect("standard layout")
+    let x = if x.is_standard_layout() {
+        x
+    } else {
+        x.as_standard_layout().into_owned()
+    };
+    x.into_shape_with_order((b * t, d)).expect("standard layout")
 }
 
 /// `[B·T, d]` rows as `[B, T, d]`.

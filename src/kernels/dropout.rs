@@ -27,17 +27,11 @@ pub fn dropout_mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
 ) -> Array<F, D> {
     assert!((0.0..1.0).contains(&p), "dropout_mask: p = {p} is not in [0, 1)");
     let key = rng.next_u64();
-    let mut mask = Array::<F, D>::uninit(shape);
-    let len = mask.len();
-    // SAFETY: a new array is contiguous, `len` elements from its pointer; `fill_mask` writes
-    // every one of them and reads none, so the array is initialised afterwards.
+    // SAFETY: `fill_mask` writes every element of the (new, standard layout) view.
     unsafe {
-        fill_mask(
-            p,
-            key,
-            std::slice::from_raw_parts_mut(mask.as_mut_ptr() as *mut F, len),
-        );
-        mask.assume_init()
+        super::workspace::filled(shape, |mut mask: ndarray::ArrayViewMut<'_, F, D>| {
+            fill_mask(p, key, mask.as_slice_mut().expect("a new array is contiguous"))
+        })
     }
 }
 

@@ -12,6 +12,7 @@ pub mod parallel;
 pub mod simd;
 pub mod small_gemm;
 pub mod softmax;
+pub mod workspace;
 
 pub use activations::Activation;
 
@@ -26,7 +27,8 @@ pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
         .0
 }
 
-/// A new `shape` array whose elements are all written by `fill`, with no zeroing pass before.
+/// A new `shape` array whose elements are all written by `fill`, with no zeroing pass before
+/// (from the current [`workspace`] when it holds a buffer of that size).
 ///
 /// # Safety
 /// `fill` must write every element of the view it is given before it reads any (a GEMM with
@@ -35,16 +37,8 @@ pub(crate) unsafe fn filled<F: Float>(
     shape: (usize, usize),
     fill: impl FnOnce(ndarray::ArrayViewMut2<'_, F>),
 ) -> ndarray::Array2<F> {
-    let mut out = ndarray::Array2::<F>::uninit(shape);
-    // SAFETY: a view of out's own storage, of its shape and standard strides; creating it
-    // reads nothing, and `fill` writes every element before reading any (caller).
-    unsafe {
-        fill(ndarray::ArrayViewMut2::from_shape_ptr(
-            shape,
-            out.as_mut_ptr() as *mut F,
-        ));
-        out.assume_init()
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { workspace::filled(shape, fill) }
 }
 
 /// `acc += Σ_rows x` (one row after the other, so the result does not depend on threads).

@@ -90,6 +90,7 @@ pub struct AttentionCache<F: Float = f32> {
     v: Array3<F>,
     core: AttentionCoreCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(AttentionCache<F: Float> { q, k, v, core });
 
 /// The weights and dropout mask of [`attention_forward`], for [`attention_backward`].
 #[derive(Clone, Debug)]
@@ -100,6 +101,7 @@ pub struct AttentionCoreCache<F: Float = f32> {
     drop: Option<Array4<F>>,
     mask: ResolvedMask,
 }
+crate::kernels::workspace::impl_recycle!(AttentionCoreCache<F: Float> { probs, drop });
 
 impl AttentionConfig {
     /// No attention dropout.
@@ -287,7 +289,7 @@ pub fn attention_forward<F: Float>(
         (b, tq, tk),
         "attention: mask resolved for another shape"
     );
-    let mut probs = Array4::zeros((b, h, tq, tk));
+    let mut probs = crate::kernels::workspace::zeros((b, h, tq, tk));
     let drop = match rng {
         Some(rng) if p_drop > 0.0 => Some(dropout_mask::<F, _, _>(p_drop, (b, h, tq, tk), rng)),
         _ => None,

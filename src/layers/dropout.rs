@@ -69,6 +69,7 @@ pub struct DropoutCache<F: Float = f32> {
     mask: Option<Array2<F>>,
     dim: (usize, usize),
 }
+crate::kernels::workspace::impl_recycle!(DropoutCache<F: Float> { mask });
 
 impl DropoutConfig {
     /// Dropout with rate `p` (PyTorch's `nn.Dropout` defaults to 0.5; the paper uses 0.1).
@@ -145,7 +146,7 @@ impl<F: Float> DropoutCache<F> {
     /// # Panics
     /// If `x` does not have the shape the mask was drawn for.
     pub fn apply(&self, x: ArrayView2<F>) -> Array2<F> {
-        let mut y = x.to_owned();
+        let mut y = crate::kernels::workspace::owned(x);
         self.apply_inplace(y.view_mut());
         y
     }

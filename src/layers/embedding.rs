@@ -115,12 +115,16 @@ crate::delegate_params!(Embedding => p);
 pub struct EmbeddingCache {
     ids: Array2<usize>,
 }
+impl crate::kernels::workspace::Recycle for EmbeddingCache {
+    fn give_back(self) {}
+}
 
 /// What [`Embedding::project_backward`] needs from [`Embedding::project`]: the input h.
 #[derive(Clone, Debug)]
 pub struct ProjectionCache<F: Float = f32> {
     h: Array2<F>,
 }
+crate::kernels::workspace::impl_recycle!(ProjectionCache<F: Float> { h });
 
 impl EmbeddingConfig {
     /// An embedding of `vocab` tokens in `d_model` features, scaled by √d_model.
@@ -184,7 +188,7 @@ impl<F: Float> Embedding<F> {
         let s = self.factor();
         let w = self.p.weight.view();
         let d = self.cfg.d_model;
-        let mut y = Array2::zeros((ids.len(), d));
+        let mut y = crate::kernels::workspace::zeros((ids.len(), d));
         // `ids.iter()` runs in row-major order: b, then t.
         let flat: Vec<usize> = ids.iter().copied().collect();
         let w = w.as_standard_layout();
@@ -236,7 +240,12 @@ impl<F: Float> Embedding<F> {
     /// If `h` is not `[N, d_model]`.
     pub fn project(&self, h: ArrayView2<F>) -> (Array2<F>, ProjectionCache<F>) {
         let logits = self.project_infer(h);
-        (logits, ProjectionCache { h: h.to_owned() })
+        (
+            logits,
+            ProjectionCache {
+                h: crate::kernels::workspace::owned(h),
+            },
+        )
     }
 
     /// [`Embedding::project`] without a cache, for inference.
@@ -251,9 +260,12 @@ impl<F: Float> Embedding<F> {
             h.shape(),
             self.cfg.d_model
         );
-        let mut logits = Array2::zeros((h.nrows(), self.cfg.vocab));
-        gemm(F::ONE, h, self.p.weight.t(), F::ZERO, logits.view_mut());
-        logits
+        // SAFETY: a GEMM with β = 0 writes every element.
+        unsafe {
+            crate::kernels::filled((h.nrows(), self.cfg.vocab), |logits| {
+                gemm(F::ONE, h, self.p.weight.t(), F::ZERO, logits)
+            })
+        }
     }
 
     /// Backward of [`Embedding::project`]: adds `grad_logitsᵀ·h` into `g.weight` and

@@ -69,6 +69,7 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::parallel::for_each_chunk_mut;
 use crate::kernels::simd::widest;
+use crate::kernels::workspace::Recycle;
 use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::linear::{affine, affine_backward};
@@ -132,6 +133,7 @@ pub struct FeedForwardCache<F: Float = f32> {
     /// The dropout mask.
     dropout: DropoutCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(FeedForwardCache<F: Float> { x, h, a, dropout });
 
 /// W1 and W2 of a [`FeedForward`] packed once for the many products of a decode
 /// ([`crate::kernels::PackedB`]); made by [`FeedForward::pack`], valid while the layer is
@@ -215,7 +217,7 @@ impl<F: Float> FeedForward<F> {
         dropout.apply_inplace(a.view_mut());
         let y = affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()));
         let cache = FeedForwardCache {
-            x: x.to_owned(),
+            x: crate::kernels::workspace::owned(x),
             h,
             a,
             dropout,
@@ -363,13 +365,15 @@ impl<F: Float> FeedForward<F> {
                 });
             }
         }
-        affine_backward(
+        let grad_x = affine_backward(
             cache.x.view(),
             self.p.w1.view(),
             grad_h.view(),
             g.w1.view_mut(),
             g.b1.as_mut().map(|b| b.view_mut()),
-        )
+        );
+        grad_h.give_back();
+        grad_x
     }
 
     fn check_input(&self, x: ArrayView2<F>) {

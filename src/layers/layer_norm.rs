@@ -87,6 +87,7 @@ pub struct LayerNormCache<F: Float = f32> {
     x_hat: Array2<F>,
     rstd: Array1<F>,
 }
+crate::kernels::workspace::impl_recycle!(LayerNormCache<F: Float> { x_hat, rstd });
 
 impl LayerNormConfig {
     /// Normalisation of rows of width `d_model`, with PyTorch's `eps = 1e-5`.

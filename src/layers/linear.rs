@@ -55,6 +55,7 @@ crate::delegate_params!(Linear => p);
 pub struct LinearCache<F: Float = f32> {
     x: Array2<F>,
 }
+crate::kernels::workspace::impl_recycle!(LinearCache<F: Float> { x });
 
 impl LinearConfig {
     /// A layer from `d_in` to `d_out` features, with bias.
@@ -100,7 +101,12 @@ impl<F: Float> Linear<F> {
     /// If `x` is not `[N, d_in]`.
     pub fn forward(&self, x: ArrayView2<F>) -> (Array2<F>, LinearCache<F>) {
         let y = self.infer(x);
-        (y, LinearCache { x: x.to_owned() })
+        (
+            y,
+            LinearCache {
+                x: crate::kernels::workspace::owned(x),
+            },
+        )
     }
 
     /// Forward pass without a cache, for inference.

@@ -48,9 +48,10 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, PackedB, filled, gemm_packed};
+use crate::kernels::workspace::Recycle;
+use crate::kernels::{Float, PackedB, filled, gemm, gemm_packed};
 use crate::layers::attention::{AttentionCoreCache, attention_backward, attention_forward, resolve_or_panic};
-use crate::layers::linear::{affine, affine_backward};
+use crate::layers::linear::{affine, affine_backward, affine_backward_weights};
 use crate::layers::mask::Mask;
 use crate::params::xavier_uniform;
 
@@ -128,6 +129,7 @@ pub struct MultiHeadCache<F: Float = f32> {
     ctx: Array2<F>,
     core: AttentionCoreCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(MultiHeadCache<F: Float> { x, memory, q, k, v, ctx, core });
 
 /// The keys and values of positions already seen, per head, for decoding step by step: the
 /// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
@@ -330,7 +332,7 @@ impl<F: Float> MultiHead<F> {
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         let k = affine(src_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(src_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
-        let mut ctx = Array2::zeros((b * tq, d));
+        let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
         let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
         let core = attention_forward(
             self.heads(q.view(), b),
@@ -377,17 +379,21 @@ impl<F: Float> MultiHead<F> {
             [b, tq, d]
         );
         let p = &self.p;
-        let grad_y = rows(grad_y);
+        let grad_y = grad_y.as_standard_layout();
+        let grad_y = grad_y
+            .view()
+            .into_shape_with_order((b * tq, d))
+            .expect("standard layout");
         let grad_ctx = affine_backward(
             cache.ctx.view(),
             p.w_o.view(),
-            grad_y.view(),
+            grad_y,
             g.w_o.view_mut(),
             g.b_o.as_mut().map(|b| b.view_mut()),
         );
-        let mut grad_q = Array2::zeros((b * tq, d));
-        let mut grad_k = Array2::zeros((b * tk, d));
-        let mut grad_v = Array2::zeros((b * tk, d));
+        let mut grad_q = crate::kernels::workspace::zeros((b * tq, d));
+        let mut grad_k = crate::kernels::workspace::zeros((b * tk, d));
+        let mut grad_v = crate::kernels::workspace::zeros((b * tk, d));
         attention_backward(
             self.heads(cache.q.view(), b),
             self.heads(cache.k.view(), b),
@@ -398,36 +404,42 @@ impl<F: Float> MultiHead<F> {
             self.heads_mut(grad_k.view_mut(), b),
             self.heads_mut(grad_v.view_mut(), b),
         );
+        grad_ctx.give_back();
         let src = cache.memory.as_ref().unwrap_or(&cache.x);
-        let mut grad_x = affine_backward(
-            cache.x.view(),
-            p.w_q.view(),
-            grad_q.view(),
-            g.w_q.view_mut(),
-            g.b_q.as_mut().map(|b| b.view_mut()),
-        );
-        let mut grad_src = affine_backward(
-            src.view(),
-            p.w_k.view(),
-            grad_k.view(),
-            g.w_k.view_mut(),
-            g.b_k.as_mut().map(|b| b.view_mut()),
-        );
-        grad_src += &affine_backward(
-            src.view(),
-            p.w_v.view(),
-            grad_v.view(),
-            g.w_v.view_mut(),
-            g.b_v.as_mut().map(|b| b.view_mut()),
-        );
-        let to3 = |a: Array2<F>, t: usize| a.into_shape_with_order((b, t, d)).expect("standard layout");
-        match cache.memory {
-            Some(_) => (to3(grad_x, tq), Some(to3(grad_src, tk))),
-            None => {
-                grad_x += &grad_src;
-                (to3(grad_x, tq), None)
-            }
+        // Weight gradients, then the input gradients summed by the GEMMs themselves (β = 1):
+        // ∂L/∂x = G_Q·W_Q (+ G_K·W_K + G_V·W_V in self-attention).
+        fn bias<F: Float>(b: &mut Option<Array1<F>>) -> Option<ndarray::ArrayViewMut1<'_, F>> {
+            b.as_mut().map(|b| b.view_mut())
         }
+        affine_backward_weights(cache.x.view(), grad_q.view(), g.w_q.view_mut(), bias(&mut g.b_q));
+        affine_backward_weights(src.view(), grad_k.view(), g.w_k.view_mut(), bias(&mut g.b_k));
+        affine_backward_weights(src.view(), grad_v.view(), g.w_v.view_mut(), bias(&mut g.b_v));
+        // SAFETY: a GEMM with β = 0 writes every element.
+        let mut grad_x = unsafe {
+            filled((b * tq, d), |gx| {
+                gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx)
+            })
+        };
+        let grad_src = match cache.memory {
+            Some(_) => {
+                // SAFETY: as above.
+                let mut gs = unsafe {
+                    filled((b * tk, d), |gs| {
+                        gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ZERO, gs)
+                    })
+                };
+                gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, gs.view_mut());
+                Some(gs)
+            }
+            None => {
+                gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ONE, grad_x.view_mut());
+                gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, grad_x.view_mut());
+                None
+            }
+        };
+        (grad_q, grad_k, grad_v).give_back();
+        let to3 = |a: Array2<F>, t: usize| a.into_shape_with_order((b, t, d)).expect("standard layout");
+        (to3(grad_x, tq), grad_src.map(|gs| to3(gs, tk)))
     }
 
     /// An empty self-attention cache for `b` sequences, with room for `capacity` positions
@@ -681,8 +693,7 @@ impl<F: Float> MultiHeadCache<F> {
 /// `[B, T, d]` as owned standard-layout rows `[B·T, d]`.
 fn rows<F: Float>(x: ArrayView3<F>) -> Array2<F> {
     let (b, t, d) = x.dim();
-    x.as_standard_layout()
-        .into_owned()
+    crate::kernels::workspace::owned(x)
         .into_shape_with_order((b * t, d))
         .expect("standard layout")
 }

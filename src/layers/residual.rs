@@ -95,6 +95,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::Float;
+use crate::kernels::workspace::Recycle;
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
 use crate::layers::layer_norm::{LayerNorm, LayerNormCache, LayerNormConfig, LayerNormParams};
 
@@ -134,6 +135,15 @@ pub struct ResidualCache<F: Float, C> {
     dropout: DropoutCache<F>,
     norm: LayerNormCache<F>,
     dim: (usize, usize),
+}
+impl<F: Float, C: crate::kernels::workspace::Recycle> crate::kernels::workspace::Recycle
+    for ResidualCache<F, C>
+{
+    fn give_back(self) {
+        self.sublayer.give_back();
+        self.dropout.give_back();
+        self.norm.give_back();
+    }
 }
 
 impl ResidualConfig {
@@ -209,6 +219,7 @@ impl<F: Float> Residual<F> {
         if self.cfg.norm_first {
             let (u, norm) = self.norm.forward(x);
             let (mut y, sublayer) = sublayer(u.view(), rng);
+            u.give_back();
             check_sublayer_output("forward", y.dim(), dim);
             let dropout = self.dropout.draw(dim, rng);
             dropout.apply_inplace(y.view_mut());
@@ -228,6 +239,7 @@ impl<F: Float> Residual<F> {
             let (y, norm) = self
                 .norm
                 .forward_sum(x, z.view(), dropout.mask().map(|m| m.view()));
+            z.give_back();
             let cache = ResidualCache {
                 sublayer,
                 dropout,
@@ -296,6 +308,7 @@ impl<F: Float> Residual<F> {
             check_sublayer_output("backward", grad_u.dim(), cache.dim);
             let mut grad_x = self.norm.backward(&cache.norm, grad_u.view(), g);
             grad_x += &grad_y;
+            (grad_s, grad_u).give_back();
             grad_x
         } else {
             let mut grad_z = self.norm.backward(&cache.norm, grad_y, g);
@@ -303,6 +316,7 @@ impl<F: Float> Residual<F> {
             let grad_x = sublayer_backward(&cache.sublayer, grad_s.view());
             check_sublayer_output("backward", grad_x.dim(), cache.dim);
             grad_z += &grad_x;
+            (grad_s, grad_x).give_back();
             grad_z
         }
     }

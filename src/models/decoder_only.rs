@@ -79,6 +79,7 @@ use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::argmax;
+use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
@@ -136,6 +137,7 @@ pub struct DecoderOnlyCache<F: Float = f32> {
     blocks: EncoderCache<F>,
     output: OutputCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(DecoderOnlyCache<F: Float> { input, blocks, output });
 
 impl<F: Float> DecoderOnlyCache<F> {
     /// The stack's cache: each layer's attention weights, for instance.
@@ -323,7 +325,6 @@ impl DecoderOnlyConfig {
     /// As [`DecoderOnlyConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
         self.check()?;
-        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let embed = EmbeddingConfig::new(self.vocab, d).init(rng)?;
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
@@ -622,6 +623,9 @@ impl<F: Float> Trainable<F> for DecoderOnly<F> {
         let (logits, cache) = self.forward(&batch.input, rng)?;
         let ce = token_loss(logits.view(), &batch.target, smoothing, weight)?;
         self.backward(&cache, ce.grad.view(), grads);
-        Ok(LossStats::from(&ce))
+        let stats = LossStats::from(&ce);
+        // Back to the caller's workspace, if any, for the next batch.
+        (cache, logits, ce.grad).give_back();
+        Ok(stats)
     }
 }

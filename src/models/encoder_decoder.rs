@@ -38,6 +38,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
+use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, PackedB, argmax, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
@@ -113,6 +114,7 @@ pub struct EncoderDecoderCache<F: Float = f32> {
     decoder: DecoderCache<F>,
     output: OutputCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(EncoderDecoderCache<F: Float> { src_input, encoder, tgt_input, decoder, output });
 
 /// A decode in progress (see [`EncoderDecoder::begin_decode`]): the source's padding mask, the
 /// decoder's key/value caches, and the decoder's and output projection's weights packed once
@@ -291,7 +293,6 @@ impl EncoderDecoderConfig {
     /// As [`EncoderDecoderConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderDecoder<F>> {
         self.check()?;
-        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let src_embed = EmbeddingConfig::new(self.src_vocab, d).init(rng)?;
         let tgt_embed = (!self.share_embeddings)
@@ -779,6 +780,9 @@ impl<F: Float> Trainable<F> for EncoderDecoder<F> {
         let (logits, cache) = self.forward(&batch.src, &batch.tgt_in, rng)?;
         let ce = token_loss(logits.view(), &batch.tgt_out, smoothing, weight)?;
         self.backward(&cache, ce.grad.view(), grads);
-        Ok(LossStats::from(&ce))
+        let stats = LossStats::from(&ce);
+        // Back to the caller's workspace, if any, for the next batch.
+        (cache, logits, ce.grad).give_back();
+        Ok(stats)
     }
 }

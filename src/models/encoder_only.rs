@@ -86,6 +86,7 @@ use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::argmax;
+use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask};
 use crate::models::batch::{FeatureBatch, TokenBatch};
 use crate::models::cost::Cost;
@@ -281,11 +282,19 @@ pub struct EncoderOnlyCache<F: Float = f32> {
     lengths: Vec<usize>,
     head: LinearCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(EncoderOnlyCache<F: Float> { embed, input, encoder, head });
 
 #[derive(Clone, Debug)]
 enum InputProjCache<F: Float> {
     Tokens(EmbeddingCache),
     Features(LinearCache<F>),
+}
+impl<F: Float> crate::kernels::workspace::Recycle for InputProjCache<F> {
+    fn give_back(self) {
+        if let InputProjCache::Features(c) = self {
+            c.give_back();
+        }
+    }
 }
 
 impl EncoderOnlyConfig {
@@ -355,7 +364,6 @@ impl EncoderOnlyConfig {
     /// As [`EncoderOnlyConfig::check`].
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
         self.check()?;
-        crate::runtime::retain_freed_memory();
         let d = self.block.d_model;
         let (embed, input_proj) = match self.input {
             InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init(rng)?), None),
@@ -723,6 +731,8 @@ impl<F: Float> Trainable<F> for EncoderOnly<F> {
             grad.mapv_inplace(|v| v * F::from_f64(weight));
         }
         self.backward(&cache, grad.view(), grads);
+        // Back to the caller's workspace, if any, for the next batch.
+        (cache, y, grad).give_back();
         Ok(stats)
     }
 }

@@ -49,6 +49,7 @@ pub struct InputCache<F: Float = f32> {
     start: usize,
     dropout: DropoutCache<F>,
 }
+crate::kernels::workspace::impl_recycle!(InputCache<F: Float> { dropout });
 
 impl<F: Float> InputStage<F> {
     /// A stage for width `d_model`.

@@ -17,6 +17,14 @@ pub(crate) enum OutputCache<F: Float> {
     /// Through a separate linear layer.
     Linear(LinearCache<F>),
 }
+impl<F: Float> crate::kernels::workspace::Recycle for OutputCache<F> {
+    fn give_back(self) {
+        match self {
+            OutputCache::Tied(c) => c.give_back(),
+            OutputCache::Linear(c) => c.give_back(),
+        }
+    }
+}
 
 /// Logits `[N, V]` of hidden rows `h`, through `head` or, when there is none, the tied
 /// embedding; with the cache for [`output_backward`].

@@ -83,7 +83,7 @@ pub fn cross_entropy<F: Float>(
         });
     }
     let tokens = targets.iter().filter(|&&y| counted(y)).count();
-    let mut grad = Array2::zeros((n, v));
+    let mut grad = crate::kernels::workspace::zeros((n, v));
     let mut row_loss = vec![0.0f64; n];
     let mut row_correct = vec![false; n];
     if tokens == 0 {

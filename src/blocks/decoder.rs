@@ -226,10 +226,33 @@ impl<F: Float> Decoder<F> {
         self.infer_step_packed(x, state, memory_mask, None)
     }
 
-    /// Every layer's weights packed for decoding; `None` where nothing packs
+    /// Every layer's weights packed for decoding, with the memory's projections packed too if
+    /// `memory` (for [`Decoder::infer_packed`]); `None` where nothing packs
     /// ([`crate::kernels::PackedB`]).
-    pub(crate) fn pack(&self) -> Option<Vec<PackedDecoderLayer<F>>> {
-        self.layers.iter().map(|l| l.pack()).collect()
+    pub(crate) fn pack_with(&self, memory: bool) -> Option<Vec<PackedDecoderLayer<F>>> {
+        self.layers.iter().map(|l| l.pack_with(memory)).collect()
+    }
+
+    /// [`Decoder::infer`] with the weights of [`Decoder::pack_with`] (with the memory's
+    /// projections packed).
+    pub(crate) fn infer_packed(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+        packed: &[PackedDecoderLayer<F>],
+    ) -> Array3<F> {
+        let (b, t, _) = x.dim();
+        let mut h = crate::kernels::workspace::owned(x);
+        for (layer, p) in self.layers.iter().zip(packed) {
+            let y = layer.infer_packed(h.view(), memory, self_mask, memory_mask, p);
+            std::mem::replace(&mut h, y).give_back();
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, t);
+        }
+        h
     }
 
     /// [`Decoder::infer_step`] with the weights of [`Decoder::pack`] (`None`: the weights as

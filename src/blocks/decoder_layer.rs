@@ -212,14 +212,48 @@ impl<F: Float> DecoderLayer<F> {
         self.infer_step_packed(x, self_cache, cross, memory_mask, None)
     }
 
-    /// The weights packed for decoding; `None` where nothing packs
+    /// The weights packed for decoding, with the cross-attention's W_K and W_V packed too if
+    /// `memory` (for teacher-forced inference over a whole memory); `None` where nothing packs
     /// ([`crate::kernels::PackedB`]).
-    pub(crate) fn pack(&self) -> Option<PackedDecoderLayer<F>> {
+    pub(crate) fn pack_with(&self, memory: bool) -> Option<PackedDecoderLayer<F>> {
         Some(PackedDecoderLayer {
             self_attn: self.self_attn.pack(true)?,
-            cross_attn: self.cross_attn.pack(false)?,
+            cross_attn: self.cross_attn.pack_with(false, memory)?,
             ffn: self.ffn.pack()?,
         })
+    }
+
+    /// [`DecoderLayer::infer`] with the weights of [`DecoderLayer::pack_with`] (with the
+    /// memory's projections packed).
+    pub(crate) fn infer_packed(
+        &self,
+        x: ArrayView3<F>,
+        memory: ArrayView3<F>,
+        self_mask: &Mask,
+        memory_mask: &Mask,
+        packed: &PackedDecoderLayer<F>,
+    ) -> Array3<F> {
+        let (b, t, _) = self.check_input(x, memory);
+        let x = rows(x);
+        let h1 = self.norm1.infer(x.view(), |z| {
+            flat(
+                self.self_attn
+                    .infer_packed(view3(z, b, t), None, self_mask, Some(&packed.self_attn)),
+            )
+        });
+        let h2 = self.norm2.infer(h1.view(), |z| {
+            flat(self.cross_attn.infer_packed(
+                view3(z, b, t),
+                Some(memory),
+                memory_mask,
+                Some(&packed.cross_attn),
+            ))
+        });
+        let y = self
+            .norm3
+            .infer(h2.view(), |z| self.ffn.infer_packed(z, Some(&packed.ffn)));
+        (h1, h2).give_back();
+        unrows(y, b, t)
     }
 
     /// [`DecoderLayer::infer_step`] with the weights of [`DecoderLayer::pack`] (`None`: the

@@ -7,6 +7,7 @@
 use ndarray::{Array3, Array4, ArrayView3};
 use rand::Rng;
 
+use super::encoder_layer::PackedEncoderLayer;
 use super::{BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, unrows};
 use crate::error::{Result, check};
 use crate::kernels::Float;
@@ -133,6 +134,31 @@ impl<F: Float> Encoder<F> {
     /// As [`Encoder::forward`].
     pub fn infer(&self, x: ArrayView3<F>, mask: &Mask) -> Array3<F> {
         self.infer_with_weights(x, mask).0
+    }
+
+    /// Every layer's weights packed for inference; `None` where nothing packs
+    /// ([`crate::kernels::PackedB`]).
+    pub(crate) fn pack(&self) -> Option<Vec<PackedEncoderLayer<F>>> {
+        self.layers.iter().map(|l| l.pack()).collect()
+    }
+
+    /// [`Encoder::infer`] with the weights of [`Encoder::pack`].
+    pub(crate) fn infer_packed(
+        &self,
+        x: ArrayView3<F>,
+        mask: &Mask,
+        packed: &[PackedEncoderLayer<F>],
+    ) -> Array3<F> {
+        let (b, s, _) = x.dim();
+        let mut h = crate::kernels::workspace::owned(x);
+        for (layer, p) in self.layers.iter().zip(packed) {
+            let y = layer.infer_packed(h.view(), mask, p);
+            std::mem::replace(&mut h, y).give_back();
+        }
+        if let Some(ln) = &self.norm {
+            h = unrows(ln.infer(flat(h).view()), b, s);
+        }
+        h
     }
 
     /// Forward pass without dropout, with every layer's attention weights `[B, H, S, S]`.

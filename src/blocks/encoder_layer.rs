@@ -35,6 +35,8 @@ use super::{BlockConfig, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
+use crate::layers::feed_forward::PackedFeedForward;
+use crate::layers::multi_head::PackedMultiHead;
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
@@ -69,6 +71,13 @@ pub struct EncoderLayerCache<F: Float = f32> {
     ffn: ResidualCache<F, FeedForwardCache<F>>,
 }
 crate::kernels::workspace::impl_recycle!(EncoderLayerCache<F: Float> { attn, ffn });
+
+/// An [`EncoderLayer`]'s weights packed for inference, valid while the layer is borrowed.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedEncoderLayer<F: Float> {
+    self_attn: PackedMultiHead<F>,
+    ffn: PackedFeedForward,
+}
 
 impl<F: Float> EncoderLayer<F> {
     /// Builds the layer.
@@ -119,6 +128,37 @@ impl<F: Float> EncoderLayer<F> {
     /// As [`EncoderLayer::forward`].
     pub fn infer(&self, x: ArrayView3<F>, mask: &Mask) -> Array3<F> {
         self.infer_with_weights(x, mask).0
+    }
+
+    /// The weights packed for inference; `None` where nothing packs
+    /// ([`crate::kernels::PackedB`]).
+    pub(crate) fn pack(&self) -> Option<PackedEncoderLayer<F>> {
+        Some(PackedEncoderLayer {
+            self_attn: self.self_attn.pack(true)?,
+            ffn: self.ffn.pack()?,
+        })
+    }
+
+    /// [`EncoderLayer::infer`] with the weights of [`EncoderLayer::pack`].
+    pub(crate) fn infer_packed(
+        &self,
+        x: ArrayView3<F>,
+        mask: &Mask,
+        packed: &PackedEncoderLayer<F>,
+    ) -> Array3<F> {
+        let (b, t, _) = self.check_input(x);
+        let x = rows(x);
+        let h = self.norm1.infer(x.view(), |z| {
+            flat(
+                self.self_attn
+                    .infer_packed(view3(z, b, t), None, mask, Some(&packed.self_attn)),
+            )
+        });
+        let y = self
+            .norm2
+            .infer(h.view(), |z| self.ffn.infer_packed(z, Some(&packed.ffn)));
+        h.give_back();
+        unrows(y, b, t)
     }
 
     /// Forward pass without dropout, with the self-attention weights `[B, H, T, T]`.

@@ -197,6 +197,8 @@ pub(crate) struct PackedMultiHead<F: Float> {
     input: PackedB,
     /// The biases of `input`, side by side.
     input_bias: Option<Array1<F>>,
+    /// Cross-attention over a whole memory: `[W_K W_V]ᵀ` and their biases.
+    memory: Option<(PackedB, Option<Array1<F>>)>,
     /// `W_Oᵀ`.
     output: PackedB,
 }
@@ -543,7 +545,25 @@ impl<F: Float> MultiHead<F> {
     /// (`self_attention`), Q alone for cross-attention; `None` where nothing packs (see
     /// [`PackedB`]).
     pub(crate) fn pack(&self, self_attention: bool) -> Option<PackedMultiHead<F>> {
+        self.pack_with(self_attention, false)
+    }
+
+    /// [`MultiHead::pack`], for cross-attention with W_K and W_V packed too (`memory`), for
+    /// products over a whole memory rather than over a cache projected once.
+    pub(crate) fn pack_with(&self, self_attention: bool, memory: bool) -> Option<PackedMultiHead<F>> {
         let p = &self.p;
+        let both = |a: &Option<Array1<F>>, b: &Option<Array1<F>>| match (a, b) {
+            (Some(a), Some(b)) => Some(Some(
+                ndarray::concatenate(Axis(0), &[a.view(), b.view()]).expect("1-D"),
+            )),
+            (None, None) => Some(None),
+            _ => None,
+        };
+        let memory = if memory && !self_attention {
+            Some((PackedB::concat(&[p.w_k.t(), p.w_v.t()])?, both(&p.b_k, &p.b_v)?))
+        } else {
+            None
+        };
         let (input, input_bias) = if self_attention {
             let input = PackedB::concat(&[p.w_q.t(), p.w_k.t(), p.w_v.t()])?;
             let bias = match (&p.b_q, &p.b_k, &p.b_v) {
@@ -563,8 +583,94 @@ impl<F: Float> MultiHead<F> {
         Some(PackedMultiHead {
             input,
             input_bias,
+            memory,
             output: PackedB::new(p.w_o.t())?,
         })
+    }
+
+    /// [`MultiHead::infer`] with the projections of [`MultiHead::pack_with`] (`None`: the weights
+    /// as they are): Q, K and V in one product in self-attention, K and V in one in
+    /// cross-attention.
+    pub(crate) fn infer_packed(
+        &self,
+        x: ArrayView3<F>,
+        memory: Option<ArrayView3<F>>,
+        mask: &Mask,
+        packed: Option<&PackedMultiHead<F>>,
+    ) -> Array3<F> {
+        let packed = match packed {
+            Some(p) if memory.is_none() || p.memory.is_some() => p,
+            _ => return self.infer(x, memory, mask),
+        };
+        let d = self.cfg.d_model;
+        let (b, tq, dx) = x.dim();
+        let src = memory.unwrap_or(x);
+        let (bm, tk, dm) = src.dim();
+        assert!(
+            dx == d && dm == d && bm == b,
+            "MultiHead: x {:?}, memory {:?}: expected [B, Tq, d_model = {d}] and [B, Tk, d_model = {d}]",
+            x.shape(),
+            src.shape()
+        );
+        let mask = resolve_or_panic(mask, b, tq, tk);
+        let x = x.as_standard_layout();
+        let x_rows = x
+            .view()
+            .into_shape_with_order((b * tq, d))
+            .expect("standard layout");
+        let product = |a: ArrayView2<F>, w: &PackedB, bias: &Option<Array1<F>>| {
+            // SAFETY: gemm_packed writes every element.
+            unsafe {
+                filled((a.nrows(), w.dim().1), |c| {
+                    gemm_packed(a, w, bias.as_ref().map(|b| b.view()), false, c)
+                })
+            }
+        };
+        let input = product(x_rows, &packed.input, &packed.input_bias);
+        let kv = memory.map(|m| {
+            let m = m.as_standard_layout();
+            let m_rows = m
+                .view()
+                .into_shape_with_order((b * tk, d))
+                .expect("standard layout");
+            let (w, bias) = packed.memory.as_ref().expect("checked above");
+            product(m_rows, w, bias)
+        });
+        let (q, k, v) = match &kv {
+            None => {
+                let [q, k, v] = self.split_heads::<3>(input.view(), b);
+                (q, k, v)
+            }
+            Some(kv) => {
+                let [q] = self.split_heads::<1>(input.view(), b);
+                let [k, v] = self.split_heads::<2>(kv.view(), b);
+                (q, k, v)
+            }
+        };
+        let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
+        attention_forward(
+            q,
+            k,
+            v,
+            mask,
+            0.0,
+            None::<&mut rand::rngs::SmallRng>,
+            self.heads_mut(ctx.view_mut(), b),
+        );
+        let y = product(ctx.view(), &packed.output, &self.p.b_o);
+        (input, kv, ctx).give_back();
+        y.into_shape_with_order((b, tq, d)).expect("standard layout")
+    }
+
+    /// `[B·T, N·d_model]` rows (N projections side by side) as N `[B, H, T, d_k]` per-head
+    /// views, without copies.
+    fn split_heads<'a, const N: usize>(&self, x: ArrayView2<'a, F>, b: usize) -> [ArrayView4<'a, F>; N] {
+        let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
+        let t = x.nrows() / b.max(1);
+        let x = x
+            .into_shape_with_order((b, t, N, h, dk))
+            .expect("standard layout");
+        std::array::from_fn(|i| x.index_axis_move(Axis(2), i).permuted_axes([0, 2, 1, 3]))
     }
 
     /// [`MultiHead::infer_cached`] with the projections of [`MultiHead::pack`] (`None`: the

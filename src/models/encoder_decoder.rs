@@ -32,7 +32,10 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use rand::Rng;
 
+use std::borrow::Cow;
+
 use crate::blocks::decoder_layer::PackedDecoderLayer;
+use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{
     BlockConfig, Decoder, DecoderCache, DecoderConfig, DecoderState, Encoder, EncoderCache, EncoderConfig,
     FinalNorm, flat,
@@ -128,14 +131,25 @@ pub struct DecodeState<'m, F: Float = f32> {
     decoder: DecoderState<F>,
     b: usize,
     model: &'m EncoderDecoder<F>,
-    packed: Option<PackedDecode<F>>,
+    packed: Option<Cow<'m, PackedDecode<F>>>,
 }
 
-/// The weights a decode step multiplies by, packed once per decode.
+/// The weights a decode step multiplies by, packed once per decode (or once for many, by
+/// [`EncoderDecoder::packed`]).
 #[derive(Clone, Debug)]
 struct PackedDecode<F: Float> {
     decoder: Vec<PackedDecoderLayer<F>>,
     output: PackedB,
+}
+
+/// An [`EncoderDecoder`] with its weights packed once for inference (see
+/// [`EncoderDecoder::packed`]): the same results as the model's own methods, without the
+/// packing of every weight on every call. It borrows the model, which cannot change meanwhile.
+#[derive(Clone, Debug)]
+pub struct PackedEncoderDecoder<'m, F: Float = f32> {
+    model: &'m EncoderDecoder<F>,
+    encoder: Option<Vec<PackedEncoderLayer<F>>>,
+    decode: Option<PackedDecode<F>>,
 }
 
 impl<F: Float> DecodeState<'_, F> {
@@ -482,6 +496,11 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`] for the source.
     pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
+        self.encode_with(src, None)
+    }
+
+    /// [`EncoderDecoder::encode`] with the encoder's weights packed, or not (`None`).
+    fn encode_with(&self, src: &TokenBatch, packed: Option<&[PackedEncoderLayer<F>]>) -> Result<Array3<F>> {
         crate::kernels::parallel::with_team(|| {
             src.check_vocab(self.cfg.src_vocab)?;
             if let Some(max) = self.src_input.max_len().filter(|&max| src.seq_len() > max) {
@@ -494,7 +513,10 @@ impl<F: Float> EncoderDecoder<F> {
             let x = self
                 .src_input
                 .infer(self.src_embed.infer(src.lookup_ids().view())?, b, s, 0)?;
-            Ok(self.encoder.infer(x.view(), &src.padding_mask()))
+            Ok(match packed {
+                Some(p) => self.encoder.infer_packed(x.view(), &src.padding_mask(), p),
+                None => self.encoder.infer(x.view(), &src.padding_mask()),
+            })
         })
     }
 
@@ -505,6 +527,18 @@ impl<F: Float> EncoderDecoder<F> {
     /// As [`EncoderDecoder::forward`] for the target, and [`Error::ShapeMismatch`] if the
     /// memory does not fit the batch.
     pub fn decode(&self, memory: &Array3<F>, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
+        self.decode_with(memory, src, tgt_in, None)
+    }
+
+    /// [`EncoderDecoder::decode`] with the decoder's and output's weights packed (the
+    /// decoder's with the memory's projections), or not (`None`).
+    fn decode_with(
+        &self,
+        memory: &Array3<F>,
+        src: &TokenBatch,
+        tgt_in: &TokenBatch,
+        packed: Option<&PackedDecode<F>>,
+    ) -> Result<Array2<F>> {
         crate::kernels::parallel::with_team(|| {
             self.check_batches(src, tgt_in)?;
             let (b, t) = (tgt_in.batch_size(), tgt_in.seq_len());
@@ -519,15 +553,61 @@ impl<F: Float> EncoderDecoder<F> {
                 0,
             )?;
             let self_mask = Mask::causal().and(tgt_in.padding_mask());
-            let h = flat(
-                self.decoder
+            let h = flat(match packed {
+                Some(p) => self.decoder.infer_packed(
+                    y.view(),
+                    memory.view(),
+                    &self_mask,
+                    &src.padding_mask(),
+                    &p.decoder,
+                ),
+                None => self
+                    .decoder
                     .infer(y.view(), memory.view(), &self_mask, &src.padding_mask()),
-            );
-            Ok(output_infer(
-                self.generator.as_ref(),
-                self.target_embedding(),
-                h.view(),
-            ))
+            });
+            Ok(self.logits(h.view(), packed))
+        })
+    }
+
+    /// The output projection of decoder rows `[N, d_model]` → `[N, V]`.
+    fn logits(&self, h: ArrayView2<F>, packed: Option<&PackedDecode<F>>) -> Array2<F> {
+        match packed {
+            Some(p) => {
+                let bias = self.generator.as_ref().and_then(|g| g.p.bias.as_ref());
+                // SAFETY: gemm_packed writes every element.
+                unsafe {
+                    filled((h.nrows(), p.output.dim().1), |logits| {
+                        gemm_packed(h, &p.output, bias.map(|b| b.view()), false, logits)
+                    })
+                }
+            }
+            None => output_infer(self.generator.as_ref(), self.target_embedding(), h),
+        }
+    }
+
+    /// The decoder's (with the memory's projections if `memory`) and the output's weights
+    /// packed; `None` where nothing packs.
+    fn pack_decode(&self, memory: bool) -> Option<PackedDecode<F>> {
+        let output = match &self.generator {
+            Some(head) => PackedB::new(head.p.weight.t()),
+            None => PackedB::new(self.target_embedding().p.weight.t()),
+        }?;
+        Some(PackedDecode {
+            decoder: self.decoder.pack_with(memory)?,
+            output,
+        })
+    }
+
+    /// The model with its weights packed once for inference: for a model that evaluates or
+    /// decodes many batches, [`PackedEncoderDecoder`]'s methods give the model's results
+    /// without repacking every weight on every call (packing is a transposed copy of each
+    /// weight into the GEMM kernels' layout; `f32` on CPUs with the crate's vector kernels,
+    /// elsewhere a no-op).
+    pub fn packed(&self) -> PackedEncoderDecoder<'_, F> {
+        crate::kernels::parallel::with_team(|| PackedEncoderDecoder {
+            model: self,
+            encoder: self.encoder.pack(),
+            decode: self.pack_decode(true),
         })
     }
 
@@ -574,16 +654,20 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::encode`].
     pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<'_, F>> {
+        let packed = crate::kernels::parallel::with_team(|| self.pack_decode(false));
+        self.begin_decode_with(src, capacity, None, packed.map(Cow::Owned))
+    }
+
+    /// [`EncoderDecoder::begin_decode`] with the given packed weights.
+    fn begin_decode_with<'m>(
+        &'m self,
+        src: &TokenBatch,
+        capacity: usize,
+        encoder: Option<&[PackedEncoderLayer<F>]>,
+        packed: Option<Cow<'m, PackedDecode<F>>>,
+    ) -> Result<DecodeState<'m, F>> {
         crate::kernels::parallel::with_team(|| {
-            let memory = self.encode(src)?;
-            let output = match &self.generator {
-                Some(head) => PackedB::new(head.p.weight.t()),
-                None => PackedB::new(self.target_embedding().p.weight.t()),
-            };
-            let packed = match (self.decoder.pack(), output) {
-                (Some(decoder), Some(output)) => Some(PackedDecode { decoder, output }),
-                _ => None,
-            };
+            let memory = self.encode_with(src, encoder)?;
             Ok(DecodeState {
                 src_mask: src.padding_mask(),
                 decoder: self.decoder.begin(memory.view(), capacity),
@@ -637,26 +721,14 @@ impl<F: Float> EncoderDecoder<F> {
             let y = self
                 .tgt_input
                 .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
-            let packed = state.packed.as_ref();
+            let packed = state.packed.as_deref();
             let h = flat(self.decoder.infer_step_packed(
                 y.view(),
                 &mut state.decoder,
                 &state.src_mask,
                 packed.map(|p| p.decoder.as_slice()),
             ));
-            Ok(match packed {
-                Some(p) => {
-                    let bias = self.generator.as_ref().and_then(|g| g.p.bias.as_ref());
-                    let v = p.output.dim().1;
-                    // SAFETY: gemm_packed writes every element.
-                    unsafe {
-                        filled((h.nrows(), v), |logits| {
-                            gemm_packed(h.view(), &p.output, bias.map(|b| b.view()), false, logits)
-                        })
-                    }
-                }
-                None => output_infer(self.generator.as_ref(), self.target_embedding(), h.view()),
-            })
+            Ok(self.logits(h.view(), packed))
         })
     }
 
@@ -674,9 +746,20 @@ impl<F: Float> EncoderDecoder<F> {
         eos: usize,
         max_len: usize,
     ) -> Result<Vec<Vec<usize>>> {
+        let state = self.begin_decode(src, max_len)?;
+        self.greedy_from(state, bos, eos, max_len)
+    }
+
+    /// The loop of [`EncoderDecoder::greedy`] from a begun decode.
+    fn greedy_from(
+        &self,
+        mut state: DecodeState<'_, F>,
+        bos: usize,
+        eos: usize,
+        max_len: usize,
+    ) -> Result<Vec<Vec<usize>>> {
         crate::kernels::parallel::with_team(|| {
-            let b = src.batch_size();
-            let mut state = self.begin_decode(src, max_len)?;
+            let b = state.b;
             let mut next = vec![bos; b];
             let mut done = vec![false; b];
             let mut out = vec![Vec::new(); b];
@@ -753,6 +836,75 @@ impl<F: Float> EncoderDecoder<F> {
             }
             Ok(out)
         })
+    }
+}
+
+impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
+    /// The model it packs.
+    pub fn model(&self) -> &'m EncoderDecoder<F> {
+        self.model
+    }
+
+    /// [`EncoderDecoder::encode`] with the packed weights.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::encode`].
+    pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
+        self.model.encode_with(src, self.encoder.as_deref())
+    }
+
+    /// [`EncoderDecoder::decode`] with the packed weights.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::decode`].
+    pub fn decode(&self, memory: &Array3<F>, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
+        self.model.decode_with(memory, src, tgt_in, self.decode.as_ref())
+    }
+
+    /// [`EncoderDecoder::infer`] with the packed weights: teacher-forced logits `[B·T, V]`.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::infer`].
+    pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
+        crate::kernels::parallel::with_team(|| {
+            self.model.check_batches(src, tgt_in)?;
+            let memory = self.encode(src)?;
+            self.decode(&memory, src, tgt_in)
+        })
+    }
+
+    /// [`EncoderDecoder::begin_decode`] with the packed weights (continue with
+    /// [`EncoderDecoder::decode_step`] on the model).
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::begin_decode`].
+    pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<'_, F>> {
+        self.model.begin_decode_with(
+            src,
+            capacity,
+            self.encoder.as_deref(),
+            self.decode.as_ref().map(Cow::Borrowed),
+        )
+    }
+
+    /// [`EncoderDecoder::greedy`] with the packed weights.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::greedy`].
+    pub fn greedy(
+        &self,
+        src: &TokenBatch,
+        bos: usize,
+        eos: usize,
+        max_len: usize,
+    ) -> Result<Vec<Vec<usize>>> {
+        let state = self.model.begin_decode_with(
+            src,
+            max_len,
+            self.encoder.as_deref(),
+            self.decode.as_ref().map(Cow::Borrowed),
+        )?;
+        self.model.greedy_from(state, bos, eos, max_len)
     }
 }
 

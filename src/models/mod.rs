@@ -20,7 +20,8 @@ pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
 pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, LmBatch, Sampling};
 pub use encoder_decoder::{
-    DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, Seq2SeqBatch,
+    DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, PackedEncoderDecoder,
+    Seq2SeqBatch,
 };
 pub use encoder_only::{
     EncoderInput, EncoderOnly, EncoderOnlyCache, EncoderOnlyConfig, Head, InputKind, LabeledBatch, Pooling,

@@ -13,6 +13,9 @@ use rand::Rng;
 
 use crate::kernels::Float;
 
+/// Elements per chunk of [`Params::sq_norm`].
+pub const SQ_NORM_CHUNK: usize = 1 << 14;
+
 /// A tree of named tensors that can be visited in a fixed order.
 pub trait Params<F: Float> {
     /// Calls `f(name, tensor)` for every tensor, in a fixed order, names prefixed by
@@ -32,9 +35,15 @@ pub trait Params<F: Float> {
         z
     }
 
-    /// Sets every element to `value`.
+    /// Sets every element to `value` (large tensors in parallel chunks).
     fn fill(&mut self, value: F) {
-        self.visit_mut("", &mut |_, mut t| t.fill(value));
+        self.visit_mut("", &mut |_, mut t| match t.as_slice_memory_order_mut() {
+            Some(x) => {
+                let len = x.len();
+                crate::kernels::parallel::for_each_chunk_mut(x, 1024, len, |_, c| c.fill(value));
+            }
+            None => t.fill(value),
+        });
     }
 
     /// Multiplies every element by `factor`.
@@ -64,16 +73,29 @@ pub trait Params<F: Float> {
         });
     }
 
-    /// The sum of squares of every element, accumulated in `f64` in visiting order.
+    /// The sum of squares of every element, accumulated in `f64`: tensor by tensor in visiting
+    /// order, each in chunks of [`SQ_NORM_CHUNK`] elements summed in the lanes of
+    /// [`crate::kernels::simd`] (in parallel), the chunks' sums added in order. The same value
+    /// on every machine and for any number of threads.
     fn sq_norm(&self) -> f64 {
         let mut acc = 0.0;
         self.visit("", &mut |_, t| {
             acc += match t.as_slice_memory_order() {
-                // In the lanes of kernels::simd (the same value on every machine).
-                Some(x) => crate::kernels::simd::widest!(crate::kernels::simd::sum_by(x.len(), |j| {
-                    let v = x[j].to_f64();
-                    v * v
-                })),
+                Some(x) => {
+                    let chunks = x.len().div_ceil(SQ_NORM_CHUNK);
+                    let mut sums = vec![0.0f64; chunks];
+                    let work = x.len();
+                    crate::kernels::parallel::for_each_chunk_mut(&mut sums, 1, work, |at, out| {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            let c = &x[(at + i) * SQ_NORM_CHUNK..((at + i + 1) * SQ_NORM_CHUNK).min(x.len())];
+                            *o = crate::kernels::simd::widest!(crate::kernels::simd::sum_by(c.len(), |j| {
+                                let v = c[j].to_f64();
+                                v * v
+                            }));
+                        }
+                    });
+                    sums.iter().sum::<f64>()
+                }
                 None => t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>(),
             }
         });

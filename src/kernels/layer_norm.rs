@@ -281,16 +281,22 @@ pub fn layer_norm_rows_backward<F: Float>(
             }
         })
     });
+    // γ and β gradients: columns cut between threads, each summed over the rows in order.
     let (gg, gb) = (contiguous_mut(&mut grad_gamma), contiguous_mut(&mut grad_beta));
-    widest!({
-        for r in 0..n {
-            let row = r * d..(r + 1) * d;
-            let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
-            for j in 0..d {
-                gg[j] += g[j] * h[j];
-                gb[j] += g[j];
+    let gb = super::parallel::Disjoint::new(gb);
+    for_each_chunk_mut(gg, 16, 2 * n * d, |j0, gg| {
+        // SAFETY: the same columns of β's gradient as of γ's, disjoint between chunks.
+        let gb = unsafe { gb.range(j0, gg.len()) };
+        widest!({
+            for r in 0..n {
+                let row = r * d + j0..r * d + j0 + gg.len();
+                let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
+                for j in 0..gg.len() {
+                    gg[j] += g[j] * h[j];
+                    gb[j] += g[j];
+                }
             }
-        }
+        })
     });
 }
 

@@ -53,15 +53,17 @@ pub fn add_column_sums<F: Float>(x: ndarray::ArrayView2<F>, mut acc: ndarray::Ar
         acc.shape(),
         x.shape()
     );
-    match acc.as_slice_mut() {
-        Some(acc) if x.is_standard_layout() => {
-            for row in x.rows() {
-                let row = row.to_slice().expect("standard layout");
+    let (n, d) = x.dim();
+    match (acc.as_slice_mut(), x.as_slice()) {
+        // Columns cut between threads; each column summed over the rows in order.
+        (Some(acc), Some(x)) => parallel::for_each_chunk_mut(acc, 64, n * d, |j0, acc| {
+            simd::widest!(for r in 0..n {
+                let row = &x[r * d + j0..r * d + j0 + acc.len()];
                 for (a, &v) in acc.iter_mut().zip(row) {
                     *a += v;
                 }
-            }
-        }
+            })
+        }),
         _ => {
             for row in x.rows() {
                 acc += &row;

@@ -45,6 +45,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Result, check};
+use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, filled, layer_norm_rows_backward, layer_norm_rows_sum};
 
 /// Configuration of a [`LayerNorm`] layer.
@@ -143,7 +144,9 @@ impl<F: Float> LayerNorm<F> {
     /// # Panics
     /// If `x` is not `[N, d_model]`, or γ or β is not `[d_model]`.
     pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
-        self.normalize(x).0
+        let (y, x_hat, _) = self.normalize(x);
+        x_hat.give_back();
+        y
     }
 
     /// Backward pass: adds `∂L/∂γ` and `∂L/∂β` into `g` and returns `∂L/∂x`.
@@ -210,7 +213,9 @@ impl<F: Float> LayerNorm<F> {
     /// # Panics
     /// As [`LayerNorm::forward_sum`].
     pub(crate) fn infer_sum(&self, x: ArrayView2<F>, z: ArrayView2<F>) -> Array2<F> {
-        self.normalize_sum(x, Some((z, None))).0
+        let (y, x_hat, _) = self.normalize_sum(x, Some((z, None)));
+        x_hat.give_back();
+        y
     }
 
     fn normalize_sum(

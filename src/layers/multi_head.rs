@@ -648,7 +648,7 @@ impl<F: Float> MultiHead<F> {
             }
         };
         let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
-        attention_forward(
+        let core = attention_forward(
             q,
             k,
             v,
@@ -659,6 +659,7 @@ impl<F: Float> MultiHead<F> {
         );
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
+        core.give_back();
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }
 

@@ -264,14 +264,18 @@ impl<F: Float> Residual<F> {
     pub fn infer(&self, x: ArrayView2<F>, sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>) -> Array2<F> {
         self.check_input(x);
         if self.cfg.norm_first {
-            let mut y = sublayer(self.norm.infer(x).view());
+            let u = self.norm.infer(x);
+            let mut y = sublayer(u.view());
+            u.give_back();
             check_sublayer_output("infer", y.dim(), x.dim());
             y += &x;
             y
         } else {
             let z = sublayer(x);
             check_sublayer_output("infer", z.dim(), x.dim());
-            self.norm.infer_sum(x, z.view())
+            let y = self.norm.infer_sum(x, z.view());
+            z.give_back();
+            y
         }
     }
 

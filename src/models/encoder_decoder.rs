@@ -33,6 +33,7 @@ use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use rand::Rng;
 
 use std::borrow::Cow;
+use std::sync::Mutex;
 
 use crate::blocks::decoder_layer::PackedDecoderLayer;
 use crate::blocks::encoder_layer::PackedEncoderLayer;
@@ -41,7 +42,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::kernels::workspace::Recycle;
+use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, argmax, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
@@ -144,12 +145,27 @@ struct PackedDecode<F: Float> {
 
 /// An [`EncoderDecoder`] with its weights packed once for inference (see
 /// [`EncoderDecoder::packed`]): the same results as the model's own methods, without the
-/// packing of every weight on every call. It borrows the model, which cannot change meanwhile.
-#[derive(Clone, Debug)]
+/// packing of every weight on every call, and with the memory of one call's activations
+/// kept for the next. It borrows the model, which cannot change meanwhile.
+#[derive(Debug)]
 pub struct PackedEncoderDecoder<'m, F: Float = f32> {
     model: &'m EncoderDecoder<F>,
     encoder: Option<Vec<PackedEncoderLayer<F>>>,
     decode: Option<PackedDecode<F>>,
+    /// The memory of one call's activations, kept for the next (see
+    /// [`crate::kernels::workspace`]).
+    workspace: Mutex<Workspace>,
+}
+
+impl<F: Float> Clone for PackedEncoderDecoder<'_, F> {
+    fn clone(&self) -> Self {
+        PackedEncoderDecoder {
+            model: self.model,
+            encoder: self.encoder.clone(),
+            decode: self.decode.clone(),
+            workspace: Mutex::new(Workspace::new()),
+        }
+    }
 }
 
 impl<F: Float> DecodeState<'_, F> {
@@ -608,6 +624,7 @@ impl<F: Float> EncoderDecoder<F> {
             model: self,
             encoder: self.encoder.pack(),
             decode: self.pack_decode(true),
+            workspace: Mutex::new(Workspace::new()),
         })
     }
 
@@ -850,7 +867,20 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// # Errors
     /// As [`EncoderDecoder::encode`].
     pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
-        self.model.encode_with(src, self.encoder.as_deref())
+        self.with_workspace(|| self.model.encode_with(src, self.encoder.as_deref()))
+    }
+
+    /// Runs `f` with this handle's workspace, if no other call holds it.
+    fn with_workspace<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self.workspace.try_lock() {
+            Ok(mut ws) => {
+                let out = with_workspace(&mut ws, f);
+                ws.end_step();
+                out
+            }
+            // Used by another thread (or poisoned): run without it.
+            Err(_) => f(),
+        }
     }
 
     /// [`EncoderDecoder::decode`] with the packed weights.
@@ -858,7 +888,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// # Errors
     /// As [`EncoderDecoder::decode`].
     pub fn decode(&self, memory: &Array3<F>, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        self.model.decode_with(memory, src, tgt_in, self.decode.as_ref())
+        self.with_workspace(|| self.model.decode_with(memory, src, tgt_in, self.decode.as_ref()))
     }
 
     /// [`EncoderDecoder::infer`] with the packed weights: teacher-forced logits `[B·T, V]`.
@@ -866,10 +896,14 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// # Errors
     /// As [`EncoderDecoder::infer`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| {
-            self.model.check_batches(src, tgt_in)?;
-            let memory = self.encode(src)?;
-            self.decode(&memory, src, tgt_in)
+        self.with_workspace(|| {
+            crate::kernels::parallel::with_team(|| {
+                self.model.check_batches(src, tgt_in)?;
+                let memory = self.model.encode_with(src, self.encoder.as_deref())?;
+                let logits = self.model.decode_with(&memory, src, tgt_in, self.decode.as_ref());
+                memory.give_back();
+                logits
+            })
         })
     }
 

@@ -15,6 +15,7 @@ use rand::Rng;
 
 use super::Float;
 use super::parallel::for_each_chunk_mut;
+use super::simd::widest;
 
 /// A mask of `0` (dropped) and `1/(1 − p)` (kept) of the given shape.
 ///
@@ -25,13 +26,93 @@ pub fn dropout_mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(
     shape: Sh,
     rng: &mut impl Rng,
 ) -> Array<F, D> {
-    assert!((0.0..1.0).contains(&p), "dropout_mask: p = {p} is not in [0, 1)");
-    let key = rng.next_u64();
-    // SAFETY: `fill_mask` writes every element of the (new, standard layout) view.
-    unsafe {
-        super::workspace::filled(shape, |mut mask: ndarray::ArrayViewMut<'_, F, D>| {
-            fill_mask(p, key, mask.as_slice_mut().expect("a new array is contiguous"))
-        })
+    DropKey::draw(p, rng).mask(shape)
+}
+
+/// A dropout mask given by its key rather than stored: element i of a flat (row-major) array
+/// is kept, and scaled by `1/(1 − p)`, when `draw(key, i) ≥ p·2³²`, else dropped (0). The
+/// same mask as [`dropout_mask`] draws from the same RNG, computed wherever it is needed (in
+/// a GEMM's stores, inside a layer norm) instead of being written out and read back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropKey {
+    key: u64,
+    p: f32,
+}
+
+impl DropKey {
+    /// A key for rate `p`, from one `u64` of `rng`.
+    ///
+    /// # Panics
+    /// If `p` is not in [0, 1).
+    pub fn draw(p: f32, rng: &mut impl Rng) -> DropKey {
+        assert!((0.0..1.0).contains(&p), "dropout: p = {p} is not in [0, 1)");
+        DropKey {
+            key: rng.next_u64(),
+            p,
+        }
+    }
+
+    /// The dropout rate.
+    pub fn p(self) -> f32 {
+        self.p
+    }
+
+    /// The draws below this are dropped.
+    #[inline(always)]
+    pub(crate) fn threshold(self) -> u32 {
+        // p < 1, so p·2³² < 2³².
+        (self.p as f64 * 4_294_967_296.0) as u32
+    }
+
+    /// `1/(1 − p)`, the factor of kept elements.
+    #[inline(always)]
+    pub(crate) fn scale<F: Float>(self) -> F {
+        F::from_f64(1.0 / (1.0 - self.p as f64))
+    }
+
+    /// The 64-bit key.
+    #[inline(always)]
+    pub(crate) fn key(self) -> u64 {
+        self.key
+    }
+
+    /// The factor of element `i`: 0 or `1/(1 − p)`.
+    #[inline(always)]
+    pub fn factor<F: Float>(self, i: usize) -> F {
+        if draw(self.key, i as u32) < self.threshold() {
+            F::ZERO
+        } else {
+            self.scale()
+        }
+    }
+
+    /// `x[j] ·= factor(offset + j)` for a run of elements that starts at flat index `offset`,
+    /// vectorised and, for long runs, in parallel.
+    pub fn apply<F: Float>(self, offset: usize, x: &mut [F]) {
+        let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
+        let len = x.len();
+        for_each_chunk_mut(x, 64, 4 * len, |at, chunk| {
+            // A product with the factor, 0 included, as a stored mask would give (NaN · 0 is
+            // NaN, as in PyTorch).
+            widest!(for (j, v) in chunk.iter_mut().enumerate() {
+                let keep = draw(key, (offset + at + j) as u32) >= threshold;
+                *v *= if keep { scale } else { F::ZERO };
+            })
+        });
+    }
+
+    /// The mask itself, of `shape` (flat indices in row-major order).
+    pub fn mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(self, shape: Sh) -> Array<F, D> {
+        // SAFETY: `fill_mask` writes every element of the (new, standard layout) view.
+        unsafe {
+            super::workspace::filled(shape, |mut mask: ndarray::ArrayViewMut<'_, F, D>| {
+                fill_mask(
+                    self.p,
+                    self.key,
+                    mask.as_slice_mut().expect("a new array is contiguous"),
+                )
+            })
+        }
     }
 }
 

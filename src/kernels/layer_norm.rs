@@ -12,6 +12,7 @@
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::Float;
+use super::dropout::{DropKey, draw};
 use super::parallel::for_each_chunk_mut;
 use super::simd::{dot, sum, sum_by, widest};
 
@@ -95,16 +96,16 @@ pub fn layer_norm_rows<F: Float>(
     layer_norm_rows_sum(x, None, gamma, beta, eps, x_hat, rstd, y);
 }
 
-/// [`layer_norm_rows`] of `x + z ⊙ mask` (`z ⊙ mask` when a mask is given, else `z`), without
-/// storing the sum: the post-norm residual connection `LN(x + Dropout(z))` in one pass.
-/// With `z = None` it is [`layer_norm_rows`] of x.
+/// [`layer_norm_rows`] of `x + z ⊙ mask` (the dropout mask of a key, computed element by
+/// element, or `x + z` without one), without storing the sum: the post-norm residual
+/// connection `LN(x + Dropout(z))` in one pass. With `z = None` it is [`layer_norm_rows`] of x.
 ///
 /// # Panics
 /// If the shapes do not fit, or an array is not contiguous.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_rows_sum<F: Float>(
     x: ArrayView2<F>,
-    z: Option<(ArrayView2<F>, Option<ArrayView2<F>>)>,
+    z: Option<(ArrayView2<F>, Option<DropKey>)>,
     gamma: ArrayView1<F>,
     beta: ArrayView1<F>,
     eps: F,
@@ -119,8 +120,7 @@ pub fn layer_norm_rows_sum<F: Float>(
             && x_hat.dim() == (n, d)
             && y.dim() == (n, d)
             && rstd.len() == n
-            && z.as_ref()
-                .is_none_or(|(z, m)| z.dim() == (n, d) && m.as_ref().is_none_or(|m| m.dim() == (n, d))),
+            && z.as_ref().is_none_or(|(z, _)| z.dim() == (n, d)),
         "layer_norm_rows: x {:?}, z {:?}, gamma {:?}, beta {:?}, x_hat {:?}, rstd {:?}, y {:?}",
         x.shape(),
         z.as_ref().map(|(z, _)| z.shape().to_vec()),
@@ -134,9 +134,7 @@ pub fn layer_norm_rows_sum<F: Float>(
         return;
     }
     let x = contiguous(&x);
-    let z = z
-        .as_ref()
-        .map(|(z, m)| (contiguous(z), m.as_ref().map(contiguous)));
+    let z = z.as_ref().map(|(z, m)| (contiguous(z), *m));
     let (gamma, beta) = (contiguous(&gamma), contiguous(&beta));
     let x_hat = contiguous_mut(&mut x_hat);
     let rstd = contiguous_mut(&mut rstd);
@@ -152,8 +150,8 @@ pub fn layer_norm_rows_sum<F: Float>(
             )
         };
         let x = &x[at..at + y.len()];
-        let z = z.map(|(z, m)| (&z[at..at + y.len()], m.map(|m| &m[at..at + y.len()])));
-        widest!(rows_forward(x, z, gamma, beta, eps, x_hat, rstd, y))
+        let z = z.map(|(z, m)| (&z[at..at + y.len()], m));
+        widest!(rows_forward(x, z, at, gamma, beta, eps, x_hat, rstd, y))
     });
 }
 
@@ -162,7 +160,8 @@ pub fn layer_norm_rows_sum<F: Float>(
 #[allow(clippy::too_many_arguments)]
 fn rows_forward<F: Float>(
     x: &[F],
-    z: Option<(&[F], Option<&[F]>)>,
+    z: Option<(&[F], Option<DropKey>)>,
+    first: usize,
     gamma: &[F],
     beta: &[F],
     eps: F,
@@ -180,10 +179,13 @@ fn rows_forward<F: Float>(
                 // The sum goes into x̂ first, then is normalised from there.
                 let z = &z[at.clone()];
                 match m {
-                    Some(m) => {
-                        let m = &m[at];
+                    Some(key) => {
+                        // The mask's factor of flat index first + i·d + j.
+                        let (threshold, scale) = (key.threshold(), key.scale::<F>());
+                        let base = first + i * d;
                         for j in 0..d {
-                            x_hat[j] = x[j] + z[j] * m[j];
+                            let keep = draw(key.key(), (base + j) as u32) >= threshold;
+                            x_hat[j] = x[j] + z[j] * if keep { scale } else { F::ZERO };
                         }
                     }
                     None => {

@@ -83,7 +83,7 @@ pub const PARALLEL_MIN_WORK: usize = 1 << 15;
 pub fn parallel_worth(work: usize) -> bool {
     work >= PARALLEL_MIN_WORK && parallel::threads() > 1
 }
-pub use dropout::dropout_mask;
+pub use dropout::{DropKey, dropout_mask};
 pub use float::{Float, MaybeSerde};
 pub use gemm::{PackedB, gemm, gemm_batched, gemm_bias, gemm_naive, gemm_packed};
 pub use layer_norm::{

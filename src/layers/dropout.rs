@@ -6,10 +6,11 @@
 //! probability 1 − p and the survivors are scaled by 1/(1 − p) ("inverted" dropout), so the
 //! expected output is the input and inference is the identity.
 //!
-//! The mask is drawn by [`dropout_mask`] from the `rng` handed to
-//! [`Dropout::forward`], and kept in the [`DropoutCache`]: the same seed gives the same
-//! mask, for `f32` and `f64` alike. With `p = 0` no mask is drawn (the `rng` is not
-//! touched) and the layer is a copy.
+//! The mask is a [`DropKey`] drawn from the `rng` handed to [`Dropout::forward`] (one `u64`)
+//! and kept in the [`DropoutCache`]: a key from which any element's draw is computed where it
+//! is needed, so no mask is stored. The same seed gives the same mask, for `f32` and `f64`
+//! alike, and [`DropoutCache::mask`] writes it out. With `p = 0` nothing is drawn (the `rng`
+//! is not touched) and the layer is a copy.
 //!
 //! Backward, for `grad_y = ∂L/∂y` and the scaled mask `m' = m / (1 − p)` of the forward
 //! pass: `∂L/∂x = grad_y ⊙ m'`. There are no parameters.
@@ -41,7 +42,8 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::{Float, dropout_mask};
+use crate::kernels::Float;
+use crate::kernels::dropout::DropKey;
 
 /// Configuration of a [`Dropout`] layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,14 +64,17 @@ pub struct Dropout {
     pub cfg: DropoutConfig,
 }
 
-/// What [`Dropout::backward`] needs from the forward pass: the scaled mask, `None` when
+/// What [`Dropout::backward`] needs from the forward pass: the mask's key, `None` when
 /// `p = 0`.
 #[derive(Clone, Debug)]
 pub struct DropoutCache<F: Float = f32> {
-    mask: Option<Array2<F>>,
+    key: Option<DropKey>,
     dim: (usize, usize),
+    _f: std::marker::PhantomData<F>,
 }
-crate::kernels::workspace::impl_recycle!(DropoutCache<F: Float> { mask });
+impl<F: Float> crate::kernels::workspace::Recycle for DropoutCache<F> {
+    fn give_back(self) {}
+}
 
 impl DropoutConfig {
     /// Dropout with rate `p` (PyTorch's `nn.Dropout` defaults to 0.5; the paper uses 0.1).
@@ -134,8 +139,12 @@ impl Dropout {
     /// # Panics
     /// If `p` is not in [0, 1).
     pub fn draw<F: Float>(&self, dim: (usize, usize), rng: &mut impl Rng) -> DropoutCache<F> {
-        let mask = (self.cfg.p > 0.0).then(|| dropout_mask(self.cfg.p, dim, rng));
-        DropoutCache { mask, dim }
+        let key = (self.cfg.p > 0.0).then(|| DropKey::draw(self.cfg.p, rng));
+        DropoutCache {
+            key,
+            dim,
+            _f: std::marker::PhantomData,
+        }
     }
 }
 
@@ -163,14 +172,28 @@ impl<F: Float> DropoutCache<F> {
             x.shape(),
             [self.dim.0, self.dim.1]
         );
-        if let Some(mask) = &self.mask {
-            x *= mask;
+        let Some(key) = self.key else { return };
+        let cols = self.dim.1;
+        match x.as_slice_mut() {
+            Some(x) => key.apply(0, x),
+            None => {
+                for (r, mut row) in x.rows_mut().into_iter().enumerate() {
+                    for (c, v) in row.iter_mut().enumerate() {
+                        *v *= key.factor(r * cols + c);
+                    }
+                }
+            }
         }
     }
 
-    /// The scaled mask, `0` or `1/(1 − p)` per element; `None` when `p = 0`.
-    pub fn mask(&self) -> Option<&Array2<F>> {
-        self.mask.as_ref()
+    /// The scaled mask written out, `0` or `1/(1 − p)` per element; `None` when `p = 0`.
+    pub fn mask(&self) -> Option<Array2<F>> {
+        self.key.map(|k| k.mask(self.dim))
+    }
+
+    /// The mask's key; `None` when `p = 0`.
+    pub fn key(&self) -> Option<DropKey> {
+        self.key
     }
 }
 
@@ -211,7 +234,7 @@ mod tests {
         let _ = dropout.forward(x.view(), &mut rng);
         let grad_x = dropout.backward(&cache, x.view());
         assert_eq!(grad_x, y);
-        assert_eq!(cache.mask(), Some(&y));
+        assert_eq!(cache.mask(), Some(y.clone()));
         assert!(y.iter().any(|&v| v == 0.0) && y.iter().any(|&v| v != 0.0));
     }
 

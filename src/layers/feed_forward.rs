@@ -67,12 +67,12 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Result, check};
+use crate::kernels::gemm::{Fused, gemm_fused};
 use crate::kernels::parallel::for_each_chunk_mut;
-use crate::kernels::simd::widest;
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
-use crate::layers::linear::{affine, affine_backward};
+use crate::layers::linear::{affine, affine_backward, affine_backward_weights};
 use crate::params::xavier_uniform;
 
 /// Configuration of a [`FeedForward`] layer.
@@ -212,9 +212,34 @@ impl<F: Float> FeedForward<F> {
     /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
     pub fn forward(&self, x: ArrayView2<F>, rng: &mut impl Rng) -> (Array2<F>, FeedForwardCache<F>) {
         self.check_input(x);
-        let (h, mut a) = self.hidden(x);
-        let dropout = self.dropout.draw(a.dim(), rng);
-        dropout.apply_inplace(a.view_mut());
+        let dropout = self.dropout.draw((x.nrows(), self.cfg.d_ff), rng);
+        let (h, a) = if self.cfg.activation == Activation::Relu {
+            // a = Dropout(ReLU(x·W1ᵀ + b1)) in the GEMM's stores, the mask by its key.
+            let post = Fused {
+                bias: self.p.b1.as_ref().map(|b| b.view()),
+                relu: true,
+                dropout: dropout.key(),
+                gate: None,
+            };
+            assert_eq!(
+                self.p.w1.ncols(),
+                x.ncols(),
+                "FeedForward: W1 is {:?} for x {:?}",
+                self.p.w1.shape(),
+                x.shape()
+            );
+            // SAFETY: gemm_fused writes every element.
+            let a = unsafe {
+                filled((x.nrows(), self.cfg.d_ff), |a| {
+                    gemm_fused(x, self.p.w1.t(), post, a)
+                })
+            };
+            (None, a)
+        } else {
+            let (h, mut a) = self.hidden(x);
+            dropout.apply_inplace(a.view_mut());
+            (h, a)
+        };
         let y = affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()));
         let cache = FeedForwardCache {
             x: crate::kernels::workspace::owned(x),
@@ -320,41 +345,35 @@ impl<F: Float> FeedForward<F> {
             self.p.b1.is_some(),
             self.p.b2.is_some()
         );
-        // ∂L/∂a, then ∂L/∂h in place: ⊙ mask, ⊙ act'(h).
-        let mut grad_h = affine_backward(
-            cache.a.view(),
-            self.p.w2.view(),
-            grad_y,
-            g.w2.view_mut(),
-            g.b2.as_mut().map(|b| b.view_mut()),
-        );
         let act = self.cfg.activation;
-        let mask = cache
-            .dropout
-            .mask()
-            .map(|m| m.as_slice().expect("standard layout"));
-        let gh = grad_h.as_slice_mut().expect("standard layout");
-        match &cache.h {
-            // ReLU: act'(h) = 1 where a > 0 (a kept entry of a positive h), else 0; where a
-            // was dropped the mask is 0 anyway. One pass: ⊙ mask ⊙ [a > 0].
+        let grad_h = match &cache.h {
+            // ReLU: ∂L/∂h = (grad_y·W2) ⊙ mask ⊙ [h > 0] = (grad_y·W2) · scale where a > 0 (a
+            // kept entry of a positive h), else 0: a gate on the GEMM's stores, with no mask
+            // and no pass of its own.
             None => {
-                let a = cache.a.as_slice().expect("standard layout");
-                for_each_chunk_mut(gh, 1, a.len(), |at, gh| {
-                    let a = &a[at..at + gh.len()];
-                    match mask {
-                        Some(m) => {
-                            let m = &m[at..at + gh.len()];
-                            widest!(for j in 0..gh.len() {
-                                gh[j] = if a[j] > F::ZERO { gh[j] * m[j] } else { F::ZERO };
-                            })
-                        }
-                        None => widest!(for j in 0..gh.len() {
-                            gh[j] = if a[j] > F::ZERO { gh[j] } else { F::ZERO };
-                        }),
-                    }
-                });
+                affine_backward_weights(
+                    cache.a.view(),
+                    grad_y,
+                    g.w2.view_mut(),
+                    g.b2.as_mut().map(|b| b.view_mut()),
+                );
+                let scale = cache.dropout.key().map_or(F::ONE, |k| k.scale());
+                let post = Fused {
+                    gate: Some((cache.a.view(), scale)),
+                    ..Fused::none()
+                };
+                // SAFETY: gemm_fused writes every element.
+                unsafe { filled(cache.a.dim(), |gh| gemm_fused(grad_y, self.p.w2.view(), post, gh)) }
             }
+            // ∂L/∂a, then ∂L/∂h in place: ⊙ mask, ⊙ act'(h).
             Some(h) => {
+                let mut grad_h = affine_backward(
+                    cache.a.view(),
+                    self.p.w2.view(),
+                    grad_y,
+                    g.w2.view_mut(),
+                    g.b2.as_mut().map(|b| b.view_mut()),
+                );
                 cache.dropout.apply_inplace(grad_h.view_mut());
                 let gh = grad_h.as_slice_mut().expect("standard layout");
                 let h = h.as_slice().expect("standard layout");
@@ -363,8 +382,9 @@ impl<F: Float> FeedForward<F> {
                         *g *= act.derivative(h);
                     }
                 });
+                grad_h
             }
-        }
+        };
         let grad_x = affine_backward(
             cache.x.view(),
             self.p.w1.view(),
@@ -508,6 +528,42 @@ mod tests {
             assert!(w.iter().any(|v| v.abs() > 0.9 * a));
         }
         assert!(layer.p.b1.as_ref().unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    /// The fused ReLU-dropout (mask computed in the GEMM's stores from its key) gives what the
+    /// mask written out gives, in `f32` on the vector kernels.
+    #[test]
+    fn fused_dropout_equals_the_written_out_mask() {
+        let mut rng = StdRng::seed_from_u64(60);
+        let layer = FeedForwardConfig::new(48, 96)
+            .with_p_drop(0.25)
+            .init::<f32>(&mut rng)
+            .unwrap();
+        let x: Array2<f32> =
+            Array2::from_shape_fn((70, 48), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+        let (y, cache) = layer.forward(x.view(), &mut StdRng::seed_from_u64(61));
+        let mask: Array2<f32> = cache.dropout.mask().unwrap();
+        let h = affine(x.view(), layer.p.w1.view(), layer.p.b1.as_ref().map(|b| b.view()));
+        let a = h.mapv(|v| v.max(0.0)) * &mask;
+        assert_eq!(cache.a, a);
+        let want = affine(a.view(), layer.p.w2.view(), layer.p.b2.as_ref().map(|b| b.view()));
+        assert_eq!(y, want);
+        // Backward: the gate gives the written-out ⊙ mask ⊙ [h > 0].
+        let r: Array2<f32> = Array2::from_shape_fn((70, 48), |(i, j)| ((i + 2 * j) % 5) as f32 - 2.0);
+        let mut g = layer.p.zeros_like();
+        let grad_x = layer.backward(&cache, r.view(), &mut g);
+        let mut grad_a = Array2::<f32>::zeros((70, 96));
+        crate::kernels::gemm(1.0, r.view(), layer.p.w2.view(), 0.0, grad_a.view_mut());
+        let grad_h = Array2::from_shape_fn((70, 96), |(i, j)| {
+            if h[[i, j]] > 0.0 {
+                grad_a[[i, j]] * mask[[i, j]]
+            } else {
+                0.0
+            }
+        });
+        let mut want_x = Array2::<f32>::zeros((70, 48));
+        crate::kernels::gemm(1.0, grad_h.view(), layer.p.w1.view(), 0.0, want_x.view_mut());
+        assert_eq!(grad_x, want_x);
     }
 
     #[test]

@@ -45,6 +45,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rand::Rng;
 
 use crate::error::{Result, check};
+use crate::kernels::dropout::DropKey;
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, filled, layer_norm_rows_backward, layer_norm_rows_sum};
 
@@ -202,7 +203,7 @@ impl<F: Float> LayerNorm<F> {
         &self,
         x: ArrayView2<F>,
         z: ArrayView2<F>,
-        mask: Option<ArrayView2<F>>,
+        mask: Option<DropKey>,
     ) -> (Array2<F>, LayerNormCache<F>) {
         let (y, x_hat, rstd) = self.normalize_sum(x, Some((z, mask)));
         (y, LayerNormCache { x_hat, rstd })
@@ -221,7 +222,7 @@ impl<F: Float> LayerNorm<F> {
     fn normalize_sum(
         &self,
         x: ArrayView2<F>,
-        z: Option<(ArrayView2<F>, Option<ArrayView2<F>>)>,
+        z: Option<(ArrayView2<F>, Option<DropKey>)>,
     ) -> (Array2<F>, Array2<F>, Array1<F>) {
         assert_eq!(
             x.ncols(),
@@ -230,19 +231,16 @@ impl<F: Float> LayerNorm<F> {
             x.shape(),
             self.cfg.d_model
         );
-        if let Some((z, mask)) = &z {
+        if let Some((z, _)) = &z {
             assert!(
-                z.dim() == x.dim() && mask.as_ref().is_none_or(|m| m.dim() == z.dim()),
-                "LayerNorm: the residual sum of x {:?} and z {:?} (mask {:?})",
+                z.dim() == x.dim(),
+                "LayerNorm: the residual sum of x {:?} and z {:?}",
                 x.shape(),
-                z.shape(),
-                mask.as_ref().map(|m| m.shape().to_vec())
+                z.shape()
             );
         }
         let x = x.as_standard_layout();
-        let z = z
-            .as_ref()
-            .map(|(z, m)| (z.as_standard_layout(), m.as_ref().map(|m| m.as_standard_layout())));
+        let z = z.as_ref().map(|(z, m)| (z.as_standard_layout(), *m));
         let gamma = self.p.gamma.as_standard_layout();
         let beta = self.p.beta.as_standard_layout();
         let mut rstd = Array1::zeros(x.nrows());
@@ -253,7 +251,7 @@ impl<F: Float> LayerNorm<F> {
                 x_hat = Some(filled(x.dim(), |x_hat| {
                     layer_norm_rows_sum(
                         x.view(),
-                        z.as_ref().map(|(z, m)| (z.view(), m.as_ref().map(|m| m.view()))),
+                        z.as_ref().map(|(z, m)| (z.view(), *m)),
                         gamma.view(),
                         beta.view(),
                         F::from_f64(f64::from(self.cfg.eps)),

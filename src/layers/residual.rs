@@ -236,9 +236,7 @@ impl<F: Float> Residual<F> {
             check_sublayer_output("forward", z.dim(), dim);
             let dropout = self.dropout.draw(dim, rng);
             // LN(x + z ⊙ mask) in one pass.
-            let (y, norm) = self
-                .norm
-                .forward_sum(x, z.view(), dropout.mask().map(|m| m.view()));
+            let (y, norm) = self.norm.forward_sum(x, z.view(), dropout.key());
             z.give_back();
             let cache = ResidualCache {
                 sublayer,

@@ -30,6 +30,60 @@ pub(crate) struct Tile {
     pub update: Update,
     /// Whether `max(·, 0)` follows the update (ReLU, on the last block of k).
     pub relu: bool,
+    /// Dropout after that, by key (on the last block of k).
+    pub drop: Option<TileDrop>,
+    /// A gate after that (on the last block of k).
+    pub gate: Option<TileGate>,
+}
+
+/// Dropout of a tile's elements: element (r, j) of the tile is multiplied by 0 or `scale` as
+/// `draw(key, index0 + r·ld + j)` is below `threshold` or not (the flat index of the element
+/// in C, whose rows are `ld` long).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileDrop {
+    pub key: u64,
+    pub threshold: u32,
+    pub scale: f32,
+    pub index0: usize,
+    pub ld: usize,
+}
+
+/// A gate on a tile's elements: element (r, j) becomes `v · scale` where `g(r, j) > 0` and 0
+/// elsewhere, with `g(r, j)` at `ptr + r·rs + j·cs` (the ReLU backward through an activation,
+/// times the dropout scale).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileGate {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+    pub scale: f32,
+}
+
+impl Tile {
+    /// What follows the update for element (r, j), in scalar arithmetic: dropout then gate.
+    ///
+    /// # Safety
+    /// With a gate, its element (r, j) must be readable.
+    #[inline(always)]
+    pub(crate) unsafe fn post(&self, v: f32, r: usize, j: usize) -> f32 {
+        let mut v = v;
+        if let Some(d) = self.drop {
+            let keep = crate::kernels::dropout::draw(d.key, (d.index0 + r * d.ld + j) as u32) >= d.threshold;
+            v *= if keep { d.scale } else { 0.0 };
+        }
+        if let Some(g) = self.gate {
+            // SAFETY: the caller vouches for the gate element.
+            let gv = unsafe { *g.ptr.offset(r as isize * g.rs + j as isize * g.cs) };
+            v = if gv > 0.0 { v * g.scale } else { 0.0 };
+        }
+        v
+    }
+
+    /// Whether the vector stores can apply everything (gates must have unit column stride).
+    #[inline(always)]
+    fn vector_post(&self) -> bool {
+        self.gate.is_none_or(|g| g.cs == 1)
+    }
 }
 
 /// How a tile's product `acc` (over one block of k) meets C.
@@ -87,7 +141,7 @@ unsafe fn store_scalar(acc: &[f32], nr: usize, t: &Tile) {
             unsafe {
                 let p = t.c.offset(r as isize * t.rsc + j as isize * t.csc);
                 let old = if t.update.reads_c() { *p } else { 0.0 };
-                *p = t.update.apply(acc[r * nr + j], old, j, t.relu);
+                *p = t.post(t.update.apply(acc[r * nr + j], old, j, t.relu), r, j);
             }
         }
     }
@@ -124,19 +178,18 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
             b = b.add(32);
         }
     }
-    if t.csc == 1 && t.cols == 32 {
+    if t.csc == 1 && t.cols == 32 && t.vector_post() {
         for r in 0..MR {
             if r >= t.rows {
                 break;
             }
             // SAFETY: row r < rows and its 32 columns are inside C (csc = 1).
             unsafe {
-                let p = t.c.offset(r as isize * t.rsc);
-                store512(p, lo[r], t.update, 0, t.relu, 0xffff);
-                store512(p.add(16), hi[r], t.update, 16, t.relu, 0xffff);
+                store512(t, r, 0, lo[r], 0xffff);
+                store512(t, r, 16, hi[r], 0xffff);
             }
         }
-    } else if t.csc == 1 {
+    } else if t.csc == 1 && t.vector_post() {
         let m0 = if t.cols >= 16 {
             0xffff
         } else {
@@ -154,10 +207,9 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
             // SAFETY: the masks cover exactly the columns inside C; masked-off lanes are
             // neither read nor written.
             unsafe {
-                let p = t.c.offset(r as isize * t.rsc);
-                store512(p, lo[r], t.update, 0, t.relu, m0);
+                store512(t, r, 0, lo[r], m0);
                 if m1 != 0 {
-                    store512(p.add(16), hi[r], t.update, 16, t.relu, m1);
+                    store512(t, r, 16, hi[r], m1);
                 }
             }
         }
@@ -175,19 +227,20 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
     }
 }
 
-/// One 16-lane store under `mask` of a tile row's columns `j0..j0 + 16`.
+/// One 16-lane store under `mask` of row r's columns `j0..j0 + 16` of the tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn store512(p: *mut f32, acc: __m512, update: Update, j0: usize, relu: bool, mask: u16) {
-    // SAFETY: the caller vouches for the masked lanes of p (and of the bias).
+unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
+    // SAFETY: the caller vouches for the masked lanes of the row (and of the bias and gate).
     unsafe {
-        let v = match update {
+        let p = t.c.offset(r as isize * t.rsc + j0 as isize);
+        let v = match t.update {
+            Update::Set { alpha } => _mm512_mul_ps(acc, _mm512_set1_ps(alpha)),
             Update::Bias { alpha, bias } => {
                 let b = _mm512_maskz_loadu_ps(mask, bias.add(j0));
                 _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), b)
             }
-            Update::Set { alpha } => _mm512_mul_ps(acc, _mm512_set1_ps(alpha)),
             Update::Scale { alpha, beta } => {
                 let old = _mm512_maskz_loadu_ps(mask, p);
                 _mm512_fmadd_ps(
@@ -201,13 +254,46 @@ unsafe fn store512(p: *mut f32, acc: __m512, update: Update, j0: usize, relu: bo
                 _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), old)
             }
         };
-        let v = if relu {
+        let mut v = if t.relu {
             _mm512_max_ps(v, _mm512_setzero_ps())
         } else {
             v
         };
+        if let Some(d) = t.drop {
+            // The 16 flat indices of these elements, hashed as `dropout::draw` does.
+            let base = _mm512_set1_epi32((d.index0 + r * d.ld + j0) as u32 as i32);
+            let idx = _mm512_add_epi32(
+                base,
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            );
+            let x = mix16(_mm512_xor_si512(idx, _mm512_set1_epi32(d.key as u32 as i32)));
+            let x = mix16(_mm512_xor_si512(
+                x,
+                _mm512_set1_epi32((d.key >> 32) as u32 as i32),
+            ));
+            let keep = _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(d.threshold as i32));
+            let factor = _mm512_mask_blend_ps(keep, _mm512_setzero_ps(), _mm512_set1_ps(d.scale));
+            v = _mm512_mul_ps(v, factor);
+        }
+        if let Some(g) = t.gate {
+            let gv = _mm512_maskz_loadu_ps(mask, g.ptr.offset(r as isize * g.rs + j0 as isize));
+            let open = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(gv, _mm512_setzero_ps());
+            v = _mm512_maskz_mul_ps(open, v, _mm512_set1_ps(g.scale));
+        }
         _mm512_mask_storeu_ps(p, mask, v);
     }
+}
+
+/// `lowbias32` on 16 lanes: the mixer of `dropout::draw`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn mix16(x: __m512i) -> __m512i {
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
 }
 
 /// The AVX2 + FMA kernel: `6 × 16`.
@@ -236,7 +322,7 @@ pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Ti
             b = b.add(16);
         }
     }
-    if t.csc == 1 && t.cols == 16 {
+    if t.csc == 1 && t.cols == 16 && t.drop.is_none() && t.gate.is_none() {
         for r in 0..MR {
             if r >= t.rows {
                 break;

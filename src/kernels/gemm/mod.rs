@@ -22,6 +22,7 @@ use std::any::TypeId;
 use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder, Zip, s};
 
 use super::Float;
+use super::dropout::DropKey;
 use super::small_gemm;
 
 mod micro;
@@ -67,7 +68,7 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
         }
     }
     let parts = parts_for(m, n, k);
-    if packed_f32(alpha, a, b, beta, c.view_mut(), parts, None, false) {
+    if packed_f32(alpha, a, b, beta, c.view_mut(), parts, Fused::none()) {
         return;
     }
     if parts < 2 {
@@ -121,37 +122,107 @@ pub fn gemm_bias<F: Float>(
     b: ArrayView2<F>,
     bias: Option<ArrayView1<F>>,
     relu: bool,
-    mut c: ArrayViewMut2<F>,
+    c: ArrayViewMut2<F>,
 ) {
+    gemm_fused(
+        a,
+        b,
+        Fused {
+            bias,
+            relu,
+            dropout: None,
+            gate: None,
+        },
+        c,
+    );
+}
+
+impl<F: Float> Fused<'_, F> {
+    /// Nothing: the product as it is.
+    pub fn none() -> Self {
+        Fused {
+            bias: None,
+            relu: false,
+            dropout: None,
+            gate: None,
+        }
+    }
+}
+
+/// What [`gemm_fused`] does to `A·B` before it lands in C, in this order.
+#[derive(Clone, Copy, Debug)]
+pub struct Fused<'a, F: Float> {
+    /// A bias per column of C, added to the product.
+    pub bias: Option<ArrayView1<'a, F>>,
+    /// `max(·, 0)`.
+    pub relu: bool,
+    /// Dropout by the flat (row-major) index of C's elements: the FFN's inner dropout, with
+    /// no mask written out.
+    pub dropout: Option<DropKey>,
+    /// `(g, s)`: each element times s where g's element (g has C's shape) is above 0, else 0:
+    /// the ReLU backward through the activation g, times the dropout scale s.
+    pub gate: Option<(ArrayView2<'a, F>, F)>,
+}
+
+/// `C ← post(A·B)`: a GEMM whose stores apply [`Fused`]'s bias, ReLU, dropout and gate, so
+/// that those cost no pass of their own over C. C is only written.
+///
+/// # Panics
+/// If the shapes do not chain, the bias does not have one element per column of C, or the
+/// gate does not have C's shape.
+pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, F>, mut c: ArrayViewMut2<F>) {
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
-    if let Some(bias) = &bias {
+    if let Some(bias) = &post.bias {
         assert_eq!(
             bias.len(),
             n,
-            "gemm_bias: bias {:?} for C {:?}",
+            "gemm_fused: bias {:?} for C {:?}",
             bias.shape(),
             c.shape()
         );
     }
+    if let Some((g, _)) = &post.gate {
+        assert_eq!(
+            g.dim(),
+            c.dim(),
+            "gemm_fused: gate {:?} for C {:?}",
+            g.shape(),
+            c.shape()
+        );
+    }
     if !small_gemm::takes(m, k) {
-        let owned = bias.as_ref().map(|b| b.as_standard_layout());
-        let parts = parts_for(m, n, k);
-        let bias_view = owned.as_ref().map(|b| b.view());
-        if packed_f32(F::ONE, a, b, F::ZERO, c.view_mut(), parts, bias_view, relu) {
+        let owned = post.bias.as_ref().map(|b| b.as_standard_layout());
+        let post = Fused {
+            bias: owned.as_ref().map(|b| b.view()),
+            ..post
+        };
+        if packed_f32(F::ONE, a, b, F::ZERO, c.view_mut(), parts_for(m, n, k), post) {
             return;
         }
     }
-    match bias {
+    match post.bias {
         Some(bias) => {
             c.assign(&bias.broadcast((m, n)).expect("bias broadcasts over rows"));
             gemm(F::ONE, a, b, F::ONE, c.view_mut());
         }
         None => gemm(F::ONE, a, b, F::ZERO, c.view_mut()),
     }
-    if relu {
+    if post.relu {
         c.mapv_inplace(|v| if v > F::ZERO { v } else { F::ZERO });
+    }
+    if let Some(key) = post.dropout {
+        for (r, mut row) in c.rows_mut().into_iter().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= key.factor(r * n + j);
+            }
+        }
+    }
+    if let Some((g, s)) = post.gate {
+        Zip::from(&mut c)
+            .and(&g)
+            .for_each(|v, &g| *v = if g > F::ZERO { *v * s } else { F::ZERO });
     }
 }
 
@@ -252,6 +323,7 @@ pub fn gemm_packed<F: Float>(
     let ep = Epilogue {
         bias: bias.as_ref().map(|b| b.as_ptr() as *const f32),
         relu,
+        ..Epilogue::default()
     };
     // SAFETY: F is f32 (asserted); the views address their own elements, C is exclusive, the
     // shapes chain (checked), the bias is contiguous with n elements, and `b` was packed for
@@ -297,8 +369,7 @@ fn packed_f32<F: Float>(
     beta: F,
     mut c: ArrayViewMut2<F>,
     parts: usize,
-    bias: Option<ArrayView1<F>>,
-    relu: bool,
+    post: Fused<'_, F>,
 ) -> bool {
     if TypeId::of::<F>() != TypeId::of::<f32>() {
         return false;
@@ -319,13 +390,22 @@ fn packed_f32<F: Float>(
         cs: c.strides()[1],
     };
     let ep = Epilogue {
-        bias: bias.map(|b| b.as_ptr() as *const f32),
-        relu,
+        bias: post.bias.map(|b| b.as_ptr() as *const f32),
+        relu: post.relu,
+        dropout: post.dropout,
+        gate: post.gate.map(|(g, s)| {
+            (
+                g.as_ptr() as *const f32,
+                g.strides()[0],
+                g.strides()[1],
+                s.to_f64() as f32,
+            )
+        }),
     };
     // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
     // strides too), C is borrowed mutably and so aliases neither A nor B, the shapes were
-    // checked by the callers, the bias is contiguous with n elements, and `best` checked the
-    // CPU.
+    // checked by the callers, the bias is contiguous with n elements, the gate has C's shape,
+    // and `best` checked the CPU.
     unsafe {
         packed::gemm(
             isa,
@@ -433,7 +513,7 @@ fn check_shapes(a: (usize, usize), b: (usize, usize), c: (usize, usize)) {
 
 /// One product on the calling thread: the packed kernels, or `matrixmultiply`.
 fn gemm_serial<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
-    if packed_f32(alpha, a, b, beta, c.view_mut(), 1, None, false) {
+    if packed_f32(alpha, a, b, beta, c.view_mut(), 1, Fused::none()) {
         return;
     }
     let (m, k) = a.dim();
@@ -657,6 +737,54 @@ mod tests {
                         "m={m} k={k} n={n}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The fused stores (bias, ReLU, dropout by key, gate) of the vector kernels against the
+    /// same arithmetic written out, bit for bit, at sizes with edge tiles, on 1 and 2 threads.
+    #[test]
+    fn fused_stores_match_the_written_out_arithmetic() {
+        let mut rng = StdRng::seed_from_u64(10);
+        for &(m, k, n) in &[(5, 7, 9), (37, KC + 3, 70), (64, 40, 64)] {
+            let a = int_matrix(&mut rng, m, k);
+            let b = int_matrix(&mut rng, k, n);
+            let bias = int_matrix(&mut rng, 1, n).row(0).to_owned();
+            let gate = int_matrix(&mut rng, m, n);
+            let key = DropKey::draw(0.3, &mut rng);
+            let mut prod = Array2::<f32>::zeros((m, n));
+            gemm_naive(1.0, a.view(), b.view(), 0.0, prod.view_mut());
+            let forward = Array2::from_shape_fn((m, n), |(i, j)| {
+                let v = (prod[[i, j]] + bias[j]).max(0.0);
+                v * key.factor::<f32>(i * n + j)
+            });
+            let backward = Array2::from_shape_fn((m, n), |(i, j)| {
+                if gate[[i, j]] > 0.0 {
+                    prod[[i, j]] * 1.25
+                } else {
+                    0.0
+                }
+            });
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = Array2::from_elem((m, n), f32::NAN);
+                let post = Fused {
+                    bias: Some(bias.view()),
+                    relu: true,
+                    dropout: Some(key),
+                    gate: None,
+                };
+                pool.install(|| gemm_fused(a.view(), b.view(), post, got.view_mut()));
+                assert_eq!(got, forward, "forward m={m} k={k} n={n} threads={threads}");
+                let post = Fused {
+                    gate: Some((gate.view(), 1.25)),
+                    ..Fused::none()
+                };
+                pool.install(|| gemm_fused(a.view(), b.view(), post, got.view_mut()));
+                assert_eq!(got, backward, "backward m={m} k={k} n={n} threads={threads}");
             }
         }
     }

@@ -23,7 +23,8 @@
 use std::cell::Cell;
 use std::ops::Range;
 
-use super::micro::{Tile, Update, kernel_scalar};
+use super::micro::{Tile, TileDrop, TileGate, Update, kernel_scalar};
+use crate::kernels::dropout::DropKey;
 use crate::kernels::parallel::for_each_index;
 
 /// Rows of B (columns of A) per block. Every element of C is summed over k in blocks of this
@@ -201,13 +202,19 @@ fn with_scratch<R>(
     out
 }
 
-/// What follows the product: `C ← act(α·A·B + bias)` in place of `α·A·B + β·C`.
+/// What follows the product: `C ← act(α·A·B + bias)` in place of `α·A·B + β·C`, then dropout
+/// and a gate.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Epilogue {
     /// A bias per column of C (n floats); β must then be 0.
     pub bias: Option<*const f32>,
     /// `max(·, 0)` on the result.
     pub relu: bool,
+    /// Dropout of C's elements by their flat (row-major) index.
+    pub dropout: Option<DropKey>,
+    /// `C ← C · scale` where the gate's element is above 0, else 0: `(ptr, rs, cs, scale)`,
+    /// the gate of C's shape.
+    pub gate: Option<(*const f32, isize, isize, f32)>,
 }
 
 // SAFETY: the bias is read-only while `gemm` runs, and borrowed for that long by the caller.
@@ -246,11 +253,12 @@ pub(crate) unsafe fn gemm(
         };
         for i in 0..m {
             for j in 0..n {
-                // SAFETY: (i, j) is inside C and j inside the bias.
+                // SAFETY: (i, j) is inside C, j inside the bias, (i, j) inside the gate.
                 unsafe {
                     let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
                     let old = if beta == 0.0 { 0.0 } else { *p };
-                    *p = update.apply(0.0, old, j, ep.relu);
+                    let t = tile(p, c, 1, 1, update, ep, i, j, n, true);
+                    *p = t.post(update.apply(0.0, old, j, ep.relu), 0, 0);
                 }
             }
         }
@@ -359,6 +367,47 @@ pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usi
         }
     });
     out
+}
+
+/// The tile of C at (r0, j0), `rows × cols`, with the epilogue's post-operations when `last`
+/// (the last block of k).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn tile(
+    p: *mut f32,
+    c: MatMut,
+    rows: usize,
+    cols: usize,
+    update: Update,
+    ep: Epilogue,
+    r0: usize,
+    j0: usize,
+    n: usize,
+    last: bool,
+) -> Tile {
+    Tile {
+        c: p,
+        rsc: c.rs,
+        csc: c.cs,
+        rows,
+        cols,
+        update,
+        relu: ep.relu && last,
+        drop: ep.dropout.filter(|_| last).map(|d| TileDrop {
+            key: d.key(),
+            threshold: d.threshold(),
+            scale: d.scale(),
+            index0: r0 * n + j0,
+            ld: n,
+        }),
+        gate: ep.gate.filter(|_| last).map(|(g, rs, cs, scale)| TileGate {
+            // The gate's element (r0, j0), inside the gate (its caller's shape is C's).
+            ptr: g.wrapping_offset(r0 as isize * rs + j0 as isize * cs),
+            rs,
+            cs,
+            scale,
+        }),
+    }
 }
 
 /// The packed-B buffer, shared by threads that pack disjoint panels of it.
@@ -540,7 +589,6 @@ unsafe fn run_part(
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            let relu = ep.relu && p0 + kc == k;
             for i0 in rows.clone().step_by(mc_max) {
                 let mc = mc_max.min(rows.end - i0);
                 // SAFETY: the block is inside A (caller).
@@ -560,16 +608,11 @@ unsafe fn run_part(
                     };
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
-                        let tile = Tile {
-                            // SAFETY: (r0, j0) is inside C.
-                            c: unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) },
-                            rsc: c.rs,
-                            csc: c.cs,
-                            rows: mr.min(i0 + mc - r0),
-                            cols: nr.min(n - j0),
-                            update,
-                            relu,
-                        };
+                        // SAFETY: (r0, j0) is inside C.
+                        let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
+                        let rows = mr.min(i0 + mc - r0);
+                        let cols = nr.min(n - j0);
+                        let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k);
                         // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
                         unsafe { isa.kernel(kc, apack[ip * mr * kc..].as_ptr(), bp, &tile) };
                     }

@@ -1,4 +1,4 @@
-//! Kernel benchmarks: GEMM at the shapes of `../shared/bench/WORKLOADS.md` and the two
+//! Kernel benchmarks: GEMM at the shapes of the reference workloads (`scripts/README.md`) and the two
 //! reference sizes, softmax and layer norm; with 1 and 2 rayon threads. Throughput is in
 //! FLOPs, so criterion reports GFLOP/s (2·m·k·n per GEMM).
 //!

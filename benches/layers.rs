@@ -1,6 +1,7 @@
 //! Layer benchmarks: multi-head attention and the feed-forward layer, forward and backward
-//! apart, at the `tiny` and `base` sizes of `../shared/bench/WORKLOADS.md`, with 1 and 2
-//! rayon threads. Throughput is in FLOPs (the FLOP model of WORKLOADS.md; a backward pass is
+//! apart, at the `tiny` and `base` sizes of the reference workloads (`scripts/README.md`),
+//! with 1 and 2 rayon threads. Throughput is in FLOPs (the FLOP model of `scripts/README.md`;
+//! a backward pass is
 //! counted as twice its forward), so criterion reports GFLOP/s.
 //!
 //! `cargo bench --bench layers`; one group: `cargo bench --bench layers -- multi_head`.

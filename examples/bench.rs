@@ -1,6 +1,6 @@
-//! The crate on the reference workloads of `../shared/bench/WORKLOADS.md`, measured as
-//! `../shared/bench/torch_baseline.py` measures PyTorch, so the two can be set side by side
-//! (`../shared/bench/compare.py` runs both):
+//! The crate on the reference workloads of `scripts/README.md`, measured as
+//! `scripts/bench_torch.py` measures PyTorch, so the two can be set side by side
+//! (`scripts/compare.py` runs both):
 //!
 //!     cargo run --release --example bench -- --workload tiny --threads 2 --json
 //!     cargo run --release --example bench -- --workload base --threads 1 --what train_step --steps 5
@@ -8,7 +8,11 @@
 //! The model is the PyTorch script's: `nn.Transformer` post-norm, ReLU, dropout 0.1, one
 //! embedding shared by source and target and tied to the output projection, sinusoidal
 //! positions, label smoothing 0.1, Adam (0.9, 0.98, 1e-9). Each measurement prints one line
-//! (JSON with `--json`) with the fields of the PyTorch script and its FLOP model.
+//! (JSON with `--json`) with the fields of the PyTorch script and its FLOP model. The eval
+//! forward and greedy decoding run on the model with its weights packed once
+//! (`EncoderDecoder::packed`), as a program that evaluates many batches would use it.
+//!
+//!     cargo run --release --example bench -- --peak --threads 2   # the machine's FMA peak
 
 use std::time::Instant;
 

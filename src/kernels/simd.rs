@@ -1,7 +1,7 @@
 //! Plain loops compiled for the widest vectors the CPU has, and sums whose order does not
 //! depend on them.
 //!
-//! [`widest!`] compiles one body three times (AVX-512, AVX2 + FMA, the baseline x86-64) and
+//! The crate-internal `widest!` macro compiles one body three times (AVX-512, AVX2 + FMA, the baseline x86-64) and
 //! runs the best the CPU has, checked at run time: the crate builds for a generic x86-64 and
 //! still uses the vectors of the machine it runs on. The compiler vectorises a loop only
 //! where that keeps its arithmetic exactly as written, so the three builds give the same

@@ -10,7 +10,7 @@
 //! `∂L/∂x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, `∂L/∂γ = Σ_rows grad_y ⊙ x̂`,
 //! `∂L/∂β = Σ_rows grad_y`. The cache keeps x̂ and rstd, so backward never revisits x.
 //!
-//! The arithmetic is that of [`layer_norm_rows`] and [`layer_norm_rows_backward`]; inputs
+//! The arithmetic is that of [`layer_norm_rows`](crate::kernels::layer_norm_rows) and [`layer_norm_rows_backward`]; inputs
 //! that are not in standard layout (a transposed or sliced view) are copied into it first.
 //!
 //! PyTorch equivalent: `nn.LayerNorm(d_model, eps=1e-5)`, whose `weight` and `bias` are γ and

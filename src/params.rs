@@ -88,8 +88,8 @@ pub trait Params<F: Float> {
                     crate::kernels::parallel::for_each_chunk_mut(&mut sums, 1, work, |at, out| {
                         for (i, o) in out.iter_mut().enumerate() {
                             let c = &x[(at + i) * SQ_NORM_CHUNK..((at + i + 1) * SQ_NORM_CHUNK).min(x.len())];
-                            *o = crate::kernels::simd::widest!(crate::kernels::simd::sum_by(c.len(), |j| {
-                                let v = c[j].to_f64();
+                            *o = crate::kernels::simd::widest!(crate::kernels::simd::sum_map(c, |v| {
+                                let v = v.to_f64();
                                 v * v
                             }));
                         }

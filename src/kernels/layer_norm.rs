@@ -14,7 +14,7 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 use super::Float;
 use super::dropout::{DropKey, draw};
 use super::parallel::for_each_chunk_mut;
-use super::simd::{dot, sum, sum_by, widest};
+use super::simd::{dot, sum, sum_map, sum_zip3, widest};
 
 /// Normalises one row: writes `x̂` and `y`, returns `rstd = 1/√(σ² + ε)`.
 ///
@@ -41,7 +41,7 @@ fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     let d = x.len();
     let inv_d = F::ONE / F::from_f64(d as f64);
     let mean = sum(x) * inv_d;
-    let var = sum_by(d, |j| (x[j] - mean) * (x[j] - mean)) * inv_d;
+    let var = sum_map(x, |v| (v - mean) * (v - mean)) * inv_d;
     let rstd = F::ONE / (var + eps).sqrt();
     for j in 0..d {
         let h = (x[j] - mean) * rstd;
@@ -73,7 +73,7 @@ fn row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_
     let d = x_hat.len();
     let inv_d = F::ONE / F::from_f64(d as f64);
     let mean_g = dot(gamma, grad_y) * inv_d;
-    let mean_gx = sum_by(d, |j| gamma[j] * grad_y[j] * x_hat[j]) * inv_d;
+    let mean_gx = sum_zip3(gamma, grad_y, x_hat, |g, dy, h| g * dy * h) * inv_d;
     for j in 0..d {
         grad_x[j] = rstd * (gamma[j] * grad_y[j] - mean_g - x_hat[j] * mean_gx);
     }
@@ -206,7 +206,7 @@ fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     let d = x_hat.len();
     let inv_d = F::ONE / F::from_f64(d as f64);
     let mean = sum(x_hat) * inv_d;
-    let var = sum_by(d, |j| (x_hat[j] - mean) * (x_hat[j] - mean)) * inv_d;
+    let var = sum_map(x_hat, |v| (v - mean) * (v - mean)) * inv_d;
     let rstd = F::ONE / (var + eps).sqrt();
     for j in 0..d {
         let h = (x_hat[j] - mean) * rstd;

@@ -68,6 +68,8 @@ fn reduce<F: Float>(mut acc: [F; LANES]) -> F {
 }
 
 /// `Σ f(j)` over `0..len`, element j into lane `j % LANES`, the lanes added in a fixed tree.
+/// The slice forms below ([`sum_map`], [`sum_zip`], [`sum_zip3`]) give the same bits and,
+/// unlike this one, let the compiler vectorise (no index to check).
 #[inline(always)]
 pub fn sum_by<F: Float>(len: usize, f: impl Fn(usize) -> F) -> F {
     let mut acc = [F::ZERO; LANES];
@@ -81,6 +83,76 @@ pub fn sum_by<F: Float>(len: usize, f: impl Fn(usize) -> F) -> F {
     }
     for (l, a) in acc.iter_mut().enumerate().take(len - whole) {
         *a += f(whole + l);
+    }
+    reduce(acc)
+}
+
+/// `Σ f(x_j)`, element j into lane `j % LANES`, the lanes added in a fixed tree.
+#[inline(always)]
+pub fn sum_map<T: Copy, F: Float>(x: &[T], f: impl Fn(T) -> F) -> F {
+    let mut acc = [F::ZERO; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        let c: &[T; LANES] = c.try_into().expect("a whole chunk");
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f(v);
+    }
+    reduce(acc)
+}
+
+/// `Σ f(x_j, y_j)`, in the lanes of [`sum_map`].
+///
+/// # Panics
+/// If the lengths differ.
+#[inline(always)]
+pub fn sum_zip<T: Copy, F: Float>(x: &[T], y: &[T], f: impl Fn(T, T) -> F) -> F {
+    assert_eq!(x.len(), y.len(), "sum_zip: lengths differ");
+    let mut acc = [F::ZERO; LANES];
+    let (mut cx, mut cy) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    for (a, b) in (&mut cx).zip(&mut cy) {
+        let a: &[T; LANES] = a.try_into().expect("a whole chunk");
+        let b: &[T; LANES] = b.try_into().expect("a whole chunk");
+        for l in 0..LANES {
+            acc[l] += f(a[l], b[l]);
+        }
+    }
+    for ((s, &a), &b) in acc.iter_mut().zip(cx.remainder()).zip(cy.remainder()) {
+        *s += f(a, b);
+    }
+    reduce(acc)
+}
+
+/// `Σ f(x_j, y_j, z_j)`, in the lanes of [`sum_map`].
+///
+/// # Panics
+/// If the lengths differ.
+#[inline(always)]
+pub fn sum_zip3<T: Copy, F: Float>(x: &[T], y: &[T], z: &[T], f: impl Fn(T, T, T) -> F) -> F {
+    assert!(
+        x.len() == y.len() && x.len() == z.len(),
+        "sum_zip3: lengths differ"
+    );
+    let mut acc = [F::ZERO; LANES];
+    let (mut cx, mut cy, mut cz) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        z.chunks_exact(LANES),
+    );
+    for ((a, b), c) in (&mut cx).zip(&mut cy).zip(&mut cz) {
+        let a: &[T; LANES] = a.try_into().expect("a whole chunk");
+        let b: &[T; LANES] = b.try_into().expect("a whole chunk");
+        let c: &[T; LANES] = c.try_into().expect("a whole chunk");
+        for l in 0..LANES {
+            acc[l] += f(a[l], b[l], c[l]);
+        }
+    }
+    let rest = cx.remainder().iter().zip(cy.remainder()).zip(cz.remainder());
+    for (s, ((&a, &b), &c)) in acc.iter_mut().zip(rest) {
+        *s += f(a, b, c);
     }
     reduce(acc)
 }
@@ -104,20 +176,19 @@ pub fn max<F: Float>(x: &[F]) -> F {
         .fold(F::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
-/// `Σ x`, in the order of [`sum_by`].
+/// `Σ x`, in the lanes of [`sum_map`].
 #[inline(always)]
 pub fn sum<F: Float>(x: &[F]) -> F {
-    sum_by(x.len(), |j| x[j])
+    sum_map(x, |v| v)
 }
 
-/// `Σ x ⊙ y`, in the order of [`sum_by`].
+/// `Σ x ⊙ y`, in the lanes of [`sum_map`].
 ///
 /// # Panics
 /// If the lengths differ.
 #[inline(always)]
 pub fn dot<F: Float>(x: &[F], y: &[F]) -> F {
-    assert_eq!(x.len(), y.len(), "dot: lengths differ");
-    sum_by(x.len(), |j| x[j] * y[j])
+    sum_zip(x, y, |a, b| a * b)
 }
 
 #[allow(clippy::excessive_precision)] // Cephes' coefficients as published
@@ -268,5 +339,16 @@ mod tests {
         assert_eq!(dot(&x, &y).to_bits(), widest!(dot(&x, &y)).to_bits());
         let naive: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert!((dot(&x, &y) - naive).abs() < 1e-12);
+        // The slice forms add in the order of sum_by.
+        assert_eq!(dot(&x, &y).to_bits(), sum_by(x.len(), |j| x[j] * y[j]).to_bits());
+        let z: Vec<f64> = (0..1001).map(|i| (i as f64).cos()).collect();
+        assert_eq!(
+            sum_zip3(&x, &y, &z, |a, b, c| a * b * c).to_bits(),
+            sum_by(x.len(), |j| x[j] * y[j] * z[j]).to_bits()
+        );
+        assert_eq!(
+            sum_map(&x, |v| v * v).to_bits(),
+            sum_by(x.len(), |j| x[j] * x[j]).to_bits()
+        );
     }
 }

@@ -18,7 +18,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
-use crate::kernels::simd::{exp_f32, max, sum_by, widest};
+use crate::kernels::simd::{exp_f32, max, sum_map, widest};
 
 /// Loss value, gradient and counts of [`cross_entropy`].
 #[derive(Clone, Debug)]
@@ -152,18 +152,18 @@ fn row_cross_entropy<F: Float>(z: &[F], g: &mut [F], y: usize, eps: f64, inv_n: 
             for j in 0..v {
                 g[j] = exp_f32(z[j] - m);
             }
-            sum_by(v, |j| g[j] as f64)
+            sum_map(g, |x| x as f64)
         }
         _ => {
             for j in 0..v {
                 g[j] = (z[j] - max).exp();
             }
-            sum_by(v, |j| g[j].to_f64())
+            sum_map(g, |x| x.to_f64())
         }
     };
     let log_z = max.to_f64() + sum_exp.ln();
     // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p, with Σ log p = Σ z − V·log Z.
-    let sum_log_p = sum_by(v, |j| z[j].to_f64()) - v as f64 * log_z;
+    let sum_log_p = sum_map(z, |x| x.to_f64()) - v as f64 * log_z;
     let loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
     let correct = crate::kernels::argmax(ndarray::ArrayView1::from(z)) == y;
     // ∂/∂z = (p − q)/N with q = ε/V, plus 1 − ε at the target.

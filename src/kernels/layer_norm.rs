@@ -43,10 +43,10 @@ fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     let mean = sum(x) * inv_d;
     let var = sum_map(x, |v| (v - mean) * (v - mean)) * inv_d;
     let rstd = F::ONE / (var + eps).sqrt();
-    for j in 0..d {
-        let h = (x[j] - mean) * rstd;
-        x_hat[j] = h;
-        y[j] = gamma[j] * h + beta[j];
+    for ((((xh, y), &x), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(x).zip(gamma).zip(beta) {
+        let h = (x - mean) * rstd;
+        *xh = h;
+        *y = g * h + b;
     }
     rstd
 }
@@ -74,8 +74,8 @@ fn row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_
     let inv_d = F::ONE / F::from_f64(d as f64);
     let mean_g = dot(gamma, grad_y) * inv_d;
     let mean_gx = sum_zip3(gamma, grad_y, x_hat, |g, dy, h| g * dy * h) * inv_d;
-    for j in 0..d {
-        grad_x[j] = rstd * (gamma[j] * grad_y[j] - mean_g - x_hat[j] * mean_gx);
+    for (((gx, &g), &dy), &h) in grad_x.iter_mut().zip(gamma).zip(grad_y).zip(x_hat) {
+        *gx = rstd * (g * dy - mean_g - h * mean_gx);
     }
 }
 
@@ -183,14 +183,14 @@ fn rows_forward<F: Float>(
                         // The mask's factor of flat index first + i·d + j.
                         let (threshold, scale) = (key.threshold(), key.scale::<F>());
                         let base = first + i * d;
-                        for j in 0..d {
+                        for (j, ((xh, &x), &z)) in x_hat.iter_mut().zip(x).zip(z).enumerate() {
                             let keep = draw(key.key(), (base + j) as u32) >= threshold;
-                            x_hat[j] = x[j] + z[j] * if keep { scale } else { F::ZERO };
+                            *xh = x + z * if keep { scale } else { F::ZERO };
                         }
                     }
                     None => {
-                        for j in 0..d {
-                            x_hat[j] = x[j] + z[j];
+                        for ((xh, &x), &z) in x_hat.iter_mut().zip(x).zip(z) {
+                            *xh = x + z;
                         }
                     }
                 }
@@ -208,10 +208,10 @@ fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     let mean = sum(x_hat) * inv_d;
     let var = sum_map(x_hat, |v| (v - mean) * (v - mean)) * inv_d;
     let rstd = F::ONE / (var + eps).sqrt();
-    for j in 0..d {
-        let h = (x_hat[j] - mean) * rstd;
-        x_hat[j] = h;
-        y[j] = gamma[j] * h + beta[j];
+    for (((xh, y), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+        let h = (*xh - mean) * rstd;
+        *xh = h;
+        *y = g * h + b;
     }
     rstd
 }
@@ -293,9 +293,9 @@ pub fn layer_norm_rows_backward<F: Float>(
             for r in 0..n {
                 let row = r * d + j0..r * d + j0 + gg.len();
                 let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
-                for j in 0..gg.len() {
-                    gg[j] += g[j] * h[j];
-                    gb[j] += g[j];
+                for (((gg, gb), &g), &h) in gg.iter_mut().zip(gb.iter_mut()).zip(g).zip(h) {
+                    *gg += g * h;
+                    *gb += g;
                 }
             }
         })

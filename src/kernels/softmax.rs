@@ -131,8 +131,8 @@ pub(crate) fn softmax_row_backward_inline<F: Float>(
     let limit = mask.limit.min(p.len());
     if mask.keys.is_none() && mask.pairs.is_none() {
         let dot = dot(&p[..limit], &grad_p[..limit]);
-        for j in 0..limit {
-            grad_s[j] = p[j] * (grad_p[j] - dot);
+        for ((gs, &p), &gp) in grad_s[..limit].iter_mut().zip(&p[..limit]).zip(&grad_p[..limit]) {
+            *gs = p * (gp - dot);
         }
         grad_s[limit..].fill(F::ZERO);
         return;

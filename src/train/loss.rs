@@ -149,14 +149,14 @@ fn row_cross_entropy<F: Float>(z: &[F], g: &mut [F], y: usize, eps: f64, inv_n: 
     let sum_exp = match (F::as_f32(z), F::as_f32_mut(g)) {
         (Some(z), Some(g)) => {
             let m = max.to_f64() as f32;
-            for j in 0..v {
-                g[j] = exp_f32(z[j] - m);
+            for (g, &z) in g.iter_mut().zip(z) {
+                *g = exp_f32(z - m);
             }
             sum_map(g, |x| x as f64)
         }
         _ => {
-            for j in 0..v {
-                g[j] = (z[j] - max).exp();
+            for (g, &z) in g.iter_mut().zip(z) {
+                *g = (z - max).exp();
             }
             sum_map(g, |x| x.to_f64())
         }

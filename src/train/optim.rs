@@ -198,9 +198,12 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
                     // SAFETY: the chunk's own range of m and v, disjoint from other chunks'.
                     let (m, v) = unsafe { (m.range(at, p.len()), v.range(at, p.len())) };
                     let g = &g[at..at + p.len()];
-                    widest!(for j in 0..p.len() {
-                        update(&mut p[j], g[j], &mut m[j], &mut v[j]);
-                    })
+                    // Iterators rather than indices, so that the loop vectorises.
+                    widest!(
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            update(p, g, m, v);
+                        }
+                    )
                 });
             },
         );

@@ -48,12 +48,14 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, Axis, s};
+use ndarray::{
+    Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, s,
+};
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::parallel::{PairViews, for_each_index};
-use crate::kernels::simd::widest;
+use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
+use crate::kernels::simd::{dot, widest};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -334,6 +336,93 @@ pub fn attention_forward<F: Float>(
         (0..b * h).for_each(one);
     }
     AttentionCoreCache { probs, drop, mask }
+}
+
+/// [`attention_forward`] for one query per sequence (a decoding step), without dropout and
+/// without weights to keep: `q` `[B, H·d_k]` rows, the cached `k` and `v` `[B, H, Tk, d_k]`
+/// (each head's positions contiguous), `out` `[B, H·d_v]` rows. Each (sequence, head) is a
+/// handful of dot products and a weighted sum, done on slices: the general path's per-head
+/// GEMM calls and views cost more than their arithmetic at one query.
+///
+/// # Panics
+/// If the shapes do not fit, or the cache's rows are not contiguous.
+pub(crate) fn attention_step<F: Float>(
+    q: ArrayView2<F>,
+    k: ArrayView4<F>,
+    v: ArrayView4<F>,
+    mask: &ResolvedMask,
+    mut out: ArrayViewMut2<F>,
+) {
+    let (b, h, tk, dk) = k.dim();
+    let dv = v.dim().3;
+    assert!(
+        q.dim() == (b, h * dk)
+            && v.dim() == (b, h, tk, dv)
+            && out.dim() == (b, h * dv)
+            && mask.dims() == (b, 1, tk),
+        "attention_step: q {:?}, k {:?}, v {:?}, out {:?}",
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        out.shape()
+    );
+    let (q, out_rows) = (q.as_standard_layout(), out.as_slice_mut());
+    let q = q.as_slice().expect("standard layout");
+    let unit_columns = |x: &ArrayView4<F>| x.strides()[3] == 1 || x.dim().3 <= 1;
+    assert!(
+        unit_columns(&k) && unit_columns(&v),
+        "attention_step: cached keys and values need contiguous rows"
+    );
+    let Some(out) = out_rows else {
+        panic!("attention_step: out must be contiguous")
+    };
+    let scale = F::ONE / F::from_f64((dk as f64).sqrt());
+    let (ks, vs) = (k.strides(), v.strides());
+    let (kp, vp) = (k.as_ptr() as usize, v.as_ptr() as usize);
+    for_each_chunk_mut(out, h * dv, b * h * tk * (dk + dv), |at, rows| {
+        let mut scores = vec![F::ZERO; tk];
+        for (r, row) in rows.chunks_exact_mut(h * dv).enumerate() {
+            let bi = at / (h * dv) + r;
+            let row_mask = mask.row(bi, 0);
+            let kb = mask.key_limit(bi).min(tk);
+            for hi in 0..h {
+                let qh = &q[bi * h * dk + hi * dk..][..dk];
+                // Row j of this head's keys (values): d_k (d_v) contiguous floats.
+                // SAFETY: (bi, hi, j < kb, ..) is inside k and v, whose last axis has unit
+                // stride (asserted above).
+                let key = |j: usize| unsafe {
+                    std::slice::from_raw_parts(
+                        (kp as *const F)
+                            .offset(bi as isize * ks[0] + hi as isize * ks[1] + j as isize * ks[2]),
+                        dk,
+                    )
+                };
+                let value = |j: usize| unsafe {
+                    std::slice::from_raw_parts(
+                        (vp as *const F)
+                            .offset(bi as isize * vs[0] + hi as isize * vs[1] + j as isize * vs[2]),
+                        dv,
+                    )
+                };
+                let o = &mut row[hi * dv..(hi + 1) * dv];
+                widest!({
+                    for (j, s) in scores[..kb].iter_mut().enumerate() {
+                        *s = dot(qh, key(j)) * scale;
+                    }
+                    scores[kb..].fill(F::ZERO);
+                    softmax_row_inline(&mut scores, row_mask);
+                    o.fill(F::ZERO);
+                    for (j, &p) in scores[..kb].iter().enumerate() {
+                        if row_mask.allows(j) {
+                            for (o, &x) in o.iter_mut().zip(value(j)) {
+                                *o += p * x;
+                            }
+                        }
+                    }
+                })
+            }
+        }
+    });
 }
 
 /// Backward of [`attention_forward`]: writes `∂L/∂Q`, `∂L/∂K` and `∂L/∂V` (overwriting them).

@@ -50,7 +50,9 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, PackedB, filled, gemm, gemm_packed};
-use crate::layers::attention::{AttentionCoreCache, attention_backward, attention_forward, resolve_or_panic};
+use crate::layers::attention::{
+    AttentionCoreCache, attention_backward, attention_forward, attention_step, resolve_or_panic,
+};
 use crate::layers::linear::{affine, affine_backward, affine_backward_weights};
 use crate::layers::mask::Mask;
 use crate::params::xavier_uniform;
@@ -754,15 +756,19 @@ impl<F: Float> MultiHead<F> {
         let d = self.cfg.d_model;
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         let mut ctx = Array2::zeros((b * tq, d));
-        attention_forward(
-            self.heads(q.view(), b),
-            cache.keys(),
-            cache.values(),
-            mask,
-            0.0,
-            None::<&mut rand::rngs::SmallRng>,
-            self.heads_mut(ctx.view_mut(), b),
-        );
+        if tq == 1 {
+            attention_step(q.view(), cache.keys(), cache.values(), &mask, ctx.view_mut());
+        } else {
+            attention_forward(
+                self.heads(q.view(), b),
+                cache.keys(),
+                cache.values(),
+                mask,
+                0.0,
+                None::<&mut rand::rngs::SmallRng>,
+                self.heads_mut(ctx.view_mut(), b),
+            );
+        }
         // SAFETY: gemm_packed writes every element.
         let y = unsafe {
             filled((b * tq, d), |c| {

@@ -55,7 +55,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
-use crate::kernels::simd::{dot, widest};
+use crate::kernels::simd::widest;
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -339,46 +339,49 @@ pub fn attention_forward<F: Float>(
 }
 
 /// [`attention_forward`] for one query per sequence (a decoding step), without dropout and
-/// without weights to keep: `q` `[B, H·d_k]` rows, the cached `k` and `v` `[B, H, Tk, d_k]`
-/// (each head's positions contiguous), `out` `[B, H·d_v]` rows. Each (sequence, head) is a
-/// handful of dot products and a weighted sum, done on slices: the general path's per-head
-/// GEMM calls and views cost more than their arithmetic at one query.
+/// without weights to keep: `q` `[B, H·d_k]` rows, the cached keys transposed `kt`
+/// `[B, H, d_k, Tk]` and values `v` `[B, H, Tk, d_v]` (positions, resp. features, contiguous),
+/// `out` `[B, H·d_v]` rows. Per (sequence, head): the scores as `d_k` scaled sums of
+/// contiguous runs over the positions, the softmax, and the weighted sum of value rows, on
+/// slices: the general path's per-head GEMM calls and views cost more than their arithmetic
+/// at one query.
 ///
 /// # Panics
-/// If the shapes do not fit, or the cache's rows are not contiguous.
+/// If the shapes do not fit, or the last axes of `kt` and `v` are not contiguous.
 pub(crate) fn attention_step<F: Float>(
     q: ArrayView2<F>,
-    k: ArrayView4<F>,
+    kt: ArrayView4<F>,
     v: ArrayView4<F>,
     mask: &ResolvedMask,
-    mut out: ArrayViewMut2<F>,
+    out: ArrayViewMut2<F>,
 ) {
-    let (b, h, tk, dk) = k.dim();
+    let (b, h, dk, tk) = kt.dim();
     let dv = v.dim().3;
     assert!(
         q.dim() == (b, h * dk)
             && v.dim() == (b, h, tk, dv)
             && out.dim() == (b, h * dv)
             && mask.dims() == (b, 1, tk),
-        "attention_step: q {:?}, k {:?}, v {:?}, out {:?}",
+        "attention_step: q {:?}, keys transposed {:?}, v {:?}, out {:?}",
         q.shape(),
-        k.shape(),
+        kt.shape(),
         v.shape(),
         out.shape()
     );
-    let (q, out_rows) = (q.as_standard_layout(), out.as_slice_mut());
-    let q = q.as_slice().expect("standard layout");
-    let unit_columns = |x: &ArrayView4<F>| x.strides()[3] == 1 || x.dim().3 <= 1;
+    let unit = |x: &ArrayView4<F>| x.strides()[3] == 1 || x.dim().3 <= 1;
     assert!(
-        unit_columns(&k) && unit_columns(&v),
+        unit(&kt) && unit(&v),
         "attention_step: cached keys and values need contiguous rows"
     );
-    let Some(out) = out_rows else {
-        panic!("attention_step: out must be contiguous")
-    };
+    let q = q.as_standard_layout();
+    let q = q.as_slice().expect("standard layout");
+    let mut out = out;
+    let out = out
+        .as_slice_mut()
+        .expect("attention_step: out must be contiguous");
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
-    let (ks, vs) = (k.strides(), v.strides());
-    let (kp, vp) = (k.as_ptr() as usize, v.as_ptr() as usize);
+    let (ks, vs) = (kt.strides(), v.strides());
+    let (kp, vp) = (kt.as_ptr() as usize, v.as_ptr() as usize);
     for_each_chunk_mut(out, h * dv, b * h * tk * (dk + dv), |at, rows| {
         let mut scores = vec![F::ZERO; tk];
         for (r, row) in rows.chunks_exact_mut(h * dv).enumerate() {
@@ -387,14 +390,14 @@ pub(crate) fn attention_step<F: Float>(
             let kb = mask.key_limit(bi).min(tk);
             for hi in 0..h {
                 let qh = &q[bi * h * dk + hi * dk..][..dk];
-                // Row j of this head's keys (values): d_k (d_v) contiguous floats.
-                // SAFETY: (bi, hi, j < kb, ..) is inside k and v, whose last axis has unit
-                // stride (asserted above).
-                let key = |j: usize| unsafe {
+                // Feature d of this head's keys over the positions, position j's value row.
+                // SAFETY: (bi, hi, d < d_k, ..kb) is inside kt and (bi, hi, j < kb, ..) inside
+                // v, whose last axes have unit stride (asserted above).
+                let key_t = |d: usize| unsafe {
                     std::slice::from_raw_parts(
                         (kp as *const F)
-                            .offset(bi as isize * ks[0] + hi as isize * ks[1] + j as isize * ks[2]),
-                        dk,
+                            .offset(bi as isize * ks[0] + hi as isize * ks[1] + d as isize * ks[2]),
+                        kb,
                     )
                 };
                 let value = |j: usize| unsafe {
@@ -406,8 +409,13 @@ pub(crate) fn attention_step<F: Float>(
                 };
                 let o = &mut row[hi * dv..(hi + 1) * dv];
                 widest!({
-                    for (j, s) in scores[..kb].iter_mut().enumerate() {
-                        *s = dot(qh, key(j)) * scale;
+                    let s = &mut scores[..kb];
+                    s.fill(F::ZERO);
+                    for (d, &qd) in qh.iter().enumerate() {
+                        let qd = qd * scale;
+                        for (s, &k) in s.iter_mut().zip(key_t(d)) {
+                            *s += qd * k;
+                        }
                     }
                     scores[kb..].fill(F::ZERO);
                     softmax_row_inline(&mut scores, row_mask);

@@ -138,8 +138,9 @@ crate::kernels::workspace::impl_recycle!(MultiHeadCache<F: Float> { x, memory, q
 /// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvCache<F: Float = f32> {
-    /// `[B, H, capacity, d_k]`; positions `..len` are filled.
-    k: Array4<F>,
+    /// The keys transposed, `[B, H, d_k, capacity]`; positions `..len` are filled. A decoding
+    /// step's scores are then `d_k` sums of contiguous runs over the positions.
+    kt: Array4<F>,
     /// `[B, H, capacity, d_k]`.
     v: Array4<F>,
     len: usize,
@@ -158,11 +159,17 @@ impl<F: Float> KvCache<F> {
 
     /// The batch size.
     pub fn batch_size(&self) -> usize {
-        self.k.dim().0
+        self.kt.dim().0
     }
 
+    /// The keys, `[B, H, len, d_k]` (a strided view of the transposed store).
     fn keys(&self) -> ArrayView4<'_, F> {
-        self.k.slice(s![.., .., ..self.len, ..])
+        self.keys_t().permuted_axes([0, 1, 3, 2])
+    }
+
+    /// The keys transposed, `[B, H, d_k, len]`.
+    fn keys_t(&self) -> ArrayView4<'_, F> {
+        self.kt.slice(s![.., .., .., ..self.len])
     }
 
     fn values(&self) -> ArrayView4<'_, F> {
@@ -173,17 +180,19 @@ impl<F: Float> KvCache<F> {
     fn push(&mut self, k: ArrayView4<F>, v: ArrayView4<F>) {
         let (b, h, t, dk) = k.dim();
         let need = self.len + t;
-        if need > self.k.dim().2 {
-            let cap = need.max(2 * self.k.dim().2).max(8);
-            for buf in [&mut self.k, &mut self.v] {
-                let mut grown = Array4::zeros((b, h, cap, dk));
-                grown
-                    .slice_mut(s![.., .., ..self.len, ..])
-                    .assign(&buf.slice(s![.., .., ..self.len, ..]));
-                *buf = grown;
-            }
+        let cap = self.v.dim().2;
+        if need > cap {
+            let cap = need.max(2 * cap).max(8);
+            let mut kt = Array4::zeros((b, h, dk, cap));
+            kt.slice_mut(s![.., .., .., ..self.len]).assign(&self.keys_t());
+            let mut vv = Array4::zeros((b, h, cap, dk));
+            vv.slice_mut(s![.., .., ..self.len, ..]).assign(&self.values());
+            self.kt = kt;
+            self.v = vv;
         }
-        self.k.slice_mut(s![.., .., self.len..need, ..]).assign(&k);
+        self.kt
+            .slice_mut(s![.., .., .., self.len..need])
+            .assign(&k.permuted_axes([0, 1, 3, 2]));
         self.v.slice_mut(s![.., .., self.len..need, ..]).assign(&v);
         self.len = need;
     }
@@ -451,7 +460,7 @@ impl<F: Float> MultiHead<F> {
     pub fn empty_cache(&self, b: usize, capacity: usize) -> KvCache<F> {
         let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
         KvCache {
-            k: Array4::zeros((b, h, capacity, dk)),
+            kt: Array4::zeros((b, h, dk, capacity)),
             v: Array4::zeros((b, h, capacity, dk)),
             len: 0,
         }
@@ -757,7 +766,7 @@ impl<F: Float> MultiHead<F> {
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         let mut ctx = Array2::zeros((b * tq, d));
         if tq == 1 {
-            attention_step(q.view(), cache.keys(), cache.values(), &mask, ctx.view_mut());
+            attention_step(q.view(), cache.keys_t(), cache.values(), &mask, ctx.view_mut());
         } else {
             attention_forward(
                 self.heads(q.view(), b),

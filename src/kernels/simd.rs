@@ -56,7 +56,7 @@ pub(crate) use widest;
 
 /// Adds the [`LANES`] partial sums in a fixed tree.
 #[inline(always)]
-fn reduce<F: Float>(mut acc: [F; LANES]) -> F {
+pub(crate) fn reduce<F: Float>(mut acc: [F; LANES]) -> F {
     let mut w = LANES;
     while w > 1 {
         w /= 2;

@@ -7,7 +7,7 @@
 //! This is what PyTorch's `scaled_dot_product_attention` has done since 2024 (`_safe_softmax`).
 
 use super::Float;
-use super::simd::{dot, exp_f32, max, sum, sum_by, widest};
+use super::simd::{LANES, dot, exp_f32, max, reduce, sum, sum_by, widest};
 
 /// Which entries of one row take part in a softmax.
 ///
@@ -61,27 +61,19 @@ pub(crate) fn softmax_row_inline<F: Float>(row: &mut [F], mask: RowMask<'_>) {
         // Entries before `limit` allowed, the rest blocked.
         let (live, dead) = row.split_at_mut(limit);
         dead.fill(F::ZERO);
+        if let Some(live) = F::as_f32_mut(live) {
+            softmax_f32(live);
+            return;
+        }
         let max = max(live);
         if max == F::NEG_INFINITY {
             live.fill(F::ZERO);
             return;
         }
-        let total = match F::as_f32_mut(live) {
-            Some(live) => {
-                let m = max.to_f64() as f32;
-                for x in live.iter_mut() {
-                    *x = exp_f32(*x - m);
-                }
-                F::from_f64(sum(live) as f64)
-            }
-            None => {
-                for x in live.iter_mut() {
-                    *x = (*x - max).exp();
-                }
-                sum(live)
-            }
-        };
-        let inv = F::ONE / total;
+        for x in live.iter_mut() {
+            *x = (*x - max).exp();
+        }
+        let inv = F::ONE / sum(live);
         live.iter_mut().for_each(|x| *x *= inv);
         return;
     }
@@ -101,6 +93,56 @@ pub(crate) fn softmax_row_inline<F: Float>(row: &mut [F], mask: RowMask<'_>) {
     let inv = F::ONE / sum(&row[..limit]);
     row[..limit].iter_mut().for_each(|x| *x *= inv);
     row[limit..].fill(F::ZERO);
+}
+
+/// Softmax over a whole row in `f32`, in vectors of [`LANES`]: the last, partial one is
+/// copied into a vector padded with `−∞` (which no maximum takes and whose exponential is 0),
+/// so that rows shorter than a vector (attention over a few keys, causal rows) never take a
+/// scalar loop. The maximum, the exponentials and the sum's lanes and order are those of
+/// [`max`], [`exp_f32`] and [`sum`], so the bits are too. A row whose scores are all `−∞`
+/// becomes zeros.
+#[inline(always)]
+fn softmax_f32(row: &mut [f32]) {
+    let body = row.len() - row.len() % LANES;
+    let (body, tail) = row.split_at_mut(body);
+    let mut last = [f32::NEG_INFINITY; LANES];
+    last[..tail.len()].copy_from_slice(tail);
+    let mut top = [f32::NEG_INFINITY; LANES];
+    for c in body.chunks_exact(LANES).chain([&last[..]]) {
+        for (t, &x) in top.iter_mut().zip(c) {
+            *t = if x > *t { x } else { *t };
+        }
+    }
+    // In a tree, as `reduce`: no lane holds NaN (a comparison with NaN keeps the lane).
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            top[i] = if top[i + w] > top[i] { top[i + w] } else { top[i] };
+        }
+    }
+    let m = top[0];
+    if m == f32::NEG_INFINITY {
+        body.fill(0.0);
+        tail.fill(0.0);
+        return;
+    }
+    let mut acc = [0.0f32; LANES];
+    for c in body.chunks_exact_mut(LANES) {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *x = exp_f32(*x - m);
+            *a += *x;
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(&mut last) {
+        *x = exp_f32(*x - m);
+        *a += *x;
+    }
+    let inv = 1.0 / reduce(acc);
+    body.iter_mut().for_each(|x| *x *= inv);
+    for (t, x) in tail.iter_mut().zip(last) {
+        *t = x * inv;
+    }
 }
 
 /// Backward of [`softmax_row`]: `grad_s = p ⊙ (grad_p − Σⱼ pⱼ·grad_pⱼ)` on allowed entries,
@@ -209,6 +251,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn f32_rows_of_any_length_match_the_scalar_formula_bit_for_bit() {
+        // The padded vector path against the formula it must reproduce: the maximum, exp_f32
+        // of each difference, the lane sum of `simd::sum`, one reciprocal.
+        let mut rng = StdRng::seed_from_u64(11);
+        for n in (1..=40usize).chain([63, 64, 65, 130]) {
+            for limit in [n, n.div_ceil(2)] {
+                let row: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..30.0)).collect();
+                let mut fast = row.clone();
+                softmax_row(
+                    &mut fast,
+                    RowMask {
+                        limit,
+                        keys: None,
+                        pairs: None,
+                    },
+                );
+                let live = &row[..limit];
+                let m = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let e: Vec<f32> = live.iter().map(|&x| exp_f32(x - m)).collect();
+                let inv = 1.0 / sum(&e);
+                let mut naive = row.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                softmax_row_naive(
+                    &mut naive,
+                    RowMask {
+                        limit,
+                        keys: None,
+                        pairs: None,
+                    },
+                );
+                for j in 0..n {
+                    let want = if j < limit { e[j] * inv } else { 0.0 };
+                    assert_eq!(fast[j].to_bits(), want.to_bits(), "n {n}, limit {limit}, j {j}");
+                    assert!((fast[j] as f64 - naive[j]).abs() < 1e-6);
+                }
+            }
+        }
+        let mut all_blocked = vec![f32::NEG_INFINITY; 19];
+        softmax_row(&mut all_blocked, RowMask::all(19));
+        assert!(all_blocked.iter().all(|&p| p == 0.0));
+        let mut with_nan = vec![0.5f32; 19];
+        with_nan[17] = f32::NAN;
+        softmax_row(&mut with_nan, RowMask::all(19));
+        assert!(with_nan.iter().all(|p| p.is_nan()));
     }
 
     #[test]

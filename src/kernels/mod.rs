@@ -11,6 +11,8 @@ pub mod layer_norm;
 pub mod parallel;
 pub mod simd;
 pub mod small_gemm;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod small_head;
 pub mod softmax;
 pub mod workspace;
 

@@ -191,39 +191,57 @@ pub fn dot<F: Float>(x: &[F], y: &[F]) -> F {
     sum_zip(x, y, |a, b| a * b)
 }
 
+/// The constants of [`exp_f32`] (Cephes' `expf`), shared with its vector forms.
 #[allow(clippy::excessive_precision)] // Cephes' coefficients as published
+pub(crate) mod exp_consts {
+    /// Below this, eˣ is taken as 0; inputs are clamped to it before the reduction.
+    pub const LOW: f32 = -86.5;
+    /// Inputs are clamped to this before the reduction.
+    pub const CLAMP: f32 = 88.7;
+    /// Above this, eˣ is +∞.
+    pub const HIGH: f32 = 88.72;
+    /// ln 2 in two parts, `C1 + C2`, for an exact `x − n·ln 2`.
+    pub const C1: f32 = 0.693_359_4;
+    pub const C2: f32 = -2.121_944_4e-4;
+    /// Rounds to the nearest integer for |v| < 2²², by the float adder.
+    pub const ROUND: f32 = 12_582_912.0;
+    /// The polynomial for `(eʳ − 1 − r)/r²`, highest power first.
+    pub const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ];
+}
+
 /// `eˣ` in `f32` by range reduction and a polynomial (Cephes' `expf`), written in plain
 /// multiplies and adds so that a loop of it vectorises and gives the same bits in every build.
 /// Within 2 ulp of the exact value from −86.5 to 88.7; 0 below −86.5 (where eˣ < 3·10⁻³⁸,
 /// near the smallest normal float), +∞ above 88.72, NaN for NaN.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // Rounds to the nearest integer for |v| < 2²², by the float adder.
-    const ROUND: f32 = 12_582_912.0;
+    use exp_consts::*;
     // max/min rather than clamp: NaN becomes −86.5 here (and NaN again at the end).
     #[allow(clippy::manual_clamp)] // clamp would keep NaN, which the casts below must not see
-    let xc = x.max(-86.5).min(88.7);
-    let t = xc * LOG2E + ROUND;
+    let xc = x.max(LOW).min(CLAMP);
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     // The integer n sits in the low bits of t's mantissa.
     let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = (xc - n * C1) - n * C2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = p * r + c;
+    }
     let e = p * (r * r) + r + 1.0;
     // 2ⁿ = 2ⁿ⁻¹·2, from the exponent bits (n is in [−125, 128]).
     let half = f32::from_bits(((n_int + 126) as u32) << 23);
     let v = e * half * 2.0;
-    if x < -86.5 {
+    if x < LOW {
         0.0
-    } else if x > 88.72 {
+    } else if x > HIGH {
         f32::INFINITY
     } else if x.is_nan() {
         x

@@ -9,7 +9,9 @@
 //! `[B, H, T, d]` with any strides. [`crate::layers::MultiHead`] hands it per-head views of
 //! its `[B·T, d_model]` projections (head h is columns `h·d_k .. (h+1)·d_k`), so heads are
 //! never copied apart or concatenated back: the output is written in place into the
-//! concatenated layout. The (b, h) pairs run in parallel on the rayon pool; each is computed
+//! concatenated layout. A head with few keys (at most 64, on AVX-512 CPUs) runs in vector
+//! registers instead of as two GEMM calls, with the same arithmetic and bits
+//! (`kernels::small_head`). The (b, h) pairs run in parallel on the rayon pool; each is computed
 //! whole by one thread, so results do not depend on the thread count. Attention dropout masks
 //! are drawn before the parallel part, in (b, h, i, j) order.
 //!
@@ -56,6 +58,8 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::simd::widest;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::small_head::{RowSoftmax, SmallHead};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -311,6 +315,20 @@ pub fn attention_forward<F: Float>(
         let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v, &probs, &out) {
+            let dropped = drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
+            let first = mask.row(bi, 0);
+            let softmax = if first.keys.is_none() && first.pairs.is_none() {
+                RowSoftmax::Limit(|i| mask.row(bi, i).limit)
+            } else {
+                RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
+            };
+            // SAFETY: `SmallHead::new` took these views of this pair, which is lent to this
+            // part only.
+            unsafe { head.run(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
+            return;
+        }
         // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
         gemm(
             scale,

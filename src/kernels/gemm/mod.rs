@@ -25,7 +25,7 @@ use super::Float;
 use super::dropout::DropKey;
 use super::small_gemm;
 
-mod micro;
+pub(crate) mod micro;
 mod packed;
 
 use packed::{Epilogue, Mat, MatMut};

@@ -1,42 +1,41 @@
-//! One head of attention, `softmax(Q·Kᵀ·s)·V`, for short sequences, in registers.
+//! One head of attention for short sequences, in registers: `softmax(Q·Kᵀ·s)·V` and its
+//! backward pass.
 //!
-//! The general path runs a head as two GEMM calls with a softmax between them. At the tiny
-//! and small workloads' sizes (16 or 32 queries and keys, `d_k` 16 or 32) those calls spent
-//! more in packing and per-call costs than in arithmetic, and one row's softmax was a chain of
-//! dependent steps (maximum, exponential, sum, division) with nothing beside it to overlap.
-//! Here, with AVX-512 and at most [`MAX_KEYS`] keys and value features:
-//!
-//! - Kᵀ is copied into a small buffer (keys contiguous, padded to whole vectors);
-//! - [`ROWS`] query rows at a time keep all their scores in vector registers, take their
-//!   softmax there (four independent chains side by side) when the mask of a row is a plain
-//!   limit (causal, padding by length), and store the probabilities;
-//! - then the same rows keep all their outputs in registers over the keys, reading V where it
-//!   is.
+//! The general path runs a head as two GEMM calls with a softmax between them (four GEMM
+//! calls backward). At the tiny and small workloads' sizes (16 or 32 queries and keys, `d_k`
+//! 16 or 32) those calls spent more in packing and per-call costs than in arithmetic, and one
+//! row's softmax was a chain of dependent steps (maximum, exponential, sum, division) with
+//! nothing beside it to overlap. Here, with AVX-512 and at most [`MAX_KEYS`] keys and value
+//! features, every product is one kernel, [`product`]: four or eight rows of the result at a time,
+//! all their columns (at most four vectors) in registers, the other operand's rows read where
+//! they are (K and V are copied, transposed, only where their columns are needed as rows).
+//! The forward pass takes the softmax of the four rows in registers, side by side, when the
+//! mask of a row is a plain limit (causal, padding by length).
 //!
 //! The arithmetic is the general path's, term for term, so the bits are the same whichever
-//! path a head takes: each score a chain of fused multiply-adds over `d_k` in order and scaled
-//! after the sum (the GEMM micro-kernel), the softmax's maximum, `exp_f32`, lane sums and
-//! reciprocal those of [`super::softmax`], each output a chain over the keys in order with the
-//! dropout mask multiplied into the weight first. A head is taken only where the GEMM would
-//! have run its packed kernels (not the few-row kernels, which sum in another order); the
-//! tests hold the two paths to the same bits.
+//! path a head takes: each element of a product a chain of fused multiply-adds over the terms
+//! in order, scaled after the sum (the GEMM micro-kernel), with the dropout mask multiplied
+//! into the left factor first where the general path multiplies it into a copy; the softmax's
+//! maximum, `exp_f32`, lane sums and reciprocal those of [`super::softmax`]. A head is taken
+//! only where the GEMM would have run its packed kernels over one block of terms (not the
+//! few-row kernels, which sum in another order); the tests hold the two paths to the same
+//! bits.
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::Float;
+use super::gemm::KC;
 
-/// Keys and value features of a head, at most.
+/// Keys, value features and (backward) key features of a head, at most.
 pub(crate) const MAX_KEYS: usize = 64;
-/// Key features `d_k` of a head, at most.
+/// Key features `d_k` of a head in the forward pass, at most.
 pub(crate) const MAX_DK: usize = 128;
-/// Query rows computed together.
-const ROWS: usize = 4;
 /// Lanes of a vector.
 const W: usize = 16;
 
 thread_local! {
-    /// Each thread's buffer for Kᵀ (at most 32 KiB).
-    static KEYS_T: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's scratch: Kᵀ or Vᵀ, and the backward pass's `∂L/∂P` and `∂L/∂S`.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A strided `f32` matrix seen through a raw pointer.
@@ -56,6 +55,23 @@ impl Strided {
         }
     }
 
+    fn of_mut<F: Float>(x: &mut ArrayViewMut2<F>) -> Strided {
+        Strided {
+            ptr: x.as_mut_ptr() as *const f32,
+            rs: x.strides()[0],
+            cs: x.strides()[1],
+        }
+    }
+
+    /// A dense row-major `[_, cols]` buffer.
+    fn dense(buf: &[f32], cols: usize) -> Strided {
+        Strided {
+            ptr: buf.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
     /// Element `(i, j)`.
     ///
     /// # Safety
@@ -66,14 +82,14 @@ impl Strided {
         unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
     }
 
-    /// The address of row `i`.
+    /// The address of element `(i, j)`.
     ///
     /// # Safety
-    /// Row `i` must be inside the view.
+    /// `(i, j)` must be inside the view, or one past its last column.
     #[inline(always)]
-    unsafe fn row(&self, i: usize) -> *const f32 {
-        // SAFETY: the caller keeps row i inside the view.
-        unsafe { self.ptr.offset(i as isize * self.rs) }
+    unsafe fn addr(&self, i: usize, j: usize) -> *mut f32 {
+        // SAFETY: the caller keeps (i, j) inside the view.
+        unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) as *mut f32 }
     }
 }
 
@@ -83,6 +99,12 @@ pub(crate) enum RowSoftmax<L, S> {
     Limit(L),
     /// Any other mask: `softmax(i, row)` on each stored row of scores.
     Rows(S),
+}
+
+/// Whether `gemm` runs an `m × k` by `k × n` product through its packed kernels in one block
+/// of terms, the arithmetic [`product`] reproduces.
+fn packed_in_one_block(m: usize, k: usize) -> bool {
+    !super::small_gemm::takes(m, k) && k <= KC
 }
 
 /// One (sequence, head) that this path takes; see the [module docs](self).
@@ -97,37 +119,26 @@ pub(crate) struct SmallHead {
 }
 
 impl SmallHead {
-    /// The head `q` `[Tq, d_k]`, `k` `[kb, d_k]`, `v` `[kb, d_v]` into `probs` `[Tq, Tk ≥ kb]`
-    /// and `out` `[Tq, d_v]`, if this path takes it: `f32` on a CPU with AVX-512F, at most
-    /// [`MAX_KEYS`] keys and value features and [`MAX_DK`] key features, the features of K
-    /// and V and the keys of `probs` contiguous, and shapes the GEMM would have given its
-    /// packed kernels.
-    pub(crate) fn new<F: Float>(
-        q: ArrayView2<F>,
-        k: ArrayView2<F>,
-        v: ArrayView2<F>,
-        probs: &ArrayViewMut2<F>,
-        out: &ArrayViewMut2<F>,
-    ) -> Option<SmallHead> {
+    /// The head `q` `[Tq, d_k]`, `k` `[kb, d_k]`, `v` `[kb, d_v]`, if this path takes its
+    /// forward pass: `f32` on a CPU with AVX-512F, at most [`MAX_KEYS`] keys and value
+    /// features and [`MAX_DK`] key features, the rows of Q, K and V contiguous, and products
+    /// the GEMM would have given its packed kernels.
+    pub(crate) fn new<F: Float>(q: ArrayView2<F>, k: ArrayView2<F>, v: ArrayView2<F>) -> Option<SmallHead> {
         use super::gemm::Isa;
         let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
-        let unit = |stride: isize, len: usize| stride == 1 || len <= 1;
-        let few_rows = super::small_gemm::takes;
+        let unit = |x: &ArrayView2<F>| x.strides()[1] == 1 || x.ncols() <= 1;
         let fits = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
             && Isa::best() == Some(Isa::Avx512)
             && (1..=MAX_KEYS).contains(&kb)
             && (1..=MAX_KEYS).contains(&dv)
             && (1..=MAX_DK).contains(&dk)
             && tq > 0
-            && !few_rows(tq, dk)
-            && !few_rows(tq, kb)
             && k.dim() == (kb, dk)
-            && probs.nrows() == tq
-            && probs.ncols() >= kb
-            && out.dim() == (tq, dv)
-            && unit(k.strides()[1], dk)
-            && unit(v.strides()[1], dv)
-            && unit(probs.strides()[1], probs.ncols());
+            && packed_in_one_block(tq, dk)
+            && packed_in_one_block(tq, kb)
+            && unit(&q)
+            && unit(&k)
+            && unit(&v);
         fits.then(|| SmallHead {
             q: Strided::of(&q),
             k: Strided::of(&k),
@@ -142,9 +153,12 @@ impl SmallHead {
     /// `probs ← softmax(Q·Kᵀ·scale)` (zero past `kb`), then `out ← (probs ⊙ dropped)·V`.
     ///
     /// # Safety
-    /// F must be f32 and the views given to [`SmallHead::new`] still alive; `probs` and
-    /// `out` must be those given to it.
-    pub(crate) unsafe fn run<F: Float, L: Fn(usize) -> usize, S: FnMut(usize, &mut [F])>(
+    /// F must be f32 and the views given to [`SmallHead::new`] still alive.
+    ///
+    /// # Panics
+    /// If `probs` is not `[Tq, ≥ kb]` with contiguous rows, `dropped` not `[Tq, kb]` or `out`
+    /// not `[Tq, d_v]`.
+    pub(crate) unsafe fn forward<F: Float, L: Fn(usize) -> usize, S: FnMut(usize, &mut [F])>(
         &self,
         scale: f32,
         softmax: RowSoftmax<L, S>,
@@ -152,146 +166,312 @@ impl SmallHead {
         probs: &mut ArrayViewMut2<F>,
         out: &mut ArrayViewMut2<F>,
     ) {
-        let kp = self.kb.div_ceil(W) * W;
-        let p = (probs.as_mut_ptr() as *mut f32, probs.strides()[0]);
-        let drop = dropped.map(|m| Strided::of(&m));
-        let o = (out.as_mut_ptr() as *mut f32, out.strides()[0], out.strides()[1]);
-        KEYS_T.with_borrow_mut(|kt| {
-            if kt.len() < self.dk * kp {
-                kt.resize(self.dk * kp, 0.0);
-            }
-            let kt = &mut kt[..self.dk * kp];
-            // Whole 8 × 8 blocks by vector transposes, the edges one by one.
-            let (kb8, dk8) = (self.kb / 8 * 8, self.dk / 8 * 8);
-            for j in (0..kb8).step_by(8) {
-                for d in (0..dk8).step_by(8) {
-                    // SAFETY: rows j..j+8 < kb and features d..d+8 < dk of K (checked by
-                    // `new`, features contiguous); rows d..d+8 of kt, columns j..j+8 < kp;
-                    // AVX-512F (so AVX2) is there.
-                    unsafe {
-                        let src = self.k.row(j).add(d);
-                        let dst = kt.as_mut_ptr().add(d * kp + j);
-                        super::gemm::micro::transpose8x8(src, self.k.rs, dst, kp as isize);
-                    }
-                }
-            }
-            for j in 0..self.kb {
-                let ds = if j < kb8 { dk8..self.dk } else { 0..self.dk };
-                for d in ds {
-                    // SAFETY: row j < kb and feature d < dk of K (checked by `new`).
-                    kt[d * kp + j] = unsafe { self.k.at(j, d) };
-                }
-            }
-            for row in kt.chunks_exact_mut(kp) {
-                row[self.kb..].fill(0.0);
-            }
-            let limit = match &softmax {
-                RowSoftmax::Limit(l) => Some(l),
-                RowSoftmax::Rows(_) => None,
-            };
-            // SAFETY: AVX-512F is there and the shapes fit (checked by `new`); kt holds dk
-            // rows of kp; p and o are the probabilities and output of the caller.
-            unsafe { self.for_blocks(|i, n| scores_at(self, i, n, kt.as_ptr(), scale, limit, p)) };
+        let (tq, kb, dk, dv) = (self.tq, self.kb, self.dk, self.dv);
+        assert!(
+            probs.nrows() == tq
+                && probs.ncols() >= kb
+                && (probs.strides()[1] == 1 || probs.ncols() <= 1)
+                && dropped.as_ref().is_none_or(|m| m.dim() == (tq, kb))
+                && out.dim() == (tq, dv),
+            "SmallHead::forward: probs {:?}, out {:?} for a head of {tq} queries, {kb} keys",
+            probs.shape(),
+            out.shape()
+        );
+        let p = Strided::of_mut(probs);
+        let limit = match &softmax {
+            RowSoftmax::Limit(l) => Some(l),
+            RowSoftmax::Rows(_) => None,
+        };
+        SCRATCH.with_borrow_mut(|scratch| {
+            let (qt, kt) = take(scratch, dk * tq + dk * kb).split_at_mut(dk * tq);
+            // SAFETY: Q and K have contiguous rows (checked by `new`); AVX-512F is there.
+            unsafe { transpose(self.q, tq, dk, qt) };
+            unsafe { transpose(self.k, kb, dk, kt) };
+            // SAFETY: AVX-512F; S = Q·Kᵀ from Qᵀ [dk][tq] and Kᵀ [dk][kb], into probs
+            // [tq, ≥ kb] (asserted).
+            unsafe { products(qt, tq, Strided::dense(kt, kb), dk, kb, scale, limit, p, tq) };
         });
         match softmax {
             RowSoftmax::Limit(_) => {
                 for mut row in probs.rows_mut() {
-                    row.slice_mut(ndarray::s![self.kb..]).fill(F::ZERO);
+                    row.slice_mut(ndarray::s![kb..]).fill(F::ZERO);
                 }
             }
             RowSoftmax::Rows(mut softmax) => {
                 for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
-                    softmax(i, row.as_slice_mut().expect("contiguous rows (checked by new)"));
+                    softmax(i, row.as_slice_mut().expect("contiguous rows (asserted)"));
                 }
             }
         }
-        let p = Strided {
-            ptr: p.0,
-            rs: p.1,
-            cs: 1,
-        };
-        // SAFETY: as above; V's rows hold dv contiguous floats (checked by `new`).
-        unsafe { self.for_blocks(|i, n| outputs_at(self, i, n, p, drop, o)) };
+        let o = Strided::of_mut(out);
+        SCRATCH.with_borrow_mut(|scratch| {
+            // (P ⊙ M)ᵀ [kb][tq]
+            let pt = take(scratch, kb * tq);
+            // SAFETY: probs [tq, ≥ kb] with contiguous rows (asserted).
+            unsafe { transpose(p, tq, kb, pt) };
+            if let Some(m) = &dropped {
+                for (i, m) in m.rows().into_iter().enumerate() {
+                    for (j, &m) in m.iter().enumerate() {
+                        pt[j * tq + i] *= m.to_f64() as f32;
+                    }
+                }
+            }
+            // SAFETY: AVX-512F; O = (P ⊙ M)·V from (P ⊙ M)ᵀ [kb][tq] and V [kb, dv] with
+            // contiguous rows (checked by `new`), into out [tq, dv] (asserted).
+            unsafe { products(pt, tq, self.v, kb, dv, 1.0, NO_LIMIT, o, tq) };
+        });
     }
 
-    /// `f(i, rows)` for blocks of [`ROWS`] query rows and the last, shorter one.
-    #[inline(always)]
-    fn for_blocks(&self, mut f: impl FnMut(usize, usize)) {
-        let mut i = 0;
-        while i < self.tq {
-            let n = (self.tq - i).min(ROWS);
-            f(i, n);
-            i += n;
+    /// Whether this path takes the head's backward pass too: at most [`MAX_KEYS`] key
+    /// features, at most [`KC`] queries, and products the GEMM would have given its packed
+    /// kernels.
+    pub(crate) fn takes_backward(&self) -> bool {
+        self.dk <= MAX_KEYS && packed_in_one_block(self.kb, self.tq) && packed_in_one_block(self.tq, self.dv)
+    }
+
+    /// The backward pass of [`SmallHead::forward`] given `∂L/∂O` (`grad_out`): `∂L/∂V =
+    /// (P ⊙ M)ᵀ·G`, `∂L/∂P = (G·Vᵀ) ⊙ M`, `∂L/∂S` row by row from `softmax_backward(i, p,
+    /// ∂L/∂p, ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K`, `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`.
+    ///
+    /// # Safety
+    /// F must be f32, the views given to [`SmallHead::new`] still alive, and
+    /// [`SmallHead::takes_backward`] true.
+    ///
+    /// # Panics
+    /// If `probs` or `dropped` is not `[Tq, kb]` with contiguous rows, or a gradient has
+    /// another shape than its input.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn backward<F: Float>(
+        &self,
+        scale: f32,
+        probs: ArrayView2<F>,
+        dropped: Option<ArrayView2<F>>,
+        grad_out: ArrayView2<F>,
+        mut softmax_backward: impl FnMut(usize, &[F], &[F], &mut [F]),
+        grad_q: &mut ArrayViewMut2<F>,
+        grad_k: &mut ArrayViewMut2<F>,
+        grad_v: &mut ArrayViewMut2<F>,
+    ) {
+        let (tq, kb, dk, dv) = (self.tq, self.kb, self.dk, self.dv);
+        let unit = |x: &ArrayView2<F>| x.strides()[1] == 1 || x.ncols() <= 1;
+        assert!(
+            probs.dim() == (tq, kb)
+                && unit(&probs)
+                && (tq == 1 || probs.strides()[0] >= kb as isize)
+                && dropped.as_ref().is_none_or(|m| m.dim() == (tq, kb))
+                && grad_out.dim() == (tq, dv)
+                && unit(&grad_out)
+                && grad_q.dim() == (tq, dk)
+                && grad_k.dim() == (kb, dk)
+                && grad_v.dim() == (kb, dv),
+            "SmallHead::backward: probs {:?}, grad_out {:?}, grads {:?} {:?} {:?} for a head of \
+             {tq} queries, {kb} keys, d_k {dk}, d_v {dv}",
+            probs.shape(),
+            grad_out.shape(),
+            grad_q.shape(),
+            grad_k.shape(),
+            grad_v.shape()
+        );
+        let g = Strided::of(&grad_out);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let all = take(scratch, 2 * tq * kb + dv * tq + dv * kb + kb * tq);
+            let (pd, rest) = all.split_at_mut(tq * kb);
+            let (gs, rest) = rest.split_at_mut(tq * kb);
+            let (gt, rest) = rest.split_at_mut(dv * tq);
+            let (vt, gst) = rest.split_at_mut(dv * kb);
+            // SAFETY (the products and transposes below): AVX-512F (checked by `new`); each
+            // operand's shape is the head's (checked by `new` and asserted), the right
+            // operands' rows contiguous.
+            // ∂L/∂V = (P ⊙ M)ᵀ·G: the left factor's transpose is P ⊙ M [tq][kb].
+            let pd: &[f32] = match &dropped {
+                Some(m) => {
+                    for ((pd, p), m) in pd.chunks_exact_mut(kb).zip(probs.rows()).zip(m.rows()) {
+                        for ((x, &p), &m) in pd.iter_mut().zip(p).zip(m) {
+                            *x = (p * m).to_f64() as f32;
+                        }
+                    }
+                    pd
+                }
+                // SAFETY: F is f32, probs [tq, kb] with contiguous rows at a stride of at
+                // least kb (asserted).
+                None => unsafe {
+                    let len = (tq - 1) * probs.strides()[0] as usize + kb;
+                    std::slice::from_raw_parts(probs.as_ptr() as *const f32, len)
+                },
+            };
+            let pd_rs = if dropped.is_some() {
+                kb
+            } else {
+                probs.strides()[0] as usize
+            };
+            unsafe { products(pd, pd_rs, g, tq, dv, 1.0, NO_LIMIT, Strided::of_mut(grad_v), kb) };
+            // ∂L/∂P = (G·Vᵀ) ⊙ M, from Gᵀ [dv][tq] and Vᵀ [dv][kb], into gs for now.
+            unsafe { transpose(g, tq, dv, gt) };
+            unsafe { transpose(self.v, kb, dv, vt) };
+            let gp = &mut gst[..tq * kb];
+            unsafe {
+                products(
+                    gt,
+                    tq,
+                    Strided::dense(vt, kb),
+                    dv,
+                    kb,
+                    1.0,
+                    NO_LIMIT,
+                    Strided::dense(gp, kb),
+                    tq,
+                )
+            };
+            if let Some(m) = &dropped {
+                for (gp, m) in gp.chunks_exact_mut(kb).zip(m.rows()) {
+                    for (x, &m) in gp.iter_mut().zip(m) {
+                        *x *= m.to_f64() as f32;
+                    }
+                }
+            }
+            // ∂L/∂S, row by row.
+            for (i, (gp, gs)) in gp.chunks_exact(kb).zip(gs.chunks_exact_mut(kb)).enumerate() {
+                let p = probs.row(i);
+                let p = p.as_slice().expect("contiguous rows (asserted)");
+                // SAFETY: F is f32 (the caller), so these are the same floats.
+                let (gp, gs) = unsafe {
+                    (
+                        std::slice::from_raw_parts(gp.as_ptr() as *const F, kb),
+                        std::slice::from_raw_parts_mut(gs.as_mut_ptr() as *mut F, kb),
+                    )
+                };
+                softmax_backward(i, p, gp, gs);
+            }
+            // ∂L/∂Q = scale·∂L/∂S·K from (∂L/∂S)ᵀ [kb][tq]; ∂L/∂K = scale·(∂L/∂S)ᵀ·Q from
+            // ∂L/∂S [tq][kb].
+            unsafe { transpose(Strided::dense(gs, kb), tq, kb, gst) };
+            unsafe {
+                products(
+                    gst,
+                    tq,
+                    self.k,
+                    kb,
+                    dk,
+                    scale,
+                    NO_LIMIT,
+                    Strided::of_mut(grad_q),
+                    tq,
+                )
+            };
+            unsafe {
+                products(
+                    gs,
+                    kb,
+                    self.q,
+                    tq,
+                    dk,
+                    scale,
+                    NO_LIMIT,
+                    Strided::of_mut(grad_k),
+                    kb,
+                )
+            };
+        });
+    }
+}
+
+/// The first `n` floats of the scratch, grown if need be (the values left are arbitrary).
+fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if scratch.len() < n {
+        scratch.resize(n, 0.0);
+    }
+    &mut scratch[..n]
+}
+
+/// `dst` `[cols][rows]` (dense) ← the transpose of `src` `[rows, cols]` (contiguous rows):
+/// whole 8 × 8 blocks by vector transposes, the edges one by one.
+///
+/// # Safety
+/// `src` must be `[rows, cols]` with contiguous rows; AVX2 must be there.
+unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(
+        dst.len() >= rows * cols,
+        "transpose: {} floats for {rows} × {cols}",
+        dst.len()
+    );
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for j in (0..r8).step_by(8) {
+        for d in (0..c8).step_by(8) {
+            // SAFETY: rows j..j+8 and columns d..d+8 of src (the caller), rows d..d+8 and
+            // columns j..j+8 of dst (asserted).
+            unsafe {
+                let at = dst.as_mut_ptr().add(d * rows + j);
+                super::gemm::micro::transpose8x8(src.addr(j, d), src.rs, at, rows as isize);
+            }
+        }
+    }
+    for j in 0..rows {
+        let ds = if j < r8 { c8..cols } else { 0..cols };
+        for d in ds {
+            // SAFETY: (j, d) is inside src (the caller).
+            dst[d * rows + j] = unsafe { src.at(j, d) };
         }
     }
 }
 
-/// [`scores`] for rows `i..i + n` with the number of key vectors of the head.
+/// No softmax in a product.
+const NO_LIMIT: Option<&fn(usize) -> usize> = None;
+
+/// `out[r][c] = alpha·Σ_t at[t][r]·b[t][c]` for rows `r < rows` and columns `c < width`,
+/// from the left factor transposed (`at`, row stride `ars`: the rows of a block of the
+/// result side by side at each term, as the GEMM packs them) and the right factor's rows
+/// where they are, several rows at a time by [`product`]; with `limit`, each row then becomes
+/// its softmax over the columns below `limit(r)`.
 ///
 /// # Safety
-/// As [`scores`].
-unsafe fn scores_at<L: Fn(usize) -> usize>(
-    head: &SmallHead,
-    i: usize,
-    n: usize,
-    kt: *const f32,
-    scale: f32,
+/// AVX-512F; `b` holds `terms × width` with contiguous rows, `out` `rows × width`; `width`
+/// at most 64.
+///
+/// # Panics
+/// If `at` holds fewer than `terms` rows of `rows` floats at stride `ars`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn products<L: Fn(usize) -> usize>(
+    at: &[f32],
+    ars: usize,
+    b: Strided,
+    terms: usize,
+    width: usize,
+    alpha: f32,
     limit: Option<&L>,
-    p: (*mut f32, isize),
+    out: Strided,
+    rows: usize,
 ) {
-    macro_rules! go {
-        ($r:literal, $i:expr) => {
-            // SAFETY: the caller's contract, for C vectors of keys.
-            unsafe {
-                match head.kb.div_ceil(W) {
-                    1 => scores::<$r, 1, L>(head, $i, kt, scale, limit, p),
-                    2 => scores::<$r, 2, L>(head, $i, kt, scale, limit, p),
-                    3 => scores::<$r, 3, L>(head, $i, kt, scale, limit, p),
-                    _ => scores::<$r, 4, L>(head, $i, kt, scale, limit, p),
-                }
+    assert!(
+        terms > 0 && ars >= rows && at.len() >= (terms - 1) * ars + rows,
+        "products: {} floats for {terms} terms of {rows} rows at stride {ars}",
+        at.len()
+    );
+    let at = at.as_ptr();
+    // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
+    // four (or beside the softmax's vectors), then the rows left one at a time.
+    macro_rules! run {
+        ($r:literal, $c:literal, $soft:literal) => {{
+            let mut i = 0;
+            while i + $r <= rows {
+                // SAFETY: the caller's contract, for rows i..i+R and C vectors of columns.
+                unsafe { product::<$r, $c, $soft, L>(at, ars, b, i, terms, width, alpha, limit, out) };
+                i += $r;
             }
-        };
-    }
-    if n == ROWS {
-        go!(4, i);
-    } else {
-        for r in i..i + n {
-            go!(1, r);
-        }
-    }
-}
-
-/// [`outputs`] for rows `i..i + n` with the number of value vectors of the head.
-///
-/// # Safety
-/// As [`outputs`].
-unsafe fn outputs_at(
-    head: &SmallHead,
-    i: usize,
-    n: usize,
-    p: Strided,
-    drop: Option<Strided>,
-    o: (*mut f32, isize, isize),
-) {
-    macro_rules! go {
-        ($r:literal, $i:expr) => {
-            // SAFETY: the caller's contract, for C vectors of values.
-            unsafe {
-                match head.dv.div_ceil(W) {
-                    1 => outputs::<$r, 1>(head, $i, p, drop, o),
-                    2 => outputs::<$r, 2>(head, $i, p, drop, o),
-                    3 => outputs::<$r, 3>(head, $i, p, drop, o),
-                    _ => outputs::<$r, 4>(head, $i, p, drop, o),
-                }
+            for r in i..rows {
+                // SAFETY: as above, for row r.
+                unsafe { product::<1, $c, $soft, L>(at, ars, b, r, terms, width, alpha, limit, out) };
             }
-        };
+        }};
     }
-    if n == ROWS {
-        go!(4, i);
-    } else {
-        for r in i..i + n {
-            go!(1, r);
-        }
+    match (width.div_ceil(W), limit.is_some()) {
+        (1, false) => run!(8, 1, false),
+        (2, false) => run!(8, 2, false),
+        (3, false) => run!(4, 3, false),
+        (_, false) => run!(4, 4, false),
+        (1, true) => run!(4, 1, true),
+        (2, true) => run!(4, 2, true),
+        (3, true) => run!(4, 3, true),
+        (_, true) => run!(4, 4, true),
     }
 }
 
@@ -301,59 +481,77 @@ fn lanes(n: usize) -> u16 {
     if n >= W { u16::MAX } else { (1u16 << n) - 1 }
 }
 
-/// Scores of query rows `i..i + R` against `C` vectors of keys, `s[r][j] = scale·Σ_d
-/// q[r][d]·kt[d][j]` (a chain of fused multiply-adds over d in order, as the GEMM's), then,
-/// with `limit`, the softmax of each row over its keys below `limit(i + r)` in registers;
-/// stored into `p` for `j < kb`.
+/// Rows `i..i + R` of [`products`], all `R·C` vectors of them in registers: each element a
+/// chain of fused multiply-adds over the terms in order, as the GEMM's micro-kernel, scaled
+/// by `alpha` after the sum; then, with `SOFTMAX`, the softmax of each row.
 ///
 /// # Safety
-/// AVX-512F; rows `i..i + R` inside the head's Q and inside `p` (row stride `p.1`, at least
-/// `kb` floats a row); `kt` holds `dk` rows of `C` vectors.
+/// As [`products`], for rows `i..i + R` and `C` vectors covering `width`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores<const R: usize, const C: usize, L: Fn(usize) -> usize>(
-    head: &SmallHead,
+unsafe fn product<const R: usize, const C: usize, const SOFTMAX: bool, L: Fn(usize) -> usize>(
+    at: *const f32,
+    ars: usize,
+    b: Strided,
     i: usize,
-    kt: *const f32,
-    scale: f32,
+    terms: usize,
+    width: usize,
+    alpha: f32,
     limit: Option<&L>,
-    p: (*mut f32, isize),
+    out: Strided,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); C]; R];
-    for d in 0..head.dk {
-        let mut kv = [_mm512_setzero_ps(); C];
-        for (c, kv) in kv.iter_mut().enumerate() {
-            // SAFETY: row d of kt holds C vectors (the caller).
-            *kv = unsafe { _mm512_loadu_ps(kt.add((d * C + c) * W)) };
+    let mut live = [0u16; C];
+    for (c, live) in live.iter_mut().enumerate() {
+        *live = lanes(width.saturating_sub(c * W));
+    }
+    // SAFETY: the caller's rows i..i+R of each of the terms of `at`.
+    let mut a = unsafe { at.add(i) };
+    for t in 0..terms {
+        let mut bv = [_mm512_setzero_ps(); C];
+        for (c, bv) in bv.iter_mut().enumerate() {
+            // SAFETY: the lanes loaded are columns below width of row t of b (the caller).
+            *bv = unsafe { _mm512_maskz_loadu_ps(live[c], b.addr(t, c * W)) };
         }
         for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: row i + r and column d < dk are inside Q (the caller).
-            let a = _mm512_set1_ps(unsafe { head.q.at(i + r, d) });
-            for (acc, &kv) in acc.iter_mut().zip(&kv) {
-                *acc = _mm512_fmadd_ps(a, kv, *acc);
+            // SAFETY: as above.
+            let w = _mm512_set1_ps(unsafe { *a.add(r) });
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(w, bv, *acc);
             }
         }
+        // SAFETY: the next term's rows (or one past the last, never read).
+        a = unsafe { a.add(ars) };
     }
-    let s = _mm512_set1_ps(scale);
+    let s = _mm512_set1_ps(alpha);
     for acc in acc.iter_mut().flatten() {
         *acc = _mm512_mul_ps(*acc, s);
     }
-    if let Some(limit) = limit {
-        let mut live = [[0u16; C]; R];
-        for (r, live) in live.iter_mut().enumerate() {
-            let n = limit(i + r).min(head.kb);
-            for (c, live) in live.iter_mut().enumerate() {
-                *live = lanes(n.saturating_sub(c * W));
+    if SOFTMAX && let Some(limit) = limit {
+        let mut row_live = [[0u16; C]; R];
+        for (r, row_live) in row_live.iter_mut().enumerate() {
+            let n = limit(i + r).min(width);
+            for (c, l) in row_live.iter_mut().enumerate() {
+                *l = lanes(n.saturating_sub(c * W));
             }
         }
-        softmax_rows(&mut acc, &live);
+        softmax_rows(&mut acc, &row_live);
     }
     for (r, acc) in acc.iter().enumerate() {
         for (c, &acc) in acc.iter().enumerate() {
-            // SAFETY: the lanes stored are columns below kb of row i + r of p (the caller).
+            // SAFETY: columns below width of row i + r of out (the caller).
             unsafe {
-                let at = p.0.offset((i + r) as isize * p.1).add(c * W);
-                _mm512_mask_storeu_ps(at, lanes(head.kb.saturating_sub(c * W)), acc);
+                if out.cs == 1 {
+                    _mm512_mask_storeu_ps(out.addr(i + r, c * W), live[c], acc);
+                } else {
+                    let mut v = [0.0f32; W];
+                    _mm512_storeu_ps(v.as_mut_ptr(), acc);
+                    let n = width.saturating_sub(c * W).min(W);
+                    for (e, &x) in v[..n].iter().enumerate() {
+                        *out.addr(i + r, c * W + e) = x;
+                    }
+                }
             }
         }
     }
@@ -450,73 +648,11 @@ pub(crate) fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
 }
 
-/// Outputs of query rows `i..i + R`: `o[r][e] = Σ_j (p[r][j]·m[r][j])·v[j][e]` for `e < dv`
-/// (`m` the dropout mask, if any), each a chain of fused multiply-adds over the keys in order
-/// (as the GEMM's), `C` vectors a row in registers, V read where it is.
-///
-/// # Safety
-/// AVX-512F; rows `i..i + R` inside `p` and the mask (`kb` columns) and `o` (`dv` columns);
-/// V's rows of `dv` contiguous floats.
-#[target_feature(enable = "avx512f")]
-unsafe fn outputs<const R: usize, const C: usize>(
-    head: &SmallHead,
-    i: usize,
-    p: Strided,
-    drop: Option<Strided>,
-    o: (*mut f32, isize, isize),
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    for j in 0..head.kb {
-        // SAFETY: row j < kb of V (the caller).
-        let vrow = unsafe { head.v.row(j) };
-        let mut vv = [_mm512_setzero_ps(); C];
-        for (c, vv) in vv.iter_mut().enumerate() {
-            let n = lanes(head.dv.saturating_sub(c * W));
-            // SAFETY: the lanes loaded are features below dv of row j (the caller).
-            *vv = unsafe { _mm512_maskz_loadu_ps(n, vrow.add(c * W)) };
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: row i + r and column j < kb are inside p and the mask (the caller).
-            let w = unsafe {
-                match drop {
-                    Some(m) => p.at(i + r, j) * m.at(i + r, j),
-                    None => p.at(i + r, j),
-                }
-            };
-            let a = _mm512_set1_ps(w);
-            for (acc, &vv) in acc.iter_mut().zip(&vv) {
-                *acc = _mm512_fmadd_ps(a, vv, *acc);
-            }
-        }
-    }
-    let (optr, ors, ocs) = o;
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: row i + r of o (the caller).
-        let row = unsafe { optr.offset((i + r) as isize * ors) };
-        for (c, &acc) in acc.iter().enumerate() {
-            let n = head.dv.saturating_sub(c * W).min(W);
-            // SAFETY: columns below dv of row i + r of o (the caller).
-            unsafe {
-                if ocs == 1 {
-                    _mm512_mask_storeu_ps(row.add(c * W), lanes(n), acc);
-                } else {
-                    let mut v = [0.0f32; W];
-                    _mm512_storeu_ps(v.as_mut_ptr(), acc);
-                    for (e, &x) in v[..n].iter().enumerate() {
-                        *row.offset((c * W + e) as isize * ocs) = x;
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::gemm::gemm;
-    use crate::kernels::softmax::{RowMask, softmax_row};
+    use crate::kernels::gemm::{Isa, gemm};
+    use crate::kernels::softmax::{RowMask, softmax_row, softmax_row_backward};
     use ndarray::{Array2, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -524,116 +660,226 @@ mod tests {
         Array2::from_shape_fn(shape, |_| rng.random_range(-2.0..2.0))
     }
 
-    /// The general path: two GEMM calls and a softmax per row.
-    fn general(
-        q: &Array2<f32>,
-        k: &Array2<f32>,
-        v: &Array2<f32>,
+    fn same(a: &Array2<f32>, b: ndarray::ArrayView2<f32>) -> bool {
+        a.dim() == b.dim() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    static KEYS: [bool; 67] = {
+        let mut k = [true; 67];
+        let mut j = 1;
+        while j < 67 {
+            k[j] = false;
+            j += 3;
+        }
+        k
+    };
+
+    /// Heads of every kind of size this path takes: edges of vectors, of 8 × 8 blocks and of
+    /// four-row blocks, a few-row head, the largest.
+    const HEADS: [(usize, usize, usize, usize); 7] = [
+        (9, 1, 8, 5),
+        (16, 16, 16, 16),
+        (13, 17, 31, 20),
+        (33, 33, 32, 32),
+        (32, 64, 64, 64),
+        (40, 50, 128, 48),
+        (70, 7, 9, 3),
+    ];
+
+    /// Mask kinds: (causal, padding flags, dropout).
+    const KINDS: [(bool, bool, bool); 4] = [
+        (false, false, false),
+        (true, false, false),
+        (true, false, true),
+        (false, true, true),
+    ];
+
+    fn mask(causal: bool, flags: bool, kb: usize) -> impl Fn(usize) -> RowMask<'static> {
+        move |i| RowMask {
+            limit: if causal { (i + 1).min(kb) } else { kb },
+            keys: flags.then_some(&KEYS[..kb + 3]),
+            pairs: None,
+        }
+    }
+
+    struct Case {
+        q: Array2<f32>,
+        k: Array2<f32>,
+        v: Array2<f32>,
+        drop: Option<Array2<f32>>,
         scale: f32,
-        mask: impl Fn(usize) -> RowMask<'static>,
-        drop: Option<&Array2<f32>>,
+    }
+
+    fn case(rng: &mut StdRng, (tq, kb, dk, dv): (usize, usize, usize, usize), dropped: bool) -> Case {
+        let mut k = random(rng, (kb, dk));
+        k[[0, 0]] = 40.0; // a large score
+        let drop = Array2::from_shape_fn((tq, kb), |(i, j)| ((i * 7 + j) % 3) as f32 * 1.25);
+        Case {
+            q: random(rng, (tq, dk)),
+            k,
+            v: random(rng, (kb, dv)),
+            drop: dropped.then_some(drop),
+            scale: 1.0 / (dk as f32).sqrt(),
+        }
+    }
+
+    /// The general path's forward: two GEMM calls and a softmax per row.
+    fn general_forward(
+        c: &Case,
+        mask: &impl Fn(usize) -> RowMask<'static>,
         tk: usize,
     ) -> (Array2<f32>, Array2<f32>) {
-        let (tq, kb, dv) = (q.nrows(), k.nrows(), v.ncols());
+        let (tq, kb, dv) = (c.q.nrows(), c.k.nrows(), c.v.ncols());
         let mut probs = Array2::zeros((tq, tk));
-        gemm(scale, q.view(), k.t(), 0.0, probs.slice_mut(s![.., ..kb]));
+        gemm(c.scale, c.q.view(), c.k.t(), 0.0, probs.slice_mut(s![.., ..kb]));
         for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
             softmax_row(row.as_slice_mut().unwrap(), mask(i));
         }
         let mut out = Array2::from_elem((tq, dv), f32::NAN);
-        let p = match drop {
+        let p = match &c.drop {
             Some(m) => &probs.slice(s![.., ..kb]) * m,
             None => probs.slice(s![.., ..kb]).to_owned(),
         };
-        gemm(1.0, p.view(), v.view(), 0.0, out.view_mut());
+        gemm(1.0, p.view(), c.v.view(), 0.0, out.view_mut());
         (probs, out)
     }
 
-    #[test]
-    fn heads_equal_the_general_path_bit_for_bit() {
-        if crate::kernels::gemm::Isa::best() != Some(crate::kernels::gemm::Isa::Avx512) {
+    fn skip() -> bool {
+        let skip = Isa::best() != Some(Isa::Avx512);
+        if skip {
             eprintln!("skipped: this CPU has no AVX-512F, the only path of small_head");
+        }
+        skip
+    }
+
+    #[test]
+    fn forward_equals_the_general_path_bit_for_bit() {
+        if skip() {
             return;
         }
         let mut rng = StdRng::seed_from_u64(3);
-        static KEYS: [bool; 64] = {
-            let mut k = [true; 64];
-            let mut j = 1;
-            while j < 64 {
-                k[j] = false;
-                j += 3;
-            }
-            k
-        };
-        let mut taken = 0;
-        for &(tq, kb, dk, dv) in &[
-            (9, 1, 8, 5),
-            (16, 16, 16, 16),
-            (13, 17, 31, 20),
-            (33, 33, 32, 32),
-            (32, 64, 64, 64),
-            (40, 50, 128, 48),
-        ] {
-            let tk = kb + 3;
-            let q = random(&mut rng, (tq, dk));
-            let mut k = random(&mut rng, (kb, dk));
-            k[[0, 0]] = 40.0; // a large score
-            let v = random(&mut rng, (kb, dv));
-            let drop = Array2::from_shape_fn((tq, kb), |(i, j)| ((i * 7 + j) % 3) as f32 * 1.25);
-            let scale = 1.0 / (dk as f32).sqrt();
-            for (causal, flags, dropped) in [
-                (false, false, false),
-                (true, false, false),
-                (true, false, true),
-                (false, true, false),
-            ] {
-                let limit = |i: usize| if causal { (i + 1).min(kb) } else { kb };
-                let mask = |i: usize| RowMask {
-                    limit: limit(i),
-                    keys: flags.then_some(&KEYS[..tk.min(64)]),
-                    pairs: None,
-                };
-                let drop = dropped.then_some(&drop);
-                let (want_p, want_o) = general(&q, &k, &v, scale, mask, drop, tk);
+        for dims in HEADS {
+            let (tq, kb, _, dv) = dims;
+            for (causal, flags, dropped) in KINDS {
+                let c = case(&mut rng, dims, dropped);
+                let tk = kb + 3;
+                let mask = mask(causal, flags, kb);
+                let (want_p, want_o) = general_forward(&c, &mask, tk);
                 let mut probs = Array2::from_elem((tq, tk), f32::NAN);
                 // Output columns strided, as a head's columns inside [B, T, H·d_v] are not.
                 let mut wide = Array2::from_elem((tq, 2 * dv), f32::NAN);
                 let mut out = wide.slice_mut(s![.., ..;2]);
-                let head = SmallHead::new(q.view(), k.view(), v.view(), &probs.view_mut(), &out)
-                    .expect("a head this path takes");
-                let drop_view = drop.map(|m| m.view());
+                let head =
+                    SmallHead::new(c.q.view(), c.k.view(), c.v.view()).expect("a head this path takes");
+                let drop = c.drop.as_ref().map(|m| m.view());
                 let mut p = probs.view_mut();
-                // SAFETY: f32, and the views given to new.
+                // SAFETY: f32, and the views given to new are alive.
                 unsafe {
                     if flags {
                         let rows = |i, row: &mut [f32]| softmax_row(row, mask(i));
-                        head.run(
-                            scale,
+                        head.forward(
+                            c.scale,
                             RowSoftmax::<fn(usize) -> usize, _>::Rows(rows),
-                            drop_view,
+                            drop,
                             &mut p,
                             &mut out,
                         );
                     } else {
-                        let none = RowSoftmax::<_, fn(usize, &mut [f32])>::Limit(limit);
-                        head.run(scale, none, drop_view, &mut p, &mut out);
+                        let limit = |i| mask(i).limit;
+                        let limit = RowSoftmax::<_, fn(usize, &mut [f32])>::Limit(limit);
+                        head.forward(c.scale, limit, drop, &mut p, &mut out);
                     }
                 }
-                taken += 1;
-                let same = |a: &Array2<f32>, b: ndarray::ArrayView2<f32>| {
-                    a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits())
-                };
-                let case =
-                    format!("tq {tq} kb {kb} dk {dk} dv {dv} causal {causal} flags {flags} drop {dropped}");
-                assert!(same(&want_p, probs.view()), "probabilities differ: {case}");
-                assert!(same(&want_o, out.view()), "outputs differ: {case}");
+                let name = format!("{dims:?}, causal {causal}, flags {flags}, dropout {dropped}");
+                assert!(same(&want_p, probs.view()), "probabilities differ: {name}");
+                assert!(same(&want_o, out.view()), "outputs differ: {name}");
                 assert!(
                     wide.slice(s![.., 1..;2]).iter().all(|x| x.is_nan()),
-                    "wrote between columns: {case}"
+                    "wrote between columns: {name}"
                 );
             }
         }
-        assert_eq!(taken, 24);
+    }
+
+    #[test]
+    fn backward_equals_the_general_path_bit_for_bit() {
+        if skip() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut taken = 0;
+        for dims in HEADS {
+            let (tq, kb, dk, dv) = dims;
+            for (causal, flags, dropped) in KINDS {
+                let c = case(&mut rng, dims, dropped);
+                let mask = mask(causal, flags, kb);
+                let (probs, _) = general_forward(&c, &mask, kb);
+                let g = random(&mut rng, (tq, dv));
+                // The general path: four GEMM calls and the softmax's backward per row.
+                let pd = match &c.drop {
+                    Some(m) => &probs * m,
+                    None => probs.clone(),
+                };
+                let mut want_v = Array2::zeros((kb, dv));
+                gemm(1.0, pd.t(), g.view(), 0.0, want_v.view_mut());
+                let mut gp = Array2::zeros((tq, kb));
+                gemm(1.0, g.view(), c.v.t(), 0.0, gp.view_mut());
+                if let Some(m) = &c.drop {
+                    gp *= m;
+                }
+                let mut gs = Array2::zeros((tq, kb));
+                for i in 0..tq {
+                    let (p, gpi) = (probs.row(i), gp.row(i));
+                    softmax_row_backward(
+                        p.as_slice().unwrap(),
+                        gpi.as_slice().unwrap(),
+                        gs.row_mut(i).into_slice().unwrap(),
+                        mask(i),
+                    );
+                }
+                let mut want_q = Array2::zeros((tq, dk));
+                gemm(c.scale, gs.view(), c.k.view(), 0.0, want_q.view_mut());
+                let mut want_k = Array2::zeros((kb, dk));
+                gemm(c.scale, gs.t(), c.q.view(), 0.0, want_k.view_mut());
+
+                let head =
+                    SmallHead::new(c.q.view(), c.k.view(), c.v.view()).expect("a head this path takes");
+                let name = format!("{dims:?}, causal {causal}, flags {flags}, dropout {dropped}");
+                if !head.takes_backward() {
+                    assert!(dk > MAX_KEYS || !packed_in_one_block(kb, tq), "{name}");
+                    continue;
+                }
+                taken += 1;
+                let mut grads = (
+                    Array2::from_elem((tq, dk), f32::NAN),
+                    Array2::from_elem((kb, dk), f32::NAN),
+                    Array2::from_elem((kb, 2 * dv), f32::NAN),
+                );
+                let drop = c.drop.as_ref().map(|m| m.view());
+                let sb = |i, p: &[f32], gp: &[f32], gs: &mut [f32]| softmax_row_backward(p, gp, gs, mask(i));
+                // SAFETY: f32, the views given to new are alive, and it takes the backward.
+                unsafe {
+                    head.backward(
+                        c.scale,
+                        probs.view(),
+                        drop,
+                        g.view(),
+                        sb,
+                        &mut grads.0.view_mut(),
+                        &mut grads.1.view_mut(),
+                        &mut grads.2.slice_mut(s![.., ..;2]),
+                    )
+                };
+                assert!(same(&want_q, grads.0.view()), "∂L/∂Q differs: {name}");
+                assert!(same(&want_k, grads.1.view()), "∂L/∂K differs: {name}");
+                assert!(
+                    same(&want_v, grads.2.slice(s![.., ..;2])),
+                    "∂L/∂V differs: {name}"
+                );
+            }
+        }
+        // (70, 7, 9, 3) has a few-row ∂L/∂V (7 rows of 70 terms); (40, 50, 128, 48) too wide a d_k.
+        assert_eq!(taken, 4 * (HEADS.len() - 2));
     }
 
     #[test]

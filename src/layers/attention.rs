@@ -316,7 +316,7 @@ pub fn attention_forward<F: Float>(
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
         #[cfg(target_arch = "x86_64")]
-        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v, &probs, &out) {
+        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v) {
             let dropped = drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
             let first = mask.row(bi, 0);
             let softmax = if first.keys.is_none() && first.pairs.is_none() {
@@ -324,9 +324,8 @@ pub fn attention_forward<F: Float>(
             } else {
                 RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
             };
-            // SAFETY: `SmallHead::new` took these views of this pair, which is lent to this
-            // part only.
-            unsafe { head.run(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
+            // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
+            unsafe { head.forward(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
             return;
         }
         // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
@@ -510,6 +509,34 @@ pub fn attention_backward<F: Float>(
         let probs = cache.probs.slice(s![bi, hi, .., ..kb]);
         let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
         let g = grad_out.slice(s![bi, hi, .., ..]);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v)
+            && head.takes_backward()
+        {
+            let softmax_backward = |i, p: &[F], gp: &[F], gs: &mut [F]| {
+                widest!(softmax_row_backward_inline(p, gp, gs, mask.row(bi, i)))
+            };
+            let (gq, gk, gv) = (
+                &mut grad_q,
+                &mut grad_k.slice_mut(s![..kb, ..]),
+                &mut grad_v.slice_mut(s![..kb, ..]),
+            );
+            // SAFETY: F is f32 (checked by `new`), the views it took are alive, and it takes
+            // the backward pass (checked).
+            unsafe {
+                head.backward(
+                    scale.to_f64() as f32,
+                    probs,
+                    drop,
+                    g,
+                    softmax_backward,
+                    gq,
+                    gk,
+                    gv,
+                )
+            };
+            return;
+        }
         // ∂L/∂V = P'ᵀ·G
         match &drop {
             Some(m) => {

@@ -442,7 +442,7 @@ unsafe fn products<L: Fn(usize) -> usize>(
     rows: usize,
 ) {
     assert!(
-        terms > 0 && ars >= rows && at.len() >= (terms - 1) * ars + rows,
+        terms > 0 && (terms == 1 || ars >= rows) && at.len() >= (terms - 1) * ars + rows,
         "products: {} floats for {terms} terms of {rows} rows at stride {ars}",
         at.len()
     );
@@ -676,7 +676,8 @@ mod tests {
 
     /// Heads of every kind of size this path takes: edges of vectors, of 8 × 8 blocks and of
     /// four-row blocks, a few-row head, the largest.
-    const HEADS: [(usize, usize, usize, usize); 7] = [
+    const HEADS: [(usize, usize, usize, usize); 8] = [
+        (1, 5, 8, 8),
         (9, 1, 8, 5),
         (16, 16, 16, 16),
         (13, 17, 31, 20),
@@ -856,12 +857,20 @@ mod tests {
                     Array2::from_elem((kb, 2 * dv), f32::NAN),
                 );
                 let drop = c.drop.as_ref().map(|m| m.view());
+                // One query: a row stride of 0, as ndarray may give an axis of length 1.
+                let probs_view = if tq == 1 {
+                    use ndarray::ShapeBuilder;
+                    ndarray::ArrayView2::from_shape((1, kb).strides((0, 1)), probs.as_slice().unwrap())
+                        .unwrap()
+                } else {
+                    probs.view()
+                };
                 let sb = |i, p: &[f32], gp: &[f32], gs: &mut [f32]| softmax_row_backward(p, gp, gs, mask(i));
                 // SAFETY: f32, the views given to new are alive, and it takes the backward.
                 unsafe {
                     head.backward(
                         c.scale,
-                        probs.view(),
+                        probs_view,
                         drop,
                         g.view(),
                         sb,

@@ -34,8 +34,9 @@ impl Activation {
     #[inline]
     pub fn apply<F: Float>(self, x: F) -> F {
         match self {
+            // NaN stays NaN (as PyTorch's ReLU): a NaN must not turn into a finite 0.
             Activation::Relu => {
-                if x > F::ZERO {
+                if x > F::ZERO || x.is_nan() {
                     x
                 } else {
                     F::ZERO
@@ -82,7 +83,13 @@ impl Activation {
     /// The naive twin of [`Activation::apply`]: the textbook formula in `f64`.
     pub fn apply_naive(self, x: f64) -> f64 {
         match self {
-            Activation::Relu => x.max(0.0),
+            Activation::Relu => {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.max(0.0)
+                }
+            }
             Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / 2.0_f64.sqrt())),
             Activation::GeluTanh => {
                 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
@@ -125,6 +132,17 @@ mod tests {
                 assert!((numeric - act.derivative(x)).abs() < 1e-8, "{act:?} at {x}");
             }
         }
+    }
+
+    #[test]
+    fn nan_stays_nan() {
+        // PyTorch's relu, gelu and gelu(approximate="tanh") all give NaN for NaN.
+        for act in ALL {
+            assert!(act.apply(f32::NAN).is_nan(), "{act:?} f32");
+            assert!(act.apply(f64::NAN).is_nan(), "{act:?} f64");
+            assert!(act.apply_naive(f64::NAN).is_nan(), "{act:?} naive");
+        }
+        assert_eq!(Activation::Relu.apply(-0.0_f32).to_bits(), 0.0_f32.to_bits());
     }
 
     #[test]

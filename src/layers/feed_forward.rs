@@ -509,6 +509,45 @@ mod tests {
     }
 
     #[test]
+    fn nan_in_the_input_or_in_w1_reaches_the_output() {
+        // A NaN must not come out as the finite bias of the second layer, on any path
+        // (forward, infer, packed; the fused ReLU stores and the others).
+        let mut rng = StdRng::seed_from_u64(55);
+        for act in [Activation::Relu, Activation::Gelu, Activation::GeluTanh] {
+            for d_ff in [10, 64] {
+                let mut layer = FeedForwardConfig::new(6, d_ff)
+                    .with_activation(act)
+                    .with_p_drop(0.0)
+                    .init::<f32>(&mut rng)
+                    .unwrap();
+                let mut x: Array2<f32> = random_like((5, 6), &mut rng);
+                x[[2, 3]] = f32::NAN;
+                let (y, _) = layer.forward(x.view(), &mut rng);
+                let nan_rows = |y: &Array2<f32>| -> Vec<bool> {
+                    y.rows()
+                        .into_iter()
+                        .map(|r| r.iter().all(|v| v.is_nan()))
+                        .collect()
+                };
+                let want = vec![false, false, true, false, false];
+                assert_eq!(nan_rows(&y), want, "{act:?} forward");
+                assert_eq!(nan_rows(&layer.infer(x.view())), want, "{act:?} infer");
+                if let Some(packed) = layer.pack() {
+                    assert_eq!(
+                        nan_rows(&layer.infer_packed(x.view(), Some(&packed))),
+                        want,
+                        "{act:?} packed"
+                    );
+                }
+                x[[2, 3]] = 0.5;
+                layer.p.w1[[0, 0]] = f32::NAN;
+                let (y, _) = layer.forward(x.view(), &mut rng);
+                assert!(y.iter().all(|v| v.is_nan()), "{act:?}: NaN in W1 lost");
+            }
+        }
+    }
+
+    #[test]
     fn names_shapes_and_xavier_bounds() {
         let layer = FeedForwardConfig::new(8, 32)
             .init::<f32>(&mut StdRng::seed_from_u64(55))

@@ -114,12 +114,8 @@ impl Update {
             // SAFETY: the caller vouches for the bias of column j.
             Update::Bias { alpha, bias } => acc.mul_add(alpha, unsafe { *bias.add(j) }),
         };
-        // As `_mm512_max_ps(v, 0)`: NaN and −0 give +0, as `Activation::Relu` does.
-        if relu && v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            0.0
-        } else {
-            v
-        }
+        // As `Activation::Relu` and the vector stores: NaN stays NaN, −0 gives +0.
+        if relu && !(v > 0.0 || v.is_nan()) { 0.0 } else { v }
     }
 
     /// Whether C is read.
@@ -255,7 +251,9 @@ unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
             }
         };
         let mut v = if t.relu {
-            _mm512_max_ps(v, _mm512_setzero_ps())
+            // max(v, 0) gives +0 for −0 and for NaN; NaN is put back.
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
         } else {
             v
         };
@@ -368,7 +366,9 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bo
             Update::Add { alpha } => _mm256_fmadd_ps(acc, _mm256_set1_ps(alpha), _mm256_loadu_ps(p)),
         };
         let v = if relu {
-            _mm256_max_ps(v, _mm256_setzero_ps())
+            // max(v, 0) gives +0 for −0 and for NaN; NaN is put back.
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+            _mm256_blendv_ps(_mm256_max_ps(v, _mm256_setzero_ps()), v, nan)
         } else {
             v
         };

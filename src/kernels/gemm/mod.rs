@@ -22,6 +22,7 @@ use std::any::TypeId;
 use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder, Zip, s};
 
 use super::Float;
+use super::activations::Activation;
 use super::dropout::DropKey;
 use super::small_gemm;
 
@@ -210,7 +211,7 @@ pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, 
         None => gemm(F::ONE, a, b, F::ZERO, c.view_mut()),
     }
     if post.relu {
-        c.mapv_inplace(|v| if v > F::ZERO { v } else { F::ZERO });
+        c.mapv_inplace(|v| Activation::Relu.apply(v));
     }
     if let Some(key) = post.dropout {
         for (r, mut row) in c.rows_mut().into_iter().enumerate() {
@@ -785,6 +786,54 @@ mod tests {
                 };
                 pool.install(|| gemm_fused(a.view(), b.view(), post, got.view_mut()));
                 assert_eq!(got, backward, "backward m={m} k={k} n={n} threads={threads}");
+            }
+        }
+    }
+
+    /// The ReLU of every kernel's stores keeps NaN (as PyTorch's ReLU), gives 0 for negatives
+    /// and −0, and keeps positives: on full and edge tiles.
+    #[test]
+    fn relu_stores_keep_nan_on_every_path() {
+        let values = [f32::NAN, -1.0, 2.0, -0.0, 0.5, f32::NEG_INFINITY, f32::INFINITY];
+        for isa in Isa::available() {
+            for n in [5, 16, 40] {
+                // C[i][j] = values[i % 7]·1 + 0·1.
+                let m = 9;
+                let a = Array2::from_shape_fn((m, 2), |(i, k)| if k == 0 { values[i % 7] } else { 0.0 });
+                let b = Array2::<f32>::ones((2, n));
+                let mut c = Array2::from_elem((m, n), 7.0f32);
+                let (ma, mb) = (
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: 2,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                );
+                let mc = MatMut {
+                    ptr: c.as_mut_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                let ep = Epilogue {
+                    relu: true,
+                    ..Epilogue::default()
+                };
+                // SAFETY: the matrices address their own elements; the CPU runs isa.
+                unsafe { packed::gemm(isa, m, 2, n, 1.0, ma, mb, 0.0, mc, 1, ep) };
+                for ((i, j), &got) in c.indexed_iter() {
+                    let want = Activation::Relu.apply(values[i % 7] + 0.0);
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{isa:?} n={n} ({i}, {j}): relu({}) gave {got}",
+                        values[i % 7]
+                    );
+                }
+                assert!(c.row(0).iter().all(|v| v.is_nan()), "{isa:?}: NaN lost");
             }
         }
     }

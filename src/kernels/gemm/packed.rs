@@ -208,7 +208,7 @@ fn with_scratch<R>(
 pub(crate) struct Epilogue {
     /// A bias per column of C (n floats); β must then be 0.
     pub bias: Option<*const f32>,
-    /// `max(·, 0)` on the result.
+    /// The ReLU on the result (NaN kept, as `Activation::Relu`).
     pub relu: bool,
     /// Dropout of C's elements by their flat (row-major) index.
     pub dropout: Option<DropKey>,

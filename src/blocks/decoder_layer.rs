@@ -18,7 +18,7 @@
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
 use rand::Rng;
 
-use super::{BlockConfig, flat, rows, unrows, view3};
+use super::{BlockConfig, clean_padding, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
@@ -119,7 +119,9 @@ impl<F: Float> DecoderLayer<F> {
         rng: &mut impl Rng,
     ) -> (Array3<F>, DecoderLayerCache<F>) {
         let (b, t, s) = self.check_input(x, memory);
-        let x = rows(x);
+        let x = clean_padding(x, self_mask);
+        let x = rows(x.view());
+        let memory = clean_padding(memory, memory_mask);
         let (h1, self_attn) = self.norm1.forward(x.view(), rng, |z, rng| {
             let (y, c) = self.self_attn.forward(view3(z, b, t), None, self_mask, rng);
             (flat(y), c)
@@ -127,7 +129,7 @@ impl<F: Float> DecoderLayer<F> {
         let (h2, cross_attn) = self.norm2.forward(h1.view(), rng, |z, rng| {
             let (y, c) = self
                 .cross_attn
-                .forward(view3(z, b, t), Some(memory), memory_mask, rng);
+                .forward(view3(z, b, t), Some(memory.view()), memory_mask, rng);
             (flat(y), c)
         });
         let (y, ffn) = self

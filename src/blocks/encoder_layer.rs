@@ -31,7 +31,7 @@
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
 use rand::Rng;
 
-use super::{BlockConfig, flat, rows, unrows, view3};
+use super::{BlockConfig, clean_padding, flat, rows, unrows, view3};
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
@@ -110,7 +110,8 @@ impl<F: Float> EncoderLayer<F> {
         rng: &mut impl Rng,
     ) -> (Array3<F>, EncoderLayerCache<F>) {
         let (b, t, _) = self.check_input(x);
-        let x = rows(x);
+        let x = clean_padding(x, mask);
+        let x = rows(x.view());
         let (h, attn) = self.norm1.forward(x.view(), rng, |z, rng| {
             let (y, c) = self.self_attn.forward(view3(z, b, t), None, mask, rng);
             (flat(y), c)

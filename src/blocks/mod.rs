@@ -23,10 +23,11 @@ pub use decoder_layer::{DecoderLayer, DecoderLayerCache, DecoderLayerWeights};
 pub use encoder::{Encoder, EncoderCache, EncoderConfig};
 pub use encoder_layer::{EncoderLayer, EncoderLayerCache};
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, CowArray, Ix2};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, CowArray, Ix2, Ix3, s};
 
 use crate::error::{Result, check};
 use crate::kernels::{Activation, Float};
+use crate::layers::Mask;
 
 /// The sizes and switches shared by every layer of a stack; PyTorch's
 /// `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` arguments.
@@ -157,6 +158,31 @@ impl FinalNorm {
             FinalNorm::Never => false,
         }
     }
+}
+
+/// `x` (`[B, T, d]`, the keys of `mask`) with the positions the mask marks as padding zeroed,
+/// in a copy made only when one of them holds a non-finite value; `x` itself otherwise.
+///
+/// Padding never reaches a real position forward (attention skips or zeroes those keys), but
+/// its rows are computed, and the weight gradients sum products over every row: `xᵀ·∂L/∂y`,
+/// where `∂L/∂y` is 0 on padded rows, would turn a NaN there into a NaN in every weight's
+/// gradient (`0·NaN`). Zeroed, a padded row is finite all the way through the block.
+pub(crate) fn clean_padding<'a, F: Float>(x: ArrayView3<'a, F>, mask: &Mask) -> CowArray<'a, F, Ix3> {
+    let dirty = |bi: usize, j: usize| x.slice(s![bi, j, ..]).iter().any(|v| !v.is_finite());
+    let (b, t, _) = x.dim();
+    let padded = || {
+        (0..b)
+            .flat_map(|bi| (0..t).map(move |j| (bi, j)))
+            .filter(|&(bi, j)| mask.is_padding(bi, j))
+    };
+    if mask.is_none() || !padded().any(|(bi, j)| dirty(bi, j)) {
+        return CowArray::from(x);
+    }
+    let mut clean = x.to_owned();
+    for (bi, j) in padded() {
+        clean.slice_mut(s![bi, j, ..]).fill(F::ZERO);
+    }
+    CowArray::from(clean)
 }
 
 /// `[B, T, d]` as `[B·T, d]` rows, without a copy when the input is in standard layout.

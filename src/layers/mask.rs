@@ -136,6 +136,19 @@ impl Mask {
         *self == Mask::default()
     }
 
+    /// Whether key `j` of sequence `b` is padding for every query: at or past one of the
+    /// sequence's key lengths, or flagged by key padding. Parts built for fewer sequences or
+    /// keys say nothing about the rest (resolving the mask reports that mismatch).
+    pub(crate) fn is_padding(&self, b: usize, j: usize) -> bool {
+        self.key_lengths
+            .iter()
+            .any(|l| l.get(b).is_some_and(|&len| j >= len))
+            || self
+                .keys_kept
+                .iter()
+                .any(|k| k.get((b, j)).is_some_and(|&kept| !kept))
+    }
+
     /// Checks the mask against a batch of `b` sequences of `tq` queries and `tk` keys and
     /// combines its parts for fast lookup.
     ///

@@ -6,7 +6,7 @@ use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix3};
 
 use crate::error::{Error, Result};
 use crate::kernels::Float;
-use crate::layers::Mask;
+use crate::layers::{Embedding, EmbeddingCache, Mask};
 
 /// Token ids `[B, T]`, padded after each sequence's length. What sits in the padding is
 /// never read: it may be any number.
@@ -100,6 +100,29 @@ impl TokenBatch {
             row.iter_mut().skip(len).for_each(|id| *id = 0);
         }
         ids
+    }
+
+    /// The ids embedded by `e` (`[B·T, d]` rows), with the rows of padded positions zero: the
+    /// padding is looked up as id 0 (any id would do) and what that row holds, NaN included,
+    /// goes no further.
+    pub(crate) fn embed<F: Float>(&self, e: &Embedding<F>) -> Result<Array2<F>> {
+        Ok(self.zero_padding(e.infer(self.lookup_ids().view())?))
+    }
+
+    /// [`TokenBatch::embed`] in training, with the embedding's cache.
+    pub(crate) fn embed_forward<F: Float>(&self, e: &Embedding<F>) -> Result<(Array2<F>, EmbeddingCache)> {
+        let (x, cache) = e.forward(self.lookup_ids().view())?;
+        Ok((self.zero_padding(x), cache))
+    }
+
+    /// `x` (`[B·T, d]` rows) with the rows of padded positions zeroed.
+    fn zero_padding<F: Float>(&self, mut x: Array2<F>) -> Array2<F> {
+        let t = self.seq_len();
+        for (b, &len) in self.lengths.iter().enumerate() {
+            x.slice_mut(ndarray::s![b * t + len..(b + 1) * t, ..])
+                .fill(F::ZERO);
+        }
+        x
     }
 
     /// The targets for a loss: row-major ids with padded positions set to [`IGNORE`].

@@ -403,7 +403,7 @@ impl<F: Float> DecoderOnly<F> {
         crate::kernels::parallel::with_team(|| {
             self.check_tokens(tokens)?;
             let (b, t) = (tokens.batch_size(), tokens.seq_len());
-            let (x, embed) = self.embed.forward(tokens.lookup_ids().view())?;
+            let (x, embed) = tokens.embed_forward(&self.embed)?;
             let (x, input) = self.input.forward(x, b, t, 0, rng)?;
             let (h, blocks) = self.blocks.forward(x.view(), &Self::mask(tokens), rng);
             let h = flat(h);
@@ -448,9 +448,7 @@ impl<F: Float> DecoderOnly<F> {
     fn hidden(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
         self.check_tokens(tokens)?;
         let (b, t) = (tokens.batch_size(), tokens.seq_len());
-        let x = self
-            .input
-            .infer(self.embed.infer(tokens.lookup_ids().view())?, b, t, 0)?;
+        let x = self.input.infer(tokens.embed(&self.embed)?, b, t, 0)?;
         Ok(flat(self.blocks.infer(x.view(), &Self::mask(tokens))))
     }
 

@@ -439,10 +439,10 @@ impl<F: Float> EncoderDecoder<F> {
             self.check_batches(src, tgt_in)?;
             let (b, s, t) = (src.batch_size(), src.seq_len(), tgt_in.seq_len());
             let src_mask = src.padding_mask();
-            let (x, src_embed) = self.src_embed.forward(src.lookup_ids().view())?;
+            let (x, src_embed) = src.embed_forward(&self.src_embed)?;
             let (x, src_input) = self.src_input.forward(x, b, s, 0, rng)?;
             let (memory, encoder) = self.encoder.forward(x.view(), &src_mask, rng);
-            let (y, tgt_embed) = self.target_embedding().forward(tgt_in.lookup_ids().view())?;
+            let (y, tgt_embed) = tgt_in.embed_forward(self.target_embedding())?;
             let (y, tgt_input) = self.tgt_input.forward(y, b, t, 0, rng)?;
             let self_mask = Mask::causal().and(tgt_in.padding_mask());
             let (h, decoder) = self
@@ -526,9 +526,7 @@ impl<F: Float> EncoderDecoder<F> {
                 });
             }
             let (b, s) = (src.batch_size(), src.seq_len());
-            let x = self
-                .src_input
-                .infer(self.src_embed.infer(src.lookup_ids().view())?, b, s, 0)?;
+            let x = self.src_input.infer(src.embed(&self.src_embed)?, b, s, 0)?;
             Ok(match packed {
                 Some(p) => self.encoder.infer_packed(x.view(), &src.padding_mask(), p),
                 None => self.encoder.infer(x.view(), &src.padding_mask()),
@@ -562,12 +560,9 @@ impl<F: Float> EncoderDecoder<F> {
             if memory.shape() != expected {
                 return Err(Error::shape("memory [B, S, d_model]", &expected, memory.shape()));
             }
-            let y = self.tgt_input.infer(
-                self.target_embedding().infer(tgt_in.lookup_ids().view())?,
-                b,
-                t,
-                0,
-            )?;
+            let y = self
+                .tgt_input
+                .infer(tgt_in.embed(self.target_embedding())?, b, t, 0)?;
             let self_mask = Mask::causal().and(tgt_in.padding_mask());
             let h = flat(match packed {
                 Some(p) => self.decoder.infer_packed(

@@ -474,7 +474,7 @@ impl<F: Float> EncoderOnly<F> {
             let (b, t) = (input.batch_size(), input.seq_len());
             let (x, embed) = match (input, &self.embed, &self.input_proj) {
                 (EncoderInput::Tokens(tokens), Some(embed), _) => {
-                    let (x, c) = embed.forward(tokens.lookup_ids().view())?;
+                    let (x, c) = tokens.embed_forward(embed)?;
                     (x, InputProjCache::Tokens(c))
                 }
                 (EncoderInput::Features(features), _, Some(proj)) => {
@@ -544,7 +544,7 @@ impl<F: Float> EncoderOnly<F> {
             self.check_input(input)?;
             let (b, t) = (input.batch_size(), input.seq_len());
             let x = match (input, &self.embed, &self.input_proj) {
-                (EncoderInput::Tokens(tokens), Some(embed), _) => embed.infer(tokens.lookup_ids().view())?,
+                (EncoderInput::Tokens(tokens), Some(embed), _) => tokens.embed(embed)?,
                 (EncoderInput::Features(features), _, Some(proj)) => {
                     proj.infer(flat(features.clean_features()).view())
                 }

@@ -82,7 +82,9 @@ impl Error {
         }
     }
 
-    /// A shape error.
+    /// A shape error. The two shapes must differ: an error that names the same shape twice
+    /// tells the user nothing (a mismatch that is not in the shape is
+    /// [`Error::InvalidInput`]).
     pub fn shape(what: impl Into<String>, expected: &[usize], got: &[usize]) -> Self {
         Error::ShapeMismatch {
             what: what.into(),

@@ -355,10 +355,13 @@ pub fn parity(input: impl AsRef<Path>, output: impl AsRef<Path>) -> Result<()> {
     };
     let (src, tgt, grad_output) = (rank3("src")?, rank3("tgt")?, rank3("grad_output")?);
     let (b, s, t) = (src.dim().0, src.dim().1, tgt.dim().1);
-    if tgt.dim().0 != b || grad_output.dim() != tgt.dim() {
+    if tgt.dim().0 != b {
+        return Err(Error::shape("tgt (batch as src)", &[b, t, d], tgt.shape()));
+    }
+    if grad_output.dim() != tgt.dim() {
         return Err(Error::shape(
-            "tgt and grad_output (batch as src)",
-            &[b, t, d],
+            "grad_output (shaped as tgt)",
+            tgt.shape(),
             grad_output.shape(),
         ));
     }

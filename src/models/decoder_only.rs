@@ -539,7 +539,7 @@ impl<F: Float> DecoderOnly<F> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an empty prompt, [`Error::TokenOutOfRange`] for a prompt id
-    /// ≥ V (at position `(0, t)`), and as [`Sampling::pick`] (bad temperature or `k`,
+    /// ≥ V (at its position `(0, t)` in the prompt, also where the context is cropped), and as [`Sampling::pick`] (bad temperature or `k`,
     /// non-finite logits).
     pub fn generate(
         &self,
@@ -555,13 +555,13 @@ impl<F: Float> DecoderOnly<F> {
                     why: "an empty prompt: generation needs at least one token to start from".into(),
                 });
             }
+            // The whole prompt, at its own positions, even where only its end is run.
+            TokenBatch::full(Array2::from_shape_vec((1, prompt.len()), prompt.to_vec()).expect("one row"))?
+                .check_vocab(self.cfg.vocab)?;
             let mut seq = prompt.to_vec();
             let fits = self.input.max_len().is_none_or(|max| prompt.len() + n <= max);
             if fits {
                 // With the key/value cache: the prompt in one pass, then one position per token.
-                self.check_tokens(&TokenBatch::full(
-                    Array2::from_shape_vec((1, seq.len()), seq.clone()).expect("one row"),
-                )?)?;
                 let mut caches = self.blocks.begin(1, prompt.len() + n);
                 let mut fresh: &[usize] = prompt;
                 for _ in 0..n {

@@ -43,13 +43,13 @@ use crate::blocks::{
 };
 use crate::error::{Error, Result, check};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
-use crate::kernels::{Float, PackedB, argmax, filled, gemm_packed};
+use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
-    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
+    OutputCache, check_targets, decide, output_backward, output_forward, output_infer, token_loss,
 };
 use crate::train::{LossStats, Trainable};
 
@@ -777,7 +777,9 @@ impl<F: Float> EncoderDecoder<F> {
             let mut out = vec![Vec::new(); b];
             for _ in 0..max_len {
                 let logits = self.decode_step(&mut state, &next)?;
-                next = logits.rows().into_iter().map(argmax).collect();
+                next = (logits.rows().into_iter().enumerate())
+                    .map(|(i, row)| decide(row, "logits of the next token", i))
+                    .collect::<Result<_>>()?;
                 for (i, &tok) in next.iter().enumerate() {
                     if !done[i] {
                         if tok == eos {
@@ -821,12 +823,9 @@ impl<F: Float> EncoderDecoder<F> {
                 let last = logits
                     .into_shape_with_order((b, step + 1, v))
                     .expect("standard layout");
-                let next: Vec<usize> = last
-                    .index_axis(Axis(1), step)
-                    .rows()
-                    .into_iter()
-                    .map(argmax)
-                    .collect();
+                let next: Vec<usize> = (last.index_axis(Axis(1), step).rows().into_iter().enumerate())
+                    .map(|(i, row)| decide(row, "logits of the next token", i))
+                    .collect::<Result<_>>()?;
                 for (i, &tok) in next.iter().enumerate() {
                     if !done[i] {
                         if tok == eos {

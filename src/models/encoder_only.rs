@@ -85,12 +85,12 @@ use rand::Rng;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat};
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
-use crate::kernels::argmax;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask};
 use crate::models::batch::{FeatureBatch, TokenBatch};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
+use crate::models::output::decide;
 use crate::train::{LossStats, Trainable, cross_entropy};
 
 /// What the model reads at each position.
@@ -587,7 +587,9 @@ impl<F: Float> EncoderOnly<F> {
                     ),
                 });
             }
-            Ok(self.infer(input)?.rows().into_iter().map(argmax).collect())
+            (self.infer(input)?.rows().into_iter().enumerate())
+                .map(|(i, row)| decide(row, "class logits", i))
+                .collect()
         })
     }
 }

@@ -47,6 +47,10 @@ impl<F: Float> CrossEntropy<F> {
 /// Mean cross-entropy of `logits` `[N, V]` against `targets` (N ids), with label smoothing
 /// `smoothing` and positions whose target is `ignore` left out (PyTorch's `ignore_index`).
 ///
+/// A logit of −∞ masks its class: with no smoothing the loss stays finite (as PyTorch's);
+/// with smoothing ε > 0 the target distribution gives that class mass ε/V, and the loss is
+/// +∞ (PyTorch gives +∞ too), while the gradient stays finite.
+///
 /// Rows are independent and run in parallel; the mean is summed in row order, so the result
 /// does not depend on the thread count. With no counted position the loss is 0 and the
 /// gradient all zeros.
@@ -162,9 +166,16 @@ fn row_cross_entropy<F: Float>(z: &[F], g: &mut [F], y: usize, eps: f64, inv_n: 
         }
     };
     let log_z = max.to_f64() + sum_exp.ln();
-    // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p, with Σ log p = Σ z − V·log Z.
-    let sum_log_p = sum_map(z, |x| x.to_f64()) - v as f64 * log_z;
-    let loss = -(1.0 - eps) * (z[y].to_f64() - log_z) - eps / v as f64 * sum_log_p;
+    // −Σ q·log p = −(1−ε)·log p_y − (ε/V)·Σ log p, with Σ log p = Σ z − V·log Z. Without
+    // smoothing the second term is left out, not multiplied by 0: a logit of −∞ (a masked
+    // class) makes Σ log p = −∞, and 0·−∞ would be NaN where the loss is finite.
+    let smoothing_term = if eps > 0.0 {
+        let sum_log_p = sum_map(z, |x| x.to_f64()) - v as f64 * log_z;
+        -eps / v as f64 * sum_log_p
+    } else {
+        0.0
+    };
+    let loss = -(1.0 - eps) * (z[y].to_f64() - log_z) + smoothing_term;
     let correct = crate::kernels::argmax(ndarray::ArrayView1::from(z)) == y;
     // ∂/∂z = (p − q)/N with q = ε/V, plus 1 − ε at the target.
     let (inv_sum, q) = (1.0 / sum_exp, eps / v as f64);
@@ -238,6 +249,23 @@ mod tests {
         assert!(cross_entropy(z.view(), &[1, 1], None, 1.0).is_err());
         let all_ignored = cross_entropy(z.view(), &[0, 0], Some(0), 0.1).unwrap();
         assert_eq!((all_ignored.loss, all_ignored.tokens), (0.0, 0));
+    }
+
+    #[test]
+    fn a_masked_class_keeps_the_loss_finite_as_pytorch() {
+        // F.cross_entropy(torch.tensor([[1., 2., -inf]]), torch.tensor([1])) = 0.3132616580,
+        // gradient [0.2689, -0.2689, 0]; with label_smoothing=0.1 the loss is inf and the
+        // gradient [0.2356, 0.6977, -0.9333] for target 2 (torch 2.15).
+        let z = array![[1.0_f32, 2.0, f32::NEG_INFINITY]];
+        let ce = cross_entropy(z.view(), &[1], None, 0.0).unwrap();
+        assert!((ce.loss - 0.313_261_658).abs() < 1e-6, "{}", ce.loss);
+        let want = [0.268_941_4, -0.268_941_4, 0.0];
+        for (g, w) in ce.grad.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{:?}", ce.grad);
+        }
+        let ce = cross_entropy(z.view(), &[1], None, 0.1).unwrap();
+        assert_eq!(ce.loss, f64::INFINITY);
+        assert!(ce.grad.iter().all(|g| g.is_finite()), "{:?}", ce.grad);
     }
 
     #[test]

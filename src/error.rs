@@ -156,6 +156,36 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// A parameter tensor of shape `dims` with elements of `elem` bytes must be addressable,
+    /// and its memory available now: a vast config (a vocabulary of 10¹²) is an error naming
+    /// `field`, not a panic or an abort inside the allocator. The memory is only reserved and
+    /// given back, so that the allocation that follows can succeed; a system that promises
+    /// every allocation (Linux with `vm.overcommit_memory = 1`) may still fail later.
+    pub fn tensor(field: &'static str, dims: &[usize], elem: usize) -> Result<()> {
+        let bytes = (dims.iter())
+            .try_fold(elem, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= isize::MAX as usize);
+        let Some(bytes) = bytes else {
+            return Err(Error::config(
+                field,
+                format!("a parameter tensor of shape {dims:?} is too large to address"),
+            ));
+        };
+        if bytes >= 1 << 30 {
+            let mut probe: Vec<u8> = Vec::new();
+            if probe.try_reserve_exact(bytes).is_err() {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "a parameter tensor of shape {dims:?} needs {:.1} GiB, more than can be allocated",
+                        bytes as f64 / (1u64 << 30) as f64
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `d_model` must split evenly into `n_heads` heads.
     pub fn heads(d_model: usize, n_heads: usize) -> Result<()> {
         positive("d_model", d_model)?;

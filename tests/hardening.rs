@@ -111,3 +111,126 @@ fn a_target_of_another_length_names_the_lengths() {
         "{err}"
     );
 }
+
+/// A safetensors file of the given header tensors (JSON), each with no data.
+fn safetensors(header: &str) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes
+}
+
+#[test]
+fn a_tensor_of_zero_elements_with_a_vast_shape_is_an_error_in_every_loader() {
+    let vast = r#"{"src":{"dtype":"F32","shape":[0,9223372036854775808,4],"data_offsets":[0,0]},"src_key_padding_mask":{"dtype":"BOOL","shape":[0,9223372036854775808],"data_offsets":[0,0]}}"#;
+    let err = vaswani::io::TensorFile::from_bytes("vast.safetensors", safetensors(vast)).unwrap_err();
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+    assert!(err.to_string().contains("too large to address"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("vaswani-hardening-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vast.safetensors");
+    std::fs::write(&path, safetensors(vast)).unwrap();
+    let err = vaswani::io::parity(&path, dir.join("out.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("too large to address"), "{err}");
+    let err = vaswani::io::load_model::<f32, vaswani::models::DecoderOnly<f32>>(&path).unwrap_err();
+    assert!(err.to_string().contains("too large to address"), "{err}");
+    // A small zero-element tensor is a tensor like any other.
+    let empty = r#"{"x":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
+    let file = vaswani::io::TensorFile::from_bytes("empty.safetensors", safetensors(empty)).unwrap();
+    assert_eq!(file.float::<f32>("x").unwrap().shape(), &[0, 3]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The config error of `result`, as `(field, message)`.
+fn config_error<T: std::fmt::Debug>(result: vaswani::Result<T>) -> (&'static str, String) {
+    match result {
+        Err(e @ Error::InvalidConfig { field, .. }) => (field, e.to_string()),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_bad_clip_norm_is_refused_naming_the_value() {
+    use vaswani::train::{Trainer, TrainerConfig};
+    let model = DecoderOnlyConfig::new(9, block(), 1)
+        .init::<f32>(&mut StdRng::seed_from_u64(4))
+        .unwrap();
+    for bad in [-1.0, 0.0, f64::NAN, f64::INFINITY] {
+        let mut cfg = TrainerConfig::paper(8, 10);
+        cfg.clip_norm = Some(bad);
+        let (field, msg) = config_error(Trainer::new(model.clone(), cfg));
+        assert_eq!(field, "clip_norm");
+        assert!(msg.contains(&format!("got {bad}")), "{msg}");
+    }
+    let mut cfg = TrainerConfig::paper(8, 10);
+    cfg.clip_norm = Some(1.0);
+    assert!(Trainer::new(model, cfg).is_ok());
+}
+
+#[test]
+fn a_step_count_past_the_bound_is_refused_from_a_file_with_a_valid_checksum() {
+    use vaswani::io::{inspect, load_trainer, save_trainer};
+    use vaswani::models::DecoderOnly;
+    use vaswani::train::{Trainer, TrainerConfig};
+    let model = DecoderOnlyConfig::new(9, block(), 1)
+        .init::<f32>(&mut StdRng::seed_from_u64(5))
+        .unwrap();
+    let mut trainer = Trainer::new(model, TrainerConfig::paper(8, 10)).unwrap();
+    let dir = std::env::temp_dir().join(format!("vaswani-steps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("trainer.safetensors");
+    for (t, ok) in [
+        (vaswani::train::MAX_STEPS, true),
+        (vaswani::train::MAX_STEPS + 1, false),
+        (u64::MAX, false),
+    ] {
+        trainer.optimizer.t = t;
+        save_trainer(&path, &trainer).unwrap();
+        let loaded = load_trainer::<f32, DecoderOnly<f32>>(&path);
+        assert_eq!(loaded.is_ok(), ok, "step {t}: {:?}", loaded.err());
+        if !ok {
+            let err = loaded.unwrap_err().to_string();
+            assert!(err.contains(&format!("step {t}")), "{err}");
+            assert!(inspect(&path).is_err());
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_vast_config_is_a_config_error_not_a_panic() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let (field, msg) =
+        config_error(DecoderOnlyConfig::new(1_000_000_000_000, block(), 1).init::<f32>(&mut rng));
+    assert_eq!(field, "vocab");
+    assert!(msg.contains("1000000000000"), "{msg}");
+    // Addressable, but far more than any machine holds: 2⁴⁰ × 8 × 4 bytes = 32 TiB. (A
+    // system set to promise every allocation, `vm.overcommit_memory = 1`, cannot refuse it.)
+    let promises_all =
+        std::fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|s| s.trim() == "1");
+    if !promises_all {
+        let (field, msg) =
+            config_error(EncoderDecoderConfig::new(9, 1 << 40, block(), 1, 1).init::<f32>(&mut rng));
+        assert_eq!(field, "vocab");
+        assert!(msg.contains("more than can be allocated"), "{msg}");
+    }
+    let head = Head::Classify {
+        classes: usize::MAX / 2,
+    };
+    let (field, _) = config_error(
+        EncoderOnlyConfig::new(InputKind::Tokens { vocab: 9 }, block(), 1, head).init::<f32>(&mut rng),
+    );
+    assert_eq!(field, "d_out");
+    let (field, _) = config_error(
+        DecoderOnlyConfig::new(9, BlockConfig::new(8, 2, usize::MAX / 4), 1).init::<f64>(&mut rng),
+    );
+    assert_eq!(field, "d_ff");
+    let (field, _) = config_error(
+        DecoderOnlyConfig::new(9, block(), 1)
+            .with_positions(Positions::Learned {
+                max_len: usize::MAX / 8,
+            })
+            .init::<f32>(&mut rng),
+    );
+    assert_eq!(field, "max_len");
+}

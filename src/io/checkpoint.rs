@@ -46,7 +46,7 @@ use crate::models::{
     DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig,
 };
 use crate::params::Params;
-use crate::train::{Adam, Trainable, Trainer, TrainerConfig};
+use crate::train::{Adam, MAX_STEPS, Trainable, Trainer, TrainerConfig};
 
 /// The value of the `format` metadata key.
 pub const FORMAT: &str = "vaswani";
@@ -236,10 +236,18 @@ fn header(file: &TensorFile) -> Result<CheckpointInfo> {
         )));
     }
     let step = match meta.get("step") {
-        Some(s) => Some(
-            s.parse()
-                .map_err(|_| file.error(format!("step {s:?} is not a number")))?,
-        ),
+        Some(s) => {
+            let step: u64 = s
+                .parse()
+                .map_err(|_| file.error(format!("step {s:?} is not a number")))?;
+            // Bounded before use: the next step must not overflow.
+            if step > MAX_STEPS {
+                return Err(file.error(format!(
+                    "step {step} is past the largest step count, 2^53 = {MAX_STEPS}"
+                )));
+            }
+            Some(step)
+        }
         None => None,
     };
     let tensors = file.tensors();
@@ -247,7 +255,7 @@ fn header(file: &TensorFile) -> Result<CheckpointInfo> {
         .iter()
         .filter(|t| !t.name.starts_with("optimizer."))
         .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())
-        .sum();
+        .fold(0u64, u64::saturating_add);
     Ok(CheckpointInfo {
         kind: get("kind")?.clone(),
         dtype: get("dtype")?.clone(),

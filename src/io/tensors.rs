@@ -46,7 +46,7 @@ impl TensorFile {
     /// [`Error::Io`] if the file cannot be read, [`Error::Checkpoint`] if it is not a valid
     /// safetensors file (naming the cause: too short, a zip or pickle, a header length past
     /// the end, bad UTF-8 or JSON, offsets that overlap, leave gaps or run past the data,
-    /// trailing bytes).
+    /// trailing bytes, a shape too large to address even with zero elements).
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
@@ -71,6 +71,21 @@ impl TensorFile {
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
+        // ndarray holds a shape only if the product of its non-zero lengths fits an isize;
+        // a tensor of zero elements may still claim a vast shape.
+        let mut infos: Vec<_> = meta.tensors().into_iter().collect();
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in infos {
+            let fits = (info.shape.iter().filter(|&&d| d != 0)).try_fold(1usize, |n, &d| {
+                n.checked_mul(d).filter(|&n| n <= isize::MAX as usize)
+            });
+            if fits.is_none() {
+                return Err(bad(format!(
+                    "tensor {name} has shape {:?}, too large to address",
+                    info.shape
+                )));
+            }
+        }
         Ok(TensorFile {
             path,
             bytes,
@@ -118,7 +133,7 @@ impl TensorFile {
         self.tensors()
             .iter()
             .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 
     /// A 64-bit digest of the metadata (every key but `skip_key`, in key order) and of every

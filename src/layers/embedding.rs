@@ -150,6 +150,7 @@ impl EmbeddingConfig {
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Embedding<F>> {
         check::positive("vocab", self.vocab)?;
         check::positive("d_model", self.d_model)?;
+        check::tensor("vocab", &[self.vocab, self.d_model], size_of::<F>())?;
         let std = 1.0 / (self.d_model as f64).sqrt();
         Ok(Embedding {
             cfg: self.clone(),

@@ -184,6 +184,7 @@ impl FeedForwardConfig {
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<FeedForward<F>> {
         check::positive("d_model", self.d_model)?;
         check::positive("d_ff", self.d_ff)?;
+        check::tensor("d_ff", &[2, self.d_ff, self.d_model], size_of::<F>())?;
         check::dropout("p_drop", self.p_drop)?;
         let (d_model, d_ff) = (self.d_model, self.d_ff);
         let w1 = xavier_uniform((d_ff, d_model), d_model, d_ff, rng);

@@ -252,6 +252,7 @@ impl MultiHeadConfig {
     /// d_model is not divisible by n_heads, or the dropout rate is not in [0, 1).
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<MultiHead<F>> {
         check::heads(self.d_model, self.n_heads)?;
+        check::tensor("d_model", &[3, self.d_model, self.d_model], size_of::<F>())?;
         check::dropout("p_drop", self.p_drop)?;
         let d = self.d_model;
         let mut in_proj = || xavier_uniform((d, d), d, 3 * d, rng);

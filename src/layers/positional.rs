@@ -184,6 +184,7 @@ impl LearnedPositionalConfig {
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<LearnedPositional<F>> {
         check::positive("max_len", self.max_len)?;
         check::positive("d_model", self.d_model)?;
+        check::tensor("max_len", &[self.max_len, self.d_model], size_of::<F>())?;
         Ok(LearnedPositional {
             cfg: self.clone(),
             p: LearnedPositionalParams {

@@ -30,6 +30,10 @@ pub trait Optimizer<F: Float, P: Params<F>> {
     fn step(&mut self, params: &mut P, grads: &P, lr: f64);
 }
 
+/// The largest step count an optimizer is rebuilt with: 2⁵³, the last integer `f64` holds
+/// exactly.
+pub const MAX_STEPS: u64 = 1 << 53;
+
 /// Settings of [`Adam`] and AdamW.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -125,12 +129,21 @@ impl<F: Float, P: Params<F> + Clone> Adam<F, P> {
 }
 
 impl<F: Float, P: Params<F>> Adam<F, P> {
-    /// Rebuilds an optimizer from saved state (see [`Adam::new`] for the errors).
+    /// Rebuilds an optimizer from saved state, `t` steps taken.
     ///
     /// # Errors
-    /// As [`Adam::new`].
+    /// As [`Adam::new`], and [`Error::InvalidConfig`] for a step count above 2⁵³ (no
+    /// training reaches it; past it a step number is no longer exact in `f64`, and near
+    /// `u64::MAX` the next step would overflow): a count read from a file is bounded before
+    /// use.
     pub fn from_state(cfg: AdamConfig, m: P, v: P, t: u64) -> Result<Self> {
         cfg.check()?;
+        if t > MAX_STEPS {
+            return Err(Error::config(
+                "step",
+                format!("a step count must be at most 2^53 = {MAX_STEPS}, got {t}"),
+            ));
+        }
         Ok(Adam {
             cfg,
             m,
@@ -143,7 +156,7 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
 
 impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
     fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
-        self.t += 1;
+        self.t = self.t.saturating_add(1);
         let c = &self.cfg;
         let (b1, b2) = (c.beta1, c.beta2);
         let bias1 = 1.0 - b1.powi(self.t.min(i32::MAX as u64) as i32);
@@ -259,7 +272,16 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Sgd<F, P> {
 /// clipping. PyTorch's `clip_grad_norm_` over all parameters (not per tensor).
 ///
 /// The norm is summed in `f64` in visiting order, so it does not depend on the thread count.
+///
+/// # Panics
+/// If `max_norm` is not finite and positive (a negative bound would flip every gradient, 0
+/// zero them, NaN switch clipping off); [`TrainerConfig`](crate::train::TrainerConfig)'s
+/// `clip_norm` is checked as an error where the trainer is built.
 pub fn clip_grad_norm<F: Float, P: Params<F>>(grads: &mut P, max_norm: f64) -> f64 {
+    assert!(
+        max_norm.is_finite() && max_norm > 0.0,
+        "clip_grad_norm: max_norm must be finite and positive, got {max_norm}"
+    );
     let norm = grads.sq_norm().sqrt();
     if norm > max_norm && norm.is_finite() {
         grads.scale(F::from_f64(max_norm / (norm + 1e-6)));

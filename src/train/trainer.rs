@@ -134,7 +134,8 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for bad optimizer settings, a
-    /// learning rate that is not finite and positive, or a label smoothing outside [0, 1).
+    /// learning rate that is not finite and positive, a `clip_norm` that is not finite and
+    /// positive, or a label smoothing outside [0, 1).
     pub fn new(model: M, cfg: TrainerConfig) -> Result<Self> {
         let optimizer = Adam::new(cfg.adam.clone(), &model)?;
         Trainer::resume(model, optimizer, cfg)
@@ -146,6 +147,15 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     /// As [`Trainer::new`].
     pub fn resume(model: M, optimizer: Adam<F, M>, cfg: TrainerConfig) -> Result<Self> {
         cfg.schedule.check()?;
+        if let Some(c) = cfg.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            // −1 would flip every gradient, 0 zero every step, NaN switch clipping off.
+            return Err(crate::Error::config(
+                "clip_norm",
+                format!("a gradient-norm bound must be finite and positive (or None), got {c}"),
+            ));
+        }
         if !(0.0..1.0).contains(&cfg.label_smoothing) {
             return Err(crate::Error::config(
                 "label_smoothing",
@@ -175,7 +185,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     pub fn step<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
         crate::kernels::parallel::with_team(|| {
             let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
-            let lr = self.cfg.schedule.lr(self.optimizer.t + 1);
+            let lr = self.cfg.schedule.lr(self.optimizer.t.saturating_add(1));
             if total == 0 {
                 return Ok(StepStats {
                     loss: LossStats::default(),

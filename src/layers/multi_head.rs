@@ -349,13 +349,13 @@ impl<F: Float> MultiHead<F> {
         let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
         let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
         let core = attention_forward(
-            self.heads(q.view(), b),
-            self.heads(k.view(), b),
-            self.heads(v.view(), b),
+            self.heads(q.view(), b, tq),
+            self.heads(k.view(), b, tk),
+            self.heads(v.view(), b, tk),
             mask,
             p_drop,
             rng,
-            self.heads_mut(ctx.view_mut(), b),
+            self.heads_mut(ctx.view_mut(), b, tq),
         );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
@@ -409,14 +409,14 @@ impl<F: Float> MultiHead<F> {
         let mut grad_k = crate::kernels::workspace::zeros((b * tk, d));
         let mut grad_v = crate::kernels::workspace::zeros((b * tk, d));
         attention_backward(
-            self.heads(cache.q.view(), b),
-            self.heads(cache.k.view(), b),
-            self.heads(cache.v.view(), b),
+            self.heads(cache.q.view(), b, tq),
+            self.heads(cache.k.view(), b, tk),
+            self.heads(cache.v.view(), b, tk),
             &cache.core,
-            self.heads(grad_ctx.view(), b),
-            self.heads_mut(grad_q.view_mut(), b),
-            self.heads_mut(grad_k.view_mut(), b),
-            self.heads_mut(grad_v.view_mut(), b),
+            self.heads(grad_ctx.view(), b, tq),
+            self.heads_mut(grad_q.view_mut(), b, tq),
+            self.heads_mut(grad_k.view_mut(), b, tk),
+            self.heads_mut(grad_v.view_mut(), b, tk),
         );
         grad_ctx.give_back();
         let src = cache.memory.as_ref().unwrap_or(&cache.x);
@@ -486,7 +486,7 @@ impl<F: Float> MultiHead<F> {
         let k = affine(m.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(m.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
         let mut cache = self.empty_cache(b, s_len);
-        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
+        cache.push(self.heads(k.view(), b, s_len), self.heads(v.view(), b, s_len));
         cache
     }
 
@@ -498,7 +498,7 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// If `x` is not `[B, Tq, d_model]` for the cache's B.
     pub fn infer_cached(&self, x: ArrayView3<F>, cache: &mut KvCache<F>) -> Array3<F> {
-        let (b, _, d) = x.dim();
+        let (b, tq, d) = x.dim();
         assert!(
             d == self.cfg.d_model && b == cache.batch_size(),
             "MultiHead::infer_cached: x is {:?}, expected [B = {}, Tq, d_model = {}]",
@@ -510,8 +510,8 @@ impl<F: Float> MultiHead<F> {
         let p = &self.p;
         let k = affine(x_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(x_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
-        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
-        self.attend(x_rows, cache, &Mask::causal())
+        cache.push(self.heads(k.view(), b, tq), self.heads(v.view(), b, tq));
+        self.attend(x_rows, tq, cache, &Mask::causal())
     }
 
     /// Attention of `x` `[B, Tq, d_model]` over cached keys and values (cross-attention over a
@@ -520,7 +520,7 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// If `x` does not fit the cache or the mask does not fit.
     pub fn infer_with_cache(&self, x: ArrayView3<F>, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
-        let (b, _, d) = x.dim();
+        let (b, tq, d) = x.dim();
         assert!(
             d == self.cfg.d_model && b == cache.batch_size(),
             "MultiHead::infer_with_cache: x is {:?}, expected [B = {}, Tq, d_model = {}]",
@@ -528,26 +528,25 @@ impl<F: Float> MultiHead<F> {
             cache.batch_size(),
             self.cfg.d_model
         );
-        self.attend(rows(x), cache, mask)
+        self.attend(rows(x), tq, cache, mask)
     }
 
-    /// Queries from `x_rows`, attention over the cache, W_O.
-    fn attend(&self, x_rows: Array2<F>, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+    /// Queries from `x_rows` (`tq` positions per sequence), attention over the cache, W_O.
+    fn attend(&self, x_rows: Array2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
         let b = cache.batch_size();
-        let tq = x_rows.nrows() / b.max(1);
         let d = self.cfg.d_model;
         let p = &self.p;
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         let mut ctx = Array2::zeros((b * tq, d));
         attention_forward(
-            self.heads(q.view(), b),
+            self.heads(q.view(), b, tq),
             cache.keys(),
             cache.values(),
             mask,
             0.0,
             None::<&mut rand::rngs::SmallRng>,
-            self.heads_mut(ctx.view_mut(), b),
+            self.heads_mut(ctx.view_mut(), b, tq),
         );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
@@ -650,12 +649,12 @@ impl<F: Float> MultiHead<F> {
         });
         let (q, k, v) = match &kv {
             None => {
-                let [q, k, v] = self.split_heads::<3>(input.view(), b);
+                let [q, k, v] = self.split_heads::<3>(input.view(), b, tq);
                 (q, k, v)
             }
             Some(kv) => {
-                let [q] = self.split_heads::<1>(input.view(), b);
-                let [k, v] = self.split_heads::<2>(kv.view(), b);
+                let [q] = self.split_heads::<1>(input.view(), b, tq);
+                let [k, v] = self.split_heads::<2>(kv.view(), b, tk);
                 (q, k, v)
             }
         };
@@ -667,7 +666,7 @@ impl<F: Float> MultiHead<F> {
             mask,
             0.0,
             None::<&mut rand::rngs::SmallRng>,
-            self.heads_mut(ctx.view_mut(), b),
+            self.heads_mut(ctx.view_mut(), b, tq),
         );
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
@@ -677,9 +676,13 @@ impl<F: Float> MultiHead<F> {
 
     /// `[B·T, N·d_model]` rows (N projections side by side) as N `[B, H, T, d_k]` per-head
     /// views, without copies.
-    fn split_heads<'a, const N: usize>(&self, x: ArrayView2<'a, F>, b: usize) -> [ArrayView4<'a, F>; N] {
+    fn split_heads<'a, const N: usize>(
+        &self,
+        x: ArrayView2<'a, F>,
+        b: usize,
+        t: usize,
+    ) -> [ArrayView4<'a, F>; N] {
         let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
-        let t = x.nrows() / b.max(1);
         let x = x
             .into_shape_with_order((b, t, N, h, dk))
             .expect("standard layout");
@@ -720,8 +723,8 @@ impl<F: Float> MultiHead<F> {
         };
         let part = |i: usize| qkv.slice(s![.., i * d..(i + 1) * d]).to_owned();
         let (q, k, v) = (part(0), part(1), part(2));
-        cache.push(self.heads(k.view(), b), self.heads(v.view(), b));
-        self.attend_projected(q, cache, &Mask::causal(), &packed.output)
+        cache.push(self.heads(k.view(), b, tq), self.heads(v.view(), b, tq));
+        self.attend_projected(q, tq, cache, &Mask::causal(), &packed.output)
     }
 
     /// [`MultiHead::infer_with_cache`] with the projections of [`MultiHead::pack`].
@@ -756,13 +759,19 @@ impl<F: Float> MultiHead<F> {
                 )
             })
         };
-        self.attend_projected(q, cache, mask, &packed.output)
+        self.attend_projected(q, tq, cache, mask, &packed.output)
     }
 
     /// Attention of projected queries `[B·Tq, d_model]` over the cache, then W_O packed.
-    fn attend_projected(&self, q: Array2<F>, cache: &KvCache<F>, mask: &Mask, w_o: &PackedB) -> Array3<F> {
+    fn attend_projected(
+        &self,
+        q: Array2<F>,
+        tq: usize,
+        cache: &KvCache<F>,
+        mask: &Mask,
+        w_o: &PackedB,
+    ) -> Array3<F> {
         let b = cache.batch_size();
-        let tq = q.nrows() / b.max(1);
         let d = self.cfg.d_model;
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         let mut ctx = Array2::zeros((b * tq, d));
@@ -770,13 +779,13 @@ impl<F: Float> MultiHead<F> {
             attention_step(q.view(), cache.keys_t(), cache.values(), &mask, ctx.view_mut());
         } else {
             attention_forward(
-                self.heads(q.view(), b),
+                self.heads(q.view(), b, tq),
                 cache.keys(),
                 cache.values(),
                 mask,
                 0.0,
                 None::<&mut rand::rngs::SmallRng>,
-                self.heads_mut(ctx.view_mut(), b),
+                self.heads_mut(ctx.view_mut(), b, tq),
             );
         }
         // SAFETY: gemm_packed writes every element.
@@ -789,17 +798,15 @@ impl<F: Float> MultiHead<F> {
     }
 
     /// `[B·T, d_model]` rows as `[B, H, T, d_k]` per-head views (no copy).
-    fn heads<'a>(&self, x: ArrayView2<'a, F>, b: usize) -> ArrayView4<'a, F> {
+    fn heads<'a>(&self, x: ArrayView2<'a, F>, b: usize, t: usize) -> ArrayView4<'a, F> {
         let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
-        let t = x.nrows() / b.max(1);
         x.into_shape_with_order((b, t, h, dk))
             .expect("standard layout")
             .permuted_axes([0, 2, 1, 3])
     }
 
-    fn heads_mut<'a>(&self, x: ArrayViewMut2<'a, F>, b: usize) -> ArrayViewMut4<'a, F> {
+    fn heads_mut<'a>(&self, x: ArrayViewMut2<'a, F>, b: usize, t: usize) -> ArrayViewMut4<'a, F> {
         let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
-        let t = x.nrows() / b.max(1);
         x.into_shape_with_order((b, t, h, dk))
             .expect("standard layout")
             .permuted_axes([0, 2, 1, 3])

@@ -57,6 +57,22 @@ impl<F: Float> DecoderState<F> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The number of sequences decoded side by side.
+    pub fn batch_size(&self) -> usize {
+        self.cross.first().map_or(0, |c| c.batch_size())
+    }
+
+    /// Keeps the sequences `rows`, in that order (see [`KvCache::select`]): beams copied,
+    /// reordered or dropped, with their memories.
+    ///
+    /// # Panics
+    /// If a row is not below the batch size.
+    pub fn select(&mut self, rows: &[usize]) {
+        for cache in self.self_caches.iter_mut().chain(&mut self.cross) {
+            cache.select(rows);
+        }
+    }
 }
 
 /// What [`Decoder::backward`] needs from the forward pass.

@@ -81,7 +81,8 @@ impl LinearConfig {
     pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Linear<F>> {
         check::positive("d_in", self.d_in)?;
         check::positive("d_out", self.d_out)?;
-        check::tensor("d_out", &[self.d_out, self.d_in], size_of::<F>())?;
+        let larger = if self.d_in > self.d_out { "d_in" } else { "d_out" };
+        check::tensor(larger, &[self.d_out, self.d_in], size_of::<F>())?;
         Ok(Linear {
             cfg: self.clone(),
             p: LinearParams {

@@ -133,6 +133,10 @@ pub struct MultiHeadCache<F: Float = f32> {
 }
 crate::kernels::workspace::impl_recycle!(MultiHeadCache<F: Float> { x, memory, q, k, v, ctx, core });
 
+/// The most positions a cache makes room for before the first step; it grows past them by
+/// doubling.
+const MAX_INITIAL_CAPACITY: usize = 1024;
+
 /// The keys and values of positions already seen, per head, for decoding step by step: the
 /// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
 /// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
@@ -174,6 +178,21 @@ impl<F: Float> KvCache<F> {
 
     fn values(&self) -> ArrayView4<'_, F> {
         self.v.slice(s![.., .., ..self.len, ..])
+    }
+
+    /// Keeps the sequences `rows` of the batch, in that order: a row may appear more than once
+    /// (a beam copied) or not at all (a sequence that ended). The capacity is kept.
+    ///
+    /// # Panics
+    /// If a row is not below the batch size.
+    pub fn select(&mut self, rows: &[usize]) {
+        let b = self.batch_size();
+        assert!(
+            rows.iter().all(|&r| r < b),
+            "KvCache::select: rows {rows:?} for a batch of {b}"
+        );
+        self.kt = self.kt.select(Axis(0), rows);
+        self.v = self.v.select(Axis(0), rows);
     }
 
     /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.
@@ -460,6 +479,9 @@ impl<F: Float> MultiHead<F> {
     /// before it grows.
     pub fn empty_cache(&self, b: usize, capacity: usize) -> KvCache<F> {
         let (h, dk) = (self.cfg.n_heads, self.cfg.d_k());
+        // A hint, not a promise: "until the end of the sequence" (`usize::MAX`) allocates no
+        // more than a long sequence would, and the cache doubles past it as steps need.
+        let capacity = capacity.min(MAX_INITIAL_CAPACITY);
         KvCache {
             kt: Array4::zeros((b, h, dk, capacity)),
             v: Array4::zeros((b, h, capacity, dk)),

@@ -80,7 +80,7 @@ use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::argmax;
 use crate::kernels::workspace::Recycle;
-use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
+use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
@@ -199,6 +199,15 @@ pub enum Sampling {
         /// The temperature, finite and positive.
         temperature: f64,
     },
+    /// Nucleus sampling: a draw from `softmax(logits / temperature)` restricted to the
+    /// fewest most likely tokens whose probabilities sum to at least `p` (the most likely
+    /// token always stays; ties broken by the lower id).
+    TopP {
+        /// The probability mass kept, in (0, 1].
+        p: f64,
+        /// The temperature, finite and positive.
+        temperature: f64,
+    },
 }
 
 impl Sampling {
@@ -206,13 +215,19 @@ impl Sampling {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a temperature that is not finite and positive (field
-    /// `temperature`) or `k = 0` (field `top_k`).
+    /// `temperature`), `k = 0` (field `top_k`) or `p` outside (0, 1] (field `top_p`).
     pub fn check(&self) -> Result<()> {
         let temperature = match *self {
             Sampling::Greedy => return Ok(()),
             Sampling::Temperature(t) => t,
             Sampling::TopK { k, temperature } => {
                 check::positive("top_k", k)?;
+                temperature
+            }
+            Sampling::TopP { p, temperature } => {
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(Error::config("top_p", format!("must be in (0, 1], got {p}")));
+                }
                 temperature
             }
         };
@@ -244,20 +259,35 @@ impl Sampling {
                 what: "the logits of the next token".into(),
             });
         }
-        let (k, temperature) = match *self {
+        let (k, temperature, top_p) = match *self {
             Sampling::Greedy => return Ok(argmax(logits)),
-            Sampling::Temperature(t) => (logits.len(), t),
-            Sampling::TopK { k, temperature } => (k.min(logits.len()), temperature),
+            Sampling::Temperature(t) => (logits.len(), t, 1.0),
+            Sampling::TopK { k, temperature } => (k.min(logits.len()), temperature, 1.0),
+            Sampling::TopP { p, temperature } => (logits.len(), temperature, p),
         };
         // Candidates by decreasing logit, ties by increasing id: a fixed order.
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].to_f64().total_cmp(&logits[a].to_f64()).then(a.cmp(&b)));
         order.truncate(k);
         let max = logits[order[0]].to_f64();
-        let weights: Vec<f64> = order
+        let mut weights: Vec<f64> = order
             .iter()
             .map(|&j| ((logits[j].to_f64() - max) / temperature).exp())
             .collect();
+        if top_p < 1.0 {
+            // The shortest head of the order whose share of the mass reaches p.
+            let total: f64 = weights.iter().sum();
+            let mut mass = 0.0;
+            let keep = (weights.iter())
+                .position(|&w| {
+                    mass += w;
+                    mass >= top_p * total
+                })
+                .map_or(weights.len(), |i| i + 1);
+            order.truncate(keep);
+            weights.truncate(keep);
+        }
+        let k = order.len();
         let total: f64 = weights.iter().sum();
         let mut u = rng.random::<f64>() * total;
         for (&j, &w) in order.iter().zip(&weights) {
@@ -591,6 +621,129 @@ impl<F: Float> DecoderOnly<F> {
                 seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
             }
             Ok(seq.split_off(prompt.len()))
+        })
+    }
+}
+
+/// A generation in progress (from [`DecoderOnly::begin_generate`]): every layer's key/value
+/// cache of the positions fed so far, for a batch of sequences fed side by side.
+#[derive(Clone, Debug)]
+pub struct GenerateState<'m, F: Float = f32> {
+    caches: Vec<KvCache<F>>,
+    b: usize,
+    len: usize,
+    model: &'m DecoderOnly<F>,
+}
+
+impl<'m, F: Float> GenerateState<'m, F> {
+    /// The number of positions fed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of sequences fed side by side.
+    pub fn batch_size(&self) -> usize {
+        self.b
+    }
+
+    /// The model generating.
+    pub fn model(&self) -> &'m DecoderOnly<F> {
+        self.model
+    }
+
+    /// Keeps the sequences `rows`, in that order: a row may appear more than once (beams of
+    /// one prompt) or not at all (a sequence that ended).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a row that is not below the batch size.
+    pub fn select(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.b) {
+            return Err(Error::InvalidInput {
+                why: format!("select: row {r} of a generation of {} sequences", self.b),
+            });
+        }
+        for cache in &mut self.caches {
+            cache.select(rows);
+        }
+        self.b = rows.len();
+        Ok(())
+    }
+}
+
+impl<F: Float> DecoderOnly<F> {
+    /// Starts generating `b` sequences side by side with a key/value cache: each
+    /// [`DecoderOnly::generate_steps`] then costs only the new positions' work. `capacity` is
+    /// a hint of how many positions to make room for (the caches grow past it; `usize::MAX`
+    /// allocates no more than a long sequence would).
+    pub fn begin_generate(&self, b: usize, capacity: usize) -> GenerateState<'_, F> {
+        GenerateState {
+            caches: self.blocks.begin(b, capacity),
+            b,
+            len: 0,
+            model: self,
+        }
+    }
+
+    /// Feeds the next `T` tokens of every sequence, `tokens` `[B, T]` (a prompt in one pass,
+    /// or one token), and returns the logits `[B, V]` for the position after the last of them:
+    /// the same numbers as the last row of [`DecoderOnly::infer`] over the whole sequence.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for a number of rows other than B, [`Error::InvalidInput`] for
+    /// `T = 0` or a state begun with another model, [`Error::TokenOutOfRange`] for an id ≥ V
+    /// (at its position in the sequence), [`Error::SequenceTooLong`] past a learned position
+    /// table.
+    pub fn generate_steps(
+        &self,
+        state: &mut GenerateState<'_, F>,
+        tokens: ArrayView2<usize>,
+    ) -> Result<Array2<F>> {
+        crate::kernels::parallel::with_team(|| {
+            if !std::ptr::eq(state.model, self) {
+                return Err(Error::InvalidInput {
+                    why: "generate_steps: the state was begun with another model".into(),
+                });
+            }
+            let (b, t) = tokens.dim();
+            if b != state.b {
+                return Err(Error::shape(
+                    "generate_steps tokens [B, T] (one row per sequence)",
+                    &[state.b, t],
+                    &[b, t],
+                ));
+            }
+            if t == 0 {
+                return Err(Error::InvalidInput {
+                    why: "generate_steps: no token to feed (T = 0)".into(),
+                });
+            }
+            let pos = state.len;
+            if let Some((row, col, &id)) = (tokens.indexed_iter())
+                .map(|((r, c), id)| (r, c, id))
+                .find(|&(_, _, &id)| id >= self.cfg.vocab)
+            {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    position: (row, pos + col),
+                    vocab: self.cfg.vocab,
+                });
+            }
+            if let Some(max) = self.input.max_len().filter(|&max| pos + t > max) {
+                return Err(Error::SequenceTooLong { len: pos + t, max });
+            }
+            if b == 0 {
+                state.len = pos + t;
+                return Ok(Array2::zeros((0, self.cfg.vocab)));
+            }
+            let x = self.input.infer(self.embed.infer(tokens)?, b, t, pos)?;
+            let h = flat(self.blocks.infer_step(x.view(), &mut state.caches));
+            state.len = pos + t;
+            Ok(self.project(h.slice(s![t - 1..;t, ..])))
         })
     }
 }

@@ -128,6 +128,7 @@ crate::kernels::workspace::impl_recycle!(EncoderDecoderCache<F: Float> { src_inp
 /// weights, and [`EncoderDecoder::decode_step`] refuses a state begun with another model.
 #[derive(Clone, Debug)]
 pub struct DecodeState<'m, F: Float = f32> {
+    src_lengths: Vec<usize>,
     src_mask: Mask,
     decoder: DecoderState<F>,
     b: usize,
@@ -168,7 +169,7 @@ impl<F: Float> Clone for PackedEncoderDecoder<'_, F> {
     }
 }
 
-impl<F: Float> DecodeState<'_, F> {
+impl<'m, F: Float> DecodeState<'m, F> {
     /// The number of target positions fed so far.
     pub fn len(&self) -> usize {
         self.decoder.len()
@@ -177,6 +178,45 @@ impl<F: Float> DecodeState<'_, F> {
     /// Whether no target position has been fed yet.
     pub fn is_empty(&self) -> bool {
         self.decoder.is_empty()
+    }
+
+    /// The number of sequences decoded side by side.
+    pub fn batch_size(&self) -> usize {
+        self.b
+    }
+
+    /// The model decoding.
+    pub fn model(&self) -> &'m EncoderDecoder<F> {
+        self.model
+    }
+
+    /// Keeps the sequences `rows`, in that order, with their sources: a row may appear more
+    /// than once (beams of one source) or not at all (a sequence that ended). The next step
+    /// then takes one token per kept row.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a row that is not below the batch size.
+    pub fn select(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.b) {
+            return Err(Error::InvalidInput {
+                why: format!("select: row {r} of a decode of {} sequences", self.b),
+            });
+        }
+        self.decoder.select(rows);
+        self.src_lengths = rows.iter().map(|&r| self.src_lengths[r]).collect();
+        self.src_mask = Mask::key_lengths(&self.src_lengths);
+        self.b = rows.len();
+        Ok(())
+    }
+}
+
+/// A decode needs something to translate: no source sequence may be empty.
+fn check_sources(src: &TokenBatch) -> Result<()> {
+    match src.lengths().iter().position(|&len| len == 0) {
+        Some(i) => Err(Error::InvalidInput {
+            why: format!("source sequence {i} is empty: there is nothing to decode from"),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -664,7 +704,7 @@ impl<F: Float> EncoderDecoder<F> {
     /// grow past it if needed).
     ///
     /// # Errors
-    /// As [`EncoderDecoder::encode`].
+    /// As [`EncoderDecoder::encode`], and [`Error::InvalidInput`] for an empty source sequence.
     pub fn begin_decode(&self, src: &TokenBatch, capacity: usize) -> Result<DecodeState<'_, F>> {
         let packed = crate::kernels::parallel::with_team(|| self.pack_decode(false));
         self.begin_decode_with(src, capacity, None, packed.map(Cow::Owned))
@@ -679,8 +719,10 @@ impl<F: Float> EncoderDecoder<F> {
         packed: Option<Cow<'m, PackedDecode<F>>>,
     ) -> Result<DecodeState<'m, F>> {
         crate::kernels::parallel::with_team(|| {
+            check_sources(src)?;
             let memory = self.encode_with(src, encoder)?;
             Ok(DecodeState {
+                src_lengths: src.lengths().to_vec(),
                 src_mask: src.padding_mask(),
                 decoder: self.decoder.begin(memory.view(), capacity),
                 b: src.batch_size(),
@@ -699,40 +741,66 @@ impl<F: Float> EncoderDecoder<F> {
     /// [`Error::TokenOutOfRange`] for an id outside the target vocabulary,
     /// [`Error::SequenceTooLong`] past a learned position table.
     pub fn decode_step(&self, state: &mut DecodeState<'_, F>, tokens: &[usize]) -> Result<Array2<F>> {
+        if tokens.len() != state.b {
+            return Err(Error::shape(
+                "decode_step tokens (one per sequence)",
+                &[state.b],
+                &[tokens.len()],
+            ));
+        }
+        let ids = ArrayView2::from_shape((state.b, 1), tokens).expect("one token per sequence");
+        self.decode_steps(state, ids)
+    }
+
+    /// Feeds the next `T` target tokens of every sequence, `tokens` `[B, T]` (a forced prefix
+    /// in one pass), and returns the logits `[B, V]` for the position after the last of them.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::decode_step`]; [`Error::InvalidInput`] for `T = 0`.
+    pub fn decode_steps(
+        &self,
+        state: &mut DecodeState<'_, F>,
+        tokens: ArrayView2<usize>,
+    ) -> Result<Array2<F>> {
         crate::kernels::parallel::with_team(|| {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
                     why: "decode_step: the decode state was begun with another model".into(),
                 });
             }
-            let b = state.b;
-            if tokens.len() != b {
+            let (b, t) = tokens.dim();
+            if b != state.b {
                 return Err(Error::shape(
-                    "decode_step tokens (one per sequence)",
-                    &[b],
-                    &[tokens.len()],
+                    "decode_steps tokens [B, T] (one row per sequence)",
+                    &[state.b, t],
+                    &[b, t],
                 ));
             }
+            if t == 0 {
+                return Err(Error::InvalidInput {
+                    why: "decode_steps: no token to feed (T = 0)".into(),
+                });
+            }
             let pos = state.len();
-            let ids = TokenBatch::full(Array2::from_shape_vec((b, 1), tokens.to_vec()).expect("b ids"))?;
-            ids.check_vocab(self.cfg.tgt_vocab).map_err(|e| match e {
-                Error::TokenOutOfRange {
+            if let Some((row, col, &id)) = (tokens.indexed_iter())
+                .map(|((r, c), id)| (r, c, id))
+                .find(|&(_, _, &id)| id >= self.cfg.tgt_vocab)
+            {
+                return Err(Error::TokenOutOfRange {
                     id,
-                    position: (row, _),
-                    vocab,
-                } => Error::TokenOutOfRange {
-                    id,
-                    position: (row, pos),
-                    vocab,
-                },
-                e => e,
-            })?;
-            if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + 1 > max) {
-                return Err(Error::SequenceTooLong { len: pos + 1, max });
+                    position: (row, pos + col),
+                    vocab: self.cfg.tgt_vocab,
+                });
+            }
+            if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
+                return Err(Error::SequenceTooLong { len: pos + t, max });
+            }
+            if b == 0 {
+                return Ok(Array2::zeros((0, self.cfg.tgt_vocab)));
             }
             let y = self
                 .tgt_input
-                .infer(self.target_embedding().infer(ids.ids())?, b, 1, pos)?;
+                .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
             let packed = state.packed.as_deref();
             let h = flat(self.decoder.infer_step_packed(
                 y.view(),
@@ -740,7 +808,9 @@ impl<F: Float> EncoderDecoder<F> {
                 &state.src_mask,
                 packed.map(|p| p.decoder.as_slice()),
             ));
-            Ok(self.logits(h.view(), packed))
+            // The last position of each sequence.
+            let last = h.slice(s![t - 1..;t, ..]);
+            Ok(self.logits(last, packed))
         })
     }
 
@@ -811,6 +881,7 @@ impl<F: Float> EncoderDecoder<F> {
         max_len: usize,
     ) -> Result<Vec<Vec<usize>>> {
         crate::kernels::parallel::with_team(|| {
+            check_sources(src)?;
             let memory = self.encode(src)?;
             let b = src.batch_size();
             let mut prefix = Array2::from_elem((b, 1), bos);
@@ -855,11 +926,11 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     pub fn model(&self) -> &'m EncoderDecoder<F> {
         self.model
     }
-
+    /// As [`EncoderDecoder::encode`].
     /// [`EncoderDecoder::encode`] with the packed weights.
     ///
     /// # Errors
-    /// As [`EncoderDecoder::encode`].
+    /// As [`EncoderDecoder::encode`], and [`Error::InvalidInput`] for an empty source sequence.
     pub fn encode(&self, src: &TokenBatch) -> Result<Array3<F>> {
         self.with_workspace(|| self.model.encode_with(src, self.encoder.as_deref()))
     }

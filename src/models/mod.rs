@@ -18,7 +18,7 @@ mod output;
 
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
-pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, LmBatch, Sampling};
+pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, GenerateState, LmBatch, Sampling};
 pub use encoder_decoder::{
     DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, PackedEncoderDecoder,
     Seq2SeqBatch,

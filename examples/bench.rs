@@ -19,6 +19,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
+use vaswani::infer::{BeamSearch, beam_search};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
 use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Result};
@@ -39,6 +40,10 @@ enum What {
     EvalForward,
     #[value(name = "greedy_decode")]
     GreedyDecode,
+    /// Beam search of width 4 (α = 0.6) over T steps with no EOS: not one of PyTorch's
+    /// measurements, set beside `greedy_decode` (asked for by name only).
+    #[value(name = "beam_decode")]
+    BeamDecode,
 }
 
 /// Measure the crate on a reference workload.
@@ -185,6 +190,14 @@ fn run(args: &Args) -> Result<()> {
                 let packed = pack(&trainer.model);
                 time_it(args, || packed.greedy(&src, 1, usize::MAX, t).map(|_| ()))?
             }
+            What::BeamDecode => {
+                let packed = pack(&trainer.model);
+                let beam = BeamSearch::paper();
+                let bos = vec![vec![1]; b];
+                time_it(args, || {
+                    beam_search(packed.begin_decode(&src, t)?, &bos, &beam, None, t).map(|_| ())
+                })?
+            }
         };
         let flops = match what {
             What::TrainStep => cost.train_flops,
@@ -198,6 +211,13 @@ fn run(args: &Args) -> Result<()> {
                 s as u64,
                 t as u64,
             ),
+            // The encoder once per source, the decoder for 4 beams (the first step has one).
+            What::BeamDecode => {
+                let dims = (d as u64, f as u64, layers as u64, v as u64);
+                let one = decode_flops(dims.0, dims.1, dims.2, dims.3, b as u64, s as u64, t as u64);
+                let encoder = decode_flops(dims.0, dims.1, dims.2, dims.3, b as u64, s as u64, 0);
+                encoder + 4 * (one - encoder)
+            }
         };
         report(args, what, &times, (b * t) as f64, flops as f64);
     }
@@ -261,6 +281,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
         What::TrainStep => "train_step",
         What::EvalForward => "eval_forward",
         What::GreedyDecode => "greedy_decode",
+        What::BeamDecode => "beam_decode",
     };
     let workload = format!("{:?}", args.workload.expect("a workload")).to_lowercase();
     let (min, max) = (sorted[0], sorted[n - 1]);

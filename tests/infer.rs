@@ -108,7 +108,7 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
         rng,
     )
     .unwrap();
-    let batch_beam = beam_search(m.begin_decode(&src, 8).unwrap(), &bos(3), &beam, EOS, 8).unwrap();
+    let batch_beam = beam_search(m.begin_decode(&src, 8).unwrap(), &bos(3), &beam, Some(EOS), 8).unwrap();
     for (i, seq) in [vec![3, 4, 5, 6, 7], vec![8, 9], vec![5, 3, 10]]
         .into_iter()
         .enumerate()
@@ -124,7 +124,7 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
         )
         .unwrap();
         assert_eq!(greedy[0], batch_greedy[i], "greedy, sequence {i}");
-        let hyps = beam_search(m.begin_decode(&alone, 8).unwrap(), &bos(1), &beam, EOS, 8).unwrap();
+        let hyps = beam_search(m.begin_decode(&alone, 8).unwrap(), &bos(1), &beam, Some(EOS), 8).unwrap();
         assert_eq!(hyps[0].len(), batch_beam[i].len());
         for (a, b) in hyps[0].iter().zip(&batch_beam[i]) {
             assert_eq!(a.tokens, b.tokens, "beam, sequence {i}");
@@ -180,7 +180,7 @@ fn beam_width_one_is_greedy_and_top_k_one_is_greedy() {
             m.begin_decode(&src, 8).unwrap(),
             &bos(3),
             &BeamSearch::new(1),
-            EOS,
+            Some(EOS),
             8,
         )
         .unwrap();
@@ -218,7 +218,14 @@ fn beam_width_one_is_greedy_and_top_k_one_is_greedy() {
             rng,
         )
         .unwrap();
-        let beam = beam_search(m.begin_generate(2, 8), &prompts, &BeamSearch::new(1), EOS, 6).unwrap();
+        let beam = beam_search(
+            m.begin_generate(2, 8),
+            &prompts,
+            &BeamSearch::new(1),
+            Some(EOS),
+            6,
+        )
+        .unwrap();
         let beam: Vec<Vec<usize>> = beam.into_iter().map(|h| h[0].tokens.clone()).collect();
         assert_eq!(beam, greedy, "decoder-only, norm_first {norm_first}");
     }
@@ -279,7 +286,14 @@ fn a_wide_beam_finds_the_best_scoring_output_of_a_model_small_enough_to_enumerat
             .collect();
         let mut best = scored.clone();
         best.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let hyps = beam_search(m.begin_decode(&src, 4).unwrap(), &bos(1), &search, EOS, limit).unwrap();
+        let hyps = beam_search(
+            m.begin_decode(&src, 4).unwrap(),
+            &bos(1),
+            &search,
+            Some(EOS),
+            limit,
+        )
+        .unwrap();
         for (k, h) in hyps[0].iter().enumerate() {
             assert_eq!(h.tokens, best[k].1, "alpha {alpha}: rank {k}");
             assert!(
@@ -294,7 +308,7 @@ fn a_wide_beam_finds_the_best_scoring_output_of_a_model_small_enough_to_enumerat
             m.begin_decode(&src, 4).unwrap(),
             &bos(1),
             &BeamSearch::new(4).with_alpha(alpha),
-            EOS,
+            Some(EOS),
             limit,
         )
         .unwrap();
@@ -363,7 +377,7 @@ fn until_eos_allocates_as_it_goes() {
     .unwrap();
     assert_eq!(out, vec![Vec::<usize>::new(); 3]);
     let state = m.begin_decode(&src, usize::MAX).unwrap();
-    let hyps = beam_search(state, &bos(3), &BeamSearch::paper(), 0, usize::MAX).unwrap();
+    let hyps = beam_search(state, &bos(3), &BeamSearch::paper(), Some(0), usize::MAX).unwrap();
     assert!(hyps.iter().all(|h| h[0].tokens.is_empty() && h[0].ended));
 }
 
@@ -393,7 +407,7 @@ fn bad_decoding_input_is_an_error() {
         (BeamSearch::new(2).with_alpha(f64::NAN), "alpha"),
         (BeamSearch::new(2).with_alpha(-0.5), "alpha"),
     ] {
-        let err = beam_search(m.begin_decode(&src, 4).unwrap(), &bos(3), &search, EOS, 4).unwrap_err();
+        let err = beam_search(m.begin_decode(&src, 4).unwrap(), &bos(3), &search, Some(EOS), 4).unwrap_err();
         assert_eq!(field(err), name);
     }
     for (sampling, name) in [
@@ -502,7 +516,7 @@ fn bad_decoding_input_is_an_error() {
             poisoned.begin_decode(&src, 4).unwrap(),
             &bos(3),
             &BeamSearch::paper(),
-            EOS,
+            Some(EOS),
             4,
         )
         .map(|_| ()),

@@ -69,7 +69,16 @@ impl<F: Float> DecoderState<F> {
     /// # Panics
     /// If a row is not below the batch size.
     pub fn select(&mut self, rows: &[usize]) {
-        for cache in self.self_caches.iter_mut().chain(&mut self.cross) {
+        self.select_generated(rows);
+        for cache in &mut self.cross {
+            cache.select(rows);
+        }
+    }
+
+    /// [`DecoderState::select`] of the generated positions only, for a caller that knows each
+    /// kept row's memory is already the one at its new place (beams of the same sources).
+    pub(crate) fn select_generated(&mut self, rows: &[usize]) {
+        for cache in &mut self.self_caches {
             cache.select(rows);
         }
     }

@@ -113,7 +113,7 @@ struct Beam {
 }
 
 /// Beam search over every sequence of `state`, each from its prefix, until it ends in `eos`
-/// or has `max_new` new tokens: for each sequence, the `n_best` hypotheses by score, best
+/// (with `None`, only the length ends a hypothesis) or has `max_new` new tokens: for each sequence, the `n_best` hypotheses by score, best
 /// first (ties in the order they were found).
 ///
 /// Each sequence's beams depend only on its own logits, so a sequence gets the same
@@ -127,7 +127,7 @@ pub fn beam_search<F: Float, S: Step<F>, P: AsRef<[usize]>>(
     state: S,
     prefixes: &[P],
     search: &BeamSearch,
-    eos: usize,
+    eos: Option<usize>,
     max_new: usize,
 ) -> Result<Vec<Vec<Hypothesis>>> {
     let limits = vec![max_new; prefixes.len()];
@@ -139,12 +139,12 @@ pub(crate) fn beam_search_with_limits<F: Float, S: Step<F>, P: AsRef<[usize]>>(
     mut state: S,
     prefixes: &[P],
     search: &BeamSearch,
-    eos: usize,
+    eos: Option<usize>,
     limits: &[usize],
 ) -> Result<Vec<Vec<Hypothesis>>> {
     search.check()?;
     let max_new = limits.iter().copied().max().unwrap_or(0);
-    check_start(&state, prefixes, Some(eos), max_new)?;
+    check_start(&state, prefixes, eos, max_new)?;
     let b = prefixes.len();
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); b];
     let mut beams: Vec<Vec<Beam>> = (0..b)
@@ -226,7 +226,7 @@ fn extend<F: Float>(
     logits: &Array2<F>,
     seq: usize,
     search: &BeamSearch,
-    eos: usize,
+    eos: Option<usize>,
     limit: usize,
     finished: &mut Vec<Hypothesis>,
 ) -> Result<Vec<Beam>> {
@@ -258,7 +258,7 @@ fn extend<F: Float>(
     let mut places = search.width;
     for (rank, (log_prob, j, v)) in candidates.into_iter().enumerate() {
         let parent = &beams[j];
-        if v == eos {
+        if Some(v) == eos {
             if rank < search.width {
                 finished.push(Hypothesis {
                     tokens: parent.tokens.clone(),

@@ -35,7 +35,7 @@
 //! // Beam search as in the paper (§6.1): 4 beams, length penalty α = 0.6; the 2 best.
 //! let beam = BeamSearch::paper().with_n_best(2);
 //! let state = model.begin_decode(&src, 10)?;
-//! let hypotheses = beam_search(state, &[vec![bos], vec![bos]], &beam, eos, 10)?;
+//! let hypotheses = beam_search(state, &[vec![bos], vec![bos]], &beam, Some(eos), 10)?;
 //! assert_eq!(hypotheses.len(), 2);
 //! assert!(hypotheses[0][0].score >= hypotheses[0][1].score);
 //! # Ok::<(), vaswani::Error>(())

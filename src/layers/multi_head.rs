@@ -140,7 +140,7 @@ const MAX_INITIAL_CAPACITY: usize = 1024;
 /// The keys and values of positions already seen, per head, for decoding step by step: the
 /// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
 /// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct KvCache<F: Float = f32> {
     /// The keys transposed, `[B, H, d_k, capacity]`; positions `..len` are filled. A decoding
     /// step's scores are then `d_k` sums of contiguous runs over the positions.
@@ -148,6 +148,15 @@ pub struct KvCache<F: Float = f32> {
     /// `[B, H, capacity, d_k]`.
     v: Array4<F>,
     len: usize,
+    /// The buffers of the last [`KvCache::select`], reused by the next.
+    spare: Option<(Array4<F>, Array4<F>)>,
+}
+
+/// Two caches are equal when they hold the same positions (whatever their capacities).
+impl<F: Float> PartialEq for KvCache<F> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.keys_t() == other.keys_t() && self.values() == other.values()
+    }
 }
 
 impl<F: Float> KvCache<F> {
@@ -191,8 +200,40 @@ impl<F: Float> KvCache<F> {
             rows.iter().all(|&r| r < b),
             "KvCache::select: rows {rows:?} for a batch of {b}"
         );
-        self.kt = self.kt.select(Axis(0), rows);
-        self.v = self.v.select(Axis(0), rows);
+        if rows.iter().copied().eq(0..b) {
+            return;
+        }
+        // Each sequence's block is contiguous: one copy per kept row into the spare buffers
+        // (kept from the last select, so that a beam's steady reordering allocates nothing),
+        // then the two swap. The capacity is kept.
+        let (_, h, dk, cap) = self.kt.dim();
+        let shape = (rows.len(), h, dk, cap);
+        if self.spare.as_ref().is_none_or(|(kt, _)| kt.dim() != shape) {
+            self.spare = Some((Array4::zeros(shape), Array4::zeros((rows.len(), h, cap, dk))));
+        }
+        let (mut kt, mut v) = self.spare.take().expect("made above");
+        let len = self.len;
+        // Runs of `run` filled floats every `stride` floats, `per_row` runs per sequence: the
+        // transposed keys hold `len` of every `cap` positions per (head, dimension), the
+        // values `len · d_k` of every `cap · d_k` per head.
+        for (dst, src, run, stride, per_row) in [
+            (&mut kt, &self.kt, len, cap, h * dk),
+            (&mut v, &self.v, len * dk, cap * dk, h),
+        ] {
+            let (dst, src) = (
+                dst.as_slice_mut().expect("standard layout"),
+                src.as_slice().expect("standard layout"),
+            );
+            for (i, &r) in rows.iter().enumerate() {
+                for j in 0..per_row {
+                    let (to, from) = ((i * per_row + j) * stride, (r * per_row + j) * stride);
+                    dst[to..to + run].copy_from_slice(&src[from..from + run]);
+                }
+            }
+        }
+        let old_kt = std::mem::replace(&mut self.kt, kt);
+        let old_v = std::mem::replace(&mut self.v, v);
+        self.spare = Some((old_kt, old_v));
     }
 
     /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.
@@ -208,6 +249,7 @@ impl<F: Float> KvCache<F> {
             vv.slice_mut(s![.., .., ..self.len, ..]).assign(&self.values());
             self.kt = kt;
             self.v = vv;
+            self.spare = None;
         }
         self.kt
             .slice_mut(s![.., .., .., self.len..need])
@@ -486,6 +528,7 @@ impl<F: Float> MultiHead<F> {
             kt: Array4::zeros((b, h, dk, capacity)),
             v: Array4::zeros((b, h, capacity, dk)),
             len: 0,
+            spare: None,
         }
     }
 

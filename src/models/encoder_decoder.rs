@@ -128,6 +128,8 @@ crate::kernels::workspace::impl_recycle!(EncoderDecoderCache<F: Float> { src_inp
 /// weights, and [`EncoderDecoder::decode_step`] refuses a state begun with another model.
 #[derive(Clone, Debug)]
 pub struct DecodeState<'m, F: Float = f32> {
+    /// The source of each row (rows are copied and dropped by `select`).
+    sources: Vec<usize>,
     src_lengths: Vec<usize>,
     src_mask: Mask,
     decoder: DecoderState<F>,
@@ -202,7 +204,16 @@ impl<'m, F: Float> DecodeState<'m, F> {
                 why: format!("select: row {r} of a decode of {} sequences", self.b),
             });
         }
-        self.decoder.select(rows);
+        // Row i's memory is that of source `sources[i]`: where every kept row lands on a row
+        // of the same source (beams reordered within their sources), the memories' keys and
+        // values stay where they are.
+        let sources: Vec<usize> = rows.iter().map(|&r| self.sources[r]).collect();
+        if sources.len() == self.sources.len() && sources == self.sources {
+            self.decoder.select_generated(rows);
+        } else {
+            self.decoder.select(rows);
+        }
+        self.sources = sources;
         self.src_lengths = rows.iter().map(|&r| self.src_lengths[r]).collect();
         self.src_mask = Mask::key_lengths(&self.src_lengths);
         self.b = rows.len();
@@ -722,6 +733,7 @@ impl<F: Float> EncoderDecoder<F> {
             check_sources(src)?;
             let memory = self.encode_with(src, encoder)?;
             Ok(DecodeState {
+                sources: (0..src.batch_size()).collect(),
                 src_lengths: src.lengths().to_vec(),
                 src_mask: src.padding_mask(),
                 decoder: self.decoder.begin(memory.view(), capacity),

@@ -530,3 +530,71 @@ fn bad_decoding_input_is_an_error() {
     assert_eq!(Step::<f32>::batch_size(&state), 3);
     let _ = s![..];
 }
+
+/// Each row of each map sums to 1 over the keys it may see and is 0 elsewhere.
+fn check_maps(maps: &[ndarray::Array4<f32>], allowed: impl Fn(usize, usize, usize) -> bool, what: &str) {
+    for (l, m) in maps.iter().enumerate() {
+        let (b, h, tq, tk) = m.dim();
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..tq {
+                    let row = m.slice(s![bi, hi, i, ..]);
+                    let sees = (0..tk).any(|j| allowed(bi, i, j));
+                    let sum: f32 = row.sum();
+                    assert!(
+                        !sees || (sum - 1.0).abs() < 1e-5,
+                        "{what}: layer {l}, row sum {sum}"
+                    );
+                    for j in 0..tk {
+                        assert!(
+                            allowed(bi, i, j) || row[j] == 0.0,
+                            "{what}: layer {l} sees a masked key"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_model_hands_back_its_attention_maps() {
+    use vaswani::models::{EncoderOnlyConfig, Head, InputKind};
+    let src = sources(); // lengths 5, 2, 3
+    let src_len = src.lengths().to_vec();
+    let m = seq2seq(true, 19, 14);
+    let tgt = TokenBatch::from_sequences(&[vec![BOS, 3, 4, 5], vec![BOS], vec![BOS, 6]], 0).unwrap();
+    let tgt_len = tgt.lengths().to_vec();
+    let maps = m.attention(&src, &tgt).unwrap();
+    assert_eq!(
+        (maps.encoder.len(), maps.decoder.len(), maps.cross.len()),
+        (2, 2, 2)
+    );
+    assert_eq!(maps.encoder[0].dim(), (3, 4, 5, 5));
+    assert_eq!(maps.decoder[1].dim(), (3, 4, 4, 4));
+    assert_eq!(maps.cross[1].dim(), (3, 4, 4, 5));
+    check_maps(&maps.encoder, |b, _, j| j < src_len[b], "encoder");
+    check_maps(&maps.decoder, |b, i, j| j <= i && j < tgt_len[b], "decoder");
+    check_maps(&maps.cross, |b, _, j| j < src_len[b], "cross");
+    // Heads are kept apart (§3.2.2: concatenated, not averaged).
+    let heads = maps.cross[0].slice(s![0, .., 0, ..]);
+    assert!(heads.row(0) != heads.row(1));
+
+    let lm = lm(false, 15);
+    let tokens = TokenBatch::from_sequences(&[vec![3, 4, 5], vec![6]], 0).unwrap();
+    let maps = lm.attention(&tokens).unwrap();
+    assert!(maps.encoder.is_empty() && maps.cross.is_empty());
+    check_maps(&maps.decoder, |b, i, j| j <= i && j < [3, 1][b], "decoder-only");
+
+    let enc = EncoderOnlyConfig::new(
+        InputKind::Tokens { vocab: 11 },
+        BlockConfig::new(16, 4, 24),
+        3,
+        Head::Classify { classes: 2 },
+    )
+    .init::<f32>(&mut StdRng::seed_from_u64(16))
+    .unwrap();
+    let maps = enc.attention(&src.clone().into()).unwrap();
+    assert_eq!(maps.encoder.len(), 3);
+    check_maps(&maps.encoder, |b, _, j| j < src_len[b], "encoder-only");
+}

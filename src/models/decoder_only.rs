@@ -81,6 +81,7 @@ use crate::kernels::Float;
 use crate::kernels::argmax;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
+use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
@@ -485,6 +486,26 @@ impl<F: Float> DecoderOnly<F> {
     /// The output projection of hidden rows `[N, d_model]` → `[N, V]`.
     fn project(&self, h: ArrayView2<F>) -> Array2<F> {
         output_infer(self.head.as_ref(), &self.embed, h)
+    }
+
+    /// Every layer's (causal) self-attention maps of a pass without dropout over `tokens`, in
+    /// [`AttentionMaps::decoder`]. For the maps of a generation, pass the prompt followed by
+    /// the generated tokens.
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::forward`].
+    pub fn attention(&self, tokens: &TokenBatch) -> Result<AttentionMaps<F>> {
+        crate::kernels::parallel::with_team(|| {
+            self.check_tokens(tokens)?;
+            let (b, t) = (tokens.batch_size(), tokens.seq_len());
+            let x = self.input.infer(tokens.embed(&self.embed)?, b, t, 0)?;
+            let (_, decoder) = self.blocks.infer_with_weights(x.view(), &Self::mask(tokens));
+            Ok(AttentionMaps {
+                encoder: Vec::new(),
+                decoder,
+                cross: Vec::new(),
+            })
+        })
     }
 
     /// Logits `[B·T, V]` without dropout (evaluation).

@@ -45,6 +45,7 @@ use crate::error::{Error, Result, check};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
+use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
@@ -581,6 +582,35 @@ impl<F: Float> EncoderDecoder<F> {
             Ok(match packed {
                 Some(p) => self.encoder.infer_packed(x.view(), &src.padding_mask(), p),
                 None => self.encoder.infer(x.view(), &src.padding_mask()),
+            })
+        })
+    }
+
+    /// Every attention map of a pass without dropout over `src` and the decoder input
+    /// `tgt_in`: encoder self-attention, decoder self-attention and cross-attention, layer by
+    /// layer. For the maps of a decode, pass `[BOS]` followed by the decoded tokens.
+    ///
+    /// # Errors
+    /// As [`EncoderDecoder::infer`].
+    pub fn attention(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<AttentionMaps<F>> {
+        crate::kernels::parallel::with_team(|| {
+            self.check_batches(src, tgt_in)?;
+            let (b, s) = (src.batch_size(), src.seq_len());
+            let x = self.src_input.infer(src.embed(&self.src_embed)?, b, s, 0)?;
+            let (memory, encoder) = self.encoder.infer_with_weights(x.view(), &src.padding_mask());
+            let t = tgt_in.seq_len();
+            let y = self
+                .tgt_input
+                .infer(tgt_in.embed(self.target_embedding())?, b, t, 0)?;
+            let self_mask = Mask::causal().and(tgt_in.padding_mask());
+            let (_, layers) =
+                self.decoder
+                    .infer_with_weights(y.view(), memory.view(), &self_mask, &src.padding_mask());
+            let (decoder, cross) = layers.into_iter().map(|w| (w.self_attn, w.cross_attn)).unzip();
+            Ok(AttentionMaps {
+                encoder,
+                decoder,
+                cross,
             })
         })
     }

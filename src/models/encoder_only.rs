@@ -87,6 +87,7 @@ use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask};
+use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::{FeatureBatch, TokenBatch};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
@@ -541,18 +542,40 @@ impl<F: Float> EncoderOnly<F> {
     /// As [`EncoderOnly::forward`].
     pub fn encode(&self, input: &EncoderInput<F>) -> Result<Array3<F>> {
         crate::kernels::parallel::with_team(|| {
-            self.check_input(input)?;
-            let (b, t) = (input.batch_size(), input.seq_len());
-            let x = match (input, &self.embed, &self.input_proj) {
-                (EncoderInput::Tokens(tokens), Some(embed), _) => tokens.embed(embed)?,
-                (EncoderInput::Features(features), _, Some(proj)) => {
-                    proj.infer(flat(features.clean_features()).view())
-                }
-                _ => unreachable!("check_input matched the input kind to the model"),
-            };
-            let x = self.input.infer(x, b, t, 0)?;
+            let x = self.embedded(input)?;
             Ok(self.encoder.infer(x.view(), &input.padding_mask()))
         })
+    }
+
+    /// Every layer's self-attention maps of a pass without dropout over `input`, in
+    /// [`AttentionMaps::encoder`].
+    ///
+    /// # Errors
+    /// As [`EncoderOnly::forward`].
+    pub fn attention(&self, input: &EncoderInput<F>) -> Result<AttentionMaps<F>> {
+        crate::kernels::parallel::with_team(|| {
+            let x = self.embedded(input)?;
+            let (_, encoder) = self.encoder.infer_with_weights(x.view(), &input.padding_mask());
+            Ok(AttentionMaps {
+                encoder,
+                decoder: Vec::new(),
+                cross: Vec::new(),
+            })
+        })
+    }
+
+    /// The checked input, embedded (or projected) with positions, `[B, T, d_model]`.
+    fn embedded(&self, input: &EncoderInput<F>) -> Result<Array3<F>> {
+        self.check_input(input)?;
+        let (b, t) = (input.batch_size(), input.seq_len());
+        let x = match (input, &self.embed, &self.input_proj) {
+            (EncoderInput::Tokens(tokens), Some(embed), _) => tokens.embed(embed)?,
+            (EncoderInput::Features(features), _, Some(proj)) => {
+                proj.infer(flat(features.clean_features()).view())
+            }
+            _ => unreachable!("check_input matched the input kind to the model"),
+        };
+        self.input.infer(x, b, t, 0)
     }
 
     /// The pooled vectors `[B, d_model]` (a sequence embedding), without dropout.

@@ -8,6 +8,7 @@
 //! [`Params`](crate::Params) (its gradients have its own type) and
 //! [`Trainable`](crate::train::Trainable) for the [`Trainer`](crate::train::Trainer).
 
+pub mod attention_maps;
 pub mod batch;
 pub mod cost;
 pub mod decoder_only;
@@ -16,6 +17,7 @@ pub mod encoder_only;
 pub mod input;
 mod output;
 
+pub use attention_maps::AttentionMaps;
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
 pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, GenerateState, LmBatch, Sampling};

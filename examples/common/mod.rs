@@ -29,6 +29,8 @@
 // Each example uses only some of these helpers; the rest would be dead code in that example.
 #![allow(dead_code)]
 
+pub mod dates_data;
+
 use std::collections::VecDeque;
 use std::error::Error;
 use std::ops::Range;
@@ -327,6 +329,18 @@ pub fn plot_curves(
     series: &[(&str, Vec<(f64, f64)>)],
     log_y: bool,
 ) -> Result<(), Box<dyn Error>> {
+    plot_lines(path, title, "step", y_label, series, log_y)
+}
+
+/// [`plot_curves`] with `x_label` under the x axis instead of "step".
+pub fn plot_lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> Result<(), Box<dyn Error>> {
     register_font();
     let keep = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!log_y || y > 0.0);
     let series: Vec<(&str, Vec<(f64, f64)>)> = series
@@ -349,14 +363,14 @@ pub fn plot_curves(
         draw_chart(
             path,
             title,
-            y_label,
+            (x_label, y_label),
             &series,
             x,
             y.log_scale().with_key_points(ticks),
         )
     } else {
         let margin = 0.05 * (y1 - y0);
-        draw_chart(path, title, y_label, &series, x, pad(y0, y1, margin))
+        draw_chart(path, title, (x_label, y_label), &series, x, pad(y0, y1, margin))
     }
 }
 
@@ -364,7 +378,7 @@ pub fn plot_curves(
 fn draw_chart<Y>(
     path: &Path,
     title: &str,
-    y_label: &str,
+    (x_label, y_label): (&str, &str),
     series: &[(&str, Vec<(f64, f64)>)],
     x: Range<f64>,
     y: Y,
@@ -396,7 +410,7 @@ where
         .build_cartesian_2d(x, y)?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_label)
         .y_desc(y_label)
         .x_label_formatter(&|v| fmt_tick(*v))
         .y_label_formatter(&|v| fmt_tick(*v))
@@ -423,6 +437,121 @@ where
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Draws `values` `[rows, columns]` as a heat map to a PNG at `path`: row 0 at the top, one
+/// square cell per value, coloured from dark blue (the smallest value) through green to
+/// yellow (the largest), a colour bar beside it, `row_labels` and `col_labels` on the axes
+/// (an empty label leaves its tick out) and `x_label` / `y_label` under and beside them.
+///
+/// ```ignore
+/// common::heat_map(Path::new("map.png"), "cross-attention", weights.view(),
+///                  &out_tokens, &in_tokens, ("input", "output"))?;
+/// ```
+pub fn heat_map(
+    path: &Path,
+    title: &str,
+    values: vaswani::ndarray::ArrayView2<f32>,
+    row_labels: &[String],
+    col_labels: &[String],
+    (x_label, y_label): (&str, &str),
+) -> Result<(), Box<dyn Error>> {
+    register_font();
+    let (rows, cols) = values.dim();
+    if rows == 0 || cols == 0 || row_labels.len() != rows || col_labels.len() != cols {
+        return Err(format!(
+            "heat_map({}): {rows} × {cols} values with {} row and {} column labels",
+            path.display(),
+            row_labels.len(),
+            col_labels.len()
+        )
+        .into());
+    }
+    let (lo, hi) = min_max(values.iter().map(|&v| v as f64).filter(|v| v.is_finite()));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let cell = (640 / rows.max(cols)).clamp(4, 36) as u32;
+    let (w, h) = (cell * cols as u32 + 230, cell * rows as u32 + 150);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (plot, bar) = root.split_horizontally(w - 90);
+    let mut chart = ChartBuilder::on(&plot)
+        .caption(title, (FONT, 20))
+        .margin(10)
+        .x_label_area_size(56)
+        .y_label_area_size(70)
+        // A segmented range a..b has a segment for each of a..=b.
+        .build_cartesian_2d((0..cols - 1).into_segmented(), (0..rows - 1).into_segmented())?;
+    // A tick at the centre of each labelled cell; row 0 at the top.
+    let label = |labels: &[String], v: &SegmentValue<usize>, flip: bool| match *v {
+        SegmentValue::CenterOf(i) => {
+            let i = if flip { rows.wrapping_sub(i + 1) } else { i };
+            labels.get(i).cloned().unwrap_or_default()
+        }
+        _ => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(cols)
+        .y_labels(rows)
+        .x_label_formatter(&|v| label(col_labels, v, false))
+        .y_label_formatter(&|v| label(row_labels, v, true))
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 12))
+        .axis_desc_style((FONT, 15))
+        .draw()?;
+    chart.draw_series(values.indexed_iter().map(|((i, j), &v)| {
+        let t = ((v as f64 - lo) / span).clamp(0.0, 1.0);
+        let y = rows - 1 - i;
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(j), SegmentValue::Exact(y)),
+                (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1)),
+            ],
+            colour_map(t).filled(),
+        )
+    }))?;
+    // The colour bar, smallest value at the bottom.
+    let mut bar = ChartBuilder::on(&bar)
+        .margin_top(40)
+        .margin_bottom(66)
+        .margin_right(8)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..1.0, lo..lo + span)?;
+    bar.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_labels(5)
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .label_style((FONT, 12))
+        .draw()?;
+    bar.draw_series((0..100).map(|k| {
+        let (a, b) = (k as f64 / 100.0, (k + 1) as f64 / 100.0);
+        Rectangle::new(
+            [(0.0, lo + a * span), (1.0, lo + b * span)],
+            colour_map(a).filled(),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}
+
+/// A perceptually ordered colour for `t` in [0, 1]: viridis, from dark blue to yellow.
+fn colour_map(t: f64) -> RGBColor {
+    const STOPS: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: f64, q: f64| (p + f * (q - p)).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
 /// The font family that plots use; [`register_font`] gives it DejaVu Sans.
@@ -479,7 +608,8 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
 /// An axis tick: at most 3 significant digits, no trailing zeros, `1.5e-4` for tiny values.
 fn fmt_tick(v: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
+    // A tick at zero computed as a sum of steps can land a rounding error away from it.
+    if a < 1e-12 {
         return "0".to_string();
     }
     if !(1e-3..1e6).contains(&a) {

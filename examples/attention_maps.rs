@@ -68,7 +68,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: &Args) -> Result<(), String> {
     if !args.date.bytes().all(|c| (b' '..=b'~').contains(&c)) || args.date.is_empty() {
-        return Err(format!("--date must be printable ASCII, got {:?}", args.date).into());
+        return Err(format!("--date must be printable ASCII, got {:?}", args.date));
     }
     let model = match &args.checkpoint {
         Some(path) => {
@@ -97,8 +97,7 @@ fn run(args: &Args) -> Result<(), String> {
         return Err(format!(
             "the model has {layers} layers and {heads} heads; asked for layer {layer}, head {}",
             args.head
-        )
-        .into());
+        ));
     }
     let chars = |text: &str| -> Vec<String> {
         text.chars()

@@ -27,13 +27,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use ndarray::Array3;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig, cross_entropy};
+use vaswani::ndarray::Array3;
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig, cross_entropy};
 use vaswani::{Params, Result};
 
 /// Samples per second.
@@ -303,7 +303,7 @@ fn run(args: &Args) -> Result<()> {
     );
     let steps = args.common.steps as u64;
     let fresh = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: (steps / 10).max(1),
@@ -324,7 +324,7 @@ fn run(args: &Args) -> Result<()> {
         // A batch of distinct training windows drawn at random for this step.
         let mut pick_rng = common::step_rng(seed, step as u64, 0);
         let picked: Vec<&Example> =
-            rand::seq::index::sample(&mut pick_rng, train.len(), args.batch.min(train.len()))
+            vaswani::rand::seq::index::sample(&mut pick_rng, train.len(), args.batch.min(train.len()))
                 .into_iter()
                 .map(|i| &train[i])
                 .collect();

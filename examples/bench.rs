@@ -17,10 +17,10 @@
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -160,7 +160,7 @@ fn run(args: &Args) -> Result<()> {
     let mut trainer = Trainer::new(
         model,
         TrainerConfig {
-            adam: AdamConfig::paper(),
+            optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
             schedule: Schedule::Constant { lr: 1e-4 },
             clip_norm: None,
             label_smoothing: 0.1,

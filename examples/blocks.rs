@@ -3,10 +3,10 @@
 //!
 //!     cargo run --release --example blocks
 
-use ndarray::{Array2, Axis, array, s};
-use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::{BlockConfig, DecoderLayer, EncoderLayer};
 use vaswani::layers::{EmbeddingConfig, Mask, SinusoidalConfig, sinusoidal_table};
+use vaswani::ndarray::{Array2, Axis, array, s};
+use vaswani::rand::{SeedableRng, rngs::StdRng};
 use vaswani::{Params, Result};
 
 fn main() -> Result<()> {
@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     println!("source ids                 {:?}", src.shape());
 
     // Embedding × √d_model (§3.4), plus sinusoidal positions (§3.5).
-    let embed = EmbeddingConfig::new(vocab, d_model).init::<f32>(&mut rng)?;
+    let embed = EmbeddingConfig::new(vocab, d_model).init(&mut rng)?;
     let positions = SinusoidalConfig::new(d_model).init()?;
     let x = embed.infer(src.view())?; // [B·S, d_model] rows
     println!("embedded, as rows          {:?}", x.shape());

@@ -14,11 +14,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig};
 use vaswani::{Params, Result};
 
 const PAD: usize = 0;
@@ -107,7 +107,7 @@ fn run(args: &Args) -> Result<()> {
     );
     let steps = args.common.steps as u64;
     let fresh = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: 100.min(steps / 4),

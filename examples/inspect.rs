@@ -30,12 +30,12 @@ fn run(path: &str) -> vaswani::Result<()> {
     // Where the crate knows the kind, load the whole model too, so that a file whose tensors
     // do not fit its config is reported here as well.
     match (info.kind.as_str(), info.dtype.as_str()) {
-        ("encoder_decoder", "f64") => drop(load_model::<f64, EncoderDecoder<f64>>(path)?),
-        ("encoder_decoder", _) => drop(load_model::<f32, EncoderDecoder>(path)?),
-        ("encoder_only", "f64") => drop(load_model::<f64, EncoderOnly<f64>>(path)?),
-        ("encoder_only", _) => drop(load_model::<f32, EncoderOnly>(path)?),
-        ("decoder_only", "f64") => drop(load_model::<f64, DecoderOnly<f64>>(path)?),
-        ("decoder_only", _) => drop(load_model::<f32, DecoderOnly>(path)?),
+        ("encoder_decoder", "f64") => drop(load_model::<EncoderDecoder<f64>>(path)?),
+        ("encoder_decoder", _) => drop(load_model::<EncoderDecoder>(path)?),
+        ("encoder_only", "f64") => drop(load_model::<EncoderOnly<f64>>(path)?),
+        ("encoder_only", _) => drop(load_model::<EncoderOnly>(path)?),
+        ("decoder_only", "f64") => drop(load_model::<DecoderOnly<f64>>(path)?),
+        ("decoder_only", _) => drop(load_model::<DecoderOnly>(path)?),
         _ => {}
     }
     // Written with `writeln!` so that a closed pipe (`| head`) ends the listing quietly

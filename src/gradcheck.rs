@@ -13,14 +13,14 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::gradcheck::{GradCheck, random_like};
 //! use vaswani::layers::LinearConfig;
 //! use vaswani::{Params, Tensors};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let layer = LinearConfig::new(3, 2).init::<f64>(&mut rng)?;
+//! let layer = LinearConfig::new(3, 2).init_as::<f64>(&mut rng)?;
 //! let x: Array2<f64> = random_like((4, 3), &mut rng);
 //! let r: Array2<f64> = random_like((4, 2), &mut rng);
 //!

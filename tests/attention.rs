@@ -63,7 +63,7 @@ fn mha_check(memory_len: Option<usize>, mask: Mask, p_drop: f32, bias: bool) {
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
         .with_dropout(p_drop)
         .with_bias(bias)
-        .init(&mut rng)
+        .init_as(&mut rng)
         .unwrap();
     // Non-zero biases so that their gradients are tested against a non-trivial point.
     let mut p = mha.p.clone();
@@ -229,7 +229,7 @@ fn fully_masked_rows_give_zeros_and_zero_gradients_never_nan() {
     let (b, t, d) = (2, 3, 4);
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, 2)
         .with_dropout(0.0)
-        .init(&mut rng)
+        .init_as(&mut rng)
         .unwrap();
     let x: Array3<f64> = random_like((b, t, d), &mut rng);
     // Sequence 1 has no real key at all; query 0 of sequence 0 is blocked from everything.
@@ -261,7 +261,7 @@ fn heads_are_concatenated_not_averaged() {
     let (d, h) = (6, 3);
     let mut mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
         .with_dropout(0.0)
-        .init(&mut rng)
+        .init_as(&mut rng)
         .unwrap();
     mha.p.w_o = Array2::eye(d);
     let x: Array3<f64> = random_like((1, 4, d), &mut rng);
@@ -329,22 +329,22 @@ fn bitwise_identical_with_one_and_two_threads() {
 fn config_errors_name_the_numbers() {
     let mut rng = StdRng::seed_from_u64(0);
     let err = MultiHeadConfig::new(10, 3)
-        .init::<f32>(&mut rng)
+        .init(&mut rng)
         .unwrap_err()
         .to_string();
     assert!(err.contains("10") && err.contains('3'), "{err}");
-    assert!(MultiHeadConfig::new(0, 1).init::<f32>(&mut rng).is_err());
-    assert!(MultiHeadConfig::new(8, 0).init::<f32>(&mut rng).is_err());
+    assert!(MultiHeadConfig::new(0, 1).init(&mut rng).is_err());
+    assert!(MultiHeadConfig::new(8, 0).init(&mut rng).is_err());
     assert!(
         MultiHeadConfig::new(8, 2)
             .with_dropout(1.0)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         MultiHeadConfig::new(8, 2)
             .with_dropout(f32::NAN)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(AttentionConfig::new().with_dropout(-0.1).init().is_err());

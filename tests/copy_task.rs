@@ -6,7 +6,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 const PAD: usize = 0;
 const BOS: usize = 1;
@@ -41,7 +41,7 @@ fn copy_task_reaches_exact_match_on_held_out_sequences() {
         .init(&mut rng)
         .unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 8e-3,
             warmup: 100,

@@ -9,7 +9,7 @@ use vaswani::blocks::BlockConfig;
 use vaswani::gradcheck::{GradCheck, random_like};
 use vaswani::kernels::Activation;
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainable, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainable, Trainer, TrainerConfig};
 use vaswani::{Error, Params};
 
 /// Moves every parameter a little off its initial value (γ = 1, β = 0, zero biases) so that
@@ -41,7 +41,7 @@ const EXEMPT: &[&str] = &["b_k"];
 
 fn check_model(cfg: DecoderOnlyConfig) {
     let mut rng = StdRng::seed_from_u64(70);
-    let mut model: DecoderOnly<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: DecoderOnly<f64> = cfg.init_as(&mut rng).unwrap();
     jitter(&mut model, &mut rng);
     let batch = tiny_batch();
     let mut grads = model.zeros_like();
@@ -115,7 +115,7 @@ fn cost_counts_match_the_built_model() {
             .with_positions(Positions::Learned { max_len: 7 }),
         DecoderOnlyConfig::new(11, BlockConfig::new(8, 2, 12).with_bias(false), 1),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1).params, model.num_params() as u64);
     }
     // WORKLOADS.md's FLOP model for the "tiny" sizes, by hand: per layer and sequence
@@ -407,7 +407,7 @@ fn bad_inputs_are_typed_errors() {
 
     // 3: zero sizes.
     let block = || BlockConfig::new(8, 2, 8);
-    let field = |cfg: DecoderOnlyConfig| match cfg.init::<f32>(&mut StdRng::seed_from_u64(0)) {
+    let field = |cfg: DecoderOnlyConfig| match cfg.init(&mut StdRng::seed_from_u64(0)) {
         Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("expected a config error, got {other:?}"),
     };
@@ -519,7 +519,7 @@ fn learns_counting_sequences_and_generates_them() {
         .with_norm_first(true);
     let model: DecoderOnly = DecoderOnlyConfig::new(10, block, 2).init(&mut rng).unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 3e-3,
             warmup: 30,

@@ -13,7 +13,7 @@ use vaswani::models::{
     EncoderInput, EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Pooling,
     Positions, Targets, TokenBatch,
 };
-use vaswani::train::{AdamConfig, Schedule, Trainable, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainable, Trainer, TrainerConfig};
 use vaswani::{Error, Float, Params};
 
 fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
@@ -35,7 +35,7 @@ fn tiny_block(norm_first: bool) -> BlockConfig {
 /// against central differences for every parameter, with dropout on a fixed seed.
 fn check_model(cfg: EncoderOnlyConfig, batch: &LabeledBatch<f64>) {
     let mut rng = StdRng::seed_from_u64(70);
-    let mut model: EncoderOnly<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: EncoderOnly<f64> = cfg.init_as(&mut rng).unwrap();
     // Away from the initial values (zero biases, unit gains), where some gradients vanish by
     // symmetry.
     jitter(&mut model, &mut rng);
@@ -135,7 +135,7 @@ fn cost_counts_match_the_built_model() {
         )
         .with_final_norm(FinalNorm::Always),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1).params, model.num_params() as u64, "{cfg:?}");
     }
     // By hand: d = 8, d_ff = 16, d_in = 3, 2 outputs, 1 layer, B = 2, T = 5.
@@ -318,7 +318,7 @@ fn bad_inputs_are_typed_errors() {
     );
 
     // 3: zero sizes in the config.
-    let zero = |cfg: EncoderOnlyConfig, field: &str| match cfg.init::<f32>(&mut StdRng::seed_from_u64(0)) {
+    let zero = |cfg: EncoderOnlyConfig, field: &str| match cfg.init(&mut StdRng::seed_from_u64(0)) {
         Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
         other => panic!("{field}: expected a config error, got {other:?}"),
     };
@@ -547,7 +547,7 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
     .init(&mut rng)
     .unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 2e-3,
             warmup: 30,

@@ -28,7 +28,7 @@ fn tiny_batch() -> Seq2SeqBatch {
 
 fn check_model(cfg: EncoderDecoderConfig) {
     let mut rng = StdRng::seed_from_u64(60);
-    let mut model: EncoderDecoder<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: EncoderDecoder<f64> = cfg.init_as(&mut rng).unwrap();
     jitter(&mut model, &mut rng);
     let batch = tiny_batch();
     let mut grads = model.zeros_like();
@@ -89,7 +89,7 @@ fn cost_counts_match_the_built_model() {
             .with_tied_output(true)
             .with_positions(Positions::Learned { max_len: 7 }),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1, 1).params, model.num_params() as u64);
     }
     // The FLOP model of WORKLOADS.md, as `model_flops` in torch_baseline.py computes it
@@ -141,28 +141,28 @@ fn bad_inputs_are_typed_errors() {
     // 2, 3, 4: config errors.
     assert!(
         EncoderDecoderConfig::new(10, 10, BlockConfig::new(10, 3, 8), 1, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(0, 10, BlockConfig::new(8, 2, 8), 1, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(10, 10, BlockConfig::new(8, 2, 8), 0, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(10, 11, BlockConfig::new(8, 2, 8), 1, 1)
             .with_shared_embeddings(true)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(10, 10, BlockConfig::new(8, 2, 8).with_dropout(1.0), 1, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
 }
@@ -189,11 +189,11 @@ fn padding_does_not_change_real_outputs() {
 
 #[test]
 fn accumulated_micro_batches_give_the_large_batch_gradient() {
-    use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+    use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
     let mut rng = StdRng::seed_from_u64(64);
     let model: EncoderDecoder<f64> =
         EncoderDecoderConfig::new(12, 12, BlockConfig::new(8, 2, 16).with_dropout(0.0), 1, 1)
-            .init(&mut rng)
+            .init_as(&mut rng)
             .unwrap();
     let pairs: Vec<(Vec<usize>, Vec<usize>)> = vec![
         (vec![3, 4, 5], vec![5, 4]),
@@ -233,7 +233,7 @@ fn accumulated_micro_batches_give_the_large_batch_gradient() {
     );
     // And the Trainer reports the same per-token mean loss either way.
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Constant { lr: 1e-3 },
         clip_norm: None,
         label_smoothing: 0.1,

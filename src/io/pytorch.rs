@@ -115,10 +115,10 @@ impl<F: Float> TorchTransformer<F> {
         let block = cfg.block();
         let encoder = EncoderConfig::new(block.clone(), cfg.num_encoder_layers)
             .with_final_norm(FinalNorm::Always)
-            .init(rng)?;
+            .init_as(rng)?;
         let decoder = DecoderConfig::new(block, cfg.num_decoder_layers)
             .with_final_norm(FinalNorm::Always)
-            .init(rng)?;
+            .init_as(rng)?;
         Ok(TorchTransformer {
             cfg: cfg.clone(),
             encoder,
@@ -214,7 +214,7 @@ impl<F: Float> TorchTransformer<F> {
             .into_iter()
             .map(|(n, t)| (n, OwnedTensor::float(t.view())))
             .collect();
-        write_tensor_file(path, &tensors, HashMap::new())
+        write_tensor_file(path, &tensors, BTreeMap::new())
     }
 
     /// Every PyTorch key with the crate's tensors it is made of, stacked by rows.
@@ -410,6 +410,6 @@ pub fn parity(input: impl AsRef<Path>, output: impl AsRef<Path>) -> Result<()> {
     for (name, w) in model.state_dict() {
         tensors.push((format!("weights.{name}"), OwnedTensor::float(w.view())));
     }
-    let metadata = HashMap::from([("config".to_string(), cfg_json.clone())]);
+    let metadata = BTreeMap::from([("config".to_string(), cfg_json.clone())]);
     write_tensor_file(output, &tensors, metadata)
 }

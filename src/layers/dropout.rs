@@ -21,8 +21,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::layers::DropoutConfig;
 //!
 //! let dropout = DropoutConfig::new(0.5).init()?;

@@ -45,14 +45,14 @@
 //!
 //! # Example
 //! ```
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::models::{DecoderOnlyConfig, LmBatch, Sampling, TokenBatch};
 //! use vaswani::train::{Trainer, TrainerConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let cfg = DecoderOnlyConfig::new(12, BlockConfig::new(16, 2, 32), 2);
-//! let model = cfg.init::<f32>(&mut rng)?;
+//! let model = cfg.init(&mut rng)?;
 //! assert_eq!(cfg.cost(1, 1).params, vaswani::Params::num_params(&model) as u64);
 //!
 //! // Logits for every position: [B·T, V].
@@ -319,18 +319,27 @@ impl DecoderOnlyConfig {
         self.block.check()
     }
 
+    /// Builds the model in `f32`, the type for training and inference;
+    /// [`DecoderOnlyConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`DecoderOnlyConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<DecoderOnly> {
+        self.init_as(rng)
+    }
+
     /// Builds the model with PyTorch's initialisation (see each layer).
     ///
     /// # Errors
     /// As [`DecoderOnlyConfig::check`].
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
         self.check()?;
         let d = self.block.d_model;
-        let embed = EmbeddingConfig::new(self.vocab, d).init(rng)?;
+        let embed = EmbeddingConfig::new(self.vocab, d).init_as(rng)?;
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
-        let blocks = self.blocks_config().init(rng)?;
+        let blocks = self.blocks_config().init_as(rng)?;
         let head = (!self.tie_output)
-            .then(|| LinearConfig::new(d, self.vocab).with_bias(false).init(rng))
+            .then(|| LinearConfig::new(d, self.vocab).with_bias(false).init_as(rng))
             .transpose()?;
         Ok(DecoderOnly {
             cfg: self.clone(),
@@ -595,7 +604,8 @@ impl<F: Float> DecoderOnly<F> {
     }
 }
 
-impl<F: Float> Trainable<F> for DecoderOnly<F> {
+impl<F: Float> Trainable for DecoderOnly<F> {
+    type Float = F;
     type Batch = LmBatch;
 
     fn batch_tokens(batch: &LmBatch) -> usize {

@@ -49,8 +49,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array3;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array3;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::models::{EncoderInput, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
 //! use vaswani::train::{Trainer, TrainerConfig};
@@ -63,7 +63,7 @@
 //!     2,
 //!     Head::Classify { classes: 4 },
 //! );
-//! let model = cfg.init::<f32>(&mut rng)?;
+//! let model = cfg.init(&mut rng)?;
 //! // Two windows of lengths 5 and 3, padded to T = 5.
 //! let windows = FeatureBatch::new(Array3::from_elem((2, 5, 3), 0.5), vec![5, 3])?;
 //! let input = EncoderInput::Features(windows);
@@ -358,20 +358,29 @@ impl EncoderOnlyConfig {
         self.block.check()
     }
 
+    /// Builds the model in `f32`, the type for training and inference;
+    /// [`EncoderOnlyConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EncoderOnlyConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<EncoderOnly> {
+        self.init_as(rng)
+    }
+
     /// Builds the model with PyTorch's initialisation (see each layer).
     ///
     /// # Errors
     /// As [`EncoderOnlyConfig::check`].
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
         self.check()?;
         let d = self.block.d_model;
         let (embed, input_proj) = match self.input {
-            InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init(rng)?), None),
-            InputKind::Features { d_in } => (None, Some(LinearConfig::new(d_in, d).init(rng)?)),
+            InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init_as(rng)?), None),
+            InputKind::Features { d_in } => (None, Some(LinearConfig::new(d_in, d).init_as(rng)?)),
         };
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
-        let encoder = self.encoder_config().init(rng)?;
-        let head = LinearConfig::new(d, self.head.n_out()).init(rng)?;
+        let encoder = self.encoder_config().init_as(rng)?;
+        let head = LinearConfig::new(d, self.head.n_out()).init_as(rng)?;
         Ok(EncoderOnly {
             cfg: self.clone(),
             embed,
@@ -652,7 +661,8 @@ fn mean_squared_error<F: Float>(y: ArrayView2<F>, targets: ArrayView2<F>) -> (f6
     (sum / count, grad)
 }
 
-impl<F: Float> Trainable<F> for EncoderOnly<F> {
+impl<F: Float> Trainable for EncoderOnly<F> {
+    type Float = F;
     type Batch = LabeledBatch<F>;
 
     /// The number of examples (sequences): the loss is a mean over them.

@@ -283,7 +283,7 @@ fn run(args: &Args) -> Result<()> {
     );
 
     let block = BlockConfig::new(args.d_model, args.heads, 2 * args.d_model)
-        .with_dropout(args.dropout)
+        .with_p_drop(args.dropout)
         .with_activation(Activation::Gelu);
     let cfg = EncoderOnlyConfig::new(
         InputKind::Features { d_in: CHANNELS },

@@ -130,8 +130,8 @@ fn run(args: &Args) -> Result<()> {
     let (d, h, f, layers, v, b, s, t) = sizes(workload);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let model: EncoderDecoder = cfg.init(&mut rng)?;
     // Random ids in [2, V) as the PyTorch script draws them; the decoder sees T tokens and
     // the loss covers all T.

@@ -145,7 +145,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
     );
 
     let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model)
-        .with_dropout(args.dropout)
+        .with_p_drop(args.dropout)
         .with_norm_first(true)
         .with_activation(Activation::Gelu);
     let cfg = DecoderOnlyConfig::new(vocab, block, args.layers).with_positions(Positions::Learned {

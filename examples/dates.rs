@@ -484,10 +484,10 @@ fn run(args: &Args) -> Result<()> {
         }
     }
 
-    let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model).with_dropout(0.0);
+    let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model).with_p_drop(0.0);
     let cfg = EncoderDecoderConfig::new(VOCAB, VOCAB, block, args.layers, args.layers)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let model: EncoderDecoder = cfg.init(&mut rng)?;
     println!(
         "dates: {} formats in training, {} held out, {} training days and {} held-out days of 1900–2099, \

@@ -27,7 +27,7 @@ fn busy_mask(b: usize, t: usize) -> Mask {
 fn sdpa_gradients_with_masks_and_dropout() {
     let mut rng = StdRng::seed_from_u64(30);
     let (b, t, dk, dv) = (2, 4, 3, 5);
-    let attn = AttentionConfig::new().with_dropout(0.25).init().unwrap();
+    let attn = AttentionConfig::new().with_p_drop(0.25).init().unwrap();
     let q: Array3<f64> = random_like((b, t, dk), &mut rng);
     let k: Array3<f64> = random_like((b, t, dk), &mut rng);
     let v: Array3<f64> = random_like((b, t, dv), &mut rng);
@@ -61,7 +61,7 @@ fn mha_check(memory_len: Option<usize>, mask: Mask, p_drop: f32, bias: bool) {
     let mut rng = StdRng::seed_from_u64(31);
     let (b, t, d, h) = (2, 4, 6, 3);
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
-        .with_dropout(p_drop)
+        .with_p_drop(p_drop)
         .with_bias(bias)
         .init_as(&mut rng)
         .unwrap();
@@ -228,7 +228,7 @@ fn fully_masked_rows_give_zeros_and_zero_gradients_never_nan() {
     let mut rng = StdRng::seed_from_u64(35);
     let (b, t, d) = (2, 3, 4);
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, 2)
-        .with_dropout(0.0)
+        .with_p_drop(0.0)
         .init_as(&mut rng)
         .unwrap();
     let x: Array3<f64> = random_like((b, t, d), &mut rng);
@@ -260,7 +260,7 @@ fn heads_are_concatenated_not_averaged() {
     let mut rng = StdRng::seed_from_u64(36);
     let (d, h) = (6, 3);
     let mut mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
-        .with_dropout(0.0)
+        .with_p_drop(0.0)
         .init_as(&mut rng)
         .unwrap();
     mha.p.w_o = Array2::eye(d);
@@ -288,7 +288,7 @@ fn bitwise_identical_with_one_and_two_threads() {
     let mut rng = StdRng::seed_from_u64(37);
     let (b, t, d, h) = (4, 33, 64, 4);
     let mha: MultiHead<f32> = MultiHeadConfig::new(d, h)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .init(&mut rng)
         .unwrap();
     let x: Array3<f32> = random_like((b, t, d), &mut rng);
@@ -337,17 +337,17 @@ fn config_errors_name_the_numbers() {
     assert!(MultiHeadConfig::new(8, 0).init(&mut rng).is_err());
     assert!(
         MultiHeadConfig::new(8, 2)
-            .with_dropout(1.0)
+            .with_p_drop(1.0)
             .init(&mut rng)
             .is_err()
     );
     assert!(
         MultiHeadConfig::new(8, 2)
-            .with_dropout(f32::NAN)
+            .with_p_drop(f32::NAN)
             .init(&mut rng)
             .is_err()
     );
-    assert!(AttentionConfig::new().with_dropout(-0.1).init().is_err());
+    assert!(AttentionConfig::new().with_p_drop(-0.1).init().is_err());
 }
 
 #[test]

@@ -20,8 +20,8 @@ fn temp(name: &str) -> PathBuf {
 
 fn config() -> EncoderDecoderConfig {
     EncoderDecoderConfig::new(11, 11, BlockConfig::new(8, 2, 12), 1, 1)
-        .with_shared_embeddings(true)
-        .with_tied_output(true)
+        .with_share_embeddings(true)
+        .with_tie_output(true)
 }
 
 fn model(seed: u64) -> EncoderDecoder {
@@ -106,7 +106,7 @@ fn trainer(seed: u64) -> Trainer<EncoderDecoder> {
         label_smoothing: 0.1,
     };
     let block = BlockConfig::new(8, 2, 12)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_activation(Activation::Gelu);
     let m = EncoderDecoderConfig::new(11, 11, block, 1, 1)
         .init(&mut StdRng::seed_from_u64(seed))
@@ -260,8 +260,8 @@ fn row_14_a_checkpoint_for_another_config() {
     save_model(&path, &model(6)).unwrap();
     // Same sizes, other head count and norm placement: the shapes match, the config does not.
     let other_cfg = EncoderDecoderConfig::new(11, 11, BlockConfig::new(8, 4, 12).with_norm_first(true), 1, 1)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let mut other: EncoderDecoder = other_cfg.init(&mut StdRng::seed_from_u64(0)).unwrap();
     let why = match load_into(&path, &mut other) {
         Err(Error::Checkpoint { why, .. }) => why,
@@ -273,8 +273,8 @@ fn row_14_a_checkpoint_for_another_config() {
     );
     // Other sizes: every mismatching tensor is listed.
     let bigger: EncoderDecoder = EncoderDecoderConfig::new(11, 11, BlockConfig::new(8, 2, 16), 1, 1)
-        .with_shared_embeddings(true)
-        .with_tied_output(true)
+        .with_share_embeddings(true)
+        .with_tie_output(true)
         .init(&mut StdRng::seed_from_u64(0))
         .unwrap();
     save_model(&path, &bigger).unwrap();

@@ -26,7 +26,7 @@ fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
 /// GELU, not ReLU: the finite differences must not straddle a kink.
 fn tiny_block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(4, 2, 6)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
         .with_activation(Activation::Gelu)
 }
@@ -223,7 +223,7 @@ fn nan_in_padded_feature_rows_changes_no_output_and_no_gradient() {
     for pooling in [Pooling::Mean, Pooling::First] {
         let model: EncoderOnly<f32> = EncoderOnlyConfig::new(
             InputKind::Features { d_in: 3 },
-            BlockConfig::new(8, 2, 16).with_dropout(0.1),
+            BlockConfig::new(8, 2, 16).with_p_drop(0.1),
             2,
             Head::Classify { classes: 3 },
         )
@@ -255,7 +255,7 @@ fn bitwise_identical_for_one_and_two_threads() {
     // Big enough that the GEMMs and row loops are split across the pool.
     let model: EncoderOnly<f32> = EncoderOnlyConfig::new(
         InputKind::Features { d_in: 6 },
-        BlockConfig::new(64, 4, 128).with_dropout(0.1),
+        BlockConfig::new(64, 4, 128).with_p_drop(0.1),
         2,
         Head::Classify { classes: 5 },
     )
@@ -363,7 +363,7 @@ fn bad_inputs_are_typed_errors() {
         "n_heads",
     );
     zero(
-        EncoderOnlyConfig::new(feats, block.clone().with_dropout(1.0), 1, classify),
+        EncoderOnlyConfig::new(feats, block.clone().with_p_drop(1.0), 1, classify),
         "p_drop",
     );
 
@@ -540,7 +540,7 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
     let mut rng = StdRng::seed_from_u64(2017);
     let model: EncoderOnly = EncoderOnlyConfig::new(
         InputKind::Features { d_in: 2 },
-        BlockConfig::new(32, 4, 64).with_dropout(0.0),
+        BlockConfig::new(32, 4, 64).with_p_drop(0.0),
         2,
         Head::Classify { classes: 4 },
     )

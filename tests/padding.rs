@@ -75,7 +75,7 @@ fn check_model<M: Trainable<Float = f32>>(mut model: M, batch: &M::Batch, what: 
 
 fn block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(8, 2, 16)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
 }
 
@@ -89,8 +89,8 @@ fn a_nan_in_the_padding_row_of_an_embedding_reaches_no_gradient() {
         let batch = Seq2SeqBatch::from_pairs(&pairs, 1, 2, 0).unwrap();
         for shared in [false, true] {
             let model = EncoderDecoderConfig::new(9, 9, block(norm_first), 2, 2)
-                .with_shared_embeddings(shared)
-                .with_tied_output(false)
+                .with_share_embeddings(shared)
+                .with_tie_output(false)
                 .init(&mut rng)
                 .unwrap();
             check_model(
@@ -101,7 +101,7 @@ fn a_nan_in_the_padding_row_of_an_embedding_reaches_no_gradient() {
         }
 
         let model = DecoderOnlyConfig::new(9, block(norm_first), 2)
-            .with_tied_output(false)
+            .with_tie_output(false)
             .init(&mut rng)
             .unwrap();
         let batch = LmBatch::from_sequences(&[vec![1, 3, 4, 5, 6], vec![1, 7, 2]], 0).unwrap();

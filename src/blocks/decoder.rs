@@ -124,6 +124,13 @@ impl DecoderConfig {
     }
 }
 
+impl Default for DecoderConfig {
+    /// The paper's base decoder: N = 6 layers of [`BlockConfig::default`].
+    fn default() -> Self {
+        DecoderConfig::new(BlockConfig::default(), 6)
+    }
+}
+
 impl<F: Float> Decoder<F> {
     /// Forward pass in training mode through every layer.
     ///

@@ -103,6 +103,13 @@ impl EncoderConfig {
     }
 }
 
+impl Default for EncoderConfig {
+    /// The paper's base encoder: N = 6 layers of [`BlockConfig::default`].
+    fn default() -> Self {
+        EncoderConfig::new(BlockConfig::default(), 6)
+    }
+}
+
 impl<F: Float> Encoder<F> {
     /// Forward pass in training mode through every layer.
     ///

@@ -57,6 +57,23 @@ pub struct TorchTransformerConfig {
     pub layer_norm_eps: f32,
 }
 
+impl Default for TorchTransformerConfig {
+    /// `nn.Transformer()`'s defaults: d_model 512, 8 heads, 6 + 6 layers, feed-forward 2048,
+    /// ReLU, post-norm, ε = 1e-5.
+    fn default() -> Self {
+        TorchTransformerConfig {
+            d_model: 512,
+            nhead: 8,
+            num_encoder_layers: 6,
+            num_decoder_layers: 6,
+            dim_feedforward: 2048,
+            activation: Activation::Relu,
+            norm_first: false,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
 mod torch_activation {
     use crate::kernels::Activation;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -86,7 +103,7 @@ impl TorchTransformerConfig {
     /// ε and placement.
     pub fn block(&self) -> BlockConfig {
         BlockConfig::new(self.d_model, self.nhead, self.dim_feedforward)
-            .with_dropout(0.0)
+            .with_p_drop(0.0)
             .with_activation(self.activation)
             .with_norm_first(self.norm_first)
             .with_eps(self.layer_norm_eps)

@@ -116,7 +116,7 @@ impl AttentionConfig {
     }
 
     /// The same config with dropout `p` on the attention weights.
-    pub fn with_dropout(mut self, p: f32) -> Self {
+    pub fn with_p_drop(mut self, p: f32) -> Self {
         self.p_drop = p;
         self
     }

@@ -96,6 +96,13 @@ impl DropoutConfig {
     }
 }
 
+impl Default for DropoutConfig {
+    /// The paper's rate, P_drop = 0.1 (§5.4).
+    fn default() -> Self {
+        DropoutConfig::new(0.1)
+    }
+}
+
 impl Dropout {
     /// Forward pass in training: draws a mask from `rng`, keeps it for
     /// [`Dropout::backward`], and returns `x ⊙ mask`.

@@ -227,7 +227,7 @@ impl MultiHeadConfig {
     }
 
     /// The same config with attention dropout `p`.
-    pub fn with_dropout(mut self, p: f32) -> Self {
+    pub fn with_p_drop(mut self, p: f32) -> Self {
         self.p_drop = p;
         self
     }

@@ -287,7 +287,7 @@ impl DecoderOnlyConfig {
     }
 
     /// The same config with the output projection tied to the embedding or not.
-    pub fn with_tied_output(mut self, tie: bool) -> Self {
+    pub fn with_tie_output(mut self, tie: bool) -> Self {
         self.tie_output = tie;
         self
     }

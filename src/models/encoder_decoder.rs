@@ -249,8 +249,8 @@ impl EncoderDecoderConfig {
     /// embeddings and the output projection tied (§3.4).
     pub fn base(vocab: usize) -> Self {
         EncoderDecoderConfig::new(vocab, vocab, BlockConfig::new(512, 8, 2048), 6, 6)
-            .with_shared_embeddings(true)
-            .with_tied_output(true)
+            .with_share_embeddings(true)
+            .with_tie_output(true)
     }
 
     /// The paper's big model (Table 3): N = 6, d_model = 1024, d_ff = 4096, h = 16,
@@ -259,22 +259,22 @@ impl EncoderDecoderConfig {
         EncoderDecoderConfig::new(
             vocab,
             vocab,
-            BlockConfig::new(1024, 16, 4096).with_dropout(0.3),
+            BlockConfig::new(1024, 16, 4096).with_p_drop(0.3),
             6,
             6,
         )
-        .with_shared_embeddings(true)
-        .with_tied_output(true)
+        .with_share_embeddings(true)
+        .with_tie_output(true)
     }
 
     /// The same config with source and target embeddings shared or not.
-    pub fn with_shared_embeddings(mut self, share: bool) -> Self {
+    pub fn with_share_embeddings(mut self, share: bool) -> Self {
         self.share_embeddings = share;
         self
     }
 
     /// The same config with the output projection tied to the target embedding or not.
-    pub fn with_tied_output(mut self, tie: bool) -> Self {
+    pub fn with_tie_output(mut self, tie: bool) -> Self {
         self.tie_output = tie;
         self
     }

@@ -102,6 +102,13 @@ impl AdamConfig {
     }
 }
 
+impl Default for AdamConfig {
+    /// The paper's Adam ([`AdamConfig::paper`]).
+    fn default() -> Self {
+        AdamConfig::paper()
+    }
+}
+
 /// Adam (and AdamW). Its state is public so that checkpoints can save and restore it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adam<F: Float, P: Params<F>> {

@@ -295,8 +295,8 @@ mod tests {
     #[test]
     fn steps_with_the_workspace_equal_steps_with_fresh_memory() {
         let cfg = EncoderDecoderConfig::new(40, 40, BlockConfig::new(32, 4, 64), 2, 2)
-            .with_shared_embeddings(true)
-            .with_tied_output(true);
+            .with_share_embeddings(true)
+            .with_tie_output(true);
         let model: EncoderDecoder = cfg.init(&mut StdRng::seed_from_u64(5)).unwrap();
         let seqs = |n: usize, off: usize| -> Vec<Vec<usize>> {
             (0..n)

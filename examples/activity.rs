@@ -31,7 +31,7 @@ use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
-use vaswani::ndarray::Array3;
+use vaswani::ndarray::ArrayView2;
 use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig, cross_entropy};
 use vaswani::{Params, Result};
@@ -224,21 +224,17 @@ impl Example {
     }
 }
 
-/// The examples as one padded batch; the padding holds NaN, which the model never reads.
+/// The examples as one padded batch (`FeatureBatch::from_sequences` pads with zeros; what the
+/// padding holds is never read).
 fn batch(examples: &[&Example]) -> Result<LabeledBatch> {
-    let lengths: Vec<usize> = examples.iter().map(|e| e.len()).collect();
-    let t = lengths.iter().copied().max().unwrap_or(0);
-    let mut x = Array3::from_elem((examples.len(), t, CHANNELS), f32::NAN);
-    for (i, e) in examples.iter().enumerate() {
-        for (j, row) in e.x.chunks(CHANNELS).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                x[[i, j, c]] = v;
-            }
-        }
-    }
+    let windows = examples
+        .iter()
+        .map(|e| ArrayView2::from_shape((e.len(), CHANNELS), &e.x[..e.len() * CHANNELS]))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .expect("whole rows of CHANNELS readings");
     let labels = examples.iter().map(|e| e.class).collect();
     Ok(LabeledBatch::new(
-        FeatureBatch::new(x, lengths)?,
+        FeatureBatch::from_sequences(windows)?,
         Targets::Classes(labels),
     ))
 }

@@ -169,10 +169,10 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
     for pooling in [Pooling::Mean, Pooling::First] {
         let model = small_model(InputKind::Tokens { vocab: 12 }, pooling, &mut rng);
         let alone = model
-            .infer(&TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap().into())
+            .infer(&TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap())
             .unwrap();
         let batch = TokenBatch::from_sequences(&[vec![7, 7, 7, 7, 7, 7], vec![3, 4, 5]], 9).unwrap();
-        let batched = model.infer(&batch.into()).unwrap();
+        let batched = model.infer(batch).unwrap();
         for (a, b) in alone.row(0).iter().zip(batched.row(1)) {
             assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");
         }
@@ -180,14 +180,14 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
         let model = small_model(InputKind::Features { d_in: 3 }, pooling, &mut rng);
         let x: Array3<f32> = random_like((1, 4, 3), &mut rng);
         let alone = model
-            .infer(&FeatureBatch::new(x.clone(), vec![4]).unwrap().into())
+            .infer(&FeatureBatch::new(x.clone(), vec![4]).unwrap())
             .unwrap();
         let mut padded: Array3<f32> = random_like((2, 7, 3), &mut rng);
         padded
             .slice_mut(ndarray::s![1, ..4, ..])
             .assign(&x.slice(ndarray::s![0, .., ..]));
         let batched = model
-            .infer(&FeatureBatch::new(padded, vec![7, 4]).unwrap().into())
+            .infer(&FeatureBatch::new(padded, vec![7, 4]).unwrap())
             .unwrap();
         for (a, b) in alone.row(0).iter().zip(batched.row(1)) {
             assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");
@@ -309,7 +309,7 @@ fn bad_inputs_are_typed_errors() {
     // 1: a token id out of range, with its position.
     let bad = TokenBatch::from_sequences(&[vec![1, 2], vec![3, 10]], 0).unwrap();
     assert_eq!(
-        tokens.infer(&bad.into()).unwrap_err(),
+        tokens.infer(bad).unwrap_err(),
         Error::TokenOutOfRange {
             id: 10,
             position: (1, 1),
@@ -479,7 +479,7 @@ fn bad_inputs_are_typed_errors() {
     // 8: longer than the learned position table.
     let long = TokenBatch::from_sequences(&[vec![1; 6], vec![2]], 0).unwrap();
     assert_eq!(
-        tokens.infer(&long.into()).unwrap_err(),
+        tokens.infer(long).unwrap_err(),
         Error::SequenceTooLong { len: 6, max: 5 }
     );
 
@@ -494,7 +494,7 @@ fn bad_inputs_are_typed_errors() {
             what: "features at batch row 1, position 0".into()
         }
     );
-    let y = features.infer(&nan.into()).unwrap();
+    let y = features.infer(nan).unwrap();
     assert!(y.row(0).iter().all(|v| v.is_finite()));
     assert!(y.row(1).iter().all(|v| v.is_nan()));
 }
@@ -569,7 +569,7 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
             .loss;
     }
     let (x, y) = tone_batch(1000, &mut StdRng::seed_from_u64(99));
-    let predicted = trainer.model.predict(&x.into()).unwrap();
+    let predicted = trainer.model.predict(x).unwrap();
     let correct = predicted.iter().zip(&y).filter(|(p, y)| p == y).count();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("dominant frequency: final loss {last:.4}, {correct}/1000 held out, {secs:.1} s");

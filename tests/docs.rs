@@ -136,3 +136,49 @@ fn the_readme_quick_start_is_a_doctest_without_type_annotations() {
         "no annotation needed"
     );
 }
+
+/// Every public backward function says what it does with its gradient target: *adds* into a
+/// gradient container, *overwrites* an output it is handed, or *returns* fresh arrays.
+#[test]
+fn every_backward_documents_its_gradient_target() {
+    let mut bad = Vec::new();
+    for file in rust_files("src") {
+        let text = fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            let Some(rest) = t.strip_prefix("pub fn ") else {
+                continue;
+            };
+            if !rest.split('(').next().unwrap().contains("backward") {
+                continue;
+            }
+            let doc: String = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| l.trim_start().starts_with("///") || l.trim_start().starts_with("#["))
+                .map(|l| l.to_lowercase())
+                .collect();
+            let signature: String = lines[i..]
+                .iter()
+                .take_while(|l| !l.contains('{'))
+                .chain(lines[i..].iter().find(|l| l.contains('{')))
+                .copied()
+                .collect();
+            let writes_into = signature.contains("&mut") || signature.contains("ViewMut");
+            let says = if writes_into {
+                doc.contains("adds") || doc.contains("overwrit")
+            } else {
+                doc.contains("return")
+            };
+            if !says {
+                bad.push(format!("{}:{}: {}", file.display(), i + 1, t));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "backward without its gradient target documented:\n{}",
+        bad.join("\n")
+    );
+}

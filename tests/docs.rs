@@ -182,3 +182,64 @@ fn every_backward_documents_its_gradient_target() {
         bad.join("\n")
     );
 }
+
+/// Documentation that points outside the crate or contradicts the code.
+#[test]
+fn docs_point_inside_the_crate_and_agree_with_the_code() {
+    let mut texts: Vec<(String, String)> = rust_files("src")
+        .into_iter()
+        .map(|f| (f.display().to_string(), fs::read_to_string(&f).unwrap()))
+        .collect();
+    texts.push(("README.md".into(), read("README.md")));
+    let mut bad = Vec::new();
+    for (name, text) in &texts {
+        for (n, line) in text.lines().enumerate() {
+            let doc = name == "README.md" || line.trim_start().starts_with("//");
+            if !doc {
+                continue;
+            }
+            // Files that are not in the package, and relative links, dead on docs.rs (the
+            // README is the crate's front page there).
+            for outside in [
+                "../shared",
+                "WORKLOADS.md",
+                "BAD_INPUTS.md",
+                "](docs/",
+                "](../",
+                "](./",
+            ] {
+                if line.contains(outside) {
+                    bad.push(format!("{name}:{}: {outside}: {line}", n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "docs pointing outside the crate:\n{}",
+        bad.join("\n")
+    );
+
+    // The gradient check's numbers, as `GradCheck::default` has them.
+    let check = vaswani::gradcheck::GradCheck::default();
+    let float = read("src/kernels/float.rs");
+    for said in [
+        format!("step of {:e}", check.step),
+        format!("tolerance of {:e}", check.tolerance),
+    ] {
+        assert!(float.contains(&said), "src/kernels/float.rs should say {said:?}");
+    }
+    // Generation uses the key/value cache.
+    let lm = read("src/models/decoder_only.rs");
+    assert!(!lm.contains("re-runs the model on the growing sequence"));
+    // A time in the README comes with the command that measures it.
+    let readme = read("README.md");
+    for (n, para) in readme.split("\n\n").enumerate() {
+        if para.contains(" seconds") {
+            assert!(
+                para.contains("cargo run --release --example"),
+                "paragraph {n} gives a time without its command:\n{para}"
+            );
+        }
+    }
+}

@@ -16,10 +16,10 @@
 //! PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
 //! ```
 //! The wavelengths form a geometric progression from 2π to 10000·2π, and `PE(pos + k)` is a
-//! linear function (a rotation) of `PE(pos)`; see
-//! [`docs/positional-encoding.md`](docs/positional-encoding.md) in the repository for the
-//! derivation, a table of values, and the concatenated `[sin ‖ cos]` layout of
-//! tensor2tensor and fairseq, whose checkpoints are not interchangeable with this one.
+//! linear function (a rotation) of `PE(pos)`; the derivation, a table of values, and the
+//! concatenated `[sin ‖ cos]` layout of tensor2tensor and fairseq, whose checkpoints are not
+//! interchangeable with this one, follow the example below (the same text as
+//! `docs/positional-encoding.md` in the repository).
 //! Values are computed in `f64` and rounded once to the element type, so they stay accurate
 //! at any position (computing the angle in `f32`, as the usual PyTorch code does, puts values
 //! off by a few 1e-5 at position 1000). Any length works: nothing is tabulated at init. An
@@ -58,6 +58,8 @@
 //! assert_eq!(step.row(1), y.row(3 + 2));
 //! # Ok::<(), vaswani::Error>(())
 //! ```
+//!
+#![doc = include_str!("../../docs/positional-encoding.md")]
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rand::Rng;

@@ -64,7 +64,7 @@
 //! let mut trainer = Trainer::new(model, TrainerConfig::paper(16, 100))?;
 //! trainer.step(&[batch], &mut rng)?;
 //!
-//! // Generation re-runs the model on the growing sequence.
+//! // Generation runs the prompt once, then one position per token (a key/value cache).
 //! let next = trainer.model.generate(&[3, 4], 5, Sampling::Temperature(0.8), &mut rng)?;
 //! assert_eq!(next.len(), 5);
 //! let bits = trainer.model.bits_per_token(&tokens)?;
@@ -355,7 +355,7 @@ impl DecoderOnlyConfig {
     }
 
     /// Parameter count and FLOPs for `batch` sequences of length `len`, before anything is
-    /// built (FLOP model of `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·T·T·d per
+    /// built (FLOP model: dense m→n is 2mn per token, attention 4·T·T·d per
     /// sequence even though the causal mask lets half of it be skipped, the output projection
     /// counts, a training step is 3× the forward).
     pub fn cost(&self, batch: usize, len: usize) -> Cost {

@@ -365,9 +365,9 @@ impl EncoderDecoderConfig {
     }
 
     /// Parameter count and FLOPs for a batch of `batch` pairs of source length `src_len`
-    /// and target length `tgt_len`, before anything is built (FLOP model of
-    /// `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·Tq·Tk·d per sequence, the
-    /// output projection counts, a training step is 3× the forward).
+    /// and target length `tgt_len`, before anything is built (FLOP model: dense m→n is 2mn
+    /// per token, attention 4·Tq·Tk·d per sequence, the output projection counts, a training
+    /// step is 3× the forward).
     pub fn cost(&self, batch: usize, src_len: usize, tgt_len: usize) -> Cost {
         // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
         let b = &self.block;

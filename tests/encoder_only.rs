@@ -169,7 +169,7 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
     for pooling in [Pooling::Mean, Pooling::First] {
         let model = small_model(InputKind::Tokens { vocab: 12 }, pooling, &mut rng);
         let alone = model
-            .infer(&TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap())
+            .infer(TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap())
             .unwrap();
         let batch = TokenBatch::from_sequences(&[vec![7, 7, 7, 7, 7, 7], vec![3, 4, 5]], 9).unwrap();
         let batched = model.infer(batch).unwrap();
@@ -180,14 +180,14 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
         let model = small_model(InputKind::Features { d_in: 3 }, pooling, &mut rng);
         let x: Array3<f32> = random_like((1, 4, 3), &mut rng);
         let alone = model
-            .infer(&FeatureBatch::new(x.clone(), vec![4]).unwrap())
+            .infer(FeatureBatch::new(x.clone(), vec![4]).unwrap())
             .unwrap();
         let mut padded: Array3<f32> = random_like((2, 7, 3), &mut rng);
         padded
             .slice_mut(ndarray::s![1, ..4, ..])
             .assign(&x.slice(ndarray::s![0, .., ..]));
         let batched = model
-            .infer(&FeatureBatch::new(padded, vec![7, 4]).unwrap())
+            .infer(FeatureBatch::new(padded, vec![7, 4]).unwrap())
             .unwrap();
         for (a, b) in alone.row(0).iter().zip(batched.row(1)) {
             assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");

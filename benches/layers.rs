@@ -29,9 +29,7 @@ fn bench_multi_head(c: &mut Criterion) {
     group.sample_size(20);
     for &(name, d, h, _, b, t) in SIZES {
         let mut rng = StdRng::seed_from_u64(0);
-        let mha = MultiHeadConfig::new(d, h)
-            .init::<f32>(&mut rng)
-            .expect("valid config");
+        let mha = MultiHeadConfig::new(d, h).init(&mut rng).expect("valid config");
         let x: Array3<f32> = random_like((b, t, d), &mut rng);
         let grad_y: Array3<f32> = random_like((b, t, d), &mut rng);
         let mask = Mask::causal();
@@ -64,7 +62,7 @@ fn bench_feed_forward(c: &mut Criterion) {
     for &(name, d, _, d_ff, b, t) in SIZES {
         let mut rng = StdRng::seed_from_u64(1);
         let ffn = FeedForwardConfig::new(d, d_ff)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .expect("valid config");
         let x: Array2<f32> = random_like((b * t, d), &mut rng);
         let grad_y: Array2<f32> = random_like((b * t, d), &mut rng);

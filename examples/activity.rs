@@ -27,13 +27,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use ndarray::Array3;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig, cross_entropy};
+use vaswani::ndarray::ArrayView2;
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig, cross_entropy};
 use vaswani::{Params, Result};
 
 /// Samples per second.
@@ -224,21 +224,17 @@ impl Example {
     }
 }
 
-/// The examples as one padded batch; the padding holds NaN, which the model never reads.
+/// The examples as one padded batch (`FeatureBatch::from_sequences` pads with zeros; what the
+/// padding holds is never read).
 fn batch(examples: &[&Example]) -> Result<LabeledBatch> {
-    let lengths: Vec<usize> = examples.iter().map(|e| e.len()).collect();
-    let t = lengths.iter().copied().max().unwrap_or(0);
-    let mut x = Array3::from_elem((examples.len(), t, CHANNELS), f32::NAN);
-    for (i, e) in examples.iter().enumerate() {
-        for (j, row) in e.x.chunks(CHANNELS).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                x[[i, j, c]] = v;
-            }
-        }
-    }
+    let windows = examples
+        .iter()
+        .map(|e| ArrayView2::from_shape((e.len(), CHANNELS), &e.x[..e.len() * CHANNELS]))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .expect("whole rows of CHANNELS readings");
     let labels = examples.iter().map(|e| e.class).collect();
     Ok(LabeledBatch::new(
-        FeatureBatch::new(x, lengths)?,
+        FeatureBatch::from_sequences(windows)?,
         Targets::Classes(labels),
     ))
 }
@@ -283,7 +279,7 @@ fn run(args: &Args) -> Result<()> {
     );
 
     let block = BlockConfig::new(args.d_model, args.heads, 2 * args.d_model)
-        .with_dropout(args.dropout)
+        .with_p_drop(args.dropout)
         .with_activation(Activation::Gelu);
     let cfg = EncoderOnlyConfig::new(
         InputKind::Features { d_in: CHANNELS },
@@ -303,7 +299,7 @@ fn run(args: &Args) -> Result<()> {
     );
     let steps = args.common.steps as u64;
     let fresh = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: (steps / 10).max(1),
@@ -324,7 +320,7 @@ fn run(args: &Args) -> Result<()> {
         // A batch of distinct training windows drawn at random for this step.
         let mut pick_rng = common::step_rng(seed, step as u64, 0);
         let picked: Vec<&Example> =
-            rand::seq::index::sample(&mut pick_rng, train.len(), args.batch.min(train.len()))
+            vaswani::rand::seq::index::sample(&mut pick_rng, train.len(), args.batch.min(train.len()))
                 .into_iter()
                 .map(|i| &train[i])
                 .collect();

@@ -22,11 +22,11 @@ mod common;
 use std::path::PathBuf;
 
 use clap::Parser;
-use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::load_model;
 use vaswani::models::{AttentionMaps, EncoderDecoder, EncoderDecoderConfig, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::rand::{SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 use common::dates_data::*;
 
@@ -153,13 +153,13 @@ fn run(args: &Args) -> Result<(), String> {
 fn train(args: &Args) -> vaswani::Result<EncoderDecoder> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let days = calendar();
-    let block = BlockConfig::new(64, 4, 256).with_dropout(0.0);
+    let block = BlockConfig::new(64, 4, 256).with_p_drop(0.0);
     let model: EncoderDecoder = EncoderDecoderConfig::new(VOCAB, VOCAB, block, 2, 2)
-        .with_shared_embeddings(true)
+        .with_share_embeddings(true)
         .init(&mut rng)?;
     let steps = args.steps as u64;
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 4e-3,
             warmup: 100.min(steps / 4),

@@ -17,11 +17,11 @@
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::infer::{BeamSearch, beam_search};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,8 +135,8 @@ fn run(args: &Args) -> Result<()> {
     let (d, h, f, layers, v, b, s, t) = sizes(workload);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let model: EncoderDecoder = cfg.init(&mut rng)?;
     // Random ids in [2, V) as the PyTorch script draws them; the decoder sees T tokens and
     // the loss covers all T.
@@ -165,7 +165,7 @@ fn run(args: &Args) -> Result<()> {
     let mut trainer = Trainer::new(
         model,
         TrainerConfig {
-            adam: AdamConfig::paper(),
+            optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
             schedule: Schedule::Constant { lr: 1e-4 },
             clip_norm: None,
             label_smoothing: 0.1,

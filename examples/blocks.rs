@@ -3,13 +3,20 @@
 //!
 //!     cargo run --release --example blocks
 
-use ndarray::{Array2, Axis, array, s};
-use rand::{SeedableRng, rngs::StdRng};
+use clap::Parser;
 use vaswani::blocks::{BlockConfig, DecoderLayer, EncoderLayer};
 use vaswani::layers::{EmbeddingConfig, Mask, SinusoidalConfig, sinusoidal_table};
+use vaswani::ndarray::{Array2, Axis, array, s};
+use vaswani::rand::{SeedableRng, rngs::StdRng};
 use vaswani::{Params, Result};
 
+/// The building blocks at work: tokens through an embedding, positions, one encoder layer and
+/// one decoder layer, with the shape at every step and the attention weights printed.
+#[derive(Parser, Debug)]
+struct Args {}
+
 fn main() -> Result<()> {
+    Args::parse();
     let mut rng = StdRng::seed_from_u64(2017);
     let (vocab, d_model, heads, d_ff) = (12, 16, 4, 64);
 
@@ -20,7 +27,7 @@ fn main() -> Result<()> {
     println!("source ids                 {:?}", src.shape());
 
     // Embedding × √d_model (§3.4), plus sinusoidal positions (§3.5).
-    let embed = EmbeddingConfig::new(vocab, d_model).init::<f32>(&mut rng)?;
+    let embed = EmbeddingConfig::new(vocab, d_model).init(&mut rng)?;
     let positions = SinusoidalConfig::new(d_model).init()?;
     let x = embed.infer(src.view())?; // [B·S, d_model] rows
     println!("embedded, as rows          {:?}", x.shape());

@@ -25,13 +25,13 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::Params;
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig};
 
 /// The default text: Shakespeare's Hamlet (public domain; see examples/data/README.md).
 const HAMLET: &str = include_str!("data/hamlet.txt");
@@ -145,7 +145,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
     );
 
     let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model)
-        .with_dropout(args.dropout)
+        .with_p_drop(args.dropout)
         .with_norm_first(true)
         .with_activation(Activation::Gelu);
     let cfg = DecoderOnlyConfig::new(vocab, block, args.layers).with_positions(Positions::Learned {
@@ -167,7 +167,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
 
     let steps = args.common.steps;
     let trainer_cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: (steps as u64 / 10).clamp(1, 200),

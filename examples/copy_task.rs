@@ -14,11 +14,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
+use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig};
 use vaswani::{Params, Result};
 
 const PAD: usize = 0;
@@ -90,10 +90,10 @@ fn run(args: &Args) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut held_rng = StdRng::seed_from_u64(seed.wrapping_add(2));
 
-    let block = BlockConfig::new(args.d_model, args.heads, 2 * args.d_model).with_dropout(0.0);
+    let block = BlockConfig::new(args.d_model, args.heads, 2 * args.d_model).with_p_drop(0.0);
     let cfg = EncoderDecoderConfig::new(vocab, vocab, block, args.layers, args.layers)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let model: EncoderDecoder = cfg.init(&mut rng)?;
     println!(
         "copy task: {} symbols, lengths 1..={}, d_model {}, {} heads, {}+{} layers, {} parameters",
@@ -107,7 +107,7 @@ fn run(args: &Args) -> Result<()> {
     );
     let steps = args.common.steps as u64;
     let fresh = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: 100.min(steps / 4),

@@ -28,11 +28,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::io::save_trainer;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, TrainerConfig};
+use vaswani::rand::{SeedableRng, rngs::StdRng};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig};
 use vaswani::{Params, Result};
 
 use common::dates_data::*;
@@ -99,10 +99,10 @@ fn run(args: &Args) -> Result<()> {
         }
     }
 
-    let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model).with_dropout(0.0);
+    let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model).with_p_drop(0.0);
     let cfg = EncoderDecoderConfig::new(VOCAB, VOCAB, block, args.layers, args.layers)
-        .with_shared_embeddings(true)
-        .with_tied_output(true);
+        .with_share_embeddings(true)
+        .with_tie_output(true);
     let model: EncoderDecoder = cfg.init(&mut rng)?;
     println!(
         "dates: {} formats in training, {} held out, {} training days and {} held-out days of 1900–2099, \
@@ -119,7 +119,7 @@ fn run(args: &Args) -> Result<()> {
     );
     let steps = args.common.steps as u64;
     let fresh = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: args.lr,
             warmup: 100.min(steps / 4),

@@ -12,14 +12,33 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// Runs a torch.nn.Transformer state_dict and its inputs (IN) through the crate and writes
+/// the output, every gradient and the re-exported weights (OUT), for comparison with
+/// PyTorch (scripts/pytorch_fixtures.py).
+#[derive(Parser, Debug)]
+struct Args {
+    /// The state_dict, inputs and config, as scripts/pytorch_fixtures.py writes them.
+    input: String,
+    /// Where to write the output, the gradients and the weights.
+    output: String,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [input, output] = args.as_slice() else {
-        eprintln!("usage: pytorch_parity IN.safetensors OUT.safetensors");
-        return ExitCode::from(2);
+    let args = Args::parse();
+    let (input, output) = (&args.input, &args.output);
+    let run = || -> vaswani::Result<usize> {
+        vaswani::io::parity(input, output)?;
+        Ok(vaswani::io::TensorFile::read(output)?.tensors().len())
     };
-    match vaswani::io::parity(input, output) {
-        Ok(()) => ExitCode::SUCCESS,
+    match run() {
+        Ok(n) => {
+            println!(
+                "ran {input} through the crate: wrote {n} tensors (output, gradients, weights) to {output}"
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -6,9 +6,13 @@
 //! list it under `# Panics`.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// What went wrong, with the values involved.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Errors compare equal when their variant and fields are equal; two [`Error::Io`] compare
+/// their paths and the [`std::io::ErrorKind`] of their sources.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// A config field has a value the layer cannot be built with.
@@ -48,12 +52,13 @@ pub enum Error {
         /// Which input.
         what: String,
     },
-    /// A file could not be read or written.
+    /// A file could not be read or written. [`std::error::Error::source`] returns the
+    /// operating system's error, whose [`kind`](std::io::Error::kind) says why.
     Io {
         /// The file.
         path: String,
-        /// The operating system's reason.
-        why: String,
+        /// The operating system's error (shared, so that the error stays `Clone`).
+        source: Arc<std::io::Error>,
     },
     /// A file is not a valid checkpoint or state_dict, or does not fit the model.
     Checkpoint {
@@ -79,6 +84,14 @@ impl Error {
         Error::InvalidConfig {
             field,
             why: why.into(),
+        }
+    }
+
+    /// An I/O error for `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source: Arc::new(source),
         }
     }
 
@@ -113,14 +126,60 @@ impl fmt::Display for Error {
                 write!(f, "sequence of length {len} is longer than the maximum of {max}")
             }
             Error::NonFinite { what } => write!(f, "{what} holds NaN or an infinity"),
-            Error::Io { path, why } => write!(f, "{path}: {why}"),
+            Error::Io { path, source } => write!(f, "{path}: {source}"),
             Error::Checkpoint { path, why } => write!(f, "{path}: {why}"),
             Error::InvalidInput { why } => write!(f, "invalid input: {why}"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        use Error::*;
+        match (self, other) {
+            (InvalidConfig { field: a, why: x }, InvalidConfig { field: b, why: y }) => a == b && x == y,
+            (
+                ShapeMismatch {
+                    what: a,
+                    expected: x,
+                    got: p,
+                },
+                ShapeMismatch {
+                    what: b,
+                    expected: y,
+                    got: q,
+                },
+            ) => a == b && x == y && p == q,
+            (
+                TokenOutOfRange {
+                    id: a,
+                    position: x,
+                    vocab: p,
+                },
+                TokenOutOfRange {
+                    id: b,
+                    position: y,
+                    vocab: q,
+                },
+            ) => a == b && x == y && p == q,
+            (SequenceTooLong { len: a, max: x }, SequenceTooLong { len: b, max: y }) => a == b && x == y,
+            (NonFinite { what: a }, NonFinite { what: b }) => a == b,
+            (Io { path: a, source: x }, Io { path: b, source: y }) => a == b && x.kind() == y.kind(),
+            (Checkpoint { path: a, why: x }, Checkpoint { path: b, why: y }) => a == b && x == y,
+            (InvalidInput { why: a }, InvalidInput { why: b }) => a == b,
+            _ => false,
+        }
+    }
+}
 
 /// Config checks shared by every layer's `init`.
 pub(crate) mod check {

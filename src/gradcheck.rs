@@ -13,14 +13,14 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::gradcheck::{GradCheck, random_like};
 //! use vaswani::layers::LinearConfig;
 //! use vaswani::{Params, Tensors};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let layer = LinearConfig::new(3, 2).init::<f64>(&mut rng)?;
+//! let layer = LinearConfig::new(3, 2).init_as::<f64>(&mut rng)?;
 //! let x: Array2<f64> = random_like((4, 3), &mut rng);
 //! let r: Array2<f64> = random_like((4, 2), &mut rng);
 //!
@@ -39,6 +39,46 @@
 //! });
 //! report.assert_ok();
 //! report.assert_all_nonzero();
+//! # Ok::<(), vaswani::Error>(())
+//! ```
+//!
+//! # Gradients that are zero by the mathematics
+//!
+//! [`GradCheckReport::assert_all_nonzero`] catches a parameter that no gradient reaches (a
+//! forgotten `+=` in a backward). Some parameters get an exactly zero gradient by the
+//! mathematics, and the check would panic on them for no bug: **the key bias `b_k` of every
+//! attention layer with biases** ([`MultiHead`](crate::layers::MultiHead), and so every
+//! encoder or decoder layer, block and model built with `bias = true`). It adds `q·b_k` to
+//! every score of a query's row, and a softmax does not change when one constant is added to
+//! a whole row along the keys, so `∂L/∂b_k = 0`. PyTorch's `nn.MultiheadAttention` has the same
+//! zero gradient on the key part of `in_proj_bias`. Name such tensors in
+//! [`GradCheckReport::assert_all_nonzero_except`], which also checks that they are zero:
+//!
+//! ```
+//! use vaswani::ndarray::Array3;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::gradcheck::{GradCheck, random_like};
+//! use vaswani::layers::{Mask, MultiHead, MultiHeadConfig};
+//! use vaswani::{Params, Tensors};
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let mha = MultiHeadConfig::new(4, 2).with_p_drop(0.0).init_as::<f64>(&mut rng)?;
+//! let x: Array3<f64> = random_like((1, 3, 4), &mut rng);
+//! let r: Array3<f64> = random_like((1, 3, 4), &mut rng);
+//! let (_, cache) = mha.forward(x.view(), None, &Mask::none(), &mut rng);
+//! let mut grads = mha.p.zeros_like();
+//! let (grad_x, _) = mha.backward(&cache, r.view(), &mut grads);
+//!
+//! let mut point = (Tensors::new().with("x", x), mha.p.clone());
+//! let analytic = (Tensors::new().with("x", grad_x), grads);
+//! let report = GradCheck::default().run(&mut point, &analytic, |(inputs, p)| {
+//!     let layer = MultiHead { cfg: mha.cfg.clone(), p: p.clone() };
+//!     let x = inputs.get("x").view().into_dimensionality().unwrap();
+//!     (&layer.infer(x, None, &Mask::none()) * &r).sum()
+//! });
+//! report.assert_ok();
+//! assert_eq!(report.zero_gradients(), ["b_k"]); // by the mathematics, not a bug
+//! report.assert_all_nonzero_except(&["b_k"]); // `assert_all_nonzero()` would panic here
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
@@ -231,6 +271,10 @@ impl GradCheckReport {
 
     /// Panics with the whole report if any tensor received no gradient (see
     /// [`GradCheckReport::zero_gradients`]).
+    ///
+    /// The key bias `b_k` of an attention layer with biases has a gradient of exactly zero by
+    /// the mathematics (see the [module docs](self)), so this panics for any such layer, block
+    /// or model: use [`GradCheckReport::assert_all_nonzero_except`]`(&["b_k"])` there.
     pub fn assert_all_nonzero(&self) {
         self.assert_all_nonzero_except(&[]);
     }

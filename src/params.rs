@@ -246,17 +246,68 @@ impl<F: Float> Params<F> for Tensors<F> {
     }
 }
 
-/// Implements [`Params`] for a struct by visiting the listed fields in order, each under its
-/// field name.
+/// Implements [`Params`] for your own struct of parameters, so that the crate's optimizers,
+/// [`Trainer`](crate::train::Trainer), gradient clipping, checkpoint averaging and
+/// [`gradcheck`](crate::gradcheck) work with it.
+///
+/// The struct must take the float type as its one type parameter, `F: vaswani::Float`. The
+/// listed fields are visited in the order given, each under its field name (`w`, `b`, …,
+/// dotted behind the caller's prefix); a field may be an ndarray array, an `Option` of one
+/// (an absent bias visits nothing), a `Vec` of anything that implements [`Params`] (named
+/// `0`, `1`, …), or another such struct. Gradients then have the struct's own type:
+/// `p.zeros_like()` is the gradient container that your `backward` adds into.
+///
+/// The expansion names only `$crate::…` paths, so your crate needs no `ndarray` dependency
+/// of its own ([`ndarray`](crate::ndarray) is re-exported).
+///
+/// # Example
+/// ```
+/// use vaswani::ndarray::{Array1, Array2, ArrayView2};
+/// use vaswani::{Float, Params, impl_params};
+///
+/// /// A learned gain and bias per feature: y = x ⊙ g + b.
+/// #[derive(Clone, Debug)]
+/// struct ScaleShift<F: Float> {
+///     g: Array1<F>,
+///     b: Option<Array1<F>>,
+/// }
+/// impl_params!(ScaleShift { g, b });
+///
+/// impl<F: Float> ScaleShift<F> {
+///     fn forward(&self, x: ArrayView2<F>) -> Array2<F> {
+///         let y = &x * &self.g;
+///         match &self.b {
+///             Some(b) => y + b,
+///             None => y,
+///         }
+///     }
+///
+///     /// Adds ∂L/∂g and ∂L/∂b into `grads` (never zeroes it) and returns ∂L/∂x.
+///     fn backward(&self, x: ArrayView2<F>, grad_y: ArrayView2<F>, grads: &mut Self) -> Array2<F> {
+///         grads.g += &(&grad_y * &x).sum_axis(vaswani::ndarray::Axis(0));
+///         if let Some(gb) = &mut grads.b {
+///             *gb += &grad_y.sum_axis(vaswani::ndarray::Axis(0));
+///         }
+///         &grad_y * &self.g
+///     }
+/// }
+///
+/// let layer = ScaleShift { g: Array1::<f32>::ones(3), b: Some(Array1::zeros(3)) };
+/// assert_eq!(layer.shapes(), [("g".to_string(), vec![3]), ("b".to_string(), vec![3])]);
+/// let x = Array2::from_elem((2, 3), 2.0);
+/// let mut grads = layer.zeros_like();
+/// let grad_x = layer.backward(x.view(), Array2::ones((2, 3)).view(), &mut grads);
+/// assert_eq!(grads.g[0], 4.0); // Σ over the 2 rows of 1 · 2
+/// assert_eq!(grad_x, layer.forward(Array2::ones((2, 3)).view()));
+/// ```
 #[macro_export]
-#[doc(hidden)]
 macro_rules! impl_params {
     ($ty:ident { $($field:ident),* $(,)? }) => {
         impl<F: $crate::Float> $crate::Params<F> for $ty<F> {
-            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'a, F>)) {
+            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, $crate::ndarray::ArrayViewD<'a, F>)) {
                 $( $crate::Params::visit(&self.$field, &$crate::params::join(prefix, stringify!($field)), f); )*
             }
-            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'a, F>)) {
+            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, $crate::ndarray::ArrayViewMutD<'a, F>)) {
                 $( $crate::Params::visit_mut(&mut self.$field, &$crate::params::join(prefix, stringify!($field)), f); )*
             }
         }
@@ -271,10 +322,10 @@ macro_rules! impl_params {
 macro_rules! delegate_params {
     ($ty:ident => $($path:ident).+) => {
         impl<F: $crate::Float> $crate::Params<F> for $ty<F> {
-            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'a, F>)) {
+            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, $crate::ndarray::ArrayViewD<'a, F>)) {
                 $crate::Params::visit(&self.$($path).+, prefix, f);
             }
-            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'a, F>)) {
+            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, $crate::ndarray::ArrayViewMutD<'a, F>)) {
                 $crate::Params::visit_mut(&mut self.$($path).+, prefix, f);
             }
         }

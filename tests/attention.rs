@@ -27,7 +27,7 @@ fn busy_mask(b: usize, t: usize) -> Mask {
 fn sdpa_gradients_with_masks_and_dropout() {
     let mut rng = StdRng::seed_from_u64(30);
     let (b, t, dk, dv) = (2, 4, 3, 5);
-    let attn = AttentionConfig::new().with_dropout(0.25).init().unwrap();
+    let attn = AttentionConfig::new().with_p_drop(0.25).init().unwrap();
     let q: Array3<f64> = random_like((b, t, dk), &mut rng);
     let k: Array3<f64> = random_like((b, t, dk), &mut rng);
     let v: Array3<f64> = random_like((b, t, dv), &mut rng);
@@ -61,9 +61,9 @@ fn mha_check(memory_len: Option<usize>, mask: Mask, p_drop: f32, bias: bool) {
     let mut rng = StdRng::seed_from_u64(31);
     let (b, t, d, h) = (2, 4, 6, 3);
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
-        .with_dropout(p_drop)
+        .with_p_drop(p_drop)
         .with_bias(bias)
-        .init(&mut rng)
+        .init_as(&mut rng)
         .unwrap();
     // Non-zero biases so that their gradients are tested against a non-trivial point.
     let mut p = mha.p.clone();
@@ -228,8 +228,8 @@ fn fully_masked_rows_give_zeros_and_zero_gradients_never_nan() {
     let mut rng = StdRng::seed_from_u64(35);
     let (b, t, d) = (2, 3, 4);
     let mha: MultiHead<f64> = MultiHeadConfig::new(d, 2)
-        .with_dropout(0.0)
-        .init(&mut rng)
+        .with_p_drop(0.0)
+        .init_as(&mut rng)
         .unwrap();
     let x: Array3<f64> = random_like((b, t, d), &mut rng);
     // Sequence 1 has no real key at all; query 0 of sequence 0 is blocked from everything.
@@ -260,8 +260,8 @@ fn heads_are_concatenated_not_averaged() {
     let mut rng = StdRng::seed_from_u64(36);
     let (d, h) = (6, 3);
     let mut mha: MultiHead<f64> = MultiHeadConfig::new(d, h)
-        .with_dropout(0.0)
-        .init(&mut rng)
+        .with_p_drop(0.0)
+        .init_as(&mut rng)
         .unwrap();
     mha.p.w_o = Array2::eye(d);
     let x: Array3<f64> = random_like((1, 4, d), &mut rng);
@@ -288,7 +288,7 @@ fn bitwise_identical_with_one_and_two_threads() {
     let mut rng = StdRng::seed_from_u64(37);
     let (b, t, d, h) = (4, 33, 64, 4);
     let mha: MultiHead<f32> = MultiHeadConfig::new(d, h)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .init(&mut rng)
         .unwrap();
     let x: Array3<f32> = random_like((b, t, d), &mut rng);
@@ -329,25 +329,25 @@ fn bitwise_identical_with_one_and_two_threads() {
 fn config_errors_name_the_numbers() {
     let mut rng = StdRng::seed_from_u64(0);
     let err = MultiHeadConfig::new(10, 3)
-        .init::<f32>(&mut rng)
+        .init(&mut rng)
         .unwrap_err()
         .to_string();
     assert!(err.contains("10") && err.contains('3'), "{err}");
-    assert!(MultiHeadConfig::new(0, 1).init::<f32>(&mut rng).is_err());
-    assert!(MultiHeadConfig::new(8, 0).init::<f32>(&mut rng).is_err());
+    assert!(MultiHeadConfig::new(0, 1).init(&mut rng).is_err());
+    assert!(MultiHeadConfig::new(8, 0).init(&mut rng).is_err());
     assert!(
         MultiHeadConfig::new(8, 2)
-            .with_dropout(1.0)
-            .init::<f32>(&mut rng)
+            .with_p_drop(1.0)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         MultiHeadConfig::new(8, 2)
-            .with_dropout(f32::NAN)
-            .init::<f32>(&mut rng)
+            .with_p_drop(f32::NAN)
+            .init(&mut rng)
             .is_err()
     );
-    assert!(AttentionConfig::new().with_dropout(-0.1).init().is_err());
+    assert!(AttentionConfig::new().with_p_drop(-0.1).init().is_err());
 }
 
 #[test]

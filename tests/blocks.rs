@@ -24,7 +24,7 @@ fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
 
 fn block(norm_first: bool, activation: Activation) -> BlockConfig {
     BlockConfig::new(4, 2, 6)
-        .with_dropout(0.2)
+        .with_p_drop(0.2)
         .with_norm_first(norm_first)
         .with_activation(activation)
 }
@@ -103,11 +103,11 @@ fn stacks_gradients_with_final_norms() {
         let cfg = block(norm_first, Activation::Relu);
         let mut enc = EncoderConfig::new(cfg.clone(), 2)
             .with_final_norm(final_norm)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap();
         let mut dec = DecoderConfig::new(cfg, 2)
             .with_final_norm(final_norm)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap();
         assert_eq!(enc.norm.is_some(), norm_first || final_norm == FinalNorm::Always);
         jitter(&mut enc, &mut rng);
@@ -147,8 +147,8 @@ fn stacks_gradients_with_final_norms() {
 #[test]
 fn infer_equals_forward_without_dropout_and_names_follow_pytorch_layout() {
     let mut rng = StdRng::seed_from_u64(53);
-    let cfg = BlockConfig::new(8, 2, 16).with_dropout(0.0);
-    let dec = DecoderConfig::new(cfg, 2).init::<f32>(&mut rng).unwrap();
+    let cfg = BlockConfig::new(8, 2, 16).with_p_drop(0.0);
+    let dec = DecoderConfig::new(cfg, 2).init(&mut rng).unwrap();
     let x: Array3<f32> = random_like((2, 3, 8), &mut rng);
     let m: Array3<f32> = random_like((2, 4, 8), &mut rng);
     let (y, _) = dec.forward(x.view(), m.view(), &Mask::causal(), &Mask::none(), &mut rng);
@@ -177,10 +177,10 @@ fn bad_block_configs_are_errors() {
     assert!(EncoderLayer::<f32>::new(&BlockConfig::new(10, 3, 8), &mut rng).is_err());
     assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 0), &mut rng).is_err());
     assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 8).with_eps(0.0), &mut rng).is_err());
-    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 8).with_dropout(-0.5), &mut rng).is_err());
+    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 8).with_p_drop(-0.5), &mut rng).is_err());
     assert!(
         EncoderConfig::new(BlockConfig::new(8, 2, 8), 0)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
 }

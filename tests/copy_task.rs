@@ -6,7 +6,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 const PAD: usize = 0;
 const BOS: usize = 1;
@@ -34,14 +34,14 @@ fn batch(rng: &mut StdRng, size: usize) -> Seq2SeqBatch {
 fn copy_task_reaches_exact_match_on_held_out_sequences() {
     let start = Instant::now();
     let mut rng = StdRng::seed_from_u64(2017);
-    let block = BlockConfig::new(32, 4, 64).with_dropout(0.0);
+    let block = BlockConfig::new(32, 4, 64).with_p_drop(0.0);
     let model: EncoderDecoder = EncoderDecoderConfig::new(VOCAB, VOCAB, block, 2, 2)
-        .with_shared_embeddings(true)
-        .with_tied_output(true)
+        .with_share_embeddings(true)
+        .with_tie_output(true)
         .init(&mut rng)
         .unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 8e-3,
             warmup: 100,

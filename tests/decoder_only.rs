@@ -9,7 +9,7 @@ use vaswani::blocks::BlockConfig;
 use vaswani::gradcheck::{GradCheck, random_like};
 use vaswani::kernels::Activation;
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
-use vaswani::train::{AdamConfig, Schedule, Trainable, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainable, Trainer, TrainerConfig};
 use vaswani::{Error, Params};
 
 /// Moves every parameter a little off its initial value (γ = 1, β = 0, zero biases) so that
@@ -25,7 +25,7 @@ fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
 /// without any bug.
 fn tiny_block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(4, 2, 6)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
         .with_activation(Activation::Gelu)
 }
@@ -41,7 +41,7 @@ const EXEMPT: &[&str] = &["b_k"];
 
 fn check_model(cfg: DecoderOnlyConfig) {
     let mut rng = StdRng::seed_from_u64(70);
-    let mut model: DecoderOnly<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: DecoderOnly<f64> = cfg.init_as(&mut rng).unwrap();
     jitter(&mut model, &mut rng);
     let batch = tiny_batch();
     let mut grads = model.zeros_like();
@@ -67,7 +67,7 @@ fn all_variants(norm_first: bool) {
         for positions in [Positions::Sinusoidal, Positions::Learned { max_len: 6 }] {
             check_model(
                 DecoderOnlyConfig::new(9, tiny_block(norm_first), 2)
-                    .with_tied_output(tied)
+                    .with_tie_output(tied)
                     .with_positions(positions),
             );
         }
@@ -99,7 +99,7 @@ fn pre_norm_ends_with_a_layer_norm_and_post_norm_does_not() {
     // Tied: no head; untied: head.weight [V, d_model].
     assert!(!names(&pre).iter().any(|n| n.starts_with("head")));
     let untied: DecoderOnly = DecoderOnlyConfig::new(9, tiny_block(false), 1)
-        .with_tied_output(false)
+        .with_tie_output(false)
         .init(&mut rng)
         .unwrap();
     assert!(untied.shapes().contains(&("head.weight".to_string(), vec![9, 4])));
@@ -111,11 +111,11 @@ fn cost_counts_match_the_built_model() {
     for cfg in [
         DecoderOnlyConfig::new(30, BlockConfig::new(16, 4, 24), 2),
         DecoderOnlyConfig::new(30, BlockConfig::new(16, 4, 24).with_norm_first(true), 3)
-            .with_tied_output(false)
+            .with_tie_output(false)
             .with_positions(Positions::Learned { max_len: 7 }),
         DecoderOnlyConfig::new(11, BlockConfig::new(8, 2, 12).with_bias(false), 1),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1).params, model.num_params() as u64);
     }
     // WORKLOADS.md's FLOP model for the "tiny" sizes, by hand: per layer and sequence
@@ -407,7 +407,7 @@ fn bad_inputs_are_typed_errors() {
 
     // 3: zero sizes.
     let block = || BlockConfig::new(8, 2, 8);
-    let field = |cfg: DecoderOnlyConfig| match cfg.init::<f32>(&mut StdRng::seed_from_u64(0)) {
+    let field = |cfg: DecoderOnlyConfig| match cfg.init(&mut StdRng::seed_from_u64(0)) {
         Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("expected a config error, got {other:?}"),
     };
@@ -432,7 +432,7 @@ fn bad_inputs_are_typed_errors() {
     // 4: out-of-range hyper-parameters.
     for p in [1.0, -0.1, f32::NAN] {
         assert_eq!(
-            field(DecoderOnlyConfig::new(10, block().with_dropout(p), 1)),
+            field(DecoderOnlyConfig::new(10, block().with_p_drop(p), 1)),
             "p_drop"
         );
     }
@@ -514,12 +514,10 @@ fn learns_counting_sequences_and_generates_them() {
     let start = Instant::now();
     const LEN: usize = 16;
     let mut rng = StdRng::seed_from_u64(2017);
-    let block = BlockConfig::new(32, 4, 64)
-        .with_dropout(0.0)
-        .with_norm_first(true);
+    let block = BlockConfig::new(32, 4, 64).with_p_drop(0.0).with_norm_first(true);
     let model: DecoderOnly = DecoderOnlyConfig::new(10, block, 2).init(&mut rng).unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 3e-3,
             warmup: 30,

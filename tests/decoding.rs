@@ -113,7 +113,7 @@ fn causal_encoder_steps_equal_the_full_causal_pass() {
     use vaswani::layers::Mask;
     for norm_first in [false, true] {
         let enc = EncoderConfig::new(BlockConfig::new(16, 4, 32).with_norm_first(norm_first), 2)
-            .init::<f32>(&mut StdRng::seed_from_u64(73))
+            .init(&mut StdRng::seed_from_u64(73))
             .unwrap();
         let x: Array3<f32> = random_like((3, 7, 16), &mut StdRng::seed_from_u64(74));
         let full = enc.infer(x.view(), &Mask::causal());

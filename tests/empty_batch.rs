@@ -33,7 +33,7 @@ fn layers_take_zero_rows() {
     let rng = &mut StdRng::seed_from_u64(1);
     let x = Array2::<f32>::zeros((0, D));
 
-    let linear = LinearConfig::new(D, 5).init::<f32>(rng).unwrap();
+    let linear = LinearConfig::new(D, 5).init(rng).unwrap();
     let (y, cache) = linear.forward(x.view());
     assert_eq!(y.dim(), (0, 5));
     assert_eq!(linear.infer(x.view()).dim(), (0, 5));
@@ -41,7 +41,7 @@ fn layers_take_zero_rows() {
     assert_eq!(linear.backward(&cache, y.view(), &mut g.p).dim(), (0, D));
     assert!(zero(&g));
 
-    let emb = EmbeddingConfig::new(9, D).init::<f32>(rng).unwrap();
+    let emb = EmbeddingConfig::new(9, D).init(rng).unwrap();
     let ids = Array2::<usize>::zeros((0, 3));
     let (y, cache) = emb.forward(ids.view()).unwrap();
     assert_eq!(y.dim(), (0, D));
@@ -49,14 +49,14 @@ fn layers_take_zero_rows() {
     emb.backward(&cache, y.view(), &mut g.p);
     assert!(zero(&g));
 
-    let norm = LayerNormConfig::new(D).init::<f32>(rng).unwrap();
+    let norm = LayerNormConfig::new(D).init(rng).unwrap();
     let (y, cache) = norm.forward(x.view());
     assert_eq!(y.dim(), (0, D));
     let mut g = norm.zeros_like();
     assert_eq!(norm.backward(&cache, y.view(), &mut g.p).dim(), (0, D));
     assert!(zero(&g));
 
-    let ffn = FeedForwardConfig::new(D, 16).init::<f32>(rng).unwrap();
+    let ffn = FeedForwardConfig::new(D, 16).init(rng).unwrap();
     let (y, cache) = ffn.forward(x.view(), rng);
     assert_eq!(y.dim(), (0, D));
     assert_eq!(ffn.infer(x.view()).dim(), (0, D));
@@ -70,7 +70,7 @@ fn layers_take_zero_rows() {
 
     let sin = SinusoidalConfig::new(D).init().unwrap();
     assert_eq!(sin.forward(x.view(), 3, 0).dim(), (0, D));
-    let learned = LearnedPositionalConfig::new(4, D).init::<f32>(rng).unwrap();
+    let learned = LearnedPositionalConfig::new(4, D).init(rng).unwrap();
     let y = learned.forward(x.view(), 3, 0).unwrap();
     let mut g = learned.zeros_like();
     assert_eq!(learned.backward(y.view(), 3, 0, &mut g.p).dim(), (0, D));
@@ -79,7 +79,7 @@ fn layers_take_zero_rows() {
     for norm_first in [false, true] {
         let residual = ResidualConfig::new(D)
             .with_norm_first(norm_first)
-            .init::<f32>(rng)
+            .init(rng)
             .unwrap();
         let (y, cache) = residual.forward(x.view(), rng, |u, _| (u.to_owned(), ()));
         assert_eq!(y.dim(), (0, D));
@@ -96,7 +96,7 @@ fn attention_takes_an_empty_batch() {
     let rng = &mut StdRng::seed_from_u64(2);
     let x = Array3::<f32>::zeros((0, 3, D));
     let attention = AttentionConfig::new().init().unwrap();
-    let mha = MultiHeadConfig::new(D, 2).init::<f32>(rng).unwrap();
+    let mha = MultiHeadConfig::new(D, 2).init(rng).unwrap();
     for (what, mask) in masks() {
         let (y, cache) = attention.forward(x.view(), x.view(), x.view(), &mask, rng);
         assert_eq!(y.dim(), (0, 3, D), "{what}");
@@ -127,8 +127,8 @@ fn blocks_take_an_empty_batch() {
     let memory = Array3::<f32>::zeros((0, 4, D));
     for norm_first in [false, true] {
         let block = BlockConfig::new(D, 2, 16).with_norm_first(norm_first);
-        let encoder = EncoderConfig::new(block.clone(), 2).init::<f32>(rng).unwrap();
-        let decoder = DecoderConfig::new(block, 2).init::<f32>(rng).unwrap();
+        let encoder = EncoderConfig::new(block.clone(), 2).init(rng).unwrap();
+        let decoder = DecoderConfig::new(block, 2).init(rng).unwrap();
         for (what, mask) in masks() {
             let (y, cache) = encoder.forward(x.view(), &mask, rng);
             assert_eq!(y.dim(), (0, 3, D), "{what}");
@@ -185,7 +185,8 @@ fn pytorch_parity_takes_an_empty_batch() {
     let out_dir = std::env::temp_dir().join(format!("vaswani-empty-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let (input, output) = (out_dir.join("in.safetensors"), out_dir.join("out.safetensors"));
-    write_tensor_file(&input, &tensors, fixture.metadata().clone()).unwrap();
+    let metadata = fixture.metadata().clone().into_iter().collect();
+    write_tensor_file(&input, &tensors, metadata).unwrap();
     parity(&input, &output).unwrap();
     let out = TensorFile::read(&output).unwrap();
     assert_eq!(out.float::<f32>("output").unwrap().shape()[0], 0);

@@ -13,7 +13,7 @@ use vaswani::models::{
     EncoderInput, EncoderOnly, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Pooling,
     Positions, Targets, TokenBatch,
 };
-use vaswani::train::{AdamConfig, Schedule, Trainable, Trainer, TrainerConfig};
+use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainable, Trainer, TrainerConfig};
 use vaswani::{Error, Float, Params};
 
 fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
@@ -26,7 +26,7 @@ fn jitter<P: Params<f64>>(p: &mut P, rng: &mut StdRng) {
 /// GELU, not ReLU: the finite differences must not straddle a kink.
 fn tiny_block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(4, 2, 6)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
         .with_activation(Activation::Gelu)
 }
@@ -35,7 +35,7 @@ fn tiny_block(norm_first: bool) -> BlockConfig {
 /// against central differences for every parameter, with dropout on a fixed seed.
 fn check_model(cfg: EncoderOnlyConfig, batch: &LabeledBatch<f64>) {
     let mut rng = StdRng::seed_from_u64(70);
-    let mut model: EncoderOnly<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: EncoderOnly<f64> = cfg.init_as(&mut rng).unwrap();
     // Away from the initial values (zero biases, unit gains), where some gradients vanish by
     // symmetry.
     jitter(&mut model, &mut rng);
@@ -135,7 +135,7 @@ fn cost_counts_match_the_built_model() {
         )
         .with_final_norm(FinalNorm::Always),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1).params, model.num_params() as u64, "{cfg:?}");
     }
     // By hand: d = 8, d_ff = 16, d_in = 3, 2 outputs, 1 layer, B = 2, T = 5.
@@ -169,10 +169,10 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
     for pooling in [Pooling::Mean, Pooling::First] {
         let model = small_model(InputKind::Tokens { vocab: 12 }, pooling, &mut rng);
         let alone = model
-            .infer(&TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap().into())
+            .infer(TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap())
             .unwrap();
         let batch = TokenBatch::from_sequences(&[vec![7, 7, 7, 7, 7, 7], vec![3, 4, 5]], 9).unwrap();
-        let batched = model.infer(&batch.into()).unwrap();
+        let batched = model.infer(batch).unwrap();
         for (a, b) in alone.row(0).iter().zip(batched.row(1)) {
             assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");
         }
@@ -180,14 +180,14 @@ fn a_sequence_alone_and_padded_in_a_batch_give_the_same_output() {
         let model = small_model(InputKind::Features { d_in: 3 }, pooling, &mut rng);
         let x: Array3<f32> = random_like((1, 4, 3), &mut rng);
         let alone = model
-            .infer(&FeatureBatch::new(x.clone(), vec![4]).unwrap().into())
+            .infer(FeatureBatch::new(x.clone(), vec![4]).unwrap())
             .unwrap();
         let mut padded: Array3<f32> = random_like((2, 7, 3), &mut rng);
         padded
             .slice_mut(ndarray::s![1, ..4, ..])
             .assign(&x.slice(ndarray::s![0, .., ..]));
         let batched = model
-            .infer(&FeatureBatch::new(padded, vec![7, 4]).unwrap().into())
+            .infer(FeatureBatch::new(padded, vec![7, 4]).unwrap())
             .unwrap();
         for (a, b) in alone.row(0).iter().zip(batched.row(1)) {
             assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");
@@ -223,7 +223,7 @@ fn nan_in_padded_feature_rows_changes_no_output_and_no_gradient() {
     for pooling in [Pooling::Mean, Pooling::First] {
         let model: EncoderOnly<f32> = EncoderOnlyConfig::new(
             InputKind::Features { d_in: 3 },
-            BlockConfig::new(8, 2, 16).with_dropout(0.1),
+            BlockConfig::new(8, 2, 16).with_p_drop(0.1),
             2,
             Head::Classify { classes: 3 },
         )
@@ -255,7 +255,7 @@ fn bitwise_identical_for_one_and_two_threads() {
     // Big enough that the GEMMs and row loops are split across the pool.
     let model: EncoderOnly<f32> = EncoderOnlyConfig::new(
         InputKind::Features { d_in: 6 },
-        BlockConfig::new(64, 4, 128).with_dropout(0.1),
+        BlockConfig::new(64, 4, 128).with_p_drop(0.1),
         2,
         Head::Classify { classes: 5 },
     )
@@ -309,7 +309,7 @@ fn bad_inputs_are_typed_errors() {
     // 1: a token id out of range, with its position.
     let bad = TokenBatch::from_sequences(&[vec![1, 2], vec![3, 10]], 0).unwrap();
     assert_eq!(
-        tokens.infer(&bad.into()).unwrap_err(),
+        tokens.infer(bad).unwrap_err(),
         Error::TokenOutOfRange {
             id: 10,
             position: (1, 1),
@@ -318,7 +318,7 @@ fn bad_inputs_are_typed_errors() {
     );
 
     // 3: zero sizes in the config.
-    let zero = |cfg: EncoderOnlyConfig, field: &str| match cfg.init::<f32>(&mut StdRng::seed_from_u64(0)) {
+    let zero = |cfg: EncoderOnlyConfig, field: &str| match cfg.init(&mut StdRng::seed_from_u64(0)) {
         Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
         other => panic!("{field}: expected a config error, got {other:?}"),
     };
@@ -363,7 +363,7 @@ fn bad_inputs_are_typed_errors() {
         "n_heads",
     );
     zero(
-        EncoderOnlyConfig::new(feats, block.clone().with_dropout(1.0), 1, classify),
+        EncoderOnlyConfig::new(feats, block.clone().with_p_drop(1.0), 1, classify),
         "p_drop",
     );
 
@@ -479,7 +479,7 @@ fn bad_inputs_are_typed_errors() {
     // 8: longer than the learned position table.
     let long = TokenBatch::from_sequences(&[vec![1; 6], vec![2]], 0).unwrap();
     assert_eq!(
-        tokens.infer(&long.into()).unwrap_err(),
+        tokens.infer(long).unwrap_err(),
         Error::SequenceTooLong { len: 6, max: 5 }
     );
 
@@ -494,7 +494,7 @@ fn bad_inputs_are_typed_errors() {
             what: "features at batch row 1, position 0".into()
         }
     );
-    let y = features.infer(&nan.into()).unwrap();
+    let y = features.infer(nan).unwrap();
     assert!(y.row(0).iter().all(|v| v.is_finite()));
     assert!(y.row(1).iter().all(|v| v.is_nan()));
 }
@@ -540,14 +540,14 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
     let mut rng = StdRng::seed_from_u64(2017);
     let model: EncoderOnly = EncoderOnlyConfig::new(
         InputKind::Features { d_in: 2 },
-        BlockConfig::new(32, 4, 64).with_dropout(0.0),
+        BlockConfig::new(32, 4, 64).with_p_drop(0.0),
         2,
         Head::Classify { classes: 4 },
     )
     .init(&mut rng)
     .unwrap();
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Cosine {
             peak: 2e-3,
             warmup: 30,
@@ -569,7 +569,7 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
             .loss;
     }
     let (x, y) = tone_batch(1000, &mut StdRng::seed_from_u64(99));
-    let predicted = trainer.model.predict(&x.into()).unwrap();
+    let predicted = trainer.model.predict(x).unwrap();
     let correct = predicted.iter().zip(&y).filter(|(p, y)| p == y).count();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("dominant frequency: final loss {last:.4}, {correct}/1000 held out, {secs:.1} s");

@@ -360,8 +360,8 @@ fn until_eos_allocates_as_it_goes() {
     // A generator of zeros: every logit equal, so the lowest id, 0, wins; with eos = 0 every
     // sequence ends at once, and "no maximum length" (usize::MAX) is fine.
     let mut m = EncoderDecoderConfig::new(11, 7, BlockConfig::new(16, 4, 24), 1, 1)
-        .with_tied_output(false)
-        .init::<f32>(&mut StdRng::seed_from_u64(12))
+        .with_tie_output(false)
+        .init(&mut StdRng::seed_from_u64(12))
         .unwrap();
     m.generator.as_mut().unwrap().p.weight.fill(0.0);
     let src = sources();
@@ -592,7 +592,7 @@ fn every_model_hands_back_its_attention_maps() {
         3,
         Head::Classify { classes: 2 },
     )
-    .init::<f32>(&mut StdRng::seed_from_u64(16))
+    .init(&mut StdRng::seed_from_u64(16))
     .unwrap();
     let maps = enc.attention(&src.clone().into()).unwrap();
     assert_eq!(maps.encoder.len(), 3);

@@ -28,7 +28,7 @@ fn tiny_batch() -> Seq2SeqBatch {
 
 fn check_model(cfg: EncoderDecoderConfig) {
     let mut rng = StdRng::seed_from_u64(60);
-    let mut model: EncoderDecoder<f64> = cfg.init(&mut rng).unwrap();
+    let mut model: EncoderDecoder<f64> = cfg.init_as(&mut rng).unwrap();
     jitter(&mut model, &mut rng);
     let batch = tiny_batch();
     let mut grads = model.zeros_like();
@@ -48,7 +48,7 @@ fn check_model(cfg: EncoderDecoderConfig) {
 
 fn tiny_block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(4, 2, 6)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
         .with_activation(Activation::Gelu)
 }
@@ -57,8 +57,8 @@ fn tiny_block(norm_first: bool) -> BlockConfig {
 fn encoder_decoder_gradients_post_norm_shared_and_tied() {
     check_model(
         EncoderDecoderConfig::new(9, 9, tiny_block(false), 2, 2)
-            .with_shared_embeddings(true)
-            .with_tied_output(true),
+            .with_share_embeddings(true)
+            .with_tie_output(true),
     );
 }
 
@@ -85,11 +85,11 @@ fn cost_counts_match_the_built_model() {
     for cfg in [
         EncoderDecoderConfig::new(30, 40, BlockConfig::new(16, 4, 24), 2, 3),
         EncoderDecoderConfig::new(30, 30, BlockConfig::new(16, 4, 24).with_norm_first(true), 1, 1)
-            .with_shared_embeddings(true)
-            .with_tied_output(true)
+            .with_share_embeddings(true)
+            .with_tie_output(true)
             .with_positions(Positions::Learned { max_len: 7 }),
     ] {
-        let model = cfg.init::<f32>(&mut rng).unwrap();
+        let model = cfg.init(&mut rng).unwrap();
         assert_eq!(cfg.cost(1, 1, 1).params, model.num_params() as u64);
     }
     // The FLOP model of WORKLOADS.md, as `model_flops` in torch_baseline.py computes it
@@ -100,7 +100,7 @@ fn cost_counts_match_the_built_model() {
         (512, 8, 2048, 6, 8000, 8, 64, 50_499_420_160, 151_498_260_480),
     ] {
         let cfg =
-            EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers).with_tied_output(true);
+            EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers).with_tie_output(true);
         let c = cfg.cost(b, len, len);
         assert_eq!((c.forward_flops, c.train_flops), (forward, train));
     }
@@ -141,28 +141,28 @@ fn bad_inputs_are_typed_errors() {
     // 2, 3, 4: config errors.
     assert!(
         EncoderDecoderConfig::new(10, 10, BlockConfig::new(10, 3, 8), 1, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(0, 10, BlockConfig::new(8, 2, 8), 1, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(10, 10, BlockConfig::new(8, 2, 8), 0, 1)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
         EncoderDecoderConfig::new(10, 11, BlockConfig::new(8, 2, 8), 1, 1)
-            .with_shared_embeddings(true)
-            .init::<f32>(&mut rng)
+            .with_share_embeddings(true)
+            .init(&mut rng)
             .is_err()
     );
     assert!(
-        EncoderDecoderConfig::new(10, 10, BlockConfig::new(8, 2, 8).with_dropout(1.0), 1, 1)
-            .init::<f32>(&mut rng)
+        EncoderDecoderConfig::new(10, 10, BlockConfig::new(8, 2, 8).with_p_drop(1.0), 1, 1)
+            .init(&mut rng)
             .is_err()
     );
 }
@@ -189,11 +189,11 @@ fn padding_does_not_change_real_outputs() {
 
 #[test]
 fn accumulated_micro_batches_give_the_large_batch_gradient() {
-    use vaswani::train::{AdamConfig, Schedule, Trainer, TrainerConfig};
+    use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
     let mut rng = StdRng::seed_from_u64(64);
     let model: EncoderDecoder<f64> =
-        EncoderDecoderConfig::new(12, 12, BlockConfig::new(8, 2, 16).with_dropout(0.0), 1, 1)
-            .init(&mut rng)
+        EncoderDecoderConfig::new(12, 12, BlockConfig::new(8, 2, 16).with_p_drop(0.0), 1, 1)
+            .init_as(&mut rng)
             .unwrap();
     let pairs: Vec<(Vec<usize>, Vec<usize>)> = vec![
         (vec![3, 4, 5], vec![5, 4]),
@@ -233,7 +233,7 @@ fn accumulated_micro_batches_give_the_large_batch_gradient() {
     );
     // And the Trainer reports the same per-token mean loss either way.
     let cfg = TrainerConfig {
-        adam: AdamConfig::paper(),
+        optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
         schedule: Schedule::Constant { lr: 1e-3 },
         clip_norm: None,
         label_smoothing: 0.1,

@@ -48,7 +48,7 @@ fn set_pad_row<P: Params<f32>>(model: &mut P, value: f32) -> usize {
 
 /// The gradients (and loss) of one batch, once with a NaN in the padding's row of every
 /// embedding and once with 0.25 there: they must be equal and finite.
-fn check_model<M: Trainable<f32>>(mut model: M, batch: &M::Batch, what: &str) {
+fn check_model<M: Trainable<Float = f32>>(mut model: M, batch: &M::Batch, what: &str) {
     let mut run = |value: f32| {
         assert!(set_pad_row(&mut model, value) > 0, "{what}: no embedding table");
         let mut grads = model.zeros_like();
@@ -75,7 +75,7 @@ fn check_model<M: Trainable<f32>>(mut model: M, batch: &M::Batch, what: &str) {
 
 fn block(norm_first: bool) -> BlockConfig {
     BlockConfig::new(8, 2, 16)
-        .with_dropout(0.1)
+        .with_p_drop(0.1)
         .with_norm_first(norm_first)
 }
 
@@ -89,9 +89,9 @@ fn a_nan_in_the_padding_row_of_an_embedding_reaches_no_gradient() {
         let batch = Seq2SeqBatch::from_pairs(&pairs, 1, 2, 0).unwrap();
         for shared in [false, true] {
             let model = EncoderDecoderConfig::new(9, 9, block(norm_first), 2, 2)
-                .with_shared_embeddings(shared)
-                .with_tied_output(false)
-                .init::<f32>(&mut rng)
+                .with_share_embeddings(shared)
+                .with_tie_output(false)
+                .init(&mut rng)
                 .unwrap();
             check_model(
                 model,
@@ -101,15 +101,15 @@ fn a_nan_in_the_padding_row_of_an_embedding_reaches_no_gradient() {
         }
 
         let model = DecoderOnlyConfig::new(9, block(norm_first), 2)
-            .with_tied_output(false)
-            .init::<f32>(&mut rng)
+            .with_tie_output(false)
+            .init(&mut rng)
             .unwrap();
         let batch = LmBatch::from_sequences(&[vec![1, 3, 4, 5, 6], vec![1, 7, 2]], 0).unwrap();
         check_model(model, &batch, &format!("decoder-only, norm_first {norm_first}"));
 
         let head = Head::Classify { classes: 3 };
         let model = EncoderOnlyConfig::new(InputKind::Tokens { vocab: 9 }, block(norm_first), 2, head)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .unwrap();
         let tokens = TokenBatch::from_sequences(&[vec![3, 4, 5, 6], vec![7, 3]], 0).unwrap();
         let batch = LabeledBatch::new(tokens, Targets::Classes(vec![0, 2]));
@@ -123,7 +123,7 @@ fn nan_in_padded_features_reaches_no_gradient() {
         let mut rng = StdRng::seed_from_u64(2);
         let head = Head::Classify { classes: 3 };
         let model = EncoderOnlyConfig::new(InputKind::Features { d_in: 3 }, block(norm_first), 2, head)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .unwrap();
         let x: Array3<f32> = random_like((2, 4, 3), &mut rng);
         let run = |pad: f32| {
@@ -185,9 +185,7 @@ fn nan_in_the_padded_rows_of_a_stack_reaches_no_gradient() {
             };
             let what = format!("norm_first {norm_first}, flags {by_flags}");
 
-            let encoder = EncoderConfig::new(block(norm_first), 2)
-                .init::<f32>(&mut rng)
-                .unwrap();
+            let encoder = EncoderConfig::new(block(norm_first), 2).init(&mut rng).unwrap();
             let x: Array3<f32> = random_like((2, 4, 8), &mut rng);
             let r = real_only(&random_like((2, 4, 8), &mut rng), &lengths);
             let run = |pad: f32| {
@@ -205,9 +203,7 @@ fn nan_in_the_padded_rows_of_a_stack_reaches_no_gradient() {
             assert_eq!(values(&g_nan), values(&g), "encoder gradients, {what}");
 
             // The decoder: padded target rows and padded memory rows.
-            let decoder = DecoderConfig::new(block(norm_first), 2)
-                .init::<f32>(&mut rng)
-                .unwrap();
+            let decoder = DecoderConfig::new(block(norm_first), 2).init(&mut rng).unwrap();
             let memory: Array3<f32> = random_like((2, 4, 8), &mut rng);
             let self_mask = Mask::causal().and(mask.clone());
             let run = |pad: f32| {

@@ -1,9 +1,9 @@
 //! The data of the `dates` example, shared with `attention_maps`: dates of the Gregorian
 //! calendar written the ways people write them, one character per token.
 
-use rand::{Rng, rngs::StdRng};
 use vaswani::Result;
 use vaswani::models::Seq2SeqBatch;
+use vaswani::rand::{Rng, rngs::StdRng};
 
 pub const PAD: usize = 0;
 pub const BOS: usize = 1;

@@ -76,14 +76,14 @@ impl<const STEPS: usize> CommonArgs<STEPS> {
         &self,
         model: M,
         cfg: vaswani::train::TrainerConfig,
-    ) -> vaswani::Result<vaswani::train::Trainer<f32, M>>
+    ) -> vaswani::Result<vaswani::train::Trainer<M>>
     where
-        M: vaswani::io::Checkpointable<f32> + vaswani::train::Trainable<f32>,
+        M: vaswani::io::Checkpointable + vaswani::train::Trainable<Float = f32>,
     {
         let Some(path) = &self.resume else {
             return vaswani::train::Trainer::new(model, cfg);
         };
-        let trainer: vaswani::train::Trainer<f32, M> = vaswani::io::load_trainer(path)?;
+        let trainer: vaswani::train::Trainer<M> = vaswani::io::load_trainer(path)?;
         if trainer.model.config() != model.config() {
             return Err(vaswani::Error::InvalidInput {
                 why: format!(
@@ -117,13 +117,13 @@ impl<const STEPS: usize> CommonArgs<STEPS> {
 /// The random stream `stream` of training step `step`: a pure function of (seed, step,
 /// stream), so that a run resumed from a checkpoint at step k draws exactly what an
 /// uninterrupted run draws from step k on.
-pub fn step_rng(seed: u64, step: u64, stream: u64) -> rand::rngs::StdRng {
-    use rand::SeedableRng;
+pub fn step_rng(seed: u64, step: u64, stream: u64) -> vaswani::rand::rngs::StdRng {
+    use vaswani::rand::SeedableRng;
     // SplitMix64 finaliser over the three words: well-spread seeds for neighbouring steps.
     let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
+    vaswani::rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
 }
 
 /// Parses a count that must be at least 1.

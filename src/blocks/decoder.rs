@@ -109,11 +109,20 @@ impl DecoderConfig {
         self
     }
 
+    /// Builds the stack in `f32`, the type for training and inference;
+    /// [`DecoderConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`DecoderConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<Decoder> {
+        self.init_as(rng)
+    }
+
     /// Builds the stack.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for zero layers or a bad block.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Decoder<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<Decoder<F>> {
         check::positive("n_layers", self.n_layers)?;
         self.block.check()?;
         let layers = (0..self.n_layers)
@@ -124,7 +133,7 @@ impl DecoderConfig {
             .then(|| {
                 LayerNormConfig::new(self.block.d_model)
                     .with_eps(self.block.eps)
-                    .init(rng)
+                    .init_as(rng)
             })
             .transpose()?;
         Ok(Decoder {
@@ -137,6 +146,13 @@ impl DecoderConfig {
     /// Whether the stack ends with a LayerNorm.
     pub fn has_final_norm(&self) -> bool {
         self.final_norm.present(self.block.norm_first)
+    }
+}
+
+impl Default for DecoderConfig {
+    /// The paper's base decoder: N = 6 layers of [`BlockConfig::default`].
+    fn default() -> Self {
+        DecoderConfig::new(BlockConfig::default(), 6)
     }
 }
 

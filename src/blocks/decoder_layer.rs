@@ -93,12 +93,12 @@ impl<F: Float> DecoderLayer<F> {
         cfg.check()?;
         Ok(DecoderLayer {
             cfg: cfg.clone(),
-            self_attn: cfg.attention().init(rng)?,
-            norm1: cfg.residual().init(rng)?,
-            cross_attn: cfg.attention().init(rng)?,
-            norm2: cfg.residual().init(rng)?,
-            ffn: cfg.feed_forward().init(rng)?,
-            norm3: cfg.residual().init(rng)?,
+            self_attn: cfg.attention().init_as(rng)?,
+            norm1: cfg.residual().init_as(rng)?,
+            cross_attn: cfg.attention().init_as(rng)?,
+            norm2: cfg.residual().init_as(rng)?,
+            ffn: cfg.feed_forward().init_as(rng)?,
+            norm3: cfg.residual().init_as(rng)?,
         })
     }
 

@@ -63,11 +63,20 @@ impl EncoderConfig {
         self
     }
 
+    /// Builds the stack in `f32`, the type for training and inference;
+    /// [`EncoderConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EncoderConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<Encoder> {
+        self.init_as(rng)
+    }
+
     /// Builds the stack.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for zero layers or a bad block.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Encoder<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<Encoder<F>> {
         check::positive("n_layers", self.n_layers)?;
         self.block.check()?;
         let layers = (0..self.n_layers)
@@ -75,7 +84,7 @@ impl EncoderConfig {
             .collect::<Result<_>>()?;
         let norm = self
             .has_final_norm()
-            .then(|| self.final_layer_norm().init(rng))
+            .then(|| self.final_layer_norm().init_as(rng))
             .transpose()?;
         Ok(Encoder {
             cfg: self.clone(),
@@ -91,6 +100,13 @@ impl EncoderConfig {
 
     fn final_layer_norm(&self) -> LayerNormConfig {
         LayerNormConfig::new(self.block.d_model).with_eps(self.block.eps)
+    }
+}
+
+impl Default for EncoderConfig {
+    /// The paper's base encoder: N = 6 layers of [`BlockConfig::default`].
+    fn default() -> Self {
+        EncoderConfig::new(BlockConfig::default(), 6)
     }
 }
 

@@ -12,8 +12,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array3;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array3;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::{BlockConfig, EncoderLayer};
 //! use vaswani::layers::Mask;
 //! use vaswani::Params;
@@ -89,10 +89,10 @@ impl<F: Float> EncoderLayer<F> {
         cfg.check()?;
         Ok(EncoderLayer {
             cfg: cfg.clone(),
-            self_attn: cfg.attention().init(rng)?,
-            norm1: cfg.residual().init(rng)?,
-            ffn: cfg.feed_forward().init(rng)?,
-            norm2: cfg.residual().init(rng)?,
+            self_attn: cfg.attention().init_as(rng)?,
+            norm1: cfg.residual().init_as(rng)?,
+            ffn: cfg.feed_forward().init_as(rng)?,
+            norm2: cfg.residual().init_as(rng)?,
         })
     }
 

@@ -70,7 +70,7 @@ impl BlockConfig {
     }
 
     /// The same config with dropout `p`.
-    pub fn with_dropout(mut self, p: f32) -> Self {
+    pub fn with_p_drop(mut self, p: f32) -> Self {
         self.p_drop = p;
         self
     }
@@ -113,7 +113,7 @@ impl BlockConfig {
 
     pub(crate) fn attention(&self) -> crate::layers::MultiHeadConfig {
         crate::layers::MultiHeadConfig::new(self.d_model, self.n_heads)
-            .with_dropout(self.p_drop)
+            .with_p_drop(self.p_drop)
             .with_bias(self.bias)
     }
 
@@ -129,6 +129,14 @@ impl BlockConfig {
             .with_norm_first(self.norm_first)
             .with_p_drop(self.p_drop)
             .with_eps(self.eps)
+    }
+}
+
+impl Default for BlockConfig {
+    /// The paper's base layer (Table 3): d_model = 512, h = 8, d_ff = 2048, P_drop = 0.1,
+    /// ReLU, post-norm, ε = 1e-5, biases ([`BlockConfig::new`]`(512, 8, 2048)`).
+    fn default() -> Self {
+        BlockConfig::new(512, 8, 2048)
     }
 }
 

@@ -16,7 +16,7 @@
 //!
 //! # Example
 //! ```
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::infer::{BeamSearch, Sampling, beam_search, generate};
 //! use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, TokenBatch};

@@ -3,10 +3,12 @@
 //!
 //! Layout: every parameter under its dotted name (`encoder.layers.0.self_attn.w_q`), in the
 //! model's float type; with training state, the Adam moments under `optimizer.m.<name>` and
-//! `optimizer.v.<name>`. The header's metadata holds `format = "vaswani"`,
+//! `optimizer.v.<name>`, or the SGD velocity under `optimizer.velocity.<name>`. The header's metadata holds `format = "vaswani"`,
 //! `format_version = "1"`, the model `kind`, the float type, the `config` as JSON, with
 //! training state the `step` and the `trainer` settings as JSON, and a `checksum` over all of
 //! that and every tensor, so that a corrupted file is an error, never a different model.
+//! The same model and training state always give the same bytes (the header's keys are
+//! written in sorted order).
 //!
 //! Saving is atomic (a synced temporary file renamed over the target). Loading validates
 //! everything before trusting it: the file structure (see [`super::tensors`]), the format and
@@ -16,7 +18,7 @@
 //!
 //! # Example
 //! ```
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::io::{load_model, save_model};
 //! use vaswani::models::{EncoderDecoder, EncoderDecoderConfig};
@@ -46,7 +48,9 @@ use crate::models::{
     DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig,
 };
 use crate::params::Params;
-use crate::train::{Adam, MAX_STEPS, Trainable, Trainer, TrainerConfig};
+use crate::train::{
+    Adam, MAX_STEPS, OptimizerConfig, OptimizerState, Sgd, Trainable, Trainer, TrainerConfig,
+};
 
 /// The value of the `format` metadata key.
 pub const FORMAT: &str = "vaswani";
@@ -56,8 +60,9 @@ pub const FORMAT_VERSION: u32 = 1;
 const CHECKSUM: &str = "checksum";
 
 /// A model that can be saved and loaded: it knows its kind and config, and can be rebuilt
-/// from the config.
-pub trait Checkpointable<F: Float>: Params<F> + Sized {
+/// from the config. Its float type is [`Trainable::Float`], so loading needs only the model
+/// type: `load_model::<EncoderDecoder>(path)` (f32) or `load_model::<EncoderDecoder<f64>>`.
+pub trait Checkpointable: Trainable {
     /// The `kind` written in the metadata, e.g. `"encoder_decoder"`.
     const KIND: &'static str;
     /// The model's config, stored as JSON.
@@ -74,42 +79,42 @@ pub trait Checkpointable<F: Float>: Params<F> + Sized {
     fn param_count(cfg: &Self::Config) -> u64;
 }
 
-impl<F: Float> Checkpointable<F> for EncoderDecoder<F> {
+impl<F: Float> Checkpointable for EncoderDecoder<F> {
     const KIND: &'static str = "encoder_decoder";
     type Config = EncoderDecoderConfig;
     fn config(&self) -> &EncoderDecoderConfig {
         &self.cfg
     }
     fn from_config(cfg: &EncoderDecoderConfig) -> Result<Self> {
-        cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
+        cfg.init_as(&mut rand::rngs::SmallRng::seed_from_u64(0))
     }
     fn param_count(cfg: &EncoderDecoderConfig) -> u64 {
         cfg.cost(1, 1, 1).params
     }
 }
 
-impl<F: Float> Checkpointable<F> for EncoderOnly<F> {
+impl<F: Float> Checkpointable for EncoderOnly<F> {
     const KIND: &'static str = "encoder_only";
     type Config = EncoderOnlyConfig;
     fn config(&self) -> &EncoderOnlyConfig {
         &self.cfg
     }
     fn from_config(cfg: &EncoderOnlyConfig) -> Result<Self> {
-        cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
+        cfg.init_as(&mut rand::rngs::SmallRng::seed_from_u64(0))
     }
     fn param_count(cfg: &EncoderOnlyConfig) -> u64 {
         cfg.cost(1, 1).params
     }
 }
 
-impl<F: Float> Checkpointable<F> for DecoderOnly<F> {
+impl<F: Float> Checkpointable for DecoderOnly<F> {
     const KIND: &'static str = "decoder_only";
     type Config = DecoderOnlyConfig;
     fn config(&self) -> &DecoderOnlyConfig {
         &self.cfg
     }
     fn from_config(cfg: &DecoderOnlyConfig) -> Result<Self> {
-        cfg.init(&mut rand::rngs::SmallRng::seed_from_u64(0))
+        cfg.init_as(&mut rand::rngs::SmallRng::seed_from_u64(0))
     }
     fn param_count(cfg: &DecoderOnlyConfig) -> u64 {
         cfg.cost(1, 1).params
@@ -141,7 +146,7 @@ pub struct CheckpointInfo {
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be written; the previous file at `path` is then intact.
-pub fn save_model<F: Float, M: Checkpointable<F>>(path: impl AsRef<Path>, model: &M) -> Result<()> {
+pub fn save_model<M: Checkpointable>(path: impl AsRef<Path>, model: &M) -> Result<()> {
     write(path.as_ref(), model, None)
 }
 
@@ -150,11 +155,7 @@ pub fn save_model<F: Float, M: Checkpointable<F>>(path: impl AsRef<Path>, model:
 ///
 /// # Errors
 /// As [`save_model`].
-pub fn save_trainer<F, M>(path: impl AsRef<Path>, trainer: &Trainer<F, M>) -> Result<()>
-where
-    F: Float,
-    M: Checkpointable<F> + Trainable<F>,
-{
+pub fn save_trainer<M: Checkpointable>(path: impl AsRef<Path>, trainer: &Trainer<M>) -> Result<()> {
     write(
         path.as_ref(),
         &trainer.model,
@@ -162,10 +163,10 @@ where
     )
 }
 
-fn write<F: Float, M: Checkpointable<F>>(
+fn write<M: Checkpointable>(
     path: &Path,
     model: &M,
-    train: Option<(&Adam<F, M>, &TrainerConfig)>,
+    train: Option<(&OptimizerState<M::Float, M>, &TrainerConfig)>,
 ) -> Result<()> {
     let json = |v: &dyn erased::Json| {
         v.to_json().map_err(|e| Error::Checkpoint {
@@ -173,26 +174,32 @@ fn write<F: Float, M: Checkpointable<F>>(
             why: e,
         })
     };
-    let mut metadata = HashMap::from([
+    let mut metadata = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
         ("kind".to_string(), M::KIND.to_string()),
-        ("dtype".to_string(), F::NAME.to_string()),
+        ("dtype".to_string(), <M::Float as Float>::NAME.to_string()),
         ("config".to_string(), json(model.config())?),
     ]);
     let mut tensors = Vec::new();
     model.visit("", &mut |name, t| {
         tensors.push((name.to_string(), OwnedTensor::float(t)))
     });
-    if let Some((adam, cfg)) = train {
-        metadata.insert("step".into(), adam.t.to_string());
+    if let Some((optimizer, cfg)) = train {
+        metadata.insert("step".into(), optimizer.steps().to_string());
         metadata.insert("trainer".into(), json(cfg)?);
-        adam.m.visit("optimizer.m", &mut |name, t| {
-            tensors.push((name.to_string(), OwnedTensor::float(t)))
-        });
-        adam.v.visit("optimizer.v", &mut |name, t| {
-            tensors.push((name.to_string(), OwnedTensor::float(t)))
-        });
+        let mut save = |prefix: &str, state: &M| {
+            state.visit(prefix, &mut |name, t| {
+                tensors.push((name.to_string(), OwnedTensor::float(t)))
+            })
+        };
+        match optimizer {
+            OptimizerState::Adam(adam) => {
+                save("optimizer.m", &adam.m);
+                save("optimizer.v", &adam.v);
+            }
+            OptimizerState::Sgd(sgd) => save("optimizer.velocity", &sgd.velocity),
+        }
     }
     let checksum = digest(&tensors, &metadata);
     metadata.insert(CHECKSUM.into(), format!("{checksum:016x}"));
@@ -275,15 +282,15 @@ fn header(file: &TensorFile) -> Result<CheckpointInfo> {
 /// checkpoint, is of another kind, holds a config that does not validate or that implies more
 /// parameters than the file holds, or whose tensors do not match the config exactly (every
 /// missing and unexpected name, wrong shape or type is reported).
-pub fn load_model<F: Float, M: Checkpointable<F>>(path: impl AsRef<Path>) -> Result<M> {
+pub fn load_model<M: Checkpointable>(path: impl AsRef<Path>) -> Result<M> {
     let file = TensorFile::read(path)?;
     read_model(&file)
 }
 
-fn read_model<F: Float, M: Checkpointable<F>>(file: &TensorFile) -> Result<M> {
+fn read_model<M: Checkpointable>(file: &TensorFile) -> Result<M> {
     let info = header(file)?;
     if info.kind != M::KIND {
-        return Err(file.error(format!("holds a {} model, not a {}", info.kind, M::KIND)));
+        return Err(wrong_kind(file, &info.kind, M::KIND));
     }
     let cfg: M::Config =
         serde_json::from_str(&info.config).map_err(|e| file.error(format!("config: {e}")))?;
@@ -308,11 +315,11 @@ fn read_model<F: Float, M: Checkpointable<F>>(file: &TensorFile) -> Result<M> {
 ///
 /// # Errors
 /// As [`load_model`], and [`Error::Checkpoint`] listing every config field that differs.
-pub fn load_into<F: Float, M: Checkpointable<F>>(path: impl AsRef<Path>, model: &mut M) -> Result<()> {
+pub fn load_into<M: Checkpointable>(path: impl AsRef<Path>, model: &mut M) -> Result<()> {
     let file = TensorFile::read(path)?;
     let info = header(&file)?;
     if info.kind != M::KIND {
-        return Err(file.error(format!("holds a {} model, not a {}", info.kind, M::KIND)));
+        return Err(wrong_kind(&file, &info.kind, M::KIND));
     }
     let theirs: serde_json::Value =
         serde_json::from_str(&info.config).map_err(|e| file.error(format!("config: {e}")))?;
@@ -329,6 +336,21 @@ pub fn load_into<F: Float, M: Checkpointable<F>>(path: impl AsRef<Path>, model: 
         )));
     }
     fill(&file, model, "", "optimizer.")
+}
+
+/// "holds an encoder_only model, not an encoder_decoder".
+fn wrong_kind(file: &TensorFile, found: &str, wanted: &str) -> Error {
+    file.error(format!(
+        "holds {} model, not {}",
+        with_article(found),
+        with_article(wanted)
+    ))
+}
+
+/// `word` behind "a" or "an" as it is spelled (the kinds and dtypes have no silent letters).
+fn with_article(word: &str) -> String {
+    let vowel = word.starts_with(|c: char| "aeiouAEIOU".contains(c));
+    format!("{} {word}", if vowel { "an" } else { "a" })
 }
 
 /// Every path at which two JSON values differ, as `path: model X, file Y`.
@@ -359,8 +381,14 @@ fn show(v: Option<&serde_json::Value>) -> String {
 }
 
 /// Copies the file's tensors into `target` after an exact name, shape and type check: the
-/// file's names starting with `prefix` (and not with `skip`) must be exactly the target's.
+/// file's names under `prefix` (`prefix.…`, and not starting with `skip`) must be exactly the
+/// target's.
 fn fill<F: Float, P: Params<F>>(file: &TensorFile, target: &mut P, prefix: &str, skip: &str) -> Result<()> {
+    let under = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}.")
+    };
     let wanted: BTreeMap<String, Vec<usize>> = target
         .shapes()
         .into_iter()
@@ -369,7 +397,7 @@ fn fill<F: Float, P: Params<F>>(file: &TensorFile, target: &mut P, prefix: &str,
     let present: BTreeMap<String, TensorInfo> = file
         .tensors()
         .into_iter()
-        .filter(|t| t.name.starts_with(prefix) && (skip.is_empty() || !t.name.starts_with(skip)))
+        .filter(|t| t.name.starts_with(&under) && (skip.is_empty() || !t.name.starts_with(skip)))
         .map(|t| (t.name.clone(), t))
         .collect();
     let missing: Vec<&String> = wanted.keys().filter(|n| !present.contains_key(*n)).collect();
@@ -409,11 +437,7 @@ fn fill<F: Float, P: Params<F>>(file: &TensorFile, target: &mut P, prefix: &str,
 ///
 /// # Errors
 /// As [`load_model`], and [`Error::Checkpoint`] if the file holds no training state.
-pub fn load_trainer<F, M>(path: impl AsRef<Path>) -> Result<Trainer<F, M>>
-where
-    F: Float,
-    M: Checkpointable<F> + Trainable<F>,
-{
+pub fn load_trainer<M: Checkpointable>(path: impl AsRef<Path>) -> Result<Trainer<M>> {
     let file = TensorFile::read(path)?;
     let model: M = read_model(&file)?;
     let info = header(&file)?;
@@ -422,12 +446,21 @@ where
     };
     let cfg: TrainerConfig =
         serde_json::from_str(&trainer).map_err(|e| file.error(format!("trainer settings: {e}")))?;
-    let (mut m, mut v) = (model.zeros_like(), model.zeros_like());
-    fill(&file, &mut m, "optimizer.m", "")?;
-    fill(&file, &mut v, "optimizer.v", "")?;
-    let adam = Adam::from_state(cfg.adam.clone(), m, v, step)
-        .map_err(|e| file.error(format!("trainer settings: {e}")))?;
-    Trainer::resume(model, adam, cfg).map_err(|e| file.error(format!("trainer settings: {e}")))
+    let settings = |e: Error| file.error(format!("trainer settings: {e}"));
+    let optimizer = match &cfg.optimizer {
+        OptimizerConfig::Adam(adam) => {
+            let (mut m, mut v) = (model.zeros_like(), model.zeros_like());
+            fill(&file, &mut m, "optimizer.m", "")?;
+            fill(&file, &mut v, "optimizer.v", "")?;
+            OptimizerState::Adam(Adam::from_state(adam.clone(), m, v, step).map_err(settings)?)
+        }
+        OptimizerConfig::Sgd { momentum } => {
+            let mut velocity = model.zeros_like();
+            fill(&file, &mut velocity, "optimizer.velocity", "")?;
+            OptimizerState::Sgd(Sgd::from_state(*momentum, velocity, step).map_err(settings)?)
+        }
+    };
+    Trainer::resume(model, optimizer, cfg).map_err(settings)
 }
 
 /// Serialising the configs through one function that does not depend on their type.

@@ -57,6 +57,23 @@ pub struct TorchTransformerConfig {
     pub layer_norm_eps: f32,
 }
 
+impl Default for TorchTransformerConfig {
+    /// `nn.Transformer()`'s defaults: d_model 512, 8 heads, 6 + 6 layers, feed-forward 2048,
+    /// ReLU, post-norm, ε = 1e-5.
+    fn default() -> Self {
+        TorchTransformerConfig {
+            d_model: 512,
+            nhead: 8,
+            num_encoder_layers: 6,
+            num_decoder_layers: 6,
+            dim_feedforward: 2048,
+            activation: Activation::Relu,
+            norm_first: false,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
 mod torch_activation {
     use crate::kernels::Activation;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -86,7 +103,7 @@ impl TorchTransformerConfig {
     /// ε and placement.
     pub fn block(&self) -> BlockConfig {
         BlockConfig::new(self.d_model, self.nhead, self.dim_feedforward)
-            .with_dropout(0.0)
+            .with_p_drop(0.0)
             .with_activation(self.activation)
             .with_norm_first(self.norm_first)
             .with_eps(self.layer_norm_eps)
@@ -115,10 +132,10 @@ impl<F: Float> TorchTransformer<F> {
         let block = cfg.block();
         let encoder = EncoderConfig::new(block.clone(), cfg.num_encoder_layers)
             .with_final_norm(FinalNorm::Always)
-            .init(rng)?;
+            .init_as(rng)?;
         let decoder = DecoderConfig::new(block, cfg.num_decoder_layers)
             .with_final_norm(FinalNorm::Always)
-            .init(rng)?;
+            .init_as(rng)?;
         Ok(TorchTransformer {
             cfg: cfg.clone(),
             encoder,
@@ -214,7 +231,7 @@ impl<F: Float> TorchTransformer<F> {
             .into_iter()
             .map(|(n, t)| (n, OwnedTensor::float(t.view())))
             .collect();
-        write_tensor_file(path, &tensors, HashMap::new())
+        write_tensor_file(path, &tensors, BTreeMap::new())
     }
 
     /// Every PyTorch key with the crate's tensors it is made of, stacked by rows.
@@ -413,6 +430,6 @@ pub fn parity(input: impl AsRef<Path>, output: impl AsRef<Path>) -> Result<()> {
     for (name, w) in model.state_dict() {
         tensors.push((format!("weights.{name}"), OwnedTensor::float(w.view())));
     }
-    let metadata = HashMap::from([("config".to_string(), cfg_json.clone())]);
+    let metadata = BTreeMap::from([("config".to_string(), cfg_json.clone())]);
     write_tensor_file(output, &tensors, metadata)
 }

@@ -9,7 +9,7 @@
 //! Writing goes to a temporary file beside the target, which is synced and then renamed over
 //! it: a save that is killed midway leaves the previous file at the path intact.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -50,10 +50,7 @@ impl TensorFile {
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let bytes = fs::read(path).map_err(|e| Error::Io {
-            path: name.clone(),
-            why: e.to_string(),
-        })?;
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
         TensorFile::from_bytes(name, bytes)
     }
 
@@ -324,11 +321,9 @@ impl Digest {
 }
 
 /// The [`TensorFile::digest`] of tensors and metadata about to be written.
-pub fn digest(tensors: &[(String, OwnedTensor)], metadata: &HashMap<String, String>) -> u64 {
+pub fn digest(tensors: &[(String, OwnedTensor)], metadata: &BTreeMap<String, String>) -> u64 {
     let mut d = Digest::new();
-    let mut meta: Vec<(&String, &String)> = metadata.iter().collect();
-    meta.sort();
-    for (k, v) in meta {
+    for (k, v) in metadata {
         d.bytes(k.as_bytes());
         d.bytes(v.as_bytes());
     }
@@ -398,30 +393,71 @@ impl safetensors::View for &OwnedTensor {
 /// Writes named tensors and metadata as a safetensors file, atomically: to a temporary file
 /// beside `path`, synced, then renamed over `path`.
 ///
+/// The same tensors and metadata always give the same bytes: the header lists the metadata
+/// in key order and the tensors as safetensors orders them (by descending alignment of their
+/// type, then by name), and the data follows in that order.
+///
 /// # Errors
 /// [`Error::Io`] if writing fails (the previous file at `path` is then untouched),
 /// [`Error::Checkpoint`] if the tensors cannot be serialised.
 pub fn write_tensor_file(
     path: impl AsRef<Path>,
     tensors: &[(String, OwnedTensor)],
-    metadata: HashMap<String, String>,
+    metadata: BTreeMap<String, String>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let name = path.display().to_string();
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Checkpoint {
-            path: name.clone(),
-            why: format!("cannot serialise: {e}"),
-        })?;
+    let fail = |why: String| Error::Checkpoint {
+        path: path.display().to_string(),
+        why: format!("cannot serialise: {why}"),
+    };
+    let bytes = serialize(tensors, &metadata).map_err(|e| fail(e.to_string()))?;
+    // The layout is safetensors'; let its reader confirm it before anything is written.
+    SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
     write_atomic(path, &bytes)
+}
+
+/// The bytes of a safetensors file: an 8-byte little-endian header length, the JSON header
+/// padded with spaces to a multiple of 8 bytes, then the tensors' data back to back.
+/// (`safetensors::serialize` takes the metadata as a `HashMap` and writes it in that map's
+/// random order.)
+fn serialize(
+    tensors: &[(String, OwnedTensor)],
+    metadata: &BTreeMap<String, String>,
+) -> serde_json::Result<Vec<u8>> {
+    let mut order: Vec<&(String, OwnedTensor)> = tensors.iter().collect();
+    order.sort_by(|(a, x), (b, y)| y.dtype.cmp(&x.dtype).then_with(|| a.cmp(b)));
+    let mut entries = Vec::with_capacity(order.len() + 1);
+    if !metadata.is_empty() {
+        entries.push(format!("\"__metadata__\":{}", serde_json::to_string(metadata)?));
+    }
+    let mut offset = 0;
+    for (name, t) in &order {
+        let info = safetensors::tensor::TensorInfo {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data_offsets: (offset, offset + t.data.len()),
+        };
+        offset += t.data.len();
+        entries.push(format!(
+            "{}:{}",
+            serde_json::to_string(name)?,
+            serde_json::to_string(&info)?
+        ));
+    }
+    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for (_, t) in &order {
+        out.extend_from_slice(&t.data);
+    }
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    };
+    let io = |e: std::io::Error| Error::io(path, e);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),

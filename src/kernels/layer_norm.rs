@@ -51,8 +51,8 @@ fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     rstd
 }
 
-/// Backward of [`layer_norm_row`] for one row: writes `∂L/∂x` (γ and β gradients are summed
-/// over rows by [`layer_norm_rows_backward`]).
+/// Backward of [`layer_norm_row`] for one row: writes `∂L/∂x` into `grad_x`, overwriting it
+/// (γ and β gradients are summed over rows by [`layer_norm_rows_backward`]).
 ///
 /// # Panics
 /// If the slices differ in length.

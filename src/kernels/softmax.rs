@@ -146,7 +146,8 @@ fn softmax_f32(row: &mut [f32]) {
 }
 
 /// Backward of [`softmax_row`]: `grad_s = p ⊙ (grad_p − Σⱼ pⱼ·grad_pⱼ)` on allowed entries,
-/// exactly 0 on blocked ones (even where `grad_p` is NaN).
+/// exactly 0 on blocked ones (even where `grad_p` is NaN), written into `grad_s`, overwriting
+/// it.
 ///
 /// # Panics
 /// If the three slices differ in length.

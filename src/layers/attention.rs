@@ -35,8 +35,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array3;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array3;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::layers::{AttentionConfig, Mask};
 //!
 //! let attn = AttentionConfig::new().init()?;
@@ -46,7 +46,7 @@
 //! assert_eq!(out.dim(), (2, 4, 8));
 //! let w = cache.weights(); // [B, 1, Tq, Tk]
 //! assert_eq!(w[[1, 0, 0, 5]], 0.0); // padding gets no weight
-//! assert!((w.slice(ndarray::s![1, 0, 0, ..]).sum() - 1.0).abs() < 1e-6);
+//! assert!((w.slice(vaswani::ndarray::s![1, 0, 0, ..]).sum() - 1.0).abs() < 1e-6);
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
@@ -116,7 +116,7 @@ impl AttentionConfig {
     }
 
     /// The same config with dropout `p` on the attention weights.
-    pub fn with_dropout(mut self, p: f32) -> Self {
+    pub fn with_p_drop(mut self, p: f32) -> Self {
         self.p_drop = p;
         self
     }

@@ -21,8 +21,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::layers::DropoutConfig;
 //!
 //! let dropout = DropoutConfig::new(0.5).init()?;
@@ -93,6 +93,13 @@ impl DropoutConfig {
     pub fn init(&self) -> Result<Dropout> {
         check::dropout("p", self.p)?;
         Ok(Dropout { cfg: self.clone() })
+    }
+}
+
+impl Default for DropoutConfig {
+    /// The paper's rate, P_drop = 0.1 (§5.4).
+    fn default() -> Self {
+        DropoutConfig::new(0.1)
     }
 }
 

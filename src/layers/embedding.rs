@@ -41,13 +41,13 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::array;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::array;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::layers::EmbeddingConfig;
 //! use vaswani::Params;
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let emb = EmbeddingConfig::new(10, 4).init::<f32>(&mut rng)?;
+//! let emb = EmbeddingConfig::new(10, 4).init(&mut rng)?;
 //! let ids = array![[1_usize, 2, 3], [3, 3, 9]]; // B = 2, T = 3
 //!
 //! let (y, cache) = emb.forward(ids.view())?; // [B·T, d_model] = [6, 4]
@@ -142,12 +142,21 @@ impl EmbeddingConfig {
         self
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`EmbeddingConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EmbeddingConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<Embedding> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer: E ~ N(0, 1/d_model), so that `√d_model · E[id]` has unit variance
     /// (PyTorch's `nn.Embedding` draws N(0, 1) instead).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] if `vocab` or `d_model` is 0.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Embedding<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<Embedding<F>> {
         check::positive("vocab", self.vocab)?;
         check::positive("d_model", self.d_model)?;
         check::tensor("vocab", &[self.vocab, self.d_model], size_of::<F>())?;
@@ -370,7 +379,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(30);
             let emb = EmbeddingConfig::new(7, 5)
                 .with_scale(scale)
-                .init::<f64>(&mut rng)
+                .init_as::<f64>(&mut rng)
                 .unwrap();
             let ids = ids();
             let r: Array2<f64> = random_like((8, 5), &mut rng);
@@ -397,7 +406,7 @@ mod tests {
     #[test]
     fn projection_gradients_match_finite_differences() {
         let mut rng = StdRng::seed_from_u64(31);
-        let emb = EmbeddingConfig::new(7, 5).init::<f64>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(7, 5).init_as::<f64>(&mut rng).unwrap();
         let h: Array2<f64> = random_like((3, 5), &mut rng);
         let r: Array2<f64> = random_like((3, 7), &mut rng);
         let (_, cache) = emb.project(h.view());
@@ -417,7 +426,7 @@ mod tests {
     fn tied_weight_gradient_is_the_sum_of_both_uses() {
         // L = Σ R ⊙ project(tanh(embed(ids))), with one E in both places.
         let mut rng = StdRng::seed_from_u64(32);
-        let emb = EmbeddingConfig::new(7, 5).init::<f64>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(7, 5).init_as::<f64>(&mut rng).unwrap();
         let ids = ids();
         let r: Array2<f64> = random_like((8, 7), &mut rng);
         let (y, e_cache) = emb.forward(ids.view()).unwrap();
@@ -456,7 +465,7 @@ mod tests {
         for scale in [true, false] {
             let emb = EmbeddingConfig::new(7, 16)
                 .with_scale(scale)
-                .init::<f32>(&mut rng)
+                .init(&mut rng)
                 .unwrap();
             let y = emb.infer(ids.view()).unwrap();
             let s = if scale { 4.0 } else { 1.0 };
@@ -470,7 +479,7 @@ mod tests {
     #[test]
     fn init_gives_unit_variance_after_scaling() {
         let mut rng = StdRng::seed_from_u64(34);
-        let emb = EmbeddingConfig::new(500, 64).init::<f64>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(500, 64).init_as::<f64>(&mut rng).unwrap();
         let var = emb.p.weight.mapv(|v| v * v).mean().unwrap();
         assert!((var * 64.0 - 1.0).abs() < 0.03, "64·var = {}", var * 64.0);
         let all: Array2<usize> = Array2::from_shape_fn((1, 500), |(_, t)| t);
@@ -482,7 +491,7 @@ mod tests {
     #[test]
     fn out_of_range_id_is_an_error_naming_the_first_one() {
         let mut rng = StdRng::seed_from_u64(35);
-        let emb = EmbeddingConfig::new(7, 4).init::<f32>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(7, 4).init(&mut rng).unwrap();
         let ids = array![[1, 2, 3], [4, 9, 7], [0, 100, 1]];
         let want = Error::TokenOutOfRange {
             id: 9,
@@ -512,7 +521,7 @@ mod tests {
     #[test]
     fn transposed_ids_give_rows_in_logical_order() {
         let mut rng = StdRng::seed_from_u64(36);
-        let emb = EmbeddingConfig::new(7, 3).init::<f64>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(7, 3).init_as::<f64>(&mut rng).unwrap();
         let ids_t = array![[1, 5], [3, 1], [3, 2], [0, 3]]; // [T, B]
         let ids = ids_t.t(); // [B, T] by strides
         let (y, cache) = emb.forward(ids).unwrap();
@@ -528,7 +537,7 @@ mod tests {
     #[test]
     fn backward_accumulates() {
         let mut rng = StdRng::seed_from_u64(37);
-        let emb = EmbeddingConfig::new(7, 3).init::<f64>(&mut rng).unwrap();
+        let emb = EmbeddingConfig::new(7, 3).init_as::<f64>(&mut rng).unwrap();
         let (_, cache) = emb.forward(ids().view()).unwrap();
         let r: Array2<f64> = random_like((8, 3), &mut rng);
         let mut once = emb.p.zeros_like();
@@ -546,15 +555,15 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        assert!(EmbeddingConfig::new(0, 3).init::<f32>(&mut rng).is_err());
-        assert!(EmbeddingConfig::new(3, 0).init::<f32>(&mut rng).is_err());
+        assert!(EmbeddingConfig::new(0, 3).init(&mut rng).is_err());
+        assert!(EmbeddingConfig::new(3, 0).init(&mut rng).is_err());
     }
 
     #[test]
     #[should_panic(expected = "expected [B·T, d_model] = [8, 4]")]
     fn wrong_gradient_shape_panics_with_both_shapes() {
         let emb = EmbeddingConfig::new(7, 4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         let (_, cache) = emb.forward(ids().view()).unwrap();
         emb.backward(&cache, Array2::zeros((8, 5)).view(), &mut emb.p.zeros_like());
@@ -564,7 +573,7 @@ mod tests {
     #[should_panic(expected = "expected [N, d_model = 4]")]
     fn wrong_projection_width_panics_with_both_shapes() {
         let emb = EmbeddingConfig::new(7, 4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         emb.project_infer(Array2::zeros((2, 7)).view());
     }

@@ -36,8 +36,8 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::Params;
 //! use vaswani::gradcheck::random_like;
 //! use vaswani::kernels::Activation;
@@ -46,7 +46,7 @@
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let ffn = FeedForwardConfig::new(8, 32)
 //!     .with_activation(Activation::Gelu)
-//!     .init::<f32>(&mut rng)?;
+//!     .init(&mut rng)?;
 //! let x: Array2<f32> = random_like((6, 8), &mut rng);
 //!
 //! // Training: dropout on the inner activation, with a mask drawn from `rng`.
@@ -175,13 +175,22 @@ impl FeedForwardConfig {
         self
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`FeedForwardConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`FeedForwardConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<FeedForward> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer: W1 then W2 Xavier-uniform, each with its own fan-in and fan-out
     /// (as `nn.Transformer` initialises them), biases zero.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if a width is 0 or `p_drop` is
     /// not in [0, 1).
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<FeedForward<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<FeedForward<F>> {
         check::positive("d_model", self.d_model)?;
         check::positive("d_ff", self.d_ff)?;
         check::tensor("d_ff", &[2, self.d_ff, self.d_model], size_of::<F>())?;
@@ -463,7 +472,7 @@ mod tests {
             let mut layer = FeedForwardConfig::new(5, 7)
                 .with_activation(act)
                 .with_p_drop(0.3)
-                .init::<f64>(&mut rng)
+                .init_as::<f64>(&mut rng)
                 .unwrap();
             // Non-zero biases, so that a bias missing from forward or backward shows.
             layer.p.b1 = Some(random_like(7, &mut rng) * 0.5);
@@ -478,7 +487,7 @@ mod tests {
         let layer = FeedForwardConfig::new(5, 7)
             .with_bias(false)
             .with_p_drop(0.3)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap();
         assert_eq!(
             layer.p.shapes(),
@@ -501,7 +510,7 @@ mod tests {
             let layer = FeedForwardConfig::new(6, 10)
                 .with_activation(act)
                 .with_p_drop(0.0)
-                .init::<f32>(&mut rng)
+                .init(&mut rng)
                 .unwrap();
             let x: Array2<f32> = random_like((5, 6), &mut rng);
             let (y, _) = layer.forward(x.view(), &mut rng);
@@ -519,7 +528,7 @@ mod tests {
                 let mut layer = FeedForwardConfig::new(6, d_ff)
                     .with_activation(act)
                     .with_p_drop(0.0)
-                    .init::<f32>(&mut rng)
+                    .init(&mut rng)
                     .unwrap();
                 let mut x: Array2<f32> = random_like((5, 6), &mut rng);
                 x[[2, 3]] = f32::NAN;
@@ -551,7 +560,7 @@ mod tests {
     #[test]
     fn names_shapes_and_xavier_bounds() {
         let layer = FeedForwardConfig::new(8, 32)
-            .init::<f32>(&mut StdRng::seed_from_u64(55))
+            .init(&mut StdRng::seed_from_u64(55))
             .unwrap();
         assert_eq!(
             layer.p.shapes(),
@@ -577,7 +586,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(60);
         let layer = FeedForwardConfig::new(48, 96)
             .with_p_drop(0.25)
-            .init::<f32>(&mut rng)
+            .init(&mut rng)
             .unwrap();
         let x: Array2<f32> =
             Array2::from_shape_fn((70, 48), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
@@ -609,12 +618,12 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        assert!(FeedForwardConfig::new(0, 4).init::<f32>(&mut rng).is_err());
-        assert!(FeedForwardConfig::new(4, 0).init::<f32>(&mut rng).is_err());
+        assert!(FeedForwardConfig::new(0, 4).init(&mut rng).is_err());
+        assert!(FeedForwardConfig::new(4, 0).init(&mut rng).is_err());
         for p in [1.0, -0.1, f32::NAN] {
             let err = FeedForwardConfig::new(4, 8)
                 .with_p_drop(p)
-                .init::<f32>(&mut rng)
+                .init(&mut rng)
                 .unwrap_err();
             assert!(
                 matches!(err, crate::Error::InvalidConfig { field: "p_drop", .. }),
@@ -627,7 +636,7 @@ mod tests {
     #[should_panic(expected = "expected [N, d_model = 4]")]
     fn wrong_width_panics_with_both_shapes() {
         let layer = FeedForwardConfig::new(4, 8)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         layer.infer(Array2::zeros((2, 5)).view());
     }

@@ -20,13 +20,13 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::array;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::array;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::Params;
 //! use vaswani::layers::LayerNormConfig;
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let norm = LayerNormConfig::new(4).init::<f32>(&mut rng)?;
+//! let norm = LayerNormConfig::new(4).init(&mut rng)?;
 //! let x = array![[1.0_f32, 0.0, 0.0, 0.0], [2.0, 4.0, 6.0, 8.0]];
 //! let (y, cache) = norm.forward(x.view());
 //! // torch.nn.LayerNorm(4)(torch.tensor([[1., 0., 0., 0.]])) = [1.7320, -0.5773, -0.5773, -0.5773]
@@ -34,7 +34,7 @@
 //! assert!(y.row(1).sum().abs() < 1e-5);
 //!
 //! let mut grads = norm.p.zeros_like();
-//! let grad_x = norm.backward(&cache, ndarray::Array2::ones((2, 4)).view(), &mut grads);
+//! let grad_x = norm.backward(&cache, vaswani::ndarray::Array2::ones((2, 4)).view(), &mut grads);
 //! assert_eq!(grads.beta, array![2.0, 2.0, 2.0, 2.0]);
 //! // A constant shift of a row changes nothing, so its gradient sums to 0 along the row.
 //! assert!(grad_x.rows().into_iter().all(|r| r.sum().abs() < 1e-5));
@@ -103,6 +103,15 @@ impl LayerNormConfig {
         self
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`LayerNormConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`LayerNormConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<LayerNorm> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer: γ = 1, β = 0, as PyTorch initialises `nn.LayerNorm`.
     ///
     /// The initialisation draws nothing; `rng` is taken so that every layer is built the
@@ -111,7 +120,7 @@ impl LayerNormConfig {
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if `d_model` is 0 or `eps` is
     /// not finite and positive.
-    pub fn init<F: Float>(&self, _rng: &mut impl Rng) -> Result<LayerNorm<F>> {
+    pub fn init_as<F: Float>(&self, _rng: &mut impl Rng) -> Result<LayerNorm<F>> {
         check::positive("d_model", self.d_model)?;
         check::eps("eps", self.eps)?;
         Ok(LayerNorm {
@@ -277,7 +286,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let mut rng = StdRng::seed_from_u64(30);
-        let mut layer = LayerNormConfig::new(6).init::<f64>(&mut rng).unwrap();
+        let mut layer = LayerNormConfig::new(6).init_as::<f64>(&mut rng).unwrap();
         // γ and β away from 1 and 0, so that a γ or β mix-up in backward shows.
         layer.p.gamma = random_like(6, &mut rng) + 1.5;
         layer.p.beta = random_like(6, &mut rng);
@@ -306,7 +315,7 @@ mod tests {
         // A tiny ε, so that the std is γ to 1e-9 rather than to ε/σ².
         let mut layer = LayerNormConfig::new(16)
             .with_eps(1e-12)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap();
         layer.p.gamma.fill(2.5);
         layer.p.beta.fill(-0.75);
@@ -325,7 +334,7 @@ mod tests {
         // torch.nn.LayerNorm(4)(torch.tensor([[1., 0., 0., 0.]]))
         //   = [[1.7320, -0.5773, -0.5773, -0.5773]]
         let layer = LayerNormConfig::new(4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         let y = layer.infer(array![[1.0_f32, 0.0, 0.0, 0.0]].view());
         let want = [1.7320, -0.5773, -0.5773, -0.5773];
@@ -337,7 +346,7 @@ mod tests {
     #[test]
     fn strided_input_gives_the_same_as_standard_layout() {
         let mut rng = StdRng::seed_from_u64(32);
-        let layer = LayerNormConfig::new(5).init::<f64>(&mut rng).unwrap();
+        let layer = LayerNormConfig::new(5).init_as::<f64>(&mut rng).unwrap();
         let xt: Array2<f64> = random_like((5, 3), &mut rng);
         let (y, cache) = layer.forward(xt.t());
         assert_eq!(y, layer.infer(xt.t().to_owned().view()));
@@ -351,7 +360,7 @@ mod tests {
     #[test]
     fn backward_accumulates() {
         let mut rng = StdRng::seed_from_u64(33);
-        let layer = LayerNormConfig::new(3).init::<f64>(&mut rng).unwrap();
+        let layer = LayerNormConfig::new(3).init_as::<f64>(&mut rng).unwrap();
         let x: Array2<f64> = random_like((4, 3), &mut rng);
         let r: Array2<f64> = random_like((4, 3), &mut rng);
         let (_, cache) = layer.forward(x.view());
@@ -371,13 +380,10 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        assert!(LayerNormConfig::new(0).init::<f32>(&mut rng).is_err());
+        assert!(LayerNormConfig::new(0).init(&mut rng).is_err());
         for eps in [0.0, -1e-5, f32::NAN, f32::INFINITY] {
             assert!(
-                LayerNormConfig::new(4)
-                    .with_eps(eps)
-                    .init::<f32>(&mut rng)
-                    .is_err(),
+                LayerNormConfig::new(4).with_eps(eps).init(&mut rng).is_err(),
                 "eps {eps}"
             );
         }
@@ -387,7 +393,7 @@ mod tests {
     #[should_panic(expected = "expected [N, d_model = 4]")]
     fn wrong_width_panics_with_both_shapes() {
         let layer = LayerNormConfig::new(4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         layer.infer(Array2::zeros((2, 3)).view());
     }

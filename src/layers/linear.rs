@@ -73,12 +73,21 @@ impl LinearConfig {
         self
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`LinearConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`LinearConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<Linear> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer: W Xavier-uniform (as `nn.Transformer` initialises its linear
     /// layers), b zero.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if a width is 0.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Linear<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<Linear<F>> {
         check::positive("d_in", self.d_in)?;
         check::positive("d_out", self.d_out)?;
         let larger = if self.d_in > self.d_out { "d_in" } else { "d_out" };
@@ -245,7 +254,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(20);
             let layer = LinearConfig::new(5, 3)
                 .with_bias(bias)
-                .init::<f64>(&mut rng)
+                .init_as::<f64>(&mut rng)
                 .unwrap();
             let x: Array2<f64> = random_like((4, 5), &mut rng);
             let r: Array2<f64> = random_like((4, 3), &mut rng);
@@ -270,7 +279,7 @@ mod tests {
     #[test]
     fn backward_accumulates() {
         let mut rng = StdRng::seed_from_u64(21);
-        let layer = LinearConfig::new(3, 2).init::<f64>(&mut rng).unwrap();
+        let layer = LinearConfig::new(3, 2).init_as::<f64>(&mut rng).unwrap();
         let x: Array2<f64> = random_like((4, 3), &mut rng);
         let r: Array2<f64> = random_like((4, 2), &mut rng);
         let (_, cache) = layer.forward(x.view());
@@ -289,15 +298,15 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        assert!(LinearConfig::new(0, 3).init::<f32>(&mut rng).is_err());
-        assert!(LinearConfig::new(3, 0).init::<f32>(&mut rng).is_err());
+        assert!(LinearConfig::new(0, 3).init(&mut rng).is_err());
+        assert!(LinearConfig::new(3, 0).init(&mut rng).is_err());
     }
 
     #[test]
     #[should_panic(expected = "expected [N, d_in = 3]")]
     fn wrong_width_panics_with_both_shapes() {
         let layer = LinearConfig::new(3, 2)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         layer.infer(Array2::zeros((2, 4)).view());
     }

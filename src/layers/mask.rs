@@ -21,7 +21,7 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::array;
+//! use vaswani::ndarray::array;
 //! use vaswani::layers::Mask;
 //!
 //! // Two sequences of 3 target tokens, the second padded after 2: causal and padded.

@@ -3,16 +3,22 @@
 //! Every layer follows one pattern:
 //!
 //! ```text
-//! XConfig::init(&self, rng) -> Result<X>          validated config, seeded init
+//! XConfig::init(&self, rng) -> Result<X>          validated config, seeded init, f32
+//! XConfig::init_as::<F>(&self, rng) -> Result<X<F>>   the same in another float type (f64)
 //! X::forward(&self, input, ..) -> (output, XCache) training pass, keeps what backward needs
 //! X::infer(&self, input, ..) -> output             the same arithmetic, no cache, no dropout
 //! X::backward(&self, &cache, grad_output, &mut g) -> grad_input
 //! ```
 //!
-//! `backward` *adds* into the gradient container `g` (same type as the parameters) and
-//! never zeroes it, so a weight used twice (tied embeddings) or gradients accumulated over
-//! micro-batches need no extra code. Layers hold no hidden state: `&self` everywhere, `Send`
-//! and `Sync`.
+//! `backward` *adds* into the gradient container `g` and never zeroes it, so a weight used
+//! twice (tied embeddings) or gradients accumulated over micro-batches need no extra code;
+//! start from `zeros_like()` (see [`Params`](crate::Params)). The container has the type of
+//! what holds the parameters: a layer's parameter struct for a layer (`Linear::backward`
+//! takes `&mut LinearParams`, built by `layer.p.zeros_like()`), the block's or model's own
+//! type for blocks and models (`EncoderLayer::backward` takes `&mut EncoderLayer`, built by
+//! `layer.zeros_like()`). Only the input gradients a backward *returns* are fresh arrays;
+//! the kernels that write into a caller's `grad_x` say that they overwrite it. Layers hold
+//! no hidden state: `&self` everywhere, `Send` and `Sync`.
 
 pub mod attention;
 pub mod dropout;

@@ -28,12 +28,12 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array3;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array3;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::layers::{Mask, MultiHeadConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let mha = MultiHeadConfig::new(16, 4).init::<f32>(&mut rng)?;
+//! let mha = MultiHeadConfig::new(16, 4).init(&mut rng)?;
 //! let x = Array3::<f32>::ones((2, 5, 16)); // [B, T, d_model]
 //! let memory = Array3::<f32>::ones((2, 7, 16)); // [B, S, d_model]
 //! let (y, weights) = mha.infer_with_weights(x.view(), Some(memory.view()), &Mask::none());
@@ -288,7 +288,7 @@ impl MultiHeadConfig {
     }
 
     /// The same config with attention dropout `p`.
-    pub fn with_dropout(mut self, p: f32) -> Self {
+    pub fn with_p_drop(mut self, p: f32) -> Self {
         self.p_drop = p;
         self
     }
@@ -304,6 +304,15 @@ impl MultiHeadConfig {
         self.d_model / self.n_heads.max(1)
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`MultiHeadConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`MultiHeadConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<MultiHead> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer. W_Q, W_K and W_V are Xavier-uniform as the `[3·d_model, d_model]`
     /// matrix PyTorch packs them in (fan-out 3·d_model), W_O Xavier-uniform, biases zero:
     /// PyTorch's initialisation.
@@ -311,7 +320,7 @@ impl MultiHeadConfig {
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if d_model or n_heads is 0,
     /// d_model is not divisible by n_heads, or the dropout rate is not in [0, 1).
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<MultiHead<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<MultiHead<F>> {
         check::heads(self.d_model, self.n_heads)?;
         check::tensor("d_model", &[3, self.d_model, self.d_model], size_of::<F>())?;
         check::dropout("p_drop", self.p_drop)?;

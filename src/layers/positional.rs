@@ -16,10 +16,10 @@
 //! PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
 //! ```
 //! The wavelengths form a geometric progression from 2π to 10000·2π, and `PE(pos + k)` is a
-//! linear function (a rotation) of `PE(pos)`; see
-//! [`docs/positional-encoding.md`](docs/positional-encoding.md) in the repository for the
-//! derivation, a table of values, and the concatenated `[sin ‖ cos]` layout of
-//! tensor2tensor and fairseq, whose checkpoints are not interchangeable with this one.
+//! linear function (a rotation) of `PE(pos)`; the derivation, a table of values, and the
+//! concatenated `[sin ‖ cos]` layout of tensor2tensor and fairseq, whose checkpoints are not
+//! interchangeable with this one, follow the example below (the same text as
+//! `docs/positional-encoding.md` in the repository).
 //! Values are computed in `f64` and rounded once to the element type, so they stay accurate
 //! at any position (computing the angle in `f32`, as the usual PyTorch code does, puts values
 //! off by a few 1e-5 at position 1000). Any length works: nothing is tabulated at init. An
@@ -44,13 +44,13 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::{Array2, s};
+//! use vaswani::ndarray::{Array2, s};
 //! use vaswani::layers::{SinusoidalConfig, sinusoidal_table};
 //!
 //! let pe = SinusoidalConfig::new(4).init()?;
 //! let x = Array2::<f32>::zeros((2 * 3, 4)); // B = 2 sequences of T = 3
 //! let y = pe.forward(x.view(), 3, 0);
-//! assert_eq!(y.row(0), ndarray::arr1(&[0.0, 1.0, 0.0, 1.0])); // PE(0)
+//! assert_eq!(y.row(0), vaswani::ndarray::arr1(&[0.0, 1.0, 0.0, 1.0])); // PE(0)
 //! assert_eq!(y.slice(s![3..6, ..]), sinusoidal_table::<f32>(3, 4)); // sequence b = 1
 //!
 //! // Decoding one step at a time: position 2 of both sequences, given alone.
@@ -58,6 +58,8 @@
 //! assert_eq!(step.row(1), y.row(3 + 2));
 //! # Ok::<(), vaswani::Error>(())
 //! ```
+//!
+#![doc = include_str!("../../docs/positional-encoding.md")]
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rand::Rng;
@@ -129,7 +131,7 @@ crate::delegate_params!(LearnedPositional => p);
 /// # Example
 /// ```
 /// let pe = vaswani::layers::sinusoidal_table::<f64>(3, 4);
-/// assert_eq!(pe.row(0), ndarray::arr1(&[0.0, 1.0, 0.0, 1.0]));
+/// assert_eq!(pe.row(0), vaswani::ndarray::arr1(&[0.0, 1.0, 0.0, 1.0]));
 /// assert_eq!(pe[[1, 0]], 1.0_f64.sin());
 /// assert_eq!(pe[[2, 3]], (2.0 / 100.0_f64).cos()); // 10000^(2/4) = 100
 /// ```
@@ -176,12 +178,21 @@ impl LearnedPositionalConfig {
         LearnedPositionalConfig { max_len, d_model }
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`LearnedPositionalConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`LearnedPositionalConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<LearnedPositional> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer: P ~ N(0, 0.02²), as Hugging Face's BERT and GPT-2 initialise
     /// theirs (PyTorch's `nn.Embedding` draws N(0, 1)).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] if `max_len` or `d_model` is 0.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<LearnedPositional<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<LearnedPositional<F>> {
         check::positive("max_len", self.max_len)?;
         check::positive("d_model", self.d_model)?;
         check::tensor("max_len", &[self.max_len, self.d_model], size_of::<F>())?;
@@ -476,7 +487,9 @@ mod tests {
     #[test]
     fn learned_gradients_match_finite_differences() {
         let mut rng = StdRng::seed_from_u64(42);
-        let layer = LearnedPositionalConfig::new(7, 3).init::<f64>(&mut rng).unwrap();
+        let layer = LearnedPositionalConfig::new(7, 3)
+            .init_as::<f64>(&mut rng)
+            .unwrap();
         let (b, t, start) = (3, 4, 2);
         let x: Array2<f64> = random_like((b * t, 3), &mut rng);
         let r: Array2<f64> = random_like((b * t, 3), &mut rng);
@@ -506,7 +519,7 @@ mod tests {
     #[test]
     fn learned_adds_table_rows_from_start() {
         let mut rng = StdRng::seed_from_u64(43);
-        let layer = LearnedPositionalConfig::new(5, 2).init::<f32>(&mut rng).unwrap();
+        let layer = LearnedPositionalConfig::new(5, 2).init(&mut rng).unwrap();
         let y = layer.forward(Array2::zeros((4, 2)).view(), 2, 3).unwrap();
         for seq in 0..2 {
             assert_eq!(
@@ -515,7 +528,7 @@ mod tests {
             );
         }
         let std = LearnedPositionalConfig::new(400, 50)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap()
             .p
             .weight
@@ -529,7 +542,7 @@ mod tests {
     #[test]
     fn too_long_is_an_error_naming_both_lengths() {
         let mut rng = StdRng::seed_from_u64(44);
-        let layer = LearnedPositionalConfig::new(6, 2).init::<f32>(&mut rng).unwrap();
+        let layer = LearnedPositionalConfig::new(6, 2).init(&mut rng).unwrap();
         let x = Array2::zeros((8, 2));
         let err = layer.forward(x.view(), 4, 3).unwrap_err();
         assert_eq!(err, Error::SequenceTooLong { len: 7, max: 6 });
@@ -553,8 +566,8 @@ mod tests {
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
         assert!(SinusoidalConfig::new(0).init().is_err());
-        assert!(LearnedPositionalConfig::new(0, 3).init::<f32>(&mut rng).is_err());
-        assert!(LearnedPositionalConfig::new(3, 0).init::<f32>(&mut rng).is_err());
+        assert!(LearnedPositionalConfig::new(0, 3).init(&mut rng).is_err());
+        assert!(LearnedPositionalConfig::new(3, 0).init(&mut rng).is_err());
     }
 
     #[test]
@@ -568,7 +581,7 @@ mod tests {
     #[should_panic(expected = "input is [6, 5], expected [B·T, d_model] with T = seq_len = 3, d_model = 4")]
     fn learned_wrong_width_panics_with_both_shapes() {
         let layer = LearnedPositionalConfig::new(8, 4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         let _ = layer.forward(Array2::zeros((6, 5)).view(), 3, 0);
     }
@@ -577,7 +590,7 @@ mod tests {
     #[should_panic(expected = "sequence of length 9 is longer than the maximum of 8")]
     fn learned_backward_past_the_table_panics() {
         let layer = LearnedPositionalConfig::new(8, 4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         layer.backward(Array2::zeros((3, 4)).view(), 3, 6, &mut layer.p.zeros_like());
     }

@@ -62,15 +62,15 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array2;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::Params;
 //! use vaswani::gradcheck::random_like;
 //! use vaswani::layers::{FeedForwardConfig, ResidualConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let ffn = FeedForwardConfig::new(8, 32).init::<f32>(&mut rng)?;
-//! let norm2 = ResidualConfig::new(8).init::<f32>(&mut rng)?; // post-norm, p_drop = 0.1
+//! let ffn = FeedForwardConfig::new(8, 32).init(&mut rng)?;
+//! let norm2 = ResidualConfig::new(8).init(&mut rng)?; // post-norm, p_drop = 0.1
 //! let x: Array2<f32> = random_like((6, 8), &mut rng);
 //!
 //! // y = LayerNorm(x + Dropout(FFN(x))); the FFN's cache comes back inside the residual's.
@@ -176,18 +176,29 @@ impl ResidualConfig {
         self
     }
 
+    /// Builds the layer in `f32`, the type for training and inference;
+    /// [`ResidualConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`ResidualConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<Residual> {
+        self.init_as(rng)
+    }
+
     /// Builds the connection: a layer norm with γ = 1, β = 0, and a dropout.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) if `d_model` is 0, `p_drop` is
     /// not in [0, 1), or `eps` is not finite and positive.
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<Residual<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<Residual<F>> {
         check::positive("d_model", self.d_model)?;
         check::dropout("p_drop", self.p_drop)?;
         check::eps("eps", self.eps)?;
         Ok(Residual {
             cfg: self.clone(),
-            norm: LayerNormConfig::new(self.d_model).with_eps(self.eps).init(rng)?,
+            norm: LayerNormConfig::new(self.d_model)
+                .with_eps(self.eps)
+                .init_as(rng)?,
             dropout: DropoutConfig::new(self.p_drop).init()?,
         })
     }
@@ -366,11 +377,11 @@ mod tests {
             let mut residual = ResidualConfig::new(5)
                 .with_norm_first(norm_first)
                 .with_p_drop(0.2)
-                .init::<f64>(&mut rng)
+                .init_as::<f64>(&mut rng)
                 .unwrap();
             residual.norm.p.gamma = random_like(5, &mut rng) + 1.5;
             residual.norm.p.beta = random_like(5, &mut rng);
-            let mut linear = LinearConfig::new(5, 5).init::<f64>(&mut rng).unwrap();
+            let mut linear = LinearConfig::new(5, 5).init_as::<f64>(&mut rng).unwrap();
             linear.p.bias = Some(random_like(5, &mut rng));
             let x: Array2<f64> = random_like((4, 5), &mut rng);
             let r: Array2<f64> = random_like((4, 5), &mut rng);
@@ -416,11 +427,11 @@ mod tests {
             let mut residual = ResidualConfig::new(6)
                 .with_norm_first(norm_first)
                 .with_p_drop(0.0)
-                .init::<f64>(&mut rng)
+                .init_as::<f64>(&mut rng)
                 .unwrap();
             residual.norm.p.gamma = random_like(6, &mut rng) + 1.5;
             residual.norm.p.beta = random_like(6, &mut rng);
-            let linear = LinearConfig::new(6, 6).init::<f64>(&mut rng).unwrap();
+            let linear = LinearConfig::new(6, 6).init_as::<f64>(&mut rng).unwrap();
             let x: Array2<f64> = random_like((3, 6), &mut rng);
             let (y, cache) = residual.forward(x.view(), &mut rng, |u, _| linear.forward(u));
             assert_eq!(y, residual.infer(x.view(), |u| linear.infer(u)));
@@ -443,11 +454,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(73);
         let mut residual = ResidualConfig::new(16)
             .with_eps(1e-12)
-            .init::<f64>(&mut rng)
+            .init_as::<f64>(&mut rng)
             .unwrap();
         residual.norm.p.gamma.fill(0.5);
         residual.norm.p.beta.fill(3.0);
-        let linear = LinearConfig::new(16, 16).init::<f64>(&mut rng).unwrap();
+        let linear = LinearConfig::new(16, 16).init_as::<f64>(&mut rng).unwrap();
         let x: Array2<f64> = random_like((5, 16), &mut rng) * 4.0;
         let (y, _) = residual.forward(x.view(), &mut rng, |u, _| linear.forward(u));
         for row in y.rows() {
@@ -461,7 +472,7 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        let field = |cfg: ResidualConfig| match cfg.init::<f32>(&mut StdRng::seed_from_u64(0)) {
+        let field = |cfg: ResidualConfig| match cfg.init(&mut StdRng::seed_from_u64(0)) {
             Err(crate::Error::InvalidConfig { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),
         };
@@ -470,14 +481,14 @@ mod tests {
         assert_eq!(field(ResidualConfig::new(4).with_p_drop(f32::NAN)), "p_drop");
         assert_eq!(field(ResidualConfig::new(4).with_eps(0.0)), "eps");
         assert_eq!(field(ResidualConfig::new(4).with_eps(f32::INFINITY)), "eps");
-        assert!(ResidualConfig::new(4).init::<f32>(&mut rng).is_ok());
+        assert!(ResidualConfig::new(4).init(&mut rng).is_ok());
     }
 
     #[test]
     #[should_panic(expected = "expected [N, d_model = 4]")]
     fn wrong_width_panics_with_both_shapes() {
         let residual = ResidualConfig::new(4)
-            .init::<f32>(&mut StdRng::seed_from_u64(0))
+            .init(&mut StdRng::seed_from_u64(0))
             .unwrap();
         residual.infer(Array2::zeros((2, 3)).view(), |u| u.to_owned());
     }

@@ -188,6 +188,52 @@ impl<F: Float> FeatureBatch<F> {
         Ok(FeatureBatch { x, lengths })
     }
 
+    /// A batch from sequences of different lengths, each `[len, d_in]` (one row per
+    /// position), padded with zeros to the longest: the features' [`TokenBatch::from_sequences`].
+    ///
+    /// ```
+    /// use vaswani::models::FeatureBatch;
+    /// use vaswani::ndarray::Array2;
+    ///
+    /// // Two windows of 3 sensor channels, 5 and 2 readings long.
+    /// let windows = vec![Array2::<f32>::ones((5, 3)), Array2::ones((2, 3))];
+    /// let batch = FeatureBatch::from_sequences(&windows)?;
+    /// assert_eq!(batch.x().dim(), (2, 5, 3));
+    /// assert_eq!(batch.lengths(), &[5, 2]);
+    /// # Ok::<(), vaswani::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty list, [`Error::ShapeMismatch`] naming the first
+    /// sequence whose width is not the first sequence's.
+    pub fn from_sequences<'a, S>(seqs: impl IntoIterator<Item = S>) -> Result<Self>
+    where
+        S: Into<ArrayView2<'a, F>>,
+        F: 'a,
+    {
+        let seqs: Vec<ArrayView2<'a, F>> = seqs.into_iter().map(Into::into).collect();
+        let Some(first) = seqs.first() else {
+            return Err(Error::InvalidInput {
+                why: "an empty batch (no sequences)".into(),
+            });
+        };
+        let d_in = first.ncols();
+        if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.ncols() != d_in) {
+            return Err(Error::shape(
+                format!("features of sequence {i} (width of sequence 0)"),
+                &[s.nrows(), d_in],
+                &[s.nrows(), s.ncols()],
+            ));
+        }
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.nrows()).collect();
+        let t = lengths.iter().copied().max().unwrap_or(0);
+        let mut x = Array3::zeros((seqs.len(), t, d_in));
+        for (mut row, s) in x.outer_iter_mut().zip(&seqs) {
+            row.slice_mut(ndarray::s![..s.nrows(), ..]).assign(s);
+        }
+        FeatureBatch::new(x, lengths)
+    }
+
     /// A batch from an array of any rank, which must be `[B, T, d_in]`.
     ///
     /// # Errors

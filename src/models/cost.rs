@@ -1,7 +1,7 @@
 //! What a model costs before it runs: its parameters and the FLOPs of a step.
 
 /// Parameter count and FLOPs of one forward pass and one training step, under the FLOP
-/// model of `WORKLOADS.md` (dense m→n costs 2mn per token, attention 4·Tq·Tk·d per
+/// model (dense m→n costs 2mn per token, attention 4·Tq·Tk·d per
 /// sequence, embeddings, norms, softmax and biases are not counted, a training step is 3× the
 /// forward).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -45,14 +45,14 @@
 //!
 //! # Example
 //! ```
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::models::{DecoderOnlyConfig, LmBatch, Sampling, TokenBatch};
 //! use vaswani::train::{Trainer, TrainerConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let cfg = DecoderOnlyConfig::new(12, BlockConfig::new(16, 2, 32), 2);
-//! let model = cfg.init::<f32>(&mut rng)?;
+//! let model = cfg.init(&mut rng)?;
 //! assert_eq!(cfg.cost(1, 1).params, vaswani::Params::num_params(&model) as u64);
 //!
 //! // Logits for every position: [B·T, V].
@@ -64,7 +64,7 @@
 //! let mut trainer = Trainer::new(model, TrainerConfig::paper(16, 100))?;
 //! trainer.step(&[batch], &mut rng)?;
 //!
-//! // Generation re-runs the model on the growing sequence.
+//! // Generation runs the prompt once, then one position per token (a key/value cache).
 //! let next = trainer.model.generate(&[3, 4], 5, Sampling::Temperature(0.8), &mut rng)?;
 //! assert_eq!(next.len(), 5);
 //! let bits = trainer.model.bits_per_token(&tokens)?;
@@ -318,7 +318,7 @@ impl DecoderOnlyConfig {
     }
 
     /// The same config with the output projection tied to the embedding or not.
-    pub fn with_tied_output(mut self, tie: bool) -> Self {
+    pub fn with_tie_output(mut self, tie: bool) -> Self {
         self.tie_output = tie;
         self
     }
@@ -350,18 +350,27 @@ impl DecoderOnlyConfig {
         self.block.check()
     }
 
+    /// Builds the model in `f32`, the type for training and inference;
+    /// [`DecoderOnlyConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`DecoderOnlyConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<DecoderOnly> {
+        self.init_as(rng)
+    }
+
     /// Builds the model with PyTorch's initialisation (see each layer).
     ///
     /// # Errors
     /// As [`DecoderOnlyConfig::check`].
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderOnly<F>> {
         self.check()?;
         let d = self.block.d_model;
-        let embed = EmbeddingConfig::new(self.vocab, d).init(rng)?;
+        let embed = EmbeddingConfig::new(self.vocab, d).init_as(rng)?;
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
-        let blocks = self.blocks_config().init(rng)?;
+        let blocks = self.blocks_config().init_as(rng)?;
         let head = (!self.tie_output)
-            .then(|| LinearConfig::new(d, self.vocab).with_bias(false).init(rng))
+            .then(|| LinearConfig::new(d, self.vocab).with_bias(false).init_as(rng))
             .transpose()?;
         Ok(DecoderOnly {
             cfg: self.clone(),
@@ -377,7 +386,7 @@ impl DecoderOnlyConfig {
     }
 
     /// Parameter count and FLOPs for `batch` sequences of length `len`, before anything is
-    /// built (FLOP model of `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·T·T·d per
+    /// built (FLOP model: dense m→n is 2mn per token, attention 4·T·T·d per
     /// sequence even though the causal mask lets half of it be skipped, the output projection
     /// counts, a training step is 3× the forward).
     pub fn cost(&self, batch: usize, len: usize) -> Cost {
@@ -769,7 +778,8 @@ impl<F: Float> DecoderOnly<F> {
     }
 }
 
-impl<F: Float> Trainable<F> for DecoderOnly<F> {
+impl<F: Float> Trainable for DecoderOnly<F> {
+    type Float = F;
     type Batch = LmBatch;
 
     fn batch_tokens(batch: &LmBatch) -> usize {

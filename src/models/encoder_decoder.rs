@@ -13,13 +13,13 @@
 //!
 //! # Example
 //! ```
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
 //! use vaswani::models::{EncoderDecoderConfig, Seq2SeqBatch};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let cfg = EncoderDecoderConfig::new(20, 20, BlockConfig::new(16, 2, 32), 1, 1);
-//! let model = cfg.init::<f32>(&mut rng)?;
+//! let model = cfg.init(&mut rng)?;
 //! // BOS = 1, EOS = 2, PAD = 0.
 //! let batch = Seq2SeqBatch::from_pairs(&[(vec![5, 6, 7], vec![7, 6, 5]), (vec![8], vec![8])], 1, 2, 0)?;
 //! let logits = model.infer(&batch.src, &batch.tgt_in)?;
@@ -301,8 +301,8 @@ impl EncoderDecoderConfig {
     /// embeddings and the output projection tied (§3.4).
     pub fn base(vocab: usize) -> Self {
         EncoderDecoderConfig::new(vocab, vocab, BlockConfig::new(512, 8, 2048), 6, 6)
-            .with_shared_embeddings(true)
-            .with_tied_output(true)
+            .with_share_embeddings(true)
+            .with_tie_output(true)
     }
 
     /// The paper's big model (Table 3): N = 6, d_model = 1024, d_ff = 4096, h = 16,
@@ -311,22 +311,22 @@ impl EncoderDecoderConfig {
         EncoderDecoderConfig::new(
             vocab,
             vocab,
-            BlockConfig::new(1024, 16, 4096).with_dropout(0.3),
+            BlockConfig::new(1024, 16, 4096).with_p_drop(0.3),
             6,
             6,
         )
-        .with_shared_embeddings(true)
-        .with_tied_output(true)
+        .with_share_embeddings(true)
+        .with_tie_output(true)
     }
 
     /// The same config with source and target embeddings shared or not.
-    pub fn with_shared_embeddings(mut self, share: bool) -> Self {
+    pub fn with_share_embeddings(mut self, share: bool) -> Self {
         self.share_embeddings = share;
         self
     }
 
     /// The same config with the output projection tied to the target embedding or not.
-    pub fn with_tied_output(mut self, tie: bool) -> Self {
+    pub fn with_tie_output(mut self, tie: bool) -> Self {
         self.tie_output = tie;
         self
     }
@@ -369,23 +369,32 @@ impl EncoderDecoderConfig {
         Ok(())
     }
 
+    /// Builds the model in `f32`, the type for training and inference;
+    /// [`EncoderDecoderConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EncoderDecoderConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<EncoderDecoder> {
+        self.init_as(rng)
+    }
+
     /// Builds the model with PyTorch's initialisation (see each layer).
     ///
     /// # Errors
     /// As [`EncoderDecoderConfig::check`].
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderDecoder<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderDecoder<F>> {
         self.check()?;
         let d = self.block.d_model;
-        let src_embed = EmbeddingConfig::new(self.src_vocab, d).init(rng)?;
+        let src_embed = EmbeddingConfig::new(self.src_vocab, d).init_as(rng)?;
         let tgt_embed = (!self.share_embeddings)
-            .then(|| EmbeddingConfig::new(self.tgt_vocab, d).init(rng))
+            .then(|| EmbeddingConfig::new(self.tgt_vocab, d).init_as(rng))
             .transpose()?;
         let src_input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
         let tgt_input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
-        let encoder = self.encoder_config().init(rng)?;
-        let decoder = self.decoder_config().init(rng)?;
+        let encoder = self.encoder_config().init_as(rng)?;
+        let decoder = self.decoder_config().init_as(rng)?;
         let generator = (!self.tie_output)
-            .then(|| LinearConfig::new(d, self.tgt_vocab).with_bias(false).init(rng))
+            .then(|| LinearConfig::new(d, self.tgt_vocab).with_bias(false).init_as(rng))
             .transpose()?;
         Ok(EncoderDecoder {
             cfg: self.clone(),
@@ -408,9 +417,9 @@ impl EncoderDecoderConfig {
     }
 
     /// Parameter count and FLOPs for a batch of `batch` pairs of source length `src_len`
-    /// and target length `tgt_len`, before anything is built (FLOP model of
-    /// `WORKLOADS.md`: dense m→n is 2mn per token, attention 4·Tq·Tk·d per sequence, the
-    /// output projection counts, a training step is 3× the forward).
+    /// and target length `tgt_len`, before anything is built (FLOP model: dense m→n is 2mn
+    /// per token, attention 4·Tq·Tk·d per sequence, the output projection counts, a training
+    /// step is 3× the forward).
     pub fn cost(&self, batch: usize, src_len: usize, tgt_len: usize) -> Cost {
         // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
         let b = &self.block;
@@ -1049,7 +1058,8 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     }
 }
 
-impl<F: Float> Trainable<F> for EncoderDecoder<F> {
+impl<F: Float> Trainable for EncoderDecoder<F> {
+    type Float = F;
     type Batch = Seq2SeqBatch;
 
     fn batch_tokens(batch: &Seq2SeqBatch) -> usize {

@@ -49,10 +49,10 @@
 //!
 //! # Example
 //! ```
-//! use ndarray::Array3;
-//! use rand::{SeedableRng, rngs::StdRng};
+//! use vaswani::ndarray::Array2;
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
-//! use vaswani::models::{EncoderInput, EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
+//! use vaswani::models::{EncoderOnlyConfig, FeatureBatch, Head, InputKind, LabeledBatch, Targets};
 //! use vaswani::train::{Trainer, TrainerConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
@@ -63,19 +63,20 @@
 //!     2,
 //!     Head::Classify { classes: 4 },
 //! );
-//! let model = cfg.init::<f32>(&mut rng)?;
-//! // Two windows of lengths 5 and 3, padded to T = 5.
-//! let windows = FeatureBatch::new(Array3::from_elem((2, 5, 3), 0.5), vec![5, 3])?;
-//! let input = EncoderInput::Features(windows);
-//! let logits = model.infer(&input)?;
+//! let model = cfg.init(&mut rng)?;
+//! // Two windows of 5 and 3 readings, padded to T = 5.
+//! let windows = FeatureBatch::from_sequences(&[Array2::from_elem((5, 3), 0.5), Array2::zeros((3, 3))])?;
+//! let logits = model.infer(&windows)?;
 //! assert_eq!(logits.dim(), (2, 4)); // [B, classes]
-//! assert_eq!(model.predict(&input)?.len(), 2);
+//! assert_eq!(model.predict(&windows)?.len(), 2);
 //!
-//! // One training step.
-//! let batch = LabeledBatch::new(input, Targets::Classes(vec![1, 3]));
+//! // One training step, then the loss without dropout or gradients (evaluation).
+//! let batch = LabeledBatch::new(windows, Targets::Classes(vec![1, 3]));
 //! let mut trainer = Trainer::new(model, TrainerConfig::paper(16, 100))?;
-//! let stats = trainer.step(&[batch], &mut rng)?;
+//! let stats = trainer.step(&[batch.clone()], &mut rng)?;
 //! assert_eq!(stats.loss.tokens, 2); // counted in examples
+//! let eval = trainer.model.loss(&batch, 0.0)?;
+//! assert!(eval.loss.is_finite());
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
@@ -198,6 +199,10 @@ crate::impl_params!(EncoderOnly {
 });
 
 /// A batch as an [`EncoderOnly`] model reads it: token ids or feature vectors.
+///
+/// The model's entry points ([`EncoderOnly::infer`], [`EncoderOnly::predict`], …) take
+/// anything that converts into it: a [`TokenBatch`], a [`FeatureBatch`] or an `EncoderInput`,
+/// by value or by reference (a reference is copied, which costs little beside the model).
 #[derive(Clone, Debug, PartialEq)]
 pub enum EncoderInput<F: Float = f32> {
     /// Token ids `[B, T]`, for [`InputKind::Tokens`].
@@ -215,6 +220,27 @@ impl<F: Float> From<TokenBatch> for EncoderInput<F> {
 impl<F: Float> From<FeatureBatch<F>> for EncoderInput<F> {
     fn from(batch: FeatureBatch<F>) -> Self {
         EncoderInput::Features(batch)
+    }
+}
+
+/// A copy of the batch: lets the model's entry points take `&batch` (of either kind).
+impl<F: Float> From<&TokenBatch> for EncoderInput<F> {
+    fn from(batch: &TokenBatch) -> Self {
+        EncoderInput::Tokens(batch.clone())
+    }
+}
+
+/// A copy of the batch: lets the model's entry points take `&batch` (of either kind).
+impl<F: Float> From<&FeatureBatch<F>> for EncoderInput<F> {
+    fn from(batch: &FeatureBatch<F>) -> Self {
+        EncoderInput::Features(batch.clone())
+    }
+}
+
+/// A copy of the input: lets the model's entry points take `&input`.
+impl<F: Float> From<&EncoderInput<F>> for EncoderInput<F> {
+    fn from(input: &EncoderInput<F>) -> Self {
+        input.clone()
     }
 }
 
@@ -359,20 +385,29 @@ impl EncoderOnlyConfig {
         self.block.check()
     }
 
+    /// Builds the model in `f32`, the type for training and inference;
+    /// [`EncoderOnlyConfig::init_as`] builds it in another float type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EncoderOnlyConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<EncoderOnly> {
+        self.init_as(rng)
+    }
+
     /// Builds the model with PyTorch's initialisation (see each layer).
     ///
     /// # Errors
     /// As [`EncoderOnlyConfig::check`].
-    pub fn init<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderOnly<F>> {
         self.check()?;
         let d = self.block.d_model;
         let (embed, input_proj) = match self.input {
-            InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init(rng)?), None),
-            InputKind::Features { d_in } => (None, Some(LinearConfig::new(d_in, d).init(rng)?)),
+            InputKind::Tokens { vocab } => (Some(EmbeddingConfig::new(vocab, d).init_as(rng)?), None),
+            InputKind::Features { d_in } => (None, Some(LinearConfig::new(d_in, d).init_as(rng)?)),
         };
         let input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
-        let encoder = self.encoder_config().init(rng)?;
-        let head = LinearConfig::new(d, self.head.n_out()).init(rng)?;
+        let encoder = self.encoder_config().init_as(rng)?;
+        let head = LinearConfig::new(d, self.head.n_out()).init_as(rng)?;
         Ok(EncoderOnly {
             cfg: self.clone(),
             embed,
@@ -467,6 +502,14 @@ impl<F: Float> EncoderOnly<F> {
     /// [`Error::SequenceTooLong`] past a learned position table.
     pub fn forward(
         &self,
+        input: impl Into<EncoderInput<F>>,
+        rng: &mut impl Rng,
+    ) -> Result<(Array2<F>, EncoderOnlyCache<F>)> {
+        self.forward_input(&input.into(), rng)
+    }
+
+    fn forward_input(
+        &self,
         input: &EncoderInput<F>,
         rng: &mut impl Rng,
     ) -> Result<(Array2<F>, EncoderOnlyCache<F>)> {
@@ -540,7 +583,11 @@ impl<F: Float> EncoderOnly<F> {
     ///
     /// # Errors
     /// As [`EncoderOnly::forward`].
-    pub fn encode(&self, input: &EncoderInput<F>) -> Result<Array3<F>> {
+    pub fn encode(&self, input: impl Into<EncoderInput<F>>) -> Result<Array3<F>> {
+        self.encode_input(&input.into())
+    }
+
+    fn encode_input(&self, input: &EncoderInput<F>) -> Result<Array3<F>> {
         crate::kernels::parallel::with_team(|| {
             let x = self.embedded(input)?;
             Ok(self.encoder.infer(x.view(), &input.padding_mask()))
@@ -582,9 +629,13 @@ impl<F: Float> EncoderOnly<F> {
     ///
     /// # Errors
     /// As [`EncoderOnly::forward`].
-    pub fn pooled(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
+    pub fn pooled(&self, input: impl Into<EncoderInput<F>>) -> Result<Array2<F>> {
+        self.pooled_input(&input.into())
+    }
+
+    fn pooled_input(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
         crate::kernels::parallel::with_team(|| {
-            let h = self.encode(input)?;
+            let h = self.encode_input(input)?;
             Ok(pool(h.view(), input.lengths(), self.cfg.pooling))
         })
     }
@@ -593,15 +644,19 @@ impl<F: Float> EncoderOnly<F> {
     ///
     /// # Errors
     /// As [`EncoderOnly::forward`].
-    pub fn infer(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| Ok(self.head.infer(self.pooled(input)?.view())))
+    pub fn infer(&self, input: impl Into<EncoderInput<F>>) -> Result<Array2<F>> {
+        self.infer_input(&input.into())
+    }
+
+    fn infer_input(&self, input: &EncoderInput<F>) -> Result<Array2<F>> {
+        crate::kernels::parallel::with_team(|| Ok(self.head.infer(self.pooled_input(input)?.view())))
     }
 
     /// The most likely class of each sequence (the first, on ties).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a regression model, else as [`EncoderOnly::forward`].
-    pub fn predict(&self, input: &EncoderInput<F>) -> Result<Vec<usize>> {
+    pub fn predict(&self, input: impl Into<EncoderInput<F>>) -> Result<Vec<usize>> {
         crate::kernels::parallel::with_team(|| {
             if let Head::Regress { outputs } = self.cfg.head {
                 return Err(Error::InvalidInput {
@@ -613,6 +668,94 @@ impl<F: Float> EncoderOnly<F> {
             (self.infer(input)?.rows().into_iter().enumerate())
                 .map(|(i, row)| decide(row, "class logits", i))
                 .collect()
+        })
+    }
+
+    /// The loss of a batch without dropout and without gradients (evaluation), as in
+    /// training: cross-entropy with label smoothing `smoothing` for a classifier (mean over
+    /// the examples, with the accuracy), the mean squared error for a regressor (`smoothing`
+    /// unused).
+    ///
+    /// # Errors
+    /// As [`EncoderOnly::forward`], and for targets that do not fit the head (see
+    /// [`Trainable::accumulate`]).
+    pub fn loss(&self, batch: &LabeledBatch<F>, smoothing: f64) -> Result<LossStats> {
+        crate::kernels::parallel::with_team(|| {
+            self.check_targets(batch)?;
+            let y = self.infer_input(&batch.input)?;
+            Ok(self.loss_and_grad(y.view(), &batch.targets, smoothing)?.0)
+        })
+    }
+
+    /// Checks that the targets fit the head and the batch.
+    fn check_targets(&self, batch: &LabeledBatch<F>) -> Result<()> {
+        let b = batch.input.batch_size();
+        match (&self.cfg.head, &batch.targets) {
+            (Head::Classify { classes }, Targets::Classes(labels)) => {
+                if labels.len() != b {
+                    return Err(Error::shape(
+                        "class labels (one per example)",
+                        &[b],
+                        &[labels.len()],
+                    ));
+                }
+                if let Some((i, &label)) = labels.iter().enumerate().find(|&(_, &y)| y >= *classes) {
+                    return Err(Error::InvalidInput {
+                        why: format!(
+                            "label {label} of example {i} is not below the number of classes, {classes}"
+                        ),
+                    });
+                }
+            }
+            (Head::Regress { outputs }, Targets::Values(values)) => {
+                if values.dim() != (b, *outputs) {
+                    return Err(Error::shape(
+                        "regression targets [B, outputs]",
+                        &[b, *outputs],
+                        values.shape(),
+                    ));
+                }
+            }
+            (Head::Classify { classes }, Targets::Values(_)) => {
+                return Err(Error::InvalidInput {
+                    why: format!("regression values given as targets to a classifier of {classes} classes"),
+                });
+            }
+            (Head::Regress { outputs }, Targets::Classes(_)) => {
+                return Err(Error::InvalidInput {
+                    why: format!("class labels given as targets to a regressor of {outputs} outputs"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss of outputs `y` against checked targets, and `∂loss/∂y`.
+    fn loss_and_grad(
+        &self,
+        y: ArrayView2<F>,
+        targets: &Targets<F>,
+        smoothing: f64,
+    ) -> Result<(LossStats, Array2<F>)> {
+        Ok(match targets {
+            Targets::Classes(labels) => {
+                let ce = cross_entropy(y, labels, None, smoothing)?;
+                let stats = LossStats {
+                    loss: ce.loss,
+                    tokens: ce.tokens,
+                    correct: ce.correct,
+                };
+                (stats, ce.grad)
+            }
+            Targets::Values(values) => {
+                let (loss, grad) = mean_squared_error(y, values.view());
+                let stats = LossStats {
+                    loss,
+                    tokens: y.nrows(),
+                    correct: 0,
+                };
+                (stats, grad)
+            }
         })
     }
 }
@@ -677,7 +820,8 @@ fn mean_squared_error<F: Float>(y: ArrayView2<F>, targets: ArrayView2<F>) -> (f6
     (sum / count, grad)
 }
 
-impl<F: Float> Trainable<F> for EncoderOnly<F> {
+impl<F: Float> Trainable for EncoderOnly<F> {
+    type Float = F;
     type Batch = LabeledBatch<F>;
 
     /// The number of examples (sequences): the loss is a mean over them.
@@ -693,65 +837,9 @@ impl<F: Float> Trainable<F> for EncoderOnly<F> {
         grads: &mut Self,
         rng: &mut R,
     ) -> Result<LossStats> {
-        let b = batch.input.batch_size();
-        match (&self.cfg.head, &batch.targets) {
-            (Head::Classify { classes }, Targets::Classes(labels)) => {
-                if labels.len() != b {
-                    return Err(Error::shape(
-                        "class labels (one per example)",
-                        &[b],
-                        &[labels.len()],
-                    ));
-                }
-                if let Some((i, &label)) = labels.iter().enumerate().find(|&(_, &y)| y >= *classes) {
-                    return Err(Error::InvalidInput {
-                        why: format!(
-                            "label {label} of example {i} is not below the number of classes, {classes}"
-                        ),
-                    });
-                }
-            }
-            (Head::Regress { outputs }, Targets::Values(values)) => {
-                if values.dim() != (b, *outputs) {
-                    return Err(Error::shape(
-                        "regression targets [B, outputs]",
-                        &[b, *outputs],
-                        values.shape(),
-                    ));
-                }
-            }
-            (Head::Classify { classes }, Targets::Values(_)) => {
-                return Err(Error::InvalidInput {
-                    why: format!("regression values given as targets to a classifier of {classes} classes"),
-                });
-            }
-            (Head::Regress { outputs }, Targets::Classes(_)) => {
-                return Err(Error::InvalidInput {
-                    why: format!("class labels given as targets to a regressor of {outputs} outputs"),
-                });
-            }
-        }
-        let (y, cache) = self.forward(&batch.input, rng)?;
-        let (stats, mut grad) = match &batch.targets {
-            Targets::Classes(labels) => {
-                let ce = cross_entropy(y.view(), labels, None, smoothing)?;
-                let stats = LossStats {
-                    loss: ce.loss,
-                    tokens: ce.tokens,
-                    correct: ce.correct,
-                };
-                (stats, ce.grad)
-            }
-            Targets::Values(values) => {
-                let (loss, grad) = mean_squared_error(y.view(), values.view());
-                let stats = LossStats {
-                    loss,
-                    tokens: b,
-                    correct: 0,
-                };
-                (stats, grad)
-            }
-        };
+        self.check_targets(batch)?;
+        let (y, cache) = self.forward_input(&batch.input, rng)?;
+        let (stats, mut grad) = self.loss_and_grad(y.view(), &batch.targets, smoothing)?;
         if weight != 1.0 {
             grad.mapv_inplace(|v| v * F::from_f64(weight));
         }

@@ -60,7 +60,9 @@ impl<F: Float> InputStage<F> {
     pub fn new(d_model: usize, positions: Positions, p_drop: f32, rng: &mut impl Rng) -> Result<Self> {
         let learned = match positions {
             Positions::Sinusoidal => None,
-            Positions::Learned { max_len } => Some(LearnedPositionalConfig::new(max_len, d_model).init(rng)?),
+            Positions::Learned { max_len } => {
+                Some(LearnedPositionalConfig::new(max_len, d_model).init_as(rng)?)
+            }
         };
         Ok(InputStage {
             sinusoidal: SinusoidalConfig::new(d_model).init()?,

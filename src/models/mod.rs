@@ -3,8 +3,8 @@
 //! (Table 3).
 //!
 //! Model entry points return [`Result`](crate::Result): token ids, lengths, batch sizes and
-//! sequence lengths come from outside the program and are checked (see
-//! `BAD_INPUTS.md`-style errors in [`crate::Error`]). Every model implements
+//! sequence lengths come from outside the program and are checked, each a typed
+//! [`crate::Error`] naming the value. Every model implements
 //! [`Params`](crate::Params) (its gradients have its own type) and
 //! [`Trainable`](crate::train::Trainable) for the [`Trainer`](crate::train::Trainer).
 

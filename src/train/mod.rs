@@ -8,7 +8,9 @@ pub mod schedule;
 
 pub use batch::{pad_batch, token_batches};
 pub use loss::{CrossEntropy, cross_entropy, log_softmax};
-pub use optim::{Adam, AdamConfig, MAX_STEPS, Optimizer, Sgd, average, clip_grad_norm};
+pub use optim::{
+    Adam, AdamConfig, MAX_STEPS, Optimizer, OptimizerConfig, OptimizerState, Sgd, average, clip_grad_norm,
+};
 pub use schedule::Schedule;
 pub mod trainer;
 

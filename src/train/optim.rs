@@ -11,6 +11,10 @@
 //!   PyTorch's `torch.optim.AdamW` with the usual two parameter groups.
 //! - [`Sgd`] with momentum, PyTorch's `torch.optim.SGD(momentum=μ)`.
 //!
+//! A [`Trainer`](crate::train::Trainer) builds the one its
+//! [`TrainerConfig::optimizer`](crate::train::TrainerConfig::optimizer) names
+//! ([`OptimizerConfig`]) and keeps it as an [`OptimizerState`].
+//!
 //! Every update is element-wise, so it does not depend on the thread count.
 
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
@@ -33,6 +37,17 @@ pub trait Optimizer<F: Float, P: Params<F>> {
 /// The largest step count an optimizer is rebuilt with: 2⁵³, the last integer `f64` holds
 /// exactly.
 pub const MAX_STEPS: u64 = 1 << 53;
+
+/// A step count an optimizer is rebuilt with is at most [`MAX_STEPS`].
+fn check_steps(t: u64) -> Result<()> {
+    if t > MAX_STEPS {
+        return Err(Error::config(
+            "step",
+            format!("a step count must be at most 2^53 = {MAX_STEPS}, got {t}"),
+        ));
+    }
+    Ok(())
+}
 
 /// Settings of [`Adam`] and AdamW.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,7 +90,12 @@ impl AdamConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the settings without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for β outside [0, 1), ε that is not finite and positive, or a
+    /// negative or non-finite weight decay.
+    pub fn check(&self) -> Result<()> {
         for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(Error::config(field, format!("must be in [0, 1), got {v}")));
@@ -94,6 +114,13 @@ impl AdamConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl Default for AdamConfig {
+    /// The paper's Adam ([`AdamConfig::paper`]).
+    fn default() -> Self {
+        AdamConfig::paper()
     }
 }
 
@@ -138,12 +165,7 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
     /// use.
     pub fn from_state(cfg: AdamConfig, m: P, v: P, t: u64) -> Result<Self> {
         cfg.check()?;
-        if t > MAX_STEPS {
-            return Err(Error::config(
-                "step",
-                format!("a step count must be at most 2^53 = {MAX_STEPS}, got {t}"),
-            ));
-        }
+        check_steps(t)?;
         Ok(Adam {
             cfg,
             m,
@@ -230,7 +252,20 @@ pub struct Sgd<F: Float, P: Params<F>> {
     pub momentum: f64,
     /// The velocity b, shaped as the parameters.
     pub velocity: P,
+    /// Steps taken so far.
+    pub t: u64,
     _f: std::marker::PhantomData<F>,
+}
+
+/// A momentum must be finite and in [0, 1).
+fn check_momentum(momentum: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&momentum) {
+        return Err(Error::config(
+            "momentum",
+            format!("must be in [0, 1), got {momentum}"),
+        ));
+    }
+    Ok(())
 }
 
 impl<F: Float, P: Params<F> + Clone> Sgd<F, P> {
@@ -239,15 +274,22 @@ impl<F: Float, P: Params<F> + Clone> Sgd<F, P> {
     /// # Errors
     /// [`Error::InvalidConfig`] if the momentum is not in [0, 1).
     pub fn new(momentum: f64, params: &P) -> Result<Self> {
-        if !(0.0..1.0).contains(&momentum) {
-            return Err(Error::config(
-                "momentum",
-                format!("must be in [0, 1), got {momentum}"),
-            ));
-        }
+        Sgd::from_state(momentum, params.zeros_like(), 0)
+    }
+}
+
+impl<F: Float, P: Params<F>> Sgd<F, P> {
+    /// Rebuilds an optimizer from saved state.
+    ///
+    /// # Errors
+    /// As [`Sgd::new`].
+    pub fn from_state(momentum: f64, velocity: P, t: u64) -> Result<Self> {
+        check_momentum(momentum)?;
+        check_steps(t)?;
         Ok(Sgd {
             momentum,
-            velocity: params.zeros_like(),
+            velocity,
+            t,
             _f: std::marker::PhantomData,
         })
     }
@@ -255,6 +297,7 @@ impl<F: Float, P: Params<F> + Clone> Sgd<F, P> {
 
 impl<F: Float, P: Params<F>> Optimizer<F, P> for Sgd<F, P> {
     fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
+        self.t = self.t.saturating_add(1);
         let (mu, lr) = (F::from_f64(self.momentum), F::from_f64(lr));
         zip_state(params, grads, &mut [&mut self.velocity], |_, mut p, g, state| {
             let [b] = state else {
@@ -265,6 +308,98 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Sgd<F, P> {
                 *p -= lr * *b;
             });
         });
+    }
+}
+
+/// Which optimizer a [`Trainer`](crate::train::Trainer) builds, with its settings.
+///
+/// ```
+/// use vaswani::train::{AdamConfig, OptimizerConfig, TrainerConfig};
+///
+/// let adam = TrainerConfig::paper(512, 4000); // Adam (0.9, 0.98, 1e-9), §5.3
+/// assert_eq!(adam.optimizer, OptimizerConfig::Adam(AdamConfig::paper()));
+/// let adamw = adam.clone().with_optimizer(OptimizerConfig::Adam(AdamConfig::adamw(0.01)));
+/// let sgd = adam.with_optimizer(OptimizerConfig::Sgd { momentum: 0.9 });
+/// assert!(sgd.check().is_ok() && adamw.check().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum OptimizerConfig {
+    /// [`Adam`], or AdamW when [`AdamConfig::decoupled`] is set ([`AdamConfig::adamw`]).
+    Adam(AdamConfig),
+    /// [`Sgd`] with momentum μ (0 for plain SGD).
+    Sgd {
+        /// Momentum μ, in [0, 1).
+        momentum: f64,
+    },
+}
+
+impl Default for OptimizerConfig {
+    /// The paper's Adam ([`AdamConfig::paper`]).
+    fn default() -> Self {
+        OptimizerConfig::Adam(AdamConfig::paper())
+    }
+}
+
+impl OptimizerConfig {
+    /// Checks the settings without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field, as [`AdamConfig::check`] and [`Sgd::new`].
+    pub fn check(&self) -> Result<()> {
+        match self {
+            OptimizerConfig::Adam(c) => c.check(),
+            OptimizerConfig::Sgd { momentum } => check_momentum(*momentum),
+        }
+    }
+
+    /// A fresh optimizer of this kind for `params`.
+    ///
+    /// # Errors
+    /// As [`OptimizerConfig::check`].
+    pub fn build<F: Float, P: Params<F> + Clone>(&self, params: &P) -> Result<OptimizerState<F, P>> {
+        Ok(match self {
+            OptimizerConfig::Adam(c) => OptimizerState::Adam(Adam::new(c.clone(), params)?),
+            OptimizerConfig::Sgd { momentum } => OptimizerState::Sgd(Sgd::new(*momentum, params)?),
+        })
+    }
+}
+
+/// The optimizer a [`Trainer`](crate::train::Trainer) holds: one of the kinds of
+/// [`OptimizerConfig`], with its state (public for checkpoints).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimizerState<F: Float, P: Params<F>> {
+    /// Adam or AdamW.
+    Adam(Adam<F, P>),
+    /// SGD with momentum.
+    Sgd(Sgd<F, P>),
+}
+
+impl<F: Float, P: Params<F>> OptimizerState<F, P> {
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        match self {
+            OptimizerState::Adam(a) => a.t,
+            OptimizerState::Sgd(s) => s.t,
+        }
+    }
+
+    /// The settings it was built from.
+    pub fn config(&self) -> OptimizerConfig {
+        match self {
+            OptimizerState::Adam(a) => OptimizerConfig::Adam(a.cfg.clone()),
+            OptimizerState::Sgd(s) => OptimizerConfig::Sgd { momentum: s.momentum },
+        }
+    }
+}
+
+impl<F: Float, P: Params<F>> Optimizer<F, P> for OptimizerState<F, P> {
+    fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
+        match self {
+            OptimizerState::Adam(a) => a.step(params, grads, lr),
+            OptimizerState::Sgd(s) => s.step(params, grads, lr),
+        }
     }
 }
 

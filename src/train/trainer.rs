@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::{Workspace, with_workspace};
 use crate::params::Params;
-use crate::train::optim::{Adam, AdamConfig, Optimizer, clip_grad_norm};
+use crate::train::optim::{Optimizer, OptimizerConfig, OptimizerState, clip_grad_norm};
 use crate::train::schedule::Schedule;
 
 /// The loss of a batch.
@@ -53,7 +53,13 @@ impl LossStats {
 }
 
 /// A model that can be trained: forward, loss and backward on one batch.
-pub trait Trainable<F: Float>: Params<F> + Clone {
+///
+/// The float type is part of the model's type (`EncoderDecoder` is `EncoderDecoder<f32>`),
+/// so a [`Trainer`] or a checkpoint loader needs to be told only the model type.
+pub trait Trainable: Params<<Self as Trainable>::Float> + Clone {
+    /// The element type of the parameters, `f32` or `f64`.
+    type Float: Float;
+
     /// What one training batch holds (inputs and targets).
     type Batch;
 
@@ -77,11 +83,14 @@ pub trait Trainable<F: Float>: Params<F> + Clone {
 }
 
 /// Settings of a [`Trainer`].
+///
+/// [`TrainerConfig::default`] is the paper's setup for the base model
+/// ([`TrainerConfig::paper`]`(512, 4000)`).
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TrainerConfig {
-    /// The optimizer.
-    pub adam: AdamConfig,
+    /// The optimizer: Adam, AdamW or SGD with momentum.
+    pub optimizer: OptimizerConfig,
     /// The learning rate by step.
     pub schedule: Schedule,
     /// Clip the global gradient norm to this, if set.
@@ -95,11 +104,69 @@ impl TrainerConfig {
     /// the schedule of Eq. 3 with `warmup` steps, label smoothing 0.1, no clipping.
     pub fn paper(d_model: usize, warmup: u64) -> Self {
         TrainerConfig {
-            adam: AdamConfig::paper(),
+            optimizer: OptimizerConfig::default(),
             schedule: Schedule::paper(d_model, warmup),
             clip_norm: None,
             label_smoothing: 0.1,
         }
+    }
+
+    /// The same settings with another optimizer.
+    pub fn with_optimizer(mut self, optimizer: OptimizerConfig) -> Self {
+        self.optimizer = optimizer;
+        self
+    }
+
+    /// The same settings with another learning-rate schedule.
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// The same settings with clipping of the global gradient norm to `max_norm` (`None`: off).
+    pub fn with_clip_norm(mut self, max_norm: Option<f64>) -> Self {
+        self.clip_norm = max_norm;
+        self
+    }
+
+    /// The same settings with label smoothing ε.
+    pub fn with_label_smoothing(mut self, label_smoothing: f64) -> Self {
+        self.label_smoothing = label_smoothing;
+        self
+    }
+
+    /// Checks the settings without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field: bad optimizer
+    /// settings, a learning rate that is not finite and positive, a `clip_norm` that is not
+    /// finite and positive, or a label smoothing outside [0, 1).
+    pub fn check(&self) -> Result<()> {
+        self.optimizer.check()?;
+        self.schedule.check()?;
+        if let Some(c) = self.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            // −1 would flip every gradient, 0 zero every step, NaN switch clipping off.
+            return Err(crate::Error::config(
+                "clip_norm",
+                format!("a gradient-norm bound must be finite and positive (or None), got {c}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(crate::Error::config(
+                "label_smoothing",
+                format!("must be in [0, 1), got {}", self.label_smoothing),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for TrainerConfig {
+    /// The paper's setup for the base model: [`TrainerConfig::paper`]`(512, 4000)`.
+    fn default() -> Self {
+        TrainerConfig::paper(512, 4000)
     }
 }
 
@@ -115,12 +182,15 @@ pub struct StepStats {
 }
 
 /// Owns a model, its gradient buffer and its optimizer, and takes training steps.
+///
+/// `Trainer<EncoderDecoder>` trains an `f32` model; the float type comes with the model
+/// type (`Trainer<EncoderDecoder<f64>>`).
 #[derive(Clone, Debug)]
-pub struct Trainer<F: Float, M: Trainable<F>> {
+pub struct Trainer<M: Trainable> {
     /// The model being trained.
     pub model: M,
-    /// The optimizer state (moments and step count), for checkpoints.
-    pub optimizer: Adam<F, M>,
+    /// The optimizer state (moments, velocity, step count), for checkpoints.
+    pub optimizer: OptimizerState<M::Float, M>,
     /// Its settings.
     pub cfg: TrainerConfig,
     grads: M,
@@ -129,37 +199,33 @@ pub struct Trainer<F: Float, M: Trainable<F>> {
     workspace: Workspace,
 }
 
-impl<F: Float, M: Trainable<F>> Trainer<F, M> {
-    /// A trainer with a fresh optimizer.
+impl<M: Trainable> Trainer<M> {
+    /// A trainer with a fresh optimizer of the kind `cfg.optimizer` names.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for bad optimizer settings, a
-    /// learning rate that is not finite and positive, a `clip_norm` that is not finite and
-    /// positive, or a label smoothing outside [0, 1).
+    /// As [`TrainerConfig::check`].
     pub fn new(model: M, cfg: TrainerConfig) -> Result<Self> {
-        let optimizer = Adam::new(cfg.adam.clone(), &model)?;
+        cfg.check()?;
+        let optimizer = cfg.optimizer.build(&model)?;
         Trainer::resume(model, optimizer, cfg)
     }
 
     /// A trainer that continues from saved model and optimizer state.
     ///
     /// # Errors
-    /// As [`Trainer::new`].
-    pub fn resume(model: M, optimizer: Adam<F, M>, cfg: TrainerConfig) -> Result<Self> {
-        cfg.schedule.check()?;
-        if let Some(c) = cfg.clip_norm
-            && !(c.is_finite() && c > 0.0)
-        {
-            // −1 would flip every gradient, 0 zero every step, NaN switch clipping off.
+    /// As [`TrainerConfig::check`], and
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for an optimizer of another kind
+    /// or settings than `cfg.optimizer`.
+    pub fn resume(model: M, optimizer: OptimizerState<M::Float, M>, cfg: TrainerConfig) -> Result<Self> {
+        cfg.check()?;
+        if optimizer.config() != cfg.optimizer {
             return Err(crate::Error::config(
-                "clip_norm",
-                format!("a gradient-norm bound must be finite and positive (or None), got {c}"),
-            ));
-        }
-        if !(0.0..1.0).contains(&cfg.label_smoothing) {
-            return Err(crate::Error::config(
-                "label_smoothing",
-                format!("must be in [0, 1), got {}", cfg.label_smoothing),
+                "optimizer",
+                format!(
+                    "the optimizer state is {:?}, the settings say {:?}",
+                    optimizer.config(),
+                    cfg.optimizer
+                ),
             ));
         }
         let grads = model.zeros_like();
@@ -174,7 +240,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
 
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
-        self.optimizer.t
+        self.optimizer.steps()
     }
 
     /// One optimizer step over `micro_batches`, their gradients accumulated with token
@@ -185,7 +251,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
     pub fn step<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
         crate::kernels::parallel::with_team(|| {
             let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
-            let lr = self.cfg.schedule.lr(self.optimizer.t.saturating_add(1));
+            let lr = self.cfg.schedule.lr(self.optimizer.steps() + 1);
             if total == 0 {
                 return Ok(StepStats {
                     loss: LossStats::default(),
@@ -193,7 +259,7 @@ impl<F: Float, M: Trainable<F>> Trainer<F, M> {
                     grad_norm: 0.0,
                 });
             }
-            self.grads.fill(F::ZERO);
+            self.grads.fill(<M::Float as Float>::ZERO);
             let mut stats = LossStats::default();
             // The activations of each micro-batch come from (and go back to) the workspace.
             with_workspace(&mut self.workspace, || -> Result<()> {
@@ -230,7 +296,7 @@ mod tests {
     use super::*;
     use crate::blocks::BlockConfig;
     use crate::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
-    use crate::train::{AdamConfig, Optimizer, Schedule};
+    use crate::train::{Adam, AdamConfig, Optimizer, Schedule};
     use rand::{SeedableRng, rngs::StdRng};
 
     /// Steps through the trainer, whose workspace hands reused buffers out (filled with NaN in
@@ -238,8 +304,8 @@ mod tests {
     #[test]
     fn steps_with_the_workspace_equal_steps_with_fresh_memory() {
         let cfg = EncoderDecoderConfig::new(40, 40, BlockConfig::new(32, 4, 64), 2, 2)
-            .with_shared_embeddings(true)
-            .with_tied_output(true);
+            .with_share_embeddings(true)
+            .with_tie_output(true);
         let model: EncoderDecoder = cfg.init(&mut StdRng::seed_from_u64(5)).unwrap();
         let seqs = |n: usize, off: usize| -> Vec<Vec<usize>> {
             (0..n)
@@ -257,14 +323,14 @@ mod tests {
             tgt_out: TokenBatch::from_sequences(&cut(1, 0), 0).unwrap(),
         };
         let tc = TrainerConfig {
-            adam: AdamConfig::paper(),
+            optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
             schedule: Schedule::Constant { lr: 1e-3 },
             clip_norm: None,
             label_smoothing: 0.1,
         };
         let mut trainer = Trainer::new(model.clone(), tc.clone()).unwrap();
         let mut by_hand = model.clone();
-        let mut adam = Adam::new(tc.adam.clone(), &by_hand).unwrap();
+        let mut adam = Adam::new(AdamConfig::paper(), &by_hand).unwrap();
         let (mut r1, mut r2) = (StdRng::seed_from_u64(9), StdRng::seed_from_u64(9));
         for _ in 0..3 {
             trainer.step(std::slice::from_ref(&batch), &mut r1).unwrap();

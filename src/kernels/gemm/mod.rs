@@ -48,9 +48,9 @@ const MIN_SPLIT: usize = 32;
 ///
 /// # Example
 /// ```
-/// use ndarray::array;
+/// use vaswani::ndarray::array;
 /// let a = array![[1.0_f32, 2.0], [3.0, 4.0]];
-/// let mut c = ndarray::Array2::<f32>::zeros((2, 2));
+/// let mut c = vaswani::ndarray::Array2::<f32>::zeros((2, 2));
 /// // C = A·Aᵀ, the transpose by strides.
 /// vaswani::kernels::gemm(1.0, a.view(), a.t(), 0.0, c.view_mut());
 /// assert_eq!(c, array![[5.0, 11.0], [11.0, 25.0]]);

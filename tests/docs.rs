@@ -1,0 +1,245 @@
+//! Checks on the documentation a user reads and copies: the code in rustdoc examples, the
+//! README and the example programs uses the crate's re-exports (`vaswani::rand`,
+//! `vaswani::ndarray`), so that it compiles next to whatever `cargo add rand` picks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut out);
+    out.sort();
+    out
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The lines of Rust code in the doc comments of a source file (inside fences that are not
+/// `text`), with their line numbers.
+fn doc_code(source: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut lang: Option<String> = None;
+    for (i, line) in source.lines().enumerate() {
+        let t = line.trim_start();
+        let Some(body) = t.strip_prefix("//!").or_else(|| t.strip_prefix("///")) else {
+            lang = None;
+            continue;
+        };
+        let body = body.strip_prefix(' ').unwrap_or(body);
+        if let Some(fence) = body.trim().strip_prefix("```") {
+            lang = match lang {
+                None => Some(fence.trim().to_string()),
+                Some(_) => None,
+            };
+        } else if lang
+            .as_deref()
+            .is_some_and(|l| l.is_empty() || l.starts_with("rust"))
+        {
+            out.push((i + 1, body.to_string()));
+        }
+    }
+    out
+}
+
+/// The lines of Rust code blocks in a markdown file.
+fn markdown_code(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut lang: Option<String> = None;
+    for (i, line) in text.lines().enumerate() {
+        if let Some(fence) = line.trim().strip_prefix("```") {
+            lang = match lang {
+                None => Some(fence.trim().to_string()),
+                Some(_) => None,
+            };
+        } else if lang.as_deref().is_some_and(|l| l.starts_with("rust")) {
+            out.push((i + 1, line.to_string()));
+        }
+    }
+    out
+}
+
+/// Paths through `rand::` or `ndarray::` that do not go through `vaswani::`.
+fn unqualified(line: &str) -> Option<&'static str> {
+    for krate in ["rand::", "ndarray::", "ndarray_rand::"] {
+        let mut from = 0;
+        while let Some(at) = line[from..].find(krate) {
+            let at = from + at;
+            let before = line[..at].chars().next_back();
+            if !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                return Some(krate);
+            }
+            from = at + krate.len();
+        }
+    }
+    None
+}
+
+#[test]
+fn user_facing_code_uses_the_crates_reexports() {
+    let mut bad = Vec::new();
+    for file in rust_files("src") {
+        for (n, line) in doc_code(&fs::read_to_string(&file).unwrap()) {
+            if let Some(k) = unqualified(&line) {
+                bad.push(format!("{}:{n}: {k} in a doc example: {line}", file.display()));
+            }
+        }
+    }
+    for md in ["README.md"] {
+        for (n, line) in markdown_code(&read(md)) {
+            if let Some(k) = unqualified(&line) {
+                bad.push(format!("{md}:{n}: {k}: {line}"));
+            }
+        }
+    }
+    for file in rust_files("examples") {
+        for (n, line) in fs::read_to_string(&file).unwrap().lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            if let Some(k) = unqualified(line) {
+                bad.push(format!("{}:{}: {k}: {line}", file.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "use vaswani::rand / vaswani::ndarray:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// The README is the crate's front page, so its quick start runs as a doctest; it builds the
+/// model without naming the float type.
+#[test]
+fn the_readme_quick_start_is_a_doctest_without_type_annotations() {
+    assert!(read("src/lib.rs").contains(r#"#![doc = include_str!("../README.md")]"#));
+    let readme = read("README.md");
+    assert!(
+        readme.contains("let model = cfg.init(&mut rng)?;"),
+        "the quick start"
+    );
+    assert!(
+        !readme.contains("let model: EncoderDecoder"),
+        "no annotation needed"
+    );
+}
+
+/// Every public backward function says what it does with its gradient target: *adds* into a
+/// gradient container, *overwrites* an output it is handed, or *returns* fresh arrays.
+#[test]
+fn every_backward_documents_its_gradient_target() {
+    let mut bad = Vec::new();
+    for file in rust_files("src") {
+        let text = fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            let Some(rest) = t.strip_prefix("pub fn ") else {
+                continue;
+            };
+            if !rest.split('(').next().unwrap().contains("backward") {
+                continue;
+            }
+            let doc: String = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| l.trim_start().starts_with("///") || l.trim_start().starts_with("#["))
+                .map(|l| l.to_lowercase())
+                .collect();
+            let signature: String = lines[i..]
+                .iter()
+                .take_while(|l| !l.contains('{'))
+                .chain(lines[i..].iter().find(|l| l.contains('{')))
+                .copied()
+                .collect();
+            let writes_into = signature.contains("&mut") || signature.contains("ViewMut");
+            let says = if writes_into {
+                doc.contains("adds") || doc.contains("overwrit")
+            } else {
+                doc.contains("return")
+            };
+            if !says {
+                bad.push(format!("{}:{}: {}", file.display(), i + 1, t));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "backward without its gradient target documented:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Documentation that points outside the crate or contradicts the code.
+#[test]
+fn docs_point_inside_the_crate_and_agree_with_the_code() {
+    let mut texts: Vec<(String, String)> = rust_files("src")
+        .into_iter()
+        .map(|f| (f.display().to_string(), fs::read_to_string(&f).unwrap()))
+        .collect();
+    texts.push(("README.md".into(), read("README.md")));
+    let mut bad = Vec::new();
+    for (name, text) in &texts {
+        for (n, line) in text.lines().enumerate() {
+            let doc = name == "README.md" || line.trim_start().starts_with("//");
+            if !doc {
+                continue;
+            }
+            // Files that are not in the package, and relative links, dead on docs.rs (the
+            // README is the crate's front page there).
+            for outside in [
+                "../shared",
+                "WORKLOADS.md",
+                "BAD_INPUTS.md",
+                "](docs/",
+                "](../",
+                "](./",
+            ] {
+                if line.contains(outside) {
+                    bad.push(format!("{name}:{}: {outside}: {line}", n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "docs pointing outside the crate:\n{}",
+        bad.join("\n")
+    );
+
+    // The gradient check's numbers, as `GradCheck::default` has them.
+    let check = vaswani::gradcheck::GradCheck::default();
+    let float = read("src/kernels/float.rs");
+    for said in [
+        format!("step of {:e}", check.step),
+        format!("tolerance of {:e}", check.tolerance),
+    ] {
+        assert!(float.contains(&said), "src/kernels/float.rs should say {said:?}");
+    }
+    // Generation uses the key/value cache.
+    let lm = read("src/models/decoder_only.rs");
+    assert!(!lm.contains("re-runs the model on the growing sequence"));
+    // A time in the README comes with the command that measures it.
+    let readme = read("README.md");
+    for (n, para) in readme.split("\n\n").enumerate() {
+        if para.contains(" seconds") {
+            assert!(
+                para.contains("cargo run --release --example"),
+                "paragraph {n} gives a time without its command:\n{para}"
+            );
+        }
+    }
+}

@@ -146,7 +146,55 @@ fn run(args: &Args) -> Result<(), String> {
     for f in &files {
         println!("wrote {}", f.display());
     }
+    // The sharpest head (the largest mean of its rows' largest weights), in text.
+    let sharpest = (0..heads)
+        .max_by(|&a, &b| {
+            let peak = |h| {
+                let m = AttentionMaps::map(&maps.cross, layer, 0, h);
+                m.rows()
+                    .into_iter()
+                    .map(|r| r.fold(0.0f32, |x, &v| x.max(v)))
+                    .sum::<f32>()
+            };
+            peak(a).total_cmp(&peak(b))
+        })
+        .expect("at least one head");
+    println!(
+        "\ncross-attention of decoder layer {layer}, head {sharpest} (█ = all of a row's weight, blank = none):"
+    );
+    print!(
+        "{}",
+        shades(
+            AttentionMaps::map(&maps.cross, layer, 0, sharpest),
+            &written,
+            &input
+        )
+    );
     Ok(())
+}
+
+/// A map as text: one character per weight, from ' ' (0) to '█' (the row's whole weight),
+/// the query labels down the left and the key labels along the bottom.
+fn shades(map: vaswani::ndarray::ArrayView2<f32>, rows: &[String], cols: &[String]) -> String {
+    const SHADES: [char; 5] = [' ', '░', '▒', '▓', '█'];
+    let width = rows.iter().map(|r| r.chars().count()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (label, row) in rows.iter().zip(map.rows()) {
+        out += &format!("  {label:>width$} │");
+        for &w in row {
+            let level = (w.clamp(0.0, 1.0) * (SHADES.len() - 1) as f32).round() as usize;
+            out.push(SHADES[level]);
+            out.push(SHADES[level]);
+        }
+        out.push('\n');
+    }
+    out += &format!("  {:>width$} └{}\n", "", "─".repeat(2 * cols.len()));
+    out += &format!("  {:>width$}  ", "");
+    for c in cols {
+        out += &format!("{:<2}", c.chars().next().unwrap_or(' '));
+    }
+    out.push('\n');
+    out
 }
 
 /// The dates model trained for `--steps` on the formats of the `dates` example.

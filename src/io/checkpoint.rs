@@ -46,11 +46,10 @@ use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::models::{
     DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, EncoderOnly, EncoderOnlyConfig,
+    Trainable,
 };
 use crate::params::Params;
-use crate::train::{
-    Adam, MAX_STEPS, OptimizerConfig, OptimizerState, Sgd, Trainable, Trainer, TrainerConfig,
-};
+use crate::train::{Adam, MAX_STEPS, OptimizerConfig, OptimizerState, Sgd, Trainer, TrainerConfig};
 
 /// The value of the `format` metadata key.
 pub const FORMAT: &str = "vaswani";

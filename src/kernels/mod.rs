@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod float;
 pub mod gemm;
 pub mod layer_norm;
+pub mod loss;
 pub mod parallel;
 pub mod simd;
 pub mod small_gemm;

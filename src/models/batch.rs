@@ -42,7 +42,7 @@ impl TokenBatch {
     /// # Errors
     /// [`Error::InvalidInput`] for an empty list.
     pub fn from_sequences<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<Self> {
-        let (ids, lengths) = crate::train::pad_batch(seqs, pad)?;
+        let (ids, lengths) = pad_batch(seqs, pad)?;
         TokenBatch::new(ids, lengths)
     }
 
@@ -142,6 +142,27 @@ impl TokenBatch {
     pub fn padding_mask(&self) -> Mask {
         Mask::key_lengths(&self.lengths)
     }
+}
+
+/// Pads `seqs` with `pad` to the longest: returns the `[B, T]` ids and each length.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an empty batch.
+pub fn pad_batch<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<(Array2<usize>, Vec<usize>)> {
+    if seqs.is_empty() {
+        return Err(Error::InvalidInput {
+            why: "an empty batch (no sequences)".into(),
+        });
+    }
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.as_ref().len()).collect();
+    let t = lengths.iter().copied().max().unwrap_or(0);
+    let mut ids = Array2::from_elem((seqs.len(), t), pad);
+    for (mut row, s) in ids.rows_mut().into_iter().zip(seqs) {
+        for (dst, &id) in row.iter_mut().zip(s.as_ref()) {
+            *dst = id;
+        }
+    }
+    Ok((ids, lengths))
 }
 
 /// Checks B > 0, one length per row, and no length past T.

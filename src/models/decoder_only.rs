@@ -79,6 +79,7 @@ use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
 use crate::kernels::argmax;
+use crate::kernels::loss::log_softmax;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
@@ -88,7 +89,7 @@ use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
     OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
 };
-use crate::train::{LossStats, Trainable, log_softmax};
+use crate::models::trainable::{LossStats, Trainable};
 
 /// Configuration of a [`DecoderOnly`] language model.
 #[derive(Clone, Debug, PartialEq)]

@@ -52,7 +52,7 @@ use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
     OutputCache, check_targets, decide, output_backward, output_forward, output_infer, token_loss,
 };
-use crate::train::{LossStats, Trainable};
+use crate::models::trainable::{LossStats, Trainable};
 
 /// Configuration of an [`EncoderDecoder`].
 #[derive(Clone, Debug, PartialEq)]

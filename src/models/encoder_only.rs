@@ -86,6 +86,7 @@ use rand::Rng;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat};
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
+use crate::kernels::loss::cross_entropy;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
@@ -93,7 +94,7 @@ use crate::models::batch::{FeatureBatch, TokenBatch};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::decide;
-use crate::train::{LossStats, Trainable, cross_entropy};
+use crate::models::trainable::{LossStats, Trainable};
 
 /// What the model reads at each position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,8 @@
 //! sequence lengths come from outside the program and are checked, each a typed
 //! [`crate::Error`] naming the value. Every model implements
 //! [`Params`](crate::Params) (its gradients have its own type) and
-//! [`Trainable`](crate::train::Trainable) for the [`Trainer`](crate::train::Trainer).
+//! [`Trainable`], the training contract (defined here, so that models import nothing from
+//! `train/`), for the [`Trainer`](crate::train::Trainer).
 
 pub mod attention_maps;
 pub mod batch;
@@ -16,6 +17,7 @@ pub mod encoder_decoder;
 pub mod encoder_only;
 pub mod input;
 mod output;
+pub mod trainable;
 
 pub use attention_maps::AttentionMaps;
 pub use batch::{FeatureBatch, TokenBatch};
@@ -30,3 +32,4 @@ pub use encoder_only::{
     Targets,
 };
 pub use input::{InputCache, InputStage, Positions};
+pub use trainable::{LossStats, Trainable};

@@ -4,10 +4,11 @@
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::error::{Error, Result};
+use crate::kernels::loss::{CrossEntropy, cross_entropy};
 use crate::kernels::{Float, argmax};
 use crate::layers::{Embedding, Linear, LinearCache, ProjectionCache};
 use crate::models::batch::{IGNORE, TokenBatch};
-use crate::train::{CrossEntropy, LossStats, cross_entropy};
+use crate::models::trainable::LossStats;
 
 /// The most likely entry of one row of logits (the first, on ties), as a decision a model
 /// answers with: greedy decoding and classification.

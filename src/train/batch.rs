@@ -1,4 +1,5 @@
-//! Batches of variable-length sequences: padding, and batching by a token budget.
+//! Batching by a token budget (and padding, [`pad_batch`](crate::models::batch::pad_batch),
+//! which lives with the batches it builds).
 //!
 //! The paper batches "sentence pairs together by approximate sequence length. Each training
 //! batch contained a set of sentence pairs containing approximately 25000 source tokens and
@@ -6,30 +7,7 @@
 //! cut into batches whose padded size, `count × longest`, stays within the budget, so short
 //! sequences travel in large batches and long ones in small batches, and little is padding.
 
-use ndarray::Array2;
-
 use crate::error::{Error, Result};
-
-/// Pads `seqs` with `pad` to the longest: returns the `[B, T]` ids and each length.
-///
-/// # Errors
-/// [`Error::InvalidInput`] for an empty batch.
-pub fn pad_batch<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<(Array2<usize>, Vec<usize>)> {
-    if seqs.is_empty() {
-        return Err(Error::InvalidInput {
-            why: "an empty batch (no sequences)".into(),
-        });
-    }
-    let lengths: Vec<usize> = seqs.iter().map(|s| s.as_ref().len()).collect();
-    let t = lengths.iter().copied().max().unwrap_or(0);
-    let mut ids = Array2::from_elem((seqs.len(), t), pad);
-    for (mut row, s) in ids.rows_mut().into_iter().zip(seqs) {
-        for (dst, &id) in row.iter_mut().zip(s.as_ref()) {
-            *dst = id;
-        }
-    }
-    Ok((ids, lengths))
-}
 
 /// Groups sequence indices into batches of similar length whose padded size
 /// (`count × longest`) is at most `max_tokens`; a sequence longer than the budget travels
@@ -63,6 +41,7 @@ pub fn token_batches(lengths: &[usize], max_tokens: usize) -> Result<Vec<Vec<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::batch::pad_batch;
     use ndarray::array;
 
     #[test]

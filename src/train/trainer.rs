@@ -1,7 +1,8 @@
 //! A training loop that any model can plug into: micro-batches accumulated into one
 //! gradient, clipping, the learning-rate schedule and the optimizer.
 //!
-//! A model implements [`Trainable`]: given a batch it runs forward, the loss and backward,
+//! A model implements [`Trainable`] (defined beside the models, so that the models import
+//! nothing from here): given a batch it runs forward, the loss and backward,
 //! adding `weight · ∂loss/∂θ` into a gradient tree of its own type. The [`Trainer`] weighs
 //! each micro-batch by its share of the step's tokens, so the accumulated gradient is that of
 //! the per-token mean loss over all micro-batches: the same as one large batch.
@@ -11,76 +12,9 @@ use rand::Rng;
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::{Workspace, with_workspace};
-use crate::params::Params;
+use crate::models::{LossStats, Trainable};
 use crate::train::optim::{Optimizer, OptimizerConfig, OptimizerState, clip_grad_norm};
 use crate::train::schedule::Schedule;
-
-/// The loss of a batch.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LossStats {
-    /// The mean loss per counted token (or example).
-    pub loss: f64,
-    /// How many tokens (or examples) counted.
-    pub tokens: usize,
-    /// How many of them were predicted right (0 for regression).
-    pub correct: usize,
-}
-
-impl LossStats {
-    /// The fraction predicted right.
-    pub fn accuracy(&self) -> f64 {
-        if self.tokens == 0 {
-            0.0
-        } else {
-            self.correct as f64 / self.tokens as f64
-        }
-    }
-
-    /// Token-weighted combination of two batches' statistics.
-    pub fn merge(self, other: LossStats) -> LossStats {
-        let tokens = self.tokens + other.tokens;
-        let loss = if tokens == 0 {
-            0.0
-        } else {
-            (self.loss * self.tokens as f64 + other.loss * other.tokens as f64) / tokens as f64
-        };
-        LossStats {
-            loss,
-            tokens,
-            correct: self.correct + other.correct,
-        }
-    }
-}
-
-/// A model that can be trained: forward, loss and backward on one batch.
-///
-/// The float type is part of the model's type (`EncoderDecoder` is `EncoderDecoder<f32>`),
-/// so a [`Trainer`] or a checkpoint loader needs to be told only the model type.
-pub trait Trainable: Params<<Self as Trainable>::Float> + Clone {
-    /// The element type of the parameters, `f32` or `f64`.
-    type Float: Float;
-
-    /// What one training batch holds (inputs and targets).
-    type Batch;
-
-    /// The number of tokens (or examples) the batch's loss is averaged over.
-    fn batch_tokens(batch: &Self::Batch) -> usize;
-
-    /// Runs the batch in training mode and adds `weight · ∂loss/∂θ` into `grads`, where the
-    /// loss is the batch's mean with label smoothing `smoothing` (ignored by losses it does
-    /// not apply to).
-    ///
-    /// # Errors
-    /// The model's input errors: token ids out of range, mismatched batches, too long.
-    fn accumulate<R: Rng>(
-        &self,
-        batch: &Self::Batch,
-        smoothing: f64,
-        weight: f64,
-        grads: &mut Self,
-        rng: &mut R,
-    ) -> Result<LossStats>;
-}
 
 /// Settings of a [`Trainer`].
 ///
@@ -296,6 +230,7 @@ mod tests {
     use super::*;
     use crate::blocks::BlockConfig;
     use crate::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
+    use crate::params::Params;
     use crate::train::{Adam, AdamConfig, Optimizer, Schedule};
     use rand::{SeedableRng, rngs::StdRng};
 

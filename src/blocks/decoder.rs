@@ -147,6 +147,22 @@ impl DecoderConfig {
     pub fn has_final_norm(&self) -> bool {
         self.final_norm.present(self.block.norm_first)
     }
+
+    /// The stack's number of parameters (its layers and final LayerNorm), in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        let norm = if self.has_final_norm() {
+            self.block.norm().params()
+        } else {
+            0.0
+        };
+        self.n_layers as f64 * self.block.decoder_layer_params() + norm
+    }
+
+    /// FLOPs of the stack's forward pass over one sequence of `t` target positions and a
+    /// memory of `s`.
+    pub fn flops(&self, t: usize, s: usize) -> f64 {
+        self.n_layers as f64 * self.block.decoder_layer_flops(t, s)
+    }
 }
 
 impl Default for DecoderConfig {

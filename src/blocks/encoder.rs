@@ -99,7 +99,22 @@ impl EncoderConfig {
     }
 
     fn final_layer_norm(&self) -> LayerNormConfig {
-        LayerNormConfig::new(self.block.d_model).with_eps(self.block.eps)
+        self.block.norm()
+    }
+
+    /// The stack's number of parameters (its layers and final LayerNorm), in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        let norm = if self.has_final_norm() {
+            self.block.norm().params()
+        } else {
+            0.0
+        };
+        self.n_layers as f64 * self.block.encoder_layer_params() + norm
+    }
+
+    /// FLOPs of the stack's forward pass over one sequence of `t` positions.
+    pub fn flops(&self, t: usize) -> f64 {
+        self.n_layers as f64 * self.block.encoder_layer_flops(t)
     }
 }
 

@@ -111,6 +111,36 @@ impl BlockConfig {
         check::eps("eps", self.eps)
     }
 
+    /// The number of parameters of an encoder layer (self-attention, feed-forward, two
+    /// layer norms), in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn encoder_layer_params(&self) -> f64 {
+        self.attention().params() + self.feed_forward().params() + 2.0 * self.norm().params()
+    }
+
+    /// The number of parameters of a decoder layer (self-attention, cross-attention,
+    /// feed-forward, three layer norms).
+    pub fn decoder_layer_params(&self) -> f64 {
+        2.0 * self.attention().params() + self.feed_forward().params() + 3.0 * self.norm().params()
+    }
+
+    /// FLOPs of an encoder layer's forward pass over one sequence of `t` positions (see
+    /// [`MultiHeadConfig::flops`](crate::layers::MultiHeadConfig::flops) and
+    /// [`FeedForwardConfig::flops`](crate::layers::FeedForwardConfig::flops)).
+    pub fn encoder_layer_flops(&self, t: usize) -> f64 {
+        self.attention().flops(t, t) + self.feed_forward().flops(t)
+    }
+
+    /// FLOPs of a decoder layer's forward pass over one sequence of `t` target positions and
+    /// a memory of `s`.
+    pub fn decoder_layer_flops(&self, t: usize, s: usize) -> f64 {
+        let attention = self.attention();
+        attention.flops(t, t) + attention.flops(t, s) + self.feed_forward().flops(t)
+    }
+
+    pub(crate) fn norm(&self) -> crate::layers::LayerNormConfig {
+        crate::layers::LayerNormConfig::new(self.d_model).with_eps(self.eps)
+    }
+
     pub(crate) fn attention(&self) -> crate::layers::MultiHeadConfig {
         crate::layers::MultiHeadConfig::new(self.d_model, self.n_heads)
             .with_p_drop(self.p_drop)

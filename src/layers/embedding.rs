@@ -127,6 +127,13 @@ pub struct ProjectionCache<F: Float = f32> {
 crate::kernels::workspace::impl_recycle!(ProjectionCache<F: Float> { h });
 
 impl EmbeddingConfig {
+    /// Its number of parameters, `vocab · d_model`, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around). A lookup costs no FLOPs;
+    /// as the tied output projection it costs what a [`LinearConfig`](crate::layers::LinearConfig)
+    /// of `d_model → vocab` does.
+    pub fn params(&self) -> f64 {
+        self.vocab as f64 * self.d_model as f64
+    }
+
     /// An embedding of `vocab` tokens in `d_model` features, scaled by √d_model.
     pub fn new(vocab: usize, d_model: usize) -> Self {
         EmbeddingConfig {

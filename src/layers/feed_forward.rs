@@ -145,6 +145,18 @@ pub(crate) struct PackedFeedForward {
 }
 
 impl FeedForwardConfig {
+    /// Its number of parameters, W₁, W₂ and their biases, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        let (d, f) = (self.d_model as f64, self.d_ff as f64);
+        2.0 * d * f + if self.bias { f + d } else { 0.0 }
+    }
+
+    /// FLOPs of a forward pass over `tokens` rows: `4 · d_model · d_ff` per row (Eq. 2's two
+    /// products; the activation is not counted).
+    pub fn flops(&self, tokens: usize) -> f64 {
+        4.0 * self.d_model as f64 * self.d_ff as f64 * tokens as f64
+    }
+
     /// A layer of widths `d_model` → `d_ff` → `d_model`, with PyTorch's defaults for the
     /// rest: ReLU, `p_drop = 0.1`, biases.
     pub fn new(d_model: usize, d_ff: usize) -> Self {

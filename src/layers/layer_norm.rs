@@ -92,6 +92,12 @@ pub struct LayerNormCache<F: Float = f32> {
 crate::kernels::workspace::impl_recycle!(LayerNormCache<F: Float> { x_hat, rstd });
 
 impl LayerNormConfig {
+    /// Its number of parameters, γ and β: `2 · d_model`, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around). Its arithmetic is not
+    /// counted as FLOPs.
+    pub fn params(&self) -> f64 {
+        2.0 * self.d_model as f64
+    }
+
     /// Normalisation of rows of width `d_model`, with PyTorch's `eps = 1e-5`.
     pub fn new(d_model: usize) -> Self {
         LayerNormConfig { d_model, eps: 1e-5 }

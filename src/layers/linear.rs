@@ -58,6 +58,18 @@ pub struct LinearCache<F: Float = f32> {
 crate::kernels::workspace::impl_recycle!(LinearCache<F: Float> { x });
 
 impl LinearConfig {
+    /// Its number of parameters, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        let (i, o) = (self.d_in as f64, self.d_out as f64);
+        i * o + if self.bias { o } else { 0.0 }
+    }
+
+    /// FLOPs of a forward pass over `tokens` rows: `2 · d_in · d_out` per row (the FLOP model
+    /// of the crate's performance figures: multiply-adds count 2, biases nothing).
+    pub fn flops(&self, tokens: usize) -> f64 {
+        2.0 * self.d_in as f64 * self.d_out as f64 * tokens as f64
+    }
+
     /// A layer from `d_in` to `d_out` features, with bias.
     pub fn new(d_in: usize, d_out: usize) -> Self {
         LinearConfig {

@@ -276,6 +276,21 @@ pub(crate) struct PackedMultiHead<F: Float> {
 }
 
 impl MultiHeadConfig {
+    /// Its number of parameters, W_Q, W_K, W_V, W_O and their biases, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        let d = self.d_model as f64;
+        4.0 * d * d + if self.bias { 4.0 * d } else { 0.0 }
+    }
+
+    /// FLOPs of a forward pass of one sequence of `tq` queries over `tk` keys (self-attention:
+    /// `tq = tk`): the projections, `2 · d_model²` per query for W_Q and W_O and per key for
+    /// W_K and W_V, and the attention products, `4 · tq · tk · d_model` (Eq. 1: QKᵀ and the
+    /// weighted sum of V). The softmax is not counted.
+    pub fn flops(&self, tq: usize, tk: usize) -> f64 {
+        let (d, q, k) = (self.d_model as f64, tq as f64, tk as f64);
+        2.0 * d * d * (2.0 * q + 2.0 * k) + 4.0 * q * k * d
+    }
+
     /// `n_heads` heads over `d_model`, with biases and PyTorch's `nn.Transformer` attention
     /// dropout of 0.1.
     pub fn new(d_model: usize, n_heads: usize) -> Self {

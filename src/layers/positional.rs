@@ -173,6 +173,11 @@ impl SinusoidalConfig {
 }
 
 impl LearnedPositionalConfig {
+    /// Its number of parameters, `max_len · d_model`, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
+    pub fn params(&self) -> f64 {
+        self.max_len as f64 * self.d_model as f64
+    }
+
     /// Learned embeddings for `max_len` positions of width `d_model`.
     pub fn new(max_len: usize, d_model: usize) -> Self {
         LearnedPositionalConfig { max_len, d_model }

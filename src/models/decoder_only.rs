@@ -391,23 +391,15 @@ impl DecoderOnlyConfig {
     /// sequence even though the causal mask lets half of it be skipped, the output projection
     /// counts, a training step is 3× the forward).
     pub fn cost(&self, batch: usize, len: usize) -> Cost {
-        // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
-        let b = &self.block;
-        let (d, f, v) = (b.d_model as f64, b.d_ff as f64, self.vocab as f64);
-        let bias = |n: f64| if b.bias { n } else { 0.0 };
-        let layer = 4.0 * d * d + bias(4.0 * d) + 2.0 * d * f + bias(f + d) + 2.0 * (2.0 * d);
-        let head = if self.tie_output { 0.0 } else { v * d };
-        let learned = match self.positions {
-            Positions::Learned { max_len } => max_len as f64 * d,
-            Positions::Sinusoidal => 0.0,
-        };
-        let final_norm = 2.0 * d * f64::from(u8::from(self.blocks_config().has_final_norm()));
-        let n_layers = self.n_layers as f64;
-        let params = v * d + head + learned + n_layers * layer + final_norm;
-        let t = len as f64;
-        let dense = |m: f64, n: f64| 2.0 * m * n * t;
-        let per_layer = dense(d, 3.0 * d) + 4.0 * t * t * d + dense(d, d) + dense(d, f) + dense(f, d);
-        let forward = batch as f64 * (n_layers * per_layer + dense(d, v));
+        // Each part counts itself (in f64: a config read from a file may hold absurd sizes,
+        // which must saturate, not wrap).
+        let d = self.block.d_model;
+        let output = LinearConfig::new(d, self.vocab).with_bias(false);
+        let head = if self.tie_output { 0.0 } else { output.params() };
+        let learned = self.positions.params(d);
+        let blocks = self.blocks_config();
+        let params = EmbeddingConfig::new(self.vocab, d).params() + head + learned + blocks.params();
+        let forward = batch as f64 * (blocks.flops(len) + output.flops(len));
         Cost::from_f64(params, forward)
     }
 }

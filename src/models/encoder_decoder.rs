@@ -421,41 +421,22 @@ impl EncoderDecoderConfig {
     /// per token, attention 4·Tq·Tk·d per sequence, the output projection counts, a training
     /// step is 3× the forward).
     pub fn cost(&self, batch: usize, src_len: usize, tgt_len: usize) -> Cost {
-        // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
-        let b = &self.block;
-        let (d, f) = (b.d_model as f64, b.d_ff as f64);
-        let bias = |n: f64| if b.bias { n } else { 0.0 };
-        let attn_params = 4.0 * d * d + bias(4.0 * d);
-        let ffn_params = 2.0 * d * f + bias(f + d);
-        let norm = 2.0 * d;
-        let enc_layer = attn_params + ffn_params + 2.0 * norm;
-        let dec_layer = 2.0 * attn_params + ffn_params + 3.0 * norm;
-        let (src_vocab, tgt_vocab) = (self.src_vocab as f64, self.tgt_vocab as f64);
-        let embeds = src_vocab * d + if self.share_embeddings { 0.0 } else { tgt_vocab * d };
-        let generator = if self.tie_output { 0.0 } else { tgt_vocab * d };
-        let learned = match self.positions {
-            Positions::Learned { max_len } => 2.0 * max_len as f64 * d,
-            Positions::Sinusoidal => 0.0,
-        };
-        let final_norms = norm
-            * (f64::from(u8::from(self.encoder_config().has_final_norm()))
-                + f64::from(u8::from(self.decoder_config().has_final_norm())));
-        let (n_enc, n_dec) = (self.n_encoder_layers as f64, self.n_decoder_layers as f64);
-        let params = embeds + generator + learned + n_enc * enc_layer + n_dec * dec_layer + final_norms;
-        let (s, t) = (src_len as f64, tgt_len as f64);
-        let dense = |m: f64, n: f64, tokens: f64| 2.0 * m * n * tokens;
-        let attn = |lq: f64, lk: f64| 4.0 * lq * lk * d;
-        let enc = dense(d, 3.0 * d, s) + attn(s, s) + dense(d, d, s) + dense(d, f, s) + dense(f, d, s);
-        let dec = dense(d, 3.0 * d, t)
-            + attn(t, t)
-            + dense(d, d, t)
-            + dense(d, d, t)
-            + dense(d, 2.0 * d, s)
-            + attn(t, s)
-            + dense(d, d, t)
-            + dense(d, f, t)
-            + dense(f, d, t);
-        let forward = batch as f64 * (n_enc * enc + n_dec * dec + dense(d, tgt_vocab, t));
+        // Each part counts itself (in f64: a config read from a file may hold absurd sizes,
+        // which must saturate, not wrap).
+        let d = self.block.d_model;
+        let embeds = EmbeddingConfig::new(self.src_vocab, d).params()
+            + if self.share_embeddings {
+                0.0
+            } else {
+                EmbeddingConfig::new(self.tgt_vocab, d).params()
+            };
+        let output = LinearConfig::new(d, self.tgt_vocab).with_bias(false);
+        let head = if self.tie_output { 0.0 } else { output.params() };
+        let learned = 2.0 * self.positions.params(d);
+        let (encoder, decoder) = (self.encoder_config(), self.decoder_config());
+        let params = embeds + head + learned + encoder.params() + decoder.params();
+        let forward =
+            batch as f64 * (encoder.flops(src_len) + decoder.flops(tgt_len, src_len) + output.flops(tgt_len));
         Cost::from_f64(params, forward)
     }
 }

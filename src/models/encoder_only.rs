@@ -428,38 +428,22 @@ impl EncoderOnlyConfig {
     /// models counts (dense d_in → d_model per position), the token embedding and the pooling
     /// do not, the head counts once per sequence.
     pub fn cost(&self, batch: usize, len: usize) -> Cost {
-        // In f64: a config read from a file may hold absurd sizes, which must saturate, not wrap.
-        let b = &self.block;
-        let (d, f) = (b.d_model as f64, b.d_ff as f64);
-        let bias = |n: f64| if b.bias { n } else { 0.0 };
-        let norm = 2.0 * d;
-        let layer = 4.0 * d * d + bias(4.0 * d) + 2.0 * d * f + bias(f + d) + 2.0 * norm;
-        let input = match self.input {
-            InputKind::Tokens { vocab } => vocab as f64 * d,
-            InputKind::Features { d_in } => d_in as f64 * d + d,
+        // Each part counts itself (in f64: a config read from a file may hold absurd sizes,
+        // which must saturate, not wrap).
+        let d = self.block.d_model;
+        let (input, projection) = match self.input {
+            InputKind::Tokens { vocab } => (EmbeddingConfig::new(vocab, d).params(), 0.0),
+            InputKind::Features { d_in } => {
+                let proj = LinearConfig::new(d_in, d);
+                (proj.params(), proj.flops(len))
+            }
         };
-        let learned = match self.positions {
-            Positions::Learned { max_len } => max_len as f64 * d,
-            Positions::Sinusoidal => 0.0,
-        };
-        let final_norm = if self.encoder_config().has_final_norm() {
-            norm
-        } else {
-            0.0
-        };
-        let n_out = self.head.n_out() as f64;
-        let head = d * n_out + n_out;
-        let n_layers = self.n_layers as f64;
-        let params = input + learned + n_layers * layer + final_norm + head;
-
-        let t = len as f64;
-        let dense = |m: f64, n: f64, tokens: f64| 2.0 * m * n * tokens;
-        let enc = dense(d, 3.0 * d, t) + 4.0 * t * t * d + dense(d, d, t) + dense(d, f, t) + dense(f, d, t);
-        let proj = match self.input {
-            InputKind::Tokens { .. } => 0.0,
-            InputKind::Features { d_in } => dense(d_in as f64, d, t),
-        };
-        let forward = batch as f64 * (proj + n_layers * enc + dense(d, n_out, 1.0));
+        let learned = self.positions.params(d);
+        let head = LinearConfig::new(d, self.head.n_out());
+        let encoder = self.encoder_config();
+        let params = input + learned + encoder.params() + head.params();
+        // The head reads one pooled vector per sequence.
+        let forward = batch as f64 * (projection + encoder.flops(len) + head.flops(1));
         Cost::from_f64(params, forward)
     }
 }

@@ -29,6 +29,19 @@ pub enum Positions {
     },
 }
 
+impl Positions {
+    /// The number of parameters they add for width `d_model`: a learned table's
+    /// `max_len · d_model`, none for the sinusoids.
+    pub fn params(&self, d_model: usize) -> f64 {
+        match *self {
+            Positions::Learned { max_len } => {
+                crate::layers::LearnedPositionalConfig::new(max_len, d_model).params()
+            }
+            Positions::Sinusoidal => 0.0,
+        }
+    }
+}
+
 /// Positions plus dropout over embedded rows. Its only parameters are a learned table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputStage<F: Float = f32> {

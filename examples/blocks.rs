@@ -4,7 +4,7 @@
 //!     cargo run --release --example blocks
 
 use clap::Parser;
-use vaswani::blocks::{BlockConfig, DecoderLayer, EncoderLayer};
+use vaswani::blocks::{BlockConfig, DecoderLayerConfig, EncoderLayerConfig};
 use vaswani::layers::{EmbeddingConfig, Mask, SinusoidalConfig, sinusoidal_table};
 use vaswani::ndarray::{Array2, Axis, array, s};
 use vaswani::rand::{SeedableRng, rngs::StdRng};
@@ -37,7 +37,7 @@ fn main() -> Result<()> {
 
     // One encoder layer (post-norm, as the paper), the padding masked out of the keys.
     let block = BlockConfig::new(d_model, heads, d_ff);
-    let encoder: EncoderLayer = EncoderLayer::new(&block, &mut rng)?;
+    let encoder = EncoderLayerConfig::new(block.clone()).init(&mut rng)?;
     let src_mask = Mask::key_lengths(&src_lengths);
     let (memory, weights) = encoder.infer_with_weights(x.view(), &src_mask);
     println!("encoder output (memory)    {:?}", memory.shape());
@@ -51,7 +51,7 @@ fn main() -> Result<()> {
 
     // One decoder layer: masked self-attention over 4 target positions, then cross-attention
     // over the memory.
-    let decoder: DecoderLayer = DecoderLayer::new(&block, &mut rng)?;
+    let decoder = DecoderLayerConfig::new(block.clone()).init(&mut rng)?;
     let tgt = embed.infer(array![[1_usize, 5, 9, 2], [1, 4, 8, 6]].view())?;
     let tgt = positions
         .forward(tgt.view(), 4, 0)
@@ -67,7 +67,7 @@ fn main() -> Result<()> {
     // Post-norm ends each sub-layer with LayerNorm, so every output row has mean 0 and
     // standard deviation 1 (γ = 1, β = 0 at init). Pre-norm leaves the residual stream free.
     for norm_first in [false, true] {
-        let layer: EncoderLayer = EncoderLayer::new(&block.clone().with_norm_first(norm_first), &mut rng)?;
+        let layer = EncoderLayerConfig::new(block.clone().with_norm_first(norm_first)).init(&mut rng)?;
         let out = layer.infer(x.view(), &src_mask);
         let row = out.slice(s![0, 0, ..]);
         let mean = row.mean().unwrap_or(0.0);

@@ -3,7 +3,10 @@
 
 use ndarray::{Array3, ArrayView3};
 use rand::{SeedableRng, rngs::StdRng};
-use vaswani::blocks::{BlockConfig, DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, FinalNorm};
+use vaswani::blocks::{
+    BlockConfig, DecoderConfig, DecoderLayer, DecoderLayerConfig, EncoderConfig, EncoderLayer,
+    EncoderLayerConfig, FinalNorm,
+};
 use vaswani::gradcheck::{GradCheck, random_like};
 use vaswani::kernels::Activation;
 use vaswani::layers::Mask;
@@ -37,7 +40,9 @@ const EXEMPT: &[&str] = &["b_k"];
 fn encoder_layer_gradients_both_norm_placements() {
     for (norm_first, act) in [(false, Activation::Relu), (true, Activation::Gelu)] {
         let mut rng = StdRng::seed_from_u64(54);
-        let mut layer: EncoderLayer<f64> = EncoderLayer::new(&block(norm_first, act), &mut rng).unwrap();
+        let mut layer: EncoderLayer<f64> = EncoderLayerConfig::new(block(norm_first, act))
+            .init_as(&mut rng)
+            .unwrap();
         jitter(&mut layer, &mut rng);
         let x: Array3<f64> = random_like((2, 3, 4), &mut rng);
         let r: Array3<f64> = random_like((2, 3, 4), &mut rng);
@@ -59,7 +64,9 @@ fn encoder_layer_gradients_both_norm_placements() {
 fn decoder_layer_gradients_both_norm_placements() {
     for (norm_first, act) in [(false, Activation::GeluTanh), (true, Activation::Relu)] {
         let mut rng = StdRng::seed_from_u64(51);
-        let mut layer: DecoderLayer<f64> = DecoderLayer::new(&block(norm_first, act), &mut rng).unwrap();
+        let mut layer: DecoderLayer<f64> = DecoderLayerConfig::new(block(norm_first, act))
+            .init_as(&mut rng)
+            .unwrap();
         jitter(&mut layer, &mut rng);
         let x: Array3<f64> = random_like((2, 3, 4), &mut rng);
         let m: Array3<f64> = random_like((2, 5, 4), &mut rng);
@@ -174,10 +181,26 @@ fn infer_equals_forward_without_dropout_and_names_follow_pytorch_layout() {
 #[test]
 fn bad_block_configs_are_errors() {
     let mut rng = StdRng::seed_from_u64(0);
-    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(10, 3, 8), &mut rng).is_err());
-    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 0), &mut rng).is_err());
-    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 8).with_eps(0.0), &mut rng).is_err());
-    assert!(EncoderLayer::<f32>::new(&BlockConfig::new(8, 2, 8).with_p_drop(-0.5), &mut rng).is_err());
+    assert!(
+        EncoderLayerConfig::new(BlockConfig::new(10, 3, 8))
+            .init(&mut rng)
+            .is_err()
+    );
+    assert!(
+        EncoderLayerConfig::new(BlockConfig::new(8, 2, 0))
+            .init(&mut rng)
+            .is_err()
+    );
+    assert!(
+        EncoderLayerConfig::new(BlockConfig::new(8, 2, 8).with_eps(0.0))
+            .init(&mut rng)
+            .is_err()
+    );
+    assert!(
+        EncoderLayerConfig::new(BlockConfig::new(8, 2, 8).with_p_drop(-0.5))
+            .init(&mut rng)
+            .is_err()
+    );
     assert!(
         EncoderConfig::new(BlockConfig::new(8, 2, 8), 0)
             .init(&mut rng)

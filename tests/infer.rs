@@ -357,13 +357,13 @@ fn a_seeded_sample_is_reproducible_and_thread_count_independent() {
 
 #[test]
 fn until_eos_allocates_as_it_goes() {
-    // A generator of zeros: every logit equal, so the lowest id, 0, wins; with eos = 0 every
+    // An output projection of zeros: every logit equal, so the lowest id, 0, wins; with eos = 0 every
     // sequence ends at once, and "no maximum length" (usize::MAX) is fine.
     let mut m = EncoderDecoderConfig::new(11, 7, BlockConfig::new(16, 4, 24), 1, 1)
         .with_tie_output(false)
         .init(&mut StdRng::seed_from_u64(12))
         .unwrap();
-    m.generator.as_mut().unwrap().p.weight.fill(0.0);
+    m.head.as_mut().unwrap().p.weight.fill(0.0);
     let src = sources();
     let state = m.begin_decode(&src, usize::MAX).unwrap();
     let out = generate(

@@ -126,7 +126,7 @@ impl DecoderConfig {
         check::positive("n_layers", self.n_layers)?;
         self.block.check()?;
         let layers = (0..self.n_layers)
-            .map(|_| DecoderLayer::new(&self.block, rng))
+            .map(|_| DecoderLayer::build(&self.block, rng))
             .collect::<Result<_>>()?;
         let norm = self
             .has_final_norm()

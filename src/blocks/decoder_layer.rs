@@ -84,12 +84,42 @@ pub(crate) struct PackedDecoderLayer<F: Float> {
     ffn: PackedFeedForward,
 }
 
-impl<F: Float> DecoderLayer<F> {
+/// Configuration of a [`DecoderLayer`]: the [`BlockConfig`] its sub-layers share.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct DecoderLayerConfig {
+    /// The sub-layers' sizes, dropout, activation and norm placement.
+    pub block: BlockConfig,
+}
+
+impl DecoderLayerConfig {
+    /// A layer of `block`.
+    pub fn new(block: BlockConfig) -> Self {
+        DecoderLayerConfig { block }
+    }
+
+    /// Builds the layer in `f32`; [`DecoderLayerConfig::init_as`] builds it in another float
+    /// type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`DecoderLayerConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<DecoderLayer> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad config.
-    pub fn new(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad config (see
+    /// [`BlockConfig::check`]).
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<DecoderLayer<F>> {
+        DecoderLayer::build(&self.block, rng)
+    }
+}
+
+impl<F: Float> DecoderLayer<F> {
+    /// Builds the layer of [`DecoderLayerConfig::init_as`].
+    pub(crate) fn build(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
         cfg.check()?;
         Ok(DecoderLayer {
             cfg: cfg.clone(),

@@ -80,7 +80,7 @@ impl EncoderConfig {
         check::positive("n_layers", self.n_layers)?;
         self.block.check()?;
         let layers = (0..self.n_layers)
-            .map(|_| EncoderLayer::new(&self.block, rng))
+            .map(|_| EncoderLayer::build(&self.block, rng))
             .collect::<Result<_>>()?;
         let norm = self
             .has_final_norm()

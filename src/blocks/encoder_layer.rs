@@ -14,12 +14,12 @@
 //! ```
 //! use vaswani::ndarray::Array3;
 //! use vaswani::rand::{SeedableRng, rngs::StdRng};
-//! use vaswani::blocks::{BlockConfig, EncoderLayer};
+//! use vaswani::blocks::{BlockConfig, EncoderLayerConfig};
 //! use vaswani::layers::Mask;
 //! use vaswani::Params;
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
-//! let layer: EncoderLayer = EncoderLayer::new(&BlockConfig::new(16, 4, 32), &mut rng)?;
+//! let layer = EncoderLayerConfig::new(BlockConfig::new(16, 4, 32)).init(&mut rng)?;
 //! let x = Array3::<f32>::zeros((2, 5, 16));
 //! let (y, cache) = layer.forward(x.view(), &Mask::key_lengths(&[5, 3]), &mut rng);
 //! let mut grads = layer.zeros_like();
@@ -79,13 +79,42 @@ pub(crate) struct PackedEncoderLayer<F: Float> {
     ffn: PackedFeedForward,
 }
 
-impl<F: Float> EncoderLayer<F> {
+/// Configuration of an [`EncoderLayer`]: the [`BlockConfig`] its sub-layers share.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct EncoderLayerConfig {
+    /// The sub-layers' sizes, dropout, activation and norm placement.
+    pub block: BlockConfig,
+}
+
+impl EncoderLayerConfig {
+    /// A layer of `block`.
+    pub fn new(block: BlockConfig) -> Self {
+        EncoderLayerConfig { block }
+    }
+
+    /// Builds the layer in `f32`; [`EncoderLayerConfig::init_as`] builds it in another float
+    /// type (`f64` for gradient checks).
+    ///
+    /// # Errors
+    /// As [`EncoderLayerConfig::init_as`].
+    pub fn init(&self, rng: &mut impl Rng) -> Result<EncoderLayer> {
+        self.init_as(rng)
+    }
+
     /// Builds the layer.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad config (see
     /// [`BlockConfig::check`]).
-    pub fn new(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
+    pub fn init_as<F: Float>(&self, rng: &mut impl Rng) -> Result<EncoderLayer<F>> {
+        EncoderLayer::build(&self.block, rng)
+    }
+}
+
+impl<F: Float> EncoderLayer<F> {
+    /// Builds the layer of [`EncoderLayerConfig::init_as`].
+    pub(crate) fn build(cfg: &BlockConfig, rng: &mut impl Rng) -> Result<Self> {
         cfg.check()?;
         Ok(EncoderLayer {
             cfg: cfg.clone(),

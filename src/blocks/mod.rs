@@ -19,9 +19,9 @@ pub mod encoder;
 pub mod encoder_layer;
 
 pub use decoder::{Decoder, DecoderCache, DecoderConfig, DecoderState};
-pub use decoder_layer::{DecoderLayer, DecoderLayerCache, DecoderLayerWeights};
+pub use decoder_layer::{DecoderLayer, DecoderLayerCache, DecoderLayerConfig, DecoderLayerWeights};
 pub use encoder::{Encoder, EncoderCache, EncoderConfig};
-pub use encoder_layer::{EncoderLayer, EncoderLayerCache};
+pub use encoder_layer::{EncoderLayer, EncoderLayerCache, EncoderLayerConfig};
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, CowArray, Ix2, Ix3, s};
 

@@ -96,7 +96,7 @@ pub struct EncoderDecoder<F: Float = f32> {
     /// The decoder stack.
     pub decoder: Decoder<F>,
     /// The output projection; `None` when tied to the target embedding.
-    pub generator: Option<Linear<F>>,
+    pub head: Option<Linear<F>>,
 }
 crate::impl_params!(EncoderDecoder {
     src_embed,
@@ -105,7 +105,7 @@ crate::impl_params!(EncoderDecoder {
     tgt_input,
     encoder,
     decoder,
-    generator
+    head
 });
 
 /// What [`EncoderDecoder::backward`] needs from the forward pass.
@@ -393,7 +393,7 @@ impl EncoderDecoderConfig {
         let tgt_input = InputStage::new(d, self.positions, self.block.p_drop, rng)?;
         let encoder = self.encoder_config().init_as(rng)?;
         let decoder = self.decoder_config().init_as(rng)?;
-        let generator = (!self.tie_output)
+        let head = (!self.tie_output)
             .then(|| LinearConfig::new(d, self.tgt_vocab).with_bias(false).init_as(rng))
             .transpose()?;
         Ok(EncoderDecoder {
@@ -404,7 +404,7 @@ impl EncoderDecoderConfig {
             tgt_input,
             encoder,
             decoder,
-            generator,
+            head,
         })
     }
 
@@ -491,7 +491,7 @@ impl<F: Float> EncoderDecoder<F> {
                 .decoder
                 .forward(y.view(), memory.view(), &self_mask, &src_mask, rng);
             let h = flat(h);
-            let (logits, output) = output_forward(self.generator.as_ref(), self.target_embedding(), h.view());
+            let (logits, output) = output_forward(self.head.as_ref(), self.target_embedding(), h.view());
             Ok((
                 logits,
                 EncoderDecoderCache {
@@ -521,11 +521,11 @@ impl<F: Float> EncoderDecoder<F> {
             let (b, t) = InputStage::dims(&cache.tgt_input);
             let g_embed = g.tgt_embed.as_mut().unwrap_or(&mut g.src_embed);
             let grad_h = output_backward(
-                self.generator.as_ref(),
+                self.head.as_ref(),
                 self.target_embedding(),
                 &cache.output,
                 grad_logits,
-                g.generator.as_mut(),
+                g.head.as_mut(),
                 g_embed,
             );
             let grad_h = crate::blocks::unrows(grad_h, b, t);
@@ -655,7 +655,7 @@ impl<F: Float> EncoderDecoder<F> {
     fn logits(&self, h: ArrayView2<F>, packed: Option<&PackedDecode<F>>) -> Array2<F> {
         match packed {
             Some(p) => {
-                let bias = self.generator.as_ref().and_then(|g| g.p.bias.as_ref());
+                let bias = self.head.as_ref().and_then(|g| g.p.bias.as_ref());
                 // SAFETY: gemm_packed writes every element.
                 unsafe {
                     filled((h.nrows(), p.output.dim().1), |logits| {
@@ -663,14 +663,14 @@ impl<F: Float> EncoderDecoder<F> {
                     })
                 }
             }
-            None => output_infer(self.generator.as_ref(), self.target_embedding(), h),
+            None => output_infer(self.head.as_ref(), self.target_embedding(), h),
         }
     }
 
     /// The decoder's (with the memory's projections if `memory`) and the output's weights
     /// packed; `None` where nothing packs.
     fn pack_decode(&self, memory: bool) -> Option<PackedDecode<F>> {
-        let output = match &self.generator {
+        let output = match &self.head {
             Some(head) => PackedB::new(head.p.weight.t()),
             None => PackedB::new(self.target_embedding().p.weight.t()),
         }?;

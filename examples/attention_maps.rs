@@ -80,7 +80,8 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let decode_maps = || -> vaswani::Result<_> {
         let src = TokenBatch::from_sequences(&[encode(&args.date)], PAD)?;
-        let out = model.greedy(&src, BOS, EOS, ISO_LEN + 1)?.remove(0);
+        let state = model.begin_decode(&src, ISO_LEN + 1)?;
+        let out = vaswani::infer::greedy(state, BOS, Some(EOS), ISO_LEN + 1)?.remove(0);
         // The maps of the decode: a pass over [BOS] and the decoded tokens.
         let mut tgt_in = vec![BOS];
         tgt_in.extend_from_slice(&out);

@@ -188,7 +188,12 @@ fn run(args: &Args) -> Result<()> {
             }
             What::GreedyDecode => {
                 let packed = pack(&trainer.model);
-                time_it(args, || packed.greedy(&src, 1, usize::MAX, t).map(|_| ()))?
+                time_it(args, || {
+                    packed
+                        .begin_decode(&src, t)
+                        .and_then(|state| vaswani::infer::greedy(state, 1, None, t))
+                        .map(|_| ())
+                })?
             }
             What::BeamDecode => {
                 let packed = pack(&trainer.model);

@@ -27,9 +27,10 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use vaswani::Params;
 use vaswani::blocks::BlockConfig;
+use vaswani::infer::Sampling;
 use vaswani::io::save_trainer;
 use vaswani::kernels::Activation;
-use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
+use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, TokenBatch};
 use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, TrainerConfig};
 
@@ -222,7 +223,8 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
     };
     let mut sample_rng = StdRng::seed_from_u64(args.common.seed.wrapping_add(2));
     for i in 0..args.samples {
-        let out = model.generate(&prompt, args.sample_len, sampling, &mut sample_rng)?;
+        let out =
+            vaswani::infer::continue_prompt(model, &prompt, args.sample_len, sampling, &mut sample_rng)?;
         println!(
             "\n--- sample {} (temperature {}) ---\n{}{}",
             i + 1,

@@ -161,7 +161,8 @@ fn run(args: &Args) -> Result<()> {
         .map(|_| random_sequence(&mut held_rng, args))
         .collect();
     let src = TokenBatch::from_sequences(&held_out, PAD)?;
-    let decoded = trainer.model.greedy(&src, BOS, EOS, args.max_len + 1)?;
+    let state = trainer.model.begin_decode(&src, args.max_len + 1)?;
+    let decoded = vaswani::infer::greedy(state, BOS, Some(EOS), args.max_len + 1)?;
     println!("a few held-out decodes (source → output):");
     let show = |s: &[usize]| {
         s.iter()

@@ -180,9 +180,10 @@ fn run(args: &Args) -> Result<()> {
 
     let held_out = held_out_examples(&mut held_rng, &held_days, args.held_out);
     let sources: Vec<Vec<usize>> = held_out.iter().map(|e| encode(&e.text)).collect();
-    let decoded: Vec<String> = trainer
+    let state = trainer
         .model
-        .greedy(&TokenBatch::from_sequences(&sources, PAD)?, BOS, EOS, ISO_LEN + 1)?
+        .begin_decode(&TokenBatch::from_sequences(&sources, PAD)?, ISO_LEN + 1)?;
+    let decoded: Vec<String> = vaswani::infer::greedy(state, BOS, Some(EOS), ISO_LEN + 1)?
         .iter()
         .map(|d| decode(d))
         .collect();

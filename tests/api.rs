@@ -18,12 +18,8 @@ fn f32_needs_no_annotation() -> vaswani::Result<()> {
     let cfg = EncoderDecoderConfig::new(9, 9, BlockConfig::new(8, 2, 16), 1, 1);
     let model = cfg.init(&mut rng)?;
     let same: &EncoderDecoder<f32> = &model;
-    let greedy = same.greedy(
-        &vaswani::models::TokenBatch::from_sequences(&[vec![3, 4]], 0)?,
-        1,
-        2,
-        3,
-    )?;
+    let src = vaswani::models::TokenBatch::from_sequences(&[vec![3, 4]], 0)?;
+    let greedy = vaswani::infer::greedy(same.begin_decode(&src, 3)?, 1, Some(2), 3)?;
     assert_eq!(greedy.len(), 1);
     let trainer = Trainer::new(model, TrainerConfig::default())?;
     let path = std::env::temp_dir().join(format!("vaswani-api-{}.safetensors", std::process::id()));

@@ -67,7 +67,11 @@ fn copy_task_reaches_exact_match_on_held_out_sequences() {
         (0..1000).map(|_| random_sequence(&mut r)).collect()
     };
     let src = TokenBatch::from_sequences(&held_out, PAD).unwrap();
-    let decoded = trainer.model.greedy(&src, BOS, EOS, MAX_LEN + 1).unwrap();
+    let decoded = trainer
+        .model
+        .begin_decode(&src, MAX_LEN + 1)
+        .and_then(|state| vaswani::infer::greedy(state, BOS, Some(EOS), MAX_LEN + 1))
+        .unwrap();
     let exact = decoded.iter().zip(&held_out).filter(|(d, s)| d == s).count();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(

@@ -7,8 +7,9 @@ use ndarray::Array2;
 use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
 use vaswani::gradcheck::{GradCheck, random_like};
+use vaswani::infer::Sampling;
 use vaswani::kernels::Activation;
-use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, Sampling, TokenBatch};
+use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch, Positions, TokenBatch};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainable, Trainer, TrainerConfig};
 use vaswani::{Error, Params};
 
@@ -277,14 +278,14 @@ fn generation_is_seeded_and_crops_to_a_learned_table() {
     // A prompt longer than the table, and generation far past it: the context is cropped.
     let prompt = [1, 2, 3, 4, 5, 6, 7];
     let sample = |seed| {
-        model
-            .generate(
-                &prompt,
-                12,
-                Sampling::Temperature(0.8),
-                &mut StdRng::seed_from_u64(seed),
-            )
-            .unwrap()
+        vaswani::infer::continue_prompt(
+            &model,
+            &prompt,
+            12,
+            Sampling::Temperature(0.8),
+            &mut StdRng::seed_from_u64(seed),
+        )
+        .unwrap()
     };
     let (a, b) = (sample(8), sample(8));
     assert_eq!(a.len(), 12);
@@ -292,15 +293,19 @@ fn generation_is_seeded_and_crops_to_a_learned_table() {
     assert!(a.iter().all(|&id| id < 20));
     // Cropping: the prompt reads as its last max_len = 5 tokens.
     let greedy = |p: &[usize]| {
-        model
-            .generate(p, 3, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
+        vaswani::infer::continue_prompt(&model, p, 3, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
             .unwrap()
     };
     assert_eq!(greedy(&prompt), greedy(&prompt[2..]));
     // Greedy: the first token is the arg-max of the last position's logits.
-    let g = model
-        .generate(&[3, 4], 1, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
-        .unwrap();
+    let g = vaswani::infer::continue_prompt(
+        &model,
+        &[3, 4],
+        1,
+        Sampling::Greedy,
+        &mut StdRng::seed_from_u64(0),
+    )
+    .unwrap();
     let logits = model
         .infer(&TokenBatch::from_sequences(&[vec![3, 4]], 0).unwrap())
         .unwrap();
@@ -309,8 +314,7 @@ fn generation_is_seeded_and_crops_to_a_learned_table() {
         .unwrap();
     assert_eq!(g, vec![best]);
     assert_eq!(
-        model
-            .generate(&[3], 0, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
+        vaswani::infer::continue_prompt(&model, &[3], 0, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
             .unwrap(),
         Vec::<usize>::new()
     );
@@ -331,9 +335,7 @@ fn bad_inputs_are_typed_errors() {
     assert_eq!(model.forward(&bad, &mut rng).unwrap_err(), oor);
     assert_eq!(model.log_likelihood(&bad).unwrap_err(), oor);
     assert_eq!(
-        model
-            .generate(&[1, 2, 25], 3, Sampling::Greedy, &mut rng)
-            .unwrap_err(),
+        vaswani::infer::continue_prompt(&model, &[1, 2, 25], 3, Sampling::Greedy, &mut rng).unwrap_err(),
         Error::TokenOutOfRange {
             id: 25,
             position: (0, 2),
@@ -392,7 +394,7 @@ fn bad_inputs_are_typed_errors() {
         Err(Error::InvalidInput { .. })
     ));
     assert!(matches!(
-        model.generate(&[], 3, Sampling::Greedy, &mut rng),
+        vaswani::infer::continue_prompt(&model, &[], 3, Sampling::Greedy, &mut rng),
         Err(Error::InvalidInput { .. })
     ));
     let short = TokenBatch::from_sequences(&[vec![4], vec![]], 0).unwrap();
@@ -442,7 +444,7 @@ fn bad_inputs_are_typed_errors() {
     for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         for s in [Sampling::Temperature(t), Sampling::TopK { k: 3, temperature: t }] {
             assert!(matches!(
-                model.generate(&[1], 2, s, &mut rng),
+                vaswani::infer::continue_prompt(&model, &[1], 2, s, &mut rng),
                 Err(Error::InvalidConfig {
                     field: "temperature",
                     ..
@@ -451,7 +453,8 @@ fn bad_inputs_are_typed_errors() {
         }
     }
     assert!(matches!(
-        model.generate(
+        vaswani::infer::continue_prompt(
+            &model,
             &[1],
             2,
             Sampling::TopK {
@@ -488,9 +491,9 @@ fn same_bits_with_one_and_two_threads() {
         let mut g = model.zeros_like();
         let stats = model.accumulate(&batch, 0.1, 0.5, &mut g, &mut rng).unwrap();
         model.backward(&cache, logits.view(), &mut g);
-        let text = model
-            .generate(&[1, 2, 3], 8, Sampling::Temperature(1.0), &mut rng)
-            .unwrap();
+        let text =
+            vaswani::infer::continue_prompt(&model, &[1, 2, 3], 8, Sampling::Temperature(1.0), &mut rng)
+                .unwrap();
         (logits, g, stats.loss, text)
     };
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
@@ -546,9 +549,8 @@ fn learns_counting_sequences_and_generates_them() {
     let model = &trainer.model;
     let mut exact = 0;
     for seq in &all {
-        let generated = model
-            .generate(&seq[..2], LEN - 2, Sampling::Greedy, &mut rng)
-            .unwrap();
+        let generated =
+            vaswani::infer::continue_prompt(model, &seq[..2], LEN - 2, Sampling::Greedy, &mut rng).unwrap();
         exact += usize::from(generated == seq[2..]);
     }
     // The deterministic part alone: bits per token of x₂… given x₀, x₁.

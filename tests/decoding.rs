@@ -66,8 +66,10 @@ fn cached_greedy_equals_uncached_greedy() {
         .collect();
     let src = TokenBatch::from_sequences(&seqs, 0).unwrap();
     assert_eq!(
-        m.greedy(&src, 1, 2, 10).unwrap(),
-        m.greedy_uncached(&src, 1, 2, 10).unwrap()
+        m.begin_decode(&src, 10)
+            .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 10))
+            .unwrap(),
+        vaswani::infer::greedy_uncached(&m, &src, 1, Some(2), 10).unwrap()
     );
 }
 
@@ -132,7 +134,8 @@ fn causal_encoder_steps_equal_the_full_causal_pass() {
 
 #[test]
 fn cached_generation_equals_the_uncached_reference() {
-    use vaswani::models::{DecoderOnly, DecoderOnlyConfig, Sampling};
+    use vaswani::infer::Sampling;
+    use vaswani::models::{DecoderOnly, DecoderOnlyConfig};
     // Sinusoidal positions take the cached path; a learned table too small for prompt and output
     // takes the cropping path. With the same sampling draws, a cached run and a run that
     // re-scores the whole sequence at each step agree.
@@ -140,9 +143,9 @@ fn cached_generation_equals_the_uncached_reference() {
         .init(&mut StdRng::seed_from_u64(75))
         .unwrap();
     let prompt = [3, 7, 7, 1];
-    let cached = lm
-        .generate(&prompt, 12, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
-        .unwrap();
+    let cached =
+        vaswani::infer::continue_prompt(&lm, &prompt, 12, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
+            .unwrap();
     // Reference: greedy by hand over the whole sequence.
     let mut seq = prompt.to_vec();
     for _ in 0..12 {
@@ -155,24 +158,29 @@ fn cached_generation_equals_the_uncached_reference() {
         seq.push(vaswani::kernels::argmax(logits.row(seq.len() - 1)));
     }
     assert_eq!(cached, seq[prompt.len()..]);
-    let sampled = lm
-        .generate(
-            &prompt,
-            12,
-            Sampling::Temperature(0.9),
-            &mut StdRng::seed_from_u64(1),
-        )
-        .unwrap();
+    let sampled = vaswani::infer::continue_prompt(
+        &lm,
+        &prompt,
+        12,
+        Sampling::Temperature(0.9),
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap();
     assert_eq!(sampled.len(), 12);
     let small: DecoderOnly = DecoderOnlyConfig::new(23, BlockConfig::new(16, 4, 32), 1)
         .with_positions(Positions::Learned { max_len: 6 })
         .init(&mut StdRng::seed_from_u64(76))
         .unwrap();
     assert_eq!(
-        small
-            .generate(&prompt, 10, Sampling::Greedy, &mut StdRng::seed_from_u64(0))
-            .unwrap()
-            .len(),
+        vaswani::infer::continue_prompt(
+            &small,
+            &prompt,
+            10,
+            Sampling::Greedy,
+            &mut StdRng::seed_from_u64(0)
+        )
+        .unwrap()
+        .len(),
         10
     );
 }
@@ -195,8 +203,13 @@ fn packed_model_gives_the_models_results() {
         );
         // Decoding: the same tokens, and the steps of a packed decode equal the model's.
         assert_eq!(
-            packed.greedy(&src, 1, 2, 6).unwrap(),
-            m.greedy(&src, 1, 2, 6).unwrap()
+            packed
+                .begin_decode(&src, 6)
+                .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 6))
+                .unwrap(),
+            m.begin_decode(&src, 6)
+                .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 6))
+                .unwrap()
         );
         let mut a = packed.begin_decode(&src, 4).unwrap();
         let mut b = m.begin_decode(&src, 4).unwrap();

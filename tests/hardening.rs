@@ -5,9 +5,10 @@
 use ndarray::{Array2, array};
 use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
+use vaswani::infer::Sampling;
 use vaswani::models::{
     DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig, Head, InputKind, LmBatch, Positions,
-    Sampling, TokenBatch,
+    TokenBatch,
 };
 use vaswani::{Error, Params};
 
@@ -35,12 +36,22 @@ fn a_decision_over_non_finite_logits_is_an_error_in_every_model() {
     let mut model = EncoderDecoderConfig::new(9, 9, block(), 1, 1)
         .init(&mut rng)
         .unwrap();
-    assert!(model.greedy(&src, 1, 2, 4).is_ok());
+    assert!(
+        model
+            .begin_decode(&src, 4)
+            .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 4))
+            .is_ok()
+    );
     assert!(poison(&mut model, "decoder") > 0);
     for result in [
-        model.greedy(&src, 1, 2, 4),
-        model.greedy_uncached(&src, 1, 2, 4),
-        model.packed().greedy(&src, 1, 2, 4),
+        model
+            .begin_decode(&src, 4)
+            .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 4)),
+        vaswani::infer::greedy_uncached(&model, &src, 1, Some(2), 4),
+        model
+            .packed()
+            .begin_decode(&src, 4)
+            .and_then(|state| vaswani::infer::greedy(state, 1, Some(2), 4)),
     ] {
         let err = result.unwrap_err();
         assert!(matches!(err, Error::NonFinite { .. }), "{err}");
@@ -59,9 +70,7 @@ fn a_decision_over_non_finite_logits_is_an_error_in_every_model() {
 
     let mut model = DecoderOnlyConfig::new(9, block(), 1).init(&mut rng).unwrap();
     assert!(poison(&mut model, "blocks") > 0);
-    let err = model
-        .generate(&[1, 2], 3, Sampling::Greedy, &mut rng)
-        .unwrap_err();
+    let err = vaswani::infer::continue_prompt(&model, &[1, 2], 3, Sampling::Greedy, &mut rng).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
 }
 
@@ -74,13 +83,11 @@ fn generate_checks_the_whole_prompt_at_its_own_positions() {
         .init(&mut rng)
         .unwrap();
     assert!(
-        model
-            .generate(&[1, 2, 3, 4, 5, 6], 2, Sampling::Greedy, &mut rng)
-            .is_ok()
+        vaswani::infer::continue_prompt(&model, &[1, 2, 3, 4, 5, 6], 2, Sampling::Greedy, &mut rng).is_ok()
     );
     // An id out of range before the window, then inside it.
     for (t, prompt) in [(0, [99, 2, 3, 4, 5, 6]), (4, [1, 2, 3, 4, 99, 6])] {
-        match model.generate(&prompt, 2, Sampling::Greedy, &mut rng) {
+        match vaswani::infer::continue_prompt(&model, &prompt, 2, Sampling::Greedy, &mut rng) {
             Err(Error::TokenOutOfRange { id, position, vocab }) => {
                 assert_eq!((id, position, vocab), (99, (0, t), 9))
             }

@@ -59,7 +59,7 @@ fn cached_decoding_equals_full_re_decoding_for_both_families() {
         .unwrap();
         assert_eq!(
             got,
-            m.greedy_uncached(&src, BOS, EOS, 8).unwrap(),
+            vaswani::infer::greedy_uncached(&m, &src, BOS, Some(EOS), 8).unwrap(),
             "norm_first {norm_first}"
         );
 
@@ -156,7 +156,7 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
         .unwrap();
         assert_eq!(alone[0], batch[i], "prompt {i}");
         // And the model's own generate, which runs the prompt in one pass.
-        let own = m.generate(p, alone[0].len(), Sampling::Greedy, rng).unwrap();
+        let own = vaswani::infer::continue_prompt(&m, p, alone[0].len(), Sampling::Greedy, rng).unwrap();
         assert_eq!(own, alone[0], "prompt {i}");
     }
 }
@@ -479,11 +479,12 @@ fn bad_decoding_input_is_an_error() {
         Err(Error::InvalidInput { .. })
     ));
     assert!(matches!(
-        m.greedy(&empty, BOS, EOS, 4),
+        m.begin_decode(&empty, 4)
+            .and_then(|state| vaswani::infer::greedy(state, BOS, Some(EOS), 4)),
         Err(Error::InvalidInput { .. })
     ));
     assert!(matches!(
-        m.greedy_uncached(&empty, BOS, EOS, 4),
+        vaswani::infer::greedy_uncached(&m, &empty, BOS, Some(EOS), 4),
         Err(Error::InvalidInput { .. })
     ));
     // NaN logits during a decode.

@@ -30,7 +30,7 @@
 //! // Greedy: the most likely token at every step, at most 10 tokens.
 //! let state = model.begin_decode(&src, 10)?;
 //! let greedy = generate(state, &[vec![bos], vec![bos]], Sampling::Greedy, Some(eos), 10, &mut rng)?;
-//! assert_eq!(greedy, model.greedy(&src, bos, eos, 10)?);
+//! assert_eq!(greedy, vaswani::infer::greedy(model.begin_decode(&src, 10)?, bos, Some(eos), 10)?);
 //!
 //! // Beam search as in the paper (§6.1): 4 beams, length penalty α = 0.6; the 2 best.
 //! let beam = BeamSearch::paper().with_n_best(2);
@@ -53,9 +53,8 @@ use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::models::{DecodeState, GenerateState};
 
-pub use crate::models::Sampling;
 pub use beam::{BeamSearch, Hypothesis, beam_search};
-pub use sample::generate;
+pub use sample::{Sampling, continue_prompt, generate, greedy, greedy_uncached};
 
 /// A decode in progress: a batch of sequences, each fed the same number of positions, with the
 /// key/value caches of those positions.
@@ -144,7 +143,7 @@ fn check_start<F: Float, S: Step<F>, P: AsRef<[usize]>>(
     eos: Option<usize>,
     max_new: usize,
 ) -> Result<()> {
-    let (b, vocab) = (state.batch_size(), state.vocab());
+    let b = state.batch_size();
     if prefixes.len() != b {
         return Err(Error::shape(
             "prefixes (one per sequence)",
@@ -160,6 +159,17 @@ fn check_start<F: Float, S: Step<F>, P: AsRef<[usize]>>(
             ),
         });
     }
+    check_prefixes(state.vocab(), prefixes, eos, max_new)
+}
+
+/// The checks of [`check_start`] that need no state: non-empty prefixes of ids in the
+/// vocabulary, `eos` in it, and a way to stop.
+fn check_prefixes<P: AsRef<[usize]>>(
+    vocab: usize,
+    prefixes: &[P],
+    eos: Option<usize>,
+    max_new: usize,
+) -> Result<()> {
     if let Some(i) = prefixes.iter().position(|p| p.as_ref().is_empty()) {
         return Err(Error::InvalidInput {
             why: format!(

@@ -21,7 +21,7 @@
 //! output projection tied to the embedding (§3.4). Sinusoids need no table, so generation can
 //! run past any length; learned positions ([`Positions::Learned`], as GPT-2, "nearly
 //! identical results" in Table 3 row E) cap the context at `max_len`, and
-//! [`DecoderOnly::generate`] then crops to the last `max_len` tokens.
+//! [`continue_prompt`](crate::infer::continue_prompt) then crops to the last `max_len` tokens.
 //!
 //! # Shapes
 //! B sequences of (padded) length T in a [`TokenBatch`] → logits `[B·T, V]`: row `b·T + t`
@@ -47,7 +47,8 @@
 //! ```
 //! use vaswani::rand::{SeedableRng, rngs::StdRng};
 //! use vaswani::blocks::BlockConfig;
-//! use vaswani::models::{DecoderOnlyConfig, LmBatch, Sampling, TokenBatch};
+//! use vaswani::infer::{Sampling, continue_prompt};
+//! use vaswani::models::{DecoderOnlyConfig, LmBatch, TokenBatch};
 //! use vaswani::train::{Trainer, TrainerConfig};
 //!
 //! let mut rng = StdRng::seed_from_u64(0);
@@ -65,20 +66,20 @@
 //! trainer.step(&[batch], &mut rng)?;
 //!
 //! // Generation runs the prompt once, then one position per token (a key/value cache).
-//! let next = trainer.model.generate(&[3, 4], 5, Sampling::Temperature(0.8), &mut rng)?;
+//! let next = continue_prompt(&trainer.model, &[3, 4], 5, Sampling::Temperature(0.8), &mut rng)?;
 //! assert_eq!(next.len(), 5);
 //! let bits = trainer.model.bits_per_token(&tokens)?;
 //! assert!(bits > 0.0);
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis, s};
+use ndarray::{Array2, ArrayView2, s};
 use rand::Rng;
 
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
-use crate::kernels::argmax;
+
 use crate::kernels::loss::log_softmax;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
@@ -182,124 +183,6 @@ impl LmBatch {
             input: TokenBatch::from_sequences(&input, pad)?,
             target: TokenBatch::from_sequences(&target, pad)?,
         })
-    }
-}
-
-/// How [`DecoderOnly::generate`] picks each next token from its logits.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampling {
-    /// The most likely token (the lowest id on ties). Draws nothing from the RNG.
-    Greedy,
-    /// A draw from `softmax(logits / t)`: t < 1 sharpens, t > 1 flattens. t must be finite
-    /// and positive.
-    Temperature(f64),
-    /// A draw from `softmax(logits / temperature)` restricted to the `k` highest logits (ties
-    /// broken by the lower id); `k ≥ V` keeps every token.
-    TopK {
-        /// How many tokens stay candidates (at least 1).
-        k: usize,
-        /// The temperature, finite and positive.
-        temperature: f64,
-    },
-    /// Nucleus sampling: a draw from `softmax(logits / temperature)` restricted to the
-    /// fewest most likely tokens whose probabilities sum to at least `p` (the most likely
-    /// token always stays; ties broken by the lower id).
-    TopP {
-        /// The probability mass kept, in (0, 1].
-        p: f64,
-        /// The temperature, finite and positive.
-        temperature: f64,
-    },
-}
-
-impl Sampling {
-    /// Checks the settings.
-    ///
-    /// # Errors
-    /// [`Error::InvalidConfig`] for a temperature that is not finite and positive (field
-    /// `temperature`), `k = 0` (field `top_k`) or `p` outside (0, 1] (field `top_p`).
-    pub fn check(&self) -> Result<()> {
-        let temperature = match *self {
-            Sampling::Greedy => return Ok(()),
-            Sampling::Temperature(t) => t,
-            Sampling::TopK { k, temperature } => {
-                check::positive("top_k", k)?;
-                temperature
-            }
-            Sampling::TopP { p, temperature } => {
-                if !(p > 0.0 && p <= 1.0) {
-                    return Err(Error::config("top_p", format!("must be in (0, 1], got {p}")));
-                }
-                temperature
-            }
-        };
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::config(
-                "temperature",
-                format!("must be finite and positive, got {temperature}"),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Picks a token id from one row of logits `[V]`, drawing at most one uniform number from
-    /// `rng`. The arithmetic is in `f64`, sequential and in a fixed order, so a seeded `rng`
-    /// gives the same choice on every run and for any thread count.
-    ///
-    /// # Errors
-    /// As [`Sampling::check`]; [`Error::NonFinite`] if a logit is NaN or infinite, and
-    /// [`Error::InvalidInput`] for an empty row.
-    pub fn pick<F: Float>(&self, logits: ArrayView1<F>, rng: &mut impl Rng) -> Result<usize> {
-        self.check()?;
-        if logits.is_empty() {
-            return Err(Error::InvalidInput {
-                why: "no logits to pick a token from (V = 0)".into(),
-            });
-        }
-        if logits.iter().any(|z| !z.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "the logits of the next token".into(),
-            });
-        }
-        let (k, temperature, top_p) = match *self {
-            Sampling::Greedy => return Ok(argmax(logits)),
-            Sampling::Temperature(t) => (logits.len(), t, 1.0),
-            Sampling::TopK { k, temperature } => (k.min(logits.len()), temperature, 1.0),
-            Sampling::TopP { p, temperature } => (logits.len(), temperature, p),
-        };
-        // Candidates by decreasing logit, ties by increasing id: a fixed order.
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].to_f64().total_cmp(&logits[a].to_f64()).then(a.cmp(&b)));
-        order.truncate(k);
-        let max = logits[order[0]].to_f64();
-        let mut weights: Vec<f64> = order
-            .iter()
-            .map(|&j| ((logits[j].to_f64() - max) / temperature).exp())
-            .collect();
-        if top_p < 1.0 {
-            // The shortest head of the order whose share of the mass reaches p.
-            let total: f64 = weights.iter().sum();
-            let mut mass = 0.0;
-            let keep = (weights.iter())
-                .position(|&w| {
-                    mass += w;
-                    mass >= top_p * total
-                })
-                .map_or(weights.len(), |i| i + 1);
-            order.truncate(keep);
-            weights.truncate(keep);
-        }
-        let k = order.len();
-        let total: f64 = weights.iter().sum();
-        let mut u = rng.random::<f64>() * total;
-        for (&j, &w) in order.iter().zip(&weights) {
-            if u < w {
-                return Ok(j);
-            }
-            u -= w;
-        }
-        // Rounding left u just past the last weight.
-        Ok(order[k - 1])
     }
 }
 
@@ -579,72 +462,6 @@ impl<F: Float> DecoderOnly<F> {
             }
         }
         Ok((ll, count))
-    }
-
-    /// Generates `n` tokens after `prompt`, one at a time, picking each from the last
-    /// position's logits (no dropout) with `sampling`. Returns the `n` new tokens (not the
-    /// prompt).
-    ///
-    /// With a key/value cache ([`Encoder::infer_step`]): the prompt is run once, then each step
-    /// costs one position's work. When prompt and output would not fit a learned position table,
-    /// the context is cropped to its last `max_len` tokens instead, which moves every position,
-    /// so each step then re-runs the whole window.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for an empty prompt, [`Error::TokenOutOfRange`] for a prompt id
-    /// ≥ V (at its position `(0, t)` in the prompt, also where the context is cropped), and as [`Sampling::pick`] (bad temperature or `k`,
-    /// non-finite logits).
-    pub fn generate(
-        &self,
-        prompt: &[usize],
-        n: usize,
-        sampling: Sampling,
-        rng: &mut impl Rng,
-    ) -> Result<Vec<usize>> {
-        crate::kernels::parallel::with_team(|| {
-            sampling.check()?;
-            if prompt.is_empty() {
-                return Err(Error::InvalidInput {
-                    why: "an empty prompt: generation needs at least one token to start from".into(),
-                });
-            }
-            // The whole prompt, at its own positions, even where only its end is run.
-            TokenBatch::full(Array2::from_shape_vec((1, prompt.len()), prompt.to_vec()).expect("one row"))?
-                .check_vocab(self.cfg.vocab)?;
-            let mut seq = prompt.to_vec();
-            let fits = self.input.max_len().is_none_or(|max| prompt.len() + n <= max);
-            if fits {
-                // With the key/value cache: the prompt in one pass, then one position per token.
-                let mut caches = self.blocks.begin(1, prompt.len() + n);
-                let mut fresh: &[usize] = prompt;
-                for _ in 0..n {
-                    let start = seq.len() - fresh.len();
-                    let ids = Array2::from_shape_vec((1, fresh.len()), fresh.to_vec()).expect("one row");
-                    let x = self
-                        .input
-                        .infer(self.embed.infer(ids.view())?, 1, fresh.len(), start)?;
-                    let h = flat(self.blocks.infer_step(x.view(), &mut caches));
-                    let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
-                    seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
-                    fresh = &seq[seq.len() - 1..];
-                }
-                return Ok(seq.split_off(prompt.len()));
-            }
-            // Past a learned table: the context slides, positions shift, and the whole window is
-            // run again at each step.
-            for _ in 0..n {
-                let start = self
-                    .input
-                    .max_len()
-                    .map_or(0, |max| seq.len().saturating_sub(max));
-                let context = &seq[start..];
-                let ids = Array2::from_shape_vec((1, context.len()), context.to_vec()).expect("one row");
-                let h = self.hidden(&TokenBatch::full(ids)?)?;
-                let logits = self.project(h.slice(s![h.nrows() - 1.., ..]));
-                seq.push(sampling.pick(logits.index_axis(Axis(0), 0), rng)?);
-            }
-            Ok(seq.split_off(prompt.len()))
-        })
     }
 }
 

@@ -24,12 +24,13 @@
 //! let batch = Seq2SeqBatch::from_pairs(&[(vec![5, 6, 7], vec![7, 6, 5]), (vec![8], vec![8])], 1, 2, 0)?;
 //! let logits = model.infer(&batch.src, &batch.tgt_in)?;
 //! assert_eq!(logits.dim(), (2 * 4, 20)); // [B·T, V]
-//! let decoded = model.greedy(&batch.src, 1, 2, 5)?;
+//! // Decoding lives in `vaswani::infer`: greedy from BOS = 1 to EOS = 2, 5 tokens at most.
+//! let decoded = vaswani::infer::greedy(model.begin_decode(&batch.src, 5)?, 1, Some(2), 5)?;
 //! assert_eq!(decoded.len(), 2);
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array2, Array3, ArrayView2, Axis, s};
+use ndarray::{Array2, Array3, ArrayView2, s};
 use rand::Rng;
 
 use std::borrow::Cow;
@@ -50,7 +51,7 @@ use crate::models::batch::TokenBatch;
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
-    OutputCache, check_targets, decide, output_backward, output_forward, output_infer, token_loss,
+    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
 };
 use crate::models::trainable::{LossStats, Trainable};
 
@@ -845,112 +846,6 @@ impl<F: Float> EncoderDecoder<F> {
             Ok(self.logits(last, packed))
         })
     }
-
-    /// Greedy decoding with the key/value cache: encodes once, then feeds `bos` and each
-    /// most likely token back, `max_len` steps at most. Returns each sequence's tokens up to
-    /// (not including) `eos`.
-    ///
-    /// # Errors
-    /// As [`EncoderDecoder::begin_decode`] and [`EncoderDecoder::decode_step`] (`bos` must be
-    /// in the target vocabulary).
-    pub fn greedy(
-        &self,
-        src: &TokenBatch,
-        bos: usize,
-        eos: usize,
-        max_len: usize,
-    ) -> Result<Vec<Vec<usize>>> {
-        let state = self.begin_decode(src, max_len)?;
-        self.greedy_from(state, bos, eos, max_len)
-    }
-
-    /// The loop of [`EncoderDecoder::greedy`] from a begun decode.
-    fn greedy_from(
-        &self,
-        mut state: DecodeState<'_, F>,
-        bos: usize,
-        eos: usize,
-        max_len: usize,
-    ) -> Result<Vec<Vec<usize>>> {
-        crate::kernels::parallel::with_team(|| {
-            let b = state.b;
-            let mut next = vec![bos; b];
-            let mut done = vec![false; b];
-            let mut out = vec![Vec::new(); b];
-            for _ in 0..max_len {
-                let logits = self.decode_step(&mut state, &next)?;
-                next = (logits.rows().into_iter().enumerate())
-                    .map(|(i, row)| decide(row, "logits of the next token", i))
-                    .collect::<Result<_>>()?;
-                for (i, &tok) in next.iter().enumerate() {
-                    if !done[i] {
-                        if tok == eos {
-                            done[i] = true;
-                        } else {
-                            out[i].push(tok);
-                        }
-                    }
-                }
-                if done.iter().all(|&d| d) {
-                    break;
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    /// Greedy decoding without a cache, re-running the decoder over the whole prefix at every
-    /// step as PyTorch's `nn.Transformer` must: the reference [`EncoderDecoder::greedy`] is
-    /// tested against, and the slow baseline it is measured against.
-    ///
-    /// # Errors
-    /// As [`EncoderDecoder::greedy`].
-    pub fn greedy_uncached(
-        &self,
-        src: &TokenBatch,
-        bos: usize,
-        eos: usize,
-        max_len: usize,
-    ) -> Result<Vec<Vec<usize>>> {
-        crate::kernels::parallel::with_team(|| {
-            check_sources(src)?;
-            let memory = self.encode(src)?;
-            let b = src.batch_size();
-            let mut prefix = Array2::from_elem((b, 1), bos);
-            let mut done = vec![false; b];
-            let mut out = vec![Vec::new(); b];
-            for step in 0..max_len {
-                let tgt = TokenBatch::full(prefix.clone())?;
-                let logits = self.decode(&memory, src, &tgt)?;
-                let v = logits.ncols();
-                let last = logits
-                    .into_shape_with_order((b, step + 1, v))
-                    .expect("standard layout");
-                let next: Vec<usize> = (last.index_axis(Axis(1), step).rows().into_iter().enumerate())
-                    .map(|(i, row)| decide(row, "logits of the next token", i))
-                    .collect::<Result<_>>()?;
-                for (i, &tok) in next.iter().enumerate() {
-                    if !done[i] {
-                        if tok == eos {
-                            done[i] = true;
-                        } else {
-                            out[i].push(tok);
-                        }
-                    }
-                }
-                if done.iter().all(|&d| d) {
-                    break;
-                }
-                let mut grown = Array2::from_elem((b, step + 2), eos);
-                grown.slice_mut(s![.., ..step + 1]).assign(&prefix);
-                for (i, &tok) in next.iter().enumerate() {
-                    grown[[i, step + 1]] = tok;
-                }
-                prefix = grown;
-            }
-            Ok(out)
-        })
-    }
 }
 
 impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
@@ -1016,26 +911,6 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
             self.encoder.as_deref(),
             self.decode.as_ref().map(Cow::Borrowed),
         )
-    }
-
-    /// [`EncoderDecoder::greedy`] with the packed weights.
-    ///
-    /// # Errors
-    /// As [`EncoderDecoder::greedy`].
-    pub fn greedy(
-        &self,
-        src: &TokenBatch,
-        bos: usize,
-        eos: usize,
-        max_len: usize,
-    ) -> Result<Vec<Vec<usize>>> {
-        let state = self.model.begin_decode_with(
-            src,
-            max_len,
-            self.encoder.as_deref(),
-            self.decode.as_ref().map(Cow::Borrowed),
-        )?;
-        self.model.greedy_from(state, bos, eos, max_len)
     }
 }
 

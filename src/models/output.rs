@@ -16,7 +16,7 @@ use crate::models::trainable::LossStats;
 /// # Errors
 /// [`Error::NonFinite`] naming `what` and row `row` if a logit is NaN or an infinity: the
 /// model gives no answer rather than a token or class picked from values that mean nothing
-/// (the same rule as [`Sampling::pick`](crate::models::Sampling::pick)).
+/// (the same rule as [`Sampling::pick`](crate::infer::Sampling::pick)).
 pub(crate) fn decide<F: Float>(logits: ArrayView1<F>, what: &str, row: usize) -> Result<usize> {
     if logits.iter().any(|z| !z.is_finite()) {
         return Err(Error::NonFinite {

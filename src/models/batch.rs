@@ -165,6 +165,49 @@ pub fn pad_batch<S: AsRef<[usize]>>(seqs: &[S], pad: usize) -> Result<(Array2<us
     Ok((ids, lengths))
 }
 
+/// Checks the tokens `[B, T]` fed by `what` to a decode of `b` sequences that has been fed
+/// `pos` positions: one row per sequence, at least one token, every id below `vocab`
+/// (reported at its position in the sequence).
+pub(crate) fn check_step_tokens(
+    tokens: ArrayView2<usize>,
+    b: usize,
+    pos: usize,
+    vocab: usize,
+    what: &str,
+) -> Result<()> {
+    let (rows, t) = tokens.dim();
+    if rows != b {
+        return Err(Error::shape(
+            format!("{what} tokens [B, T] (one row per sequence)"),
+            &[b, t],
+            &[rows, t],
+        ));
+    }
+    if t == 0 {
+        return Err(Error::InvalidInput {
+            why: format!("{what}: no token to feed (T = 0)"),
+        });
+    }
+    match (tokens.indexed_iter()).find(|&(_, &id)| id >= vocab) {
+        Some(((row, col), &id)) => Err(Error::TokenOutOfRange {
+            id,
+            position: (row, pos + col),
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks the rows a `select` keeps of a batch of `b` sequences (`what`: "a decode").
+pub(crate) fn check_rows(rows: &[usize], b: usize, what: &str) -> Result<()> {
+    match rows.iter().find(|&&r| r >= b) {
+        Some(&r) => Err(Error::InvalidInput {
+            why: format!("select: row {r} of {what} of {b} sequences"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks B > 0, one length per row, and no length past T.
 fn check_lengths(b: usize, t: usize, lengths: &[usize]) -> Result<()> {
     if b == 0 {

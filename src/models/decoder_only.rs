@@ -84,7 +84,7 @@ use crate::kernels::loss::log_softmax;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
-use crate::models::batch::TokenBatch;
+use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
@@ -502,11 +502,7 @@ impl<'m, F: Float> GenerateState<'m, F> {
     /// # Errors
     /// [`Error::InvalidInput`] for a row that is not below the batch size.
     pub fn select(&mut self, rows: &[usize]) -> Result<()> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= self.b) {
-            return Err(Error::InvalidInput {
-                why: format!("select: row {r} of a generation of {} sequences", self.b),
-            });
-        }
+        check_rows(rows, self.b, "a generation")?;
         for cache in &mut self.caches {
             cache.select(rows);
         }
@@ -550,29 +546,8 @@ impl<F: Float> DecoderOnly<F> {
                 });
             }
             let (b, t) = tokens.dim();
-            if b != state.b {
-                return Err(Error::shape(
-                    "generate_steps tokens [B, T] (one row per sequence)",
-                    &[state.b, t],
-                    &[b, t],
-                ));
-            }
-            if t == 0 {
-                return Err(Error::InvalidInput {
-                    why: "generate_steps: no token to feed (T = 0)".into(),
-                });
-            }
             let pos = state.len;
-            if let Some((row, col, &id)) = (tokens.indexed_iter())
-                .map(|((r, c), id)| (r, c, id))
-                .find(|&(_, _, &id)| id >= self.cfg.vocab)
-            {
-                return Err(Error::TokenOutOfRange {
-                    id,
-                    position: (row, pos + col),
-                    vocab: self.cfg.vocab,
-                });
-            }
+            check_step_tokens(tokens, state.b, pos, self.cfg.vocab, "generate_steps")?;
             if let Some(max) = self.input.max_len().filter(|&max| pos + t > max) {
                 return Err(Error::SequenceTooLong { len: pos + t, max });
             }

@@ -47,7 +47,7 @@ use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
-use crate::models::batch::TokenBatch;
+use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
@@ -201,11 +201,7 @@ impl<'m, F: Float> DecodeState<'m, F> {
     /// # Errors
     /// [`Error::InvalidInput`] for a row that is not below the batch size.
     pub fn select(&mut self, rows: &[usize]) -> Result<()> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= self.b) {
-            return Err(Error::InvalidInput {
-                why: format!("select: row {r} of a decode of {} sequences", self.b),
-            });
-        }
+        check_rows(rows, self.b, "a decode")?;
         // Row i's memory is that of source `sources[i]`: where every kept row lands on a row
         // of the same source (beams reordered within their sources), the memories' keys and
         // values stay where they are.
@@ -802,29 +798,8 @@ impl<F: Float> EncoderDecoder<F> {
                 });
             }
             let (b, t) = tokens.dim();
-            if b != state.b {
-                return Err(Error::shape(
-                    "decode_steps tokens [B, T] (one row per sequence)",
-                    &[state.b, t],
-                    &[b, t],
-                ));
-            }
-            if t == 0 {
-                return Err(Error::InvalidInput {
-                    why: "decode_steps: no token to feed (T = 0)".into(),
-                });
-            }
             let pos = state.len();
-            if let Some((row, col, &id)) = (tokens.indexed_iter())
-                .map(|((r, c), id)| (r, c, id))
-                .find(|&(_, _, &id)| id >= self.cfg.tgt_vocab)
-            {
-                return Err(Error::TokenOutOfRange {
-                    id,
-                    position: (row, pos + col),
-                    vocab: self.cfg.tgt_vocab,
-                });
-            }
+            check_step_tokens(tokens, state.b, pos, self.cfg.tgt_vocab, "decode_steps")?;
             if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
                 return Err(Error::SequenceTooLong { len: pos + t, max });
             }

@@ -4,7 +4,7 @@
 use ndarray::{Array2, s};
 use rand::{SeedableRng, rngs::StdRng};
 use vaswani::blocks::BlockConfig;
-use vaswani::infer::{BeamSearch, Sampling, Step, beam_search, generate};
+use vaswani::infer::{BeamSearch, Sampling, Step, beam_search, generate, greedy};
 use vaswani::models::{DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, TokenBatch};
 use vaswani::{Error, Params};
 
@@ -99,30 +99,14 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
     let src = sources();
     let rng = &mut StdRng::seed_from_u64(0);
     let beam = BeamSearch::paper().with_n_best(2);
-    let batch_greedy = generate(
-        m.begin_decode(&src, 8).unwrap(),
-        &bos(3),
-        Sampling::Greedy,
-        Some(EOS),
-        8,
-        rng,
-    )
-    .unwrap();
+    let batch_greedy = greedy(m.begin_decode(&src, 8).unwrap(), BOS, Some(EOS), 8).unwrap();
     let batch_beam = beam_search(m.begin_decode(&src, 8).unwrap(), &bos(3), &beam, Some(EOS), 8).unwrap();
     for (i, seq) in [vec![3, 4, 5, 6, 7], vec![8, 9], vec![5, 3, 10]]
         .into_iter()
         .enumerate()
     {
         let alone = TokenBatch::from_sequences(&[seq], 0).unwrap();
-        let greedy = generate(
-            m.begin_decode(&alone, 8).unwrap(),
-            &bos(1),
-            Sampling::Greedy,
-            Some(EOS),
-            8,
-            rng,
-        )
-        .unwrap();
+        let greedy = greedy(m.begin_decode(&alone, 8).unwrap(), BOS, Some(EOS), 8).unwrap();
         assert_eq!(greedy[0], batch_greedy[i], "greedy, sequence {i}");
         let hyps = beam_search(m.begin_decode(&alone, 8).unwrap(), &bos(1), &beam, Some(EOS), 8).unwrap();
         assert_eq!(hyps[0].len(), batch_beam[i].len());
@@ -167,15 +151,7 @@ fn beam_width_one_is_greedy_and_top_k_one_is_greedy() {
         let m = seq2seq(norm_first, 19, 5);
         let src = sources();
         let rng = &mut StdRng::seed_from_u64(0);
-        let greedy = generate(
-            m.begin_decode(&src, 8).unwrap(),
-            &bos(3),
-            Sampling::Greedy,
-            Some(EOS),
-            8,
-            rng,
-        )
-        .unwrap();
+        let greedy = greedy(m.begin_decode(&src, 8).unwrap(), BOS, Some(EOS), 8).unwrap();
         let beam = beam_search(
             m.begin_decode(&src, 8).unwrap(),
             &bos(3),

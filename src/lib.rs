@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod error;
 pub mod gradcheck;
+pub mod guide;
 pub mod infer;
 #[cfg(feature = "serde")]
 pub mod io;

@@ -1,0 +1,7 @@
+#![doc = include_str!("../docs/guide/README.md")]
+
+#[doc = include_str!("../docs/guide/architecture.md")]
+pub mod architecture {}
+
+#[doc = include_str!("../docs/guide/attention.md")]
+pub mod attention {}

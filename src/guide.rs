@@ -5,3 +5,6 @@ pub mod architecture {}
 
 #[doc = include_str!("../docs/guide/attention.md")]
 pub mod attention {}
+
+#[doc = include_str!("../docs/guide/normalisation.md")]
+pub mod normalisation {}

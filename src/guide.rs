@@ -8,3 +8,6 @@ pub mod attention {}
 
 #[doc = include_str!("../docs/guide/normalisation.md")]
 pub mod normalisation {}
+
+#[doc = include_str!("../docs/guide/backward.md")]
+pub mod backward {}

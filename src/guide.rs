@@ -11,3 +11,6 @@ pub mod normalisation {}
 
 #[doc = include_str!("../docs/guide/backward.md")]
 pub mod backward {}
+
+#[doc = include_str!("../docs/guide/your-data.md")]
+pub mod your_data {}

@@ -23,14 +23,10 @@ use std::time::Instant;
 use clap::Parser;
 use vaswani::Result;
 use vaswani::blocks::BlockConfig;
-use vaswani::infer::greedy;
-use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch};
-use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::models::{EncoderDecoder, EncoderDecoderConfig};
+use vaswani::rand::{SeedableRng, rngs::StdRng};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
-const PAD: usize = 0;
-const BOS: usize = 1;
-const EOS: usize = 2;
 const SPECIALS: usize = 3;
 
 /// Train a deep encoder-decoder post-norm and pre-norm, with and without warm-up.
@@ -74,21 +70,6 @@ fn main() -> std::process::ExitCode {
     common::run_on_pool(|| run(&args))
 }
 
-/// `n` random sequences and their reversals, padded into a batch.
-fn batch(rng: &mut StdRng, args: &Args, n: usize) -> Result<Seq2SeqBatch> {
-    let pairs: Vec<(Vec<usize>, Vec<usize>)> = (0..n)
-        .map(|_| {
-            let len = rng.random_range(4..=args.max_len);
-            let src: Vec<usize> = (0..len)
-                .map(|_| SPECIALS + rng.random_range(0..args.symbols))
-                .collect();
-            let tgt = src.iter().rev().copied().collect();
-            (src, tgt)
-        })
-        .collect();
-    Seq2SeqBatch::from_pairs(&pairs, BOS, EOS, PAD)
-}
-
 /// What one run gave.
 struct Outcome {
     name: String,
@@ -101,7 +82,12 @@ struct Outcome {
 fn run(args: &Args) -> Result<()> {
     let start = Instant::now();
     let vocab = SPECIALS + args.symbols;
-    let held_out = batch(&mut StdRng::seed_from_u64(args.seed.wrapping_add(1)), args, 500)?;
+    let held_out = common::reversal_batch(
+        &mut StdRng::seed_from_u64(args.seed.wrapping_add(1)),
+        args.symbols,
+        (4, args.max_len),
+        500,
+    )?;
     let mut outcomes = Vec::new();
     for norm_first in [false, true] {
         for warmup in [args.warmup, 0] {
@@ -137,7 +123,7 @@ fn run(args: &Args) -> Result<()> {
             let mut curve = Vec::with_capacity(args.steps);
             let mut progress = common::Progress::new(args.steps, &name);
             for step in 0..args.steps {
-                let b = batch(&mut data, args, 32)?;
+                let b = common::reversal_batch(&mut data, args.symbols, (4, args.max_len), 32)?;
                 let stats =
                     trainer.step(std::slice::from_ref(&b), &mut StdRng::seed_from_u64(step as u64))?;
                 progress.update(step, stats.loss.loss, b.src.tokens() + b.tgt_out.tokens());
@@ -151,15 +137,7 @@ fn run(args: &Args) -> Result<()> {
             let exact = if diverged {
                 0.0
             } else {
-                let state = trainer.model.begin_decode(&held_out.src, args.max_len + 1)?;
-                let out = greedy(state, BOS, Some(EOS), args.max_len + 1)?;
-                let right = (0..out.len())
-                    .filter(|&i| {
-                        let len = held_out.tgt_out.lengths()[i] - 1; // without EOS
-                        out[i] == held_out.tgt_out.ids().row(i).as_slice().expect("row")[..len]
-                    })
-                    .count();
-                right as f64 / out.len() as f64
+                common::exact_match(&trainer.model, &held_out, args.max_len + 1)?
             };
             outcomes.push(Outcome {
                 name,

@@ -554,6 +554,44 @@ fn colour_map(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// `n` random sequences of `symbols` symbols (ids from 3, after PAD = 0, BOS = 1, EOS = 2),
+/// `min_len` to `max_len` long, and their reversals, padded into a batch: a task a model can
+/// only solve by attending to the right source position.
+pub fn reversal_batch(
+    rng: &mut vaswani::rand::rngs::StdRng,
+    symbols: usize,
+    (min_len, max_len): (usize, usize),
+    n: usize,
+) -> vaswani::Result<vaswani::models::Seq2SeqBatch> {
+    use vaswani::rand::Rng;
+    let pairs: Vec<(Vec<usize>, Vec<usize>)> = (0..n)
+        .map(|_| {
+            let len = rng.random_range(min_len..=max_len);
+            let src: Vec<usize> = (0..len).map(|_| 3 + rng.random_range(0..symbols)).collect();
+            let tgt = src.iter().rev().copied().collect();
+            (src, tgt)
+        })
+        .collect();
+    vaswani::models::Seq2SeqBatch::from_pairs(&pairs, 1, 2, 0)
+}
+
+/// The fraction of `batch`'s targets that greedy decoding (BOS = 1, EOS = 2) gives exactly.
+pub fn exact_match(
+    model: &vaswani::models::EncoderDecoder,
+    batch: &vaswani::models::Seq2SeqBatch,
+    max_len: usize,
+) -> vaswani::Result<f64> {
+    let state = model.begin_decode(&batch.src, max_len)?;
+    let out = vaswani::infer::greedy(state, 1, Some(2), max_len)?;
+    let right = (0..out.len())
+        .filter(|&i| {
+            let len = batch.tgt_out.lengths()[i] - 1; // without EOS
+            out[i].iter().eq(batch.tgt_out.ids().row(i).iter().take(len))
+        })
+        .count();
+    Ok(right as f64 / out.len().max(1) as f64)
+}
+
 /// The font family that plots use; [`register_font`] gives it DejaVu Sans.
 const FONT: &str = "sans-serif";
 

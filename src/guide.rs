@@ -14,3 +14,10 @@ pub mod backward {}
 
 #[doc = include_str!("../docs/guide/your-data.md")]
 pub mod your_data {}
+
+#[doc = include_str!("../docs/positional-encoding.md")]
+///
+/// The pictures: `cargo run --release --example positional_encoding` draws the table as a
+/// heat map and a few of its dimensions over position, and prints the check that `PE(pos + k)`
+/// is the same rotation of `PE(pos)` at every position (largest difference about 1e-14).
+pub mod positional_encoding {}

@@ -21,3 +21,6 @@ pub mod your_data {}
 /// heat map and a few of its dimensions over position, and prints the check that `PE(pos + k)`
 /// is the same rotation of `PE(pos)` at every position (largest difference about 1e-14).
 pub mod positional_encoding {}
+
+#[doc = include_str!("../docs/performance.md")]
+pub mod performance {}

@@ -13,11 +13,12 @@
 
 use std::cmp::Ordering;
 
-use ndarray::{Array2, ArrayView1};
+use ndarray::{Array2, Axis};
 
 use super::{Step, check_start, feed_common};
 use crate::error::{Error, Result};
-use crate::kernels::Float;
+use crate::kernels::loss::log_softmax;
+use crate::kernels::{Float, check_finite};
 
 /// Settings of [`beam_search`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -238,9 +239,8 @@ fn extend<F: Float>(
     let mut candidates: Vec<(f64, usize, usize)> = Vec::new();
     for (j, beam) in beams.iter().enumerate() {
         let row = logits.row(beam.row);
-        let log_p = log_softmax(row).ok_or_else(|| Error::NonFinite {
-            what: format!("the logits of the next token of sequence {seq}"),
-        })?;
+        check_finite(row, || format!("the logits of the next token of sequence {seq}"))?;
+        let log_p = log_softmax(row.insert_axis(Axis(0)));
         let mut best: Vec<(f64, usize, usize)> = (log_p.iter().enumerate())
             .map(|(v, &lp)| (beam.log_prob + lp, j, v))
             .collect();
@@ -316,14 +316,4 @@ fn done(live: &[Beam], finished: &[Hypothesis], search: &BeamSearch, limit: usiz
         best_live / search.length_penalty(limit)
     };
     bound.partial_cmp(&worst) != Some(Ordering::Greater)
-}
-
-/// `log softmax(row)` in `f64`, or `None` if a logit is NaN or infinite.
-fn log_softmax<F: Float>(row: ArrayView1<F>) -> Option<Vec<f64>> {
-    if row.iter().any(|z| !z.is_finite()) {
-        return None;
-    }
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, z| m.max(z.to_f64()));
-    let log_z = max + row.iter().map(|z| (z.to_f64() - max).exp()).sum::<f64>().ln();
-    Some(row.iter().map(|z| z.to_f64() - log_z).collect())
 }

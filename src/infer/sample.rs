@@ -7,7 +7,8 @@ use rand::{Rng, SeedableRng};
 
 use super::{Step, check_prefixes, check_start, feed_common};
 use crate::error::{Error, Result, check};
-use crate::kernels::{Float, argmax};
+use crate::kernels::{Float, argmax, check_finite, decide};
+use crate::models::encoder_decoder::check_sources;
 use crate::models::{DecoderOnly, EncoderDecoder, TokenBatch};
 
 /// How [`generate`] and [`continue_prompt`] pick each next token from its logits.
@@ -81,11 +82,7 @@ impl Sampling {
                 why: "no logits to pick a token from (V = 0)".into(),
             });
         }
-        if logits.iter().any(|z| !z.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "the logits of the next token".into(),
-            });
-        }
+        check_finite(logits, || "the logits of the next token".into())?;
         let (k, temperature, top_p) = match *self {
             Sampling::Greedy => return Ok(argmax(logits)),
             Sampling::Temperature(t) => (logits.len(), t, 1.0),
@@ -247,11 +244,7 @@ pub fn greedy_uncached<F: Float>(
     eos: Option<usize>,
     max_len: usize,
 ) -> Result<Vec<Vec<usize>>> {
-    if let Some(i) = src.lengths().iter().position(|&len| len == 0) {
-        return Err(Error::InvalidInput {
-            why: format!("source sequence {i} is empty: there is nothing to decode from"),
-        });
-    }
+    check_sources(src)?;
     check_prefixes(model.cfg.tgt_vocab, &vec![[bos]; src.batch_size()], eos, max_len)?;
     let memory = model.encode(src)?;
     let b = src.batch_size();
@@ -266,14 +259,7 @@ pub fn greedy_uncached<F: Float>(
             .into_shape_with_order((b, step + 1, v))
             .expect("standard layout");
         for (i, row) in last.index_axis(Axis(1), step).rows().into_iter().enumerate() {
-            let token = Sampling::Greedy
-                .pick(row, &mut rand::rngs::SmallRng::seed_from_u64(0))
-                .map_err(|e| match e {
-                    Error::NonFinite { .. } => Error::NonFinite {
-                        what: format!("the logits of the next token of sequence {i}"),
-                    },
-                    e => e,
-                })?;
+            let token = decide(row, || format!("the logits of the next token of sequence {i}"))?;
             if !done[i] {
                 if Some(token) == eos {
                     done[i] = true;

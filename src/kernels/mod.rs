@@ -19,6 +19,28 @@ pub mod workspace;
 
 pub use activations::Activation;
 
+/// [`crate::Error::NonFinite`] naming `what()` if a value of `row` is NaN or an infinity: a
+/// decision (a token, a class, a beam) is never taken from values that mean nothing.
+pub(crate) fn check_finite<F: Float>(
+    row: ndarray::ArrayView1<F>,
+    what: impl FnOnce() -> String,
+) -> crate::Result<()> {
+    match row.iter().all(|z| z.is_finite()) {
+        true => Ok(()),
+        false => Err(crate::Error::NonFinite { what: what() }),
+    }
+}
+
+/// [`argmax`] of a row that must be finite ([`check_finite`]): greedy decoding and
+/// classification.
+pub(crate) fn decide<F: Float>(
+    row: ndarray::ArrayView1<F>,
+    what: impl FnOnce() -> String,
+) -> crate::Result<usize> {
+    check_finite(row, what)?;
+    Ok(argmax(row))
+}
+
 /// The index of the largest value of `row` (the first on ties; NaN never wins).
 pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
     row.iter()

@@ -206,7 +206,7 @@ impl<'m, F: Float> DecodeState<'m, F> {
         // of the same source (beams reordered within their sources), the memories' keys and
         // values stay where they are.
         let sources: Vec<usize> = rows.iter().map(|&r| self.sources[r]).collect();
-        if sources.len() == self.sources.len() && sources == self.sources {
+        if sources == self.sources {
             self.decoder.select_generated(rows);
         } else {
             self.decoder.select(rows);
@@ -220,7 +220,7 @@ impl<'m, F: Float> DecodeState<'m, F> {
 }
 
 /// A decode needs something to translate: no source sequence may be empty.
-fn check_sources(src: &TokenBatch) -> Result<()> {
+pub(crate) fn check_sources(src: &TokenBatch) -> Result<()> {
     match src.lengths().iter().position(|&len| len == 0) {
         Some(i) => Err(Error::InvalidInput {
             why: format!("source sequence {i} is empty: there is nothing to decode from"),

@@ -86,6 +86,7 @@ use rand::Rng;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat};
 use crate::error::{Error, Result, check};
 use crate::kernels::Float;
+use crate::kernels::decide;
 use crate::kernels::loss::cross_entropy;
 use crate::kernels::workspace::Recycle;
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearCache, LinearConfig, Mask};
@@ -93,7 +94,6 @@ use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::{FeatureBatch, TokenBatch};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
-use crate::models::output::decide;
 use crate::models::trainable::{LossStats, Trainable};
 
 /// What the model reads at each position.
@@ -651,7 +651,7 @@ impl<F: Float> EncoderOnly<F> {
                 });
             }
             (self.infer(input)?.rows().into_iter().enumerate())
-                .map(|(i, row)| decide(row, "class logits", i))
+                .map(|(i, row)| decide(row, || format!("the class logits of batch row {i}")))
                 .collect()
         })
     }

@@ -1,30 +1,14 @@
 //! The pieces both token-predicting models share: the output projection (a `Linear` or the
 //! tied embedding, §3.4) and the token loss over padded targets.
 
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 
 use crate::error::{Error, Result};
+use crate::kernels::Float;
 use crate::kernels::loss::{CrossEntropy, cross_entropy};
-use crate::kernels::{Float, argmax};
 use crate::layers::{Embedding, Linear, LinearCache, ProjectionCache};
 use crate::models::batch::{IGNORE, TokenBatch};
 use crate::models::trainable::LossStats;
-
-/// The most likely entry of one row of logits (the first, on ties), as a decision a model
-/// answers with: greedy decoding and classification.
-///
-/// # Errors
-/// [`Error::NonFinite`] naming `what` and row `row` if a logit is NaN or an infinity: the
-/// model gives no answer rather than a token or class picked from values that mean nothing
-/// (the same rule as [`Sampling::pick`](crate::infer::Sampling::pick)).
-pub(crate) fn decide<F: Float>(logits: ArrayView1<F>, what: &str, row: usize) -> Result<usize> {
-    if logits.iter().any(|z| !z.is_finite()) {
-        return Err(Error::NonFinite {
-            what: format!("the {what} of batch row {row}"),
-        });
-    }
-    Ok(argmax(logits))
-}
 
 /// What the output projection's backward pass needs.
 #[derive(Clone, Debug)]

@@ -406,13 +406,12 @@ impl<F: Float> MultiHead<F> {
         (y, cache.core.into_weights())
     }
 
-    fn run(
-        &self,
-        x: ArrayView3<F>,
-        memory: Option<ArrayView3<F>>,
-        mask: &Mask,
-        rng: Option<&mut impl Rng>,
-    ) -> (Array3<F>, MultiHeadCache<F>) {
+    /// `(B, Tq, Tk)` of queries `x` `[B, Tq, d_model]` over `memory` `[B, Tk, d_model]` (or
+    /// over `x` itself).
+    ///
+    /// # Panics
+    /// If the shapes do not fit together.
+    fn check_pair(&self, x: ArrayView3<F>, memory: Option<ArrayView3<F>>) -> (usize, usize, usize) {
         let d = self.cfg.d_model;
         let (b, tq, dx) = x.dim();
         let src = memory.unwrap_or(x);
@@ -423,6 +422,18 @@ impl<F: Float> MultiHead<F> {
             x.shape(),
             src.shape()
         );
+        (b, tq, tk)
+    }
+
+    fn run(
+        &self,
+        x: ArrayView3<F>,
+        memory: Option<ArrayView3<F>>,
+        mask: &Mask,
+        rng: Option<&mut impl Rng>,
+    ) -> (Array3<F>, MultiHeadCache<F>) {
+        let d = self.cfg.d_model;
+        let (b, tq, tk) = self.check_pair(x, memory);
         let mask = resolve_or_panic(mask, b, tq, tk);
         let x_rows = rows(x);
         let m_rows = memory.map(rows);
@@ -703,15 +714,7 @@ impl<F: Float> MultiHead<F> {
             _ => return self.infer(x, memory, mask),
         };
         let d = self.cfg.d_model;
-        let (b, tq, dx) = x.dim();
-        let src = memory.unwrap_or(x);
-        let (bm, tk, dm) = src.dim();
-        assert!(
-            dx == d && dm == d && bm == b,
-            "MultiHead: x {:?}, memory {:?}: expected [B, Tq, d_model = {d}] and [B, Tk, d_model = {d}]",
-            x.shape(),
-            src.shape()
-        );
+        let (b, tq, tk) = self.check_pair(x, memory);
         let mask = resolve_or_panic(mask, b, tq, tk);
         let x = x.as_standard_layout();
         let x_rows = x

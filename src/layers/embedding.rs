@@ -177,6 +177,20 @@ impl EmbeddingConfig {
     }
 }
 
+/// [`Error::TokenOutOfRange`] for the first id of `ids` `[B, T]`, in row-major order, that is
+/// not below `vocab`, reported at `(b, first + t)`: `first` is the position of column 0 in its
+/// sequence (a decoding step's ids come after those already fed).
+pub(crate) fn check_ids(ids: ArrayView2<usize>, vocab: usize, first: usize) -> Result<()> {
+    match ids.indexed_iter().find(|&(_, &id)| id >= vocab) {
+        Some(((b, t), &id)) => Err(Error::TokenOutOfRange {
+            id,
+            position: (b, first + t),
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
 impl<F: Float> Embedding<F> {
     /// Forward pass, keeping the ids for [`Embedding::backward`].
     ///
@@ -338,14 +352,7 @@ impl<F: Float> Embedding<F> {
 
     /// The first id, in row-major order, that is not below `vocab`.
     fn check_ids(&self, ids: ArrayView2<usize>) -> Result<()> {
-        match ids.indexed_iter().find(|&(_, &id)| id >= self.cfg.vocab) {
-            Some(((b, t), &id)) => Err(Error::TokenOutOfRange {
-                id,
-                position: (b, t),
-                vocab: self.cfg.vocab,
-            }),
-            None => Ok(()),
-        }
+        check_ids(ids, self.cfg.vocab, 0)
     }
 
     fn check_grad(&self, g: &EmbeddingParams<F>) {

@@ -188,14 +188,7 @@ pub(crate) fn check_step_tokens(
             why: format!("{what}: no token to feed (T = 0)"),
         });
     }
-    match (tokens.indexed_iter()).find(|&(_, &id)| id >= vocab) {
-        Some(((row, col), &id)) => Err(Error::TokenOutOfRange {
-            id,
-            position: (row, pos + col),
-            vocab,
-        }),
-        None => Ok(()),
-    }
+    crate::layers::embedding::check_ids(tokens, vocab, pos)
 }
 
 /// Checks the rows a `select` keeps of a batch of `b` sequences (`what`: "a decode").

@@ -308,6 +308,7 @@ fn run(args: &Args) -> Result<()> {
         },
         clip_norm: Some(1.0),
         label_smoothing: SMOOTHING,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = args.common.trainer(model, fresh)?;
 

@@ -217,6 +217,7 @@ fn train(args: &Args) -> vaswani::Result<EncoderDecoder> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = Trainer::new(model, cfg)?;
     let mut progress = common::Progress::new(args.steps, "training the dates model");

@@ -19,10 +19,11 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use vaswani::blocks::BlockConfig;
 use vaswani::infer::{BeamSearch, beam_search};
+use vaswani::kernels::precision::with_precision;
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
 use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
-use vaswani::{Params, Result};
+use vaswani::{Params, Precision, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -67,6 +68,10 @@ struct Args {
     /// Seed of the model and the data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Precision of the matrix products: fp32, or bf16 mixed precision (bf16 operands, f32
+    /// accumulation; the kernel that runs is printed on stderr).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
@@ -169,8 +174,15 @@ fn run(args: &Args) -> Result<()> {
             schedule: Schedule::Constant { lr: 1e-4 },
             clip_norm: None,
             label_smoothing: 0.1,
+            precision: args.precision,
         },
     )?;
+    if args.precision == Precision::Bf16 {
+        eprintln!(
+            "# bf16 products on the {:?} path",
+            vaswani::kernels::precision::bf16_path()
+        );
+    }
     let mut dropout_rng = StdRng::seed_from_u64(args.seed.wrapping_add(1));
     for &what in &args.what {
         let times = match what {
@@ -182,27 +194,28 @@ fn run(args: &Args) -> Result<()> {
             // Inference runs on the model with its weights packed once, as a program that
             // evaluates or decodes many batches would (`EncoderDecoder::packed`); the packing
             // itself is reported on stderr.
-            What::EvalForward => {
+            // In bf16 the weights are converted once, when they are packed.
+            What::EvalForward => with_precision(args.precision, || {
                 let packed = pack(&trainer.model);
-                time_it(args, || packed.infer(&src, &tgt_in).map(|_| ()))?
-            }
-            What::GreedyDecode => {
+                time_it(args, || packed.infer(&src, &tgt_in).map(|_| ()))
+            })?,
+            What::GreedyDecode => with_precision(args.precision, || {
                 let packed = pack(&trainer.model);
                 time_it(args, || {
                     packed
                         .begin_decode(&src, t)
                         .and_then(|state| vaswani::infer::greedy(state, 1, None, t))
                         .map(|_| ())
-                })?
-            }
-            What::BeamDecode => {
+                })
+            })?,
+            What::BeamDecode => with_precision(args.precision, || {
                 let packed = pack(&trainer.model);
                 let beam = BeamSearch::paper();
                 let bos = vec![vec![1]; b];
                 time_it(args, || {
                     beam_search(packed.begin_decode(&src, t)?, &bos, &beam, None, t).map(|_| ())
-                })?
-            }
+                })
+            })?,
         };
         let flops = match what {
             What::TrainStep => cost.train_flops,
@@ -294,7 +307,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
     let gflops = flops / median / 1e9;
     if args.json {
         println!(
-            "{{\"workload\": \"{workload}\", \"threads\": {}, \"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"impl\": \"vaswani {}\"}}",
+            "{{\"workload\": \"{workload}\", \"threads\": {}, \"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"precision\": \"{}\", \"impl\": \"vaswani {}\"}}",
             args.threads,
             median * 1e3,
             min * 1e3,
@@ -302,6 +315,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
             tokens_per_s,
             gflops,
             args.steps,
+            args.precision,
             env!("CARGO_PKG_VERSION")
         );
     } else {

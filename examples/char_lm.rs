@@ -177,6 +177,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = args.common.trainer(model, trainer_cfg)?;
     let mut progress = common::Progress::new(steps, "char_lm");

@@ -128,6 +128,7 @@ fn run(args: &Args) -> Result<()> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = args.common.trainer(model, fresh)?;
 

@@ -134,6 +134,7 @@ fn run(args: &Args) -> Result<()> {
             },
             clip_norm: Some(1.0),
             label_smoothing: 0.0,
+            precision: vaswani::Precision::F32,
         };
         let name = if averaged {
             "heads averaged"

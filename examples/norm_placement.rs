@@ -108,6 +108,7 @@ fn run(args: &Args) -> Result<()> {
                 },
                 clip_norm: None,
                 label_smoothing: 0.0,
+                precision: vaswani::Precision::F32,
             };
             let name = format!(
                 "{}, {}",

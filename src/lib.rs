@@ -17,6 +17,7 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use kernels::Float;
+pub use kernels::precision::Precision;
 pub use params::{Params, Tensors};
 
 pub use ndarray;

@@ -104,6 +104,7 @@ fn trainer(seed: u64) -> Trainer<EncoderDecoder> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.1,
+        precision: vaswani::Precision::F32,
     };
     let block = BlockConfig::new(8, 2, 12)
         .with_p_drop(0.1)
@@ -574,6 +575,7 @@ fn a_learning_rate_that_is_not_positive_is_a_config_error() {
             schedule: Schedule::Constant { lr },
             clip_norm: None,
             label_smoothing: 0.1,
+            precision: vaswani::Precision::F32,
         };
         assert!(matches!(
             Trainer::new(m.clone(), cfg),

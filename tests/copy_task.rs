@@ -50,6 +50,7 @@ fn copy_task_reaches_exact_match_on_held_out_sequences() {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = Trainer::new(model, cfg).unwrap();
     let mut data_rng = StdRng::seed_from_u64(1);

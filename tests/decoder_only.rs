@@ -529,6 +529,7 @@ fn learns_counting_sequences_and_generates_them() {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = Trainer::new(model, cfg).unwrap();
     // Every sequence of the language, in every batch.

@@ -556,6 +556,7 @@ fn learns_to_classify_sequences_by_their_dominant_frequency() {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
+        precision: vaswani::Precision::F32,
     };
     let mut trainer = Trainer::new(model, cfg).unwrap();
     let mut data = StdRng::seed_from_u64(1);

@@ -237,6 +237,7 @@ fn accumulated_micro_batches_give_the_large_batch_gradient() {
         schedule: Schedule::Constant { lr: 1e-3 },
         clip_norm: None,
         label_smoothing: 0.1,
+        precision: vaswani::Precision::F32,
     };
     let mut one = Trainer::new(model.clone(), cfg.clone()).unwrap();
     let mut two = Trainer::new(model, cfg).unwrap();

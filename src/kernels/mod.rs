@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod layer_norm;
 pub mod loss;
 pub mod parallel;
+pub mod precision;
 pub mod simd;
 pub mod small_gemm;
 #[cfg(target_arch = "x86_64")]

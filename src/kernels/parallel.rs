@@ -129,6 +129,9 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
         (0..parts).for_each(f);
         return;
     }
+    // The precision of the products travels with the work to the threads that run it.
+    let precision = super::precision::precision();
+    let f = move |i| super::precision::with_precision(precision, || f(i));
     let team = TEAM.get();
     if team.is_null() {
         (0..parts).into_par_iter().for_each(|i| as_part(|| f(i)));

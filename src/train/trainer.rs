@@ -9,6 +9,7 @@
 
 use rand::Rng;
 
+use crate::Precision;
 use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::{Workspace, with_workspace};
@@ -31,6 +32,12 @@ pub struct TrainerConfig {
     pub clip_norm: Option<f64>,
     /// Label smoothing ε (§5.4: 0.1).
     pub label_smoothing: f64,
+    /// The precision of the matrix products of every step: [`Precision::F32`] (the default)
+    /// or [`Precision::Bf16`] mixed precision (bf16 operands, `f32` accumulation; the
+    /// parameters, the optimizer and everything else stay `f32`). See
+    /// [`crate::kernels::precision`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub precision: Precision,
 }
 
 impl TrainerConfig {
@@ -42,6 +49,7 @@ impl TrainerConfig {
             schedule: Schedule::paper(d_model, warmup),
             clip_norm: None,
             label_smoothing: 0.1,
+            precision: Precision::F32,
         }
     }
 
@@ -60,6 +68,12 @@ impl TrainerConfig {
     /// The same settings with clipping of the global gradient norm to `max_norm` (`None`: off).
     pub fn with_clip_norm(mut self, max_norm: Option<f64>) -> Self {
         self.clip_norm = max_norm;
+        self
+    }
+
+    /// The same settings with the matrix products in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -183,6 +197,11 @@ impl<M: Trainable> Trainer<M> {
     /// # Errors
     /// The model's input errors; the model is unchanged then.
     pub fn step<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
+        let precision = self.cfg.precision;
+        crate::kernels::precision::with_precision(precision, || self.step_inner(micro_batches, rng))
+    }
+
+    fn step_inner<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
         crate::kernels::parallel::with_team(|| {
             let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
             let lr = self.cfg.schedule.lr(self.optimizer.steps() + 1);
@@ -262,6 +281,7 @@ mod tests {
             schedule: Schedule::Constant { lr: 1e-3 },
             clip_norm: None,
             label_smoothing: 0.1,
+            precision: crate::Precision::F32,
         };
         let mut trainer = Trainer::new(model.clone(), tc.clone()).unwrap();
         let mut by_hand = model.clone();

@@ -79,6 +79,25 @@ impl Tile {
         v
     }
 
+    /// The part of this tile from its row `r` on (no rows if r ≥ rows): a tile of `MR` rows
+    /// stored as several of fewer.
+    #[inline(always)]
+    pub(crate) fn below(&self, r: usize) -> Tile {
+        Tile {
+            c: self.c.wrapping_offset(r as isize * self.rsc),
+            rows: self.rows.saturating_sub(r),
+            drop: self.drop.map(|d| TileDrop {
+                index0: d.index0 + r * d.ld,
+                ..d
+            }),
+            gate: self.gate.map(|g| TileGate {
+                ptr: g.ptr.wrapping_offset(r as isize * g.rs),
+                ..g
+            }),
+            ..*self
+        }
+    }
+
     /// Whether the vector stores can apply everything (gates must have unit column stride).
     #[inline(always)]
     fn vector_post(&self) -> bool {
@@ -174,6 +193,20 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize>(kc: usize, a: *const f32, b:
             b = b.add(32);
         }
     }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store_avx512(&lo, &hi, t) }
+}
+
+/// Writes an `MR × 32` tile held in `lo` (columns 0..16) and `hi` (16..32) through its
+/// [`Update`] and post-operations: the AVX-512 kernels' stores, shared by the `f32` and the
+/// bf16 kernels.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `t` must describe a tile of C as [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+pub(crate) unsafe fn store_avx512<const MR: usize>(lo: &[__m512; MR], hi: &[__m512; MR], t: &Tile) {
     if t.csc == 1 && t.cols == 32 && t.vector_post() {
         for r in 0..MR {
             if r >= t.rows {

@@ -24,8 +24,10 @@ use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, 
 use super::Float;
 use super::activations::Activation;
 use super::dropout::DropKey;
+use super::precision::{Precision, with_precision};
 use super::small_gemm;
 
+pub mod bf16;
 pub(crate) mod micro;
 mod packed;
 
@@ -59,7 +61,7 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
-    if small_gemm::takes(m, k) && m * n * k > 0 {
+    if small_gemm::takes(m, k) && m * n * k > 0 && !bf16_applies::<F>() {
         let unit = |stride: isize, len: usize| stride == 1 || len <= 1;
         if unit(a.strides()[1], k) && unit(b.strides()[0], k) {
             return small_gemm::dot_rows(alpha, a, b, beta, c);
@@ -236,14 +238,28 @@ pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, 
 /// the matrix it was made from: hold it only while that matrix is borrowed.
 #[derive(Clone, Debug)]
 pub struct PackedB {
-    isa: Isa,
     k: usize,
     n: usize,
-    data: Vec<f32>,
+    data: Packing,
+}
+
+/// How a [`PackedB`] holds B.
+#[derive(Clone, Debug)]
+enum Packing {
+    /// `f32` for the kernels of `isa`.
+    F32 { isa: Isa, data: Vec<f32> },
+    /// bf16 for a vector bf16 path.
+    Bf16 { path: bf16::Bf16Path, data: Vec<u16> },
+    /// Rounded to bf16 values, kept as `f32` for the kernels of `isa` (the emulated path).
+    Rounded { isa: Isa, data: Vec<f32> },
 }
 
 impl PackedB {
     /// B `[k, n]` (any strides) packed, or `None` where nothing packs.
+    ///
+    /// Made under [`Precision::Bf16`] (see [`with_precision`]),
+    /// B is converted to bf16 here, once, and every product with it runs in bf16 wherever it
+    /// is used.
     pub fn new<F: Float>(b: ArrayView2<F>) -> Option<PackedB> {
         if TypeId::of::<F>() != TypeId::of::<f32>() {
             return None;
@@ -255,9 +271,43 @@ impl PackedB {
             rs: b.strides()[0],
             cs: b.strides()[1],
         };
-        // SAFETY: the view addresses its own k × n elements, which are f32 (checked above).
-        let data = unsafe { packed::pack_b_all(isa, k, n, mb, super::parallel::threads()) };
-        Some(PackedB { isa, k, n, data })
+        let parts = super::parallel::threads();
+        // SAFETY (both packings): the view addresses its own k × n elements, which are f32
+        // (checked above).
+        let data = if !bf16_applies::<F>() {
+            Packing::F32 {
+                isa,
+                data: unsafe { packed::pack_b_all(isa, k, n, mb, parts) },
+            }
+        } else {
+            match bf16::Bf16Path::best() {
+                bf16::Bf16Path::Emulated => {
+                    let rounded = b.mapv(|x| bf16::round_bf16(x.to_f64() as f32));
+                    let mr = Mat {
+                        ptr: rounded.as_ptr(),
+                        rs: rounded.strides()[0],
+                        cs: rounded.strides()[1],
+                    };
+                    Packing::Rounded {
+                        isa,
+                        data: unsafe { packed::pack_b_all(isa, k, n, mr, parts) },
+                    }
+                }
+                path => Packing::Bf16 {
+                    path,
+                    data: unsafe { bf16::pack_b_all(k, n, mb, parts) },
+                },
+            }
+        };
+        Some(PackedB { k, n, data })
+    }
+
+    /// The precision of the products with this B.
+    pub fn precision(&self) -> Precision {
+        match self.data {
+            Packing::F32 { .. } => Precision::F32,
+            _ => Precision::Bf16,
+        }
     }
 
     /// Several B with the same number of rows, side by side (`[B₀ B₁ …]`, `k × Σ nᵢ`): one
@@ -326,10 +376,32 @@ pub fn gemm_packed<F: Float>(
         relu,
         ..Epilogue::default()
     };
-    // SAFETY: F is f32 (asserted); the views address their own elements, C is exclusive, the
-    // shapes chain (checked), the bias is contiguous with n elements, and `b` was packed for
-    // its ISA, which `Isa::best` found on this CPU.
-    unsafe { packed::gemm_packed_b(b.isa, m, k, n, 1.0, ma, &b.data, 0.0, mc, parts_for(m, n, k), ep) };
+    let parts = parts_for(m, n, k);
+    // SAFETY (every arm): F is f32 (asserted); the views address their own elements, C is
+    // exclusive, the shapes chain (checked), the bias is contiguous with n elements, and `b`
+    // was packed for its kernels, which were found on this CPU.
+    match &b.data {
+        Packing::F32 { isa, data } => unsafe {
+            packed::gemm_packed_b(*isa, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
+        },
+        Packing::Bf16 { path, data } => unsafe {
+            bf16::gemm_packed_b(*path, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
+        },
+        Packing::Rounded { isa, data } => {
+            let rounded = a.mapv(|x| bf16::round_bf16(x.to_f64() as f32));
+            let ra = Mat {
+                ptr: rounded.as_ptr(),
+                rs: rounded.strides()[0],
+                cs: rounded.strides()[1],
+            };
+            unsafe { packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, data, 0.0, mc, parts, ep) }
+        }
+    }
+}
+
+/// Whether the products of `F` run in bf16 here: `f32` under [`Precision::Bf16`].
+fn bf16_applies<F: Float>() -> bool {
+    TypeId::of::<F>() == TypeId::of::<f32>() && super::precision::precision() == Precision::Bf16
 }
 
 /// How many threads a product of this size is split over.
@@ -375,7 +447,12 @@ fn packed_f32<F: Float>(
     if TypeId::of::<F>() != TypeId::of::<f32>() {
         return false;
     }
-    let Some(isa) = Isa::best() else { return false };
+    let bf16 = bf16_applies::<F>();
+    let isa = match Isa::best() {
+        Some(isa) => isa,
+        None if bf16 => Isa::Scalar,
+        None => return false,
+    };
     let (m, k) = a.dim();
     let n = b.ncols();
     // F is f32 (checked above), so these casts change nothing but the type.
@@ -403,6 +480,25 @@ fn packed_f32<F: Float>(
             )
         }),
     };
+    if bf16 {
+        // SAFETY: as for the f32 kernels below, and `Bf16Path::best` runs in this process.
+        unsafe {
+            bf16::gemm(
+                bf16::Bf16Path::best(),
+                m,
+                k,
+                n,
+                alpha.to_f64() as f32,
+                ma,
+                mb,
+                beta.to_f64() as f32,
+                mc,
+                parts,
+                ep,
+            )
+        };
+        return true;
+    }
     // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
     // strides too), C is borrowed mutably and so aliases neither A nor B, the shapes were
     // checked by the callers, the bias is contiguous with n elements, the gate has C's shape,
@@ -489,10 +585,11 @@ pub fn gemm_batched<F: Float>(
     );
     let (_, m, k) = a.dim();
     check_shapes((m, k), (b.dim().1, b.dim().2), (c.dim().1, c.dim().2));
+    let precision = super::precision::precision();
     Zip::from(c.axis_iter_mut(Axis(0)))
         .and(a.axis_iter(Axis(0)))
         .and(b.axis_iter(Axis(0)))
-        .par_for_each(|c, a, b| gemm_serial(alpha, a, b, beta, c));
+        .par_for_each(|c, a, b| with_precision(precision, || gemm_serial(alpha, a, b, beta, c)));
 }
 
 /// Rows (or columns) per piece: `len` cut into about `parts` pieces, a multiple of 16 (the

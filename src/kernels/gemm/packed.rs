@@ -181,19 +181,20 @@ thread_local! {
     static B_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Runs `f` on a 64-byte-aligned scratch slice of `len` floats from this thread's buffer
+/// Runs `f` on a 64-byte-aligned scratch slice of `len` elements from this thread's buffer
 /// `key`, which keeps its memory between calls. Re-entry (a call from inside `f` on the same
 /// thread, as rayon's work stealing can cause) finds the buffer taken and uses a new one.
-fn with_scratch<R>(
-    key: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+pub(super) fn with_scratch<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<Cell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
+    let pad = 64 / std::mem::size_of::<T>();
     let mut buf = key.with(Cell::take);
-    if buf.len() < len + 16 {
-        buf = vec![0.0; len + 16];
+    if buf.len() < len + pad {
+        buf = vec![T::default(); len + pad];
     }
-    let skip = buf.as_ptr().align_offset(64).min(15);
+    let skip = buf.as_ptr().align_offset(64).min(pad - 1);
     let out = f(&mut buf[skip..skip + len]);
     key.with(|cell| {
         let other = cell.take();
@@ -329,7 +330,7 @@ pub(crate) unsafe fn gemm_packed_b(
 
 /// How C is cut between `parts` threads: `(parts, by_rows)`. By rows when each part gets at
 /// least two panels of them, else by columns when each gets two panels of those, else not.
-fn split(parts: usize, m_panels: usize, n_panels: usize) -> (usize, bool) {
+pub(super) fn split(parts: usize, m_panels: usize, n_panels: usize) -> (usize, bool) {
     if parts < 2 {
         (1, true)
     } else if m_panels >= 2 * parts {
@@ -373,7 +374,7 @@ pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usi
 /// (the last block of k).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn tile(
+pub(super) fn tile(
     p: *mut f32,
     c: MatMut,
     rows: usize,

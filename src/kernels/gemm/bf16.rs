@@ -1,0 +1,1051 @@
+//! The bf16 mixed-precision GEMM: `C ← α·A·B + β·C`, with the `f32` path's epilogues, where
+//! A and B are rounded to bf16 (round to nearest, ties to even) and the products are
+//! accumulated in `f32`.
+//!
+//! # Paths
+//! [`Bf16Path::best`] picks, at run time:
+//! - [`Bf16Path::Amx`]: Intel's AMX tiles (`tdpbf16ps`), `32 × 32` tiles of C as four
+//!   `16 × 16` tile registers, on Linux once the process has asked for the tile state
+//!   (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+//! - [`Bf16Path::Avx512Bf16`]: `vdpbf16ps`, `8 × 32` tiles of C in 16 vector registers, each
+//!   instruction two products per lane.
+//! - [`Bf16Path::Emulated`]: the `f32` kernels over the rounded values, on any CPU.
+//!
+//! # Layouts
+//! k is cut into blocks of [`KC`] as in `f32` (the same blocks, whatever the path), each block
+//! padded with zeros to a multiple of 32 values (`kp`), the depth of an AMX tile.
+//! - Packed B: for each block of k, for each panel of 32 columns, `kp / 2` pair rows of 32
+//!   pairs `(B[2q][j], B[2q + 1][j])`: 64 bf16 a pair row. The block that starts at row `p0`
+//!   starts at element `p0 · n_pad` (every block but the last is whole).
+//! - Packed A: for each panel of `MR` rows of a block, `kp / 32` chunks of `MR` rows × 32
+//!   values of k.
+//!
+//! # Order of the sums
+//! Within a block of k, each element of C is a sum over pairs of k:
+//! - AVX512-BF16 adds, for q = 0, 1, …, the product of the odd index `2q + 1` and then that
+//!   of the even index `2q`, each addition rounded to `f32` (a bf16 product is exact in
+//!   `f32`), with denormal inputs and results flushed to zero: [`gemm_bf16_naive`] bit for
+//!   bit.
+//! - AMX sums within a tile in an order of its own (measured: none of the sequential orders);
+//!   its results are held to the naive twin within a few units in the last place of the sum of
+//!   the products' magnitudes.
+//! - The emulated path sums the products of the rounded values in order of k with fused
+//!   multiply-adds, as the `f32` kernels do.
+//!
+//! The blocks of k meet C as in `f32` (each block of k accumulated on its own, then added to C with one rounding). The order never depends
+//! on where a tile lies or which thread runs it: results are bitwise identical for any thread
+//! count, on each path.
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+use super::micro::{Tile, Update};
+use super::packed::{self, Epilogue, Isa, KC, Mat, MatMut, mc_panels, split, tile, with_scratch};
+use crate::kernels::parallel::for_each_index;
+
+/// Columns of a tile of C (both vector paths).
+const NR: usize = 32;
+/// Values of k per chunk of packed A (the depth of an AMX tile).
+const DEPTH: usize = 32;
+
+/// `x` rounded to bf16, to nearest with ties to even; NaN stays NaN (quiet).
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// The `f32` of a bf16 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x` rounded to the nearest bf16 value, as an `f32`.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_to_f32(to_bf16(x))
+}
+
+/// Which kernel multiplies in bf16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bf16Path {
+    /// Intel AMX tiles (AMX-TILE and AMX-BF16, and the operating system's permission).
+    Amx,
+    /// AVX512-BF16 (with AVX-512F and BW): Intel since Cooper Lake, AMD since Zen 4.
+    Avx512Bf16,
+    /// `f32` kernels over values rounded to bf16: slower than `f32` itself (the rounding is a
+    /// pass of its own), for CPUs without bf16 arithmetic.
+    Emulated,
+}
+
+impl Bf16Path {
+    /// The fastest path this process can run, found once: AMX where the CPU has it and the
+    /// operating system grants the tile state (Linux; asked for on the first call), else
+    /// AVX512-BF16, else emulated.
+    pub fn best() -> Bf16Path {
+        use std::sync::OnceLock;
+        static BEST: OnceLock<Bf16Path> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            if amx_usable() {
+                Bf16Path::Amx
+            } else if avx512bf16() {
+                Bf16Path::Avx512Bf16
+            } else {
+                Bf16Path::Emulated
+            }
+        })
+    }
+
+    /// Every path this process can run, the fastest first, ending with `Emulated`.
+    pub fn available() -> Vec<Bf16Path> {
+        let mut all = Vec::new();
+        if Bf16Path::best() == Bf16Path::Amx {
+            all.push(Bf16Path::Amx);
+        }
+        if avx512bf16() {
+            all.push(Bf16Path::Avx512Bf16);
+        }
+        all.push(Bf16Path::Emulated);
+        all
+    }
+
+    /// Rows of a tile of C.
+    const fn mr(self) -> usize {
+        match self {
+            Bf16Path::Amx => 32,
+            _ => 8,
+        }
+    }
+}
+
+fn avx512bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), the vector
+/// kernels' AVX-512 for the stores, and the operating system gives this process the tile
+/// state.
+fn amx_usable() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        let leaf7 = __cpuid_count(7, 0);
+        let amx = leaf7.edx & (1 << 24) != 0 && leaf7.edx & (1 << 22) != 0;
+        if !amx || !avx512bf16() {
+            return false;
+        }
+        // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): the kernel enables the tile
+        // data state for this process (every thread), or refuses; 0 means granted.
+        let ret: i64;
+        // SAFETY: a system call with integer arguments that touches no memory of ours; the
+        // kernel clobbers rcx and r11 as declared.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") 158i64 => ret,
+                in("rdi") 0x1023i64,
+                in("rsi") 18i64,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack)
+            );
+        }
+        ret == 0
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
+thread_local! {
+    static A_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static B_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// `kc` padded to whole chunks.
+const fn padded(kc: usize) -> usize {
+    kc.div_ceil(DEPTH) * DEPTH
+}
+
+/// bf16 elements of B `k × n` packed.
+fn packed_len(k: usize, n: usize) -> usize {
+    let last = if k == 0 { 0 } else { k - (k - 1) / KC * KC };
+    (k - last + padded(last)) * n.div_ceil(NR) * NR
+}
+
+/// The packed-B buffer, shared by threads that pack disjoint panels of it.
+#[derive(Clone, Copy)]
+struct Shared(*mut u16);
+// SAFETY: see `pack_b`, the one user.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// Packs the column panels `panels` of B (`k × n`, every block of k) into `out`.
+///
+/// # Safety
+/// B is `k × n`; `out` points to [`packed_len`] elements, of which no other thread touches
+/// those of these panels; the CPU has AVX-512F and BW (both vector paths need them).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared, simd: bool) {
+    let n_pad = n.div_ceil(NR) * NR;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        let kp = padded(kc);
+        for jp in panels.clone() {
+            let j0 = jp * NR;
+            let cols = NR.min(n - j0);
+            // SAFETY: this panel's elements of this block, inside `out` and ours alone.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(out.0.add(p0 * n_pad + jp * kp * NR), kp * NR) };
+            // SAFETY (every read below): rows p0..p0 + kc, columns j0..j0 + cols of B.
+            let at = |p: usize, j: usize| unsafe {
+                *b.ptr.offset((p0 + p) as isize * b.rs + (j0 + j) as isize * b.cs)
+            };
+            #[cfg(target_arch = "x86_64")]
+            if b.rs == 1 && cols == NR && simd {
+                // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours; 32 values
+                // of a column at a time, their 16 pairs scattered down the pair rows.
+                use std::arch::x86_64::*;
+                let whole = kc / DEPTH * DEPTH;
+                for j in 0..NR {
+                    // SAFETY: column j0 + j, rows p0..p0 + kc, contiguous; the pair rows of
+                    // this panel hold 32 u32 each.
+                    unsafe {
+                        let col = b.ptr.offset(p0 as isize + (j0 + j) as isize * b.cs);
+                        let base = dst.as_mut_ptr().add(2 * j) as *mut i32;
+                        let down = _mm512_mullo_epi32(
+                            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(NR as i32),
+                        );
+                        for p in (0..whole).step_by(DEPTH) {
+                            let mut run = [0u16; DEPTH];
+                            vec::convert32(col.add(p), run.as_mut_ptr());
+                            let v = _mm512_loadu_si512(run.as_ptr() as *const __m512i);
+                            _mm512_i32scatter_epi32::<4>(base.add(p / 2 * NR), down, v);
+                        }
+                        for q in whole / 2..kp / 2 {
+                            let v0 = if 2 * q < kc { *col.add(2 * q) } else { 0.0 };
+                            let v1 = if 2 * q + 1 < kc { *col.add(2 * q + 1) } else { 0.0 };
+                            dst[q * 2 * NR + 2 * j] = to_bf16(v0);
+                            dst[q * 2 * NR + 2 * j + 1] = to_bf16(v1);
+                        }
+                    }
+                }
+                continue;
+            }
+            if b.rs == 1 && cols == NR {
+                // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours.
+                for j in 0..NR {
+                    // SAFETY: column j0 + j, rows p0..p0 + kc, contiguous.
+                    let col = unsafe {
+                        std::slice::from_raw_parts(b.ptr.offset(p0 as isize + (j0 + j) as isize * b.cs), kc)
+                    };
+                    for q in 0..kp / 2 {
+                        let v0 = col.get(2 * q).copied().unwrap_or(0.0);
+                        let v1 = col.get(2 * q + 1).copied().unwrap_or(0.0);
+                        dst[q * 2 * NR + 2 * j] = to_bf16(v0);
+                        dst[q * 2 * NR + 2 * j + 1] = to_bf16(v1);
+                    }
+                }
+                continue;
+            }
+            for (q, pair) in dst.chunks_exact_mut(2 * NR).enumerate() {
+                let (p, p1) = (2 * q, 2 * q + 1);
+                if b.cs == 1 && cols == NR && p1 < kc {
+                    // Rows of B are contiguous: interleave two rows.
+                    // SAFETY: rows p0 + p and p0 + p1, columns j0..j0 + 32.
+                    let (r0, r1) = unsafe {
+                        (
+                            std::slice::from_raw_parts(
+                                b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize),
+                                NR,
+                            ),
+                            std::slice::from_raw_parts(
+                                b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize),
+                                NR,
+                            ),
+                        )
+                    };
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        use std::arch::x86_64::*;
+                        // SAFETY: 32 floats in each row, 64 u16 in the pair row.
+                        unsafe {
+                            for h in [0, 16] {
+                                let v = vec::pairs(
+                                    _mm512_loadu_ps(r0.as_ptr().add(h)),
+                                    _mm512_loadu_ps(r1.as_ptr().add(h)),
+                                );
+                                _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
+                            }
+                        }
+                        continue;
+                    }
+                    for j in 0..NR {
+                        pair[2 * j] = to_bf16(r0[j]);
+                        pair[2 * j + 1] = to_bf16(r1[j]);
+                    }
+                    continue;
+                }
+                for j in 0..NR {
+                    let inside = j < cols;
+                    pair[2 * j] = if inside && p < kc { to_bf16(at(p, j)) } else { 0 };
+                    pair[2 * j + 1] = if inside && p1 < kc { to_bf16(at(p1, j)) } else { 0 };
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
+///
+/// # Safety
+/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · padded(kc)` elements; the CPU
+/// has AVX-512F and BW.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [u16]) {
+    let kp = padded(kc);
+    for (ip, dst) in out.chunks_exact_mut(mr * kp).take(mc.div_ceil(mr)).enumerate() {
+        let r0 = i0 + ip * mr;
+        let rows = mr.min(i0 + mc - r0);
+        // SAFETY (every read below): rows r0..r0 + rows, columns p0..p0 + kc of A.
+        let at =
+            |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
+        if a.cs == 1 {
+            // Rows of A are contiguous: each chunk of a row is one converted run.
+            for r in 0..mr {
+                // SAFETY: row r0 + r, columns p0..p0 + kc, contiguous (when r < rows).
+                let row = if r < rows {
+                    unsafe { std::slice::from_raw_parts(at(r, 0), kc) }
+                } else {
+                    &[][..]
+                };
+                for c in 0..kp / DEPTH {
+                    let d = &mut dst[(c * mr + r) * DEPTH..(c * mr + r + 1) * DEPTH];
+                    let src = row.get(c * DEPTH..).unwrap_or(&[]);
+                    if src.len() >= DEPTH {
+                        // SAFETY: 32 floats of the row, 32 u16 of the panel; the vector paths
+                        // run on CPUs with AVX-512F and BW.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            vec::convert32(src.as_ptr(), d.as_mut_ptr())
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        for (d, &s) in d.iter_mut().zip(&src[..DEPTH]) {
+                            *d = to_bf16(s);
+                        }
+                    } else {
+                        for (i, d) in d.iter_mut().enumerate() {
+                            *d = src.get(i).map_or(0, |&s| to_bf16(s));
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if a.rs == 1 && rows == mr && mr.is_multiple_of(16) {
+            // Columns of A are contiguous (A = Xᵀ): two columns of 16 rows make 16 pairs,
+            // scattered across the rows of the chunk.
+            use std::arch::x86_64::*;
+            let whole = kc / 2 * 2;
+            // SAFETY: columns p, p + 1 < kc of rows r0..r0 + mr; the chunk holds mr rows of 16
+            // u32; the vector paths run on CPUs with AVX-512F and BW.
+            unsafe {
+                let across = _mm512_mullo_epi32(
+                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                    _mm512_set1_epi32((DEPTH / 2) as i32),
+                );
+                for p in (0..whole).step_by(2) {
+                    let (c, q) = (p / DEPTH, p % DEPTH / 2);
+                    for r in (0..mr).step_by(16) {
+                        let v = vec::pairs(_mm512_loadu_ps(at(r, p)), _mm512_loadu_ps(at(r, p + 1)));
+                        let base = dst.as_mut_ptr().add((c * mr + r) * DEPTH + 2 * q) as *mut i32;
+                        _mm512_i32scatter_epi32::<4>(base, across, v);
+                    }
+                }
+            }
+            for p in whole..kp {
+                let (c, kk) = (p / DEPTH, p % DEPTH);
+                for r in 0..mr {
+                    // SAFETY: (r, p) inside the block when p < kc (r < rows = mr).
+                    dst[(c * mr + r) * DEPTH + kk] = if p < kc { to_bf16(unsafe { *at(r, p) }) } else { 0 };
+                }
+            }
+            continue;
+        }
+        // Columns of A are contiguous (A = Xᵀ), or neither: one value at a time, k outer.
+        for p in 0..kp {
+            let (c, kk) = (p / DEPTH, p % DEPTH);
+            for r in 0..mr {
+                // SAFETY: (r, p) inside the block when r < rows and p < kc.
+                dst[(c * mr + r) * DEPTH + kk] = if r < rows && p < kc {
+                    to_bf16(unsafe { *at(r, p) })
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// Vectorised conversions for packing (AVX-512F and BW, which both vector paths have): the
+/// same bits as [`to_bf16`].
+#[cfg(target_arch = "x86_64")]
+mod vec {
+    use std::arch::x86_64::*;
+
+    /// Each lane of `x` rounded as [`super::to_bf16`], the bf16 in the lane's high 16 bits
+    /// (the low 16 bits are garbage).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn round_high(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        let nan = _mm512_or_si512(b, _mm512_set1_epi32(0x40 << 16));
+        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_mask_blend_epi32(is_nan, r, nan)
+    }
+
+    /// Lanes `(lo[i], hi[i])` of 16 pairs, as u32 lanes: `lo`'s bf16 in the low half.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn pairs(lo: __m512, hi: __m512) -> __m512i {
+        let l = _mm512_srli_epi32::<16>(round_high(lo));
+        let h = _mm512_and_si512(round_high(hi), _mm512_set1_epi32(0xffff_0000u32 as i32));
+        _mm512_or_si512(l, h)
+    }
+
+    /// 32 consecutive floats at `src` as 32 bf16 at `dst`.
+    ///
+    /// # Safety
+    /// 32 floats readable at `src`, 32 u16 writable at `dst`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn convert32(src: *const f32, dst: *mut u16) {
+        // SAFETY: the caller vouches for both runs.
+        unsafe {
+            let x0 = round_high(_mm512_loadu_ps(src));
+            let x1 = round_high(_mm512_loadu_ps(src.add(16)));
+            let odd = _mm512_set_epi16(
+                63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19,
+                17, 15, 13, 11, 9, 7, 5, 3, 1,
+            );
+            _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutex2var_epi16(x0, odd, x1));
+        }
+    }
+}
+
+/// The AVX512-BF16 kernel: an `8 × 32` tile from `kp / 32` chunks.
+///
+/// # Safety
+/// The CPU has AVX512-BF16, F and BW; `a` holds `8 · kp` and `b` `32 · kp` elements packed as
+/// the module docs say; `t` describes a tile of C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
+    use std::arch::x86_64::*;
+    const MR: usize = 8;
+    let mut lo = [_mm512_setzero_ps(); MR];
+    let mut hi = [_mm512_setzero_ps(); MR];
+    for c in 0..kp / DEPTH {
+        // SAFETY: chunk c of both panels; row r's pair q is the i32 at r·16 + q of the chunk.
+        unsafe {
+            let ac = a.add(c * MR * DEPTH) as *const i32;
+            let bc = b.add(c * DEPTH * NR);
+            for q in 0..DEPTH / 2 {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR) as *const i32));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR + NR) as *const i32));
+                for r in 0..MR {
+                    let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ac.add(r * DEPTH / 2 + q)));
+                    lo[r] = _mm512_dpbf16_ps(lo[r], ar, b0);
+                    hi[r] = _mm512_dpbf16_ps(hi[r], ar, b1);
+                }
+            }
+        }
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { super::micro::store_avx512(&lo, &hi, t) }
+}
+
+/// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const TILE_CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // bytes per row
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// Loads [`TILE_CONFIG`] on this thread; [`amx_end`] releases the tiles.
+///
+/// # Safety
+/// The CPU has AMX and the process has the tile state ([`Bf16Path::best`] is `Amx`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_begin() {
+    // SAFETY: the configuration is 64 valid bytes; the caller vouches for AMX.
+    unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly)) };
+}
+
+/// # Safety
+/// As [`amx_begin`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_end() {
+    // SAFETY: the caller vouches for AMX.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
+/// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5) and B (two tiles of 16 columns,
+/// tmm6–7), then written through the AVX-512 stores in four runs of 8 rows.
+///
+/// # Safety
+/// [`amx_begin`] ran on this thread; `a` holds `32 · kp` and `b` `32 · kp` elements packed as
+/// the module docs say; `t` describes a tile of C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
+    use std::arch::x86_64::*;
+    #[repr(C, align(64))]
+    struct Buf([[f32; 32]; 32]);
+    let mut buf = Buf([[0.0; 32]; 32]);
+    // SAFETY: the tiles are configured (caller); every load reads 16 rows of 64 bytes inside
+    // the panels (chunk c of A: 32 rows of 64 bytes; of B: 16 pair rows of 128 bytes), and
+    // the stores write 16 rows of 64 bytes inside `buf` (rows of 128 bytes).
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for c in 0..kp / DEPTH {
+            let ac = a.add(c * 32 * DEPTH) as *const u8;
+            let bc = b.add(c * DEPTH * NR) as *const u8;
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {s64}]",
+                "tileloadd tmm6, [{b0} + {s128}]",
+                "tileloadd tmm7, [{b1} + {s128}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {s64}]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) ac,
+                a1 = in(reg) ac.add(16 * 64),
+                b0 = in(reg) bc,
+                b1 = in(reg) bc.add(64),
+                s64 = in(reg) 64usize,
+                s128 = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+        }
+        let p = buf.0.as_mut_ptr() as *mut f32;
+        std::arch::asm!(
+            "tilestored [{c00} + {s}], tmm0",
+            "tilestored [{c01} + {s}], tmm1",
+            "tilestored [{c10} + {s}], tmm2",
+            "tilestored [{c11} + {s}], tmm3",
+            c00 = in(reg) p,
+            c01 = in(reg) p.add(16),
+            c10 = in(reg) p.add(16 * 32),
+            c11 = in(reg) p.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+            options(nostack)
+        );
+        for g in 0..4 {
+            if t.rows <= 8 * g {
+                break;
+            }
+            let lo: [__m512; 8] = std::array::from_fn(|r| _mm512_load_ps(buf.0[8 * g + r].as_ptr()));
+            let hi: [__m512; 8] = std::array::from_fn(|r| _mm512_load_ps(buf.0[8 * g + r][16..].as_ptr()));
+            super::micro::store_avx512(&lo, &hi, &t.below(8 * g));
+        }
+    }
+}
+
+/// `C ← α·A·B + β·C` (or with the epilogue) in bf16 on `path`, on up to `parts` threads.
+///
+/// # Safety
+/// As [`packed::gemm`]; the process runs `path` ([`Bf16Path::available`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm(
+    path: Bf16Path,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: MatMut,
+    parts: usize,
+    ep: Epilogue,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // No products: the f32 path's handling of the update and epilogue.
+        // SAFETY: forwarded; the scalar family runs everywhere.
+        return unsafe { packed::gemm(Isa::Scalar, m, k, n, alpha, a, b, beta, c, parts, ep) };
+    }
+    if path == Bf16Path::Emulated {
+        // SAFETY: forwarded.
+        let (ar, br) = unsafe { (rounded(a, m, k), rounded(b, k, n)) };
+        let isa = Isa::best().unwrap_or(Isa::Scalar);
+        // SAFETY: the rounded copies are row-major m × k and k × n; the rest forwarded.
+        return unsafe {
+            packed::gemm(
+                isa,
+                m,
+                k,
+                n,
+                alpha,
+                row_major(&ar, k),
+                row_major(&br, n),
+                beta,
+                c,
+                parts,
+                ep,
+            )
+        };
+    }
+    let n_panels = n.div_ceil(NR);
+    let (parts, _) = split(parts, m.div_ceil(path.mr()), n_panels);
+    with_scratch(&B_BUF, packed_len(k, n), |bpack| {
+        let out = Shared(bpack.as_mut_ptr());
+        // SAFETY: B is k × n (caller); parts pack disjoint panels.
+        let pack = |panels: Range<usize>| unsafe { pack_b(b, k, n, panels, out, true) };
+        if parts > 1 {
+            let per = n_panels.div_ceil(parts);
+            for_each_index(parts, |i| {
+                pack((i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+            });
+        } else {
+            pack(0..n_panels);
+        }
+        // SAFETY: forwarded; B is packed in `bpack`.
+        unsafe { gemm_packed_b(path, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
+    });
+}
+
+/// A row-major `f32` copy of the `rows × cols` matrix `x`, every value rounded to bf16.
+///
+/// # Safety
+/// `x` addresses a `rows × cols` matrix.
+unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            // SAFETY: (i, j) is inside x.
+            out.push(round_bf16(unsafe {
+                *x.ptr.offset(i as isize * x.rs + j as isize * x.cs)
+            }));
+        }
+    }
+    out
+}
+
+fn row_major(x: &[f32], cols: usize) -> Mat {
+    Mat {
+        ptr: x.as_ptr(),
+        rs: cols as isize,
+        cs: 1,
+    }
+}
+
+/// All of B (`k × n`) packed for the vector bf16 paths, on up to `parts` threads.
+///
+/// # Safety
+/// `b` addresses a `k × n` matrix.
+pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Vec<u16> {
+    let n_panels = n.div_ceil(NR);
+    let mut out = vec![0u16; packed_len(k, n)];
+    let shared = Shared(out.as_mut_ptr());
+    let per = n_panels.div_ceil(parts.max(1)).max(1);
+    // SAFETY: B is k × n (caller); parts pack disjoint panels of `out`.
+    for_each_index(n_panels.div_ceil(per), |i| unsafe {
+        pack_b(
+            b,
+            k,
+            n,
+            (i * per).min(n_panels)..((i + 1) * per).min(n_panels),
+            shared,
+            true,
+        )
+    });
+    out
+}
+
+/// [`gemm`] with B packed by [`pack_b_all`] (a vector path, not `Emulated`).
+///
+/// # Safety
+/// As [`gemm`], and `bpack` holds B `k × n` packed.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_packed_b(
+    path: Bf16Path,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    bpack: &[u16],
+    beta: f32,
+    c: MatMut,
+    parts: usize,
+    ep: Epilogue,
+) {
+    debug_assert!(path != Bf16Path::Emulated && bpack.len() >= packed_len(k, n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mr = path.mr();
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(NR));
+    let (parts, by_rows) = split(parts, m_panels, n_panels);
+    // SAFETY (for `run`): forwarded; parts get disjoint tiles of C.
+    let run = |rows: Range<usize>, panels: Range<usize>| unsafe {
+        run_part(path, k, n, alpha, a, bpack, beta, c, rows, panels, ep)
+    };
+    if parts == 1 {
+        run(0..m, 0..n_panels);
+    } else if by_rows {
+        let per = m_panels.div_ceil(parts) * mr;
+        for_each_index(parts, |i| {
+            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
+        });
+    } else {
+        let per = n_panels.div_ceil(parts);
+        for_each_index(parts, |i| {
+            run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+        });
+    }
+}
+
+/// The tiles of rows `rows` and column panels `panels`, on the calling thread.
+///
+/// # Safety
+/// As [`gemm_packed_b`]; no other thread writes these tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_part(
+    path: Bf16Path,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    bpack: &[u16],
+    beta: f32,
+    c: MatMut,
+    rows: Range<usize>,
+    panels: Range<usize>,
+    ep: Epilogue,
+) {
+    if rows.is_empty() || panels.is_empty() {
+        return;
+    }
+    let mr = path.mr();
+    let n_pad = n.div_ceil(NR) * NR;
+    let mc_max = mc_panels(mr) * mr;
+    #[cfg(target_arch = "x86_64")]
+    if path == Bf16Path::Amx {
+        // SAFETY: the path is AMX, so the CPU and the process have it.
+        unsafe { amx_begin() };
+    }
+    with_scratch(&A_BUF, mc_max * KC, |apack| {
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let kp = padded(kc);
+            for i0 in rows.clone().step_by(mc_max) {
+                let mc = mc_max.min(rows.end - i0);
+                // SAFETY: the block is inside A (caller).
+                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack) };
+                for jp in panels.clone() {
+                    let j0 = jp * NR;
+                    let bp = bpack[p0 * n_pad + jp * kp * NR..].as_ptr();
+                    let update = match (p0, ep.bias) {
+                        // SAFETY: j0 < n, inside the bias.
+                        (0, Some(bias)) => Update::Bias {
+                            alpha,
+                            bias: unsafe { bias.add(j0) },
+                        },
+                        (0, None) if beta == 0.0 => Update::Set { alpha },
+                        (0, None) => Update::Scale { alpha, beta },
+                        _ => Update::Add { alpha },
+                    };
+                    for ip in 0..mc.div_ceil(mr) {
+                        let r0 = i0 + ip * mr;
+                        // SAFETY: (r0, j0) is inside C.
+                        let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
+                        let t = tile(
+                            p,
+                            c,
+                            mr.min(i0 + mc - r0),
+                            NR.min(n - j0),
+                            update,
+                            ep,
+                            r0,
+                            j0,
+                            n,
+                            p0 + kc == k,
+                        );
+                        let ap = apack[ip * mr * kp..].as_ptr();
+                        // SAFETY: the panels hold kp·mr and kp·32 elements; the tile is in C;
+                        // the path runs here (AMX configured above).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            match path {
+                                Bf16Path::Amx => kernel_amx(kp, ap, bp, &t),
+                                _ => kernel_avx512bf16(kp, ap, bp, &t),
+                            }
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (ap, bp, t);
+                    }
+                }
+            }
+        }
+    });
+    #[cfg(target_arch = "x86_64")]
+    if path == Bf16Path::Amx {
+        // SAFETY: as above.
+        unsafe { amx_end() };
+    }
+}
+
+/// `x` as a hardware bf16 operand: denormals read as zero.
+fn daz(x: f32) -> f32 {
+    let r = round_bf16(x);
+    if r.is_subnormal() { 0.0f32.copysign(r) } else { r }
+}
+
+/// A result flushed to zero if denormal, as `vdpbf16ps` does.
+fn ftz(x: f32) -> f32 {
+    if x.is_subnormal() { 0.0f32.copysign(x) } else { x }
+}
+
+/// The naive twin of the bf16 GEMM: the AVX512-BF16 path's arithmetic in three loops
+/// (see the module docs for the order), for tests. Without an epilogue; β = 0 does not read C.
+///
+/// # Panics
+/// If the shapes do not chain.
+pub fn gemm_bf16_naive(
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<f32>,
+) {
+    super::check_shapes(a.dim(), b.dim(), c.dim());
+    let k = a.ncols();
+    for i in 0..a.nrows() {
+        for j in 0..b.ncols() {
+            let mut v = c[[i, j]];
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                let mut s = 0.0f32;
+                for q in 0..kc.div_ceil(2) {
+                    let (e, o) = (p0 + 2 * q, p0 + 2 * q + 1);
+                    if o < p0 + kc {
+                        s = ftz(s + daz(a[[i, o]]) * daz(b[[o, j]]));
+                    } else {
+                        s = ftz(s + 0.0);
+                    }
+                    s = ftz(s + daz(a[[i, e]]) * daz(b[[e, j]]));
+                }
+                v = match p0 {
+                    0 if beta == 0.0 => alpha * s,
+                    0 => s.mul_add(alpha, beta * v),
+                    _ => s.mul_add(alpha, v),
+                };
+            }
+            if k == 0 {
+                v = if beta == 0.0 { 0.0 } else { beta * v };
+            }
+            c[[i, j]] = v;
+        }
+    }
+}
+
+/// `C ← α·A·B + β·C` in bf16 on `path`, on up to `parts` threads: every path of the bf16
+/// GEMM on its own, for tests and benchmarks.
+///
+/// # Panics
+/// If the shapes do not chain, or this process does not run `path`.
+pub fn gemm_bf16_with(
+    path: Bf16Path,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<f32>,
+    parts: usize,
+) {
+    super::check_shapes(a.dim(), b.dim(), c.dim());
+    assert!(
+        Bf16Path::available().contains(&path),
+        "gemm_bf16_with: this process does not run {path:?}"
+    );
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let mat = |v: &ArrayView2<f32>| Mat {
+        ptr: v.as_ptr(),
+        rs: v.strides()[0],
+        cs: v.strides()[1],
+    };
+    let mc = MatMut {
+        ptr: c.as_mut_ptr(),
+        rs: c.strides()[0],
+        cs: c.strides()[1],
+    };
+    // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
+    // process runs `path` (both checked above).
+    unsafe {
+        gemm(
+            path,
+            m,
+            k,
+            n,
+            alpha,
+            mat(&a),
+            mat(&b),
+            beta,
+            mc,
+            parts,
+            Epilogue::default(),
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // Halfway between 0x3f80 and 0x3f81: to the even one.
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "rounds up to infinity");
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert!(bf16_to_f32(to_bf16(f32::NAN)).is_nan());
+        // A NaN whose payload sits only in the low bits must not become an infinity.
+        assert!(bf16_to_f32(to_bf16(f32::from_bits(0x7f80_0001))).is_nan());
+        assert_eq!(round_bf16(3.140625), 3.140625);
+    }
+
+    fn data(rows: usize, cols: usize, seed: u32) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            let h = crate::kernels::dropout::draw(seed as u64, (i * 7919 + j) as u32);
+            (h as f32 / u32::MAX as f32 - 0.5) * 4.0
+        })
+    }
+
+    /// Whether `got` is within the accumulation-order tolerance of `want`: a few units in the
+    /// last place of `mag`, the sum of the magnitudes of what each element adds up.
+    fn close(got: &Array2<f32>, want: &Array2<f32>, mag: &Array2<f32>, what: &str) {
+        for ((idx, &g), &w) in got.indexed_iter().zip(want.iter()) {
+            let tol = 4.0 * f32::EPSILON * (mag[idx] + w.abs());
+            assert!(
+                (g - w).abs() <= tol,
+                "{what} {idx:?}: {g} vs {w} (tolerance {tol})"
+            );
+        }
+    }
+
+    #[test]
+    fn every_path_against_its_naive_twin() {
+        // Odd sizes, k across a block of KC and not a whole chunk, transposed operands.
+        for &(m, k, n) in &[(37, 1100, 45), (64, 64, 64), (5, 3, 70), (70, 512, 33), (1, 1, 1)] {
+            for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = if at {
+                    data(k, m, 1).reversed_axes()
+                } else {
+                    data(m, k, 1)
+                };
+                let b = if bt {
+                    data(n, k, 2).reversed_axes()
+                } else {
+                    data(k, n, 2)
+                };
+                let c0 = data(m, n, 3);
+                for (alpha, beta) in [(1.0, 0.0), (0.5, 2.0)] {
+                    let mut want = c0.clone();
+                    gemm_bf16_naive(alpha, a.view(), b.view(), beta, want.view_mut());
+                    for path in Bf16Path::available() {
+                        for parts in [1, 2] {
+                            let mut got = c0.clone();
+                            gemm_bf16_with(path, alpha, a.view(), b.view(), beta, got.view_mut(), parts);
+                            let what = format!("{path:?} {m}x{k}x{n} {at} {bt} {alpha} {beta} {parts}");
+                            if path == Bf16Path::Avx512Bf16 {
+                                assert_eq!(got, want, "{what}");
+                            } else {
+                                let mag = alpha
+                                    * a.mapv(|x| round_bf16(x).abs())
+                                        .dot(&b.mapv(|x| round_bf16(x).abs()))
+                                    + beta * c0.mapv(f32::abs);
+                                close(&got, &want, &mag, &what);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn any_thread_count_gives_the_same_bits() {
+        let (a, b) = (data(300, 700, 4), data(700, 200, 5));
+        for path in Bf16Path::available() {
+            let mut one = Array2::zeros((300, 200));
+            gemm_bf16_with(path, 1.0, a.view(), b.view(), 0.0, one.view_mut(), 1);
+            for parts in [2, 3] {
+                let mut many = Array2::from_elem((300, 200), f32::NAN);
+                crate::kernels::parallel::with_team(|| {
+                    gemm_bf16_with(path, 1.0, a.view(), b.view(), 0.0, many.view_mut(), parts)
+                });
+                assert_eq!(one, many, "{path:?} on {parts} parts");
+            }
+        }
+    }
+
+    #[test]
+    fn paths_say_what_runs() {
+        let all = Bf16Path::available();
+        assert_eq!(all[0], Bf16Path::best());
+        assert_eq!(*all.last().unwrap(), Bf16Path::Emulated);
+        for path in [Bf16Path::Amx, Bf16Path::Avx512Bf16] {
+            if !all.contains(&path) {
+                eprintln!("skipped: this machine cannot run the {path:?} path");
+            }
+        }
+    }
+}

@@ -246,7 +246,7 @@ fn main() -> std::process::ExitCode {
         std::process::exit(2);
     }
     common::init_threads(args.common.threads);
-    common::run_on_pool(|| run(&args))
+    common::run_on_pool(|| args.common.in_precision(|| run(&args)))
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -308,7 +308,7 @@ fn run(args: &Args) -> Result<()> {
         },
         clip_norm: Some(1.0),
         label_smoothing: SMOOTHING,
-        precision: vaswani::Precision::F32,
+        precision: args.common.precision,
     };
     let mut trainer = args.common.trainer(model, fresh)?;
 

@@ -112,7 +112,7 @@ impl Corpus {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::init_threads(args.common.threads);
-    common::run_on_pool(|| run(&args))
+    common::run_on_pool(|| args.common.in_precision(|| run(&args)))
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
@@ -177,7 +177,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error + Send + Sync>> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
-        precision: vaswani::Precision::F32,
+        precision: args.common.precision,
     };
     let mut trainer = args.common.trainer(model, trainer_cfg)?;
     let mut progress = common::Progress::new(steps, "char_lm");

@@ -78,7 +78,7 @@ fn batch(rng: &mut StdRng, args: &Args, size: usize) -> Result<Seq2SeqBatch> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::init_threads(args.common.threads);
-    common::run_on_pool(|| run(&args))
+    common::run_on_pool(|| args.common.in_precision(|| run(&args)))
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -116,7 +116,7 @@ fn run(args: &Args) -> Result<()> {
         },
         clip_norm: Some(1.0),
         label_smoothing: 0.0,
-        precision: vaswani::Precision::F32,
+        precision: args.common.precision,
     };
     let mut trainer = args.common.trainer(model, fresh)?;
 

@@ -67,9 +67,26 @@ pub struct CommonArgs<const STEPS: usize> {
     /// resumes from the last one with --resume exactly as if it had not stopped.
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub save_every: Option<usize>,
+    /// Precision of the matrix products: fp32, or bf16 mixed precision (bf16 operands, f32
+    /// accumulation; AMX or AVX512-BF16 where the CPU has them, printed at the start).
+    #[arg(long, value_name = "P", default_value = "fp32")]
+    pub precision: vaswani::Precision,
 }
 
 impl<const STEPS: usize> CommonArgs<STEPS> {
+    /// Runs `f` with the matrix products in `--precision` (training steps take it from the
+    /// trainer's config, which [`CommonArgs::trainer`] sets; evaluation from here), after
+    /// saying which kernel runs bf16.
+    pub fn in_precision<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.precision == vaswani::Precision::Bf16 {
+            println!(
+                "precision: bf16 mixed precision, products on the {:?} path",
+                vaswani::kernels::precision::bf16_path()
+            );
+        }
+        vaswani::kernels::precision::with_precision(self.precision, f)
+    }
+
     /// The trainer to start from: the one saved in `--resume` if given, which must hold a
     /// model of `model`'s config, else a fresh one over `model` with `cfg`.
     pub fn trainer<M>(
@@ -83,7 +100,16 @@ impl<const STEPS: usize> CommonArgs<STEPS> {
         let Some(path) = &self.resume else {
             return vaswani::train::Trainer::new(model, cfg);
         };
-        let trainer: vaswani::train::Trainer<M> = vaswani::io::load_trainer(path)?;
+        let mut trainer: vaswani::train::Trainer<M> = vaswani::io::load_trainer(path)?;
+        if trainer.cfg.precision != cfg.precision {
+            println!(
+                "{} was trained in {}; continuing in {} as --precision asks",
+                path.display(),
+                trainer.cfg.precision,
+                cfg.precision
+            );
+            trainer.cfg.precision = cfg.precision;
+        }
         if trainer.model.config() != model.config() {
             return Err(vaswani::Error::InvalidInput {
                 why: format!(

@@ -244,6 +244,59 @@ fn docs_point_inside_the_crate_and_agree_with_the_code() {
     }
 }
 
+/// The README is also the crate's page on crates.io, where an intra-doc link (`crate::…`) is
+/// dead: it links the guide, its chapters and its other pages by absolute docs.rs URLs, which
+/// work on crates.io, on GitHub and on docs.rs, each to a module that exists.
+#[test]
+fn the_readme_links_the_guide_by_urls_that_work_on_crates_io_and_docs_rs() {
+    const DOCS: &str = "https://docs.rs/vaswani/latest/vaswani/";
+    let readme = read("README.md");
+    assert!(
+        !readme.contains("](crate::"),
+        "an intra-doc link in the README is dead on crates.io: link https://docs.rs/vaswani/latest/vaswani/…"
+    );
+    assert!(
+        readme.contains(&format!("]({DOCS}guide/index.html)")),
+        "the README links the guide"
+    );
+    let mut chapters = Vec::new();
+    for (at, _) in readme.match_indices("](https://docs.rs/") {
+        let url = &readme[at + 2..];
+        let url = &url[..url.find(')').unwrap()];
+        let module = url
+            .strip_prefix(DOCS)
+            .and_then(|p| p.strip_suffix("/index.html"))
+            .unwrap_or_else(|| panic!("{url}: link a module as {DOCS}<module>/index.html"));
+        let parts: Vec<&str> = module.split('/').collect();
+        let file = [format!("src/{}.rs", parts[0]), format!("src/{}/mod.rs", parts[0])]
+            .into_iter()
+            .find(|f| Path::new(env!("CARGO_MANIFEST_DIR")).join(f).exists())
+            .unwrap_or_else(|| panic!("{url}: no module {}", parts[0]));
+        match parts[1..] {
+            [] => {}
+            [sub] => assert!(
+                read(&file).contains(&format!("pub mod {sub}")),
+                "{url}: {file} declares no `pub mod {sub}`"
+            ),
+            _ => panic!("{url}: extend this test to modules this deep"),
+        }
+        chapters.push(module.to_string());
+    }
+    for page in [
+        "guide/normalisation",
+        "guide/attention",
+        "guide/positional_encoding",
+        "guide/your_data",
+        "guide/performance",
+    ] {
+        assert!(chapters.iter().any(|c| c == page), "the README links {page}");
+    }
+    assert!(
+        read("Cargo.toml").contains("documentation = \"https://docs.rs/vaswani\""),
+        "Cargo.toml names docs.rs as the documentation"
+    );
+}
+
 /// The guide's pictures, `docs/guide/img/*.svg`, show on docs.rs: each is embedded inline in
 /// `src/guide.rs` by `figure!` (docs.rs serves no file of the crate beside the HTML), is small,
 /// is an SVG that a Markdown HTML block passes through whole (no blank line), uses nothing

@@ -5,6 +5,7 @@
 //!     cargo run --release --example attention_maps -- --date "november 28th, 2026"
 //!     cargo run --release --example dates -- --save dates.safetensors
 //!     cargo run --release --example attention_maps -- --checkpoint dates.safetensors
+//!     cargo run --release --example attention_maps -- --svg --out docs/guide/img/attention
 //!
 //! Without `--checkpoint` it first trains the dates model briefly (`--steps`, a few hundred:
 //! enough for the maps to show their pattern, not for every date to come out right). It then
@@ -15,7 +16,9 @@
 //!   The digits of the year, month and day should look at the characters they come from.
 //! - `<out>_encoder.png`: the self-attention of encoder layer `--layer`, head `--head`.
 //!
-//! Each row is a softmax over the keys it may see: it sums to 1 (§3.2.1).
+//! Each row is a softmax over the keys it may see: it sums to 1 (§3.2.1). With `--svg` the
+//! maps are SVG files instead; the last command above writes those that the guide shows
+//! (`vaswani::guide::attention`).
 
 mod common;
 
@@ -55,9 +58,12 @@ struct Args {
     /// The encoder head whose self-attention is drawn.
     #[arg(long, default_value_t = 0)]
     head: usize,
-    /// Prefix of the PNG files written.
+    /// Prefix of the files written.
     #[arg(long, default_value = "attention")]
     out: PathBuf,
+    /// Write SVG instead of PNG (the guide's pictures in docs/guide/img are SVG).
+    #[arg(long)]
+    svg: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,9 +125,10 @@ fn run(args: &Args) -> Result<(), String> {
         .out
         .file_name()
         .map_or("attention".into(), |s| s.to_string_lossy().into_owned());
+    let ext = if args.svg { "svg" } else { "png" };
     let mut files = Vec::new();
     for h in 0..heads {
-        let path = args.out.with_file_name(format!("{stem}_cross_h{h}.png"));
+        let path = args.out.with_file_name(format!("{stem}_cross_h{h}.{ext}"));
         common::heat_map(
             &path,
             &format!("cross-attention, decoder layer {layer}, head {h}"),
@@ -133,7 +140,7 @@ fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         files.push(path);
     }
-    let path = args.out.with_file_name(format!("{stem}_encoder.png"));
+    let path = args.out.with_file_name(format!("{stem}_encoder.{ext}"));
     common::heat_map(
         &path,
         &format!("encoder self-attention, layer {layer}, head {}", args.head),

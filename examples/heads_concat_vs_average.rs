@@ -1,10 +1,11 @@
 //! Are the heads of multi-head attention concatenated or averaged? Concatenated (§3.2.2):
 //! `MultiHead(Q, K, V) = Concat(head₁, …, head_h)·W_O`. This example trains the same
 //! encoder-decoder twice on the same task, once as the paper does and once with the heads
-//! averaged, and prints both held-out figures and parameter counts:
+//! averaged, prints both held-out figures and parameter counts, and draws both loss curves:
 //!
 //!     cargo run --release --example heads_concat_vs_average
 //!     cargo run --release --example heads_concat_vs_average -- --d-model 64 --heads 16 --steps 300
+//!     cargo run --release --example heads_concat_vs_average -- --plot docs/guide/img/heads_concat_vs_average_loss.svg
 //!
 //! Averaging is concatenation with a constrained W_O: `mean(head₁, …, head_h)·B` equals
 //! `Concat(head₁, …, head_h)·W_O` when W_O is `h` copies of `B/h` stacked over the heads'
@@ -15,10 +16,13 @@
 //! columns, so the attention output of a layer has rank at most `d_k` instead of `d_model`.
 //!
 //! The task is reversing random sequences of symbols; both runs start from the same weights
-//! (before the averaged run's first projection) and see the same batches.
+//! (before the averaged run's first projection) and see the same batches. The two training
+//! loss curves go to a PNG, or to an SVG for a `--plot` path ending in `.svg`: the last
+//! command above writes the one that the guide shows (`vaswani::guide::attention`).
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
@@ -59,6 +63,9 @@ struct Args {
     /// Seed of the initial weights and of the data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to write the two loss curves (an SVG if the name ends in .svg, else a PNG).
+    #[arg(long, default_value = "heads_concat_vs_average_loss.png")]
+    plot: PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -112,6 +119,7 @@ fn run(args: &Args) -> Result<()> {
         500,
     )?;
     let mut rows = Vec::new();
+    let mut curves = Vec::new();
     for averaged in [false, true] {
         let block = BlockConfig::new(args.d_model, args.heads, 4 * args.d_model).with_p_drop(0.0);
         let mut model: EncoderDecoder =
@@ -154,6 +162,7 @@ fn run(args: &Args) -> Result<()> {
             progress.update(step, stats.loss.loss, b.src.tokens() + b.tgt_out.tokens());
             losses.push(stats.loss.loss);
         }
+        curves.push((name, (1..).map(f64::from).zip(losses.iter().copied()).collect()));
         progress.finish();
         let tail = &losses[losses.len().saturating_sub(50)..];
         let final_loss = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
@@ -181,6 +190,20 @@ fn run(args: &Args) -> Result<()> {
             100.0 * exact
         );
     }
-    println!("{:.0} s in all", start.elapsed().as_secs_f64());
+    common::plot_curves(
+        &args.plot,
+        "Multi-head attention: heads concatenated against averaged",
+        "cross-entropy (nats/token)",
+        &curves,
+        true,
+    )
+    .map_err(|e| vaswani::Error::InvalidInput {
+        why: format!("plotting {}: {e}", args.plot.display()),
+    })?;
+    println!(
+        "wrote {} (the two loss curves); {:.0} s in all",
+        args.plot.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

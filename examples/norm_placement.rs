@@ -6,6 +6,7 @@
 //!
 //!     cargo run --release --example norm_placement
 //!     cargo run --release --example norm_placement -- --layers 8 --lr 2e-3
+//!     cargo run --release --example norm_placement -- --plot docs/guide/img/norm_placement_loss.svg
 //!
 //! The task is reversing random sequences of symbols (every output position must find its
 //! source position by attention). Each run starts from the same initial weights (the seed)
@@ -13,7 +14,9 @@
 //! linear ramp, or the peak rate at once) and then decay the same way (cosine to 0). The
 //! figures are the mean training loss of the last 50 steps and the exact match of greedy
 //! decoding on held-out sequences; a run whose loss became NaN or infinite, or ended above
-//! where it started, is reported as diverged. The four loss curves go to a PNG.
+//! where it started, is reported as diverged. The four loss curves go to a PNG, or to an SVG
+//! for a `--plot` path ending in `.svg`: the last command above writes the one that the guide
+//! shows (`vaswani::guide::normalisation`).
 
 mod common;
 
@@ -59,7 +62,7 @@ struct Args {
     /// Seed of the initial weights and of the data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Where to write the four loss curves.
+    /// Where to write the four loss curves (an SVG if the name ends in .svg, else a PNG).
     #[arg(long, default_value = "norm_placement_loss.png")]
     plot: PathBuf,
 }

@@ -2,10 +2,12 @@
 //!
 //!     cargo run --release --example positional_encoding
 //!     cargo run --release --example positional_encoding -- --positions 200 --d-model 128 --out pe
+//!     cargo run --release --example positional_encoding -- --svg --out docs/guide/img/positional_encoding
 //!
 //! Writes two pictures: `<out>_table.png`, the table PE `[position, dimension]` as a heat
 //! map (fast sines in the first dimensions, slow ones in the last), and `<out>_curves.png`, a
-//! few of its dimensions over position. Then prints the check behind the paper's reason for
+//! few of its dimensions over position. With `--svg` they are SVG files instead; the last
+//! command above writes the two that the guide shows (`vaswani::guide::positional_encoding`). Then prints the check behind the paper's reason for
 //! choosing it: "for any fixed offset k, PE(pos + k) can be represented as a linear function
 //! of PE(pos)". Each pair of dimensions (2i, 2i + 1) is a point on a circle turning at the
 //! rate ω_i = 1 / 10000^(2i / d_model); moving k positions turns it by k·ω_i, the same
@@ -33,9 +35,12 @@ struct Args {
     /// Dimensions (d_model), even.
     #[arg(long, default_value_t = 64)]
     d_model: usize,
-    /// Prefix of the PNG files written.
+    /// Prefix of the files written.
     #[arg(long, default_value = "positional_encoding")]
     out: PathBuf,
+    /// Write SVG instead of PNG (the guide's pictures in docs/guide/img are SVG).
+    #[arg(long)]
+    svg: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -57,9 +62,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect()
     };
+    let ext = if args.svg { "svg" } else { "png" };
     let table = args
         .out
-        .with_file_name(format!("{}_table.png", file_stem(&args.out)));
+        .with_file_name(format!("{}_table.{ext}", file_stem(&args.out)));
     common::heat_map(
         &table,
         &format!("sinusoidal positional encoding, d_model = {d}"),
@@ -82,7 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let series: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
     let curves = args
         .out
-        .with_file_name(format!("{}_curves.png", file_stem(&args.out)));
+        .with_file_name(format!("{}_curves.{ext}", file_stem(&args.out)));
     common::plot_lines(
         &curves,
         "PE(pos, i) for a few dimensions i",

@@ -243,3 +243,128 @@ fn docs_point_inside_the_crate_and_agree_with_the_code() {
         }
     }
 }
+
+/// The README is also the crate's page on crates.io, where an intra-doc link (`crate::…`) is
+/// dead: it links the guide, its chapters and its other pages by absolute docs.rs URLs, which
+/// work on crates.io, on GitHub and on docs.rs, each to a module that exists.
+#[test]
+fn the_readme_links_the_guide_by_urls_that_work_on_crates_io_and_docs_rs() {
+    const DOCS: &str = "https://docs.rs/vaswani/latest/vaswani/";
+    let readme = read("README.md");
+    assert!(
+        !readme.contains("](crate::"),
+        "an intra-doc link in the README is dead on crates.io: link https://docs.rs/vaswani/latest/vaswani/…"
+    );
+    assert!(
+        readme.contains(&format!("]({DOCS}guide/index.html)")),
+        "the README links the guide"
+    );
+    let mut chapters = Vec::new();
+    for (at, _) in readme.match_indices("](https://docs.rs/") {
+        let url = &readme[at + 2..];
+        let url = &url[..url.find(')').unwrap()];
+        let module = url
+            .strip_prefix(DOCS)
+            .and_then(|p| p.strip_suffix("/index.html"))
+            .unwrap_or_else(|| panic!("{url}: link a module as {DOCS}<module>/index.html"));
+        let parts: Vec<&str> = module.split('/').collect();
+        let file = [format!("src/{}.rs", parts[0]), format!("src/{}/mod.rs", parts[0])]
+            .into_iter()
+            .find(|f| Path::new(env!("CARGO_MANIFEST_DIR")).join(f).exists())
+            .unwrap_or_else(|| panic!("{url}: no module {}", parts[0]));
+        match parts[1..] {
+            [] => {}
+            [sub] => assert!(
+                read(&file).contains(&format!("pub mod {sub}")),
+                "{url}: {file} declares no `pub mod {sub}`"
+            ),
+            _ => panic!("{url}: extend this test to modules this deep"),
+        }
+        chapters.push(module.to_string());
+    }
+    for page in [
+        "guide/normalisation",
+        "guide/attention",
+        "guide/positional_encoding",
+        "guide/your_data",
+        "guide/performance",
+    ] {
+        assert!(chapters.iter().any(|c| c == page), "the README links {page}");
+    }
+    assert!(
+        read("Cargo.toml").contains("documentation = \"https://docs.rs/vaswani\""),
+        "Cargo.toml names docs.rs as the documentation"
+    );
+}
+
+/// The guide's pictures, `docs/guide/img/*.svg`, show on docs.rs: each is embedded inline in
+/// `src/guide.rs` by `figure!` (docs.rs serves no file of the crate beside the HTML), is small,
+/// is an SVG that a Markdown HTML block passes through whole (no blank line), uses nothing
+/// that docs.rs's Content-Security-Policy blocks (inline styles, `data:` URIs) and no script,
+/// and its caption gives the command of the example that draws it again.
+#[test]
+fn the_guides_pictures_are_embedded_small_and_captioned_with_their_command() {
+    let guide = read("src/guide.rs");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<String> = fs::read_dir(root.join("docs/guide/img"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "the guide's pictures: {names:?}");
+    for name in &names {
+        assert!(
+            name.ends_with(".svg"),
+            "docs/guide/img/{name}: only SVG renders inline"
+        );
+        let svg = read(format!("docs/guide/img/{name}"));
+        assert!(svg.len() <= 48_000, "docs/guide/img/{name}: {} bytes", svg.len());
+        assert!(
+            svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"),
+            "docs/guide/img/{name}: one <svg> element"
+        );
+        assert!(
+            !svg.lines().any(|l| l.trim().is_empty()),
+            "docs/guide/img/{name}: a blank line ends the Markdown HTML block"
+        );
+        for blocked in ["style=", "<style", "data:", "<script", "href="] {
+            assert!(!svg.contains(blocked), "docs/guide/img/{name}: {blocked}");
+        }
+        // Embedded, and captioned (the doc lines after it and after the figures beside it).
+        let call = format!("#[doc = figure!(\"{name}\")]");
+        let at = guide
+            .find(&call)
+            .unwrap_or_else(|| panic!("src/guide.rs does not embed docs/guide/img/{name}"));
+        let caption: Vec<&str> = guide[at..]
+            .lines()
+            .skip(1)
+            .skip_while(|l| l.trim_start().starts_with("#[doc = figure!("))
+            .map_while(|l| l.trim_start().strip_prefix("///"))
+            .collect();
+        let caption = caption.join(" ");
+        let command = caption
+            .split("cargo run --release --example ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("the caption of {name} gives no command: {caption:?}"));
+        let example = command.split_whitespace().next().unwrap();
+        assert!(
+            root.join(format!("examples/{example}.rs")).exists(),
+            "the caption of {name} runs example {example}, which is not there"
+        );
+        let target = command
+            .split("docs/guide/img/")
+            .nth(1)
+            .map(|t| {
+                t.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                    .next()
+                    .unwrap()
+            })
+            .unwrap_or_else(|| {
+                panic!("the caption of {name} does not write into docs/guide/img: {caption:?}")
+            });
+        assert!(
+            name.starts_with(target.trim_end_matches('.')),
+            "the caption of {name} writes docs/guide/img/{target}"
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! Shared pieces of the training examples: the common flags, the one rayon pool, a progress
-//! bar and PNG loss curves. An example includes it with `mod common;`.
+//! bar, and plots (loss curves, heat maps) as PNG or, for a path ending in `.svg`, as SVG
+//! that renders inline in the crate's documentation. An example includes it with `mod common;`.
 //!
 //! ```ignore
 //! mod common;
@@ -39,6 +40,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
@@ -338,10 +340,11 @@ pub fn fmt_si(x: f64) -> String {
     format!("{v:.decimals$}{suffix}")
 }
 
-/// Draws line `series` of (x, y) points, each with its legend name, to a 900×560 PNG at
+/// Draws line `series` of (x, y) points, each with its legend name, to a 900×560 picture at
 /// `path`, with a `title`, "step" under the x axis and `y_label` beside the y axis; with
 /// `log_y` the y axis is logarithmic (points with y ≤ 0 are then left out). Points that are
-/// not finite are left out.
+/// not finite are left out. A `path` ending in `.svg` gets an SVG (see [`write_svg`]), any
+/// other a PNG.
 ///
 /// ```ignore
 /// let train: Vec<(f64, f64)> = losses.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect();
@@ -380,36 +383,62 @@ pub fn plot_lines(
     let (x0, x1) = min_max(all().map(|p| p.0));
     let (y0, y1) = min_max(all().map(|p| p.1));
     let x = pad(x0, x1, 0.0);
+    let labels = (title, x_label, y_label);
     if log_y {
         // A fifth of a decade of room above and below.
         let y = pad(y0.log10(), y1.log10(), 0.2);
         let y = 10f64.powf(y.start)..10f64.powf(y.end);
         // plotters' own log ticks can label 1 twice (0.1·(1 + 0.1·90) ≠ 1 in floating point).
         let ticks = log_ticks(y.start, y.end);
-        draw_chart(
-            path,
-            title,
-            (x_label, y_label),
-            &series,
-            x,
-            y.log_scale().with_key_points(ticks),
-        )
+        draw_chart(path, labels, &series, x, y.log_scale().with_key_points(ticks))
     } else {
         let margin = 0.05 * (y1 - y0);
-        draw_chart(path, title, (x_label, y_label), &series, x, pad(y0, y1, margin))
+        draw_chart(path, labels, &series, x, pad(y0, y1, margin))
     }
 }
 
-/// The body of [`plot_curves`], for a linear or a logarithmic y axis.
+/// The size of a line plot, in pixels.
+const CHART_SIZE: (u32, u32) = (900, 560);
+
+/// The body of [`plot_curves`], for a linear or a logarithmic y axis: to an SVG or a PNG.
 fn draw_chart<Y>(
     path: &Path,
-    title: &str,
-    (x_label, y_label): (&str, &str),
+    labels: (&str, &str, &str),
     series: &[(&str, Vec<(f64, f64)>)],
     x: Range<f64>,
     y: Y,
 ) -> Result<(), Box<dyn Error>>
 where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    if is_svg(path) {
+        let mut svg = String::new();
+        let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
+        chart_on(root, labels, series, x, y)?;
+        write_svg(path, labels.0, &svg, "")
+    } else {
+        chart_on(
+            BitMapBackend::new(path, CHART_SIZE).into_drawing_area(),
+            labels,
+            series,
+            x,
+            y,
+        )
+    }
+}
+
+/// [`draw_chart`] on one backend.
+fn chart_on<DB, Y>(
+    root: DrawingArea<DB, Shift>,
+    (title, x_label, y_label): (&str, &str, &str),
+    series: &[(&str, Vec<(f64, f64)>)],
+    x: Range<f64>,
+    y: Y,
+) -> Result<(), Box<dyn Error>>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
@@ -426,7 +455,6 @@ where
         RGBColor(188, 189, 34),
         RGBColor(23, 190, 207),
     ];
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FONT, 24))
@@ -465,10 +493,12 @@ where
     Ok(())
 }
 
-/// Draws `values` `[rows, columns]` as a heat map to a PNG at `path`: row 0 at the top, one
-/// square cell per value, coloured from dark blue (the smallest value) through green to
+/// Draws `values` `[rows, columns]` as a heat map to a picture at `path`: row 0 at the top,
+/// one square cell per value, coloured from dark blue (the smallest value) through green to
 /// yellow (the largest), a colour bar beside it, `row_labels` and `col_labels` on the axes
 /// (an empty label leaves its tick out) and `x_label` / `y_label` under and beside them.
+/// A `path` ending in `.svg` gets an SVG, any other a PNG. The SVG, to stay small, draws the
+/// cells as vertical runs of one colour, with the colours rounded to [`SVG_LEVELS`] steps.
 ///
 /// ```ignore
 /// common::heat_map(Path::new("map.png"), "cross-attention", weights.view(),
@@ -480,7 +510,7 @@ pub fn heat_map(
     values: vaswani::ndarray::ArrayView2<f32>,
     row_labels: &[String],
     col_labels: &[String],
-    (x_label, y_label): (&str, &str),
+    axes: (&str, &str),
 ) -> Result<(), Box<dyn Error>> {
     register_font();
     let (rows, cols) = values.dim();
@@ -493,15 +523,65 @@ pub fn heat_map(
         )
         .into());
     }
-    let (lo, hi) = min_max(values.iter().map(|&v| v as f64).filter(|v| v.is_finite()));
-    let span = if hi > lo { hi - lo } else { 1.0 };
     let cell = (640 / rows.max(cols)).clamp(4, 36) as u32;
-    let (w, h) = (cell * cols as u32 + 230, cell * rows as u32 + 150);
-    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    let size = (cell * cols as u32 + 230, cell * rows as u32 + 150);
+    let map = HeatMap {
+        title,
+        values,
+        row_labels,
+        col_labels,
+        axes,
+    };
+    if is_svg(path) {
+        let mut svg = String::new();
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        let corners = heat_map_on(root, &map, false)?;
+        let cells = svg_cells(&map, corners);
+        write_svg(path, title, &svg, &cells)
+    } else {
+        heat_map_on(BitMapBackend::new(path, size).into_drawing_area(), &map, true)?;
+        Ok(())
+    }
+}
+
+/// What [`heat_map`] draws.
+struct HeatMap<'a> {
+    title: &'a str,
+    values: vaswani::ndarray::ArrayView2<'a, f32>,
+    row_labels: &'a [String],
+    col_labels: &'a [String],
+    axes: (&'a str, &'a str),
+}
+
+impl HeatMap<'_> {
+    /// The smallest value and the width of the range of values (1 if they are all equal).
+    fn range(&self) -> (f64, f64) {
+        let (lo, hi) = min_max(self.values.iter().map(|&v| v as f64).filter(|v| v.is_finite()));
+        (lo, if hi > lo { hi - lo } else { 1.0 })
+    }
+}
+
+/// The pixel corners of an area, top left and bottom right.
+type Corners = ((i32, i32), (i32, i32));
+
+/// [`heat_map`] on one backend, with the cells if `cells`, else without them; returns the
+/// corners of the cells' area.
+fn heat_map_on<DB>(
+    root: DrawingArea<DB, Shift>,
+    map: &HeatMap,
+    cells: bool,
+) -> Result<Corners, Box<dyn Error>>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    let (rows, cols) = map.values.dim();
+    let (lo, span) = map.range();
+    let w = root.dim_in_pixel().0;
     root.fill(&WHITE)?;
     let (plot, bar) = root.split_horizontally(w - 90);
     let mut chart = ChartBuilder::on(&plot)
-        .caption(title, (FONT, 20))
+        .caption(map.title, (FONT, 20))
         .margin(10)
         .x_label_area_size(56)
         .y_label_area_size(70)
@@ -520,24 +600,30 @@ pub fn heat_map(
         .disable_mesh()
         .x_labels(cols)
         .y_labels(rows)
-        .x_label_formatter(&|v| label(col_labels, v, false))
-        .y_label_formatter(&|v| label(row_labels, v, true))
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_label_formatter(&|v| label(map.col_labels, v, false))
+        .y_label_formatter(&|v| label(map.row_labels, v, true))
+        .x_desc(map.axes.0)
+        .y_desc(map.axes.1)
         .label_style((FONT, 12))
         .axis_desc_style((FONT, 15))
         .draw()?;
-    chart.draw_series(values.indexed_iter().map(|((i, j), &v)| {
-        let t = ((v as f64 - lo) / span).clamp(0.0, 1.0);
-        let y = rows - 1 - i;
-        Rectangle::new(
-            [
-                (SegmentValue::Exact(j), SegmentValue::Exact(y)),
-                (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1)),
-            ],
-            colour_map(t).filled(),
-        )
-    }))?;
+    if cells {
+        chart.draw_series(map.values.indexed_iter().map(|((i, j), &v)| {
+            let t = ((v as f64 - lo) / span).clamp(0.0, 1.0);
+            let y = rows - 1 - i;
+            Rectangle::new(
+                [
+                    (SegmentValue::Exact(j), SegmentValue::Exact(y)),
+                    (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1)),
+                ],
+                colour_map(t).filled(),
+            )
+        }))?;
+    }
+    let corners = (
+        chart.backend_coord(&(SegmentValue::Exact(0), SegmentValue::Exact(rows))),
+        chart.backend_coord(&(SegmentValue::Exact(cols), SegmentValue::Exact(0))),
+    );
     // The colour bar, smallest value at the bottom.
     let mut bar = ChartBuilder::on(&bar)
         .margin_top(40)
@@ -552,15 +638,113 @@ pub fn heat_map(
         .y_label_formatter(&|v| fmt_tick(*v))
         .label_style((FONT, 12))
         .draw()?;
-    bar.draw_series((0..100).map(|k| {
-        let (a, b) = (k as f64 / 100.0, (k + 1) as f64 / 100.0);
+    let steps = if cells { 100 } else { SVG_LEVELS };
+    bar.draw_series((0..steps).map(|k| {
+        let (a, b) = (k as f64 / steps as f64, (k + 1) as f64 / steps as f64);
+        let t = if cells { a } else { k as f64 / (steps - 1) as f64 };
         Rectangle::new(
             [(0.0, lo + a * span), (1.0, lo + b * span)],
-            colour_map(a).filled(),
+            colour_map(t).filled(),
         )
     }))?;
     root.present()?;
-    Ok(())
+    Ok(corners)
+}
+
+/// The colours of an SVG heat map: values are rounded to this many evenly spaced steps.
+pub const SVG_LEVELS: usize = 32;
+
+/// The cells of `map` as SVG, in the pixel rectangle `corners`: one path per colour, each
+/// cell a stroke one cell wide down the middle of its column, each vertical run of equal
+/// colours one stroke, in a group scaled so that a cell is 1 × 1.
+fn svg_cells(map: &HeatMap, ((x0, y0), (x1, y1)): Corners) -> String {
+    use std::fmt::Write;
+    let (rows, cols) = map.values.dim();
+    let (lo, span) = map.range();
+    let level = |v: f32| {
+        let t = ((v as f64 - lo) / span).clamp(0.0, 1.0);
+        (t * (SVG_LEVELS - 1) as f64).round() as usize
+    };
+    // The strokes of each level: "M{column}.5 {first row}v{rows}".
+    let mut strokes = vec![String::new(); SVG_LEVELS];
+    for (j, column) in map.values.columns().into_iter().enumerate() {
+        let mut i = 0;
+        while i < rows {
+            let k = level(column[i]);
+            let run = (i..rows).take_while(|&r| level(column[r]) == k).count();
+            write!(strokes[k], "M{j}.5 {i}v{run}").unwrap();
+            i += run;
+        }
+    }
+    let (sx, sy) = ((x1 - x0) as f64 / cols as f64, (y1 - y0) as f64 / rows as f64);
+    let mut out = format!(
+        "<g transform=\"translate({x0} {y0}) scale({sx} {sy})\" fill=\"none\" stroke-width=\"1\" shape-rendering=\"crispEdges\">\n"
+    );
+    for (k, d) in strokes.iter().enumerate().filter(|(_, d)| !d.is_empty()) {
+        let RGBColor(r, g, b) = colour_map(k as f64 / (SVG_LEVELS - 1) as f64);
+        writeln!(out, "<path stroke=\"#{r:02X}{g:02X}{b:02X}\" d=\"{d}\"/>").unwrap();
+    }
+    out + "</g>\n"
+}
+
+/// Whether `path` names an SVG file, by its extension.
+fn is_svg(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+}
+
+/// Writes the SVG that plotters drew, with `extra` drawn last and `title` as its title, in a
+/// form that renders inline in rustdoc's HTML and on docs.rs (the guide embeds these files,
+/// `docs/guide/img/`): no blank line (a blank line would end the Markdown HTML block), no
+/// `style` attribute and no `data:` URI (docs.rs's Content-Security-Policy blocks both). To
+/// keep the file small, labels with no text and attributes that only repeat SVG's defaults
+/// are left out, and font sizes are rounded to 0.1 pixel.
+pub fn write_svg(path: &Path, title: &str, svg: &str, extra: &str) -> Result<(), Box<dyn Error>> {
+    const DEFAULTS: [&str; 4] = [
+        " opacity=\"1\"",
+        " stroke=\"none\"",
+        " stroke-width=\"1\"",
+        " fill=\"#000000\"",
+    ];
+    let escape = |text: &str| {
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut out = String::with_capacity(svg.len() + extra.len());
+    let mut lines = svg.lines().filter(|l| !l.trim().is_empty()).peekable();
+    while let Some(line) = lines.next() {
+        if line.starts_with("<text ") && lines.peek() == Some(&"</text>") {
+            lines.next(); // a label with no text
+            continue;
+        }
+        if line == "</svg>" {
+            out += extra;
+        }
+        let mut line = line.to_string();
+        for default in DEFAULTS {
+            line = line.replace(default, "");
+        }
+        if let Some(at) = line.find(" font-size=\"") {
+            let from = at + " font-size=\"".len();
+            let to = from + line[from..].find('"').unwrap_or(0);
+            if let Ok(size) = line[from..to].parse::<f64>() {
+                line.replace_range(from..to, &format!("{}", (size * 10.0).round() / 10.0));
+            }
+        }
+        out += &line;
+        out.push('\n');
+        if line.starts_with("<svg ") {
+            out += &format!("<title>{}</title>\n", escape(title));
+        }
+    }
+    if out.contains("style=") || out.contains("data:") || !out.trim_end().ends_with("</svg>") {
+        return Err(format!(
+            "write_svg({}): the SVG would not render on docs.rs",
+            path.display()
+        )
+        .into());
+    }
+    std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()).into())
 }
 
 /// A perceptually ordered colour for `t` in [0, 1]: viridis, from dark blue to yellow.

@@ -12,7 +12,7 @@
 //! - [`Bf16Path::Emulated`]: the `f32` kernels over the rounded values, on any CPU.
 //!
 //! # Layouts
-//! k is cut into blocks of [`KC`] as in `f32` (the same blocks, whatever the path), each block
+//! k is cut into blocks of [`KC`] (the same blocks, whatever the path), each block
 //! padded with zeros to a multiple of 32 values (`kp`), the depth of an AMX tile.
 //! - Packed B: for each block of k, for each panel of 32 columns, `kp / 2` pair rows of 32
 //!   pairs `(B[2q][j], B[2q + 1][j])`: 64 bf16 a pair row. The block that starts at row `p0`
@@ -42,9 +42,14 @@ use std::ops::Range;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::micro::{Tile, Update};
-use super::packed::{self, Epilogue, Isa, KC, Mat, MatMut, mc_panels, split, tile, with_scratch};
+use super::packed::{self, Epilogue, Isa, Mat, MatMut, mc_panels, split, tile, with_scratch};
 use crate::kernels::parallel::for_each_index;
 
+/// Values of k per block: every element of C is summed over k in blocks of this many,
+/// whatever the path and thread count. Twice the `f32` path's [`super::KC`] (a bf16 panel
+/// takes half the bytes): each block's partial sums meet C in memory once, and with AMX that
+/// pass is a large share of a product (measured on the small workload's training step).
+pub const KC: usize = 1024;
 /// Columns of a tile of C (both vector paths).
 const NR: usize = 32;
 /// Values of k per chunk of packed A (the depth of an AMX tile).

@@ -2,7 +2,9 @@
 //! reference sizes, softmax and layer norm; with 1 and 2 rayon threads. Throughput is in
 //! FLOPs, so criterion reports GFLOP/s (2·m·k·n per GEMM).
 //!
-//! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`.
+//! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`. The
+//! bf16 products, on every path this CPU runs, beside the `f32` kernels:
+//! `cargo bench --bench kernels -- gemm_bf16`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2};
@@ -64,6 +66,36 @@ fn bench_gemm(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bf16 GEMM on each path this process runs (AMX, AVX512-BF16, emulated) beside the `f32`
+/// kernels, one thread, at the dense shapes of `small` and `base`, packing included.
+fn bench_gemm_bf16(c: &mut Criterion) {
+    use vaswani::kernels::gemm::bf16::{Bf16Path, gemm_bf16_with};
+    use vaswani::kernels::gemm::{Isa, gemm_f32_with};
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut group = c.benchmark_group("gemm_bf16");
+    group.sample_size(10);
+    for &(name, m, k, n) in GEMMS
+        .iter()
+        .filter(|g| g.0.starts_with("small_") || g.0.starts_with("base_"))
+    {
+        let a = random(m, k, &mut rng);
+        let w = random(n, k, &mut rng);
+        let mut out = Array2::<f32>::zeros((m, n));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        if let Some(isa) = Isa::best() {
+            group.bench_function(BenchmarkId::new(name, "f32"), |bench| {
+                bench.iter(|| gemm_f32_with(isa, 1.0, a.view(), w.t(), 0.0, out.view_mut(), 1))
+            });
+        }
+        for path in Bf16Path::available() {
+            group.bench_function(BenchmarkId::new(name, format!("{path:?}")), |bench| {
+                bench.iter(|| gemm_bf16_with(path, 1.0, a.view(), w.t(), 0.0, out.view_mut(), 1))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn bench_softmax(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(1);
     let mut group = c.benchmark_group("softmax");
@@ -119,5 +151,11 @@ fn bench_layer_norm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_softmax, bench_layer_norm);
+criterion_group!(
+    benches,
+    bench_gemm,
+    bench_gemm_bf16,
+    bench_softmax,
+    bench_layer_norm
+);
 criterion_main!(benches);

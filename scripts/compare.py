@@ -15,10 +15,9 @@ PyTorch's decodes, which run in one process right before it:
   cached_decode  a key/value cache written by hand over the same nn.Transformer weights.
 so a decoding row has two speed-ups: against greedy_decode and against cached_decode.
 
---precision is passed to both sides. PyTorch supports fp32 and bf16 (autocast). The crate's
-`bench` is asked with --precision only if its --help lists that option; until it does, only
-fp32 can be compared and --precision bf16 stops with a message (run bench_torch.py alone for
-PyTorch's bf16 figures).
+--precision is passed to both sides: fp32, or bf16 (PyTorch under autocast, the crate's bf16
+mixed precision). A `bench` built before it had --precision is asked for fp32 only, and
+--precision bf16 then stops with a message.
 
 --markdown FILE writes the results as Markdown: the machine and versions, a table with one
 row per workload, thread count and measurement (decoding twice: against PyTorch without and

@@ -17,12 +17,43 @@
 //! choice changes only the order in which products are summed, never which values are
 //! multiplied; [`bf16_path`] says which one runs.
 //!
-//! # Example
+//! # Examples
 //! ```
 //! use vaswani::kernels::precision::{Precision, precision, with_precision};
 //! assert_eq!(precision(), Precision::F32);
 //! with_precision(Precision::Bf16, || assert_eq!(precision(), Precision::Bf16));
 //! println!("bf16 products run on {:?}", vaswani::kernels::precision::bf16_path());
+//! ```
+//!
+//! Training in bf16 is a setting of the trainer:
+//! ```
+//! use vaswani::Precision;
+//! use vaswani::train::TrainerConfig;
+//! let cfg = TrainerConfig::paper(512, 4000).with_precision(Precision::Bf16);
+//! assert_eq!(cfg.precision, Precision::Bf16);
+//! ```
+//!
+//! Inference in bf16: pack the model inside [`with_precision`], and its weights are
+//! converted to bf16 once, there; every product with them then runs in bf16, wherever the
+//! packed model is used. A model whose weights were stored in bf16 (a PyTorch state_dict or
+//! a checkpoint with `BF16` tensors) loads exactly into `f32` and packs back to the same
+//! bf16 values.
+//! ```
+//! use vaswani::Precision;
+//! use vaswani::blocks::BlockConfig;
+//! use vaswani::kernels::precision::with_precision;
+//! use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, TokenBatch};
+//! use vaswani::rand::{SeedableRng, rngs::StdRng};
+//!
+//! # fn main() -> vaswani::Result<()> {
+//! let model: EncoderDecoder = EncoderDecoderConfig::new(20, 20, BlockConfig::new(32, 4, 64), 1, 1)
+//!     .init(&mut StdRng::seed_from_u64(0))?;
+//! let packed = with_precision(Precision::Bf16, || model.packed());
+//! let src = TokenBatch::from_sequences(&[vec![3, 4, 5], vec![6, 7]], 0)?;
+//! let tokens = vaswani::infer::greedy(packed.begin_decode(&src, 8)?, 1, Some(2), 8)?;
+//! assert_eq!(tokens.len(), 2);
+//! # Ok(())
+//! # }
 //! ```
 
 use std::cell::Cell;

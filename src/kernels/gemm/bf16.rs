@@ -222,26 +222,33 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared, 
             };
             #[cfg(target_arch = "x86_64")]
             if b.rs == 1 && cols == NR && simd {
-                // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours; 32 values
-                // of a column at a time, their 16 pairs scattered down the pair rows.
+                // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours. 32 values
+                // of 16 columns at a time give 16 vectors of 16 pairs, one per column;
+                // transposed, one per pair row, each 16 columns wide.
                 use std::arch::x86_64::*;
                 let whole = kc / DEPTH * DEPTH;
+                for jb in (0..NR).step_by(16) {
+                    for p in (0..whole).step_by(DEPTH) {
+                        // SAFETY: columns j0 + jb.. + 16, rows p0 + p.. + 32, contiguous in
+                        // each column; the 16 pair rows p/2.. of this panel, 32 u32 each.
+                        unsafe {
+                            let mut v: [__m512i; 16] = std::array::from_fn(|j| {
+                                vec::convert32(
+                                    b.ptr.offset((p0 + p) as isize + (j0 + jb + j) as isize * b.cs),
+                                )
+                            });
+                            vec::transpose16(&mut v);
+                            for (i, row) in v.iter().enumerate() {
+                                let at = dst.as_mut_ptr().add((p / 2 + i) * 2 * NR + 2 * jb);
+                                _mm512_storeu_si512(at as *mut __m512i, *row);
+                            }
+                        }
+                    }
+                }
                 for j in 0..NR {
-                    // SAFETY: column j0 + j, rows p0..p0 + kc, contiguous; the pair rows of
-                    // this panel hold 32 u32 each.
+                    // SAFETY: column j0 + j, rows p0..p0 + kc, contiguous.
                     unsafe {
                         let col = b.ptr.offset(p0 as isize + (j0 + j) as isize * b.cs);
-                        let base = dst.as_mut_ptr().add(2 * j) as *mut i32;
-                        let down = _mm512_mullo_epi32(
-                            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                            _mm512_set1_epi32(NR as i32),
-                        );
-                        for p in (0..whole).step_by(DEPTH) {
-                            let mut run = [0u16; DEPTH];
-                            vec::convert32(col.add(p), run.as_mut_ptr());
-                            let v = _mm512_loadu_si512(run.as_ptr() as *const __m512i);
-                            _mm512_i32scatter_epi32::<4>(base.add(p / 2 * NR), down, v);
-                        }
                         for q in whole / 2..kp / 2 {
                             let v0 = if 2 * q < kc { *col.add(2 * q) } else { 0.0 };
                             let v1 = if 2 * q + 1 < kc { *col.add(2 * q + 1) } else { 0.0 };
@@ -348,7 +355,10 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                         // run on CPUs with AVX-512F and BW.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            vec::convert32(src.as_ptr(), d.as_mut_ptr())
+                            std::arch::x86_64::_mm512_storeu_si512(
+                                d.as_mut_ptr() as *mut std::arch::x86_64::__m512i,
+                                vec::convert32(src.as_ptr()),
+                            )
                         };
                         #[cfg(not(target_arch = "x86_64"))]
                         for (d, &s) in d.iter_mut().zip(&src[..DEPTH]) {
@@ -437,14 +447,14 @@ mod vec {
         _mm512_or_si512(l, h)
     }
 
-    /// 32 consecutive floats at `src` as 32 bf16 at `dst`.
+    /// 32 consecutive floats at `src` as 32 bf16 (16 pairs of neighbours, as u32 lanes).
     ///
     /// # Safety
-    /// 32 floats readable at `src`, 32 u16 writable at `dst`.
+    /// 32 floats readable at `src`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn convert32(src: *const f32, dst: *mut u16) {
-        // SAFETY: the caller vouches for both runs.
+    pub(super) unsafe fn convert32(src: *const f32) -> __m512i {
+        // SAFETY: the caller vouches for the run.
         unsafe {
             let x0 = round_high(_mm512_loadu_ps(src));
             let x1 = round_high(_mm512_loadu_ps(src.add(16)));
@@ -452,7 +462,39 @@ mod vec {
                 63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19,
                 17, 15, 13, 11, 9, 7, 5, 3, 1,
             );
-            _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutex2var_epi16(x0, odd, x1));
+            _mm512_permutex2var_epi16(x0, odd, x1)
+        }
+    }
+
+    /// Transposes 16 rows of 16 u32 lanes in place: in four steps, each exchanging the
+    /// off-diagonal blocks of size 8, 4, 2 and 1 between pairs of rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn transpose16(r: &mut [__m512i; 16]) {
+        for b in [8usize, 4, 2, 1] {
+            // Row i takes lanes of row i + b where (lane & b) ≠ 0, and row i + b the lanes of
+            // row i where (lane & b) = 0, shifted by b (16 + j picks lane j of the second).
+            let lo: [i32; 16] =
+                std::array::from_fn(|l| if l & b == 0 { l as i32 } else { (16 + l - b) as i32 });
+            let hi: [i32; 16] = std::array::from_fn(|l| {
+                if l & b == 0 {
+                    (l + b) as i32
+                } else {
+                    (16 + l) as i32
+                }
+            });
+            // SAFETY: two arrays of 16 i32 read as vectors.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+                    _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+                )
+            };
+            for i in (0..16).filter(|i| i & b == 0) {
+                let (x, y) = (r[i], r[i + b]);
+                r[i] = _mm512_permutex2var_epi32(x, lo, y);
+                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
+            }
         }
     }
 }

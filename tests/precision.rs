@@ -203,3 +203,43 @@ fn the_path_is_named_and_precision_parses() {
     assert_eq!("fp32".parse::<Precision>().unwrap(), Precision::F32);
     assert!("fp16".parse::<Precision>().is_err());
 }
+
+#[test]
+fn a_decoder_only_model_trains_in_bf16_as_in_f32() {
+    use vaswani::models::{DecoderOnly, DecoderOnlyConfig, LmBatch};
+    let run = |precision: Precision| -> Vec<f64> {
+        let mut rng = StdRng::seed_from_u64(3);
+        let block = BlockConfig::new(64, 4, 256).with_p_drop(0.0);
+        let model: DecoderOnly = DecoderOnlyConfig::new(50, block, 2).init(&mut rng).unwrap();
+        let cfg = TrainerConfig::paper(64, 10)
+            .with_schedule(Schedule::Constant { lr: 1e-3 })
+            .with_label_smoothing(0.0)
+            .with_precision(precision);
+        let mut trainer = Trainer::new(model, cfg).unwrap();
+        let seqs: Vec<Vec<usize>> = (0..32)
+            .map(|i| (0..24).map(|j| (i * 7 + j * (i % 5 + 1)) % 47 + 3).collect())
+            .collect();
+        let batch = LmBatch::from_sequences(&seqs, 0).unwrap();
+        (0..20)
+            .map(|_| {
+                trainer
+                    .step(std::slice::from_ref(&batch), &mut rng)
+                    .unwrap()
+                    .loss
+                    .loss
+            })
+            .collect()
+    };
+    let (f32_losses, bf16_losses) = (run(Precision::F32), run(Precision::Bf16));
+    assert_ne!(f32_losses, bf16_losses, "bf16 changed nothing");
+    for (step, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 0.02 * a.abs(),
+            "step {step}: f32 loss {a}, bf16 {b}"
+        );
+    }
+    eprintln!(
+        "decoder-only, 20 steps: f32 {:.4} → {:.4}, bf16 {:.4} → {:.4}",
+        f32_losses[0], f32_losses[19], bf16_losses[0], bf16_losses[19]
+    );
+}

@@ -41,9 +41,11 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::micro::{Tile, Update};
-use super::packed::{self, Epilogue, Isa, Mat, MatMut, mc_panels, split, tile, with_scratch};
-use crate::kernels::parallel::for_each_index;
+use super::micro::Tile;
+use super::packed::{
+    self, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels, split, tile,
+    with_scratch,
+};
 
 /// Values of k per block: every element of C is summed over k in blocks of this many,
 /// whatever the path and thread count. Twice the `f32` path's [`super::KC`] (a bf16 panel
@@ -689,14 +691,7 @@ pub(super) unsafe fn gemm(
         let out = Shared(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller); parts pack disjoint panels.
         let pack = |panels: Range<usize>| unsafe { pack_b(b, k, n, panels, out, true) };
-        if parts > 1 {
-            let per = n_panels.div_ceil(parts);
-            for_each_index(parts, |i| {
-                pack((i * per).min(n_panels)..((i + 1) * per).min(n_panels))
-            });
-        } else {
-            pack(0..n_panels);
-        }
+        for_panel_runs(parts, n_panels, pack);
         // SAFETY: forwarded; B is packed in `bpack`.
         unsafe { gemm_packed_b(path, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
     });
@@ -735,17 +730,9 @@ pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Vec
     let n_panels = n.div_ceil(NR);
     let mut out = vec![0u16; packed_len(k, n)];
     let shared = Shared(out.as_mut_ptr());
-    let per = n_panels.div_ceil(parts.max(1)).max(1);
-    // SAFETY: B is k × n (caller); parts pack disjoint panels of `out`.
-    for_each_index(n_panels.div_ceil(per), |i| unsafe {
-        pack_b(
-            b,
-            k,
-            n,
-            (i * per).min(n_panels)..((i + 1) * per).min(n_panels),
-            shared,
-            true,
-        )
+    // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
+    for_panel_runs(parts, n_panels, |panels| unsafe {
+        pack_b(b, k, n, panels, shared, true)
     });
     out
 }
@@ -772,26 +759,10 @@ pub(super) unsafe fn gemm_packed_b(
     if m == 0 || n == 0 {
         return;
     }
-    let mr = path.mr();
-    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(NR));
-    let (parts, by_rows) = split(parts, m_panels, n_panels);
-    // SAFETY (for `run`): forwarded; parts get disjoint tiles of C.
-    let run = |rows: Range<usize>, panels: Range<usize>| unsafe {
-        run_part(path, k, n, alpha, a, bpack, beta, c, rows, panels, ep)
-    };
-    if parts == 1 {
-        run(0..m, 0..n_panels);
-    } else if by_rows {
-        let per = m_panels.div_ceil(parts) * mr;
-        for_each_index(parts, |i| {
-            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
-        });
-    } else {
-        let per = n_panels.div_ceil(parts);
-        for_each_index(parts, |i| {
-            run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
-        });
-    }
+    for_tile_runs(parts, m, path.mr(), n.div_ceil(NR), |rows, panels| {
+        // SAFETY: forwarded; parts get disjoint tiles of C.
+        unsafe { run_part(path, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
+    });
 }
 
 /// The tiles of rows `rows` and column panels `panels`, on the calling thread.
@@ -834,16 +805,8 @@ unsafe fn run_part(
                 for jp in panels.clone() {
                     let j0 = jp * NR;
                     let bp = bpack[p0 * n_pad + jp * kp * NR..].as_ptr();
-                    let update = match (p0, ep.bias) {
-                        // SAFETY: j0 < n, inside the bias.
-                        (0, Some(bias)) => Update::Bias {
-                            alpha,
-                            bias: unsafe { bias.add(j0) },
-                        },
-                        (0, None) if beta == 0.0 => Update::Set { alpha },
-                        (0, None) => Update::Scale { alpha, beta },
-                        _ => Update::Add { alpha },
-                    };
+                    // SAFETY: j0 < n.
+                    let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
                         // SAFETY: (r0, j0) is inside C.
@@ -959,33 +922,10 @@ pub fn gemm_bf16_with(
     );
     let (m, k) = a.dim();
     let n = b.ncols();
-    let mat = |v: &ArrayView2<f32>| Mat {
-        ptr: v.as_ptr(),
-        rs: v.strides()[0],
-        cs: v.strides()[1],
-    };
-    let mc = MatMut {
-        ptr: c.as_mut_ptr(),
-        rs: c.strides()[0],
-        cs: c.strides()[1],
-    };
+    let (ma, mb, mc) = (Mat::of(&a), Mat::of(&b), MatMut::of(&mut c));
     // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
     // process runs `path` (both checked above).
-    unsafe {
-        gemm(
-            path,
-            m,
-            k,
-            n,
-            alpha,
-            mat(&a),
-            mat(&b),
-            beta,
-            mc,
-            parts,
-            Epilogue::default(),
-        )
-    };
+    unsafe { gemm(path, m, k, n, alpha, ma, mb, beta, mc, parts, Epilogue::default()) };
 }
 
 #[cfg(test)]

@@ -480,43 +480,29 @@ fn packed_f32<F: Float>(
             )
         }),
     };
-    if bf16 {
-        // SAFETY: as for the f32 kernels below, and `Bf16Path::best` runs in this process.
-        unsafe {
+    let (alpha, beta) = (alpha.to_f64() as f32, beta.to_f64() as f32);
+    // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
+    // strides too), C is borrowed mutably and so aliases neither A nor B, the shapes were
+    // checked by the callers, the bias is contiguous with n elements, the gate has C's shape,
+    // `best` checked the CPU, and `Bf16Path::best` runs in this process.
+    unsafe {
+        if bf16 {
             bf16::gemm(
                 bf16::Bf16Path::best(),
                 m,
                 k,
                 n,
-                alpha.to_f64() as f32,
+                alpha,
                 ma,
                 mb,
-                beta.to_f64() as f32,
+                beta,
                 mc,
                 parts,
                 ep,
             )
-        };
-        return true;
-    }
-    // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
-    // strides too), C is borrowed mutably and so aliases neither A nor B, the shapes were
-    // checked by the callers, the bias is contiguous with n elements, the gate has C's shape,
-    // and `best` checked the CPU.
-    unsafe {
-        packed::gemm(
-            isa,
-            m,
-            k,
-            n,
-            alpha.to_f64() as f32,
-            ma,
-            mb,
-            beta.to_f64() as f32,
-            mc,
-            parts,
-            ep,
-        )
+        } else {
+            packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts, ep)
+        }
     };
     true
 }
@@ -542,21 +528,7 @@ pub fn gemm_f32_with(
     );
     let (m, k) = a.dim();
     let n = b.ncols();
-    let ma = Mat {
-        ptr: a.as_ptr(),
-        rs: a.strides()[0],
-        cs: a.strides()[1],
-    };
-    let mb = Mat {
-        ptr: b.as_ptr(),
-        rs: b.strides()[0],
-        cs: b.strides()[1],
-    };
-    let mc = MatMut {
-        ptr: c.as_mut_ptr(),
-        rs: c.strides()[0],
-        cs: c.strides()[1],
-    };
+    let (ma, mb, mc) = (Mat::of(&a), Mat::of(&b), MatMut::of(&mut c));
     // SAFETY: the views address their own elements, C is exclusive, the shapes chain and the
     // CPU runs `isa` (both checked above).
     unsafe { packed::gemm(isa, m, k, n, alpha, ma, mb, beta, mc, parts, Epilogue::default()) };

@@ -161,6 +161,17 @@ pub(crate) struct MatMut {
     pub cs: isize,
 }
 
+impl MatMut {
+    /// The matrix a mutable view addresses.
+    pub(crate) fn of(v: &mut ndarray::ArrayViewMut2<f32>) -> MatMut {
+        MatMut {
+            ptr: v.as_mut_ptr(),
+            rs: v.strides()[0],
+            cs: v.strides()[1],
+        }
+    }
+}
+
 // SAFETY: the pointers are only dereferenced inside `gemm`, while the views they come from are
 // borrowed (A and B shared, C exclusively), and threads write disjoint parts of C.
 unsafe impl Send for Mat {}
@@ -169,6 +180,15 @@ unsafe impl Send for MatMut {}
 unsafe impl Sync for MatMut {}
 
 impl Mat {
+    /// The matrix a view addresses.
+    pub(crate) fn of(v: &ndarray::ArrayView2<f32>) -> Mat {
+        Mat {
+            ptr: v.as_ptr(),
+            rs: v.strides()[0],
+            cs: v.strides()[1],
+        }
+    }
+
     #[inline(always)]
     unsafe fn at(&self, i: usize, j: usize) -> f32 {
         // SAFETY: the caller keeps (i, j) inside the matrix.
@@ -274,14 +294,7 @@ pub(crate) unsafe fn gemm(
         // disjoint panels, which occupy disjoint floats.
         let pack_panels =
             |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa != Isa::Scalar) };
-        if parts > 1 {
-            let per = n_panels.div_ceil(parts);
-            for_each_index(parts, |i| {
-                pack_panels((i * per).min(n_panels)..((i + 1) * per).min(n_panels))
-            });
-        } else {
-            pack_panels(0..n_panels);
-        }
+        for_panel_runs(parts, n_panels, pack_panels);
         // SAFETY: forwarded from this function's contract; B is now packed in `bpack`.
         unsafe { gemm_packed_b(isa, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
     });
@@ -306,26 +319,12 @@ pub(crate) unsafe fn gemm_packed_b(
     ep: Epilogue,
 ) {
     let (mr, nr) = (isa.mr(), isa.nr());
-    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let n_panels = n.div_ceil(nr);
     debug_assert!(bpack.len() >= k * n_panels * nr);
-    let (parts, by_rows) = split(parts, m_panels, n_panels);
-    let run = |rows: Range<usize>, panels: Range<usize>| {
+    for_tile_runs(parts, m, mr, n_panels, |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
         unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
-    };
-    if parts == 1 {
-        run(0..m, 0..n_panels);
-    } else if by_rows {
-        let per = m_panels.div_ceil(parts) * mr;
-        for_each_index(parts, |i| {
-            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
-        });
-    } else {
-        let per = n_panels.div_ceil(parts);
-        for_each_index(parts, |i| {
-            run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
-        });
-    }
+    });
 }
 
 /// How C is cut between `parts` threads: `(parts, by_rows)`. By rows when each part gets at
@@ -342,6 +341,62 @@ pub(super) fn split(parts: usize, m_panels: usize, n_panels: usize) -> (usize, b
     }
 }
 
+/// Runs `pack` over the panels `0..n_panels` cut into at most `parts` contiguous runs, one
+/// per thread (the packing of B, whose panels are disjoint).
+pub(super) fn for_panel_runs(parts: usize, n_panels: usize, pack: impl Fn(Range<usize>) + Sync) {
+    let per = n_panels.div_ceil(parts.max(1)).max(1);
+    let runs = n_panels.div_ceil(per);
+    if runs < 2 {
+        return pack(0..n_panels);
+    }
+    for_each_index(runs, |i| pack(i * per..((i + 1) * per).min(n_panels)));
+}
+
+/// Runs `run(rows, panels)` over C (`m` rows in panels of `mr`, `n_panels` column panels) cut
+/// between at most `parts` threads as [`split`] says: contiguous runs of row panels, or of
+/// column panels, or all on this thread.
+pub(super) fn for_tile_runs(
+    parts: usize,
+    m: usize,
+    mr: usize,
+    n_panels: usize,
+    run: impl Fn(Range<usize>, Range<usize>) + Sync,
+) {
+    let m_panels = m.div_ceil(mr);
+    let (parts, by_rows) = split(parts, m_panels, n_panels);
+    if parts == 1 {
+        run(0..m, 0..n_panels);
+    } else if by_rows {
+        let per = m_panels.div_ceil(parts) * mr;
+        for_each_index(parts, |i| {
+            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
+        });
+    } else {
+        let per = n_panels.div_ceil(parts);
+        for_each_index(parts, |i| {
+            run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
+        });
+    }
+}
+
+/// How the block of k starting at `p0` meets the tile of C whose first column is `j0`: the
+/// first block sets C (with the bias, or scaling the old C by β), every later one adds.
+///
+/// # Safety
+/// With a bias, `j0` is a column of C (inside the bias).
+pub(super) unsafe fn block_update(p0: usize, ep: &Epilogue, alpha: f32, beta: f32, j0: usize) -> Update {
+    match (p0, ep.bias) {
+        // SAFETY: j0 < n, inside the bias (caller).
+        (0, Some(bias)) => Update::Bias {
+            alpha,
+            bias: unsafe { bias.add(j0) },
+        },
+        (0, None) if beta == 0.0 => Update::Set { alpha },
+        (0, None) => Update::Scale { alpha, beta },
+        _ => Update::Add { alpha },
+    }
+}
+
 /// Packs all of B (`k × n`) for `isa` into a new buffer, on up to `parts` threads: the
 /// operand of many later products (a weight at inference).
 ///
@@ -352,20 +407,9 @@ pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usi
     let n_panels = n.div_ceil(nr);
     let mut out = vec![0.0f32; k * n_panels * nr];
     let shared = SharedMut(out.as_mut_ptr());
-    let per = n_panels.div_ceil(parts.max(1));
-    for_each_index(n_panels.div_ceil(per.max(1)), |i| {
-        // SAFETY: B is k × n (caller); parts pack disjoint panels of `out`.
-        unsafe {
-            pack_b(
-                b,
-                k,
-                n,
-                nr,
-                (i * per).min(n_panels)..((i + 1) * per).min(n_panels),
-                shared,
-                isa != Isa::Scalar,
-            )
-        }
+    // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
+    for_panel_runs(parts, n_panels, |panels| unsafe {
+        pack_b(b, k, n, nr, panels, shared, isa != Isa::Scalar)
     });
     out
 }
@@ -597,16 +641,8 @@ unsafe fn run_part(
                 for jp in panels.clone() {
                     let j0 = jp * nr;
                     let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
-                    let update = match (p0, ep.bias) {
-                        // SAFETY: j0 < n, inside the bias.
-                        (0, Some(bias)) => Update::Bias {
-                            alpha,
-                            bias: unsafe { bias.add(j0) },
-                        },
-                        (0, None) if beta == 0.0 => Update::Set { alpha },
-                        (0, None) => Update::Scale { alpha, beta },
-                        _ => Update::Add { alpha },
-                    };
+                    // SAFETY: j0 < n.
+                    let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
                         // SAFETY: (r0, j0) is inside C.

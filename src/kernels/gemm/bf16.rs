@@ -207,7 +207,7 @@ unsafe impl Sync for Shared {}
 /// B is `k × n`; `out` points to [`packed_len`] elements, of which no other thread touches
 /// those of these panels; the CPU has AVX-512F and BW (both vector paths need them).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared, simd: bool) {
+unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) {
     let n_pad = n.div_ceil(NR) * NR;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
@@ -223,7 +223,7 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared, 
                 *b.ptr.offset((p0 + p) as isize * b.rs + (j0 + j) as isize * b.cs)
             };
             #[cfg(target_arch = "x86_64")]
-            if b.rs == 1 && cols == NR && simd {
+            if b.rs == 1 && cols == NR {
                 // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours. 32 values
                 // of 16 columns at a time give 16 vectors of 16 pairs, one per column;
                 // transposed, one per pair row, each 16 columns wide.
@@ -261,57 +261,21 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared, 
                 }
                 continue;
             }
-            if b.rs == 1 && cols == NR {
-                // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours.
-                for j in 0..NR {
-                    // SAFETY: column j0 + j, rows p0..p0 + kc, contiguous.
-                    let col = unsafe {
-                        std::slice::from_raw_parts(b.ptr.offset(p0 as isize + (j0 + j) as isize * b.cs), kc)
-                    };
-                    for q in 0..kp / 2 {
-                        let v0 = col.get(2 * q).copied().unwrap_or(0.0);
-                        let v1 = col.get(2 * q + 1).copied().unwrap_or(0.0);
-                        dst[q * 2 * NR + 2 * j] = to_bf16(v0);
-                        dst[q * 2 * NR + 2 * j + 1] = to_bf16(v1);
-                    }
-                }
-                continue;
-            }
             for (q, pair) in dst.chunks_exact_mut(2 * NR).enumerate() {
                 let (p, p1) = (2 * q, 2 * q + 1);
+                #[cfg(target_arch = "x86_64")]
                 if b.cs == 1 && cols == NR && p1 < kc {
-                    // Rows of B are contiguous: interleave two rows.
-                    // SAFETY: rows p0 + p and p0 + p1, columns j0..j0 + 32.
-                    let (r0, r1) = unsafe {
-                        (
-                            std::slice::from_raw_parts(
-                                b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize),
-                                NR,
-                            ),
-                            std::slice::from_raw_parts(
-                                b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize),
-                                NR,
-                            ),
-                        )
-                    };
-                    #[cfg(target_arch = "x86_64")]
-                    if simd {
-                        use std::arch::x86_64::*;
-                        // SAFETY: 32 floats in each row, 64 u16 in the pair row.
-                        unsafe {
-                            for h in [0, 16] {
-                                let v = vec::pairs(
-                                    _mm512_loadu_ps(r0.as_ptr().add(h)),
-                                    _mm512_loadu_ps(r1.as_ptr().add(h)),
-                                );
-                                _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
-                            }
+                    // Rows of B are contiguous: two rows interleaved, 16 columns at a time.
+                    use std::arch::x86_64::*;
+                    // SAFETY: rows p0 + p and p0 + p1, columns j0..j0 + 32 of B; 64 u16 in the
+                    // pair row.
+                    unsafe {
+                        let r0 = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
+                        let r1 = b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize);
+                        for h in [0, 16] {
+                            let v = vec::pairs(_mm512_loadu_ps(r0.add(h)), _mm512_loadu_ps(r1.add(h)));
+                            _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
                         }
-                        continue;
-                    }
-                    for j in 0..NR {
-                        pair[2 * j] = to_bf16(r0[j]);
-                        pair[2 * j + 1] = to_bf16(r1[j]);
                     }
                     continue;
                 }
@@ -690,18 +654,19 @@ pub(super) unsafe fn gemm(
     with_scratch(&B_BUF, packed_len(k, n), |bpack| {
         let out = Shared(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller); parts pack disjoint panels.
-        let pack = |panels: Range<usize>| unsafe { pack_b(b, k, n, panels, out, true) };
+        let pack = |panels: Range<usize>| unsafe { pack_b(b, k, n, panels, out) };
         for_panel_runs(parts, n_panels, pack);
         // SAFETY: forwarded; B is packed in `bpack`.
         unsafe { gemm_packed_b(path, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
     });
 }
 
-/// A row-major `f32` copy of the `rows × cols` matrix `x`, every value rounded to bf16.
+/// A row-major `f32` copy of the `rows × cols` matrix `x`, every value rounded to bf16: the
+/// operands of the emulated path (see [`row_major`] to multiply them).
 ///
 /// # Safety
 /// `x` addresses a `rows × cols` matrix.
-unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
+pub(super) unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(rows * cols);
     for i in 0..rows {
         for j in 0..cols {
@@ -714,7 +679,8 @@ unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn row_major(x: &[f32], cols: usize) -> Mat {
+/// The matrix of `cols` columns stored row by row in `x`.
+pub(super) fn row_major(x: &[f32], cols: usize) -> Mat {
     Mat {
         ptr: x.as_ptr(),
         rs: cols as isize,
@@ -732,7 +698,7 @@ pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Vec
     let shared = Shared(out.as_mut_ptr());
     // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
     for_panel_runs(parts, n_panels, |panels| unsafe {
-        pack_b(b, k, n, panels, shared, true)
+        pack_b(b, k, n, panels, shared)
     });
     out
 }

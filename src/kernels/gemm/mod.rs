@@ -272,7 +272,7 @@ impl PackedB {
             cs: b.strides()[1],
         };
         let parts = super::parallel::threads();
-        // SAFETY (both packings): the view addresses its own k × n elements, which are f32
+        // SAFETY (every packing): the view addresses its own k × n elements, which are f32
         // (checked above).
         let data = if !bf16_applies::<F>() {
             Packing::F32 {
@@ -282,15 +282,10 @@ impl PackedB {
         } else {
             match bf16::Bf16Path::best() {
                 bf16::Bf16Path::Emulated => {
-                    let rounded = b.mapv(|x| bf16::round_bf16(x.to_f64() as f32));
-                    let mr = Mat {
-                        ptr: rounded.as_ptr(),
-                        rs: rounded.strides()[0],
-                        cs: rounded.strides()[1],
-                    };
+                    let rounded = unsafe { bf16::rounded(mb, k, n) };
                     Packing::Rounded {
                         isa,
-                        data: unsafe { packed::pack_b_all(isa, k, n, mr, parts) },
+                        data: unsafe { packed::pack_b_all(isa, k, n, bf16::row_major(&rounded, n), parts) },
                     }
                 }
                 path => Packing::Bf16 {
@@ -387,15 +382,11 @@ pub fn gemm_packed<F: Float>(
         Packing::Bf16 { path, data } => unsafe {
             bf16::gemm_packed_b(*path, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
         },
-        Packing::Rounded { isa, data } => {
-            let rounded = a.mapv(|x| bf16::round_bf16(x.to_f64() as f32));
-            let ra = Mat {
-                ptr: rounded.as_ptr(),
-                rs: rounded.strides()[0],
-                cs: rounded.strides()[1],
-            };
-            unsafe { packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, data, 0.0, mc, parts, ep) }
-        }
+        Packing::Rounded { isa, data } => unsafe {
+            let rounded = bf16::rounded(ma, m, k);
+            let ra = bf16::row_major(&rounded, k);
+            packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, data, 0.0, mc, parts, ep)
+        },
     }
 }
 

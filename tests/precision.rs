@@ -2,12 +2,14 @@
 //! within a stated relative bound, the loss curve of a copy-task run within a stated
 //! distance, the same bits at any thread count, and the kernel path that ran named.
 
+mod common;
+
 use vaswani::blocks::BlockConfig;
 use vaswani::kernels::precision::{Bf16Path, bf16_path, precision, with_precision};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
 use vaswani::ndarray::Array2;
 use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
-use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
+use vaswani::train::{Schedule, Trainer, TrainerConfig};
 use vaswani::{Precision, Result};
 
 /// ‖a − b‖₂ / ‖b‖₂.
@@ -61,77 +63,24 @@ fn bf16_forward_of_the_small_workload_is_close_to_f32() -> Result<()> {
     Ok(())
 }
 
-const PAD: usize = 0;
-const BOS: usize = 1;
-const EOS: usize = 2;
-const VOCAB: usize = 13;
-const MAX_LEN: usize = 10;
+/// Copy-task training steps of 64 sequences.
 const STEPS: u64 = 500;
 /// Largest distance allowed between the two loss curves, each averaged over windows of 50
 /// steps. Measured on the AMX path: 0.035, in the window where the loss falls fastest (0.256
 /// in f32, 0.292 in bf16); the curves start at 2.2 and end at 0.002 in both.
 const CURVE_BOUND: f64 = 0.08;
 
-fn copy_batch(rng: &mut StdRng, size: usize) -> Seq2SeqBatch {
-    let pairs: Vec<(Vec<usize>, Vec<usize>)> = (0..size)
-        .map(|_| {
-            let len = rng.random_range(1..=MAX_LEN);
-            let s: Vec<usize> = (0..len).map(|_| rng.random_range(3..VOCAB)).collect();
-            (s.clone(), s)
-        })
-        .collect();
-    Seq2SeqBatch::from_pairs(&pairs, BOS, EOS, PAD).unwrap()
-}
-
 /// The loss at every step of a copy-task run, and the held-out exact-match count of 500.
 fn copy_task(precision: Precision) -> (Vec<f64>, usize) {
+    use common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
     let mut rng = StdRng::seed_from_u64(2017);
-    let block = BlockConfig::new(32, 4, 64).with_p_drop(0.0);
-    let model: EncoderDecoder = EncoderDecoderConfig::new(VOCAB, VOCAB, block, 2, 2)
-        .with_share_embeddings(true)
-        .with_tie_output(true)
-        .init(&mut rng)
-        .unwrap();
-    let cfg = TrainerConfig::paper(32, 100)
-        .with_optimizer(OptimizerConfig::Adam(AdamConfig::paper()))
-        .with_schedule(Schedule::Cosine {
-            peak: 8e-3,
-            warmup: 100,
-            total: STEPS,
-            min: 0.0,
-        })
-        .with_clip_norm(Some(1.0))
-        .with_label_smoothing(0.0)
-        .with_precision(precision);
-    let mut trainer = Trainer::new(model, cfg).unwrap();
+    let mut trainer = Trainer::new(model(&mut rng), trainer_config(STEPS, precision)).unwrap();
     let mut data = StdRng::seed_from_u64(1);
     let losses: Vec<f64> = (0..STEPS)
-        .map(|_| {
-            trainer
-                .step(&[copy_batch(&mut data, 64)], &mut rng)
-                .unwrap()
-                .loss
-                .loss
-        })
+        .map(|_| trainer.step(&[batch(&mut data, 64)], &mut rng).unwrap().loss.loss)
         .collect();
-    let mut r = StdRng::seed_from_u64(99);
-    let held_out: Vec<Vec<usize>> = (0..500)
-        .map(|_| {
-            (0..r.random_range(1..=MAX_LEN))
-                .map(|_| r.random_range(3..VOCAB))
-                .collect()
-        })
-        .collect();
-    let src = TokenBatch::from_sequences(&held_out, PAD).unwrap();
     // Decoded in the run's precision, as a user of that model would.
-    let decoded = with_precision(precision, || {
-        trainer
-            .model
-            .begin_decode(&src, MAX_LEN + 1)
-            .and_then(|state| vaswani::infer::greedy(state, BOS, Some(EOS), MAX_LEN + 1))
-            .unwrap()
-    });
-    let exact = decoded.iter().zip(&held_out).filter(|(d, s)| d == s).count();
+    let exact = with_precision(precision, || exact_matches(&trainer.model, &held_out(500)));
     (losses, exact)
 }
 

@@ -1,8 +1,8 @@
 //! The x86-64 micro-kernels of the packed GEMM: one `MR × NR` tile of C from an `MR`-row panel
 //! of packed A and an `NR`-column panel of packed B (see [`super::packed`] for the layouts).
 //!
-//! - AVX-512: `MR × 32` (MR = 8), two 16-lane vectors of B per step of k and one broadcast of A per
-//!   row, `2·MR` accumulators in registers.
+//! - AVX-512: `MR × 32` (MR = 8 or 12), two 16-lane vectors of B per step of k and one broadcast
+//!   of A per row, `2·MR` accumulators in registers.
 //! - AVX2 + FMA: `6 × 16`, two 8-lane vectors of B, 12 accumulators.
 //!
 //! Every element of the tile is one register lane that accumulates its products in order of k

@@ -738,29 +738,33 @@ mod tests {
     }
 
     /// The vector kernels round exactly as their scalar twin (same products, same order, same
-    /// fused updates), on values where the order matters, at any thread count.
+    /// fused updates), on values where the order matters, at any thread count: with AVX-512's
+    /// short tiles (64 rows) and tall ones (77 rows, edge rows included), several blocks of
+    /// panels of B (300 columns) and several blocks of A (520 rows).
     #[test]
     fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
+        assert_eq!((Isa::Avx512.tile_rows(64), Isa::Avx512.tile_rows(77)), (8, 12));
         let mut rng = StdRng::seed_from_u64(8);
-        let (m, k, n) = (77, 2 * KC + 9, 70);
-        let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
-        let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
-        let c0 = Array2::from_shape_fn((m, n), |_| rng.random::<f32>() - 0.5);
-        let run = |isa: Isa, parts: usize| {
-            let mut c = c0.clone();
-            gemm_f32_with(isa, 0.7, a.view(), b.view(), 1.3, c.view_mut(), parts);
-            c
-        };
-        let want = run(Isa::Scalar, 1);
-        for isa in Isa::available() {
-            for parts in [1, 2] {
-                let got = run(isa, parts);
-                assert!(
-                    got.iter()
-                        .zip(want.iter())
-                        .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{isa:?} parts={parts}"
-                );
+        for (m, k, n) in [(64, 2 * KC + 9, 70), (77, 2 * KC + 9, 300), (520, KC + 9, 40)] {
+            let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
+            let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
+            let c0 = Array2::from_shape_fn((m, n), |_| rng.random::<f32>() - 0.5);
+            let run = |isa: Isa, parts: usize| {
+                let mut c = c0.clone();
+                gemm_f32_with(isa, 0.7, a.view(), b.view(), 1.3, c.view_mut(), parts);
+                c
+            };
+            let want = run(Isa::Scalar, 1);
+            for isa in Isa::available() {
+                for parts in [1, 2] {
+                    let got = run(isa, parts);
+                    assert!(
+                        got.iter()
+                            .zip(want.iter())
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{isa:?} parts={parts} m={m} k={k} n={n}"
+                    );
+                }
             }
         }
     }

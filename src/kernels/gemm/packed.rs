@@ -10,9 +10,10 @@
 //!
 //! # Loops
 //! For each block of k (at most [`KC`]): for each block of at most [`mc_panels`] panels of A
-//! (packed into a buffer that stays in L2): for each panel of B (`kc × NR`, in L1 while it is
-//! used): for each panel of A: one micro-kernel. B is packed once per call, before the loops,
-//! and shared by every thread.
+//! (packed into a buffer that stays in L2): for each block of [`NC_PANELS`] panels of B (in L2
+//! too): for each panel of A (`MR × kc`, in L1 while it is used): for each panel of B in the
+//! block: one micro-kernel. B is packed once per call, before the loops, and shared by every
+//! thread.
 //!
 //! # Threads and determinism
 //! With more than one part, C is cut into contiguous runs of MR-row panels (or, when it has
@@ -29,11 +30,17 @@ use crate::kernels::parallel::for_each_index;
 
 /// Rows of B (columns of A) per block. Every element of C is summed over k in blocks of this
 /// many, whatever the thread count. Measured on AVX-512 at the workloads' shapes: 512 is a
-/// few percent faster than 192, 256 or 384 (fewer passes over C; the `KC × 32` B panel, 64 KiB,
-/// streams from L2 as fast as it would be read from L1).
+/// few percent faster than 192, 256 or 384 (fewer passes over C; the panels of B, `KC × 32`,
+/// stream from L2 past a panel of A held in L1).
 pub const KC: usize = 512;
+/// Panels of B that stream past one panel of A (which stays in L1 meanwhile) before the next
+/// panel of A: `8 · KC × 32` floats, 512 KiB, which stay in L2 while every panel of the block
+/// of A passes. Measured on the base workload's products (Intel Xeon, 12-row tiles): 83–85% of
+/// the FMA peak in this order, 76–79% with the panel of B held and the panels of A streaming
+/// past it (a `KC × 32` panel of B, 64 KiB, does not fit a 48 KiB L1); 8 and 16 panels alike.
+const NC_PANELS: usize = 8;
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
-/// floats (64 panels, 512 rows, on a 2 MiB L2 with MR = 8), between 16 and 64. A block of A
+/// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
 /// stays in L2 while every panel of B streams past it once; measured on a 2 MiB L2, 512 rows
 /// rather than 128 took 6% off a base eval forward and 4% off a small one (B read once per
 /// block of k instead of four times). The result does not depend on it, only on [`KC`].
@@ -67,8 +74,8 @@ fn l2_bytes() -> usize {
 /// A micro-kernel family, chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512F: `8 × 32` tiles (as fast as `12 × 32` or `14 × 32` on large products, and
-    /// without their wasted rows on the 32- and 64-row products of attention).
+    /// AVX-512F: `12 × 32` tiles for products with many rows, `8 × 32` for short ones (the 32-
+    /// and 64-row products of attention); see [`Isa::tile_rows`].
     Avx512,
     /// AVX2 and FMA: `6 × 16` tiles.
     Avx2,
@@ -107,12 +114,26 @@ impl Isa {
         all
     }
 
-    /// Rows of a tile.
+    /// Rows of a tile: the shortest this family uses (see [`Isa::tile_rows`]).
     pub const fn mr(self) -> usize {
         match self {
             Isa::Avx512 => 8,
             Isa::Avx2 => 6,
             Isa::Scalar => 4,
+        }
+    }
+
+    /// Rows of the tiles of a product whose C has `m` rows. AVX-512 has two kernels, `8 × 32`
+    /// and `12 × 32`: the taller one loads B half as often per multiply-add and ran at 83–85%
+    /// of the FMA peak on the base workload's products where the short one ran at 75–78%
+    /// (measured on an Intel Xeon), but wastes more rows on short products. It is chosen when
+    /// its padded rows cost less than the 8% it gains (m ≥ 72 except a few heights, never the
+    /// 32 or 64 rows of per-head attention). Each element of C is the same sum either way
+    /// (see [`super::micro`]): only speed depends on the choice.
+    pub fn tile_rows(self, m: usize) -> usize {
+        match self {
+            Isa::Avx512 if m.div_ceil(12) * 12 * 12 <= m.div_ceil(8) * 8 * 13 => 12,
+            _ => self.mr(),
         }
     }
 
@@ -125,16 +146,18 @@ impl Isa {
         }
     }
 
-    /// One tile.
+    /// One tile of `mr` rows (one of [`Isa::tile_rows`]).
     ///
     /// # Safety
-    /// The CPU runs this family; `a` holds `kc·MR` floats, `b` `kc·NR` floats, and `t`
+    /// The CPU runs this family; `a` holds `kc·mr` floats, `b` `kc·NR` floats, and `t`
     /// describes a tile of C (see [`super::micro`]).
     #[inline]
-    unsafe fn kernel(self, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    unsafe fn kernel(self, mr: usize, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
         // SAFETY: forwarded from this function's contract.
         unsafe {
             match self {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 if mr == 12 => super::micro::kernel_avx512::<12>(kc, a, b, t),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => super::micro::kernel_avx512::<8>(kc, a, b, t),
                 #[cfg(target_arch = "x86_64")]
@@ -287,7 +310,7 @@ pub(crate) unsafe fn gemm(
     }
     let nr = isa.nr();
     let n_panels = n.div_ceil(nr);
-    let (parts, _) = split(parts, m.div_ceil(isa.mr()), n_panels);
+    let (parts, _) = split(parts, m.div_ceil(isa.tile_rows(m)), n_panels);
     with_scratch(&B_BUF, k * n_panels * nr, |bpack| {
         let out = SharedMut(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller) and `bpack` holds every block's panels; parts pack
@@ -318,12 +341,12 @@ pub(crate) unsafe fn gemm_packed_b(
     parts: usize,
     ep: Epilogue,
 ) {
-    let (mr, nr) = (isa.mr(), isa.nr());
+    let (mr, nr) = (isa.tile_rows(m), isa.nr());
     let n_panels = n.div_ceil(nr);
     debug_assert!(bpack.len() >= k * n_panels * nr);
     for_tile_runs(parts, m, mr, n_panels, |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
-        unsafe { run_part(isa, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
+        unsafe { run_part(isa, mr, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
     });
 }
 
@@ -614,6 +637,7 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_part(
     isa: Isa,
+    mr: usize,
     k: usize,
     n: usize,
     alpha: f32,
@@ -628,9 +652,14 @@ unsafe fn run_part(
     if rows.is_empty() || panels.is_empty() {
         return;
     }
-    let (mr, nr) = (isa.mr(), isa.nr());
+    let nr = isa.nr();
     let n_pad = n.div_ceil(nr) * nr;
-    let mc_max = mc_panels(mr) * mr;
+    // Blocks of A of equal size (within a panel), as few as fit: a short last block would
+    // stream all of B past a few rows.
+    let m_panels = rows.len().div_ceil(mr);
+    let blocks = m_panels.div_ceil(mc_panels(mr));
+    let mc_max = m_panels.div_ceil(blocks) * mr;
+    let last_col = panels.end;
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
@@ -638,20 +667,23 @@ unsafe fn run_part(
                 let mc = mc_max.min(rows.end - i0);
                 // SAFETY: the block is inside A (caller).
                 unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa != Isa::Scalar) };
-                for jp in panels.clone() {
-                    let j0 = jp * nr;
-                    let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
-                    // SAFETY: j0 < n.
-                    let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
+                for j_block in panels.clone().step_by(NC_PANELS) {
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
-                        // SAFETY: (r0, j0) is inside C.
-                        let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
                         let rows = mr.min(i0 + mc - r0);
-                        let cols = nr.min(n - j0);
-                        let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k);
-                        // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
-                        unsafe { isa.kernel(kc, apack[ip * mr * kc..].as_ptr(), bp, &tile) };
+                        let ap = apack[ip * mr * kc..].as_ptr();
+                        for jp in j_block..(j_block + NC_PANELS).min(last_col) {
+                            let j0 = jp * nr;
+                            let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
+                            // SAFETY: j0 < n.
+                            let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
+                            // SAFETY: (r0, j0) is inside C.
+                            let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
+                            let cols = nr.min(n - j0);
+                            let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k);
+                            // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
+                            unsafe { isa.kernel(mr, kc, ap, bp, &tile) };
+                        }
                     }
                 }
             }

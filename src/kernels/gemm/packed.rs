@@ -129,7 +129,7 @@ impl Isa {
     /// (measured on an Intel Xeon), but wastes more rows on short products. It is chosen when
     /// its padded rows cost less than the 8% it gains (m ≥ 72 except a few heights, never the
     /// 32 or 64 rows of per-head attention). Each element of C is the same sum either way
-    /// (see [`super::micro`]): only speed depends on the choice.
+    /// (each is one lane accumulating over k in order): only speed depends on the choice.
     pub fn tile_rows(self, m: usize) -> usize {
         match self {
             Isa::Avx512 if m.div_ceil(12) * 12 * 12 <= m.div_ceil(8) * 8 * 13 => 12,

@@ -430,6 +430,40 @@ pub(crate) unsafe fn kernel_scalar(mr: usize, nr: usize, kc: usize, a: *const f3
     unsafe { store_scalar(&acc, nr, t) };
 }
 
+/// Copies `lines` lines of `width` floats (line i at `src + i·ss`) into consecutive lines of
+/// `pad` floats at `dst`, the floats past `width` set to zero: the packing of contiguous
+/// runs (rows of B, columns of A) into panels, two masked 16-lane moves per line.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `width ≤ pad ≤ 32`; the source lines and `lines · pad` floats
+/// at `dst` must be valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn copy_lines_padded(
+    src: *const f32,
+    ss: isize,
+    width: usize,
+    lines: usize,
+    dst: *mut f32,
+    pad: usize,
+) {
+    let mask = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+    let (w0, w1) = (mask(width), mask(width.saturating_sub(16)));
+    let (p0, p1) = (mask(pad), mask(pad.saturating_sub(16)));
+    for i in 0..lines {
+        // SAFETY: the masks cover `width` floats of line i and `pad` floats of its
+        // destination (caller); masked-off lanes are neither read nor written.
+        unsafe {
+            let from = src.offset(i as isize * ss);
+            let to = dst.add(i * pad);
+            _mm512_mask_storeu_ps(to, p0, _mm512_maskz_loadu_ps(w0, from));
+            if p1 != 0 {
+                _mm512_mask_storeu_ps(to.add(16), p1, _mm512_maskz_loadu_ps(w1, from.add(16)));
+            }
+        }
+    }
+}
+
 /// Transposes an 8 × 8 block: line i of `src` (8 floats at `src + i·ss`) becomes column i of
 /// `dst` (float i of the 8 at `dst + j·ds`, for each j).
 ///

@@ -689,7 +689,7 @@ mod tests {
                 (13, 31, 33),
                 (25, KC + 1, 40),
                 (12 * 16 + 7, 2 * KC + 3, 65),
-                // Past one block of A (64 panels at most).
+                // Past one block of A (at most 64 panels of 8 rows or 42 of 12 on a 2 MiB L2).
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),

@@ -315,8 +315,7 @@ pub(crate) unsafe fn gemm(
         let out = SharedMut(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller) and `bpack` holds every block's panels; parts pack
         // disjoint panels, which occupy disjoint floats.
-        let pack_panels =
-            |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa != Isa::Scalar) };
+        let pack_panels = |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa) };
         for_panel_runs(parts, n_panels, pack_panels);
         // SAFETY: forwarded from this function's contract; B is now packed in `bpack`.
         unsafe { gemm_packed_b(isa, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
@@ -432,7 +431,7 @@ pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usi
     let shared = SharedMut(out.as_mut_ptr());
     // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
     for_panel_runs(parts, n_panels, |panels| unsafe {
-        pack_b(b, k, n, nr, panels, shared, isa != Isa::Scalar)
+        pack_b(b, k, n, nr, panels, shared, isa)
     });
     out
 }
@@ -489,8 +488,9 @@ unsafe impl Sync for SharedMut {}
 ///
 /// # Safety
 /// B is `k × n`; `out` points to `k · ceil(n / nr) · nr` floats, of which no other thread
-/// touches those of these panels; with `simd` the CPU has AVX2.
-unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, out: SharedMut, simd: bool) {
+/// touches those of these panels; the CPU runs `isa`.
+unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, out: SharedMut, isa: Isa) {
+    let simd = isa != Isa::Scalar;
     let n_pad = n.div_ceil(nr) * nr;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
@@ -502,6 +502,16 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                 unsafe { std::slice::from_raw_parts_mut(out.0.add(p0 * n_pad + jp * kc * nr), kc * nr) };
             // SAFETY (for every read below): rows p0..p0 + kc and columns j0..j0 + cols are
             // inside B.
+            #[cfg(target_arch = "x86_64")]
+            if b.cs == 1 && isa == Isa::Avx512 {
+                // SAFETY: kc rows of `cols` floats of B; the panel holds kc rows of nr; the CPU
+                // has AVX-512F.
+                unsafe {
+                    let src = b.ptr.offset(p0 as isize * b.rs + j0 as isize);
+                    super::micro::copy_lines_padded(src, b.rs, cols, kc, dst.as_mut_ptr(), nr);
+                }
+                continue;
+            }
             if b.cs == 1 {
                 for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     let src = unsafe {
@@ -567,10 +577,10 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 /// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
 ///
 /// # Safety
-/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; with `simd` the CPU
-/// has AVX2.
+/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; the CPU runs `isa`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], simd: bool) {
+unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], isa: Isa) {
+    let simd = isa != Isa::Scalar;
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;
         let rows = mr.min(i0 + mc - r0);
@@ -578,6 +588,13 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
         // inside A.
         let at =
             |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
+        #[cfg(target_arch = "x86_64")]
+        if a.rs == 1 && isa == Isa::Avx512 {
+            // SAFETY: kc columns of `rows` floats of A; the panel holds kc columns of mr; the
+            // CPU has AVX-512F.
+            unsafe { super::micro::copy_lines_padded(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
+            continue;
+        }
         if a.rs == 1 {
             // Columns of A are contiguous: each step of k is one copy.
             for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
@@ -666,7 +683,7 @@ unsafe fn run_part(
             for i0 in rows.clone().step_by(mc_max) {
                 let mc = mc_max.min(rows.end - i0);
                 // SAFETY: the block is inside A (caller).
-                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa != Isa::Scalar) };
+                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
                 for j_block in panels.clone().step_by(NC_PANELS) {
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;

@@ -162,8 +162,12 @@ unsafe fn store_scalar(acc: &[f32], nr: usize, t: &Tile) {
     }
 }
 
-/// How far ahead (in floats) the AVX-512 kernel prefetches B: 8 steps of k.
-const PREFETCH: usize = 8 * 32;
+/// How far ahead (in floats) the AVX-512 kernel prefetches B: 32 steps of k, 4 KiB. Where B
+/// streams from memory (a decoding step's few rows against every weight) the loads must be
+/// asked for well ahead; the hardware's stream prefetcher does not cross 4 KiB pages. Measured
+/// against 8 steps (Intel Xeon): base greedy decode 975 → 821–864 ms on one thread, 490 →
+/// 403–427 ms on two; eval and training steps equal or a few percent faster.
+const PREFETCH: usize = 32 * 32;
 
 /// The AVX-512 kernel: `MR × 32`.
 ///

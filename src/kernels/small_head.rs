@@ -648,6 +648,146 @@ pub(crate) fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
 }
 
+/// One query of one head against `kb` cached keys and values, the attention of a decoding
+/// step: `out ← softmax(q·Kᵀ·scale)·V`, with the keys stored transposed (`kt`: feature d's
+/// keys over the positions at `kt + d·kt_rs`, contiguous) and the values by position
+/// (position j's row at `v + j·v_rs`, contiguous).
+pub(crate) struct StepHead<'a, F> {
+    /// The query, `d_k` features.
+    pub q: &'a [F],
+    /// `1 / √d_k`.
+    pub scale: F,
+    /// The keys, transposed: `d_k` rows of `kb` floats, `kt_rs` apart.
+    pub kt: *const F,
+    pub kt_rs: isize,
+    /// The values: `kb` rows of `d_v` floats, `v_rs` apart.
+    pub v: *const F,
+    pub v_rs: isize,
+    /// Keys taking part (the cache's length).
+    pub kb: usize,
+    /// The mask of this query's row.
+    pub mask: super::RowMask<'a>,
+}
+
+/// [`StepHead`]'s result into `out` (`d_v` floats), with `scores` (at least `kb` floats) as
+/// scratch. With AVX-512, `f32`, and at most [`MAX_KEYS`] keys and value features, the scores
+/// and the output stay in registers across the sums (a head's step had been a chain of stores
+/// and loads of each partial sum); elsewhere the same arithmetic in slices: each score a
+/// chain of fused multiply-adds over the features in order from `q_d·scale`, the softmax of
+/// [`super::softmax`], each output feature a chain of fused multiply-adds over the allowed
+/// positions in order. The two give the same bits (tested).
+///
+/// # Safety
+/// The `d_k` rows of `kb` keys and the `kb` rows of `out.len()` values must be readable.
+pub(crate) unsafe fn step_head<F: Float>(h: &StepHead<'_, F>, scores: &mut [F], out: &mut [F]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
+        && h.kb <= MAX_KEYS
+        && out.len() <= MAX_KEYS
+        && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
+    {
+        // SAFETY: F is f32 (checked), so the casts are identities; the CPU has AVX-512F; the
+        // caller vouches for the keys and values.
+        unsafe {
+            let h32 = &*(h as *const StepHead<'_, F> as *const StepHead<'_, f32>);
+            let out32 = &mut *(out as *mut [F] as *mut [f32]);
+            let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
+            return step_head_avx512(h32, scores32, out32);
+        }
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { step_head_slices(h, scores, out) }
+}
+
+/// [`step_head`] in slices: the naive twin of [`step_head_avx512`], and the path of other
+/// types, lengths and CPUs.
+///
+/// # Safety
+/// As [`step_head`].
+pub(crate) unsafe fn step_head_slices<F: Float>(h: &StepHead<'_, F>, scores: &mut [F], out: &mut [F]) {
+    let (kb, dv) = (h.kb, out.len());
+    // SAFETY (both closures): the caller vouches for these rows.
+    let key_t = |d: usize| unsafe { std::slice::from_raw_parts(h.kt.offset(d as isize * h.kt_rs), kb) };
+    let value = |j: usize| unsafe { std::slice::from_raw_parts(h.v.offset(j as isize * h.v_rs), dv) };
+    let scores = &mut scores[..kb];
+    super::simd::widest!({
+        scores.fill(F::ZERO);
+        for (d, &qd) in h.q.iter().enumerate() {
+            let qd = qd * h.scale;
+            for (s, &k) in scores.iter_mut().zip(key_t(d)) {
+                *s = qd.mul_add(k, *s);
+            }
+        }
+        super::softmax::softmax_row_inline(scores, h.mask);
+        out.fill(F::ZERO);
+        for (j, &p) in scores.iter().enumerate() {
+            if h.mask.allows(j) {
+                for (o, &x) in out.iter_mut().zip(value(j)) {
+                    *o = p.mul_add(x, *o);
+                }
+            }
+        }
+    })
+}
+
+/// [`step_head`] with the scores and the output in registers (four vectors each at most).
+///
+/// # Safety
+/// As [`step_head`]; the CPU has AVX-512F; `kb` and `out.len()` are at most [`MAX_KEYS`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (kb, dv) = (h.kb, out.len());
+    let masks = |len: usize| -> [u16; 4] {
+        std::array::from_fn(|c| {
+            let n = len.saturating_sub(c * W).min(W);
+            if n == W { 0xffff } else { ((1u32 << n) - 1) as u16 }
+        })
+    };
+    let (mk, mv) = (masks(kb), masks(dv));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for (d, &qd) in h.q.iter().enumerate() {
+        let qd = _mm512_set1_ps(qd * h.scale);
+        // SAFETY: row d of the keys holds kb floats (caller); the masks cover them.
+        let row = unsafe { h.kt.offset(d as isize * h.kt_rs) };
+        for c in 0..4 {
+            if mk[c] != 0 {
+                let k = unsafe { _mm512_maskz_loadu_ps(mk[c], row.add(c * W)) };
+                acc[c] = _mm512_fmadd_ps(qd, k, acc[c]);
+            }
+        }
+    }
+    let mut buf = [0.0f32; MAX_KEYS];
+    for (c, &sums) in acc.iter().enumerate() {
+        // SAFETY: buf holds 4 vectors.
+        unsafe { _mm512_storeu_ps(buf.as_mut_ptr().add(c * W), sums) };
+    }
+    let scores = &mut scores[..kb];
+    scores.copy_from_slice(&buf[..kb]);
+    super::softmax::softmax_row_inline(scores, h.mask);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for (j, &p) in scores.iter().enumerate() {
+        if h.mask.allows(j) {
+            let p = _mm512_set1_ps(p);
+            // SAFETY: row j of the values holds dv floats (caller); the masks cover them.
+            let row = unsafe { h.v.offset(j as isize * h.v_rs) };
+            for c in 0..4 {
+                if mv[c] != 0 {
+                    let x = unsafe { _mm512_maskz_loadu_ps(mv[c], row.add(c * W)) };
+                    acc[c] = _mm512_fmadd_ps(p, x, acc[c]);
+                }
+            }
+        }
+    }
+    for c in 0..4 {
+        if mv[c] != 0 {
+            // SAFETY: the mask covers out's floats of vector c.
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(c * W), mv[c], acc[c]) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,6 +1073,68 @@ mod tests {
                     g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
                     "exp16({x}) = {g}, exp_f32 = {want}"
                 );
+            }
+        }
+    }
+
+    /// A decoding step's head in registers gives the bits of its twin in slices, at the edges
+    /// of vectors and with each kind of mask, the keys and values strided as in a cache.
+    #[test]
+    fn step_head_in_registers_matches_its_twin_bit_for_bit() {
+        if Isa::best() != Some(Isa::Avx512) {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(21);
+        for &(dk, kb, dv) in &[
+            (8, 1, 8),
+            (32, 5, 16),
+            (32, 16, 30),
+            (64, 17, 64),
+            (16, 33, 1),
+            (64, 64, 64),
+        ] {
+            // Cached as the decoder keeps them: capacity 70 positions per row of keys.
+            let kt = random(&mut rng, (dk, 70));
+            let v = random(&mut rng, (70, dv + 3));
+            let q: Vec<f32> = (0..dk).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let masks = [
+                RowMask::all(kb),
+                RowMask {
+                    limit: kb.saturating_sub(1).max(1),
+                    keys: None,
+                    pairs: None,
+                },
+                RowMask {
+                    limit: kb,
+                    keys: Some(&KEYS[..kb]),
+                    pairs: None,
+                },
+            ];
+            for mask in masks {
+                let head = StepHead {
+                    q: &q,
+                    scale: 1.0 / (dk as f32).sqrt(),
+                    kt: kt.as_ptr(),
+                    kt_rs: 70,
+                    v: v.as_ptr(),
+                    v_rs: (dv + 3) as isize,
+                    kb,
+                    mask,
+                };
+                let (mut got, mut want) = (vec![f32::NAN; dv], vec![f32::NAN; dv]);
+                let mut scores = vec![0.0f32; 70];
+                // SAFETY: kt holds dk rows of 70 ≥ kb, v 70 ≥ kb rows of dv + 3 ≥ dv.
+                unsafe {
+                    step_head(&head, &mut scores, &mut got);
+                    step_head_slices(&head, &mut scores, &mut want);
+                }
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "dk={dk} kb={kb} dv={dv} limit={}: {got:?} vs {want:?}",
+                    mask.limit
+                );
+                assert!(got.iter().all(|x| x.is_finite()));
             }
         }
     }

@@ -59,7 +59,7 @@ use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::simd::widest;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{RowSoftmax, SmallHead};
+use crate::kernels::small_head::{RowSoftmax, SmallHead, StepHead, step_head};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -403,48 +403,21 @@ pub(crate) fn attention_step<F: Float>(
         let mut scores = vec![F::ZERO; tk];
         for (r, row) in rows.chunks_exact_mut(h * dv).enumerate() {
             let bi = at / (h * dv) + r;
-            let row_mask = mask.row(bi, 0);
             let kb = mask.key_limit(bi).min(tk);
-            for hi in 0..h {
-                let qh = &q[bi * h * dk + hi * dk..][..dk];
-                // Feature d of this head's keys over the positions, position j's value row.
-                // SAFETY: (bi, hi, d < d_k, ..kb) is inside kt and (bi, hi, j < kb, ..) inside
-                // v, whose last axes have unit stride (asserted above).
-                let key_t = |d: usize| unsafe {
-                    std::slice::from_raw_parts(
-                        (kp as *const F)
-                            .offset(bi as isize * ks[0] + hi as isize * ks[1] + d as isize * ks[2]),
-                        kb,
-                    )
+            for (hi, o) in row.chunks_exact_mut(dv).enumerate() {
+                let head = StepHead {
+                    q: &q[bi * h * dk + hi * dk..][..dk],
+                    scale,
+                    kt: (kp as *const F).wrapping_offset(bi as isize * ks[0] + hi as isize * ks[1]),
+                    kt_rs: ks[2],
+                    v: (vp as *const F).wrapping_offset(bi as isize * vs[0] + hi as isize * vs[1]),
+                    v_rs: vs[2],
+                    kb,
+                    mask: mask.row(bi, 0),
                 };
-                let value = |j: usize| unsafe {
-                    std::slice::from_raw_parts(
-                        (vp as *const F)
-                            .offset(bi as isize * vs[0] + hi as isize * vs[1] + j as isize * vs[2]),
-                        dv,
-                    )
-                };
-                let o = &mut row[hi * dv..(hi + 1) * dv];
-                widest!({
-                    let s = &mut scores[..kb];
-                    s.fill(F::ZERO);
-                    for (d, &qd) in qh.iter().enumerate() {
-                        let qd = qd * scale;
-                        for (s, &k) in s.iter_mut().zip(key_t(d)) {
-                            *s += qd * k;
-                        }
-                    }
-                    scores[kb..].fill(F::ZERO);
-                    softmax_row_inline(&mut scores, row_mask);
-                    o.fill(F::ZERO);
-                    for (j, &p) in scores[..kb].iter().enumerate() {
-                        if row_mask.allows(j) {
-                            for (o, &x) in o.iter_mut().zip(value(j)) {
-                                *o += p * x;
-                            }
-                        }
-                    }
-                })
+                // SAFETY: (bi, hi, d < d_k, ..kb) is inside kt and (bi, hi, j < kb, ..d_v)
+                // inside v, whose last axes have unit stride (asserted above).
+                unsafe { step_head(&head, &mut scores, o) };
             }
         }
     });

@@ -315,6 +315,12 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                 };
                 for c in 0..kp / DEPTH {
                     let d = &mut dst[(c * mr + r) * DEPTH..(c * mr + r + 1) * DEPTH];
+                    if r >= rows {
+                        // A row past the block (a decoding step's 8 rows fill a quarter of an
+                        // AMX panel): zeros, in one fill rather than value by value.
+                        d.fill(0);
+                        continue;
+                    }
                     let src = row.get(c * DEPTH..).unwrap_or(&[]);
                     if src.len() >= DEPTH {
                         // SAFETY: 32 floats of the row, 32 u16 of the panel; the vector paths

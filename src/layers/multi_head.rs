@@ -48,6 +48,7 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
+use crate::kernels::parallel::{PairViews, for_each_index};
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, PackedB, filled, gemm, gemm_packed};
 use crate::layers::attention::{
@@ -251,10 +252,29 @@ impl<F: Float> KvCache<F> {
             self.v = vv;
             self.spare = None;
         }
-        self.kt
-            .slice_mut(s![.., .., .., self.len..need])
-            .assign(&k.permuted_axes([0, 1, 3, 2]));
-        self.v.slice_mut(s![.., .., self.len..need, ..]).assign(&v);
+        // Each sequence's rows on the thread that runs its attention next (the same cut into
+        // contiguous runs of sequences as `attention_step`'s), so that the cache's lines are
+        // written in the core that reads them: written by one thread and read by the other,
+        // the helper's half of a small bf16 decode's attention ran half again as long.
+        let (len, parts) = (self.len, crate::kernels::parallel::threads().clamp(1, b.max(1)));
+        let per = b.div_ceil(parts).max(1);
+        let kt = PairViews::new(self.kt.view_mut());
+        let vv = PairViews::new(self.v.view_mut());
+        for_each_index(b.div_ceil(per), |i| {
+            for bi in i * per..((i + 1) * per).min(b) {
+                for hi in 0..h {
+                    // SAFETY: pair (bi, hi) belongs to this part alone.
+                    let (mut kt, mut vv) = unsafe { (kt.get(bi, hi), vv.get(bi, hi)) };
+                    for j in 0..t {
+                        for d in 0..dk {
+                            kt[[d, len + j]] = k[[bi, hi, j, d]];
+                        }
+                    }
+                    vv.slice_mut(s![len..need, ..])
+                        .assign(&v.slice(s![bi, hi, .., ..]));
+                }
+            }
+        });
         self.len = need;
     }
 }

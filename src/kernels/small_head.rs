@@ -192,11 +192,14 @@ impl SmallHead {
             unsafe { products(qt, tq, Strided::dense(kt, kb), dk, kb, scale, limit, p, tq) };
         });
         match softmax {
-            RowSoftmax::Limit(_) => {
+            // Keys past the head's own are blocked (a row of probs can be longer than kb);
+            // nothing to do, and no view per row, where it is not.
+            RowSoftmax::Limit(_) if probs.ncols() > kb => {
                 for mut row in probs.rows_mut() {
-                    row.slice_mut(ndarray::s![kb..]).fill(F::ZERO);
+                    row.as_slice_mut().expect("contiguous rows (asserted)")[kb..].fill(F::ZERO);
                 }
             }
+            RowSoftmax::Limit(_) => {}
             RowSoftmax::Rows(mut softmax) => {
                 for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
                     softmax(i, row.as_slice_mut().expect("contiguous rows (asserted)"));

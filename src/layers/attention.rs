@@ -262,6 +262,36 @@ pub(crate) fn resolve_or_panic(mask: &Mask, b: usize, tq: usize, tk: usize) -> R
         .unwrap_or_else(|e| panic!("attention: the mask does not fit (B, Tq, Tk) = ({b}, {tq}, {tk}): {e}"))
 }
 
+/// `x[i, j, ..rows, ..cols]`, as `x.slice(s![i, j, ..rows, ..cols])` gives it, without
+/// ndarray's general slicing: four of those per head had taken a tenth of the tiny workload's
+/// eval forward.
+///
+/// # Panics
+/// If the view does not lie inside `x`.
+fn head_view<'a, F>(
+    x: &ArrayView4<'a, F>,
+    i: usize,
+    j: usize,
+    rows: usize,
+    cols: usize,
+) -> ArrayView2<'a, F> {
+    let (a, b, r, c) = x.dim();
+    assert!(
+        i < a && j < b && rows <= r && cols <= c,
+        "head_view ({i}, {j}), {rows} × {cols}, of {:?}",
+        x.shape()
+    );
+    let s = x.strides();
+    // SAFETY: elements (i, j, ..rows, ..cols) lie inside x (asserted), at x's strides; the
+    // strides pass as usize and are read back as isize (negative ones included).
+    unsafe {
+        ArrayView2::from_shape_ptr(
+            ndarray::ShapeBuilder::strides((rows, cols), (s[2] as usize, s[3] as usize)),
+            x.as_ptr().offset(i as isize * s[0] + j as isize * s[1]),
+        )
+    }
+}
+
 /// `out ← softmax(QKᵀ/√d_k + mask)·V` per (batch, head), with dropout `p` on the weights when
 /// `rng` is given. Returns the weights and dropout mask for [`attention_backward`].
 ///
@@ -312,12 +342,12 @@ pub fn attention_forward<F: Float>(
         // SAFETY: each pair is taken by one part only.
         let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
         let kb = mask.key_limit(bi);
-        let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+        let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
         #[cfg(target_arch = "x86_64")]
-        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v) {
-            let dropped = drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
+        if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v) {
+            let dropped = drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
             let first = mask.row(bi, 0);
             let softmax = if first.keys.is_none() && first.pairs.is_none() {
                 RowSoftmax::Limit(|i| mask.row(bi, i).limit)
@@ -331,7 +361,7 @@ pub fn attention_forward<F: Float>(
         // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
         gemm(
             scale,
-            q.slice(s![bi, hi, .., ..]),
+            head_view(&q, bi, hi, tq, dk),
             k.t(),
             F::ZERO,
             probs.slice_mut(s![.., ..kb]),
@@ -476,14 +506,14 @@ pub fn attention_backward<F: Float>(
         let (mut grad_q, mut grad_k, mut grad_v) =
             unsafe { (gqs.get(bi, hi), gks.get(bi, hi), gvs.get(bi, hi)) };
         let kb = mask.key_limit(bi);
-        let (k, v) = (k.slice(s![bi, hi, ..kb, ..]), v.slice(s![bi, hi, ..kb, ..]));
+        let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
-        let probs = cache.probs.slice(s![bi, hi, .., ..kb]);
-        let drop = cache.drop.as_ref().map(|m| m.slice(s![bi, hi, .., ..kb]));
-        let g = grad_out.slice(s![bi, hi, .., ..]);
+        let probs = head_view(&cache.probs.view(), bi, hi, tq, kb);
+        let drop = cache.drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
+        let g = head_view(&grad_out, bi, hi, tq, dv);
         #[cfg(target_arch = "x86_64")]
-        if let Some(head) = SmallHead::new(q.slice(s![bi, hi, .., ..]), k, v)
+        if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v)
             && head.takes_backward()
         {
             let softmax_backward = |i, p: &[F], gp: &[F], gs: &mut [F]| {
@@ -539,7 +569,7 @@ pub fn attention_backward<F: Float>(
         gemm(
             scale,
             grad_s.t(),
-            q.slice(s![bi, hi, .., ..]),
+            head_view(&q, bi, hi, tq, dk),
             F::ZERO,
             grad_k.slice_mut(s![..kb, ..]),
         );

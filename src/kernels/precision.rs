@@ -2,7 +2,8 @@
 //!
 //! In bf16 mixed precision the operands of the large matrix products (the linear layers,
 //! the output projection, their backward products) are rounded to bf16 (round to nearest,
-//! ties to even) and their products accumulated in `f32`; everything else stays `f32`:
+//! ties to even; denormals, below 2⁻¹²⁶, to zero, as the hardware's conversion and products
+//! treat them) and their products accumulated in `f32`; everything else stays `f32`:
 //! the parameters and the optimizer's moments, layer norm, softmax and the attention core,
 //! the loss, every reduction. This is what `torch.autocast("cpu", dtype=torch.bfloat16)`
 //! does to `nn.Linear`.

@@ -1,6 +1,7 @@
 //! The bf16 mixed-precision GEMM: `C ← α·A·B + β·C`, with the `f32` path's epilogues, where
-//! A and B are rounded to bf16 (round to nearest, ties to even) and the products are
-//! accumulated in `f32`.
+//! A and B are rounded to bf16 (round to nearest, ties to even, denormals to zero: see
+//! [`to_bf16`]) and the products are accumulated in `f32`. The vector paths convert with
+//! AVX512-BF16's `vcvtne2ps2bf16` while they pack.
 //!
 //! # Paths
 //! [`Bf16Path::best`] picks, at run time:
@@ -57,13 +58,19 @@ const NR: usize = 32;
 /// Values of k per chunk of packed A (the depth of an AMX tile).
 const DEPTH: usize = 32;
 
-/// `x` rounded to bf16, to nearest with ties to even; NaN stays NaN (quiet).
+/// `x` rounded to bf16, to nearest with ties to even; NaN stays NaN (quiet); a denormal
+/// (magnitude below 2⁻¹²⁶) becomes a zero of its sign. The same bits as AVX512-BF16's
+/// `vcvtne2ps2bf16`, which the packing of the vector paths uses; and a denormal bf16 operand
+/// would count as zero in their products anyway (`vdpbf16ps` and `tdpbf16ps` read denormals
+/// as zero).
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     if x.is_nan() {
         ((b >> 16) | 0x40) as u16
+    } else if x.is_subnormal() {
+        ((b >> 16) & 0x8000) as u16
     } else {
         rounded
     }
@@ -205,8 +212,11 @@ unsafe impl Sync for Shared {}
 ///
 /// # Safety
 /// B is `k × n`; `out` points to [`packed_len`] elements, of which no other thread touches
-/// those of these panels; the CPU has AVX-512F and BW (both vector paths need them).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+/// those of these panels; the CPU has AVX-512F, BW and BF16 (both vector paths need them).
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512bf16")
+)]
 unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) {
     let n_pad = n.div_ceil(NR) * NR;
     for p0 in (0..k).step_by(KC) {
@@ -293,9 +303,12 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) 
 ///
 /// # Safety
 /// The block lies inside A; `out` holds `ceil(mc / mr) · mr · padded(kc)` elements; the CPU
-/// has AVX-512F and BW.
+/// has AVX-512F, BW and BF16.
 #[allow(clippy::too_many_arguments)]
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512bf16")
+)]
 unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [u16]) {
     let kp = padded(kc);
     for (ip, dst) in out.chunks_exact_mut(mr * kp).take(mc.div_ceil(mr)).enumerate() {
@@ -391,50 +404,40 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
     }
 }
 
-/// Vectorised conversions for packing (AVX-512F and BW, which both vector paths have): the
+/// Vectorised conversions for packing (AVX-512F, BW and BF16, which both vector paths have): the
 /// same bits as [`to_bf16`].
 #[cfg(target_arch = "x86_64")]
 mod vec {
     use std::arch::x86_64::*;
 
-    /// Each lane of `x` rounded as [`super::to_bf16`], the bf16 in the lane's high 16 bits
-    /// (the low 16 bits are garbage).
+    /// Lanes `(lo[i], hi[i])` of 16 pairs, as u32 lanes: `lo`'s bf16 in the low half, each
+    /// value rounded as [`super::to_bf16`] (`vcvtne2ps2bf16`, then the halves interleaved).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) fn round_high(x: __m512) -> __m512i {
-        let b = _mm512_castps_si512(x);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        let nan = _mm512_or_si512(b, _mm512_set1_epi32(0x40 << 16));
-        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        _mm512_mask_blend_epi32(is_nan, r, nan)
-    }
-
-    /// Lanes `(lo[i], hi[i])` of 16 pairs, as u32 lanes: `lo`'s bf16 in the low half.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn pairs(lo: __m512, hi: __m512) -> __m512i {
-        let l = _mm512_srli_epi32::<16>(round_high(lo));
-        let h = _mm512_and_si512(round_high(hi), _mm512_set1_epi32(0xffff_0000u32 as i32));
-        _mm512_or_si512(l, h)
+        // SAFETY: a bf16 vector is 512 bits, as an integer vector.
+        let both: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+        let zip = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+            18, 2, 17, 1, 16, 0,
+        );
+        _mm512_permutexvar_epi16(zip, both)
     }
 
-    /// 32 consecutive floats at `src` as 32 bf16 (16 pairs of neighbours, as u32 lanes).
+    /// 32 consecutive floats at `src` as 32 bf16 (16 pairs of neighbours, as u32 lanes),
+    /// rounded as [`super::to_bf16`]: one `vcvtne2ps2bf16`.
     ///
     /// # Safety
     /// 32 floats readable at `src`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn convert32(src: *const f32) -> __m512i {
-        // SAFETY: the caller vouches for the run.
+        // SAFETY: the caller vouches for the run; a bf16 vector is 512 bits.
         unsafe {
-            let x0 = round_high(_mm512_loadu_ps(src));
-            let x1 = round_high(_mm512_loadu_ps(src.add(16)));
-            let odd = _mm512_set_epi16(
-                63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19,
-                17, 15, 13, 11, 9, 7, 5, 3, 1,
-            );
-            _mm512_permutex2var_epi16(x0, odd, x1)
+            std::mem::transmute(_mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(src.add(16)),
+                _mm512_loadu_ps(src),
+            ))
         }
     }
 
@@ -919,6 +922,77 @@ mod tests {
         // A NaN whose payload sits only in the low bits must not become an infinity.
         assert!(bf16_to_f32(to_bf16(f32::from_bits(0x7f80_0001))).is_nan());
         assert_eq!(round_bf16(3.140625), 3.140625);
+        // Denormals become zeros of their sign, as the hardware conversion gives them.
+        assert_eq!(to_bf16(f32::from_bits(0x007f_ffff)), 0x0000);
+        assert_eq!(to_bf16(f32::from_bits(0x8001_8000)), 0x8000);
+        assert_eq!(to_bf16(f32::MIN_POSITIVE), 0x0080, "the smallest normal stays");
+    }
+
+    /// The packing's vector conversions (`vcvtne2ps2bf16`) give [`to_bf16`]'s bits on ties,
+    /// NaN, infinities, overflow, denormals, zeros of both signs and random values.
+    #[test]
+    fn vector_conversions_match_to_bf16() {
+        if !avx512bf16() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut values = vec![
+            1.0,
+            -2.5,
+            0.0,
+            -0.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            3.140625,
+        ];
+        for bits in [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x7f80_0001,
+            0xff81_2345,
+            0x007f_ffff,
+            0x8001_8000,
+            0x0000_0001,
+            0x7f7f_ffff,
+        ] {
+            values.push(f32::from_bits(bits));
+        }
+        let mut h = 0x9e37_79b9_7f4a_7c15u64;
+        while values.len() < 32 * 64 {
+            h = h
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            values.push(f32::from_bits((h >> 32) as u32));
+        }
+        for run in values.chunks_exact(32) {
+            let want: Vec<u16> = run.iter().map(|&x| to_bf16(x)).collect();
+            let mut got = [0u16; 32];
+            let mut pairs = [0u16; 32];
+            // SAFETY: the CPU has AVX-512F, BW and BF16 (checked); 32 floats in `run`, 32 u16
+            // in each output.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_si512(got.as_mut_ptr() as *mut __m512i, vec::convert32(run.as_ptr()));
+                let v = vec::pairs(
+                    _mm512_loadu_ps(run.as_ptr()),
+                    _mm512_loadu_ps(run.as_ptr().add(16)),
+                );
+                _mm512_storeu_si512(pairs.as_mut_ptr() as *mut __m512i, v);
+            }
+            assert_eq!(&got[..], &want[..]);
+            for i in 0..16 {
+                assert_eq!(
+                    (pairs[2 * i], pairs[2 * i + 1]),
+                    (want[i], want[16 + i]),
+                    "pair {i}"
+                );
+            }
+        }
     }
 
     fn data(rows: usize, cols: usize, seed: u32) -> Array2<f32> {

@@ -260,14 +260,29 @@ impl<F: Float> KvCache<F> {
         let per = b.div_ceil(parts).max(1);
         let kt = PairViews::new(self.kt.view_mut());
         let vv = PairViews::new(self.v.view_mut());
+        let ks = k.strides();
         for_each_index(b.div_ceil(per), |i| {
             for bi in i * per..((i + 1) * per).min(b) {
                 for hi in 0..h {
                     // SAFETY: pair (bi, hi) belongs to this part alone.
                     let (mut kt, mut vv) = unsafe { (kt.get(bi, hi), vv.get(bi, hi)) };
+                    // Key j's features down column len + j, by pointer: ndarray's indexing
+                    // (bounds checks, four strides) had made the memory's keys, a whole
+                    // source at once, slower to cache than the assign before.
+                    let (rs, cs) = (kt.strides()[0], kt.strides()[1]);
+                    let (dst, src) = (kt.as_mut_ptr(), k.as_ptr());
                     for j in 0..t {
                         for d in 0..dk {
-                            kt[[d, len + j]] = k[[bi, hi, j, d]];
+                            // SAFETY: (d, len + j) is inside this pair's [d_k, capacity] view
+                            // (need ≤ capacity) and (bi, hi, j, d) inside k.
+                            unsafe {
+                                *dst.offset(d as isize * rs + (len + j) as isize * cs) = *src.offset(
+                                    bi as isize * ks[0]
+                                        + hi as isize * ks[1]
+                                        + j as isize * ks[2]
+                                        + d as isize * ks[3],
+                                );
+                            }
                         }
                     }
                     vv.slice_mut(s![len..need, ..])

@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`. The
 //! bf16 products, on every path this CPU runs, beside the `f32` kernels:
-//! `cargo bench --bench kernels -- gemm_bf16`.
+//! `cargo bench --bench kernels -- gemm_bf16`. The products of inference, with the weight
+//! packed beforehand: `cargo bench --bench kernels -- gemm_packed`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2};
@@ -60,6 +61,41 @@ fn bench_gemm(c: &mut Criterion) {
                 BenchmarkId::new(name, format!("{threads}t")),
                 &threads,
                 |bench, _| pool.install(|| bench.iter(|| gemm(1.0, a.view(), w.t(), 0.0, out.view_mut()))),
+            );
+        }
+    }
+    group.finish();
+}
+
+/// The products of inference: B (the transpose of a stored weight) packed once beforehand
+/// (`PackedB`, as `EncoderDecoder::packed` does), so that only the kernels and the packing of
+/// A are timed, at the dense shapes of `small` and `base`, one and two threads.
+fn bench_gemm_packed(c: &mut Criterion) {
+    use vaswani::kernels::{PackedB, gemm_packed};
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut group = c.benchmark_group("gemm_packed");
+    group.sample_size(20);
+    for &(name, m, k, n) in GEMMS
+        .iter()
+        .filter(|g| g.0.starts_with("small") || g.0.starts_with("base"))
+    {
+        let a = random(m, k, &mut rng);
+        let w = random(n, k, &mut rng);
+        let Some(packed) = PackedB::new(w.t()) else {
+            return; // nothing packs on this CPU
+        };
+        let mut out = Array2::<f32>::zeros((m, n));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(
+                BenchmarkId::new(name, format!("{threads}t")),
+                &threads,
+                |bench, _| {
+                    pool.install(|| {
+                        bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
+                    })
+                },
             );
         }
     }
@@ -154,6 +190,7 @@ fn bench_layer_norm(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_gemm,
+    bench_gemm_packed,
     bench_gemm_bf16,
     bench_softmax,
     bench_layer_norm

@@ -124,12 +124,13 @@ impl Isa {
     }
 
     /// Rows of the tiles of a product whose C has `m` rows. AVX-512 has two kernels, `8 × 32`
-    /// and `12 × 32`: the taller one loads B once per 24 multiply-adds, not 16, and ran at
-    /// 82–85% of the FMA peak on the base workload's products (kernels alone) where the short
-    /// one ran at 75–78% (measured on an Intel Xeon), but wastes more rows on short products.
-    /// It is chosen when its padded rows cost less than the 8% it gains (m ≥ 72 except a few
-    /// heights, never the 32 or 64 rows of per-head attention). Each element of C is the same
-    /// sum either way (one lane accumulating over k in order): only speed depends on the choice.
+    /// and `12 × 32`: the taller one loads B once per 24 multiply-adds, not 16, and ran the
+    /// base workload's products 2–9% faster (alternating the two in one process, on an Intel
+    /// Xeon), but wastes more rows on short products. It is chosen when its padded rows cost
+    /// less than the 8% it gains
+    /// (m ≥ 72 except a few heights, never the 32 or 64 rows of per-head attention). Each
+    /// element of C is the same sum either way (one lane accumulating over k in order): only
+    /// speed depends on the choice.
     pub fn tile_rows(self, m: usize) -> usize {
         match self {
             Isa::Avx512 if m.div_ceil(12) * 12 * 12 <= m.div_ceil(8) * 8 * 13 => 12,

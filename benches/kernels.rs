@@ -67,6 +67,21 @@ fn bench_gemm(c: &mut Criterion) {
     group.finish();
 }
 
+/// The dense products of `small` and `base` (not the decoding steps'): for each, its name, A
+/// `[m, k]`, the stored weight W `[n, k]` (B = Wᵀ), C `[m, n]` and its FLOPs.
+#[allow(clippy::type_complexity)]
+fn dense_products(rng: &mut StdRng) -> Vec<(&'static str, Array2<f32>, Array2<f32>, Array2<f32>, u64)> {
+    GEMMS
+        .iter()
+        .filter(|g| g.0.starts_with("small_") || g.0.starts_with("base_"))
+        .map(|&(name, m, k, n)| {
+            let a = random(m, k, rng);
+            let w = random(n, k, rng);
+            (name, a, w, Array2::zeros((m, n)), (2 * m * k * n) as u64)
+        })
+        .collect()
+}
+
 /// The products of inference: B (the transpose of a stored weight) packed once beforehand
 /// (`PackedB`, as `EncoderDecoder::packed` does), so that only the kernels and the packing of
 /// A are timed, at the dense shapes of `small` and `base`, one and two threads.
@@ -75,17 +90,11 @@ fn bench_gemm_packed(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(0);
     let mut group = c.benchmark_group("gemm_packed");
     group.sample_size(20);
-    for &(name, m, k, n) in GEMMS
-        .iter()
-        .filter(|g| g.0.starts_with("small") || g.0.starts_with("base"))
-    {
-        let a = random(m, k, &mut rng);
-        let w = random(n, k, &mut rng);
+    for (name, a, w, mut out, flops) in dense_products(&mut rng) {
         let Some(packed) = PackedB::new(w.t()) else {
             return; // nothing packs on this CPU
         };
-        let mut out = Array2::<f32>::zeros((m, n));
-        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        group.throughput(Throughput::Elements(flops));
         for threads in [1, 2] {
             let pool = pool(threads);
             group.bench_with_input(
@@ -110,14 +119,8 @@ fn bench_gemm_bf16(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(0);
     let mut group = c.benchmark_group("gemm_bf16");
     group.sample_size(10);
-    for &(name, m, k, n) in GEMMS
-        .iter()
-        .filter(|g| g.0.starts_with("small_") || g.0.starts_with("base_"))
-    {
-        let a = random(m, k, &mut rng);
-        let w = random(n, k, &mut rng);
-        let mut out = Array2::<f32>::zeros((m, n));
-        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    for (name, a, w, mut out, flops) in dense_products(&mut rng) {
+        group.throughput(Throughput::Elements(flops));
         if let Some(isa) = Isa::best() {
             group.bench_function(BenchmarkId::new(name, "f32"), |bench| {
                 bench.iter(|| gemm_f32_with(isa, 1.0, a.view(), w.t(), 0.0, out.view_mut(), 1))

@@ -35,9 +35,10 @@ use crate::kernels::parallel::for_each_index;
 pub const KC: usize = 512;
 /// Panels of B that stream past one panel of A (which stays in L1 meanwhile) before the next
 /// panel of A: `8 · KC × 32` floats, 512 KiB, which stay in L2 while every panel of the block
-/// of A passes. Measured on the base workload's products (Intel Xeon, 12-row tiles): 83–85% of
-/// the FMA peak in this order, 76–79% with the panel of B held and the panels of A streaming
-/// past it (a `KC × 32` panel of B, 64 KiB, does not fit a 48 KiB L1); 8 and 16 panels alike.
+/// of A passes. The other order, a panel of B held while the panels of A streamed past it,
+/// read both from L2 (a `KC × 32` panel of B, 64 KiB, does not fit a 48 KiB L1): this order
+/// with the 12-row tiles it makes pay ([`Isa::tile_rows`]) took 5–8% off the base workload's
+/// eval forward (Intel Xeon, `bench`); 8 and 16 panels alike, 4 and 32 slower.
 const NC_PANELS: usize = 8;
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
@@ -127,10 +128,9 @@ impl Isa {
     /// and `12 × 32`: the taller one loads B once per 24 multiply-adds, not 16, and ran the
     /// base workload's products 2–9% faster (alternating the two in one process, on an Intel
     /// Xeon), but wastes more rows on short products. It is chosen when its padded rows cost
-    /// less than the 8% it gains
-    /// (m ≥ 72 except a few heights, never the 32 or 64 rows of per-head attention). Each
-    /// element of C is the same sum either way (one lane accumulating over k in order): only
-    /// speed depends on the choice.
+    /// less than the 8% it gains (m ≥ 72 except a few heights, never the 32 or 64 rows of
+    /// per-head attention). Each element of C is the same sum either way (one lane
+    /// accumulating over k in order): only speed depends on the choice.
     pub fn tile_rows(self, m: usize) -> usize {
         match self {
             Isa::Avx512 if m.div_ceil(12) * 12 * 12 <= m.div_ceil(8) * 8 * 13 => 12,

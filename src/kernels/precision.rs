@@ -38,7 +38,7 @@
 //! converted to bf16 once, there; every product with them then runs in bf16, wherever the
 //! packed model is used. A model whose weights were stored in bf16 (a PyTorch state_dict or
 //! a checkpoint with `BF16` tensors) loads exactly into `f32` and packs back to the same
-//! bf16 values.
+//! bf16 values (denormals excepted: they become zeros, as the hardware reads them anyway).
 //! ```
 //! use vaswani::Precision;
 //! use vaswani::blocks::BlockConfig;

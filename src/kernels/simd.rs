@@ -18,6 +18,13 @@ use super::Float;
 /// Partial sums of [`sum`] and [`dot`].
 pub const LANES: usize = 16;
 
+/// The mask of the first `n` lanes (all 16 from `n ≥ 16` on) of a 16-lane vector: the
+/// masked loads and stores of rows that end inside a vector.
+#[inline(always)]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
+}
+
 /// Runs `$body` (an expression) compiled with AVX-512, with AVX2 and FMA, or for the
 /// baseline, whichever is the widest this CPU runs.
 macro_rules! widest {

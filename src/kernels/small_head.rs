@@ -743,10 +743,7 @@ unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut 
     use std::arch::x86_64::*;
     let (kb, dv) = (h.kb, out.len());
     let masks = |len: usize| -> [u16; 4] {
-        std::array::from_fn(|c| {
-            let n = len.saturating_sub(c * W).min(W);
-            if n == W { 0xffff } else { ((1u32 << n) - 1) as u16 }
-        })
+        std::array::from_fn(|c| super::simd::first_lanes(len.saturating_sub(c * W)))
     };
     let (mk, mv) = (masks(kb), masks(dv));
     let mut acc = [_mm512_setzero_ps(); 4];
@@ -761,13 +758,13 @@ unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut 
             }
         }
     }
-    let mut buf = [0.0f32; MAX_KEYS];
-    for (c, &sums) in acc.iter().enumerate() {
-        // SAFETY: buf holds 4 vectors.
-        unsafe { _mm512_storeu_ps(buf.as_mut_ptr().add(c * W), sums) };
-    }
     let scores = &mut scores[..kb];
-    scores.copy_from_slice(&buf[..kb]);
+    for c in 0..4 {
+        if mk[c] != 0 {
+            // SAFETY: the mask covers the scores' floats of vector c.
+            unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr().add(c * W), mk[c], acc[c]) };
+        }
+    }
     super::softmax::softmax_row_inline(scores, h.mask);
     let mut acc = [_mm512_setzero_ps(); 4];
     for (j, &p) in scores.iter().enumerate() {

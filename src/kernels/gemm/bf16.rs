@@ -337,7 +337,7 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                     let src = row.get(c * DEPTH..).unwrap_or(&[]);
                     if src.len() >= DEPTH {
                         // SAFETY: 32 floats of the row, 32 u16 of the panel; the vector paths
-                        // run on CPUs with AVX-512F and BW.
+                        // run on CPUs with AVX-512F, BW and BF16.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             std::arch::x86_64::_mm512_storeu_si512(
@@ -365,7 +365,7 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             use std::arch::x86_64::*;
             let whole = kc / 2 * 2;
             // SAFETY: columns p, p + 1 < kc of rows r0..r0 + mr; the chunk holds mr rows of 16
-            // u32; the vector paths run on CPUs with AVX-512F and BW.
+            // u32; the vector paths run on CPUs with AVX-512F, BW and BF16.
             unsafe {
                 let across = _mm512_mullo_epi32(
                     _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -825,12 +825,6 @@ unsafe fn run_part(
     }
 }
 
-/// `x` as a hardware bf16 operand: denormals read as zero.
-fn daz(x: f32) -> f32 {
-    let r = round_bf16(x);
-    if r.is_subnormal() { 0.0f32.copysign(r) } else { r }
-}
-
 /// A result flushed to zero if denormal, as `vdpbf16ps` does.
 fn ftz(x: f32) -> f32 {
     if x.is_subnormal() { 0.0f32.copysign(x) } else { x }
@@ -859,11 +853,11 @@ pub fn gemm_bf16_naive(
                 for q in 0..kc.div_ceil(2) {
                     let (e, o) = (p0 + 2 * q, p0 + 2 * q + 1);
                     if o < p0 + kc {
-                        s = ftz(s + daz(a[[i, o]]) * daz(b[[o, j]]));
+                        s = ftz(s + round_bf16(a[[i, o]]) * round_bf16(b[[o, j]]));
                     } else {
                         s = ftz(s + 0.0);
                     }
-                    s = ftz(s + daz(a[[i, e]]) * daz(b[[e, j]]));
+                    s = ftz(s + round_bf16(a[[i, e]]) * round_bf16(b[[e, j]]));
                 }
                 v = match p0 {
                     0 if beta == 0.0 => alpha * s,

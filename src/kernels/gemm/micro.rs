@@ -13,6 +13,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::simd::first_lanes;
+
 /// Where one tile goes and how it is combined with what is there.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Tile {
@@ -223,16 +226,7 @@ pub(crate) unsafe fn store_avx512<const MR: usize>(lo: &[__m512; MR], hi: &[__m5
             }
         }
     } else if t.csc == 1 && t.vector_post() {
-        let m0 = if t.cols >= 16 {
-            0xffff
-        } else {
-            (1u32 << t.cols) as u16 - 1
-        };
-        let m1 = if t.cols <= 16 {
-            0
-        } else {
-            ((1u32 << (t.cols - 16)) - 1) as u16
-        };
+        let (m0, m1) = (first_lanes(t.cols), first_lanes(t.cols.saturating_sub(16)));
         for r in 0..MR {
             if r >= t.rows {
                 break;
@@ -451,9 +445,8 @@ pub(crate) unsafe fn copy_lines_padded(
     dst: *mut f32,
     pad: usize,
 ) {
-    let mask = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
-    let (w0, w1) = (mask(width), mask(width.saturating_sub(16)));
-    let (p0, p1) = (mask(pad), mask(pad.saturating_sub(16)));
+    let (w0, w1) = (first_lanes(width), first_lanes(width.saturating_sub(16)));
+    let (p0, p1) = (first_lanes(pad), first_lanes(pad.saturating_sub(16)));
     for i in 0..lines {
         // SAFETY: the masks cover `width` floats of line i and `pad` floats of its
         // destination (caller); masked-off lanes are neither read nor written.

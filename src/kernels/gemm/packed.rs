@@ -556,9 +556,9 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     }
 }
 
-/// `dst ← src` for the short runs of packing (a panel's width): the lengths of whole panels
-/// are copied with fixed-size moves the compiler inlines, rather than a call to `memcpy` for
-/// every 32 or 128 bytes.
+/// `dst ← src` for the short runs of packing without AVX-512 (a panel's width): the lengths
+/// of whole panels are copied with fixed-size moves the compiler inlines, rather than a call
+/// to `memcpy` for every 16 to 64 bytes (AVX-512 packs with [`super::micro::copy_lines_padded`]).
 #[inline(always)]
 fn copy_short(dst: &mut [f32], src: &[f32]) {
     fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
@@ -566,7 +566,6 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
         *d = *<&[f32; N]>::try_from(src).expect("length N");
     }
     match dst.len() {
-        32 => fixed::<32>(dst, src),
         16 => fixed::<16>(dst, src),
         8 => fixed::<8>(dst, src),
         6 => fixed::<6>(dst, src),

@@ -51,10 +51,10 @@ autocast's linear layers return, bf16).
 Output: one line per measurement (one JSON object per line with --json) with the fields
   workload, threads, what, median_ms, min_ms, max_ms, tokens_per_s, gflops, steps, impl,
   precision
-as the crate's `bench` example prints them. tokens_per_s counts target tokens (batch * tgt_len) per call. gflops divides the
-FLOP model's count (`model_flops`) by the median. Both decodes are credited with the work
-of a key/value-cached decode, so greedy_decode, which recomputes the prefix, does more
-arithmetic than it is credited for.
+as the crate's `bench` example prints them. tokens_per_s counts target tokens
+(batch * tgt_len) per call. gflops divides the FLOP model's count (`model_flops`) by the
+median. Both decodes are credited with the work of a key/value-cached decode, so
+greedy_decode, which recomputes the prefix, does more arithmetic than it is credited for.
 
 Examples:
     .venv-torch/bin/python scripts/bench_torch.py --workload tiny --threads 1

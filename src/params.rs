@@ -16,6 +16,34 @@ use crate::kernels::Float;
 /// Elements per chunk of [`Params::sq_norm`].
 pub const SQ_NORM_CHUNK: usize = 1 << 14;
 
+/// The sum of squares of one tensor as [`Params::sq_norm`] adds it: in chunks of
+/// [`SQ_NORM_CHUNK`] elements ([`chunk_sq_norm`], in parallel), the chunks' sums in order.
+pub(crate) fn tensor_sq_norm<F: Float>(t: ArrayViewD<'_, F>) -> f64 {
+    match t.as_slice_memory_order() {
+        Some(x) => {
+            let mut sums = vec![0.0f64; x.len().div_ceil(SQ_NORM_CHUNK)];
+            let work = x.len();
+            crate::kernels::parallel::for_each_chunk_mut(&mut sums, 1, work, |at, out| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let c = &x[(at + i) * SQ_NORM_CHUNK..((at + i + 1) * SQ_NORM_CHUNK).min(x.len())];
+                    *o = chunk_sq_norm(c);
+                }
+            });
+            sums.iter().sum::<f64>()
+        }
+        None => t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>(),
+    }
+}
+
+/// The sum of squares of one chunk (at most [`SQ_NORM_CHUNK`] elements) in `f64`, summed in
+/// the lanes of [`crate::kernels::simd`].
+pub(crate) fn chunk_sq_norm<F: Float>(c: &[F]) -> f64 {
+    crate::kernels::simd::widest!(crate::kernels::simd::sum_map(c, |v| {
+        let v = v.to_f64();
+        v * v
+    }))
+}
+
 /// A tree of named tensors that can be visited in a fixed order.
 pub trait Params<F: Float> {
     /// Calls `f(name, tensor)` for every tensor, in a fixed order, names prefixed by
@@ -40,7 +68,9 @@ pub trait Params<F: Float> {
         self.visit_mut("", &mut |_, mut t| match t.as_slice_memory_order_mut() {
             Some(x) => {
                 let len = x.len();
-                crate::kernels::parallel::for_each_chunk_mut(x, 1024, len, |_, c| c.fill(value));
+                crate::kernels::parallel::for_each_chunk_mut(x, 1024, len, |_, c| {
+                    crate::kernels::simd::fill(c, value)
+                });
             }
             None => t.fill(value),
         });
@@ -79,26 +109,7 @@ pub trait Params<F: Float> {
     /// on every machine and for any number of threads.
     fn sq_norm(&self) -> f64 {
         let mut acc = 0.0;
-        self.visit("", &mut |_, t| {
-            acc += match t.as_slice_memory_order() {
-                Some(x) => {
-                    let chunks = x.len().div_ceil(SQ_NORM_CHUNK);
-                    let mut sums = vec![0.0f64; chunks];
-                    let work = x.len();
-                    crate::kernels::parallel::for_each_chunk_mut(&mut sums, 1, work, |at, out| {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            let c = &x[(at + i) * SQ_NORM_CHUNK..((at + i + 1) * SQ_NORM_CHUNK).min(x.len())];
-                            *o = crate::kernels::simd::widest!(crate::kernels::simd::sum_map(c, |v| {
-                                let v = v.to_f64();
-                                v * v
-                            }));
-                        }
-                    });
-                    sums.iter().sum::<f64>()
-                }
-                None => t.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>(),
-            }
-        });
+        self.visit("", &mut |_, t| acc += tensor_sq_norm(t));
         acc
     }
 

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
 use crate::kernels::simd::widest;
-use crate::params::Params;
+use crate::params::{Params, SQ_NORM_CHUNK, chunk_sq_norm, tensor_sq_norm};
 
 /// An optimizer: updates parameters from their gradients.
 pub trait Optimizer<F: Float, P: Params<F>> {
@@ -32,6 +32,19 @@ pub trait Optimizer<F: Float, P: Params<F>> {
     /// # Panics
     /// If `grads` has other tensors than `params`.
     fn step(&mut self, params: &mut P, grads: &P, lr: f64);
+
+    /// One update, as [`Optimizer::step`], that also returns the global L2 norm of `grads`:
+    /// the value of `grads.sq_norm().sqrt()` ([`Params::sq_norm`]), bit for bit. [`Adam`]
+    /// sums it in its own pass over the gradients, which then are read from memory once
+    /// rather than twice (a trainer that does not clip reports the norm of every step).
+    ///
+    /// # Panics
+    /// As [`Optimizer::step`].
+    fn step_with_norm(&mut self, params: &mut P, grads: &P, lr: f64) -> f64 {
+        let norm = grads.sq_norm().sqrt();
+        self.step(params, grads, lr);
+        norm
+    }
 }
 
 /// The largest step count an optimizer is rebuilt with: 2⁵³, the last integer `f64` holds
@@ -178,6 +191,19 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
 
 impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
     fn step(&mut self, params: &mut P, grads: &P, lr: f64) {
+        self.update(params, grads, lr, false);
+    }
+
+    fn step_with_norm(&mut self, params: &mut P, grads: &P, lr: f64) -> f64 {
+        self.update(params, grads, lr, true).sqrt()
+    }
+}
+
+impl<F: Float, P: Params<F>> Adam<F, P> {
+    /// One update; with `norm`, also the sum of squares of `grads`, tensor by tensor and
+    /// chunk by chunk as [`Params::sq_norm`] sums it (each chunk's sum taken just before the
+    /// chunk's update, while its gradients are in cache), else 0.
+    fn update(&mut self, params: &mut P, grads: &P, lr: f64, norm: bool) -> f64 {
         self.t = self.t.saturating_add(1);
         let c = &self.cfg;
         let (b1, b2) = (c.beta1, c.beta2);
@@ -192,6 +218,7 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
         let l2 = F::from_f64(if c.decoupled { 0.0 } else { c.weight_decay });
         let decay = c.decoupled && c.weight_decay > 0.0;
         let shrink = F::from_f64(1.0 - lr * c.weight_decay);
+        let mut sq = 0.0f64;
         zip_state(
             params,
             grads,
@@ -214,6 +241,9 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
                     && m.is_standard_layout()
                     && v.is_standard_layout();
                 if !same {
+                    if norm {
+                        sq += tensor_sq_norm(g.view());
+                    }
                     Zip::from(&mut p)
                         .and(&g)
                         .and(m)
@@ -229,19 +259,42 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for Adam<F, P> {
                 );
                 let p = p.as_slice_mut().expect("standard layout");
                 let len = p.len();
-                for_each_chunk_mut(p, 16, 16 * len, |at, p| {
+                // With the norm, parts are whole chunks of the norm's, each chunk's sum of
+                // squares in its own slot, the slots added in order afterwards.
+                let mut sums = vec![0.0f64; if norm { len.div_ceil(SQ_NORM_CHUNK) } else { 0 }];
+                let slots = Disjoint::new(&mut sums);
+                let align = if norm { SQ_NORM_CHUNK } else { 16 };
+                for_each_chunk_mut(p, align, 16 * len, |at, p| {
                     // SAFETY: the chunk's own range of m and v, disjoint from other chunks'.
                     let (m, v) = unsafe { (m.range(at, p.len()), v.range(at, p.len())) };
                     let g = &g[at..at + p.len()];
-                    // Iterators rather than indices, so that the loop vectorises.
-                    widest!(
-                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let run = |p: &mut [F], g: &[F], m: &mut [F], v: &mut [F]| {
+                        // Iterators rather than indices, so that the loop vectorises.
+                        widest!(for (((p, &g), m), v) in
+                            p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                        {
                             update(p, g, m, v);
-                        }
-                    )
+                        })
+                    };
+                    if !norm {
+                        run(p, g, m, v);
+                        return;
+                    }
+                    let parts = p
+                        .chunks_mut(SQ_NORM_CHUNK)
+                        .zip(g.chunks(SQ_NORM_CHUNK))
+                        .zip(m.chunks_mut(SQ_NORM_CHUNK).zip(v.chunks_mut(SQ_NORM_CHUNK)));
+                    for (i, ((p, g), (m, v))) in parts.enumerate() {
+                        // SAFETY: `at` is a multiple of the chunk length, so slot
+                        // at / SQ_NORM_CHUNK + i is this chunk's alone.
+                        unsafe { slots.range(at / SQ_NORM_CHUNK + i, 1)[0] = chunk_sq_norm(g) };
+                        run(p, g, m, v);
+                    }
                 });
+                sq += sums.iter().sum::<f64>();
             },
         );
+        sq
     }
 }
 
@@ -401,6 +454,13 @@ impl<F: Float, P: Params<F>> Optimizer<F, P> for OptimizerState<F, P> {
             OptimizerState::Sgd(s) => s.step(params, grads, lr),
         }
     }
+
+    fn step_with_norm(&mut self, params: &mut P, grads: &P, lr: f64) -> f64 {
+        match self {
+            OptimizerState::Adam(a) => a.step_with_norm(params, grads, lr),
+            OptimizerState::Sgd(s) => s.step_with_norm(params, grads, lr),
+        }
+    }
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max_norm`; returns the norm before
@@ -508,6 +568,52 @@ mod tests {
             "{w}"
         );
         assert_eq!(adam.t, 3);
+    }
+
+    /// Adam's norm, summed in its own pass, is `sq_norm`'s bit for bit, and the update is
+    /// `step`'s, on one thread and on two, for tensors of several norm chunks, of one, and
+    /// one stored transposed (not in standard layout).
+    #[test]
+    fn adam_step_with_norm_is_sq_norm_and_step() {
+        let n = 3 * SQ_NORM_CHUNK + 5;
+        let wave = |len: usize, k: f32| (0..len).map(|i| ((i as f32) * k).sin()).collect::<Vec<_>>();
+        let p = Tensors::new()
+            .with("big", Array1::from(wave(n, 0.37)))
+            .with("small", Array2::from_shape_vec((3, 7), wave(21, 1.3)).unwrap())
+            .with(
+                "t",
+                Array2::from_shape_vec((40, 30), wave(1200, 0.11))
+                    .unwrap()
+                    .reversed_axes(),
+            );
+        let mut g = p.clone();
+        g.visit_mut("", &mut |_, mut t| t.mapv_inplace(|v| 1e-3 * v - 0.2 * v * v));
+        let bits = |t: &Tensors<f32>| {
+            let mut b = Vec::new();
+            t.visit("", &mut |_, t| b.extend(t.iter().map(|v| v.to_bits())));
+            b
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (mut a, mut b) = (p.clone(), p.clone());
+            let mut adam_a = Adam::new(AdamConfig::paper(), &a).unwrap();
+            let mut adam_b = Adam::new(AdamConfig::paper(), &b).unwrap();
+            for _ in 0..2 {
+                let (norm, want) = pool.install(|| {
+                    crate::kernels::parallel::with_team(|| {
+                        let norm = adam_a.step_with_norm(&mut a, &g, 1e-2);
+                        adam_b.step(&mut b, &g, 1e-2);
+                        (norm, g.sq_norm().sqrt())
+                    })
+                });
+                assert_eq!(norm.to_bits(), want.to_bits(), "threads {threads}");
+                assert_eq!(bits(&a), bits(&b), "threads {threads}");
+            }
+            assert_ne!(bits(&a), bits(&p));
+        }
     }
 
     #[test]

@@ -230,11 +230,15 @@ impl<M: Trainable> Trainer<M> {
                 Ok(())
             })?;
             self.workspace.end_step();
+            // Without clipping, the optimizer sums the norm in its own pass over the gradients.
             let grad_norm = match self.cfg.clip_norm {
-                Some(max) => clip_grad_norm(&mut self.grads, max),
-                None => self.grads.sq_norm().sqrt(),
+                Some(max) => {
+                    let norm = clip_grad_norm(&mut self.grads, max);
+                    self.optimizer.step(&mut self.model, &self.grads, lr);
+                    norm
+                }
+                None => self.optimizer.step_with_norm(&mut self.model, &self.grads, lr),
             };
-            self.optimizer.step(&mut self.model, &self.grads, lr);
             Ok(StepStats {
                 loss: stats,
                 lr,

@@ -260,7 +260,7 @@ impl<F: Float> KvCache<F> {
         let per = b.div_ceil(parts).max(1);
         let kt = PairViews::new(self.kt.view_mut());
         let vv = PairViews::new(self.v.view_mut());
-        let ks = k.strides();
+        let (ks, vs) = (k.strides(), v.strides());
         for_each_index(b.div_ceil(per), |i| {
             for bi in i * per..((i + 1) * per).min(b) {
                 for hi in 0..h {
@@ -285,8 +285,27 @@ impl<F: Float> KvCache<F> {
                             }
                         }
                     }
-                    vv.slice_mut(s![len..need, ..])
-                        .assign(&v.slice(s![bi, hi, .., ..]));
+                    // Value j's features along row len + j, by pointer too: a step appends
+                    // one row per pair, and slicing and assigning it through ndarray had cost
+                    // 3% of a small greedy decode.
+                    let (rs, cs) = (vv.strides()[0], vv.strides()[1]);
+                    let (dst, src) = (vv.as_mut_ptr(), v.as_ptr());
+                    for j in 0..t {
+                        // SAFETY: row len + j < capacity of this pair's [capacity, d_k] view,
+                        // and (bi, hi, j, ..d_k) is inside v.
+                        unsafe {
+                            let to = dst.offset((len + j) as isize * rs);
+                            let from =
+                                src.offset(bi as isize * vs[0] + hi as isize * vs[1] + j as isize * vs[2]);
+                            if cs == 1 && vs[3] == 1 {
+                                std::ptr::copy_nonoverlapping(from, to, dk);
+                            } else {
+                                for d in 0..dk {
+                                    *to.offset(d as isize * cs) = *from.offset(d as isize * vs[3]);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         });

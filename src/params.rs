@@ -69,7 +69,7 @@ pub trait Params<F: Float> {
             Some(x) => {
                 let len = x.len();
                 crate::kernels::parallel::for_each_chunk_mut(x, 1024, len, |_, c| {
-                    crate::kernels::simd::fill(c, value)
+                    crate::kernels::simd::fill_streaming(c, value)
                 });
             }
             None => t.fill(value),

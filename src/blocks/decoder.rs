@@ -363,7 +363,7 @@ impl<F: Float> Decoder<F> {
             .rev()
         {
             let (gx, gm) = layer.backward(c, grad.view(), gl);
-            grad_memory += &gm;
+            crate::kernels::add_assign(grad_memory.view_mut(), gm.view());
             (std::mem::replace(&mut grad, gx), gm).give_back();
         }
         (grad, grad_memory)

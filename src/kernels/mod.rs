@@ -67,6 +67,29 @@ pub(crate) unsafe fn filled<F: Float>(
     unsafe { workspace::filled(shape, fill) }
 }
 
+/// `acc += x`, element by element (x broadcast to acc's shape as ndarray's `+=` does): in
+/// parallel chunks when both are contiguous in standard layout and of one shape (the residual
+/// sums of the blocks: on the calling thread alone they had left the team's other thread
+/// waiting), else through ndarray.
+pub(crate) fn add_assign<F: Float, D: ndarray::Dimension>(
+    mut acc: ndarray::ArrayViewMut<'_, F, D>,
+    x: ndarray::ArrayView<'_, F, D>,
+) {
+    if acc.shape() == x.shape()
+        && let (Some(a), Some(x)) = (acc.as_slice_mut(), x.as_slice())
+    {
+        let len = a.len();
+        parallel::for_each_chunk_mut(a, 64, len, |at, a| {
+            let x = &x[at..at + a.len()];
+            simd::widest!(for (a, &v) in a.iter_mut().zip(x) {
+                *a += v;
+            })
+        });
+        return;
+    }
+    acc.zip_mut_with(&x, |a, &v| *a += v);
+}
+
 /// `acc += Σ_rows x` (one row after the other, so the result does not depend on threads).
 ///
 /// # Panics

@@ -61,16 +61,22 @@ macro_rules! widest {
 }
 pub(crate) use widest;
 
-/// Slices at least this long (in bytes) are zeroed by [`fill`] with non-temporal stores.
+/// Slices at least this long (in bytes) are zeroed by [`fill_streaming`] with non-temporal
+/// stores.
 pub(crate) const STREAM_MIN_BYTES: usize = 1 << 20;
 
-/// Sets every element of `x` to `value`, in the widest vectors; a long `f32` slice set to
-/// zero (a gradient accumulator at the start of a step, [`crate::params::Params::fill`]) is
-/// written with non-temporal stores, which do not read each line before writing it and
-/// leave the caches to the data in use (zeroing the base workload's 193 MB of gradients:
-/// 31 ms with 16-byte stores, 20 ms with 64-byte ones, 9 ms non-temporal, on the Intel Xeon
-/// of `docs/performance.md`).
+/// Sets every element of `x` to `value`, in the widest vectors.
 pub(crate) fn fill<F: Float>(x: &mut [F], value: F) {
+    widest!(x.fill(value))
+}
+
+/// [`fill`] for memory that is not read again soon (a gradient accumulator at the start of a
+/// step, [`crate::params::Params::fill`]): a long `f32` slice set to zero is written with
+/// non-temporal stores, which do not read each line before writing it and leave the caches
+/// to the data in use (zeroing the base workload's 193 MB of gradients: 31 ms with 16-byte
+/// stores, 20 ms with 64-byte ones, 9 ms non-temporal, on the Intel Xeon of
+/// `docs/performance.md`).
+pub(crate) fn fill_streaming<F: Float>(x: &mut [F], value: F) {
     #[cfg(target_arch = "x86_64")]
     if value.to_f64().to_bits() == 0
         && std::mem::size_of_val(x) >= STREAM_MIN_BYTES
@@ -81,7 +87,7 @@ pub(crate) fn fill<F: Float>(x: &mut [F], value: F) {
         unsafe { zero_streaming(x) };
         return;
     }
-    widest!(x.fill(value))
+    fill(x, value)
 }
 
 /// Zeroes `x` with 64-byte non-temporal stores (plain stores for the unaligned ends), then
@@ -372,9 +378,9 @@ pub fn fma_peak_gflops(seconds: f64) -> f64 {
 mod tests {
     use super::*;
 
-    /// `fill` sets every element, on both sides of the streaming threshold, from unaligned
-    /// starts and for lengths that end inside a vector; a negative zero is written as such
-    /// (it does not take the streaming path, which writes +0).
+    /// `fill_streaming` sets every element, on both sides of the streaming threshold, from
+    /// unaligned starts and for lengths that end inside a vector; a negative zero is written
+    /// as such (it does not take the streaming path, which writes +0).
     #[test]
     fn fill_sets_every_element() {
         let long = STREAM_MIN_BYTES / 4 + 37;
@@ -383,7 +389,7 @@ mod tests {
             for len in [0, 15, 1000, long - 40, long] {
                 for value in [0.0f32, -0.0, 1.5] {
                     buf.fill(7.0);
-                    fill(&mut buf[start..start + len], value);
+                    fill_streaming(&mut buf[start..start + len], value);
                     let bits = |v: f32| v.to_bits();
                     assert!(buf[start..start + len].iter().all(|&v| bits(v) == bits(value)));
                     assert!(buf[..start].iter().chain(&buf[start + len..]).all(|&v| v == 7.0));
@@ -391,7 +397,7 @@ mod tests {
             }
         }
         let mut d = vec![3.0f64; long];
-        fill(&mut d, 0.0);
+        fill_streaming(&mut d, 0.0);
         assert!(d.iter().all(|&v| v.to_bits() == 0));
     }
 

@@ -172,7 +172,8 @@ pub(crate) fn zeros<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(shape: Sh
     let shape = shape.into_shape_with_order();
     match take::<F>(shape.size()) {
         Some(mut v) => {
-            v.fill(F::ZERO);
+            let len = v.len();
+            super::parallel::for_each_chunk_mut(&mut v, 64, len, |_, c| super::simd::fill(c, F::ZERO));
             Array::from_shape_vec(shape, v).expect("a buffer of the shape's size")
         }
         None => Array::zeros(shape),
@@ -181,8 +182,19 @@ pub(crate) fn zeros<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(shape: Sh
 
 /// An owned copy of `x` in standard layout, from the workspace when it can.
 pub(crate) fn owned<F: Float, D: Dimension>(x: ndarray::ArrayView<'_, F, D>) -> Array<F, D> {
-    // SAFETY: `assign` writes every element.
-    unsafe { filled(x.raw_dim(), |mut out| out.assign(&x)) }
+    // SAFETY: both branches write every element.
+    unsafe {
+        filled(x.raw_dim(), |mut out| match (out.as_slice_mut(), x.as_slice()) {
+            // Contiguous: copied in parallel chunks.
+            (Some(out), Some(x)) => {
+                let len = out.len();
+                super::parallel::for_each_chunk_mut(out, 64, len, |at, o| {
+                    o.copy_from_slice(&x[at..at + o.len()])
+                });
+            }
+            _ => out.assign(&x),
+        })
+    }
 }
 
 /// Values whose memory can go back to the current workspace when they are no longer needed:

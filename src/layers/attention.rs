@@ -487,10 +487,10 @@ pub fn attention_backward<F: Float>(
         cache.probs.shape(),
         grad_out.shape()
     );
-    grad_q.fill(F::ZERO);
-    grad_k.fill(F::ZERO);
-    grad_v.fill(F::ZERO);
     if b * h * tq * tk * dk * dv == 0 {
+        grad_q.fill(F::ZERO);
+        grad_k.fill(F::ZERO);
+        grad_v.fill(F::ZERO);
         return;
     }
     let mask = &cache.mask;
@@ -505,6 +505,10 @@ pub fn attention_backward<F: Float>(
         // SAFETY: each pair is taken by one part only.
         let (mut grad_q, mut grad_k, mut grad_v) =
             unsafe { (gqs.get(bi, hi), gks.get(bi, hi), gvs.get(bi, hi)) };
+        // Zeroed here, each pair on its own thread, just before the sums into them.
+        grad_q.fill(F::ZERO);
+        grad_k.fill(F::ZERO);
+        grad_v.fill(F::ZERO);
         let kb = mask.key_limit(bi);
         let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));

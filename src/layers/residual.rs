@@ -234,7 +234,7 @@ impl<F: Float> Residual<F> {
             check_sublayer_output("forward", y.dim(), dim);
             let dropout = self.dropout.draw(dim, rng);
             dropout.apply_inplace(y.view_mut());
-            y += &x;
+            crate::kernels::add_assign(y.view_mut(), x);
             let cache = ResidualCache {
                 sublayer,
                 dropout,
@@ -277,7 +277,7 @@ impl<F: Float> Residual<F> {
             let mut y = sublayer(u.view());
             u.give_back();
             check_sublayer_output("infer", y.dim(), x.dim());
-            y += &x;
+            crate::kernels::add_assign(y.view_mut(), x);
             y
         } else {
             let z = sublayer(x);
@@ -320,7 +320,7 @@ impl<F: Float> Residual<F> {
             let grad_u = sublayer_backward(&cache.sublayer, grad_s.view());
             check_sublayer_output("backward", grad_u.dim(), cache.dim);
             let mut grad_x = self.norm.backward(&cache.norm, grad_u.view(), g);
-            grad_x += &grad_y;
+            crate::kernels::add_assign(grad_x.view_mut(), grad_y);
             (grad_s, grad_u).give_back();
             grad_x
         } else {
@@ -328,7 +328,7 @@ impl<F: Float> Residual<F> {
             let grad_s = self.dropout.backward(&cache.dropout, grad_z.view());
             let grad_x = sublayer_backward(&cache.sublayer, grad_s.view());
             check_sublayer_output("backward", grad_x.dim(), cache.dim);
-            grad_z += &grad_x;
+            crate::kernels::add_assign(grad_z.view_mut(), grad_x.view());
             (grad_s, grad_x).give_back();
             grad_z
         }

@@ -143,6 +143,13 @@ pub fn log_softmax<F: Float>(logits: ArrayView2<F>) -> Array2<f64> {
     out
 }
 
+/// [`row_cross_entropy`] with label smoothing 0.1 over a row of `z.len()` classes, for the
+/// tests of its accuracy flag.
+#[cfg(test)]
+pub(crate) fn row_accuracy_probe(z: &[f32], g: &mut [f32], y: usize) -> (f64, bool) {
+    row_cross_entropy(z, g, y, 0.1, 1.0)
+}
+
 /// One row of [`cross_entropy`]: writes the gradient of the row into g and returns its loss
 /// and whether its argmax is the target. The exponentials are kept in g and summed in `f64`
 /// lanes.
@@ -176,7 +183,13 @@ fn row_cross_entropy<F: Float>(z: &[F], g: &mut [F], y: usize, eps: f64, inv_n: 
         0.0
     };
     let loss = -(1.0 - eps) * (z[y].to_f64() - log_z) + smoothing_term;
-    let correct = crate::kernels::argmax(ndarray::ArrayView1::from(z)) == y;
+    // argmax(z) == y, from the maximum already at hand: z[y] holds it and no earlier value
+    // does (the first of equal maxima wins); a maximum that is not finite goes to argmax.
+    let correct = if max.is_finite() {
+        z[y] == max && !z[..y].iter().fold(false, |seen, &x| seen | (x == max))
+    } else {
+        crate::kernels::argmax(ndarray::ArrayView1::from(z)) == y
+    };
     // ∂/∂z = (p − q)/N with q = ε/V, plus 1 − ε at the target.
     let (inv_sum, q) = (1.0 / sum_exp, eps / v as f64);
     let p_y = g[y].to_f64() * inv_sum;

@@ -33,13 +33,38 @@ pub(crate) fn check_finite<F: Float>(
 }
 
 /// [`argmax`] of a row that must be finite ([`check_finite`]): greedy decoding and
-/// classification.
+/// classification. A contiguous row is checked and searched in vector passes
+/// ([`argmax_slice`]): the scalar check and search had been 3% of a small bf16 greedy decode.
 pub(crate) fn decide<F: Float>(
     row: ndarray::ArrayView1<F>,
     what: impl FnOnce() -> String,
 ) -> crate::Result<usize> {
-    check_finite(row, what)?;
-    Ok(argmax(row))
+    match row.as_slice() {
+        Some(x) => {
+            // x − x is 0 for a finite x, NaN for an infinity or NaN.
+            let finite = simd::widest!(x.iter().fold(true, |all, &v| all & (v - v == F::ZERO)));
+            if !finite {
+                return Err(crate::Error::NonFinite { what: what() });
+            }
+            Ok(argmax_slice(x))
+        }
+        None => {
+            check_finite(row, what)?;
+            Ok(argmax(row))
+        }
+    }
+}
+
+/// [`argmax`] of a slice, the same index, found in two passes that vectorise: the largest
+/// value in lanes ([`simd::max`], NaN ignored), then the first index that holds it (the first
+/// of equal maxima is argmax's too, and NaN equals nothing). A maximum that is not finite
+/// (every value −∞ or NaN, or a +∞) goes to `argmax` itself.
+pub(crate) fn argmax_slice<F: Float>(x: &[F]) -> usize {
+    let m = simd::widest!(simd::max(x));
+    if !m.is_finite() {
+        return argmax(ndarray::ArrayView1::from(x));
+    }
+    x.iter().position(|&v| v == m).unwrap_or(0)
 }
 
 /// The index of the largest value of `row` (the first on ties; NaN never wins).
@@ -140,3 +165,50 @@ pub use layer_norm::{
     layer_norm_rows_sum,
 };
 pub use softmax::{RowMask, softmax_row, softmax_row_backward, softmax_row_naive};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::ArrayView1;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// `argmax_slice` and `decide` give `argmax`'s index (and `check_finite`'s verdict) on rows
+    /// with ties, signed zeros, NaN, infinities and every length around a vector's; the loss's
+    /// accuracy flag is `argmax == target` on the same rows.
+    #[test]
+    fn vector_argmax_and_decide_match_the_scalar_ones() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -2.5,
+        ];
+        for len in [1, 2, 15, 16, 17, 33, 100, 1000] {
+            for _ in 0..200 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match rng.random_range(0..4) {
+                        0 => specials[rng.random_range(0..specials.len())],
+                        _ => rng.random_range(-3..3) as f32 * 0.5,
+                    })
+                    .collect();
+                let want = argmax(ArrayView1::from(&row[..]));
+                assert_eq!(argmax_slice(&row), want, "{row:?}");
+                let scalar = check_finite(ArrayView1::from(&row[..]), String::new).map(|_| want);
+                let fast = decide(ArrayView1::from(&row[..]), String::new);
+                assert_eq!(fast.is_ok(), scalar.is_ok(), "{row:?}");
+                if let (Ok(a), Ok(b)) = (fast, scalar) {
+                    assert_eq!(a, b, "{row:?}");
+                }
+                let y = rng.random_range(0..len);
+                let mut g = vec![0.0f32; len];
+                let (_, correct) = loss::row_accuracy_probe(&row, &mut g, y);
+                assert_eq!(correct, want == y, "{row:?} target {y}");
+            }
+        }
+    }
+}

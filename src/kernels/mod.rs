@@ -41,8 +41,8 @@ pub(crate) fn decide<F: Float>(
 ) -> crate::Result<usize> {
     match row.as_slice() {
         Some(x) => {
-            // x − x is 0 for a finite x, NaN for an infinity or NaN.
-            let finite = simd::widest!(x.iter().fold(true, |all, &v| all & (v - v == F::ZERO)));
+            // 0·x is ±0 for a finite x, NaN for an infinity or NaN.
+            let finite = simd::widest!(x.iter().fold(true, |all, &v| all & (v * F::ZERO == F::ZERO)));
             if !finite {
                 return Err(crate::Error::NonFinite { what: what() });
             }

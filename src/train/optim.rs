@@ -259,11 +259,17 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
                 );
                 let p = p.as_slice_mut().expect("standard layout");
                 let len = p.len();
-                // With the norm, parts are whole chunks of the norm's, each chunk's sum of
+                // A tensor of one chunk of the norm's has its sum taken first (it is small, and
+                // is then read from cache), so that its update can still be cut between
+                // threads; a longer one is cut into parts of whole chunks, each chunk's sum of
                 // squares in its own slot, the slots added in order afterwards.
-                let mut sums = vec![0.0f64; if norm { len.div_ceil(SQ_NORM_CHUNK) } else { 0 }];
+                let chunked = norm && len > SQ_NORM_CHUNK;
+                if norm && !chunked {
+                    sq += chunk_sq_norm(g);
+                }
+                let mut sums = vec![0.0f64; if chunked { len.div_ceil(SQ_NORM_CHUNK) } else { 0 }];
                 let slots = Disjoint::new(&mut sums);
-                let align = if norm { SQ_NORM_CHUNK } else { 16 };
+                let align = if chunked { SQ_NORM_CHUNK } else { 16 };
                 for_each_chunk_mut(p, align, 16 * len, |at, p| {
                     // SAFETY: the chunk's own range of m and v, disjoint from other chunks'.
                     let (m, v) = unsafe { (m.range(at, p.len()), v.range(at, p.len())) };
@@ -276,7 +282,7 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
                             update(p, g, m, v);
                         })
                     };
-                    if !norm {
+                    if !chunked {
                         run(p, g, m, v);
                         return;
                     }

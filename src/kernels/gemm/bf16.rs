@@ -492,6 +492,14 @@ unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             let ac = a.add(c * MR * DEPTH) as *const i32;
             let bc = b.add(c * DEPTH * NR);
             for q in 0..DEPTH / 2 {
+                // B asked for 4 KiB ahead, as in the f32 and AMX kernels (a pair row is 128
+                // bytes): a decoding step streams every weight from memory. Measured on the
+                // Intel Xeon of docs/performance.md with this path forced in a build for the
+                // purpose: base bf16 greedy decode 904/954 → 658/626 ms, eval unchanged.
+                // B_PREFETCH bytes are B_PREFETCH / 2 elements of u16.
+                let ahead = bc.add(q * 2 * NR + B_PREFETCH / 2) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR) as *const i32));
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR + NR) as *const i32));
@@ -541,11 +549,11 @@ unsafe fn amx_end() {
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
 }
 
-/// How far ahead (in bytes) [`kernel_amx`] prefetches B: two chunks of 32 pairs of rows. Measured
-/// against no prefetch (Intel Xeon, one thread, interleaved): base bf16 greedy decode 416–464 →
-/// 324–331 ms; against prefetching for the first panel of A only: base bf16 eval 112–117 →
-/// 106–109 ms.
-const AMX_PREFETCH: usize = 2 * DEPTH * NR * 2;
+/// How far ahead (in bytes) [`kernel_amx`] and [`kernel_avx512bf16`] prefetch B: two chunks of
+/// 32 pairs of rows, 4 KiB. For AMX, measured against no prefetch (Intel Xeon, one thread,
+/// interleaved): base bf16 greedy decode 416–464 → 324–331 ms; against prefetching for the
+/// first panel of A only: base bf16 eval 112–117 → 106–109 ms.
+const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
 /// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5) and B (two tiles of 16 columns,
@@ -578,12 +586,12 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
         for c in 0..kp / DEPTH {
             let ac = a.add(c * 32 * DEPTH) as *const u8;
             let bc = b.add(c * DEPTH * NR) as *const u8;
-            // B is asked for AMX_PREFETCH bytes ahead, line by line (a chunk is 2 KiB): where
+            // B is asked for B_PREFETCH bytes ahead, line by line (a chunk is 2 KiB): where
             // it streams from memory, as for a decoding step's few rows against every weight,
             // the hardware's stream prefetcher stops at each 4 KiB page; where a panel of B
             // (64 KiB) is read again from L2 for the next panel of A, it arrives in time too.
             for line in 0..DEPTH * NR * 2 / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(bc.add(AMX_PREFETCH + 64 * line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bc.add(B_PREFETCH + 64 * line) as *const i8);
             }
             std::arch::asm!(
                 "tileloadd tmm4, [{a0} + {s64}]",

@@ -555,19 +555,32 @@ impl<F: Float> MultiHead<F> {
             g.w_o.view_mut(),
             g.b_o.as_mut().map(|b| b.view_mut()),
         );
-        let mut grad_q = crate::kernels::workspace::zeros((b * tq, d));
-        let mut grad_k = crate::kernels::workspace::zeros((b * tk, d));
-        let mut grad_v = crate::kernels::workspace::zeros((b * tk, d));
-        attention_backward(
-            self.heads(cache.q.view(), b, tq),
-            self.heads(cache.k.view(), b, tk),
-            self.heads(cache.v.view(), b, tk),
-            &cache.core,
-            self.heads(grad_ctx.view(), b, tq),
-            self.heads_mut(grad_q.view_mut(), b, tq),
-            self.heads_mut(grad_k.view_mut(), b, tk),
-            self.heads_mut(grad_v.view_mut(), b, tk),
-        );
+        // The three gradients come from the workspace unzeroed: `attention_backward` writes
+        // every element of them before it reads any (each pair of sequence and head zeroes
+        // its own rows first).
+        let core =
+            |gq: ndarray::ArrayViewMut2<F>, gk: ndarray::ArrayViewMut2<F>, gv: ndarray::ArrayViewMut2<F>| {
+                attention_backward(
+                    self.heads(cache.q.view(), b, tq),
+                    self.heads(cache.k.view(), b, tk),
+                    self.heads(cache.v.view(), b, tk),
+                    &cache.core,
+                    self.heads(grad_ctx.view(), b, tq),
+                    self.heads_mut(gq, b, tq),
+                    self.heads_mut(gk, b, tk),
+                    self.heads_mut(gv, b, tk),
+                )
+            };
+        let (mut grad_k, mut grad_v) = (None, None);
+        // SAFETY: `core` writes every element of the three views before reading any (above).
+        let grad_q = unsafe {
+            filled((b * tq, d), |gq| {
+                grad_k = Some(filled((b * tk, d), |gk| {
+                    grad_v = Some(filled((b * tk, d), |gv| core(gq, gk, gv)));
+                }));
+            })
+        };
+        let (grad_k, grad_v) = (grad_k.expect("filled"), grad_v.expect("filled"));
         grad_ctx.give_back();
         let src = cache.memory.as_ref().unwrap_or(&cache.x);
         // Weight gradients, then the input gradients summed by the GEMMs themselves (β = 1):

@@ -21,54 +21,51 @@ pub mod workspace;
 pub use activations::Activation;
 
 /// [`crate::Error::NonFinite`] naming `what()` if a value of `row` is NaN or an infinity: a
-/// decision (a token, a class, a beam) is never taken from values that mean nothing.
+/// decision (a token, a class, a beam) is never taken from values that mean nothing. A
+/// contiguous row is checked in one pass that vectorises (`0·x` is ±0 for a finite x, NaN
+/// for an infinity or NaN): the scalar check and [`argmax`]'s scalar search had been 3% of a
+/// small bf16 greedy decode.
 pub(crate) fn check_finite<F: Float>(
     row: ndarray::ArrayView1<F>,
     what: impl FnOnce() -> String,
 ) -> crate::Result<()> {
-    match row.iter().all(|z| z.is_finite()) {
+    let finite = match row.as_slice() {
+        Some(x) => simd::widest!(x.iter().fold(true, |all, &v| all & (v * F::ZERO == F::ZERO))),
+        None => row.iter().all(|z| z.is_finite()),
+    };
+    match finite {
         true => Ok(()),
         false => Err(crate::Error::NonFinite { what: what() }),
     }
 }
 
 /// [`argmax`] of a row that must be finite ([`check_finite`]): greedy decoding and
-/// classification. A contiguous row is checked and searched in vector passes
-/// ([`argmax_slice`]): the scalar check and search had been 3% of a small bf16 greedy decode.
+/// classification.
 pub(crate) fn decide<F: Float>(
     row: ndarray::ArrayView1<F>,
     what: impl FnOnce() -> String,
 ) -> crate::Result<usize> {
-    match row.as_slice() {
-        Some(x) => {
-            // 0·x is ±0 for a finite x, NaN for an infinity or NaN.
-            let finite = simd::widest!(x.iter().fold(true, |all, &v| all & (v * F::ZERO == F::ZERO)));
-            if !finite {
-                return Err(crate::Error::NonFinite { what: what() });
-            }
-            Ok(argmax_slice(x))
-        }
-        None => {
-            check_finite(row, what)?;
-            Ok(argmax(row))
-        }
-    }
+    check_finite(row, what)?;
+    Ok(argmax(row))
 }
 
-/// [`argmax`] of a slice, the same index, found in two passes that vectorise: the largest
-/// value in lanes ([`simd::max`], NaN ignored), then the first index that holds it (the first
-/// of equal maxima is argmax's too, and NaN equals nothing). A maximum that is not finite
-/// (every value −∞ or NaN, or a +∞) goes to `argmax` itself.
-pub(crate) fn argmax_slice<F: Float>(x: &[F]) -> usize {
-    let m = simd::widest!(simd::max(x));
-    if !m.is_finite() {
-        return argmax(ndarray::ArrayView1::from(x));
-    }
-    x.iter().position(|&v| v == m).unwrap_or(0)
-}
-
-/// The index of the largest value of `row` (the first on ties; NaN never wins).
+/// The index of the largest value of `row` (the first on ties; NaN never wins). A contiguous
+/// row is searched in two passes that vectorise: the largest value in lanes ([`simd::max`],
+/// NaN ignored), then the first index that holds it (the first of equal maxima, and NaN
+/// equals nothing); a maximum that is not finite (every value −∞ or NaN, or a +∞) and a
+/// strided row take [`argmax_scalar`], whose index this is.
 pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
+    if let Some(x) = row.as_slice() {
+        let m = simd::widest!(simd::max(x));
+        if m.is_finite() {
+            return x.iter().position(|&v| v == m).unwrap_or(0);
+        }
+    }
+    argmax_scalar(row)
+}
+
+/// [`argmax`] one value at a time: its naive twin.
+fn argmax_scalar<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
     row.iter()
         .enumerate()
         .fold(
@@ -172,11 +169,11 @@ mod tests {
     use ndarray::ArrayView1;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    /// `argmax_slice` and `decide` give `argmax`'s index (and `check_finite`'s verdict) on rows
-    /// with ties, signed zeros, NaN, infinities and every length around a vector's; the loss's
-    /// accuracy flag is `argmax == target` on the same rows.
+    /// `argmax` and `check_finite` give their scalar twins' index and verdict on rows with
+    /// ties, signed zeros, NaN, infinities and every length around a vector's, contiguous and
+    /// strided; the loss's accuracy flag is `argmax == target` on the same rows.
     #[test]
-    fn vector_argmax_and_decide_match_the_scalar_ones() {
+    fn vector_argmax_and_check_match_the_scalar_ones() {
         let mut rng = StdRng::seed_from_u64(3);
         let specials = [
             0.0f32,
@@ -196,13 +193,15 @@ mod tests {
                         _ => rng.random_range(-3..3) as f32 * 0.5,
                     })
                     .collect();
-                let want = argmax(ArrayView1::from(&row[..]));
-                assert_eq!(argmax_slice(&row), want, "{row:?}");
-                let scalar = check_finite(ArrayView1::from(&row[..]), String::new).map(|_| want);
-                let fast = decide(ArrayView1::from(&row[..]), String::new);
-                assert_eq!(fast.is_ok(), scalar.is_ok(), "{row:?}");
-                if let (Ok(a), Ok(b)) = (fast, scalar) {
-                    assert_eq!(a, b, "{row:?}");
+                let want = argmax_scalar(ArrayView1::from(&row[..]));
+                let finite = row.iter().all(|v| v.is_finite());
+                let doubled: Vec<f32> = row.iter().flat_map(|&v| [v, 9.0]).collect();
+                let strided = ArrayView1::from(&doubled[..]).slice_move(ndarray::s![..;2]);
+                for view in [ArrayView1::from(&row[..]), strided] {
+                    assert_eq!(argmax(view), want, "{row:?}");
+                    assert_eq!(check_finite(view, String::new).is_ok(), finite, "{row:?}");
+                    let decided = decide(view, String::new);
+                    assert_eq!(decided.ok(), finite.then_some(want), "{row:?}");
                 }
                 let y = rng.random_range(0..len);
                 let mut g = vec![0.0f32; len];

@@ -76,7 +76,7 @@ pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut
             return small_gemm::axpy_rows(alpha, a, b, beta, c);
         }
     }
-    let parts = parts_for(m, n, k);
+    let parts = parts_for(m, n, k, PARALLEL_MIN_WORK);
     if packed_f32(alpha, a, b, beta, c.view_mut(), parts, Fused::none()) {
         return;
     }
@@ -207,7 +207,15 @@ pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, 
             bias: owned.as_ref().map(|b| b.view()),
             ..post
         };
-        if packed_f32(F::ONE, a, b, F::ZERO, c.view_mut(), parts_for(m, n, k), post) {
+        if packed_f32(
+            F::ONE,
+            a,
+            b,
+            F::ZERO,
+            c.view_mut(),
+            parts_for(m, n, k, PARALLEL_MIN_WORK),
+            post,
+        ) {
             return;
         }
     }
@@ -377,11 +385,7 @@ pub fn gemm_packed<F: Float>(
         relu,
         ..Epilogue::default()
     };
-    let parts = if m.saturating_mul(n).saturating_mul(k) < PACKED_MIN_SPLIT {
-        1
-    } else {
-        parts_for(m, n, k)
-    };
+    let parts = parts_for(m, n, k, PACKED_MIN_SPLIT);
     // SAFETY (every arm): F is f32 (asserted); the views address their own elements, C is
     // exclusive, the shapes chain (checked), the bias is contiguous with n elements, and `b`
     // was packed for its kernels, which were found on this CPU.
@@ -405,9 +409,9 @@ fn bf16_applies<F: Float>() -> bool {
     TypeId::of::<F>() == TypeId::of::<f32>() && super::precision::precision() == Precision::Bf16
 }
 
-/// How many threads a product of this size is split over.
-fn parts_for(m: usize, n: usize, k: usize) -> usize {
-    if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+/// How many threads a product of this size is split over: one below `min_work` multiply-adds.
+fn parts_for(m: usize, n: usize, k: usize, min_work: usize) -> usize {
+    if m.saturating_mul(n).saturating_mul(k) < min_work {
         1
     } else {
         super::parallel::threads()

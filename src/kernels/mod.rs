@@ -53,7 +53,7 @@ pub(crate) fn decide<F: Float>(
 /// row is searched in two passes that vectorise: the largest value in lanes ([`simd::max`],
 /// NaN ignored), then the first index that holds it (the first of equal maxima, and NaN
 /// equals nothing); a maximum that is not finite (every value −∞ or NaN, or a +∞) and a
-/// strided row take [`argmax_scalar`], whose index this is.
+/// strided row are searched one value at a time, which gives the same index.
 pub fn argmax<F: Float>(row: ndarray::ArrayView1<F>) -> usize {
     if let Some(x) = row.as_slice() {
         let m = simd::widest!(simd::max(x));

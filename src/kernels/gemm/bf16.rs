@@ -44,8 +44,8 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::micro::Tile;
 use super::packed::{
-    self, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels, split, tile,
-    with_scratch,
+    self, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels, prefetch_c,
+    split, tile, with_scratch,
 };
 
 /// Values of k per block: every element of C is summed over k in blocks of this many,
@@ -486,7 +486,10 @@ unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
     const MR: usize = 8;
     let mut lo = [_mm512_setzero_ps(); MR];
     let mut hi = [_mm512_setzero_ps(); MR];
+    let lines = super::micro::TileLines::of(t);
     for c in 0..kp / DEPTH {
+        // C's rows one per chunk of k (a chunk is 32 steps).
+        lines.ask(c);
         // SAFETY: chunk c of both panels; row r's pair q is the i32 at r·16 + q of the chunk.
         unsafe {
             let ac = a.add(c * MR * DEPTH) as *const i32;
@@ -583,7 +586,14 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             "tilezero tmm3",
             options(nostack, nomem)
         );
-        for c in 0..kp / DEPTH {
+        // C's rows asked for a few at a time over the first chunks, not all at once beside B.
+        let lines = super::micro::TileLines::of(t);
+        let chunks = kp / DEPTH;
+        let per = 32usize.div_ceil(chunks.max(1));
+        for c in 0..chunks {
+            for r in c * per..(c + 1) * per {
+                lines.ask(r);
+            }
             let ac = a.add(c * 32 * DEPTH) as *const u8;
             let bc = b.add(c * DEPTH * NR) as *const u8;
             // B is asked for B_PREFETCH bytes ahead, line by line (a chunk is 2 KiB): where
@@ -788,6 +798,7 @@ unsafe fn run_part(
     let mr = path.mr();
     let n_pad = n.div_ceil(NR) * NR;
     let mc_max = mc_panels(mr) * mr;
+    let prefetch = prefetch_c(rows.len());
     #[cfg(target_arch = "x86_64")]
     if path == Bf16Path::Amx {
         // SAFETY: the path is AMX, so the CPU and the process have it.
@@ -821,6 +832,7 @@ unsafe fn run_part(
                             j0,
                             n,
                             p0 + kc == k,
+                            prefetch,
                         );
                         let ap = apack[ip * mr * kp..].as_ptr();
                         // SAFETY: the panels hold kp·mr and kp·32 elements; the tile is in C;

@@ -302,7 +302,7 @@ pub(crate) unsafe fn gemm(
                 unsafe {
                     let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
                     let old = if beta == 0.0 { 0.0 } else { *p };
-                    let t = tile(p, c, 1, 1, update, ep, i, j, n, true);
+                    let t = tile(p, c, 1, 1, update, ep, i, j, n, true, false);
                     *p = t.post(update.apply(0.0, old, j, ep.relu), 0, 0);
                 }
             }
@@ -402,6 +402,15 @@ pub(super) fn for_tile_runs(
     }
 }
 
+/// Rows from which a thread's part of a product asks for C ahead of its stores
+/// ([`super::micro::TileLines`]): fewer are a decoding step's, whose C stays in cache.
+const PREFETCH_C_ROWS: usize = 64;
+
+/// Whether the tiles of a part of `rows` rows ask for C ahead of their stores.
+pub(super) fn prefetch_c(rows: usize) -> bool {
+    rows >= PREFETCH_C_ROWS
+}
+
 /// How the block of k starting at `p0` meets the tile of C whose first column is `j0`: the
 /// first block sets C (with the bias, or scaling the old C by β), every later one adds.
 ///
@@ -452,8 +461,10 @@ pub(super) fn tile(
     j0: usize,
     n: usize,
     last: bool,
+    prefetch: bool,
 ) -> Tile {
     Tile {
+        prefetch,
         c: p,
         rsc: c.rs,
         csc: c.cs,
@@ -676,6 +687,7 @@ unsafe fn run_part(
     let m_panels = rows.len().div_ceil(mr);
     let blocks = m_panels.div_ceil(mc_panels(mr));
     let mc_max = m_panels.div_ceil(blocks) * mr;
+    let prefetch = prefetch_c(rows.len());
     let last_col = panels.end;
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
@@ -697,7 +709,7 @@ unsafe fn run_part(
                             // SAFETY: (r0, j0) is inside C.
                             let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
                             let cols = nr.min(n - j0);
-                            let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k);
+                            let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
                             // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
                             unsafe { isa.kernel(mr, kc, ap, bp, &tile) };
                         }

@@ -22,7 +22,7 @@ use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
-use crate::kernels::simd::widest;
+use crate::kernels::simd::{LANES, reduce, widest};
 use crate::params::{Params, SQ_NORM_CHUNK, chunk_sq_norm, tensor_sq_norm};
 
 /// An optimizer: updates parameters from their gradients.
@@ -290,11 +290,47 @@ impl<F: Float, P: Params<F>> Adam<F, P> {
                         .chunks_mut(SQ_NORM_CHUNK)
                         .zip(g.chunks(SQ_NORM_CHUNK))
                         .zip(m.chunks_mut(SQ_NORM_CHUNK).zip(v.chunks_mut(SQ_NORM_CHUNK)));
+                    // Each chunk's sum of squares in the same loop as its update, in the lanes
+                    // and order of `chunk_sq_norm` (the same bits): a pass of its own over the
+                    // chunk had read the gradient from memory alone, one stream where the
+                    // update reads four. On base's 56M parameters (one thread, Intel Xeon) the
+                    // step with the norm took about 17 ms more than the step without it; 9 ms
+                    // now (medians over alternating steps).
+                    let run_norm = |p: &mut [F], g: &[F], m: &mut [F], v: &mut [F]| -> f64 {
+                        widest!({
+                            let mut acc = [0.0f64; LANES];
+                            let mut pc = p.chunks_exact_mut(LANES);
+                            let mut gc = g.chunks_exact(LANES);
+                            let mut mc = m.chunks_exact_mut(LANES);
+                            let mut vc = v.chunks_exact_mut(LANES);
+                            for (((p, g), m), v) in (&mut pc).zip(&mut gc).zip(&mut mc).zip(&mut vc) {
+                                let p: &mut [F; LANES] = p.try_into().expect("a whole chunk");
+                                let g: &[F; LANES] = g.try_into().expect("a whole chunk");
+                                let m: &mut [F; LANES] = m.try_into().expect("a whole chunk");
+                                let v: &mut [F; LANES] = v.try_into().expect("a whole chunk");
+                                for l in 0..LANES {
+                                    let x = g[l].to_f64();
+                                    acc[l] += x * x;
+                                    update(&mut p[l], g[l], &mut m[l], &mut v[l]);
+                                }
+                            }
+                            let rest = pc
+                                .into_remainder()
+                                .iter_mut()
+                                .zip(gc.remainder())
+                                .zip(mc.into_remainder().iter_mut().zip(vc.into_remainder()));
+                            for (l, ((p, &g), (m, v))) in rest.enumerate() {
+                                let x = g.to_f64();
+                                acc[l] += x * x;
+                                update(p, g, m, v);
+                            }
+                            reduce(acc)
+                        })
+                    };
                     for (i, ((p, g), (m, v))) in parts.enumerate() {
                         // SAFETY: `at` is a multiple of the chunk length, so slot
                         // at / SQ_NORM_CHUNK + i is this chunk's alone.
-                        unsafe { slots.range(at / SQ_NORM_CHUNK + i, 1)[0] = chunk_sq_norm(g) };
-                        run(p, g, m, v);
+                        unsafe { slots.range(at / SQ_NORM_CHUNK + i, 1)[0] = run_norm(p, g, m, v) };
                     }
                 });
                 sq += sums.iter().sum::<f64>();

@@ -44,8 +44,8 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::micro::Tile;
 use super::packed::{
-    self, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels, prefetch_c,
-    split, tile, with_scratch,
+    self, Aligned, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels,
+    prefetch_c, split, tile, with_scratch,
 };
 
 /// Values of k per block: every element of C is summed over k in blocks of this many,
@@ -735,9 +735,9 @@ pub(super) fn row_major(x: &[f32], cols: usize) -> Mat {
 ///
 /// # Safety
 /// `b` addresses a `k × n` matrix.
-pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Vec<u16> {
+pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Aligned<u16> {
     let n_panels = n.div_ceil(NR);
-    let mut out = vec![0u16; packed_len(k, n)];
+    let mut out = Aligned::zeroed(packed_len(k, n));
     let shared = Shared(out.as_mut_ptr());
     // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
     for_panel_runs(parts, n_panels, |panels| unsafe {

@@ -261,11 +261,14 @@ pub struct PackedB {
 #[derive(Clone, Debug)]
 enum Packing {
     /// `f32` for the kernels of `isa`.
-    F32 { isa: Isa, data: Vec<f32> },
+    F32 { isa: Isa, data: packed::Aligned<f32> },
     /// bf16 for a vector bf16 path.
-    Bf16 { path: bf16::Bf16Path, data: Vec<u16> },
+    Bf16 {
+        path: bf16::Bf16Path,
+        data: packed::Aligned<u16>,
+    },
     /// Rounded to bf16 values, kept as `f32` for the kernels of `isa` (the emulated path).
-    Rounded { isa: Isa, data: Vec<f32> },
+    Rounded { isa: Isa, data: packed::Aligned<f32> },
 }
 
 impl PackedB {
@@ -645,6 +648,34 @@ pub fn gemm_naive<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packed operands kept for many products start on a 64-byte boundary, clones too (an
+    /// AMX tile row or a vector load across two cache lines is slow).
+    #[test]
+    fn packed_b_is_cache_line_aligned() {
+        fn aligned(p: &PackedB) -> bool {
+            let ptr = match &p.data {
+                Packing::F32 { data, .. } | Packing::Rounded { data, .. } => data.as_ptr() as usize,
+                Packing::Bf16 { data, .. } => data.as_ptr() as usize,
+            };
+            ptr % 64 == 0
+        }
+        for (k, n) in [(3, 5), (64, 100), (512, 300)] {
+            let b = Array2::from_shape_fn((k, n), |(i, j)| (i * n + j) as f32);
+            for precision in [Precision::F32, Precision::Bf16] {
+                let Some(p) = with_precision(precision, || PackedB::new(b.view())) else {
+                    return; // nothing packs on this CPU
+                };
+                assert!(aligned(&p), "{k}×{n} {precision:?}");
+                assert!(aligned(&p.clone()), "{k}×{n} {precision:?} clone");
+            }
+        }
+        for len in [0, 1, 7, 1000] {
+            let a = packed::Aligned::<u16>::zeroed(len);
+            assert_eq!((a.len(), a.as_ptr() as usize % 64), (len, 0));
+            assert_eq!(a.clone().as_ptr() as usize % 64, 0);
+        }
+    }
     use ndarray::{Array2, Array3, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 

@@ -648,6 +648,14 @@ pub fn gemm_naive<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::{Array2, Array3, s};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Small integers, so that every product and sum is exact in f32 and the fast and naive
+    /// results must agree bit for bit.
+    fn int_matrix(rng: &mut StdRng, r: usize, c: usize) -> Array2<f32> {
+        Array2::from_shape_fn((r, c), |_| rng.random_range(-4..=4) as f32)
+    }
 
     /// Packed operands kept for many products start on a 64-byte boundary, clones too (an
     /// AMX tile row or a vector load across two cache lines is slow).
@@ -675,14 +683,6 @@ mod tests {
             assert_eq!((a.len(), a.as_ptr() as usize % 64), (len, 0));
             assert_eq!(a.clone().as_ptr() as usize % 64, 0);
         }
-    }
-    use ndarray::{Array2, Array3, s};
-    use rand::{Rng, SeedableRng, rngs::StdRng};
-
-    /// Small integers, so that every product and sum is exact in f32 and the fast and naive
-    /// results must agree bit for bit.
-    fn int_matrix(rng: &mut StdRng, r: usize, c: usize) -> Array2<f32> {
-        Array2::from_shape_fn((r, c), |_| rng.random_range(-4..=4) as f32)
     }
 
     #[test]

@@ -108,7 +108,9 @@ fn bf16_copy_task_follows_the_f32_loss_curve() {
 
 #[test]
 fn bf16_steps_give_the_same_bits_at_one_and_two_threads() {
-    let run = |threads: usize| {
+    // 24 pairs make a step of about 0.6 GFLOP, which runs on one thread on AMX (`with_team_for`);
+    // 64 pairs, about 1.6 GFLOP, run on both.
+    let run = |threads: usize, pairs: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -121,7 +123,7 @@ fn bf16_steps_give_the_same_bits_at_one_and_two_threads() {
             let cfg = TrainerConfig::paper(64, 10).with_precision(Precision::Bf16);
             let mut trainer = Trainer::new(model, cfg).unwrap();
             let batch = Seq2SeqBatch::from_pairs(
-                &(0..24)
+                &(0..pairs)
                     .map(|i| {
                         (
                             (3..40).map(|j| (i + j) % 47 + 3).collect(),
@@ -140,7 +142,9 @@ fn bf16_steps_give_the_same_bits_at_one_and_two_threads() {
             trainer.model.infer(&batch.src, &batch.tgt_in).unwrap()
         })
     };
-    assert_eq!(run(1), run(2));
+    for pairs in [24, 64] {
+        assert_eq!(run(1, pairs), run(2, pairs), "{pairs} pairs");
+    }
 }
 
 #[test]

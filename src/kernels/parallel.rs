@@ -105,6 +105,40 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Model calls in bf16 on AMX tiles below this many FLOPs (by the models' FLOP model: dense
+/// m→n is 2mn per token, attention 4·Tq·Tk·d per sequence, a training step 3× the forward) run
+/// on the calling thread alone: [`with_team_for`].
+///
+/// Measured on a 2-core Intel Xeon with AMX, training steps of encoder-decoder models (one
+/// thread against two, `bench`-like runs, medians of 20): 0.38 GFLOP (the `tiny` workload)
+/// 3.87 ms against 4.35, 0.76 GFLOP 7.55 against 7.91, 1.5 GFLOP 15.4 against 14.8 (the team
+/// pays from here), 2.4 GFLOP 14.4 against 12.1. The tiles multiply such products in a few
+/// microseconds; splitting them and the memory-bound passes between them over two cores costs
+/// more in moved cache lines than the second core gives. In `f32` the same steps gain from the
+/// team (the `tiny` step 5.92 → 5.52 ms), and so do inference calls in bf16 (the `tiny` eval
+/// forward 0.79 → 0.76 ms, its greedy decode equal): their products are not split finer than
+/// a few rows per thread.
+const AMX_ALONE_BELOW_FLOPS: u64 = 1_000_000_000;
+
+/// Runs `f` as [`with_team`] does, unless a call of `flops` FLOPs in the current precision is
+/// too small to pay for a second thread: then on the calling thread alone, with every loop
+/// inside it serial (the results are the same bits either way).
+///
+/// Today the one such case is a bf16 call on AMX tiles below 10⁹ FLOPs; see
+/// `AMX_ALONE_BELOW_FLOPS` in the source for the measurements. Pass `u64::MAX` when the work
+/// is not known: the team then runs.
+///
+/// # Panics
+/// Resumes a panic of `f` or of a part.
+pub fn with_team_for<R>(flops: u64, f: impl FnOnce() -> R) -> R {
+    use super::precision::{Bf16Path, Precision, bf16_path, precision};
+    let alone = flops < AMX_ALONE_BELOW_FLOPS
+        && rayon::current_num_threads() > 1
+        && precision() == Precision::Bf16
+        && bf16_path() == Bf16Path::Amx;
+    if alone { as_part(f) } else { with_team(f) }
+}
+
 /// The number of threads a loop started here would run on.
 pub fn threads() -> usize {
     if IN_PART.get() {
@@ -410,6 +444,46 @@ mod tests {
             .num_threads(threads)
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn small_bf16_calls_on_amx_run_alone() {
+        use crate::kernels::precision::{Bf16Path, Precision, bf16_path, with_precision};
+        pool(2).install(|| {
+            // A loop inside says how many threads it would use, and on which threads it ran.
+            let seen = |flops: u64| {
+                with_team_for(flops, || {
+                    let others = AtomicU64::new(0);
+                    let me = std::thread::current().id();
+                    for_each_index(64, |_| {
+                        if std::thread::current().id() != me {
+                            others.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    (threads(), others.load(Ordering::Relaxed))
+                })
+            };
+            let amx = bf16_path() == Bf16Path::Amx;
+            if !amx {
+                eprintln!("no AMX here: only the calls that keep the team are checked");
+            }
+            with_precision(Precision::Bf16, || {
+                let (threads, others) = seen(AMX_ALONE_BELOW_FLOPS - 1);
+                if amx {
+                    assert_eq!((threads, others), (1, 0), "a small bf16 call on AMX runs alone");
+                } else {
+                    assert_eq!(threads, 2, "bf16 off AMX keeps the team");
+                }
+                assert_eq!(
+                    seen(AMX_ALONE_BELOW_FLOPS).0,
+                    2,
+                    "a large bf16 call keeps the team"
+                );
+                assert_eq!(seen(u64::MAX).0, 2, "work not known: the team");
+            });
+            assert_eq!(seen(0).0, 2, "f32 calls keep the team");
+        });
+        assert_eq!(pool(1).install(|| with_team_for(0, threads)), 1);
     }
 
     #[test]

@@ -571,6 +571,12 @@ impl<F: Float> Trainable for DecoderOnly<F> {
         batch.target.tokens()
     }
 
+    fn train_flops(&self, batch: &LmBatch) -> u64 {
+        self.cfg
+            .cost(batch.input.batch_size(), batch.input.seq_len())
+            .train_flops
+    }
+
     /// Cross-entropy over every real target token (padding skipped), with the trainer's label
     /// smoothing.
     fn accumulate<R: Rng>(

@@ -897,6 +897,15 @@ impl<F: Float> Trainable for EncoderDecoder<F> {
         batch.tgt_out.tokens()
     }
 
+    fn train_flops(&self, batch: &Seq2SeqBatch) -> u64 {
+        let (b, s, t) = (
+            batch.src.batch_size(),
+            batch.src.seq_len(),
+            batch.tgt_in.seq_len(),
+        );
+        self.cfg.cost(b, s, t).train_flops
+    }
+
     fn accumulate<R: Rng>(
         &self,
         batch: &Seq2SeqBatch,

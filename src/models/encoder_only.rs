@@ -814,6 +814,12 @@ impl<F: Float> Trainable for EncoderOnly<F> {
         batch.input.batch_size()
     }
 
+    fn train_flops(&self, batch: &LabeledBatch<F>) -> u64 {
+        self.cfg
+            .cost(batch.input.batch_size(), batch.input.seq_len())
+            .train_flops
+    }
+
     fn accumulate<R: Rng>(
         &self,
         batch: &LabeledBatch<F>,

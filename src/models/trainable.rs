@@ -60,6 +60,15 @@ pub trait Trainable: Params<<Self as Trainable>::Float> + Clone {
     /// The number of tokens (or examples) the batch's loss is averaged over.
     fn batch_tokens(batch: &Self::Batch) -> usize;
 
+    /// FLOPs of a training step over `batch` by the FLOP model of [`Cost`](super::Cost)
+    /// (`train_flops`), which decides whether a step is worth a second thread
+    /// ([`with_team_for`](crate::kernels::parallel::with_team_for)). The default, `u64::MAX`,
+    /// says the work is not known: every step then runs on the whole team.
+    fn train_flops(&self, batch: &Self::Batch) -> u64 {
+        let _ = batch;
+        u64::MAX
+    }
+
     /// Runs the batch in training mode and adds `weight · ∂loss/∂θ` into `grads`, where the
     /// loss is the batch's mean with label smoothing `smoothing` (ignored by losses it does
     /// not apply to).

@@ -202,7 +202,11 @@ impl<M: Trainable> Trainer<M> {
     }
 
     fn step_inner<R: Rng>(&mut self, micro_batches: &[M::Batch], rng: &mut R) -> Result<StepStats> {
-        crate::kernels::parallel::with_team(|| {
+        let flops = micro_batches
+            .iter()
+            .map(|b| self.model.train_flops(b))
+            .fold(0u64, u64::saturating_add);
+        crate::kernels::parallel::with_team_for(flops, || {
             let total: usize = micro_batches.iter().map(M::batch_tokens).sum();
             let lr = self.cfg.schedule.lr(self.optimizer.steps() + 1);
             if total == 0 {

@@ -208,17 +208,19 @@ impl SmallHead {
         }
         let o = Strided::of_mut(out);
         SCRATCH.with_borrow_mut(|scratch| {
-            // (P ⊙ M)ᵀ [kb][tq]
-            let pt = take(scratch, kb * tq);
-            // SAFETY: probs [tq, ≥ kb] with contiguous rows (asserted).
-            unsafe { transpose(p, tq, kb, pt) };
-            if let Some(m) = &dropped {
-                for (i, m) in m.rows().into_iter().enumerate() {
-                    for (j, &m) in m.iter().enumerate() {
-                        pt[j * tq + i] *= m.to_f64() as f32;
-                    }
+            // (P ⊙ M)ᵀ [kb][tq], from P ⊙ M [tq][kb] made row by row when there is a mask.
+            let (pt, pm) = take(scratch, 2 * kb * tq).split_at_mut(kb * tq);
+            let src = match &dropped {
+                Some(m) => {
+                    // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows, M [tq, kb]
+                    // (asserted).
+                    unsafe { mask_rows(Some(p), m, tq, kb, pm) };
+                    Strided::dense(pm, kb)
                 }
-            }
+                None => p,
+            };
+            // SAFETY: src is [tq, ≥ kb] with contiguous rows.
+            unsafe { transpose(src, tq, kb, pt) };
             // SAFETY: AVX-512F; O = (P ⊙ M)·V from (P ⊙ M)ᵀ [kb][tq] and V [kb, dv] with
             // contiguous rows (checked by `new`), into out [tq, dv] (asserted).
             unsafe { products(pt, tq, self.v, kb, dv, 1.0, NO_LIMIT, o, tq) };
@@ -288,11 +290,9 @@ impl SmallHead {
             // ∂L/∂V = (P ⊙ M)ᵀ·G: the left factor's transpose is P ⊙ M [tq][kb].
             let pd: &[f32] = match &dropped {
                 Some(m) => {
-                    for ((pd, p), m) in pd.chunks_exact_mut(kb).zip(probs.rows()).zip(m.rows()) {
-                        for ((x, &p), &m) in pd.iter_mut().zip(p).zip(m) {
-                            *x = (p * m).to_f64() as f32;
-                        }
-                    }
+                    // SAFETY: F is f32; probs and M are [tq, kb], probs' rows contiguous
+                    // (asserted).
+                    unsafe { mask_rows(Some(Strided::of(&probs)), m, tq, kb, pd) };
                     pd
                 }
                 // SAFETY: F is f32, probs [tq, kb] with contiguous rows at a stride of at
@@ -326,11 +326,8 @@ impl SmallHead {
                 )
             };
             if let Some(m) = &dropped {
-                for (gp, m) in gp.chunks_exact_mut(kb).zip(m.rows()) {
-                    for (x, &m) in gp.iter_mut().zip(m) {
-                        *x *= m.to_f64() as f32;
-                    }
-                }
+                // SAFETY: F is f32; M is [tq, kb] (asserted), gp [tq][kb].
+                unsafe { mask_rows(None, m, tq, kb, gp) };
             }
             // ∂L/∂S, row by row.
             for (i, (gp, gs)) in gp.chunks_exact(kb).zip(gs.chunks_exact_mut(kb)).enumerate() {
@@ -384,6 +381,35 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
         scratch.resize(n, 0.0);
     }
     &mut scratch[..n]
+}
+
+/// `dst ← P ⊙ M` (with `p`) or `dst ← dst ⊙ M` (without), `dst` a dense `[tq][kb]` buffer:
+/// the dropout mask applied row by row, over contiguous slices that the compiler vectorises.
+///
+/// # Safety
+/// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
+/// holds `tq · kb` floats.
+unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
+    let m = Strided::of(m);
+    for (i, d) in dst[..tq * kb].chunks_exact_mut(kb).enumerate() {
+        if let Some(p) = p {
+            // SAFETY: row i of P, kb contiguous floats (the caller).
+            let row = unsafe { std::slice::from_raw_parts(p.ptr.offset(i as isize * p.rs), kb) };
+            d.copy_from_slice(row);
+        }
+        if m.cs == 1 {
+            // SAFETY: row i of M, kb contiguous floats.
+            let mask = unsafe { std::slice::from_raw_parts(m.ptr.offset(i as isize * m.rs), kb) };
+            for (x, &k) in d.iter_mut().zip(mask) {
+                *x *= k;
+            }
+        } else {
+            for (j, x) in d.iter_mut().enumerate() {
+                // SAFETY: (i, j) is inside M.
+                *x *= unsafe { m.at(i, j) };
+            }
+        }
+    }
 }
 
 /// `dst` `[cols][rows]` (dense) ← the transpose of `src` `[rows, cols]` (contiguous rows):

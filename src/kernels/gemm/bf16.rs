@@ -360,9 +360,30 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
         }
         #[cfg(target_arch = "x86_64")]
         if a.rs == 1 && rows == mr && mr.is_multiple_of(16) {
-            // Columns of A are contiguous (A = Xᵀ): two columns of 16 rows make 16 pairs,
-            // scattered across the rows of the chunk.
+            // Columns of A are contiguous (A = Xᵀ): two columns of 16 rows make 16 pairs.
+            // A whole chunk's 16 pairs of columns give 16 vectors of 16 rows' pairs; transposed,
+            // one vector per row of the chunk.
             use std::arch::x86_64::*;
+            let chunked = kc / DEPTH * DEPTH;
+            for c in 0..chunked / DEPTH {
+                for r in (0..mr).step_by(16) {
+                    // SAFETY: columns c·32.. + 32 < kc of rows r0 + r.. + 16 (rows = mr); rows
+                    // r.. + 16 of chunk c of the panel, 32 u16 each; the vector paths run on
+                    // CPUs with AVX-512F, BW and BF16.
+                    unsafe {
+                        let mut v: [__m512i; 16] = std::array::from_fn(|i| {
+                            let p = c * DEPTH + 2 * i;
+                            vec::pairs(_mm512_loadu_ps(at(r, p)), _mm512_loadu_ps(at(r, p + 1)))
+                        });
+                        vec::transpose16(&mut v);
+                        for (j, row) in v.iter().enumerate() {
+                            let at = dst.as_mut_ptr().add((c * mr + r + j) * DEPTH);
+                            _mm512_storeu_si512(at as *mut __m512i, *row);
+                        }
+                    }
+                }
+            }
+            // The pairs of a last, partial chunk: scattered across its rows.
             let whole = kc / 2 * 2;
             // SAFETY: columns p, p + 1 < kc of rows r0..r0 + mr; the chunk holds mr rows of 16
             // u32; the vector paths run on CPUs with AVX-512F, BW and BF16.
@@ -371,7 +392,7 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                     _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                     _mm512_set1_epi32((DEPTH / 2) as i32),
                 );
-                for p in (0..whole).step_by(2) {
+                for p in (chunked..whole).step_by(2) {
                     let (c, q) = (p / DEPTH, p % DEPTH / 2);
                     for r in (0..mr).step_by(16) {
                         let v = vec::pairs(_mm512_loadu_ps(at(r, p)), _mm512_loadu_ps(at(r, p + 1)));

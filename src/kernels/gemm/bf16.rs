@@ -223,6 +223,35 @@ unsafe impl Sync for Shared {}
 )]
 unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) {
     let n_pad = n.div_ceil(NR) * NR;
+    if b.cs == 1 {
+        // Rows of B are contiguous (B = W in `∂Y·W`, or X in `∂Yᵀ·X`): a few pair rows at a
+        // time across every panel, so that B is read row after row (a stream the hardware
+        // prefetches) rather than one panel's 128 bytes of every row, thousands of bytes
+        // apart, before the next panel's.
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let kp = padded(kc);
+            for q0 in (0..kp / 2).step_by(PAIR_ROWS) {
+                for jp in panels.clone() {
+                    let j0 = jp * NR;
+                    let cols = NR.min(n - j0);
+                    for q in q0..(q0 + PAIR_ROWS).min(kp / 2) {
+                        // SAFETY: pair row q of this panel of this block, inside `out` and
+                        // ours alone; rows 2q, 2q + 1 (below kc) of the block, columns j0..j0 +
+                        // cols, inside B (caller).
+                        unsafe {
+                            let pair = std::slice::from_raw_parts_mut(
+                                out.0.add(p0 * n_pad + jp * kp * NR + q * 2 * NR),
+                                2 * NR,
+                            );
+                            pack_pair_row(b, p0, kc, j0, cols, q, pair);
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let kp = padded(kc);
@@ -232,10 +261,6 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) 
             // SAFETY: this panel's elements of this block, inside `out` and ours alone.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(out.0.add(p0 * n_pad + jp * kp * NR), kp * NR) };
-            // SAFETY (every read below): rows p0..p0 + kc, columns j0..j0 + cols of B.
-            let at = |p: usize, j: usize| unsafe {
-                *b.ptr.offset((p0 + p) as isize * b.rs + (j0 + j) as isize * b.cs)
-            };
             #[cfg(target_arch = "x86_64")]
             if b.rs == 1 && cols == NR {
                 // Columns of B are contiguous (B = Wᵀ): each pair is two neighbours. 32 values
@@ -276,30 +301,53 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, panels: Range<usize>, out: Shared) 
                 continue;
             }
             for (q, pair) in dst.chunks_exact_mut(2 * NR).enumerate() {
-                let (p, p1) = (2 * q, 2 * q + 1);
-                #[cfg(target_arch = "x86_64")]
-                if b.cs == 1 && cols == NR && p1 < kc {
-                    // Rows of B are contiguous: two rows interleaved, 16 columns at a time.
-                    use std::arch::x86_64::*;
-                    // SAFETY: rows p0 + p and p0 + p1, columns j0..j0 + 32 of B; 64 u16 in the
-                    // pair row.
-                    unsafe {
-                        let r0 = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
-                        let r1 = b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize);
-                        for h in [0, 16] {
-                            let v = vec::pairs(_mm512_loadu_ps(r0.add(h)), _mm512_loadu_ps(r1.add(h)));
-                            _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
-                        }
-                    }
-                    continue;
-                }
-                for j in 0..NR {
-                    let inside = j < cols;
-                    pair[2 * j] = if inside && p < kc { to_bf16(at(p, j)) } else { 0 };
-                    pair[2 * j + 1] = if inside && p1 < kc { to_bf16(at(p1, j)) } else { 0 };
-                }
+                // SAFETY: rows p0.. + kc, columns j0.. + cols of B (caller).
+                unsafe { pack_pair_row(b, p0, kc, j0, cols, q, pair) };
             }
         }
+    }
+}
+
+/// Pair rows of B packed at a time across every panel when B's rows are contiguous
+/// ([`pack_b`]): 16 rows of B.
+const PAIR_ROWS: usize = 8;
+
+/// Pair row `q` of one panel of B (columns `j0..j0 + cols`) in the block of k starting at row
+/// `p0` (`kc` rows): `(B[2q][j], B[2q + 1][j])` for the panel's 32 columns, zeros past the
+/// block and past `cols`.
+///
+/// # Safety
+/// Rows `p0..p0 + kc`, columns `j0..j0 + cols` lie inside B; the CPU has AVX-512F, BW and
+/// BF16.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512bf16")
+)]
+#[inline]
+unsafe fn pack_pair_row(b: Mat, p0: usize, kc: usize, j0: usize, cols: usize, q: usize, pair: &mut [u16]) {
+    let (p, p1) = (2 * q, 2 * q + 1);
+    #[cfg(target_arch = "x86_64")]
+    if b.cs == 1 && cols == NR && p1 < kc {
+        // Rows of B are contiguous: two rows interleaved, 16 columns at a time.
+        use std::arch::x86_64::*;
+        // SAFETY: rows p0 + p and p0 + p1, columns j0..j0 + 32 of B; 64 u16 in the pair row.
+        unsafe {
+            let r0 = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
+            let r1 = b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize);
+            for h in [0, 16] {
+                let v = vec::pairs(_mm512_loadu_ps(r0.add(h)), _mm512_loadu_ps(r1.add(h)));
+                _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
+            }
+        }
+        return;
+    }
+    // SAFETY (every read): (p0 + i, j0 + j) with i < kc and j < cols lies inside B (caller).
+    let at =
+        |i: usize, j: usize| unsafe { *b.ptr.offset((p0 + i) as isize * b.rs + (j0 + j) as isize * b.cs) };
+    for j in 0..NR {
+        let inside = j < cols;
+        pair[2 * j] = if inside && p < kc { to_bf16(at(p, j)) } else { 0 };
+        pair[2 * j + 1] = if inside && p1 < kc { to_bf16(at(p1, j)) } else { 0 };
     }
 }
 

@@ -423,16 +423,12 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                     // r.. + 16 of chunk c of the panel, 32 u16 each; the vector paths run on
                     // CPUs with AVX-512F, BW and BF16.
                     unsafe {
-                        let mut v: [__m512i; 16] = std::array::from_fn(|i| {
-                            let p = c * DEPTH + 2 * i;
-                            vec::pairs(_mm512_loadu_ps(at(r, p)), _mm512_loadu_ps(at(r, p + 1)))
-                        });
-                        vec::transpose16(&mut v);
-                        for (j, row) in v.iter().enumerate() {
-                            let at = dst.as_mut_ptr().add((c * mr + r + j) * DEPTH);
-                            _mm512_storeu_si512(at as *mut __m512i, *row);
-                        }
-                    }
+                        vec::chunk_from_columns(
+                            at(r, c * DEPTH),
+                            a.cs,
+                            dst.as_mut_ptr().add((c * mr + r) * DEPTH),
+                        )
+                    };
                 }
             }
             // The pairs of a last, partial chunk: scattered across its rows.
@@ -514,34 +510,64 @@ mod vec {
         }
     }
 
+    /// 16 rows of one chunk of packed A (16 × 32 values of k, rows of 32 bf16 at `dst`, `dst
+    /// + 32`, …) from an A whose columns are contiguous: column p of the 16 rows is 16 floats
+    /// at `src + p·cs`. 16 vectors of 16 rows' pairs, transposed in registers.
+    ///
+    /// # Safety
+    /// 16 floats readable at `src + p·cs` for p < 32; 16 · 32 u16 writable at `dst`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn chunk_from_columns(src: *const f32, cs: isize, dst: *mut u16) {
+        // SAFETY: the caller vouches for the 32 columns and the 16 rows of the chunk.
+        unsafe {
+            let col = |p: usize| _mm512_loadu_ps(src.offset(p as isize * cs));
+            let mut v: [__m512i; 16] = std::array::from_fn(|i| pairs(col(2 * i), col(2 * i + 1)));
+            transpose16(&mut v);
+            for (j, row) in v.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(j * super::DEPTH) as *mut __m512i, *row);
+            }
+        }
+    }
+
     /// Transposes 16 rows of 16 u32 lanes in place: in four steps, each exchanging the
     /// off-diagonal blocks of size 8, 4, 2 and 1 between pairs of rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) fn transpose16(r: &mut [__m512i; 16]) {
-        for b in [8usize, 4, 2, 1] {
-            // Row i takes lanes of row i + b where (lane & b) ≠ 0, and row i + b the lanes of
-            // row i where (lane & b) = 0, shifted by b (16 + j picks lane j of the second).
-            let lo: [i32; 16] =
-                std::array::from_fn(|l| if l & b == 0 { l as i32 } else { (16 + l - b) as i32 });
-            let hi: [i32; 16] = std::array::from_fn(|l| {
-                if l & b == 0 {
-                    (l + b) as i32
-                } else {
-                    (16 + l) as i32
-                }
-            });
-            // SAFETY: two arrays of 16 i32 read as vectors.
-            let (lo, hi) = unsafe {
-                (
-                    _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
-                    _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
-                )
-            };
-            for i in (0..16).filter(|i| i & b == 0) {
-                let (x, y) = (r[i], r[i + b]);
+        exchange::<8>(r);
+        exchange::<4>(r);
+        exchange::<2>(r);
+        exchange::<1>(r);
+    }
+
+    /// One step of [`transpose16`]: the off-diagonal blocks of size `B` exchanged between
+    /// rows i and i + B (a constant, so that the loop unrolls and the rows stay in registers).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn exchange<const B: usize>(r: &mut [__m512i; 16]) {
+        // Row i takes lanes of row i + B where (lane & B) ≠ 0, and row i + B the lanes of row
+        // i where (lane & B) = 0, shifted by B (16 + j picks lane j of the second).
+        let lo: [i32; 16] = std::array::from_fn(|l| if l & B == 0 { l as i32 } else { (16 + l - B) as i32 });
+        let hi: [i32; 16] = std::array::from_fn(|l| {
+            if l & B == 0 {
+                (l + B) as i32
+            } else {
+                (16 + l) as i32
+            }
+        });
+        // SAFETY: two arrays of 16 i32 read as vectors.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+            )
+        };
+        for i in 0..16 {
+            if i & B == 0 {
+                let (x, y) = (r[i], r[i + B]);
                 r[i] = _mm512_permutex2var_epi32(x, lo, y);
-                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
+                r[i + B] = _mm512_permutex2var_epi32(x, hi, y);
             }
         }
     }

@@ -388,25 +388,33 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
 ///
 /// # Safety
 /// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
-/// holds `tq · kb` floats.
+/// holds `tq · kb` floats; the CPU has AVX-512F.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
     let m = Strided::of(m);
     for (i, d) in dst[..tq * kb].chunks_exact_mut(kb).enumerate() {
-        if let Some(p) = p {
-            // SAFETY: row i of P, kb contiguous floats (the caller).
-            let row = unsafe { std::slice::from_raw_parts(p.ptr.offset(i as isize * p.rs), kb) };
-            d.copy_from_slice(row);
-        }
+        // SAFETY: row i of P, kb contiguous floats (the caller).
+        let row = p.map(|p| unsafe { std::slice::from_raw_parts(p.ptr.offset(i as isize * p.rs), kb) });
         if m.cs == 1 {
             // SAFETY: row i of M, kb contiguous floats.
             let mask = unsafe { std::slice::from_raw_parts(m.ptr.offset(i as isize * m.rs), kb) };
-            for (x, &k) in d.iter_mut().zip(mask) {
-                *x *= k;
+            match row {
+                Some(row) => {
+                    for ((x, &p), &k) in d.iter_mut().zip(row).zip(mask) {
+                        *x = p * k;
+                    }
+                }
+                None => {
+                    for (x, &k) in d.iter_mut().zip(mask) {
+                        *x *= k;
+                    }
+                }
             }
         } else {
             for (j, x) in d.iter_mut().enumerate() {
                 // SAFETY: (i, j) is inside M.
-                *x *= unsafe { m.at(i, j) };
+                let k = unsafe { m.at(i, j) };
+                *x = row.map_or(*x, |row| row[j]) * k;
             }
         }
     }

@@ -681,28 +681,9 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
     let direct = direct_update(t);
     unsafe {
         match direct {
-            Some(Update::Add { .. }) => std::arch::asm!(
-                "tileloadd tmm0, [{c00} + {s}]",
-                "tileloadd tmm1, [{c01} + {s}]",
-                "tileloadd tmm2, [{c10} + {s}]",
-                "tileloadd tmm3, [{c11} + {s}]",
-                c00 = in(reg) t.c,
-                c01 = in(reg) t.c.add(16),
-                c10 = in(reg) t.c.offset(16 * t.rsc),
-                c11 = in(reg) t.c.offset(16 * t.rsc + 16),
-                s = in(reg) t.rsc * 4,
-                options(nostack, readonly)
-            ),
-            Some(Update::Bias { bias, .. }) => std::arch::asm!(
-                "tileloadd tmm0, [{b0} + {zero}]",
-                "tileloadd tmm1, [{b1} + {zero}]",
-                "tileloadd tmm2, [{b0} + {zero}]",
-                "tileloadd tmm3, [{b1} + {zero}]",
-                b0 = in(reg) bias,
-                b1 = in(reg) bias.add(16),
-                zero = in(reg) 0usize,
-                options(nostack, readonly)
-            ),
+            Some(Update::Add { .. }) => c_tiles::<false>(t.c, t.rsc),
+            // Row stride 0: every row of each tile is the bias.
+            Some(Update::Bias { bias, .. }) => c_tiles::<false>(bias as *mut f32, 0),
             _ => std::arch::asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -747,33 +728,11 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             );
         }
         if direct.is_some() {
-            std::arch::asm!(
-                "tilestored [{c00} + {s}], tmm0",
-                "tilestored [{c01} + {s}], tmm1",
-                "tilestored [{c10} + {s}], tmm2",
-                "tilestored [{c11} + {s}], tmm3",
-                c00 = in(reg) t.c,
-                c01 = in(reg) t.c.add(16),
-                c10 = in(reg) t.c.offset(16 * t.rsc),
-                c11 = in(reg) t.c.offset(16 * t.rsc + 16),
-                s = in(reg) t.rsc * 4,
-                options(nostack)
-            );
+            c_tiles::<true>(t.c, t.rsc);
             return;
         }
         let p = buf.as_mut_ptr() as *mut f32;
-        std::arch::asm!(
-            "tilestored [{c00} + {s}], tmm0",
-            "tilestored [{c01} + {s}], tmm1",
-            "tilestored [{c10} + {s}], tmm2",
-            "tilestored [{c11} + {s}], tmm3",
-            c00 = in(reg) p,
-            c01 = in(reg) p.add(16),
-            c10 = in(reg) p.add(16 * 32),
-            c11 = in(reg) p.add(16 * 32 + 16),
-            s = in(reg) 128usize,
-            options(nostack)
-        );
+        c_tiles::<true>(p, 32);
         for g in 0..4 {
             if t.rows <= 8 * g {
                 break;
@@ -781,6 +740,43 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             let lo: [__m512; 8] = std::array::from_fn(|r| _mm512_load_ps(p.add((8 * g + r) * 32)));
             let hi: [__m512; 8] = std::array::from_fn(|r| _mm512_load_ps(p.add((8 * g + r) * 32 + 16)));
             super::micro::store_avx512(&lo, &hi, &t.below(8 * g));
+        }
+    }
+}
+
+/// Loads tmm0–3 from (or, with `STORE`, stores them into) the `32 × 32` block of `f32` at `p`
+/// whose rows are `rs` floats apart: tmm0 the top left `16 × 16`, tmm1 the top right, tmm2 and
+/// tmm3 below them.
+///
+/// # Safety
+/// The tiles are configured ([`amx_begin`]); the 32 rows of 32 floats are readable (and, with
+/// `STORE`, writable).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn c_tiles<const STORE: bool>(p: *mut f32, rs: isize) {
+    let q = [
+        p,
+        p.wrapping_add(16),
+        p.wrapping_offset(16 * rs),
+        p.wrapping_offset(16 * rs + 16),
+    ];
+    let s = rs * 4;
+    // SAFETY: the caller vouches for the block.
+    unsafe {
+        if STORE {
+            std::arch::asm!(
+                "tilestored [{0} + {s}], tmm0", "tilestored [{1} + {s}], tmm1",
+                "tilestored [{2} + {s}], tmm2", "tilestored [{3} + {s}], tmm3",
+                in(reg) q[0], in(reg) q[1], in(reg) q[2], in(reg) q[3], s = in(reg) s,
+                options(nostack)
+            )
+        } else {
+            std::arch::asm!(
+                "tileloadd tmm0, [{0} + {s}]", "tileloadd tmm1, [{1} + {s}]",
+                "tileloadd tmm2, [{2} + {s}]", "tileloadd tmm3, [{3} + {s}]",
+                in(reg) q[0], in(reg) q[1], in(reg) q[2], in(reg) q[3], s = in(reg) s,
+                options(nostack, readonly)
+            )
         }
     }
 }

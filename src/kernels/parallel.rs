@@ -115,9 +115,10 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
 /// pays from here), 2.4 GFLOP 14.4 against 12.1. The tiles multiply such products in a few
 /// microseconds; splitting them and the memory-bound passes between them over two cores costs
 /// more in moved cache lines than the second core gives. In `f32` the same steps gain from the
-/// team (the `tiny` step 5.92 → 5.52 ms), and so do inference calls in bf16 (the `tiny` eval
-/// forward 0.79 → 0.76 ms, its greedy decode equal): their products are not split finer than
-/// a few rows per thread.
+/// team (the `tiny` step 5.92 → 5.52 ms). Inference calls keep the team: the `tiny` bf16 eval
+/// forward is 4–10% slower on two threads than on one, but one twice as large (0.25 GFLOP) is
+/// 11% faster, and a decoding step's FLOPs do not tell a small model's step from a large one's
+/// (docs/performance.md, "What is left").
 const AMX_ALONE_BELOW_FLOPS: u64 = 1_000_000_000;
 
 /// Runs `f` as [`with_team`] does, unless a call of `flops` FLOPs in the current precision is

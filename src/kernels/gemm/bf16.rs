@@ -46,7 +46,9 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::micro::{Tile, Update};
+use super::micro::Tile;
+#[cfg(target_arch = "x86_64")]
+use super::micro::Update;
 use super::packed::{
     self, Aligned, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels,
     prefetch_c, split, tile, with_scratch,
@@ -677,7 +679,10 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
     // SAFETY: the tiles are configured (caller); every load reads 16 rows of 64 bytes inside
     // the panels (chunk c of A: 32 rows of 64 bytes; of B: 16 pair rows of 128 bytes), and
     // the stores write 16 rows of 64 bytes inside `buf` (rows of 128 bytes), all of it
-    // between them, before the vector loads read it back through the same pointer.
+    // between them, before the vector loads read it back through the same pointer. A direct
+    // update (whole tile, unit column stride: `direct_update`) reads and writes the tile's 32
+    // rows of 32 floats in C, which the caller vouches for, or reads the tile's 32 floats of
+    // the bias.
     let direct = direct_update(t);
     unsafe {
         match direct {
@@ -785,6 +790,7 @@ unsafe fn c_tiles<const STORE: bool>(p: *mut f32, rs: isize) {
 /// through the vector stores: `C ← acc` (tiles from zero, stored into C), `C ← C + acc` (tiles
 /// loaded from C) or `C ← bias + acc` (tiles loaded with the bias in every row), for α = 1,
 /// unit column stride and nothing after the update. `None` for every other tile.
+#[cfg(target_arch = "x86_64")]
 fn direct_update(t: &Tile) -> Option<Update> {
     let whole = t.rows == 32 && t.cols == 32 && t.csc == 1;
     let plain = !t.relu && t.drop.is_none() && t.gate.is_none();

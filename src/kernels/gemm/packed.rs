@@ -147,20 +147,25 @@ impl Isa {
         }
     }
 
-    /// One tile of `mr` rows (one of [`Isa::tile_rows`]).
+    /// One tile of `mr` rows (one of [`Isa::tile_rows`]); `far` for the first row panel past
+    /// a block of B, which asks for B further ahead (the first to read it from beyond L2).
     ///
     /// # Safety
     /// The CPU runs this family; `a` holds `kc·mr` floats, `b` `kc·NR` floats, and `t`
     /// describes a tile of C (see [`super::micro`]).
     #[inline]
-    unsafe fn kernel(self, mr: usize, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    unsafe fn kernel(self, mr: usize, far: bool, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
         // SAFETY: forwarded from this function's contract.
         unsafe {
             match self {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 if mr == 12 => super::micro::kernel_avx512::<12>(kc, a, b, t),
+                Isa::Avx512 if mr == 12 && far => super::micro::kernel_avx512::<12, true>(kc, a, b, t),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => super::micro::kernel_avx512::<8>(kc, a, b, t),
+                Isa::Avx512 if mr == 12 => super::micro::kernel_avx512::<12, false>(kc, a, b, t),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 if far => super::micro::kernel_avx512::<8, true>(kc, a, b, t),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => super::micro::kernel_avx512::<8, false>(kc, a, b, t),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => super::micro::kernel_avx2(kc, a, b, t),
                 _ => kernel_scalar(self.mr(), self.nr(), kc, a, b, t),
@@ -758,7 +763,7 @@ unsafe fn run_part(
                             let cols = nr.min(n - j0);
                             let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
                             // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
-                            unsafe { isa.kernel(mr, kc, ap, bp, &tile) };
+                            unsafe { isa.kernel(mr, ip == 0, kc, ap, bp, &tile) };
                         }
                     }
                 }

@@ -63,6 +63,47 @@ fn bf16_forward_of_the_small_workload_is_close_to_f32() -> Result<()> {
     Ok(())
 }
 
+/// A bf16 decode (bf16 products, keys and values cached in bf16) follows the `f32` decode step
+/// by step within the forward's bound, packed or not; weights packed in bf16 decode the same
+/// way wherever the decode begins.
+#[test]
+fn bf16_cached_decoding_is_close_to_f32() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(9);
+    let v = 60;
+    let model: EncoderDecoder =
+        EncoderDecoderConfig::new(v, v, BlockConfig::new(64, 4, 256), 2, 2).init(&mut rng)?;
+    let src = TokenBatch::from_sequences(&ids(&mut rng, 6, 12, v), 0)?;
+    let tokens = ids(&mut rng, 6, 10, v);
+    let steps = |mut state| -> Result<Vec<Array2<f32>>> {
+        (0..10)
+            .map(|t| {
+                let step: Vec<usize> = tokens.iter().map(|s| s[t]).collect();
+                model.decode_step(&mut state, &step)
+            })
+            .collect()
+    };
+    // The self-attention caches begin with room for 4 positions and grow.
+    let reference = steps(model.begin_decode(&src, 4)?)?;
+    let unpacked = with_precision(Precision::Bf16, || steps(model.begin_decode(&src, 4)?))?;
+    let handle = with_precision(Precision::Bf16, || model.packed());
+    let packed = with_precision(Precision::Bf16, || steps(handle.begin_decode(&src, 4)?))?;
+    let packed_outside = steps(handle.begin_decode(&src, 4)?)?;
+    assert_eq!(
+        packed, packed_outside,
+        "bf16 weights decode in bf16 wherever begun"
+    );
+    for (name, run) in [("unpacked", &unpacked), ("packed", &packed)] {
+        for (t, (a, b)) in run.iter().zip(&reference).enumerate() {
+            let err = relative_error(a, b);
+            assert!(
+                err > 0.0 && err < FORWARD_BOUND,
+                "{name}, step {t}: relative error {err}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Copy-task training steps of 64 sequences.
 const STEPS: u64 = 500;
 /// Largest distance allowed between the two loss curves, each averaged over windows of 50

@@ -6,7 +6,9 @@
 //! treat them) and their products accumulated in `f32`; everything else stays `f32`:
 //! the parameters and the optimizer's moments, layer norm, softmax and the attention core,
 //! the loss, every reduction. This is what `torch.autocast("cpu", dtype=torch.bfloat16)`
-//! does to `nn.Linear`.
+//! does to `nn.Linear`. A decode begun in bf16 (or with weights packed in bf16) also holds
+//! its key/value caches in bf16 ([`crate::layers::KvCache`]); attention over them still
+//! computes in `f32`.
 //!
 //! The choice is made for a stretch of work with [`with_precision`] (the trainer does it for
 //! its steps when [`crate::train::TrainerConfig::precision`] asks for bf16), and holds on

@@ -689,16 +689,19 @@ pub(crate) fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 /// step: `out ← softmax(q·Kᵀ·scale)·V`, with the keys stored transposed (`kt`: feature d's
 /// keys over the positions at `kt + d·kt_rs`, contiguous) and the values by position
 /// (position j's row at `v + j·v_rs`, contiguous).
-pub(crate) struct StepHead<'a, F> {
+///
+/// The cache holds `S`: the floats themselves, or (a bf16 decode, `S = u16`) bf16 bits that
+/// are widened to `f32` exactly as they are read ([`Cached`]).
+pub(crate) struct StepHead<'a, F, S = F> {
     /// The query, `d_k` features.
     pub q: &'a [F],
     /// `1 / √d_k`.
     pub scale: F,
-    /// The keys, transposed: `d_k` rows of `kb` floats, `kt_rs` apart.
-    pub kt: *const F,
+    /// The keys, transposed: `d_k` rows of `kb` elements, `kt_rs` apart.
+    pub kt: *const S,
     pub kt_rs: isize,
-    /// The values: `kb` rows of `d_v` floats, `v_rs` apart.
-    pub v: *const F,
+    /// The values: `kb` rows of `d_v` elements, `v_rs` apart.
+    pub v: *const S,
     pub v_rs: isize,
     /// Keys taking part (the cache's length).
     pub kb: usize,
@@ -716,24 +719,103 @@ pub(crate) struct StepHead<'a, F> {
 ///
 /// # Safety
 /// The `d_k` rows of `kb` keys and the `kb` rows of `out.len()` values must be readable.
-pub(crate) unsafe fn step_head<F: Float>(h: &StepHead<'_, F>, scores: &mut [F], out: &mut [F]) {
+pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
+    h: &StepHead<'_, F, S>,
+    scores: &mut [F],
+    out: &mut [F],
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
-        && h.kb <= MAX_KEYS
-        && out.len() <= MAX_KEYS
-        && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
     {
-        // SAFETY: F is f32 (checked), so the casts are identities; the CPU has AVX-512F; the
-        // caller vouches for the keys and values.
-        unsafe {
-            let h32 = &*(h as *const StepHead<'_, F> as *const StepHead<'_, f32>);
-            let out32 = &mut *(out as *mut [F] as *mut [f32]);
-            let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
-            return step_head_avx512(h32, scores32, out32);
+        use std::any::TypeId;
+        let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
+            && h.kb <= MAX_KEYS
+            && out.len() <= MAX_KEYS
+            && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
+            && avx512_bw_vl();
+        // SAFETY (both): F is f32 and S is f32 or u16 (checked), so the casts are identities;
+        // the CPU has AVX-512F (and BW and VL for the bf16 loads); the caller vouches for the
+        // keys and values.
+        if vectors && TypeId::of::<S>() == TypeId::of::<f32>() {
+            unsafe {
+                let h32 = &*(h as *const StepHead<'_, F, S> as *const StepHead<'_, f32, f32>);
+                let out32 = &mut *(out as *mut [F] as *mut [f32]);
+                let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
+                return step_head_avx512(h32, scores32, out32);
+            }
+        }
+        if vectors && TypeId::of::<S>() == TypeId::of::<u16>() {
+            unsafe {
+                let h16 = &*(h as *const StepHead<'_, F, S> as *const StepHead<'_, f32, u16>);
+                let out32 = &mut *(out as *mut [F] as *mut [f32]);
+                let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
+                return step_head_avx512(h16, scores32, out32);
+            }
         }
     }
     // SAFETY: forwarded from this function's contract.
     unsafe { step_head_slices(h, scores, out) }
+}
+
+/// An element of a key/value cache as [`step_head`] reads it: the float itself, or bf16 bits
+/// (`u16`, a bf16 decode's cache) widened exactly.
+pub(crate) trait Cached<F>: Copy + Send + Sync + 'static {
+    /// The value as an `F`.
+    fn widen(self) -> F;
+}
+
+impl<F: Float> Cached<F> for F {
+    #[inline(always)]
+    fn widen(self) -> F {
+        self
+    }
+}
+
+impl<F: Float> Cached<F> for u16 {
+    #[inline(always)]
+    fn widen(self) -> F {
+        F::from_f64(f64::from(super::gemm::bf16::bf16_to_f32(self)))
+    }
+}
+
+/// Whether the CPU has AVX-512BW and VL besides AVX-512F: [`step_head`]'s vector path (the
+/// masked 16-bit loads of a bf16 cache need them; every CPU with AVX-512 since Skylake-SP
+/// has them).
+#[cfg(target_arch = "x86_64")]
+fn avx512_bw_vl() -> bool {
+    static HAS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl")
+    });
+    *HAS
+}
+
+/// Sixteen cached elements as `f32` lanes (lanes outside `mask` zero, and not read).
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL; the lanes of `mask` are readable at `p`.
+    unsafe fn lanes(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn lanes(p: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for u16 {
+    #[inline(always)]
+    unsafe fn lanes(p: *const u16, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; a bf16's bits are the high half of its f32's.
+        unsafe {
+            let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
 }
 
 /// [`step_head`] in slices: the naive twin of [`step_head_avx512`], and the path of other
@@ -741,7 +823,11 @@ pub(crate) unsafe fn step_head<F: Float>(h: &StepHead<'_, F>, scores: &mut [F], 
 ///
 /// # Safety
 /// As [`step_head`].
-pub(crate) unsafe fn step_head_slices<F: Float>(h: &StepHead<'_, F>, scores: &mut [F], out: &mut [F]) {
+pub(crate) unsafe fn step_head_slices<F: Float, S: Cached<F>>(
+    h: &StepHead<'_, F, S>,
+    scores: &mut [F],
+    out: &mut [F],
+) {
     let (kb, dv) = (h.kb, out.len());
     // SAFETY (both closures): the caller vouches for these rows.
     let key_t = |d: usize| unsafe { std::slice::from_raw_parts(h.kt.offset(d as isize * h.kt_rs), kb) };
@@ -752,7 +838,7 @@ pub(crate) unsafe fn step_head_slices<F: Float>(h: &StepHead<'_, F>, scores: &mu
         for (d, &qd) in h.q.iter().enumerate() {
             let qd = qd * h.scale;
             for (s, &k) in scores.iter_mut().zip(key_t(d)) {
-                *s = qd.mul_add(k, *s);
+                *s = qd.mul_add(k.widen(), *s);
             }
         }
         super::softmax::softmax_row_inline(scores, h.mask);
@@ -760,7 +846,7 @@ pub(crate) unsafe fn step_head_slices<F: Float>(h: &StepHead<'_, F>, scores: &mu
         for (j, &p) in scores.iter().enumerate() {
             if h.mask.allows(j) {
                 for (o, &x) in out.iter_mut().zip(value(j)) {
-                    *o = p.mul_add(x, *o);
+                    *o = p.mul_add(x.widen(), *o);
                 }
             }
         }
@@ -770,10 +856,11 @@ pub(crate) unsafe fn step_head_slices<F: Float>(h: &StepHead<'_, F>, scores: &mu
 /// [`step_head`] with the scores and the output in registers (four vectors each at most).
 ///
 /// # Safety
-/// As [`step_head`]; the CPU has AVX-512F; `kb` and `out.len()` are at most [`MAX_KEYS`].
+/// As [`step_head`]; the CPU has AVX-512F, BW and VL; `kb` and `out.len()` are at most
+/// [`MAX_KEYS`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn step_head_avx512<S: Lanes>(h: &StepHead<'_, f32, S>, scores: &mut [f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (kb, dv) = (h.kb, out.len());
     let masks = |len: usize| -> [u16; 4] {
@@ -787,7 +874,7 @@ unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut 
         let row = unsafe { h.kt.offset(d as isize * h.kt_rs) };
         for c in 0..4 {
             if mk[c] != 0 {
-                let k = unsafe { _mm512_maskz_loadu_ps(mk[c], row.add(c * W)) };
+                let k = unsafe { S::lanes(row.add(c * W), mk[c]) };
                 acc[c] = _mm512_fmadd_ps(qd, k, acc[c]);
             }
         }
@@ -808,7 +895,7 @@ unsafe fn step_head_avx512(h: &StepHead<'_, f32>, scores: &mut [f32], out: &mut 
             let row = unsafe { h.v.offset(j as isize * h.v_rs) };
             for c in 0..4 {
                 if mv[c] != 0 {
-                    let x = unsafe { _mm512_maskz_loadu_ps(mv[c], row.add(c * W)) };
+                    let x = unsafe { S::lanes(row.add(c * W), mv[c]) };
                     acc[c] = _mm512_fmadd_ps(p, x, acc[c]);
                 }
             }
@@ -1169,6 +1256,43 @@ mod tests {
                     mask.limit
                 );
                 assert!(got.iter().all(|x| x.is_finite()));
+
+                // The same cache in bf16: both paths give the bits of the f32 path over the
+                // values rounded to bf16 (each is widened exactly as it is read).
+                use crate::kernels::gemm::bf16::{round_bf16, to_bf16};
+                let (kt16, v16) = (kt.mapv(to_bf16), v.mapv(to_bf16));
+                let (ktr, vr) = (kt.mapv(round_bf16), v.mapv(round_bf16));
+                let head16 = StepHead {
+                    q: &q,
+                    scale: 1.0 / (dk as f32).sqrt(),
+                    kt: kt16.as_ptr(),
+                    kt_rs: 70,
+                    v: v16.as_ptr(),
+                    v_rs: (dv + 3) as isize,
+                    kb,
+                    mask,
+                };
+                let rounded = StepHead {
+                    kt: ktr.as_ptr(),
+                    v: vr.as_ptr(),
+                    ..head
+                };
+                let (mut got16, mut want16, mut f32_rounded) =
+                    (vec![f32::NAN; dv], vec![f32::NAN; dv], vec![f32::NAN; dv]);
+                // SAFETY: as above, for arrays of the same shapes.
+                unsafe {
+                    step_head(&head16, &mut scores, &mut got16);
+                    step_head_slices(&head16, &mut scores, &mut want16);
+                    step_head(&rounded, &mut scores, &mut f32_rounded);
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got16), bits(&want16), "bf16 cache, dk={dk} kb={kb} dv={dv}");
+                assert_eq!(
+                    bits(&got16),
+                    bits(&f32_rounded),
+                    "bf16 cache against f32, dk={dk} kb={kb}"
+                );
+                assert_ne!(bits(&got16), bits(&got), "the keys and values were rounded");
             }
         }
     }

@@ -59,7 +59,7 @@ use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::simd::widest;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{RowSoftmax, SmallHead, StepHead, step_head};
+use crate::kernels::small_head::{Cached, RowSoftmax, SmallHead, StepHead, step_head};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -391,14 +391,15 @@ pub fn attention_forward<F: Float>(
 /// `out` `[B, H·d_v]` rows. Per (sequence, head): the scores as `d_k` scaled sums of
 /// contiguous runs over the positions, the softmax, and the weighted sum of value rows, on
 /// slices: the general path's per-head GEMM calls and views cost more than their arithmetic
-/// at one query.
+/// at one query. The cache holds `S`: `F`, or bf16 bits (`u16`) that are widened to `f32` as
+/// they are read.
 ///
 /// # Panics
 /// If the shapes do not fit, or the last axes of `kt` and `v` are not contiguous.
-pub(crate) fn attention_step<F: Float>(
+pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     q: ArrayView2<F>,
-    kt: ArrayView4<F>,
-    v: ArrayView4<F>,
+    kt: ArrayView4<S>,
+    v: ArrayView4<S>,
     mask: &ResolvedMask,
     out: ArrayViewMut2<F>,
 ) {
@@ -415,7 +416,7 @@ pub(crate) fn attention_step<F: Float>(
         v.shape(),
         out.shape()
     );
-    let unit = |x: &ArrayView4<F>| x.strides()[3] == 1 || x.dim().3 <= 1;
+    let unit = |x: &ArrayView4<S>| x.strides()[3] == 1 || x.dim().3 <= 1;
     assert!(
         unit(&kt) && unit(&v),
         "attention_step: cached keys and values need contiguous rows"
@@ -438,9 +439,9 @@ pub(crate) fn attention_step<F: Float>(
                 let head = StepHead {
                     q: &q[bi * h * dk + hi * dk..][..dk],
                     scale,
-                    kt: (kp as *const F).wrapping_offset(bi as isize * ks[0] + hi as isize * ks[1]),
+                    kt: (kp as *const S).wrapping_offset(bi as isize * ks[0] + hi as isize * ks[1]),
                     kt_rs: ks[2],
-                    v: (vp as *const F).wrapping_offset(bi as isize * vs[0] + hi as isize * vs[1]),
+                    v: (vp as *const S).wrapping_offset(bi as isize * vs[0] + hi as isize * vs[1]),
                     v_rs: vs[2],
                     kb,
                     mask: mask.row(bi, 0),

@@ -527,7 +527,8 @@ impl<F: Float> DecoderOnly<F> {
 
     /// Feeds the next `T` tokens of every sequence, `tokens` `[B, T]` (a prompt in one pass,
     /// or one token), and returns the logits `[B, V]` for the position after the last of them:
-    /// the same numbers as the last row of [`DecoderOnly::infer`] over the whole sequence.
+    /// the same numbers as the last row of [`DecoderOnly::infer`] over the whole sequence (in
+    /// bf16, to the rounding of the keys and values its caches hold in bf16).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for a number of rows other than B, [`Error::InvalidInput`] for

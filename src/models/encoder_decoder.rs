@@ -43,6 +43,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
+use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
@@ -749,11 +750,22 @@ impl<F: Float> EncoderDecoder<F> {
         crate::kernels::parallel::with_team(|| {
             check_sources(src)?;
             let memory = self.encode_with(src, encoder)?;
+            // Weights packed in bf16 decode in bf16 wherever they are used: their key/value
+            // caches too (see `KvCache`).
+            let bf16 = packed
+                .as_ref()
+                .is_some_and(|p| p.output.precision() == Precision::Bf16);
+            let begin = || self.decoder.begin(memory.view(), capacity);
+            let decoder = if bf16 {
+                with_precision(Precision::Bf16, begin)
+            } else {
+                begin()
+            };
             Ok(DecodeState {
                 sources: (0..src.batch_size()).collect(),
                 src_lengths: src.lengths().to_vec(),
                 src_mask: src.padding_mask(),
-                decoder: self.decoder.begin(memory.view(), capacity),
+                decoder,
                 b: src.batch_size(),
                 model: self,
                 packed,
@@ -763,7 +775,8 @@ impl<F: Float> EncoderDecoder<F> {
 
     /// Feeds the next target token of every sequence and returns the logits `[B, V]` for the
     /// position after it: the same numbers as the last row of [`EncoderDecoder::decode`] over
-    /// the whole prefix.
+    /// the whole prefix (in bf16, to the rounding of the keys and values its caches hold in
+    /// bf16).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for a number of tokens other than B,

@@ -189,6 +189,36 @@ fn bf16_steps_give_the_same_bits_at_one_and_two_threads() {
 }
 
 #[test]
+fn bf16_inference_gives_the_same_bits_at_one_and_two_threads() {
+    // 8 sequences of 16 at width 64: products of 2²⁰ FLOPs, which run alone on AMX
+    // (`with_team_for_products`); 64 sequences, 2²³, on both threads.
+    let run = |threads: usize, b: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut rng = StdRng::seed_from_u64(6);
+            let model: EncoderDecoder = EncoderDecoderConfig::new(50, 50, BlockConfig::new(64, 4, 256), 1, 1)
+                .init(&mut rng)
+                .unwrap();
+            let src = TokenBatch::from_sequences(&ids(&mut rng, b, 16, 50), 0).unwrap();
+            let tgt = TokenBatch::from_sequences(&ids(&mut rng, b, 16, 50), 0).unwrap();
+            with_precision(Precision::Bf16, || {
+                let packed = model.packed();
+                let logits = packed.infer(&src, &tgt).unwrap();
+                let tokens =
+                    vaswani::infer::greedy(packed.begin_decode(&src, 8).unwrap(), 1, None, 8).unwrap();
+                (logits, tokens)
+            })
+        })
+    };
+    for b in [8, 64] {
+        assert_eq!(run(1, b), run(2, b), "{b} sequences");
+    }
+}
+
+#[test]
 fn the_path_is_named_and_precision_parses() {
     let path = bf16_path();
     assert!(Bf16Path::available().contains(&path));

@@ -115,10 +115,9 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
 /// pays from here), 2.4 GFLOP 14.4 against 12.1. The tiles multiply such products in a few
 /// microseconds; splitting them and the memory-bound passes between them over two cores costs
 /// more in moved cache lines than the second core gives. In `f32` the same steps gain from the
-/// team (the `tiny` step 5.92 → 5.52 ms). Inference calls keep the team: the `tiny` bf16 eval
-/// forward is 4–10% slower on two threads than on one, but one twice as large (0.25 GFLOP) is
-/// 11% faster, and a decoding step's FLOPs do not tell a small model's step from a large one's
-/// (docs/performance.md, "What is left").
+/// team (the `tiny` step 5.92 → 5.52 ms). Inference calls are judged by the size of their
+/// products instead ([`with_team_for_products`]): a decoding step's FLOPs do not tell a small
+/// model's step from a large one's.
 const AMX_ALONE_BELOW_FLOPS: u64 = 1_000_000_000;
 
 /// Runs `f` as [`with_team`] does, unless a call of `flops` FLOPs in the current precision is
@@ -132,8 +131,44 @@ const AMX_ALONE_BELOW_FLOPS: u64 = 1_000_000_000;
 /// # Panics
 /// Resumes a panic of `f` or of a part.
 pub fn with_team_for<R>(flops: u64, f: impl FnOnce() -> R) -> R {
+    with_team_if(flops >= AMX_ALONE_BELOW_FLOPS, f)
+}
+
+/// Inference calls in bf16 on AMX tiles whose matrix products are each below this many FLOPs
+/// (`2 · rows · width²`: the rows of the call against a square weight of the model's width)
+/// run on the calling thread alone: [`with_team_for_products`].
+///
+/// Measured on a 2-core Intel Xeon with AMX (one thread against two, interleaved `bench`
+/// runs): the `tiny` workload's eval forward (256 rows of width 64, 2²¹ FLOPs per product) took
+/// 0.78–0.80 ms on two threads against 0.71–0.75 on one, its greedy decode (16 rows a step)
+/// 1.68–1.71 against 1.57–1.63 ms; an eval forward of twice the rows (2²² FLOPs per product) was
+/// 11% faster on two, and so was a decoding step of the `small` workload (32 rows of width
+/// 256, 2²² FLOPs per product, 1.4×). A whole call's FLOPs do not tell these apart (a small
+/// decoding step and a tiny eval forward are both about 0.13 GFLOP); the size of its products
+/// does. Splitting products that the tiles multiply in a few microseconds, and the passes
+/// between them, moves more cache lines between the cores than the second core gives back.
+const AMX_ALONE_BELOW_PRODUCT_FLOPS: u64 = 1 << 22;
+
+/// Runs `f` as [`with_team`] does, unless it is an inference call in bf16 on AMX tiles whose
+/// products, `rows` rows against weights of `width × width`, are too small to pay for a
+/// second thread: then on the calling thread alone (the results are the same bits either way).
+/// See `AMX_ALONE_BELOW_PRODUCT_FLOPS` in the source for the measurements.
+///
+/// # Panics
+/// Resumes a panic of `f` or of a part.
+pub fn with_team_for_products<R>(rows: usize, width: usize, f: impl FnOnce() -> R) -> R {
+    let product = 2u64
+        .saturating_mul(rows as u64)
+        .saturating_mul(width as u64)
+        .saturating_mul(width as u64);
+    with_team_if(product >= AMX_ALONE_BELOW_PRODUCT_FLOPS, f)
+}
+
+/// [`with_team`], or on this thread alone when `!pays` for a bf16 call on AMX tiles with more
+/// than one thread.
+fn with_team_if<R>(pays: bool, f: impl FnOnce() -> R) -> R {
     use super::precision::{Bf16Path, Precision, bf16_path, precision};
-    let alone = flops < AMX_ALONE_BELOW_FLOPS
+    let alone = !pays
         && rayon::current_num_threads() > 1
         && precision() == Precision::Bf16
         && bf16_path() == Bf16Path::Amx;
@@ -485,6 +520,24 @@ mod tests {
             assert_eq!(seen(0).0, 2, "f32 calls keep the team");
         });
         assert_eq!(pool(1).install(|| with_team_for(0, threads)), 1);
+    }
+
+    #[test]
+    fn bf16_inference_with_small_products_on_amx_runs_alone() {
+        use crate::kernels::precision::{Bf16Path, Precision, bf16_path, with_precision};
+        pool(2).install(|| {
+            let amx = bf16_path() == Bf16Path::Amx;
+            let seen = |rows: usize, width: usize| with_team_for_products(rows, width, threads);
+            with_precision(Precision::Bf16, || {
+                // 256 rows of width 64: 2²¹ FLOPs per product (the tiny workload's eval).
+                assert_eq!(seen(256, 64), if amx { 1 } else { 2 });
+                // 2²²: 512 rows of width 64, or 32 rows of width 256 (a small decoding step).
+                assert_eq!(seen(512, 64), 2);
+                assert_eq!(seen(32, 256), 2);
+                assert_eq!(seen(usize::MAX, usize::MAX), 2, "no overflow");
+            });
+            assert_eq!(seen(1, 1), 2, "f32 calls keep the team");
+        });
     }
 
     #[test]

@@ -43,6 +43,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
+use crate::kernels::parallel::with_team_for_products;
 use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, filled, gemm_packed};
@@ -697,7 +698,7 @@ impl<F: Float> EncoderDecoder<F> {
     /// # Errors
     /// As [`EncoderDecoder::forward`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| {
+        with_team_for_products(rows(src, tgt_in), self.cfg.block.d_model, || {
             self.check_batches(src, tgt_in)?;
             let memory = self.encode(src)?;
             self.decode(&memory, src, tgt_in)
@@ -747,7 +748,8 @@ impl<F: Float> EncoderDecoder<F> {
         encoder: Option<&[PackedEncoderLayer<F>]>,
         packed: Option<Cow<'m, PackedDecode<F>>>,
     ) -> Result<DecodeState<'m, F>> {
-        crate::kernels::parallel::with_team(|| {
+        let rows = src.batch_size() * src.seq_len();
+        with_team_for_products(rows, self.cfg.block.d_model, || {
             check_sources(src)?;
             let memory = self.encode_with(src, encoder)?;
             // Weights packed in bf16 decode in bf16 wherever they are used: their key/value
@@ -804,7 +806,8 @@ impl<F: Float> EncoderDecoder<F> {
         state: &mut DecodeState<'_, F>,
         tokens: ArrayView2<usize>,
     ) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| {
+        let rows = state.b * tokens.ncols();
+        with_team_for_products(rows, self.cfg.block.d_model, || {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
                     why: "decode_step: the decode state was begun with another model".into(),
@@ -877,7 +880,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// As [`EncoderDecoder::infer`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
         self.with_workspace(|| {
-            crate::kernels::parallel::with_team(|| {
+            with_team_for_products(rows(src, tgt_in), self.model.cfg.block.d_model, || {
                 self.model.check_batches(src, tgt_in)?;
                 let memory = self.model.encode_with(src, self.encoder.as_deref())?;
                 let logits = self.model.decode_with(&memory, src, tgt_in, self.decode.as_ref());
@@ -900,6 +903,12 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
             self.decode.as_ref().map(Cow::Borrowed),
         )
     }
+}
+
+/// The rows of an inference call's largest products: every position of the longer of the two
+/// batches (see [`with_team_for_products`]).
+fn rows(src: &TokenBatch, tgt_in: &TokenBatch) -> usize {
+    src.batch_size() * src.seq_len().max(tgt_in.seq_len())
 }
 
 impl<F: Float> Trainable for EncoderDecoder<F> {

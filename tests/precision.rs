@@ -147,20 +147,30 @@ fn bf16_copy_task_follows_the_f32_loss_curve() {
     );
 }
 
+/// `f` on a pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+/// A one-layer encoder-decoder of width 64 over 50 tokens.
+fn width_64(rng: &mut StdRng) -> EncoderDecoder {
+    EncoderDecoderConfig::new(50, 50, BlockConfig::new(64, 4, 256), 1, 1)
+        .init(rng)
+        .unwrap()
+}
+
 #[test]
 fn bf16_steps_give_the_same_bits_at_one_and_two_threads() {
     // 24 pairs make a step of about 0.6 GFLOP, which runs on one thread on AMX (`with_team_for`);
     // 64 pairs, about 1.6 GFLOP, run on both.
     let run = |threads: usize, pairs: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let mut rng = StdRng::seed_from_u64(5);
-            let model: EncoderDecoder = EncoderDecoderConfig::new(50, 50, BlockConfig::new(64, 4, 256), 1, 1)
-                .init(&mut rng)
-                .unwrap();
+            let model = width_64(&mut rng);
             let cfg = TrainerConfig::paper(64, 10).with_precision(Precision::Bf16);
             let mut trainer = Trainer::new(model, cfg).unwrap();
             let batch = Seq2SeqBatch::from_pairs(
@@ -193,15 +203,9 @@ fn bf16_inference_gives_the_same_bits_at_one_and_two_threads() {
     // 8 sequences of 16 at width 64: products of 2²⁰ FLOPs, which run alone on AMX
     // (`with_team_for_products`); 64 sequences, 2²³, on both threads.
     let run = |threads: usize, b: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let mut rng = StdRng::seed_from_u64(6);
-            let model: EncoderDecoder = EncoderDecoderConfig::new(50, 50, BlockConfig::new(64, 4, 256), 1, 1)
-                .init(&mut rng)
-                .unwrap();
+            let model = width_64(&mut rng);
             let src = TokenBatch::from_sequences(&ids(&mut rng, b, 16, 50), 0).unwrap();
             let tgt = TokenBatch::from_sequences(&ids(&mut rng, b, 16, 50), 0).unwrap();
             with_precision(Precision::Bf16, || {

@@ -732,28 +732,40 @@ pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
             && out.len() <= MAX_KEYS
             && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
             && avx512_bw_vl();
-        // SAFETY (both): F is f32 and S is f32 or u16 (checked), so the casts are identities;
-        // the CPU has AVX-512F (and BW and VL for the bf16 loads); the caller vouches for the
-        // keys and values.
+        // SAFETY (both): F is f32 and S is the type cast to (checked), so the casts are
+        // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys and
+        // values.
         if vectors && TypeId::of::<S>() == TypeId::of::<f32>() {
-            unsafe {
-                let h32 = &*(h as *const StepHead<'_, F, S> as *const StepHead<'_, f32, f32>);
-                let out32 = &mut *(out as *mut [F] as *mut [f32]);
-                let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
-                return step_head_avx512(h32, scores32, out32);
-            }
+            let (h, scores, out) = unsafe { as_f32::<F, S, f32>(h, scores, out) };
+            return unsafe { step_head_avx512(h, scores, out) };
         }
         if vectors && TypeId::of::<S>() == TypeId::of::<u16>() {
-            unsafe {
-                let h16 = &*(h as *const StepHead<'_, F, S> as *const StepHead<'_, f32, u16>);
-                let out32 = &mut *(out as *mut [F] as *mut [f32]);
-                let scores32 = &mut *(scores as *mut [F] as *mut [f32]);
-                return step_head_avx512(h16, scores32, out32);
-            }
+            let (h, scores, out) = unsafe { as_f32::<F, S, u16>(h, scores, out) };
+            return unsafe { step_head_avx512(h, scores, out) };
         }
     }
     // SAFETY: forwarded from this function's contract.
     unsafe { step_head_slices(h, scores, out) }
+}
+
+/// A head of `F` over `S` as the head of `f32` over `T` it is.
+///
+/// # Safety
+/// `F` is `f32` and `S` is `T`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32<'a, 'h, F, S, T>(
+    h: &'a StepHead<'h, F, S>,
+    scores: &'a mut [F],
+    out: &'a mut [F],
+) -> (&'a StepHead<'h, f32, T>, &'a mut [f32], &'a mut [f32]) {
+    // SAFETY: the same types (caller).
+    unsafe {
+        (
+            &*(h as *const StepHead<'h, F, S> as *const StepHead<'h, f32, T>),
+            &mut *(scores as *mut [F] as *mut [f32]),
+            &mut *(out as *mut [F] as *mut [f32]),
+        )
+    }
 }
 
 /// An element of a key/value cache as [`step_head`] reads it: the float itself, or bf16 bits
@@ -1232,17 +1244,28 @@ mod tests {
                     pairs: None,
                 },
             ];
-            for mask in masks {
-                let head = StepHead {
-                    q: &q,
-                    scale: 1.0 / (dk as f32).sqrt(),
-                    kt: kt.as_ptr(),
+            // The head over keys and values (of either kind) laid out as kt and v are.
+            fn over<'a, S>(
+                q: &'a [f32],
+                kt: *const S,
+                v: *const S,
+                dv: usize,
+                kb: usize,
+                mask: RowMask<'a>,
+            ) -> StepHead<'a, f32, S> {
+                StepHead {
+                    q,
+                    scale: 1.0 / (q.len() as f32).sqrt(),
+                    kt,
                     kt_rs: 70,
-                    v: v.as_ptr(),
+                    v,
                     v_rs: (dv + 3) as isize,
                     kb,
                     mask,
-                };
+                }
+            }
+            for mask in masks {
+                let head = over(&q, kt.as_ptr(), v.as_ptr(), dv, kb, mask);
                 let (mut got, mut want) = (vec![f32::NAN; dv], vec![f32::NAN; dv]);
                 let mut scores = vec![0.0f32; 70];
                 // SAFETY: kt holds dk rows of 70 ≥ kb, v 70 ≥ kb rows of dv + 3 ≥ dv.
@@ -1262,21 +1285,8 @@ mod tests {
                 use crate::kernels::gemm::bf16::{round_bf16, to_bf16};
                 let (kt16, v16) = (kt.mapv(to_bf16), v.mapv(to_bf16));
                 let (ktr, vr) = (kt.mapv(round_bf16), v.mapv(round_bf16));
-                let head16 = StepHead {
-                    q: &q,
-                    scale: 1.0 / (dk as f32).sqrt(),
-                    kt: kt16.as_ptr(),
-                    kt_rs: 70,
-                    v: v16.as_ptr(),
-                    v_rs: (dv + 3) as isize,
-                    kb,
-                    mask,
-                };
-                let rounded = StepHead {
-                    kt: ktr.as_ptr(),
-                    v: vr.as_ptr(),
-                    ..head
-                };
+                let head16 = over(&q, kt16.as_ptr(), v16.as_ptr(), dv, kb, mask);
+                let rounded = over(&q, ktr.as_ptr(), vr.as_ptr(), dv, kb, mask);
                 let (mut got16, mut want16, mut f32_rounded) =
                     (vec![f32::NAN; dv], vec![f32::NAN; dv], vec![f32::NAN; dv]);
                 // SAFETY: as above, for arrays of the same shapes.

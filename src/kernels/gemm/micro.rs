@@ -244,13 +244,13 @@ const C_ROW_STEPS: usize = 8;
 /// against 8 steps (Intel Xeon): base greedy decode 975 → 821–864 ms on one thread, 490 →
 /// 403–427 ms on two; eval and training steps equal or a few percent faster.
 const PREFETCH: usize = 32 * 32;
+
 /// How far ahead (in floats) the AVX-512 kernel asks for B into L2 on the first row panel of
 /// a block (`FAR`): 64 steps of k, 8 KiB. That panel is the first to read the block of B,
 /// from L3 or memory; the panels after it find the block in L2 and skip this. Asked into L1
-/// alone, a stream holds no more lines in flight than L1 has fill buffers, which caps it near
-/// 10 GB/s here: a decoding step of `base` (8 rows, so one row panel) multiplied its
-/// feed-forward weights at 40–50 GFLOP/s (16 copies of the weight in turn, so none stays in
-/// L2), 95 with this (Intel Xeon, one thread). Base greedy decode 995–1002 → 806–829 ms on
+/// alone, a stream holds no more lines in flight than L1 has fill buffers: a decoding step of
+/// `base` (8 rows, so one row panel) reads every weight from beyond L2 at that pace. With
+/// this (Intel Xeon, interleaved `bench` runs): base greedy decode 995–1002 → 806–829 ms on
 /// one thread, 422–448 → 363–372 ms on two; small decode, eval and training steps no
 /// different (16 KiB and 32 KiB ahead measured alike).
 const PREFETCH_L2: usize = 64 * 32;

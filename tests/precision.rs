@@ -104,6 +104,34 @@ fn bf16_cached_decoding_is_close_to_f32() -> Result<()> {
     Ok(())
 }
 
+/// A decoder-only model generates in bf16 (bf16 products and caches, the weights not packed)
+/// within the forward's bound of its `f32` generation.
+#[test]
+fn bf16_generation_of_a_decoder_only_model_is_close_to_f32() -> Result<()> {
+    use vaswani::models::{DecoderOnly, DecoderOnlyConfig};
+    use vaswani::ndarray::ArrayView2;
+    let mut rng = StdRng::seed_from_u64(4);
+    let model: DecoderOnly = DecoderOnlyConfig::new(50, BlockConfig::new(64, 4, 256), 2).init(&mut rng)?;
+    let tokens = ids(&mut rng, 5, 9, 50);
+    let run = |p: Precision| -> Result<Vec<Array2<f32>>> {
+        with_precision(p, || {
+            let mut state = model.begin_generate(5, 4); // grows past 4
+            (0..9)
+                .map(|t| {
+                    let step: Vec<usize> = tokens.iter().map(|s| s[t]).collect();
+                    model.generate_steps(&mut state, ArrayView2::from_shape((5, 1), &step).unwrap())
+                })
+                .collect()
+        })
+    };
+    let (reference, bf16) = (run(Precision::F32)?, run(Precision::Bf16)?);
+    for (t, (a, b)) in bf16.iter().zip(&reference).enumerate() {
+        let err = relative_error(a, b);
+        assert!(err > 0.0 && err < FORWARD_BOUND, "step {t}: relative error {err}");
+    }
+    Ok(())
+}
+
 /// Copy-task training steps of 64 sequences.
 const STEPS: u64 = 500;
 /// Largest distance allowed between the two loss curves, each averaged over windows of 50

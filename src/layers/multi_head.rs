@@ -844,15 +844,20 @@ impl<F: Float> MultiHead<F> {
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         let mut ctx = Array2::zeros((b * tq, d));
-        attention_forward(
-            self.heads(q.view(), b, tq),
-            cache.keys().view(),
-            cache.values().view(),
-            mask,
-            0.0,
-            None::<&mut rand::rngs::SmallRng>,
-            self.heads_mut(ctx.view_mut(), b, tq),
-        );
+        if tq == 1 && cache.is_bf16() {
+            // One query over a bf16 cache: read in place, not widened into a copy first.
+            cache.attend_step(q.view(), &mask, ctx.view_mut());
+        } else {
+            attention_forward(
+                self.heads(q.view(), b, tq),
+                cache.keys().view(),
+                cache.values().view(),
+                mask,
+                0.0,
+                None::<&mut rand::rngs::SmallRng>,
+                self.heads_mut(ctx.view_mut(), b, tq),
+            );
+        }
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }

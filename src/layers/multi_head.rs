@@ -842,14 +842,25 @@ impl<F: Float> MultiHead<F> {
         let d = self.cfg.d_model;
         let p = &self.p;
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
+        // One query over a bf16 cache reads it in place rather than widened into a copy;
+        // over an `f32` one this path keeps the general attention (and its bits).
+        let ctx = self.context(q.view(), tq, cache, mask, tq == 1 && cache.is_bf16());
+        let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
+        y.into_shape_with_order((b, tq, d)).expect("standard layout")
+    }
+
+    /// The heads' outputs `[B·Tq, d_model]` for projected queries `q` `[B·Tq, d_model]` over
+    /// the cache: one query per sequence on the decoding step's path when `step`, else the
+    /// general attention.
+    fn context(&self, q: ArrayView2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask, step: bool) -> Array2<F> {
+        let b = cache.batch_size();
         let mask = resolve_or_panic(mask, b, tq, cache.len());
-        let mut ctx = Array2::zeros((b * tq, d));
-        if tq == 1 && cache.is_bf16() {
-            // One query over a bf16 cache: read in place, not widened into a copy first.
-            cache.attend_step(q.view(), &mask, ctx.view_mut());
+        let mut ctx = Array2::zeros((b * tq, self.cfg.d_model));
+        if step {
+            cache.attend_step(q, &mask, ctx.view_mut());
         } else {
             attention_forward(
-                self.heads(q.view(), b, tq),
+                self.heads(q, b, tq),
                 cache.keys().view(),
                 cache.values().view(),
                 mask,
@@ -858,8 +869,7 @@ impl<F: Float> MultiHead<F> {
                 self.heads_mut(ctx.view_mut(), b, tq),
             );
         }
-        let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
-        y.into_shape_with_order((b, tq, d)).expect("standard layout")
+        ctx
     }
 
     /// The projections packed for decoding: Q, K and V together for self-attention
@@ -1075,21 +1085,7 @@ impl<F: Float> MultiHead<F> {
     ) -> Array3<F> {
         let b = cache.batch_size();
         let d = self.cfg.d_model;
-        let mask = resolve_or_panic(mask, b, tq, cache.len());
-        let mut ctx = Array2::zeros((b * tq, d));
-        if tq == 1 {
-            cache.attend_step(q.view(), &mask, ctx.view_mut());
-        } else {
-            attention_forward(
-                self.heads(q.view(), b, tq),
-                cache.keys().view(),
-                cache.values().view(),
-                mask,
-                0.0,
-                None::<&mut rand::rngs::SmallRng>,
-                self.heads_mut(ctx.view_mut(), b, tq),
-            );
-        }
+        let ctx = self.context(q.view(), tq, cache, mask, tq == 1);
         // SAFETY: gemm_packed writes every element.
         let y = unsafe {
             filled((b * tq, d), |c| {

@@ -92,6 +92,12 @@ fn bf16_cached_decoding_is_close_to_f32() -> Result<()> {
         packed, packed_outside,
         "bf16 weights decode in bf16 wherever begun"
     );
+    let tgt = TokenBatch::from_sequences(&tokens, 0)?;
+    assert_eq!(
+        with_precision(Precision::Bf16, || handle.infer(&src, &tgt))?,
+        handle.infer(&src, &tgt)?,
+        "and evaluate the same way"
+    );
     for (name, run) in [("unpacked", &unpacked), ("packed", &packed)] {
         for (t, (a, b)) in run.iter().zip(&reference).enumerate() {
             let err = relative_error(a, b);

@@ -749,28 +749,22 @@ impl<F: Float> EncoderDecoder<F> {
         packed: Option<Cow<'m, PackedDecode<F>>>,
     ) -> Result<DecodeState<'m, F>> {
         let rows = src.batch_size() * src.seq_len();
-        with_team_for_products(rows, self.cfg.block.d_model, || {
-            check_sources(src)?;
-            let memory = self.encode_with(src, encoder)?;
-            // Weights packed in bf16 decode in bf16 wherever they are used: their key/value
-            // caches too (see `KvCache`).
-            let bf16 = packed
-                .as_ref()
-                .is_some_and(|p| p.output.precision() == Precision::Bf16);
-            let begin = || self.decoder.begin(memory.view(), capacity);
-            let decoder = if bf16 {
-                with_precision(Precision::Bf16, begin)
-            } else {
-                begin()
-            };
-            Ok(DecodeState {
-                sources: (0..src.batch_size()).collect(),
-                src_lengths: src.lengths().to_vec(),
-                src_mask: src.padding_mask(),
-                decoder,
-                b: src.batch_size(),
-                model: self,
-                packed,
+        // Weights packed in bf16 decode in bf16 wherever they are used: their key/value caches
+        // too (see `KvCache`).
+        in_bf16_if(is_bf16(packed.as_deref()), || {
+            with_team_for_products(rows, self.cfg.block.d_model, || {
+                check_sources(src)?;
+                let memory = self.encode_with(src, encoder)?;
+                let decoder = self.decoder.begin(memory.view(), capacity);
+                Ok(DecodeState {
+                    sources: (0..src.batch_size()).collect(),
+                    src_lengths: src.lengths().to_vec(),
+                    src_mask: src.padding_mask(),
+                    decoder,
+                    b: src.batch_size(),
+                    model: self,
+                    packed,
+                })
             })
         })
     }
@@ -807,34 +801,37 @@ impl<F: Float> EncoderDecoder<F> {
         tokens: ArrayView2<usize>,
     ) -> Result<Array2<F>> {
         let rows = state.b * tokens.ncols();
-        with_team_for_products(rows, self.cfg.block.d_model, || {
-            if !std::ptr::eq(state.model, self) {
-                return Err(Error::InvalidInput {
-                    why: "decode_step: the decode state was begun with another model".into(),
-                });
-            }
-            let (b, t) = tokens.dim();
-            let pos = state.len();
-            check_step_tokens(tokens, state.b, pos, self.cfg.tgt_vocab, "decode_steps")?;
-            if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
-                return Err(Error::SequenceTooLong { len: pos + t, max });
-            }
-            if b == 0 {
-                return Ok(Array2::zeros((0, self.cfg.tgt_vocab)));
-            }
-            let y = self
-                .tgt_input
-                .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
-            let packed = state.packed.as_deref();
-            let h = flat(self.decoder.infer_step_packed(
-                y.view(),
-                &mut state.decoder,
-                &state.src_mask,
-                packed.map(|p| p.decoder.as_slice()),
-            ));
-            // The last position of each sequence.
-            let last = h.slice(s![t - 1..;t, ..]);
-            Ok(self.logits(last, packed))
+        let bf16 = is_bf16(state.packed.as_deref());
+        in_bf16_if(bf16, || {
+            with_team_for_products(rows, self.cfg.block.d_model, || {
+                if !std::ptr::eq(state.model, self) {
+                    return Err(Error::InvalidInput {
+                        why: "decode_step: the decode state was begun with another model".into(),
+                    });
+                }
+                let (b, t) = tokens.dim();
+                let pos = state.len();
+                check_step_tokens(tokens, state.b, pos, self.cfg.tgt_vocab, "decode_steps")?;
+                if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
+                    return Err(Error::SequenceTooLong { len: pos + t, max });
+                }
+                if b == 0 {
+                    return Ok(Array2::zeros((0, self.cfg.tgt_vocab)));
+                }
+                let y = self
+                    .tgt_input
+                    .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
+                let packed = state.packed.as_deref();
+                let h = flat(self.decoder.infer_step_packed(
+                    y.view(),
+                    &mut state.decoder,
+                    &state.src_mask,
+                    packed.map(|p| p.decoder.as_slice()),
+                ));
+                // The last position of each sequence.
+                let last = h.slice(s![t - 1..;t, ..]);
+                Ok(self.logits(last, packed))
+            })
         })
     }
 }
@@ -879,7 +876,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// # Errors
     /// As [`EncoderDecoder::infer`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        self.with_workspace(|| {
+        let work = || {
             with_team_for_products(rows(src, tgt_in), self.model.cfg.block.d_model, || {
                 self.model.check_batches(src, tgt_in)?;
                 let memory = self.model.encode_with(src, self.encoder.as_deref())?;
@@ -887,7 +884,8 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
                 memory.give_back();
                 logits
             })
-        })
+        };
+        self.with_workspace(|| in_bf16_if(is_bf16(self.decode.as_ref()), work))
     }
 
     /// [`EncoderDecoder::begin_decode`] with the packed weights (continue with
@@ -902,6 +900,22 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
             self.encoder.as_deref(),
             self.decode.as_ref().map(Cow::Borrowed),
         )
+    }
+}
+
+/// Whether `packed` holds bf16 weights.
+fn is_bf16<F: Float>(packed: Option<&PackedDecode<F>>) -> bool {
+    packed.is_some_and(|p| p.output.precision() == Precision::Bf16)
+}
+
+/// Runs `f` in bf16 precision if `bf16`, else as it is: a call on weights packed in bf16 runs
+/// as it would inside [`with_precision`] (its products are bf16 either way; its caches and its
+/// choice of threads follow).
+fn in_bf16_if<R>(bf16: bool, f: impl FnOnce() -> R) -> R {
+    if bf16 {
+        with_precision(Precision::Bf16, f)
+    } else {
+        f()
     }
 }
 

@@ -49,9 +49,10 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::gemm::bf16::{bf16_to_f32, to_bf16};
+use crate::kernels::gemm::bf16::to_bf16;
 use crate::kernels::parallel::{PairViews, for_each_index};
 use crate::kernels::precision::{Precision, precision};
+use crate::kernels::small_head::Cached;
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Float, PackedB, filled, gemm, gemm_packed};
 use crate::layers::attention::{
@@ -196,12 +197,26 @@ impl<F: Float> Store<F> {
     fn is_bf16(&self) -> bool {
         matches!(self, Store::Bf16 { .. })
     }
+
+    /// Copies the first `len` positions of the sequences `rows` into sequences
+    /// `0..rows.len()` of `to`, a store of the same kind ([`copy_rows`]).
+    fn copy_into(&self, to: &mut Store<F>, rows: &[usize], len: usize) {
+        match (self, to) {
+            (Store::Full { kt, v }, Store::Full { kt: to_kt, v: to_v }) => {
+                copy_rows(kt, v, to_kt, to_v, rows, len)
+            }
+            (Store::Bf16 { kt, v }, Store::Bf16 { kt: to_kt, v: to_v }) => {
+                copy_rows(kt, v, to_kt, to_v, rows, len)
+            }
+            _ => unreachable!("a store is copied into one of its kind"),
+        }
+    }
 }
 
 /// The first `len` positions of a store as `F`: a view of a full store, a widened copy of a
 /// bf16 one.
 fn filled_part<'a, F: Float>(x: &'a Store<F>, len: usize, keys: bool) -> CowArray<'a, F, Ix4> {
-    let widen = |h: &u16| F::from_f64(f64::from(bf16_to_f32(*h)));
+    let widen = |h: &u16| Cached::<F>::widen(*h);
     match (x, keys) {
         (Store::Full { kt, .. }, true) => kt.slice(s![.., .., .., ..len]).into(),
         (Store::Full { v, .. }, false) => v.slice(s![.., .., ..len, ..]).into(),
@@ -302,15 +317,7 @@ impl<F: Float> KvCache<F> {
             self.spare = Some(Store::zeros(bf16, rows.len(), h, dk, cap));
         }
         let mut to = self.spare.take().expect("made above");
-        match (&self.store, &mut to) {
-            (Store::Full { kt, v }, Store::Full { kt: to_kt, v: to_v }) => {
-                copy_rows(kt, v, to_kt, to_v, rows, self.len)
-            }
-            (Store::Bf16 { kt, v }, Store::Bf16 { kt: to_kt, v: to_v }) => {
-                copy_rows(kt, v, to_kt, to_v, rows, self.len)
-            }
-            _ => unreachable!("the spare is made like the store"),
-        }
+        self.store.copy_into(&mut to, rows, self.len);
         self.spare = Some(std::mem::replace(&mut self.store, to));
     }
 
@@ -322,15 +329,7 @@ impl<F: Float> KvCache<F> {
         if need > cap {
             let cap = need.max(2 * cap).max(8);
             let mut grown = Store::zeros(self.store.is_bf16(), b, h, dk, cap);
-            match (&self.store, &mut grown) {
-                (Store::Full { kt, v }, Store::Full { kt: to_kt, v: to_v }) => {
-                    copy_rows(kt, v, to_kt, to_v, &(0..b).collect::<Vec<_>>(), len)
-                }
-                (Store::Bf16 { kt, v }, Store::Bf16 { kt: to_kt, v: to_v }) => {
-                    copy_rows(kt, v, to_kt, to_v, &(0..b).collect::<Vec<_>>(), len)
-                }
-                _ => unreachable!("grown like the store"),
-            }
+            self.store.copy_into(&mut grown, &(0..b).collect::<Vec<_>>(), len);
             self.store = grown;
             self.spare = None;
         }

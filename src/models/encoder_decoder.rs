@@ -693,12 +693,26 @@ impl<F: Float> EncoderDecoder<F> {
         })
     }
 
+    /// Runs the inference call `f`, whose largest products have `rows` rows of the model's
+    /// width, on the team unless they are too small to pay for a second thread
+    /// ([`with_team_for_products`]); in bf16 precision when `bf16` (weights packed in bf16: a
+    /// call on them runs as it would inside [`with_precision`], its products bf16 either way,
+    /// its caches and its choice of threads following them).
+    fn inference<R>(&self, bf16: bool, rows: usize, f: impl FnOnce() -> R) -> R {
+        let run = || with_team_for_products(rows, self.cfg.block.d_model, f);
+        if bf16 {
+            with_precision(Precision::Bf16, run)
+        } else {
+            run()
+        }
+    }
+
     /// Teacher-forced logits `[B·T, V]` without dropout (evaluation).
     ///
     /// # Errors
     /// As [`EncoderDecoder::forward`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        with_team_for_products(rows(src, tgt_in), self.cfg.block.d_model, || {
+        self.inference(false, rows(src, tgt_in), || {
             self.check_batches(src, tgt_in)?;
             let memory = self.encode(src)?;
             self.decode(&memory, src, tgt_in)
@@ -751,20 +765,19 @@ impl<F: Float> EncoderDecoder<F> {
         let rows = src.batch_size() * src.seq_len();
         // Weights packed in bf16 decode in bf16 wherever they are used: their key/value caches
         // too (see `KvCache`).
-        in_bf16_if(is_bf16(packed.as_deref()), || {
-            with_team_for_products(rows, self.cfg.block.d_model, || {
-                check_sources(src)?;
-                let memory = self.encode_with(src, encoder)?;
-                let decoder = self.decoder.begin(memory.view(), capacity);
-                Ok(DecodeState {
-                    sources: (0..src.batch_size()).collect(),
-                    src_lengths: src.lengths().to_vec(),
-                    src_mask: src.padding_mask(),
-                    decoder,
-                    b: src.batch_size(),
-                    model: self,
-                    packed,
-                })
+        let bf16 = is_bf16(packed.as_deref());
+        self.inference(bf16, rows, || {
+            check_sources(src)?;
+            let memory = self.encode_with(src, encoder)?;
+            let decoder = self.decoder.begin(memory.view(), capacity);
+            Ok(DecodeState {
+                sources: (0..src.batch_size()).collect(),
+                src_lengths: src.lengths().to_vec(),
+                src_mask: src.padding_mask(),
+                decoder,
+                b: src.batch_size(),
+                model: self,
+                packed,
             })
         })
     }
@@ -802,36 +815,34 @@ impl<F: Float> EncoderDecoder<F> {
     ) -> Result<Array2<F>> {
         let rows = state.b * tokens.ncols();
         let bf16 = is_bf16(state.packed.as_deref());
-        in_bf16_if(bf16, || {
-            with_team_for_products(rows, self.cfg.block.d_model, || {
-                if !std::ptr::eq(state.model, self) {
-                    return Err(Error::InvalidInput {
-                        why: "decode_step: the decode state was begun with another model".into(),
-                    });
-                }
-                let (b, t) = tokens.dim();
-                let pos = state.len();
-                check_step_tokens(tokens, state.b, pos, self.cfg.tgt_vocab, "decode_steps")?;
-                if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
-                    return Err(Error::SequenceTooLong { len: pos + t, max });
-                }
-                if b == 0 {
-                    return Ok(Array2::zeros((0, self.cfg.tgt_vocab)));
-                }
-                let y = self
-                    .tgt_input
-                    .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
-                let packed = state.packed.as_deref();
-                let h = flat(self.decoder.infer_step_packed(
-                    y.view(),
-                    &mut state.decoder,
-                    &state.src_mask,
-                    packed.map(|p| p.decoder.as_slice()),
-                ));
-                // The last position of each sequence.
-                let last = h.slice(s![t - 1..;t, ..]);
-                Ok(self.logits(last, packed))
-            })
+        self.inference(bf16, rows, || {
+            if !std::ptr::eq(state.model, self) {
+                return Err(Error::InvalidInput {
+                    why: "decode_step: the decode state was begun with another model".into(),
+                });
+            }
+            let (b, t) = tokens.dim();
+            let pos = state.len();
+            check_step_tokens(tokens, state.b, pos, self.cfg.tgt_vocab, "decode_steps")?;
+            if let Some(max) = self.tgt_input.max_len().filter(|&max| pos + t > max) {
+                return Err(Error::SequenceTooLong { len: pos + t, max });
+            }
+            if b == 0 {
+                return Ok(Array2::zeros((0, self.cfg.tgt_vocab)));
+            }
+            let y = self
+                .tgt_input
+                .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
+            let packed = state.packed.as_deref();
+            let h = flat(self.decoder.infer_step_packed(
+                y.view(),
+                &mut state.decoder,
+                &state.src_mask,
+                packed.map(|p| p.decoder.as_slice()),
+            ));
+            // The last position of each sequence.
+            let last = h.slice(s![t - 1..;t, ..]);
+            Ok(self.logits(last, packed))
         })
     }
 }
@@ -876,16 +887,16 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// # Errors
     /// As [`EncoderDecoder::infer`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
-        let work = || {
-            with_team_for_products(rows(src, tgt_in), self.model.cfg.block.d_model, || {
+        let bf16 = is_bf16(self.decode.as_ref());
+        self.with_workspace(|| {
+            self.model.inference(bf16, rows(src, tgt_in), || {
                 self.model.check_batches(src, tgt_in)?;
                 let memory = self.model.encode_with(src, self.encoder.as_deref())?;
                 let logits = self.model.decode_with(&memory, src, tgt_in, self.decode.as_ref());
                 memory.give_back();
                 logits
             })
-        };
-        self.with_workspace(|| in_bf16_if(is_bf16(self.decode.as_ref()), work))
+        })
     }
 
     /// [`EncoderDecoder::begin_decode`] with the packed weights (continue with
@@ -906,17 +917,6 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
 /// Whether `packed` holds bf16 weights.
 fn is_bf16<F: Float>(packed: Option<&PackedDecode<F>>) -> bool {
     packed.is_some_and(|p| p.output.precision() == Precision::Bf16)
-}
-
-/// Runs `f` in bf16 precision if `bf16`, else as it is: a call on weights packed in bf16 runs
-/// as it would inside [`with_precision`] (its products are bf16 either way; its caches and its
-/// choice of threads follow).
-fn in_bf16_if<R>(bf16: bool, f: impl FnOnce() -> R) -> R {
-    if bf16 {
-        with_precision(Precision::Bf16, f)
-    } else {
-        f()
-    }
 }
 
 /// The rows of an inference call's largest products: every position of the longer of the two

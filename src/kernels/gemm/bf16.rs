@@ -365,18 +365,47 @@ unsafe fn pack_pair_row(b: Mat, p0: usize, kc: usize, j0: usize, cols: usize, q:
 )]
 unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [u16]) {
     let kp = padded(kc);
+    // SAFETY (every read through `at`): rows i0..i0 + mc, columns p0..p0 + kc of A.
+    let at =
+        |r: usize, p: usize| unsafe { a.ptr.offset((i0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
+    // Columns of A contiguous (A = Xᵀ, a weight gradient's left operand): the whole chunks
+    // of every 16 rows are converted in registers first, the rest below. 16 rows are two
+    // panels of the AVX512-BF16 path (MR = 8) or half of one of AMX (MR = 32).
+    let vector = cfg!(target_arch = "x86_64") && a.rs == 1 && a.cs != 1;
+    let (grouped, chunked) = if vector && (mr == 8 || mr.is_multiple_of(16)) {
+        (mc / 16 * 16, kc / DEPTH * DEPTH)
+    } else {
+        (0, 0)
+    };
+    #[cfg(target_arch = "x86_64")]
+    for g in (0..grouped).step_by(16) {
+        for c in 0..chunked / DEPTH {
+            // Where row r of the block starts in chunk c.
+            let row_at = |r: usize, c: usize| (r / mr) * mr * kp + (c * mr + r % mr) * DEPTH;
+            let (lo, hi) = (row_at(g, c), row_at(g + 8, c));
+            assert!(lo.max(hi) + 8 * DEPTH <= out.len());
+            // SAFETY: columns c·32.. + 32 ≤ kc of rows g.. + 16 ≤ mc; 8 rows of 32 u16 at
+            // each destination (asserted); the vector paths run on CPUs with AVX-512F, BW
+            // and BF16.
+            unsafe {
+                vec::chunk_from_columns(
+                    at(g, c * DEPTH),
+                    a.cs,
+                    out.as_mut_ptr().add(lo),
+                    out.as_mut_ptr().add(hi),
+                )
+            };
+        }
+    }
     for (ip, dst) in out.chunks_exact_mut(mr * kp).take(mc.div_ceil(mr)).enumerate() {
-        let r0 = i0 + ip * mr;
-        let rows = mr.min(i0 + mc - r0);
-        // SAFETY (every read below): rows r0..r0 + rows, columns p0..p0 + kc of A.
-        let at =
-            |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
+        let r0 = ip * mr;
+        let rows = mr.min(mc - r0);
         if a.cs == 1 {
             // Rows of A are contiguous: each chunk of a row is one converted run.
             for r in 0..mr {
                 // SAFETY: row r0 + r, columns p0..p0 + kc, contiguous (when r < rows).
                 let row = if r < rows {
-                    unsafe { std::slice::from_raw_parts(at(r, 0), kc) }
+                    unsafe { std::slice::from_raw_parts(at(r0 + r, 0), kc) }
                 } else {
                     &[][..]
                 };
@@ -412,31 +441,17 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             }
             continue;
         }
+        // The values the groups above left: the chunk past the whole ones (and its padding)
+        // and the rows past the last group.
+        let left = |r: usize, p: usize| r0 + r >= grouped || p >= chunked;
         #[cfg(target_arch = "x86_64")]
-        if a.rs == 1 && rows == mr && mr.is_multiple_of(16) {
-            // Columns of A are contiguous (A = Xᵀ): two columns of 16 rows make 16 pairs.
-            // A whole chunk's 16 pairs of columns give 16 vectors of 16 rows' pairs; transposed,
-            // one vector per row of the chunk.
+        if r0 + mr <= grouped && mr.is_multiple_of(16) {
+            // A whole AMX panel in groups: the pairs of its last, partial chunk scattered
+            // across its rows.
             use std::arch::x86_64::*;
-            let chunked = kc / DEPTH * DEPTH;
-            for c in 0..chunked / DEPTH {
-                for r in (0..mr).step_by(16) {
-                    // SAFETY: columns c·32.. + 32 < kc of rows r0 + r.. + 16 (rows = mr); rows
-                    // r.. + 16 of chunk c of the panel, 32 u16 each; the vector paths run on
-                    // CPUs with AVX-512F, BW and BF16.
-                    unsafe {
-                        vec::chunk_from_columns(
-                            at(r, c * DEPTH),
-                            a.cs,
-                            dst.as_mut_ptr().add((c * mr + r) * DEPTH),
-                        )
-                    };
-                }
-            }
-            // The pairs of a last, partial chunk: scattered across its rows.
             let whole = kc / 2 * 2;
-            // SAFETY: columns p, p + 1 < kc of rows r0..r0 + mr; the chunk holds mr rows of 16
-            // u32; the vector paths run on CPUs with AVX-512F, BW and BF16.
+            // SAFETY: columns p, p + 1 < kc of rows r0..r0 + mr ≤ mc; the chunk holds mr rows
+            // of 16 u32; the vector paths run on CPUs with AVX-512F, BW and BF16.
             unsafe {
                 let across = _mm512_mullo_epi32(
                     _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -445,7 +460,8 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                 for p in (chunked..whole).step_by(2) {
                     let (c, q) = (p / DEPTH, p % DEPTH / 2);
                     for r in (0..mr).step_by(16) {
-                        let v = vec::pairs(_mm512_loadu_ps(at(r, p)), _mm512_loadu_ps(at(r, p + 1)));
+                        let v =
+                            vec::pairs(_mm512_loadu_ps(at(r0 + r, p)), _mm512_loadu_ps(at(r0 + r, p + 1)));
                         let base = dst.as_mut_ptr().add((c * mr + r) * DEPTH + 2 * q) as *mut i32;
                         _mm512_i32scatter_epi32::<4>(base, across, v);
                     }
@@ -454,19 +470,28 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             for p in whole..kp {
                 let (c, kk) = (p / DEPTH, p % DEPTH);
                 for r in 0..mr {
-                    // SAFETY: (r, p) inside the block when p < kc (r < rows = mr).
-                    dst[(c * mr + r) * DEPTH + kk] = if p < kc { to_bf16(unsafe { *at(r, p) }) } else { 0 };
+                    // SAFETY: (r0 + r, p) inside the block when p < kc (r < rows = mr).
+                    dst[(c * mr + r) * DEPTH + kk] = if p < kc {
+                        to_bf16(unsafe { *at(r0 + r, p) })
+                    } else {
+                        0
+                    };
                 }
             }
             continue;
         }
-        // Columns of A are contiguous (A = Xᵀ), or neither: one value at a time, k outer.
-        for p in 0..kp {
+        // Otherwise one value at a time, k outer (strided reads: the slow way); a panel in
+        // groups only from its partial chunk on.
+        let from = if r0 + mr <= grouped { chunked } else { 0 };
+        for p in from..kp {
             let (c, kk) = (p / DEPTH, p % DEPTH);
             for r in 0..mr {
-                // SAFETY: (r, p) inside the block when r < rows and p < kc.
+                if !left(r, p) {
+                    continue;
+                }
+                // SAFETY: (r0 + r, p) inside the block when r < rows and p < kc.
                 dst[(c * mr + r) * DEPTH + kk] = if r < rows && p < kc {
-                    to_bf16(unsafe { *at(r, p) })
+                    to_bf16(unsafe { *at(r0 + r, p) })
                 } else {
                     0
                 };
@@ -512,22 +537,28 @@ mod vec {
         }
     }
 
-    /// 16 rows of one chunk of packed A (16 × 32 values of k, rows of 32 bf16 at `dst`, `dst
-    /// + 32`, …) from an A whose columns are contiguous: column p of the 16 rows is 16 floats
-    /// at `src + p·cs`. 16 vectors of 16 rows' pairs, transposed in registers.
+    /// 16 rows of one chunk of packed A (16 × 32 values of k; rows of 32 bf16 at `lo`, `lo +
+    /// 32`, … for the first 8 rows and at `hi`, `hi + 32`, … for the next 8) from an A whose
+    /// columns are contiguous: column p of the 16 rows is 16 floats at `src + p·cs`. 16
+    /// vectors of 16 rows' pairs, transposed in registers.
     ///
     /// # Safety
-    /// 16 floats readable at `src + p·cs` for p < 32; 16 · 32 u16 writable at `dst`.
+    /// 16 floats readable at `src + p·cs` for p < 32; 8 · 32 u16 writable at `lo` and at `hi`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn chunk_from_columns(src: *const f32, cs: isize, dst: *mut u16) {
+    pub(super) unsafe fn chunk_from_columns(src: *const f32, cs: isize, lo: *mut u16, hi: *mut u16) {
         // SAFETY: the caller vouches for the 32 columns and the 16 rows of the chunk.
         unsafe {
             let col = |p: usize| _mm512_loadu_ps(src.offset(p as isize * cs));
             let mut v: [__m512i; 16] = std::array::from_fn(|i| pairs(col(2 * i), col(2 * i + 1)));
             transpose16(&mut v);
             for (j, row) in v.iter().enumerate() {
-                _mm512_storeu_si512(dst.add(j * super::DEPTH) as *mut __m512i, *row);
+                let dst = if j < 8 {
+                    lo.add(j * super::DEPTH)
+                } else {
+                    hi.add((j - 8) * super::DEPTH)
+                };
+                _mm512_storeu_si512(dst as *mut __m512i, *row);
             }
         }
     }
@@ -1203,7 +1234,14 @@ mod tests {
     #[test]
     fn every_path_against_its_naive_twin() {
         // Odd sizes, k across a block of KC and not a whole chunk, transposed operands.
-        for &(m, k, n) in &[(37, 1100, 45), (64, 64, 64), (5, 3, 70), (70, 512, 33), (1, 1, 1)] {
+        for &(m, k, n) in &[
+            (37, 1100, 45),
+            (64, 64, 64),
+            (5, 3, 70),
+            (70, 512, 33),
+            (24, 96, 40),
+            (1, 1, 1),
+        ] {
             for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a = if at {
                     data(k, m, 1).reversed_axes()

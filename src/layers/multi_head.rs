@@ -49,7 +49,7 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::gemm::bf16::to_bf16;
+use crate::kernels::gemm::bf16::{to_bf16, to_bf16_slice};
 use crate::kernels::parallel::{PairViews, for_each_index};
 use crate::kernels::precision::{Precision, precision};
 use crate::kernels::small_head::Cached;
@@ -334,8 +334,17 @@ impl<F: Float> KvCache<F> {
             self.spare = None;
         }
         match &mut self.store {
-            Store::Full { kt, v: vv } => append(kt, vv, len, k, v, |x| x),
-            Store::Bf16 { kt, v: vv } => append(kt, vv, len, k, v, |x: F| to_bf16(x.to_f64() as f32)),
+            Store::Full { kt, v: vv } => append(kt, vv, len, k, v, |x, y| y.copy_from_slice(x)),
+            Store::Bf16 { kt, v: vv } => {
+                append(kt, vv, len, k, v, |x: &[F], y: &mut [u16]| match F::as_f32(x) {
+                    Some(x) => to_bf16_slice(x, y),
+                    None => {
+                        for (y, &x) in y.iter_mut().zip(x) {
+                            *y = to_bf16(x.to_f64() as f32);
+                        }
+                    }
+                })
+            }
         }
         self.len = need;
     }
@@ -374,15 +383,16 @@ fn copy_rows<S: Copy>(
     }
 }
 
-/// Writes keys `k` and values `v` `[B, H, T, d_k]`, each element through `conv`, at positions
-/// `len..len + T` of a cache's keys (transposed) and values, which have room for them.
-fn append<F: Float, S: Copy + Send + Sync>(
+/// Writes keys `k` and values `v` `[B, H, T, d_k]` at positions `len..len + T` of a cache's
+/// keys (transposed) and values, which have room for them; `conv` converts a run of features
+/// (a key's or a value's, up to [`RUN`] at a time) into the cache's type.
+fn append<F: Float, S: Copy + Default + Send + Sync>(
     kt: &mut Array4<S>,
     vv: &mut Array4<S>,
     len: usize,
     k: ArrayView4<F>,
     v: ArrayView4<F>,
-    conv: impl Fn(F) -> S + Sync,
+    conv: impl Fn(&[F], &mut [S]) + Sync,
 ) {
     let (b, h, t, dk) = k.dim();
     // Each sequence's rows on the thread that runs its attention next (the same cut into
@@ -395,51 +405,57 @@ fn append<F: Float, S: Copy + Send + Sync>(
     let vv = PairViews::new(vv.view_mut());
     let (ks, vs) = (k.strides(), v.strides());
     for_each_index(b.div_ceil(per), |i| {
+        // A run of features, gathered (if strided) and converted.
+        let (mut from, mut to) = ([F::zero(); RUN], [S::default(); RUN]);
         for bi in i * per..((i + 1) * per).min(b) {
             for hi in 0..h {
                 // SAFETY: pair (bi, hi) belongs to this part alone.
                 let (mut kt, mut vv) = unsafe { (kt.get(bi, hi), vv.get(bi, hi)) };
-                // Key j's features down column len + j, by pointer: ndarray's indexing
-                // (bounds checks, four strides) had made the memory's keys, a whole
-                // source at once, slower to cache than the assign before.
-                let (rs, cs) = (kt.strides()[0], kt.strides()[1]);
-                let (dst, src) = (kt.as_mut_ptr(), k.as_ptr());
-                for j in 0..t {
-                    for d in 0..dk {
-                        // SAFETY: (d, len + j) is inside this pair's [d_k, capacity] view
-                        // (len + t ≤ capacity) and (bi, hi, j, d) inside k.
-                        unsafe {
-                            *dst.offset(d as isize * rs + (len + j) as isize * cs) = conv(*src.offset(
-                                bi as isize * ks[0]
-                                    + hi as isize * ks[1]
-                                    + j as isize * ks[2]
-                                    + d as isize * ks[3],
-                            ));
-                        }
-                    }
-                }
-                // Value j's features along row len + j, by pointer too: a step appends
-                // one row per pair, and slicing and assigning it through ndarray had cost
-                // 3% of a small greedy decode.
-                let (rs, cs) = (vv.strides()[0], vv.strides()[1]);
-                let (dst, src) = (vv.as_mut_ptr(), v.as_ptr());
-                for j in 0..t {
-                    // SAFETY: row len + j < capacity of this pair's [capacity, d_k] view,
-                    // and (bi, hi, j, ..d_k) is inside v.
-                    unsafe {
-                        let to = dst.offset((len + j) as isize * rs);
-                        let from = src.offset(bi as isize * vs[0] + hi as isize * vs[1] + j as isize * vs[2]);
-                        if cs == 1 && vs[3] == 1 {
-                            let (to, from) = (
-                                std::slice::from_raw_parts_mut(to, dk),
-                                std::slice::from_raw_parts(from, dk),
-                            );
-                            for (o, &x) in to.iter_mut().zip(from) {
-                                *o = conv(x);
+                for (x, x_strides, is_key) in [(&k, ks, true), (&v, vs, false)] {
+                    // The cache's element of feature d at position len + j: keys down column
+                    // len + j of [d_k, capacity], values along row len + j of [capacity, d_k].
+                    let (dst, rs, cs) = if is_key {
+                        (kt.as_mut_ptr(), kt.strides()[0], kt.strides()[1])
+                    } else {
+                        (vv.as_mut_ptr(), vv.strides()[1], vv.strides()[0])
+                    };
+                    for j in 0..t {
+                        for d0 in (0..dk).step_by(RUN) {
+                            let n = RUN.min(dk - d0);
+                            // SAFETY: (bi, hi, j, d0..d0 + n) is inside x; by pointer, as
+                            // ndarray's indexing (bounds checks, four strides) had made the
+                            // memory's keys, a whole source at once, slower to cache.
+                            let src = unsafe {
+                                x.as_ptr().offset(
+                                    bi as isize * x_strides[0]
+                                        + hi as isize * x_strides[1]
+                                        + j as isize * x_strides[2]
+                                        + d0 as isize * x_strides[3],
+                                )
+                            };
+                            let run = if x_strides[3] == 1 {
+                                // SAFETY: n contiguous features.
+                                unsafe { std::slice::from_raw_parts(src, n) }
+                            } else {
+                                for (e, f) in from[..n].iter_mut().enumerate() {
+                                    // SAFETY: feature d0 + e < dk of the same row.
+                                    *f = unsafe { *src.offset(e as isize * x_strides[3]) };
+                                }
+                                &from[..n]
+                            };
+                            // SAFETY: position len + j's features d0..d0 + n lie inside this
+                            // pair's view (len + T ≤ capacity).
+                            let at = unsafe { dst.offset(d0 as isize * rs + (len + j) as isize * cs) };
+                            if rs == 1 {
+                                // A value's features are contiguous: converted in place.
+                                // SAFETY: as above; no other reference to them.
+                                conv(run, unsafe { std::slice::from_raw_parts_mut(at, n) });
+                                continue;
                             }
-                        } else {
-                            for d in 0..dk {
-                                *to.offset(d as isize * cs) = conv(*from.offset(d as isize * vs[3]));
+                            conv(run, &mut to[..n]);
+                            for (e, &y) in to[..n].iter().enumerate() {
+                                // SAFETY: as above.
+                                unsafe { *at.offset(e as isize * rs) = y };
                             }
                         }
                     }
@@ -448,6 +464,9 @@ fn append<F: Float, S: Copy + Send + Sync>(
         }
     });
 }
+
+/// Features converted at a time when appending to a cache.
+const RUN: usize = 64;
 
 /// The projections of a [`MultiHead`] packed once for the many products of a decode
 /// ([`crate::kernels::PackedB`]): W_Q, W_K and W_V side by side (self-attention) or W_Q alone

@@ -82,6 +82,32 @@ pub fn to_bf16(x: f32) -> u16 {
     }
 }
 
+/// `src` rounded to bf16 into `dst` (of the same length), each value as [`to_bf16`] (the same
+/// bits): 16 at a time with AVX512-BF16's `vcvtneps2bf16` where the CPU has it (a key or value
+/// written into a bf16 cache while decoding).
+///
+/// # Panics
+/// If the lengths differ.
+pub fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "to_bf16_slice: {} values into {} places",
+        src.len(),
+        dst.len()
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx512bf16() {
+        done = src.len() / 16 * 16;
+        // SAFETY: `done` values of both; the CPU has AVX512-BF16 (checked).
+        unsafe { vec::convert_run(src.as_ptr(), dst.as_mut_ptr(), done) };
+    }
+    for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = to_bf16(s);
+    }
+}
+
 /// The `f32` of a bf16 (exact).
 #[inline(always)]
 pub fn bf16_to_f32(h: u16) -> f32 {
@@ -518,6 +544,21 @@ mod vec {
             18, 2, 17, 1, 16, 0,
         );
         _mm512_permutexvar_epi16(zip, both)
+    }
+
+    /// `n` (a multiple of 16) floats at `src` as bf16 at `dst`, each as [`super::to_bf16`].
+    ///
+    /// # Safety
+    /// `n` floats readable at `src`, `n` u16 writable at `dst`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_run(src: *const f32, dst: *mut u16, n: usize) {
+        for i in (0..n).step_by(16) {
+            // SAFETY: values i..i + 16 ≤ n of both (caller); bf16 × 16 is 256 bits.
+            unsafe {
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i))));
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+            }
+        }
     }
 
     /// 32 consecutive floats at `src` as 32 bf16 (16 pairs of neighbours, as u32 lanes),
@@ -1209,6 +1250,13 @@ mod tests {
                     "pair {i}"
                 );
             }
+        }
+        // The slice conversion, with a tail past the last 16.
+        for n in [0, 5, 16, 37, values.len()] {
+            let want: Vec<u16> = values[..n].iter().map(|&x| to_bf16(x)).collect();
+            let mut got = vec![0u16; n];
+            to_bf16_slice(&values[..n], &mut got);
+            assert_eq!(got, want, "{n} values");
         }
     }
 

@@ -19,6 +19,11 @@ so a decoding row has two speed-ups: against greedy_decode and against cached_de
 mixed precision). A `bench` built before it had --precision is asked for fp32 only, and
 --precision bf16 then stops with a message.
 
+--rounds N runs each pair (PyTorch, then the crate) N times in turn and reports the median
+of each side's medians and the median of the N speed-ups, each measured back to back, with
+their range: on a shared machine whose speed drifts by the minute, a cell then rests on N
+pairs rather than one.
+
 --markdown FILE writes the results as Markdown: the machine and versions, a table with one
 row per workload, thread count and measurement (decoding twice: against PyTorch without and
 with a cache), and a summary of speed-ups in the layout of the README's speed table.
@@ -82,6 +87,21 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def median(xs):
+    """The median of the values that are not None (the mean of the middle two if even)."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def spread(xs):
+    """'min–max×' of the values that are not None, or '-'."""
+    xs = [x for x in xs if x is not None]
+    return f"{min(xs):.2f}–{max(xs):.2f}×" if xs else "-"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_python = ROOT / ".venv-torch" / "bin" / "python"
@@ -98,6 +118,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10,
                     help="measured repetitions (default 10; base uses max(3, steps // 2))")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured repetitions first (default 3)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each pair of processes (PyTorch, then the crate) this many times in turn and "
+                         "report medians, with the range of the speed-ups (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="passed to both sides; anything but fp32 needs the crate's bench to accept --precision")
@@ -145,26 +168,33 @@ def main():
                 common = ["--workload", wl, "--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
                           "--seed", str(args.seed), "--json"]
                 torch_what = [what, "cached_decode"] if what == "greedy_decode" else [what]
-                torch_recs, h1 = run_json([args.python, str(HERE / "bench_torch.py"), *common,
-                                           "--precision", args.precision, "--what", *torch_what])
                 crate_cmd = [str(bench), *common, "--what", what]
                 if crate_has_precision:
                     crate_cmd += ["--precision", args.precision]
-                crate_recs, h2 = run_json(crate_cmd, env={**os.environ, "RAYON_NUM_THREADS": str(th)})
-                if not headers:
-                    headers = h1 + h2
-                if jsonl:
-                    for rec in [*torch_recs.values(), *crate_recs.values()]:
-                        jsonl.write(json.dumps(rec) + "\n")
-                    jsonl.flush()
-                t, c, tc = torch_recs.get(what), crate_recs.get(what), torch_recs.get("cached_decode")
-                if c is not None and c.get("precision", "fp32") != args.precision:
-                    sys.exit(f"the crate reported precision {c.get('precision')!r}, not {args.precision!r}")
-                row = dict(workload=wl, threads=th, what=what,
-                           torch=t and t["median_ms"], crate=c and c["median_ms"],
-                           crate_gflops=c and c["gflops"], torch_cached=tc and tc["median_ms"])
-                row["speedup"] = ratio(row["torch"], row["crate"])
-                row["speedup_cached"] = ratio(row["torch_cached"], row["crate"])
+                rounds = []  # per round: (torch ms, crate ms, crate GFLOP/s, torch cached ms)
+                for _ in range(max(1, args.rounds)):
+                    torch_recs, h1 = run_json([args.python, str(HERE / "bench_torch.py"), *common,
+                                               "--precision", args.precision, "--what", *torch_what])
+                    crate_recs, h2 = run_json(crate_cmd, env={**os.environ, "RAYON_NUM_THREADS": str(th)})
+                    if not headers:
+                        headers = h1 + h2
+                    if jsonl:
+                        for rec in [*torch_recs.values(), *crate_recs.values()]:
+                            jsonl.write(json.dumps(rec) + "\n")
+                        jsonl.flush()
+                    t, c, tc = torch_recs.get(what), crate_recs.get(what), torch_recs.get("cached_decode")
+                    if c is not None and c.get("precision", "fp32") != args.precision:
+                        sys.exit(f"the crate reported precision {c.get('precision')!r}, not {args.precision!r}")
+                    rounds.append((t and t["median_ms"], c and c["median_ms"], c and c["gflops"],
+                                   tc and tc["median_ms"]))
+                torch_ms, crate_ms, gflops, cached_ms = (median([r[i] for r in rounds]) for i in range(4))
+                row = dict(workload=wl, threads=th, what=what, torch=torch_ms, crate=crate_ms,
+                           crate_gflops=gflops, torch_cached=cached_ms)
+                # Speed-ups pair each round's PyTorch with the crate right after it.
+                ups = [ratio(r[0], r[1]) for r in rounds]
+                ups_cached = [ratio(r[3], r[1]) for r in rounds]
+                row["speedup"], row["speedup_range"] = median(ups), spread(ups)
+                row["speedup_cached"], row["speedup_cached_range"] = median(ups_cached), spread(ups_cached)
                 row["of_peak"] = ratio(row["crate_gflops"], peak.get(th))
                 rows.append(row)
                 line = (f"{wl:>8} {th:>3} {what:<14} {fmt(row['torch'], '10.2f')} {fmt(row['crate'], '10.2f')} "
@@ -172,6 +202,10 @@ def main():
                         f"{fmt(row['of_peak'] and 100 * row['of_peak'], '7.1f')}%")
                 if what == "greedy_decode":
                     line += f"             {fmt(row['torch_cached'], '15.2f')} {fmt(row['speedup_cached'], '8.2f')}x"
+                if args.rounds > 1:
+                    line += f"   speed-ups over {args.rounds} rounds: {row['speedup_range']}"
+                    if what == "greedy_decode":
+                        line += f", cached {row['speedup_cached_range']}"
                 print(line, flush=True)
     if jsonl:
         jsonl.close()
@@ -182,11 +216,14 @@ def main():
 
 def markdown(args, rows, headers, peak):
     """The results as Markdown: setup, one detailed table, one table of speed-ups."""
+    rounds = (f" {args.rounds} rounds: each PyTorch process followed by the crate's, the pair run {args.rounds} "
+              "times in turn; milliseconds are the medians over the rounds, speed-ups the median of the rounds' "
+              "speed-ups, their range in brackets." if args.rounds > 1 else "")
     out = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; precision {args.precision}; "
            f"medians over {args.steps} measured repetitions ({max(3, args.steps // 2)} for base) after "
            f"{args.warmup} warm-up, seed {args.seed}. Speed-up = PyTorch's median / the crate's (above 1 the crate is "
-           "faster)." + (" FMA peak " + " / ".join(f"{p:g}" for p in peak.values()) +
-                         f" GFLOP/s at {' / '.join(str(k) for k in peak)} threads." if peak else ""), ""]
+           "faster)." + rounds + (" FMA peak " + " / ".join(f"{p:g}" for p in peak.values()) +
+                                  f" GFLOP/s at {' / '.join(str(k) for k in peak)} threads." if peak else ""), ""]
     out += [f"    {h}" for h in headers] + [""]
     out += ["| workload | threads | measurement | PyTorch ms | vaswani ms | speed-up | vaswani GFLOP/s | of FMA peak |",
             "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -208,9 +245,11 @@ def markdown(args, rows, headers, peak):
     by_key = {(r["workload"], r["threads"], r["what"]): r for r in rows}
     for wl in args.workloads:
         for th in args.threads:
-            cells = [times(by_key[(wl, th, w)]["speedup"]) for w in cols]
+            def cell(r, key):
+                return times(r[key]) + (f" ({r[key + '_range']})" if args.rounds > 1 else "")
+            cells = [cell(by_key[(wl, th, w)], "speedup") for w in cols]
             if "greedy_decode" in cols:
-                cells.append(times(by_key[(wl, th, "greedy_decode")]["speedup_cached"]))
+                cells.append(cell(by_key[(wl, th, "greedy_decode")], "speedup_cached"))
             out.append(f"| {wl} | {th} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -395,10 +395,11 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
     let at =
         |r: usize, p: usize| unsafe { a.ptr.offset((i0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
     // Columns of A contiguous (A = Xᵀ, a weight gradient's left operand): the whole chunks
-    // of every 16 rows are converted in registers first, the rest below. 16 rows are two
-    // panels of the AVX512-BF16 path (MR = 8) or half of one of AMX (MR = 32).
+    // of every 16 rows are converted in registers first, the rest below. A group's two runs
+    // of 8 rows each lie in one panel when MR is a multiple of 8: two panels of the
+    // AVX512-BF16 path (MR = 8), half of one of AMX (MR = 32).
     let vector = cfg!(target_arch = "x86_64") && a.rs == 1 && a.cs != 1;
-    let (grouped, chunked) = if vector && (mr == 8 || mr.is_multiple_of(16)) {
+    let (grouped, chunked) = if vector && mr.is_multiple_of(8) {
         (mc / 16 * 16, kc / DEPTH * DEPTH)
     } else {
         (0, 0)

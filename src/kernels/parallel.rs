@@ -211,6 +211,36 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
     unsafe { (*team).run(parts, &f) };
 }
 
+/// Runs `a` and `b`, two independent pieces of work of about the same size: on a team of
+/// exactly two threads, one on each (every loop inside either then runs on its thread
+/// alone), else one after the other, each with every thread.
+///
+/// A weight gradient `∂Y ᵀ·X` and the input gradient `∂Y·W` of the same projection take the
+/// same FLOPs; run side by side, each product keeps its packed operands in its own core's
+/// cache and the two threads meet once, where split between them every product packs half of
+/// each operand for the other core to read and ends with a wait for the slower half. What each
+/// computes does not depend on where it runs, so the results are the same bits either way.
+///
+/// # Panics
+/// Resumes a panic of `a` or `b`.
+pub fn join(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    if threads() != 2 {
+        a();
+        b();
+        return;
+    }
+    let (a, b) = (Mutex::new(Some(a)), Mutex::new(Some(b)));
+    for_each_index(2, |i| {
+        if i == 0 {
+            let a = a.lock().unwrap_or_else(|e| e.into_inner()).take();
+            a.expect("part 0 runs once")();
+        } else {
+            let b = b.lock().unwrap_or_else(|e| e.into_inner()).take();
+            b.expect("part 1 runs once")();
+        }
+    });
+}
+
 /// Calls `f(offset, chunk)` on contiguous chunks of `data` that together cover it, in
 /// parallel when `work` (an estimate of the cost, e.g. elements times operations per element)
 /// is worth it ([`super::parallel_worth`]). Chunks are whole multiples of `align` elements
@@ -578,6 +608,41 @@ mod tests {
                 assert_eq!(total.load(Ordering::Relaxed), 4 * 10);
                 assert_eq!(threads(), 2);
             })
+        });
+    }
+
+    #[test]
+    fn join_runs_each_side_once_on_a_thread_of_its_own_with_two_threads() {
+        for threads in [1, 2, 3] {
+            pool(threads).install(|| {
+                for in_team in [false, true] {
+                    let count = |n: usize| {
+                        let hits = AtomicU64::new(0);
+                        for_each_index(n, |_| {
+                            hits.fetch_add(1, Ordering::Relaxed);
+                        });
+                        hits.load(Ordering::Relaxed)
+                    };
+                    let body = || {
+                        // Each side counts the threads its loops would use and runs one.
+                        let (mut a, mut b) = (None, None);
+                        join(
+                            || a = Some((super::threads(), count(16))),
+                            || b = Some((super::threads(), count(16))),
+                        );
+                        (a.expect("a ran"), b.expect("b ran"))
+                    };
+                    let ((ta, na), (tb, nb)) = if in_team { with_team(body) } else { body() };
+                    assert_eq!((na, nb), (16, 16));
+                    // Two threads: one side each, alone; otherwise every thread for each.
+                    let each = if threads == 2 { 1 } else { threads };
+                    assert_eq!((ta, tb), (each, each), "{threads} threads, in a team: {in_team}");
+                }
+            });
+        }
+        pool(2).install(|| {
+            let caught = catch_unwind(AssertUnwindSafe(|| join(|| (), || panic!("side b"))));
+            assert!(caught.is_err(), "a panic of a side reaches the caller");
         });
     }
 

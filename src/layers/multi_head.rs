@@ -50,15 +50,15 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::gemm::bf16::{to_bf16, to_bf16_slice};
-use crate::kernels::parallel::{PairViews, for_each_index};
+use crate::kernels::parallel::{PairViews, for_each_index, join};
 use crate::kernels::precision::{Precision, precision};
 use crate::kernels::small_head::Cached;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{Float, PackedB, filled, gemm, gemm_packed};
+use crate::kernels::{Float, PackedB, add_column_sums, filled, gemm, gemm_packed};
 use crate::layers::attention::{
     AttentionCoreCache, attention_backward, attention_forward, attention_step, resolve_or_panic,
 };
-use crate::layers::linear::{affine, affine_backward, affine_backward_weights};
+use crate::layers::linear::{affine, affine_backward, check_backward_weights};
 use crate::layers::mask::{Mask, ResolvedMask};
 use crate::params::xavier_uniform;
 
@@ -743,31 +743,56 @@ impl<F: Float> MultiHead<F> {
         fn bias<F: Float>(b: &mut Option<Array1<F>>) -> Option<ndarray::ArrayViewMut1<'_, F>> {
             b.as_mut().map(|b| b.view_mut())
         }
-        affine_backward_weights(cache.x.view(), grad_q.view(), g.w_q.view_mut(), bias(&mut g.b_q));
-        affine_backward_weights(src.view(), grad_k.view(), g.w_k.view_mut(), bias(&mut g.b_k));
-        affine_backward_weights(src.view(), grad_v.view(), g.w_v.view_mut(), bias(&mut g.b_v));
-        // SAFETY: a GEMM with β = 0 writes every element.
-        let mut grad_x = unsafe {
-            filled((b * tq, d), |gx| {
-                gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx)
-            })
+        let (gw, gb) = (
+            [g.w_q.view_mut(), g.w_k.view_mut(), g.w_v.view_mut()],
+            [bias(&mut g.b_q), bias(&mut g.b_k), bias(&mut g.b_v)],
+        );
+        let (grads, inputs) = ([&grad_q, &grad_k, &grad_v], [&cache.x, src, src]);
+        for i in 0..3 {
+            check_backward_weights(
+                inputs[i].view(),
+                grads[i].view(),
+                gw[i].view(),
+                gb[i].as_ref().map(|b| b.len()),
+            );
+        }
+        let weights = || {
+            for (i, gw) in gw.into_iter().enumerate() {
+                gemm(F::ONE, grads[i].view().t(), inputs[i].view(), F::ONE, gw);
+            }
         };
-        let grad_src = match cache.memory {
-            Some(_) => {
-                // SAFETY: as above.
-                let mut gs = unsafe {
-                    filled((b * tk, d), |gs| {
-                        gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ZERO, gs)
-                    })
-                };
-                gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, gs.view_mut());
-                Some(gs)
+        let biases = || {
+            for (i, gb) in gb.into_iter().enumerate() {
+                if let Some(gb) = gb {
+                    add_column_sums(grads[i].view(), gb);
+                }
             }
-            None => {
-                gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ONE, grad_x.view_mut());
-                gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, grad_x.view_mut());
-                None
-            }
+        };
+        // The input gradients beside the weight gradients (same FLOPs; the biases' column sums
+        // with the input gradients, whose operands pack in less time), into arrays taken here.
+        let mut grad_src = None;
+        // SAFETY: a GEMM with β = 0 writes every element (then the others add to it).
+        let grad_x = unsafe {
+            filled((b * tq, d), |gx| match cache.memory {
+                Some(_) => {
+                    grad_src = Some(filled((b * tk, d), |gs| {
+                        join(weights, || {
+                            gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx);
+                            let mut gs = gs;
+                            gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ZERO, gs.view_mut());
+                            gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, gs);
+                            biases();
+                        })
+                    }));
+                }
+                None => join(weights, || {
+                    let mut gx = gx;
+                    gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx.view_mut());
+                    gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ONE, gx.view_mut());
+                    gemm(F::ONE, grad_v.view(), p.w_v.view(), F::ONE, gx);
+                    biases();
+                }),
+            })
         };
         (grad_q, grad_k, grad_v).give_back();
         let to3 = |a: Array2<F>, t: usize| a.into_shape_with_order((b, t, d)).expect("standard layout");

@@ -170,35 +170,54 @@ fn rows_forward<F: Float>(
     y: &mut [F],
 ) {
     let d = gamma.len();
-    for (i, r) in rstd.iter_mut().enumerate() {
-        let at = i * d..(i + 1) * d;
-        let (x, x_hat, y) = (&x[at.clone()], &mut x_hat[at.clone()], &mut y[at.clone()]);
-        *r = match z {
-            None => normalize(x, gamma, beta, eps, x_hat, y),
-            Some((z, m)) => {
-                // The sum goes into x̂ first, then is normalised from there.
-                let z = &z[at.clone()];
-                match m {
-                    Some(key) => {
-                        // The mask's factor of flat index first + i·d + j.
-                        let (threshold, scale) = (key.threshold(), key.scale::<F>());
-                        let base = first + i * d;
-                        for (j, ((xh, &x), &z)) in x_hat.iter_mut().zip(x).zip(z).enumerate() {
-                            let keep = draw(key.key(), (base + j) as u32) >= threshold;
-                            *xh = x + z * if keep { scale } else { F::ZERO };
-                        }
-                    }
-                    None => {
-                        for ((xh, &x), &z) in x_hat.iter_mut().zip(x).zip(z) {
-                            *xh = x + z;
-                        }
-                    }
+    let Some((z, m)) = z else {
+        for (i, r) in rstd.iter_mut().enumerate() {
+            let at = i * d..(i + 1) * d;
+            *r = normalize(
+                &x[at.clone()],
+                gamma,
+                beta,
+                eps,
+                &mut x_hat[at.clone()],
+                &mut y[at],
+            );
+        }
+        return;
+    };
+    // The sums go into x̂ first, then are normalised from there: for a group of rows at a
+    // time, so that a row's sum is read back well after it was stored (read right away, the
+    // wide loads of a row just stored in pieces stall until the stores retire: 18% of a
+    // layer norm's samples at d = 64).
+    let rows = rstd.len();
+    for g0 in (0..rows).step_by(SUM_GROUP) {
+        let group = g0..rows.min(g0 + SUM_GROUP);
+        let span = group.start * d..group.end * d;
+        let (sums, x, z) = (&mut x_hat[span.clone()], &x[span.clone()], &z[span.clone()]);
+        match m {
+            Some(key) => {
+                // The mask's factor of flat index first + span.start + j.
+                let (threshold, scale) = (key.threshold(), key.scale::<F>());
+                let base = first + span.start;
+                for (j, ((xh, &x), &z)) in sums.iter_mut().zip(x).zip(z).enumerate() {
+                    let keep = draw(key.key(), (base + j) as u32) >= threshold;
+                    *xh = x + z * if keep { scale } else { F::ZERO };
                 }
-                normalize_in_place(gamma, beta, eps, x_hat, y)
             }
-        };
+            None => {
+                for ((xh, &x), &z) in sums.iter_mut().zip(x).zip(z) {
+                    *xh = x + z;
+                }
+            }
+        }
+        for i in group {
+            let at = i * d..(i + 1) * d;
+            rstd[i] = normalize_in_place(gamma, beta, eps, &mut x_hat[at.clone()], &mut y[at]);
+        }
     }
 }
+
+/// Rows whose residual sums [`rows_forward`] writes before it normalises the first of them.
+const SUM_GROUP: usize = 8;
 
 /// [`normalize`] of the row held in `x_hat`, overwritten by `x̂`.
 #[inline(always)]
@@ -378,6 +397,45 @@ mod tests {
             let std = row.mapv(|v| (v - mean).powi(2)).mean().unwrap().sqrt();
             assert!((mean + 0.75).abs() < 1e-10, "mean {mean}");
             assert!((std - 2.5).abs() < 1e-8, "std {std}");
+        }
+    }
+
+    #[test]
+    fn a_residual_sum_normalises_as_the_sum_written_out() {
+        // Row counts on both sides of the groups of rows and of the parallel threshold; with
+        // and without a dropout mask: the same bits as x + z ⊙ mask formed first.
+        let mut rng = StdRng::seed_from_u64(12);
+        for (n, d) in [(1, 64), (19, 64), (300, 129)] {
+            let x = Array2::from_shape_fn((n, d), |_| rng.random_range(-4.0..4.0_f32));
+            let z = Array2::from_shape_fn((n, d), |_| rng.random_range(-4.0..4.0_f32));
+            let gamma = Array1::from_shape_fn(d, |_| rng.random_range(0.5..1.5_f32));
+            let beta = Array1::from_shape_fn(d, |_| rng.random_range(-1.0..1.0_f32));
+            for key in [None, Some(DropKey::draw(0.3, &mut rng))] {
+                let run = |x: &Array2<f32>, z: Option<&Array2<f32>>| {
+                    let mut x_hat = Array2::from_elem((n, d), f32::NAN);
+                    let mut y = Array2::from_elem((n, d), f32::NAN);
+                    let mut rstd = Array1::from_elem(n, f32::NAN);
+                    layer_norm_rows_sum(
+                        x.view(),
+                        z.map(|z| (z.view(), key)),
+                        gamma.view(),
+                        beta.view(),
+                        1e-5,
+                        x_hat.view_mut(),
+                        rstd.view_mut(),
+                        y.view_mut(),
+                    );
+                    (x_hat, rstd, y)
+                };
+                let sum = Array2::from_shape_fn((n, d), |(i, j)| {
+                    x[(i, j)] + z[(i, j)] * key.map_or(1.0, |k| k.factor::<f32>(i * d + j))
+                });
+                let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let (got, want) = (run(&x, Some(&z)), run(&sum, None));
+                assert_eq!(bits(got.0.as_slice().unwrap()), bits(want.0.as_slice().unwrap()));
+                assert_eq!(bits(got.1.as_slice().unwrap()), bits(want.1.as_slice().unwrap()));
+                assert_eq!(bits(got.2.as_slice().unwrap()), bits(want.2.as_slice().unwrap()));
+            }
         }
     }
 

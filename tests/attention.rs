@@ -367,3 +367,67 @@ fn wrong_mask_panics() {
         .unwrap();
     mha.infer(Array3::zeros((2, 2, 8)).view(), None, &Mask::key_lengths(&[1]));
 }
+
+/// The core's backward writes every element of its three gradients whatever they held (the
+/// model passes it arrays from the workspace, unzeroed): keys past a sequence's length get
+/// zeros, the rest the same bits as into zeroed arrays. `f32` heads take the register path,
+/// `f64` the GEMMs.
+#[test]
+fn core_backward_overwrites_stale_gradients() {
+    use ndarray::Array4;
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    fn check<F: vaswani::kernels::Float>(seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (b, h, t, d) = (3, 2, 12, 8);
+        let q: Array4<F> = random_like((b, h, t, d), &mut rng);
+        let k: Array4<F> = random_like((b, h, t, d), &mut rng);
+        let v: Array4<F> = random_like((b, h, t, d), &mut rng);
+        let g: Array4<F> = random_like((b, h, t, d), &mut rng);
+        let lengths = [12, 5, 1];
+        let mask = Mask::key_lengths(&lengths).resolve(b, t, t).unwrap();
+        let mut out = Array4::<F>::zeros((b, h, t, d));
+        let cache = attention_forward(
+            q.view(),
+            k.view(),
+            v.view(),
+            mask,
+            0.0,
+            None::<&mut StdRng>,
+            out.view_mut(),
+        );
+        let run = |fill: F| {
+            let mut grads = [(); 3].map(|_| Array4::<F>::from_elem((b, h, t, d), fill));
+            let [gq, gk, gv] = &mut grads;
+            attention_backward(
+                q.view(),
+                k.view(),
+                v.view(),
+                &cache,
+                g.view(),
+                gq.view_mut(),
+                gk.view_mut(),
+                gv.view_mut(),
+            );
+            grads
+        };
+        let (stale, zeroed) = (run(F::from_f64(f64::NAN)), run(F::ZERO));
+        for (s, z) in stale.iter().zip(&zeroed) {
+            let bits = |a: &Array4<F>| a.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(s), bits(z));
+        }
+        for (bi, &len) in lengths.iter().enumerate() {
+            for grad in &stale[1..] {
+                let past = grad.slice(s![bi, .., len.., ..]);
+                assert!(
+                    past.iter().all(|&x| x == F::ZERO),
+                    "sequence {bi}: keys past {len}"
+                );
+                // (One key alone has probability 1 whatever its score: no key gradient.)
+                let kept = grad.slice(s![bi, .., ..len, ..]);
+                assert!(len == 1 || kept.iter().any(|&x| x != F::ZERO));
+            }
+        }
+    }
+    check::<f32>(51);
+    check::<f64>(52);
+}

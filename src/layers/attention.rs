@@ -506,11 +506,11 @@ pub fn attention_backward<F: Float>(
         // SAFETY: each pair is taken by one part only.
         let (mut grad_q, mut grad_k, mut grad_v) =
             unsafe { (gqs.get(bi, hi), gks.get(bi, hi), gvs.get(bi, hi)) };
-        // Zeroed here, each pair on its own thread, just before the sums into them.
-        grad_q.fill(F::ZERO);
-        grad_k.fill(F::ZERO);
-        grad_v.fill(F::ZERO);
+        // The products below write ∂Q and the rows of ∂K and ∂V below the key limit; the keys
+        // past it get no gradient.
         let kb = mask.key_limit(bi);
+        grad_k.slice_mut(s![kb.., ..]).fill(F::ZERO);
+        grad_v.slice_mut(s![kb.., ..]).fill(F::ZERO);
         let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));

@@ -711,8 +711,8 @@ impl<F: Float> MultiHead<F> {
             g.b_o.as_mut().map(|b| b.view_mut()),
         );
         // The three gradients come from the workspace unzeroed: `attention_backward` writes
-        // every element of them before it reads any (each pair of sequence and head zeroes
-        // its own rows first).
+        // every element of them before it reads any (each pair of sequence and head writes
+        // its own rows: products with β = 0, and zeros for keys past the key limit).
         let core =
             |gq: ndarray::ArrayViewMut2<F>, gk: ndarray::ArrayViewMut2<F>, gv: ndarray::ArrayViewMut2<F>| {
                 attention_backward(

@@ -312,6 +312,20 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool>(
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 pub(crate) unsafe fn store_avx512<const MR: usize>(lo: &[__m512; MR], hi: &[__m512; MR], t: &Tile) {
+    if t.csc == 1 && t.cols == 32 && t.drop.is_none() && t.gate.is_none() {
+        // Whole rows with no dropout or gate: the update chosen once for the tile.
+        // SAFETY: forwarded from this function's contract.
+        let done = unsafe {
+            if t.relu {
+                store_whole::<MR, true>(lo, hi, t)
+            } else {
+                store_whole::<MR, false>(lo, hi, t)
+            }
+        };
+        if done {
+            return;
+        }
+    }
     if t.csc == 1 && t.cols == 32 && t.vector_post() {
         for r in 0..MR {
             if r >= t.rows {
@@ -350,6 +364,65 @@ pub(crate) unsafe fn store_avx512<const MR: usize>(lo: &[__m512; MR], hi: &[__m5
         // SAFETY: `tile` is MR rows of 32; the caller vouches for t.
         unsafe { store_scalar(tile.as_flattened(), 32, t) };
     }
+}
+
+/// [`store_avx512`] of a tile of whole rows of 32 columns with no dropout and no gate, its
+/// update matched once instead of at every store (a bias loaded once): the same arithmetic as
+/// [`store512`]. `false` (nothing written) for [`Update::Scale`], which it leaves to the
+/// general path.
+///
+/// # Safety
+/// As [`store_avx512`], with `t.csc == 1` and `t.cols == 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_whole<const MR: usize, const RELU: bool>(
+    lo: &[__m512; MR],
+    hi: &[__m512; MR],
+    t: &Tile,
+) -> bool {
+    let post = |v: __m512| {
+        if RELU {
+            // As in `store512`: max(v, 0), NaN put back.
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
+        } else {
+            v
+        }
+    };
+    let rows = MR.min(t.rows);
+    // SAFETY (every access): rows r < t.rows of the tile, 32 columns each, are inside C, and
+    // the bias holds the tile's 32 columns (caller).
+    unsafe {
+        let row = |r: usize| t.c.offset(r as isize * t.rsc);
+        match t.update {
+            Update::Set { alpha } => {
+                let a = _mm512_set1_ps(alpha);
+                for r in 0..rows {
+                    _mm512_storeu_ps(row(r), post(_mm512_mul_ps(lo[r], a)));
+                    _mm512_storeu_ps(row(r).add(16), post(_mm512_mul_ps(hi[r], a)));
+                }
+            }
+            Update::Bias { alpha, bias } => {
+                let a = _mm512_set1_ps(alpha);
+                let (b0, b1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)));
+                for r in 0..rows {
+                    _mm512_storeu_ps(row(r), post(_mm512_fmadd_ps(lo[r], a, b0)));
+                    _mm512_storeu_ps(row(r).add(16), post(_mm512_fmadd_ps(hi[r], a, b1)));
+                }
+            }
+            Update::Add { alpha } => {
+                let a = _mm512_set1_ps(alpha);
+                for r in 0..rows {
+                    let (p0, p1) = (row(r), row(r).add(16));
+                    _mm512_storeu_ps(p0, post(_mm512_fmadd_ps(lo[r], a, _mm512_loadu_ps(p0))));
+                    _mm512_storeu_ps(p1, post(_mm512_fmadd_ps(hi[r], a, _mm512_loadu_ps(p1))));
+                }
+            }
+            Update::Scale { .. } => return false,
+        }
+    }
+    true
 }
 
 /// One 16-lane store under `mask` of row r's columns `j0..j0 + 16` of the tile.

@@ -157,11 +157,15 @@ const AMX_ALONE_BELOW_PRODUCT_FLOPS: u64 = 1 << 22;
 /// # Panics
 /// Resumes a panic of `f` or of a part.
 pub fn with_team_for_products<R>(rows: usize, width: usize, f: impl FnOnce() -> R) -> R {
-    let product = 2u64
-        .saturating_mul(rows as u64)
+    with_team_if(product_flops(rows, width) >= AMX_ALONE_BELOW_PRODUCT_FLOPS, f)
+}
+
+/// The FLOPs of one product of `rows` rows against a `width × width` weight, `2 · rows ·
+/// width²` (saturating): the size by which inference calls choose how to use the threads.
+pub(crate) fn product_flops(rows: usize, width: usize) -> u64 {
+    2u64.saturating_mul(rows as u64)
         .saturating_mul(width as u64)
-        .saturating_mul(width as u64);
-    with_team_if(product >= AMX_ALONE_BELOW_PRODUCT_FLOPS, f)
+        .saturating_mul(width as u64)
 }
 
 /// [`with_team`], or on this thread alone when `!pays` for a bf16 call on AMX tiles with more

@@ -74,8 +74,8 @@ use rand::Rng;
 
 use crate::error::{Error, Result, check};
 use crate::kernels::parallel::for_each_chunk_mut;
-use crate::kernels::parallel::join;
 use crate::kernels::{Float, gemm};
+use crate::layers::linear::weights_beside;
 use crate::params::normal;
 
 /// Configuration of an [`Embedding`].
@@ -324,15 +324,12 @@ impl<F: Float> Embedding<F> {
             self.cfg.vocab
         );
         self.check_grad(g);
-        let gw = g.weight.view_mut();
-        // SAFETY: a GEMM with β = 0 writes every element. The two products (same FLOPs) run
-        // side by side on two threads.
+        // SAFETY: a GEMM with β = 0 writes every element.
         unsafe {
             crate::kernels::filled(cache.h.dim(), |gh| {
-                join(
-                    || gemm(F::ONE, grad_logits.t(), cache.h.view(), F::ONE, gw),
-                    || gemm(F::ONE, grad_logits, self.p.weight.view(), F::ZERO, gh),
-                )
+                weights_beside(cache.h.view(), grad_logits, g.weight.view_mut(), None, || {
+                    gemm(F::ONE, grad_logits, self.p.weight.view(), F::ZERO, gh)
+                })
             })
         }
     }

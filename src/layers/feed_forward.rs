@@ -68,11 +68,11 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::gemm::{Fused, gemm_fused};
-use crate::kernels::parallel::{for_each_chunk_mut, join};
+use crate::kernels::parallel::for_each_chunk_mut;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{Activation, Float, PackedB, add_column_sums, filled, gemm, gemm_bias, gemm_packed};
+use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
-use crate::layers::linear::{affine, affine_backward, check_backward_weights};
+use crate::layers::linear::{affine, affine_backward, weights_beside};
 use crate::params::xavier_uniform;
 
 /// Configuration of a [`FeedForward`] layer.
@@ -379,20 +379,12 @@ impl<F: Float> FeedForward<F> {
                     ..Fused::none()
                 };
                 let (w2, b2) = (g.w2.view_mut(), g.b2.as_mut().map(|b| b.view_mut()));
-                check_backward_weights(cache.a.view(), grad_y, w2.view(), b2.as_ref().map(|b| b.len()));
                 // SAFETY: gemm_fused writes every element.
                 unsafe {
                     filled(cache.a.dim(), |gh| {
-                        // Side by side, as in `affine_backward`.
-                        join(
-                            || gemm(F::ONE, grad_y.t(), cache.a.view(), F::ONE, w2),
-                            || {
-                                gemm_fused(grad_y, self.p.w2.view(), post, gh);
-                                if let Some(b2) = b2 {
-                                    add_column_sums(grad_y, b2);
-                                }
-                            },
-                        )
+                        weights_beside(cache.a.view(), grad_y, w2, b2, || {
+                            gemm_fused(grad_y, self.p.w2.view(), post, gh)
+                        })
                     })
                 }
             }

@@ -225,23 +225,38 @@ pub fn affine_backward<F: Float>(
     grad_b: Option<ArrayViewMut1<F>>,
 ) -> Array2<F> {
     check_affine(x, w, None);
-    check_backward_weights(x, grad_y, grad_w.view(), grad_b.as_ref().map(|b| b.len()));
     // SAFETY: a GEMM with β = 0 writes every element.
     unsafe {
         filled(x.dim(), |gx| {
-            // Side by side: the two products take the same FLOPs; the bias's column sums go
-            // with the input gradient, whose operands pack in less time.
-            join(
-                || gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w),
-                || {
-                    gemm(F::ONE, grad_y, w, F::ZERO, gx);
-                    if let Some(gb) = grad_b {
-                        add_column_sums(grad_y, gb);
-                    }
-                },
-            )
+            weights_beside(x, grad_y, grad_w, grad_b, || gemm(F::ONE, grad_y, w, F::ZERO, gx))
         })
     }
+}
+
+/// [`affine_backward_weights`] beside `input_grad`, the input gradient's product of the same
+/// layer (`grad_y·W` or a fused form of it), on the two threads of a team of two
+/// ([`join`]): the two products take the same FLOPs. The bias's column sums go with the input
+/// gradient, whose operands pack in less time.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub(crate) fn weights_beside<F: Float>(
+    x: ArrayView2<F>,
+    grad_y: ArrayView2<F>,
+    grad_w: ArrayViewMut2<F>,
+    grad_b: Option<ArrayViewMut1<F>>,
+    input_grad: impl FnOnce() + Send,
+) {
+    check_backward_weights(x, grad_y, grad_w.view(), grad_b.as_ref().map(|b| b.len()));
+    join(
+        || gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w),
+        || {
+            input_grad();
+            if let Some(gb) = grad_b {
+                add_column_sums(grad_y, gb);
+            }
+        },
+    )
 }
 
 /// The parameter half of [`affine_backward`]: adds `grad_yᵀ·x` into `grad_w` and

@@ -43,7 +43,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::kernels::parallel::{join, threads, with_team_for_products};
+use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
 use crate::kernels::{Float, PackedB, filled, gemm_packed};
@@ -949,11 +949,7 @@ fn by_halves<F: Float>(
     f: impl Fn(&TokenBatch, &TokenBatch) -> Result<Array2<F>> + Sync,
 ) -> Result<Array2<F>> {
     let b = src.batch_size();
-    let flops = 2u64
-        .saturating_mul(rows(src, tgt_in) as u64)
-        .saturating_mul(width as u64)
-        .saturating_mul(width as u64);
-    if b < 2 || threads() != 2 || flops >= HALVES_BELOW_PRODUCT_FLOPS {
+    if b < 2 || threads() != 2 || product_flops(rows(src, tgt_in), width) >= HALVES_BELOW_PRODUCT_FLOPS {
         return f(src, tgt_in);
     }
     let half = |x: &TokenBatch, r: std::ops::Range<usize>| {

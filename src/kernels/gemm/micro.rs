@@ -381,15 +381,7 @@ unsafe fn store_whole<const MR: usize, const RELU: bool>(
     hi: &[__m512; MR],
     t: &Tile,
 ) -> bool {
-    let post = |v: __m512| {
-        if RELU {
-            // As in `store512`: max(v, 0), NaN put back.
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
-        } else {
-            v
-        }
-    };
+    let post = |v: __m512| if RELU { relu16(v) } else { v };
     let rows = MR.min(t.rows);
     // SAFETY (every access): rows r < t.rows of the tile, 32 columns each, are inside C, and
     // the bias holds the tile's 32 columns (caller).
@@ -452,13 +444,7 @@ unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
                 _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), old)
             }
         };
-        let mut v = if t.relu {
-            // max(v, 0) gives +0 for −0 and for NaN; NaN is put back.
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
-        } else {
-            v
-        };
+        let mut v = if t.relu { relu16(v) } else { v };
         if let Some(d) = t.drop {
             // The 16 flat indices of these elements, hashed as `dropout::draw` does.
             let base = _mm512_set1_epi32((d.index0 + r * d.ld + j0) as u32 as i32);
@@ -482,6 +468,16 @@ unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
         }
         _mm512_mask_storeu_ps(p, mask, v);
     }
+}
+
+/// `max(v, 0)` on 16 lanes, NaN kept: the ReLU of the stores (max alone gives +0 for −0 and
+/// for NaN; NaN is put back).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn relu16(v: __m512) -> __m512 {
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
 }
 
 /// `lowbias32` on 16 lanes: the mixer of `dropout::draw`.

@@ -14,8 +14,12 @@
 //! - [`for_each_index`] calls `f(0..parts)` on the team, or on rayon outside a team; a call
 //!   from inside a part runs on the calling thread, so nested loops never oversubscribe.
 //!
-//! Parts are handed out one at a time by an atomic counter, so which thread runs which part
-//! varies from run to run; what a part computes must depend on its index only. The crate's
+//! Parts are handed out one at a time: the thread that opened the loop takes them from the
+//! front (`0, 1, …`), its helpers from the back, until they meet. On two threads each takes a
+//! contiguous run, the same half of the rows loop after loop (the rows a core wrote in one
+//! loop are in its cache for the next), and the first to finish takes over what is left of
+//! the other's run. Which thread runs which part still varies from run to run; what a part
+//! computes must depend on its index only. The crate's
 //! loops split independent rows, heads and tiles, never a sum, so their results are the
 //! same for any number of threads.
 //!
@@ -45,8 +49,12 @@ struct Team {
     epoch: AtomicUsize,
     /// The open region (valid while `epoch` is odd and a reader is counted in `active`).
     region: AtomicPtr<Region<'static>>,
-    /// The next part to hand out.
-    next: AtomicUsize,
+    /// Parts handed out (a thread that takes the count to `parts` or past gets none).
+    claimed: AtomicUsize,
+    /// Parts handed out from the front (`0, 1, …`), to the thread that opened the region.
+    front: AtomicUsize,
+    /// Parts handed out from the back (`parts - 1, parts - 2, …`), to the helpers.
+    back: AtomicUsize,
     /// Parts not yet finished.
     remaining: AtomicUsize,
     /// Helpers that may be reading the region.
@@ -82,7 +90,9 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     let team = Team {
         epoch: AtomicUsize::new(0),
         region: AtomicPtr::new(std::ptr::null_mut()),
-        next: AtomicUsize::new(0),
+        claimed: AtomicUsize::new(0),
+        front: AtomicUsize::new(0),
+        back: AtomicUsize::new(0),
         remaining: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         done: AtomicBool::new(false),
@@ -433,7 +443,9 @@ impl Team {
     /// Opens a region, works on it, waits for every part and every reader.
     fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         let region = Region { f, parts };
-        self.next.store(0, Ordering::Relaxed);
+        self.claimed.store(0, Ordering::Relaxed);
+        self.front.store(0, Ordering::Relaxed);
+        self.back.store(0, Ordering::Relaxed);
         self.remaining.store(parts, Ordering::Relaxed);
         // SAFETY of the cast: the pointer is only dereferenced while the region is open and
         // counted readers hold it, and this function waits for both to end before returning.
@@ -442,7 +454,7 @@ impl Team {
             Ordering::Relaxed,
         );
         self.epoch.fetch_add(1, Ordering::SeqCst); // open (odd)
-        self.work(&region);
+        self.work(&region, false);
         while self.remaining.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
@@ -455,13 +467,19 @@ impl Team {
         }
     }
 
-    /// Takes parts of `region` until none is left.
-    fn work(&self, region: &Region<'_>) {
+    /// Takes parts of `region` until none is left: from the front, or `from_back`. Every
+    /// claim below `parts` is one part; the `f` claims from the front are parts `0..f`, the
+    /// `b` from the back the last `b`, and `f + b = parts`, so each part runs once.
+    fn work(&self, region: &Region<'_>, from_back: bool) {
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= region.parts {
+            if self.claimed.fetch_add(1, Ordering::Relaxed) >= region.parts {
                 return;
             }
+            let i = if from_back {
+                region.parts - 1 - self.back.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.front.fetch_add(1, Ordering::Relaxed)
+            };
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| (region.f)(i)))) {
                 self.panic
                     .lock()
@@ -484,7 +502,7 @@ impl Team {
                     // SAFETY: the region is open and this thread is counted in `active`, so
                     // `run` has not returned and the region it points to is alive.
                     let region = unsafe { &*self.region.load(Ordering::Acquire) };
-                    self.work(region);
+                    self.work(region, true);
                 }
                 self.active.fetch_sub(1, Ordering::SeqCst);
                 seen = e;
@@ -596,6 +614,32 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn the_caller_runs_a_run_from_the_front_and_the_helper_one_from_the_back() {
+        pool(2).install(|| {
+            with_team(|| {
+                let me = std::thread::current().id();
+                for parts in [2, 3, 64, 257] {
+                    for _ in 0..20 {
+                        // 1 where the caller ran the part, 2 where the helper did.
+                        let by: Vec<AtomicU64> = (0..parts).map(|_| AtomicU64::new(0)).collect();
+                        for_each_index(parts, |i| {
+                            let who = if std::thread::current().id() == me { 1 } else { 2 };
+                            by[i].fetch_add(who, Ordering::Relaxed);
+                            std::hint::black_box((0..200).sum::<u64>());
+                        });
+                        let by: Vec<u64> = by.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+                        let front = by.iter().take_while(|&&w| w == 1).count();
+                        assert!(
+                            by[front..].iter().all(|&w| w == 2),
+                            "{parts} parts: the caller's must be a prefix, the helper's the rest: {by:?}"
+                        );
+                    }
+                }
+            })
+        });
     }
 
     #[test]

@@ -101,6 +101,24 @@ impl DropKey {
         });
     }
 
+    /// `dst[j] = src[j] · factor(offset + j)`: [`DropKey::apply`] into another run, on this
+    /// thread (a row at a time, inside a pass over the rows).
+    ///
+    /// # Panics
+    /// If the runs differ in length.
+    pub fn apply_to<F: Float>(self, offset: usize, src: &[F], dst: &mut [F]) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "DropKey::apply_to: runs of different lengths"
+        );
+        let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
+        widest!(for (j, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
+            let keep = draw(key, (offset + j) as u32) >= threshold;
+            *d = s * if keep { scale } else { F::ZERO };
+        })
+    }
+
     /// The mask itself, of `shape` (flat indices in row-major order).
     pub fn mask<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(self, shape: Sh) -> Array<F, D> {
         // SAFETY: `fill_mask` writes every element of the (new, standard layout) view.

@@ -257,9 +257,30 @@ pub fn layer_norm_rows_backward<F: Float>(
     rstd: ArrayView1<F>,
     gamma: ArrayView1<F>,
     grad_y: ArrayView2<F>,
+    grad_gamma: ArrayViewMut1<F>,
+    grad_beta: ArrayViewMut1<F>,
+    grad_x: ArrayViewMut2<F>,
+) {
+    layer_norm_rows_backward_masked(x_hat, rstd, gamma, grad_y, grad_gamma, grad_beta, grad_x, None);
+}
+
+/// [`layer_norm_rows_backward`] that also writes `∂L/∂x ⊙ mask` into `masked` (the mask of
+/// `key`, over `[N, d]` in row-major order), a row at a time while the row of `∂L/∂x` is in
+/// cache: the backward of the post-norm residual `LN(x + Dropout(z))`, whose two inputs take
+/// `∂L/∂x` and `∂L/∂x ⊙ mask`.
+///
+/// # Panics
+/// If the shapes do not fit (`masked` as `grad_x`), or an array is not contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_rows_backward_masked<F: Float>(
+    x_hat: ArrayView2<F>,
+    rstd: ArrayView1<F>,
+    gamma: ArrayView1<F>,
+    grad_y: ArrayView2<F>,
     mut grad_gamma: ArrayViewMut1<F>,
     mut grad_beta: ArrayViewMut1<F>,
     mut grad_x: ArrayViewMut2<F>,
+    masked: Option<(ArrayViewMut2<F>, DropKey)>,
 ) {
     let (n, d) = x_hat.dim();
     assert!(
@@ -268,15 +289,17 @@ pub fn layer_norm_rows_backward<F: Float>(
             && grad_y.dim() == (n, d)
             && grad_x.dim() == (n, d)
             && grad_gamma.len() == d
-            && grad_beta.len() == d,
-        "layer_norm_rows_backward: x_hat {:?}, rstd {:?}, gamma {:?}, grad_y {:?}, grad_x {:?}, grad_gamma {:?}, grad_beta {:?}",
+            && grad_beta.len() == d
+            && masked.as_ref().is_none_or(|(m, _)| m.dim() == (n, d)),
+        "layer_norm_rows_backward: x_hat {:?}, rstd {:?}, gamma {:?}, grad_y {:?}, grad_x {:?}, grad_gamma {:?}, grad_beta {:?}, masked {:?}",
         x_hat.shape(),
         rstd.shape(),
         gamma.shape(),
         grad_y.shape(),
         grad_x.shape(),
         grad_gamma.shape(),
-        grad_beta.shape()
+        grad_beta.shape(),
+        masked.as_ref().map(|(m, _)| m.shape().to_vec())
     );
     if n * d == 0 {
         return;
@@ -287,18 +310,24 @@ pub fn layer_norm_rows_backward<F: Float>(
         contiguous(&gamma),
         contiguous(&grad_y),
     );
+    let mut masked = masked;
+    let masked = masked
+        .as_mut()
+        .map(|(m, key)| (super::parallel::Disjoint::new(contiguous_mut(m)), *key));
     for_each_chunk_mut(contiguous_mut(&mut grad_x), d, 8 * n * d, |at, gx| {
         let rows = at / d..at / d + gx.len() / d;
+        // SAFETY: the rows of this chunk, disjoint between chunks.
+        let mut out = masked
+            .as_ref()
+            .map(|(m, key)| (unsafe { m.range(at, gx.len()) }, *key));
         widest!({
             for (i, r) in rows.enumerate() {
                 let row = r * d..(r + 1) * d;
-                row_backward(
-                    &x_hat[row.clone()],
-                    rstd[r],
-                    gamma,
-                    &grad_y[row],
-                    &mut gx[i * d..(i + 1) * d],
-                );
+                let gx = &mut gx[i * d..(i + 1) * d];
+                row_backward(&x_hat[row.clone()], rstd[r], gamma, &grad_y[row], gx);
+                if let Some((m, key)) = out.as_mut() {
+                    key.apply_to(r * d, gx, &mut m[i * d..(i + 1) * d]);
+                }
             }
         })
     });
@@ -436,6 +465,43 @@ mod tests {
                 assert_eq!(bits(got.1.as_slice().unwrap()), bits(want.1.as_slice().unwrap()));
                 assert_eq!(bits(got.2.as_slice().unwrap()), bits(want.2.as_slice().unwrap()));
             }
+        }
+    }
+
+    #[test]
+    fn a_masked_backward_writes_the_gradient_and_its_masked_copy() {
+        // Row counts on both sides of the parallel threshold: the same gradients as the plain
+        // backward, and the masked output the same bits as the mask applied to them after.
+        let mut rng = StdRng::seed_from_u64(13);
+        for (n, d) in [(1, 64), (19, 48), (300, 129)] {
+            let x_hat = Array2::from_shape_fn((n, d), |_| rng.random_range(-2.0..2.0_f32));
+            let rstd = Array1::from_shape_fn(n, |_| rng.random_range(0.5..2.0_f32));
+            let gamma = Array1::from_shape_fn(d, |_| rng.random_range(0.5..1.5_f32));
+            let grad_y = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0_f32));
+            let key = DropKey::draw(0.3, &mut rng);
+            let run = |masked: Option<&mut Array2<f32>>| {
+                let (mut gg, mut gb) = (Array1::zeros(d), Array1::zeros(d));
+                let mut gx = Array2::from_elem((n, d), f32::NAN);
+                layer_norm_rows_backward_masked(
+                    x_hat.view(),
+                    rstd.view(),
+                    gamma.view(),
+                    grad_y.view(),
+                    gg.view_mut(),
+                    gb.view_mut(),
+                    gx.view_mut(),
+                    masked.map(|m| (m.view_mut(), key)),
+                );
+                (gx, gg, gb)
+            };
+            let mut masked = Array2::from_elem((n, d), f32::NAN);
+            let with = run(Some(&mut masked));
+            let (mut want, gg, gb) = run(None);
+            assert_eq!(with, (want.clone(), gg, gb), "{n} × {d}: the gradients");
+            key.apply(0, want.as_slice_mut().unwrap());
+            let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&masked), bits(&want), "{n} × {d}: the masked copy");
+            assert!(masked.iter().any(|&v| v == 0.0) && masked.iter().any(|&v| v != 0.0));
         }
     }
 

@@ -159,7 +159,7 @@ pub use float::{Float, MaybeSerde};
 pub use gemm::{PackedB, gemm, gemm_batched, gemm_bias, gemm_naive, gemm_packed};
 pub use layer_norm::{
     layer_norm_row, layer_norm_row_backward, layer_norm_row_naive, layer_norm_rows, layer_norm_rows_backward,
-    layer_norm_rows_sum,
+    layer_norm_rows_backward_masked, layer_norm_rows_sum,
 };
 pub use softmax::{RowMask, softmax_row, softmax_row_backward, softmax_row_naive};
 

@@ -47,7 +47,9 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::dropout::DropKey;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{Float, filled, layer_norm_rows_backward, layer_norm_rows_sum};
+use crate::kernels::{
+    Float, filled, layer_norm_rows_backward, layer_norm_rows_backward_masked, layer_norm_rows_sum,
+};
 
 /// Configuration of a [`LayerNorm`] layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -202,6 +204,53 @@ impl<F: Float> LayerNorm<F> {
                 )
             })
         }
+    }
+
+    /// [`LayerNorm::backward`] of `LN(x + Dropout(z))` ([`LayerNorm::forward_sum`] with a
+    /// mask): `(∂L/∂x, ∂L/∂x ⊙ mask)`, the gradients at `x` and at `z`, in one pass over the
+    /// rows; without a key the second is `None` (it is the first).
+    ///
+    /// # Panics
+    /// If `grad_y` does not have the shape of the forward pass's output.
+    pub(crate) fn backward_masked(
+        &self,
+        cache: &LayerNormCache<F>,
+        grad_y: ArrayView2<F>,
+        g: &mut LayerNormParams<F>,
+        key: Option<DropKey>,
+    ) -> (Array2<F>, Option<Array2<F>>) {
+        let Some(key) = key else {
+            return (self.backward(cache, grad_y, g), None);
+        };
+        assert_eq!(
+            grad_y.dim(),
+            cache.x_hat.dim(),
+            "LayerNorm::backward: grad_y is {:?}, expected the forward output's {:?}",
+            grad_y.shape(),
+            cache.x_hat.shape()
+        );
+        let grad_y = grad_y.as_standard_layout();
+        let gamma = self.p.gamma.as_standard_layout();
+        let dim = cache.x_hat.dim();
+        let mut grad_x = None;
+        // SAFETY: the backward kernel writes every element of both.
+        let masked = unsafe {
+            filled(dim, |masked| {
+                grad_x = Some(filled(dim, |grad_x| {
+                    layer_norm_rows_backward_masked(
+                        cache.x_hat.view(),
+                        cache.rstd.view(),
+                        gamma.view(),
+                        grad_y.view(),
+                        g.gamma.view_mut(),
+                        g.beta.view_mut(),
+                        grad_x,
+                        Some((masked, key)),
+                    )
+                }))
+            })
+        };
+        (grad_x.expect("filled runs its closure"), Some(masked))
     }
 
     /// `(y, x̂, rstd)` for the rows of `x`.

@@ -324,12 +324,17 @@ impl<F: Float> Residual<F> {
             (grad_s, grad_u).give_back();
             grad_x
         } else {
-            let mut grad_z = self.norm.backward(&cache.norm, grad_y, g);
-            let grad_s = self.dropout.backward(&cache.dropout, grad_z.view());
-            let grad_x = sublayer_backward(&cache.sublayer, grad_s.view());
+            // ∂L/∂(x + z ⊙ mask), and ⊙ mask for the sub-layer, in one pass.
+            let (mut grad_z, grad_s) = self
+                .norm
+                .backward_masked(&cache.norm, grad_y, g, cache.dropout.key());
+            let grad_x = sublayer_backward(&cache.sublayer, grad_s.as_ref().unwrap_or(&grad_z).view());
             check_sublayer_output("backward", grad_x.dim(), cache.dim);
             crate::kernels::add_assign(grad_z.view_mut(), grad_x.view());
-            (grad_s, grad_x).give_back();
+            grad_x.give_back();
+            if let Some(grad_s) = grad_s {
+                grad_s.give_back();
+            }
             grad_z
         }
     }

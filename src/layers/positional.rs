@@ -145,6 +145,15 @@ pub fn sinusoidal_table<F: Float>(len: usize, d_model: usize) -> Array2<F> {
 /// # Shapes
 /// → `[len, d_model]`.
 pub fn sinusoidal_rows<F: Float>(start: usize, len: usize, d_model: usize) -> Array2<F> {
+    if let Some(table) = cached_table(start.saturating_add(len), d_model) {
+        let rows = &table[start * d_model..(start + len) * d_model];
+        return Array2::from_shape_fn((len, d_model), |(r, j)| F::from_f64(rows[r * d_model + j]));
+    }
+    computed_rows(start, len, d_model)
+}
+
+/// [`sinusoidal_rows`] computed, in `f64` until the one rounding to `F`.
+fn computed_rows<F: Float>(start: usize, len: usize, d_model: usize) -> Array2<F> {
     // 10000^(2i/d_model) for column j = 2i or 2i + 1.
     let denom: Vec<f64> = (0..d_model)
         .map(|j| 10000.0_f64.powf((j - j % 2) as f64 / d_model as f64))
@@ -154,6 +163,40 @@ pub fn sinusoidal_rows<F: Float>(start: usize, len: usize, d_model: usize) -> Ar
         let angle = (start as f64 + r as f64) / denom[j];
         F::from_f64(if j % 2 == 0 { angle.sin() } else { angle.cos() })
     })
+}
+
+/// Floats of `f64` a cached table holds at most (8 MiB): longer encodings are computed.
+const CACHED_TABLE_FLOATS: usize = 1 << 20;
+
+/// Rows `0..len'` (some `len' ≥ len`) of the encoding of width `d_model` in `f64`, computed
+/// once for the process and kept (one table per width, grown by doubling), or `None` when
+/// `len` rows would pass [`CACHED_TABLE_FLOATS`]. Every forward pass adds the encoding: the
+/// `sin`, `cos` and `powf` of a tiny model's table took 1% of its forward pass.
+fn cached_table(len: usize, d_model: usize) -> Option<std::sync::Arc<Vec<f64>>> {
+    use std::sync::{Arc, Mutex};
+    static TABLES: Mutex<Vec<(usize, Arc<Vec<f64>>)>> = Mutex::new(Vec::new());
+    if d_model == 0 || len.checked_mul(d_model)? > CACHED_TABLE_FLOATS {
+        return None;
+    }
+    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    let at = tables.iter().position(|(d, _)| *d == d_model);
+    if let Some(i) = at
+        && tables[i].1.len() >= len * d_model
+    {
+        return Some(Arc::clone(&tables[i].1));
+    }
+    let rows = len
+        .next_power_of_two()
+        .max(64)
+        .min(CACHED_TABLE_FLOATS / d_model)
+        .max(len);
+    let table: Array2<f64> = computed_rows(0, rows, d_model);
+    let table = Arc::new(table.into_raw_vec_and_offset().0);
+    match at {
+        Some(i) => tables[i].1 = Arc::clone(&table),
+        None => tables.push((d_model, Arc::clone(&table))),
+    }
+    Some(table)
 }
 
 impl SinusoidalConfig {
@@ -368,6 +411,30 @@ mod tests {
     use crate::gradcheck::{GradCheck, random_like};
     use crate::params::{Params, Tensors};
     use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn cached_rows_are_the_computed_ones() {
+        // Growing tables, two widths, f32 and f64, and a length past the cache.
+        for (start, len, d) in [
+            (0, 3, 6),
+            (5, 40, 6),
+            (100, 300, 6),
+            (7, 9, 64),
+            (0, (1 << 20) / 8 + 1, 8),
+        ] {
+            assert_eq!(
+                sinusoidal_rows::<f32>(start, len, d),
+                computed_rows::<f32>(start, len, d),
+                "{start} + {len} at {d}"
+            );
+            assert_eq!(
+                sinusoidal_rows::<f64>(start, len, d),
+                computed_rows::<f64>(start, len, d)
+            );
+        }
+        assert!(cached_table((1 << 20) / 8 + 1, 8).is_none());
+        assert!(cached_table(0, 0).is_none());
+    }
 
     /// The formula as PyTorch writes it, `exp(−2i·ln(10000)/d)`, in f64: an independent
     /// route to the same numbers.

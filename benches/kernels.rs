@@ -84,7 +84,8 @@ fn dense_products(rng: &mut StdRng) -> Vec<(&'static str, Array2<f32>, Array2<f3
 
 /// The products of inference: B (the transpose of a stored weight) packed once beforehand
 /// (`PackedB`, as `EncoderDecoder::packed` does), so that only the kernels and the packing of
-/// A are timed, at the dense shapes of `small` and `base`, one and two threads.
+/// A are timed, at the dense shapes of `small` and `base`, one and two threads (a team of them,
+/// [`vaswani::kernels::parallel::with_team`], as in a forward pass).
 fn bench_gemm_packed(c: &mut Criterion) {
     use vaswani::kernels::{PackedB, gemm_packed};
     let mut rng = StdRng::seed_from_u64(0);
@@ -101,8 +102,11 @@ fn bench_gemm_packed(c: &mut Criterion) {
                 BenchmarkId::new(name, format!("{threads}t")),
                 &threads,
                 |bench, _| {
+                    // On a team, as the model entry points run their products.
                     pool.install(|| {
-                        bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
+                        vaswani::kernels::parallel::with_team(|| {
+                            bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
+                        })
                     })
                 },
             );

@@ -338,16 +338,59 @@ pub fn layer_norm_rows_backward_masked<F: Float>(
         // SAFETY: the same columns of β's gradient as of γ's, disjoint between chunks.
         let gb = unsafe { gb.range(j0, gg.len()) };
         widest!({
-            for r in 0..n {
-                let row = r * d + j0..r * d + j0 + gg.len();
-                let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
-                for (((gg, gb), &g), &h) in gg.iter_mut().zip(gb.iter_mut()).zip(g).zip(h) {
-                    *gg += g * h;
-                    *gb += g;
-                }
+            for (b, (gg, gb)) in gg
+                .chunks_mut(PARAM_BLOCK)
+                .zip(gb.chunks_mut(PARAM_BLOCK))
+                .enumerate()
+            {
+                param_grads_block(x_hat, grad_y, n, d, j0 + b * PARAM_BLOCK, gg, gb);
             }
         })
     });
+}
+
+/// Columns of γ's and β's gradients that [`layer_norm_rows_backward`] sums in registers while
+/// it runs down the rows.
+const PARAM_BLOCK: usize = 32;
+
+/// `gg += Σ_rows ∂y ⊙ x̂` and `gb += Σ_rows ∂y` over columns `j0..j0 + gg.len()`, a whole
+/// block's sums held in local arrays (registers) across the rows rather than loaded and stored
+/// at every row. The same operations in the same order.
+#[inline(always)]
+fn param_grads_block<F: Float>(
+    x_hat: &[F],
+    grad_y: &[F],
+    n: usize,
+    d: usize,
+    j0: usize,
+    gg: &mut [F],
+    gb: &mut [F],
+) {
+    let w = gg.len();
+    if w == PARAM_BLOCK {
+        let mut sg: [F; PARAM_BLOCK] = (&*gg).try_into().expect("a whole block");
+        let mut sb: [F; PARAM_BLOCK] = (&*gb).try_into().expect("a whole block");
+        for r in 0..n {
+            let row = r * d + j0..r * d + j0 + PARAM_BLOCK;
+            let h: &[F; PARAM_BLOCK] = x_hat[row.clone()].try_into().expect("a whole block");
+            let g: &[F; PARAM_BLOCK] = grad_y[row].try_into().expect("a whole block");
+            for j in 0..PARAM_BLOCK {
+                sg[j] += g[j] * h[j];
+                sb[j] += g[j];
+            }
+        }
+        gg.copy_from_slice(&sg);
+        gb.copy_from_slice(&sb);
+        return;
+    }
+    for r in 0..n {
+        let row = r * d + j0..r * d + j0 + w;
+        let (h, g) = (&x_hat[row.clone()], &grad_y[row]);
+        for (((gg, gb), &g), &h) in gg.iter_mut().zip(gb.iter_mut()).zip(g).zip(h) {
+            *gg += g * h;
+            *gb += g;
+        }
+    }
 }
 
 /// The naive twin of [`layer_norm_row`], in `f64`; returns `y`.
@@ -465,6 +508,41 @@ mod tests {
                 assert_eq!(bits(got.1.as_slice().unwrap()), bits(want.1.as_slice().unwrap()));
                 assert_eq!(bits(got.2.as_slice().unwrap()), bits(want.2.as_slice().unwrap()));
             }
+        }
+    }
+
+    #[test]
+    fn gamma_and_beta_gradients_are_the_sums_down_the_rows() {
+        // Widths around the block's, both sides of the parallel threshold: the bits of
+        // `gg += ∂y·x̂`, `gb += ∂y` run down the rows one element at a time.
+        let mut rng = StdRng::seed_from_u64(14);
+        for (n, d) in [(3, 5), (9, 32), (17, 48), (300, 129)] {
+            let x_hat = Array2::from_shape_fn((n, d), |_| rng.random_range(-2.0..2.0_f32));
+            let rstd = Array1::from_elem(n, 1.0_f32);
+            let gamma = Array1::from_elem(d, 1.0_f32);
+            let grad_y = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0_f32));
+            let start = Array1::from_shape_fn(d, |_| rng.random_range(-1.0..1.0_f32));
+            let (mut gg, mut gb) = (start.clone(), start.clone());
+            let mut gx = Array2::zeros((n, d));
+            layer_norm_rows_backward(
+                x_hat.view(),
+                rstd.view(),
+                gamma.view(),
+                grad_y.view(),
+                gg.view_mut(),
+                gb.view_mut(),
+                gx.view_mut(),
+            );
+            let (mut want_g, mut want_b) = (start.clone(), start);
+            for r in 0..n {
+                for j in 0..d {
+                    want_g[j] += grad_y[[r, j]] * x_hat[[r, j]];
+                    want_b[j] += grad_y[[r, j]];
+                }
+            }
+            let bits = |a: &Array1<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&gg), bits(&want_g), "{n} × {d}: γ");
+            assert_eq!(bits(&gb), bits(&want_b), "{n} × {d}: β");
         }
     }
 

@@ -10,7 +10,7 @@
 //! `∂L/∂x = rstd · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, `∂L/∂γ = Σ_rows grad_y ⊙ x̂`,
 //! `∂L/∂β = Σ_rows grad_y`. The cache keeps x̂ and rstd, so backward never revisits x.
 //!
-//! The arithmetic is that of [`layer_norm_rows`](crate::kernels::layer_norm_rows) and [`layer_norm_rows_backward`]; inputs
+//! The arithmetic is that of [`layer_norm_rows`](crate::kernels::layer_norm_rows) and [`layer_norm_rows_backward`](crate::kernels::layer_norm_rows_backward); inputs
 //! that are not in standard layout (a transposed or sliced view) are copied into it first.
 //!
 //! PyTorch equivalent: `nn.LayerNorm(d_model, eps=1e-5)`, whose `weight` and `bias` are γ and
@@ -41,15 +41,13 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
 use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::dropout::DropKey;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{
-    Float, filled, layer_norm_rows_backward, layer_norm_rows_backward_masked, layer_norm_rows_sum,
-};
+use crate::kernels::{Float, filled, layer_norm_rows_backward_masked, layer_norm_rows_sum};
 
 /// Configuration of a [`LayerNorm`] layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,29 +179,7 @@ impl<F: Float> LayerNorm<F> {
         grad_y: ArrayView2<F>,
         g: &mut LayerNormParams<F>,
     ) -> Array2<F> {
-        assert_eq!(
-            grad_y.dim(),
-            cache.x_hat.dim(),
-            "LayerNorm::backward: grad_y is {:?}, expected the forward output's {:?}",
-            grad_y.shape(),
-            cache.x_hat.shape()
-        );
-        let grad_y = grad_y.as_standard_layout();
-        let gamma = self.p.gamma.as_standard_layout();
-        // SAFETY: the backward kernel writes every element of grad_x.
-        unsafe {
-            filled(cache.x_hat.dim(), |grad_x| {
-                layer_norm_rows_backward(
-                    cache.x_hat.view(),
-                    cache.rstd.view(),
-                    gamma.view(),
-                    grad_y.view(),
-                    g.gamma.view_mut(),
-                    g.beta.view_mut(),
-                    grad_x,
-                )
-            })
-        }
+        self.backward_masked(cache, grad_y, g, None).0
     }
 
     /// [`LayerNorm::backward`] of `LN(x + Dropout(z))` ([`LayerNorm::forward_sum`] with a
@@ -219,9 +195,6 @@ impl<F: Float> LayerNorm<F> {
         g: &mut LayerNormParams<F>,
         key: Option<DropKey>,
     ) -> (Array2<F>, Option<Array2<F>>) {
-        let Some(key) = key else {
-            return (self.backward(cache, grad_y, g), None);
-        };
         assert_eq!(
             grad_y.dim(),
             cache.x_hat.dim(),
@@ -232,22 +205,27 @@ impl<F: Float> LayerNorm<F> {
         let grad_y = grad_y.as_standard_layout();
         let gamma = self.p.gamma.as_standard_layout();
         let dim = cache.x_hat.dim();
+        let mut run = |grad_x: ArrayViewMut2<'_, F>, masked: Option<(ArrayViewMut2<'_, F>, DropKey)>| {
+            layer_norm_rows_backward_masked(
+                cache.x_hat.view(),
+                cache.rstd.view(),
+                gamma.view(),
+                grad_y.view(),
+                g.gamma.view_mut(),
+                g.beta.view_mut(),
+                grad_x,
+                masked,
+            )
+        };
+        let Some(key) = key else {
+            // SAFETY: the backward kernel writes every element of grad_x.
+            return (unsafe { filled(dim, |grad_x| run(grad_x, None)) }, None);
+        };
         let mut grad_x = None;
         // SAFETY: the backward kernel writes every element of both.
         let masked = unsafe {
             filled(dim, |masked| {
-                grad_x = Some(filled(dim, |grad_x| {
-                    layer_norm_rows_backward_masked(
-                        cache.x_hat.view(),
-                        cache.rstd.view(),
-                        gamma.view(),
-                        grad_y.view(),
-                        g.gamma.view_mut(),
-                        g.beta.view_mut(),
-                        grad_x,
-                        Some((masked, key)),
-                    )
-                }))
+                grad_x = Some(filled(dim, |grad_x| run(grad_x, Some((masked, key)))))
             })
         };
         (grad_x.expect("filled runs its closure"), Some(masked))

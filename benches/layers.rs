@@ -7,7 +7,7 @@
 //! `cargo bench --bench layers`; one group: `cargo bench --bench layers -- multi_head`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ndarray::{Array2, Array3};
+use ndarray::{Array2, Array3, Array4};
 use rand::{SeedableRng, rngs::StdRng};
 use vaswani::Params;
 use vaswani::gradcheck::random_like;
@@ -88,5 +88,49 @@ fn bench_feed_forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_multi_head, bench_feed_forward);
+/// The attention core alone (`Q·Kᵀ`, softmax, `·V`, every head of every sequence), without a
+/// mask and without dropout, on a team of threads as the models run it: the batched per-head
+/// products at the small and base workloads' shapes. Credited with `4·T²·d_k` FLOPs per head
+/// (the two products, as `WORKLOADS.md` counts attention).
+fn bench_attention_core(c: &mut Criterion) {
+    use vaswani::layers::attention::attention_forward;
+    let mut group = c.benchmark_group("attention_core");
+    group.sample_size(20);
+    // (name, batch, heads, length, d_k)
+    for &(name, b, h, t, dk) in &[("small", 32, 8, 32, 32), ("base", 8, 8, 64, 64)] {
+        let mut rng = StdRng::seed_from_u64(2);
+        let [q, k, v]: [Array4<f32>; 3] = std::array::from_fn(|_| random_like((b, h, t, dk), &mut rng));
+        let mut out = Array4::<f32>::zeros((b, h, t, dk));
+        group.throughput(Throughput::Elements((4 * b * h * t * t * dk) as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &(), |bench, _| {
+                pool.install(|| {
+                    vaswani::kernels::parallel::with_team(|| {
+                        bench.iter(|| {
+                            let mask = Mask::none().resolve(b, t, t).expect("a mask of no pairs");
+                            attention_forward(
+                                q.view(),
+                                k.view(),
+                                v.view(),
+                                mask,
+                                0.0,
+                                None::<&mut StdRng>,
+                                out.view_mut(),
+                            )
+                        })
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_multi_head,
+    bench_feed_forward,
+    bench_attention_core
+);
 criterion_main!(benches);

@@ -281,7 +281,7 @@ pub fn layer_norm_rows_backward_masked<F: Float>(
     mut grad_gamma: ArrayViewMut1<F>,
     mut grad_beta: ArrayViewMut1<F>,
     mut grad_x: ArrayViewMut2<F>,
-    masked: Option<(ArrayViewMut2<F>, DropKey)>,
+    mut masked: Option<(ArrayViewMut2<F>, DropKey)>,
 ) {
     let (n, d) = x_hat.dim();
     assert!(
@@ -311,7 +311,6 @@ pub fn layer_norm_rows_backward_masked<F: Float>(
         contiguous(&gamma),
         contiguous(&grad_y),
     );
-    let mut masked = masked;
     let masked = masked
         .as_mut()
         .map(|(m, key)| (super::parallel::Disjoint::new(contiguous_mut(m)), *key));

@@ -185,11 +185,8 @@ fn cached_table(len: usize, d_model: usize) -> Option<std::sync::Arc<Vec<f64>>> 
     {
         return Some(Arc::clone(&tables[i].1));
     }
-    let rows = len
-        .next_power_of_two()
-        .max(64)
-        .min(CACHED_TABLE_FLOATS / d_model)
-        .max(len);
+    // At least len: len · d_model ≤ CACHED_TABLE_FLOATS (checked above).
+    let rows = len.next_power_of_two().max(64).min(CACHED_TABLE_FLOATS / d_model);
     let table: Array2<f64> = computed_rows(0, rows, d_model);
     let table = Arc::new(table.into_raw_vec_and_offset().0);
     match at {

@@ -331,10 +331,7 @@ impl<F: Float> Residual<F> {
             let grad_x = sublayer_backward(&cache.sublayer, grad_s.as_ref().unwrap_or(&grad_z).view());
             check_sublayer_output("backward", grad_x.dim(), cache.dim);
             crate::kernels::add_assign(grad_z.view_mut(), grad_x.view());
-            grad_x.give_back();
-            if let Some(grad_s) = grad_s {
-                grad_s.give_back();
-            }
+            (grad_s, grad_x).give_back();
             grad_z
         }
     }

@@ -921,6 +921,268 @@ unsafe fn step_head_avx512<S: Lanes>(h: &StepHead<'_, f32, S>, scores: &mut [f32
     }
 }
 
+/// Every head of one query row of a decoding step: [`StepHead`] for each of `heads` heads,
+/// their queries side by side in `q`, each head's keys and values `kt_hs` and `v_hs` after the
+/// previous head's.
+pub(crate) struct StepRow<'a, F, S = F> {
+    /// The queries, `heads · d_k` features, head after head.
+    pub q: &'a [F],
+    /// `1 / √d_k`.
+    pub scale: F,
+    /// Heads of the row.
+    pub heads: usize,
+    /// Head 0's keys, transposed, as [`StepHead::kt`]; head `i`'s `i · kt_hs` further on.
+    pub kt: *const S,
+    pub kt_hs: isize,
+    pub kt_rs: isize,
+    /// Head 0's values, as [`StepHead::v`]; head `i`'s `i · v_hs` further on.
+    pub v: *const S,
+    pub v_hs: isize,
+    pub v_rs: isize,
+    /// Keys taking part (the cache's length), in every head.
+    pub kb: usize,
+    /// The mask of this query's row, in every head.
+    pub mask: super::RowMask<'a>,
+}
+
+impl<'a, F: Copy, S> StepRow<'a, F, S> {
+    /// Head `hi` alone.
+    fn head(&self, hi: usize) -> StepHead<'a, F, S> {
+        let dk = self.q.len() / self.heads;
+        StepHead {
+            q: &self.q[hi * dk..][..dk],
+            scale: self.scale,
+            kt: self.kt.wrapping_offset(hi as isize * self.kt_hs),
+            kt_rs: self.kt_rs,
+            v: self.v.wrapping_offset(hi as isize * self.v_hs),
+            v_rs: self.v_rs,
+            kb: self.kb,
+            mask: self.mask,
+        }
+    }
+}
+
+/// [`step_head`] for every head of `r`, into `out` (`heads · d_v` floats, head after head),
+/// with `scores` (at least `kb` floats) as scratch.
+///
+/// With AVX-512, `f32`, and at most [`MAX_KEYS`] keys and value features, the heads run side
+/// by side, eight at a time (four where a head's keys or features take more than two
+/// vectors): each of a head's sums is a chain of dependent multiply-adds (its scores over the
+/// `d_k` features, its output over the positions), and one head alone leaves the core waiting
+/// on each link; the heads' chains side by side fill the wait. Each head's arithmetic is
+/// [`step_head`]'s, term for term, so the bits are the same (tested).
+///
+/// # Safety
+/// For every head, as [`step_head`]; `out.len()` is a multiple of `heads`.
+pub(crate) unsafe fn step_row<F: Float, S: Cached<F>>(
+    r: &StepRow<'_, F, S>,
+    scores: &mut [F],
+    out: &mut [F],
+) {
+    if r.heads == 0 || out.is_empty() {
+        return;
+    }
+    let dv = out.len() / r.heads;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::any::TypeId;
+        let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
+            && (1..=MAX_KEYS).contains(&r.kb)
+            && dv <= MAX_KEYS
+            && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
+            && avx512_bw_vl();
+        // SAFETY (both): F is f32 and S the type cast to (checked), so the casts are
+        // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
+        if vectors && TypeId::of::<S>() == TypeId::of::<f32>() {
+            let (r, scores, out) = unsafe { row_as_f32::<F, S, f32>(r, scores, out) };
+            return unsafe { step_row_avx512(r, scores, out) };
+        }
+        if vectors && TypeId::of::<S>() == TypeId::of::<u16>() {
+            let (r, scores, out) = unsafe { row_as_f32::<F, S, u16>(r, scores, out) };
+            return unsafe { step_row_avx512(r, scores, out) };
+        }
+    }
+    for (hi, o) in out.chunks_exact_mut(dv).enumerate() {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { step_head(&r.head(hi), scores, o) };
+    }
+}
+
+/// A row of `F` over `S` as the row of `f32` over `T` it is.
+///
+/// # Safety
+/// `F` is `f32` and `S` is `T`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_as_f32<'a, 'h, F, S, T>(
+    r: &'a StepRow<'h, F, S>,
+    scores: &'a mut [F],
+    out: &'a mut [F],
+) -> (&'a StepRow<'h, f32, T>, &'a mut [f32], &'a mut [f32]) {
+    // SAFETY: the same types (caller).
+    unsafe {
+        (
+            &*(r as *const StepRow<'h, F, S> as *const StepRow<'h, f32, T>),
+            &mut *(scores as *mut [F] as *mut [f32]),
+            &mut *(out as *mut [F] as *mut [f32]),
+        )
+    }
+}
+
+/// [`step_row`] with AVX-512: the heads in groups of eight or four side by side, the rest one
+/// at a time ([`step_head_avx512`]).
+///
+/// # Safety
+/// As [`step_row`]; the CPU has AVX-512F, BW and VL; `1 ≤ kb ≤ MAX_KEYS`, `d_v ≤ MAX_KEYS`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn step_row_avx512<S: Lanes>(r: &StepRow<'_, f32, S>, scores: &mut [f32], out: &mut [f32]) {
+    let dv = out.len() / r.heads;
+    let widest = r.kb.div_ceil(W).max(dv.div_ceil(W));
+    let mut hi = 0;
+    while hi < r.heads {
+        let left = r.heads - hi;
+        // SAFETY (each): heads hi.. of the row (caller), the group inside them.
+        unsafe {
+            if left >= 8 && widest <= 2 {
+                group_avx512::<S, 8>(r, hi, out);
+                hi += 8;
+            } else if left >= 4 {
+                group_avx512::<S, 4>(r, hi, out);
+                hi += 4;
+            } else {
+                step_head_avx512(&r.head(hi), scores, &mut out[hi * dv..][..dv]);
+                hi += 1;
+            }
+        }
+    }
+}
+
+/// Heads `first..first + G` of `r` side by side: their scores and softmax
+/// ([`group_scores`]), then their outputs ([`group_values`]), each over as many vectors as
+/// the keys, resp. the value features, fill.
+///
+/// # Safety
+/// As [`step_row_avx512`]; `first + G ≤ heads`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn group_avx512<S: Lanes, const G: usize>(r: &StepRow<'_, f32, S>, first: usize, out: &mut [f32]) {
+    let mut probs = [[0.0f32; MAX_KEYS]; G];
+    let dv = out.len() / r.heads;
+    // SAFETY (all): forwarded from this function's contract; each vector count is the one
+    // that kb, resp. d_v, fills (at most 4, as both are at most MAX_KEYS).
+    unsafe {
+        match r.kb.div_ceil(W) {
+            1 => group_scores::<S, G, 1>(r, first, &mut probs),
+            2 => group_scores::<S, G, 2>(r, first, &mut probs),
+            3 => group_scores::<S, G, 3>(r, first, &mut probs),
+            _ => group_scores::<S, G, 4>(r, first, &mut probs),
+        }
+        match dv.div_ceil(W) {
+            0 => {}
+            1 => group_values::<S, G, 1>(r, first, &probs, out),
+            2 => group_values::<S, G, 2>(r, first, &probs, out),
+            3 => group_values::<S, G, 3>(r, first, &probs, out),
+            _ => group_values::<S, G, 4>(r, first, &probs, out),
+        }
+    }
+}
+
+/// The attention weights of heads `first..first + G` over their `kb ≤ 16·NK` keys, into
+/// `probs`: each score a chain of fused multiply-adds over the features in order from
+/// `q_d·scale`, as [`step_head_avx512`], the `G` heads' chains interleaved; then the softmax,
+/// in registers for a plain limit ([`softmax_rows`]), else of each head's stored row.
+///
+/// # Safety
+/// As [`group_avx512`]; `kb` fills `NK` vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
+    r: &StepRow<'_, f32, S>,
+    first: usize,
+    probs: &mut [[f32; MAX_KEYS]; G],
+) {
+    use std::arch::x86_64::*;
+    let kb = r.kb;
+    let dk = r.q.len() / r.heads;
+    let mk: [u16; NK] = std::array::from_fn(|c| super::simd::first_lanes(kb.saturating_sub(c * W)));
+    let q = &r.q[first * dk..][..G * dk];
+    let mut acc = [[_mm512_setzero_ps(); NK]; G];
+    for d in 0..dk {
+        for (g, acc) in acc.iter_mut().enumerate() {
+            let qd = _mm512_set1_ps(q[g * dk + d] * r.scale);
+            // SAFETY: head first + g's row d of keys holds kb elements (caller); the masks
+            // cover them.
+            let row = unsafe { r.kt.offset((first + g) as isize * r.kt_hs + d as isize * r.kt_rs) };
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let k = unsafe { S::lanes(row.add(c * W), mk[c]) };
+                *acc = _mm512_fmadd_ps(qd, k, *acc);
+            }
+        }
+    }
+    if r.mask.keys.is_none() && r.mask.pairs.is_none() {
+        let limit = r.mask.limit.min(kb);
+        let live = [std::array::from_fn(|c| super::simd::first_lanes(limit.saturating_sub(c * W))); G];
+        softmax_rows::<G, NK>(&mut acc, &live);
+        for (p, acc) in probs.iter_mut().zip(&acc) {
+            for (c, &x) in acc.iter().enumerate() {
+                // SAFETY: NK vectors fit a row of MAX_KEYS floats.
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(c * W), x) };
+            }
+        }
+    } else {
+        for (p, acc) in probs.iter_mut().zip(&acc) {
+            for (c, &x) in acc.iter().enumerate() {
+                // SAFETY: as above; the mask covers kb floats.
+                unsafe { _mm512_mask_storeu_ps(p.as_mut_ptr().add(c * W), mk[c], x) };
+            }
+            super::softmax::softmax_row_inline(&mut p[..kb], r.mask);
+        }
+    }
+}
+
+/// The outputs of heads `first..first + G` (`d_v ≤ 16·NO` features each) from their weights
+/// in `probs`: each feature a chain of fused multiply-adds over the allowed positions in
+/// order, as [`step_head_avx512`], the `G` heads' chains interleaved.
+///
+/// # Safety
+/// As [`group_avx512`]; `d_v` fills `NO` vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // j indexes a position in every head's weights
+unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
+    r: &StepRow<'_, f32, S>,
+    first: usize,
+    probs: &[[f32; MAX_KEYS]; G],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let dv = out.len() / r.heads;
+    let mv: [u16; NO] = std::array::from_fn(|c| super::simd::first_lanes(dv.saturating_sub(c * W)));
+    let plain = r.mask.keys.is_none() && r.mask.pairs.is_none();
+    let mut acc = [[_mm512_setzero_ps(); NO]; G];
+    for j in 0..r.mask.limit.min(r.kb) {
+        if plain || r.mask.allows(j) {
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(probs[g][j]);
+                // SAFETY: head first + g's value row j holds d_v elements (caller); the
+                // masks cover them.
+                let row = unsafe { r.v.offset((first + g) as isize * r.v_hs + j as isize * r.v_rs) };
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let x = unsafe { S::lanes(row.add(c * W), mv[c]) };
+                    *acc = _mm512_fmadd_ps(p, x, *acc);
+                }
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        let o = &mut out[(first + g) * dv..][..dv];
+        for (c, &x) in acc.iter().enumerate() {
+            // SAFETY: the mask covers the head's d_v floats of vector c.
+            unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * W), mv[c], x) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1303,6 +1565,94 @@ mod tests {
                     "bf16 cache against f32, dk={dk} kb={kb}"
                 );
                 assert_ne!(bits(&got16), bits(&got), "the keys and values were rounded");
+            }
+        }
+    }
+    /// A decoding step's heads side by side give each head's bits alone, for every count of
+    /// heads around the groups of four and eight, at the edges of vectors, with each kind of
+    /// mask, over `f32` and bf16 caches laid out as the decoder keeps them.
+    #[test]
+    fn step_row_matches_each_head_alone_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(22);
+        for &(heads, dk, kb, dv) in &[
+            (1, 8, 1, 8),
+            (3, 32, 5, 16),
+            (4, 16, 16, 30),
+            (5, 64, 17, 64),
+            (8, 32, 32, 32),
+            (8, 16, 33, 1),
+            (9, 32, 12, 32),
+            (12, 64, 64, 64),
+            (13, 8, 3, 40),
+        ] {
+            // Cached as the decoder keeps them: capacity 70 positions, heads one after another.
+            let kt = random(&mut rng, (heads * dk, 70));
+            let v = random(&mut rng, (heads * 70, dv + 3));
+            let q: Vec<f32> = (0..heads * dk).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let masks = [
+                RowMask::all(kb),
+                RowMask {
+                    limit: kb.saturating_sub(1).max(1),
+                    keys: None,
+                    pairs: None,
+                },
+                RowMask {
+                    limit: kb,
+                    keys: Some(&KEYS[..kb]),
+                    pairs: None,
+                },
+            ];
+            fn row<'a, S>(
+                q: &'a [f32],
+                heads: usize,
+                kt: *const S,
+                v: *const S,
+                dv: usize,
+                kb: usize,
+                mask: RowMask<'a>,
+            ) -> StepRow<'a, f32, S> {
+                let dk = q.len() / heads;
+                StepRow {
+                    q,
+                    scale: 1.0 / (dk as f32).sqrt(),
+                    heads,
+                    kt,
+                    kt_hs: (dk * 70) as isize,
+                    kt_rs: 70,
+                    v,
+                    v_hs: (70 * (dv + 3)) as isize,
+                    v_rs: (dv + 3) as isize,
+                    kb,
+                    mask,
+                }
+            }
+            use crate::kernels::gemm::bf16::to_bf16;
+            let (kt16, v16) = (kt.mapv(to_bf16), v.mapv(to_bf16));
+            for mask in masks {
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let mut scores = vec![0.0f32; 70];
+                let f32_row = row(&q, heads, kt.as_ptr(), v.as_ptr(), dv, kb, mask);
+                let bf16_row = row(&q, heads, kt16.as_ptr(), v16.as_ptr(), dv, kb, mask);
+                let (mut got, mut got16) = (vec![f32::NAN; heads * dv], vec![f32::NAN; heads * dv]);
+                let (mut want, mut want16) = (got.clone(), got.clone());
+                // SAFETY: every head's keys hold dk rows of 70 ≥ kb and its values 70 ≥ kb
+                // rows of dv + 3 ≥ dv; out holds heads · dv floats.
+                unsafe {
+                    step_row(&f32_row, &mut scores, &mut got);
+                    step_row(&bf16_row, &mut scores, &mut got16);
+                    for hi in 0..heads {
+                        step_head_slices(&f32_row.head(hi), &mut scores, &mut want[hi * dv..][..dv]);
+                        step_head_slices(&bf16_row.head(hi), &mut scores, &mut want16[hi * dv..][..dv]);
+                    }
+                }
+                let what = format!(
+                    "heads={heads} dk={dk} kb={kb} dv={dv} limit={} keys={}",
+                    mask.limit,
+                    mask.keys.is_some()
+                );
+                assert_eq!(bits(&got), bits(&want), "f32 cache, {what}");
+                assert_eq!(bits(&got16), bits(&want16), "bf16 cache, {what}");
+                assert!(got.iter().all(|x| x.is_finite()), "{what}");
             }
         }
     }

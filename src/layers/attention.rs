@@ -59,7 +59,7 @@ use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::simd::widest;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{Cached, RowSoftmax, SmallHead, StepHead, step_head};
+use crate::kernels::small_head::{Cached, RowSoftmax, SmallHead, StepRow, step_row};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -390,8 +390,8 @@ pub fn attention_forward<F: Float>(
 /// `[B, H, d_k, Tk]` and values `v` `[B, H, Tk, d_v]` (positions, resp. features, contiguous),
 /// `out` `[B, H·d_v]` rows. Per (sequence, head): the scores as `d_k` scaled sums of
 /// contiguous runs over the positions, the softmax, and the weighted sum of value rows, on
-/// slices: the general path's per-head GEMM calls and views cost more than their arithmetic
-/// at one query. The cache holds `S`: `F`, or bf16 bits (`u16`) that are widened to `f32` as
+/// slices (the general path's per-head GEMM calls and views cost more than their arithmetic
+/// at one query), a sequence's heads side by side ([`step_row`]). The cache holds `S`: `F`, or bf16 bits (`u16`) that are widened to `f32` as
 /// they are read.
 ///
 /// # Panics
@@ -434,22 +434,23 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
         let mut scores = vec![F::ZERO; tk];
         for (r, row) in rows.chunks_exact_mut(h * dv).enumerate() {
             let bi = at / (h * dv) + r;
-            let kb = mask.key_limit(bi).min(tk);
-            for (hi, o) in row.chunks_exact_mut(dv).enumerate() {
-                let head = StepHead {
-                    q: &q[bi * h * dk + hi * dk..][..dk],
-                    scale,
-                    kt: (kp as *const S).wrapping_offset(bi as isize * ks[0] + hi as isize * ks[1]),
-                    kt_rs: ks[2],
-                    v: (vp as *const S).wrapping_offset(bi as isize * vs[0] + hi as isize * vs[1]),
-                    v_rs: vs[2],
-                    kb,
-                    mask: mask.row(bi, 0),
-                };
-                // SAFETY: (bi, hi, d < d_k, ..kb) is inside kt and (bi, hi, j < kb, ..d_v)
-                // inside v, whose last axes have unit stride (asserted above).
-                unsafe { step_head(&head, &mut scores, o) };
-            }
+            let step = StepRow {
+                q: &q[bi * h * dk..][..h * dk],
+                scale,
+                heads: h,
+                kt: (kp as *const S).wrapping_offset(bi as isize * ks[0]),
+                kt_hs: ks[1],
+                kt_rs: ks[2],
+                v: (vp as *const S).wrapping_offset(bi as isize * vs[0]),
+                v_hs: vs[1],
+                v_rs: vs[2],
+                kb: mask.key_limit(bi).min(tk),
+                mask: mask.row(bi, 0),
+            };
+            // SAFETY: for every head hi, (bi, hi, d < d_k, ..kb) is inside kt and
+            // (bi, hi, j < kb, ..d_v) inside v, whose last axes have unit stride (asserted
+            // above); the row holds h · d_v floats.
+            unsafe { step_row(&step, &mut scores, row) };
         }
     });
 }

@@ -485,10 +485,24 @@ unsafe fn products<L: Fn(usize) -> usize>(
     );
     let at = at.as_ptr();
     // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
-    // four (or beside the softmax's vectors), then the rows left one at a time.
+    // four (or beside the softmax's vectors), then the rows left one at a time. Rows of one
+    // vector with their softmax go 16 at a time, then 4: a row's softmax is a chain of
+    // dependent steps (its maximum across the lanes, the exponentials, their sum across the
+    // lanes, one division), and 16 rows side by side fill the waits that 4 left (tiny eval
+    // forward, AMD EPYC Zen 5, one thread: the softmax 9.9% → 5.6% of the samples).
     macro_rules! run {
-        ($r:literal, $c:literal, $soft:literal) => {{
+        (16, 1, true) => {{
             let mut i = 0;
+            while i + 16 <= rows {
+                // SAFETY: the caller's contract, for rows i..i+16 and one vector of columns.
+                unsafe { product::<16, 1, true, L>(at, ars, b, i, terms, width, alpha, limit, out) };
+                i += 16;
+            }
+            run!(i, 4, 1, true)
+        }};
+        ($r:literal, $c:literal, $soft:literal) => {{ run!(0, $r, $c, $soft) }};
+        ($from:expr, $r:literal, $c:literal, $soft:literal) => {{
+            let mut i = $from;
             while i + $r <= rows {
                 // SAFETY: the caller's contract, for rows i..i+R and C vectors of columns.
                 unsafe { product::<$r, $c, $soft, L>(at, ars, b, i, terms, width, alpha, limit, out) };
@@ -505,7 +519,7 @@ unsafe fn products<L: Fn(usize) -> usize>(
         (2, false) => run!(8, 2, false),
         (3, false) => run!(4, 3, false),
         (_, false) => run!(4, 4, false),
-        (1, true) => run!(4, 1, true),
+        (1, true) => run!(16, 1, true),
         (2, true) => run!(4, 2, true),
         (3, true) => run!(4, 3, true),
         (_, true) => run!(4, 4, true),

@@ -700,10 +700,20 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                 r_done = r;
             }
         }
-        for p in 0..kc {
-            let r_from = if p < p_done { r_done } else { 0 };
-            for r in r_from..mr {
-                dst[p * mr + r] = if r < rows { unsafe { *at(r, p) } } else { 0.0 };
+        // The edges one by one: the rows past the transposes' over their steps of k, then
+        // every row of the steps past them (a loop over every step of k for rows that are
+        // all done had been 0.4% of a small training step's samples).
+        let edge = |p: usize, r: usize| if r < rows { unsafe { *at(r, p) } } else { 0.0 };
+        if r_done < mr {
+            for p in 0..p_done {
+                for r in r_done..mr {
+                    dst[p * mr + r] = edge(p, r);
+                }
+            }
+        }
+        for p in p_done..kc {
+            for r in 0..mr {
+                dst[p * mr + r] = edge(p, r);
             }
         }
     }

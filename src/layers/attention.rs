@@ -293,7 +293,8 @@ fn head_view<'a, F>(
 }
 
 /// `out ← softmax(QKᵀ/√d_k + mask)·V` per (batch, head), with dropout `p` on the weights when
-/// `rng` is given. Returns the weights and dropout mask for [`attention_backward`].
+/// `rng` is given. Returns the weights and dropout mask for [`attention_backward`]. Every
+/// element of `out` is written (its old values are never read).
 ///
 /// # Shapes
 /// `q` `[B, H, Tq, d_k]`, `k` `[B, H, Tk, d_k]`, `v` `[B, H, Tk, d_v]`, `out`
@@ -325,63 +326,72 @@ pub fn attention_forward<F: Float>(
         (b, tq, tk),
         "attention: mask resolved for another shape"
     );
-    let mut probs = crate::kernels::workspace::zeros((b, h, tq, tk));
     let drop = match rng {
         Some(rng) if p_drop > 0.0 => Some(dropout_mask::<F, _, _>(p_drop, (b, h, tq, tk), rng)),
         _ => None,
     };
     if b * h * tq * dv == 0 || tk == 0 {
         out.fill(F::ZERO);
+        let probs = crate::kernels::workspace::zeros((b, h, tq, tk));
         return AttentionCoreCache { probs, drop, mask };
     }
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
     let outs = PairViews::new(out);
-    let all_probs = PairViews::new(probs.view_mut());
-    let one = |pair: usize| {
-        let (bi, hi) = (pair / h, pair % h);
-        // SAFETY: each pair is taken by one part only.
-        let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
-        let kb = mask.key_limit(bi);
-        let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
-        let cleaned = clean_padding(k, v, mask.keys_kept(bi));
-        let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
-        #[cfg(target_arch = "x86_64")]
-        if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v) {
-            let dropped = drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
-            let first = mask.row(bi, 0);
-            let softmax = if first.keys.is_none() && first.pairs.is_none() {
-                RowSoftmax::Limit(|i| mask.row(bi, i).limit)
-            } else {
-                RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
-            };
-            // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
-            unsafe { head.forward(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
-            return;
-        }
-        // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
-        gemm(
-            scale,
-            head_view(&q, bi, hi, tq, dk),
-            k.t(),
-            F::ZERO,
-            probs.slice_mut(s![.., ..kb]),
-        );
-        widest!(for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
-            softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
-        });
-        match &drop {
-            Some(m) => {
-                let dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
-                gemm(F::ONE, dropped.view(), v, F::ZERO, out.view_mut());
+    // Every row of every head's weights is written whole below (the scores' columns by a
+    // product, then the softmax over the whole row, or zeros past the keys), so they are
+    // not zeroed first (two passes over [B, H, Tq, Tk] per call had been most of a `memset`
+    // that took 1.7% of the attention core alone at the base shape).
+    let fill_probs = |mut probs: ndarray::ArrayViewMut4<'_, F>| {
+        let all_probs = PairViews::new(probs.view_mut());
+        let one = |pair: usize| {
+            let (bi, hi) = (pair / h, pair % h);
+            // SAFETY: each pair is taken by one part only.
+            let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
+            let kb = mask.key_limit(bi);
+            let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
+            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v) {
+                let dropped = drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
+                let first = mask.row(bi, 0);
+                let softmax = if first.keys.is_none() && first.pairs.is_none() {
+                    RowSoftmax::Limit(|i| mask.row(bi, i).limit)
+                } else {
+                    RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
+                };
+                // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
+                unsafe { head.forward(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
+                return;
             }
-            None => gemm(F::ONE, probs.slice(s![.., ..kb]), v, F::ZERO, out.view_mut()),
+            // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
+            gemm(
+                scale,
+                head_view(&q, bi, hi, tq, dk),
+                k.t(),
+                F::ZERO,
+                probs.slice_mut(s![.., ..kb]),
+            );
+            widest!(for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
+                softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+            });
+            match &drop {
+                Some(m) => {
+                    let dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
+                    gemm(F::ONE, dropped.view(), v, F::ZERO, out.view_mut());
+                }
+                None => gemm(F::ONE, probs.slice(s![.., ..kb]), v, F::ZERO, out.view_mut()),
+            }
+        };
+        if parallel_worth(b * h * tq * tk * (dk + dv)) {
+            for_each_index(b * h, one);
+        } else {
+            (0..b * h).for_each(one);
         }
     };
-    if parallel_worth(b * h * tq * tk * (dk + dv)) {
-        for_each_index(b * h, one);
-    } else {
-        (0..b * h).for_each(one);
-    }
+    // SAFETY: `fill_probs` writes every element of every head's [Tq, Tk] weights before
+    // reading it (above).
+    let probs = unsafe { crate::kernels::workspace::filled((b, h, tq, tk), fill_probs) };
     AttentionCoreCache { probs, drop, mask }
 }
 

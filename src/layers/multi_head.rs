@@ -651,17 +651,23 @@ impl<F: Float> MultiHead<F> {
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         let k = affine(src_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(src_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
-        let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
         let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
-        let core = attention_forward(
-            self.heads(q.view(), b, tq),
-            self.heads(k.view(), b, tk),
-            self.heads(v.view(), b, tk),
-            mask,
-            p_drop,
-            rng,
-            self.heads_mut(ctx.view_mut(), b, tq),
-        );
+        let mut core = None;
+        // SAFETY: `attention_forward` writes every element of its output.
+        let ctx = unsafe {
+            crate::kernels::workspace::filled((b * tq, d), |ctx| {
+                core = Some(attention_forward(
+                    self.heads(q.view(), b, tq),
+                    self.heads(k.view(), b, tk),
+                    self.heads(v.view(), b, tk),
+                    mask,
+                    p_drop,
+                    rng,
+                    self.heads_mut(ctx, b, tq),
+                ))
+            })
+        };
+        let core = core.expect("attention_forward ran");
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
         let cache = MultiHeadCache {
@@ -1013,16 +1019,22 @@ impl<F: Float> MultiHead<F> {
                 (q, k, v)
             }
         };
-        let mut ctx = crate::kernels::workspace::zeros((b * tq, d));
-        let core = attention_forward(
-            q,
-            k,
-            v,
-            mask,
-            0.0,
-            None::<&mut rand::rngs::SmallRng>,
-            self.heads_mut(ctx.view_mut(), b, tq),
-        );
+        let mut core = None;
+        // SAFETY: `attention_forward` writes every element of its output.
+        let ctx = unsafe {
+            crate::kernels::workspace::filled((b * tq, d), |ctx| {
+                core = Some(attention_forward(
+                    q,
+                    k,
+                    v,
+                    mask,
+                    0.0,
+                    None::<&mut rand::rngs::SmallRng>,
+                    self.heads_mut(ctx, b, tq),
+                ))
+            })
+        };
+        let core = core.expect("attention_forward ran");
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
         core.give_back();

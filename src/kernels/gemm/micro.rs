@@ -600,6 +600,15 @@ pub(crate) unsafe fn kernel_scalar(mr: usize, nr: usize, kc: usize, a: *const f3
     unsafe { store_scalar(&acc, nr, t) };
 }
 
+/// How many lines ahead [`copy_lines_padded`] asks for its source. Its lines are rows of
+/// activations or weights a training step's backward reads from L3 or memory (the input of
+/// a weight gradient, saved by the forward pass long before), a stride of 1–4 KiB apart,
+/// which the hardware's stream prefetcher follows poorly. AMD EPYC Zen 5, small training step,
+/// one thread: the packing's copies 6.3% → 5.0% of the samples (8, 16 and 32 lines ahead
+/// alike), the step 138.6 / 139.1 / 141.3 → 137.0 / 133.9 / 137.4 ms alternating the builds;
+/// base 768.6 / 755.2 → 752.1 / 734.2 ms; small on two threads no different.
+const COPY_AHEAD: usize = 16;
+
 /// Copies `lines` lines of `width` floats (line i at `src + i·ss`) into consecutive lines of
 /// `pad` floats at `dst`, the floats past `width` set to zero: the packing of contiguous
 /// runs (rows of B, columns of A) into panels, two masked 16-lane moves per line.
@@ -624,6 +633,9 @@ pub(crate) unsafe fn copy_lines_padded(
         // destination (caller); masked-off lanes are neither read nor written.
         unsafe {
             let from = src.offset(i as isize * ss);
+            let ahead = from.wrapping_offset(COPY_AHEAD as isize * ss) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * width - 1));
             let to = dst.add(i * pad);
             _mm512_mask_storeu_ps(to, p0, _mm512_maskz_loadu_ps(w0, from));
             if p1 != 0 {

@@ -362,6 +362,13 @@ unsafe fn pack_pair_row(b: Mat, p0: usize, kc: usize, j0: usize, cols: usize, q:
         unsafe {
             let r0 = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
             let r1 = b.ptr.offset((p0 + p1) as isize * b.rs + j0 as isize);
+            // The same columns of the rows the next run of pair rows packs.
+            let ahead = (2 * PAIR_ROWS) as isize * b.rs;
+            for r in [r0, r1] {
+                let at = r.wrapping_offset(ahead) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(at);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
+            }
             for h in [0, 16] {
                 let v = vec::pairs(_mm512_loadu_ps(r0.add(h)), _mm512_loadu_ps(r1.add(h)));
                 _mm512_storeu_si512(pair.as_mut_ptr().add(2 * h) as *mut __m512i, v);
@@ -445,6 +452,14 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                         continue;
                     }
                     let src = row.get(c * DEPTH..).unwrap_or(&[]);
+                    #[cfg(target_arch = "x86_64")]
+                    if r + 1 < rows {
+                        // The same columns of the next row, read after this one's.
+                        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                        let next = at(r0 + r + 1, c * DEPTH) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(next);
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64));
+                    }
                     if src.len() >= DEPTH {
                         // SAFETY: 32 floats of the row, 32 u16 of the panel; the vector paths
                         // run on CPUs with AVX-512F, BW and BF16.

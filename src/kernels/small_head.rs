@@ -431,6 +431,17 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
         "transpose: {} floats for {rows} × {cols}",
         dst.len()
     );
+    // Every row asked for at once (see `products`).
+    for j in 0..rows {
+        for d in (0..cols).step_by(W) {
+            // SAFETY: a prefetch does not fault; (j, d) is inside src (the caller).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    src.addr(j, d) as *const i8
+                )
+            };
+        }
+    }
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     for j in (0..r8).step_by(8) {
         for d in (0..c8).step_by(8) {
@@ -484,6 +495,19 @@ unsafe fn products<L: Fn(usize) -> usize>(
         at.len()
     );
     let at = at.as_ptr();
+    // Every row of B is asked for at once: in a backward pass they are a head's keys,
+    // queries or values saved by the forward pass, now in L3 or memory a few KiB apart, and
+    // the first rows' products would otherwise wait for them one line at a time.
+    for t in 0..terms {
+        for c in (0..width).step_by(W) {
+            // SAFETY: a prefetch does not fault; row t's columns are inside B (the caller).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    b.addr(t, c) as *const i8
+                )
+            };
+        }
+    }
     // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
     // four (or beside the softmax's vectors), then the rows left one at a time. Rows of one
     // vector with their softmax go 16 at a time, then 4: a row's softmax is a chain of

@@ -278,6 +278,10 @@ impl SmallHead {
             grad_v.shape()
         );
         let g = Strided::of(&grad_out);
+        ask_rows(Strided::of(&probs), tq, kb);
+        if let Some(m) = &dropped {
+            ask_rows(Strided::of(m), tq, kb);
+        }
         SCRATCH.with_borrow_mut(|scratch| {
             let all = take(scratch, 2 * tq * kb + dv * tq + dv * kb + kb * tq);
             let (pd, rest) = all.split_at_mut(tq * kb);
@@ -420,6 +424,18 @@ unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, 
     }
 }
 
+/// Asks for the lines of `rows` rows of `cols` floats of `x` (contiguous rows), all at once:
+/// a head's rows lie a few KiB apart, and a backward pass finds them in L3 or memory.
+fn ask_rows(x: Strided, rows: usize, cols: usize) {
+    for j in 0..rows {
+        for d in (0..cols).step_by(W) {
+            let at = x.ptr.wrapping_offset(j as isize * x.rs + d as isize * x.cs);
+            // SAFETY: a prefetch does not fault, and the address is only computed (wrapping).
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at as *const i8) };
+        }
+    }
+}
+
 /// `dst` `[cols][rows]` (dense) ← the transpose of `src` `[rows, cols]` (contiguous rows):
 /// whole 8 × 8 blocks by vector transposes, the edges one by one.
 ///
@@ -432,16 +448,7 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
         dst.len()
     );
     // Every row asked for at once (see `products`).
-    for j in 0..rows {
-        for d in (0..cols).step_by(W) {
-            // SAFETY: a prefetch does not fault; (j, d) is inside src (the caller).
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    src.addr(j, d) as *const i8
-                )
-            };
-        }
-    }
+    ask_rows(src, rows, cols);
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     for j in (0..r8).step_by(8) {
         for d in (0..c8).step_by(8) {
@@ -498,16 +505,7 @@ unsafe fn products<L: Fn(usize) -> usize>(
     // Every row of B is asked for at once: in a backward pass they are a head's keys,
     // queries or values saved by the forward pass, now in L3 or memory a few KiB apart, and
     // the first rows' products would otherwise wait for them one line at a time.
-    for t in 0..terms {
-        for c in (0..width).step_by(W) {
-            // SAFETY: a prefetch does not fault; row t's columns are inside B (the caller).
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    b.addr(t, c) as *const i8
-                )
-            };
-        }
-    }
+    ask_rows(b, terms, width);
     // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
     // four (or beside the softmax's vectors), then the rows left one at a time. Rows of one
     // vector with their softmax go 16 at a time, then 4: a row's softmax is a chain of

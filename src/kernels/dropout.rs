@@ -92,6 +92,16 @@ impl DropKey {
         let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
         let len = x.len();
         for_each_chunk_mut(x, 64, 4 * len, |at, chunk| {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(chunk) = F::as_f32_mut(chunk)
+                && std::arch::is_x86_feature_detected!("avx512f")
+            {
+                let (s, n) = (scale.to_f64() as f32, chunk.len());
+                let p = chunk.as_mut_ptr();
+                // SAFETY: the CPU has AVX-512F (checked); the chunk's n floats, in place.
+                unsafe { drop_avx512(key, threshold, s, (offset + at) as u32, p, p, n) };
+                return;
+            }
             // A product with the factor, 0 included, as a stored mask would give (NaN · 0 is
             // NaN, as in PyTorch).
             widest!(for (j, v) in chunk.iter_mut().enumerate() {
@@ -113,6 +123,24 @@ impl DropKey {
             "DropKey::apply_to: runs of different lengths"
         );
         let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(src), Some(dst)) = (F::as_f32(src), F::as_f32_mut(dst))
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: the CPU has AVX-512F (checked); the runs have the same length.
+            unsafe {
+                drop_avx512(
+                    key,
+                    threshold,
+                    scale.to_f64() as f32,
+                    offset as u32,
+                    src.as_ptr(),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
+            return;
+        }
         widest!(for (j, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
             let keep = draw(key, (offset + j) as u32) >= threshold;
             *d = s * if keep { scale } else { F::ZERO };
@@ -158,6 +186,61 @@ pub(crate) fn fill_mask<F: Float>(p: f32, key: u64, out: &mut [F]) {
 #[inline(always)]
 pub(crate) fn draw(key: u64, i: u32) -> u32 {
     mix(mix(i ^ key as u32) ^ (key >> 32) as u32)
+}
+
+/// [`DropKey::apply_to`] and [`DropKey::apply`] for `f32` in 16 lanes: the draws of 16 consecutive indices at once
+/// ([`draw`] lane by lane: the counter wraps at 2³² as `as u32` does), each element times
+/// its factor (0 for a dropped one, so NaN stays NaN, as in the scalar loop). The loop the
+/// compiler made of the scalar form ran in 8 lanes with 64-bit counters: 1.4% of a small
+/// training step (AMD EPYC Zen 5), for a pass a mask fill does about seven times faster.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `src` and `dst` address `len` floats each (the same ones, for
+/// [`DropKey::apply`] in place, or runs that do not overlap).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn drop_avx512(
+    key: u64,
+    threshold: u32,
+    scale: f32,
+    offset: u32,
+    src: *const f32,
+    dst: *mut f32,
+    len: usize,
+) {
+    use std::arch::x86_64::*;
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn mix16(x: __m512i) -> __m512i {
+        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
+        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68bu32 as i32));
+        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    }
+    let (lo, hi) = (
+        _mm512_set1_epi32(key as u32 as i32),
+        _mm512_set1_epi32((key >> 32) as u32 as i32),
+    );
+    let thr = _mm512_set1_epi32(threshold as i32);
+    let (zero, factor) = (_mm512_setzero_ps(), _mm512_set1_ps(scale));
+    let step = _mm512_set1_epi32(16);
+    let mut idx = _mm512_add_epi32(
+        _mm512_set1_epi32(offset as i32),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    );
+    for at in (0..len).step_by(16) {
+        let draw = mix16(_mm512_xor_si512(mix16(_mm512_xor_si512(idx, lo)), hi));
+        let keep = _mm512_cmpge_epu32_mask(draw, thr);
+        let f = _mm512_mask_mov_ps(zero, keep, factor);
+        let lanes = super::simd::first_lanes(len - at);
+        // SAFETY: elements at.. of both runs, as many as are left (at most 16).
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(lanes, src.add(at));
+            _mm512_mask_storeu_ps(dst.add(at), lanes, _mm512_mul_ps(x, f));
+        }
+        idx = _mm512_add_epi32(idx, step);
+    }
 }
 
 /// `lowbias32`: a 32-bit integer hash with good avalanche.
@@ -249,6 +332,42 @@ mod tests {
             let mut got = vec![f32::NAN; want.len()];
             pool.install(|| fill_mask(0.25, key, &mut got));
             assert_eq!(got, want, "threads={threads}");
+        }
+    }
+
+    /// `apply` and `apply_to` (16 lanes on AVX-512, the compiler's loop elsewhere) against
+    /// the scalar factor of each element: runs that end inside a vector, offsets whose
+    /// counters wrap at 2³², and NaN that a dropped element keeps (NaN · 0).
+    #[test]
+    fn apply_and_apply_to_match_the_scalar_factor_of_each_element() {
+        let key = DropKey::draw(0.3, &mut StdRng::seed_from_u64(5));
+        for (offset, len) in [(0usize, 1usize), (3, 37), (1000, 4096 + 5), ((1 << 32) - 20, 77)] {
+            let src: Vec<f32> = (0..len)
+                .map(|i| {
+                    if i % 13 == 5 {
+                        f32::NAN
+                    } else {
+                        i as f32 * 0.25 - 3.0
+                    }
+                })
+                .collect();
+            let want: Vec<f32> = src
+                .iter()
+                .enumerate()
+                .map(|(j, &x)| x * key.factor::<f32>(offset + j))
+                .collect();
+            let same = |got: &[f32]| got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+            let mut dst = vec![f32::NAN; len];
+            key.apply_to(offset, &src, &mut dst);
+            assert!(same(&dst), "apply_to at {offset}, {len} elements");
+            let mut x = src.clone();
+            key.apply(offset, &mut x);
+            assert!(same(&x), "apply at {offset}, {len} elements");
+            let dropped = (0..len).filter(|&j| key.factor::<f32>(offset + j) == 0.0).count();
+            assert!(
+                len < 100 || dropped > len / 5,
+                "about 30% dropped, got {dropped} of {len}"
+            );
         }
     }
 

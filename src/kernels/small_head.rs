@@ -185,11 +185,18 @@ impl SmallHead {
         SCRATCH.with_borrow_mut(|scratch| {
             let (qt, kt) = take(scratch, dk * tq + dk * kb).split_at_mut(dk * tq);
             // SAFETY: Q and K have contiguous rows (checked by `new`); AVX-512F is there.
-            unsafe { transpose(self.q, tq, dk, qt) };
             unsafe { transpose(self.k, kb, dk, kt) };
-            // SAFETY: AVX-512F; S = Q·Kᵀ from Qᵀ [dk][tq] and Kᵀ [dk][kb], into probs
-            // [tq, ≥ kb] (asserted).
-            unsafe { products(qt, tq, Strided::dense(kt, kb), dk, kb, scale, limit, p, tq) };
+            // Q's rows are read where they are, except for rows of keys that fit one vector,
+            // whose products go sixteen rows at a time from Qᵀ.
+            let q = if kb <= W {
+                unsafe { transpose(self.q, tq, dk, qt) };
+                Left::Transposed(qt, tq)
+            } else {
+                Left::Rows(self.q)
+            };
+            // SAFETY: AVX-512F; S = Q·Kᵀ from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
+            // (asserted).
+            unsafe { products(q, Strided::dense(kt, kb), dk, kb, scale, limit, p, tq) };
         });
         match softmax {
             // Keys past the head's own are blocked (a row of probs can be longer than kb);
@@ -208,8 +215,8 @@ impl SmallHead {
         }
         let o = Strided::of_mut(out);
         SCRATCH.with_borrow_mut(|scratch| {
-            // (P ⊙ M)ᵀ [kb][tq], from P ⊙ M [tq][kb] made row by row when there is a mask.
-            let (pt, pm) = take(scratch, 2 * kb * tq).split_at_mut(kb * tq);
+            // P ⊙ M [tq][kb], made row by row when there is a mask.
+            let pm = take(scratch, kb * tq);
             let src = match &dropped {
                 Some(m) => {
                     // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows, M [tq, kb]
@@ -219,11 +226,10 @@ impl SmallHead {
                 }
                 None => p,
             };
-            // SAFETY: src is [tq, ≥ kb] with contiguous rows.
-            unsafe { transpose(src, tq, kb, pt) };
-            // SAFETY: AVX-512F; O = (P ⊙ M)·V from (P ⊙ M)ᵀ [kb][tq] and V [kb, dv] with
-            // contiguous rows (checked by `new`), into out [tq, dv] (asserted).
-            unsafe { products(pt, tq, self.v, kb, dv, 1.0, NO_LIMIT, o, tq) };
+            // SAFETY: AVX-512F; O = (P ⊙ M)·V from the rows of P ⊙ M [tq, ≥ kb] (contiguous)
+            // and V [kb, dv] with contiguous rows (checked by `new`), into out [tq, dv]
+            // (asserted).
+            unsafe { products(Left::Rows(src), self.v, kb, dv, 1.0, NO_LIMIT, o, tq) };
         });
     }
 
@@ -283,11 +289,10 @@ impl SmallHead {
             ask_rows(Strided::of(m), tq, kb);
         }
         SCRATCH.with_borrow_mut(|scratch| {
-            let all = take(scratch, 2 * tq * kb + dv * tq + dv * kb + kb * tq);
+            let all = take(scratch, 2 * tq * kb + dv * kb + kb * tq);
             let (pd, rest) = all.split_at_mut(tq * kb);
             let (gs, rest) = rest.split_at_mut(tq * kb);
-            let (gt, rest) = rest.split_at_mut(dv * tq);
-            let (vt, gst) = rest.split_at_mut(dv * kb);
+            let (vt, gp) = rest.split_at_mut(dv * kb);
             // SAFETY (the products and transposes below): AVX-512F (checked by `new`); each
             // operand's shape is the head's (checked by `new` and asserted), the right
             // operands' rows contiguous.
@@ -311,15 +316,24 @@ impl SmallHead {
             } else {
                 probs.strides()[0] as usize
             };
-            unsafe { products(pd, pd_rs, g, tq, dv, 1.0, NO_LIMIT, Strided::of_mut(grad_v), kb) };
-            // ∂L/∂P = (G·Vᵀ) ⊙ M, from Gᵀ [dv][tq] and Vᵀ [dv][kb], into gs for now.
-            unsafe { transpose(g, tq, dv, gt) };
-            unsafe { transpose(self.v, kb, dv, vt) };
-            let gp = &mut gst[..tq * kb];
             unsafe {
                 products(
-                    gt,
+                    Left::Transposed(pd, pd_rs),
+                    g,
                     tq,
+                    dv,
+                    1.0,
+                    NO_LIMIT,
+                    Strided::of_mut(grad_v),
+                    kb,
+                )
+            };
+            // ∂L/∂P = (G·Vᵀ) ⊙ M, from the rows of G [tq, dv] and Vᵀ [dv][kb].
+            unsafe { transpose(self.v, kb, dv, vt) };
+            let gp = &mut gp[..tq * kb];
+            unsafe {
+                products(
+                    Left::Rows(g),
                     Strided::dense(vt, kb),
                     dv,
                     kb,
@@ -346,13 +360,11 @@ impl SmallHead {
                 };
                 softmax_backward(i, p, gp, gs);
             }
-            // ∂L/∂Q = scale·∂L/∂S·K from (∂L/∂S)ᵀ [kb][tq]; ∂L/∂K = scale·(∂L/∂S)ᵀ·Q from
-            // ∂L/∂S [tq][kb].
-            unsafe { transpose(Strided::dense(gs, kb), tq, kb, gst) };
+            // ∂L/∂Q = scale·∂L/∂S·K from the rows of ∂L/∂S [tq][kb]; ∂L/∂K =
+            // scale·(∂L/∂S)ᵀ·Q from ∂L/∂S [tq][kb] as the transposed left factor.
             unsafe {
                 products(
-                    gst,
-                    tq,
+                    Left::Rows(Strided::dense(gs, kb)),
                     self.k,
                     kb,
                     dk,
@@ -364,8 +376,7 @@ impl SmallHead {
             };
             unsafe {
                 products(
-                    gs,
-                    kb,
+                    Left::Transposed(gs, kb),
                     self.q,
                     tq,
                     dk,
@@ -472,22 +483,30 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
 /// No softmax in a product.
 const NO_LIMIT: Option<&fn(usize) -> usize> = None;
 
-/// `out[r][c] = alpha·Σ_t at[t][r]·b[t][c]` for rows `r < rows` and columns `c < width`,
-/// from the left factor transposed (`at`, row stride `ars`: the rows of a block of the
-/// result side by side at each term, as the GEMM packs them) and the right factor's rows
-/// where they are, several rows at a time by [`product`]; with `limit`, each row then becomes
-/// its softmax over the columns below `limit(r)`.
+/// The left factor of [`products`]: where its element of term `t` and row `r` lies.
+#[derive(Clone, Copy)]
+enum Left<'a> {
+    /// Transposed (`at[t·ars + r]`): the rows of a block of the result side by side at each
+    /// term, as the GEMM packs them.
+    Transposed(&'a [f32], usize),
+    /// By rows, where they are: row `r`'s term `t` at `r·rs + t·cs`.
+    Rows(Strided),
+}
+
+/// `out[r][c] = alpha·Σ_t a(t, r)·b[t][c]` for rows `r < rows` and columns `c < width`,
+/// from the left factor (transposed, or its rows where they are: [`Left`]) and the right
+/// factor's rows where they are, several rows at a time by [`product`]; with `limit`, each
+/// row then becomes its softmax over the columns below `limit(r)`.
 ///
 /// # Safety
 /// AVX-512F; `b` holds `terms × width` with contiguous rows, `out` `rows × width`; `width`
-/// at most 64.
+/// at most 64; a left factor by rows holds `rows × terms`.
 ///
 /// # Panics
-/// If `at` holds fewer than `terms` rows of `rows` floats at stride `ars`.
+/// If a transposed left factor holds fewer than `terms` rows of `rows` floats at its stride.
 #[allow(clippy::too_many_arguments)]
 unsafe fn products<L: Fn(usize) -> usize>(
-    at: &[f32],
-    ars: usize,
+    a: Left<'_>,
     b: Strided,
     terms: usize,
     width: usize,
@@ -496,16 +515,61 @@ unsafe fn products<L: Fn(usize) -> usize>(
     out: Strided,
     rows: usize,
 ) {
-    assert!(
-        terms > 0 && (terms == 1 || ars >= rows) && at.len() >= (terms - 1) * ars + rows,
-        "products: {} floats for {terms} terms of {rows} rows at stride {ars}",
-        at.len()
-    );
-    let at = at.as_ptr();
+    match a {
+        Left::Transposed(at, ars) => {
+            assert!(
+                terms > 0 && (terms == 1 || ars >= rows) && at.len() >= (terms - 1) * ars + rows,
+                "products: {} floats for {terms} terms of {rows} rows at stride {ars}",
+                at.len()
+            );
+            // SAFETY: forwarded; term t of row r at t·ars + r, inside `at` (asserted).
+            unsafe {
+                products_of::<false, L>(
+                    at.as_ptr(),
+                    ars as isize,
+                    1,
+                    b,
+                    terms,
+                    width,
+                    alpha,
+                    limit,
+                    out,
+                    rows,
+                )
+            }
+        }
+        Left::Rows(x) => {
+            // SAFETY: forwarded; term t of row r at r·rs + t·cs (the caller's rows × terms).
+            unsafe { products_of::<true, L>(x.ptr, x.cs, x.rs, b, terms, width, alpha, limit, out, rows) }
+        }
+    }
+}
+
+/// [`products`] with the left factor's term `t` of row `r` at `a + t·ts + r·rs` (`rs` is 1
+/// unless `ROWS`).
+///
+/// # Safety
+/// As [`products`], for that left factor.
+#[allow(clippy::too_many_arguments)]
+unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
+    a: *const f32,
+    ts: isize,
+    rs: isize,
+    b: Strided,
+    terms: usize,
+    width: usize,
+    alpha: f32,
+    limit: Option<&L>,
+    out: Strided,
+    rows: usize,
+) {
     // Every row of B is asked for at once: in a backward pass they are a head's keys,
     // queries or values saved by the forward pass, now in L3 or memory a few KiB apart, and
     // the first rows' products would otherwise wait for them one line at a time.
     ask_rows(b, terms, width);
+    if ROWS {
+        ask_rows(Strided { ptr: a, rs, cs: ts }, rows, terms);
+    }
     // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
     // four (or beside the softmax's vectors), then the rows left one at a time. Rows of one
     // vector with their softmax go 16 at a time, then 4: a row's softmax is a chain of
@@ -517,7 +581,7 @@ unsafe fn products<L: Fn(usize) -> usize>(
             let mut i = 0;
             while i + 16 <= rows {
                 // SAFETY: the caller's contract, for rows i..i+16 and one vector of columns.
-                unsafe { product::<16, 1, true, L>(at, ars, b, i, terms, width, alpha, limit, out) };
+                unsafe { product::<16, 1, true, ROWS, L>(a, ts, rs, b, i, terms, width, alpha, limit, out) };
                 i += 16;
             }
             run!(i, 4, 1, true)
@@ -527,12 +591,14 @@ unsafe fn products<L: Fn(usize) -> usize>(
             let mut i = $from;
             while i + $r <= rows {
                 // SAFETY: the caller's contract, for rows i..i+R and C vectors of columns.
-                unsafe { product::<$r, $c, $soft, L>(at, ars, b, i, terms, width, alpha, limit, out) };
+                unsafe {
+                    product::<$r, $c, $soft, ROWS, L>(a, ts, rs, b, i, terms, width, alpha, limit, out)
+                };
                 i += $r;
             }
             for r in i..rows {
                 // SAFETY: as above, for row r.
-                unsafe { product::<1, $c, $soft, L>(at, ars, b, r, terms, width, alpha, limit, out) };
+                unsafe { product::<1, $c, $soft, ROWS, L>(a, ts, rs, b, r, terms, width, alpha, limit, out) };
             }
         }};
     }
@@ -541,7 +607,9 @@ unsafe fn products<L: Fn(usize) -> usize>(
         (2, false) => run!(8, 2, false),
         (3, false) => run!(4, 3, false),
         (_, false) => run!(4, 4, false),
-        (1, true) => run!(16, 1, true),
+        // Sixteen rows where they lie would take sixteen address registers.
+        (1, true) if !ROWS => run!(16, 1, true),
+        (1, true) => run!(8, 1, true),
         (2, true) => run!(4, 2, true),
         (3, true) => run!(4, 3, true),
         (_, true) => run!(4, 4, true),
@@ -562,9 +630,16 @@ fn lanes(n: usize) -> u16 {
 /// As [`products`], for rows `i..i + R` and `C` vectors covering `width`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn product<const R: usize, const C: usize, const SOFTMAX: bool, L: Fn(usize) -> usize>(
-    at: *const f32,
-    ars: usize,
+unsafe fn product<
+    const R: usize,
+    const C: usize,
+    const SOFTMAX: bool,
+    const ROWS: bool,
+    L: Fn(usize) -> usize,
+>(
+    a: *const f32,
+    ts: isize,
+    rs: isize,
     b: Strided,
     i: usize,
     terms: usize,
@@ -579,8 +654,10 @@ unsafe fn product<const R: usize, const C: usize, const SOFTMAX: bool, L: Fn(usi
     for (c, live) in live.iter_mut().enumerate() {
         *live = lanes(width.saturating_sub(c * W));
     }
-    // SAFETY: the caller's rows i..i+R of each of the terms of `at`.
-    let mut a = unsafe { at.add(i) };
+    // Row r's term t at a + t·ts + r·rs, rs a constant 1 for a transposed factor.
+    let rs = if ROWS { rs } else { 1 };
+    // SAFETY: the caller's rows i..i+R of each of the terms of the left factor.
+    let mut a = unsafe { a.offset(i as isize * rs) };
     for t in 0..terms {
         let mut bv = [_mm512_setzero_ps(); C];
         for (c, bv) in bv.iter_mut().enumerate() {
@@ -589,13 +666,13 @@ unsafe fn product<const R: usize, const C: usize, const SOFTMAX: bool, L: Fn(usi
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: as above.
-            let w = _mm512_set1_ps(unsafe { *a.add(r) });
+            let w = _mm512_set1_ps(unsafe { *a.offset(r as isize * rs) });
             for (acc, &bv) in acc.iter_mut().zip(&bv) {
                 *acc = _mm512_fmadd_ps(w, bv, *acc);
             }
         }
-        // SAFETY: the next term's rows (or one past the last, never read).
-        a = unsafe { a.add(ars) };
+        // The next term's rows (past the last only computed, never read).
+        a = a.wrapping_offset(ts);
     }
     let s = _mm512_set1_ps(alpha);
     for acc in acc.iter_mut().flatten() {
@@ -1282,6 +1359,14 @@ mod tests {
         scale: f32,
     }
 
+    /// `x` inside a wider array, its rows `x.ncols() + 3` apart, as a head's rows lie inside
+    /// `[B, T, H·d]`: a path that took the row stride for the row length would show.
+    fn spaced(x: &Array2<f32>) -> Array2<f32> {
+        let mut wide = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
+        wide.slice_mut(s![.., ..x.ncols()]).assign(x);
+        wide
+    }
+
     fn case(rng: &mut StdRng, (tq, kb, dk, dv): (usize, usize, usize, usize), dropped: bool) -> Case {
         let mut k = random(rng, (kb, dk));
         k[[0, 0]] = 40.0; // a large score
@@ -1341,8 +1426,9 @@ mod tests {
                 // Output columns strided, as a head's columns inside [B, T, H·d_v] are not.
                 let mut wide = Array2::from_elem((tq, 2 * dv), f32::NAN);
                 let mut out = wide.slice_mut(s![.., ..;2]);
-                let head =
-                    SmallHead::new(c.q.view(), c.k.view(), c.v.view()).expect("a head this path takes");
+                let q = spaced(&c.q);
+                let q = q.slice(s![.., ..c.q.ncols()]);
+                let head = SmallHead::new(q, c.k.view(), c.v.view()).expect("a head this path takes");
                 let drop = c.drop.as_ref().map(|m| m.view());
                 let mut p = probs.view_mut();
                 // SAFETY: f32, and the views given to new are alive.
@@ -1414,8 +1500,9 @@ mod tests {
                 let mut want_k = Array2::zeros((kb, dk));
                 gemm(c.scale, gs.t(), c.q.view(), 0.0, want_k.view_mut());
 
-                let head =
-                    SmallHead::new(c.q.view(), c.k.view(), c.v.view()).expect("a head this path takes");
+                let q = spaced(&c.q);
+                let q = q.slice(s![.., ..dk]);
+                let head = SmallHead::new(q, c.k.view(), c.v.view()).expect("a head this path takes");
                 let name = format!("{dims:?}, causal {causal}, flags {flags}, dropout {dropped}");
                 if !head.takes_backward() {
                     assert!(dk > MAX_KEYS || !packed_in_one_block(kb, tq), "{name}");
@@ -1443,7 +1530,7 @@ mod tests {
                         c.scale,
                         probs_view,
                         drop,
-                        g.view(),
+                        spaced(&g).slice(s![.., ..dv]),
                         sb,
                         &mut grads.0.view_mut(),
                         &mut grads.1.view_mut(),

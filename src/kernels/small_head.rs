@@ -178,6 +178,10 @@ impl SmallHead {
             out.shape()
         );
         let p = Strided::of_mut(probs);
+        // The rows read where they lie (K's by its transpose), all asked for at once: they
+        // come from the projections' outputs, in L2 or beyond, a few KiB apart.
+        ask_rows(self.q, tq, dk);
+        ask_rows(self.v, kb, dv);
         let limit = match &softmax {
             RowSoftmax::Limit(l) => Some(l),
             RowSoftmax::Rows(_) => None,
@@ -284,10 +288,15 @@ impl SmallHead {
             grad_v.shape()
         );
         let g = Strided::of(&grad_out);
+        // Every row read where it lies (V's by its transpose), all asked for at once: in a
+        // training step these were saved by the forward pass and are in L3 or memory.
         ask_rows(Strided::of(&probs), tq, kb);
         if let Some(m) = &dropped {
             ask_rows(Strided::of(m), tq, kb);
         }
+        ask_rows(g, tq, dv);
+        ask_rows(self.k, kb, dk);
+        ask_rows(self.q, tq, dk);
         SCRATCH.with_borrow_mut(|scratch| {
             let all = take(scratch, 2 * tq * kb + dv * kb + kb * tq);
             let (pd, rest) = all.split_at_mut(tq * kb);
@@ -563,13 +572,6 @@ unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
     out: Strided,
     rows: usize,
 ) {
-    // Every row of B is asked for at once: in a backward pass they are a head's keys,
-    // queries or values saved by the forward pass, now in L3 or memory a few KiB apart, and
-    // the first rows' products would otherwise wait for them one line at a time.
-    ask_rows(b, terms, width);
-    if ROWS {
-        ask_rows(Strided { ptr: a, rs, cs: ts }, rows, terms);
-    }
     // Up to 16 vectors of sums in registers: 8 rows of up to two vectors, or 4 rows of up to
     // four (or beside the softmax's vectors), then the rows left one at a time. Rows of one
     // vector with their softmax go 16 at a time, then 4: a row's softmax is a chain of

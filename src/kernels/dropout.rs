@@ -209,15 +209,6 @@ unsafe fn drop_avx512(
     len: usize,
 ) {
     use std::arch::x86_64::*;
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn mix16(x: __m512i) -> __m512i {
-        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
-        let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-        let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68bu32 as i32));
-        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
-    }
     let (lo, hi) = (
         _mm512_set1_epi32(key as u32 as i32),
         _mm512_set1_epi32((key >> 32) as u32 as i32),
@@ -241,6 +232,20 @@ unsafe fn drop_avx512(
         }
         idx = _mm512_add_epi32(idx, step);
     }
+}
+
+/// [`mix`] on 16 lanes: the mixer of [`draw`], for the vector paths (dropout by key here,
+/// dropout in the GEMM's stores).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn mix16(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
 }
 
 /// `lowbias32`: a 32-bit integer hash with good avalanche.

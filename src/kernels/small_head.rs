@@ -841,42 +841,58 @@ pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::any::TypeId;
-        let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
-            && h.kb <= MAX_KEYS
-            && out.len() <= MAX_KEYS
-            && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
-            && avx512_bw_vl();
-        // SAFETY (both): F is f32 and S is the type cast to (checked), so the casts are
-        // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys and
-        // values.
-        if vectors && TypeId::of::<S>() == TypeId::of::<f32>() {
-            let (h, scores, out) = unsafe { as_f32::<F, S, f32>(h, scores, out) };
-            return unsafe { step_head_avx512(h, scores, out) };
-        }
-        if vectors && TypeId::of::<S>() == TypeId::of::<u16>() {
-            let (h, scores, out) = unsafe { as_f32::<F, S, u16>(h, scores, out) };
-            return unsafe { step_head_avx512(h, scores, out) };
+        // SAFETY (both): F is f32 and S is the type cast to (`in_registers`), so the casts
+        // are identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys
+        // and values.
+        match in_registers::<F, S>(h.kb, out.len()) {
+            Some(false) => {
+                let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, f32>, F>(h, scores, out) };
+                return unsafe { step_head_avx512(h, scores, out) };
+            }
+            Some(true) => {
+                let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, u16>, F>(h, scores, out) };
+                return unsafe { step_head_avx512(h, scores, out) };
+            }
+            None => {}
         }
     }
     // SAFETY: forwarded from this function's contract.
     unsafe { step_head_slices(h, scores, out) }
 }
 
-/// A head of `F` over `S` as the head of `f32` over `T` it is.
+/// Whether a decoding step of `kb` keys and `dv` value features per head runs in registers
+/// (`f32`, AVX-512F with BW and VL, at most [`MAX_KEYS`] of each), and over which cache:
+/// `Some(false)` for `f32` values, `Some(true)` for bf16 bits (`u16`), `None` for the slices.
+#[cfg(target_arch = "x86_64")]
+fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<bool> {
+    use std::any::TypeId;
+    let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
+        && kb <= MAX_KEYS
+        && dv <= MAX_KEYS
+        && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
+        && avx512_bw_vl();
+    match TypeId::of::<S>() {
+        s if vectors && s == TypeId::of::<f32>() => Some(false),
+        s if vectors && s == TypeId::of::<u16>() => Some(true),
+        _ => None,
+    }
+}
+
+/// A head or row of `F` over `S` (`x`) as the one of `f32` over `T` it is (`Y`), with its
+/// scratch and output.
 ///
 /// # Safety
-/// `F` is `f32` and `S` is `T`.
+/// `F` is `f32`, `S` is `T`, and `Y` is `X` with those types.
 #[cfg(target_arch = "x86_64")]
-unsafe fn as_f32<'a, 'h, F, S, T>(
-    h: &'a StepHead<'h, F, S>,
+unsafe fn as_f32<'a, X, Y, F>(
+    x: &'a X,
     scores: &'a mut [F],
     out: &'a mut [F],
-) -> (&'a StepHead<'h, f32, T>, &'a mut [f32], &'a mut [f32]) {
+) -> (&'a Y, &'a mut [f32], &'a mut [f32]) {
     // SAFETY: the same types (caller).
     unsafe {
         (
-            &*(h as *const StepHead<'h, F, S> as *const StepHead<'h, f32, T>),
+            &*(x as *const X as *const Y),
             &mut *(scores as *mut [F] as *mut [f32]),
             &mut *(out as *mut [F] as *mut [f32]),
         )
@@ -1100,46 +1116,23 @@ pub(crate) unsafe fn step_row<F: Float, S: Cached<F>>(
     let dv = out.len() / r.heads;
     #[cfg(target_arch = "x86_64")]
     {
-        use std::any::TypeId;
-        let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
-            && (1..=MAX_KEYS).contains(&r.kb)
-            && dv <= MAX_KEYS
-            && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
-            && avx512_bw_vl();
-        // SAFETY (both): F is f32 and S the type cast to (checked), so the casts are
+        // SAFETY (both): F is f32 and S the type cast to (`in_registers`), so the casts are
         // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
-        if vectors && TypeId::of::<S>() == TypeId::of::<f32>() {
-            let (r, scores, out) = unsafe { row_as_f32::<F, S, f32>(r, scores, out) };
-            return unsafe { step_row_avx512(r, scores, out) };
-        }
-        if vectors && TypeId::of::<S>() == TypeId::of::<u16>() {
-            let (r, scores, out) = unsafe { row_as_f32::<F, S, u16>(r, scores, out) };
-            return unsafe { step_row_avx512(r, scores, out) };
+        match in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0) {
+            Some(false) => {
+                let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, f32>, F>(r, scores, out) };
+                return unsafe { step_row_avx512(r, scores, out) };
+            }
+            Some(true) => {
+                let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, u16>, F>(r, scores, out) };
+                return unsafe { step_row_avx512(r, scores, out) };
+            }
+            None => {}
         }
     }
     for (hi, o) in out.chunks_exact_mut(dv).enumerate() {
         // SAFETY: forwarded from this function's contract.
         unsafe { step_head(&r.head(hi), scores, o) };
-    }
-}
-
-/// A row of `F` over `S` as the row of `f32` over `T` it is.
-///
-/// # Safety
-/// `F` is `f32` and `S` is `T`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn row_as_f32<'a, 'h, F, S, T>(
-    r: &'a StepRow<'h, F, S>,
-    scores: &'a mut [F],
-    out: &'a mut [F],
-) -> (&'a StepRow<'h, f32, T>, &'a mut [f32], &'a mut [f32]) {
-    // SAFETY: the same types (caller).
-    unsafe {
-        (
-            &*(r as *const StepRow<'h, F, S> as *const StepRow<'h, f32, T>),
-            &mut *(scores as *mut [F] as *mut [f32]),
-            &mut *(out as *mut [F] as *mut [f32]),
-        )
     }
 }
 
@@ -1344,6 +1337,24 @@ mod tests {
         (true, false, true),
         (false, true, true),
     ];
+
+    /// A decoding step's row masks over `kb` cached keys: all of them, all but the last, and
+    /// some flagged.
+    fn step_masks(kb: usize) -> [RowMask<'static>; 3] {
+        [
+            RowMask::all(kb),
+            RowMask {
+                limit: kb.saturating_sub(1).max(1),
+                keys: None,
+                pairs: None,
+            },
+            RowMask {
+                limit: kb,
+                keys: Some(&KEYS[..kb]),
+                pairs: None,
+            },
+        ]
+    }
 
     fn mask(causal: bool, flags: bool, kb: usize) -> impl Fn(usize) -> RowMask<'static> {
         move |i| RowMask {
@@ -1618,19 +1629,7 @@ mod tests {
             let kt = random(&mut rng, (dk, 70));
             let v = random(&mut rng, (70, dv + 3));
             let q: Vec<f32> = (0..dk).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let masks = [
-                RowMask::all(kb),
-                RowMask {
-                    limit: kb.saturating_sub(1).max(1),
-                    keys: None,
-                    pairs: None,
-                },
-                RowMask {
-                    limit: kb,
-                    keys: Some(&KEYS[..kb]),
-                    pairs: None,
-                },
-            ];
+            let masks = step_masks(kb);
             // The head over keys and values (of either kind) laid out as kt and v are.
             fn over<'a, S>(
                 q: &'a [f32],
@@ -1714,19 +1713,7 @@ mod tests {
             let kt = random(&mut rng, (heads * dk, 70));
             let v = random(&mut rng, (heads * 70, dv + 3));
             let q: Vec<f32> = (0..heads * dk).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let masks = [
-                RowMask::all(kb),
-                RowMask {
-                    limit: kb.saturating_sub(1).max(1),
-                    keys: None,
-                    pairs: None,
-                },
-                RowMask {
-                    limit: kb,
-                    keys: Some(&KEYS[..kb]),
-                    pairs: None,
-                },
-            ];
+            let masks = step_masks(kb);
             fn row<'a, S>(
                 q: &'a [f32],
                 heads: usize,

@@ -452,8 +452,9 @@ unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
                 base,
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             );
-            let x = mix16(_mm512_xor_si512(idx, _mm512_set1_epi32(d.key as u32 as i32)));
-            let x = mix16(_mm512_xor_si512(
+            let x =
+                crate::kernels::dropout::mix16(_mm512_xor_si512(idx, _mm512_set1_epi32(d.key as u32 as i32)));
+            let x = crate::kernels::dropout::mix16(_mm512_xor_si512(
                 x,
                 _mm512_set1_epi32((d.key >> 32) as u32 as i32),
             ));
@@ -478,18 +479,6 @@ unsafe fn store512(t: &Tile, r: usize, j0: usize, acc: __m512, mask: u16) {
 fn relu16(v: __m512) -> __m512 {
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
     _mm512_mask_mov_ps(_mm512_max_ps(v, _mm512_setzero_ps()), nan, v)
-}
-
-/// `lowbias32` on 16 lanes: the mixer of `dropout::draw`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn mix16(x: __m512i) -> __m512i {
-    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
-    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
-    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
 }
 
 /// The AVX2 + FMA kernel: `6 × 16`.

@@ -178,9 +178,10 @@ impl SmallHead {
             out.shape()
         );
         let p = Strided::of_mut(probs);
-        // The rows read where they lie (K's by its transpose), all asked for at once: they
-        // come from the projections' outputs, in L2 or beyond, a few KiB apart.
+        // Every row of Q, K and V, all asked for at once: they come from the projections'
+        // outputs, in L2 or beyond, a few KiB apart.
         ask_rows(self.q, tq, dk);
+        ask_rows(self.k, kb, dk);
         ask_rows(self.v, kb, dv);
         let limit = match &softmax {
             RowSoftmax::Limit(l) => Some(l),
@@ -288,8 +289,8 @@ impl SmallHead {
             grad_v.shape()
         );
         let g = Strided::of(&grad_out);
-        // Every row read where it lies (V's by its transpose), all asked for at once: in a
-        // training step these were saved by the forward pass and are in L3 or memory.
+        // Every row read from memory, all asked for at once: in a training step these were
+        // saved by the forward pass and are in L3 or memory.
         ask_rows(Strided::of(&probs), tq, kb);
         if let Some(m) = &dropped {
             ask_rows(Strided::of(m), tq, kb);
@@ -297,6 +298,7 @@ impl SmallHead {
         ask_rows(g, tq, dv);
         ask_rows(self.k, kb, dk);
         ask_rows(self.q, tq, dk);
+        ask_rows(self.v, kb, dv);
         SCRATCH.with_borrow_mut(|scratch| {
             let all = take(scratch, 2 * tq * kb + dv * kb + kb * tq);
             let (pd, rest) = all.split_at_mut(tq * kb);
@@ -467,8 +469,6 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
         "transpose: {} floats for {rows} × {cols}",
         dst.len()
     );
-    // Every row asked for at once (see `products`).
-    ask_rows(src, rows, cols);
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     for j in (0..r8).step_by(8) {
         for d in (0..c8).step_by(8) {
@@ -845,11 +845,11 @@ pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
         // are identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys
         // and values.
         match in_registers::<F, S>(h.kb, out.len()) {
-            Some(false) => {
+            Some(StepCache::F32) => {
                 let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, f32>, F>(h, scores, out) };
                 return unsafe { step_head_avx512(h, scores, out) };
             }
-            Some(true) => {
+            Some(StepCache::Bf16) => {
                 let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, u16>, F>(h, scores, out) };
                 return unsafe { step_head_avx512(h, scores, out) };
             }
@@ -860,11 +860,20 @@ pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
     unsafe { step_head_slices(h, scores, out) }
 }
 
-/// Whether a decoding step of `kb` keys and `dv` value features per head runs in registers
-/// (`f32`, AVX-512F with BW and VL, at most [`MAX_KEYS`] of each), and over which cache:
-/// `Some(false)` for `f32` values, `Some(true)` for bf16 bits (`u16`), `None` for the slices.
+/// What a decoding step's cache holds, where the step runs in registers.
 #[cfg(target_arch = "x86_64")]
-fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<bool> {
+enum StepCache {
+    /// `f32` values.
+    F32,
+    /// bf16 bits (`u16`).
+    Bf16,
+}
+
+/// Whether a decoding step of `kb` keys and `dv` value features per head runs in registers
+/// (`f32`, AVX-512F with BW and VL, at most [`MAX_KEYS`] of each), and over which cache;
+/// `None` for the slices.
+#[cfg(target_arch = "x86_64")]
+fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<StepCache> {
     use std::any::TypeId;
     let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
         && kb <= MAX_KEYS
@@ -872,8 +881,8 @@ fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<bool> {
         && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
         && avx512_bw_vl();
     match TypeId::of::<S>() {
-        s if vectors && s == TypeId::of::<f32>() => Some(false),
-        s if vectors && s == TypeId::of::<u16>() => Some(true),
+        s if vectors && s == TypeId::of::<f32>() => Some(StepCache::F32),
+        s if vectors && s == TypeId::of::<u16>() => Some(StepCache::Bf16),
         _ => None,
     }
 }
@@ -1119,11 +1128,11 @@ pub(crate) unsafe fn step_row<F: Float, S: Cached<F>>(
         // SAFETY (both): F is f32 and S the type cast to (`in_registers`), so the casts are
         // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
         match in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0) {
-            Some(false) => {
+            Some(StepCache::F32) => {
                 let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, f32>, F>(r, scores, out) };
                 return unsafe { step_row_avx512(r, scores, out) };
             }
-            Some(true) => {
+            Some(StepCache::Bf16) => {
                 let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, u16>, F>(r, scores, out) };
                 return unsafe { step_row_avx512(r, scores, out) };
             }

@@ -652,22 +652,14 @@ impl<F: Float> MultiHead<F> {
         let k = affine(src_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(src_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
         let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
-        let mut core = None;
-        // SAFETY: `attention_forward` writes every element of its output.
-        let ctx = unsafe {
-            crate::kernels::workspace::filled((b * tq, d), |ctx| {
-                core = Some(attention_forward(
-                    self.heads(q.view(), b, tq),
-                    self.heads(k.view(), b, tk),
-                    self.heads(v.view(), b, tk),
-                    mask,
-                    p_drop,
-                    rng,
-                    self.heads_mut(ctx, b, tq),
-                ))
-            })
-        };
-        let core = core.expect("attention_forward ran");
+        let (ctx, core) = self.all_heads(
+            self.heads(q.view(), b, tq),
+            self.heads(k.view(), b, tk),
+            self.heads(v.view(), b, tk),
+            mask,
+            p_drop,
+            rng,
+        );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
         let cache = MultiHeadCache {
@@ -1019,22 +1011,7 @@ impl<F: Float> MultiHead<F> {
                 (q, k, v)
             }
         };
-        let mut core = None;
-        // SAFETY: `attention_forward` writes every element of its output.
-        let ctx = unsafe {
-            crate::kernels::workspace::filled((b * tq, d), |ctx| {
-                core = Some(attention_forward(
-                    q,
-                    k,
-                    v,
-                    mask,
-                    0.0,
-                    None::<&mut rand::rngs::SmallRng>,
-                    self.heads_mut(ctx, b, tq),
-                ))
-            })
-        };
-        let core = core.expect("attention_forward ran");
+        let (ctx, core) = self.all_heads(q, k, v, mask, 0.0, None::<&mut rand::rngs::SmallRng>);
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
         core.give_back();
@@ -1156,6 +1133,37 @@ impl<F: Float> MultiHead<F> {
         x.into_shape_with_order((b, t, h, dk))
             .expect("standard layout")
             .permuted_axes([0, 2, 1, 3])
+    }
+
+    /// The attention core over every head (`q` `[B, H, Tq, d_k]`, `k` and `v` `[B, H, Tk,
+    /// d_k]`): the context `[B·Tq, d]`, its heads concatenated, and the core's cache. The
+    /// context is not zeroed first: `attention_forward` writes every element of it.
+    fn all_heads(
+        &self,
+        q: ArrayView4<'_, F>,
+        k: ArrayView4<'_, F>,
+        v: ArrayView4<'_, F>,
+        mask: ResolvedMask,
+        p_drop: f32,
+        rng: Option<&mut impl Rng>,
+    ) -> (Array2<F>, AttentionCoreCache<F>) {
+        let (b, tq) = (q.dim().0, q.dim().2);
+        let mut core = None;
+        // SAFETY: `attention_forward` writes every element of its output.
+        let ctx = unsafe {
+            crate::kernels::workspace::filled((b * tq, self.cfg.d_model), |ctx| {
+                core = Some(attention_forward(
+                    q,
+                    k,
+                    v,
+                    mask,
+                    p_drop,
+                    rng,
+                    self.heads_mut(ctx, b, tq),
+                ))
+            })
+        };
+        (ctx, core.expect("attention_forward ran"))
     }
 
     fn heads_mut<'a>(&self, x: ArrayViewMut2<'a, F>, b: usize, t: usize) -> ArrayViewMut4<'a, F> {

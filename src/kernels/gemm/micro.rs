@@ -624,7 +624,7 @@ pub(crate) unsafe fn copy_lines_padded(
             let from = src.offset(i as isize * ss);
             let ahead = from.wrapping_offset(COPY_AHEAD as isize * ss) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * width - 1));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add((4 * width).saturating_sub(1)));
             let to = dst.add(i * pad);
             _mm512_mask_storeu_ps(to, p0, _mm512_maskz_loadu_ps(w0, from));
             if p1 != 0 {

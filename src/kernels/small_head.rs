@@ -624,6 +624,186 @@ fn lanes(n: usize) -> u16 {
     if n >= W { u16::MAX } else { (1u16 << n) - 1 }
 }
 
+/// `$v ← $e` for every vector `$v` of `$x` (`[[__m512; C]; R]`, `R` and `C` given): one step
+/// of a computation on all of a block's vectors before the next step, so that the block's
+/// independent chains run side by side (a loop with a body this short is unrolled, where the
+/// whole computation's was not).
+macro_rules! each {
+    ($x:ident, $rows:expr, $cols:expr, |$v:ident| $e:expr) => {
+        for r in 0..$rows {
+            for c in 0..$cols {
+                let $v = $x[r][c];
+                $x[r][c] = $e;
+            }
+        }
+    };
+    ($x:ident, $y:ident, $rows:expr, $cols:expr, |$v:ident, $w:ident| $e:expr) => {
+        for r in 0..$rows {
+            for c in 0..$cols {
+                let ($v, $w) = ($x[r][c], $y[r][c]);
+                $x[r][c] = $e;
+            }
+        }
+    };
+}
+
+/// [`exp_f32`] of every vector of `$x` (`[[__m512; C]; R]`, `R` and `C` given), operation for
+/// operation (so the same bits), each operation on all of them before the next: a row's
+/// exponentials alone are a chain of about 30 dependent operations.
+///
+/// [`exp_f32`]: crate::kernels::simd::exp_f32
+macro_rules! exp_all {
+    ($x:ident, $rows:expr, $cols:expr) => {{
+        use crate::kernels::simd::exp_consts::*;
+        use std::arch::x86_64::*;
+        let set = _mm512_set1_ps;
+        let x0 = $x;
+        // max(x, LOW) gives LOW for NaN, as f32::max does.
+        each!($x, $rows, $cols, |v| _mm512_min_ps(
+            _mm512_max_ps(v, set(LOW)),
+            set(CLAMP)
+        ));
+        let xc = $x;
+        let mut t = xc;
+        each!(t, $rows, $cols, |v| _mm512_add_ps(
+            _mm512_mul_ps(v, set(std::f32::consts::LOG2_E)),
+            set(ROUND)
+        ));
+        let mut n = t;
+        each!(n, $rows, $cols, |v| _mm512_sub_ps(v, set(ROUND)));
+        // r = (xc − n·C1) − n·C2, in `$x`.
+        each!($x, n, $rows, $cols, |v, nv| _mm512_sub_ps(
+            v,
+            _mm512_mul_ps(nv, set(C1))
+        ));
+        each!($x, n, $rows, $cols, |v, nv| _mm512_sub_ps(
+            v,
+            _mm512_mul_ps(nv, set(C2))
+        ));
+        let mut p = [[set(POLY[0]); $cols]; $rows];
+        for &k in &POLY[1..] {
+            each!(p, $x, $rows, $cols, |pv, rv| _mm512_add_ps(
+                _mm512_mul_ps(pv, rv),
+                set(k)
+            ));
+        }
+        // e = p·r² + r + 1, in `p`.
+        each!(p, $x, $rows, $cols, |pv, rv| _mm512_mul_ps(
+            pv,
+            _mm512_mul_ps(rv, rv)
+        ));
+        each!(p, $x, $rows, $cols, |pv, rv| _mm512_add_ps(
+            _mm512_add_ps(pv, rv),
+            set(1.0)
+        ));
+        // 2ⁿ⁻¹ from n's integer (the low bits of t's mantissa), in `t`.
+        each!(t, $rows, $cols, |tv| {
+            let n_int = _mm512_sub_epi32(_mm512_castps_si512(tv), _mm512_set1_epi32(ROUND.to_bits() as i32));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                n_int,
+                _mm512_set1_epi32(126),
+            )))
+        });
+        each!(p, t, $rows, $cols, |e, half| _mm512_mul_ps(
+            _mm512_mul_ps(e, half),
+            set(2.0)
+        ));
+        $x = p;
+        each!($x, x0, $rows, $cols, |v, xv| {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(xv, xv);
+            let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, set(HIGH));
+            let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(xv, set(LOW));
+            let v = _mm512_mask_mov_ps(v, nan, xv);
+            let v = _mm512_mask_mov_ps(v, big, set(f32::INFINITY));
+            _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
+        });
+    }};
+}
+
+/// The softmax of `R` rows of `C` vectors over their `live` lanes (the others become 0), as
+/// [`super::softmax`]'s `f32` path computes it: the largest live score (0 for a row with none,
+/// or whose live scores are all `−∞`), `exp_f32` of each difference, lane sums over the
+/// vectors in order added in a tree (lane i with lane i + 8, then i + 4, i + 2, i + 1, as
+/// [`super::simd`]'s sums), one reciprocal.
+///
+/// `$x` is `[[__m512; C]; R]` and `$live` `[[u16; C]; R]`, `R` and `C` given, in a function
+/// with AVX-512F. A macro rather than a function: the compiler kept a function of its own out
+/// of line (a `#[target_feature]` function cannot be `#[inline(always)]`), and the caller's
+/// sums went through the stack on their way in and out. Every step is taken for all the rows
+/// before the next ([`each!`]): one row's softmax is a chain of dependent steps (its maximum
+/// across the lanes, the exponentials, their sum across the lanes, a division).
+macro_rules! softmax_rows {
+    ($x:ident, $live:expr, $rows:expr, $cols:expr) => {{
+        use std::arch::x86_64::*;
+        let live = &$live;
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut top = [ninf; $rows];
+        for c in 0..$cols {
+            for r in 0..$rows {
+                // max(x, top) keeps top where x is NaN, as the softmax's maximum ignores NaN.
+                top[r] = _mm512_mask_max_ps(top[r], live[r][c], $x[r][c], top[r]);
+            }
+        }
+        // Each row's largest, across its lanes (exact: any order gives the same maximum).
+        let mut h8 = [_mm256_setzero_ps(); $rows];
+        for r in 0..$rows {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(top[r])));
+            h8[r] = _mm256_max_ps(_mm512_castps512_ps256(top[r]), hi);
+        }
+        let mut h4 = [_mm_setzero_ps(); $rows];
+        for r in 0..$rows {
+            h4[r] = _mm_max_ps(_mm256_castps256_ps128(h8[r]), _mm256_extractf128_ps::<1>(h8[r]));
+        }
+        for r in 0..$rows {
+            h4[r] = _mm_max_ps(h4[r], _mm_movehl_ps(h4[r], h4[r]));
+        }
+        let mut m = [0.0f32; $rows];
+        for r in 0..$rows {
+            m[r] = _mm_cvtss_f32(_mm_max_ss(h4[r], _mm_shuffle_ps::<0b01>(h4[r], h4[r])));
+        }
+        for r in 0..$rows {
+            let mr = _mm512_set1_ps(m[r]);
+            for c in 0..$cols {
+                $x[r][c] = _mm512_sub_ps($x[r][c], mr);
+            }
+        }
+        exp_all!($x, $rows, $cols);
+        let mut sum = [_mm512_setzero_ps(); $rows];
+        for c in 0..$cols {
+            for r in 0..$rows {
+                $x[r][c] = _mm512_maskz_mov_ps(live[r][c], $x[r][c]);
+                sum[r] = _mm512_add_ps(sum[r], $x[r][c]);
+            }
+        }
+        // The lanes' tree: lane i with lane i + 8, then i + 4, i + 2, i + 1.
+        let mut s8 = [_mm256_setzero_ps(); $rows];
+        for r in 0..$rows {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum[r])));
+            s8[r] = _mm256_add_ps(_mm512_castps512_ps256(sum[r]), hi);
+        }
+        let mut s4 = [_mm_setzero_ps(); $rows];
+        for r in 0..$rows {
+            s4[r] = _mm_add_ps(_mm256_castps256_ps128(s8[r]), _mm256_extractf128_ps::<1>(s8[r]));
+        }
+        for r in 0..$rows {
+            s4[r] = _mm_add_ps(s4[r], _mm_movehl_ps(s4[r], s4[r]));
+        }
+        for r in 0..$rows {
+            s4[r] = _mm_add_ss(s4[r], _mm_shuffle_ps::<0b01>(s4[r], s4[r]));
+        }
+        for r in 0..$rows {
+            let inv = _mm512_set1_ps(1.0 / _mm_cvtss_f32(s4[r]));
+            // A row with no live score, or only −∞ ones, is all zero (its exponentials are
+            // NaN); blocked keys are exactly 0 even where a NaN score made the sum NaN.
+            let all = m[r] != f32::NEG_INFINITY;
+            for c in 0..$cols {
+                let keep = if all { live[r][c] } else { 0 };
+                $x[r][c] = _mm512_maskz_mul_ps(keep, $x[r][c], inv);
+            }
+        }
+    }};
+}
+
 /// Rows `i..i + R` of [`products`], all `R·C` vectors of them in registers: each element a
 /// chain of fused multiply-adds over the terms in order, as the GEMM's micro-kernel, scaled
 /// by `alpha` after the sum; then, with `SOFTMAX`, the softmax of each row.
@@ -677,9 +857,9 @@ unsafe fn product<
         a = a.wrapping_offset(ts);
     }
     let s = _mm512_set1_ps(alpha);
-    for acc in acc.iter_mut().flatten() {
-        *acc = _mm512_mul_ps(*acc, s);
-    }
+    // By indices (`each!`), not `iter_mut().flatten()`: the flattened iterator kept the sums
+    // on the stack, each one stored, loaded, scaled and stored again.
+    each!(acc, R, C, |v| _mm512_mul_ps(v, s));
     if SOFTMAX && let Some(limit) = limit {
         let mut row_live = [[0u16; C]; R];
         for (r, row_live) in row_live.iter_mut().enumerate() {
@@ -688,7 +868,7 @@ unsafe fn product<
                 *l = lanes(n.saturating_sub(c * W));
             }
         }
-        softmax_rows(&mut acc, &row_live);
+        softmax_rows!(acc, row_live, R, C);
     }
     for (r, acc) in acc.iter().enumerate() {
         for (c, &acc) in acc.iter().enumerate() {
@@ -707,97 +887,6 @@ unsafe fn product<
             }
         }
     }
-}
-
-/// The softmax of `R` rows of `C` vectors over their `live` lanes (the others become 0), as
-/// [`super::softmax`]'s `f32` path computes it: the largest live score (0 for a row with none,
-/// or whose live scores are all `−∞`), `exp_f32` of each difference, lane sums over the
-/// vectors in order added in a tree, one reciprocal.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn softmax_rows<const R: usize, const C: usize>(
-    x: &mut [[std::arch::x86_64::__m512; C]; R],
-    live: &[[u16; C]; R],
-) {
-    use std::arch::x86_64::*;
-    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut top = [ninf; R];
-    for r in 0..R {
-        for c in 0..C {
-            // max(x, top) keeps top where x is NaN, as the softmax's maximum ignores NaN.
-            top[r] = _mm512_mask_max_ps(top[r], live[r][c], x[r][c], top[r]);
-        }
-    }
-    let mut m = [0.0f32; R];
-    for r in 0..R {
-        m[r] = _mm512_reduce_max_ps(top[r]);
-    }
-    let mut sum = [_mm512_setzero_ps(); R];
-    for r in 0..R {
-        let mr = _mm512_set1_ps(m[r]);
-        for c in 0..C {
-            let e = exp16(_mm512_sub_ps(x[r][c], mr));
-            x[r][c] = _mm512_maskz_mov_ps(live[r][c], e);
-            sum[r] = _mm512_add_ps(sum[r], x[r][c]);
-        }
-    }
-    for r in 0..R {
-        if m[r] == f32::NEG_INFINITY {
-            x[r] = [_mm512_setzero_ps(); C];
-            continue;
-        }
-        let inv = _mm512_set1_ps(1.0 / lane_tree_sum(sum[r]));
-        for x in x[r].iter_mut() {
-            *x = _mm512_mul_ps(*x, inv);
-        }
-    }
-}
-
-/// The 16 lanes added in the tree of `simd::reduce`: lane i with lane i + 8, then i + 4, i + 2,
-/// i + 1.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn lane_tree_sum(v: std::arch::x86_64::__m512) -> f32 {
-    use std::arch::x86_64::*;
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    let s8 = _mm256_add_ps(lo, hi);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
-    _mm_cvtss_f32(s1)
-}
-
-/// [`super::simd::exp_f32`] on 16 lanes, operation for operation (so the same bits).
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use super::simd::exp_consts::*;
-    use std::arch::x86_64::*;
-    let set = _mm512_set1_ps;
-    // max(x, LOW) gives LOW for NaN, as f32::max does.
-    let xc = _mm512_min_ps(_mm512_max_ps(x, set(LOW)), set(CLAMP));
-    let t = _mm512_add_ps(_mm512_mul_ps(xc, set(std::f32::consts::LOG2_E)), set(ROUND));
-    let n = _mm512_sub_ps(t, set(ROUND));
-    let n_int = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(ROUND.to_bits() as i32));
-    let r = _mm512_sub_ps(
-        _mm512_sub_ps(xc, _mm512_mul_ps(n, set(C1))),
-        _mm512_mul_ps(n, set(C2)),
-    );
-    let mut p = set(POLY[0]);
-    for &c in &POLY[1..] {
-        p = _mm512_add_ps(_mm512_mul_ps(p, r), set(c));
-    }
-    let e = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), set(1.0));
-    let n126 = _mm512_add_epi32(n_int, _mm512_set1_epi32(126));
-    let half = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(n126));
-    let v = _mm512_mul_ps(_mm512_mul_ps(e, half), set(2.0));
-    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, set(HIGH));
-    let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(LOW));
-    let v = _mm512_mask_mov_ps(v, nan, x);
-    let v = _mm512_mask_mov_ps(v, big, set(f32::INFINITY));
-    _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
 }
 
 /// One query of one head against `kb` cached keys and values, the attention of a decoding
@@ -1207,7 +1296,7 @@ unsafe fn group_avx512<S: Lanes, const G: usize>(r: &StepRow<'_, f32, S>, first:
 /// The attention weights of heads `first..first + G` over their `kb ≤ 16·NK` keys, into
 /// `probs`: each score a chain of fused multiply-adds over the features in order from
 /// `q_d·scale`, as [`step_head_avx512`], the `G` heads' chains interleaved; then the softmax,
-/// in registers for a plain limit ([`softmax_rows`]), else of each head's stored row.
+/// in registers for a plain limit (`softmax_rows!`), else of each head's stored row.
 ///
 /// # Safety
 /// As [`group_avx512`]; `kb` fills `NK` vectors.
@@ -1238,8 +1327,9 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     }
     if r.mask.keys.is_none() && r.mask.pairs.is_none() {
         let limit = r.mask.limit.min(kb);
-        let live = [std::array::from_fn(|c| super::simd::first_lanes(limit.saturating_sub(c * W))); G];
-        softmax_rows::<G, NK>(&mut acc, &live);
+        let live: [[u16; NK]; G] =
+            [std::array::from_fn(|c| super::simd::first_lanes(limit.saturating_sub(c * W))); G];
+        softmax_rows!(acc, live, G, NK);
         for (p, acc) in probs.iter_mut().zip(&acc) {
             for (c, &x) in acc.iter().enumerate() {
                 // SAFETY: NK vectors fit a row of MAX_KEYS floats.
@@ -1572,7 +1662,7 @@ mod tests {
     }
 
     #[test]
-    fn exp16_is_exp_f32_bit_for_bit() {
+    fn exp_all_is_exp_f32_bit_for_bit() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             eprintln!("skipped: this CPU has no AVX-512F");
             return;
@@ -1599,22 +1689,127 @@ mod tests {
         ];
         let mut rng = StdRng::seed_from_u64(5);
         xs.extend((0..4096).map(|_| rng.random_range(-90.0f32..90.0)));
-        xs.resize(xs.len().next_multiple_of(W), 0.5);
-        for chunk in xs.chunks_exact(W) {
-            let mut got = [0.0f32; W];
-            // SAFETY: AVX-512F checked above; 16 floats each side.
-            unsafe {
-                use std::arch::x86_64::*;
-                _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(chunk.as_ptr())));
+        // A block of 3 rows of 2 vectors at a time, as a softmax of rows of 32 keys has them.
+        const BLOCK: usize = 3 * 2 * W;
+        xs.resize(xs.len().next_multiple_of(BLOCK), 0.5);
+        #[target_feature(enable = "avx512f")]
+        fn block(x: &[f32], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            // SAFETY (loads and stores): 3·2 vectors of 16 floats, inside both slices.
+            let mut v: [[__m512; 2]; 3] = std::array::from_fn(|r| {
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(x[(2 * r + c) * W..].as_ptr()) })
+            });
+            exp_all!(v, 3, 2);
+            for r in 0..3 {
+                for c in 0..2 {
+                    unsafe { _mm512_storeu_ps(out[(2 * r + c) * W..].as_mut_ptr(), v[r][c]) };
+                }
             }
+        }
+        for chunk in xs.chunks_exact(BLOCK) {
+            let mut got = [0.0f32; BLOCK];
+            // SAFETY: AVX-512F checked above.
+            unsafe { block(chunk, &mut got) };
             for (&x, &g) in chunk.iter().zip(&got) {
                 let want = crate::kernels::simd::exp_f32(x);
                 assert!(
                     g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                    "exp16({x}) = {g}, exp_f32 = {want}"
+                    "exp_all!({x}) = {g}, exp_f32 = {want}"
                 );
             }
         }
+    }
+
+    /// The softmax of a block of rows in registers gives the bits of the general softmax of
+    /// each row alone, for rows with no allowed key, with only −∞ scores, with NaN, ±∞ and
+    /// scores far apart, at every block shape the products use.
+    #[test]
+    fn softmax_rows_equals_the_row_softmax_bit_for_bit() {
+        if skip() {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        fn block<const R: usize, const C: usize>(rows: &mut [[f32; 64]], limits: &[usize]) {
+            use std::arch::x86_64::*;
+            // SAFETY (loads and stores): C ≤ 4 vectors of 16 floats inside rows of 64.
+            let mut x: [[__m512; C]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(rows[r][c * W..].as_ptr()) })
+            });
+            let live: [[u16; C]; R] =
+                std::array::from_fn(|r| std::array::from_fn(|c| lanes(limits[r].saturating_sub(c * W))));
+            softmax_rows!(x, live, R, C);
+            for r in 0..R {
+                for c in 0..C {
+                    unsafe { _mm512_storeu_ps(rows[r][c * W..].as_mut_ptr(), x[r][c]) };
+                }
+            }
+        }
+        fn check<const R: usize, const C: usize>(rng: &mut StdRng) {
+            let specials = [
+                f32::NEG_INFINITY,
+                f32::INFINITY,
+                f32::NAN,
+                0.0,
+                -0.0,
+                80.0,
+                -80.0,
+                1e30,
+                -1e30,
+            ];
+            for round in 0..200 {
+                let width = C * W;
+                let mut rows = vec![[0.0f32; 64]; R];
+                let mut limits = vec![0; R];
+                for (r, (row, limit)) in rows.iter_mut().zip(&mut limits).enumerate() {
+                    *limit = match (round + r) % 5 {
+                        0 => 0,
+                        1 => width,
+                        _ => rng.random_range(1..=width),
+                    };
+                    for x in row[..width].iter_mut() {
+                        *x = if rng.random_range(0..6) == 0 {
+                            specials[rng.random_range(0..specials.len())]
+                        } else {
+                            rng.random_range(-30.0f32..30.0)
+                        };
+                    }
+                    // Some rows with only −∞ allowed.
+                    if round % 7 == r % 7 {
+                        row[..width].fill(f32::NEG_INFINITY);
+                    }
+                }
+                let mut want = rows.clone();
+                for (row, &limit) in want.iter_mut().zip(&limits) {
+                    softmax_row(
+                        &mut row[..width],
+                        RowMask {
+                            limit,
+                            keys: None,
+                            pairs: None,
+                        },
+                    );
+                }
+                // SAFETY: AVX-512F (`skip` checked it).
+                unsafe { block::<R, C>(&mut rows, &limits) };
+                for r in 0..R {
+                    for j in 0..width {
+                        let (g, w) = (rows[r][j], want[r][j]);
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{R}×{C}, round {round}, row {r} (limit {}), key {j}: {g} against {w}",
+                            limits[r]
+                        );
+                    }
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        check::<16, 1>(&mut rng);
+        check::<8, 1>(&mut rng);
+        check::<4, 2>(&mut rng);
+        check::<4, 3>(&mut rng);
+        check::<4, 4>(&mut rng);
+        check::<1, 2>(&mut rng);
     }
 
     /// A decoding step's head in registers gives the bits of its twin in slices, at the edges

@@ -663,8 +663,7 @@ macro_rules! exp_all {
             _mm512_max_ps(v, set(LOW)),
             set(CLAMP)
         ));
-        let xc = $x;
-        let mut t = xc;
+        let mut t = $x;
         each!(t, $rows, $cols, |v| _mm512_add_ps(
             _mm512_mul_ps(v, set(std::f32::consts::LOG2_E)),
             set(ROUND)
@@ -720,6 +719,33 @@ macro_rules! exp_all {
     }};
 }
 
+/// Each of the `$rows` vectors of `$v` (`[__m512; R]`) folded across its lanes by one
+/// operation (`$op8`, `$op4`, `$op1`: its 8-, 4- and 1-lane forms) in the tree of
+/// [`super::simd`]'s sums, lane i with lane i + 8, then i + 4, i + 2, i + 1, each stage for
+/// all the vectors before the next; the results as `[f32; R]`.
+macro_rules! lane_trees {
+    ($v:ident, $rows:expr, $op8:ident, $op4:ident, $op1:ident) => {{
+        use std::arch::x86_64::*;
+        let mut h8 = [_mm256_setzero_ps(); $rows];
+        for r in 0..$rows {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd($v[r])));
+            h8[r] = $op8(_mm512_castps512_ps256($v[r]), hi);
+        }
+        let mut h4 = [_mm_setzero_ps(); $rows];
+        for r in 0..$rows {
+            h4[r] = $op4(_mm256_castps256_ps128(h8[r]), _mm256_extractf128_ps::<1>(h8[r]));
+        }
+        for r in 0..$rows {
+            h4[r] = $op4(h4[r], _mm_movehl_ps(h4[r], h4[r]));
+        }
+        let mut out = [0.0f32; $rows];
+        for r in 0..$rows {
+            out[r] = _mm_cvtss_f32($op1(h4[r], _mm_shuffle_ps::<0b01>(h4[r], h4[r])));
+        }
+        out
+    }};
+}
+
 /// The softmax of `R` rows of `C` vectors over their `live` lanes (the others become 0), as
 /// [`super::softmax`]'s `f32` path computes it: the largest live score (0 for a row with none,
 /// or whose live scores are all `−∞`), `exp_f32` of each difference, lane sums over the
@@ -745,22 +771,7 @@ macro_rules! softmax_rows {
             }
         }
         // Each row's largest, across its lanes (exact: any order gives the same maximum).
-        let mut h8 = [_mm256_setzero_ps(); $rows];
-        for r in 0..$rows {
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(top[r])));
-            h8[r] = _mm256_max_ps(_mm512_castps512_ps256(top[r]), hi);
-        }
-        let mut h4 = [_mm_setzero_ps(); $rows];
-        for r in 0..$rows {
-            h4[r] = _mm_max_ps(_mm256_castps256_ps128(h8[r]), _mm256_extractf128_ps::<1>(h8[r]));
-        }
-        for r in 0..$rows {
-            h4[r] = _mm_max_ps(h4[r], _mm_movehl_ps(h4[r], h4[r]));
-        }
-        let mut m = [0.0f32; $rows];
-        for r in 0..$rows {
-            m[r] = _mm_cvtss_f32(_mm_max_ss(h4[r], _mm_shuffle_ps::<0b01>(h4[r], h4[r])));
-        }
+        let m = lane_trees!(top, $rows, _mm256_max_ps, _mm_max_ps, _mm_max_ss);
         for r in 0..$rows {
             let mr = _mm512_set1_ps(m[r]);
             for c in 0..$cols {
@@ -775,24 +786,9 @@ macro_rules! softmax_rows {
                 sum[r] = _mm512_add_ps(sum[r], $x[r][c]);
             }
         }
-        // The lanes' tree: lane i with lane i + 8, then i + 4, i + 2, i + 1.
-        let mut s8 = [_mm256_setzero_ps(); $rows];
+        let total = lane_trees!(sum, $rows, _mm256_add_ps, _mm_add_ps, _mm_add_ss);
         for r in 0..$rows {
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum[r])));
-            s8[r] = _mm256_add_ps(_mm512_castps512_ps256(sum[r]), hi);
-        }
-        let mut s4 = [_mm_setzero_ps(); $rows];
-        for r in 0..$rows {
-            s4[r] = _mm_add_ps(_mm256_castps256_ps128(s8[r]), _mm256_extractf128_ps::<1>(s8[r]));
-        }
-        for r in 0..$rows {
-            s4[r] = _mm_add_ps(s4[r], _mm_movehl_ps(s4[r], s4[r]));
-        }
-        for r in 0..$rows {
-            s4[r] = _mm_add_ss(s4[r], _mm_shuffle_ps::<0b01>(s4[r], s4[r]));
-        }
-        for r in 0..$rows {
-            let inv = _mm512_set1_ps(1.0 / _mm_cvtss_f32(s4[r]));
+            let inv = _mm512_set1_ps(1.0 / total[r]);
             // A row with no live score, or only −∞ ones, is all zero (its exponentials are
             // NaN); blocked keys are exactly 0 even where a NaN score made the sum NaN.
             let all = m[r] != f32::NEG_INFINITY;

@@ -13,7 +13,6 @@ pub mod parallel;
 pub mod precision;
 pub mod simd;
 pub mod small_gemm;
-#[cfg(target_arch = "x86_64")]
 pub(crate) mod small_head;
 pub mod softmax;
 pub mod workspace;

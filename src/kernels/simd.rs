@@ -20,6 +20,7 @@ pub const LANES: usize = 16;
 
 /// The mask of the first `n` lanes (all 16 from `n ≥ 16` on) of a 16-lane vector: the
 /// masked loads and stores of rows that end inside a vector.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn first_lanes(n: usize) -> u16 {
     if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
@@ -63,6 +64,7 @@ pub(crate) use widest;
 
 /// Slices at least this long (in bytes) are zeroed by [`fill_streaming`] with non-temporal
 /// stores.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const STREAM_MIN_BYTES: usize = 1 << 20;
 
 /// Sets every element of `x` to `value`, in the widest vectors.

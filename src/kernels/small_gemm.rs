@@ -37,7 +37,9 @@ const COLUMN_BLOCK: usize = 64;
 pub(super) fn dot_rows<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let run = |b: ArrayView2<F>, mut c: ArrayViewMut2<F>| {
+    let run = |b: ArrayView2<F>, c: ArrayViewMut2<F>| {
+        #[cfg(target_arch = "x86_64")]
+        let mut c = c;
         #[cfg(target_arch = "x86_64")]
         if x86::dot_f32(alpha, a, b, beta, c.view_mut()) {
             return;

@@ -21,24 +21,31 @@
 //! few-row kernels, which sum in another order); the tests hold the two paths to the same
 //! bits.
 
+#[cfg(target_arch = "x86_64")]
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::Float;
+#[cfg(target_arch = "x86_64")]
 use super::gemm::KC;
 
 /// Keys, value features and (backward) key features of a head, at most.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const MAX_KEYS: usize = 64;
 /// Key features `d_k` of a head in the forward pass, at most.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const MAX_DK: usize = 128;
 /// Lanes of a vector.
+#[cfg(target_arch = "x86_64")]
 const W: usize = 16;
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Each thread's scratch: Kᵀ or Vᵀ, and the backward pass's `∂L/∂P` and `∂L/∂S`.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A strided `f32` matrix seen through a raw pointer.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Strided {
     ptr: *const f32,
@@ -46,6 +53,7 @@ struct Strided {
     cs: isize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Strided {
     fn of<F: Float>(x: &ArrayView2<F>) -> Strided {
         Strided {
@@ -94,6 +102,7 @@ impl Strided {
 }
 
 /// How the rows of a head's probabilities are normalised.
+#[cfg(target_arch = "x86_64")]
 pub(crate) enum RowSoftmax<L, S> {
     /// Row `i` allows the keys below `limit(i)` and no other: the softmax runs in registers.
     Limit(L),
@@ -103,11 +112,13 @@ pub(crate) enum RowSoftmax<L, S> {
 
 /// Whether `gemm` runs an `m × k` by `k × n` product through its packed kernels in one block
 /// of terms, the arithmetic [`product`] reproduces.
+#[cfg(target_arch = "x86_64")]
 fn packed_in_one_block(m: usize, k: usize) -> bool {
     !super::small_gemm::takes(m, k) && k <= KC
 }
 
 /// One (sequence, head) that this path takes; see the [module docs](self).
+#[cfg(target_arch = "x86_64")]
 pub(crate) struct SmallHead {
     q: Strided,
     k: Strided,
@@ -118,6 +129,7 @@ pub(crate) struct SmallHead {
     dv: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl SmallHead {
     /// The head `q` `[Tq, d_k]`, `k` `[kb, d_k]`, `v` `[kb, d_v]`, if this path takes its
     /// forward pass: `f32` on a CPU with AVX-512F, at most [`MAX_KEYS`] keys and value
@@ -402,6 +414,7 @@ impl SmallHead {
 }
 
 /// The first `n` floats of the scratch, grown if need be (the values left are arbitrary).
+#[cfg(target_arch = "x86_64")]
 fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if scratch.len() < n {
         scratch.resize(n, 0.0);
@@ -415,6 +428,7 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// # Safety
 /// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
 /// holds `tq · kb` floats; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
     let m = Strided::of(m);
@@ -448,6 +462,7 @@ unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, 
 
 /// Asks for the lines of `rows` rows of `cols` floats of `x` (contiguous rows), all at once:
 /// a head's rows lie a few KiB apart, and a backward pass finds them in L3 or memory.
+#[cfg(target_arch = "x86_64")]
 fn ask_rows(x: Strided, rows: usize, cols: usize) {
     for j in 0..rows {
         for d in (0..cols).step_by(W) {
@@ -463,6 +478,7 @@ fn ask_rows(x: Strided, rows: usize, cols: usize) {
 ///
 /// # Safety
 /// `src` must be `[rows, cols]` with contiguous rows; AVX2 must be there.
+#[cfg(target_arch = "x86_64")]
 unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
     assert!(
         dst.len() >= rows * cols,
@@ -490,9 +506,11 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
 }
 
 /// No softmax in a product.
+#[cfg(target_arch = "x86_64")]
 const NO_LIMIT: Option<&fn(usize) -> usize> = None;
 
 /// The left factor of [`products`]: where its element of term `t` and row `r` lies.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum Left<'a> {
     /// Transposed (`at[t·ars + r]`): the rows of a block of the result side by side at each
@@ -513,6 +531,7 @@ enum Left<'a> {
 ///
 /// # Panics
 /// If a transposed left factor holds fewer than `terms` rows of `rows` floats at its stride.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn products<L: Fn(usize) -> usize>(
     a: Left<'_>,
@@ -559,6 +578,7 @@ unsafe fn products<L: Fn(usize) -> usize>(
 ///
 /// # Safety
 /// As [`products`], for that left factor.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
     a: *const f32,
@@ -619,6 +639,7 @@ unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
 }
 
 /// The lanes `0..n` (all for n ≥ 16) of a vector.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn lanes(n: usize) -> u16 {
     if n >= W { u16::MAX } else { (1u16 << n) - 1 }
@@ -636,6 +657,7 @@ fn lanes(n: usize) -> u16 {
 /// vector's (fewer vectors alive at once), and the processor, its schedulers full of one
 /// chain's waiting operations, ran the block's chains one after another: the attention core
 /// 4–7% slower at the small and base workloads' shapes (AMD EPYC Zen 5).
+#[cfg(target_arch = "x86_64")]
 macro_rules! each {
     ($x:ident, $rows:expr, $cols:expr, |$v:ident| $e:expr) => {
         for r in 0..$rows {
@@ -659,6 +681,7 @@ macro_rules! each {
 /// and does nothing to it: a point in the order of the computation that the compiler keeps
 /// (the statement is taken to have effects of its own, so two of them keep their order), in
 /// a function with AVX-512F.
+#[cfg(target_arch = "x86_64")]
 macro_rules! staged {
     ($e:expr) => {{
         let mut v: std::arch::x86_64::__m512 = $e;
@@ -675,6 +698,7 @@ macro_rules! staged {
 /// exponentials alone are a chain of about 30 dependent operations.
 ///
 /// [`exp_f32`]: crate::kernels::simd::exp_f32
+#[cfg(target_arch = "x86_64")]
 macro_rules! exp_all {
     ($x:ident, $rows:expr, $cols:expr) => {{
         use crate::kernels::simd::exp_consts::*;
@@ -746,6 +770,7 @@ macro_rules! exp_all {
 /// operation (`$op8`, `$op4`, `$op1`: its 8-, 4- and 1-lane forms) in the tree of
 /// [`super::simd`]'s sums, lane i with lane i + 8, then i + 4, i + 2, i + 1, each stage for
 /// all the vectors before the next; the results as `[f32; R]`.
+#[cfg(target_arch = "x86_64")]
 macro_rules! lane_trees {
     ($v:ident, $rows:expr, $op8:ident, $op4:ident, $op1:ident) => {{
         use std::arch::x86_64::*;
@@ -781,6 +806,7 @@ macro_rules! lane_trees {
 /// sums went through the stack on their way in and out. Every step is taken for all the rows
 /// before the next ([`each!`]): one row's softmax is a chain of dependent steps (its maximum
 /// across the lanes, the exponentials, their sum across the lanes, a division).
+#[cfg(target_arch = "x86_64")]
 macro_rules! softmax_rows {
     ($x:ident, $live:expr, $rows:expr, $cols:expr) => {{
         use std::arch::x86_64::*;
@@ -829,6 +855,7 @@ macro_rules! softmax_rows {
 ///
 /// # Safety
 /// As [`products`], for rows `i..i + R` and `C` vectors covering `width`.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn product<

@@ -58,8 +58,9 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::simd::widest;
+use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{Cached, RowSoftmax, SmallHead, StepRow, step_row};
+use crate::kernels::small_head::{RowSoftmax, SmallHead};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};

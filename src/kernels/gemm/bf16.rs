@@ -46,6 +46,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+#[cfg(target_arch = "x86_64")]
 use super::micro::Tile;
 #[cfg(target_arch = "x86_64")]
 use super::micro::Update;
@@ -96,6 +97,7 @@ pub fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
         src.len(),
         dst.len()
     );
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set only by the x86 paths
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if avx512bf16() {
@@ -708,9 +710,11 @@ unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
 }
 
 /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
+#[cfg(target_arch = "x86_64")]
 const TILE_CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
@@ -745,6 +749,7 @@ unsafe fn amx_end() {
 /// 32 pairs of rows, 4 KiB. For AMX, measured against no prefetch (Intel Xeon, one thread,
 /// interleaved): base bf16 greedy decode 416–464 → 324–331 ms; against prefetching for the
 /// first panel of A only: base bf16 eval 112–117 → 106–109 ms.
+#[cfg(target_arch = "x86_64")]
 const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from

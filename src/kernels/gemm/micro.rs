@@ -39,6 +39,7 @@ pub(crate) struct Tile {
     pub gate: Option<TileGate>,
     /// Whether the kernel asks for the lines of C and of the gate while it multiplies
     /// ([`TileLines`]): set for products of many rows, whose C does not stay in cache.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels
     pub prefetch: bool,
 }
 
@@ -87,6 +88,7 @@ impl Tile {
 
     /// The part of this tile from its row `r` on (no rows if r ≥ rows): a tile of `MR` rows
     /// stored as several of fewer.
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(crate) fn below(&self, r: usize) -> Tile {
         Tile {
@@ -105,6 +107,7 @@ impl Tile {
     }
 
     /// Whether the vector stores can apply everything (gates must have unit column stride).
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn vector_post(&self) -> bool {
         self.gate.is_none_or(|g| g.cs == 1)
@@ -178,6 +181,7 @@ unsafe fn store_scalar(acc: &[f32], nr: usize, t: &Tile) {
 /// runs of `bench`): base bf16 training step 720–748 → 638–642 ms on one thread, base `f32`
 /// eval forward 409–434 → 404–414 ms, base `f32` step on two threads 815–827 → 791–801 ms;
 /// small and tiny unchanged within the machine's spread.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct TileLines {
     c: *const i8,
@@ -190,6 +194,7 @@ pub(crate) struct TileLines {
     bytes: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl TileLines {
     #[inline(always)]
     pub(crate) fn of(t: &Tile) -> TileLines {
@@ -236,6 +241,7 @@ impl TileLines {
 /// without the prefetch, in runs not interleaved with each other (Intel Xeon, base `f32`
 /// training step on two threads): all at once 786/830 → 841/844 ms, spread 815–827 →
 /// 791–801 ms.
+#[cfg(target_arch = "x86_64")]
 const C_ROW_STEPS: usize = 8;
 
 /// How far ahead (in floats) the AVX-512 kernel prefetches B: 32 steps of k, 4 KiB. Where B
@@ -243,6 +249,7 @@ const C_ROW_STEPS: usize = 8;
 /// asked for well ahead; the hardware's stream prefetcher does not cross 4 KiB pages. Measured
 /// against 8 steps (Intel Xeon): base greedy decode 975 → 821–864 ms on one thread, 490 →
 /// 403–427 ms on two; eval and training steps equal or a few percent faster.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 32 * 32;
 
 /// How far ahead (in floats) the AVX-512 kernel asks for B into L2 on the first row panel of
@@ -253,6 +260,7 @@ const PREFETCH: usize = 32 * 32;
 /// this (Intel Xeon, interleaved `bench` runs): base greedy decode 995–1002 → 806–829 ms on
 /// one thread, 422–448 → 363–372 ms on two; small decode, eval and training steps no
 /// different (16 KiB and 32 KiB ahead measured alike).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_L2: usize = 64 * 32;
 
 /// The AVX-512 kernel: `MR × 32`; `FAR` on the first row panel of a block of B (see
@@ -596,6 +604,7 @@ pub(crate) unsafe fn kernel_scalar(mr: usize, nr: usize, kc: usize, a: *const f3
 /// one thread: the packing's copies 6.3% → 5.0% of the samples (8, 16 and 32 lines ahead
 /// alike), the step 138.6 / 139.1 / 141.3 → 137.0 / 133.9 / 137.4 ms alternating the builds;
 /// base 768.6 / 755.2 → 752.1 / 734.2 ms; small on two threads no different.
+#[cfg(target_arch = "x86_64")]
 const COPY_AHEAD: usize = 16;
 
 /// Copies `lines` lines of `width` floats (line i at `src + i·ss`) into consecutive lines of

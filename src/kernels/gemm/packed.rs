@@ -155,6 +155,8 @@ impl Isa {
     /// describes a tile of C (see [`super::micro`]).
     #[inline]
     unsafe fn kernel(self, mr: usize, far: bool, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (mr, far); // only the x86 kernels' choice
         // SAFETY: forwarded from this function's contract.
         unsafe {
             match self {
@@ -554,6 +556,7 @@ unsafe impl Sync for SharedMut {}
 /// B is `k × n`; `out` points to `k · ceil(n / nr) · nr` floats, of which no other thread
 /// touches those of these panels; the CPU runs `isa`.
 unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, out: SharedMut, isa: Isa) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
     let n_pad = n.div_ceil(nr) * nr;
     for p0 in (0..k).step_by(KC) {
@@ -586,6 +589,7 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                 }
                 continue;
             }
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set only by the x86 paths
             let mut p_done = 0;
             #[cfg(target_arch = "x86_64")]
             if simd && b.rs == 1 && cols == nr && nr.is_multiple_of(8) {
@@ -643,6 +647,7 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 /// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; the CPU runs `isa`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], isa: Isa) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;
@@ -668,7 +673,9 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             }
             continue;
         }
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set only by the x86 paths
         let mut r_done = 0;
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // set only by the x86 paths
         let mut p_done = 0;
         #[cfg(target_arch = "x86_64")]
         if simd && a.cs == 1 && rows == mr {

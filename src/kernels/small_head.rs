@@ -429,7 +429,7 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
 /// holds `tq · kb` floats; the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+#[target_feature(enable = "avx512f")]
 unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
     let m = Strided::of(m);
     for (i, d) in dst[..tq * kb].chunks_exact_mut(kb).enumerate() {
@@ -636,13 +636,6 @@ unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
         (3, true) => run!(4, 3, true),
         (_, true) => run!(4, 4, true),
     }
-}
-
-/// The lanes `0..n` (all for n ≥ 16) of a vector.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes(n: usize) -> u16 {
-    if n >= W { u16::MAX } else { (1u16 << n) - 1 }
 }
 
 /// `$v ← $e` for every vector `$v` of `$x` (`[[__m512; C]; R]`, `R` and `C` given): one step
@@ -880,7 +873,7 @@ unsafe fn product<
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let mut live = [0u16; C];
     for (c, live) in live.iter_mut().enumerate() {
-        *live = lanes(width.saturating_sub(c * W));
+        *live = super::simd::first_lanes(width.saturating_sub(c * W));
     }
     // Row r's term t at a + t·ts + r·rs, rs a constant 1 for a transposed factor.
     let rs = if ROWS { rs } else { 1 };
@@ -911,7 +904,7 @@ unsafe fn product<
         for (r, row_live) in row_live.iter_mut().enumerate() {
             let n = limit(i + r).min(width);
             for (c, l) in row_live.iter_mut().enumerate() {
-                *l = lanes(n.saturating_sub(c * W));
+                *l = super::simd::first_lanes(n.saturating_sub(c * W));
             }
         }
         softmax_rows!(acc, row_live, R, C);
@@ -1781,8 +1774,9 @@ mod tests {
             let mut x: [[__m512; C]; R] = std::array::from_fn(|r| {
                 std::array::from_fn(|c| unsafe { _mm512_loadu_ps(rows[r][c * W..].as_ptr()) })
             });
-            let live: [[u16; C]; R] =
-                std::array::from_fn(|r| std::array::from_fn(|c| lanes(limits[r].saturating_sub(c * W))));
+            let live: [[u16; C]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|c| crate::kernels::simd::first_lanes(limits[r].saturating_sub(c * W)))
+            });
             softmax_rows!(x, live, R, C);
             for r in 0..R {
                 for c in 0..C {

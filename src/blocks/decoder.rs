@@ -312,7 +312,7 @@ impl<F: Float> Decoder<F> {
         h
     }
 
-    /// [`Decoder::infer_step`] with the weights of [`Decoder::pack`] (`None`: the weights as
+    /// [`Decoder::infer_step`] with the weights of [`Decoder::pack_with`] (`None`: the weights as
     /// they are).
     pub(crate) fn infer_step_packed(
         &self,

@@ -288,7 +288,7 @@ impl<F: Float> DecoderLayer<F> {
         unrows(y, b, t)
     }
 
-    /// [`DecoderLayer::infer_step`] with the weights of [`DecoderLayer::pack`] (`None`: the
+    /// [`DecoderLayer::infer_step`] with the weights of [`DecoderLayer::pack_with`] (`None`: the
     /// weights as they are).
     pub(crate) fn infer_step_packed(
         &self,

@@ -1,51 +1,27 @@
-//! One head of attention for short sequences, in registers: `softmax(Q·Kᵀ·s)·V` and its
-//! backward pass.
-//!
-//! The general path runs a head as two GEMM calls with a softmax between them (four GEMM
-//! calls backward). At the tiny and small workloads' sizes (16 or 32 queries and keys, `d_k`
-//! 16 or 32) those calls spent more in packing and per-call costs than in arithmetic, and one
-//! row's softmax was a chain of dependent steps (maximum, exponential, sum, division) with
-//! nothing beside it to overlap. Here, with AVX-512 and at most [`MAX_KEYS`] keys and value
-//! features, every product is one kernel, [`product`]: four or eight rows of the result at a time,
-//! all their columns (at most four vectors) in registers, the other operand's rows read where
-//! they are (K and V are copied, transposed, only where their columns are needed as rows).
-//! The forward pass takes the softmax of the four rows in registers, side by side, when the
-//! mask of a row is a plain limit (causal, padding by length).
-//!
-//! The arithmetic is the general path's, term for term, so the bits are the same whichever
-//! path a head takes: each element of a product a chain of fused multiply-adds over the terms
-//! in order, scaled after the sum (the GEMM micro-kernel), with the dropout mask multiplied
-//! into the left factor first where the general path multiplies it into a copy; the softmax's
-//! maximum, `exp_f32`, lane sums and reciprocal those of [`super::softmax`]. A head is taken
-//! only where the GEMM would have run its packed kernels over one block of terms (not the
-//! few-row kernels, which sum in another order); the tests hold the two paths to the same
-//! bits.
+//! The AVX-512 paths of [`super`]: one head of attention over short sequences in registers,
+//! forward and backward ([`SmallHead`]; the parent module tells why and how), and a decoding
+//! step's heads in registers ([`try_step_head`], [`try_step_row`]). The module builds on
+//! x86-64 only; each path checks at run time that the CPU has the instructions it uses.
 
-#[cfg(target_arch = "x86_64")]
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::Float;
-#[cfg(target_arch = "x86_64")]
-use super::gemm::KC;
+use super::{Cached, StepHead, StepRow};
+use crate::kernels::Float;
+use crate::kernels::gemm::KC;
 
 /// Keys, value features and (backward) key features of a head, at most.
-#[cfg(target_arch = "x86_64")]
 pub(crate) const MAX_KEYS: usize = 64;
 /// Key features `d_k` of a head in the forward pass, at most.
-#[cfg(target_arch = "x86_64")]
 pub(crate) const MAX_DK: usize = 128;
 /// Lanes of a vector.
-#[cfg(target_arch = "x86_64")]
 const W: usize = 16;
 
-#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Each thread's scratch: Kᵀ or Vᵀ, and the backward pass's `∂L/∂P` and `∂L/∂S`.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A strided `f32` matrix seen through a raw pointer.
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Strided {
     ptr: *const f32,
@@ -53,7 +29,6 @@ struct Strided {
     cs: isize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Strided {
     fn of<F: Float>(x: &ArrayView2<F>) -> Strided {
         Strided {
@@ -102,7 +77,6 @@ impl Strided {
 }
 
 /// How the rows of a head's probabilities are normalised.
-#[cfg(target_arch = "x86_64")]
 pub(crate) enum RowSoftmax<L, S> {
     /// Row `i` allows the keys below `limit(i)` and no other: the softmax runs in registers.
     Limit(L),
@@ -112,13 +86,11 @@ pub(crate) enum RowSoftmax<L, S> {
 
 /// Whether `gemm` runs an `m × k` by `k × n` product through its packed kernels in one block
 /// of terms, the arithmetic [`product`] reproduces.
-#[cfg(target_arch = "x86_64")]
 fn packed_in_one_block(m: usize, k: usize) -> bool {
-    !super::small_gemm::takes(m, k) && k <= KC
+    !crate::kernels::small_gemm::takes(m, k) && k <= KC
 }
 
 /// One (sequence, head) that this path takes; see the [module docs](self).
-#[cfg(target_arch = "x86_64")]
 pub(crate) struct SmallHead {
     q: Strided,
     k: Strided,
@@ -129,14 +101,13 @@ pub(crate) struct SmallHead {
     dv: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl SmallHead {
     /// The head `q` `[Tq, d_k]`, `k` `[kb, d_k]`, `v` `[kb, d_v]`, if this path takes its
     /// forward pass: `f32` on a CPU with AVX-512F, at most [`MAX_KEYS`] keys and value
     /// features and [`MAX_DK`] key features, the rows of Q, K and V contiguous, and products
     /// the GEMM would have given its packed kernels.
     pub(crate) fn new<F: Float>(q: ArrayView2<F>, k: ArrayView2<F>, v: ArrayView2<F>) -> Option<SmallHead> {
-        use super::gemm::Isa;
+        use crate::kernels::gemm::Isa;
         let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
         let unit = |x: &ArrayView2<F>| x.strides()[1] == 1 || x.ncols() <= 1;
         let fits = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
@@ -414,7 +385,6 @@ impl SmallHead {
 }
 
 /// The first `n` floats of the scratch, grown if need be (the values left are arbitrary).
-#[cfg(target_arch = "x86_64")]
 fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if scratch.len() < n {
         scratch.resize(n, 0.0);
@@ -428,7 +398,6 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// # Safety
 /// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
 /// holds `tq · kb` floats; the CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
     let m = Strided::of(m);
@@ -462,7 +431,6 @@ unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, 
 
 /// Asks for the lines of `rows` rows of `cols` floats of `x` (contiguous rows), all at once:
 /// a head's rows lie a few KiB apart, and a backward pass finds them in L3 or memory.
-#[cfg(target_arch = "x86_64")]
 fn ask_rows(x: Strided, rows: usize, cols: usize) {
     for j in 0..rows {
         for d in (0..cols).step_by(W) {
@@ -478,7 +446,6 @@ fn ask_rows(x: Strided, rows: usize, cols: usize) {
 ///
 /// # Safety
 /// `src` must be `[rows, cols]` with contiguous rows; AVX2 must be there.
-#[cfg(target_arch = "x86_64")]
 unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
     assert!(
         dst.len() >= rows * cols,
@@ -492,7 +459,7 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
             // columns j..j+8 of dst (asserted).
             unsafe {
                 let at = dst.as_mut_ptr().add(d * rows + j);
-                super::gemm::micro::transpose8x8(src.addr(j, d), src.rs, at, rows as isize);
+                crate::kernels::gemm::micro::transpose8x8(src.addr(j, d), src.rs, at, rows as isize);
             }
         }
     }
@@ -506,11 +473,9 @@ unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
 }
 
 /// No softmax in a product.
-#[cfg(target_arch = "x86_64")]
 const NO_LIMIT: Option<&fn(usize) -> usize> = None;
 
 /// The left factor of [`products`]: where its element of term `t` and row `r` lies.
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum Left<'a> {
     /// Transposed (`at[t·ars + r]`): the rows of a block of the result side by side at each
@@ -531,7 +496,6 @@ enum Left<'a> {
 ///
 /// # Panics
 /// If a transposed left factor holds fewer than `terms` rows of `rows` floats at its stride.
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn products<L: Fn(usize) -> usize>(
     a: Left<'_>,
@@ -578,7 +542,6 @@ unsafe fn products<L: Fn(usize) -> usize>(
 ///
 /// # Safety
 /// As [`products`], for that left factor.
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
     a: *const f32,
@@ -643,14 +606,13 @@ unsafe fn products_of<const ROWS: bool, L: Fn(usize) -> usize>(
 /// independent chains run side by side (a loop with a body this short is unrolled, where the
 /// whole computation's was not).
 ///
-/// Each result then passes through an empty `asm!` statement ([`staged!`]). The compiler keeps
+/// Each result then passes through an empty `asm!` statement (`staged!`). The compiler keeps
 /// such statements in the order written, and a step's operation cannot run before the
 /// statement that hands it its input: the steps stay in the order written. Without them the
 /// compiler's scheduler took each vector's exponential through to its end before the next
 /// vector's (fewer vectors alive at once), and the processor, its schedulers full of one
 /// chain's waiting operations, ran the block's chains one after another: the attention core
 /// 4–7% slower at the small and base workloads' shapes (AMD EPYC Zen 5).
-#[cfg(target_arch = "x86_64")]
 macro_rules! each {
     ($x:ident, $rows:expr, $cols:expr, |$v:ident| $e:expr) => {
         for r in 0..$rows {
@@ -674,7 +636,6 @@ macro_rules! each {
 /// and does nothing to it: a point in the order of the computation that the compiler keeps
 /// (the statement is taken to have effects of its own, so two of them keep their order), in
 /// a function with AVX-512F.
-#[cfg(target_arch = "x86_64")]
 macro_rules! staged {
     ($e:expr) => {{
         let mut v: std::arch::x86_64::__m512 = $e;
@@ -691,7 +652,6 @@ macro_rules! staged {
 /// exponentials alone are a chain of about 30 dependent operations.
 ///
 /// [`exp_f32`]: crate::kernels::simd::exp_f32
-#[cfg(target_arch = "x86_64")]
 macro_rules! exp_all {
     ($x:ident, $rows:expr, $cols:expr) => {{
         use crate::kernels::simd::exp_consts::*;
@@ -759,11 +719,10 @@ macro_rules! exp_all {
     }};
 }
 
-/// Each of the `$rows` vectors of `$v` (`[__m512; R]`) folded across its lanes by one
-/// operation (`$op8`, `$op4`, `$op1`: its 8-, 4- and 1-lane forms) in the tree of
-/// [`super::simd`]'s sums, lane i with lane i + 8, then i + 4, i + 2, i + 1, each stage for
-/// all the vectors before the next; the results as `[f32; R]`.
-#[cfg(target_arch = "x86_64")]
+/// Each of the `$rows` vectors of `$v` (`[__m512; R]`) folded across its lanes by one operation
+/// (`$op8`, `$op4`, `$op1`: its 8-, 4- and 1-lane forms) in the tree of
+/// [`crate::kernels::simd`]'s sums, lane i with lane i + 8, then i + 4, i + 2, i + 1, each
+/// stage for all the vectors before the next; the results as `[f32; R]`.
 macro_rules! lane_trees {
     ($v:ident, $rows:expr, $op8:ident, $op4:ident, $op1:ident) => {{
         use std::arch::x86_64::*;
@@ -788,10 +747,10 @@ macro_rules! lane_trees {
 }
 
 /// The softmax of `R` rows of `C` vectors over their `live` lanes (the others become 0), as
-/// [`super::softmax`]'s `f32` path computes it: the largest live score (0 for a row with none,
-/// or whose live scores are all `−∞`), `exp_f32` of each difference, lane sums over the
-/// vectors in order added in a tree (lane i with lane i + 8, then i + 4, i + 2, i + 1, as
-/// [`super::simd`]'s sums), one reciprocal.
+/// [`crate::kernels::softmax`]'s `f32` path computes it: the largest live score (0 for a row
+/// with none, or whose live scores are all `−∞`), `exp_f32` of each difference, lane sums
+/// over the vectors in order added in a tree (lane i with lane i + 8, then i + 4, i + 2,
+/// i + 1, as [`crate::kernels::simd`]'s sums), one reciprocal.
 ///
 /// `$x` is `[[__m512; C]; R]` and `$live` `[[u16; C]; R]`, `R` and `C` given, in a function
 /// with AVX-512F. A macro rather than a function: the compiler kept a function of its own out
@@ -799,7 +758,6 @@ macro_rules! lane_trees {
 /// sums went through the stack on their way in and out. Every step is taken for all the rows
 /// before the next ([`each!`]): one row's softmax is a chain of dependent steps (its maximum
 /// across the lanes, the exponentials, their sum across the lanes, a division).
-#[cfg(target_arch = "x86_64")]
 macro_rules! softmax_rows {
     ($x:ident, $live:expr, $rows:expr, $cols:expr) => {{
         use std::arch::x86_64::*;
@@ -848,7 +806,6 @@ macro_rules! softmax_rows {
 ///
 /// # Safety
 /// As [`products`], for rows `i..i + R` and `C` vectors covering `width`.
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn product<
@@ -873,7 +830,7 @@ unsafe fn product<
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let mut live = [0u16; C];
     for (c, live) in live.iter_mut().enumerate() {
-        *live = super::simd::first_lanes(width.saturating_sub(c * W));
+        *live = crate::kernels::simd::first_lanes(width.saturating_sub(c * W));
     }
     // Row r's term t at a + t·ts + r·rs, rs a constant 1 for a transposed factor.
     let rs = if ROWS { rs } else { 1 };
@@ -904,7 +861,7 @@ unsafe fn product<
         for (r, row_live) in row_live.iter_mut().enumerate() {
             let n = limit(i + r).min(width);
             for (c, l) in row_live.iter_mut().enumerate() {
-                *l = super::simd::first_lanes(n.saturating_sub(c * W));
+                *l = crate::kernels::simd::first_lanes(n.saturating_sub(c * W));
             }
         }
         softmax_rows!(acc, row_live, R, C);
@@ -928,68 +885,62 @@ unsafe fn product<
     }
 }
 
-/// One query of one head against `kb` cached keys and values, the attention of a decoding
-/// step: `out ← softmax(q·Kᵀ·scale)·V`, with the keys stored transposed (`kt`: feature d's
-/// keys over the positions at `kt + d·kt_rs`, contiguous) and the values by position
-/// (position j's row at `v + j·v_rs`, contiguous).
-///
-/// The cache holds `S`: the floats themselves, or (a bf16 decode, `S = u16`) bf16 bits that
-/// are widened to `f32` exactly as they are read ([`Cached`]).
-pub(crate) struct StepHead<'a, F, S = F> {
-    /// The query, `d_k` features.
-    pub q: &'a [F],
-    /// `1 / √d_k`.
-    pub scale: F,
-    /// The keys, transposed: `d_k` rows of `kb` elements, `kt_rs` apart.
-    pub kt: *const S,
-    pub kt_rs: isize,
-    /// The values: `kb` rows of `d_v` elements, `v_rs` apart.
-    pub v: *const S,
-    pub v_rs: isize,
-    /// Keys taking part (the cache's length).
-    pub kb: usize,
-    /// The mask of this query's row.
-    pub mask: super::RowMask<'a>,
-}
-
-/// [`StepHead`]'s result into `out` (`d_v` floats), with `scores` (at least `kb` floats) as
-/// scratch. With AVX-512, `f32`, and at most [`MAX_KEYS`] keys and value features, the scores
-/// and the output stay in registers across the sums (a head's step had been a chain of stores
-/// and loads of each partial sum); elsewhere the same arithmetic in slices: each score a
-/// chain of fused multiply-adds over the features in order from `q_d·scale`, the softmax of
-/// [`super::softmax`], each output feature a chain of fused multiply-adds over the allowed
-/// positions in order. The two give the same bits (tested).
+/// [`super::step_head`] in registers, where [`in_registers`] takes it: `false` (and nothing
+/// written) where it does not.
 ///
 /// # Safety
-/// The `d_k` rows of `kb` keys and the `kb` rows of `out.len()` values must be readable.
-pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
+/// As [`super::step_head`].
+pub(super) unsafe fn try_step_head<F: Float, S: Cached<F>>(
     h: &StepHead<'_, F, S>,
     scores: &mut [F],
     out: &mut [F],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY (both): F is f32 and S is the type cast to (`in_registers`), so the casts
-        // are identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys
-        // and values.
-        match in_registers::<F, S>(h.kb, out.len()) {
-            Some(StepCache::F32) => {
-                let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, f32>, F>(h, scores, out) };
-                return unsafe { step_head_avx512(h, scores, out) };
-            }
-            Some(StepCache::Bf16) => {
-                let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, u16>, F>(h, scores, out) };
-                return unsafe { step_head_avx512(h, scores, out) };
-            }
-            None => {}
+) -> bool {
+    // SAFETY (both): F is f32 and S is the type cast to (`in_registers`), so the casts are
+    // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys and values.
+    match in_registers::<F, S>(h.kb, out.len()) {
+        Some(StepCache::F32) => {
+            let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, f32>, F>(h, scores, out) };
+            unsafe { step_head_avx512(h, scores, out) };
+            true
         }
+        Some(StepCache::Bf16) => {
+            let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, u16>, F>(h, scores, out) };
+            unsafe { step_head_avx512(h, scores, out) };
+            true
+        }
+        None => false,
     }
-    // SAFETY: forwarded from this function's contract.
-    unsafe { step_head_slices(h, scores, out) }
+}
+
+/// [`super::step_row`] in registers (`dv` value features a head), where [`in_registers`]
+/// takes it and there are keys: `false` (and nothing written) where not.
+///
+/// # Safety
+/// As [`super::step_row`].
+pub(super) unsafe fn try_step_row<F: Float, S: Cached<F>>(
+    r: &StepRow<'_, F, S>,
+    dv: usize,
+    scores: &mut [F],
+    out: &mut [F],
+) -> bool {
+    // SAFETY (both): F is f32 and S the type cast to (`in_registers`), so the casts are
+    // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
+    match in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0) {
+        Some(StepCache::F32) => {
+            let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, f32>, F>(r, scores, out) };
+            unsafe { step_row_avx512(r, scores, out) };
+            true
+        }
+        Some(StepCache::Bf16) => {
+            let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, u16>, F>(r, scores, out) };
+            unsafe { step_row_avx512(r, scores, out) };
+            true
+        }
+        None => false,
+    }
 }
 
 /// What a decoding step's cache holds, where the step runs in registers.
-#[cfg(target_arch = "x86_64")]
 enum StepCache {
     /// `f32` values.
     F32,
@@ -1000,13 +951,12 @@ enum StepCache {
 /// Whether a decoding step of `kb` keys and `dv` value features per head runs in registers
 /// (`f32`, AVX-512F with BW and VL, at most [`MAX_KEYS`] of each), and over which cache;
 /// `None` for the slices.
-#[cfg(target_arch = "x86_64")]
 fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<StepCache> {
     use std::any::TypeId;
     let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
         && kb <= MAX_KEYS
         && dv <= MAX_KEYS
-        && super::gemm::Isa::best() == Some(super::gemm::Isa::Avx512)
+        && crate::kernels::gemm::Isa::best() == Some(crate::kernels::gemm::Isa::Avx512)
         && avx512_bw_vl();
     match TypeId::of::<S>() {
         s if vectors && s == TypeId::of::<f32>() => Some(StepCache::F32),
@@ -1020,7 +970,6 @@ fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<StepCach
 ///
 /// # Safety
 /// `F` is `f32`, `S` is `T`, and `Y` is `X` with those types.
-#[cfg(target_arch = "x86_64")]
 unsafe fn as_f32<'a, X, Y, F>(
     x: &'a X,
     scores: &'a mut [F],
@@ -1036,31 +985,9 @@ unsafe fn as_f32<'a, X, Y, F>(
     }
 }
 
-/// An element of a key/value cache as [`step_head`] reads it: the float itself, or bf16 bits
-/// (`u16`, a bf16 decode's cache) widened exactly.
-pub(crate) trait Cached<F>: Copy + Send + Sync + 'static {
-    /// The value as an `F`.
-    fn widen(self) -> F;
-}
-
-impl<F: Float> Cached<F> for F {
-    #[inline(always)]
-    fn widen(self) -> F {
-        self
-    }
-}
-
-impl<F: Float> Cached<F> for u16 {
-    #[inline(always)]
-    fn widen(self) -> F {
-        F::from_f64(f64::from(super::gemm::bf16::bf16_to_f32(self)))
-    }
-}
-
-/// Whether the CPU has AVX-512BW and VL besides AVX-512F: [`step_head`]'s vector path (the
+/// Whether the CPU has AVX-512BW and VL besides AVX-512F: [`super::step_head`]'s vector path (the
 /// masked 16-bit loads of a bf16 cache need them; every CPU with AVX-512 since Skylake-SP
 /// has them).
-#[cfg(target_arch = "x86_64")]
 fn avx512_bw_vl() -> bool {
     static HAS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
         std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl")
@@ -1069,14 +996,12 @@ fn avx512_bw_vl() -> bool {
 }
 
 /// Sixteen cached elements as `f32` lanes (lanes outside `mask` zero, and not read).
-#[cfg(target_arch = "x86_64")]
 trait Lanes: Copy {
     /// # Safety
     /// The CPU has AVX-512F, BW and VL; the lanes of `mask` are readable at `p`.
     unsafe fn lanes(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Lanes for f32 {
     #[inline(always)]
     unsafe fn lanes(p: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
@@ -1085,7 +1010,6 @@ impl Lanes for f32 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Lanes for u16 {
     #[inline(always)]
     unsafe fn lanes(p: *const u16, mask: u16) -> std::arch::x86_64::__m512 {
@@ -1098,53 +1022,17 @@ impl Lanes for u16 {
     }
 }
 
-/// [`step_head`] in slices: the naive twin of [`step_head_avx512`], and the path of other
-/// types, lengths and CPUs.
+/// [`super::step_head`] with the scores and the output in registers (four vectors each at most).
 ///
 /// # Safety
-/// As [`step_head`].
-pub(crate) unsafe fn step_head_slices<F: Float, S: Cached<F>>(
-    h: &StepHead<'_, F, S>,
-    scores: &mut [F],
-    out: &mut [F],
-) {
-    let (kb, dv) = (h.kb, out.len());
-    // SAFETY (both closures): the caller vouches for these rows.
-    let key_t = |d: usize| unsafe { std::slice::from_raw_parts(h.kt.offset(d as isize * h.kt_rs), kb) };
-    let value = |j: usize| unsafe { std::slice::from_raw_parts(h.v.offset(j as isize * h.v_rs), dv) };
-    let scores = &mut scores[..kb];
-    super::simd::widest!({
-        scores.fill(F::ZERO);
-        for (d, &qd) in h.q.iter().enumerate() {
-            let qd = qd * h.scale;
-            for (s, &k) in scores.iter_mut().zip(key_t(d)) {
-                *s = qd.mul_add(k.widen(), *s);
-            }
-        }
-        super::softmax::softmax_row_inline(scores, h.mask);
-        out.fill(F::ZERO);
-        for (j, &p) in scores.iter().enumerate() {
-            if h.mask.allows(j) {
-                for (o, &x) in out.iter_mut().zip(value(j)) {
-                    *o = p.mul_add(x.widen(), *o);
-                }
-            }
-        }
-    })
-}
-
-/// [`step_head`] with the scores and the output in registers (four vectors each at most).
-///
-/// # Safety
-/// As [`step_head`]; the CPU has AVX-512F, BW and VL; `kb` and `out.len()` are at most
+/// As [`super::step_head`]; the CPU has AVX-512F, BW and VL; `kb` and `out.len()` are at most
 /// [`MAX_KEYS`].
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn step_head_avx512<S: Lanes>(h: &StepHead<'_, f32, S>, scores: &mut [f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (kb, dv) = (h.kb, out.len());
     let masks = |len: usize| -> [u16; 4] {
-        std::array::from_fn(|c| super::simd::first_lanes(len.saturating_sub(c * W)))
+        std::array::from_fn(|c| crate::kernels::simd::first_lanes(len.saturating_sub(c * W)))
     };
     let (mk, mv) = (masks(kb), masks(dv));
     let mut acc = [_mm512_setzero_ps(); 4];
@@ -1166,7 +1054,7 @@ unsafe fn step_head_avx512<S: Lanes>(h: &StepHead<'_, f32, S>, scores: &mut [f32
             unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr().add(c * W), mk[c], acc[c]) };
         }
     }
-    super::softmax::softmax_row_inline(scores, h.mask);
+    crate::kernels::softmax::softmax_row_inline(scores, h.mask);
     let mut acc = [_mm512_setzero_ps(); 4];
     for (j, &p) in scores.iter().enumerate() {
         if h.mask.allows(j) {
@@ -1189,96 +1077,12 @@ unsafe fn step_head_avx512<S: Lanes>(h: &StepHead<'_, f32, S>, scores: &mut [f32
     }
 }
 
-/// Every head of one query row of a decoding step: [`StepHead`] for each of `heads` heads,
-/// their queries side by side in `q`, each head's keys and values `kt_hs` and `v_hs` after the
-/// previous head's.
-pub(crate) struct StepRow<'a, F, S = F> {
-    /// The queries, `heads · d_k` features, head after head.
-    pub q: &'a [F],
-    /// `1 / √d_k`.
-    pub scale: F,
-    /// Heads of the row.
-    pub heads: usize,
-    /// Head 0's keys, transposed, as [`StepHead::kt`]; head `i`'s `i · kt_hs` further on.
-    pub kt: *const S,
-    pub kt_hs: isize,
-    pub kt_rs: isize,
-    /// Head 0's values, as [`StepHead::v`]; head `i`'s `i · v_hs` further on.
-    pub v: *const S,
-    pub v_hs: isize,
-    pub v_rs: isize,
-    /// Keys taking part (the cache's length), in every head.
-    pub kb: usize,
-    /// The mask of this query's row, in every head.
-    pub mask: super::RowMask<'a>,
-}
-
-impl<'a, F: Copy, S> StepRow<'a, F, S> {
-    /// Head `hi` alone.
-    fn head(&self, hi: usize) -> StepHead<'a, F, S> {
-        let dk = self.q.len() / self.heads;
-        StepHead {
-            q: &self.q[hi * dk..][..dk],
-            scale: self.scale,
-            kt: self.kt.wrapping_offset(hi as isize * self.kt_hs),
-            kt_rs: self.kt_rs,
-            v: self.v.wrapping_offset(hi as isize * self.v_hs),
-            v_rs: self.v_rs,
-            kb: self.kb,
-            mask: self.mask,
-        }
-    }
-}
-
-/// [`step_head`] for every head of `r`, into `out` (`heads · d_v` floats, head after head),
-/// with `scores` (at least `kb` floats) as scratch.
-///
-/// With AVX-512, `f32`, and at most [`MAX_KEYS`] keys and value features, the heads run side
-/// by side, eight at a time (four where a head's keys or features take more than two
-/// vectors): each of a head's sums is a chain of dependent multiply-adds (its scores over the
-/// `d_k` features, its output over the positions), and one head alone leaves the core waiting
-/// on each link; the heads' chains side by side fill the wait. Each head's arithmetic is
-/// [`step_head`]'s, term for term, so the bits are the same (tested).
+/// [`super::step_row`] with AVX-512: the heads in groups of eight or four side by side, the
+/// rest one at a time ([`step_head_avx512`]).
 ///
 /// # Safety
-/// For every head, as [`step_head`]; `out.len()` is a multiple of `heads`.
-pub(crate) unsafe fn step_row<F: Float, S: Cached<F>>(
-    r: &StepRow<'_, F, S>,
-    scores: &mut [F],
-    out: &mut [F],
-) {
-    if r.heads == 0 || out.is_empty() {
-        return;
-    }
-    let dv = out.len() / r.heads;
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY (both): F is f32 and S the type cast to (`in_registers`), so the casts are
-        // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
-        match in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0) {
-            Some(StepCache::F32) => {
-                let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, f32>, F>(r, scores, out) };
-                return unsafe { step_row_avx512(r, scores, out) };
-            }
-            Some(StepCache::Bf16) => {
-                let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, u16>, F>(r, scores, out) };
-                return unsafe { step_row_avx512(r, scores, out) };
-            }
-            None => {}
-        }
-    }
-    for (hi, o) in out.chunks_exact_mut(dv).enumerate() {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { step_head(&r.head(hi), scores, o) };
-    }
-}
-
-/// [`step_row`] with AVX-512: the heads in groups of eight or four side by side, the rest one
-/// at a time ([`step_head_avx512`]).
-///
-/// # Safety
-/// As [`step_row`]; the CPU has AVX-512F, BW and VL; `1 ≤ kb ≤ MAX_KEYS`, `d_v ≤ MAX_KEYS`.
-#[cfg(target_arch = "x86_64")]
+/// As [`super::step_row`]; the CPU has AVX-512F, BW and VL; `1 ≤ kb ≤ MAX_KEYS`, `d_v ≤
+/// MAX_KEYS`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn step_row_avx512<S: Lanes>(r: &StepRow<'_, f32, S>, scores: &mut [f32], out: &mut [f32]) {
     let dv = out.len() / r.heads;
@@ -1308,7 +1112,6 @@ unsafe fn step_row_avx512<S: Lanes>(r: &StepRow<'_, f32, S>, scores: &mut [f32],
 ///
 /// # Safety
 /// As [`step_row_avx512`]; `first + G ≤ heads`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn group_avx512<S: Lanes, const G: usize>(r: &StepRow<'_, f32, S>, first: usize, out: &mut [f32]) {
     let mut probs = [[0.0f32; MAX_KEYS]; G];
@@ -1339,7 +1142,6 @@ unsafe fn group_avx512<S: Lanes, const G: usize>(r: &StepRow<'_, f32, S>, first:
 ///
 /// # Safety
 /// As [`group_avx512`]; `kb` fills `NK` vectors.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     r: &StepRow<'_, f32, S>,
@@ -1349,7 +1151,7 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     use std::arch::x86_64::*;
     let kb = r.kb;
     let dk = r.q.len() / r.heads;
-    let mk: [u16; NK] = std::array::from_fn(|c| super::simd::first_lanes(kb.saturating_sub(c * W)));
+    let mk: [u16; NK] = std::array::from_fn(|c| crate::kernels::simd::first_lanes(kb.saturating_sub(c * W)));
     let q = &r.q[first * dk..][..G * dk];
     let mut acc = [[_mm512_setzero_ps(); NK]; G];
     for d in 0..dk {
@@ -1367,7 +1169,7 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     if r.mask.keys.is_none() && r.mask.pairs.is_none() {
         let limit = r.mask.limit.min(kb);
         let live: [[u16; NK]; G] =
-            [std::array::from_fn(|c| super::simd::first_lanes(limit.saturating_sub(c * W))); G];
+            [std::array::from_fn(|c| crate::kernels::simd::first_lanes(limit.saturating_sub(c * W))); G];
         softmax_rows!(acc, live, G, NK);
         for (p, acc) in probs.iter_mut().zip(&acc) {
             for (c, &x) in acc.iter().enumerate() {
@@ -1381,7 +1183,7 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
                 // SAFETY: as above; the mask covers kb floats.
                 unsafe { _mm512_mask_storeu_ps(p.as_mut_ptr().add(c * W), mk[c], x) };
             }
-            super::softmax::softmax_row_inline(&mut p[..kb], r.mask);
+            crate::kernels::softmax::softmax_row_inline(&mut p[..kb], r.mask);
         }
     }
 }
@@ -1392,7 +1194,6 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
 ///
 /// # Safety
 /// As [`group_avx512`]; `d_v` fills `NO` vectors.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[allow(clippy::needless_range_loop)] // j indexes a position in every head's weights
 unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
@@ -1403,7 +1204,7 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
 ) {
     use std::arch::x86_64::*;
     let dv = out.len() / r.heads;
-    let mv: [u16; NO] = std::array::from_fn(|c| super::simd::first_lanes(dv.saturating_sub(c * W)));
+    let mv: [u16; NO] = std::array::from_fn(|c| crate::kernels::simd::first_lanes(dv.saturating_sub(c * W)));
     let plain = r.mask.keys.is_none() && r.mask.pairs.is_none();
     let mut acc = [[_mm512_setzero_ps(); NO]; G];
     for j in 0..r.mask.limit.min(r.kb) {
@@ -1433,27 +1234,14 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
 mod tests {
     use super::*;
     use crate::kernels::gemm::{Isa, gemm};
+    use crate::kernels::small_head::tests::{KEYS, random};
     use crate::kernels::softmax::{RowMask, softmax_row, softmax_row_backward};
     use ndarray::{Array2, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    fn random(rng: &mut StdRng, shape: (usize, usize)) -> Array2<f32> {
-        Array2::from_shape_fn(shape, |_| rng.random_range(-2.0..2.0))
-    }
-
     fn same(a: &Array2<f32>, b: ndarray::ArrayView2<f32>) -> bool {
         a.dim() == b.dim() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits())
     }
-
-    static KEYS: [bool; 67] = {
-        let mut k = [true; 67];
-        let mut j = 1;
-        while j < 67 {
-            k[j] = false;
-            j += 3;
-        }
-        k
-    };
 
     /// Heads of every kind of size this path takes: edges of vectors, of 8 × 8 blocks and of
     /// four-row blocks, a few-row head, the largest.
@@ -1475,24 +1263,6 @@ mod tests {
         (true, false, true),
         (false, true, true),
     ];
-
-    /// A decoding step's row masks over `kb` cached keys: all of them, all but the last, and
-    /// some flagged.
-    fn step_masks(kb: usize) -> [RowMask<'static>; 3] {
-        [
-            RowMask::all(kb),
-            RowMask {
-                limit: kb.saturating_sub(1).max(1),
-                keys: None,
-                pairs: None,
-            },
-            RowMask {
-                limit: kb,
-                keys: Some(&KEYS[..kb]),
-                pairs: None,
-            },
-        ]
-    }
 
     fn mask(causal: bool, flags: bool, kb: usize) -> impl Fn(usize) -> RowMask<'static> {
         move |i| RowMask {
@@ -1850,166 +1620,5 @@ mod tests {
         check::<4, 3>(&mut rng);
         check::<4, 4>(&mut rng);
         check::<1, 2>(&mut rng);
-    }
-
-    /// A decoding step's head in registers gives the bits of its twin in slices, at the edges
-    /// of vectors and with each kind of mask, the keys and values strided as in a cache.
-    #[test]
-    fn step_head_in_registers_matches_its_twin_bit_for_bit() {
-        if Isa::best() != Some(Isa::Avx512) {
-            eprintln!("skipped: no AVX-512F on this CPU");
-            return;
-        }
-        let mut rng = StdRng::seed_from_u64(21);
-        for &(dk, kb, dv) in &[
-            (8, 1, 8),
-            (32, 5, 16),
-            (32, 16, 30),
-            (64, 17, 64),
-            (16, 33, 1),
-            (64, 64, 64),
-        ] {
-            // Cached as the decoder keeps them: capacity 70 positions per row of keys.
-            let kt = random(&mut rng, (dk, 70));
-            let v = random(&mut rng, (70, dv + 3));
-            let q: Vec<f32> = (0..dk).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let masks = step_masks(kb);
-            // The head over keys and values (of either kind) laid out as kt and v are.
-            fn over<'a, S>(
-                q: &'a [f32],
-                kt: *const S,
-                v: *const S,
-                dv: usize,
-                kb: usize,
-                mask: RowMask<'a>,
-            ) -> StepHead<'a, f32, S> {
-                StepHead {
-                    q,
-                    scale: 1.0 / (q.len() as f32).sqrt(),
-                    kt,
-                    kt_rs: 70,
-                    v,
-                    v_rs: (dv + 3) as isize,
-                    kb,
-                    mask,
-                }
-            }
-            for mask in masks {
-                let head = over(&q, kt.as_ptr(), v.as_ptr(), dv, kb, mask);
-                let (mut got, mut want) = (vec![f32::NAN; dv], vec![f32::NAN; dv]);
-                let mut scores = vec![0.0f32; 70];
-                // SAFETY: kt holds dk rows of 70 ≥ kb, v 70 ≥ kb rows of dv + 3 ≥ dv.
-                unsafe {
-                    step_head(&head, &mut scores, &mut got);
-                    step_head_slices(&head, &mut scores, &mut want);
-                }
-                assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "dk={dk} kb={kb} dv={dv} limit={}: {got:?} vs {want:?}",
-                    mask.limit
-                );
-                assert!(got.iter().all(|x| x.is_finite()));
-
-                // The same cache in bf16: both paths give the bits of the f32 path over the
-                // values rounded to bf16 (each is widened exactly as it is read).
-                use crate::kernels::gemm::bf16::{round_bf16, to_bf16};
-                let (kt16, v16) = (kt.mapv(to_bf16), v.mapv(to_bf16));
-                let (ktr, vr) = (kt.mapv(round_bf16), v.mapv(round_bf16));
-                let head16 = over(&q, kt16.as_ptr(), v16.as_ptr(), dv, kb, mask);
-                let rounded = over(&q, ktr.as_ptr(), vr.as_ptr(), dv, kb, mask);
-                let (mut got16, mut want16, mut f32_rounded) =
-                    (vec![f32::NAN; dv], vec![f32::NAN; dv], vec![f32::NAN; dv]);
-                // SAFETY: as above, for arrays of the same shapes.
-                unsafe {
-                    step_head(&head16, &mut scores, &mut got16);
-                    step_head_slices(&head16, &mut scores, &mut want16);
-                    step_head(&rounded, &mut scores, &mut f32_rounded);
-                }
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got16), bits(&want16), "bf16 cache, dk={dk} kb={kb} dv={dv}");
-                assert_eq!(
-                    bits(&got16),
-                    bits(&f32_rounded),
-                    "bf16 cache against f32, dk={dk} kb={kb}"
-                );
-                assert_ne!(bits(&got16), bits(&got), "the keys and values were rounded");
-            }
-        }
-    }
-    /// A decoding step's heads side by side give each head's bits alone, for every count of
-    /// heads around the groups of four and eight, at the edges of vectors, with each kind of
-    /// mask, over `f32` and bf16 caches laid out as the decoder keeps them.
-    #[test]
-    fn step_row_matches_each_head_alone_bit_for_bit() {
-        let mut rng = StdRng::seed_from_u64(22);
-        for &(heads, dk, kb, dv) in &[
-            (1, 8, 1, 8),
-            (3, 32, 5, 16),
-            (4, 16, 16, 30),
-            (5, 64, 17, 64),
-            (8, 32, 32, 32),
-            (8, 16, 33, 1),
-            (9, 32, 12, 32),
-            (12, 64, 64, 64),
-            (13, 8, 3, 40),
-        ] {
-            // Cached as the decoder keeps them: capacity 70 positions, heads one after another.
-            let kt = random(&mut rng, (heads * dk, 70));
-            let v = random(&mut rng, (heads * 70, dv + 3));
-            let q: Vec<f32> = (0..heads * dk).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let masks = step_masks(kb);
-            fn row<'a, S>(
-                q: &'a [f32],
-                heads: usize,
-                kt: *const S,
-                v: *const S,
-                dv: usize,
-                kb: usize,
-                mask: RowMask<'a>,
-            ) -> StepRow<'a, f32, S> {
-                let dk = q.len() / heads;
-                StepRow {
-                    q,
-                    scale: 1.0 / (dk as f32).sqrt(),
-                    heads,
-                    kt,
-                    kt_hs: (dk * 70) as isize,
-                    kt_rs: 70,
-                    v,
-                    v_hs: (70 * (dv + 3)) as isize,
-                    v_rs: (dv + 3) as isize,
-                    kb,
-                    mask,
-                }
-            }
-            use crate::kernels::gemm::bf16::to_bf16;
-            let (kt16, v16) = (kt.mapv(to_bf16), v.mapv(to_bf16));
-            for mask in masks {
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                let mut scores = vec![0.0f32; 70];
-                let f32_row = row(&q, heads, kt.as_ptr(), v.as_ptr(), dv, kb, mask);
-                let bf16_row = row(&q, heads, kt16.as_ptr(), v16.as_ptr(), dv, kb, mask);
-                let (mut got, mut got16) = (vec![f32::NAN; heads * dv], vec![f32::NAN; heads * dv]);
-                let (mut want, mut want16) = (got.clone(), got.clone());
-                // SAFETY: every head's keys hold dk rows of 70 ≥ kb and its values 70 ≥ kb
-                // rows of dv + 3 ≥ dv; out holds heads · dv floats.
-                unsafe {
-                    step_row(&f32_row, &mut scores, &mut got);
-                    step_row(&bf16_row, &mut scores, &mut got16);
-                    for hi in 0..heads {
-                        step_head_slices(&f32_row.head(hi), &mut scores, &mut want[hi * dv..][..dv]);
-                        step_head_slices(&bf16_row.head(hi), &mut scores, &mut want16[hi * dv..][..dv]);
-                    }
-                }
-                let what = format!(
-                    "heads={heads} dk={dk} kb={kb} dv={dv} limit={} keys={}",
-                    mask.limit,
-                    mask.keys.is_some()
-                );
-                assert_eq!(bits(&got), bits(&want), "f32 cache, {what}");
-                assert_eq!(bits(&got16), bits(&want16), "bf16 cache, {what}");
-                assert!(got.iter().all(|x| x.is_finite()), "{what}");
-            }
-        }
     }
 }

@@ -72,6 +72,10 @@ struct Args {
     /// accumulation; the kernel that runs is printed on stderr).
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// Micro-batches per training step, each the workload's batch (gradient accumulation: the
+    /// step's tokens and FLOPs are this many times the batch's).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    micro_batches: u64,
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
@@ -184,13 +188,13 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     let mut dropout_rng = StdRng::seed_from_u64(args.seed.wrapping_add(1));
+    let micro = vec![batch; args.micro_batches as usize];
+    if micro.len() > 1 {
+        eprintln!("# {} micro-batches per training step", micro.len());
+    }
     for &what in &args.what {
         let times = match what {
-            What::TrainStep => time_it(args, || {
-                trainer
-                    .step(std::slice::from_ref(&batch), &mut dropout_rng)
-                    .map(|_| ())
-            })?,
+            What::TrainStep => time_it(args, || trainer.step(&micro, &mut dropout_rng).map(|_| ()))?,
             // Inference runs on the model with its weights packed once, as a program that
             // evaluates or decodes many batches would (`EncoderDecoder::packed`); the packing
             // itself is reported on stderr.
@@ -218,7 +222,7 @@ fn run(args: &Args) -> Result<()> {
             })?,
         };
         let flops = match what {
-            What::TrainStep => cost.train_flops,
+            What::TrainStep => cost.train_flops * args.micro_batches,
             What::EvalForward => cost.forward_flops,
             What::GreedyDecode => decode_flops(
                 d as u64,
@@ -237,7 +241,11 @@ fn run(args: &Args) -> Result<()> {
                 encoder + 4 * (one - encoder)
             }
         };
-        report(args, what, &times, (b * t) as f64, flops as f64);
+        let tokens = match what {
+            What::TrainStep => b * t * micro.len(),
+            _ => b * t,
+        };
+        report(args, what, &times, tokens as f64, flops as f64);
     }
     Ok(())
 }

@@ -213,9 +213,11 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
         (0..parts).for_each(f);
         return;
     }
-    // The precision of the products travels with the work to the threads that run it.
+    // The precision of the products, and the weights packed for them, travel with the work to
+    // the threads that run it.
     let precision = super::precision::precision();
-    let f = move |i| super::precision::with_precision(precision, || f(i));
+    let packs = super::gemm::weights::Current::get();
+    let f = move |i| super::precision::with_precision(precision, || packs.with(|| f(i)));
     let team = TEAM.get();
     if team.is_null() {
         (0..parts).into_par_iter().for_each(|i| as_part(|| f(i)));

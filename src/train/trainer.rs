@@ -12,10 +12,30 @@ use rand::Rng;
 use crate::Precision;
 use crate::error::Result;
 use crate::kernels::Float;
+use crate::kernels::gemm::weights::{WeightPacks, with_weight_packs};
 use crate::kernels::workspace::{Workspace, with_workspace};
 use crate::models::{LossStats, Trainable};
 use crate::train::optim::{Optimizer, OptimizerConfig, OptimizerState, clip_grad_norm};
 use crate::train::schedule::Schedule;
+
+/// A parameter of `F` = `f32` with two axes, as an `f32` matrix: a weight that products use.
+fn as_f32_matrix<F: Float>(t: ndarray::ArrayViewD<'_, F>) -> Option<ndarray::ArrayView2<'_, f32>> {
+    if std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>() || t.ndim() != 2 {
+        return None;
+    }
+    let (dim, strides) = ((t.shape()[0], t.shape()[1]), (t.strides()[0], t.strides()[1]));
+    if strides.0 < 0 || strides.1 < 0 {
+        return None;
+    }
+    // SAFETY: F is f32 (checked), so the view's elements are f32 at the same addresses, with
+    // the same shape and (non-negative) strides.
+    Some(unsafe {
+        ndarray::ArrayView2::from_shape_ptr(
+            ndarray::ShapeBuilder::strides(dim, (strides.0 as usize, strides.1 as usize)),
+            t.as_ptr() as *const f32,
+        )
+    })
+}
 
 /// Settings of a [`Trainer`].
 ///
@@ -145,6 +165,24 @@ pub struct Trainer<M: Trainable> {
     /// The memory of one step's activations, kept for the next (see
     /// [`crate::kernels::workspace`]).
     workspace: Workspace,
+    /// A bf16 step's weights converted and packed once for all its micro-batches.
+    packs: StepPacks,
+}
+
+/// The weights of a bf16 step of several micro-batches, converted to bf16 and packed once for
+/// all of them (see [`crate::kernels::gemm`]'s `weights`), in memory kept for the next such
+/// step. A step of one micro-batch does without: each of its products with a weight is then
+/// the weight's only one in that layout (`X·Wᵀ` forward, `∂Y·W` backward), and packs it as it
+/// goes.
+#[derive(Debug, Default)]
+struct StepPacks(WeightPacks);
+
+impl Clone for StepPacks {
+    /// Empty: the packings name the weights by address, and a clone's model has its own (they
+    /// are made afresh at the start of every step that uses them anyway).
+    fn clone(&self) -> StepPacks {
+        StepPacks::default()
+    }
 }
 
 impl<M: Trainable> Trainer<M> {
@@ -183,6 +221,7 @@ impl<M: Trainable> Trainer<M> {
             cfg,
             grads,
             workspace: Workspace::new(),
+            packs: StepPacks::default(),
         })
     }
 
@@ -217,21 +256,33 @@ impl<M: Trainable> Trainer<M> {
                 });
             }
             self.grads.fill(<M::Float as Float>::ZERO);
+            // In bf16, several micro-batches multiply every weight again in both of its layouts:
+            // each is converted and packed once for the step instead.
+            let packed = micro_batches.len() > 1
+                && self.cfg.precision == Precision::Bf16
+                && WeightPacks::apply::<M::Float>();
+            if packed {
+                let mut weights = Vec::new();
+                self.model.visit("", &mut |_, t| weights.extend(as_f32_matrix(t)));
+                self.packs.0.refresh_all(weights);
+            }
+            let (model, grads, packs) = (&self.model, &mut self.grads, &self.packs.0);
+            let label_smoothing = self.cfg.label_smoothing;
             let mut stats = LossStats::default();
-            // The activations of each micro-batch come from (and go back to) the workspace.
-            with_workspace(&mut self.workspace, || -> Result<()> {
+            let mut micro_steps = || -> Result<()> {
                 for batch in micro_batches {
                     let weight = M::batch_tokens(batch) as f64 / total as f64;
-                    let s = self.model.accumulate(
-                        batch,
-                        self.cfg.label_smoothing,
-                        weight,
-                        &mut self.grads,
-                        rng,
-                    )?;
-                    stats = stats.merge(s);
+                    stats = stats.merge(model.accumulate(batch, label_smoothing, weight, grads, rng)?);
                 }
                 Ok(())
+            };
+            // The activations of each micro-batch come from (and go back to) the workspace.
+            with_workspace(&mut self.workspace, || {
+                if packed {
+                    with_weight_packs(packs, &mut micro_steps)
+                } else {
+                    micro_steps()
+                }
             })?;
             self.workspace.end_step();
             // Without clipping, the optimizer sums the norm in its own pass over the gradients.
@@ -258,24 +309,22 @@ mod tests {
     use crate::blocks::BlockConfig;
     use crate::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
     use crate::params::Params;
-    use crate::train::{Adam, AdamConfig, Optimizer, Schedule};
+    use crate::train::{Adam, AdamConfig, Optimizer, Schedule, clip_grad_norm};
     use rand::{SeedableRng, rngs::StdRng};
 
-    /// Steps through the trainer, whose workspace hands reused buffers out (filled with NaN in
-    /// tests), give bit for bit the parameters of steps taken by hand with fresh memory.
-    #[test]
-    fn steps_with_the_workspace_equal_steps_with_fresh_memory() {
+    /// A small encoder-decoder and a batch of `n` sequences for it (`off` shifts the ids).
+    fn fixture(n: usize, off: usize) -> (EncoderDecoder, Seq2SeqBatch) {
         let cfg = EncoderDecoderConfig::new(40, 40, BlockConfig::new(32, 4, 64), 2, 2)
             .with_share_embeddings(true)
             .with_tie_output(true);
         let model: EncoderDecoder = cfg.init(&mut StdRng::seed_from_u64(5)).unwrap();
-        let seqs = |n: usize, off: usize| -> Vec<Vec<usize>> {
+        let seqs = |off: usize| -> Vec<Vec<usize>> {
             (0..n)
                 .map(|i| (0..(9 + i % 3)).map(|j| 2 + (i * 7 + j * 3 + off) % 38).collect())
                 .collect()
         };
-        let src = TokenBatch::from_sequences(&seqs(16, 0), 0).unwrap();
-        let tgt = seqs(16, 5);
+        let src = TokenBatch::from_sequences(&seqs(off), 0).unwrap();
+        let tgt = seqs(off + 5);
         let cut = |a: usize, b: usize| -> Vec<Vec<usize>> {
             tgt.iter().map(|t| t[a..t.len() - b].to_vec()).collect()
         };
@@ -284,6 +333,21 @@ mod tests {
             tgt_in: TokenBatch::from_sequences(&cut(0, 1), 0).unwrap(),
             tgt_out: TokenBatch::from_sequences(&cut(1, 0), 0).unwrap(),
         };
+        (model, batch)
+    }
+
+    /// Every parameter's bits, in visiting order.
+    fn bits(model: &EncoderDecoder) -> Vec<u32> {
+        let mut out = Vec::new();
+        model.visit("", &mut |_, t| out.extend(t.iter().map(|v| v.to_bits())));
+        out
+    }
+
+    /// Steps through the trainer, whose workspace hands reused buffers out (filled with NaN in
+    /// tests), give bit for bit the parameters of steps taken by hand with fresh memory.
+    #[test]
+    fn steps_with_the_workspace_equal_steps_with_fresh_memory() {
+        let (model, batch) = fixture(16, 0);
         let tc = TrainerConfig {
             optimizer: OptimizerConfig::Adam(AdamConfig::paper()),
             schedule: Schedule::Constant { lr: 1e-3 },
@@ -301,13 +365,67 @@ mod tests {
             by_hand.accumulate(&batch, 0.1, 1.0, &mut g, &mut r2).unwrap();
             adam.step(&mut by_hand, &g, 1e-3);
         }
-        let mut a = Vec::new();
-        trainer
-            .model
-            .visit("", &mut |_, t| a.extend(t.iter().map(|v| v.to_bits())));
-        let mut b = Vec::new();
-        by_hand.visit("", &mut |_, t| b.extend(t.iter().map(|v| v.to_bits())));
+        let (a, b) = (bits(&trainer.model), bits(&by_hand));
         assert!(a.iter().all(|&x| f32::from_bits(x).is_finite()));
         assert_eq!(a, b);
+    }
+
+    /// A bf16 step of several micro-batches converts and packs each weight once, at its
+    /// start, for all of them: its steps give bit for bit the parameters of steps taken by
+    /// hand, whose products convert their weights themselves, step after step (the packings
+    /// made afresh each time, here also after the model was changed between steps), with
+    /// Adam and with SGD, and with one micro-batch (no packings).
+    #[test]
+    fn bf16_steps_with_weights_packed_once_equal_steps_whose_products_pack_their_own() {
+        use crate::Precision;
+        use crate::kernels::precision::with_precision;
+        let (model, first) = fixture(12, 0);
+        let (_, second) = fixture(7, 3);
+        let (two, one) = (vec![first.clone(), second], vec![first]);
+        for (optimizer, micro) in [
+            (OptimizerConfig::Adam(AdamConfig::adamw(0.01)), &two),
+            (OptimizerConfig::Sgd { momentum: 0.9 }, &two),
+            (OptimizerConfig::Adam(AdamConfig::paper()), &one),
+        ] {
+            let tc = TrainerConfig {
+                optimizer: optimizer.clone(),
+                schedule: Schedule::Constant { lr: 1e-3 },
+                clip_norm: Some(0.5),
+                label_smoothing: 0.1,
+                precision: Precision::Bf16,
+            };
+            let mut trainer = Trainer::new(model.clone(), tc).unwrap();
+            let mut by_hand = model.clone();
+            let mut opt = optimizer.build(&by_hand).unwrap();
+            let total: usize = micro
+                .iter()
+                .map(<EncoderDecoder as Trainable>::batch_tokens)
+                .sum();
+            let (mut r1, mut r2) = (StdRng::seed_from_u64(9), StdRng::seed_from_u64(9));
+            for step in 0..4 {
+                if step == 2 {
+                    trainer.model.scale(0.75);
+                    by_hand.scale(0.75);
+                }
+                trainer.step(micro, &mut r1).unwrap();
+                with_precision(Precision::Bf16, || {
+                    let mut g = by_hand.zeros_like();
+                    for b in micro {
+                        let w = <EncoderDecoder as Trainable>::batch_tokens(b) as f64 / total as f64;
+                        by_hand.accumulate(b, 0.1, w, &mut g, &mut r2).unwrap();
+                    }
+                    clip_grad_norm(&mut g, 0.5);
+                    opt.step(&mut by_hand, &g, 1e-3);
+                });
+                let what = format!("{optimizer:?}, {} micro-batches, step {step}", micro.len());
+                assert!(
+                    bits(&trainer.model) == bits(&by_hand),
+                    "{what}: the parameters differ"
+                );
+            }
+            let a = bits(&trainer.model);
+            assert_ne!(a, bits(&model), "the steps changed the model");
+            assert!(a.iter().all(|&x| f32::from_bits(x).is_finite()));
+        }
     }
 }

@@ -230,7 +230,7 @@ const fn padded(kc: usize) -> usize {
 }
 
 /// bf16 elements of B `k × n` packed.
-fn packed_len(k: usize, n: usize) -> usize {
+pub(super) fn packed_len(k: usize, n: usize) -> usize {
     let last = if k == 0 { 0 } else { k - (k - 1) / KC * KC };
     (k - last + padded(last)) * n.div_ceil(NR) * NR
 }
@@ -943,6 +943,14 @@ pub(super) unsafe fn gemm(
     }
     let n_panels = n.div_ceil(NR);
     let (parts, _) = split(parts, m.div_ceil(path.mr()), n_panels);
+    // A weight packed ahead (see `weights`): its packing is the one made below, made once.
+    let done = super::weights::with_packed(b, k, n, |bpack| {
+        // SAFETY: forwarded; `bpack` holds B packed (by `pack_b_into`, from these values).
+        unsafe { gemm_packed_b(path, m, k, n, alpha, a, bpack, beta, c, parts, ep) }
+    });
+    if done.is_some() {
+        return;
+    }
     with_scratch(&B_BUF, packed_len(k, n), |bpack| {
         let out = Shared(bpack.as_mut_ptr());
         // SAFETY: B is k × n (caller); parts pack disjoint panels.
@@ -985,14 +993,32 @@ pub(super) fn row_major(x: &[f32], cols: usize) -> Mat {
 /// # Safety
 /// `b` addresses a `k × n` matrix.
 pub(super) unsafe fn pack_b_all(k: usize, n: usize, b: Mat, parts: usize) -> Aligned<u16> {
-    let n_panels = n.div_ceil(NR);
     let mut out = Aligned::zeroed(packed_len(k, n));
+    // SAFETY: forwarded; `out` holds packed_len(k, n) elements.
+    unsafe { pack_b_into(k, n, b, parts, &mut out) };
+    out
+}
+
+/// [`pack_b_all`] into `out`, which holds [`packed_len`]`(k, n)` elements (every one of which
+/// is written).
+///
+/// # Safety
+/// `b` addresses a `k × n` matrix.
+///
+/// # Panics
+/// If `out` has another length.
+pub(super) unsafe fn pack_b_into(k: usize, n: usize, b: Mat, parts: usize, out: &mut [u16]) {
+    assert_eq!(
+        out.len(),
+        packed_len(k, n),
+        "pack_b_into: a buffer for another shape"
+    );
+    let n_panels = n.div_ceil(NR);
     let shared = Shared(out.as_mut_ptr());
     // SAFETY: B is k × n (caller); runs pack disjoint panels of `out`.
     for_panel_runs(parts, n_panels, |panels| unsafe {
         pack_b(b, k, n, panels, shared)
     });
-    out
 }
 
 /// [`gemm`] with B packed by [`pack_b_all`] (a vector path, not `Emulated`).

@@ -30,6 +30,7 @@ use super::small_gemm;
 pub mod bf16;
 pub(crate) mod micro;
 mod packed;
+pub(crate) mod weights;
 
 use packed::{Epilogue, Mat, MatMut};
 pub use packed::{Isa, KC};

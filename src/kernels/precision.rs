@@ -36,6 +36,11 @@
 //! assert_eq!(cfg.precision, Precision::Bf16);
 //! ```
 //!
+//! Each product converts the weight it multiplies as it packs it, so a training step converts
+//! every weight once in each of the two layouts its products read (`X·Wᵀ` forward, `∂Y·W`
+//! backward). A step of several micro-batches (gradient accumulation) converts them once, at
+//! its start, for all of them, and holds the converted weights for the step: 4 bytes a weight.
+//!
 //! Inference in bf16: pack the model inside [`with_precision`], and its weights are
 //! converted to bf16 once, there; every product with them then runs in bf16, wherever the
 //! packed model is used. A model whose weights were stored in bf16 (a PyTorch state_dict or

@@ -19,22 +19,13 @@ use crate::train::optim::{Optimizer, OptimizerConfig, OptimizerState, clip_grad_
 use crate::train::schedule::Schedule;
 
 /// A parameter of `F` = `f32` with two axes, as an `f32` matrix: a weight that products use.
+/// (Parameters are laid out row by row; one that is not is left to its products to pack.)
 fn as_f32_matrix<F: Float>(t: ndarray::ArrayViewD<'_, F>) -> Option<ndarray::ArrayView2<'_, f32>> {
-    if std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>() || t.ndim() != 2 {
+    let &[rows, cols] = t.shape() else {
         return None;
-    }
-    let (dim, strides) = ((t.shape()[0], t.shape()[1]), (t.strides()[0], t.strides()[1]));
-    if strides.0 < 0 || strides.1 < 0 {
-        return None;
-    }
-    // SAFETY: F is f32 (checked), so the view's elements are f32 at the same addresses, with
-    // the same shape and (non-negative) strides.
-    Some(unsafe {
-        ndarray::ArrayView2::from_shape_ptr(
-            ndarray::ShapeBuilder::strides(dim, (strides.0 as usize, strides.1 as usize)),
-            t.as_ptr() as *const f32,
-        )
-    })
+    };
+    let values = F::as_f32(t.to_slice()?)?;
+    ndarray::ArrayView2::from_shape((rows, cols), values).ok()
 }
 
 /// Settings of a [`Trainer`].

@@ -60,9 +60,9 @@ impl WeightPacks {
         }
     }
 
-    /// Packs `w` `[out, in]` again for both of its products, `X·Wᵀ` (B = `Wᵀ`) and `∂Y·W`
-    /// (B = `W`): after its values changed. On the threads of the current team.
-    pub(crate) fn refresh(&mut self, w: ArrayView2<'_, f32>) {
+    /// Packs `w` `[out, in]` (again) for both of its products, `X·Wᵀ` (B = `Wᵀ`) and `∂Y·W`
+    /// (B = `W`). On the threads of the current team.
+    fn refresh(&mut self, w: ArrayView2<'_, f32>) {
         if !WeightPacks::apply::<f32>() {
             return;
         }
@@ -89,10 +89,15 @@ impl WeightPacks {
     }
 }
 
-/// The key of B `[k, n]` as a product receives it.
+/// The key of B `[k, n]` at `b`, as a product receives it.
+fn key(b: Mat, k: usize, n: usize) -> Key {
+    (b.ptr as usize, k, n, b.rs, b.cs)
+}
+
+/// The key of the matrix `b`.
 fn key_of(b: &ArrayView2<'_, f32>) -> Key {
     let (k, n) = b.dim();
-    (b.as_ptr() as usize, k, n, b.strides()[0], b.strides()[1])
+    key(Mat::of(b), k, n)
 }
 
 thread_local! {
@@ -144,7 +149,7 @@ pub(super) fn with_packed<R>(b: Mat, k: usize, n: usize, f: impl FnOnce(&[u16]) 
     // SAFETY: CURRENT points to the packings of a `with_weight_packs` running on this thread,
     // or of one whose parallel loop this thread runs a part of, until it returns.
     let packs = unsafe { &*packs };
-    packs.packs.get(&(b.ptr as usize, k, n, b.rs, b.cs)).map(|p| f(p))
+    packs.packs.get(&key(b, k, n)).map(|p| f(p))
 }
 
 #[cfg(test)]

@@ -143,15 +143,24 @@ fn bf16_generation_of_a_decoder_only_model_is_close_to_f32() -> Result<()> {
 
 /// Copy-task training steps of 64 sequences.
 const STEPS: u64 = 500;
-/// Largest distance allowed between the two loss curves, each averaged over windows of 50
-/// steps. Measured on the AMX path: 0.035, in the window where the loss falls fastest (0.256
-/// in f32, 0.292 in bf16); the curves start at 2.2 and end at 0.002 in both.
-const CURVE_BOUND: f64 = 0.08;
+/// The runs' seeds: each pair of runs (`f32`, bf16) starts from the same model and data.
+const SEEDS: [u64; 3] = [2017, 2018, 2019];
+/// Largest median, over the seeds, of the distance between the two loss curves (each
+/// averaged over windows of 50 steps; the distance their largest gap). The gap is widest
+/// where the loss falls fastest, and when it falls there moves with every rounding: over ten
+/// seeds on an AMD EPYC Zen 5 (AVX512-BF16) the distance ran from 0.020 to 0.108 (mean 0.047)
+/// with one exponential and from 0.031 to 0.087 (mean 0.050) with another that differs from
+/// it in the last bits, two of the ten above 0.08 either way: a single seed tested where its
+/// curve happened to turn. Measured on the AMX path: 0.035. The curves start at 2.2 and end
+/// at 0.002 in both precisions.
+const CURVE_BOUND: f64 = 0.07;
+/// Largest distance for any one seed.
+const CURVE_BOUND_ANY: f64 = 0.15;
 
 /// The loss at every step of a copy-task run, and the held-out exact-match count of 500.
-fn copy_task(precision: Precision) -> (Vec<f64>, usize) {
+fn copy_task(precision: Precision, seed: u64) -> (Vec<f64>, usize) {
     use common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
-    let mut rng = StdRng::seed_from_u64(2017);
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut trainer = Trainer::new(model(&mut rng), trainer_config(STEPS, precision)).unwrap();
     let mut data = StdRng::seed_from_u64(1);
     let losses: Vec<f64> = (0..STEPS)
@@ -164,23 +173,36 @@ fn copy_task(precision: Precision) -> (Vec<f64>, usize) {
 
 #[test]
 fn bf16_copy_task_follows_the_f32_loss_curve() {
-    let (f32_curve, f32_exact) = copy_task(Precision::F32);
-    let (bf16_curve, bf16_exact) = copy_task(Precision::Bf16);
-    assert_ne!(f32_curve, bf16_curve, "bf16 changed nothing");
     let window = |c: &[f64]| -> Vec<f64> {
         c.chunks(50)
             .map(|w| w.iter().sum::<f64>() / w.len() as f64)
             .collect()
     };
-    let (a, b) = (window(&f32_curve), window(&bf16_curve));
-    let distance = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    eprintln!(
-        "copy task, {STEPS} steps: f32 {a:.3?}\n                        bf16 {b:.3?}\n  largest distance {distance:.4} (bound {CURVE_BOUND}); held-out exact f32 {f32_exact}/500, bf16 {bf16_exact}/500"
-    );
-    assert!(distance < CURVE_BOUND, "loss curves {distance} apart");
+    let mut distances = Vec::new();
+    for seed in SEEDS {
+        let (f32_curve, f32_exact) = copy_task(Precision::F32, seed);
+        let (bf16_curve, bf16_exact) = copy_task(Precision::Bf16, seed);
+        assert_ne!(f32_curve, bf16_curve, "bf16 changed nothing");
+        let (a, b) = (window(&f32_curve), window(&bf16_curve));
+        let distance = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        eprintln!(
+            "copy task, seed {seed}, {STEPS} steps: f32 {a:.3?}\n                        bf16 {b:.3?}\n  largest distance {distance:.4}; held-out exact f32 {f32_exact}/500, bf16 {bf16_exact}/500"
+        );
+        assert!(
+            distance < CURVE_BOUND_ANY,
+            "seed {seed}: loss curves {distance} apart"
+        );
+        assert!(
+            bf16_exact >= 490,
+            "seed {seed}: bf16 exact match {bf16_exact}/500 (f32 {f32_exact})"
+        );
+        distances.push(distance);
+    }
+    distances.sort_by(f64::total_cmp);
+    let median = distances[distances.len() / 2];
     assert!(
-        bf16_exact >= 490,
-        "bf16 exact match {bf16_exact}/500 (f32 {f32_exact})"
+        median < CURVE_BOUND,
+        "loss curves a median {median} apart (bound {CURVE_BOUND})"
     );
 }
 

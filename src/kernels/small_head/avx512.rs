@@ -649,7 +649,9 @@ macro_rules! staged {
 
 /// [`exp_f32`] of every vector of `$x` (`[[__m512; C]; R]`, `R` and `C` given), operation for
 /// operation (so the same bits), each operation on all of them before the next: a row's
-/// exponentials alone are a chain of about 30 dependent operations.
+/// exponentials alone are a chain of about 17 dependent operations. NaN comes through the
+/// clamps (`max` and `min` return their second operand where one is NaN) and every step
+/// after them as NaN, as `exp_f32` gives it.
 ///
 /// [`exp_f32`]: crate::kernels::simd::exp_f32
 macro_rules! exp_all {
@@ -657,65 +659,41 @@ macro_rules! exp_all {
         use crate::kernels::simd::exp_consts::*;
         use std::arch::x86_64::*;
         let set = _mm512_set1_ps;
-        let x0 = $x;
-        // max(x, LOW) gives LOW for NaN, as f32::max does.
         each!($x, $rows, $cols, |v| _mm512_min_ps(
-            _mm512_max_ps(v, set(LOW)),
-            set(CLAMP)
+            set(CLAMP),
+            _mm512_max_ps(set(LOW), v)
         ));
         let mut t = $x;
-        each!(t, $rows, $cols, |v| _mm512_add_ps(
-            _mm512_mul_ps(v, set(std::f32::consts::LOG2_E)),
+        each!(t, $rows, $cols, |v| _mm512_fmadd_ps(
+            v,
+            set(std::f32::consts::LOG2_E),
             set(ROUND)
         ));
         let mut n = t;
         each!(n, $rows, $cols, |v| _mm512_sub_ps(v, set(ROUND)));
-        // r = (xc − n·C1) − n·C2, in `$x`.
-        each!($x, n, $rows, $cols, |v, nv| _mm512_sub_ps(
-            v,
-            _mm512_mul_ps(nv, set(C1))
-        ));
-        each!($x, n, $rows, $cols, |v, nv| _mm512_sub_ps(
-            v,
-            _mm512_mul_ps(nv, set(C2))
-        ));
+        // r = x − n·C1 − n·C2, in `$x`.
+        each!($x, n, $rows, $cols, |v, nv| _mm512_fnmadd_ps(nv, set(C1), v));
+        each!($x, n, $rows, $cols, |v, nv| _mm512_fnmadd_ps(nv, set(C2), v));
         let mut p = [[set(POLY[0]); $cols]; $rows];
         for &k in &POLY[1..] {
-            each!(p, $x, $rows, $cols, |pv, rv| _mm512_add_ps(
-                _mm512_mul_ps(pv, rv),
-                set(k)
-            ));
+            each!(p, $x, $rows, $cols, |pv, rv| _mm512_fmadd_ps(pv, rv, set(k)));
         }
         // e = p·r² + r + 1, in `p`.
-        each!(p, $x, $rows, $cols, |pv, rv| _mm512_mul_ps(
+        each!(p, $x, $rows, $cols, |pv, rv| _mm512_fmadd_ps(
             pv,
-            _mm512_mul_ps(rv, rv)
+            _mm512_mul_ps(rv, rv),
+            rv
         ));
-        each!(p, $x, $rows, $cols, |pv, rv| _mm512_add_ps(
-            _mm512_add_ps(pv, rv),
-            set(1.0)
-        ));
+        each!(p, $rows, $cols, |pv| _mm512_add_ps(pv, set(1.0)));
         // 2ⁿ⁻¹ from n's integer (the low bits of t's mantissa), in `t`.
-        each!(t, $rows, $cols, |tv| {
-            let n_int = _mm512_sub_epi32(_mm512_castps_si512(tv), _mm512_set1_epi32(ROUND.to_bits() as i32));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-                n_int,
-                _mm512_set1_epi32(126),
-            )))
-        });
+        each!(t, $rows, $cols, |tv| _mm512_castsi512_ps(
+            _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(tv), _mm512_set1_epi32(BIAS)))
+        ));
         each!(p, t, $rows, $cols, |e, half| _mm512_mul_ps(
             _mm512_mul_ps(e, half),
             set(2.0)
         ));
         $x = p;
-        each!($x, x0, $rows, $cols, |v, xv| {
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(xv, xv);
-            let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, set(HIGH));
-            let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(xv, set(LOW));
-            let v = _mm512_mask_mov_ps(v, nan, xv);
-            let v = _mm512_mask_mov_ps(v, big, set(f32::INFINITY));
-            _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
-        });
     }};
 }
 

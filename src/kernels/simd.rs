@@ -293,8 +293,9 @@ pub(crate) mod exp_consts {
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     use exp_consts::*;
-    // max/min rather than clamp: NaN becomes LOW here (and NaN again at the end).
-    #[allow(clippy::manual_clamp)] // clamp would keep NaN, which the casts below must not see
+    // max/min rather than clamp: NaN becomes LOW here and the input NaN is returned at the end
+    // (the vector forms carry NaN through instead: NaN either way).
+    #[allow(clippy::manual_clamp)] // clamp would keep NaN; the result is NaN either way
     let xc = x.max(LOW).min(CLAMP);
     let t = xc.mul_add(std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;

@@ -127,10 +127,67 @@ fn bench_attention_core(c: &mut Criterion) {
     group.finish();
 }
 
+/// The attention core under a causal mask, forward then backward (`Q·Kᵀ`, softmax, `·V` and
+/// their gradients, every head of every sequence), without dropout: the decoder's
+/// self-attention at the small and base workloads' shapes, and a longer context (256
+/// positions, past the per-head registers' 64 keys) as a character model would train it.
+/// Credited with the unmasked work, `3 · 4·T²·d_k` FLOPs per head (as `WORKLOADS.md` counts a
+/// training step), whatever the blocked half costs.
+fn bench_attention_causal(c: &mut Criterion) {
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    let mut group = c.benchmark_group("attention_causal");
+    group.sample_size(20);
+    // (name, batch, heads, length, d_k)
+    for &(name, b, h, t, dk) in &[
+        ("small", 32, 8, 32, 32),
+        ("base", 8, 8, 64, 64),
+        ("long", 4, 8, 256, 32),
+    ] {
+        let mut rng = StdRng::seed_from_u64(3);
+        let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((b, h, t, dk), &mut rng));
+        let [mut out, mut gq, mut gk, mut gv]: [Array4<f32>; 4] =
+            std::array::from_fn(|_| Array4::zeros((b, h, t, dk)));
+        group.throughput(Throughput::Elements((3 * 4 * b * h * t * t * dk) as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &(), |bench, _| {
+                pool.install(|| {
+                    vaswani::kernels::parallel::with_team(|| {
+                        bench.iter(|| {
+                            let mask = Mask::causal().resolve(b, t, t).expect("a causal mask");
+                            let cache = attention_forward(
+                                q.view(),
+                                k.view(),
+                                v.view(),
+                                mask,
+                                0.0,
+                                None::<&mut StdRng>,
+                                out.view_mut(),
+                            );
+                            attention_backward(
+                                q.view(),
+                                k.view(),
+                                v.view(),
+                                &cache,
+                                g.view(),
+                                gq.view_mut(),
+                                gk.view_mut(),
+                                gv.view_mut(),
+                            );
+                        })
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_multi_head,
     bench_feed_forward,
-    bench_attention_core
+    bench_attention_core,
+    bench_attention_causal
 );
 criterion_main!(benches);

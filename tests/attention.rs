@@ -431,3 +431,122 @@ fn core_backward_overwrites_stale_gradients() {
     check::<f32>(51);
     check::<f64>(52);
 }
+
+/// Under a causal mask the core skips what the mask blocks, by blocks of queries (the keys
+/// past the last one a block sees) and of keys (the queries before the first that sees one).
+/// Its outputs, weights and gradients are those of the same pairs kept by explicit flags,
+/// which computes every pair and zeroes the blocked ones: over enough positions for several
+/// blocks, with padding by length, dropout, and more keys than queries (the queries are then
+/// the last positions). `f32` heads of at most 64 keys take the register path, the rest the
+/// GEMMs.
+#[test]
+fn causal_core_skips_the_blocked_half_with_the_results_of_explicit_pairs() {
+    use ndarray::{Array4, Zip};
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    fn check<F: vaswani::kernels::Float>(seed: u64, (tq, tk): (usize, usize), tol: f64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (b, h, dk, dv) = (2, 2, 8, 6);
+        let q: Array4<F> = random_like((b, h, tq, dk), &mut rng);
+        let k: Array4<F> = random_like((b, h, tk, dk), &mut rng);
+        let v: Array4<F> = random_like((b, h, tk, dv), &mut rng);
+        let g: Array4<F> = random_like((b, h, tq, dv), &mut rng);
+        let lengths = [tk, tk - 9];
+        let kept = Array2::from_shape_fn((tq, tk), |(i, j)| j <= i + tk - tq);
+        let run = |mask: Mask| {
+            let mask = mask.and(Mask::key_lengths(&lengths)).resolve(b, tq, tk).unwrap();
+            let mut out = Array4::<F>::zeros((b, h, tq, dv));
+            let cache = attention_forward(
+                q.view(),
+                k.view(),
+                v.view(),
+                mask,
+                0.1,
+                Some(&mut StdRng::seed_from_u64(7)),
+                out.view_mut(),
+            );
+            let [mut gq, mut gk, mut gv] =
+                [(tq, dk), (tk, dk), (tk, dv)].map(|(t, d)| Array4::<F>::zeros((b, h, t, d)));
+            attention_backward(
+                q.view(),
+                k.view(),
+                v.view(),
+                &cache,
+                g.view(),
+                gq.view_mut(),
+                gk.view_mut(),
+                gv.view_mut(),
+            );
+            let w = cache.weights().to_owned();
+            [out, w, gq, gk, gv]
+        };
+        let (causal, flagged) = (run(Mask::causal()), run(Mask::kept_pairs(kept)));
+        for (name, (c, f)) in ["output", "weights", "∂Q", "∂K", "∂V"]
+            .iter()
+            .zip(causal.iter().zip(&flagged))
+        {
+            assert!(f.iter().any(|&x| x != F::ZERO), "{name}: all zero");
+            Zip::from(c).and(f).for_each(|&c, &f| {
+                let (c, f) = (c.to_f64(), f.to_f64());
+                assert!(
+                    (c - f).abs() <= tol * (1.0 + f.abs()),
+                    "{name} ({tq} queries, {tk} keys): {c} against {f}"
+                );
+            });
+        }
+        // Blocked pairs get weight exactly 0 either way.
+        let w = &causal[1];
+        for (bi, &len) in lengths.iter().enumerate() {
+            for i in 0..tq {
+                let limit = (i + 1 + tk - tq).min(len);
+                assert!(w.slice(s![bi, .., i, limit..]).iter().all(|&x| x == F::ZERO));
+            }
+        }
+    }
+    for shape in [(80, 80), (70, 100), (40, 64)] {
+        check::<f64>(53, shape, 1e-12);
+        check::<f32>(54, shape, 2e-5);
+    }
+}
+
+/// The attention core computes in `f32` under bf16 precision too (bf16 is for the linear
+/// layers' products): the same bits as outside it, forward and backward, for heads that run
+/// in registers (on AVX-512) and heads too wide for them (`d_v` 80), which run as GEMM calls.
+#[test]
+fn core_stays_f32_under_bf16_precision() {
+    use ndarray::Array4;
+    use vaswani::kernels::precision::{Precision, with_precision};
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    let mut rng = StdRng::seed_from_u64(55);
+    for (t, d) in [(40, 32), (40, 80), (100, 96)] {
+        let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((2, 2, t, d), &mut rng));
+        let run = || {
+            let mask = Mask::causal().resolve(2, t, t).unwrap();
+            let mut out = Array4::<f32>::zeros((2, 2, t, d));
+            let cache = attention_forward(
+                q.view(),
+                k.view(),
+                v.view(),
+                mask,
+                0.0,
+                None::<&mut StdRng>,
+                out.view_mut(),
+            );
+            let [mut gq, mut gk, mut gv] = [(); 3].map(|_| Array4::<f32>::zeros((2, 2, t, d)));
+            attention_backward(
+                q.view(),
+                k.view(),
+                v.view(),
+                &cache,
+                g.view(),
+                gq.view_mut(),
+                gk.view_mut(),
+                gv.view_mut(),
+            );
+            [out, gq, gk, gv].map(|a| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert!(
+            run() == with_precision(Precision::Bf16, run),
+            "{t} positions, d {d}"
+        );
+    }
+}

@@ -9,9 +9,12 @@
 //! `[B, H, T, d]` with any strides. [`crate::layers::MultiHead`] hands it per-head views of
 //! its `[B·T, d_model]` projections (head h is columns `h·d_k .. (h+1)·d_k`), so heads are
 //! never copied apart or concatenated back: the output is written in place into the
-//! concatenated layout. A head with few keys (at most 64, on AVX-512 CPUs) runs in vector
-//! registers instead of as two GEMM calls, with the same arithmetic and bits
-//! (`kernels::small_head`). The (b, h) pairs run in parallel on the rayon pool; each is computed
+//! concatenated layout. A head of up to 512 keys, on AVX-512 CPUs, runs in vector registers
+//! instead of as two GEMM calls, with the same arithmetic and bits (`kernels::small_head`).
+//! Under a causal mask a head goes in blocks of 32 queries, each computing its scores,
+//! softmax and products only up to the last key one of its queries sees (its backward, in
+//! blocks of keys, from the first query that sees one): the blocked half is skipped rather
+//! than computed and zeroed, with the same results. The (b, h) pairs run in parallel on the rayon pool; each is computed
 //! whole by one thread, so results do not depend on the thread count. Attention dropout masks
 //! are drawn before the parallel part, in (b, h, i, j) order.
 //!
@@ -28,7 +31,8 @@
 //! values hold NaN: padding by length is skipped outright (less work, too), padding by flags
 //! is zeroed in a copy of K and V when it holds a non-finite value. Keys blocked for only some
 //! queries (causal, explicit pairs) get weight exactly 0, so *finite* values there change
-//! nothing, bit for bit; NaN there would reach the output through `0·NaN`, as in PyTorch.
+//! nothing, bit for bit; NaN there would reach the output through `0·NaN`, as in PyTorch,
+//! except where a causal head's blocks skip the pair (beyond its block of 32 queries).
 //!
 //! PyTorch equivalent: `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`, whose
 //! fully masked rows also come out as zeros.
@@ -50,6 +54,8 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
+use std::ops::Range;
+
 use ndarray::{
     Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, s,
 };
@@ -57,12 +63,13 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
+use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::simd::widest;
 use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::small_head::{RowSoftmax, SmallHead};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
-use crate::kernels::{Float, dropout_mask, gemm, parallel_worth};
+use crate::kernels::{Float, dropout_mask, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
 
 /// Configuration of [`ScaledDotProductAttention`].
@@ -344,7 +351,7 @@ pub fn attention_forward<F: Float>(
     // that took 1.7% of the attention core alone at the base shape).
     let fill_probs = |mut probs: ndarray::ArrayViewMut4<'_, F>| {
         let all_probs = PairViews::new(probs.view_mut());
-        let one = |pair: usize| {
+        let one_head = |pair: usize| {
             let (bi, hi) = (pair / h, pair % h);
             // SAFETY: each pair is taken by one part only.
             let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
@@ -362,28 +369,58 @@ pub fn attention_forward<F: Float>(
                     RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
                 };
                 // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
-                unsafe { head.forward(scale.to_f64() as f32, softmax, dropped, &mut probs, &mut out) };
+                let queries = query_blocks(&mask, bi, tq, kb);
+                unsafe {
+                    head.forward(
+                        scale.to_f64() as f32,
+                        softmax,
+                        queries,
+                        dropped,
+                        &mut probs,
+                        &mut out,
+                    )
+                };
                 return;
             }
-            // S = Q·Kᵀ/√d_k over the keys that are not padding by length.
-            gemm(
-                scale,
-                head_view(&q, bi, hi, tq, dk),
-                k.t(),
-                F::ZERO,
-                probs.slice_mut(s![.., ..kb]),
-            );
-            widest!(for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
-                softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
-            });
-            match &drop {
-                Some(m) => {
-                    let dropped = &probs.slice(s![.., ..kb]) * &m.slice(s![bi, hi, .., ..kb]);
-                    gemm(F::ONE, dropped.view(), v, F::ZERO, out.view_mut());
+            let q = head_view(&q, bi, hi, tq, dk);
+            let gemm = products::<F>(&mask);
+            for (rows, width) in query_blocks(&mask, bi, tq, kb) {
+                let mut probs = probs.slice_mut(s![rows.clone(), ..]);
+                let mut out = out.slice_mut(s![rows.clone(), ..]);
+                if width == 0 {
+                    // Queries that see no key: zero weights, zero output.
+                    probs.fill(F::ZERO);
+                    out.fill(F::ZERO);
+                    continue;
                 }
-                None => gemm(F::ONE, probs.slice(s![.., ..kb]), v, F::ZERO, out.view_mut()),
+                // S = Q·Kᵀ/√d_k over the keys these queries see (not padding by length, not
+                // past the last key a causal mask shows them).
+                gemm(
+                    scale,
+                    q.slice(s![rows.clone(), ..]),
+                    k.slice(s![..width, ..]).t(),
+                    F::ZERO,
+                    probs.slice_mut(s![.., ..width]),
+                );
+                // Each row's softmax reads its keys below its limit (at most `width`) and
+                // writes zeros from there to the end of the row.
+                widest!(for (i, mut row) in rows.clone().zip(probs.rows_mut()) {
+                    softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+                });
+                let (p, v) = (probs.slice(s![.., ..width]), v.slice(s![..width, ..]));
+                match &drop {
+                    Some(m) => {
+                        let dropped = &p * &m.slice(s![bi, hi, rows, ..width]);
+                        gemm(F::ONE, dropped.view(), v, F::ZERO, out);
+                    }
+                    None => gemm(F::ONE, p, v, F::ZERO, out),
+                }
             }
         };
+        // The attention core computes in f32 whatever the precision of the products around
+        // it (the register path always did; the GEMM calls of the general path take bf16
+        // operands under bf16 precision otherwise).
+        let one = |pair: usize| with_precision(Precision::F32, || one_head(pair));
         if parallel_worth(b * h * tq * tk * (dk + dv)) {
             for_each_index(b * h, one);
         } else {
@@ -394,6 +431,67 @@ pub fn attention_forward<F: Float>(
     // reading it (above).
     let probs = unsafe { crate::kernels::workspace::filled((b, h, tq, tk), fill_probs) };
     AttentionCoreCache { probs, drop, mask }
+}
+
+/// Queries (and keys) per block under a causal mask: each block of queries computes its
+/// scores, softmax and products up to the last key one of them sees, each block of keys its
+/// gradients from the first query that sees one, so the blocked half of a head is skipped
+/// rather than computed and then zeroed.
+pub(crate) const QUERY_BLOCK: usize = 32;
+
+/// `0..n` in blocks: under a causal mask of [`QUERY_BLOCK`], the last one taking what is left
+/// (16 to 47, so that no block has the few rows that the GEMM's few-row kernels would take:
+/// [`gemm_blocks`] sums each element as the whole product does); else one block.
+pub(crate) fn blocks(n: usize, causal: bool) -> impl Iterator<Item = Range<usize>> + Clone {
+    let count = if causal {
+        (n + QUERY_BLOCK / 2) / QUERY_BLOCK
+    } else {
+        1
+    }
+    .max(1);
+    (0..count).map(move |i| i * QUERY_BLOCK..if i + 1 == count { n } else { (i + 1) * QUERY_BLOCK })
+}
+
+/// The product of the general path's heads: [`gemm`], or under a causal mask (whose heads
+/// run in [`blocks`]) [`gemm_blocks`].
+type Product<F> = fn(F, ArrayView2<F>, ArrayView2<F>, F, ArrayViewMut2<F>);
+
+fn products<F: Float>(mask: &ResolvedMask) -> Product<F> {
+    if mask.is_causal() {
+        gemm_blocks::<F>
+    } else {
+        gemm::<F>
+    }
+}
+
+/// The queries `0..tq` of sequence `bi` in [`blocks`], each with the number of keys its
+/// queries see at most (at most `kb`, the keys that are not padding by length).
+pub(crate) fn query_blocks(
+    mask: &ResolvedMask,
+    bi: usize,
+    tq: usize,
+    kb: usize,
+) -> impl Iterator<Item = (Range<usize>, usize)> + Clone + '_ {
+    // A row's limit never falls from one query to the next: the block's last row has the
+    // largest.
+    blocks(tq, mask.is_causal()).map(move |rows| {
+        let width = rows.end.checked_sub(1).map_or(0, |i| mask.limit(bi, i).min(kb));
+        (rows, width)
+    })
+}
+
+/// The keys `0..kb` of sequence `bi` in [`blocks`], each with the first query that sees one
+/// of them (no query before it does; the query length if none does): the backward's
+/// products over the queries of each key (`∂L/∂V`, `∂L/∂K`) start there.
+pub(crate) fn key_blocks(
+    mask: &ResolvedMask,
+    bi: usize,
+    kb: usize,
+) -> impl Iterator<Item = (Range<usize>, usize)> + Clone + '_ {
+    blocks(kb, mask.is_causal()).map(move |keys| {
+        let first = mask.first_query(bi, keys.start);
+        (keys, first)
+    })
 }
 
 /// [`attention_forward`] for one query per sequence (a decoding step), without dropout and
@@ -513,7 +611,7 @@ pub fn attention_backward<F: Float>(
         PairViews::new(grad_k.view_mut()),
         PairViews::new(grad_v.view_mut()),
     );
-    let one = |pair: usize| {
+    let one_head = |pair: usize| {
         let (bi, hi) = (pair / h, pair % h);
         // SAFETY: each pair is taken by one part only.
         let (mut grad_q, mut grad_k, mut grad_v) =
@@ -546,6 +644,8 @@ pub fn attention_backward<F: Float>(
             unsafe {
                 head.backward(
                     scale.to_f64() as f32,
+                    query_blocks(mask, bi, tq, kb),
+                    key_blocks(mask, bi, kb),
                     probs,
                     drop,
                     g,
@@ -557,40 +657,88 @@ pub fn attention_backward<F: Float>(
             };
             return;
         }
+        // Under a causal mask the products below skip what the mask blocks: by blocks of
+        // queries, the keys past the last one they see; by blocks of keys, the queries before
+        // the first that sees one (their weights and gradients there are exactly 0).
+        let q = head_view(&q, bi, hi, tq, dk);
+        let gemm = products::<F>(mask);
+        let dropped = drop.as_ref().map(|m| &probs * m);
+        let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
         // ∂L/∂V = P'ᵀ·G
-        match &drop {
-            Some(m) => {
-                let dropped = &probs * m;
-                gemm(F::ONE, dropped.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..]));
+        for (keys, first) in key_blocks(mask, bi, kb) {
+            let mut gv = grad_v.slice_mut(s![keys.clone(), ..]);
+            if first == tq {
+                gv.fill(F::ZERO);
+            } else {
+                gemm(
+                    F::ONE,
+                    p_kept.slice(s![first.., keys]).t(),
+                    g.slice(s![first.., ..]),
+                    F::ZERO,
+                    gv,
+                );
             }
-            None => gemm(F::ONE, probs.t(), g, F::ZERO, grad_v.slice_mut(s![..kb, ..])),
         }
-        // ∂L/∂P = (G·Vᵀ) ⊙ M
+        // ∂L/∂P = (G·Vᵀ) ⊙ M, then ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked
+        // keys (each row read below its limit, at most its block's width).
         let mut grad_p = Array2::zeros((tq, kb));
-        gemm(F::ONE, g, v.t(), F::ZERO, grad_p.view_mut());
-        if let Some(m) = &drop {
-            grad_p *= m;
-        }
-        // ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked keys.
         let mut grad_s = Array2::zeros((tq, kb));
-        widest!(for i in 0..tq {
-            softmax_row_backward_inline(
-                probs.row(i).to_slice().expect("contiguous"),
-                grad_p.row(i).to_slice().expect("contiguous"),
-                grad_s.row_mut(i).into_slice().expect("contiguous"),
-                mask.row(bi, i),
-            );
-        });
-        // ∂L/∂Q = ∂L/∂S·K/√d_k, ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
-        gemm(scale, grad_s.view(), k, F::ZERO, grad_q.view_mut());
-        gemm(
-            scale,
-            grad_s.t(),
-            head_view(&q, bi, hi, tq, dk),
-            F::ZERO,
-            grad_k.slice_mut(s![..kb, ..]),
-        );
+        for (rows, width) in query_blocks(mask, bi, tq, kb) {
+            let mut gp = grad_p.slice_mut(s![rows.clone(), ..width]);
+            if width > 0 {
+                gemm(
+                    F::ONE,
+                    g.slice(s![rows.clone(), ..]),
+                    v.slice(s![..width, ..]).t(),
+                    F::ZERO,
+                    gp.view_mut(),
+                );
+            }
+            if let Some(m) = &drop {
+                gp *= &m.slice(s![rows.clone(), ..width]);
+            }
+            widest!(for i in rows.clone() {
+                softmax_row_backward_inline(
+                    probs.row(i).to_slice().expect("contiguous"),
+                    grad_p.row(i).to_slice().expect("contiguous"),
+                    grad_s.row_mut(i).into_slice().expect("contiguous"),
+                    mask.row(bi, i),
+                );
+            });
+            // ∂L/∂Q = ∂L/∂S·K/√d_k
+            let mut gq = grad_q.slice_mut(s![rows.clone(), ..]);
+            if width == 0 {
+                gq.fill(F::ZERO);
+            } else {
+                gemm(
+                    scale,
+                    grad_s.slice(s![rows, ..width]),
+                    k.slice(s![..width, ..]),
+                    F::ZERO,
+                    gq,
+                );
+            }
+        }
+        // ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
+        for (keys, first) in key_blocks(mask, bi, kb) {
+            let mut gk = grad_k.slice_mut(s![keys.clone(), ..]);
+            if first == tq {
+                gk.fill(F::ZERO);
+            } else {
+                gemm(
+                    scale,
+                    grad_s.slice(s![first.., keys]).t(),
+                    q.slice(s![first.., ..]),
+                    F::ZERO,
+                    gk,
+                );
+            }
+        }
     };
+    // The attention core computes in f32 whatever the precision of the products around
+    // it (the register path always did; the GEMM calls of the general path take bf16
+    // operands under bf16 precision otherwise).
+    let one = |pair: usize| with_precision(Precision::F32, || one_head(pair));
     if parallel_worth(b * h * tq * tk * (dk + dv)) {
         for_each_index(b * h, one);
     } else {

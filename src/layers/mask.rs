@@ -275,6 +275,12 @@ impl ResolvedMask {
         (self.b, self.tq, self.tk)
     }
 
+    /// Whether later queries see more keys (a causal mask): attention then skips the
+    /// blocked keys of each block of queries.
+    pub(crate) fn is_causal(&self) -> bool {
+        self.causal
+    }
+
     /// Whether query `i` of sequence `b` may attend to key `j`.
     pub fn allows(&self, b: usize, i: usize, j: usize) -> bool {
         self.row(b, i).allows(j)
@@ -282,17 +288,37 @@ impl ResolvedMask {
 
     /// The keys that query `i` of sequence `b` may attend to.
     pub fn row(&self, b: usize, i: usize) -> RowMask<'_> {
-        let mut limit = self.key_limit(b);
-        if self.causal {
-            limit = limit.min((i + 1 + self.tk).saturating_sub(self.tq));
-        }
         RowMask {
-            limit,
+            limit: self.limit(b, i),
             keys: self.keys.as_ref().map(|k| slice(k.row(b))),
             pairs: self.pairs.as_ref().map(|p| {
                 let pb = if p.dim().0 == 1 { 0 } else { b };
                 slice(p.index_axis(Axis(0), pb).index_axis_move(Axis(0), i))
             }),
+        }
+    }
+
+    /// Keys at or after this index are blocked for query `i` of sequence `b` (padding by
+    /// length, causal): the limit of [`ResolvedMask::row`].
+    pub(crate) fn limit(&self, b: usize, i: usize) -> usize {
+        let limit = self.key_limit(b);
+        if self.causal {
+            limit.min((i + 1 + self.tk).saturating_sub(self.tq))
+        } else {
+            limit
+        }
+    }
+
+    /// The first query of sequence `b` whose [`ResolvedMask::limit`] passes key `j` (the
+    /// limits never fall from one query to the next), or the query length if none does.
+    pub(crate) fn first_query(&self, b: usize, j: usize) -> usize {
+        if j >= self.key_limit(b) {
+            self.tq
+        } else if self.causal {
+            // Query i sees key j when i + 1 + Tk − Tq > j.
+            (j + self.tq).saturating_sub(self.tk).min(self.tq)
+        } else {
+            0
         }
     }
 
@@ -332,6 +358,33 @@ fn slice<'a>(row: ArrayView1<'a, bool>) -> &'a [bool] {
 mod tests {
     use super::*;
     use ndarray::array;
+
+    /// `first_query` (a closed form) is the first query whose limit passes the key, found by
+    /// search: causal or not, with padding, and with more or fewer keys than queries.
+    #[test]
+    fn first_query_is_the_first_whose_limit_passes_the_key() {
+        for (tq, tk) in [(5, 5), (3, 8), (8, 3), (1, 4)] {
+            for mask in [
+                Mask::causal(),
+                Mask::none(),
+                Mask::causal().and(Mask::key_lengths(&[tk, tk / 2])),
+            ] {
+                let r = mask.resolve(2, tq, tk).unwrap();
+                for b in 0..2 {
+                    for j in 0..tk {
+                        let want = (0..tq).find(|&i| r.limit(b, i) > j).unwrap_or(tq);
+                        assert_eq!(
+                            r.first_query(b, j),
+                            want,
+                            "{mask:?}, {tq} × {tk}, sequence {b}, key {j}"
+                        );
+                        let monotone = (1..tq).all(|i| r.limit(b, i) >= r.limit(b, i - 1));
+                        assert!(monotone);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn causal_is_lower_triangle_and_offsets_for_fewer_queries() {

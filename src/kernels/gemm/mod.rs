@@ -64,11 +64,38 @@ const MIN_SPLIT: usize = 32;
 /// vaswani::kernels::gemm(1.0, a.view(), a.t(), 0.0, c.view_mut());
 /// assert_eq!(c, array![[5.0, 11.0], [11.0, 25.0]]);
 /// ```
-pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
+pub fn gemm<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, c: ArrayViewMut2<F>) {
+    gemm_with(true, alpha, a, b, beta, c)
+}
+
+/// [`gemm`] without the few-row kernels of [`small_gemm`], which sum in another order: for a
+/// product cut into blocks of rows (or columns), each element then has the bits that the
+/// whole product gives it wherever that runs the packed kernels (or `matrixmultiply`).
+///
+/// # Panics
+/// As [`gemm`].
+pub(crate) fn gemm_blocks<F: Float>(
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    c: ArrayViewMut2<F>,
+) {
+    gemm_with(false, alpha, a, b, beta, c)
+}
+
+fn gemm_with<F: Float>(
+    few_rows: bool,
+    alpha: F,
+    a: ArrayView2<F>,
+    b: ArrayView2<F>,
+    beta: F,
+    mut c: ArrayViewMut2<F>,
+) {
     check_shapes(a.dim(), b.dim(), c.dim());
     let (m, k) = a.dim();
     let n = b.ncols();
-    if small_gemm::takes(m, k) && m * n * k > 0 && !bf16_applies::<F>() {
+    if few_rows && small_gemm::takes(m, k) && m * n * k > 0 && !bf16_applies::<F>() {
         let unit = |stride: isize, len: usize| stride == 1 || len <= 1;
         if unit(a.strides()[1], k) && unit(b.strides()[0], k) {
             return small_gemm::dot_rows(alpha, a, b, beta, c);

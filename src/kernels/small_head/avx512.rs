@@ -3,13 +3,19 @@
 //! step's heads in registers ([`try_step_head`], [`try_step_row`]). The module builds on
 //! x86-64 only; each path checks at run time that the CPU has the instructions it uses.
 
+use std::ops::Range;
+
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::{Cached, StepHead, StepRow};
 use crate::kernels::Float;
 use crate::kernels::gemm::KC;
+use crate::kernels::simd::widest;
+use crate::kernels::softmax::{RowMask, softmax_row_inline};
 
-/// Keys, value features and (backward) key features of a head, at most.
+/// Columns of a product in registers, at most: keys whose softmax runs in registers, value
+/// features, and (backward) key features of a head. Heads with more keys (up to [`KC`]) take
+/// their scores in products of this many columns at a time and the softmax of each stored row.
 pub(crate) const MAX_KEYS: usize = 64;
 /// Key features `d_k` of a head in the forward pass, at most.
 pub(crate) const MAX_DK: usize = 128;
@@ -52,6 +58,16 @@ impl Strided {
             ptr: buf.as_ptr(),
             rs: cols as isize,
             cs: 1,
+        }
+    }
+
+    /// The same matrix from row `i` and column `j` on (only computed: wrapping).
+    fn from(self, i: usize, j: usize) -> Strided {
+        Strided {
+            ptr: self
+                .ptr
+                .wrapping_offset(i as isize * self.rs + j as isize * self.cs),
+            ..self
         }
     }
 
@@ -103,7 +119,7 @@ pub(crate) struct SmallHead {
 
 impl SmallHead {
     /// The head `q` `[Tq, d_k]`, `k` `[kb, d_k]`, `v` `[kb, d_v]`, if this path takes its
-    /// forward pass: `f32` on a CPU with AVX-512F, at most [`MAX_KEYS`] keys and value
+    /// forward pass: `f32` on a CPU with AVX-512F, at most [`KC`] keys, [`MAX_KEYS`] value
     /// features and [`MAX_DK`] key features, the rows of Q, K and V contiguous, and products
     /// the GEMM would have given its packed kernels.
     pub(crate) fn new<F: Float>(q: ArrayView2<F>, k: ArrayView2<F>, v: ArrayView2<F>) -> Option<SmallHead> {
@@ -112,7 +128,7 @@ impl SmallHead {
         let unit = |x: &ArrayView2<F>| x.strides()[1] == 1 || x.ncols() <= 1;
         let fits = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
             && Isa::best() == Some(Isa::Avx512)
-            && (1..=MAX_KEYS).contains(&kb)
+            && (1..=KC).contains(&kb)
             && (1..=MAX_KEYS).contains(&dv)
             && (1..=MAX_DK).contains(&dk)
             && tq > 0
@@ -133,7 +149,9 @@ impl SmallHead {
         })
     }
 
-    /// `probs ← softmax(Q·Kᵀ·scale)` (zero past `kb`), then `out ← (probs ⊙ dropped)·V`.
+    /// `probs ← softmax(Q·Kᵀ·scale)` (zero past `kb`), then `out ← (probs ⊙ dropped)·V`, by
+    /// the blocks of queries of `queries`, each with the keys its queries see at most (their
+    /// scores, weights and products stop there: the general path's blocks, so the same sums).
     ///
     /// # Safety
     /// F must be f32 and the views given to [`SmallHead::new`] still alive.
@@ -145,6 +163,7 @@ impl SmallHead {
         &self,
         scale: f32,
         softmax: RowSoftmax<L, S>,
+        queries: impl Iterator<Item = (Range<usize>, usize)> + Clone,
         dropped: Option<ArrayView2<F>>,
         probs: &mut ArrayViewMut2<F>,
         out: &mut ArrayViewMut2<F>,
@@ -176,25 +195,59 @@ impl SmallHead {
             unsafe { transpose(self.k, kb, dk, kt) };
             // Q's rows are read where they are, except for rows of keys that fit one vector,
             // whose products go sixteen rows at a time from Qᵀ.
-            let q = if kb <= W {
+            if kb <= W {
                 unsafe { transpose(self.q, tq, dk, qt) };
-                Left::Transposed(qt, tq)
-            } else {
-                Left::Rows(self.q)
-            };
-            // SAFETY: AVX-512F; S = Q·Kᵀ from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
-            // (asserted).
-            unsafe { products(q, Strided::dense(kt, kb), dk, kb, scale, limit, p, tq) };
-        });
-        match softmax {
-            // Keys past the head's own are blocked (a row of probs can be longer than kb);
-            // nothing to do, and no view per row, where it is not.
-            RowSoftmax::Limit(_) if probs.ncols() > kb => {
-                for mut row in probs.rows_mut() {
-                    row.as_slice_mut().expect("contiguous rows (asserted)")[kb..].fill(F::ZERO);
+            }
+            for (rows, width) in queries.clone() {
+                if width == 0 {
+                    continue; // rows of zeros, below
+                }
+                let q = if kb <= W {
+                    Left::Transposed(&qt[rows.start..], tq)
+                } else {
+                    Left::Rows(self.q.from(rows.start, 0))
+                };
+                let (p, n) = (p.from(rows.start, 0), rows.len());
+                match limit {
+                    // The softmax in registers, beside the scores.
+                    Some(limit) if width <= MAX_KEYS => {
+                        let limit = |r: usize| limit(rows.start + r);
+                        // SAFETY: AVX-512F; S = Q·Kᵀ for these rows from Q and Kᵀ [dk][kb],
+                        // into probs [tq, ≥ kb] (asserted).
+                        unsafe { products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), p, n) };
+                    }
+                    // The scores alone, a product of at most MAX_KEYS columns at a time.
+                    _ => {
+                        for c in (0..width).step_by(MAX_KEYS) {
+                            let b = Strided::dense(&kt[c..], kb);
+                            let cols = MAX_KEYS.min(width - c);
+                            // SAFETY: as above, for columns c..c + cols.
+                            unsafe { products(q, b, dk, cols, scale, NO_LIMIT, p.from(0, c), n) };
+                        }
+                    }
                 }
             }
-            RowSoftmax::Limit(_) => {}
+        });
+        match softmax {
+            RowSoftmax::Limit(limit) => {
+                for (rows, width) in queries.clone() {
+                    for i in rows {
+                        let mut row = probs.row_mut(i);
+                        let row = row.as_slice_mut().expect("contiguous rows (asserted)");
+                        if width <= MAX_KEYS {
+                            // Softmax done; the keys past the block's own are blocked.
+                            row[width..].fill(F::ZERO);
+                        } else {
+                            let mask = RowMask {
+                                limit: limit(i),
+                                keys: None,
+                                pairs: None,
+                            };
+                            widest!(softmax_row_inline(row, mask));
+                        }
+                    }
+                }
+            }
             RowSoftmax::Rows(mut softmax) => {
                 for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
                     softmax(i, row.as_slice_mut().expect("contiguous rows (asserted)"));
@@ -214,10 +267,19 @@ impl SmallHead {
                 }
                 None => p,
             };
-            // SAFETY: AVX-512F; O = (P ⊙ M)·V from the rows of P ⊙ M [tq, ≥ kb] (contiguous)
-            // and V [kb, dv] with contiguous rows (checked by `new`), into out [tq, dv]
-            // (asserted).
-            unsafe { products(Left::Rows(src), self.v, kb, dv, 1.0, NO_LIMIT, o, tq) };
+            for (rows, width) in queries {
+                let (src, o) = (src.from(rows.start, 0), o.from(rows.start, 0));
+                if width == 0 {
+                    // Queries that see no key.
+                    // SAFETY: these rows of out [tq, dv] (asserted).
+                    (0..rows.len()).for_each(|r| (0..dv).for_each(|d| unsafe { *o.addr(r, d) = 0.0 }));
+                    continue;
+                }
+                // SAFETY: AVX-512F; O = (P ⊙ M)·V for these rows from the rows of P ⊙ M
+                // [tq, ≥ kb] (contiguous) and V [kb, dv] with contiguous rows (checked by
+                // `new`), into out [tq, dv] (asserted).
+                unsafe { products(Left::Rows(src), self.v, width, dv, 1.0, NO_LIMIT, o, rows.len()) };
+            }
         });
     }
 
@@ -230,7 +292,9 @@ impl SmallHead {
 
     /// The backward pass of [`SmallHead::forward`] given `∂L/∂O` (`grad_out`): `∂L/∂V =
     /// (P ⊙ M)ᵀ·G`, `∂L/∂P = (G·Vᵀ) ⊙ M`, `∂L/∂S` row by row from `softmax_backward(i, p,
-    /// ∂L/∂p, ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K`, `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`.
+    /// ∂L/∂p, ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K`, `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`; the products
+    /// by the blocks of the forward pass: of `queries`, each with the keys its queries see at
+    /// most, and of `keys`, each with the first query that sees one.
     ///
     /// # Safety
     /// F must be f32, the views given to [`SmallHead::new`] still alive, and
@@ -243,6 +307,8 @@ impl SmallHead {
     pub(crate) unsafe fn backward<F: Float>(
         &self,
         scale: f32,
+        queries: impl Iterator<Item = (Range<usize>, usize)> + Clone,
+        keys: impl Iterator<Item = (Range<usize>, usize)> + Clone,
         probs: ArrayView2<F>,
         dropped: Option<ArrayView2<F>>,
         grad_out: ArrayView2<F>,
@@ -310,33 +376,47 @@ impl SmallHead {
             } else {
                 probs.strides()[0] as usize
             };
-            unsafe {
-                products(
-                    Left::Transposed(pd, pd_rs),
-                    g,
-                    tq,
-                    dv,
-                    1.0,
-                    NO_LIMIT,
-                    Strided::of_mut(grad_v),
-                    kb,
-                )
+            // Rows `keys` of `x` [kb, cols] zero: keys no query sees.
+            let zero = |x: Strided, keys: Range<usize>, cols: usize| {
+                for j in keys {
+                    // SAFETY: row j < kb of a gradient [kb, cols] (asserted).
+                    (0..cols).for_each(|d| unsafe { *x.addr(j, d) = 0.0 });
+                }
             };
-            // ∂L/∂P = (G·Vᵀ) ⊙ M, from the rows of G [tq, dv] and Vᵀ [dv][kb].
+            let gv = Strided::of_mut(grad_v);
+            for (keys, first) in keys.clone() {
+                if first == tq {
+                    zero(gv, keys, dv);
+                    continue;
+                }
+                let left = Left::Transposed(&pd[first * pd_rs + keys.start..], pd_rs);
+                let (terms, out) = (tq - first, gv.from(keys.start, 0));
+                unsafe { products(left, g.from(first, 0), terms, dv, 1.0, NO_LIMIT, out, keys.len()) };
+            }
+            // ∂L/∂P = (G·Vᵀ) ⊙ M, from the rows of G [tq, dv] and Vᵀ [dv][kb], at most
+            // MAX_KEYS columns at a time (only below each block's width: the softmax's
+            // backward reads no further).
             unsafe { transpose(self.v, kb, dv, vt) };
             let gp = &mut gp[..tq * kb];
-            unsafe {
-                products(
-                    Left::Rows(g),
-                    Strided::dense(vt, kb),
-                    dv,
-                    kb,
-                    1.0,
-                    NO_LIMIT,
-                    Strided::dense(gp, kb),
-                    tq,
-                )
-            };
+            for (rows, width) in queries.clone() {
+                for c in (0..width).step_by(MAX_KEYS) {
+                    let cols = MAX_KEYS.min(width - c);
+                    let out = Strided::dense(&gp[rows.start * kb + c..], kb);
+                    let b = Strided::dense(&vt[c..], kb);
+                    unsafe {
+                        products(
+                            Left::Rows(g.from(rows.start, 0)),
+                            b,
+                            dv,
+                            cols,
+                            1.0,
+                            NO_LIMIT,
+                            out,
+                            rows.len(),
+                        )
+                    };
+                }
+            }
             if let Some(m) = &dropped {
                 // SAFETY: F is f32; M is [tq, kb] (asserted), gp [tq][kb].
                 unsafe { mask_rows(None, m, tq, kb, gp) };
@@ -356,30 +436,37 @@ impl SmallHead {
             }
             // ∂L/∂Q = scale·∂L/∂S·K from the rows of ∂L/∂S [tq][kb]; ∂L/∂K =
             // scale·(∂L/∂S)ᵀ·Q from ∂L/∂S [tq][kb] as the transposed left factor.
-            unsafe {
-                products(
-                    Left::Rows(Strided::dense(gs, kb)),
-                    self.k,
-                    kb,
-                    dk,
-                    scale,
-                    NO_LIMIT,
-                    Strided::of_mut(grad_q),
-                    tq,
-                )
-            };
-            unsafe {
-                products(
-                    Left::Transposed(gs, kb),
-                    self.q,
-                    tq,
-                    dk,
-                    scale,
-                    NO_LIMIT,
-                    Strided::of_mut(grad_k),
-                    kb,
-                )
-            };
+            let gq = Strided::of_mut(grad_q);
+            for (rows, width) in queries {
+                let out = gq.from(rows.start, 0);
+                if width == 0 {
+                    zero(out, 0..rows.len(), dk);
+                    continue;
+                }
+                let left = Left::Rows(Strided::dense(&gs[rows.start * kb..], kb));
+                unsafe { products(left, self.k, width, dk, scale, NO_LIMIT, out, rows.len()) };
+            }
+            let gk = Strided::of_mut(grad_k);
+            for (keys, first) in keys {
+                if first == tq {
+                    zero(gk, keys, dk);
+                    continue;
+                }
+                let left = Left::Transposed(&gs[first * kb + keys.start..], kb);
+                let (terms, out) = (tq - first, gk.from(keys.start, 0));
+                unsafe {
+                    products(
+                        left,
+                        self.q.from(first, 0),
+                        terms,
+                        dk,
+                        scale,
+                        NO_LIMIT,
+                        out,
+                        keys.len(),
+                    )
+                };
+            }
         });
     }
 }
@@ -1222,8 +1309,10 @@ mod tests {
     }
 
     /// Heads of every kind of size this path takes: edges of vectors, of 8 × 8 blocks and of
-    /// four-row blocks, a few-row head, the largest.
-    const HEADS: [(usize, usize, usize, usize); 8] = [
+    /// four-row blocks, a few-row head, the widest d_k, heads of more keys than a row's
+    /// softmax in registers (in blocks of queries under a causal mask, the last block longer
+    /// than the others).
+    const HEADS: [(usize, usize, usize, usize); 11] = [
         (1, 5, 8, 8),
         (9, 1, 8, 5),
         (16, 16, 16, 16),
@@ -1232,7 +1321,32 @@ mod tests {
         (32, 64, 64, 64),
         (40, 50, 128, 48),
         (70, 7, 9, 3),
+        (100, 100, 32, 32),
+        (50, 130, 16, 24),
+        (81, 300, 24, 40),
     ];
+
+    /// Query blocks with the keys they see at most, and key blocks with the first query that
+    /// sees one, as the attention layer cuts a head: blocks of 32 under a causal mask (the
+    /// last taking 16 to 47), else one.
+    #[allow(clippy::type_complexity)]
+    fn blocks(
+        tq: usize,
+        kb: usize,
+        causal: bool,
+        mask: &impl Fn(usize) -> RowMask<'static>,
+    ) -> (
+        Vec<(std::ops::Range<usize>, usize)>,
+        Vec<(std::ops::Range<usize>, usize)>,
+    ) {
+        let cut = |n: usize| {
+            let count = if causal { (n + 16) / 32 } else { 1 }.max(1);
+            (0..count).map(move |i| i * 32..if i + 1 == count { n } else { (i + 1) * 32 })
+        };
+        let queries = cut(tq).map(|r| (r.clone(), r.map(|i| mask(i).limit).max().unwrap_or(0).min(kb)));
+        let keys = cut(kb).map(|r| ((0..tq).find(|&i| mask(i).limit > r.start).unwrap_or(tq), r));
+        (queries.collect(), keys.map(|(f, r)| (r, f)).collect())
+    }
 
     /// Mask kinds: (causal, padding flags, dropout).
     const KINDS: [(bool, bool, bool); 4] = [
@@ -1330,6 +1444,7 @@ mod tests {
                 let head = SmallHead::new(q, c.k.view(), c.v.view()).expect("a head this path takes");
                 let drop = c.drop.as_ref().map(|m| m.view());
                 let mut p = probs.view_mut();
+                let queries = blocks(tq, kb, causal, &mask).0.into_iter();
                 // SAFETY: f32, and the views given to new are alive.
                 unsafe {
                     if flags {
@@ -1337,6 +1452,7 @@ mod tests {
                         head.forward(
                             c.scale,
                             RowSoftmax::<fn(usize) -> usize, _>::Rows(rows),
+                            queries,
                             drop,
                             &mut p,
                             &mut out,
@@ -1344,7 +1460,7 @@ mod tests {
                     } else {
                         let limit = |i| mask(i).limit;
                         let limit = RowSoftmax::<_, fn(usize, &mut [f32])>::Limit(limit);
-                        head.forward(c.scale, limit, drop, &mut p, &mut out);
+                        head.forward(c.scale, limit, queries, drop, &mut p, &mut out);
                     }
                 }
                 let name = format!("{dims:?}, causal {causal}, flags {flags}, dropout {dropped}");
@@ -1423,10 +1539,13 @@ mod tests {
                     probs.view()
                 };
                 let sb = |i, p: &[f32], gp: &[f32], gs: &mut [f32]| softmax_row_backward(p, gp, gs, mask(i));
+                let (queries, keys) = blocks(tq, kb, causal, &mask);
                 // SAFETY: f32, the views given to new are alive, and it takes the backward.
                 unsafe {
                     head.backward(
                         c.scale,
+                        queries.into_iter(),
+                        keys.into_iter(),
                         probs_view,
                         drop,
                         spaced(&g).slice(s![.., ..dv]),

@@ -1,5 +1,5 @@
-//! One head of attention for short sequences, in registers: `softmax(Q·Kᵀ·s)·V` and its
-//! backward pass.
+//! One head of attention in registers, up to 512 keys: `softmax(Q·Kᵀ·s)·V` and its backward
+//! pass.
 //!
 //! The general path runs a head as two GEMM calls with a softmax between them (four GEMM
 //! calls backward). At the tiny and small workloads' sizes (16 or 32 queries and keys, `d_k`
@@ -11,7 +11,14 @@
 //! operand's rows read where they are (K and V are copied, transposed, only where their
 //! columns are needed as rows).
 //! The forward pass takes the softmax of the four rows in registers, side by side, when the
-//! mask of a row is a plain limit (causal, padding by length).
+//! mask of a row is a plain limit (causal, padding by length). A head of more keys (up to
+//! the GEMM's block of terms, 512) takes its scores in products of at most
+//! [`avx512::MAX_KEYS`] columns, then the softmax of each stored row: no packing, where the
+//! general path's GEMM calls packed both operands of every product of a head.
+//!
+//! Under a causal mask the products go by the attention layer's blocks of queries, each up
+//! to the last key one of its queries sees, and of keys, each from the first query that sees
+//! one: the general path's blocks, whose skipped terms are exact zeros.
 //!
 //! The arithmetic is the general path's, term for term, so the bits are the same whichever
 //! path a head takes: each element of a product a chain of fused multiply-adds over the terms
@@ -222,10 +229,10 @@ pub(super) mod tests {
         Array2::from_shape_fn(shape, |_| rng.random_range(-2.0..2.0))
     }
 
-    pub(super) static KEYS: [bool; 67] = {
-        let mut k = [true; 67];
+    pub(super) static KEYS: [bool; 303] = {
+        let mut k = [true; 303];
         let mut j = 1;
-        while j < 67 {
+        while j < 303 {
             k[j] = false;
             j += 3;
         }

@@ -2,7 +2,9 @@
 //! apart, at the `tiny` and `base` sizes of the reference workloads (`scripts/README.md`),
 //! with 1 and 2 rayon threads. Throughput is in FLOPs (the FLOP model of `scripts/README.md`;
 //! a backward pass is
-//! counted as twice its forward), so criterion reports GFLOP/s.
+//! counted as twice its forward), so criterion reports GFLOP/s. Beside them the attention core
+//! alone, without a mask (`attention_core`) and under a causal mask, forward and backward
+//! (`attention_causal`).
 //!
 //! `cargo bench --bench layers`; one group: `cargo bench --bench layers -- multi_head`.
 

@@ -188,9 +188,11 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     let mut dropout_rng = StdRng::seed_from_u64(args.seed.wrapping_add(1));
-    let micro = vec![batch; args.micro_batches as usize];
-    if micro.len() > 1 {
-        eprintln!("# {} micro-batches per training step", micro.len());
+    // The step's micro-batches: its tokens and FLOPs below count this many batches.
+    let micro_batches = args.micro_batches as usize;
+    let micro = vec![batch; micro_batches];
+    if micro_batches > 1 {
+        eprintln!("# {micro_batches} micro-batches per training step");
     }
     for &what in &args.what {
         let times = match what {
@@ -222,7 +224,7 @@ fn run(args: &Args) -> Result<()> {
             })?,
         };
         let flops = match what {
-            What::TrainStep => cost.train_flops * args.micro_batches,
+            What::TrainStep => cost.train_flops * micro_batches as u64,
             What::EvalForward => cost.forward_flops,
             What::GreedyDecode => decode_flops(
                 d as u64,
@@ -242,7 +244,7 @@ fn run(args: &Args) -> Result<()> {
             }
         };
         let tokens = match what {
-            What::TrainStep => b * t * micro.len(),
+            What::TrainStep => b * t * micro_batches,
             _ => b * t,
         };
         report(args, what, &times, tokens as f64, flops as f64);

@@ -950,6 +950,28 @@ unsafe fn product<
     }
 }
 
+/// `$run($x, $scores, $out)` with `$x` (a `$Step<'_, F, S>`) as the `$Step` of `f32` over the
+/// cache `$cache` found (from [`in_registers`]), then `true`; `false` and nothing run for
+/// `None`. In an `unsafe` block of a function generic over `F` and `S`, where `$cache` came
+/// from `in_registers::<F, S>` (so the casts are identities and the CPU has AVX-512F, BW and
+/// VL) and `$run`'s own contract holds.
+macro_rules! in_registers_as {
+    ($cache:expr, $Step:ident, $x:ident, $scores:ident, $out:ident, $run:ident) => {
+        match $cache {
+            Some(StepCache::F32) => {
+                let (x, scores, out) = as_f32::<_, $Step<'_, f32, f32>, F>($x, $scores, $out);
+                $run(x, scores, out);
+                true
+            }
+            Some(StepCache::Bf16) => {
+                let (x, scores, out) = as_f32::<_, $Step<'_, f32, u16>, F>($x, $scores, $out);
+                $run(x, scores, out);
+                true
+            }
+            None => false,
+        }
+    };
+}
 /// [`super::step_head`] in registers, where [`in_registers`] takes it: `false` (and nothing
 /// written) where it does not.
 ///
@@ -960,21 +982,9 @@ pub(super) unsafe fn try_step_head<F: Float, S: Cached<F>>(
     scores: &mut [F],
     out: &mut [F],
 ) -> bool {
-    // SAFETY (both): F is f32 and S is the type cast to (`in_registers`), so the casts are
-    // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the keys and values.
-    match in_registers::<F, S>(h.kb, out.len()) {
-        Some(StepCache::F32) => {
-            let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, f32>, F>(h, scores, out) };
-            unsafe { step_head_avx512(h, scores, out) };
-            true
-        }
-        Some(StepCache::Bf16) => {
-            let (h, scores, out) = unsafe { as_f32::<_, StepHead<'_, f32, u16>, F>(h, scores, out) };
-            unsafe { step_head_avx512(h, scores, out) };
-            true
-        }
-        None => false,
-    }
+    let cache = in_registers::<F, S>(h.kb, out.len());
+    // SAFETY: as `in_registers_as!` asks; the caller vouches for the keys and values.
+    unsafe { in_registers_as!(cache, StepHead, h, scores, out, step_head_avx512) }
 }
 
 /// [`super::step_row`] in registers (`dv` value features a head), where [`in_registers`]
@@ -988,21 +998,9 @@ pub(super) unsafe fn try_step_row<F: Float, S: Cached<F>>(
     scores: &mut [F],
     out: &mut [F],
 ) -> bool {
-    // SAFETY (both): F is f32 and S the type cast to (`in_registers`), so the casts are
-    // identities; the CPU has AVX-512F, BW and VL; the caller vouches for the heads.
-    match in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0) {
-        Some(StepCache::F32) => {
-            let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, f32>, F>(r, scores, out) };
-            unsafe { step_row_avx512(r, scores, out) };
-            true
-        }
-        Some(StepCache::Bf16) => {
-            let (r, scores, out) = unsafe { as_f32::<_, StepRow<'_, f32, u16>, F>(r, scores, out) };
-            unsafe { step_row_avx512(r, scores, out) };
-            true
-        }
-        None => false,
-    }
+    let cache = in_registers::<F, S>(r.kb, dv).filter(|_| r.kb > 0);
+    // SAFETY: as `in_registers_as!` asks; the caller vouches for the heads.
+    unsafe { in_registers_as!(cache, StepRow, r, scores, out, step_row_avx512) }
 }
 
 /// What a decoding step's cache holds, where the step runs in registers.

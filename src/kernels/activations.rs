@@ -23,6 +23,26 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// `$body` with `$act` bound to the constant of `$a`'s variant, one arm each.
+macro_rules! for_each_variant {
+    ($a:expr, |$act:ident| $body:expr) => {
+        match $a {
+            Activation::Relu => {
+                let $act = Activation::Relu;
+                $body
+            }
+            Activation::Gelu => {
+                let $act = Activation::Gelu;
+                $body
+            }
+            Activation::GeluTanh => {
+                let $act = Activation::GeluTanh;
+                $body
+            }
+        }
+    };
+}
+
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1/√(2π), the peak of the standard normal density φ.
@@ -30,8 +50,10 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 const GELU_TANH_C: f64 = 0.044_715;
 
 impl Activation {
-    /// The activation at `x`.
-    #[inline]
+    /// The activation at `x`. Always inlined: the layers' loops of it are built for the
+    /// CPU's vector instructions, and GELU's fused multiply-adds must be compiled there, not in
+    /// a function of its own for the baseline CPU (whose `mul_add` is a call).
+    #[inline(always)]
     pub fn apply<F: Float>(self, x: F) -> F {
         match self {
             // NaN stays NaN (as PyTorch's ReLU): a NaN must not turn into a finite 0.
@@ -53,8 +75,8 @@ impl Activation {
         }
     }
 
-    /// The derivative of the activation at `x`.
-    #[inline]
+    /// The derivative of the activation at `x` (always inlined, as [`Activation::apply`]).
+    #[inline(always)]
     pub fn derivative<F: Float>(self, x: F) -> F {
         match self {
             Activation::Relu => {
@@ -66,7 +88,7 @@ impl Activation {
             }
             Activation::Gelu => {
                 let cdf = F::from_f64(0.5) * (F::ONE + (x * F::from_f64(FRAC_1_SQRT_2)).erf());
-                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-F::from_f64(0.5) * x * x).exp();
+                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-F::from_f64(0.5) * x * x).exp_vector();
                 cdf + x * pdf
             }
             Activation::GeluTanh => {
@@ -78,6 +100,34 @@ impl Activation {
                     + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x)
             }
         }
+    }
+
+    /// `x ← act(x)` for every element. The activation is fixed outside the loop (a loop
+    /// that chose it element by element stayed scalar), and the loop is inlined into the
+    /// caller's, so that it vectorises where the caller is built for vector instructions.
+    #[inline(always)]
+    pub(crate) fn apply_all<F: Float>(self, x: &mut [F]) {
+        // A `for` loop, not `for_each`: the iterator's method was compiled on its own, for the
+        // baseline CPU, its fused multiply-adds calls.
+        for_each_variant!(self, |act| {
+            for v in x.iter_mut() {
+                *v = act.apply(*v);
+            }
+        })
+    }
+
+    /// `g ← g ⊙ act′(x)` for every element (as [`Activation::apply_all`]).
+    ///
+    /// # Panics
+    /// If `x` is shorter than `g`.
+    #[inline(always)]
+    pub(crate) fn scale_by_derivative<F: Float>(self, g: &mut [F], x: &[F]) {
+        let x = &x[..g.len()];
+        for_each_variant!(self, |act| {
+            for (g, &x) in g.iter_mut().zip(x) {
+                *g *= act.derivative(x);
+            }
+        })
     }
 
     /// The naive twin of [`Activation::apply`]: the textbook formula in `f64`.
@@ -130,6 +180,42 @@ mod tests {
                 let x = i as f64 / 50.0 + 0.013; // off the ReLU kink
                 let numeric = (act.apply(x + h) - act.apply(x - h)) / (2.0 * h);
                 assert!((numeric - act.derivative(x)).abs() < 1e-8, "{act:?} at {x}");
+            }
+        }
+    }
+
+    /// The layers' loops ([`Activation::apply_all`], [`Activation::scale_by_derivative`])
+    /// give each element the bits of the scalar calls, built for the baseline CPU or for its
+    /// vector instructions; the `f32` derivative stays near the `f64` one.
+    #[test]
+    fn loops_give_the_scalar_bits_in_every_build() {
+        use crate::kernels::simd::widest;
+        let x: Vec<f32> = (0..5000)
+            .map(|i| -12.0 + 0.0049 * i as f32)
+            .chain([f32::NAN, -0.0])
+            .collect();
+        for act in ALL {
+            let scalar: Vec<u32> = x.iter().map(|&v| act.apply(v).to_bits()).collect();
+            let (mut plain, mut wide) = (x.clone(), x.clone());
+            act.apply_all(&mut plain);
+            widest!(act.apply_all(&mut wide));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), scalar, "{act:?}");
+            assert_eq!(bits(&wide), scalar, "{act:?}");
+            let g: Vec<f32> = (0..x.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+            let scalar: Vec<u32> = g
+                .iter()
+                .zip(&x)
+                .map(|(&g, &x)| (g * act.derivative(x)).to_bits())
+                .collect();
+            let (mut plain, mut wide) = (g.clone(), g.clone());
+            act.scale_by_derivative(&mut plain, &x);
+            widest!(act.scale_by_derivative(&mut wide, &x));
+            assert_eq!(bits(&plain), scalar, "{act:?}");
+            assert_eq!(bits(&wide), scalar, "{act:?}");
+            for &v in &x[..5000] {
+                let want = act.derivative(v as f64);
+                assert!((act.derivative(v) as f64 - want).abs() < 2e-6, "{act:?} at {v}");
             }
         }
     }

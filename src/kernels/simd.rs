@@ -312,6 +312,65 @@ pub fn exp_f32(x: f32) -> f32 {
     if x.is_nan() { x } else { v }
 }
 
+/// The error function in `f32`, `erf(x) = 2/√π ∫₀ˣ e^(−t²) dt`, in fused multiply-adds and
+/// [`exp_f32`], so that a loop of it vectorises (GELU's, where `libm`'s `erff`, a call per
+/// element with branches, had been a fifth of a character model's training step) and gives
+/// the same bits in every build. Within 1 ulp of the exact value (0.91 at worst over −6..6
+/// in steps of 0.00037, against `libm`'s `f64` `erf`); ±1 where erf rounds to ±1 in `f32` (|x| above about 3.93, the
+/// input clamped to 4 beyond); odd (`erf(−0) = −0`), monotonic, NaN for NaN.
+///
+/// Below |x| = 1, `|x| + |x|·r(x²)`, `r` a polynomial of degree 6 for `erf(a)/a − 1` (its
+/// error below 4·10⁻⁹, relative); from 1 on, `1 − e^(−x²)·g(t)`, `g` a polynomial of degree 8
+/// in `t = (|x| − 2.5)/1.5` for `erfc(a)·e^(a²)` over `1 ≤ a ≤ 4` (absolute error of the
+/// product below 4·10⁻⁹). Both least-squares fits, on Chebyshev nodes, to `mpmath`'s values.
+#[inline(always)]
+pub fn erf_f32(x: f32) -> f32 {
+    use erf_consts::*;
+    // min rather than clamp: NaN becomes 4 here, and the input NaN is returned at the end.
+    let a = x.abs().min(4.0);
+    let s = a * a;
+    let mut r = SMALL[0];
+    for c in &SMALL[1..] {
+        r = r.mul_add(s, *c);
+    }
+    let small = r.mul_add(a, a);
+    let t = a.mul_add(1.0 / 1.5, -2.5 / 1.5);
+    let mut g = LARGE[0];
+    for c in &LARGE[1..] {
+        g = g.mul_add(t, *c);
+    }
+    let large = (-exp_f32(-s)).mul_add(g, 1.0);
+    let v = if a < 1.0 { small } else { large };
+    if x.is_nan() { x } else { v.copysign(x) }
+}
+
+/// The polynomials of [`erf_f32`], highest power first.
+#[allow(clippy::excessive_precision, clippy::unreadable_literal)] // as fitted
+mod erf_consts {
+    /// `erf(a)/a − 1` in `s = a²`, `0 ≤ s ≤ 1`.
+    pub const SMALL: [f32; 7] = [
+        7.847259257687256e-05,
+        -0.0008008189033716917,
+        0.005188099108636379,
+        -0.026853691786527634,
+        0.1128358244895935,
+        -0.3761262595653534,
+        0.12837916612625122,
+    ];
+    /// `erfc(a)·e^(a²)` in `t = (a − 2.5)/1.5`, `1 ≤ a ≤ 4`.
+    pub const LARGE: [f32; 9] = [
+        0.002634382341057062,
+        0.0034513508435338736,
+        0.005621524527668953,
+        -0.005378383211791515,
+        0.01160037238150835,
+        -0.027404000982642174,
+        0.05607752501964569,
+        -0.11151118576526642,
+        0.21080754697322845,
+    ];
+}
+
 /// This thread's `f32` fused multiply-add throughput, in GFLOP/s (2 FLOP per lane), measured
 /// for about `seconds` with the widest FMA the CPU has (16 lanes with AVX-512, 8 with AVX2):
 /// the peak that "fraction of peak" figures are quoted against. Run it on every thread at
@@ -451,6 +510,45 @@ mod tests {
         ]);
         let plain: Vec<u32> = xs.iter().map(|&v| exp_f32(v).to_bits()).collect();
         let wide: Vec<u32> = widest!(xs.iter().map(|&v| exp_f32(v).to_bits()).collect());
+        assert_eq!(plain, wide);
+    }
+
+    #[test]
+    fn erf_f32_is_within_one_ulp_odd_and_the_same_in_every_build() {
+        let mut worst = 0.0_f64;
+        let mut x = -6.0_f32;
+        while x < 6.0 {
+            let want = libm::erf(x as f64);
+            let got = erf_f32(x) as f64;
+            let w = want as f32;
+            let ulp = (w.abs().next_up() - w.abs()) as f64;
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_37;
+        }
+        // 0.91 ulp at worst over this sweep.
+        assert!(worst <= 1.0, "worst {worst} ulp");
+        // Tiny inputs: erf(x) = 2x/√π to within the rounding.
+        for x in [1e-30_f32, 1e-10, 3e-5, -2e-7] {
+            let want = libm::erf(x as f64);
+            assert!(((erf_f32(x) as f64 - want) / want).abs() < 1.2e-7, "{x}");
+        }
+        assert_eq!(erf_f32(0.0).to_bits(), 0.0_f32.to_bits());
+        assert_eq!(erf_f32(-0.0).to_bits(), (-0.0_f32).to_bits());
+        assert_eq!(erf_f32(f32::INFINITY), 1.0);
+        assert_eq!(erf_f32(f32::NEG_INFINITY), -1.0);
+        assert_eq!(erf_f32(4.0), 1.0);
+        assert_eq!(erf_f32(-100.0), -1.0);
+        assert!(erf_f32(f32::NAN).is_nan());
+        let xs: Vec<f32> = (0..20_000).map(|i| -7.0 + 0.0007 * i as f32).collect();
+        let mut last = -1.0_f32;
+        for &x in &xs {
+            let e = erf_f32(x);
+            assert_eq!(e.to_bits(), (-erf_f32(-x)).to_bits(), "odd at {x}");
+            assert!(e >= last, "erf_f32({x}) = {e} below {last}");
+            last = e;
+        }
+        let plain: Vec<u32> = xs.iter().map(|&v| erf_f32(v).to_bits()).collect();
+        let wide: Vec<u32> = widest!(xs.iter().map(|&v| erf_f32(v).to_bits()).collect());
         assert_eq!(plain, wide);
     }
 

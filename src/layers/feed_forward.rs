@@ -69,6 +69,7 @@ use rand::Rng;
 use crate::error::{Result, check};
 use crate::kernels::gemm::{Fused, gemm_fused};
 use crate::kernels::parallel::for_each_chunk_mut;
+use crate::kernels::simd::widest;
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
 use crate::layers::dropout::{Dropout, DropoutCache, DropoutConfig};
@@ -401,9 +402,7 @@ impl<F: Float> FeedForward<F> {
                 let gh = grad_h.as_slice_mut().expect("standard layout");
                 let h = h.as_slice().expect("standard layout");
                 for_each_chunk_mut(gh, 1, 16 * h.len(), |at, gh| {
-                    for (g, &h) in gh.iter_mut().zip(&h[at..]) {
-                        *g *= act.derivative(h);
-                    }
+                    widest!(act.scale_by_derivative(gh, &h[at..]))
                 });
                 grad_h
             }
@@ -436,9 +435,9 @@ fn activate<F: Float>(act: Activation, h: &Array2<F>) -> Array2<F> {
     let mut out = h.as_standard_layout().into_owned();
     let len = out.len();
     let slice = out.as_slice_mut().expect("standard layout");
-    for_each_chunk_mut(slice, 1, 16 * len, |_, chunk| {
-        chunk.iter_mut().for_each(|v| *v = act.apply(*v));
-    });
+    // In vector registers where the CPU has them (GELU's erf and exponential are fused
+    // multiply-adds: `Float::erf`, `Float::exp_vector`).
+    for_each_chunk_mut(slice, 1, 16 * len, |_, chunk| widest!(act.apply_all(chunk)));
     out
 }
 

@@ -344,6 +344,37 @@ pub fn erf_f32(x: f32) -> f32 {
     if x.is_nan() { x } else { v.copysign(x) }
 }
 
+/// The hyperbolic tangent in `f32`, in fused multiply-adds and [`exp_f32`], so that a loop of
+/// it vectorises (the tanh form of GELU's) and gives the same bits in every build. Within 2
+/// ulp of the exact value (1.21 at worst over −10..10 in steps of 0.00053, against the `f64`
+/// `tanh`); ±1 where tanh rounds to ±1 in `f32` (the input clamped to 10), odd (`tanh(−0) = −0`), monotonic, NaN for NaN.
+///
+/// Below |x| = 0.625, `a + a·s·q(s)` with `s = a²`, `q` a polynomial of degree 5 for
+/// `(tanh(a)/a − 1)/s` (least squares on Chebyshev nodes to `mpmath`'s values, relative error
+/// of the result below 3·10⁻⁹); from there `1 − 2/(e^(2a) + 1)`.
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    const Q: [f32; 6] = [
+        0.002_138_226_3,
+        -0.008_171_788,
+        0.021_698_21,
+        -0.053_946_253,
+        0.133_332_01,
+        -0.333_333_3,
+    ];
+    // min rather than clamp: NaN becomes 10 here, and the input NaN is returned at the end.
+    let a = x.abs().min(10.0);
+    let s = a * a;
+    let mut q = Q[0];
+    for c in &Q[1..] {
+        q = q.mul_add(s, *c);
+    }
+    let small = (a * s).mul_add(q, a);
+    let large = 1.0 - 2.0 / (exp_f32(2.0 * a) + 1.0);
+    let v = if a < 0.625 { small } else { large };
+    if x.is_nan() { x } else { v.copysign(x) }
+}
+
 /// The polynomials of [`erf_f32`], highest power first.
 #[allow(clippy::excessive_precision, clippy::unreadable_literal)] // as fitted
 mod erf_consts {
@@ -549,6 +580,39 @@ mod tests {
         }
         let plain: Vec<u32> = xs.iter().map(|&v| erf_f32(v).to_bits()).collect();
         let wide: Vec<u32> = widest!(xs.iter().map(|&v| erf_f32(v).to_bits()).collect());
+        assert_eq!(plain, wide);
+    }
+
+    #[test]
+    fn tanh_f32_is_within_two_ulp_odd_and_the_same_in_every_build() {
+        let mut worst = 0.0_f64;
+        let mut x = -10.0_f32;
+        while x < 10.0 {
+            let want = (x as f64).tanh();
+            let got = tanh_f32(x) as f64;
+            let w = want as f32;
+            let ulp = (w.abs().next_up() - w.abs()) as f64;
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_53;
+        }
+        assert!(worst <= 2.0, "worst {worst} ulp");
+        for x in [1e-30_f32, 1e-10, 3e-5, -2e-7] {
+            assert_eq!(tanh_f32(x), x, "{x}");
+        }
+        assert_eq!(tanh_f32(-0.0).to_bits(), (-0.0_f32).to_bits());
+        assert_eq!(tanh_f32(f32::INFINITY), 1.0);
+        assert_eq!(tanh_f32(-100.0), -1.0);
+        assert!(tanh_f32(f32::NAN).is_nan());
+        let xs: Vec<f32> = (0..20_000).map(|i| -12.0 + 0.0012 * i as f32).collect();
+        let mut last = -1.0_f32;
+        for &x in &xs {
+            let t = tanh_f32(x);
+            assert_eq!(t.to_bits(), (-tanh_f32(-x)).to_bits(), "odd at {x}");
+            assert!(t >= last, "tanh_f32({x}) = {t} below {last}");
+            last = t;
+        }
+        let plain: Vec<u32> = xs.iter().map(|&v| tanh_f32(v).to_bits()).collect();
+        let wide: Vec<u32> = widest!(xs.iter().map(|&v| tanh_f32(v).to_bits()).collect());
         assert_eq!(plain, wide);
     }
 

@@ -14,8 +14,9 @@
 //! Under a causal mask a head goes in blocks of 32 queries, each computing its scores,
 //! softmax and products only up to the last key one of its queries sees (its backward, in
 //! blocks of keys, from the first query that sees one): the blocked half is skipped rather
-//! than computed and zeroed, with the same results. The (b, h) pairs run in parallel on the rayon pool; each is computed
-//! whole by one thread, so results do not depend on the thread count. Attention dropout masks
+//! than computed and zeroed, with the same results. The (b, h) pairs run in parallel on the
+//! rayon pool; each is computed whole by one thread, so results do not depend on the thread
+//! count. Attention dropout masks
 //! are drawn before the parallel part, in (b, h, i, j) order.
 //!
 //! # Backward
@@ -664,21 +665,21 @@ pub fn attention_backward<F: Float>(
         let gemm = products::<F>(mask);
         let dropped = drop.as_ref().map(|m| &probs * m);
         let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
-        // ∂L/∂V = P'ᵀ·G
-        for (keys, first) in key_blocks(mask, bi, kb) {
-            let mut gv = grad_v.slice_mut(s![keys.clone(), ..]);
-            if first == tq {
-                gv.fill(F::ZERO);
-            } else {
-                gemm(
-                    F::ONE,
-                    p_kept.slice(s![first.., keys]).t(),
-                    g.slice(s![first.., ..]),
-                    F::ZERO,
-                    gv,
-                );
+        // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys
+        // no query sees: the products over the queries of each key.
+        let by_keys = |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, mut out: ArrayViewMut2<F>| {
+            for (keys, first) in key_blocks(mask, bi, kb) {
+                let mut out = out.slice_mut(s![keys.clone(), ..]);
+                if first == tq {
+                    out.fill(F::ZERO);
+                } else {
+                    let (left, right) = (left.slice(s![first.., keys]), right.slice(s![first.., ..]));
+                    gemm(alpha, left.t(), right, F::ZERO, out);
+                }
             }
-        }
+        };
+        // ∂L/∂V = P'ᵀ·G
+        by_keys(F::ONE, p_kept, g, grad_v.view_mut());
         // ∂L/∂P = (G·Vᵀ) ⊙ M, then ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked
         // keys (each row read below its limit, at most its block's width).
         let mut grad_p = Array2::zeros((tq, kb));
@@ -720,20 +721,7 @@ pub fn attention_backward<F: Float>(
             }
         }
         // ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
-        for (keys, first) in key_blocks(mask, bi, kb) {
-            let mut gk = grad_k.slice_mut(s![keys.clone(), ..]);
-            if first == tq {
-                gk.fill(F::ZERO);
-            } else {
-                gemm(
-                    scale,
-                    grad_s.slice(s![first.., keys]).t(),
-                    q.slice(s![first.., ..]),
-                    F::ZERO,
-                    gk,
-                );
-            }
-        }
+        by_keys(scale, grad_s.view(), q, grad_k.view_mut());
     };
     // The attention core computes in f32 whatever the precision of the products around
     // it (the register path always did; the GEMM calls of the general path take bf16

@@ -164,8 +164,9 @@ fn run(args: &Args) -> Result<()> {
         tgt_out,
     };
     eprintln!(
-        "# vaswani {}, threads={}, workload={:?} d_model={d} heads={h} d_ff={f} layers={layers} vocab={v} batch={b} src={s} tgt={t}, parameters={}",
+        "# vaswani {}, {} kernels, threads={}, workload={:?} d_model={d} heads={h} d_ff={f} layers={layers} vocab={v} batch={b} src={s} tgt={t}, parameters={}",
         env!("CARGO_PKG_VERSION"),
+        vaswani::kernels::cpu::level().name(),
         rayon::current_num_threads(),
         workload,
         model.num_params()

@@ -432,6 +432,44 @@ fn core_backward_overwrites_stale_gradients() {
     check::<f64>(52);
 }
 
+/// The attention core forward, then backward from `g`, over `q` `[B, H, Tq, d_k]`, `k`
+/// `[B, H, Tk, d_k]` and `v` `[B, H, Tk, d_v]`, with dropout `p_drop` drawn from `seed`: the
+/// cache and `[out, ∂Q, ∂K, ∂V]`.
+fn forward_backward<F: vaswani::kernels::Float>(
+    [q, k, v, g]: [&ndarray::Array4<F>; 4],
+    mask: vaswani::layers::mask::ResolvedMask,
+    p_drop: f32,
+    seed: u64,
+) -> (
+    vaswani::layers::attention::AttentionCoreCache<F>,
+    [ndarray::Array4<F>; 4],
+) {
+    use ndarray::Array4;
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    let mut out = Array4::<F>::zeros(g.dim());
+    let cache = attention_forward(
+        q.view(),
+        k.view(),
+        v.view(),
+        mask,
+        p_drop,
+        Some(&mut StdRng::seed_from_u64(seed)),
+        out.view_mut(),
+    );
+    let [mut gq, mut gk, mut gv] = [q, k, v].map(|x| Array4::<F>::zeros(x.dim()));
+    attention_backward(
+        q.view(),
+        k.view(),
+        v.view(),
+        &cache,
+        g.view(),
+        gq.view_mut(),
+        gk.view_mut(),
+        gv.view_mut(),
+    );
+    (cache, [out, gq, gk, gv])
+}
+
 /// Under a causal mask the core skips what the mask blocks, by blocks of queries (the keys
 /// past the last one a block sees) and of keys (the queries before the first that sees one).
 /// Its outputs, weights and gradients are those of the same pairs kept by explicit flags,
@@ -442,7 +480,6 @@ fn core_backward_overwrites_stale_gradients() {
 #[test]
 fn causal_core_skips_the_blocked_half_with_the_results_of_explicit_pairs() {
     use ndarray::{Array4, Zip};
-    use vaswani::layers::attention::{attention_backward, attention_forward};
     fn check<F: vaswani::kernels::Float>(seed: u64, (tq, tk): (usize, usize), tol: f64) {
         let mut rng = StdRng::seed_from_u64(seed);
         let (b, h, dk, dv) = (2, 2, 8, 6);
@@ -454,28 +491,7 @@ fn causal_core_skips_the_blocked_half_with_the_results_of_explicit_pairs() {
         let kept = Array2::from_shape_fn((tq, tk), |(i, j)| j <= i + tk - tq);
         let run = |mask: Mask| {
             let mask = mask.and(Mask::key_lengths(&lengths)).resolve(b, tq, tk).unwrap();
-            let mut out = Array4::<F>::zeros((b, h, tq, dv));
-            let cache = attention_forward(
-                q.view(),
-                k.view(),
-                v.view(),
-                mask,
-                0.1,
-                Some(&mut StdRng::seed_from_u64(7)),
-                out.view_mut(),
-            );
-            let [mut gq, mut gk, mut gv] =
-                [(tq, dk), (tk, dk), (tk, dv)].map(|(t, d)| Array4::<F>::zeros((b, h, t, d)));
-            attention_backward(
-                q.view(),
-                k.view(),
-                v.view(),
-                &cache,
-                g.view(),
-                gq.view_mut(),
-                gk.view_mut(),
-                gv.view_mut(),
-            );
+            let (cache, [out, gq, gk, gv]) = forward_backward([&q, &k, &v, &g], mask, 0.1, 7);
             let w = cache.weights().to_owned();
             [out, w, gq, gk, gv]
         };
@@ -515,38 +531,70 @@ fn causal_core_skips_the_blocked_half_with_the_results_of_explicit_pairs() {
 fn core_stays_f32_under_bf16_precision() {
     use ndarray::Array4;
     use vaswani::kernels::precision::{Precision, with_precision};
-    use vaswani::layers::attention::{attention_backward, attention_forward};
     let mut rng = StdRng::seed_from_u64(55);
     for (t, d) in [(40, 32), (40, 80), (100, 96)] {
         let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((2, 2, t, d), &mut rng));
         let run = || {
             let mask = Mask::causal().resolve(2, t, t).unwrap();
-            let mut out = Array4::<f32>::zeros((2, 2, t, d));
-            let cache = attention_forward(
-                q.view(),
-                k.view(),
-                v.view(),
-                mask,
-                0.0,
-                None::<&mut StdRng>,
-                out.view_mut(),
-            );
-            let [mut gq, mut gk, mut gv] = [(); 3].map(|_| Array4::<f32>::zeros((2, 2, t, d)));
-            attention_backward(
-                q.view(),
-                k.view(),
-                v.view(),
-                &cache,
-                g.view(),
-                gq.view_mut(),
-                gk.view_mut(),
-                gv.view_mut(),
-            );
-            [out, gq, gk, gv].map(|a| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            let (_, results) = forward_backward([&q, &k, &v, &g], mask, 0.0, 0);
+            results.map(|a| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
         };
         assert!(
             run() == with_precision(Precision::Bf16, run),
             "{t} positions, d {d}"
         );
+    }
+}
+
+/// Attention dropout multiplies each head's weights by its part of the mask that
+/// `dropout_mask` draws for the whole `[B, H, Tq, Tk]` from the same RNG (the crate computes
+/// the factors where it needs them and stores none): the output is `(P ⊙ M)·V` and `∂L/∂V =
+/// (P ⊙ M)ᵀ·G` with that mask, for heads in registers (`f32` on AVX-512) and as GEMM calls
+/// (`f64`), without and with a causal mask over several blocks of queries.
+#[test]
+fn dropout_is_the_mask_drawn_for_all_the_weights() {
+    use ndarray::{Array4, Axis};
+    use vaswani::kernels::dropout_mask;
+    fn check<F: vaswani::kernels::Float>(seed: u64, (tq, tk): (usize, usize), causal: bool, tol: f64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (b, h, dk, dv) = (2, 3, 8, 6);
+        let q: Array4<F> = random_like((b, h, tq, dk), &mut rng);
+        let k: Array4<F> = random_like((b, h, tk, dk), &mut rng);
+        let v: Array4<F> = random_like((b, h, tk, dv), &mut rng);
+        let g: Array4<F> = random_like((b, h, tq, dv), &mut rng);
+        let mask = || {
+            let m = if causal { Mask::causal() } else { Mask::none() };
+            m.and(Mask::key_lengths(&[tk, tk - 2]))
+                .resolve(b, tq, tk)
+                .unwrap()
+        };
+        let (plain, _) = forward_backward([&q, &k, &v, &g], mask(), 0.0, 0);
+        let (_, [out, _, _, gv]) = forward_backward([&q, &k, &v, &g], mask(), 0.3, 9);
+        let m: Array4<f64> = dropout_mask(0.3, (b, h, tq, tk), &mut StdRng::seed_from_u64(9));
+        let kept = plain.weights().mapv(|x| x.to_f64()) * &m;
+        assert!(m.iter().any(|&x| x == 0.0) && m.iter().any(|&x| x != 0.0));
+        let (v, g) = (v.mapv(|x| x.to_f64()), g.mapv(|x| x.to_f64()));
+        for bi in 0..b {
+            for hi in 0..h {
+                let p = kept.index_axis(Axis(0), bi).index_axis(Axis(0), hi).to_owned();
+                let (vh, gh) = (v.slice(s![bi, hi, .., ..]), g.slice(s![bi, hi, .., ..]));
+                for (name, want, got) in [
+                    ("output", p.dot(&vh), out.slice(s![bi, hi, .., ..])),
+                    ("∂V", p.t().dot(&gh), gv.slice(s![bi, hi, .., ..])),
+                ] {
+                    ndarray::Zip::from(&want).and(&got).for_each(|&w, &x| {
+                        let x = x.to_f64();
+                        assert!(
+                            (w - x).abs() <= tol * (1.0 + w.abs()),
+                            "{name} of sequence {bi}, head {hi} ({tq} × {tk}, causal {causal}): {x} against {w}"
+                        );
+                    });
+                }
+            }
+        }
+    }
+    for (shape, causal) in [((5, 7), false), ((7, 5), true), ((70, 70), true)] {
+        check::<f64>(56, shape, causal, 1e-12);
+        check::<f32>(57, shape, causal, 2e-5);
     }
 }

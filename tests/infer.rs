@@ -579,61 +579,69 @@ fn every_model_hands_back_its_attention_maps() {
 /// Teacher-forced logits on two threads: with packed weights and small products the two
 /// halves of the batch run one per thread, otherwise every product is cut between them.
 /// Either way each sequence's logits have the bits of one thread's, for batches of uneven
-/// halves and of padded sequences, on the model and on its packed weights.
+/// halves and of padded sequences, on the model and on its packed weights, in `f32` and in
+/// `f64` (whose weights never pack: its halves had taken other kernels than the whole batch,
+/// as every model does on a CPU without the crate's vector kernels).
 #[test]
 fn teacher_forced_logits_have_the_same_bits_on_one_and_two_threads() {
-    let on = |threads: usize, f: &(dyn Fn() -> (Array2<f32>, Array2<f32>) + Sync)| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(f)
-    };
-    // Products far below the split (widths 16 and 64), then 64 sequences of 48 positions at
-    // width 128 (2 · 3072 · 128² FLOPs a product, above it).
-    for (b, t, d) in [
-        (1, 5, 16),
-        (2, 5, 16),
-        (3, 7, 16),
-        (9, 4, 16),
-        (2, 5, 64),
-        (16, 16, 64),
-        (4, 40, 64),
-        (64, 48, 128),
-    ] {
-        let model: EncoderDecoder = EncoderDecoderConfig::new(11, 13, BlockConfig::new(d, 4, 2 * d), 2, 2)
-            .init(&mut StdRng::seed_from_u64(b as u64))
-            .unwrap();
-        let seqs = |len: usize, v: usize, shift: usize| -> Vec<Vec<usize>> {
-            (0..b)
-                .map(|i| {
-                    (0..1 + (i * 3 + shift) % len)
-                        .map(|j| 3 + (i + j * 5) % (v - 3))
-                        .collect()
-                })
-                .collect()
+    fn check<F: vaswani::kernels::Float>() {
+        let on = |threads: usize, f: &(dyn Fn() -> (Array2<F>, Array2<F>) + Sync)| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(f)
         };
-        let src = TokenBatch::from_sequences(&seqs(t, 11, 2), 0).unwrap();
-        let tgt = TokenBatch::from_sequences(&seqs(t, 13, 1), 0).unwrap();
-        let run = || {
-            let packed = model.packed();
-            (
-                model.infer(&src, &tgt).unwrap(),
-                packed.infer(&src, &tgt).unwrap(),
-            )
-        };
-        let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let (one, two) = (on(1, &run), on(2, &run));
-        assert_eq!(
-            bits(&one.0),
-            bits(&two.0),
-            "{b} sequences of {t} at width {d}, the model"
-        );
-        assert_eq!(
-            bits(&one.1),
-            bits(&two.1),
-            "{b} sequences of {t} at width {d}, packed"
-        );
-        assert_eq!(one.0.nrows(), b * tgt.seq_len());
+        // Products far below the split (widths 16 and 64), then 64 sequences of 48 positions
+        // at width 128 (2 · 3072 · 128² FLOPs a product, above it).
+        for (b, t, d) in [
+            (1, 5, 16),
+            (2, 5, 16),
+            (3, 7, 16),
+            (9, 4, 16),
+            (2, 5, 64),
+            (16, 16, 64),
+            (4, 40, 64),
+            (64, 48, 128),
+        ] {
+            let model: EncoderDecoder<F> =
+                EncoderDecoderConfig::new(11, 13, BlockConfig::new(d, 4, 2 * d), 2, 2)
+                    .init_as(&mut StdRng::seed_from_u64(b as u64))
+                    .unwrap();
+            let seqs = |len: usize, v: usize, shift: usize| -> Vec<Vec<usize>> {
+                (0..b)
+                    .map(|i| {
+                        (0..1 + (i * 3 + shift) % len)
+                            .map(|j| 3 + (i + j * 5) % (v - 3))
+                            .collect()
+                    })
+                    .collect()
+            };
+            let src = TokenBatch::from_sequences(&seqs(t, 11, 2), 0).unwrap();
+            let tgt = TokenBatch::from_sequences(&seqs(t, 13, 1), 0).unwrap();
+            let run = || {
+                let packed = model.packed();
+                (
+                    model.infer(&src, &tgt).unwrap(),
+                    packed.infer(&src, &tgt).unwrap(),
+                )
+            };
+            let bits = |a: &Array2<F>| a.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+            let (one, two) = (on(1, &run), on(2, &run));
+            let name = std::any::type_name::<F>();
+            assert_eq!(
+                bits(&one.0),
+                bits(&two.0),
+                "{b} sequences of {t} at width {d}, the model, {name}"
+            );
+            assert_eq!(
+                bits(&one.1),
+                bits(&two.1),
+                "{b} sequences of {t} at width {d}, packed, {name}"
+            );
+            assert_eq!(one.0.nrows(), b * tgt.seq_len());
+        }
     }
+    check::<f32>();
+    check::<f64>();
 }

@@ -89,26 +89,26 @@ impl DropKey {
     /// `x[j] ·= factor(offset + j)` for a run of elements that starts at flat index `offset`,
     /// vectorised and, for long runs, in parallel.
     pub fn apply<F: Float>(self, offset: usize, x: &mut [F]) {
-        let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
         let len = x.len();
-        for_each_chunk_mut(x, 64, 4 * len, |at, chunk| {
-            #[cfg(target_arch = "x86_64")]
-            if let Some(chunk) = F::as_f32_mut(chunk)
-                && std::arch::is_x86_feature_detected!("avx512f")
-            {
-                let (s, n) = (scale.to_f64() as f32, chunk.len());
-                let p = chunk.as_mut_ptr();
-                // SAFETY: the CPU has AVX-512F (checked); the chunk's n floats, in place.
-                unsafe { drop_avx512(key, threshold, s, (offset + at) as u32, p, p, n) };
+        for_each_chunk_mut(x, 64, 4 * len, |at, chunk| self.apply_here(offset + at, chunk));
+    }
+
+    /// [`DropKey::apply`] on this thread (a row at a time, inside a pass over the rows).
+    pub(crate) fn apply_here<F: Float>(self, offset: usize, x: &mut [F]) {
+        let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
+        if let Some(x) = F::as_f32_mut(x) {
+            let p = x.as_mut_ptr();
+            // SAFETY: the run's floats, in place.
+            if unsafe { self.vectors(offset, p, p, x.len()) } {
                 return;
             }
-            // A product with the factor, 0 included, as a stored mask would give (NaN · 0 is
-            // NaN, as in PyTorch).
-            widest!(for (j, v) in chunk.iter_mut().enumerate() {
-                let keep = draw(key, (offset + at + j) as u32) >= threshold;
-                *v *= if keep { scale } else { F::ZERO };
-            })
-        });
+        }
+        // A product with the factor, 0 included, as a stored mask would give (NaN · 0 is
+        // NaN, as in PyTorch).
+        widest!(for (j, v) in x.iter_mut().enumerate() {
+            let keep = draw(key, (offset + j) as u32) >= threshold;
+            *v *= if keep { scale } else { F::ZERO };
+        })
     }
 
     /// `dst[j] = src[j] · factor(offset + j)`: [`DropKey::apply`] into another run, on this
@@ -123,28 +123,43 @@ impl DropKey {
             "DropKey::apply_to: runs of different lengths"
         );
         let (threshold, scale, key) = (self.threshold(), self.scale::<F>(), self.key);
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(src), Some(dst)) = (F::as_f32(src), F::as_f32_mut(dst))
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
-            // SAFETY: the CPU has AVX-512F (checked); the runs have the same length.
-            unsafe {
-                drop_avx512(
-                    key,
-                    threshold,
-                    scale.to_f64() as f32,
-                    offset as u32,
-                    src.as_ptr(),
-                    dst.as_mut_ptr(),
-                    dst.len(),
-                )
-            };
-            return;
+        if let (Some(src), Some(dst)) = (F::as_f32(src), F::as_f32_mut(dst)) {
+            let n = dst.len();
+            // SAFETY: the runs have the same length (asserted) and do not overlap.
+            if unsafe { self.vectors(offset, src.as_ptr(), dst.as_mut_ptr(), n) } {
+                return;
+            }
         }
         widest!(for (j, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
             let keep = draw(key, (offset + j) as u32) >= threshold;
             *d = s * if keep { scale } else { F::ZERO };
         })
+    }
+
+    /// `dst[j] = src[j] · factor(offset + j)` for `len` floats by the vector kernel of the
+    /// level in use (`drop_avx512`, `drop_avx2`), or `false` and nothing done where there is
+    /// none.
+    ///
+    /// # Safety
+    /// `src` and `dst` address `len` floats each: the same ones, or runs that do not overlap.
+    #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
+    unsafe fn vectors(self, offset: usize, src: *const f32, dst: *mut f32, len: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (key, threshold, scale) = (self.key, self.threshold(), self.scale::<f32>());
+            if super::cpu::avx512() {
+                // SAFETY: the CPU has AVX-512F (checked); the runs as the caller vouches.
+                unsafe { drop_avx512(key, threshold, scale, offset as u32, src, dst, len) };
+                return true;
+            }
+            if super::cpu::avx2() {
+                // SAFETY: the CPU has AVX2 (checked); the runs as the caller vouches.
+                unsafe { drop_avx2(key, threshold, scale, offset as u32, src, dst, len) };
+                return true;
+            }
+        }
+        false
     }
 
     /// The mask itself, of `shape` (flat indices in row-major order).
@@ -159,6 +174,52 @@ impl DropKey {
                 )
             })
         }
+    }
+}
+
+/// A [`DropKey`]'s mask over a matrix that lies inside the flat array it was drawn for:
+/// element `(i, j)` is flat element `at + i·stride + j` (one head's `[Tq, Tk]` inside the
+/// attention weights `[B, H, Tq, Tk]`), so a pass over any part of the matrix computes the
+/// factors it needs where it needs them, and no mask is stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DropRows {
+    pub key: DropKey,
+    /// Flat index of element `(0, 0)`.
+    pub at: usize,
+    /// Flat distance between rows.
+    pub stride: usize,
+}
+
+impl DropRows {
+    /// `dst[j] = src[j] · factor(i, j)` for the first `src.len()` elements of row `i`.
+    ///
+    /// # Panics
+    /// If the runs differ in length.
+    pub fn apply_to<F: Float>(self, i: usize, src: &[F], dst: &mut [F]) {
+        self.key.apply_to(self.at + i * self.stride, src, dst)
+    }
+
+    /// `x[j] ·= factor(i, j)` for the first `x.len()` elements of row `i`.
+    pub fn apply<F: Float>(self, i: usize, x: &mut [F]) {
+        self.key.apply_here(self.at + i * self.stride, x)
+    }
+
+    /// `P ⊙ M` for `p`, rows `first..` of the matrix (each row contiguous), as a new array.
+    pub fn times<F: Float>(self, first: usize, p: ndarray::ArrayView2<F>) -> ndarray::Array2<F> {
+        let mut kept = ndarray::Array2::zeros(p.dim());
+        for (i, (p, mut kept)) in p.rows().into_iter().zip(kept.rows_mut()).enumerate() {
+            let (p, kept) = (p.to_slice(), kept.as_slice_mut());
+            self.apply_to(first + i, p.expect("contiguous rows"), kept.expect("a new array"));
+        }
+        kept
+    }
+
+    /// The factors of the first `rows × cols` elements, as a stored mask (for tests).
+    #[cfg(test)]
+    pub fn dense<F: Float>(self, rows: usize, cols: usize) -> ndarray::Array2<F> {
+        ndarray::Array2::from_shape_fn((rows, cols), |(i, j)| {
+            self.key.factor(self.at + i * self.stride + j)
+        })
     }
 }
 
@@ -234,6 +295,58 @@ unsafe fn drop_avx512(
     }
 }
 
+/// [`drop_avx512`] in 8 lanes, for CPUs with AVX2 and not AVX-512: the compiler's loop of the
+/// scalar form took about 6 ns an element there, and the attention's dropout by key (three
+/// passes over the weights a training step) 7.8% of a small training step (AMD EPYC Zen 5,
+/// `VASWANI_MAX_ISA=avx2`). The draws are [`draw`]'s, lane by lane (the unsigned comparison
+/// as `max(draw, threshold) = draw`).
+///
+/// # Safety
+/// The CPU must have AVX2; `src` and `dst` address `len` floats each (the same ones, or runs
+/// that do not overlap).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn drop_avx2(
+    key: u64,
+    threshold: u32,
+    scale: f32,
+    offset: u32,
+    src: *const f32,
+    dst: *mut f32,
+    len: usize,
+) {
+    use std::arch::x86_64::*;
+    let (lo, hi) = (
+        _mm256_set1_epi32(key as u32 as i32),
+        _mm256_set1_epi32((key >> 32) as u32 as i32),
+    );
+    let thr = _mm256_set1_epi32(threshold as i32);
+    let factor = _mm256_set1_ps(scale);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut idx = _mm256_add_epi32(_mm256_set1_epi32(offset as i32), lanes);
+    let step = _mm256_set1_epi32(8);
+    let mix8 = |x: __m256i| {
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb_352d));
+        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
+        _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+    };
+    for at in (0..len).step_by(8) {
+        let draw = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(idx, lo)), hi));
+        let keep = _mm256_cmpeq_epi32(_mm256_max_epu32(draw, thr), draw);
+        let f = _mm256_and_ps(_mm256_castsi256_ps(keep), factor);
+        let left = (len - at).min(8) as i32;
+        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
+        // SAFETY: elements at.. of both runs, as many as are left (at most 8).
+        unsafe {
+            let x = _mm256_maskload_ps(src.add(at), live);
+            _mm256_maskstore_ps(dst.add(at), live, _mm256_mul_ps(x, f));
+        }
+        idx = _mm256_add_epi32(idx, step);
+    }
+}
+
 /// [`mix`] on 16 lanes: the mixer of [`draw`], for the vector paths (dropout by key here,
 /// dropout in the GEMM's stores).
 #[cfg(target_arch = "x86_64")]
@@ -283,11 +396,11 @@ fn fill_f32(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
         fn avx2(threshold: u64, keep: f32, key: u64, at: usize, out: &mut [f32]) {
             body(threshold, keep, key, at, out)
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if super::cpu::avx512() {
             // SAFETY: the CPU has AVX-512F (checked).
             return unsafe { avx512(threshold, keep, key, at, out) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if super::cpu::avx2() {
             // SAFETY: the CPU has AVX2 (checked).
             return unsafe { avx2(threshold, keep, key, at, out) };
         }
@@ -340,13 +453,19 @@ mod tests {
         }
     }
 
-    /// `apply` and `apply_to` (16 lanes on AVX-512, the compiler's loop elsewhere) against
-    /// the scalar factor of each element: runs that end inside a vector, offsets whose
+    /// Runs of `f32` for the kernels' tests, each with the scalar factor of each element
+    /// applied: `(offset, run, expected)` for runs that end inside a vector, offsets whose
     /// counters wrap at 2³², and NaN that a dropped element keeps (NaN · 0).
-    #[test]
-    fn apply_and_apply_to_match_the_scalar_factor_of_each_element() {
-        let key = DropKey::draw(0.3, &mut StdRng::seed_from_u64(5));
-        for (offset, len) in [(0usize, 1usize), (3, 37), (1000, 4096 + 5), ((1 << 32) - 20, 77)] {
+    fn runs(key: DropKey) -> Vec<(usize, Vec<f32>, Vec<f32>)> {
+        [
+            (0usize, 1usize),
+            (5, 7),
+            (3, 37),
+            (1000, 4096 + 5),
+            ((1 << 32) - 20, 77),
+        ]
+        .into_iter()
+        .map(|(offset, len)| {
             let src: Vec<f32> = (0..len)
                 .map(|i| {
                     if i % 13 == 5 {
@@ -356,23 +475,83 @@ mod tests {
                     }
                 })
                 .collect();
-            let want: Vec<f32> = src
+            let want = src
                 .iter()
                 .enumerate()
                 .map(|(j, &x)| x * key.factor::<f32>(offset + j))
                 .collect();
-            let same = |got: &[f32]| got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+            (offset, src, want)
+        })
+        .collect()
+    }
+
+    fn same(got: &[f32], want: &[f32]) -> bool {
+        got.len() == want.len() && got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits())
+    }
+
+    /// `apply` and `apply_to` (the path of the level in use: 16 lanes on AVX-512, 8 on AVX2,
+    /// the compiler's loop elsewhere) against the scalar factor of each element.
+    #[test]
+    fn apply_and_apply_to_match_the_scalar_factor_of_each_element() {
+        let key = DropKey::draw(0.3, &mut StdRng::seed_from_u64(5));
+        for (offset, src, want) in runs(key) {
+            let len = src.len();
             let mut dst = vec![f32::NAN; len];
             key.apply_to(offset, &src, &mut dst);
-            assert!(same(&dst), "apply_to at {offset}, {len} elements");
+            assert!(same(&dst, &want), "apply_to at {offset}, {len} elements");
             let mut x = src.clone();
             key.apply(offset, &mut x);
-            assert!(same(&x), "apply at {offset}, {len} elements");
+            assert!(same(&x, &want), "apply at {offset}, {len} elements");
             let dropped = (0..len).filter(|&j| key.factor::<f32>(offset + j) == 0.0).count();
             assert!(
                 len < 100 || dropped > len / 5,
                 "about 30% dropped, got {dropped} of {len}"
             );
+        }
+    }
+
+    /// The AVX2 kernel against the scalar factor of each element, whatever level the process
+    /// runs at (it is called directly): in place and into another run.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_kernel_matches_the_scalar_factor_of_each_element() {
+        if !(std::arch::is_x86_feature_detected!("avx2")) {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let key = DropKey::draw(0.3, &mut StdRng::seed_from_u64(6));
+        let scale = key.scale::<f32>();
+        for (offset, src, want) in runs(key) {
+            let len = src.len();
+            let mut dst = vec![f32::NAN; len + 3];
+            let mut x = src.clone();
+            // SAFETY: the CPU has AVX2 (checked); len floats in each run.
+            unsafe {
+                drop_avx2(
+                    key.key(),
+                    key.threshold(),
+                    scale,
+                    offset as u32,
+                    src.as_ptr(),
+                    dst.as_mut_ptr(),
+                    len,
+                );
+                drop_avx2(
+                    key.key(),
+                    key.threshold(),
+                    scale,
+                    offset as u32,
+                    x.as_ptr(),
+                    x.as_mut_ptr(),
+                    len,
+                );
+            }
+            assert!(
+                same(&dst[..len], &want),
+                "into another run at {offset}, {len} elements"
+            );
+            assert!(dst[len..].iter().all(|v| v.is_nan()), "wrote past the run");
+            assert!(same(&x, &want), "in place at {offset}, {len} elements");
         }
     }
 

@@ -4,6 +4,7 @@
 //! together at odd sizes, with strided and transposed inputs and NaN-filled outputs.
 
 pub mod activations;
+pub mod cpu;
 pub mod dropout;
 pub mod float;
 pub mod gemm;

@@ -42,12 +42,10 @@ macro_rules! widest {
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if $crate::kernels::cpu::avx512() {
                 // SAFETY: the CPU has AVX-512F (checked).
                 unsafe { avx512(|| $body) }
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            } else if $crate::kernels::cpu::avx2() {
                 // SAFETY: the CPU has AVX2 and FMA (checked).
                 unsafe { avx2(|| $body) }
             } else {
@@ -82,7 +80,7 @@ pub(crate) fn fill_streaming<F: Float>(x: &mut [F], value: F) {
     #[cfg(target_arch = "x86_64")]
     if value.to_f64().to_bits() == 0
         && std::mem::size_of_val(x) >= STREAM_MIN_BYTES
-        && std::arch::is_x86_feature_detected!("avx512f")
+        && super::cpu::avx512()
         && let Some(x) = F::as_f32_mut(x)
     {
         // SAFETY: the CPU has AVX-512F (checked).
@@ -437,18 +435,15 @@ pub fn fma_peak_gflops(seconds: f64) -> f64 {
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
             out.iter().sum()
         }
-        let (lanes, chains, run): (f64, f64, fn(u64) -> f32) =
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked).
-                (16.0, 16.0, |n| unsafe { run512(n) })
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked).
-                (8.0, 12.0, |n| unsafe { run256(n) })
-            } else {
-                return 0.0;
-            };
+        let (lanes, chains, run): (f64, f64, fn(u64) -> f32) = if super::cpu::avx512() {
+            // SAFETY: the CPU has AVX-512F (checked).
+            (16.0, 16.0, |n| unsafe { run512(n) })
+        } else if super::cpu::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            (8.0, 12.0, |n| unsafe { run256(n) })
+        } else {
+            return 0.0;
+        };
         let mut iters = 1_000u64;
         loop {
             let start = std::time::Instant::now();

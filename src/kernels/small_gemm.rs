@@ -88,12 +88,12 @@ macro_rules! dispatch {
                 ) {
                     $body::<F, 8, true>(alpha, a, b, beta, c)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if $crate::kernels::cpu::avx512() {
                     // SAFETY: the CPU has AVX-512F, detected on the line above; the function
                     // is safe in every other respect.
                     return unsafe { avx512(alpha, a, b, beta, c) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if $crate::kernels::cpu::avx2() {
                     // SAFETY: the CPU has AVX2 and FMA, detected on the line above.
                     return unsafe { avx2(alpha, a, b, beta, c) };
                 }
@@ -206,9 +206,8 @@ mod x86 {
         beta: F,
         mut c: ArrayViewMut2<F>,
     ) -> bool {
-        let wide =
-            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl");
-        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let wide = crate::kernels::cpu::avx512() && std::arch::is_x86_feature_detected!("avx512vl");
+        let avx2 = crate::kernels::cpu::avx2();
         if !(wide || avx2) {
             return false;
         }

@@ -16,8 +16,11 @@
 //! blocks of keys, from the first query that sees one): the blocked half is skipped rather
 //! than computed and zeroed, with the same results. The (b, h) pairs run in parallel on the
 //! rayon pool; each is computed whole by one thread, so results do not depend on the thread
-//! count. Attention dropout masks
-//! are drawn before the parallel part, in (b, h, i, j) order.
+//! count. The attention dropout mask over `[B, H, Tq, Tk]` takes one draw from the caller's
+//! RNG before the parallel part (the key of [`DropKey`], as
+//! [`dropout_mask`](crate::kernels::dropout_mask) of that shape would take) and is never
+//! stored: each head computes the factors of its weights, in (b, h, i, j) order, where it
+//! multiplies them, only below the keys a block of queries sees, forward and backward.
 //!
 //! # Backward
 //! With `S = QKᵀ/√d_k`, `P = softmax(S)`, `P' = P ⊙ M` (dropout mask M), `O = P'V` and
@@ -63,6 +66,7 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Result, check};
+use crate::kernels::dropout::DropRows;
 use crate::kernels::parallel::{PairViews, for_each_chunk_mut, for_each_index};
 use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::simd::widest;
@@ -70,7 +74,7 @@ use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::small_head::{RowSoftmax, SmallHead};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
-use crate::kernels::{Float, dropout_mask, gemm, gemm_blocks, parallel_worth};
+use crate::kernels::{DropKey, Float, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
 
 /// Configuration of [`ScaledDotProductAttention`].
@@ -112,11 +116,12 @@ crate::kernels::workspace::impl_recycle!(AttentionCache<F: Float> { q, k, v, cor
 pub struct AttentionCoreCache<F: Float = f32> {
     /// `[B, H, Tq, Tk]`: softmax weights, before dropout.
     probs: Array4<F>,
-    /// `[B, H, Tq, Tk]`: 0 or 1/(1−p); `None` without dropout.
-    drop: Option<Array4<F>>,
+    /// The dropout mask over `[B, H, Tq, Tk]` by its key (each factor, 0 or 1/(1−p), computed
+    /// where it is needed, never stored); `None` without dropout.
+    drop: Option<DropKey>,
     mask: ResolvedMask,
 }
-crate::kernels::workspace::impl_recycle!(AttentionCoreCache<F: Float> { probs, drop });
+crate::kernels::workspace::impl_recycle!(AttentionCoreCache<F: Float> { probs });
 
 impl AttentionConfig {
     /// No attention dropout.
@@ -336,7 +341,8 @@ pub fn attention_forward<F: Float>(
         "attention: mask resolved for another shape"
     );
     let drop = match rng {
-        Some(rng) if p_drop > 0.0 => Some(dropout_mask::<F, _, _>(p_drop, (b, h, tq, tk), rng)),
+        // One draw from the RNG, as `dropout_mask` of the whole [B, H, Tq, Tk] would take.
+        Some(rng) if p_drop > 0.0 => Some(DropKey::draw(p_drop, rng)),
         _ => None,
     };
     if b * h * tq * dv == 0 || tk == 0 {
@@ -360,12 +366,12 @@ pub fn attention_forward<F: Float>(
             let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
             let cleaned = clean_padding(k, v, mask.keys_kept(bi));
             let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+            let dropped = head_drop(drop, (b, h, tq, tk), bi, hi);
             #[cfg(target_arch = "x86_64")]
             if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v) {
-                let dropped = drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
                 let first = mask.row(bi, 0);
                 let softmax = if first.keys.is_none() && first.pairs.is_none() {
-                    RowSoftmax::Limit(|i| mask.row(bi, i).limit)
+                    RowSoftmax::Limit(|i| mask.limit(bi, i))
                 } else {
                     RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
                 };
@@ -409,11 +415,8 @@ pub fn attention_forward<F: Float>(
                     softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
                 });
                 let (p, v) = (probs.slice(s![.., ..width]), v.slice(s![..width, ..]));
-                match &drop {
-                    Some(m) => {
-                        let dropped = &p * &m.slice(s![bi, hi, rows, ..width]);
-                        gemm(F::ONE, dropped.view(), v, F::ZERO, out);
-                    }
+                match dropped {
+                    Some(m) => gemm(F::ONE, m.times(rows.start, p).view(), v, F::ZERO, out),
                     None => gemm(F::ONE, p, v, F::ZERO, out),
                 }
             }
@@ -492,6 +495,21 @@ pub(crate) fn key_blocks(
     blocks(kb, mask.is_causal()).map(move |keys| {
         let first = mask.first_query(bi, keys.start);
         (keys, first)
+    })
+}
+
+/// The dropout mask of head `(bi, hi)`, `[Tq, Tk]` inside the mask by `drop`'s key over
+/// `dims` `[B, H, Tq, Tk]`.
+fn head_drop(
+    drop: Option<DropKey>,
+    (_, h, tq, tk): (usize, usize, usize, usize),
+    bi: usize,
+    hi: usize,
+) -> Option<DropRows> {
+    drop.map(|key| DropRows {
+        key,
+        at: (bi * h + hi) * tq * tk,
+        stride: tk,
     })
 }
 
@@ -626,7 +644,7 @@ pub fn attention_backward<F: Float>(
         let cleaned = clean_padding(k, v, mask.keys_kept(bi));
         let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
         let probs = head_view(&cache.probs.view(), bi, hi, tq, kb);
-        let drop = cache.drop.as_ref().map(|m| head_view(&m.view(), bi, hi, tq, kb));
+        let drop = head_drop(cache.drop, (b, h, tq, tk), bi, hi);
         let g = head_view(&grad_out, bi, hi, tq, dv);
         #[cfg(target_arch = "x86_64")]
         if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v)
@@ -663,7 +681,7 @@ pub fn attention_backward<F: Float>(
         // the first that sees one (their weights and gradients there are exactly 0).
         let q = head_view(&q, bi, hi, tq, dk);
         let gemm = products::<F>(mask);
-        let dropped = drop.as_ref().map(|m| &probs * m);
+        let dropped = drop.map(|m| m.times(0, probs));
         let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
         // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys
         // no query sees: the products over the queries of each key.
@@ -695,8 +713,10 @@ pub fn attention_backward<F: Float>(
                     gp.view_mut(),
                 );
             }
-            if let Some(m) = &drop {
-                gp *= &m.slice(s![rows.clone(), ..width]);
+            if let Some(m) = drop {
+                for (i, mut row) in rows.clone().zip(gp.rows_mut()) {
+                    m.apply(i, row.as_slice_mut().expect("contiguous"));
+                }
             }
             widest!(for i in rows.clone() {
                 softmax_row_backward_inline(

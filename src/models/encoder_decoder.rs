@@ -683,7 +683,7 @@ impl<F: Float> EncoderDecoder<F> {
     /// decodes many batches, [`PackedEncoderDecoder`]'s methods give the model's results
     /// without repacking every weight on every call (packing is a transposed copy of each
     /// weight into the GEMM kernels' layout; `f32` on CPUs with the crate's vector kernels,
-    /// elsewhere a no-op).
+    /// and under bf16 precision on any CPU, elsewhere a no-op).
     pub fn packed(&self) -> PackedEncoderDecoder<'_, F> {
         crate::kernels::parallel::with_team(|| PackedEncoderDecoder {
             model: self,
@@ -890,10 +890,14 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     /// As [`EncoderDecoder::infer`].
     pub fn infer(&self, src: &TokenBatch, tgt_in: &TokenBatch) -> Result<Array2<F>> {
         let bf16 = is_bf16(self.decode.as_ref());
+        // Where nothing packs (`f64`, a CPU without the vector kernels), the products are the
+        // model's own, whose bits depend on their number of rows: never cut in halves.
+        let packed = self.encoder.is_some() && self.decode.is_some();
+        let width = self.model.cfg.block.d_model;
         self.with_workspace(|| {
             self.model.inference(bf16, rows(src, tgt_in), || {
                 self.model.check_batches(src, tgt_in)?;
-                by_halves(src, tgt_in, self.model.cfg.block.d_model, |src, tgt_in| {
+                by_halves(packed, src, tgt_in, width, |src, tgt_in| {
                     let memory = self.model.encode_with(src, self.encoder.as_deref())?;
                     let logits = self.model.decode_with(&memory, src, tgt_in, self.decode.as_ref());
                     memory.give_back();
@@ -933,23 +937,30 @@ fn is_bf16<F: Float>(packed: Option<&PackedDecode<F>>) -> bool {
 /// and 47.9–53.3 cut, base's the same either way: above this size the products stay cut.
 const HALVES_BELOW_PRODUCT_FLOPS: u64 = 1 << 24;
 
-/// `f(src, tgt_in)`, or on a team of exactly two threads with small products (below
-/// [`HALVES_BELOW_PRODUCT_FLOPS`]), `f` on the first half of the sequences on one thread and on
-/// the second half on the other, the logits stacked.
+/// `f(src, tgt_in)`, or for a `packed` model on a team of exactly two threads with small
+/// products (below [`HALVES_BELOW_PRODUCT_FLOPS`]), `f` on the first half of the sequences on
+/// one thread and on the second half on the other, the logits stacked.
 ///
-/// For the packed model only: each sequence's logits then come from the same arithmetic
-/// either way (the packed products compute a row the same way whatever the number of rows;
-/// attention, layer norms and softmax work sequence by sequence or row by row), so the bits
-/// are the same (tested). The model's own products are not all so: with few rows some take
-/// kernels that round differently (`kernels::small_gemm`).
+/// For a model whose weights are packed only: each sequence's logits then come from the same
+/// arithmetic either way (the packed products compute a row the same way whatever the number
+/// of rows; attention, layer norms and softmax work sequence by sequence or row by row), so
+/// the bits are the same (tested). The model's own products are not all so: with few rows
+/// some take kernels that round differently (`kernels::small_gemm`), so where nothing packed
+/// (`f64`, or a CPU without the vector kernels) the halves had given other bits on two
+/// threads than on one.
 fn by_halves<F: Float>(
+    packed: bool,
     src: &TokenBatch,
     tgt_in: &TokenBatch,
     width: usize,
     f: impl Fn(&TokenBatch, &TokenBatch) -> Result<Array2<F>> + Sync,
 ) -> Result<Array2<F>> {
     let b = src.batch_size();
-    if b < 2 || threads() != 2 || product_flops(rows(src, tgt_in), width) >= HALVES_BELOW_PRODUCT_FLOPS {
+    if !packed
+        || b < 2
+        || threads() != 2
+        || product_flops(rows(src, tgt_in), width) >= HALVES_BELOW_PRODUCT_FLOPS
+    {
         return f(src, tgt_in);
     }
     let half = |x: &TokenBatch, r: std::ops::Range<usize>| {

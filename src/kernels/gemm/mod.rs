@@ -275,9 +275,10 @@ pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, 
 /// (`B = Wᵀ` of an `[out, in]` weight), so that a decoding step, whose products have a few
 /// rows, reads each weight once in the kernels' layout instead of copying it first.
 ///
-/// Only `f32` on a CPU with the crate's vector kernels packs; elsewhere the constructors
-/// return `None` and callers use [`gemm`]. The packed copy does not follow later changes of
-/// the matrix it was made from: hold it only while that matrix is borrowed.
+/// Only `f32` packs: on a CPU with the crate's vector kernels, or under bf16 precision on any
+/// CPU; elsewhere the constructors return `None` and callers use [`gemm`]. The packed copy
+/// does not follow later changes of the matrix it was made from: hold it only while that
+/// matrix is borrowed.
 #[derive(Clone, Debug)]
 pub struct PackedB {
     k: usize,
@@ -309,7 +310,14 @@ impl PackedB {
         if TypeId::of::<F>() != TypeId::of::<f32>() {
             return None;
         }
-        let isa = Isa::best()?;
+        // Without vector kernels an `f32` B is not packed (`matrixmultiply` multiplies it as
+        // it is), but a bf16 one is, rounded, for the portable kernels: its products then run
+        // in bf16 wherever they are called, as on every other CPU.
+        let isa = match Isa::best() {
+            Some(isa) => isa,
+            None if bf16_applies::<F>() => Isa::Scalar,
+            None => return None,
+        };
         let (k, n) = b.dim();
         let mb = Mat {
             ptr: b.as_ptr() as *const f32,

@@ -85,18 +85,15 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest family this CPU runs, if any has a vector kernel.
+    /// The fastest family this CPU runs, if any has a vector kernel (at most the
+    /// [`crate::kernels::cpu::level`] in use).
     pub fn best() -> Option<Isa> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Some(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Some(Isa::Avx2);
-            }
+        use crate::kernels::cpu::{Level, level};
+        match level() {
+            Level::Avx512 => Some(Isa::Avx512),
+            Level::Avx2 => Some(Isa::Avx2),
+            Level::Scalar => None,
         }
-        None
     }
 
     /// Every family this CPU runs, the fastest first, ending with `Scalar`.
@@ -106,10 +103,7 @@ impl Isa {
             all.push(Isa::Avx512);
         }
         if Isa::best().is_some() {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                all.push(Isa::Avx2);
-            }
+            all.push(Isa::Avx2);
         }
         all.push(Isa::Scalar);
         all
@@ -579,12 +573,21 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                 }
                 continue;
             }
+            #[cfg(target_arch = "x86_64")]
+            if b.cs == 1 && isa == Isa::Avx2 && nr <= 16 {
+                // SAFETY: as above; the CPU has AVX2.
+                unsafe {
+                    let src = b.ptr.offset(p0 as isize * b.rs + j0 as isize);
+                    super::micro::copy_lines_padded_avx2(src, b.rs, cols, kc, dst.as_mut_ptr(), nr);
+                }
+                continue;
+            }
             if b.cs == 1 {
                 for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     let src = unsafe {
                         std::slice::from_raw_parts(b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize), cols)
                     };
-                    copy_short(&mut row[..cols], src);
+                    row[..cols].copy_from_slice(src);
                     row[cols..].fill(0.0);
                 }
                 continue;
@@ -623,24 +626,6 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     }
 }
 
-/// `dst ← src` for the short runs of packing without AVX-512 (a panel's width): the lengths
-/// of whole panels are copied with fixed-size moves the compiler inlines, rather than a call
-/// to `memcpy` for every 16 to 64 bytes (AVX-512 packs with [`super::micro::copy_lines_padded`]).
-#[inline(always)]
-fn copy_short(dst: &mut [f32], src: &[f32]) {
-    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
-        let d: &mut [f32; N] = dst.try_into().expect("length N");
-        *d = *<&[f32; N]>::try_from(src).expect("length N");
-    }
-    match dst.len() {
-        16 => fixed::<16>(dst, src),
-        8 => fixed::<8>(dst, src),
-        6 => fixed::<6>(dst, src),
-        4 => fixed::<4>(dst, src),
-        _ => dst.copy_from_slice(src),
-    }
-}
-
 /// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
 ///
 /// # Safety
@@ -663,12 +648,16 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             unsafe { super::micro::copy_lines_padded(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
+        if a.rs == 1 && isa == Isa::Avx2 && mr <= 16 {
+            // SAFETY: as above; the CPU has AVX2.
+            unsafe { super::micro::copy_lines_padded_avx2(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
+            continue;
+        }
         if a.rs == 1 {
             // Columns of A are contiguous: each step of k is one copy.
             for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
-                copy_short(&mut col[..rows], unsafe {
-                    std::slice::from_raw_parts(at(0, p), rows)
-                });
+                col[..rows].copy_from_slice(unsafe { std::slice::from_raw_parts(at(0, p), rows) });
                 col[rows..].fill(0.0);
             }
             continue;
@@ -683,25 +672,17 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             p_done = kc - kc % 8;
             for p in (0..p_done).step_by(8) {
                 let mut r = 0;
-                // SAFETY: blocks of A and of the panel; the CPU has AVX2.
-                unsafe {
-                    while r + 8 <= mr {
-                        super::micro::transpose8x8(
-                            at(r, p),
-                            a.rs,
-                            dst.as_mut_ptr().add(p * mr + r),
-                            mr as isize,
-                        );
-                        r += 8;
-                    }
-                    while r + 4 <= mr {
-                        super::micro::transpose4x8(
-                            at(r, p),
-                            a.rs,
-                            dst.as_mut_ptr().add(p * mr + r),
-                            mr as isize,
-                        );
-                        r += 4;
+                type Transpose = unsafe fn(*const f32, isize, *mut f32, isize);
+                let by_rows: [(usize, Transpose); 3] = [
+                    (8, super::micro::transpose8x8),
+                    (4, super::micro::transpose4x8),
+                    (2, super::micro::transpose2x8),
+                ];
+                for (step, transpose) in by_rows {
+                    while r + step <= mr {
+                        // SAFETY: blocks of A and of the panel; the CPU has AVX2.
+                        unsafe { transpose(at(r, p), a.rs, dst.as_mut_ptr().add(p * mr + r), mr as isize) };
+                        r += step;
                     }
                 }
                 r_done = r;

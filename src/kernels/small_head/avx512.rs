@@ -9,6 +9,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::{Cached, StepHead, StepRow};
 use crate::kernels::Float;
+use crate::kernels::dropout::DropRows;
 use crate::kernels::gemm::KC;
 use crate::kernels::simd::widest;
 use crate::kernels::softmax::{RowMask, softmax_row_inline};
@@ -149,22 +150,22 @@ impl SmallHead {
         })
     }
 
-    /// `probs ← softmax(Q·Kᵀ·scale)` (zero past `kb`), then `out ← (probs ⊙ dropped)·V`, by
-    /// the blocks of queries of `queries`, each with the keys its queries see at most (their
-    /// scores, weights and products stop there: the general path's blocks, so the same sums).
+    /// `probs ← softmax(Q·Kᵀ·scale)` (zero past `kb`), then `out ← (probs ⊙ M)·V` with M the
+    /// dropout mask of `dropped` (if any), by the blocks of queries of `queries`, each with
+    /// the keys its queries see at most (their scores, weights, factors and products stop
+    /// there: the general path's blocks, so the same sums).
     ///
     /// # Safety
     /// F must be f32 and the views given to [`SmallHead::new`] still alive.
     ///
     /// # Panics
-    /// If `probs` is not `[Tq, ≥ kb]` with contiguous rows, `dropped` not `[Tq, kb]` or `out`
-    /// not `[Tq, d_v]`.
+    /// If `probs` is not `[Tq, ≥ kb]` with contiguous rows or `out` not `[Tq, d_v]`.
     pub(crate) unsafe fn forward<F: Float, L: Fn(usize) -> usize, S: FnMut(usize, &mut [F])>(
         &self,
         scale: f32,
         softmax: RowSoftmax<L, S>,
         queries: impl Iterator<Item = (Range<usize>, usize)> + Clone,
-        dropped: Option<ArrayView2<F>>,
+        dropped: Option<DropRows>,
         probs: &mut ArrayViewMut2<F>,
         out: &mut ArrayViewMut2<F>,
     ) {
@@ -173,7 +174,6 @@ impl SmallHead {
             probs.nrows() == tq
                 && probs.ncols() >= kb
                 && (probs.strides()[1] == 1 || probs.ncols() <= 1)
-                && dropped.as_ref().is_none_or(|m| m.dim() == (tq, kb))
                 && out.dim() == (tq, dv),
             "SmallHead::forward: probs {:?}, out {:?} for a head of {tq} queries, {kb} keys",
             probs.shape(),
@@ -256,13 +256,12 @@ impl SmallHead {
         }
         let o = Strided::of_mut(out);
         SCRATCH.with_borrow_mut(|scratch| {
-            // P ⊙ M [tq][kb], made row by row when there is a mask.
+            // P ⊙ M [tq][kb], made row by row (below each block's width) when there is a mask.
             let pm = take(scratch, kb * tq);
-            let src = match &dropped {
+            let src = match dropped {
                 Some(m) => {
-                    // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows, M [tq, kb]
-                    // (asserted).
-                    unsafe { mask_rows(Some(p), m, tq, kb, pm) };
+                    // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows (asserted).
+                    unsafe { mask_rows(Some(p), m, queries.clone(), kb, pm, false) };
                     Strided::dense(pm, kb)
                 }
                 None => p,
@@ -301,8 +300,8 @@ impl SmallHead {
     /// [`SmallHead::takes_backward`] true.
     ///
     /// # Panics
-    /// If `probs` or `dropped` is not `[Tq, kb]` with contiguous rows, or a gradient has
-    /// another shape than its input.
+    /// If `probs` is not `[Tq, kb]` with contiguous rows, or a gradient has another shape than
+    /// its input.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn backward<F: Float>(
         &self,
@@ -310,7 +309,7 @@ impl SmallHead {
         queries: impl Iterator<Item = (Range<usize>, usize)> + Clone,
         keys: impl Iterator<Item = (Range<usize>, usize)> + Clone,
         probs: ArrayView2<F>,
-        dropped: Option<ArrayView2<F>>,
+        dropped: Option<DropRows>,
         grad_out: ArrayView2<F>,
         mut softmax_backward: impl FnMut(usize, &[F], &[F], &mut [F]),
         grad_q: &mut ArrayViewMut2<F>,
@@ -323,7 +322,6 @@ impl SmallHead {
             probs.dim() == (tq, kb)
                 && unit(&probs)
                 && (tq == 1 || probs.strides()[0] >= kb as isize)
-                && dropped.as_ref().is_none_or(|m| m.dim() == (tq, kb))
                 && grad_out.dim() == (tq, dv)
                 && unit(&grad_out)
                 && grad_q.dim() == (tq, dk)
@@ -341,9 +339,6 @@ impl SmallHead {
         // Every row read from memory, all asked for at once: in a training step these were
         // saved by the forward pass and are in L3 or memory.
         ask_rows(Strided::of(&probs), tq, kb);
-        if let Some(m) = &dropped {
-            ask_rows(Strided::of(m), tq, kb);
-        }
         ask_rows(g, tq, dv);
         ask_rows(self.k, kb, dk);
         ask_rows(self.q, tq, dk);
@@ -356,12 +351,12 @@ impl SmallHead {
             // SAFETY (the products and transposes below): AVX-512F (checked by `new`); each
             // operand's shape is the head's (checked by `new` and asserted), the right
             // operands' rows contiguous.
-            // ∂L/∂V = (P ⊙ M)ᵀ·G: the left factor's transpose is P ⊙ M [tq][kb].
-            let pd: &[f32] = match &dropped {
+            // ∂L/∂V = (P ⊙ M)ᵀ·G: the left factor's transpose is P ⊙ M [tq][kb] (zero past
+            // each block's width, where P is).
+            let pd: &[f32] = match dropped {
                 Some(m) => {
-                    // SAFETY: F is f32; probs and M are [tq, kb], probs' rows contiguous
-                    // (asserted).
-                    unsafe { mask_rows(Some(Strided::of(&probs)), m, tq, kb, pd) };
+                    // SAFETY: F is f32; probs is [tq, kb] with contiguous rows (asserted).
+                    unsafe { mask_rows(Some(Strided::of(&probs)), m, queries.clone(), kb, pd, true) };
                     pd
                 }
                 // SAFETY: F is f32, probs [tq, kb] with contiguous rows at a stride of at
@@ -417,9 +412,9 @@ impl SmallHead {
                     };
                 }
             }
-            if let Some(m) = &dropped {
-                // SAFETY: F is f32; M is [tq, kb] (asserted), gp [tq][kb].
-                unsafe { mask_rows(None, m, tq, kb, gp) };
+            if let Some(m) = dropped {
+                // SAFETY: gp is [tq][kb].
+                unsafe { mask_rows(None, m, queries.clone(), kb, gp, false) };
             }
             // ∂L/∂S, row by row.
             for (i, (gp, gs)) in gp.chunks_exact(kb).zip(gs.chunks_exact_mut(kb)).enumerate() {
@@ -479,38 +474,35 @@ fn take(scratch: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut scratch[..n]
 }
 
-/// `dst ← P ⊙ M` (with `p`) or `dst ← dst ⊙ M` (without), `dst` a dense `[tq][kb]` buffer:
-/// the dropout mask applied row by row, over contiguous slices that the compiler vectorises.
+/// `dst ← P ⊙ M` (with `p`) or `dst ← dst ⊙ M` (without), M the dropout mask of `m` and
+/// `dst` a dense `[tq][kb]` buffer, row by row below each block's width of `queries` (the
+/// factors computed from the mask's key, in vectors); past the width, zeros with `zero_rest`,
+/// else left as they are.
 ///
 /// # Safety
-/// F is f32; `p`, if any, is `[tq, ≥ kb]` with contiguous rows; `m` is `[tq, kb]`; `dst`
-/// holds `tq · kb` floats; the CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn mask_rows<F: Float>(p: Option<Strided>, m: &ArrayView2<F>, tq: usize, kb: usize, dst: &mut [f32]) {
-    let m = Strided::of(m);
-    for (i, d) in dst[..tq * kb].chunks_exact_mut(kb).enumerate() {
-        // SAFETY: row i of P, kb contiguous floats (the caller).
-        let row = p.map(|p| unsafe { std::slice::from_raw_parts(p.ptr.offset(i as isize * p.rs), kb) });
-        if m.cs == 1 {
-            // SAFETY: row i of M, kb contiguous floats.
-            let mask = unsafe { std::slice::from_raw_parts(m.ptr.offset(i as isize * m.rs), kb) };
-            match row {
-                Some(row) => {
-                    for ((x, &p), &k) in d.iter_mut().zip(row).zip(mask) {
-                        *x = p * k;
-                    }
+/// `p`, if any, is `[tq, ≥ kb]` with contiguous rows, `tq` the end of the last block;
+/// `dst` holds `tq · kb` floats.
+unsafe fn mask_rows(
+    p: Option<Strided>,
+    m: DropRows,
+    queries: impl Iterator<Item = (Range<usize>, usize)>,
+    kb: usize,
+    dst: &mut [f32],
+    zero_rest: bool,
+) {
+    for (rows, width) in queries {
+        for i in rows {
+            let (d, rest) = dst[i * kb..][..kb].split_at_mut(width);
+            match p {
+                Some(p) => {
+                    // SAFETY: row i of P, at least kb ≥ width contiguous floats (the caller).
+                    let row = unsafe { std::slice::from_raw_parts(p.ptr.offset(i as isize * p.rs), width) };
+                    m.apply_to(i, row, d);
                 }
-                None => {
-                    for (x, &k) in d.iter_mut().zip(mask) {
-                        *x *= k;
-                    }
-                }
+                None => m.apply(i, d),
             }
-        } else {
-            for (j, x) in d.iter_mut().enumerate() {
-                // SAFETY: (i, j) is inside M.
-                let k = unsafe { m.at(i, j) };
-                *x = row.map_or(*x, |row| row[j]) * k;
+            if zero_rest {
+                rest.fill(0.0);
             }
         }
     }
@@ -1053,7 +1045,9 @@ unsafe fn as_f32<'a, X, Y, F>(
 /// has them).
 fn avx512_bw_vl() -> bool {
     static HAS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl")
+        crate::kernels::cpu::avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     });
     *HAS
 }
@@ -1366,7 +1360,8 @@ mod tests {
         q: Array2<f32>,
         k: Array2<f32>,
         v: Array2<f32>,
-        drop: Option<Array2<f32>>,
+        /// The dropout mask by key, and the same mask stored, `[tq, kb]`.
+        drop: Option<(DropRows, Array2<f32>)>,
         scale: f32,
     }
 
@@ -1381,7 +1376,15 @@ mod tests {
     fn case(rng: &mut StdRng, (tq, kb, dk, dv): (usize, usize, usize, usize), dropped: bool) -> Case {
         let mut k = random(rng, (kb, dk));
         k[[0, 0]] = 40.0; // a large score
-        let drop = Array2::from_shape_fn((tq, kb), |(i, j)| ((i * 7 + j) % 3) as f32 * 1.25);
+        // A head inside a wider array, as in [B, H, Tq, Tk]: rows kb + 5 apart, from an
+        // offset.
+        let key = crate::kernels::DropKey::draw(0.3, rng);
+        let rows = DropRows {
+            key,
+            at: 1000,
+            stride: kb + 5,
+        };
+        let drop = (rows, rows.dense(tq, kb));
         Case {
             q: random(rng, (tq, dk)),
             k,
@@ -1405,7 +1408,7 @@ mod tests {
         }
         let mut out = Array2::from_elem((tq, dv), f32::NAN);
         let p = match &c.drop {
-            Some(m) => &probs.slice(s![.., ..kb]) * m,
+            Some((_, m)) => &probs.slice(s![.., ..kb]) * m,
             None => probs.slice(s![.., ..kb]).to_owned(),
         };
         gemm(1.0, p.view(), c.v.view(), 0.0, out.view_mut());
@@ -1440,7 +1443,7 @@ mod tests {
                 let q = spaced(&c.q);
                 let q = q.slice(s![.., ..c.q.ncols()]);
                 let head = SmallHead::new(q, c.k.view(), c.v.view()).expect("a head this path takes");
-                let drop = c.drop.as_ref().map(|m| m.view());
+                let drop = c.drop.as_ref().map(|m| m.0);
                 let mut p = probs.view_mut();
                 let queries = blocks(tq, kb, causal, &mask).0.into_iter();
                 // SAFETY: f32, and the views given to new are alive.
@@ -1488,14 +1491,14 @@ mod tests {
                 let g = random(&mut rng, (tq, dv));
                 // The general path: four GEMM calls and the softmax's backward per row.
                 let pd = match &c.drop {
-                    Some(m) => &probs * m,
+                    Some((_, m)) => &probs * m,
                     None => probs.clone(),
                 };
                 let mut want_v = Array2::zeros((kb, dv));
                 gemm(1.0, pd.t(), g.view(), 0.0, want_v.view_mut());
                 let mut gp = Array2::zeros((tq, kb));
                 gemm(1.0, g.view(), c.v.t(), 0.0, gp.view_mut());
-                if let Some(m) = &c.drop {
+                if let Some((_, m)) = &c.drop {
                     gp *= m;
                 }
                 let mut gs = Array2::zeros((tq, kb));
@@ -1527,7 +1530,7 @@ mod tests {
                     Array2::from_elem((kb, dk), f32::NAN),
                     Array2::from_elem((kb, 2 * dv), f32::NAN),
                 );
-                let drop = c.drop.as_ref().map(|m| m.view());
+                let drop = c.drop.as_ref().map(|m| m.0);
                 // One query: a row stride of 0, as ndarray may give an axis of length 1.
                 let probs_view = if tq == 1 {
                     use ndarray::ShapeBuilder;
@@ -1567,8 +1570,8 @@ mod tests {
 
     #[test]
     fn exp_all_is_exp_f32_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: this CPU has no AVX-512F");
+        if !crate::kernels::cpu::avx512() {
+            eprintln!("skipped: this CPU has no AVX-512F (or VASWANI_MAX_ISA asks for less)");
             return;
         }
         let mut xs: Vec<f32> = vec![

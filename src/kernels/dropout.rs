@@ -325,26 +325,38 @@ unsafe fn drop_avx2(
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let mut idx = _mm256_add_epi32(_mm256_set1_epi32(offset as i32), lanes);
     let step = _mm256_set1_epi32(8);
-    let mix8 = |x: __m256i| {
-        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
-        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb_352d));
-        let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
-        let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
-        _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
-    };
     for at in (0..len).step_by(8) {
         let draw = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(idx, lo)), hi));
         let keep = _mm256_cmpeq_epi32(_mm256_max_epu32(draw, thr), draw);
         let f = _mm256_and_ps(_mm256_castsi256_ps(keep), factor);
-        let left = (len - at).min(8) as i32;
-        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
-        // SAFETY: elements at.. of both runs, as many as are left (at most 8).
+        let left = len - at;
+        // SAFETY: elements at.. of both runs, as many as are left (masked below 8: a masked
+        // store per vector is a microcoded sequence on AMD's cores before Zen 4).
         unsafe {
-            let x = _mm256_maskload_ps(src.add(at), live);
-            _mm256_maskstore_ps(dst.add(at), live, _mm256_mul_ps(x, f));
+            if left >= 8 {
+                _mm256_storeu_ps(dst.add(at), _mm256_mul_ps(_mm256_loadu_ps(src.add(at)), f));
+            } else {
+                let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), lanes);
+                let x = _mm256_maskload_ps(src.add(at), live);
+                _mm256_maskstore_ps(dst.add(at), live, _mm256_mul_ps(x, f));
+            }
         }
         idx = _mm256_add_epi32(idx, step);
     }
+}
+
+/// [`mix`] on 8 lanes: the mixer of [`draw`], for the AVX2 paths (dropout by key here,
+/// dropout in the GEMM's stores).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn mix8(x: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+    let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb_352d));
+    let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+    let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
 }
 
 /// [`mix`] on 16 lanes: the mixer of [`draw`], for the vector paths (dropout by key here,

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::{Cached, StepHead, StepRow};
+use super::{Cached, StepCache, StepHead, StepRow, as_f32};
 use crate::kernels::Float;
 use crate::kernels::dropout::DropRows;
 use crate::kernels::gemm::KC;
@@ -942,28 +942,6 @@ unsafe fn product<
     }
 }
 
-/// `$run($x, $scores, $out)` with `$x` (a `$Step<'_, F, S>`) as the `$Step` of `f32` over the
-/// cache `$cache` found (from [`in_registers`]), then `true`; `false` and nothing run for
-/// `None`. In an `unsafe` block of a function generic over `F` and `S`, where `$cache` came
-/// from `in_registers::<F, S>` (so the casts are identities and the CPU has AVX-512F, BW and
-/// VL) and `$run`'s own contract holds.
-macro_rules! in_registers_as {
-    ($cache:expr, $Step:ident, $x:ident, $scores:ident, $out:ident, $run:ident) => {
-        match $cache {
-            Some(StepCache::F32) => {
-                let (x, scores, out) = as_f32::<_, $Step<'_, f32, f32>, F>($x, $scores, $out);
-                $run(x, scores, out);
-                true
-            }
-            Some(StepCache::Bf16) => {
-                let (x, scores, out) = as_f32::<_, $Step<'_, f32, u16>, F>($x, $scores, $out);
-                $run(x, scores, out);
-                true
-            }
-            None => false,
-        }
-    };
-}
 /// [`super::step_head`] in registers, where [`in_registers`] takes it: `false` (and nothing
 /// written) where it does not.
 ///
@@ -995,49 +973,15 @@ pub(super) unsafe fn try_step_row<F: Float, S: Cached<F>>(
     unsafe { in_registers_as!(cache, StepRow, r, scores, out, step_row_avx512) }
 }
 
-/// What a decoding step's cache holds, where the step runs in registers.
-enum StepCache {
-    /// `f32` values.
-    F32,
-    /// bf16 bits (`u16`).
-    Bf16,
-}
-
 /// Whether a decoding step of `kb` keys and `dv` value features per head runs in registers
 /// (`f32`, AVX-512F with BW and VL, at most [`MAX_KEYS`] of each), and over which cache;
 /// `None` for the slices.
 fn in_registers<F: 'static, S: 'static>(kb: usize, dv: usize) -> Option<StepCache> {
-    use std::any::TypeId;
-    let vectors = TypeId::of::<F>() == TypeId::of::<f32>()
-        && kb <= MAX_KEYS
+    let vectors = kb <= MAX_KEYS
         && dv <= MAX_KEYS
         && crate::kernels::gemm::Isa::best() == Some(crate::kernels::gemm::Isa::Avx512)
         && avx512_bw_vl();
-    match TypeId::of::<S>() {
-        s if vectors && s == TypeId::of::<f32>() => Some(StepCache::F32),
-        s if vectors && s == TypeId::of::<u16>() => Some(StepCache::Bf16),
-        _ => None,
-    }
-}
-
-/// A head or row of `F` over `S` (`x`) as the one of `f32` over `T` it is (`Y`), with its
-/// scratch and output.
-///
-/// # Safety
-/// `F` is `f32`, `S` is `T`, and `Y` is `X` with those types.
-unsafe fn as_f32<'a, X, Y, F>(
-    x: &'a X,
-    scores: &'a mut [F],
-    out: &'a mut [F],
-) -> (&'a Y, &'a mut [f32], &'a mut [f32]) {
-    // SAFETY: the same types (caller).
-    unsafe {
-        (
-            &*(x as *const X as *const Y),
-            &mut *(scores as *mut [F] as *mut [f32]),
-            &mut *(out as *mut [F] as *mut [f32]),
-        )
-    }
+    super::step_cache::<F, S>(vectors)
 }
 
 /// Whether the CPU has AVX-512BW and VL besides AVX-512F: [`super::step_head`]'s vector path (the

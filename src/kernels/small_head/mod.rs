@@ -35,10 +35,80 @@
 
 use super::Float;
 
+/// `$run($x, $scores, $out)` with `$x` (a `$Step<'_, F, S>`) as the `$Step` of `f32` over the
+/// cache `$cache` found (from [`step_cache`]), then `true`; `false` and nothing run for
+/// `None`. In an `unsafe` block of a function generic over `F` and `S`, where `$cache` came
+/// from `step_cache::<F, S>` (so the casts are identities), with the CPU features `$run`
+/// needs, and `$run`'s own contract holds.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_registers_as {
+    ($cache:expr, $Step:ident, $x:ident, $scores:ident, $out:ident, $run:ident) => {
+        match $cache {
+            Some(StepCache::F32) => {
+                let (x, scores, out) = as_f32::<_, $Step<'_, f32, f32>, F>($x, $scores, $out);
+                $run(x, scores, out);
+                true
+            }
+            Some(StepCache::Bf16) => {
+                let (x, scores, out) = as_f32::<_, $Step<'_, f32, u16>, F>($x, $scores, $out);
+                $run(x, scores, out);
+                true
+            }
+            None => false,
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::{RowSoftmax, SmallHead};
+
+/// What a decoding step's cache holds, where the step runs in registers.
+#[cfg(target_arch = "x86_64")]
+enum StepCache {
+    /// `f32` values.
+    F32,
+    /// bf16 bits (`u16`).
+    Bf16,
+}
+
+/// Over which cache a decoding step of `F` over `S` runs in registers, where `vectors` (the
+/// path's own conditions: the CPU, the lengths) holds: `F` must be `f32`, `S` `f32` or bf16
+/// bits; `None` for the slices.
+#[cfg(target_arch = "x86_64")]
+fn step_cache<F: 'static, S: 'static>(vectors: bool) -> Option<StepCache> {
+    use std::any::TypeId;
+    let vectors = vectors && TypeId::of::<F>() == TypeId::of::<f32>();
+    match TypeId::of::<S>() {
+        s if vectors && s == TypeId::of::<f32>() => Some(StepCache::F32),
+        s if vectors && s == TypeId::of::<u16>() => Some(StepCache::Bf16),
+        _ => None,
+    }
+}
+
+/// A head or row of `F` over `S` (`x`) as the one of `f32` over `T` it is (`Y`), with its
+/// scratch and output.
+///
+/// # Safety
+/// `F` is `f32`, `S` is `T`, and `Y` is `X` with those types.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32<'a, X, Y, F>(
+    x: &'a X,
+    scores: &'a mut [F],
+    out: &'a mut [F],
+) -> (&'a Y, &'a mut [f32], &'a mut [f32]) {
+    // SAFETY: the same types (caller).
+    unsafe {
+        (
+            &*(x as *const X as *const Y),
+            &mut *(scores as *mut [F] as *mut [f32]),
+            &mut *(out as *mut [F] as *mut [f32]),
+        )
+    }
+}
 
 /// One query of one head against `kb` cached keys and values, the attention of a decoding
 /// step: `out ← softmax(q·Kᵀ·scale)·V`, with the keys stored transposed (`kt`: feature d's
@@ -81,7 +151,7 @@ pub(crate) unsafe fn step_head<F: Float, S: Cached<F>>(
 ) {
     // SAFETY: forwarded from this function's contract.
     #[cfg(target_arch = "x86_64")]
-    if unsafe { avx512::try_step_head(h, scores, out) } {
+    if unsafe { avx512::try_step_head(h, scores, out) || avx2::try_step_head(h, scores, out) } {
         return;
     }
     // SAFETY: forwarded from this function's contract.
@@ -208,7 +278,7 @@ pub(crate) unsafe fn step_row<F: Float, S: Cached<F>>(
     let dv = out.len() / r.heads;
     // SAFETY: forwarded from this function's contract.
     #[cfg(target_arch = "x86_64")]
-    if unsafe { avx512::try_step_row(r, dv, scores, out) } {
+    if unsafe { avx512::try_step_row(r, dv, scores, out) || avx2::try_step_row(r, dv, scores, out) } {
         return;
     }
     for (hi, o) in out.chunks_exact_mut(dv).enumerate() {
@@ -261,8 +331,8 @@ pub(super) mod tests {
     /// of vectors and with each kind of mask, the keys and values strided as in a cache.
     #[test]
     fn step_head_in_registers_matches_its_twin_bit_for_bit() {
-        if Isa::best() != Some(Isa::Avx512) {
-            eprintln!("skipped: no AVX-512F on this CPU");
+        if Isa::best().is_none() {
+            eprintln!("skipped: no AVX2 or AVX-512F on this CPU (or VASWANI_MAX_ISA asks for less)");
             return;
         }
         let mut rng = StdRng::seed_from_u64(21);
@@ -357,6 +427,9 @@ pub(super) mod tests {
             (9, 32, 12, 32),
             (12, 64, 64, 64),
             (13, 8, 3, 40),
+            // Groups of four heads on AVX2 (at most three vectors a head), then two.
+            (6, 16, 16, 16),
+            (4, 8, 24, 8),
         ] {
             // Cached as the decoder keeps them: capacity 70 positions, heads one after another.
             let kt = random(&mut rng, (heads * dk, 70));

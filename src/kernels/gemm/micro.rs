@@ -497,9 +497,40 @@ fn relu16(v: __m512) -> __m512 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { kernel_avx2_at::<false>(kc, a, 0, b, t) }
+}
+
+/// [`kernel_avx2`] reading A's rows where they lie, unpacked: row r of the panel at `a +
+/// r·lda`, its `kc` elements contiguous. The same broadcasts of the same values in the same
+/// order, so the same bits as the packed kernel; the packing of A (transposes of 6 rows into
+/// a panel of columns) is left out. Each row is read along k a line at a time, as the packed
+/// panel was.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the 6 rows of `kc` floats at `a`, `lda` apart, must be
+/// readable, `b` must hold `kc·16` floats, and `t` must describe a tile of C as
+/// [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn kernel_avx2_rows(kc: usize, a: *const f32, lda: isize, b: *const f32, t: &Tile) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { kernel_avx2_at::<true>(kc, a, lda, b, t) }
+}
+
+/// The AVX2 kernels: A packed (`ROWS` false: step i's 6 floats at `a + 6·i`) or A's rows
+/// where they lie (`ROWS`: row r's element i at `a + r·lda + i`).
+///
+/// # Safety
+/// As [`kernel_avx2`], resp. [`kernel_avx2_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2_at<const ROWS: bool>(kc: usize, a: *const f32, lda: isize, b: *const f32, t: &Tile) {
     const MR: usize = 6;
     let mut lo = [_mm256_setzero_ps(); MR];
     let mut hi = [_mm256_setzero_ps(); MR];
+    let rows: [*const f32; MR] = std::array::from_fn(|r| a.wrapping_offset(r as isize * lda));
     let (mut a, mut b) = (a, b);
     // C's rows are asked for one every few steps of k, as in the AVX-512 kernel.
     let lines = TileLines::of(t);
@@ -507,16 +538,18 @@ pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Ti
         if i % C_ROW_STEPS == 0 {
             lines.ask(i / C_ROW_STEPS);
         }
-        // SAFETY: a has 6 and b has 16 floats left for each remaining step of k.
+        // SAFETY: A has 6 and b has 16 floats left for each remaining step of k.
         unsafe {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for r in 0..MR {
-                let ar = _mm256_broadcast_ss(&*a.add(r));
+                let ar = _mm256_broadcast_ss(&*if ROWS { rows[r].add(i) } else { a.add(r) });
                 lo[r] = _mm256_fmadd_ps(ar, b0, lo[r]);
                 hi[r] = _mm256_fmadd_ps(ar, b1, hi[r]);
             }
-            a = a.add(MR);
+            if !ROWS {
+                a = a.add(MR);
+            }
             b = b.add(16);
         }
     }

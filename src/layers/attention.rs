@@ -72,7 +72,7 @@ use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::simd::widest;
 use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{RowSoftmax, SmallHead};
+use crate::kernels::small_head::{RowSoftmax, SmallHead, head_forward_avx2};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{DropKey, Float, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -388,6 +388,15 @@ pub fn attention_forward<F: Float>(
                     )
                 };
                 return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                let softmax = |i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i)));
+                let q = head_view(&q, bi, hi, tq, dk);
+                let queries = query_blocks(&mask, bi, tq, kb);
+                if head_forward_avx2(q, k, v, scale, queries, softmax, dropped, &mut probs, &mut out) {
+                    return;
+                }
             }
             let q = head_view(&q, bi, hi, tq, dk);
             let gemm = products::<F>(&mask);

@@ -301,3 +301,384 @@ impl Lanes for u16 {
         }
     }
 }
+
+/// One head's forward pass on the AVX2 path, `probs ← softmax(Q·Kᵀ·scale)`, `out ← (probs ⊙
+/// M)·V`, by the attention layer's blocks of queries (`queries`, each with the keys its
+/// queries see at most), where the general path made two GEMM calls a block: the products
+/// here read Q, Kᵀ (transposed once per head into a scratch buffer) and V where they are,
+/// several rows of the result and all their columns (at most [`MAX_KEYS`]) in registers,
+/// with no packing and no per-call loops. Each element is what the GEMM's packed kernel
+/// gives it (a chain of fused multiply-adds over the terms in order, scaled after the sum),
+/// so a head is taken only where the GEMM would have run those kernels over one block of
+/// terms (not the few-row kernels, which sum in another order); `softmax(i, row)` is the
+/// general path's row softmax and the dropout's factors its own (`DropRows::times`). The
+/// same bits as the general path (tested). `false`, and nothing written, where the head is
+/// not taken: `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, rows of Q, K, V,
+/// the weights or the output not contiguous, more than [`MAX_KEYS`] value features or keys
+/// in a block, or products the GEMM would not give its packed kernels.
+///
+/// # Panics
+/// If `probs` is not `[Tq, ≥ kb]` or `out` not `[Tq, d_v]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_forward<F: Float>(
+    q: ndarray::ArrayView2<F>,
+    k: ndarray::ArrayView2<F>,
+    v: ndarray::ArrayView2<F>,
+    scale: F,
+    queries: impl Iterator<Item = (std::ops::Range<usize>, usize)> + Clone,
+    mut softmax: impl FnMut(usize, &mut [F]),
+    dropped: Option<crate::kernels::dropout::DropRows>,
+    probs: &mut ndarray::ArrayViewMut2<F>,
+    out: &mut ndarray::ArrayViewMut2<F>,
+) -> bool {
+    use crate::kernels::cpu::{Level, level};
+    use crate::kernels::gemm::KC;
+    use crate::kernels::small_gemm::takes;
+    use ndarray::s;
+    let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
+    assert!(
+        probs.nrows() == tq && probs.ncols() >= kb && out.dim() == (tq, dv),
+        "head_forward: probs {:?}, out {:?} for a head of {tq} queries, {kb} keys",
+        probs.shape(),
+        out.shape()
+    );
+    let unit = |s: &[isize], cols: usize| s[1] == 1 || cols <= 1;
+    let one_block = |m: usize, terms: usize| !takes(m, terms) && terms <= KC;
+    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
+        && level() == Level::Avx2
+        && kb > 0
+        && k.dim() == (kb, dk)
+        && (1..=MAX_KEYS).contains(&dv)
+        && unit(q.strides(), dk)
+        && unit(k.strides(), dk)
+        && unit(v.strides(), dv)
+        && unit(probs.strides(), probs.ncols())
+        && unit(out.strides(), dv)
+        && queries.clone().all(|(rows, width)| {
+            width <= MAX_KEYS && (width == 0 || (one_block(rows.len(), dk) && one_block(rows.len(), width)))
+        });
+    if !taken {
+        return false;
+    }
+    // F is f32 (checked above): the casts below change nothing but the type.
+    let f = |x: F| x.to_f64() as f32;
+    let kp = kb.next_multiple_of(W);
+    SCRATCH.with_borrow_mut(|kt| {
+        // Kᵀ, each row of keys padded with zeros to whole vectors.
+        kt.clear();
+        kt.resize(dk * kp, 0.0);
+        for (j, key) in k.rows().into_iter().enumerate() {
+            for (d, &x) in key.iter().enumerate() {
+                kt[d * kp + j] = f(x);
+            }
+        }
+        for (rows, width) in queries {
+            let n = rows.len();
+            if width == 0 {
+                // Queries that see no key: zero weights, zero output.
+                probs.slice_mut(s![rows.clone(), ..]).fill(F::ZERO);
+                out.slice_mut(s![rows, ..]).fill(F::ZERO);
+                continue;
+            }
+            let scores = Operands {
+                a: q.as_ptr().wrapping_offset(rows.start as isize * q.strides()[0]) as *const f32,
+                lda: q.strides()[0],
+                b: kt.as_ptr(),
+                ldb: kp as isize,
+                b_cols: kp,
+                terms: dk,
+                alpha: f(scale),
+                c: probs
+                    .as_mut_ptr()
+                    .wrapping_offset(rows.start as isize * probs.strides()[0]) as *mut f32,
+                ldc: probs.strides()[0],
+                cols: width,
+            };
+            // SAFETY: AVX2 and FMA (level); Q's rows n × dk, Kᵀ dk × kp, and the weights'
+            // rows n × ≥ width, all with contiguous rows (checked above).
+            unsafe { scores.run(n) };
+            for i in rows.clone() {
+                let mut row = probs.row_mut(i);
+                softmax(i, row.as_slice_mut().expect("contiguous rows (checked)"));
+            }
+            let kept = dropped.map(|m| m.times(rows.start, probs.slice(s![rows.clone(), ..width])));
+            let (a, lda) = match &kept {
+                Some(kept) => (kept.as_ptr(), kept.strides()[0]),
+                None => (
+                    probs
+                        .as_ptr()
+                        .wrapping_offset(rows.start as isize * probs.strides()[0]),
+                    probs.strides()[0],
+                ),
+            };
+            let values = Operands {
+                a: a as *const f32,
+                lda,
+                b: v.as_ptr() as *const f32,
+                ldb: v.strides()[0],
+                b_cols: dv,
+                terms: width,
+                alpha: 1.0,
+                c: out
+                    .as_mut_ptr()
+                    .wrapping_offset(rows.start as isize * out.strides()[0]) as *mut f32,
+                ldc: out.strides()[0],
+                cols: dv,
+            };
+            // SAFETY: as above, for the weights (or their product with the dropout's
+            // factors) n × width, V's rows width × dv and the output's rows n × dv.
+            unsafe { values.run(n) };
+        }
+    });
+    true
+}
+
+std::thread_local! {
+    /// Kᵀ of [`head_forward`]'s head, reused from head to head.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A product `C ← alpha·A·B` of [`head_forward`]: A's rows (`terms` floats each, `lda`
+/// apart), B's `terms` rows (`ldb` apart, the first `b_cols` floats of each readable), the
+/// first `cols ≤ b_cols` columns of C's rows (`ldc` apart).
+struct Operands {
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    ldb: isize,
+    b_cols: usize,
+    terms: usize,
+    alpha: f32,
+    c: *mut f32,
+    ldc: isize,
+    cols: usize,
+}
+
+impl Operands {
+    /// The product for `n` rows: tiles of as many rows as keep their sums in at most
+    /// [`SUMS`] vectors, then a row at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the operands hold what [`Operands`] says for `n` rows;
+    /// `1 ≤ cols ≤ MAX_KEYS`.
+    unsafe fn run(&self, n: usize) {
+        macro_rules! rows_of {
+            ($($nv:literal => $r:literal),*) => {
+                match self.cols.div_ceil(W) {
+                    $($nv => {
+                        let full = n - n % $r;
+                        for i in (0..full).step_by($r) {
+                            // SAFETY: rows i..i + R (caller).
+                            unsafe { self.tile::<$r, $nv>(i) };
+                        }
+                        for i in full..n {
+                            // SAFETY: row i (caller).
+                            unsafe { self.tile::<1, $nv>(i) };
+                        }
+                    })*
+                    _ => unreachable!("at most MAX_KEYS columns"),
+                }
+            };
+        }
+        rows_of!(1 => 6, 2 => 6, 3 => 4, 4 => 3, 5 => 2, 6 => 2, 7 => 1, 8 => 1);
+    }
+
+    /// Rows `i..i + R` of the product, `N` vectors of columns: each element a chain of fused
+    /// multiply-adds over the terms in order, times `alpha` after the sum (the GEMM kernel's
+    /// arithmetic, [`crate::kernels::gemm`]'s `Update::Set`).
+    ///
+    /// # Safety
+    /// As [`Operands::run`], for those rows; `cols` fills `N` vectors.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const N: usize>(&self, i: usize) {
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        // SAFETY (all accesses): inside the rows and columns the caller vouches for.
+        unsafe {
+            let a: [*const f32; R] = std::array::from_fn(|r| self.a.offset((i + r) as isize * self.lda));
+            for t in 0..self.terms {
+                let row = self.b.offset(t as isize * self.ldb);
+                let b: [__m256; N] = std::array::from_fn(|c| f32::lanes(row.add(c * W), self.b_cols - c * W));
+                for r in 0..R {
+                    let x = _mm256_broadcast_ss(&*a[r].add(t));
+                    for c in 0..N {
+                        acc[r][c] = _mm256_fmadd_ps(x, b[c], acc[r][c]);
+                    }
+                }
+            }
+            let alpha = _mm256_set1_ps(self.alpha);
+            for (r, acc) in acc.iter().enumerate() {
+                let to = self.c.offset((i + r) as isize * self.ldc);
+                for (c, &x) in acc.iter().enumerate() {
+                    let v = _mm256_mul_ps(x, alpha);
+                    let left = self.cols - c * W;
+                    if left >= W {
+                        _mm256_storeu_ps(to.add(c * W), v);
+                    } else {
+                        let mut lanes = [0.0f32; W];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), to.add(c * W), left);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dropout::{DropKey, DropRows};
+    use crate::kernels::gemm_blocks;
+    use crate::kernels::small_head::tests::{KEYS, random};
+    use crate::kernels::softmax::{RowMask, softmax_row};
+    use ndarray::{Array2, s};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    /// A head's forward on the AVX2 path gives the general path's bits (two GEMM calls, the
+    /// row softmax and the dropout's factors per block of queries), for heads at the edges of
+    /// vectors and of row tiles, causal (in blocks of 32 queries) or not, with padding flags
+    /// and dropout, the head's rows inside wider arrays as in `[B, T, H·d]`.
+    #[test]
+    fn head_forward_equals_the_general_path_bit_for_bit() {
+        use crate::kernels::cpu::{Level, level};
+        if level() != Level::Avx2 {
+            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(31);
+        let mut taken = 0;
+        for (tq, kb, dk, dv) in [
+            (16, 16, 16, 16),
+            (32, 32, 32, 32),
+            (13, 17, 9, 20),
+            (1, 5, 8, 3),
+            (70, 64, 24, 64),
+            (40, 33, 64, 7),
+        ] {
+            for (causal, flags, dropped) in [
+                (false, false, false),
+                (true, false, false),
+                (true, false, true),
+                (false, true, true),
+            ] {
+                let wide = |x: &Array2<f32>| {
+                    let mut w = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
+                    w.slice_mut(s![.., ..x.ncols()]).assign(x);
+                    w
+                };
+                let (q, k, v) = (
+                    random(&mut rng, (tq, dk)),
+                    random(&mut rng, (kb, dk)),
+                    random(&mut rng, (kb, dv)),
+                );
+                let (qw, kw, vw) = (wide(&q), wide(&k), wide(&v));
+                let (q, k, v) = (
+                    qw.slice(s![.., ..dk]),
+                    kw.slice(s![.., ..dk]),
+                    vw.slice(s![.., ..dv]),
+                );
+                let mask = |i: usize| RowMask {
+                    limit: if causal { (i + 1).min(kb) } else { kb },
+                    keys: flags.then_some(&KEYS[..kb]),
+                    pairs: None,
+                };
+                let count = if causal { (tq + 16) / 32 } else { 1 }.max(1);
+                let blocks: Vec<_> = (0..count)
+                    .map(|i| {
+                        let rows = i * 32..if i + 1 == count { tq } else { (i + 1) * 32 };
+                        let width = mask(rows.end - 1).limit;
+                        (rows, width)
+                    })
+                    .collect();
+                let drop = dropped.then(|| DropRows {
+                    key: DropKey::draw(0.3, &mut rng),
+                    at: 77,
+                    stride: kb + 2,
+                });
+                let scale = 1.0 / (dk as f32).sqrt();
+                // The general path.
+                let tk = kb + 2;
+                let (mut want_p, mut want_o) = (
+                    Array2::from_elem((tq, tk), f32::NAN),
+                    Array2::from_elem((tq, dv), f32::NAN),
+                );
+                for (rows, width) in blocks.clone() {
+                    let mut p = want_p.slice_mut(s![rows.clone(), ..]);
+                    gemm_blocks(
+                        scale,
+                        q.slice(s![rows.clone(), ..]),
+                        k.slice(s![..width, ..]).t(),
+                        0.0,
+                        p.slice_mut(s![.., ..width]),
+                    );
+                    for (i, mut row) in rows.clone().zip(p.rows_mut()) {
+                        softmax_row(row.as_slice_mut().unwrap(), mask(i));
+                    }
+                    let p = want_p.slice(s![rows.clone(), ..width]);
+                    let o = want_o.slice_mut(s![rows.clone(), ..]);
+                    match drop {
+                        Some(m) => gemm_blocks(
+                            1.0,
+                            m.times(rows.start, p).view(),
+                            v.slice(s![..width, ..]),
+                            0.0,
+                            o,
+                        ),
+                        None => gemm_blocks(1.0, p, v.slice(s![..width, ..]), 0.0, o),
+                    }
+                }
+                let (mut probs, mut outw) = (
+                    Array2::from_elem((tq, tk), f32::NAN),
+                    Array2::from_elem((tq, 2 * dv), f32::NAN),
+                );
+                let mut out = outw.slice_mut(s![.., ..;2]);
+                let name =
+                    format!("({tq}, {kb}, {dk}, {dv}) causal {causal} flags {flags} dropout {dropped}");
+                let softmax = |i, row: &mut [f32]| softmax_row(row, mask(i));
+                if !head_forward(
+                    q,
+                    k,
+                    v,
+                    scale,
+                    blocks.into_iter(),
+                    softmax,
+                    drop,
+                    &mut probs.view_mut(),
+                    &mut out,
+                ) {
+                    // Strided output columns: not taken; the same head with contiguous ones is.
+                    let mut out = Array2::from_elem((tq, dv), f32::NAN);
+                    let blocks = (0..count).map(|i| {
+                        let rows = i * 32..if i + 1 == count { tq } else { (i + 1) * 32 };
+                        let width = mask(rows.end - 1).limit;
+                        (rows, width)
+                    });
+                    let softmax = |i, row: &mut [f32]| softmax_row(row, mask(i));
+                    if !head_forward(
+                        q,
+                        k,
+                        v,
+                        scale,
+                        blocks,
+                        softmax,
+                        drop,
+                        &mut probs.view_mut(),
+                        &mut out.view_mut(),
+                    ) {
+                        continue;
+                    }
+                    taken += 1;
+                    let same = |a: &Array2<f32>, b: &Array2<f32>| {
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    };
+                    assert!(same(&probs, &want_p), "weights differ: {name}");
+                    assert!(same(&out, &want_o), "outputs differ: {name}");
+                    continue;
+                }
+                unreachable!("strided output columns are not taken: {name}");
+            }
+        }
+        // (40, 33, 64, 7): 40 rows of 64 terms go to the packed kernels; (1, 5, 8, 3) too.
+        assert!(taken >= 20, "{taken} heads taken");
+    }
+}

@@ -64,6 +64,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::head_forward as head_forward_avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::{RowSoftmax, SmallHead};
 
 /// What a decoding step's cache holds, where the step runs in registers.

@@ -391,7 +391,12 @@ pub fn attention_forward<F: Float>(
             }
             #[cfg(target_arch = "x86_64")]
             {
-                let softmax = |i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i)));
+                let first = mask.row(bi, 0);
+                let softmax = if first.keys.is_none() && first.pairs.is_none() {
+                    RowSoftmax::Limit(|i| mask.limit(bi, i))
+                } else {
+                    RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
+                };
                 let q = head_view(&q, bi, hi, tq, dk);
                 let queries = query_blocks(&mask, bi, tq, kb);
                 if head_forward_avx2(q, k, v, scale, queries, softmax, dropped, &mut probs, &mut out) {

@@ -326,7 +326,7 @@ pub(crate) fn head_forward<F: Float>(
     v: ndarray::ArrayView2<F>,
     scale: F,
     queries: impl Iterator<Item = (std::ops::Range<usize>, usize)> + Clone,
-    mut softmax: impl FnMut(usize, &mut [F]),
+    softmax: super::RowSoftmax<impl Fn(usize) -> usize, impl FnMut(usize, &mut [F])>,
     dropped: Option<crate::kernels::dropout::DropRows>,
     probs: &mut ndarray::ArrayViewMut2<F>,
     out: &mut ndarray::ArrayViewMut2<F>,
@@ -352,7 +352,7 @@ pub(crate) fn head_forward<F: Float>(
         && unit(q.strides(), dk)
         && unit(k.strides(), dk)
         && unit(v.strides(), dv)
-        && unit(probs.strides(), probs.ncols())
+        && probs.strides()[1] == 1
         && unit(out.strides(), dv)
         && queries.clone().all(|(rows, width)| {
             width <= MAX_KEYS && (width == 0 || (one_block(rows.len(), dk) && one_block(rows.len(), width)))
@@ -363,6 +363,7 @@ pub(crate) fn head_forward<F: Float>(
     // F is f32 (checked above): the casts below change nothing but the type.
     let f = |x: F| x.to_f64() as f32;
     let kp = kb.next_multiple_of(W);
+    let mut softmax = softmax;
     SCRATCH.with_borrow_mut(|kt| {
         // Kᵀ, each row of keys padded with zeros to whole vectors.
         kt.clear();
@@ -397,9 +398,39 @@ pub(crate) fn head_forward<F: Float>(
             // SAFETY: AVX2 and FMA (level); Q's rows n × dk, Kᵀ dk × kp, and the weights'
             // rows n × ≥ width, all with contiguous rows (checked above).
             unsafe { scores.run(n) };
-            for i in rows.clone() {
-                let mut row = probs.row_mut(i);
-                softmax(i, row.as_slice_mut().expect("contiguous rows (checked)"));
+            match &mut softmax {
+                super::RowSoftmax::Limit(limit) => {
+                    let (base, rs) = (probs.as_mut_ptr() as *mut f32, probs.strides()[0]);
+                    let row = move |i: usize| base.wrapping_offset(i as isize * rs);
+                    let (len, ymm) = (probs.ncols(), 2 * width.div_ceil(LANES));
+                    let mut i = rows.start;
+                    while i < rows.end {
+                        let r = if rows.end - i >= 4 { 4 } else { 1 };
+                        let at: [usize; 4] = std::array::from_fn(|j| (i + j).min(rows.end - 1));
+                        let live = at.map(|i| limit(i).min(len));
+                        // SAFETY: AVX2 and FMA (level); rows of `len ≥ width ≥ live` floats,
+                        // contiguous (checked above).
+                        unsafe {
+                            match (r, ymm) {
+                                (4, 2) => softmax_rows::<4, 2>(at.map(row), live, len),
+                                (4, 4) => softmax_rows::<4, 4>(at.map(row), live, len),
+                                (4, 6) => softmax_rows::<4, 6>(at.map(row), live, len),
+                                (4, _) => softmax_rows::<4, 8>(at.map(row), live, len),
+                                (_, 2) => softmax_rows::<1, 2>([row(i)], [live[0]], len),
+                                (_, 4) => softmax_rows::<1, 4>([row(i)], [live[0]], len),
+                                (_, 6) => softmax_rows::<1, 6>([row(i)], [live[0]], len),
+                                _ => softmax_rows::<1, 8>([row(i)], [live[0]], len),
+                            }
+                        }
+                        i += r;
+                    }
+                }
+                super::RowSoftmax::Rows(softmax) => {
+                    for i in rows.clone() {
+                        let mut row = probs.row_mut(i);
+                        softmax(i, row.as_slice_mut().expect("contiguous rows (checked)"));
+                    }
+                }
             }
             let kept = dropped.map(|m| m.times(rows.start, probs.slice(s![rows.clone(), ..width])));
             let (a, lda) = match &kept {
@@ -466,6 +497,7 @@ impl Operands {
             ($($nv:literal => $r:literal),*) => {
                 match self.cols.div_ceil(W) {
                     $($nv => {
+                        #[allow(clippy::modulo_one)] // the row tile of one row, among the others
                         let full = n - n % $r;
                         for i in (0..full).step_by($r) {
                             // SAFETY: rows i..i + R (caller).
@@ -524,11 +556,141 @@ impl Operands {
     }
 }
 
+/// Lanes of the crate's sums: a softmax's maximum and sum are taken in this many lanes,
+/// folded in a tree ([`crate::kernels::simd`]); two vectors here.
+const LANES: usize = crate::kernels::simd::LANES;
+
+/// The softmax of `R` rows side by side in registers, each over its first `live[r]` floats
+/// (the rest of its `len` set to zero), as [`crate::kernels::softmax::softmax_row`] computes it
+/// for a plain limit: the maximum in 16 lanes (chunks of 16 in order, the last padded with
+/// `−∞`) folded in a tree, `exp_f32` of each difference, the sum in 16 lanes folded in the
+/// same tree, one reciprocal. `YMM` vectors a row (two per 16 lanes) cover the longest live
+/// part; chunks past a row's own are all `−∞`, whose maximum and exponentials (0) change
+/// nothing. One row's softmax is a chain of dependent steps; the rows side by side fill the
+/// wait. The same bits (tested; NaN as NaN).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; each row holds `len ≥ live` floats, `live ≤ 8·YMM`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows<const R: usize, const YMM: usize>(rows: [*mut f32; R], live: [usize; R], len: usize) {
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = |n: usize, c: usize| {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n.saturating_sub(c * W).min(W) as i32), lanes)
+    };
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    // SAFETY: the live floats of each row (caller); lanes past them are not read.
+    let mut x: [[__m256; YMM]; R] = std::array::from_fn(|r| {
+        std::array::from_fn(|c| unsafe {
+            let m = mask(live[r], c);
+            _mm256_blendv_ps(
+                ninf,
+                _mm256_maskload_ps(rows[r].add(c * W), m),
+                _mm256_castsi256_ps(m),
+            )
+        })
+    });
+    // The maximum: 16 lanes over the chunks, then lane i with i + 8, i + 4, i + 2, i + 1.
+    let mut top = [[ninf; 2]; R];
+    for r in 0..R {
+        for c in 0..YMM {
+            top[r][c % 2] = _mm256_max_ps(x[r][c], top[r][c % 2]);
+        }
+    }
+    let fold = |v: [__m256; 2], op: fn(__m256, __m256) -> __m256| {
+        let v = op(v[1], v[0]);
+        let v = op(_mm256_permute2f128_ps::<1>(v, v), v);
+        let v = op(_mm256_permute_ps::<0b01_00_11_10>(v), v);
+        op(_mm256_permute_ps::<0b10_11_00_01>(v), v)
+    };
+    let max = |a, b| _mm256_max_ps(a, b);
+    let add = |a, b| _mm256_add_ps(b, a);
+    let m: [__m256; R] = std::array::from_fn(|r| {
+        let v = fold(top[r], max);
+        _mm256_permute2f128_ps::<0>(_mm256_permute_ps::<0>(v), _mm256_permute_ps::<0>(v))
+    });
+    for (x, &m) in x.iter_mut().zip(&m) {
+        for v in x.iter_mut() {
+            *v = _mm256_sub_ps(*v, m);
+        }
+    }
+    exp_all(&mut x);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for r in 0..R {
+        for c in 0..YMM {
+            acc[r][c % 2] = _mm256_add_ps(acc[r][c % 2], x[r][c]);
+        }
+    }
+    for r in 0..R {
+        let top = _mm256_cvtss_f32(m[r]);
+        // SAFETY: the row's len floats (caller).
+        let row = unsafe { std::slice::from_raw_parts_mut(rows[r], len) };
+        let live = live[r];
+        row[live..].fill(0.0);
+        if top == f32::NEG_INFINITY {
+            row[..live].fill(0.0);
+            continue;
+        }
+        let inv = _mm256_set1_ps(1.0 / _mm256_cvtss_f32(fold(acc[r], add)));
+        for c in 0..live.div_ceil(W) {
+            let v = _mm256_mul_ps(x[r][c], inv);
+            let n = (live - c * W).min(W);
+            if n == W {
+                // SAFETY: 8 live floats of the row.
+                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(c * W), v) };
+            } else {
+                let mut lanes = [0.0f32; W];
+                // SAFETY: a local array of 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                row[c * W..c * W + n].copy_from_slice(&lanes[..n]);
+            }
+        }
+    }
+}
+
+/// [`crate::kernels::simd::exp_f32`] of every vector of `x`, operation for operation (so the
+/// same bits; NaN comes through the clamps as NaN), each operation on all of them before the
+/// next.
+#[target_feature(enable = "avx2,fma")]
+fn exp_all<const R: usize, const C: usize>(x: &mut [[__m256; C]; R]) {
+    use crate::kernels::simd::exp_consts::*;
+    let set = _mm256_set1_ps;
+    let all = x.as_flattened_mut();
+    for v in all.iter_mut() {
+        *v = _mm256_min_ps(set(CLAMP), _mm256_max_ps(set(LOW), *v));
+    }
+    let mut t = [set(0.0); 64];
+    let mut p = [set(POLY[0]); 64];
+    let (t, p) = (&mut t[..all.len()], &mut p[..all.len()]);
+    for (t, &v) in t.iter_mut().zip(all.iter()) {
+        *t = _mm256_fmadd_ps(v, set(std::f32::consts::LOG2_E), set(ROUND));
+    }
+    // r = x − n·C1 − n·C2, in `x`.
+    for (v, &t) in all.iter_mut().zip(t.iter()) {
+        let n = _mm256_sub_ps(t, set(ROUND));
+        *v = _mm256_fnmadd_ps(n, set(C2), _mm256_fnmadd_ps(n, set(C1), *v));
+    }
+    for &k in &POLY[1..] {
+        for (p, &r) in p.iter_mut().zip(all.iter()) {
+            *p = _mm256_fmadd_ps(*p, r, set(k));
+        }
+    }
+    for ((v, &p), &t) in all.iter_mut().zip(p.iter()).zip(t.iter()) {
+        // e = p·r² + r + 1; 2ⁿ⁻¹ from n's integer (the low bits of t's mantissa).
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(*v, *v), *v), set(1.0));
+        let half = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_castps_si256(t),
+            _mm256_set1_epi32(BIAS),
+        )));
+        *v = _mm256_mul_ps(_mm256_mul_ps(e, half), set(2.0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::dropout::{DropKey, DropRows};
     use crate::kernels::gemm_blocks;
+    use crate::kernels::small_head::RowSoftmax;
     use crate::kernels::small_head::tests::{KEYS, random};
     use crate::kernels::softmax::{RowMask, softmax_row};
     use ndarray::{Array2, s};
@@ -634,14 +796,20 @@ mod tests {
                 let mut out = outw.slice_mut(s![.., ..;2]);
                 let name =
                     format!("({tq}, {kb}, {dk}, {dv}) causal {causal} flags {flags} dropout {dropped}");
-                let softmax = |i, row: &mut [f32]| softmax_row(row, mask(i));
+                let softmax = || {
+                    if flags {
+                        RowSoftmax::Rows(|i, row: &mut [f32]| softmax_row(row, mask(i)))
+                    } else {
+                        RowSoftmax::Limit(|i| mask(i).limit)
+                    }
+                };
                 if !head_forward(
                     q,
                     k,
                     v,
                     scale,
                     blocks.into_iter(),
-                    softmax,
+                    softmax(),
                     drop,
                     &mut probs.view_mut(),
                     &mut out,
@@ -653,14 +821,13 @@ mod tests {
                         let width = mask(rows.end - 1).limit;
                         (rows, width)
                     });
-                    let softmax = |i, row: &mut [f32]| softmax_row(row, mask(i));
                     if !head_forward(
                         q,
                         k,
                         v,
                         scale,
                         blocks,
-                        softmax,
+                        softmax(),
                         drop,
                         &mut probs.view_mut(),
                         &mut out.view_mut(),
@@ -680,5 +847,83 @@ mod tests {
         }
         // (40, 33, 64, 7): 40 rows of 64 terms go to the packed kernels; (1, 5, 8, 3) too.
         assert!(taken >= 20, "{taken} heads taken");
+    }
+
+    /// The softmax of rows side by side gives the bits of the general softmax of each row
+    /// alone, for rows with no live key, with only −∞ scores, with NaN, ±∞ and scores far
+    /// apart, at every shape the forward uses (NaN as NaN).
+    #[test]
+    fn softmax_rows_equals_the_row_softmax_bit_for_bit() {
+        if !crate::kernels::cpu::avx2() {
+            eprintln!("skipped: no AVX2 on this CPU (or VASWANI_MAX_ISA asks for less)");
+            return;
+        }
+        use rand::Rng;
+        fn check<const R: usize, const YMM: usize>(rng: &mut StdRng) {
+            let specials = [
+                f32::NEG_INFINITY,
+                f32::INFINITY,
+                f32::NAN,
+                0.0,
+                -0.0,
+                80.0,
+                -80.0,
+                1e30,
+                -1e30,
+            ];
+            let len = 8 * YMM + 5;
+            for round in 0..300 {
+                let mut rows = vec![vec![0.0f32; len]; R];
+                let mut live = [0; R];
+                for (r, (row, live)) in rows.iter_mut().zip(&mut live).enumerate() {
+                    *live = match (round + r) % 5 {
+                        0 => 0,
+                        1 => 8 * YMM,
+                        _ => rng.random_range(1..=8 * YMM),
+                    };
+                    for x in row.iter_mut() {
+                        *x = if rng.random_range(0..6) == 0 {
+                            specials[rng.random_range(0..specials.len())]
+                        } else {
+                            rng.random_range(-30.0f32..30.0)
+                        };
+                    }
+                    if round % 7 == r % 7 {
+                        row[..*live].fill(f32::NEG_INFINITY);
+                    }
+                }
+                let mut want = rows.clone();
+                for (row, &limit) in want.iter_mut().zip(&live) {
+                    softmax_row(
+                        row,
+                        RowMask {
+                            limit,
+                            keys: None,
+                            pairs: None,
+                        },
+                    );
+                }
+                let ptrs: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
+                // SAFETY: AVX2 (checked); rows of len ≥ live floats.
+                unsafe { softmax_rows::<R, YMM>(ptrs, live, len) };
+                for r in 0..R {
+                    for j in 0..len {
+                        let (g, w) = (rows[r][j], want[r][j]);
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{R}×{YMM}, round {round}, row {r} (live {}), key {j}: {g} against {w}",
+                            live[r]
+                        );
+                    }
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(32);
+        check::<4, 2>(&mut rng);
+        check::<4, 4>(&mut rng);
+        check::<4, 6>(&mut rng);
+        check::<4, 8>(&mut rng);
+        check::<1, 2>(&mut rng);
+        check::<1, 8>(&mut rng);
     }
 }

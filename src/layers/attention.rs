@@ -367,43 +367,38 @@ pub fn attention_forward<F: Float>(
             let cleaned = clean_padding(k, v, mask.keys_kept(bi));
             let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
             let dropped = head_drop(drop, (b, h, tq, tk), bi, hi);
-            #[cfg(target_arch = "x86_64")]
-            if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v) {
-                let first = mask.row(bi, 0);
-                let softmax = if first.keys.is_none() && first.pairs.is_none() {
-                    RowSoftmax::Limit(|i| mask.limit(bi, i))
-                } else {
-                    RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
-                };
-                // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
-                let queries = query_blocks(&mask, bi, tq, kb);
-                unsafe {
-                    head.forward(
-                        scale.to_f64() as f32,
-                        softmax,
-                        queries,
-                        dropped,
-                        &mut probs,
-                        &mut out,
-                    )
-                };
-                return;
-            }
+            let q = head_view(&q, bi, hi, tq, dk);
+            // The register paths: each row's softmax in registers where its mask is a plain
+            // limit, else the general path's row softmax.
             #[cfg(target_arch = "x86_64")]
             {
-                let first = mask.row(bi, 0);
-                let softmax = if first.keys.is_none() && first.pairs.is_none() {
-                    RowSoftmax::Limit(|i| mask.limit(bi, i))
-                } else {
-                    RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
+                let softmax = || {
+                    let first = mask.row(bi, 0);
+                    if first.keys.is_none() && first.pairs.is_none() {
+                        RowSoftmax::Limit(|i| mask.limit(bi, i))
+                    } else {
+                        RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
+                    }
                 };
-                let q = head_view(&q, bi, hi, tq, dk);
                 let queries = query_blocks(&mask, bi, tq, kb);
-                if head_forward_avx2(q, k, v, scale, queries, softmax, dropped, &mut probs, &mut out) {
+                if let Some(head) = SmallHead::new(q, k, v) {
+                    // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
+                    unsafe {
+                        head.forward(
+                            scale.to_f64() as f32,
+                            softmax(),
+                            queries,
+                            dropped,
+                            &mut probs,
+                            &mut out,
+                        )
+                    };
+                    return;
+                }
+                if head_forward_avx2(q, k, v, scale, queries, softmax(), dropped, &mut probs, &mut out) {
                     return;
                 }
             }
-            let q = head_view(&q, bi, hi, tq, dk);
             let gemm = products::<F>(&mask);
             for (rows, width) in query_blocks(&mask, bi, tq, kb) {
                 let mut probs = probs.slice_mut(s![rows.clone(), ..]);

@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx512::{Strided, transpose};
 use super::{Cached, StepCache, StepHead, StepRow, as_f32};
 use crate::kernels::Float;
 
@@ -305,7 +306,8 @@ impl Lanes for u16 {
 /// One head's forward pass on the AVX2 path, `probs ← softmax(Q·Kᵀ·scale)`, `out ← (probs ⊙
 /// M)·V`, by the attention layer's blocks of queries (`queries`, each with the keys its
 /// queries see at most), where the general path made two GEMM calls a block: the products
-/// here read Q, Kᵀ (transposed once per head into a scratch buffer) and V where they are,
+/// here read Q, Kᵀ (transposed once per head into a scratch buffer, by the 8 × 8 vector
+/// transposes of the AVX-512 path's `transpose`, which needs AVX2 only) and V where they are,
 /// several rows of the result and all their columns (at most [`MAX_KEYS`]) in registers,
 /// with no packing and no per-call loops. Each element is what the GEMM's packed kernel
 /// gives it (a chain of fused multiply-adds over the terms in order, scaled after the sum),
@@ -360,19 +362,13 @@ pub(crate) fn head_forward<F: Float>(
     if !taken {
         return false;
     }
-    // F is f32 (checked above): the casts below change nothing but the type.
-    let f = |x: F| x.to_f64() as f32;
-    let kp = kb.next_multiple_of(W);
+    // F is f32 (checked above): the views below are of f32.
+    let (q, p, o) = (Strided::of(&q), Strided::of_mut(probs), Strided::of_mut(out));
     let mut softmax = softmax;
     SCRATCH.with_borrow_mut(|kt| {
-        // Kᵀ, each row of keys padded with zeros to whole vectors.
-        kt.clear();
-        kt.resize(dk * kp, 0.0);
-        for (j, key) in k.rows().into_iter().enumerate() {
-            for (d, &x) in key.iter().enumerate() {
-                kt[d * kp + j] = f(x);
-            }
-        }
+        kt.resize(dk * kb, 0.0);
+        // SAFETY: K [kb, dk] with contiguous rows (checked above); AVX2 (level).
+        unsafe { transpose(Strided::of(&k), kb, dk, kt) };
         for (rows, width) in queries {
             let n = rows.len();
             if width == 0 {
@@ -382,26 +378,23 @@ pub(crate) fn head_forward<F: Float>(
                 continue;
             }
             let scores = Operands {
-                a: q.as_ptr().wrapping_offset(rows.start as isize * q.strides()[0]) as *const f32,
-                lda: q.strides()[0],
+                a: q.from(rows.start, 0).ptr,
+                lda: q.rs,
                 b: kt.as_ptr(),
-                ldb: kp as isize,
-                b_cols: kp,
+                ldb: kb as isize,
+                b_cols: kb,
                 terms: dk,
-                alpha: f(scale),
-                c: probs
-                    .as_mut_ptr()
-                    .wrapping_offset(rows.start as isize * probs.strides()[0]) as *mut f32,
-                ldc: probs.strides()[0],
+                alpha: scale.to_f64() as f32,
+                c: p.from(rows.start, 0).ptr as *mut f32,
+                ldc: p.rs,
                 cols: width,
             };
-            // SAFETY: AVX2 and FMA (level); Q's rows n × dk, Kᵀ dk × kp, and the weights'
+            // SAFETY: AVX2 and FMA (level); Q's rows n × dk, Kᵀ dk × kb, and the weights'
             // rows n × ≥ width, all with contiguous rows (checked above).
             unsafe { scores.run(n) };
             match &mut softmax {
                 super::RowSoftmax::Limit(limit) => {
-                    let (base, rs) = (probs.as_mut_ptr() as *mut f32, probs.strides()[0]);
-                    let row = move |i: usize| base.wrapping_offset(i as isize * rs);
+                    let row = |i: usize| p.from(i, 0).ptr as *mut f32;
                     let (len, ymm) = (probs.ncols(), 2 * width.div_ceil(LANES));
                     let mut i = rows.start;
                     while i < rows.end {
@@ -433,27 +426,21 @@ pub(crate) fn head_forward<F: Float>(
                 }
             }
             let kept = dropped.map(|m| m.times(rows.start, probs.slice(s![rows.clone(), ..width])));
-            let (a, lda) = match &kept {
-                Some(kept) => (kept.as_ptr(), kept.strides()[0]),
-                None => (
-                    probs
-                        .as_ptr()
-                        .wrapping_offset(rows.start as isize * probs.strides()[0]),
-                    probs.strides()[0],
-                ),
+            let a = match &kept {
+                Some(kept) => Strided::of(&kept.view()),
+                None => p.from(rows.start, 0),
             };
+            let v = Strided::of(&v);
             let values = Operands {
-                a: a as *const f32,
-                lda,
-                b: v.as_ptr() as *const f32,
-                ldb: v.strides()[0],
+                a: a.ptr,
+                lda: a.rs,
+                b: v.ptr,
+                ldb: v.rs,
                 b_cols: dv,
                 terms: width,
                 alpha: 1.0,
-                c: out
-                    .as_mut_ptr()
-                    .wrapping_offset(rows.start as isize * out.strides()[0]) as *mut f32,
-                ldc: out.strides()[0],
+                c: o.from(rows.start, 0).ptr as *mut f32,
+                ldc: o.rs,
                 cols: dv,
             };
             // SAFETY: as above, for the weights (or their product with the dropout's
@@ -465,7 +452,7 @@ pub(crate) fn head_forward<F: Float>(
 }
 
 std::thread_local! {
-    /// Kᵀ of [`head_forward`]'s head, reused from head to head.
+    /// Kᵀ of [`head_forward`]'s head (`[d_k][kb]`, dense), reused from head to head.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

@@ -30,14 +30,14 @@ thread_local! {
 
 /// A strided `f32` matrix seen through a raw pointer.
 #[derive(Clone, Copy)]
-struct Strided {
-    ptr: *const f32,
-    rs: isize,
+pub(super) struct Strided {
+    pub(super) ptr: *const f32,
+    pub(super) rs: isize,
     cs: isize,
 }
 
 impl Strided {
-    fn of<F: Float>(x: &ArrayView2<F>) -> Strided {
+    pub(super) fn of<F: Float>(x: &ArrayView2<F>) -> Strided {
         Strided {
             ptr: x.as_ptr() as *const f32,
             rs: x.strides()[0],
@@ -45,7 +45,7 @@ impl Strided {
         }
     }
 
-    fn of_mut<F: Float>(x: &mut ArrayViewMut2<F>) -> Strided {
+    pub(super) fn of_mut<F: Float>(x: &mut ArrayViewMut2<F>) -> Strided {
         Strided {
             ptr: x.as_mut_ptr() as *const f32,
             rs: x.strides()[0],
@@ -63,7 +63,7 @@ impl Strided {
     }
 
     /// The same matrix from row `i` and column `j` on (only computed: wrapping).
-    fn from(self, i: usize, j: usize) -> Strided {
+    pub(super) fn from(self, i: usize, j: usize) -> Strided {
         Strided {
             ptr: self
                 .ptr
@@ -525,7 +525,7 @@ fn ask_rows(x: Strided, rows: usize, cols: usize) {
 ///
 /// # Safety
 /// `src` must be `[rows, cols]` with contiguous rows; AVX2 must be there.
-unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
+pub(super) unsafe fn transpose(src: Strided, rows: usize, cols: usize, dst: &mut [f32]) {
     assert!(
         dst.len() >= rows * cols,
         "transpose: {} floats for {rows} × {cols}",

@@ -496,38 +496,73 @@ fn relu16(v: __m512) -> __m512 {
 /// must describe a tile of C as [`store_scalar`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const f32, t: &Tile) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { kernel_avx2_at::<false>(kc, a, 0, b, t) }
+    unsafe {
+        match far {
+            true => kernel_avx2_at::<6, false, true>(kc, a, 0, b, t),
+            false => kernel_avx2_at::<6, false, false>(kc, a, 0, b, t),
+        }
+    }
 }
 
 /// [`kernel_avx2`] reading A's rows where they lie, unpacked: row r of the panel at `a +
-/// r·lda`, its `kc` elements contiguous. The same broadcasts of the same values in the same
-/// order, so the same bits as the packed kernel; the packing of A (transposes of 6 rows into
-/// a panel of columns) is left out. Each row is read along k a line at a time, as the packed
-/// panel was.
+/// r·lda`, its `kc` elements contiguous, for `t.rows` (1 to 6) rows. The same broadcasts of the
+/// same values in the same order, so the same bits as the packed kernel; the packing of A
+/// (transposes of 6 rows into a panel of columns) is left out, and a short panel multiplies
+/// only its own rows (a decoding step's 8 rows, 6 + 2, cost 8 rows' work, not 12). Each row is
+/// read along k a line at a time, as the packed panel was.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; the 6 rows of `kc` floats at `a`, `lda` apart, must be
-/// readable, `b` must hold `kc·16` floats, and `t` must describe a tile of C as
-/// [`store_scalar`] requires.
+/// The CPU must have AVX2 and FMA; `t.rows` must be 1 to 6 and that many rows of `kc` floats
+/// at `a`, `lda` apart, readable; `b` must hold `kc·16` floats, and `t` must describe a tile of
+/// C as [`store_scalar`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn kernel_avx2_rows(kc: usize, a: *const f32, lda: isize, b: *const f32, t: &Tile) {
+pub(crate) unsafe fn kernel_avx2_rows(
+    far: bool,
+    kc: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    t: &Tile,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (t.rows, far) {
+                $(
+                    ($r, true) => kernel_avx2_at::<$r, true, true>(kc, a, lda, b, t),
+                    ($r, false) => kernel_avx2_at::<$r, true, false>(kc, a, lda, b, t),
+                )*
+                (rows, _) => panic!("an AVX2 tile of {rows} rows (1 to 6)"),
+            }
+        };
+    }
     // SAFETY: forwarded from this function's contract.
-    unsafe { kernel_avx2_at::<true>(kc, a, lda, b, t) }
+    unsafe { rows!(6 5 4 3 2 1) }
 }
 
-/// The AVX2 kernels: A packed (`ROWS` false: step i's 6 floats at `a + 6·i`) or A's rows
-/// where they lie (`ROWS`: row r's element i at `a + r·lda + i`).
+/// Steps of k (lines of packed B) the AVX2 kernels ask for ahead of their loads.
+const B_AHEAD: usize = 8;
+/// Steps of k the AVX2 kernels ask for into L2 on a block's first row panel.
+const B_FAR: usize = 128;
+
+/// The AVX2 kernels: A packed (`ROWS` false: step i's 6 floats at `a + 6·i`) or `MR` of A's
+/// rows where they lie (`ROWS`: row r's element i at `a + r·lda + i`). `FAR` asks for B into L2
+/// [`B_FAR`] steps ahead: a block's first row panel reads B from L3 or memory.
 ///
 /// # Safety
-/// As [`kernel_avx2`], resp. [`kernel_avx2_rows`].
+/// As [`kernel_avx2`], resp. [`kernel_avx2_rows`] (`MR` is 6 when A is packed).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel_avx2_at<const ROWS: bool>(kc: usize, a: *const f32, lda: isize, b: *const f32, t: &Tile) {
-    const MR: usize = 6;
+unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    t: &Tile,
+) {
     let mut lo = [_mm256_setzero_ps(); MR];
     let mut hi = [_mm256_setzero_ps(); MR];
     let rows: [*const f32; MR] = std::array::from_fn(|r| a.wrapping_offset(r as isize * lda));
@@ -538,8 +573,12 @@ unsafe fn kernel_avx2_at<const ROWS: bool>(kc: usize, a: *const f32, lda: isize,
         if i % C_ROW_STEPS == 0 {
             lines.ask(i / C_ROW_STEPS);
         }
-        // SAFETY: A has 6 and b has 16 floats left for each remaining step of k.
+        // SAFETY: A has MR and b has 16 floats left for each remaining step of k.
         unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(16 * B_AHEAD).cast());
+            if FAR {
+                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(16 * B_FAR).cast());
+            }
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for r in 0..MR {
@@ -584,7 +623,7 @@ unsafe fn kernel_avx2_at<const ROWS: bool>(kc: usize, a: *const f32, lda: isize,
                 _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), hi[r]);
             }
         }
-        // SAFETY: `tile` is 6 rows of 16; the caller vouches for t.
+        // SAFETY: `tile` is MR ≥ t.rows rows of 16; the caller vouches for t.
         unsafe { store_scalar(tile.as_flattened(), 16, t) };
     }
 }

@@ -774,6 +774,9 @@ mod tests {
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),
+                // A decoding step's rows: panels of 6 and a short one of 2 or 4.
+                (8, 70, 48),
+                (10, 33, 20),
             ] {
                 let a = int_matrix(&mut rng, m, k);
                 let at = a.t().to_owned();

@@ -163,7 +163,7 @@ impl Isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => super::micro::kernel_avx512::<8, false>(kc, a, b, t),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => super::micro::kernel_avx2(kc, a, b, t),
+                Isa::Avx2 => super::micro::kernel_avx2(far, kc, a, b, t),
                 _ => kernel_scalar(self.mr(), self.nr(), kc, a, b, t),
             }
         }
@@ -739,24 +739,25 @@ unsafe fn run_part(
     let mc_max = m_panels.div_ceil(blocks) * mr;
     let prefetch = prefetch_c(rows.len());
     let last_col = panels.end;
-    // With rows of A contiguous, the AVX2 kernel reads its full panels where they lie
-    // (`kernel_avx2_rows`): each of a panel's rows a run of whole lines along k, as packed.
-    // Only a block's last, short panel is packed, into the start of the buffer. (Columns of A
-    // contiguous would put each step of k on a line of its own.)
+    // With rows of A contiguous, the AVX2 kernel reads its panels where they lie
+    // (`kernel_avx2_rows`): each of a panel's rows a run of whole lines along k, as packed, and
+    // a short panel only its own rows. Nothing is packed. (Columns of A contiguous would put
+    // each step of k on a line of its own.)
     let direct = isa == Isa::Avx2 && a.cs == 1;
-    with_scratch(&A_BUF, mc_max * KC, |apack| {
+    with_scratch(&A_BUF, if direct { 0 } else { mc_max * KC }, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
             for i0 in rows.clone().step_by(mc_max) {
                 let mc = mc_max.min(rows.end - i0);
-                let full = if direct { mc / mr * mr } else { 0 };
-                // SAFETY: the block (or its short panel) is inside A (caller).
-                unsafe { pack_a(a, i0 + full, mc - full, p0, kc, mr, apack, isa) };
+                if !direct {
+                    // SAFETY: the block is inside A (caller).
+                    unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
+                }
                 for j_block in panels.clone().step_by(NC_PANELS) {
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
                         let rows = mr.min(i0 + mc - r0);
-                        let ap = apack[(ip * mr).saturating_sub(full) * kc..].as_ptr();
+                        let ap = apack.as_ptr().wrapping_add(ip * mr * kc);
                         for jp in j_block..(j_block + NC_PANELS).min(last_col) {
                             let j0 = jp * nr;
                             let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
@@ -767,13 +768,13 @@ unsafe fn run_part(
                             let cols = nr.min(n - j0);
                             let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
                             #[cfg(target_arch = "x86_64")]
-                            if ip * mr < full {
-                                // SAFETY: rows r0..r0 + 6 and columns p0..p0 + kc are inside A;
-                                // the panel of B holds kc·16 floats; the tile is inside C; the
-                                // CPU has AVX2 and FMA.
+                            if direct {
+                                // SAFETY: rows r0..r0 + rows (at most 6) and columns p0..p0 + kc
+                                // are inside A; the panel of B holds kc·16 floats; the tile is
+                                // inside C; the CPU has AVX2 and FMA.
                                 unsafe {
                                     let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                    super::micro::kernel_avx2_rows(kc, at, a.rs, bp, &tile);
+                                    super::micro::kernel_avx2_rows(ip == 0, kc, at, a.rs, bp, &tile);
                                 }
                                 continue;
                             }

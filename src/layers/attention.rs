@@ -72,7 +72,7 @@ use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::simd::widest;
 use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{RowSoftmax, SmallHead, head_forward_avx2};
+use crate::kernels::small_head::{RowSoftmax, SmallHead, head_forward_avx2, product_avx2};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
 use crate::kernels::{DropKey, Float, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -689,7 +689,16 @@ pub fn attention_backward<F: Float>(
         // queries, the keys past the last one they see; by blocks of keys, the queries before
         // the first that sees one (their weights and gradients there are exactly 0).
         let q = head_view(&q, bi, hi, tq, dk);
-        let gemm = products::<F>(mask);
+        let general = products::<F>(mask);
+        // On the AVX2 path, the products in registers where they take the same bits.
+        let gemm =
+            |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, beta: F, mut out: ArrayViewMut2<F>| {
+                #[cfg(target_arch = "x86_64")]
+                if beta == F::ZERO && product_avx2(!mask.is_causal(), alpha, left, right, &mut out) {
+                    return;
+                }
+                general(alpha, left, right, beta, out)
+            };
         let dropped = drop.map(|m| m.times(0, probs));
         let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
         // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys

@@ -380,6 +380,7 @@ pub(crate) fn head_forward<F: Float>(
             let scores = Operands {
                 a: q.from(rows.start, 0).ptr,
                 lda: q.rs,
+                ats: 1,
                 b: kt.as_ptr(),
                 ldb: kb as isize,
                 b_cols: kb,
@@ -434,6 +435,7 @@ pub(crate) fn head_forward<F: Float>(
             let values = Operands {
                 a: a.ptr,
                 lda: a.rs,
+                ats: 1,
                 b: v.ptr,
                 ldb: v.rs,
                 b_cols: dv,
@@ -454,14 +456,95 @@ pub(crate) fn head_forward<F: Float>(
 std::thread_local! {
     /// Kᵀ of [`head_forward`]'s head (`[d_k][kb]`, dense), reused from head to head.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`product`]'s right factor with its rows made contiguous, reused from call to call.
+    static RIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A product `C ← alpha·A·B` of [`head_forward`]: A's rows (`terms` floats each, `lda`
-/// apart), B's `terms` rows (`ldb` apart, the first `b_cols` floats of each readable), the
+/// `out ← alpha·left·right` as a register product of [`Operands`], where the GEMM
+/// ([`crate::kernels::gemm`], or its `gemm_blocks` if `few_rows` is false) would have given it
+/// to its packed kernels in one block of terms: the same bits, each element a chain of fused
+/// multiply-adds over the terms in order, times `alpha` after the sum. A head's backward pass
+/// on the AVX2 path makes its products here (`∂L/∂V = P'ᵀ·G`, `∂L/∂P = G·Vᵀ`, `∂L/∂Q`,
+/// `∂L/∂K = ∂L/∂Sᵀ·Q`): products of a few dozen rows and columns, where a GEMM call's packing
+/// and loops cost about as much as its multiply-adds. The left factor is read where it lies,
+/// by any strides (a transposed one too); the right one where its rows are contiguous, else
+/// transposed once into a scratch buffer. `false`, and nothing written, where it is not taken:
+/// `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, more than [`MAX_KEYS`]
+/// columns, `out`'s or the right factor's elements contiguous along neither axis, or a
+/// product the GEMM would not give its packed kernels in one block.
+///
+/// # Panics
+/// If the shapes do not chain.
+pub(crate) fn product<F: Float>(
+    few_rows: bool,
+    alpha: F,
+    left: ndarray::ArrayView2<F>,
+    right: ndarray::ArrayView2<F>,
+    out: &mut ndarray::ArrayViewMut2<F>,
+) -> bool {
+    use crate::kernels::cpu::{Level, level};
+    use crate::kernels::gemm::KC;
+    use crate::kernels::small_gemm::takes;
+    let ((m, terms), n) = (left.dim(), right.ncols());
+    assert!(
+        right.nrows() == terms && out.dim() == (m, n),
+        "product: left {:?}, right {:?}, out {:?}",
+        left.shape(),
+        right.shape(),
+        out.shape()
+    );
+    let rows_unit = right.strides()[1] == 1 || n <= 1;
+    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
+        && level() == Level::Avx2
+        && m > 0
+        && (1..=KC).contains(&terms)
+        && (1..=MAX_KEYS).contains(&n)
+        && !(few_rows && takes(m, terms))
+        && (out.strides()[1] == 1 || n <= 1)
+        && (rows_unit || right.strides()[0] == 1);
+    if !taken {
+        return false;
+    }
+    // F is f32 (checked above): the views below are of f32.
+    let (a, c) = (Strided::of(&left), Strided::of_mut(out));
+    let ats = left.strides()[1];
+    RIGHT.with_borrow_mut(|scratch| {
+        let b = if rows_unit {
+            Strided::of(&right)
+        } else {
+            scratch.resize(terms * n, 0.0);
+            // SAFETY: rightᵀ [n, terms] has contiguous rows (checked above); AVX2 (level).
+            unsafe { transpose(Strided::of(&right.t()), n, terms, scratch) };
+            Strided::dense(scratch, n)
+        };
+        let product = Operands {
+            a: a.ptr,
+            lda: a.rs,
+            ats,
+            b: b.ptr,
+            ldb: b.rs,
+            b_cols: n,
+            terms,
+            alpha: alpha.to_f64() as f32,
+            c: c.ptr as *mut f32,
+            ldc: c.rs,
+            cols: n,
+        };
+        // SAFETY: AVX2 and FMA (level); left m × terms by its strides, right terms × n with
+        // contiguous rows, out m × n with contiguous rows (checked above), 1 ≤ n ≤ MAX_KEYS.
+        unsafe { product.run(m) };
+    });
+    true
+}
+
+/// A product `C ← alpha·A·B` of [`head_forward`] and [`product`]: A's rows (`terms` floats
+/// each, `ats` apart, the rows `lda` apart), B's `terms` rows (`ldb` apart, the first `b_cols` floats of each readable), the
 /// first `cols ≤ b_cols` columns of C's rows (`ldc` apart).
 struct Operands {
     a: *const f32,
     lda: isize,
+    /// A's stride from one term to the next (1: its rows are contiguous).
+    ats: isize,
     b: *const f32,
     ldb: isize,
     b_cols: usize,
@@ -488,11 +571,21 @@ impl Operands {
                         let full = n - n % $r;
                         for i in (0..full).step_by($r) {
                             // SAFETY: rows i..i + R (caller).
-                            unsafe { self.tile::<$r, $nv>(i) };
+                            unsafe {
+                                match self.ats {
+                                    1 => self.tile::<$r, $nv, true>(i),
+                                    _ => self.tile::<$r, $nv, false>(i),
+                                }
+                            };
                         }
                         for i in full..n {
                             // SAFETY: row i (caller).
-                            unsafe { self.tile::<1, $nv>(i) };
+                            unsafe {
+                                match self.ats {
+                                    1 => self.tile::<1, $nv, true>(i),
+                                    _ => self.tile::<1, $nv, false>(i),
+                                }
+                            };
                         }
                     })*
                     _ => unreachable!("at most MAX_KEYS columns"),
@@ -507,9 +600,9 @@ impl Operands {
     /// arithmetic, [`crate::kernels::gemm`]'s `Update::Set`).
     ///
     /// # Safety
-    /// As [`Operands::run`], for those rows; `cols` fills `N` vectors.
+    /// As [`Operands::run`], for those rows; `cols` fills `N` vectors; `UNIT` if `ats` is 1.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const N: usize>(&self, i: usize) {
+    unsafe fn tile<const R: usize, const N: usize, const UNIT: bool>(&self, i: usize) {
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         // SAFETY (all accesses): inside the rows and columns the caller vouches for.
         unsafe {
@@ -518,7 +611,11 @@ impl Operands {
                 let row = self.b.offset(t as isize * self.ldb);
                 let b: [__m256; N] = std::array::from_fn(|c| f32::lanes(row.add(c * W), self.b_cols - c * W));
                 for r in 0..R {
-                    let x = _mm256_broadcast_ss(&*a[r].add(t));
+                    let x = _mm256_broadcast_ss(&*if UNIT {
+                        a[r].add(t)
+                    } else {
+                        a[r].offset(t as isize * self.ats)
+                    });
                     for c in 0..N {
                         acc[r][c] = _mm256_fmadd_ps(x, b[c], acc[r][c]);
                     }
@@ -834,6 +931,79 @@ mod tests {
         }
         // (40, 33, 64, 7): 40 rows of 64 terms go to the packed kernels; (1, 5, 8, 3) too.
         assert!(taken >= 20, "{taken} heads taken");
+    }
+
+    /// A product in registers gives the GEMM's bits (`gemm` with its few-row kernels, or
+    /// `gemm_blocks` without), for left factors by rows, transposed and strided, right factors
+    /// by rows and transposed, at the edges of vectors and of row tiles; the products the GEMM
+    /// gives its few-row kernels, more than 64 columns and strided outputs are not taken.
+    #[test]
+    fn product_equals_the_gemm_bit_for_bit() {
+        use crate::kernels::cpu::{Level, level};
+        use crate::kernels::gemm;
+        use crate::kernels::small_gemm::takes;
+        if level() != Level::Avx2 {
+            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut taken = 0;
+        for (m, terms, n) in [
+            (16, 16, 16),
+            (32, 32, 32),
+            (13, 17, 9),
+            (1, 5, 3),
+            (70, 64, 64),
+            (8, 40, 24),
+            (32, 130, 8),
+            (5, 33, 65),
+        ] {
+            let left = random(&mut rng, (m, terms));
+            let left_t = random(&mut rng, (terms, m));
+            let left_wide = random(&mut rng, (m, 2 * terms));
+            let right = random(&mut rng, (terms, n));
+            let right_t = random(&mut rng, (n, terms));
+            let lefts = [left.view(), left_t.t(), left_wide.slice(s![.., ..;2])];
+            for (l, left) in lefts.into_iter().enumerate() {
+                for (r, right) in [right.view(), right_t.t()].into_iter().enumerate() {
+                    for few_rows in [true, false] {
+                        for alpha in [1.0, 0.125, -0.7] {
+                            let mut want = Array2::from_elem((m, n), f32::NAN);
+                            match few_rows {
+                                true => gemm(alpha, left, right, 0.0, want.view_mut()),
+                                false => gemm_blocks(alpha, left, right, 0.0, want.view_mut()),
+                            }
+                            let mut got = Array2::from_elem((m, n), f32::NAN);
+                            let name =
+                                format!("{m}×{terms}×{n} left {l} right {r} few rows {few_rows} α {alpha}");
+                            let expected = n <= MAX_KEYS && !(few_rows && takes(m, terms));
+                            assert_eq!(
+                                product(few_rows, alpha, left, right, &mut got.view_mut()),
+                                expected,
+                                "{name}"
+                            );
+                            if expected {
+                                taken += 1;
+                                assert!(
+                                    got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                    "{name}: {got} against {want}"
+                                );
+                            } else {
+                                assert!(got.iter().all(|x| x.is_nan()), "{name}: written though not taken");
+                            }
+                            // Strided output columns: never taken.
+                            let mut wide = Array2::from_elem((m, 2 * n), f32::NAN);
+                            let mut strided = wide.slice_mut(s![.., ..;2]);
+                            assert!(
+                                !product(few_rows, alpha, left, right, &mut strided) || n <= 1,
+                                "{name}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(taken >= 200, "{taken} products taken");
     }
 
     /// The softmax of rows side by side gives the bits of the general softmax of each row

@@ -54,7 +54,7 @@ impl Strided {
     }
 
     /// A dense row-major `[_, cols]` buffer.
-    fn dense(buf: &[f32], cols: usize) -> Strided {
+    pub(super) fn dense(buf: &[f32], cols: usize) -> Strided {
         Strided {
             ptr: buf.as_ptr(),
             rs: cols as isize,

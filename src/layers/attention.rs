@@ -691,14 +691,15 @@ pub fn attention_backward<F: Float>(
         let q = head_view(&q, bi, hi, tq, dk);
         let general = products::<F>(mask);
         // On the AVX2 path, the products in registers where they take the same bits.
-        let gemm =
-            |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, beta: F, mut out: ArrayViewMut2<F>| {
-                #[cfg(target_arch = "x86_64")]
-                if beta == F::ZERO && product_avx2(!mask.is_causal(), alpha, left, right, &mut out) {
-                    return;
-                }
-                general(alpha, left, right, beta, out)
-            };
+        let gemm = |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, beta: F, out: ArrayViewMut2<F>| {
+            #[cfg(target_arch = "x86_64")]
+            let mut out = out;
+            #[cfg(target_arch = "x86_64")]
+            if beta == F::ZERO && product_avx2(!mask.is_causal(), alpha, left, right, &mut out) {
+                return;
+            }
+            general(alpha, left, right, beta, out)
+        };
         let dropped = drop.map(|m| m.times(0, probs));
         let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
         // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys

@@ -544,6 +544,7 @@ pub(crate) unsafe fn kernel_avx2_rows(
 
 /// Steps of k (lines of packed B) the AVX2 kernels ask for ahead of their loads into L1 on a
 /// block's first row panel, the one that reads the block of B from L3 or memory.
+#[cfg(target_arch = "x86_64")]
 const B_AHEAD: usize = 8;
 /// Steps of k the AVX2 kernels ask for into L2 on that panel. The panels after it find the
 /// block in L2 and ask for nothing: there the hardware's own prefetch keeps up, and the extra
@@ -551,6 +552,7 @@ const B_AHEAD: usize = 8;
 /// interleaved runs (AMD EPYC Zen 3: 8 × 512 × 2048 over 168 MB of weights, best 41.0 / 41.8
 /// / 36.8 → 49.0 / 46.0 / 38.5 GFLOP/s; 32 × 256 × 1024 over 42 MB 64.9 / 67.6 / 60.9 →
 /// 68.8 / 73.7 / 69.2); products with B in cache alike.
+#[cfg(target_arch = "x86_64")]
 const B_FAR: usize = 128;
 
 /// The AVX2 kernels: A packed (`ROWS` false: step i's 6 floats at `a + 6·i`) or `MR` of A's

@@ -1,5 +1,5 @@
 //! Runs a `torch.nn.Transformer` state_dict through the crate and writes what PyTorch would
-//! compute: the contract that `scripts/pytorch_fixtures.py` and `tests/pytorch_parity.rs`
+//! compute: the contract that `scripts/pytorch_fixtures.py` and `tests/suite/pytorch_parity.rs`
 //! rely on.
 //!
 //!     cargo run --release --example pytorch_parity -- IN.safetensors OUT.safetensors

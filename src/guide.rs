@@ -4,7 +4,7 @@
 /// SVG through as HTML, so the picture shows on docs.rs with no file beside the page (docs.rs
 /// serves only what rustdoc writes, and its Content-Security-Policy blocks `data:` images and
 /// inline styles, which these files do not use). The examples write the files; each picture's
-/// caption, the doc lines after it, gives the command. `tests/docs.rs` checks that every file
+/// caption, the doc lines after it, gives the command. `tests/suite/docs.rs` checks that every file
 /// of `docs/guide/img` is embedded here, small, and captioned with its command.
 macro_rules! figure {
     ($file:literal) => {

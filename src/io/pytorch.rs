@@ -18,7 +18,7 @@
 //! same names ([`TorchTransformer::state_dict`] of a gradient tree).
 //!
 //! `examples/pytorch_parity.rs` runs [`parity`] on a file written by
-//! `scripts/pytorch_fixtures.py`; `tests/pytorch_parity.rs` holds every committed fixture to
+//! `scripts/pytorch_fixtures.py`; `tests/suite/pytorch_parity.rs` holds every committed fixture to
 //! PyTorch's outputs and gradients.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,6 @@
 //! The copy task: an encoder-decoder learns to copy random sequences of 10 symbols, lengths 1
 //! to 10. The model, the batches, the training settings and the held-out check of
-//! `tests/copy_task.rs` and `tests/precision.rs`.
+//! `tests/suite/copy_task.rs` and `tests/suite/precision.rs`.
 
 use vaswani::Precision;
 use vaswani::blocks::BlockConfig;

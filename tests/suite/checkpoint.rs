@@ -449,15 +449,25 @@ fn row_19_a_save_killed_midway_leaves_the_previous_checkpoint() {
     let first = model(10);
     save_model(&path, &first).unwrap();
     let exe = std::env::current_exe().unwrap();
+    // The saving test by its name in this binary (its module path without the crate's name),
+    // which must pick exactly that test: a name that picked none would pass here unheard.
+    let name = format!(
+        "{}::save_forever_when_asked",
+        module_path!().split_once("::").unwrap().1
+    );
+    let listed = Command::new(&exe)
+        .args(["--exact", &name, "--list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        listed.matches(": test").count(),
+        1,
+        "{name} picks one test: {listed}"
+    );
     for delay_ms in [30, 90, 200, 400] {
         let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "save_forever_when_asked",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
+            .args(["--exact", &name, "--nocapture", "--test-threads", "1"])
             .env("VASWANI_SAVE_FOREVER", &path)
             .spawn()
             .unwrap();

@@ -14,7 +14,7 @@ fn example(name: &str) -> PathBuf {
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test` (which builds the examples), or `cargo test --examples --test examples`",
+        "{} is not built: run the tests with `cargo test` (which builds the examples), or `cargo test --examples --test suite examples::`",
         path.display()
     );
     path

@@ -1,11 +1,9 @@
 //! The learning test: an encoder-decoder learns to copy random sequences, to 100% exact
 //! match on 1,000 held-out sequences, in seconds.
 
-mod common;
-
 use std::time::Instant;
 
-use common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
+use crate::common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
 use vaswani::Precision;
 use vaswani::rand::{SeedableRng, rngs::StdRng};
 use vaswani::train::Trainer;

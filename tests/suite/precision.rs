@@ -2,8 +2,6 @@
 //! within a stated relative bound, the loss curve of a copy-task run within a stated
 //! distance, the same bits at any thread count, and the kernel path that ran named.
 
-mod common;
-
 use vaswani::blocks::BlockConfig;
 use vaswani::kernels::precision::{Bf16Path, bf16_path, precision, with_precision};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
@@ -159,7 +157,7 @@ const CURVE_BOUND_ANY: f64 = 0.15;
 
 /// The loss at every step of a copy-task run, and the held-out exact-match count of 500.
 fn copy_task(precision: Precision, seed: u64) -> (Vec<f64>, usize) {
-    use common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
+    use crate::common::copy_task::{batch, exact_matches, held_out, model, trainer_config};
     let mut rng = StdRng::seed_from_u64(seed);
     let mut trainer = Trainer::new(model(&mut rng), trainer_config(STEPS, precision)).unwrap();
     let mut data = StdRng::seed_from_u64(1);

@@ -757,7 +757,6 @@ unsafe fn run_part(
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
                         let rows = mr.min(i0 + mc - r0);
-                        let ap = apack.as_ptr().wrapping_add(ip * mr * kc);
                         for jp in j_block..(j_block + NC_PANELS).min(last_col) {
                             let j0 = jp * nr;
                             let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
@@ -778,6 +777,7 @@ unsafe fn run_part(
                                 }
                                 continue;
                             }
+                            let ap = apack.as_ptr().wrapping_add(ip * mr * kc);
                             // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
                             unsafe { isa.kernel(mr, ip == 0, kc, ap, bp, &tile) };
                         }

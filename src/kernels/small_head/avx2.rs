@@ -334,8 +334,6 @@ pub(crate) fn head_forward<F: Float>(
     out: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
     use crate::kernels::cpu::{Level, level};
-    use crate::kernels::gemm::KC;
-    use crate::kernels::small_gemm::takes;
     use ndarray::s;
     let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
     assert!(
@@ -345,7 +343,6 @@ pub(crate) fn head_forward<F: Float>(
         out.shape()
     );
     let unit = |s: &[isize], cols: usize| s[1] == 1 || cols <= 1;
-    let one_block = |m: usize, terms: usize| !takes(m, terms) && terms <= KC;
     let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
         && level() == Level::Avx2
         && kb > 0
@@ -357,7 +354,10 @@ pub(crate) fn head_forward<F: Float>(
         && probs.strides()[1] == 1
         && unit(out.strides(), dv)
         && queries.clone().all(|(rows, width)| {
-            width <= MAX_KEYS && (width == 0 || (one_block(rows.len(), dk) && one_block(rows.len(), width)))
+            let n = rows.len();
+            width == 0
+                || n == 0
+                || (in_registers_as_gemm(true, n, dk, width) && in_registers_as_gemm(true, n, width, dv))
         });
     if !taken {
         return false;
@@ -483,8 +483,6 @@ pub(crate) fn product<F: Float>(
     out: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
     use crate::kernels::cpu::{Level, level};
-    use crate::kernels::gemm::KC;
-    use crate::kernels::small_gemm::takes;
     let ((m, terms), n) = (left.dim(), right.ncols());
     assert!(
         right.nrows() == terms && out.dim() == (m, n),
@@ -496,10 +494,7 @@ pub(crate) fn product<F: Float>(
     let rows_unit = right.strides()[1] == 1 || n <= 1;
     let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
         && level() == Level::Avx2
-        && m > 0
-        && (1..=KC).contains(&terms)
-        && (1..=MAX_KEYS).contains(&n)
-        && !(few_rows && takes(m, terms))
+        && in_registers_as_gemm(few_rows, m, terms, n)
         && (out.strides()[1] == 1 || n <= 1)
         && (rows_unit || right.strides()[0] == 1);
     if !taken {
@@ -535,6 +530,17 @@ pub(crate) fn product<F: Float>(
         unsafe { product.run(m) };
     });
     true
+}
+
+/// Whether a product of `m` rows, `terms` terms and `n` columns runs as [`Operands`] with the
+/// GEMM's bits: the GEMM ([`crate::kernels::gemm`], or its `gemm_blocks` if `few_rows` is
+/// false) gives it to its packed kernels in one block of terms, and its columns fit
+/// [`MAX_KEYS`]. The one place of these conditions, for [`head_forward`]'s blocks and
+/// [`product`].
+fn in_registers_as_gemm(few_rows: bool, m: usize, terms: usize, n: usize) -> bool {
+    use crate::kernels::gemm::KC;
+    use crate::kernels::small_gemm::takes;
+    m > 0 && (1..=KC).contains(&terms) && (1..=MAX_KEYS).contains(&n) && !(few_rows && takes(m, terms))
 }
 
 /// A product `C ← alpha·A·B` of [`head_forward`] and [`product`]: A's rows (`terms` floats

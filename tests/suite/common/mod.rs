@@ -1,4 +1,3 @@
 //! Set-ups shared by the integration tests' modules.
-#![allow(dead_code)]
 
 pub mod copy_task;

@@ -500,8 +500,8 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match far {
-            true => kernel_avx2_at::<6, false, true>(kc, a, 0, b, t),
-            false => kernel_avx2_at::<6, false, false>(kc, a, 0, b, t),
+            true => kernel_avx2_at::<6, false, true>(kc, a, 0, b, t, Far::ahead(b)),
+            false => kernel_avx2_at::<6, false, false>(kc, a, 0, b, t, Far::ahead(b)),
         }
     }
 }
@@ -511,7 +511,8 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
 /// same values in the same order, so the same bits as the packed kernel; the packing of A
 /// (transposes of 6 rows into a panel of columns) is left out, and a short panel multiplies
 /// only its own rows (a decoding step's 8 rows, 6 + 2, cost 8 rows' work, not 12). Each row is
-/// read along k a line at a time, as the packed panel was.
+/// read along k a line at a time, as the packed panel was. With `far`, step i asks for the line
+/// of B at `far.line(i)` into L2 ([`Far`]).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `t.rows` must be 1 to 6 and that many rows of `kc` floats
@@ -520,7 +521,7 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn kernel_avx2_rows(
-    far: bool,
+    far: Option<Far>,
     kc: usize,
     a: *const f32,
     lda: isize,
@@ -531,8 +532,8 @@ pub(crate) unsafe fn kernel_avx2_rows(
         ($($r:literal)*) => {
             match (t.rows, far) {
                 $(
-                    ($r, true) => kernel_avx2_at::<$r, true, true>(kc, a, lda, b, t),
-                    ($r, false) => kernel_avx2_at::<$r, true, false>(kc, a, lda, b, t),
+                    ($r, Some(far)) => kernel_avx2_at::<$r, true, true>(kc, a, lda, b, t, far),
+                    ($r, None) => kernel_avx2_at::<$r, true, false>(kc, a, lda, b, t, Far::ahead(b)),
                 )*
                 (rows, _) => panic!("an AVX2 tile of {rows} rows (1 to 6)"),
             }
@@ -555,10 +556,50 @@ const B_AHEAD: usize = 8;
 #[cfg(target_arch = "x86_64")]
 const B_FAR: usize = 128;
 
+/// The lines of packed B that a loop of the AVX2 kernels asks for into L2, one a step: step i
+/// asks for the line at `start + 16·(i >> shift)` floats.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Far {
+    start: *const f32,
+    shift: u32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Far {
+    /// [`B_FAR`] lines ahead of the panel `b` that the loop reads: one stream through a block
+    /// of B, asked for by its first row panel.
+    pub(crate) fn ahead(b: *const f32) -> Far {
+        Far {
+            start: b.wrapping_add(16 * B_FAR),
+            shift: 0,
+        }
+    }
+
+    /// Pass `pass` of `passes` over one panel of `kc` lines, each pass a row panel's, asks for
+    /// its share of the next panel's lines, which start at `next`: `kc / 2^s` lines a pass, one
+    /// every `2^s` steps, `2^s` the power of two at or above `passes`. The next panel is on its
+    /// way from memory while every pass runs, not only the first (the decoding steps' few rows,
+    /// where the later passes over a panel in cache had left memory idle).
+    pub(crate) fn spread(next: *const f32, kc: usize, pass: usize, passes: usize) -> Far {
+        let shift = passes.next_power_of_two().trailing_zeros();
+        Far {
+            start: next.wrapping_add(16 * pass * (kc >> shift)),
+            shift,
+        }
+    }
+
+    /// The line that step i asks for (an address only: asking never reads memory).
+    #[inline(always)]
+    fn line(self, i: usize) -> *const i8 {
+        self.start.wrapping_add(16 * (i >> self.shift)).cast()
+    }
+}
+
 /// The AVX2 kernels: A packed (`ROWS` false: step i's 6 floats at `a + 6·i`) or `MR` of A's
 /// rows where they lie (`ROWS`: row r's element i at `a + r·lda + i`). `FAR` asks for B into L1
-/// [`B_AHEAD`] and into L2 [`B_FAR`] steps ahead: a block's first row panel reads B from L3 or
-/// memory.
+/// [`B_AHEAD`] steps ahead and into L2 the lines `far` names: a block's first row panel reads
+/// B from L3 or memory.
 ///
 /// # Safety
 /// As [`kernel_avx2`], resp. [`kernel_avx2_rows`] (`MR` is 6 when A is packed).
@@ -571,6 +612,7 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
     lda: isize,
     b: *const f32,
     t: &Tile,
+    far: Far,
 ) {
     let mut lo = [_mm256_setzero_ps(); MR];
     let mut hi = [_mm256_setzero_ps(); MR];
@@ -592,7 +634,7 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
         unsafe {
             if FAR {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(16 * B_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(16 * B_FAR).cast());
+                _mm_prefetch::<_MM_HINT_T1>(far.line(i));
             }
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));

@@ -774,9 +774,11 @@ mod tests {
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),
-                // A decoding step's rows: panels of 6 and a short one of 2 or 4.
+                // A decoding step's rows: panels of 6 and a short one of 2 or 4; one panel of
+                // B at a time over several blocks of k and a short last panel.
                 (8, 70, 48),
                 (10, 33, 20),
+                (8, 2 * KC + 3, 9 * 16 + 5),
             ] {
                 let a = int_matrix(&mut rng, m, k);
                 let at = a.t().to_owned();
@@ -824,12 +826,18 @@ mod tests {
     /// The vector kernels round exactly as their scalar twin (same products, same order, same
     /// fused updates), on values where the order matters, at any thread count: with AVX-512's
     /// short tiles (64 rows) and tall ones (77 rows, edge rows included), several blocks of
-    /// panels of B (300 columns) and several blocks of A (520 rows).
+    /// panels of B (300 columns), several blocks of A (520 rows) and a decoding step's few rows
+    /// (11), which pass over one panel of B at a time.
     #[test]
     fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
         assert_eq!((Isa::Avx512.tile_rows(64), Isa::Avx512.tile_rows(77)), (8, 12));
         let mut rng = StdRng::seed_from_u64(8);
-        for (m, k, n) in [(64, 2 * KC + 9, 70), (77, 2 * KC + 9, 300), (520, KC + 9, 40)] {
+        for (m, k, n) in [
+            (64, 2 * KC + 9, 70),
+            (77, 2 * KC + 9, 300),
+            (520, KC + 9, 40),
+            (11, 2 * KC + 9, 300),
+        ] {
             let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
             let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
             let c0 = Array2::from_shape_fn((m, n), |_| rng.random::<f32>() - 0.5);

@@ -24,6 +24,8 @@
 use std::cell::Cell;
 use std::ops::Range;
 
+#[cfg(target_arch = "x86_64")]
+use super::micro::Far;
 use super::micro::{Tile, TileDrop, TileGate, Update, kernel_scalar};
 use crate::kernels::dropout::DropKey;
 use crate::kernels::parallel::for_each_index;
@@ -40,6 +42,14 @@ pub const KC: usize = 512;
 /// with the 12-row tiles it makes pay ([`Isa::tile_rows`]) took 5–8% off the base workload's
 /// eval forward (Intel Xeon, `bench`); 8 and 16 panels alike, 4 and 32 slower.
 const NC_PANELS: usize = 8;
+/// Row panels (of the AVX2 kernel reading A's rows in place) at or below which the rows pass
+/// over one panel of B at a time, each pass asking for a share of the next panel's lines into
+/// L2 ([`super::micro::Far::spread`]), rather than over blocks of [`NC_PANELS`] with only the
+/// first pass asking: a decoding step's 8 rows (6 + 2) had left memory idle while the pass of 2
+/// rows ran over the block in L2. 8 × 512 × 2048 over 168 MB of weights, AMD EPYC Zen 3, one
+/// thread, interleaved in one process: mean 39–46 → 45–53 GFLOP/s; 12 rows 59–62 → 65–71. At 3
+/// to 6 panels (16 and 32 rows) the products ran alike or slower.
+const FEW_PANELS: usize = 2;
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
 /// stays in L2 while every panel of B streams past it once; measured on a 2 MiB L2, 512 rows
@@ -753,11 +763,15 @@ unsafe fn run_part(
                     // SAFETY: the block is inside A (caller).
                     unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
                 }
-                for j_block in panels.clone().step_by(NC_PANELS) {
-                    for ip in 0..mc.div_ceil(mr) {
+                let passes = mc.div_ceil(mr);
+                // A decoding step's few rows pass over one panel of B at a time (see `Far`).
+                let few = direct && passes <= FEW_PANELS;
+                let nc = if few { 1 } else { NC_PANELS };
+                for j_block in panels.clone().step_by(nc) {
+                    for ip in 0..passes {
                         let r0 = i0 + ip * mr;
                         let rows = mr.min(i0 + mc - r0);
-                        for jp in j_block..(j_block + NC_PANELS).min(last_col) {
+                        for jp in j_block..(j_block + nc).min(last_col) {
                             let j0 = jp * nr;
                             let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
                             // SAFETY: j0 < n.
@@ -773,7 +787,15 @@ unsafe fn run_part(
                                 // inside C; the CPU has AVX2 and FMA.
                                 unsafe {
                                     let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                    super::micro::kernel_avx2_rows(ip == 0, kc, at, a.rs, bp, &tile);
+                                    // The panels of a block of k lie one after another, and
+                                    // the next block's first after the last.
+                                    let next = bp.wrapping_add(kc * nr);
+                                    let far = match (few, ip) {
+                                        (true, _) => Some(Far::spread(next, kc, ip, passes)),
+                                        (false, 0) => Some(Far::ahead(bp)),
+                                        (false, _) => None,
+                                    };
+                                    super::micro::kernel_avx2_rows(far, kc, at, a.rs, bp, &tile);
                                 }
                                 continue;
                             }

@@ -48,7 +48,9 @@ const NC_PANELS: usize = 8;
 /// first pass asking: a decoding step's 8 rows (6 + 2) had left memory idle while the pass of 2
 /// rows ran over the block in L2. 8 × 512 × 2048 over 168 MB of weights, AMD EPYC Zen 3, one
 /// thread, interleaved in one process: mean 39–46 → 45–53 GFLOP/s; 12 rows 59–62 → 65–71. At 3
-/// to 6 panels (16 and 32 rows) the products ran alike or slower.
+/// to 6 panels (16 and 32 rows) the products ran alike or slower. The passes then take equal
+/// rows (8 as 4 + 4), which ask for the next panel at an even pace: 8 × 512 × 2048 best 51–54
+/// → 58–61 GFLOP/s, 10 × 512 × 2048 (5 + 5) 64–67 → 67–71.
 const FEW_PANELS: usize = 2;
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
@@ -764,13 +766,18 @@ unsafe fn run_part(
                     unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
                 }
                 let passes = mc.div_ceil(mr);
-                // A decoding step's few rows pass over one panel of B at a time (see `Far`).
+                // A decoding step's few rows pass over one panel of B at a time (see `Far`),
+                // in passes of equal rows (8 as 4 + 4, not 6 + 2): the same tiles' sums.
                 let few = direct && passes <= FEW_PANELS;
-                let nc = if few { 1 } else { NC_PANELS };
+                let (nc, pr) = if few {
+                    (1, mc.div_ceil(passes))
+                } else {
+                    (NC_PANELS, mr)
+                };
                 for j_block in panels.clone().step_by(nc) {
                     for ip in 0..passes {
-                        let r0 = i0 + ip * mr;
-                        let rows = mr.min(i0 + mc - r0);
+                        let r0 = i0 + ip * pr;
+                        let rows = pr.min(i0 + mc - r0);
                         for jp in j_block..(j_block + nc).min(last_col) {
                             let j0 = jp * nr;
                             let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();

@@ -510,7 +510,7 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
 /// r·lda`, its `kc` elements contiguous, for `t.rows` (1 to 6) rows. The same broadcasts of the
 /// same values in the same order, so the same bits as the packed kernel; the packing of A
 /// (transposes of 6 rows into a panel of columns) is left out, and a short panel multiplies
-/// only its own rows (a decoding step's 8 rows, 6 + 2, cost 8 rows' work, not 12). Each row is
+/// only its own rows (a decoding step's 8 rows cost 8 rows' work, not 12). Each row is
 /// read along k a line at a time, as the packed panel was. With `far`, step i asks for the line
 /// of B at `far.line(i)` into L2 ([`Far`]).
 ///

@@ -49,8 +49,8 @@ const NC_PANELS: usize = 8;
 /// rows ran over the block in L2. 8 × 512 × 2048 over 168 MB of weights, AMD EPYC Zen 3, one
 /// thread, interleaved in one process: mean 39–46 → 45–53 GFLOP/s; 12 rows 59–62 → 65–71. At 3
 /// to 6 panels (16 and 32 rows) the products ran alike or slower. The passes then take equal
-/// rows (8 as 4 + 4), which ask for the next panel at an even pace: 8 × 512 × 2048 best 51–54
-/// → 58–61 GFLOP/s, 10 × 512 × 2048 (5 + 5) 64–67 → 67–71.
+/// rows (8 as 4 + 4; see `run_part`), which ask for the next panel at an even pace: 8 × 512 ×
+/// 2048 best 51–54 → 58–61 GFLOP/s, 10 × 512 × 2048 (5 + 5) 64–67 → 67–71.
 const FEW_PANELS: usize = 2;
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
@@ -766,18 +766,25 @@ unsafe fn run_part(
                     unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
                 }
                 let passes = mc.div_ceil(mr);
-                // A decoding step's few rows pass over one panel of B at a time (see `Far`),
-                // in passes of equal rows (8 as 4 + 4, not 6 + 2): the same tiles' sums.
+                // A decoding step's few rows pass over one panel of B at a time (see `Far`).
                 let few = direct && passes <= FEW_PANELS;
-                let (nc, pr) = if few {
-                    (1, mc.div_ceil(passes))
+                let nc = if few { 1 } else { NC_PANELS };
+                // Rows read in place go in panels of equal height, give or take one (8 rows as
+                // 4 + 4, 32 as 6 + 6 + 5 + 5 + 5 + 5, not 6 + 2 and 6 · 5 + 2): a panel of 2
+                // rows loads B for 4 multiply-adds a step. Each element's chain of
+                // multiply-adds does not depend on its panel, so the bits do not either.
+                // Small greedy decode, 32 rows a step, AMD EPYC Zen 3, one thread, builds
+                // alternating: 122.5 / 115.3 / 112.0 / 116.1 / 125.2 / 121.9 / 125.3 / 124.6 →
+                // 114.0 / 112.7 / 111.7 / 112.7 / 119.6 / 119.8 / 117.7 / 115.2 ms.
+                let (base, extra) = if direct {
+                    (mc / passes, mc % passes)
                 } else {
-                    (NC_PANELS, mr)
+                    (mr, 0)
                 };
                 for j_block in panels.clone().step_by(nc) {
                     for ip in 0..passes {
-                        let r0 = i0 + ip * pr;
-                        let rows = pr.min(i0 + mc - r0);
+                        let r0 = i0 + ip * base + ip.min(extra);
+                        let rows = (base + usize::from(ip < extra)).min(i0 + mc - r0);
                         for jp in j_block..(j_block + nc).min(last_col) {
                             let j0 = jp * nr;
                             let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();

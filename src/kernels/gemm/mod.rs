@@ -774,8 +774,8 @@ mod tests {
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),
-                // A decoding step's rows: panels of 6 and a short one of 2 or 4; one panel of
-                // B at a time over several blocks of k and a short last panel.
+                // A decoding step's rows, in panels of equal height (8 as 4 + 4, 10 as 5 + 5),
+                // one panel of B at a time over several blocks of k and a short last panel.
                 (8, 70, 48),
                 (10, 33, 20),
                 (8, 2 * KC + 3, 9 * 16 + 5),

@@ -801,11 +801,12 @@ unsafe fn run_part(
                                 // inside C; the CPU has AVX2 and FMA.
                                 unsafe {
                                     let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                    // The panels of a block of k lie one after another, and
-                                    // the next block's first after the last.
-                                    let next = bp.wrapping_add(kc * nr);
                                     let far = match (few, ip) {
-                                        (true, _) => Some(Far::spread(next, kc, ip, passes)),
+                                        // The panels of a block of k lie one after another,
+                                        // and the next block's first after the last.
+                                        (true, _) => {
+                                            Some(Far::spread(bp.wrapping_add(kc * nr), kc, ip, passes))
+                                        }
                                         (false, 0) => Some(Far::ahead(bp)),
                                         (false, _) => None,
                                     };

@@ -129,8 +129,11 @@ pub enum Bf16Path {
     Amx,
     /// AVX512-BF16 (with AVX-512F and BW): Intel since Cooper Lake, AMD since Zen 4.
     Avx512Bf16,
-    /// `f32` kernels over values rounded to bf16: slower than `f32` itself (the rounding is a
-    /// pass of its own), for CPUs without bf16 arithmetic.
+    /// `f32` kernels over values rounded to bf16, for CPUs without bf16 arithmetic. Weights
+    /// packed ahead ([`super::PackedB`], a model packed for inference) are kept as bf16 bits,
+    /// half the bytes of `f32`, and widened exactly as the products read them; operands
+    /// rounded on every call (a training step's) make it slower than `f32` itself (the
+    /// rounding is a pass of its own).
     Emulated,
 }
 
@@ -967,16 +970,55 @@ pub(super) unsafe fn gemm(
 /// # Safety
 /// `x` addresses a `rows × cols` matrix.
 pub(super) unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * cols);
-    for i in 0..rows {
-        for j in 0..cols {
-            // SAFETY: (i, j) is inside x.
-            out.push(round_bf16(unsafe {
-                *x.ptr.offset(i as isize * x.rs + j as isize * x.cs)
-            }));
+    let mut out = vec![0.0f32; rows * cols];
+    if out.is_empty() {
+        return out;
+    }
+    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+        // SAFETY: row i of x is inside it (caller).
+        let start = unsafe { x.ptr.offset(i as isize * x.rs) };
+        if x.cs == 1 {
+            // SAFETY: the row's `cols` elements, contiguous.
+            round_run(unsafe { std::slice::from_raw_parts(start, cols) }, row);
+        } else {
+            for (j, r) in row.iter_mut().enumerate() {
+                // SAFETY: (i, j) is inside x.
+                *r = round_bf16(unsafe { *start.offset(j as isize * x.cs) });
+            }
         }
     }
     out
+}
+
+/// `dst ← src` each rounded as [`round_bf16`] (the same bits), with selects in place of its
+/// branches so that the loop runs in vectors: the emulated path rounds every A it multiplies.
+fn round_run(src: &[f32], dst: &mut [f32]) {
+    #[inline(always)]
+    fn each(src: &[f32], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits();
+            let magnitude = b & 0x7fff_ffff;
+            let nearest = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+            let bits = if magnitude > 0x7f80_0000 {
+                (b | 0x0040_0000) & 0xffff_0000 // NaN, quiet
+            } else if magnitude < 0x0080_0000 {
+                b & 0x8000_0000 // zero or denormal: a zero of its sign
+            } else {
+                nearest
+            };
+            *d = f32::from_bits(bits);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::cpu::avx2() {
+        #[target_feature(enable = "avx2")]
+        fn each_avx2(src: &[f32], dst: &mut [f32]) {
+            each(src, dst)
+        }
+        // SAFETY: the CPU has AVX2 (checked).
+        return unsafe { each_avx2(src, dst) };
+    }
+    each(src, dst)
 }
 
 /// The matrix of `cols` columns stored row by row in `x`.
@@ -1235,6 +1277,50 @@ mod tests {
 
     /// The packing's vector conversions (`vcvtne2ps2bf16`) give [`to_bf16`]'s bits on ties,
     /// NaN, infinities, overflow, denormals, zeros of both signs and random values.
+    /// The emulated path's rounding of whole rows (in vectors, with selects) against
+    /// [`round_bf16`], bit for bit: ties, NaNs, infinities, denormals, signed zeros, values that
+    /// round up to infinity, and random bit patterns; rows contiguous and strided.
+    #[test]
+    fn rounding_rows_matches_round_bf16() {
+        let mut values: Vec<f32> = [
+            0x0000_0000u32,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x0080_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x7f7f_ffff,
+            0xff7f_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0xffc1_2345,
+            0x7fbf_ffff,
+        ]
+        .into_iter()
+        .map(f32::from_bits)
+        .collect();
+        let mut state = 0x9e37_79b9u32;
+        values.extend((0..1000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            f32::from_bits(state)
+        }));
+        let cols = 31;
+        values.truncate(values.len() / cols * cols);
+        let rows = values.len() / cols;
+        let x = Array2::from_shape_vec((rows, cols), values).unwrap();
+        let want: Vec<u32> = x.iter().map(|&v| round_bf16(v).to_bits()).collect();
+        for view in [x.view(), x.t().as_standard_layout().t()] {
+            // SAFETY: the view addresses its own rows × cols elements.
+            let got = unsafe { rounded(Mat::of(&view), rows, cols) };
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        }
+    }
+
     #[test]
     fn vector_conversions_match_to_bf16() {
         if !avx512bf16() {

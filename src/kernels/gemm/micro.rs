@@ -500,8 +500,8 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match far {
-            true => kernel_avx2_at::<6, false, true>(kc, a, 0, b, t, Far::ahead(b)),
-            false => kernel_avx2_at::<6, false, false>(kc, a, 0, b, t, Far::ahead(b)),
+            true => kernel_avx2_at::<6, false, true, f32>(kc, a, 0, b, t, Far::ahead(b)),
+            false => kernel_avx2_at::<6, false, false, f32>(kc, a, 0, b, t, Far::ahead(b)),
         }
     }
 }
@@ -520,20 +520,21 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
 /// C as [`store_scalar`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn kernel_avx2_rows(
+pub(crate) unsafe fn kernel_avx2_rows<B: PanelOf>(
     far: Option<Far>,
     kc: usize,
     a: *const f32,
     lda: isize,
-    b: *const f32,
+    b: *const B,
     t: &Tile,
 ) {
+    let ahead = Far::ahead(b.cast());
     macro_rules! rows {
         ($($r:literal)*) => {
             match (t.rows, far) {
                 $(
-                    ($r, Some(far)) => kernel_avx2_at::<$r, true, true>(kc, a, lda, b, t, far),
-                    ($r, None) => kernel_avx2_at::<$r, true, false>(kc, a, lda, b, t, Far::ahead(b)),
+                    ($r, Some(far)) => kernel_avx2_at::<$r, true, true, B>(kc, a, lda, b, t, far),
+                    ($r, None) => kernel_avx2_at::<$r, true, false, B>(kc, a, lda, b, t, ahead),
                 )*
                 (rows, _) => panic!("an AVX2 tile of {rows} rows (1 to 6)"),
             }
@@ -576,13 +577,18 @@ impl Far {
         }
     }
 
-    /// Pass `pass` of `passes` over one panel of `kc` lines, each pass a row panel's, asks for
-    /// its share of the next panel's lines, which start at `next`: `kc / 2^s` lines a pass, one
-    /// every `2^s` steps, `2^s` the power of two at or above `passes`. The next panel is on its
-    /// way from memory while every pass runs, not only the first (the decoding steps' few rows,
-    /// where the later passes over a panel in cache had left memory idle).
-    pub(crate) fn spread(next: *const f32, kc: usize, pass: usize, passes: usize) -> Far {
-        let shift = passes.next_power_of_two().trailing_zeros();
+    /// Pass `pass` of `passes` over one panel of `kc` steps, each pass a row panel's, asks for
+    /// its share of the next panel's `lines` lines, which start at `next`: `kc / 2^s` lines a
+    /// pass, one every `2^s` steps, `2^s` the power of two at or above `passes · kc / lines`
+    /// (`passes` for a panel of `f32`, a line a step; twice that for one of bf16 bits). The
+    /// next panel is on its way from memory while every pass runs, not only the first (the
+    /// decoding steps' few rows, where the later passes over a panel in cache had left memory
+    /// idle).
+    pub(crate) fn spread(next: *const f32, kc: usize, lines: usize, pass: usize, passes: usize) -> Far {
+        let shift = (passes * kc)
+            .div_ceil(lines.max(1))
+            .next_power_of_two()
+            .trailing_zeros();
         Far {
             start: next.wrapping_add(16 * pass * (kc >> shift)),
             shift,
@@ -606,11 +612,11 @@ impl Far {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
+unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: PanelOf>(
     kc: usize,
     a: *const f32,
     lda: isize,
-    b: *const f32,
+    b: *const B,
     t: &Tile,
     far: Far,
 ) {
@@ -636,8 +642,8 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(16 * B_AHEAD).cast());
                 _mm_prefetch::<_MM_HINT_T1>(far.line(i));
             }
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
+            let b0 = B::lanes(b);
+            let b1 = B::lanes(b.add(8));
             for r in 0..MR {
                 let ar = _mm256_broadcast_ss(&*if ROWS { rows[r].add(i) } else { a.add(r) });
                 lo[r] = _mm256_fmadd_ps(ar, b0, lo[r]);
@@ -682,6 +688,39 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool>(
         }
         // SAFETY: `tile` is MR ≥ t.rows rows of 16; the caller vouches for t.
         unsafe { store_scalar(tile.as_flattened(), 16, t) };
+    }
+}
+
+/// An element of a packed panel of B as the AVX2 kernels read it: `f32`, or the bits of a
+/// bf16 (`u16`, the emulated bf16 path's weights), widened exactly as it is loaded. Either
+/// way the kernels multiply the same `f32` values.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait PanelOf: Copy {
+    /// Eight elements at `p` as `f32` lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; eight elements are readable at `p`.
+    unsafe fn lanes(p: *const Self) -> __m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelOf for f32 {
+    #[inline(always)]
+    unsafe fn lanes(p: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelOf for u16 {
+    #[inline(always)]
+    unsafe fn lanes(p: *const u16) -> __m256 {
+        // SAFETY: the caller's contract; a bf16's bits are the high half of its f32's.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
     }
 }
 

@@ -32,7 +32,7 @@ pub(crate) mod micro;
 mod packed;
 pub(crate) mod weights;
 
-use packed::{Epilogue, Mat, MatMut};
+use packed::{Epilogue, Mat, MatMut, Panels};
 pub use packed::{Isa, KC};
 
 /// Below this many multiply-adds a product runs on the calling thread.
@@ -296,8 +296,9 @@ enum Packing {
         path: bf16::Bf16Path,
         data: packed::Aligned<u16>,
     },
-    /// Rounded to bf16 values, kept as `f32` for the kernels of `isa` (the emulated path).
-    Rounded { isa: Isa, data: packed::Aligned<f32> },
+    /// Rounded to bf16 for the `f32` kernels of `isa` (the emulated path), in their layout,
+    /// stored as bf16 bits (half the bytes of `f32`) and widened as the products read them.
+    Rounded { isa: Isa, data: packed::Aligned<u16> },
 }
 
 impl PackedB {
@@ -307,6 +308,11 @@ impl PackedB {
     /// B is converted to bf16 here, once, and every product with it runs in bf16 wherever it
     /// is used.
     pub fn new<F: Float>(b: ArrayView2<F>) -> Option<PackedB> {
+        PackedB::on(b, bf16::Bf16Path::best())
+    }
+
+    /// [`PackedB::new`], its bf16 products on `path` (one this process runs).
+    fn on<F: Float>(b: ArrayView2<F>, path: bf16::Bf16Path) -> Option<PackedB> {
         if TypeId::of::<F>() != TypeId::of::<f32>() {
             return None;
         }
@@ -333,13 +339,18 @@ impl PackedB {
                 data: unsafe { packed::pack_b_all(isa, k, n, mb, parts) },
             }
         } else {
-            match bf16::Bf16Path::best() {
+            match path {
                 bf16::Bf16Path::Emulated => {
                     let rounded = unsafe { bf16::rounded(mb, k, n) };
-                    Packing::Rounded {
-                        isa,
-                        data: unsafe { packed::pack_b_all(isa, k, n, bf16::row_major(&rounded, n), parts) },
+                    let values =
+                        unsafe { packed::pack_b_all(isa, k, n, bf16::row_major(&rounded, n), parts) };
+                    // Each packed value is a bf16 (or a padding zero): its top half is its
+                    // bits, exactly.
+                    let mut data = packed::Aligned::zeroed(values.len());
+                    for (bits, v) in data.iter_mut().zip(values.iter()) {
+                        *bits = (v.to_bits() >> 16) as u16;
                     }
+                    Packing::Rounded { isa, data }
                 }
                 path => Packing::Bf16 {
                     path,
@@ -430,7 +441,7 @@ pub fn gemm_packed<F: Float>(
     // was packed for its kernels, which were found on this CPU.
     match &b.data {
         Packing::F32 { isa, data } => unsafe {
-            packed::gemm_packed_b(*isa, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
+            packed::gemm_packed_b(*isa, m, k, n, 1.0, ma, Panels::F32(data), 0.0, mc, parts, ep)
         },
         Packing::Bf16 { path, data } => unsafe {
             bf16::gemm_packed_b(*path, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
@@ -438,7 +449,7 @@ pub fn gemm_packed<F: Float>(
         Packing::Rounded { isa, data } => unsafe {
             let rounded = bf16::rounded(ma, m, k);
             let ra = bf16::row_major(&rounded, k);
-            packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, data, 0.0, mc, parts, ep)
+            packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, Panels::Bf16(data), 0.0, mc, parts, ep)
         },
     }
 }
@@ -699,8 +710,8 @@ mod tests {
     fn packed_b_is_cache_line_aligned() {
         fn aligned(p: &PackedB) -> bool {
             let ptr = match &p.data {
-                Packing::F32 { data, .. } | Packing::Rounded { data, .. } => data.as_ptr() as usize,
-                Packing::Bf16 { data, .. } => data.as_ptr() as usize,
+                Packing::F32 { data, .. } => data.as_ptr() as usize,
+                Packing::Bf16 { data, .. } | Packing::Rounded { data, .. } => data.as_ptr() as usize,
             };
             ptr % 64 == 0
         }
@@ -892,6 +903,56 @@ mod tests {
                         got,
                         if relu { want_relu.clone() } else { want.clone() },
                         "m={m} k={k} n={n}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Weights packed for the emulated bf16 path are stored as bf16 bits and widened as the
+    /// products read them: the same bits as the `f32` products of the rounded operands with
+    /// the rounded weights packed as `f32`, at decoding steps' few rows (one panel of B at a
+    /// time) and at many, with k past a block, edge panels, a bias and a ReLU, on 1 and 2
+    /// threads.
+    #[test]
+    fn weights_packed_as_bf16_bits_give_the_f32_products_of_the_rounded_values() {
+        use super::bf16::{Bf16Path, round_bf16};
+        let mut rng = StdRng::seed_from_u64(12);
+        for &(m, k, n) in &[
+            (8, 64, 40),
+            (10, KC + 37, 70),
+            (32, 96, 100),
+            (70, 2 * KC + 5, 33),
+        ] {
+            let a = Array2::from_shape_fn((m, k), |_| rng.random_range(-1.0f32..1.0));
+            let w = Array2::from_shape_fn((n, k), |_| rng.random_range(-1.0f32..1.0)); // [out, in]
+            let bias = Array2::from_shape_fn((1, n), |_| rng.random_range(-1.0f32..1.0))
+                .row(0)
+                .to_owned();
+            let bits = with_precision(Precision::Bf16, || PackedB::on(w.t(), Bf16Path::Emulated))
+                .expect("a bf16 B always packs");
+            assert!(matches!(bits.data, Packing::Rounded { .. }));
+            let Some(values) = PackedB::new(w.mapv(round_bf16).t()) else {
+                return; // no vector kernels: f32 weights are not packed here
+            };
+            let a_rounded = a.mapv(round_bf16);
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for (bias, relu) in [(None, false), (Some(bias.view()), true)] {
+                    let mut got = Array2::from_elem((m, n), f32::NAN);
+                    let mut want = Array2::from_elem((m, n), f32::NAN);
+                    pool.install(|| {
+                        gemm_packed(a.view(), &bits, bias, relu, got.view_mut());
+                        gemm_packed(a_rounded.view(), &values, bias, relu, want.view_mut());
+                    });
+                    let bits_of = |x: &Array2<f32>| x.mapv(f32::to_bits);
+                    assert_eq!(
+                        bits_of(&got),
+                        bits_of(&want),
+                        "{m}×{k}×{n}, {threads} threads, relu {relu}"
                     );
                 }
             }

@@ -236,6 +236,56 @@ impl Mat {
 thread_local! {
     static A_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static WIDE_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// B packed in the layout of the module docs, as the loops read it: `f32`, or the bf16 bits
+/// of values rounded to bf16 (the emulated bf16 path's weights, half the bytes), widened to
+/// `f32` a block of panels at a time as the loops reach it. A bf16 value widens exactly, so
+/// the kernels multiply the same `f32` values either way: the same bits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Panels<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Panels<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Panels::F32(b) => b.len(),
+            Panels::Bf16(b) => b.len(),
+        }
+    }
+}
+
+/// `dst ← src` widened, each bf16 to its `f32` (exact).
+///
+/// # Panics
+/// If the lengths differ.
+fn widen(src: &[u16], dst: &mut [f32]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "widen: {} values into {}",
+        src.len(),
+        dst.len()
+    );
+    #[inline(always)]
+    fn each(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s) << 16);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::cpu::avx2() {
+        #[target_feature(enable = "avx2")]
+        fn each_avx2(src: &[u16], dst: &mut [f32]) {
+            each(src, dst)
+        }
+        // SAFETY: the CPU has AVX2 (checked).
+        return unsafe { each_avx2(src, dst) };
+    }
+    each(src, dst)
 }
 
 /// A buffer of packed panels whose first element lies on a 64-byte boundary, so that no
@@ -379,11 +429,12 @@ pub(crate) unsafe fn gemm(
         let pack_panels = |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa) };
         for_panel_runs(parts, n_panels, pack_panels);
         // SAFETY: forwarded from this function's contract; B is now packed in `bpack`.
-        unsafe { gemm_packed_b(isa, m, k, n, alpha, a, bpack, beta, c, parts, ep) };
+        unsafe { gemm_packed_b(isa, m, k, n, alpha, a, Panels::F32(bpack), beta, c, parts, ep) };
     });
 }
 
-/// [`gemm`] with B already packed (the layout of the module docs, for `isa`).
+/// [`gemm`] with B already packed (the layout of the module docs, for `isa`), as `f32` or as
+/// bf16 bits ([`Panels`]).
 ///
 /// # Safety
 /// As [`gemm`], and `bpack` holds B `k × n` packed for `isa`.
@@ -395,7 +446,7 @@ pub(crate) unsafe fn gemm_packed_b(
     n: usize,
     alpha: f32,
     a: Mat,
-    bpack: &[f32],
+    bpack: Panels<'_>,
     beta: f32,
     c: MatMut,
     parts: usize,
@@ -732,7 +783,7 @@ unsafe fn run_part(
     n: usize,
     alpha: f32,
     a: Mat,
-    bpack: &[f32],
+    bpack: Panels<'_>,
     beta: f32,
     c: MatMut,
     rows: Range<usize>,
@@ -756,71 +807,107 @@ unsafe fn run_part(
     // a short panel only its own rows. Nothing is packed. (Columns of A contiguous would put
     // each step of k on a line of its own.)
     let direct = isa == Isa::Avx2 && a.cs == 1;
+    let wide_len = match bpack {
+        Panels::F32(_) => 0,
+        Panels::Bf16(_) => NC_PANELS * KC * nr,
+    };
     with_scratch(&A_BUF, if direct { 0 } else { mc_max * KC }, |apack| {
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            for i0 in rows.clone().step_by(mc_max) {
-                let mc = mc_max.min(rows.end - i0);
-                if !direct {
-                    // SAFETY: the block is inside A (caller).
-                    unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
-                }
-                let passes = mc.div_ceil(mr);
-                // A decoding step's few rows pass over one panel of B at a time (see `Far`).
-                let few = direct && passes <= FEW_PANELS;
-                let nc = if few { 1 } else { NC_PANELS };
-                // Rows read in place go in panels of equal height, give or take one (8 rows as
-                // 4 + 4, 32 as 6 + 6 + 5 + 5 + 5 + 5, not 6 + 2 and 6 · 5 + 2): a panel of 2
-                // rows loads B for 4 multiply-adds a step. Each element's chain of
-                // multiply-adds does not depend on its panel, so the bits do not either.
-                // Small greedy decode, 32 rows a step, AMD EPYC Zen 3, one thread, builds
-                // alternating: 122.5 / 115.3 / 112.0 / 116.1 / 125.2 / 121.9 / 125.3 / 124.6 →
-                // 114.0 / 112.7 / 111.7 / 112.7 / 119.6 / 119.8 / 117.7 / 115.2 ms.
-                let (base, extra) = if direct {
-                    (mc / passes, mc % passes)
-                } else {
-                    (mr, 0)
-                };
-                for j_block in panels.clone().step_by(nc) {
-                    for ip in 0..passes {
-                        let r0 = i0 + ip * base + ip.min(extra);
-                        let rows = (base + usize::from(ip < extra)).min(i0 + mc - r0);
-                        for jp in j_block..(j_block + nc).min(last_col) {
-                            let j0 = jp * nr;
-                            let bp = bpack[p0 * n_pad + jp * kc * nr..].as_ptr();
-                            // SAFETY: j0 < n.
-                            let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
-                            // SAFETY: (r0, j0) is inside C.
-                            let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
-                            let cols = nr.min(n - j0);
-                            let tile = tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
-                            #[cfg(target_arch = "x86_64")]
-                            if direct {
-                                // SAFETY: rows r0..r0 + rows (at most 6) and columns p0..p0 + kc
-                                // are inside A; the panel of B holds kc·16 floats; the tile is
-                                // inside C; the CPU has AVX2 and FMA.
-                                unsafe {
-                                    let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                    let far = match (few, ip) {
-                                        // The panels of a block of k lie one after another,
-                                        // and the next block's first after the last.
-                                        (true, _) => {
-                                            Some(Far::spread(bp.wrapping_add(kc * nr), kc, ip, passes))
-                                        }
-                                        (false, 0) => Some(Far::ahead(bp)),
-                                        (false, _) => None,
-                                    };
-                                    super::micro::kernel_avx2_rows(far, kc, at, a.rs, bp, &tile);
-                                }
-                                continue;
+        with_scratch(&WIDE_BUF, wide_len, |wide| {
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                for i0 in rows.clone().step_by(mc_max) {
+                    let mc = mc_max.min(rows.end - i0);
+                    if !direct {
+                        // SAFETY: the block is inside A (caller).
+                        unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
+                    }
+                    let passes = mc.div_ceil(mr);
+                    // A decoding step's few rows pass over one panel of B at a time (see `Far`).
+                    let few = direct && passes <= FEW_PANELS;
+                    let nc = if few { 1 } else { NC_PANELS };
+                    // Rows read in place go in panels of equal height, give or take one (8 rows as
+                    // 4 + 4, 32 as 6 + 6 + 5 + 5 + 5 + 5, not 6 + 2 and 6 · 5 + 2): a panel of 2
+                    // rows loads B for 4 multiply-adds a step. Each element's chain of
+                    // multiply-adds does not depend on its panel, so the bits do not either.
+                    // Small greedy decode, 32 rows a step, AMD EPYC Zen 3, one thread, builds
+                    // alternating: 122.5 / 115.3 / 112.0 / 116.1 / 125.2 / 121.9 / 125.3 / 124.6 →
+                    // 114.0 / 112.7 / 111.7 / 112.7 / 119.6 / 119.8 / 117.7 / 115.2 ms.
+                    let (base, extra) = if direct {
+                        (mc / passes, mc % passes)
+                    } else {
+                        (mr, 0)
+                    };
+                    for j_block in panels.clone().step_by(nc) {
+                        // The block's panels: where they lie, or widened into `wide` (in L2 for
+                        // the passes that follow, as a block of `f32` panels would be).
+                        let b_at = p0 * n_pad + j_block * kc * nr;
+                        // A decoding step's few rows read bf16 bits where they lie
+                        // (`micro::PanelOf`): widening a panel for two passes over it cost more
+                        // than the half of memory's bytes it saves.
+                        let len = ((j_block + nc).min(last_col) - j_block) * kc * nr;
+                        let block = match bpack {
+                            Panels::F32(b) => b[b_at..][..len].as_ptr(),
+                            Panels::Bf16(_) if few => std::ptr::null(),
+                            Panels::Bf16(b) => {
+                                widen(&b[b_at..][..len], &mut wide[..len]);
+                                wide.as_ptr()
                             }
-                            let ap = apack.as_ptr().wrapping_add(ip * mr * kc);
-                            // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
-                            unsafe { isa.kernel(mr, ip == 0, kc, ap, bp, &tile) };
+                        };
+                        for ip in 0..passes {
+                            let r0 = i0 + ip * base + ip.min(extra);
+                            let rows = (base + usize::from(ip < extra)).min(i0 + mc - r0);
+                            for jp in j_block..(j_block + nc).min(last_col) {
+                                let j0 = jp * nr;
+                                let bp = block.wrapping_add((jp - j_block) * kc * nr);
+                                // SAFETY: j0 < n.
+                                let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
+                                // SAFETY: (r0, j0) is inside C.
+                                let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
+                                let cols = nr.min(n - j0);
+                                let tile =
+                                    tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
+                                #[cfg(target_arch = "x86_64")]
+                                if direct {
+                                    // SAFETY: rows r0..r0 + rows (at most 6) and columns p0..p0 + kc
+                                    // are inside A; the panel of B holds kc·16 floats; the tile is
+                                    // inside C; the CPU has AVX2 and FMA.
+                                    unsafe {
+                                        let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
+                                        let far = match (few, ip) {
+                                            // The panels of a block of k lie one after another,
+                                            // and the next block's first after the last: the
+                                            // next panel is asked for where it is stored.
+                                            (true, _) => Some(match bpack {
+                                                Panels::F32(b) => {
+                                                    let next = b.as_ptr().wrapping_add(b_at + len);
+                                                    Far::spread(next, kc, kc * nr / 16, ip, passes)
+                                                }
+                                                Panels::Bf16(b) => {
+                                                    let next = b.as_ptr().wrapping_add(b_at + len);
+                                                    Far::spread(next.cast(), kc, kc * nr / 32, ip, passes)
+                                                }
+                                            }),
+                                            (false, 0) => Some(Far::ahead(bp)),
+                                            (false, _) => None,
+                                        };
+                                        match bpack {
+                                            Panels::Bf16(b) if few => {
+                                                let bits = b[b_at + (jp - j_block) * kc * nr..].as_ptr();
+                                                super::micro::kernel_avx2_rows(far, kc, at, a.rs, bits, &tile)
+                                            }
+                                            _ => super::micro::kernel_avx2_rows(far, kc, at, a.rs, bp, &tile),
+                                        }
+                                    }
+                                    continue;
+                                }
+                                let ap = apack.as_ptr().wrapping_add(ip * mr * kc);
+                                // SAFETY: the panels hold kc·mr and kc·nr floats; the tile is inside C.
+                                unsafe { isa.kernel(mr, ip == 0, kc, ap, bp, &tile) };
+                            }
                         }
                     }
                 }
             }
-        }
+        });
     });
 }

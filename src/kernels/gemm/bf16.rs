@@ -225,6 +225,8 @@ fn amx_usable() -> bool {
 thread_local! {
     static A_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static ROUND_A: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static ROUND_B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `kc` padded to whole chunks.
@@ -924,24 +926,14 @@ pub(super) unsafe fn gemm(
         return unsafe { packed::gemm(Isa::Scalar, m, k, n, alpha, a, b, beta, c, parts, ep) };
     }
     if path == Bf16Path::Emulated {
-        // SAFETY: forwarded.
-        let (ar, br) = unsafe { (rounded(a, m, k), rounded(b, k, n)) };
         let isa = Isa::best().unwrap_or(Isa::Scalar);
-        // SAFETY: the rounded copies are row-major m × k and k × n; the rest forwarded.
+        // SAFETY: forwarded; the rounded copies are m × k and k × n.
         return unsafe {
-            packed::gemm(
-                isa,
-                m,
-                k,
-                n,
-                alpha,
-                row_major(&ar, k),
-                row_major(&br, n),
-                beta,
-                c,
-                parts,
-                ep,
-            )
+            with_rounded(Operand::A, a, m, k, |ra| {
+                with_rounded(Operand::B, b, k, n, |rb| {
+                    packed::gemm(isa, m, k, n, alpha, ra, rb, beta, c, parts, ep)
+                })
+            })
         };
     }
     let n_panels = n.div_ceil(NR);
@@ -964,30 +956,67 @@ pub(super) unsafe fn gemm(
     });
 }
 
-/// A row-major `f32` copy of the `rows × cols` matrix `x`, every value rounded to bf16: the
-/// operands of the emulated path (see [`row_major`] to multiply them).
+/// Which operand of a product a rounded copy is of: each has a buffer of its own
+/// ([`with_rounded`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Operand {
+    A,
+    B,
+}
+
+/// `f(copy)`: a copy of the `rows × cols` matrix `x` with every value rounded to bf16 (as
+/// [`round_bf16`]), the emulated path's operands. The copy is laid out as `x` is where its
+/// rows, or else its columns, are contiguous (so the rounding runs along them, in vectors: a
+/// weight's transpose is contiguous by columns), otherwise by rows; it lives in a buffer of
+/// this thread's that keeps its memory between calls (no allocation, no zeroing).
 ///
 /// # Safety
 /// `x` addresses a `rows × cols` matrix.
-pub(super) unsafe fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows * cols];
-    if out.is_empty() {
-        return out;
-    }
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        // SAFETY: row i of x is inside it (caller).
-        let start = unsafe { x.ptr.offset(i as isize * x.rs) };
-        if x.cs == 1 {
-            // SAFETY: the row's `cols` elements, contiguous.
-            round_run(unsafe { std::slice::from_raw_parts(start, cols) }, row);
-        } else {
-            for (j, r) in row.iter_mut().enumerate() {
-                // SAFETY: (i, j) is inside x.
-                *r = round_bf16(unsafe { *start.offset(j as isize * x.cs) });
+pub(super) unsafe fn with_rounded<R>(
+    which: Operand,
+    x: Mat,
+    rows: usize,
+    cols: usize,
+    f: impl FnOnce(Mat) -> R,
+) -> R {
+    let key = match which {
+        Operand::A => &ROUND_A,
+        Operand::B => &ROUND_B,
+    };
+    let by_columns = x.cs != 1 && x.rs == 1;
+    // Lines of the copy (rows, or columns), `len` elements each, `step` apart in x.
+    let (line_stride, len, step) = if by_columns {
+        (x.cs, rows, x.rs)
+    } else {
+        (x.rs, cols, x.cs)
+    };
+    with_scratch(key, rows * cols, |out| {
+        if len > 0 {
+            for (i, line) in out.chunks_exact_mut(len).enumerate() {
+                // SAFETY: line i of x is inside it (caller).
+                let start = unsafe { x.ptr.offset(i as isize * line_stride) };
+                if step == 1 {
+                    // SAFETY: the line's `len` elements, contiguous.
+                    round_run(unsafe { std::slice::from_raw_parts(start, len) }, line);
+                } else {
+                    for (j, r) in line.iter_mut().enumerate() {
+                        // SAFETY: element j of the line is inside x.
+                        *r = round_bf16(unsafe { *start.offset(j as isize * step) });
+                    }
+                }
             }
         }
-    }
-    out
+        let (rs, cs) = if by_columns {
+            (1, rows as isize)
+        } else {
+            (cols as isize, 1)
+        };
+        f(Mat {
+            ptr: out.as_ptr(),
+            rs,
+            cs,
+        })
+    })
 }
 
 /// `dst ← src` each rounded as [`round_bf16`] (the same bits), with selects in place of its
@@ -1019,15 +1048,6 @@ fn round_run(src: &[f32], dst: &mut [f32]) {
         return unsafe { each_avx2(src, dst) };
     }
     each(src, dst)
-}
-
-/// The matrix of `cols` columns stored row by row in `x`.
-pub(super) fn row_major(x: &[f32], cols: usize) -> Mat {
-    Mat {
-        ptr: x.as_ptr(),
-        rs: cols as isize,
-        cs: 1,
-    }
 }
 
 /// All of B (`k × n`) packed for the vector bf16 paths, on up to `parts` threads.
@@ -1314,10 +1334,30 @@ mod tests {
         let rows = values.len() / cols;
         let x = Array2::from_shape_vec((rows, cols), values).unwrap();
         let want: Vec<u32> = x.iter().map(|&v| round_bf16(v).to_bits()).collect();
-        for view in [x.view(), x.t().as_standard_layout().t()] {
-            // SAFETY: the view addresses its own rows × cols elements.
-            let got = unsafe { rounded(Mat::of(&view), rows, cols) };
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        let by_columns = x.t().as_standard_layout().into_owned();
+        let odd = x.slice(ndarray::s![.., ..;2]).to_owned();
+        let want_odd: Vec<u32> = odd.iter().map(|&v| round_bf16(v).to_bits()).collect();
+        let cases = [
+            (x.view(), &want),
+            (by_columns.t(), &want),
+            (x.slice(ndarray::s![.., ..;2]), &want_odd),
+        ];
+        for (view, want) in cases {
+            let (r, c) = view.dim();
+            // SAFETY: the view addresses its own r × c elements; the copy is r × c.
+            let got: Vec<u32> = unsafe {
+                with_rounded(Operand::A, Mat::of(&view), r, c, |copy| {
+                    (0..r * c)
+                        .map(|e| {
+                            (*copy
+                                .ptr
+                                .offset((e / c) as isize * copy.rs + (e % c) as isize * copy.cs))
+                            .to_bits()
+                        })
+                        .collect()
+                })
+            };
+            assert_eq!(&got, want, "strides {:?}", view.strides());
         }
     }
 

@@ -341,9 +341,11 @@ impl PackedB {
         } else {
             match path {
                 bf16::Bf16Path::Emulated => {
-                    let rounded = unsafe { bf16::rounded(mb, k, n) };
-                    let values =
-                        unsafe { packed::pack_b_all(isa, k, n, bf16::row_major(&rounded, n), parts) };
+                    let values = unsafe {
+                        bf16::with_rounded(bf16::Operand::B, mb, k, n, |rb| {
+                            packed::pack_b_all(isa, k, n, rb, parts)
+                        })
+                    };
                     // Each packed value is a bf16 (or a padding zero): its top half is its
                     // bits, exactly.
                     let mut data = packed::Aligned::zeroed(values.len());
@@ -447,9 +449,9 @@ pub fn gemm_packed<F: Float>(
             bf16::gemm_packed_b(*path, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
         },
         Packing::Rounded { isa, data } => unsafe {
-            let rounded = bf16::rounded(ma, m, k);
-            let ra = bf16::row_major(&rounded, k);
-            packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, Panels::Bf16(data), 0.0, mc, parts, ep)
+            bf16::with_rounded(bf16::Operand::A, ma, m, k, |ra| {
+                packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, Panels::Bf16(data), 0.0, mc, parts, ep)
+            })
         },
     }
 }

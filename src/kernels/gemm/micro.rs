@@ -512,12 +512,13 @@ pub(crate) unsafe fn kernel_avx2(far: bool, kc: usize, a: *const f32, b: *const 
 /// (transposes of 6 rows into a panel of columns) is left out, and a short panel multiplies
 /// only its own rows (a decoding step's 8 rows cost 8 rows' work, not 12). Each row is
 /// read along k a line at a time, as the packed panel was. With `far`, step i asks for the line
-/// of B at `far.line(i)` into L2 ([`Far`]).
+/// of B at `far.line(i)` into L2 ([`Far`]). The panel of B holds `f32` or bf16 bits
+/// ([`PanelOf`]).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `t.rows` must be 1 to 6 and that many rows of `kc` floats
-/// at `a`, `lda` apart, readable; `b` must hold `kc·16` floats, and `t` must describe a tile of
-/// C as [`store_scalar`] requires.
+/// at `a`, `lda` apart, readable; `b` must hold `kc·16` elements, and `t` must describe a tile
+/// of C as [`store_scalar`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn kernel_avx2_rows<B: PanelOf>(

@@ -838,12 +838,12 @@ unsafe fn run_part(
                         (mr, 0)
                     };
                     for j_block in panels.clone().step_by(nc) {
-                        // The block's panels: where they lie, or widened into `wide` (in L2 for
-                        // the passes that follow, as a block of `f32` panels would be).
+                        // The block's panels as `f32`: where they lie, or widened into `wide`
+                        // (in L2 for the passes that follow, as a block of `f32` panels would
+                        // be). A decoding step's few rows instead read bf16 bits where they lie
+                        // (`micro::PanelOf`, below; no `f32` block): widening a panel for their
+                        // two passes over it cost more than the half of memory's bytes it saves.
                         let b_at = p0 * n_pad + j_block * kc * nr;
-                        // A decoding step's few rows read bf16 bits where they lie
-                        // (`micro::PanelOf`): widening a panel for two passes over it cost more
-                        // than the half of memory's bytes it saves.
                         let len = ((j_block + nc).min(last_col) - j_block) * kc * nr;
                         let block = match bpack {
                             Panels::F32(b) => b[b_at..][..len].as_ptr(),
@@ -869,8 +869,8 @@ unsafe fn run_part(
                                 #[cfg(target_arch = "x86_64")]
                                 if direct {
                                     // SAFETY: rows r0..r0 + rows (at most 6) and columns p0..p0 + kc
-                                    // are inside A; the panel of B holds kc·16 floats; the tile is
-                                    // inside C; the CPU has AVX2 and FMA.
+                                    // are inside A; the panel of B holds kc·16 floats (or bf16
+                                    // bits); the tile is inside C; the CPU has AVX2 and FMA.
                                     unsafe {
                                         let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
                                         let far = match (few, ip) {

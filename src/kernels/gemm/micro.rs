@@ -529,7 +529,7 @@ pub(crate) unsafe fn kernel_avx2_rows<B: PanelOf>(
     b: *const B,
     t: &Tile,
 ) {
-    let ahead = Far::ahead(b.cast());
+    let ahead = B::ahead(b);
     macro_rules! rows {
         ($($r:literal)*) => {
             match (t.rows, far) {
@@ -593,6 +593,33 @@ impl Far {
         Far {
             start: next.wrapping_add(16 * pass * (kc >> shift)),
             shift,
+        }
+    }
+
+    /// What a pass `pass` of `passes` of the kernel reading A's rows in place asks for over the
+    /// panel of `kc` steps at `b` (the next panel right after it): with `few` passes, each its
+    /// share of the next panel ([`Far::spread`]); otherwise the first pass a stream ahead
+    /// through the block ([`PanelOf::ahead`]) and the others nothing.
+    pub(crate) fn for_pass<B: PanelOf>(
+        b: *const B,
+        kc: usize,
+        few: bool,
+        pass: usize,
+        passes: usize,
+    ) -> Option<Far> {
+        match (few, pass) {
+            (true, _) => {
+                let lines = kc * 16 * std::mem::size_of::<B>() / 64;
+                Some(Far::spread(
+                    b.wrapping_add(kc * 16).cast(),
+                    kc,
+                    lines,
+                    pass,
+                    passes,
+                ))
+            }
+            (false, 0) => Some(B::ahead(b)),
+            (false, _) => None,
         }
     }
 
@@ -702,6 +729,10 @@ pub(crate) trait PanelOf: Copy {
     /// # Safety
     /// The CPU has AVX2; eight elements are readable at `p`.
     unsafe fn lanes(p: *const Self) -> __m256;
+
+    /// [`B_FAR`] steps ahead of the panel `b` that the loop reads, a line for every step's
+    /// bytes: one stream through a block of B, asked for by its first row panel.
+    fn ahead(b: *const Self) -> Far;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -710,6 +741,10 @@ impl PanelOf for f32 {
     unsafe fn lanes(p: *const f32) -> __m256 {
         // SAFETY: the caller's contract.
         unsafe { _mm256_loadu_ps(p) }
+    }
+
+    fn ahead(b: *const f32) -> Far {
+        Far::ahead(b)
     }
 }
 
@@ -721,6 +756,14 @@ impl PanelOf for u16 {
         unsafe {
             let h = _mm_loadu_si128(p.cast());
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    fn ahead(b: *const u16) -> Far {
+        // A step reads half a line: a line every two steps.
+        Far {
+            start: b.wrapping_add(16 * B_FAR).cast(),
+            shift: 1,
         }
     }
 }

@@ -914,8 +914,8 @@ mod tests {
     /// Weights packed for the emulated bf16 path are stored as bf16 bits and widened as the
     /// products read them: the same bits as the `f32` products of the rounded operands with
     /// the rounded weights packed as `f32`, at decoding steps' few rows (one panel of B at a
-    /// time) and at many, with k past a block, edge panels, a bias and a ReLU, on 1 and 2
-    /// threads.
+    /// time) and at many, A by rows and by columns, with k past a block, edge panels, a bias
+    /// and a ReLU, on 1 and 2 threads.
     #[test]
     fn weights_packed_as_bf16_bits_give_the_f32_products_of_the_rounded_values() {
         use super::bf16::{Bf16Path, round_bf16};
@@ -943,19 +943,25 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                for (bias, relu) in [(None, false), (Some(bias.view()), true)] {
-                    let mut got = Array2::from_elem((m, n), f32::NAN);
-                    let mut want = Array2::from_elem((m, n), f32::NAN);
-                    pool.install(|| {
-                        gemm_packed(a.view(), &bits, bias, relu, got.view_mut());
-                        gemm_packed(a_rounded.view(), &values, bias, relu, want.view_mut());
-                    });
-                    let bits_of = |x: &Array2<f32>| x.mapv(f32::to_bits);
-                    assert_eq!(
-                        bits_of(&got),
-                        bits_of(&want),
-                        "{m}×{k}×{n}, {threads} threads, relu {relu}"
-                    );
+                // A by rows (read in place by the AVX2 kernel, with the bits) and by columns
+                // (packed, with B widened a block at a time).
+                let a_by_columns = a.t().as_standard_layout().into_owned();
+                for a in [a.view(), a_by_columns.t()] {
+                    for (bias, relu) in [(None, false), (Some(bias.view()), true)] {
+                        let mut got = Array2::from_elem((m, n), f32::NAN);
+                        let mut want = Array2::from_elem((m, n), f32::NAN);
+                        pool.install(|| {
+                            gemm_packed(a, &bits, bias, relu, got.view_mut());
+                            gemm_packed(a_rounded.view(), &values, bias, relu, want.view_mut());
+                        });
+                        let bits_of = |x: &Array2<f32>| x.mapv(f32::to_bits);
+                        assert_eq!(
+                            bits_of(&got),
+                            bits_of(&want),
+                            "{m}×{k}×{n}, A strides {:?}, {threads} threads, relu {relu}",
+                            a.strides()
+                        );
+                    }
                 }
             }
         }

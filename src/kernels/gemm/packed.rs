@@ -808,8 +808,8 @@ unsafe fn run_part(
     // each step of k on a line of its own.)
     let direct = isa == Isa::Avx2 && a.cs == 1;
     let wide_len = match bpack {
-        Panels::F32(_) => 0,
-        Panels::Bf16(_) => NC_PANELS * KC * nr,
+        Panels::Bf16(_) if !direct => NC_PANELS * KC * nr,
+        _ => 0,
     };
     with_scratch(&A_BUF, if direct { 0 } else { mc_max * KC }, |apack| {
         with_scratch(&WIDE_BUF, wide_len, |wide| {
@@ -840,14 +840,16 @@ unsafe fn run_part(
                     for j_block in panels.clone().step_by(nc) {
                         // The block's panels as `f32`: where they lie, or widened into `wide`
                         // (in L2 for the passes that follow, as a block of `f32` panels would
-                        // be). A decoding step's few rows instead read bf16 bits where they lie
-                        // (`micro::PanelOf`, below; no `f32` block): widening a panel for their
-                        // two passes over it cost more than the half of memory's bytes it saves.
+                        // be). The kernel reading A's rows in place instead reads bf16 bits where
+                        // they lie (`micro::PanelOf`, below): widening a block into the buffer
+                        // had cost more than widening in the kernel, pass after pass (AMD EPYC
+                        // Zen 3, one thread, in one process: 32 × 256 × 1024 and 32 × 1024 × 256
+                        // over 40 weights 6–12% slower, 512 × 512 × 2048 1–3%).
                         let b_at = p0 * n_pad + j_block * kc * nr;
                         let len = ((j_block + nc).min(last_col) - j_block) * kc * nr;
                         let block = match bpack {
                             Panels::F32(b) => b[b_at..][..len].as_ptr(),
-                            Panels::Bf16(_) if few => std::ptr::null(),
+                            Panels::Bf16(_) if direct => std::ptr::null(), // not read
                             Panels::Bf16(b) => {
                                 widen(&b[b_at..][..len], &mut wide[..len]);
                                 wide.as_ptr()
@@ -873,29 +875,16 @@ unsafe fn run_part(
                                     // bits); the tile is inside C; the CPU has AVX2 and FMA.
                                     unsafe {
                                         let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                        let far = match (few, ip) {
-                                            // The panels of a block of k lie one after another,
-                                            // and the next block's first after the last: the
-                                            // next panel is asked for where it is stored.
-                                            (true, _) => Some(match bpack {
-                                                Panels::F32(b) => {
-                                                    let next = b.as_ptr().wrapping_add(b_at + len);
-                                                    Far::spread(next, kc, kc * nr / 16, ip, passes)
-                                                }
-                                                Panels::Bf16(b) => {
-                                                    let next = b.as_ptr().wrapping_add(b_at + len);
-                                                    Far::spread(next.cast(), kc, kc * nr / 32, ip, passes)
-                                                }
-                                            }),
-                                            (false, 0) => Some(Far::ahead(bp)),
-                                            (false, _) => None,
-                                        };
                                         match bpack {
-                                            Panels::Bf16(b) if few => {
+                                            Panels::F32(_) => {
+                                                let far = Far::for_pass(bp, kc, few, ip, passes);
+                                                super::micro::kernel_avx2_rows(far, kc, at, a.rs, bp, &tile)
+                                            }
+                                            Panels::Bf16(b) => {
                                                 let bits = b[b_at + (jp - j_block) * kc * nr..].as_ptr();
+                                                let far = Far::for_pass(bits, kc, few, ip, passes);
                                                 super::micro::kernel_avx2_rows(far, kc, at, a.rs, bits, &tile)
                                             }
-                                            _ => super::micro::kernel_avx2_rows(far, kc, at, a.rs, bp, &tile),
                                         }
                                     }
                                     continue;

@@ -1022,8 +1022,7 @@ pub(super) unsafe fn with_rounded<R>(
 /// `dst ← src` each rounded as [`round_bf16`] (the same bits), with selects in place of its
 /// branches so that the loop runs in vectors: the emulated path rounds every A it multiplies.
 fn round_run(src: &[f32], dst: &mut [f32]) {
-    #[inline(always)]
-    fn each(src: &[f32], dst: &mut [f32]) {
+    crate::kernels::simd::widest!({
         for (d, &s) in dst.iter_mut().zip(src) {
             let b = s.to_bits();
             let magnitude = b & 0x7fff_ffff;
@@ -1037,17 +1036,7 @@ fn round_run(src: &[f32], dst: &mut [f32]) {
             };
             *d = f32::from_bits(bits);
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::cpu::avx2() {
-        #[target_feature(enable = "avx2")]
-        fn each_avx2(src: &[f32], dst: &mut [f32]) {
-            each(src, dst)
-        }
-        // SAFETY: the CPU has AVX2 (checked).
-        return unsafe { each_avx2(src, dst) };
-    }
-    each(src, dst)
+    })
 }
 
 /// All of B (`k × n`) packed for the vector bf16 paths, on up to `parts` threads.

@@ -270,22 +270,11 @@ fn widen(src: &[u16], dst: &mut [f32]) {
         src.len(),
         dst.len()
     );
-    #[inline(always)]
-    fn each(src: &[u16], dst: &mut [f32]) {
+    crate::kernels::simd::widest!({
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits(u32::from(s) << 16);
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::cpu::avx2() {
-        #[target_feature(enable = "avx2")]
-        fn each_avx2(src: &[u16], dst: &mut [f32]) {
-            each(src, dst)
-        }
-        // SAFETY: the CPU has AVX2 (checked).
-        return unsafe { each_avx2(src, dst) };
-    }
-    each(src, dst)
+    })
 }
 
 /// A buffer of packed panels whose first element lies on a 64-byte boundary, so that no

@@ -148,16 +148,20 @@ pub fn with_team_for<R>(flops: u64, f: impl FnOnce() -> R) -> R {
 /// (`2 · rows · width²`: the rows of the call against a square weight of the model's width)
 /// run on the calling thread alone: [`with_team_for_products`].
 ///
-/// Measured on a 2-core Intel Xeon with AMX (one thread against two, interleaved `bench`
-/// runs): the `tiny` workload's eval forward (256 rows of width 64, 2²¹ FLOPs per product) took
-/// 0.78–0.80 ms on two threads against 0.71–0.75 on one, its greedy decode (16 rows a step)
-/// 1.68–1.71 against 1.57–1.63 ms; an eval forward of twice the rows (2²² FLOPs per product) was
-/// 11% faster on two, and so was a decoding step of the `small` workload (32 rows of width
-/// 256, 2²² FLOPs per product, 1.4×). A whole call's FLOPs do not tell these apart (a small
-/// decoding step and a tiny eval forward are both about 0.13 GFLOP); the size of its products
-/// does. Splitting products that the tiles multiply in a few microseconds, and the passes
-/// between them, moves more cache lines between the cores than the second core gives back.
-const AMX_ALONE_BELOW_PRODUCT_FLOPS: u64 = 1 << 22;
+/// Measured on 2-core Intel Xeons with AMX (one thread against two, interleaved `bench`
+/// runs). On the first (2026-12-02), the `tiny` workload's eval forward (256 rows of width 64,
+/// 2²¹ FLOPs per product) took 0.78–0.80 ms on two threads against 0.71–0.75 on one, its greedy
+/// decode (16 rows a step, 2¹⁷) 1.68–1.71 against 1.57–1.63 ms; an eval forward of twice the
+/// rows (2²²) was 11% faster on two, and so was a decoding step of the `small` workload (32 rows
+/// of width 256, 2²², 1.4×). The threshold was 2²² then. On a later one (2026-12-04), whose
+/// second core gave the `f32` tiny eval 2.1×, the tiny bf16 eval forward took 0.28–0.30 ms on
+/// two threads against 0.48–0.52 alone; the tiny decode still ran faster alone (0.87–0.90 ms
+/// against 1.35–1.42 with every call on the team). A whole call's FLOPs do not tell these apart
+/// (a small decoding step and a tiny eval forward are both about 0.13 GFLOP); the size of its
+/// products does. Splitting products that the tiles multiply in a microsecond or two, and the
+/// passes between them, moves more cache lines between the cores than the second core gives
+/// back.
+const AMX_ALONE_BELOW_PRODUCT_FLOPS: u64 = 1 << 21;
 
 /// Runs `f` as [`with_team`] does, unless it is an inference call in bf16 on AMX tiles whose
 /// products, `rows` rows against weights of `width × width`, are too small to pay for a
@@ -583,10 +587,13 @@ mod tests {
             let amx = bf16_path() == Bf16Path::Amx;
             let seen = |rows: usize, width: usize| with_team_for_products(rows, width, threads);
             with_precision(Precision::Bf16, || {
-                // 256 rows of width 64: 2²¹ FLOPs per product (the tiny workload's eval).
-                assert_eq!(seen(256, 64), if amx { 1 } else { 2 });
-                // 2²²: 512 rows of width 64, or 32 rows of width 256 (a small decoding step).
-                assert_eq!(seen(512, 64), 2);
+                // 16 rows of width 64: 2¹⁷ FLOPs per product (a tiny decoding step); 128 rows,
+                // 2²⁰.
+                assert_eq!(seen(16, 64), if amx { 1 } else { 2 });
+                assert_eq!(seen(128, 64), if amx { 1 } else { 2 });
+                // 2²¹: 256 rows of width 64 (the tiny workload's eval); 2²²: 32 rows of width
+                // 256 (a small decoding step).
+                assert_eq!(seen(256, 64), 2);
                 assert_eq!(seen(32, 256), 2);
                 assert_eq!(seen(usize::MAX, usize::MAX), 2, "no overflow");
             });

@@ -760,14 +760,17 @@ const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
 /// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5) and B (two tiles of 16 columns,
 /// tmm6–7), then written through the AVX-512 stores in four runs of 8 rows; or, for the
-/// updates of [`direct_update`], started from C or the bias and stored straight into C.
+/// updates of [`direct_update`], started from C or the bias and stored into `held`, whose
+/// previous tile this call copies into C while its tiles multiply (see [`Held`]).
 ///
 /// # Safety
 /// [`amx_begin`] ran on this thread; `a` holds `32 · kp` and `b` `32 · kp` elements packed as
-/// the module docs say; `t` describes a tile of C (its bias, with `Update::Bias`, 32 floats).
+/// the module docs say; `t` describes a tile of C (its bias, with `Update::Bias`, 32 floats);
+/// the tile `held` holds, if any, is inside C, no other thread writes it, and this tile is
+/// not it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
+unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile, held: &mut Held) {
     use std::arch::x86_64::*;
     #[repr(C, align(64))]
     struct Buf([[f32; 32]; 32]);
@@ -795,13 +798,23 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
                 options(nostack, nomem)
             ),
         }
-        // C's rows asked for a few at a time over the first chunks, not all at once beside B.
+        // C's rows asked for a few at a time over the first chunks, not all at once beside B;
+        // a direct tile instead copies the held one into C, a few rows a chunk, each asked
+        // for a chunk before its copy.
         let lines = super::micro::TileLines::of(t);
         let chunks = kp / DEPTH;
         let per = 32usize.div_ceil(chunks.max(1));
+        if direct.is_some() {
+            held.ask(0..per);
+        }
         for c in 0..chunks {
-            for r in c * per..(c + 1) * per {
-                lines.ask(r);
+            if direct.is_some() {
+                held.ask((c + 1) * per..(c + 2) * per);
+                held.copy_rows((c + 1) * per);
+            } else {
+                for r in c * per..(c + 1) * per {
+                    lines.ask(r);
+                }
             }
             let ac = a.add(c * 32 * DEPTH) as *const u8;
             let bc = b.add(c * DEPTH * NR) as *const u8;
@@ -831,7 +844,7 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             );
         }
         if direct.is_some() {
-            c_tiles::<true>(t.c, t.rsc);
+            held.hold(t.c, t.rsc);
             return;
         }
         let p = buf.as_mut_ptr() as *mut f32;
@@ -844,6 +857,114 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
             let hi: [__m512; 8] = std::array::from_fn(|r| _mm512_load_ps(p.add((8 * g + r) * 32 + 16)));
             super::micro::store_avx512(&lo, &hi, &t.below(8 * g));
         }
+    }
+}
+
+/// A whole `32 × 32` tile of C computed by [`kernel_amx`] and not yet in C: the next call's
+/// loop copies it there, a few rows each chunk, while its own tiles multiply; [`Held::flush`]
+/// copies what is left.
+///
+/// Stored straight into C by `tilestored`, a tile's 16 rows of 64 bytes at a row stride that
+/// is a multiple of 4 KiB (widths of 1024 or 2048 floats; 2 KiB, 512 floats, for every other
+/// row) all fall in one set of the 12-way L1, so the lines asked for ahead of the store
+/// evicted one another: at 1024 × 256 × 1024 the AMX path ran at 745 GFLOP/s, at
+/// 1024 × 256 × 1040 at 1000 (Intel Xeon with AMX, one thread, packing included). A tile is
+/// now stored into this buffer, whose rows are contiguous, and its rows go into C by vector
+/// stores spread over the next tile's chunks, each row asked for a chunk ahead: the copy
+/// waits on no line and the tiles never wait on the copy. The same values, in the same bits.
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+pub(super) struct Held {
+    buf: [[f32; 32]; 32],
+    /// Where the held tile goes (null: none held), its row stride in floats, and how many of
+    /// its rows are in C already.
+    c: *mut f32,
+    rs: isize,
+    done: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Held {
+    pub(super) fn new() -> Held {
+        Held {
+            buf: [[0.0; 32]; 32],
+            c: std::ptr::null_mut(),
+            rs: 0,
+            done: 32,
+        }
+    }
+
+    /// Asks for the lines of C of the held tile's `rows` (those it has).
+    #[inline(always)]
+    fn ask(&self, rows: Range<usize>) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        if self.c.is_null() {
+            return;
+        }
+        for r in rows.start..rows.end.min(32) {
+            let p = self.c.wrapping_offset(r as isize * self.rs) as *const i8;
+            // SAFETY: a prefetch does not fault. A row of 128 bytes reaches into three lines
+            // unless it starts on one.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(127));
+            }
+        }
+    }
+
+    /// Copies the held tile's rows up to `upto` into C.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the held tile is inside C and no other thread writes it.
+    #[inline(always)]
+    unsafe fn copy_rows(&mut self, upto: usize) {
+        use std::arch::x86_64::*;
+        if self.c.is_null() {
+            return;
+        }
+        let upto = upto.min(32);
+        while self.done < upto {
+            let r = self.done;
+            // SAFETY: row r of the buffer; row r of the tile in C (caller).
+            unsafe {
+                let from = self.buf[r].as_ptr();
+                let to = self.c.offset(r as isize * self.rs);
+                _mm512_storeu_ps(to, _mm512_load_ps(from));
+                _mm512_storeu_ps(to.add(16), _mm512_load_ps(from.add(16)));
+            }
+            self.done += 1;
+        }
+        if self.done == 32 {
+            self.c = std::ptr::null_mut();
+        }
+    }
+
+    /// Copies what is left of the held tile into C.
+    ///
+    /// # Safety
+    /// As [`Held::copy_rows`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn flush(&mut self) {
+        // SAFETY: forwarded.
+        unsafe { self.copy_rows(32) }
+    }
+
+    /// Holds the tile in tmm0–3, bound for C at `c` (row stride `rs`), after copying what is
+    /// left of the previous one.
+    ///
+    /// # Safety
+    /// As [`Held::copy_rows`], for both tiles; the tiles are configured.
+    #[inline(always)]
+    unsafe fn hold(&mut self, c: *mut f32, rs: isize) {
+        // SAFETY: forwarded; the buffer holds 32 rows of 32 floats.
+        unsafe {
+            self.copy_rows(32);
+            c_tiles::<true>(self.buf.as_mut_ptr() as *mut f32, 32);
+        }
+        self.c = c;
+        self.rs = rs;
+        self.done = 0;
     }
 }
 
@@ -1130,6 +1251,8 @@ unsafe fn run_part(
         // SAFETY: the path is AMX, so the CPU and the process have it.
         unsafe { amx_begin() };
     }
+    #[cfg(target_arch = "x86_64")]
+    let mut held = Held::new();
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
@@ -1166,7 +1289,7 @@ unsafe fn run_part(
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             match path {
-                                Bf16Path::Amx => kernel_amx(kp, ap, bp, &t),
+                                Bf16Path::Amx => kernel_amx(kp, ap, bp, &t, &mut held),
                                 _ => kernel_avx512bf16(kp, ap, bp, &t),
                             }
                         }
@@ -1174,6 +1297,13 @@ unsafe fn run_part(
                         let _ = (ap, bp, t);
                     }
                 }
+            }
+            // The next block of k reads every tile of C again: the held one goes in first.
+            // SAFETY: a tile is held only on the AMX path, whose CPU has AVX-512F; it is this
+            // part's, inside C.
+            #[cfg(target_arch = "x86_64")]
+            if path == Bf16Path::Amx {
+                unsafe { held.flush() };
             }
         }
     });
@@ -1443,9 +1573,13 @@ mod tests {
 
     #[test]
     fn every_path_against_its_naive_twin() {
-        // Odd sizes, k across a block of KC and not a whole chunk, transposed operands.
+        // Odd sizes, k across a block of KC and not a whole chunk, transposed operands; whole
+        // 32 × 32 tiles one after another (AMX holds each until the next: `Held`), across a
+        // block of KC too.
         for &(m, k, n) in &[
             (37, 1100, 45),
+            (96, 1100, 64),
+            (128, 64, 96),
             (64, 64, 64),
             (5, 3, 70),
             (70, 512, 33),

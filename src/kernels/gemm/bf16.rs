@@ -876,8 +876,8 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile, held: &m
 #[repr(C, align(64))]
 pub(super) struct Held {
     buf: [[f32; 32]; 32],
-    /// Where the held tile goes (null: none held), its row stride in floats, and how many of
-    /// its rows are in C already.
+    /// Where the held tile goes, its row stride in floats, and how many of its rows are in C
+    /// already (all 32: none held).
     c: *mut f32,
     rs: isize,
     done: usize,
@@ -894,22 +894,12 @@ impl Held {
         }
     }
 
-    /// Asks for the lines of C of the held tile's `rows` (those it has).
+    /// Asks for the lines of C of the held tile's `rows` not yet copied.
     #[inline(always)]
     fn ask(&self, rows: Range<usize>) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        if self.c.is_null() {
-            return;
-        }
-        for r in rows.start..rows.end.min(32) {
+        for r in rows.start.max(self.done)..rows.end.min(32) {
             let p = self.c.wrapping_offset(r as isize * self.rs) as *const i8;
-            // SAFETY: a prefetch does not fault. A row of 128 bytes reaches into three lines
-            // unless it starts on one.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(127));
-            }
+            super::micro::ask_row(p, 32 * 4);
         }
     }
 
@@ -920,9 +910,6 @@ impl Held {
     #[inline(always)]
     unsafe fn copy_rows(&mut self, upto: usize) {
         use std::arch::x86_64::*;
-        if self.c.is_null() {
-            return;
-        }
         let upto = upto.min(32);
         while self.done < upto {
             let r = self.done;
@@ -934,9 +921,6 @@ impl Held {
                 _mm512_storeu_ps(to.add(16), _mm512_load_ps(from.add(16)));
             }
             self.done += 1;
-        }
-        if self.done == 32 {
-            self.c = std::ptr::null_mut();
         }
     }
 

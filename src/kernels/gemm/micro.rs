@@ -215,18 +215,7 @@ impl TileLines {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(crate) fn ask(&self, r: usize) {
-        #[inline(always)]
-        fn row(p: *const i8, bytes: usize) {
-            let mut at = 0;
-            while at < bytes {
-                // SAFETY: a prefetch does not fault; the address is not dereferenced.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at)) };
-                at += 64;
-            }
-            // The last element's line, which an unaligned row reaches into.
-            // SAFETY: as above.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(bytes - 1)) };
-        }
+        let row = ask_row;
         if r < self.c_rows {
             row(self.c.wrapping_offset(r as isize * self.rsc), self.bytes);
         }
@@ -234,6 +223,21 @@ impl TileLines {
             row(self.gate.wrapping_offset(r as isize * self.rsg), self.bytes);
         }
     }
+}
+
+/// Asks for the lines of a row of `bytes` bytes at `p` (`bytes > 0`), the last element's
+/// included, which an unaligned row reaches into.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn ask_row(p: *const i8, bytes: usize) {
+    let mut at = 0;
+    while at < bytes {
+        // SAFETY: a prefetch does not fault; the address is not dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at)) };
+        at += 64;
+    }
+    // SAFETY: as above.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(bytes - 1)) };
 }
 
 /// Steps of k between the rows of C the vector kernels ask for ([`TileLines`]): spread over

@@ -267,19 +267,58 @@ const PREFETCH: usize = 32 * 32;
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_L2: usize = 64 * 32;
 
+/// The lines of the next block of packed B that one tile of the AVX-512 kernel asks for into
+/// L2 (`NEXT`): `per` lines a step (1 or 2) for the first `steps` steps of k, from `start`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernel alone
+pub(crate) struct Ahead {
+    start: *const f32,
+    steps: usize,
+    per: usize,
+}
+
+impl Ahead {
+    /// Nothing asked for.
+    pub(crate) const NONE: Ahead = Ahead {
+        start: std::ptr::null(),
+        steps: 0,
+        per: 1,
+    };
+
+    /// Share `share` of `shares` of the `len` floats at `next`, for a tile of `kc` steps:
+    /// the shares split the block's lines evenly, each asked for at the start of its tile.
+    pub(crate) fn share(next: *const f32, len: usize, share: usize, shares: usize, kc: usize) -> Ahead {
+        let lines = len.div_ceil(16);
+        let mine = lines.div_ceil(shares.max(1));
+        let first = share * mine;
+        if first >= lines || kc == 0 {
+            return Ahead::NONE;
+        }
+        let mine = mine.min(lines - first);
+        let per = mine.div_ceil(kc).clamp(1, 2);
+        Ahead {
+            start: next.wrapping_add(16 * first),
+            steps: mine.div_ceil(per).min(kc),
+            per,
+        }
+    }
+}
+
 /// The AVX-512 kernel: `MR × 32`; `FAR` on the first row panel of a block of B (see
-/// [`PREFETCH_L2`]).
+/// [`PREFETCH_L2`]); `NEXT` on the later row panels of a few, asking for a share of the next
+/// block of B into L2 ([`Ahead`]).
 ///
 /// # Safety
 /// The CPU must have AVX-512F. `a` must hold `kc·MR` floats and `b` `kc·32` floats, and `t`
 /// must describe a tile of C as [`store_scalar`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool>(
+pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT: bool>(
     kc: usize,
     a: *const f32,
     b: *const f32,
     t: &Tile,
+    next: Ahead,
 ) {
     let mut lo = [_mm512_setzero_ps(); MR];
     let mut hi = [_mm512_setzero_ps(); MR];
@@ -298,6 +337,13 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool>(
             if FAR {
                 _mm_prefetch::<_MM_HINT_T1>(b.add(PREFETCH_L2) as *const i8);
                 _mm_prefetch::<_MM_HINT_T1>(b.add(PREFETCH_L2 + 16) as *const i8);
+            }
+            if NEXT && i < next.steps {
+                let line = next.start.wrapping_add(16 * next.per * i);
+                _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+                if next.per > 1 {
+                    _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(16) as *const i8);
+                }
             }
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));

@@ -875,11 +875,18 @@ mod tests {
     }
 
     /// Products with B packed beforehand (alone or side by side with others), with a bias and
-    /// a ReLU, against the naive twin, on 1 and 2 threads.
+    /// a ReLU, against the naive twin, on 1 and 2 threads; a decoding step's few rows over a
+    /// large B too, whose later row panels ask for the next block of B (across a block of k).
     #[test]
     fn prepacked_products_match_naive_with_bias_and_relu() {
         let mut rng = StdRng::seed_from_u64(9);
-        for &(m, k, n) in &[(1, 7, 5), (8, 64, 96), (33, KC + 5, 70)] {
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (8, 64, 96),
+            (33, KC + 5, 70),
+            (40, KC + 5, 300),
+            (16, 256, 1000),
+        ] {
             let a = int_matrix(&mut rng, m, k);
             let w1 = int_matrix(&mut rng, n, k); // [out, in], used as W1ᵀ
             let w2 = int_matrix(&mut rng, 3, k);

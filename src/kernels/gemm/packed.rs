@@ -787,7 +787,9 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
 /// × 768 147 → 165, 32 × 256 × 1000 142 → 160, 16 × 256 × 1024 118 → 134, 48 × 256 × 1024 175
 /// → 182, 64 × 256 × 1024 165 → 167; on two threads 32 × 256 × 1024 237 → 265. The small
 /// workload's greedy decode (32 rows a step), builds alternating: 72.3–83.8 → 70.1–75.5 ms on
-/// one thread, 47.7–49.0 → 45.4–46.8 on two.
+/// one thread, 47.7–49.0 → 45.4–46.8 on two. The price, where B is in L2 already (one weight
+/// multiplied again and again): 32 × 256 × 1024 171 → 156 GFLOP/s, 96 × 512 × 512 172 → 165,
+/// 64 × 512 × 2048 alike; blocks of eight panels with the asks 160 and 168.
 const NEXT_PASSES: usize = 8;
 /// Panels of B per block where the passes ask for the next block ([`NEXT_PASSES`]), not
 /// [`NC_PANELS`]: the first block of each product, which nothing asked for, is then a small

@@ -757,6 +757,20 @@ unsafe fn amx_end() {
 #[cfg(target_arch = "x86_64")]
 const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 
+/// Values of k per block, in whole chunks (`kp`), at which [`kernel_amx`] loads A's tiles with `tileloaddt1`,
+/// the hint that keeps them out of L1 (`STREAM_A`). A panel of B (`kp × 32` bf16, 64 bytes a
+/// step of k) is read by every panel of A in turn, each panel of A once per panel of B: B's
+/// panel should stay in L1 while A's stream past it. At `kp` 512 (every product with k = 512,
+/// most of the base workload's) the two panels take 32 KiB each, more than the 48 KiB L1
+/// holds, and A's lines evicted B's: each chunk's four tiles came from L2. With A's tiles
+/// hinted, B's panel stays. Intel Xeon with AMX, one thread, in one process against the
+/// build without, packing included: 512 × 512 × 2048 689 → 893 GFLOP/s, 512 × 512 × 512 739 →
+/// 948, 512 × 512 × 1536 776 → 1047, 512 × 512 × 8000 729 → 851; at `kp` 256 (both panels fit)
+/// 1024 × 256 × 256 5% slower and 1024 × 256 × 1024 5% faster, at 1024 (B's panel alone
+/// fills L1) 3–4% slower; so only between. Same bits.
+#[cfg(target_arch = "x86_64")]
+const STREAM_A_KP: std::ops::RangeInclusive<usize> = 384..=640;
+
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
 /// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5) and B (two tiles of 16 columns,
 /// tmm6–7), then written through the AVX-512 stores in four runs of 8 rows; or, for the
@@ -770,7 +784,13 @@ const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 /// not it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile, held: &mut Held) {
+unsafe fn kernel_amx<const STREAM_A: bool>(
+    kp: usize,
+    a: *const u16,
+    b: *const u16,
+    t: &Tile,
+    held: &mut Held,
+) {
     use std::arch::x86_64::*;
     #[repr(C, align(64))]
     struct Buf([[f32; 32]; 32]);
@@ -825,23 +845,44 @@ unsafe fn kernel_amx(kp: usize, a: *const u16, b: *const u16, t: &Tile, held: &m
             for line in 0..DEPTH * NR * 2 / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(bc.add(B_PREFETCH + 64 * line) as *const i8);
             }
-            std::arch::asm!(
-                "tileloadd tmm4, [{a0} + {s64}]",
-                "tileloadd tmm6, [{b0} + {s128}]",
-                "tileloadd tmm7, [{b1} + {s128}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm5, [{a1} + {s64}]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) ac,
-                a1 = in(reg) ac.add(16 * 64),
-                b0 = in(reg) bc,
-                b1 = in(reg) bc.add(64),
-                s64 = in(reg) 64usize,
-                s128 = in(reg) 128usize,
-                options(nostack, readonly)
-            );
+            if STREAM_A {
+                // A's tiles with the hint that keeps them out of L1 (see [`STREAM_A_KP`]).
+                std::arch::asm!(
+                    "tileloaddt1 tmm4, [{a0} + {s64}]",
+                    "tileloadd tmm6, [{b0} + {s128}]",
+                    "tileloadd tmm7, [{b1} + {s128}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloaddt1 tmm5, [{a1} + {s64}]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) ac,
+                    a1 = in(reg) ac.add(16 * 64),
+                    b0 = in(reg) bc,
+                    b1 = in(reg) bc.add(64),
+                    s64 = in(reg) 64usize,
+                    s128 = in(reg) 128usize,
+                    options(nostack, readonly)
+                );
+            } else {
+                std::arch::asm!(
+                    "tileloadd tmm4, [{a0} + {s64}]",
+                    "tileloadd tmm6, [{b0} + {s128}]",
+                    "tileloadd tmm7, [{b1} + {s128}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{a1} + {s64}]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) ac,
+                    a1 = in(reg) ac.add(16 * 64),
+                    b0 = in(reg) bc,
+                    b1 = in(reg) bc.add(64),
+                    s64 = in(reg) 64usize,
+                    s128 = in(reg) 128usize,
+                    options(nostack, readonly)
+                );
+            }
         }
         if direct.is_some() {
             held.hold(t.c, t.rsc);
@@ -1273,7 +1314,10 @@ unsafe fn run_part(
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             match path {
-                                Bf16Path::Amx => kernel_amx(kp, ap, bp, &t, &mut held),
+                                Bf16Path::Amx if STREAM_A_KP.contains(&kp) => {
+                                    kernel_amx::<true>(kp, ap, bp, &t, &mut held)
+                                }
+                                Bf16Path::Amx => kernel_amx::<false>(kp, ap, bp, &t, &mut held),
                                 _ => kernel_avx512bf16(kp, ap, bp, &t),
                             }
                         }
@@ -1559,10 +1603,11 @@ mod tests {
     fn every_path_against_its_naive_twin() {
         // Odd sizes, k across a block of KC and not a whole chunk, transposed operands; whole
         // 32 × 32 tiles one after another (AMX holds each until the next: `Held`), across a
-        // block of KC too.
+        // block of KC too, the second block one whose A streams past B (`STREAM_A_KP`).
         for &(m, k, n) in &[
             (37, 1100, 45),
             (96, 1100, 64),
+            (96, 1500, 64),
             (128, 64, 96),
             (64, 64, 64),
             (5, 3, 70),

@@ -757,9 +757,9 @@ unsafe fn amx_end() {
 #[cfg(target_arch = "x86_64")]
 const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 
-/// Values of k per block, in whole chunks (`kp`), at which [`kernel_amx`] loads A's tiles with `tileloaddt1`,
-/// the hint that keeps them out of L1 (`STREAM_A`). A panel of B (`kp × 32` bf16, 64 bytes a
-/// step of k) is read by every panel of A in turn, each panel of A once per panel of B: B's
+/// Values of k per block, in whole chunks (`kp`), at which [`kernel_amx`] loads A's tiles
+/// with `tileloaddt1`, the hint that keeps them out of L1 (`STREAM_A`). A panel of B (`kp × 32`
+/// bf16, 64 bytes a step of k) is read by every panel of A in turn, each panel of A once per panel of B: B's
 /// panel should stay in L1 while A's stream past it. At `kp` 512 (every product with k = 512,
 /// most of the base workload's) the two panels take 32 KiB each, more than the 48 KiB L1
 /// holds, and A's lines evicted B's: each chunk's four tiles came from L2. With A's tiles
@@ -772,8 +772,8 @@ const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 const STREAM_A_KP: std::ops::RangeInclusive<usize> = 384..=640;
 
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
-/// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5) and B (two tiles of 16 columns,
-/// tmm6–7), then written through the AVX-512 stores in four runs of 8 rows; or, for the
+/// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5; kept out of L1 with `STREAM_A`) and B
+/// (two tiles of 16 columns, tmm6–7), then written through the AVX-512 stores in four runs of 8 rows; or, for the
 /// updates of [`direct_update`], started from C or the bias and stored into `held`, whose
 /// previous tile this call copies into C while its tiles multiply (see [`Held`]).
 ///
@@ -845,43 +845,33 @@ unsafe fn kernel_amx<const STREAM_A: bool>(
             for line in 0..DEPTH * NR * 2 / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(bc.add(B_PREFETCH + 64 * line) as *const i8);
             }
+            // One chunk: A's two tiles (with `tileloaddt1` when they stream, see
+            // [`STREAM_A_KP`]), B's two, and the four products.
+            macro_rules! chunk {
+                ($load_a:literal) => {
+                    std::arch::asm!(
+                        concat!($load_a, " tmm4, [{a0} + {s64}]"),
+                        "tileloadd tmm6, [{b0} + {s128}]",
+                        "tileloadd tmm7, [{b1} + {s128}]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        concat!($load_a, " tmm5, [{a1} + {s64}]"),
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) ac,
+                        a1 = in(reg) ac.add(16 * 64),
+                        b0 = in(reg) bc,
+                        b1 = in(reg) bc.add(64),
+                        s64 = in(reg) 64usize,
+                        s128 = in(reg) 128usize,
+                        options(nostack, readonly)
+                    )
+                };
+            }
             if STREAM_A {
-                // A's tiles with the hint that keeps them out of L1 (see [`STREAM_A_KP`]).
-                std::arch::asm!(
-                    "tileloaddt1 tmm4, [{a0} + {s64}]",
-                    "tileloadd tmm6, [{b0} + {s128}]",
-                    "tileloadd tmm7, [{b1} + {s128}]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloaddt1 tmm5, [{a1} + {s64}]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) ac,
-                    a1 = in(reg) ac.add(16 * 64),
-                    b0 = in(reg) bc,
-                    b1 = in(reg) bc.add(64),
-                    s64 = in(reg) 64usize,
-                    s128 = in(reg) 128usize,
-                    options(nostack, readonly)
-                );
+                chunk!("tileloaddt1");
             } else {
-                std::arch::asm!(
-                    "tileloadd tmm4, [{a0} + {s64}]",
-                    "tileloadd tmm6, [{b0} + {s128}]",
-                    "tileloadd tmm7, [{b1} + {s128}]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {s64}]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) ac,
-                    a1 = in(reg) ac.add(16 * 64),
-                    b0 = in(reg) bc,
-                    b1 = in(reg) bc.add(64),
-                    s64 = in(reg) 64usize,
-                    s128 = in(reg) 128usize,
-                    options(nostack, readonly)
-                );
+                chunk!("tileloadd");
             }
         }
         if direct.is_some() {

@@ -192,7 +192,6 @@ impl Isa {
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx512, None) => k512::<8, false, false>(kc, a, b, t, Ahead::NONE),
                 #[cfg(target_arch = "x86_64")]
-                #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, _) => super::micro::kernel_avx2(far, kc, a, b, t),
                 _ => kernel_scalar(self.mr(), self.nr(), kc, a, b, t),
             }

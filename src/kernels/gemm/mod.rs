@@ -443,14 +443,40 @@ pub fn gemm_packed<F: Float>(
     // was packed for its kernels, which were found on this CPU.
     match &b.data {
         Packing::F32 { isa, data } => unsafe {
-            packed::gemm_packed_b(*isa, m, k, n, 1.0, ma, Panels::F32(data), 0.0, mc, parts, ep)
+            packed::gemm_packed_b(
+                *isa,
+                m,
+                k,
+                n,
+                1.0,
+                ma,
+                Panels::F32(data),
+                0.0,
+                mc,
+                parts,
+                ep,
+                true,
+            )
         },
         Packing::Bf16 { path, data } => unsafe {
             bf16::gemm_packed_b(*path, m, k, n, 1.0, ma, data, 0.0, mc, parts, ep)
         },
         Packing::Rounded { isa, data } => unsafe {
             bf16::with_rounded(bf16::Operand::A, ma, m, k, |ra| {
-                packed::gemm_packed_b(*isa, m, k, n, 1.0, ra, Panels::Bf16(data), 0.0, mc, parts, ep)
+                packed::gemm_packed_b(
+                    *isa,
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    ra,
+                    Panels::Bf16(data),
+                    0.0,
+                    mc,
+                    parts,
+                    ep,
+                    true,
+                )
             })
         },
     }

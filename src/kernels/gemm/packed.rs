@@ -435,12 +435,28 @@ pub(crate) unsafe fn gemm(
         let pack_panels = |panels: Range<usize>| unsafe { pack_b(b, k, n, nr, panels, out, isa) };
         for_panel_runs(parts, n_panels, pack_panels);
         // SAFETY: forwarded from this function's contract; B is now packed in `bpack`.
-        unsafe { gemm_packed_b(isa, m, k, n, alpha, a, Panels::F32(bpack), beta, c, parts, ep) };
+        unsafe {
+            gemm_packed_b(
+                isa,
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                Panels::F32(bpack),
+                beta,
+                c,
+                parts,
+                ep,
+                false,
+            )
+        };
     });
 }
 
 /// [`gemm`] with B already packed (the layout of the module docs, for `isa`), as `f32` or as
-/// bf16 bits ([`Panels`]).
+/// bf16 bits ([`Panels`]): `prepacked` for a B packed before the call (a weight, read from
+/// beyond L2), not by it (see [`NEXT_PASSES`]).
 ///
 /// # Safety
 /// As [`gemm`], and `bpack` holds B `k × n` packed for `isa`.
@@ -457,13 +473,18 @@ pub(crate) unsafe fn gemm_packed_b(
     c: MatMut,
     parts: usize,
     ep: Epilogue,
+    prepacked: bool,
 ) {
     let (mr, nr) = (isa.tile_rows(m), isa.nr());
     let n_panels = n.div_ceil(nr);
     debug_assert!(bpack.len() >= k * n_panels * nr);
     for_tile_runs(parts, m, mr, n_panels, |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
-        unsafe { run_part(isa, mr, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
+        unsafe {
+            run_part(
+                isa, mr, k, n, alpha, a, bpack, beta, c, rows, panels, ep, prepacked,
+            )
+        }
     });
 }
 
@@ -797,7 +818,9 @@ const NEXT_PASSES: usize = 8;
 const NEXT_NC: usize = 2;
 /// Floats of packed B (`k · n`, padded) below which nothing asks for the next block: a B this
 /// small stays in L2 from one call to the next (the tiny workload's weights), and the asks
-/// had made its greedy decode 2–4% slower.
+/// had made its greedy decode 2–4% slower. Nor does a B that the call packs itself (in cache
+/// just after): with it, the products with B packed on every call ran 2–6% slower at 64 × 512
+/// × 512 and 64 × 256 × 256.
 const NEXT_MIN_B: usize = 1 << 16;
 
 /// Where the block of packed B after the one at `(p0, j_block)` starts in the packing, and
@@ -848,6 +871,7 @@ unsafe fn run_part(
     rows: Range<usize>,
     panels: Range<usize>,
     ep: Epilogue,
+    prepacked: bool,
 ) {
     if rows.is_empty() || panels.is_empty() {
         return;
@@ -888,7 +912,8 @@ unsafe fn run_part(
                     let spread = matches!(bpack, Panels::F32(_))
                         && isa == Isa::Avx512
                         && (2..=NEXT_PASSES).contains(&passes)
-                        && k * n_pad >= NEXT_MIN_B;
+                        && k * n_pad >= NEXT_MIN_B
+                        && prepacked;
                     let nc = if few {
                         1
                     } else if spread {

@@ -758,24 +758,25 @@ unsafe fn amx_end() {
 const B_PREFETCH: usize = 2 * DEPTH * NR * 2;
 
 /// Values of k per block, in whole chunks (`kp`), at which [`kernel_amx`] loads A's tiles
-/// with `tileloaddt1`, the hint that keeps them out of L1 (`STREAM_A`). A panel of B (`kp × 32`
-/// bf16, 64 bytes a step of k) is read by every panel of A in turn, each panel of A once per panel of B: B's
-/// panel should stay in L1 while A's stream past it. At `kp` 512 (every product with k = 512,
-/// most of the base workload's) the two panels take 32 KiB each, more than the 48 KiB L1
-/// holds, and A's lines evicted B's: each chunk's four tiles came from L2. With A's tiles
-/// hinted, B's panel stays. Intel Xeon with AMX, one thread, in one process against the
-/// build without, packing included: 512 × 512 × 2048 689 → 893 GFLOP/s, 512 × 512 × 512 739 →
-/// 948, 512 × 512 × 1536 776 → 1047, 512 × 512 × 8000 729 → 851; at `kp` 256 (both panels fit)
-/// 1024 × 256 × 256 5% slower and 1024 × 256 × 1024 5% faster, at 1024 (B's panel alone
-/// fills L1) 3–4% slower; so only between. Same bits.
+/// with `tileloaddt1`, the hint that keeps them out of L1 (`STREAM_A`). A panel of B
+/// (`kp × 32` bf16, 64 bytes a step of k) is read by every panel of A in turn, each panel
+/// of A once per panel of B: B's panel should stay in L1 while A's stream past it. At `kp`
+/// 512 (every product with k = 512, most of the base workload's) the two panels take 32 KiB
+/// each, more than the 48 KiB L1 holds, and A's lines evicted B's: each chunk's four tiles
+/// came from L2. With A's tiles hinted, B's panel stays. Intel Xeon with AMX, one thread,
+/// in one process against the build without, packing included: 512 × 512 × 2048 689 → 893
+/// GFLOP/s, 512 × 512 × 512 739 → 948, 512 × 512 × 1536 776 → 1047, 512 × 512 × 8000 729 →
+/// 851; at `kp` 256 (both panels fit) 1024 × 256 × 256 5% slower and 1024 × 256 × 1024 5%
+/// faster, at 1024 (B's panel alone fills L1) 3–4% slower; so only between. Same bits.
 #[cfg(target_arch = "x86_64")]
 const STREAM_A_KP: std::ops::RangeInclusive<usize> = 384..=640;
 
 /// The AMX kernel: a `32 × 32` tile of C as four `16 × 16` tile registers (tmm0–3), from
-/// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5; kept out of L1 with `STREAM_A`) and B
-/// (two tiles of 16 columns, tmm6–7), then written through the AVX-512 stores in four runs of 8 rows; or, for the
-/// updates of [`direct_update`], started from C or the bias and stored into `held`, whose
-/// previous tile this call copies into C while its tiles multiply (see [`Held`]).
+/// `kp / 32` chunks of A (two tiles of 16 rows, tmm4–5; kept out of L1 with `STREAM_A`) and
+/// B (two tiles of 16 columns, tmm6–7), then written through the AVX-512 stores in four
+/// runs of 8 rows; or, for the updates of [`direct_update`], started from C or the bias and
+/// stored into `held`, whose previous tile this call copies into C while its tiles multiply
+/// (see [`Held`]).
 ///
 /// # Safety
 /// [`amx_begin`] ran on this thread; `a` holds `32 · kp` and `b` `32 · kp` elements packed as

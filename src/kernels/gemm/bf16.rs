@@ -411,7 +411,10 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
     // Columns of A contiguous (A = Xᵀ, a weight gradient's left operand): the whole chunks
     // of every 16 rows are converted in registers first, the rest below. A group's two runs
     // of 8 rows each lie in one panel when MR is a multiple of 8: two panels of the
-    // AVX512-BF16 path (MR = 8), half of one of AMX (MR = 32).
+    // AVX512-BF16 path (MR = 8), half of one of AMX (MR = 32). Chunks outer, groups inner:
+    // each chunk reads 32 rows of X along their length, where groups outer walked every row
+    // of X once a group, a line from each (a weight gradient of 1024 × 1024 × 256 at 475
+    // GFLOP/s that way, 708 this way, on AMX).
     let vector = cfg!(target_arch = "x86_64") && a.rs == 1 && a.cs != 1;
     let (grouped, chunked) = if vector && mr.is_multiple_of(8) {
         (mc / 16 * 16, kc / DEPTH * DEPTH)
@@ -419,8 +422,8 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
         (0, 0)
     };
     #[cfg(target_arch = "x86_64")]
-    for g in (0..grouped).step_by(16) {
-        for c in 0..chunked / DEPTH {
+    for c in 0..chunked / DEPTH {
+        for g in (0..grouped).step_by(16) {
             // Where row r of the block starts in chunk c.
             let row_at = |r: usize, c: usize| (r / mr) * mr * kp + (c * mr + r % mr) * DEPTH;
             let (lo, hi) = (row_at(g, c), row_at(g + 8, c));

@@ -183,8 +183,8 @@ pub fn parallel_worth(work: usize) -> bool {
 }
 pub use dropout::{DropKey, dropout_mask};
 pub use float::{Float, MaybeSerde};
-pub(crate) use gemm::gemm_blocks;
 pub use gemm::{PackedB, gemm, gemm_batched, gemm_bias, gemm_naive, gemm_packed};
+pub(crate) use gemm::{bias_sums_in_packing, gemm_blocks, gemm_weight_grad};
 pub use layer_norm::{
     layer_norm_row, layer_norm_row_backward, layer_norm_row_naive, layer_norm_rows, layer_norm_rows_backward,
     layer_norm_rows_backward_masked, layer_norm_rows_sum,

@@ -14,7 +14,9 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::parallel::join;
-use crate::kernels::{Float, add_column_sums, filled, gemm, gemm_bias};
+use crate::kernels::{
+    Float, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_bias, gemm_weight_grad,
+};
 use crate::params::xavier_uniform;
 
 /// Configuration of a [`Linear`] layer.
@@ -236,7 +238,8 @@ pub fn affine_backward<F: Float>(
 /// [`affine_backward_weights`] beside `input_grad`, the input gradient's product of the same
 /// layer (`grad_y·W` or a fused form of it), on the two threads of a team of two
 /// ([`join`]): the two products take the same FLOPs. The bias's column sums go with the input
-/// gradient, whose operands pack in less time.
+/// gradient, whose operands pack in less time, unless the weight gradient's bf16 packing
+/// takes them as it reads `grad_y` ([`bias_sums_in_packing`]).
 ///
 /// # Panics
 /// If the shapes do not fit.
@@ -248,11 +251,16 @@ pub(crate) fn weights_beside<F: Float>(
     input_grad: impl FnOnce() + Send,
 ) {
     check_backward_weights(x, grad_y, grad_w.view(), grad_b.as_ref().map(|b| b.len()));
+    let (with_weights, with_input) = if bias_sums_in_packing::<F>() {
+        (grad_b, None)
+    } else {
+        (None, grad_b)
+    };
     join(
-        || gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w),
+        || gemm_weight_grad(grad_y, x, grad_w, with_weights),
         || {
             input_grad();
-            if let Some(gb) = grad_b {
+            if let Some(gb) = with_input {
                 add_column_sums(grad_y, gb);
             }
         },
@@ -271,10 +279,7 @@ pub fn affine_backward_weights<F: Float>(
     grad_b: Option<ArrayViewMut1<F>>,
 ) {
     check_backward_weights(x, grad_y, grad_w.view(), grad_b.as_ref().map(|b| b.len()));
-    gemm(F::ONE, grad_y.t(), x, F::ONE, grad_w);
-    if let Some(gb) = grad_b {
-        add_column_sums(grad_y, gb);
-    }
+    gemm_weight_grad(grad_y, x, grad_w, grad_b);
 }
 
 /// The shapes of a weight gradient: `grad_w` `[d_out, d_in]` (and `grad_b` `[d_out]`) for rows

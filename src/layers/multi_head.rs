@@ -54,7 +54,9 @@ use crate::kernels::parallel::{PairViews, for_each_index, join};
 use crate::kernels::precision::{Precision, precision};
 use crate::kernels::small_head::Cached;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{Float, PackedB, add_column_sums, filled, gemm, gemm_packed};
+use crate::kernels::{
+    Float, PackedB, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_packed, gemm_weight_grad,
+};
 use crate::layers::attention::{
     AttentionCoreCache, attention_backward, attention_forward, attention_step, resolve_or_panic,
 };
@@ -754,20 +756,27 @@ impl<F: Float> MultiHead<F> {
                 gb[i].as_ref().map(|b| b.len()),
             );
         }
+        // The biases' column sums with the weight gradients where their bf16 packing takes
+        // them, else with the input gradients, whose operands pack in less time.
+        let in_packing = bias_sums_in_packing::<F>();
+        let (gb_w, gb_x) = if in_packing {
+            (gb, [None, None, None])
+        } else {
+            ([None, None, None], gb)
+        };
         let weights = || {
-            for (i, gw) in gw.into_iter().enumerate() {
-                gemm(F::ONE, grads[i].view().t(), inputs[i].view(), F::ONE, gw);
+            for ((i, gw), gb) in gw.into_iter().enumerate().zip(gb_w) {
+                gemm_weight_grad(grads[i].view(), inputs[i].view(), gw, gb);
             }
         };
         let biases = || {
-            for (i, gb) in gb.into_iter().enumerate() {
+            for (i, gb) in gb_x.into_iter().enumerate() {
                 if let Some(gb) = gb {
                     add_column_sums(grads[i].view(), gb);
                 }
             }
         };
-        // The input gradients beside the weight gradients (same FLOPs; the biases' column sums
-        // with the input gradients, whose operands pack in less time), into arrays taken here.
+        // The input gradients beside the weight gradients (same FLOPs), into arrays taken here.
         let mut grad_src = None;
         // SAFETY: a GEMM with β = 0 writes every element (then the others add to it).
         let grad_x = unsafe {

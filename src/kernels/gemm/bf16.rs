@@ -393,17 +393,29 @@ unsafe fn pack_pair_row(b: Mat, p0: usize, kc: usize, j0: usize, cols: usize, q:
     }
 }
 
-/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
+/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows; with `sums`,
+/// adds each row's `f32` values into its element (`sums[i0 + r]`), in the order of the
+/// columns, as [`crate::kernels::add_column_sums`] adds the rows of `Aᵀ`: the same bits.
 ///
 /// # Safety
-/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · padded(kc)` elements; the CPU
-/// has AVX-512F, BW and BF16.
+/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · padded(kc)` elements; `sums`
+/// holds rows `i0..i0 + mc`, and no other thread writes them; the CPU has AVX-512F, BW and
+/// BF16.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512bf16")
 )]
-unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [u16]) {
+unsafe fn pack_a(
+    a: Mat,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    out: &mut [u16],
+    sums: Option<*mut f32>,
+) {
     let kp = padded(kc);
     // SAFETY (every read through `at`): rows i0..i0 + mc, columns p0..p0 + kc of A.
     let at =
@@ -429,16 +441,32 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
             let (lo, hi) = (row_at(g, c), row_at(g + 8, c));
             assert!(lo.max(hi) + 8 * DEPTH <= out.len());
             // SAFETY: columns c·32.. + 32 ≤ kc of rows g.. + 16 ≤ mc; 8 rows of 32 u16 at
-            // each destination (asserted); the vector paths run on CPUs with AVX-512F, BW
-            // and BF16.
+            // each destination (asserted); rows i0 + g.. + 16 of the sums (caller); the
+            // vector paths run on CPUs with AVX-512F, BW and BF16.
             unsafe {
-                vec::chunk_from_columns(
+                let (src, lo, hi) = (
                     at(g, c * DEPTH),
-                    a.cs,
                     out.as_mut_ptr().add(lo),
                     out.as_mut_ptr().add(hi),
-                )
+                );
+                match sums {
+                    Some(sums) => vec::chunk_from_columns::<true>(src, a.cs, lo, hi, sums.add(i0 + g)),
+                    None => vec::chunk_from_columns::<false>(src, a.cs, lo, hi, std::ptr::null_mut()),
+                }
             };
+        }
+    }
+    if let Some(sums) = sums {
+        // The values the groups above did not sum, in order after theirs: each row's columns
+        // past the whole chunks, every column of the rows past the last group.
+        for r in 0..mc {
+            let from = if r < grouped { chunked } else { 0 };
+            // SAFETY: row i0 + r of the sums (caller).
+            let s = unsafe { &mut *sums.add(i0 + r) };
+            for p in from..kc {
+                // SAFETY: (r, p) inside the block.
+                *s += unsafe { *at(r, p) };
+            }
         }
     }
     for (ip, dst) in out.chunks_exact_mut(mr * kp).take(mc.div_ceil(mr)).enumerate() {
@@ -609,15 +637,32 @@ mod vec {
     /// columns are contiguous: column p of the 16 rows is 16 floats at `src + p·cs`. 16
     /// vectors of 16 rows' pairs, transposed in registers.
     ///
+    /// With `SUM`, also adds the 32 columns, one after the other, into the 16 rows' sums at
+    /// `sums`.
+    ///
     /// # Safety
-    /// 16 floats readable at `src + p·cs` for p < 32; 8 · 32 u16 writable at `lo` and at `hi`.
+    /// 16 floats readable at `src + p·cs` for p < 32; 8 · 32 u16 writable at `lo` and at `hi`;
+    /// with `SUM`, 16 floats readable and writable at `sums`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn chunk_from_columns(src: *const f32, cs: isize, lo: *mut u16, hi: *mut u16) {
-        // SAFETY: the caller vouches for the 32 columns and the 16 rows of the chunk.
+    pub(super) unsafe fn chunk_from_columns<const SUM: bool>(
+        src: *const f32,
+        cs: isize,
+        lo: *mut u16,
+        hi: *mut u16,
+        sums: *mut f32,
+    ) {
+        // SAFETY: the caller vouches for the 32 columns and the 16 rows of the chunk, and for
+        // the sums.
         unsafe {
-            let col = |p: usize| _mm512_loadu_ps(src.offset(p as isize * cs));
-            let mut v: [__m512i; 16] = std::array::from_fn(|i| pairs(col(2 * i), col(2 * i + 1)));
+            let cols: [__m512; 32] = std::array::from_fn(|p| _mm512_loadu_ps(src.offset(p as isize * cs)));
+            if SUM {
+                let s = cols
+                    .iter()
+                    .fold(_mm512_loadu_ps(sums), |s, &c| _mm512_add_ps(s, c));
+                _mm512_storeu_ps(sums, s);
+            }
+            let mut v: [__m512i; 16] = std::array::from_fn(|i| pairs(cols[2 * i], cols[2 * i + 1]));
             transpose16(&mut v);
             for (j, row) in v.iter().enumerate() {
                 let dst = if j < 8 {
@@ -1272,14 +1317,17 @@ unsafe fn run_part(
     }
     #[cfg(target_arch = "x86_64")]
     let mut held = Held::new();
+    // A's rows summed by the part that holds the first panel of columns (parts cut by
+    // columns all pack the same rows).
+    let sums = ep.a_sums.filter(|_| panels.start == 0);
     with_scratch(&A_BUF, mc_max * KC, |apack| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
             let kp = padded(kc);
             for i0 in rows.clone().step_by(mc_max) {
                 let mc = mc_max.min(rows.end - i0);
-                // SAFETY: the block is inside A (caller).
-                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack) };
+                // SAFETY: the block is inside A, its rows inside the sums (caller).
+                unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, sums) };
                 for jp in panels.clone() {
                     let j0 = jp * NR;
                     let bp = bpack[p0 * n_pad + jp * kp * NR..].as_ptr();

@@ -19,7 +19,10 @@
 
 use std::any::TypeId;
 
-use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder, Zip, s};
+use ndarray::{
+    ArrayView1, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder, Zip,
+    s,
+};
 
 use super::Float;
 use super::activations::Activation;
@@ -84,6 +87,68 @@ pub(crate) fn gemm_blocks<F: Float>(
     gemm_with(false, alpha, a, b, beta, c)
 }
 
+/// `grad_w += grad_yᵀ·x` and `grad_b += Σ_rows grad_y`: a linear layer's parameter
+/// gradients. Where [`bias_sums_in_packing`] says so, the bf16 kernels add the column sums of
+/// `grad_y` while they pack `grad_yᵀ` for the product (its values read once, not twice);
+/// elsewhere [`super::add_column_sums`] runs after the product. Either way each column is
+/// summed over the rows in order: the same bits.
+///
+/// # Panics
+/// If the shapes do not chain (as [`gemm`]), or `grad_b` does not have one element per column
+/// of `grad_y`.
+pub(crate) fn gemm_weight_grad<F: Float>(
+    grad_y: ArrayView2<F>,
+    x: ArrayView2<F>,
+    mut grad_w: ArrayViewMut2<F>,
+    grad_b: Option<ArrayViewMut1<F>>,
+) {
+    let a = grad_y.t();
+    check_shapes(a.dim(), x.dim(), grad_w.dim());
+    let Some(mut gb) = grad_b else {
+        return gemm(F::ONE, a, x, F::ONE, grad_w);
+    };
+    assert_eq!(
+        gb.len(),
+        grad_y.ncols(),
+        "gemm_weight_grad: grad_b {:?} for grad_y {:?}",
+        gb.shape(),
+        grad_y.shape()
+    );
+    let (m, k) = a.dim();
+    let n = x.ncols();
+    if bias_sums_in_packing::<F>()
+        && m * n * k > 0
+        && let Some(sums) = gb.as_slice_mut()
+    {
+        // F is f32 (bias_sums_in_packing), so the cast changes nothing but the type.
+        let sums = Some(sums.as_mut_ptr() as *mut f32);
+        let parts = parts_for(m, n, k, PARALLEL_MIN_WORK);
+        let done = packed_f32(
+            F::ONE,
+            a,
+            x,
+            F::ONE,
+            grad_w.view_mut(),
+            parts,
+            Fused::none(),
+            sums,
+        );
+        debug_assert!(done, "bias_sums_in_packing promised the bf16 kernels");
+        return;
+    }
+    gemm(F::ONE, a, x, F::ONE, grad_w);
+    super::add_column_sums(grad_y, gb);
+}
+
+/// Whether [`gemm_weight_grad`] takes a bias gradient's sums in the packing of its product:
+/// `f32` under bf16 precision, on the AMX or AVX512-BF16 kernels (not `Emulated`, whose
+/// products go through the `f32` kernels). A layer whose weight and input gradients run side
+/// by side ([`super::parallel::join`]) puts the bias with the weight gradient then, and with
+/// the input gradient otherwise (whose operands pack in less time).
+pub(crate) fn bias_sums_in_packing<F: Float>() -> bool {
+    bf16_applies::<F>() && bf16::Bf16Path::best() != bf16::Bf16Path::Emulated
+}
+
 fn gemm_with<F: Float>(
     few_rows: bool,
     alpha: F,
@@ -105,7 +170,7 @@ fn gemm_with<F: Float>(
         }
     }
     let parts = parts_for(m, n, k, PARALLEL_MIN_WORK);
-    if packed_f32(alpha, a, b, beta, c.view_mut(), parts, Fused::none()) {
+    if packed_f32(alpha, a, b, beta, c.view_mut(), parts, Fused::none(), None) {
         return;
     }
     if parts < 2 {
@@ -243,6 +308,7 @@ pub fn gemm_fused<F: Float>(a: ArrayView2<F>, b: ArrayView2<F>, post: Fused<'_, 
             c.view_mut(),
             parts_for(m, n, k, PARALLEL_MIN_WORK),
             post,
+            None,
         ) {
             return;
         }
@@ -516,7 +582,8 @@ unsafe fn raw_view_mut<'a, F>(
 }
 
 /// The crate's packed kernels ([`packed`]) when the element type is `f32` and the CPU has a
-/// vector [`Isa`]; `false` when the caller must fall back to `matrixmultiply`.
+/// vector [`Isa`]; `false` when the caller must fall back to `matrixmultiply`. `a_sums` (m
+/// floats, for the bf16 vector kernels only: [`gemm_weight_grad`]) takes A's row sums.
 #[allow(clippy::too_many_arguments)]
 fn packed_f32<F: Float>(
     alpha: F,
@@ -526,6 +593,7 @@ fn packed_f32<F: Float>(
     mut c: ArrayViewMut2<F>,
     parts: usize,
     post: Fused<'_, F>,
+    a_sums: Option<*mut f32>,
 ) -> bool {
     if TypeId::of::<F>() != TypeId::of::<f32>() {
         return false;
@@ -562,6 +630,7 @@ fn packed_f32<F: Float>(
                 s.to_f64() as f32,
             )
         }),
+        a_sums,
     };
     let (alpha, beta) = (alpha.to_f64() as f32, beta.to_f64() as f32);
     // SAFETY: each view addresses exactly its own elements (ndarray's invariant, for negative
@@ -666,7 +735,7 @@ fn check_shapes(a: (usize, usize), b: (usize, usize), c: (usize, usize)) {
 
 /// One product on the calling thread: the packed kernels, or `matrixmultiply`.
 fn gemm_serial<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: F, mut c: ArrayViewMut2<F>) {
-    if packed_f32(alpha, a, b, beta, c.view_mut(), 1, Fused::none()) {
+    if packed_f32(alpha, a, b, beta, c.view_mut(), 1, Fused::none(), None) {
         return;
     }
     let (m, k) = a.dim();
@@ -1125,6 +1194,53 @@ mod tests {
         let mut want = Array2::<f32>::zeros((19, 11));
         gemm_naive(1.0, a_rev, b.slice(s![.., ..;-1]), 0.0, want.view_mut());
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn weight_gradients_take_the_bias_sums_with_the_same_bits() {
+        // grad_yᵀ with rows past the last group of 16 (d_out 37 and 300) and terms past a
+        // whole chunk of 32 and across a block of KC (1100 tokens); two threads cut the
+        // product by rows (300 rows) or by columns (37 rows, 1500 columns).
+        let mut rng = StdRng::seed_from_u64(9);
+        for &(tokens, d_in, d_out) in &[(1100, 40, 300), (70, 1500, 37), (64, 64, 32)] {
+            let mut rand = |r, c| Array2::from_shape_fn((r, c), |_| rng.random::<f32>() - 0.5);
+            let (gy, x, gw0) = (rand(tokens, d_out), rand(tokens, d_in), rand(d_out, d_in));
+            let gb0 = rand(1, d_out).into_shape_with_order(d_out).unwrap();
+            let mut want_b = gb0.clone();
+            crate::kernels::add_column_sums(gy.view(), want_b.view_mut());
+            for precision in [Precision::F32, Precision::Bf16] {
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let (mut gw, mut gb, mut want_w) = (gw0.clone(), gb0.clone(), gw0.clone());
+                    pool.install(|| {
+                        with_precision(precision, || {
+                            gemm_weight_grad(gy.view(), x.view(), gw.view_mut(), Some(gb.view_mut()));
+                            gemm(1.0, gy.t(), x.view(), 1.0, want_w.view_mut());
+                        })
+                    });
+                    let at = format!("{precision:?}, {threads} threads, {tokens} × {d_in} → {d_out}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(gw.as_slice().unwrap()),
+                        bits(want_w.as_slice().unwrap()),
+                        "{at}"
+                    );
+                    assert_eq!(
+                        bits(gb.as_slice().unwrap()),
+                        bits(want_b.as_slice().unwrap()),
+                        "{at}"
+                    );
+                }
+            }
+        }
+        let in_packing = with_precision(Precision::Bf16, bias_sums_in_packing::<f32>);
+        eprintln!(
+            "bf16 path {:?}: bias sums in packing {in_packing}",
+            bf16::Bf16Path::best()
+        );
     }
 
     #[test]

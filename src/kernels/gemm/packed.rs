@@ -376,9 +376,14 @@ pub(crate) struct Epilogue {
     /// `C ← C · scale` where the gate's element is above 0, else 0: `(ptr, rs, cs, scale)`,
     /// the gate of C's shape.
     pub gate: Option<(*const f32, isize, isize, f32)>,
+    /// `Σ_p A[i][p]` added into element i (m floats), each row's values in order as packing
+    /// reads them: a bias gradient taken from `∂Yᵀ` on its way into a weight gradient. The
+    /// bf16 vector paths only ([`super::bf16`]); the `f32` paths never get one.
+    pub a_sums: Option<*mut f32>,
 }
 
-// SAFETY: the bias is read-only while `gemm` runs, and borrowed for that long by the caller.
+// SAFETY: the bias is read-only while `gemm` runs, and borrowed for that long by the caller;
+// the parts of a product add into disjoint elements of `a_sums` (rows of their own).
 unsafe impl Send for Epilogue {}
 unsafe impl Sync for Epilogue {}
 
@@ -403,6 +408,7 @@ pub(crate) unsafe fn gemm(
     parts: usize,
     ep: Epilogue,
 ) {
+    debug_assert!(ep.a_sums.is_none(), "the f32 paths do not sum A's rows");
     if m == 0 || n == 0 {
         return;
     }

@@ -842,9 +842,9 @@ mod tests {
             (3, 0, 4),
         ] {
             let a = int_matrix(&mut rng, m, k);
-            let at = a.t().to_owned(); // [k, m] so that at.t() is A by strides
+            let at = a.t().as_standard_layout().into_owned(); // [k, m] so that at.t() is A by strides
             let b = int_matrix(&mut rng, k, n);
-            let bt = b.t().to_owned();
+            let bt = b.t().as_standard_layout().into_owned();
             let mut want = Array2::<f32>::from_elem((m, n), f32::NAN);
             gemm_naive(1.0, a.view(), b.view(), 0.0, want.view_mut());
             for (a_view, b_view) in [
@@ -889,9 +889,9 @@ mod tests {
                 (8, 2 * KC + 3, 9 * 16 + 5),
             ] {
                 let a = int_matrix(&mut rng, m, k);
-                let at = a.t().to_owned();
+                let at = a.t().as_standard_layout().into_owned();
                 let b = int_matrix(&mut rng, k, n);
-                let bt = b.t().to_owned();
+                let bt = b.t().as_standard_layout().into_owned();
                 let c0 = int_matrix(&mut rng, m, n);
                 for (alpha, beta) in [(1.0, 0.0), (2.0, -3.0), (1.0, 1.0)] {
                     let mut want = c0.clone();

@@ -633,6 +633,17 @@ pub(super) fn tile(
     }
 }
 
+/// Contiguous lines (rows of B, columns of A) the AVX-512 packing copies across every panel
+/// before the next lines. A panel's share of a line is 48–128 bytes, and the lines are rows
+/// of a training step's activations or gradients, 1–4 KiB apart in L3: packed a panel at a
+/// time, every line of the block was visited once per panel, a cache line or two from each,
+/// which the hardware's prefetcher does not follow. By runs of lines, each is read along its
+/// length. Intel Xeon (AVX-512), one thread, weight gradients with B packed in the call: 1024
+/// × 1024 × 256 150 → 161 GFLOP/s, 256 × 1024 × 1024 144 → 154, 768 × 1024 × 256 146 → 151;
+/// small `f32` training step 1–3% faster.
+#[cfg(target_arch = "x86_64")]
+const LINE_RUN: usize = 16;
+
 /// The packed-B buffer, shared by threads that pack disjoint panels of it.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -651,6 +662,26 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     let n_pad = n.div_ceil(nr) * nr;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
+        #[cfg(target_arch = "x86_64")]
+        if b.cs == 1 && isa == Isa::Avx512 {
+            // Rows of B contiguous: runs of rows across every panel (see `LINE_RUN`).
+            for p in (0..kc).step_by(LINE_RUN) {
+                let lines = LINE_RUN.min(kc - p);
+                for jp in panels.clone() {
+                    let j0 = jp * nr;
+                    let cols = nr.min(n - j0);
+                    // SAFETY: rows p0 + p.. + lines, columns j0.. + cols of B; their lines of
+                    // this panel's floats of this block, inside `out` and ours alone; the CPU
+                    // has AVX-512F.
+                    unsafe {
+                        let src = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
+                        let dst = out.0.add(p0 * n_pad + jp * kc * nr + p * nr);
+                        super::micro::copy_lines_padded(src, b.rs, cols, lines, dst, nr);
+                    }
+                }
+            }
+            continue;
+        }
         for jp in panels.clone() {
             let j0 = jp * nr;
             let cols = nr.min(n - j0);
@@ -730,6 +761,26 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
 unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], isa: Isa) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
+    #[cfg(target_arch = "x86_64")]
+    if a.rs == 1 && isa == Isa::Avx512 {
+        // Columns of A contiguous (A = ∂Yᵀ, a weight gradient's): runs of columns across every
+        // panel (see `LINE_RUN`).
+        for p in (0..kc).step_by(LINE_RUN) {
+            let lines = LINE_RUN.min(kc - p);
+            for ip in 0..mc.div_ceil(mr) {
+                let r0 = i0 + ip * mr;
+                let rows = mr.min(i0 + mc - r0);
+                // SAFETY: columns p0 + p.. + lines, rows r0.. + rows of A (inside the block);
+                // their lines of panel ip, inside `out`; the CPU has AVX-512F.
+                unsafe {
+                    let src = a.ptr.offset(r0 as isize + (p0 + p) as isize * a.cs);
+                    let dst = out.as_mut_ptr().add(ip * mr * kc + p * mr);
+                    super::micro::copy_lines_padded(src, a.cs, rows, lines, dst, mr);
+                }
+            }
+        }
+        return;
+    }
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;
         let rows = mr.min(i0 + mc - r0);

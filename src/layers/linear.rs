@@ -13,7 +13,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMu
 use rand::Rng;
 
 use crate::error::{Result, check};
-use crate::kernels::parallel::join;
+use crate::kernels::parallel::join_gradients;
 use crate::kernels::{
     Float, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_bias, gemm_weight_grad,
 };
@@ -237,9 +237,9 @@ pub fn affine_backward<F: Float>(
 
 /// [`affine_backward_weights`] beside `input_grad`, the input gradient's product of the same
 /// layer (`grad_y·W` or a fused form of it), on the two threads of a team of two
-/// ([`join`]): the two products take the same FLOPs. The bias's column sums go with the input
-/// gradient, whose operands pack in less time, unless the weight gradient's bf16 packing
-/// takes them as it reads `grad_y` ([`bias_sums_in_packing`]).
+/// ([`join_gradients`]): the two products take the same FLOPs. The bias's column sums go
+/// with the input gradient, whose operands pack in less time, unless the weight gradient's
+/// bf16 packing takes them as it reads `grad_y` ([`bias_sums_in_packing`]).
 ///
 /// # Panics
 /// If the shapes do not fit.
@@ -256,7 +256,7 @@ pub(crate) fn weights_beside<F: Float>(
     } else {
         (None, grad_b)
     };
-    join(
+    join_gradients(
         || gemm_weight_grad(grad_y, x, grad_w, with_weights),
         || {
             input_grad();

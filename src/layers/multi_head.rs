@@ -50,7 +50,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::gemm::bf16::{to_bf16, to_bf16_slice};
-use crate::kernels::parallel::{PairViews, for_each_index, join};
+use crate::kernels::parallel::{PairViews, for_each_index, join_gradients};
 use crate::kernels::precision::{Precision, precision};
 use crate::kernels::small_head::Cached;
 use crate::kernels::workspace::Recycle;
@@ -783,7 +783,7 @@ impl<F: Float> MultiHead<F> {
             filled((b * tq, d), |gx| match cache.memory {
                 Some(_) => {
                     grad_src = Some(filled((b * tk, d), |gs| {
-                        join(weights, || {
+                        join_gradients(weights, || {
                             gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx);
                             let mut gs = gs;
                             gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ZERO, gs.view_mut());
@@ -792,7 +792,7 @@ impl<F: Float> MultiHead<F> {
                         })
                     }));
                 }
-                None => join(weights, || {
+                None => join_gradients(weights, || {
                     let mut gx = gx;
                     gemm(F::ONE, grad_q.view(), p.w_q.view(), F::ZERO, gx.view_mut());
                     gemm(F::ONE, grad_k.view(), p.w_k.view(), F::ONE, gx.view_mut());

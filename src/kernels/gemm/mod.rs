@@ -143,8 +143,8 @@ pub(crate) fn gemm_weight_grad<F: Float>(
 /// Whether [`gemm_weight_grad`] takes a bias gradient's sums in the packing of its product:
 /// `f32` under bf16 precision, on the AMX or AVX512-BF16 kernels (not `Emulated`, whose
 /// products go through the `f32` kernels). A layer whose weight and input gradients run side
-/// by side ([`super::parallel::join`]) puts the bias with the weight gradient then, and with
-/// the input gradient otherwise (whose operands pack in less time).
+/// by side ([`super::parallel::join_gradients`]) puts the bias with the weight gradient then,
+/// and with the input gradient otherwise (whose operands pack in less time).
 pub(crate) fn bias_sums_in_packing<F: Float>() -> bool {
     bf16_applies::<F>() && bf16::Bf16Path::best() != bf16::Bf16Path::Emulated
 }

@@ -273,7 +273,7 @@ pub fn join(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
 ///
 /// # Panics
 /// Resumes a panic of `a` or `b`.
-pub fn join_gradients(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+pub(crate) fn join_gradients(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
     use super::precision::{Precision, bf16_path, precision};
     if precision() == Precision::Bf16 && bf16_path() == super::gemm::bf16::Bf16Path::Amx {
         a();

@@ -691,18 +691,9 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
             // SAFETY (for every read below): rows p0..p0 + kc and columns j0..j0 + cols are
             // inside B.
             #[cfg(target_arch = "x86_64")]
-            if b.cs == 1 && isa == Isa::Avx512 {
-                // SAFETY: kc rows of `cols` floats of B; the panel holds kc rows of nr; the CPU
-                // has AVX-512F.
-                unsafe {
-                    let src = b.ptr.offset(p0 as isize * b.rs + j0 as isize);
-                    super::micro::copy_lines_padded(src, b.rs, cols, kc, dst.as_mut_ptr(), nr);
-                }
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
             if b.cs == 1 && isa == Isa::Avx2 && nr <= 16 {
-                // SAFETY: as above; the CPU has AVX2.
+                // SAFETY: kc rows of `cols` floats of B; the panel holds kc rows of nr; the CPU
+                // has AVX2.
                 unsafe {
                     let src = b.ptr.offset(p0 as isize * b.rs + j0 as isize);
                     super::micro::copy_lines_padded_avx2(src, b.rs, cols, kc, dst.as_mut_ptr(), nr);
@@ -789,15 +780,9 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
         let at =
             |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
         #[cfg(target_arch = "x86_64")]
-        if a.rs == 1 && isa == Isa::Avx512 {
-            // SAFETY: kc columns of `rows` floats of A; the panel holds kc columns of mr; the
-            // CPU has AVX-512F.
-            unsafe { super::micro::copy_lines_padded(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
         if a.rs == 1 && isa == Isa::Avx2 && mr <= 16 {
-            // SAFETY: as above; the CPU has AVX2.
+            // SAFETY: kc columns of `rows` floats of A; the panel holds kc columns of mr; the
+            // CPU has AVX2.
             unsafe { super::micro::copy_lines_padded_avx2(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
             continue;
         }

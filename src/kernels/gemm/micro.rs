@@ -978,21 +978,37 @@ fn ask_line_ahead(from: *const f32, ss: isize, width: usize) {
 /// `pad` floats at `dst`, the floats past `width` set to zero: the packing of contiguous
 /// runs (rows of B, columns of A) into panels, two masked 16-lane moves per line.
 ///
+/// With `SUM`, also adds the lines, one after the other, into the `width` floats at `sums`
+/// (a weight gradient's bias, summed as its `∂Yᵀ` is packed: [`super::gemm_weight_grad`]).
+///
 /// # Safety
 /// The CPU must have AVX-512F; `width ≤ pad ≤ 32`; the source lines and `lines · pad` floats
-/// at `dst` must be valid.
+/// at `dst` must be valid; with `SUM`, `width` floats at `sums` too.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn copy_lines_padded(
+pub(crate) unsafe fn copy_lines_padded<const SUM: bool>(
     src: *const f32,
     ss: isize,
     width: usize,
     lines: usize,
     dst: *mut f32,
     pad: usize,
+    sums: *mut f32,
 ) {
     let (w0, w1) = (first_lanes(width), first_lanes(width.saturating_sub(16)));
     let (p0, p1) = (first_lanes(pad), first_lanes(pad.saturating_sub(16)));
+    // SAFETY (both): `width` floats at `sums` with SUM (caller); masked-off lanes are neither
+    // read nor written.
+    let (mut s0, mut s1) = if SUM {
+        unsafe {
+            (
+                _mm512_maskz_loadu_ps(w0, sums),
+                _mm512_maskz_loadu_ps(w1, sums.wrapping_add(16)),
+            )
+        }
+    } else {
+        (_mm512_setzero_ps(), _mm512_setzero_ps())
+    };
     for i in 0..lines {
         // SAFETY: the masks cover `width` floats of line i and `pad` floats of its
         // destination (caller); masked-off lanes are neither read nor written.
@@ -1000,10 +1016,25 @@ pub(crate) unsafe fn copy_lines_padded(
             let from = src.offset(i as isize * ss);
             ask_line_ahead(from, ss, width);
             let to = dst.add(i * pad);
-            _mm512_mask_storeu_ps(to, p0, _mm512_maskz_loadu_ps(w0, from));
-            if p1 != 0 {
-                _mm512_mask_storeu_ps(to.add(16), p1, _mm512_maskz_loadu_ps(w1, from.add(16)));
+            let v0 = _mm512_maskz_loadu_ps(w0, from);
+            _mm512_mask_storeu_ps(to, p0, v0);
+            if SUM {
+                s0 = _mm512_add_ps(s0, v0);
             }
+            if p1 != 0 {
+                let v1 = _mm512_maskz_loadu_ps(w1, from.add(16));
+                _mm512_mask_storeu_ps(to.add(16), p1, v1);
+                if SUM {
+                    s1 = _mm512_add_ps(s1, v1);
+                }
+            }
+        }
+    }
+    if SUM {
+        // SAFETY: as above.
+        unsafe {
+            _mm512_mask_storeu_ps(sums, w0, s0);
+            _mm512_mask_storeu_ps(sums.wrapping_add(16), w1, s1);
         }
     }
 }

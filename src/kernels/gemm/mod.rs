@@ -88,8 +88,8 @@ pub(crate) fn gemm_blocks<F: Float>(
 }
 
 /// `grad_w += grad_yᵀ·x` and `grad_b += Σ_rows grad_y`: a linear layer's parameter
-/// gradients. Where [`bias_sums_in_packing`] says so, the bf16 kernels add the column sums of
-/// `grad_y` while they pack `grad_yᵀ` for the product (its values read once, not twice);
+/// gradients. Where [`bias_sums_in_packing`] says so, the packed kernels add the column sums
+/// of `grad_y` while they pack `grad_yᵀ` for the product (its values read once, not twice);
 /// elsewhere [`super::add_column_sums`] runs after the product. Either way each column is
 /// summed over the rows in order: the same bits.
 ///
@@ -116,8 +116,11 @@ pub(crate) fn gemm_weight_grad<F: Float>(
     );
     let (m, k) = a.dim();
     let n = x.ncols();
+    // `gemm` takes its few-row kernels where these would (in `f32`), which do not pack.
+    let few_rows = !bf16_applies::<F>() && small_gemm::takes(m, k);
     if bias_sums_in_packing::<F>()
         && m * n * k > 0
+        && !few_rows
         && let Some(sums) = gb.as_slice_mut()
     {
         // F is f32 (bias_sums_in_packing), so the cast changes nothing but the type.
@@ -133,7 +136,7 @@ pub(crate) fn gemm_weight_grad<F: Float>(
             Fused::none(),
             sums,
         );
-        debug_assert!(done, "bias_sums_in_packing promised the bf16 kernels");
+        debug_assert!(done, "bias_sums_in_packing promised the packed kernels");
         return;
     }
     gemm(F::ONE, a, x, F::ONE, grad_w);
@@ -141,12 +144,17 @@ pub(crate) fn gemm_weight_grad<F: Float>(
 }
 
 /// Whether [`gemm_weight_grad`] takes a bias gradient's sums in the packing of its product:
-/// `f32` under bf16 precision, on the AMX or AVX512-BF16 kernels (not `Emulated`, whose
-/// products go through the `f32` kernels). A layer whose weight and input gradients run side
-/// by side ([`super::parallel::join_gradients`]) puts the bias with the weight gradient then,
-/// and with the input gradient otherwise (whose operands pack in less time).
+/// `f32` under bf16 precision on the AMX or AVX512-BF16 kernels (not `Emulated`, whose
+/// products go through the `f32` kernels), and `f32` on the AVX-512 kernels. A layer whose
+/// weight and input gradients run side by side ([`super::parallel::join_gradients`]) puts the
+/// bias with the weight gradient then, and with the input gradient otherwise (whose operands
+/// pack in less time).
 pub(crate) fn bias_sums_in_packing<F: Float>() -> bool {
-    bf16_applies::<F>() && bf16::Bf16Path::best() != bf16::Bf16Path::Emulated
+    if bf16_applies::<F>() {
+        bf16::Bf16Path::best() != bf16::Bf16Path::Emulated
+    } else {
+        TypeId::of::<F>() == TypeId::of::<f32>() && Isa::best() == Some(Isa::Avx512)
+    }
 }
 
 fn gemm_with<F: Float>(
@@ -1200,9 +1208,10 @@ mod tests {
     fn weight_gradients_take_the_bias_sums_with_the_same_bits() {
         // grad_yᵀ with rows past the last group of 16 (d_out 37 and 300) and terms past a
         // whole chunk of 32 and across a block of KC (1100 tokens); two threads cut the
-        // product by rows (300 rows) or by columns (37 rows, 1500 columns).
+        // product by rows (300 rows) or by columns (bf16: 37 rows, 1500 columns; `f32`: 20
+        // rows).
         let mut rng = StdRng::seed_from_u64(9);
-        for &(tokens, d_in, d_out) in &[(1100, 40, 300), (70, 1500, 37), (64, 64, 32)] {
+        for &(tokens, d_in, d_out) in &[(1100, 40, 300), (70, 1500, 37), (70, 1500, 20), (64, 64, 32)] {
             let mut rand = |r, c| Array2::from_shape_fn((r, c), |_| rng.random::<f32>() - 0.5);
             let (gy, x, gw0) = (rand(tokens, d_out), rand(tokens, d_in), rand(d_out, d_in));
             let gb0 = rand(1, d_out).into_shape_with_order(d_out).unwrap();

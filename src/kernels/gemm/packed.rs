@@ -377,8 +377,9 @@ pub(crate) struct Epilogue {
     /// the gate of C's shape.
     pub gate: Option<(*const f32, isize, isize, f32)>,
     /// `Σ_p A[i][p]` added into element i (m floats), each row's values in order as packing
-    /// reads them: a bias gradient taken from `∂Yᵀ` on its way into a weight gradient. The
-    /// bf16 vector paths only ([`super::bf16`]); the `f32` paths never get one.
+    /// reads them: a bias gradient taken from `∂Yᵀ` on its way into a weight gradient
+    /// (`super::gemm_weight_grad`). Summed in the packing by the bf16 vector paths and the
+    /// AVX-512 `f32` path's packing of columns of A, by a pass of its own elsewhere.
     pub a_sums: Option<*mut f32>,
 }
 
@@ -408,7 +409,6 @@ pub(crate) unsafe fn gemm(
     parts: usize,
     ep: Epilogue,
 ) {
-    debug_assert!(ep.a_sums.is_none(), "the f32 paths do not sum A's rows");
     if m == 0 || n == 0 {
         return;
     }
@@ -676,7 +676,15 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                     unsafe {
                         let src = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
                         let dst = out.0.add(p0 * n_pad + jp * kc * nr + p * nr);
-                        super::micro::copy_lines_padded(src, b.rs, cols, lines, dst, nr);
+                        super::micro::copy_lines_padded::<false>(
+                            src,
+                            b.rs,
+                            cols,
+                            lines,
+                            dst,
+                            nr,
+                            std::ptr::null_mut(),
+                        );
                     }
                 }
             }
@@ -744,12 +752,41 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     }
 }
 
-/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows.
+/// `sums[i0 + r] += Σ_p A[i0 + r][p0 + p]` for the block's rows, the columns in order: the
+/// row sums where packing does not take them.
 ///
 /// # Safety
-/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; the CPU runs `isa`.
+/// The block lies inside A; `sums` holds rows `i0..i0 + mc`, and no other thread writes them.
+unsafe fn add_row_sums(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, sums: *mut f32) {
+    for r in i0..i0 + mc {
+        // SAFETY: row r of the sums (caller).
+        let s = unsafe { &mut *sums.add(r) };
+        for p in p0..p0 + kc {
+            // SAFETY: (r, p) inside the block (caller).
+            *s += unsafe { a.at(r, p) };
+        }
+    }
+}
+
+/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of A into panels of `mr` rows; with `sums`,
+/// adds each row's values into its element (`sums[i0 + r]`), in the order of the columns, as
+/// [`crate::kernels::add_column_sums`] adds the rows of `Aᵀ`: the same bits.
+///
+/// # Safety
+/// The block lies inside A; `out` holds `ceil(mc / mr) · mr · kc` floats; `sums` holds rows
+/// `i0..i0 + mc`, and no other thread writes them; the CPU runs `isa`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32], isa: Isa) {
+unsafe fn pack_a(
+    a: Mat,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    out: &mut [f32],
+    isa: Isa,
+    sums: Option<*mut f32>,
+) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
     #[cfg(target_arch = "x86_64")]
@@ -766,11 +803,34 @@ unsafe fn pack_a(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, 
                 unsafe {
                     let src = a.ptr.offset(r0 as isize + (p0 + p) as isize * a.cs);
                     let dst = out.as_mut_ptr().add(ip * mr * kc + p * mr);
-                    super::micro::copy_lines_padded(src, a.cs, rows, lines, dst, mr);
+                    match sums {
+                        Some(sums) => super::micro::copy_lines_padded::<true>(
+                            src,
+                            a.cs,
+                            rows,
+                            lines,
+                            dst,
+                            mr,
+                            sums.add(r0),
+                        ),
+                        None => super::micro::copy_lines_padded::<false>(
+                            src,
+                            a.cs,
+                            rows,
+                            lines,
+                            dst,
+                            mr,
+                            std::ptr::null_mut(),
+                        ),
+                    }
                 }
             }
         }
         return;
+    }
+    if let Some(sums) = sums {
+        // SAFETY: the block's rows of the sums and of A (caller).
+        unsafe { add_row_sums(a, i0, mc, p0, kc, sums) };
     }
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;
@@ -936,6 +996,9 @@ unsafe fn run_part(
         Panels::Bf16(_) if !direct => NC_PANELS * KC * nr,
         _ => 0,
     };
+    // A's rows summed by the part that holds the first panel of columns (parts cut by
+    // columns all read the same rows).
+    let sums = ep.a_sums.filter(|_| panels.start == 0);
     with_scratch(&A_BUF, if direct { 0 } else { mc_max * KC }, |apack| {
         with_scratch(&WIDE_BUF, wide_len, |wide| {
             for p0 in (0..k).step_by(KC) {
@@ -943,8 +1006,11 @@ unsafe fn run_part(
                 for i0 in rows.clone().step_by(mc_max) {
                     let mc = mc_max.min(rows.end - i0);
                     if !direct {
-                        // SAFETY: the block is inside A (caller).
-                        unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa) };
+                        // SAFETY: the block is inside A, its rows inside the sums (caller).
+                        unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa, sums) };
+                    } else if let Some(sums) = sums {
+                        // SAFETY: as above.
+                        unsafe { add_row_sums(a, i0, mc, p0, kc, sums) };
                     }
                     let passes = mc.div_ceil(mr);
                     // A decoding step's few rows pass over one panel of B at a time (see `Far`).

@@ -51,8 +51,8 @@ use super::micro::Tile;
 #[cfg(target_arch = "x86_64")]
 use super::micro::Update;
 use super::packed::{
-    self, Aligned, Epilogue, Isa, Mat, MatMut, block_update, for_panel_runs, for_tile_runs, mc_panels,
-    prefetch_c, split, tile, with_scratch,
+    self, Aligned, Epilogue, Isa, Mat, MatMut, add_row_sums, block_update, for_panel_runs, for_tile_runs,
+    mc_panels, prefetch_c, split, tile, with_scratch,
 };
 
 /// Values of k per block: every element of C is summed over k in blocks of this many,
@@ -457,16 +457,12 @@ unsafe fn pack_a(
         }
     }
     if let Some(sums) = sums {
-        // The values the groups above did not sum, in order after theirs: each row's columns
-        // past the whole chunks, every column of the rows past the last group.
-        for r in 0..mc {
-            let from = if r < grouped { chunked } else { 0 };
-            // SAFETY: row i0 + r of the sums (caller).
-            let s = unsafe { &mut *sums.add(i0 + r) };
-            for p in from..kc {
-                // SAFETY: (r, p) inside the block.
-                *s += unsafe { *at(r, p) };
-            }
+        // The values the groups above did not sum, in order after theirs: each grouped row's
+        // columns past the whole chunks, every column of the rows past the last group.
+        // SAFETY: rows and columns inside the block, its rows inside the sums (caller).
+        unsafe {
+            add_row_sums(a, i0..i0 + grouped, p0 + chunked..p0 + kc, sums);
+            add_row_sums(a, i0 + grouped..i0 + mc, p0..p0 + kc, sums);
         }
     }
     for (ip, dst) in out.chunks_exact_mut(mr * kp).take(mc.div_ceil(mr)).enumerate() {

@@ -752,16 +752,16 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     }
 }
 
-/// `sums[i0 + r] += Σ_p A[i0 + r][p0 + p]` for the block's rows, the columns in order: the
-/// row sums where packing does not take them.
+/// `sums[r] += Σ_p A[r][p]` for the rows `rows` and the columns `cols` of A, the columns in
+/// order: the row sums of the values a packing does not sum itself (both families).
 ///
 /// # Safety
-/// The block lies inside A; `sums` holds rows `i0..i0 + mc`, and no other thread writes them.
-unsafe fn add_row_sums(a: Mat, i0: usize, mc: usize, p0: usize, kc: usize, sums: *mut f32) {
-    for r in i0..i0 + mc {
+/// The rows and columns lie inside A; `sums` holds the rows, and no other thread writes them.
+pub(super) unsafe fn add_row_sums(a: Mat, rows: Range<usize>, cols: Range<usize>, sums: *mut f32) {
+    for r in rows {
         // SAFETY: row r of the sums (caller).
         let s = unsafe { &mut *sums.add(r) };
-        for p in p0..p0 + kc {
+        for p in cols.clone() {
             // SAFETY: (r, p) inside the block (caller).
             *s += unsafe { a.at(r, p) };
         }
@@ -801,27 +801,12 @@ unsafe fn pack_a(
                 // SAFETY: columns p0 + p.. + lines, rows r0.. + rows of A (inside the block);
                 // their lines of panel ip, inside `out`; the CPU has AVX-512F.
                 unsafe {
+                    use super::micro::copy_lines_padded as copy;
                     let src = a.ptr.offset(r0 as isize + (p0 + p) as isize * a.cs);
                     let dst = out.as_mut_ptr().add(ip * mr * kc + p * mr);
                     match sums {
-                        Some(sums) => super::micro::copy_lines_padded::<true>(
-                            src,
-                            a.cs,
-                            rows,
-                            lines,
-                            dst,
-                            mr,
-                            sums.add(r0),
-                        ),
-                        None => super::micro::copy_lines_padded::<false>(
-                            src,
-                            a.cs,
-                            rows,
-                            lines,
-                            dst,
-                            mr,
-                            std::ptr::null_mut(),
-                        ),
+                        Some(s) => copy::<true>(src, a.cs, rows, lines, dst, mr, s.add(r0)),
+                        None => copy::<false>(src, a.cs, rows, lines, dst, mr, std::ptr::null_mut()),
                     }
                 }
             }
@@ -830,7 +815,7 @@ unsafe fn pack_a(
     }
     if let Some(sums) = sums {
         // SAFETY: the block's rows of the sums and of A (caller).
-        unsafe { add_row_sums(a, i0, mc, p0, kc, sums) };
+        unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
     }
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;
@@ -1010,7 +995,7 @@ unsafe fn run_part(
                         unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa, sums) };
                     } else if let Some(sums) = sums {
                         // SAFETY: as above.
-                        unsafe { add_row_sums(a, i0, mc, p0, kc, sums) };
+                        unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
                     }
                     let passes = mc.div_ceil(mr);
                     // A decoding step's few rows pass over one panel of B at a time (see `Far`).

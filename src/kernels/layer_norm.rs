@@ -219,6 +219,79 @@ fn rows_forward<F: Float>(
 /// Rows whose residual sums [`rows_forward`] writes before it normalises the first of them.
 const SUM_GROUP: usize = 8;
 
+/// [`layer_norm_rows_sum`] of `x + z` (or of `x`) for inference: writes `y` alone, the same
+/// bits, where the training form also writes `x̂` and `rstd` for the backward pass (a store
+/// stream of the rows' size that inference would throw away).
+///
+/// # Panics
+/// If the shapes do not fit, or an array is not contiguous.
+pub(crate) fn layer_norm_rows_infer<F: Float>(
+    x: ArrayView2<F>,
+    z: Option<ArrayView2<F>>,
+    gamma: ArrayView1<F>,
+    beta: ArrayView1<F>,
+    eps: F,
+    mut y: ArrayViewMut2<F>,
+) {
+    let (n, d) = x.dim();
+    assert!(
+        gamma.len() == d
+            && beta.len() == d
+            && y.dim() == (n, d)
+            && z.as_ref().is_none_or(|z| z.dim() == (n, d)),
+        "layer_norm_rows_infer: x {:?}, z {:?}, gamma {:?}, beta {:?}, y {:?}",
+        x.shape(),
+        z.as_ref().map(|z| z.shape().to_vec()),
+        gamma.shape(),
+        beta.shape(),
+        y.shape()
+    );
+    if n * d == 0 {
+        return;
+    }
+    let x = contiguous(&x);
+    let z = z.as_ref().map(|z| contiguous(z));
+    let (gamma, beta) = (contiguous(&gamma), contiguous(&beta));
+    for_each_chunk_mut(contiguous_mut(&mut y), d, 8 * n * d, |at, y| {
+        let x = &x[at..at + y.len()];
+        let z = z.map(|z| &z[at..at + y.len()]);
+        widest!(rows_infer(x, z, gamma, beta, eps, y))
+    });
+}
+
+/// The rows of one chunk of [`layer_norm_rows_infer`]: as [`rows_forward`] without a mask,
+/// the sums and then the normalised rows in `y`.
+#[inline(always)]
+fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: F, y: &mut [F]) {
+    let d = gamma.len();
+    let rows = y.len() / d;
+    for g0 in (0..rows).step_by(SUM_GROUP) {
+        let span = g0 * d..rows.min(g0 + SUM_GROUP) * d;
+        match z {
+            Some(z) => {
+                for ((s, &x), &z) in y[span.clone()]
+                    .iter_mut()
+                    .zip(&x[span.clone()])
+                    .zip(&z[span.clone()])
+                {
+                    *s = x + z;
+                }
+            }
+            None => y[span.clone()].copy_from_slice(&x[span.clone()]),
+        }
+        for row in y[span].chunks_exact_mut(d) {
+            let inv_d = F::ONE / F::from_f64(d as f64);
+            let mean = sum(row) * inv_d;
+            let var = sum_map(row, |v| (v - mean) * (v - mean)) * inv_d;
+            let rstd = F::ONE / (var + eps).sqrt();
+            for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                let h = (*y - mean) * rstd;
+                *y = g * h + b;
+            }
+        }
+    }
+}
+
 /// [`normalize`] of the row held in `x_hat`, overwritten by `x̂`.
 #[inline(always)]
 fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
@@ -469,6 +542,38 @@ mod tests {
             let std = row.mapv(|v| (v - mean).powi(2)).mean().unwrap().sqrt();
             assert!((mean + 0.75).abs() < 1e-10, "mean {mean}");
             assert!((std - 2.5).abs() < 1e-8, "std {std}");
+        }
+    }
+
+    #[test]
+    fn inference_rows_are_the_training_rows_bit_for_bit() {
+        // Row counts inside one group, across groups and past the parallel threshold; widths
+        // inside one vector, at its edge and past several; with and without the residual.
+        let mut rng = StdRng::seed_from_u64(12);
+        for (n, d) in [(3, 5), (8, 16), (13, 64), (300, 129), (40, 256)] {
+            let x = Array2::from_shape_fn((n, d), |_| rng.random_range(-4.0..4.0_f32) + 10.0);
+            let z = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0_f32));
+            let gamma = Array1::from_shape_fn(d, |_| rng.random_range(0.5..1.5_f32));
+            let beta = Array1::from_shape_fn(d, |_| rng.random_range(-1.0..1.0_f32));
+            for z in [None, Some(z.view())] {
+                let (mut x_hat, mut y) = (Array2::zeros((n, d)), Array2::zeros((n, d)));
+                let mut rstd = Array1::zeros(n);
+                layer_norm_rows_sum(
+                    x.view(),
+                    z.map(|z| (z, None)),
+                    gamma.view(),
+                    beta.view(),
+                    1e-5,
+                    x_hat.view_mut(),
+                    rstd.view_mut(),
+                    y.view_mut(),
+                );
+                let mut got = Array2::from_elem((n, d), f32::NAN);
+                layer_norm_rows_infer(x.view(), z, gamma.view(), beta.view(), 1e-5, got.view_mut());
+                for (a, b) in got.iter().zip(&y) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "n {n}, d {d}, residual {}", z.is_some());
+                }
+            }
         }
     }
 

@@ -46,7 +46,7 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::dropout::DropKey;
-use crate::kernels::workspace::Recycle;
+use crate::kernels::layer_norm::layer_norm_rows_infer;
 use crate::kernels::{Float, filled, layer_norm_rows_backward_masked, layer_norm_rows_sum};
 
 /// Configuration of a [`LayerNorm`] layer.
@@ -160,9 +160,7 @@ impl<F: Float> LayerNorm<F> {
     /// # Panics
     /// If `x` is not `[N, d_model]`, or γ or β is not `[d_model]`.
     pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
-        let (y, x_hat, _) = self.normalize(x);
-        x_hat.give_back();
-        y
+        self.infer_rows(x, None)
     }
 
     /// Backward pass: adds `∂L/∂γ` and `∂L/∂β` into `g` and returns `∂L/∂x`.
@@ -256,16 +254,35 @@ impl<F: Float> LayerNorm<F> {
     /// # Panics
     /// As [`LayerNorm::forward_sum`].
     pub(crate) fn infer_sum(&self, x: ArrayView2<F>, z: ArrayView2<F>) -> Array2<F> {
-        let (y, x_hat, _) = self.normalize_sum(x, Some((z, None)));
-        x_hat.give_back();
-        y
+        self.infer_rows(x, Some(z))
     }
 
-    fn normalize_sum(
-        &self,
-        x: ArrayView2<F>,
-        z: Option<(ArrayView2<F>, Option<DropKey>)>,
-    ) -> (Array2<F>, Array2<F>, Array1<F>) {
+    /// `LN(x + z)`, or `LN(x)`, with neither x̂ nor rstd written: the values of
+    /// [`LayerNorm::normalize_sum`]'s output, bit for bit.
+    fn infer_rows(&self, x: ArrayView2<F>, z: Option<ArrayView2<F>>) -> Array2<F> {
+        self.check_rows(x, z);
+        let x = x.as_standard_layout();
+        let z = z.as_ref().map(|z| z.as_standard_layout());
+        let gamma = self.p.gamma.as_standard_layout();
+        let beta = self.p.beta.as_standard_layout();
+        // SAFETY: the kernel writes every element of y.
+        unsafe {
+            filled(x.dim(), |y| {
+                layer_norm_rows_infer(
+                    x.view(),
+                    z.as_ref().map(|z| z.view()),
+                    gamma.view(),
+                    beta.view(),
+                    F::from_f64(f64::from(self.cfg.eps)),
+                    y,
+                )
+            })
+        }
+    }
+
+    /// # Panics
+    /// If x is not `[N, d_model]`, or z (if any) has another shape than x.
+    fn check_rows(&self, x: ArrayView2<F>, z: Option<ArrayView2<F>>) {
         assert_eq!(
             x.ncols(),
             self.cfg.d_model,
@@ -273,7 +290,7 @@ impl<F: Float> LayerNorm<F> {
             x.shape(),
             self.cfg.d_model
         );
-        if let Some((z, _)) = &z {
+        if let Some(z) = &z {
             assert!(
                 z.dim() == x.dim(),
                 "LayerNorm: the residual sum of x {:?} and z {:?}",
@@ -281,6 +298,14 @@ impl<F: Float> LayerNorm<F> {
                 z.shape()
             );
         }
+    }
+
+    fn normalize_sum(
+        &self,
+        x: ArrayView2<F>,
+        z: Option<(ArrayView2<F>, Option<DropKey>)>,
+    ) -> (Array2<F>, Array2<F>, Array1<F>) {
+        self.check_rows(x, z.as_ref().map(|(z, _)| z.view()));
         let x = x.as_standard_layout();
         let z = z.as_ref().map(|(z, m)| (z.as_standard_layout(), *m));
         let gamma = self.p.gamma.as_standard_layout();

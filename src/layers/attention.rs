@@ -567,29 +567,59 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
     let (ks, vs) = (kt.strides(), v.strides());
     let (kp, vp) = (kt.as_ptr() as usize, v.as_ptr() as usize);
+    // Sequences of few heads go through `step_row` together, as one row of their heads side
+    // by side, where their masks are the same and their caches' heads one stride apart:
+    // the vector paths run up to eight heads' chains of multiply-adds interleaved, and a
+    // sequence of four leaves half of them idle. Each head's arithmetic is the same either
+    // way (its own chains, in order), so the bits are.
+    let together = if h < STEP_HEADS && ks[0] == h as isize * ks[1] && vs[0] == h as isize * vs[1] {
+        STEP_HEADS / h
+    } else {
+        1
+    };
     for_each_chunk_mut(out, h * dv, b * h * tk * (dk + dv), |at, rows| {
         let mut scores = vec![F::ZERO; tk];
-        for (r, row) in rows.chunks_exact_mut(h * dv).enumerate() {
-            let bi = at / (h * dv) + r;
+        let (first, n) = (at / (h * dv), rows.len() / (h * dv));
+        let mut r = 0;
+        while r < n {
+            let bi = first + r;
+            let (kb, row_mask) = (mask.key_limit(bi).min(tk), mask.row(bi, 0));
+            let m = (1..together.min(n - r))
+                .take_while(|&i| {
+                    mask.key_limit(bi + i).min(tk) == kb && same_mask(&mask.row(bi + i, 0), &row_mask)
+                })
+                .count()
+                + 1;
             let step = StepRow {
-                q: &q[bi * h * dk..][..h * dk],
+                q: &q[bi * h * dk..][..m * h * dk],
                 scale,
-                heads: h,
+                heads: m * h,
                 kt: (kp as *const S).wrapping_offset(bi as isize * ks[0]),
                 kt_hs: ks[1],
                 kt_rs: ks[2],
                 v: (vp as *const S).wrapping_offset(bi as isize * vs[0]),
                 v_hs: vs[1],
                 v_rs: vs[2],
-                kb: mask.key_limit(bi).min(tk),
-                mask: mask.row(bi, 0),
+                kb,
+                mask: row_mask,
             };
-            // SAFETY: for every head hi, (bi, hi, d < d_k, ..kb) is inside kt and
+            // SAFETY: for every head hi of sequences bi..bi + m (one head stride apart
+            // across sequences when m > 1), (bi, hi, d < d_k, ..kb) is inside kt and
             // (bi, hi, j < kb, ..d_v) inside v, whose last axes have unit stride (asserted
-            // above); the row holds h · d_v floats.
-            unsafe { step_row(&step, &mut scores, row) };
+            // above); the rows hold m · h · d_v floats.
+            unsafe { step_row(&step, &mut scores, &mut rows[r * h * dv..(r + m) * h * dv]) };
+            r += m;
         }
     });
+}
+
+/// Heads a decoding step's vector paths run side by side at most ([`attention_step`]).
+const STEP_HEADS: usize = 8;
+
+/// Whether two rows' masks allow the same entries (the same limit, and the same flags or
+/// none).
+fn same_mask(a: &crate::kernels::RowMask<'_>, b: &crate::kernels::RowMask<'_>) -> bool {
+    a.limit == b.limit && a.keys == b.keys && a.pairs == b.pairs
 }
 
 /// Backward of [`attention_forward`]: writes `∂L/∂Q`, `∂L/∂K` and `∂L/∂V` (overwriting them).
@@ -801,4 +831,59 @@ fn clean_padding<F: Float>(
         c
     };
     Some((clean(k), clean(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Mask;
+    use ndarray::{Array2, Array4, s};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    /// A decoding step over sequences of few heads, taken together where their masks agree,
+    /// gives the bits of each sequence's step alone: sequences of two and four heads, key
+    /// lengths that agree for runs of one to three sequences, and padding flags that set one
+    /// sequence apart from its equal neighbours.
+    #[test]
+    fn sequences_taken_together_give_each_ones_bits() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let (b, tk, dk) = (7, 11, 8);
+        let lengths = [11, 11, 11, 4, 9, 9, 11];
+        let padding = Array2::from_shape_fn((b, tk), |(i, j)| i == 5 && j == 2);
+        for h in [2, 4] {
+            let q = Array2::from_shape_fn((b, h * dk), |_| rng.random_range(-2.0f32..2.0));
+            let kt = Array4::from_shape_fn((b, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
+            let v = Array4::from_shape_fn((b, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
+            for padded in [false, true] {
+                let mask = |rows: std::ops::Range<usize>| {
+                    if padded {
+                        Mask::key_padding(padding.slice(s![rows, ..]))
+                    } else {
+                        Mask::key_lengths(&lengths[rows])
+                    }
+                };
+                let all = mask(0..b).resolve(b, 1, tk).unwrap();
+                let mut together = Array2::from_elem((b, h * dk), f32::NAN);
+                attention_step(q.view(), kt.view(), v.view(), &all, together.view_mut());
+                for bi in 0..b {
+                    let one = mask(bi..bi + 1).resolve(1, 1, tk).unwrap();
+                    let mut alone = Array2::from_elem((1, h * dk), f32::NAN);
+                    attention_step(
+                        q.slice(s![bi..bi + 1, ..]),
+                        kt.slice(s![bi..bi + 1, .., .., ..]),
+                        v.slice(s![bi..bi + 1, .., .., ..]),
+                        &one,
+                        alone.view_mut(),
+                    );
+                    for (x, y) in alone.iter().zip(together.row(bi)) {
+                        assert_eq!(
+                            x.to_bits(),
+                            y.to_bits(),
+                            "{h} heads, sequence {bi}, padded {padded}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -387,7 +387,7 @@ fn copy_rows<S: Copy>(
 
 /// Writes keys `k` and values `v` `[B, H, T, d_k]` at positions `len..len + T` of a cache's
 /// keys (transposed) and values, which have room for them; `conv` converts a run of features
-/// (a key's or a value's, up to [`RUN`] at a time) into the cache's type.
+/// (a position's keys or values, every head's) into the cache's type.
 ///
 /// The buffers are in standard layout (as [`Store::zeros`] makes them): each pair `(b, h)`
 /// is a run of `d_k · cap` elements, feature d of position p at `d·cap + p` among the keys and
@@ -439,64 +439,69 @@ fn append<F: Float, S: Copy + Default + Send + Sync>(
                 vv.range(pairs.start, pairs.len()),
             )
         };
-        // A run of features, gathered (if strided) and converted.
-        let (mut from, mut to) = ([F::zero(); RUN], [S::default(); RUN]);
-        for (pair, (kt, vv)) in kt
-            .chunks_exact_mut(dk * cap)
-            .zip(vv.chunks_exact_mut(dk * cap))
+        // A position's features of every head, gathered (if strided) and converted at once:
+        // a call of `conv` per head had cost more than its arithmetic (bf16's conversion
+        // of 16 features).
+        let n = h * dk;
+        let (mut from_stack, mut to_stack) = ([F::zero(); RUN], [S::default(); RUN]);
+        let (mut from_heap, mut to_heap);
+        let (from, to): (&mut [F], &mut [S]) = if n <= RUN {
+            (&mut from_stack[..n], &mut to_stack[..n])
+        } else {
+            from_heap = vec![F::zero(); n];
+            to_heap = vec![S::default(); n];
+            (&mut from_heap, &mut to_heap)
+        };
+        for (s, (kt, vv)) in kt
+            .chunks_exact_mut(h * dk * cap)
+            .zip(vv.chunks_exact_mut(h * dk * cap))
             .enumerate()
         {
-            let (bi, hi) = (seqs.start + pair / h, pair % h);
+            let bi = seqs.start + s;
             for j in 0..t {
                 let p = len + j;
-                for d0 in (0..dk).step_by(RUN) {
-                    let n = RUN.min(dk - d0);
-                    let key = features(&k, bi, hi, j, d0, n, &mut from);
-                    conv(key, &mut to[..n]);
-                    // Feature d of position p: row d of the pair's [d_k, cap].
-                    for (e, &y) in to[..n].iter().enumerate() {
-                        kt[(d0 + e) * cap + p] = y;
+                conv(position(&k, bi, j, from), to);
+                // Feature d of position p: row d of each head's [d_k, cap].
+                for (kt, key) in kt.chunks_exact_mut(dk * cap).zip(to.chunks_exact(dk)) {
+                    for (d, &y) in key.iter().enumerate() {
+                        kt[d * cap + p] = y;
                     }
-                    let value = features(&v, bi, hi, j, d0, n, &mut from);
-                    conv(value, &mut vv[p * dk + d0..][..n]);
+                }
+                conv(position(&v, bi, j, from), to);
+                for (vv, value) in vv.chunks_exact_mut(dk * cap).zip(to.chunks_exact(dk)) {
+                    vv[p * dk..(p + 1) * dk].copy_from_slice(value);
                 }
             }
         }
     });
 }
 
-/// Features `d0..d0 + n` of `x[bi, hi, j, ..]`: where they lie if contiguous, else gathered
-/// into `buf`.
+/// Every head's features of `x[bi, .., j, ..]`, head after head: where they lie if they are
+/// contiguous so, else gathered into `buf` (`H · d_k` long).
 #[inline(always)]
-fn features<'a, F: Float>(
-    x: &'a ArrayView4<'_, F>,
-    bi: usize,
-    hi: usize,
-    j: usize,
-    d0: usize,
-    n: usize,
-    buf: &'a mut [F; RUN],
-) -> &'a [F] {
+fn position<'a, F: Float>(x: &'a ArrayView4<'_, F>, bi: usize, j: usize, buf: &'a mut [F]) -> &'a [F] {
+    let (_, h, _, dk) = x.dim();
     let s = x.strides();
-    // SAFETY: (bi, hi, j, d0..d0 + n) is inside x (the caller's loops); by pointer, as
-    // ndarray's indexing (bounds checks, four strides) had made the memory's keys, a whole
-    // source at once, slower to cache.
+    // SAFETY: (bi, .., j, ..) is inside x (the caller's loops); by pointer, as ndarray's
+    // indexing (bounds checks, four strides) had made the memory's keys, a whole source at
+    // once, slower to cache.
     unsafe {
-        let src = x
-            .as_ptr()
-            .offset(bi as isize * s[0] + hi as isize * s[1] + j as isize * s[2] + d0 as isize * s[3]);
-        if s[3] == 1 {
-            return std::slice::from_raw_parts(src, n);
+        let src = x.as_ptr().offset(bi as isize * s[0] + j as isize * s[2]);
+        if s[3] == 1 && (h == 1 || s[1] == dk as isize) {
+            return std::slice::from_raw_parts(src, h * dk);
         }
-        for (e, f) in buf[..n].iter_mut().enumerate() {
-            *f = *src.offset(e as isize * s[3]);
+        for (hi, head) in buf.chunks_exact_mut(dk).enumerate() {
+            for (d, f) in head.iter_mut().enumerate() {
+                *f = *src.offset(hi as isize * s[1] + d as isize * s[3]);
+            }
         }
     }
-    &buf[..n]
+    buf
 }
 
-/// Features converted at a time when appending to a cache.
-const RUN: usize = 64;
+/// Features of a position (every head's) converted on the stack when appending to a cache;
+/// wider models take a buffer on the heap.
+const RUN: usize = 1024;
 
 /// The projections of a [`MultiHead`] packed once for the many products of a decode
 /// ([`crate::kernels::PackedB`]): W_Q, W_K and W_V side by side (self-attention) or W_Q alone

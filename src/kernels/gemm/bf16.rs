@@ -481,8 +481,12 @@ unsafe fn pack_a(
                     let d = &mut dst[(c * mr + r) * DEPTH..(c * mr + r + 1) * DEPTH];
                     if r >= rows {
                         // A row past the block (a decoding step's 8 rows fill a quarter of an
-                        // AMX panel): zeros, in one fill rather than value by value.
-                        d.fill(0);
+                        // AMX panel): zeros, in one fill rather than value by value; none past
+                        // the first 16 rows of an AMX panel of at most 16, whose kernel reads
+                        // only its first tile (`kernel_amx`'s `HALF`).
+                        if !(mr == 32 && rows <= 16 && r >= 16) {
+                            d.fill(0);
+                        }
                         continue;
                     }
                     let src = row.get(c * DEPTH..).unwrap_or(&[]);
@@ -829,7 +833,7 @@ const STREAM_A_KP: std::ops::RangeInclusive<usize> = 384..=640;
 /// not it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn kernel_amx<const STREAM_A: bool>(
+unsafe fn kernel_amx<const STREAM_A: bool, const HALF: bool>(
     kp: usize,
     a: *const u16,
     b: *const u16,
@@ -913,7 +917,23 @@ unsafe fn kernel_amx<const STREAM_A: bool>(
                     )
                 };
             }
-            if STREAM_A {
+            if HALF {
+                // A tile of at most 16 rows: A's first tile and the products of its row of C
+                // alone (its second tile is zeros, whose products the tile would only waste).
+                std::arch::asm!(
+                    "tileloadd tmm4, [{a0} + {s64}]",
+                    "tileloadd tmm6, [{b0} + {s128}]",
+                    "tileloadd tmm7, [{b1} + {s128}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a0 = in(reg) ac,
+                    b0 = in(reg) bc,
+                    b1 = in(reg) bc.add(64),
+                    s64 = in(reg) 64usize,
+                    s128 = in(reg) 128usize,
+                    options(nostack, readonly)
+                );
+            } else if STREAM_A {
                 chunk!("tileloaddt1");
             } else {
                 chunk!("tileloadd");
@@ -1352,10 +1372,13 @@ unsafe fn run_part(
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             match path {
-                                Bf16Path::Amx if STREAM_A_KP.contains(&kp) => {
-                                    kernel_amx::<true>(kp, ap, bp, &t, &mut held)
+                                Bf16Path::Amx if t.rows <= 16 => {
+                                    kernel_amx::<false, true>(kp, ap, bp, &t, &mut held)
                                 }
-                                Bf16Path::Amx => kernel_amx::<false>(kp, ap, bp, &t, &mut held),
+                                Bf16Path::Amx if STREAM_A_KP.contains(&kp) => {
+                                    kernel_amx::<true, false>(kp, ap, bp, &t, &mut held)
+                                }
+                                Bf16Path::Amx => kernel_amx::<false, false>(kp, ap, bp, &t, &mut held),
                                 _ => kernel_avx512bf16(kp, ap, bp, &t),
                             }
                         }

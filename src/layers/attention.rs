@@ -61,7 +61,8 @@
 use std::ops::Range;
 
 use ndarray::{
-    Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, s,
+    Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, CowArray,
+    s,
 };
 use rand::Rng;
 
@@ -558,8 +559,14 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
         unit(&kt) && unit(&v),
         "attention_step: cached keys and values need contiguous rows"
     );
-    let q = q.as_standard_layout();
-    let q = q.as_slice().expect("standard layout");
+    // The queries where they lie when each row's are contiguous (a slice of the rows of Q,
+    // K and V side by side), else copied so.
+    let q = if q.ncols() <= 1 || q.strides()[1] == 1 {
+        CowArray::from(q)
+    } else {
+        CowArray::from(q.as_standard_layout().into_owned())
+    };
+    let (qp, q_rs) = (q.as_ptr() as usize, if b > 1 { q.strides()[0] } else { 0 });
     let mut out = out;
     let out = out
         .as_slice_mut()
@@ -572,7 +579,11 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     // the vector paths run up to eight heads' chains of multiply-adds interleaved, and a
     // sequence of four leaves half of them idle. Each head's arithmetic is the same either
     // way (its own chains, in order), so the bits are.
-    let together = if h < STEP_HEADS && ks[0] == h as isize * ks[1] && vs[0] == h as isize * vs[1] {
+    let together = if h < STEP_HEADS
+        && ks[0] == h as isize * ks[1]
+        && vs[0] == h as isize * vs[1]
+        && q_rs == (h * dk) as isize
+    {
         STEP_HEADS / h
     } else {
         1
@@ -590,8 +601,13 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
                 })
                 .count()
                 + 1;
+            // SAFETY: row bi of q and the m - 1 after it, h · d_k contiguous features each,
+            // one after the other when m > 1 (`together` asks for their row stride).
+            let q = unsafe {
+                std::slice::from_raw_parts((qp as *const F).offset(bi as isize * q_rs), m * h * dk)
+            };
             let step = StepRow {
-                q: &q[bi * h * dk..][..m * h * dk],
+                q,
                 scale,
                 heads: m * h,
                 kt: (kp as *const S).wrapping_offset(bi as isize * ks[0]),
@@ -882,6 +898,42 @@ mod tests {
                             "{h} heads, sequence {bi}, padded {padded}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Queries read in place from rows wider than them (Q beside K and V, as a decoding step's
+    /// one product leaves them), or with features strided (copied first), give the bits of
+    /// the same queries in a contiguous array, with and without sequences taken together.
+    #[test]
+    fn queries_read_in_place_from_wider_rows_give_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(32);
+        let (b, tk, dk) = (5, 9, 8);
+        let lengths = [9, 9, 4, 9, 9];
+        for h in [2, 8] {
+            let d = h * dk;
+            let wide = Array2::from_shape_fn((b, 3 * d), |_| rng.random_range(-2.0f32..2.0));
+            let kt = Array4::from_shape_fn((b, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
+            let v = Array4::from_shape_fn((b, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
+            let mask = Mask::key_lengths(&lengths).resolve(b, 1, tk).unwrap();
+            let q = wide.slice(s![.., d..2 * d]);
+            let mut expected = Array2::from_elem((b, d), f32::NAN);
+            attention_step(
+                q.to_owned().view(),
+                kt.view(),
+                v.view(),
+                &mask,
+                expected.view_mut(),
+            );
+            let reversed = Array2::from_shape_fn((b, d), |(i, j)| q[[i, d - 1 - j]]);
+            let cols = reversed.slice(s![.., ..;-1]);
+            assert_eq!(cols, q);
+            for (what, q) in [("rows of Q, K and V", q), ("strided features", cols)] {
+                let mut got = Array2::from_elem((b, d), f32::NAN);
+                attention_step(q, kt.view(), v.view(), &mask, got.view_mut());
+                for (x, y) in got.iter().zip(&expected) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, {what}");
                 }
             }
         }

@@ -44,7 +44,7 @@
 
 use ndarray::{
     Array1, Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis,
-    CowArray, Ix4, s,
+    CowArray, Ix2, Ix4, s,
 };
 use rand::Rng;
 
@@ -938,21 +938,25 @@ impl<F: Float> MultiHead<F> {
     fn context(&self, q: ArrayView2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask, step: bool) -> Array2<F> {
         let b = cache.batch_size();
         let mask = resolve_or_panic(mask, b, tq, cache.len());
-        let mut ctx = Array2::zeros((b * tq, self.cfg.d_model));
-        if step {
-            cache.attend_step(q, &mask, ctx.view_mut());
-        } else {
-            attention_forward(
-                self.heads(q, b, tq),
-                cache.keys().view(),
-                cache.values().view(),
-                mask,
-                0.0,
-                None::<&mut rand::rngs::SmallRng>,
-                self.heads_mut(ctx.view_mut(), b, tq),
-            );
+        // SAFETY: both `attention_step` and `attention_forward` write every element of
+        // their output.
+        unsafe {
+            crate::kernels::workspace::filled((b * tq, self.cfg.d_model), |mut ctx| {
+                if step {
+                    cache.attend_step(q, &mask, ctx);
+                } else {
+                    attention_forward(
+                        self.heads(q.as_standard_layout().view(), b, tq),
+                        cache.keys().view(),
+                        cache.values().view(),
+                        mask,
+                        0.0,
+                        None::<&mut rand::rngs::SmallRng>,
+                        self.heads_mut(ctx.view_mut(), b, tq),
+                    );
+                }
+            })
         }
-        ctx
     }
 
     /// The projections packed for decoding: Q, K and V together for self-attention
@@ -1094,7 +1098,7 @@ impl<F: Float> MultiHead<F> {
             cache.batch_size(),
             self.cfg.d_model
         );
-        let x_rows = rows(x);
+        let x_rows = rows_in_place(x);
         // SAFETY: gemm_packed writes every element.
         let qkv = unsafe {
             filled((b * tq, 3 * d), |c| {
@@ -1107,10 +1111,14 @@ impl<F: Float> MultiHead<F> {
                 )
             })
         };
-        let part = |i: usize| qkv.slice(s![.., i * d..(i + 1) * d]).to_owned();
-        let (q, k, v) = (part(0), part(1), part(2));
-        cache.push(self.heads(k.view(), b, tq), self.heads(v.view(), b, tq));
-        self.attend_projected(q, tq, cache, &Mask::causal(), &packed.output)
+        // Q, K and V read where the product left them, side by side in each row: copied out
+        // first, the three parts and the input rows had been a twentieth of the main
+        // thread's time in a small greedy decode on two threads, while the other waited.
+        let [_, k, v] = self.split_heads::<3>(qkv.view(), b, tq);
+        cache.push(k, v);
+        let y = self.attend_projected(qkv.slice(s![.., ..d]), tq, cache, &Mask::causal(), &packed.output);
+        qkv.give_back();
+        y
     }
 
     /// [`MultiHead::infer_with_cache`] with the projections of [`MultiHead::pack`].
@@ -1132,7 +1140,7 @@ impl<F: Float> MultiHead<F> {
             cache.batch_size(),
             self.cfg.d_model
         );
-        let x_rows = rows(x);
+        let x_rows = rows_in_place(x);
         // SAFETY: gemm_packed writes every element.
         let q = unsafe {
             filled((b * tq, d), |c| {
@@ -1145,13 +1153,15 @@ impl<F: Float> MultiHead<F> {
                 )
             })
         };
-        self.attend_projected(q, tq, cache, mask, &packed.output)
+        let y = self.attend_projected(q.view(), tq, cache, mask, &packed.output);
+        q.give_back();
+        y
     }
 
     /// Attention of projected queries `[B·Tq, d_model]` over the cache, then W_O packed.
     fn attend_projected(
         &self,
-        q: Array2<F>,
+        q: ArrayView2<F>,
         tq: usize,
         cache: &KvCache<F>,
         mask: &Mask,
@@ -1159,13 +1169,14 @@ impl<F: Float> MultiHead<F> {
     ) -> Array3<F> {
         let b = cache.batch_size();
         let d = self.cfg.d_model;
-        let ctx = self.context(q.view(), tq, cache, mask, tq == 1);
+        let ctx = self.context(q, tq, cache, mask, tq == 1);
         // SAFETY: gemm_packed writes every element.
         let y = unsafe {
             filled((b * tq, d), |c| {
                 gemm_packed(ctx.view(), w_o, self.p.b_o.as_ref().map(|b| b.view()), false, c)
             })
         };
+        ctx.give_back();
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }
 
@@ -1224,6 +1235,18 @@ impl<F: Float> MultiHeadCache<F> {
 }
 
 /// `[B, T, d]` as owned standard-layout rows `[B·T, d]`.
+/// `[B, T, d]` as `[B·T, d]` rows: a view where `x` is in standard layout, else a copy.
+fn rows_in_place<F: Float>(x: ArrayView3<'_, F>) -> CowArray<'_, F, Ix2> {
+    let (b, t, d) = x.dim();
+    if x.is_standard_layout() {
+        x.into_shape_with_order((b * t, d))
+            .expect("standard layout")
+            .into()
+    } else {
+        rows(x).into()
+    }
+}
+
 fn rows<F: Float>(x: ArrayView3<F>) -> Array2<F> {
     let (b, t, d) = x.dim();
     crate::kernels::workspace::owned(x)

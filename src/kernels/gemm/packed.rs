@@ -484,7 +484,9 @@ pub(crate) unsafe fn gemm_packed_b(
     let (mr, nr) = (isa.tile_rows(m), isa.nr());
     let n_panels = n.div_ceil(nr);
     debug_assert!(bpack.len() >= k * n_panels * nr);
-    for_tile_runs(parts, m, mr, n_panels, |rows, panels| {
+    // The AVX2 kernel reading A's rows in place takes any rows (see `run_part`): cut evenly.
+    let even = isa == Isa::Avx2 && a.cs == 1;
+    for_tile_runs(parts, m, mr, n_panels, even, |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
         unsafe {
             run_part(
@@ -521,18 +523,22 @@ pub(super) fn for_panel_runs(parts: usize, n_panels: usize, pack: impl Fn(Range<
 
 /// Runs `run(rows, panels)` over C (`m` rows in panels of `mr`, `n_panels` column panels) cut
 /// between at most `parts` threads as [`split`] says: contiguous runs of row panels, or of
-/// column panels, or all on this thread.
+/// column panels, or all on this thread. `even_rows`: runs of rows as equal as can be, for a
+/// kernel whose cost is its rows' rather than its panels' (32 rows as 16 + 16, not 18 + 14).
 pub(super) fn for_tile_runs(
     parts: usize,
     m: usize,
     mr: usize,
     n_panels: usize,
+    even_rows: bool,
     run: impl Fn(Range<usize>, Range<usize>) + Sync,
 ) {
     let m_panels = m.div_ceil(mr);
     let (parts, by_rows) = split(parts, m_panels, n_panels);
     if parts == 1 {
         run(0..m, 0..n_panels);
+    } else if by_rows && even_rows {
+        for_each_index(parts, |i| run(i * m / parts..(i + 1) * m / parts, 0..n_panels));
     } else if by_rows {
         let per = m_panels.div_ceil(parts) * mr;
         for_each_index(parts, |i| {
@@ -939,7 +945,8 @@ fn next_block_of(
     Some((p * n_pad + j * kc * nr, len))
 }
 
-/// The tiles of rows `rows` (a run of whole MR panels, or to the end of C) and column panels
+/// The tiles of rows `rows` (a run of whole MR panels, or to the end of C; any run for
+/// the AVX2 kernel reading A's rows in place) and column panels
 /// `panels`, on the calling thread.
 ///
 /// # Safety

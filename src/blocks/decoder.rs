@@ -322,7 +322,8 @@ impl<F: Float> Decoder<F> {
         packed: Option<&[PackedDecoderLayer<F>]>,
     ) -> Array3<F> {
         let (b, t, _) = x.dim();
-        let mut h = x.to_owned();
+        // The first layer reads the input where it lies.
+        let mut out: Option<Array3<F>> = None;
         for (i, ((layer, cache), cross)) in self
             .layers
             .iter()
@@ -330,8 +331,10 @@ impl<F: Float> Decoder<F> {
             .zip(&state.cross)
             .enumerate()
         {
-            h = layer.infer_step_packed(h.view(), cache, cross, memory_mask, packed.map(|p| &p[i]));
+            let input = out.as_ref().map_or(x.view(), |h| h.view());
+            out = Some(layer.infer_step_packed(input, cache, cross, memory_mask, packed.map(|p| &p[i])));
         }
+        let mut h = out.unwrap_or_else(|| x.to_owned());
         if let Some(ln) = &self.norm {
             h = unrows(ln.infer(flat(h).view()), b, t);
         }

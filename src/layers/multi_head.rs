@@ -336,20 +336,29 @@ impl<F: Float> KvCache<F> {
             self.spare = None;
         }
         match &mut self.store {
-            Store::Full { kt, v: vv } => append(kt, vv, len, k, v, |x, y| y.copy_from_slice(x)),
-            Store::Bf16 { kt, v: vv } => {
-                append(kt, vv, len, k, v, |x: &[F], y: &mut [u16]| match F::as_f32(x) {
-                    Some(x) => to_bf16_slice(x, y),
-                    None => {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = to_bf16(x.to_f64() as f32);
-                        }
-                    }
-                })
-            }
+            Store::Full { kt, v: vv } => append(kt, vv, len, k, v, as_they_are::<F>),
+            Store::Bf16 { kt, v: vv } => append(kt, vv, len, k, v, rounded_to_bf16::<F>),
         }
         self.len = need;
     }
+}
+
+/// Features appended to an `F` cache: as they are, not copied.
+fn as_they_are<'x, F>(x: &'x [F], _: &'x mut [F]) -> &'x [F] {
+    x
+}
+
+/// Features appended to a bf16 cache: rounded into `y`.
+fn rounded_to_bf16<'x, F: Float>(x: &'x [F], y: &'x mut [u16]) -> &'x [u16] {
+    match F::as_f32(x) {
+        Some(x) => to_bf16_slice(x, y),
+        None => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = to_bf16(x.to_f64() as f32);
+            }
+        }
+    }
+    y
 }
 
 /// Copies the first `len` positions of the sequences `rows` of a cache's keys (transposed)
@@ -386,7 +395,7 @@ fn copy_rows<S: Copy>(
 }
 
 /// Writes keys `k` and values `v` `[B, H, T, d_k]` at positions `len..len + T` of a cache's
-/// keys (transposed) and values, which have room for them; `conv` converts a run of features
+/// keys (transposed) and values, which have room for them; `conv` gives a run of features
 /// (a position's keys or values, every head's) into the cache's type.
 ///
 /// The buffers are in standard layout (as [`Store::zeros`] makes them): each pair `(b, h)`
@@ -401,7 +410,7 @@ fn append<F: Float, S: Copy + Default + Send + Sync>(
     len: usize,
     k: ArrayView4<F>,
     v: ArrayView4<F>,
-    conv: impl Fn(&[F], &mut [S]) + Sync,
+    conv: impl for<'x> Fn(&'x [F], &'x mut [S]) -> &'x [S] + Sync,
 ) {
     let (b, h, t, dk) = k.dim();
     let cap = kt.dim().3;
@@ -460,15 +469,15 @@ fn append<F: Float, S: Copy + Default + Send + Sync>(
             let bi = seqs.start + s;
             for j in 0..t {
                 let p = len + j;
-                conv(position(&k, bi, j, from), to);
+                let keys = conv(position(&k, bi, j, from), to);
                 // Feature d of position p: row d of each head's [d_k, cap].
-                for (kt, key) in kt.chunks_exact_mut(dk * cap).zip(to.chunks_exact(dk)) {
+                for (kt, key) in kt.chunks_exact_mut(dk * cap).zip(keys.chunks_exact(dk)) {
                     for (d, &y) in key.iter().enumerate() {
                         kt[d * cap + p] = y;
                     }
                 }
-                conv(position(&v, bi, j, from), to);
-                for (vv, value) in vv.chunks_exact_mut(dk * cap).zip(to.chunks_exact(dk)) {
+                let values = conv(position(&v, bi, j, from), to);
+                for (vv, value) in vv.chunks_exact_mut(dk * cap).zip(values.chunks_exact(dk)) {
                     vv[p * dk..(p + 1) * dk].copy_from_slice(value);
                 }
             }

@@ -35,14 +35,20 @@ pub fn layer_norm_row<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat:
     normalize(x, gamma, beta, eps, x_hat, y)
 }
 
+/// A row's mean and `1 / √(variance + ε)` (the variance over d, not d − 1): what every form
+/// of the forward pass normalises by.
+#[inline(always)]
+fn mean_rstd<F: Float>(x: &[F], eps: F) -> (F, F) {
+    let inv_d = F::ONE / F::from_f64(x.len() as f64);
+    let mean = sum(x) * inv_d;
+    let var = sum_map(x, |v| (v - mean) * (v - mean)) * inv_d;
+    (mean, F::ONE / (var + eps).sqrt())
+}
+
 /// The row arithmetic of [`layer_norm_row`], lengths checked by the caller.
 #[inline(always)]
 fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
-    let d = x.len();
-    let inv_d = F::ONE / F::from_f64(d as f64);
-    let mean = sum(x) * inv_d;
-    let var = sum_map(x, |v| (v - mean) * (v - mean)) * inv_d;
-    let rstd = F::ONE / (var + eps).sqrt();
+    let (mean, rstd) = mean_rstd(x, eps);
     for ((((xh, y), &x), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(x).zip(gamma).zip(beta) {
         let h = (x - mean) * rstd;
         *xh = h;
@@ -280,10 +286,7 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
             None => y[span.clone()].copy_from_slice(&x[span.clone()]),
         }
         for row in y[span].chunks_exact_mut(d) {
-            let inv_d = F::ONE / F::from_f64(d as f64);
-            let mean = sum(row) * inv_d;
-            let var = sum_map(row, |v| (v - mean) * (v - mean)) * inv_d;
-            let rstd = F::ONE / (var + eps).sqrt();
+            let (mean, rstd) = mean_rstd(row, eps);
             for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
                 let h = (*y - mean) * rstd;
                 *y = g * h + b;
@@ -295,11 +298,7 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
 /// [`normalize`] of the row held in `x_hat`, overwritten by `x̂`.
 #[inline(always)]
 fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
-    let d = x_hat.len();
-    let inv_d = F::ONE / F::from_f64(d as f64);
-    let mean = sum(x_hat) * inv_d;
-    let var = sum_map(x_hat, |v| (v - mean) * (v - mean)) * inv_d;
-    let rstd = F::ONE / (var + eps).sqrt();
+    let (mean, rstd) = mean_rstd(x_hat, eps);
     for (((xh, y), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
         let h = (*xh - mean) * rstd;
         *xh = h;

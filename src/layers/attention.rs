@@ -564,7 +564,7 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     let q = if q.ncols() <= 1 || q.strides()[1] == 1 {
         CowArray::from(q)
     } else {
-        CowArray::from(q.as_standard_layout().into_owned())
+        q.as_standard_layout()
     };
     let (qp, q_rs) = (q.as_ptr() as usize, if b > 1 { q.strides()[0] } else { 0 });
     let mut out = out;

@@ -878,7 +878,7 @@ impl<F: Float> MultiHead<F> {
             memory.shape(),
             self.cfg.d_model
         );
-        let m = rows(memory);
+        let m = rows_in_place(memory);
         let p = &self.p;
         let k = affine(m.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(m.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
@@ -903,12 +903,12 @@ impl<F: Float> MultiHead<F> {
             cache.batch_size(),
             self.cfg.d_model
         );
-        let x_rows = rows(x);
+        let x_rows = rows_in_place(x);
         let p = &self.p;
         let k = affine(x_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(x_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
         cache.push(self.heads(k.view(), b, tq), self.heads(v.view(), b, tq));
-        self.attend(x_rows, tq, cache, &Mask::causal())
+        self.attend(x_rows.view(), tq, cache, &Mask::causal())
     }
 
     /// Attention of `x` `[B, Tq, d_model]` over cached keys and values (cross-attention over a
@@ -925,15 +925,15 @@ impl<F: Float> MultiHead<F> {
             cache.batch_size(),
             self.cfg.d_model
         );
-        self.attend(rows(x), tq, cache, mask)
+        self.attend(rows_in_place(x).view(), tq, cache, mask)
     }
 
     /// Queries from `x_rows` (`tq` positions per sequence), attention over the cache, W_O.
-    fn attend(&self, x_rows: Array2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+    fn attend(&self, x_rows: ArrayView2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
         let b = cache.batch_size();
         let d = self.cfg.d_model;
         let p = &self.p;
-        let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
+        let q = affine(x_rows, p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         // One query over a bf16 cache reads it in place rather than widened into a copy;
         // over an `f32` one this path keeps the general attention (and its bits).
         let ctx = self.context(q.view(), tq, cache, mask, tq == 1 && cache.is_bf16());
@@ -1032,11 +1032,7 @@ impl<F: Float> MultiHead<F> {
         let d = self.cfg.d_model;
         let (b, tq, tk) = self.check_pair(x, memory);
         let mask = resolve_or_panic(mask, b, tq, tk);
-        let x = x.as_standard_layout();
-        let x_rows = x
-            .view()
-            .into_shape_with_order((b * tq, d))
-            .expect("standard layout");
+        let x_rows = rows_in_place(x);
         let product = |a: ArrayView2<F>, w: &PackedB, bias: &Option<Array1<F>>| {
             // SAFETY: gemm_packed writes every element.
             unsafe {
@@ -1045,15 +1041,10 @@ impl<F: Float> MultiHead<F> {
                 })
             }
         };
-        let input = product(x_rows, &packed.input, &packed.input_bias);
+        let input = product(x_rows.view(), &packed.input, &packed.input_bias);
         let kv = memory.map(|m| {
-            let m = m.as_standard_layout();
-            let m_rows = m
-                .view()
-                .into_shape_with_order((b * tk, d))
-                .expect("standard layout");
             let (w, bias) = packed.memory.as_ref().expect("checked above");
-            product(m_rows, w, bias)
+            product(rows_in_place(m).view(), w, bias)
         });
         let (q, k, v) = match &kv {
             None => {
@@ -1243,7 +1234,6 @@ impl<F: Float> MultiHeadCache<F> {
     }
 }
 
-/// `[B, T, d]` as owned standard-layout rows `[B·T, d]`.
 /// `[B, T, d]` as `[B·T, d]` rows: a view where `x` is in standard layout, else a copy.
 fn rows_in_place<F: Float>(x: ArrayView3<'_, F>) -> CowArray<'_, F, Ix2> {
     let (b, t, d) = x.dim();
@@ -1256,6 +1246,7 @@ fn rows_in_place<F: Float>(x: ArrayView3<'_, F>) -> CowArray<'_, F, Ix2> {
     }
 }
 
+/// `[B, T, d]` as owned standard-layout rows `[B·T, d]`.
 fn rows<F: Float>(x: ArrayView3<F>) -> Array2<F> {
     let (b, t, d) = x.dim();
     crate::kernels::workspace::owned(x)

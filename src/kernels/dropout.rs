@@ -205,11 +205,33 @@ impl DropRows {
     }
 
     /// `P ⊙ M` for `p`, rows `first..` of the matrix (each row contiguous), as a new array.
+    #[cfg(test)]
     pub fn times<F: Float>(self, first: usize, p: ndarray::ArrayView2<F>) -> ndarray::Array2<F> {
         let mut kept = ndarray::Array2::zeros(p.dim());
+        self.times_into(first, p, kept.as_slice_mut().expect("a new array"));
+        kept
+    }
+
+    /// `P ⊙ M` for `p`, rows `first..` of the matrix (each row contiguous), into the first
+    /// `p.len()` elements of `buf`, as a view of `p`'s shape.
+    ///
+    /// # Panics
+    /// If `buf` is shorter than `p`, or `p`'s rows are not contiguous.
+    pub fn times_into<'b, F: Float>(
+        self,
+        first: usize,
+        p: ndarray::ArrayView2<F>,
+        buf: &'b mut [F],
+    ) -> ndarray::ArrayViewMut2<'b, F> {
+        let mut kept =
+            ndarray::ArrayViewMut2::from_shape(p.dim(), &mut buf[..p.len()]).expect("a buffer of p's size");
         for (i, (p, mut kept)) in p.rows().into_iter().zip(kept.rows_mut()).enumerate() {
             let (p, kept) = (p.to_slice(), kept.as_slice_mut());
-            self.apply_to(first + i, p.expect("contiguous rows"), kept.expect("a new array"));
+            self.apply_to(
+                first + i,
+                p.expect("contiguous rows"),
+                kept.expect("a dense view"),
+            );
         }
         kept
     }

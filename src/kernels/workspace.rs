@@ -141,6 +141,39 @@ pub(crate) fn give<F: Float>(v: Vec<F>) {
     });
 }
 
+std::thread_local! {
+    static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on `len` elements of a buffer this thread keeps for scratch (their values arbitrary):
+/// the per-head buffers of the attention's general path (`P ⊙ M`, `∂L/∂P`, `∂L/∂S`), which had
+/// been allocated head by head. A call inside `f` gets a buffer of its own, allocated.
+pub(crate) fn with_thread_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
+    fn on<T: Default + Clone + 'static, F: Float, R>(
+        cell: &std::cell::RefCell<Vec<T>>,
+        len: usize,
+        f: impl FnOnce(&mut [F]) -> R,
+    ) -> R {
+        match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < len {
+                    buf.resize(len, T::default());
+                }
+                let any: &mut dyn std::any::Any = &mut *buf;
+                let buf = any.downcast_mut::<Vec<F>>().expect("T is F");
+                f(&mut buf[..len])
+            }
+            Err(_) => f(&mut vec![F::ZERO; len]),
+        }
+    }
+    if TypeId::of::<F>() == TypeId::of::<f32>() {
+        SCRATCH_F32.with(|c| on::<f32, F, R>(c, len, f))
+    } else {
+        SCRATCH_F64.with(|c| on::<f64, F, R>(c, len, f))
+    }
+}
+
 /// A new array of `shape` whose elements are all written by `fill` before any is read: from
 /// the workspace when it has a buffer of that size, else allocated without zeroing.
 ///

@@ -73,8 +73,11 @@ use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::simd::widest;
 use crate::kernels::small_head::{Cached, StepRow, step_row};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::small_head::{RowSoftmax, SmallHead, head_forward_avx2, product_avx2};
+use crate::kernels::small_head::{
+    RowSoftmax, SmallHead, head_backward_avx2, head_forward_avx2, product_avx2,
+};
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
+use crate::kernels::workspace::with_thread_scratch;
 use crate::kernels::{DropKey, Float, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
 
@@ -426,7 +429,9 @@ pub fn attention_forward<F: Float>(
                 });
                 let (p, v) = (probs.slice(s![.., ..width]), v.slice(s![..width, ..]));
                 match dropped {
-                    Some(m) => gemm(F::ONE, m.times(rows.start, p).view(), v, F::ZERO, out),
+                    Some(m) => with_thread_scratch(p.len(), |buf| {
+                        gemm(F::ONE, m.times_into(rows.start, p, buf).view(), v, F::ZERO, out)
+                    }),
                     None => gemm(F::ONE, p, v, F::ZERO, out),
                 }
             }
@@ -702,12 +707,13 @@ pub fn attention_backward<F: Float>(
         let drop = head_drop(cache.drop, (b, h, tq, tk), bi, hi);
         let g = head_view(&grad_out, bi, hi, tq, dv);
         #[cfg(target_arch = "x86_64")]
+        let softmax_backward = |i, p: &[F], gp: &[F], gs: &mut [F]| {
+            widest!(softmax_row_backward_inline(p, gp, gs, mask.row(bi, i)))
+        };
+        #[cfg(target_arch = "x86_64")]
         if let Some(head) = SmallHead::new(head_view(&q, bi, hi, tq, dk), k, v)
             && head.takes_backward()
         {
-            let softmax_backward = |i, p: &[F], gp: &[F], gs: &mut [F]| {
-                widest!(softmax_row_backward_inline(p, gp, gs, mask.row(bi, i)))
-            };
             let (gq, gk, gv) = (
                 &mut grad_q,
                 &mut grad_k.slice_mut(s![..kb, ..]),
@@ -731,10 +737,29 @@ pub fn attention_backward<F: Float>(
             };
             return;
         }
+        let q = head_view(&q, bi, hi, tq, dk);
+        #[cfg(target_arch = "x86_64")]
+        if head_backward_avx2(
+            !mask.is_causal(),
+            q,
+            k,
+            v,
+            scale,
+            query_blocks(mask, bi, tq, kb),
+            key_blocks(mask, bi, kb),
+            probs,
+            drop,
+            g,
+            softmax_backward,
+            &mut grad_q,
+            &mut grad_k.slice_mut(s![..kb, ..]),
+            &mut grad_v.slice_mut(s![..kb, ..]),
+        ) {
+            return;
+        }
         // Under a causal mask the products below skip what the mask blocks: by blocks of
         // queries, the keys past the last one they see; by blocks of keys, the queries before
         // the first that sees one (their weights and gradients there are exactly 0).
-        let q = head_view(&q, bi, hi, tq, dk);
         let general = products::<F>(mask);
         // On the AVX2 path, the products in registers where they take the same bits.
         let gemm = |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, beta: F, out: ArrayViewMut2<F>| {
@@ -746,67 +771,76 @@ pub fn attention_backward<F: Float>(
             }
             general(alpha, left, right, beta, out)
         };
-        let dropped = drop.map(|m| m.times(0, probs));
-        let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
-        // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys
-        // no query sees: the products over the queries of each key.
-        let by_keys = |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, mut out: ArrayViewMut2<F>| {
-            for (keys, first) in key_blocks(mask, bi, kb) {
-                let mut out = out.slice_mut(s![keys.clone(), ..]);
-                if first == tq {
-                    out.fill(F::ZERO);
+        // P ⊙ M, ∂L/∂P and ∂L/∂S in this thread's scratch, reused from head to head.
+        let parts = if drop.is_some() { 3 } else { 2 };
+        with_thread_scratch(parts * tq * kb, |buf: &mut [F]| {
+            let (grad_p, rest) = buf.split_at_mut(tq * kb);
+            let (grad_s, kept) = rest.split_at_mut(tq * kb);
+            let dropped = drop.map(|m| m.times_into(0, probs, kept));
+            let p_kept = dropped.as_ref().map_or(probs, |d| d.view());
+            // `out[keys] = α·left[first.., keys]ᵀ·right[first..]` by blocks of keys, zero for keys
+            // no query sees: the products over the queries of each key.
+            let by_keys = |alpha: F, left: ArrayView2<F>, right: ArrayView2<F>, mut out: ArrayViewMut2<F>| {
+                for (keys, first) in key_blocks(mask, bi, kb) {
+                    let mut out = out.slice_mut(s![keys.clone(), ..]);
+                    if first == tq {
+                        out.fill(F::ZERO);
+                    } else {
+                        let (left, right) = (left.slice(s![first.., keys]), right.slice(s![first.., ..]));
+                        gemm(alpha, left.t(), right, F::ZERO, out);
+                    }
+                }
+            };
+            // ∂L/∂V = P'ᵀ·G
+            by_keys(F::ONE, p_kept, g, grad_v.view_mut());
+            // ∂L/∂P = (G·Vᵀ) ⊙ M, then ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked
+            // keys (each row read below its limit, at most its block's width).
+            // Zeros past each block's width, as the softmax's backward reads the whole row.
+            grad_p.fill(F::ZERO);
+            grad_s.fill(F::ZERO);
+            let mut grad_p = ArrayViewMut2::from_shape((tq, kb), grad_p).expect("tq · kb elements");
+            let mut grad_s = ArrayViewMut2::from_shape((tq, kb), grad_s).expect("tq · kb elements");
+            for (rows, width) in query_blocks(mask, bi, tq, kb) {
+                let mut gp = grad_p.slice_mut(s![rows.clone(), ..width]);
+                if width > 0 {
+                    gemm(
+                        F::ONE,
+                        g.slice(s![rows.clone(), ..]),
+                        v.slice(s![..width, ..]).t(),
+                        F::ZERO,
+                        gp.view_mut(),
+                    );
+                }
+                if let Some(m) = drop {
+                    for (i, mut row) in rows.clone().zip(gp.rows_mut()) {
+                        m.apply(i, row.as_slice_mut().expect("contiguous"));
+                    }
+                }
+                widest!(for i in rows.clone() {
+                    softmax_row_backward_inline(
+                        probs.row(i).to_slice().expect("contiguous"),
+                        grad_p.row(i).to_slice().expect("contiguous"),
+                        grad_s.row_mut(i).into_slice().expect("contiguous"),
+                        mask.row(bi, i),
+                    );
+                });
+                // ∂L/∂Q = ∂L/∂S·K/√d_k
+                let mut gq = grad_q.slice_mut(s![rows.clone(), ..]);
+                if width == 0 {
+                    gq.fill(F::ZERO);
                 } else {
-                    let (left, right) = (left.slice(s![first.., keys]), right.slice(s![first.., ..]));
-                    gemm(alpha, left.t(), right, F::ZERO, out);
+                    gemm(
+                        scale,
+                        grad_s.slice(s![rows, ..width]),
+                        k.slice(s![..width, ..]),
+                        F::ZERO,
+                        gq,
+                    );
                 }
             }
-        };
-        // ∂L/∂V = P'ᵀ·G
-        by_keys(F::ONE, p_kept, g, grad_v.view_mut());
-        // ∂L/∂P = (G·Vᵀ) ⊙ M, then ∂L/∂S = P ⊙ (∂L/∂P − rowsum(P ⊙ ∂L/∂P)), zero at blocked
-        // keys (each row read below its limit, at most its block's width).
-        let mut grad_p = Array2::zeros((tq, kb));
-        let mut grad_s = Array2::zeros((tq, kb));
-        for (rows, width) in query_blocks(mask, bi, tq, kb) {
-            let mut gp = grad_p.slice_mut(s![rows.clone(), ..width]);
-            if width > 0 {
-                gemm(
-                    F::ONE,
-                    g.slice(s![rows.clone(), ..]),
-                    v.slice(s![..width, ..]).t(),
-                    F::ZERO,
-                    gp.view_mut(),
-                );
-            }
-            if let Some(m) = drop {
-                for (i, mut row) in rows.clone().zip(gp.rows_mut()) {
-                    m.apply(i, row.as_slice_mut().expect("contiguous"));
-                }
-            }
-            widest!(for i in rows.clone() {
-                softmax_row_backward_inline(
-                    probs.row(i).to_slice().expect("contiguous"),
-                    grad_p.row(i).to_slice().expect("contiguous"),
-                    grad_s.row_mut(i).into_slice().expect("contiguous"),
-                    mask.row(bi, i),
-                );
-            });
-            // ∂L/∂Q = ∂L/∂S·K/√d_k
-            let mut gq = grad_q.slice_mut(s![rows.clone(), ..]);
-            if width == 0 {
-                gq.fill(F::ZERO);
-            } else {
-                gemm(
-                    scale,
-                    grad_s.slice(s![rows, ..width]),
-                    k.slice(s![..width, ..]),
-                    F::ZERO,
-                    gq,
-                );
-            }
-        }
-        // ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
-        by_keys(scale, grad_s.view(), q, grad_k.view_mut());
+            // ∂L/∂K = (∂L/∂S)ᵀ·Q/√d_k
+            by_keys(scale, grad_s.view(), q, grad_k.view_mut());
+        });
     };
     // The attention core computes in f32 whatever the precision of the products around
     // it (the register path always did; the GEMM calls of the general path take bf16

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod allocations;
 mod api;
 mod attention;
 mod blocks;
@@ -25,3 +26,7 @@ mod models;
 mod padding;
 mod precision;
 mod pytorch_parity;
+
+/// Every test's allocations go through a counter per thread ([`allocations`]).
+#[global_allocator]
+static ALLOCATOR: allocations::Counting = allocations::Counting;

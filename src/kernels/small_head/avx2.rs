@@ -365,8 +365,13 @@ pub(crate) fn head_forward<F: Float>(
     // F is f32 (checked above): the views below are of f32.
     let (q, p, o) = (Strided::of(&q), Strided::of_mut(probs), Strided::of_mut(out));
     let mut softmax = softmax;
-    SCRATCH.with_borrow_mut(|kt| {
-        kt.resize(dk * kb, 0.0);
+    SCRATCH.with_borrow_mut(|scratch| {
+        // Kᵀ, and with dropout a block's P ⊙ M (rows kb apart), reused from block to block.
+        let pm_len = if dropped.is_some() { tq * kb } else { 0 };
+        if scratch.len() < dk * kb + pm_len {
+            scratch.resize(dk * kb + pm_len, 0.0);
+        }
+        let (kt, pm) = scratch.split_at_mut(dk * kb);
         // SAFETY: K [kb, dk] with contiguous rows (checked above); AVX2 (level).
         unsafe { transpose(Strided::of(&k), kb, dk, kt) };
         for (rows, width) in queries {
@@ -426,9 +431,16 @@ pub(crate) fn head_forward<F: Float>(
                     }
                 }
             }
-            let kept = dropped.map(|m| m.times(rows.start, probs.slice(s![rows.clone(), ..width])));
-            let a = match &kept {
-                Some(kept) => Strided::of(&kept.view()),
+            let a = match dropped {
+                Some(m) => {
+                    for (r, i) in rows.clone().enumerate() {
+                        // SAFETY: row i of the weights, at least width contiguous floats
+                        // (checked above).
+                        let p = unsafe { std::slice::from_raw_parts(p.from(i, 0).ptr, width) };
+                        m.apply_to(i, p, &mut pm[r * kb..][..width]);
+                    }
+                    Strided::dense(pm, kb)
+                }
                 None => p.from(rows.start, 0),
             };
             let v = Strided::of(&v);
@@ -453,11 +465,249 @@ pub(crate) fn head_forward<F: Float>(
     true
 }
 
+/// One head's backward pass on the AVX2 path, given `∂L/∂O` (`grad_out`): `∂L/∂V = (P ⊙
+/// M)ᵀ·G`, `∂L/∂P = (G·Vᵀ) ⊙ M`, `∂L/∂S` row by row from `softmax_backward(i, p, ∂L/∂p,
+/// ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K` and `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`, by the forward pass's
+/// blocks: of `queries`, each with the keys its queries see at most, and of `keys`, each with
+/// the first query that sees one. The general path makes each product a [`product`] call on
+/// views it slices block by block, allocates `P ⊙ M`, `∂L/∂P` and `∂L/∂S` (zeroed) for every
+/// head, and draws the dropout's mask twice; here the three live in a scratch buffer reused
+/// from head to head, the mask is drawn once (its factors kept for both of its products), and
+/// the products are [`Operands`] over the same rows: the same bits (tested). `few_rows` is
+/// the general path's: whether its GEMM is `gemm` (with the few-row kernels) or `gemm_blocks`.
+/// `false`, and nothing written, where the general path runs instead: `F` not `f32`, a CPU
+/// whose best kernels are not the AVX2 ones, rows not contiguous, or a product [`product`]
+/// would not take.
+///
+/// # Panics
+/// If `probs` is not `[Tq, kb]`, or `grad_out` or a gradient not of its input's shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_backward<F: Float>(
+    few_rows: bool,
+    q: ndarray::ArrayView2<F>,
+    k: ndarray::ArrayView2<F>,
+    v: ndarray::ArrayView2<F>,
+    scale: F,
+    queries: impl Iterator<Item = (std::ops::Range<usize>, usize)> + Clone,
+    keys: impl Iterator<Item = (std::ops::Range<usize>, usize)> + Clone,
+    probs: ndarray::ArrayView2<F>,
+    dropped: Option<crate::kernels::dropout::DropRows>,
+    grad_out: ndarray::ArrayView2<F>,
+    mut softmax_backward: impl FnMut(usize, &[F], &[F], &mut [F]),
+    grad_q: &mut ndarray::ArrayViewMut2<F>,
+    grad_k: &mut ndarray::ArrayViewMut2<F>,
+    grad_v: &mut ndarray::ArrayViewMut2<F>,
+) -> bool {
+    use crate::kernels::cpu::{Level, level};
+    let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
+    assert!(
+        k.dim() == (kb, dk)
+            && probs.dim() == (tq, kb)
+            && grad_out.dim() == (tq, dv)
+            && grad_q.dim() == (tq, dk)
+            && grad_k.dim() == (kb, dk)
+            && grad_v.dim() == (kb, dv),
+        "head_backward: q {:?}, k {:?}, v {:?}, probs {:?}, grad_out {:?}, grads {:?} {:?} {:?}",
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        probs.shape(),
+        grad_out.shape(),
+        grad_q.shape(),
+        grad_k.shape(),
+        grad_v.shape()
+    );
+    let unit = |s: &[isize], cols: usize| s[1] == 1 || cols <= 1;
+    let fits = |m: usize, terms: usize, n: usize| m == 0 || in_registers_as_gemm(few_rows, m, terms, n);
+    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
+        && level() == Level::Avx2
+        && tq * kb * dk * dv > 0
+        && unit(q.strides(), dk)
+        && unit(k.strides(), dk)
+        && unit(v.strides(), dv)
+        && unit(probs.strides(), kb)
+        && unit(grad_out.strides(), dv)
+        && unit(grad_q.strides(), dk)
+        && unit(grad_k.strides(), dk)
+        && unit(grad_v.strides(), dv)
+        && queries
+            .clone()
+            .all(|(rows, width)| width == 0 || (fits(rows.len(), dv, width) && fits(rows.len(), width, dk)))
+        && keys.clone().all(|(keys, first)| {
+            first >= tq || (fits(keys.len(), tq - first, dv) && fits(keys.len(), tq - first, dk))
+        });
+    if !taken {
+        return false;
+    }
+    // F is f32 (checked above): the views below are of f32.
+    let (q, k, p, g) = (
+        Strided::of(&q),
+        Strided::of(&k),
+        Strided::of(&probs),
+        Strided::of(&grad_out),
+    );
+    let (gq, gk, gv) = (
+        Strided::of_mut(grad_q),
+        Strided::of_mut(grad_k),
+        Strided::of_mut(grad_v),
+    );
+    // Rows `rows` of `x` (`cols` floats each) zero.
+    let zero = |x: Strided, rows: std::ops::Range<usize>, cols: usize| {
+        for r in rows {
+            // SAFETY: row r of a gradient of `cols` contiguous floats (checked above).
+            unsafe { std::slice::from_raw_parts_mut(x.from(r, 0).ptr as *mut f32, cols) }.fill(0.0);
+        }
+    };
+    // Row i of P, its kb floats.
+    // SAFETY: probs is [tq, kb] with contiguous rows (checked above).
+    let p_row = |i: usize| unsafe { std::slice::from_raw_parts(p.from(i, 0).ptr, kb) };
+    BACKWARD.with_borrow_mut(|scratch| {
+        let parts = if dropped.is_some() { 5 } else { 3 };
+        if scratch.len() < parts * tq * kb + dv * kb {
+            scratch.resize(parts * tq * kb + dv * kb, 0.0);
+        }
+        let (vt, rest) = scratch.split_at_mut(dv * kb);
+        let (gp, rest) = rest.split_at_mut(tq * kb);
+        let (gs, rest) = rest.split_at_mut(tq * kb);
+        let (factors, pm) = rest.split_at_mut(tq * kb);
+        // P ⊙ M and M's factors, the mask drawn once: a factor times 1 is the factor, and
+        // `x · factor` the product the mask's own pass makes.
+        let left = match dropped {
+            Some(m) => {
+                for (i, (f, pm)) in factors
+                    .chunks_exact_mut(kb)
+                    .zip(pm.chunks_exact_mut(kb))
+                    .enumerate()
+                {
+                    f.fill(1.0);
+                    m.apply(i, f);
+                    for ((pm, &p), &f) in pm.iter_mut().zip(p_row(i)).zip(&*f) {
+                        *pm = p * f;
+                    }
+                }
+                Strided::dense(pm, kb)
+            }
+            None => p,
+        };
+        // SAFETY (every `run` below): AVX2 and FMA (level); each operand is inside the head's
+        // arrays or the scratch, with the rows and strides given, and 1 ≤ cols ≤ MAX_KEYS
+        // (checked above through `in_registers_as_gemm`).
+        // ∂L/∂V = (P ⊙ M)ᵀ·G, over the queries from the first that sees each block of keys.
+        for (keys, first) in keys.clone() {
+            if first >= tq {
+                zero(gv, keys, dv);
+                continue;
+            }
+            let a = left.from(first, keys.start);
+            let product = Operands {
+                a: a.ptr,
+                lda: 1,
+                ats: a.rs,
+                b: g.from(first, 0).ptr,
+                ldb: g.rs,
+                b_cols: dv,
+                terms: tq - first,
+                alpha: 1.0,
+                c: gv.from(keys.start, 0).ptr as *mut f32,
+                ldc: gv.rs,
+                cols: dv,
+            };
+            unsafe { product.run(keys.len()) };
+        }
+        // ∂L/∂P = (G·Vᵀ) ⊙ M below each block's width, zero past it.
+        // SAFETY: V is [kb, dv] with contiguous rows (checked above); AVX2 (level).
+        unsafe { transpose(Strided::of(&v), kb, dv, vt) };
+        for (rows, width) in queries.clone() {
+            if width > 0 {
+                let product = Operands {
+                    a: g.from(rows.start, 0).ptr,
+                    lda: g.rs,
+                    ats: 1,
+                    b: vt.as_ptr(),
+                    ldb: kb as isize,
+                    b_cols: kb,
+                    terms: dv,
+                    alpha: 1.0,
+                    c: gp[rows.start * kb..].as_mut_ptr(),
+                    ldc: kb as isize,
+                    cols: width,
+                };
+                unsafe { product.run(rows.len()) };
+            }
+            for i in rows {
+                let row = &mut gp[i * kb..][..kb];
+                row[width..].fill(0.0);
+                if dropped.is_some() {
+                    for (x, &f) in row[..width].iter_mut().zip(&factors[i * kb..][..width]) {
+                        *x *= f;
+                    }
+                }
+                // SAFETY: F is f32 (checked above): the same floats.
+                let (p, gp, gs) = unsafe {
+                    (
+                        std::slice::from_raw_parts(p_row(i).as_ptr() as *const F, kb),
+                        std::slice::from_raw_parts(row.as_ptr() as *const F, kb),
+                        std::slice::from_raw_parts_mut(gs[i * kb..].as_mut_ptr() as *mut F, kb),
+                    )
+                };
+                softmax_backward(i, p, gp, gs);
+            }
+        }
+        let gs = Strided::dense(gs, kb);
+        // ∂L/∂Q = scale·∂L/∂S·K, the keys below each block's width.
+        for (rows, width) in queries {
+            if width == 0 {
+                zero(gq, rows, dk);
+                continue;
+            }
+            let product = Operands {
+                a: gs.from(rows.start, 0).ptr,
+                lda: kb as isize,
+                ats: 1,
+                b: k.ptr,
+                ldb: k.rs,
+                b_cols: dk,
+                terms: width,
+                alpha: scale.to_f64() as f32,
+                c: gq.from(rows.start, 0).ptr as *mut f32,
+                ldc: gq.rs,
+                cols: dk,
+            };
+            unsafe { product.run(rows.len()) };
+        }
+        // ∂L/∂K = scale·(∂L/∂S)ᵀ·Q, over the queries from the first that sees each block.
+        for (keys, first) in keys {
+            if first >= tq {
+                zero(gk, keys, dk);
+                continue;
+            }
+            let product = Operands {
+                a: gs.from(first, keys.start).ptr,
+                lda: 1,
+                ats: kb as isize,
+                b: q.from(first, 0).ptr,
+                ldb: q.rs,
+                b_cols: dk,
+                terms: tq - first,
+                alpha: scale.to_f64() as f32,
+                c: gk.from(keys.start, 0).ptr as *mut f32,
+                ldc: gk.rs,
+                cols: dk,
+            };
+            unsafe { product.run(keys.len()) };
+        }
+    });
+    true
+}
+
 std::thread_local! {
     /// Kᵀ of [`head_forward`]'s head (`[d_k][kb]`, dense), reused from head to head.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// [`product`]'s right factor with its rows made contiguous, reused from call to call.
     static RIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`head_backward`]'s `Vᵀ`, `∂L/∂P`, `∂L/∂S`, and with dropout the mask's factors and
+    /// `P ⊙ M`, reused from head to head.
+    static BACKWARD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out ← alpha·left·right` as a register product of [`Operands`], where the GEMM
@@ -992,6 +1242,208 @@ mod tests {
         }
         // (40, 33, 64, 7): 40 rows of 64 terms go to the packed kernels; (1, 5, 8, 3) too.
         assert!(taken >= 20, "{taken} heads taken");
+    }
+
+    /// A head's backward on the AVX2 path gives the general path's bits (the products by
+    /// `gemm` or `gemm_blocks` per block, `P ⊙ M` and `∂L/∂P ⊙ M` by the dropout's own
+    /// passes, the row softmax's backward), for heads at the edges of vectors and of row tiles,
+    /// causal (in blocks of 32 queries and keys) or not, with padding flags and dropout, the
+    /// head's rows inside wider arrays; every gradient element written.
+    #[test]
+    fn head_backward_equals_the_general_path_bit_for_bit() {
+        use crate::kernels::cpu::{Level, level};
+        use crate::kernels::gemm;
+        use crate::kernels::softmax::softmax_row_backward;
+        use rand::Rng;
+        if level() != Level::Avx2 {
+            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(37);
+        let mut taken = 0;
+        for (tq, kb, dk, dv) in [
+            (16, 16, 16, 16),
+            (32, 32, 32, 32),
+            (13, 17, 9, 20),
+            (1, 5, 8, 3),
+            (70, 64, 24, 64),
+            (40, 33, 64, 7),
+            (64, 70, 16, 16),
+        ] {
+            for (causal, flags, dropped) in [
+                (false, false, false),
+                (false, false, true),
+                (true, false, false),
+                (true, false, true),
+                (false, true, true),
+            ] {
+                let wide = |x: Array2<f32>| {
+                    let mut w = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
+                    w.slice_mut(s![.., ..x.ncols()]).assign(&x);
+                    w
+                };
+                let limit = |i: usize| if causal { (i + 1).min(kb) } else { kb };
+                let mask = |i: usize| RowMask {
+                    limit: limit(i),
+                    keys: flags.then_some(&KEYS[..kb]),
+                    pairs: None,
+                };
+                let mut p = Array2::from_shape_fn((tq, kb), |_| rng.random_range(0.0f32..1.0));
+                for (i, mut row) in p.rows_mut().into_iter().enumerate() {
+                    row.slice_mut(s![limit(i)..]).fill(0.0);
+                }
+                let (qw, kw, vw, gw, pw) = (
+                    wide(random(&mut rng, (tq, dk))),
+                    wide(random(&mut rng, (kb, dk))),
+                    wide(random(&mut rng, (kb, dv))),
+                    wide(random(&mut rng, (tq, dv))),
+                    wide(p),
+                );
+                let (q, k, v, g, p) = (
+                    qw.slice(s![.., ..dk]),
+                    kw.slice(s![.., ..dk]),
+                    vw.slice(s![.., ..dv]),
+                    gw.slice(s![.., ..dv]),
+                    pw.slice(s![.., ..kb]),
+                );
+                let blocks = |len: usize| {
+                    let step = if causal { 32 } else { len.max(1) };
+                    (0..len).step_by(step).map(move |a| a..(a + step).min(len))
+                };
+                let queries = blocks(tq).map(|rows| {
+                    let width = limit(rows.end - 1);
+                    (rows, width)
+                });
+                let keys = blocks(kb).map(|keys| {
+                    let first = if causal { keys.start.min(tq) } else { 0 };
+                    (keys, first)
+                });
+                let drop = dropped.then(|| DropRows {
+                    key: DropKey::draw(0.3, &mut rng),
+                    at: 91,
+                    stride: kb + 3,
+                });
+                let scale = 1.0 / (dk as f32).sqrt();
+                let few_rows = !causal;
+                // The general path.
+                fn product(
+                    few_rows: bool,
+                    alpha: f32,
+                    l: ndarray::ArrayView2<f32>,
+                    r: ndarray::ArrayView2<f32>,
+                    out: ndarray::ArrayViewMut2<f32>,
+                ) {
+                    if few_rows {
+                        gemm(alpha, l, r, 0.0, out)
+                    } else {
+                        gemm_blocks(alpha, l, r, 0.0, out)
+                    }
+                }
+                let (mut want_q, mut want_k, mut want_v) = (
+                    Array2::from_elem((tq, dk), f32::NAN),
+                    Array2::from_elem((kb, dk), f32::NAN),
+                    Array2::from_elem((kb, dv), f32::NAN),
+                );
+                let kept = drop.map_or_else(|| p.to_owned(), |m| m.times(0, p));
+                for (keys, first) in keys.clone() {
+                    let mut out = want_v.slice_mut(s![keys.clone(), ..]);
+                    if first == tq {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    product(
+                        few_rows,
+                        1.0,
+                        kept.slice(s![first.., keys]).t(),
+                        g.slice(s![first.., ..]),
+                        out,
+                    );
+                }
+                let (mut gp, mut gs) = (Array2::zeros((tq, kb)), Array2::zeros((tq, kb)));
+                for (rows, width) in queries.clone() {
+                    if width > 0 {
+                        product(
+                            few_rows,
+                            1.0,
+                            g.slice(s![rows.clone(), ..]),
+                            v.slice(s![..width, ..]).t(),
+                            gp.slice_mut(s![rows.clone(), ..width]),
+                        );
+                    }
+                    for i in rows.clone() {
+                        if let Some(m) = drop {
+                            m.apply(i, &mut gp.row_mut(i).as_slice_mut().unwrap()[..width]);
+                        }
+                        softmax_row_backward(
+                            p.row(i).to_slice().unwrap(),
+                            gp.row(i).to_slice().unwrap(),
+                            gs.row_mut(i).into_slice().unwrap(),
+                            mask(i),
+                        );
+                    }
+                    let mut out = want_q.slice_mut(s![rows.clone(), ..]);
+                    if width == 0 {
+                        out.fill(0.0);
+                    } else {
+                        product(
+                            few_rows,
+                            scale,
+                            gs.slice(s![rows, ..width]),
+                            k.slice(s![..width, ..]),
+                            out,
+                        );
+                    }
+                }
+                for (keys, first) in keys.clone() {
+                    let mut out = want_k.slice_mut(s![keys.clone(), ..]);
+                    if first == tq {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    product(
+                        few_rows,
+                        scale,
+                        gs.slice(s![first.., keys]).t(),
+                        q.slice(s![first.., ..]),
+                        out,
+                    );
+                }
+                // The AVX2 path, into gradients inside wider arrays.
+                let (mut gqw, mut gkw, mut gvw) = (
+                    Array2::from_elem((tq, dk + 5), f32::NAN),
+                    Array2::from_elem((kb, dk + 5), f32::NAN),
+                    Array2::from_elem((kb, dv + 5), f32::NAN),
+                );
+                let name =
+                    format!("({tq}, {kb}, {dk}, {dv}) causal {causal} flags {flags} dropout {dropped}");
+                if !head_backward(
+                    few_rows,
+                    q,
+                    k,
+                    v,
+                    scale,
+                    queries,
+                    keys,
+                    p,
+                    drop,
+                    g,
+                    |i, p: &[f32], gp: &[f32], gs: &mut [f32]| softmax_row_backward(p, gp, gs, mask(i)),
+                    &mut gqw.slice_mut(s![.., ..dk]),
+                    &mut gkw.slice_mut(s![.., ..dk]),
+                    &mut gvw.slice_mut(s![.., ..dv]),
+                ) {
+                    continue;
+                }
+                taken += 1;
+                let same = |got: ndarray::ArrayView2<f32>, want: &Array2<f32>| {
+                    got.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(same(gqw.slice(s![.., ..dk]), &want_q), "∂Q differs: {name}");
+                assert!(same(gkw.slice(s![.., ..dk]), &want_k), "∂K differs: {name}");
+                assert!(same(gvw.slice(s![.., ..dv]), &want_v), "∂V differs: {name}");
+            }
+        }
+        assert!(taken >= 25, "{taken} heads taken");
     }
 
     /// A product in registers gives the GEMM's bits (`gemm` with its few-row kernels, or

@@ -64,7 +64,9 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::{head_forward as head_forward_avx2, product as product_avx2};
+pub(crate) use avx2::{
+    head_backward as head_backward_avx2, head_forward as head_forward_avx2, product as product_avx2,
+};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::{RowSoftmax, SmallHead};
 

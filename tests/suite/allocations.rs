@@ -1,0 +1,98 @@
+//! Allocations of a training step: after the first steps, a step takes its activations from
+//! the trainer's workspace and its scratch from buffers kept per thread, and allocates a
+//! few dozen small things (masks, index lists), not one per head, per tensor or per name.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use vaswani::blocks::BlockConfig;
+use vaswani::models::{EncoderDecoderConfig, Seq2SeqBatch};
+use vaswani::train::{Trainer, TrainerConfig};
+
+/// The system allocator, counting the allocations of each thread.
+pub struct Counting;
+
+thread_local! {
+    static COUNT: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is the system allocator's; the count is a thread-local `Cell` with a
+// const initialiser and no destructor, which allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Allocations made on this thread while `f` runs.
+fn allocations(f: impl FnOnce()) -> u64 {
+    let before = COUNT.get();
+    f();
+    COUNT.get() - before
+}
+
+/// A training step of a model of `heads` heads over a batch of `batch` pairs, on one thread,
+/// allocates a few dozen times whatever the heads, the batch and the number of layers:
+/// nothing per head, per sequence or per parameter tensor. On the crate's own kernels (AVX2,
+/// AVX-512); the portable path's GEMM (`matrixmultiply`) allocates its packing buffers at
+/// every call.
+#[test]
+fn a_training_step_allocates_nothing_per_head_or_tensor() {
+    use vaswani::kernels::cpu::{Level, level};
+    if level() == Level::Scalar {
+        eprintln!("skipped: the portable kernels' GEMM allocates at every call");
+        return;
+    }
+    let per_step = |heads: usize, batch: usize, layers: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            let mut rng = StdRng::seed_from_u64(5);
+            let block = BlockConfig::new(32, heads, 64).with_p_drop(0.1);
+            let model = EncoderDecoderConfig::new(40, 40, block, layers, layers)
+                .init(&mut rng)
+                .unwrap();
+            let mut trainer = Trainer::new(model, TrainerConfig::default()).unwrap();
+            let pairs: Vec<(Vec<usize>, Vec<usize>)> = (0..batch)
+                .map(|_| {
+                    let s: Vec<usize> = (0..12).map(|_| rng.random_range(3..40)).collect();
+                    (s.clone(), s)
+                })
+                .collect();
+            let batch = Seq2SeqBatch::from_pairs(&pairs, 1, 2, 0).unwrap();
+            for _ in 0..2 {
+                trainer.step(std::slice::from_ref(&batch), &mut rng).unwrap();
+            }
+            let steps = 3;
+            let n = allocations(|| {
+                for _ in 0..steps {
+                    trainer.step(std::slice::from_ref(&batch), &mut rng).unwrap();
+                }
+            });
+            n / steps
+        })
+    };
+    let small = per_step(2, 4, 1);
+    let large = per_step(8, 16, 3);
+    eprintln!(
+        "allocations a training step: {small} (2 heads, 4 pairs, 1 + 1 layers), {large} (8, 16, 3 + 3)"
+    );
+    // 32 times the (sequence, head) pairs and three times the tensors: before the attention's
+    // scratch and the names on the stack, the larger step allocated about 5 000 times.
+    assert!(
+        large <= small + small / 2 && large < 400,
+        "allocations a step: {small} small, {large} large"
+    );
+}

@@ -1091,38 +1091,54 @@ mod tests {
     use ndarray::{Array2, s};
     use rand::{SeedableRng, rngs::StdRng};
 
+    /// The heads `(Tq, kb, d_k, d_v)` the tests of a head's passes take: at the edges of
+    /// vectors and of row tiles, one of a single query, and more keys than a row in registers.
+    const HEADS: [(usize, usize, usize, usize); 7] = [
+        (16, 16, 16, 16),
+        (32, 32, 32, 32),
+        (13, 17, 9, 20),
+        (1, 5, 8, 3),
+        (70, 64, 24, 64),
+        (40, 33, 64, 7),
+        (64, 70, 16, 16),
+    ];
+
+    /// Whether the AVX2 kernels are this CPU's best, said when they are not.
+    fn avx2_is_best() -> bool {
+        use crate::kernels::cpu::{Level, level};
+        let best = level() == Level::Avx2;
+        if !best {
+            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+        }
+        best
+    }
+
+    /// `x` in the first columns of a wider array (three more columns, NaN), as a head's rows
+    /// lie inside `[B, T, H·d]`.
+    fn wide(x: &Array2<f32>) -> Array2<f32> {
+        let mut w = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
+        w.slice_mut(s![.., ..x.ncols()]).assign(x);
+        w
+    }
+
     /// A head's forward on the AVX2 path gives the general path's bits (two GEMM calls, the
     /// row softmax and the dropout's factors per block of queries), for heads at the edges of
     /// vectors and of row tiles, causal (in blocks of 32 queries) or not, with padding flags
     /// and dropout, the head's rows inside wider arrays as in `[B, T, H·d]`.
     #[test]
     fn head_forward_equals_the_general_path_bit_for_bit() {
-        use crate::kernels::cpu::{Level, level};
-        if level() != Level::Avx2 {
-            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+        if !avx2_is_best() {
             return;
         }
         let mut rng = StdRng::seed_from_u64(31);
         let mut taken = 0;
-        for (tq, kb, dk, dv) in [
-            (16, 16, 16, 16),
-            (32, 32, 32, 32),
-            (13, 17, 9, 20),
-            (1, 5, 8, 3),
-            (70, 64, 24, 64),
-            (40, 33, 64, 7),
-        ] {
+        for (tq, kb, dk, dv) in HEADS {
             for (causal, flags, dropped) in [
                 (false, false, false),
                 (true, false, false),
                 (true, false, true),
                 (false, true, true),
             ] {
-                let wide = |x: &Array2<f32>| {
-                    let mut w = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
-                    w.slice_mut(s![.., ..x.ncols()]).assign(x);
-                    w
-                };
                 let (q, k, v) = (
                     random(&mut rng, (tq, dk)),
                     random(&mut rng, (kb, dk)),
@@ -1251,25 +1267,15 @@ mod tests {
     /// head's rows inside wider arrays; every gradient element written.
     #[test]
     fn head_backward_equals_the_general_path_bit_for_bit() {
-        use crate::kernels::cpu::{Level, level};
         use crate::kernels::gemm;
         use crate::kernels::softmax::softmax_row_backward;
         use rand::Rng;
-        if level() != Level::Avx2 {
-            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+        if !avx2_is_best() {
             return;
         }
         let mut rng = StdRng::seed_from_u64(37);
         let mut taken = 0;
-        for (tq, kb, dk, dv) in [
-            (16, 16, 16, 16),
-            (32, 32, 32, 32),
-            (13, 17, 9, 20),
-            (1, 5, 8, 3),
-            (70, 64, 24, 64),
-            (40, 33, 64, 7),
-            (64, 70, 16, 16),
-        ] {
+        for (tq, kb, dk, dv) in HEADS {
             for (causal, flags, dropped) in [
                 (false, false, false),
                 (false, false, true),
@@ -1277,11 +1283,6 @@ mod tests {
                 (true, false, true),
                 (false, true, true),
             ] {
-                let wide = |x: Array2<f32>| {
-                    let mut w = Array2::from_elem((x.nrows(), x.ncols() + 3), f32::NAN);
-                    w.slice_mut(s![.., ..x.ncols()]).assign(&x);
-                    w
-                };
                 let limit = |i: usize| if causal { (i + 1).min(kb) } else { kb };
                 let mask = |i: usize| RowMask {
                     limit: limit(i),
@@ -1293,11 +1294,11 @@ mod tests {
                     row.slice_mut(s![limit(i)..]).fill(0.0);
                 }
                 let (qw, kw, vw, gw, pw) = (
-                    wide(random(&mut rng, (tq, dk))),
-                    wide(random(&mut rng, (kb, dk))),
-                    wide(random(&mut rng, (kb, dv))),
-                    wide(random(&mut rng, (tq, dv))),
-                    wide(p),
+                    wide(&random(&mut rng, (tq, dk))),
+                    wide(&random(&mut rng, (kb, dk))),
+                    wide(&random(&mut rng, (kb, dv))),
+                    wide(&random(&mut rng, (tq, dv))),
+                    wide(&p),
                 );
                 let (q, k, v, g, p) = (
                     qw.slice(s![.., ..dk]),
@@ -1453,11 +1454,9 @@ mod tests {
     /// than 64 columns and strided outputs are not taken.
     #[test]
     fn product_equals_the_gemm_bit_for_bit() {
-        use crate::kernels::cpu::{Level, level};
         use crate::kernels::gemm;
         use crate::kernels::small_gemm::takes;
-        if level() != Level::Avx2 {
-            eprintln!("skipped: the AVX2 kernels are not this CPU's best (VASWANI_MAX_ISA=avx2 runs them)");
+        if !avx2_is_best() {
             return;
         }
         let mut rng = StdRng::seed_from_u64(5);

@@ -313,8 +313,8 @@ impl Lanes for u16 {
 /// gives it (a chain of fused multiply-adds over the terms in order, scaled after the sum),
 /// so a head is taken only where the GEMM would have run those kernels over one block of
 /// terms (not the few-row kernels, which sum in another order); `softmax(i, row)` is the
-/// general path's row softmax and the dropout's factors its own (`DropRows::times`). The
-/// same bits as the general path (tested). `false`, and nothing written, where the head is
+/// general path's row softmax and the dropout's factors its own (`DropRows::apply_to`, row by
+/// row into a scratch buffer). The same bits as the general path (tested). `false`, and nothing written, where the head is
 /// not taken: `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, rows of Q, K, V,
 /// the weights or the output not contiguous, more than [`MAX_KEYS`] value features or keys
 /// in a block, or products the GEMM would not give its packed kernels.
@@ -470,10 +470,11 @@ pub(crate) fn head_forward<F: Float>(
 /// ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K` and `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`, by the forward pass's
 /// blocks: of `queries`, each with the keys its queries see at most, and of `keys`, each with
 /// the first query that sees one. The general path makes each product a [`product`] call on
-/// views it slices block by block, allocates `P ⊙ M`, `∂L/∂P` and `∂L/∂S` (zeroed) for every
-/// head, and draws the dropout's mask twice; here the three live in a scratch buffer reused
-/// from head to head, the mask is drawn once (its factors kept for both of its products), and
-/// the products are [`Operands`] over the same rows: the same bits (tested). `few_rows` is
+/// views it slices block by block, zeroes the whole of `∂L/∂P` and `∂L/∂S` for every head and
+/// draws the dropout's mask twice (it had also allocated them and `P ⊙ M` head by head); here
+/// they live in a scratch buffer reused from head to head, the mask is drawn once (its factors
+/// kept for both of its products), and the products are [`Operands`] over the same rows: the
+/// same bits (tested). `few_rows` is
 /// the general path's: whether its GEMM is `gemm` (with the few-row kernels) or `gemm_blocks`.
 /// `false`, and nothing written, where the general path runs instead: `F` not `f32`, a CPU
 /// whose best kernels are not the AVX2 ones, rows not contiguous, or a product [`product`]

@@ -285,8 +285,14 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
             }
             None => y[span.clone()].copy_from_slice(&x[span.clone()]),
         }
-        for row in y[span].chunks_exact_mut(d) {
-            let (mean, rstd) = mean_rstd(row, eps);
+        // Every row's mean and 1/√(var + ε) first, then the rows normalised: the rows' chains
+        // of sums (each two folds and a square root long) run side by side. Tiny eval forward,
+        // AMD EPYC Zen 3, one thread, builds alternating: 1.877 → 1.858 ms (medians of eight).
+        let mut stats = [(F::ZERO, F::ZERO); SUM_GROUP];
+        for (st, row) in stats.iter_mut().zip(y[span.clone()].chunks_exact(d)) {
+            *st = mean_rstd(row, eps);
+        }
+        for (row, &(mean, rstd)) in y[span].chunks_exact_mut(d).zip(&stats) {
             for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
                 let h = (*y - mean) * rstd;
                 *y = g * h + b;

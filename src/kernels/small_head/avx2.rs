@@ -404,6 +404,19 @@ pub(crate) fn head_forward<F: Float>(
                     let (len, ymm) = (probs.ncols(), 2 * width.div_ceil(LANES));
                     let mut i = rows.start;
                     while i < rows.end {
+                        // Rows of at most 16 keys eight at a time: four such rows' chains
+                        // (two folds, the exponentials, a division) had left the core waiting
+                        // on them. Tiny eval forward, AMD EPYC Zen 3, one thread, builds
+                        // alternating: 1.843 → 1.814 ms (medians of eight). Rows of 32 keys
+                        // eight at a time: the small attention core 2% slower.
+                        if ymm == 2 && rows.end - i >= 8 {
+                            let at: [usize; 8] = std::array::from_fn(|j| i + j);
+                            let live = at.map(|i| limit(i).min(len));
+                            // SAFETY: as below.
+                            unsafe { softmax_rows::<8, 2>(at.map(row), live, len) };
+                            i += 8;
+                            continue;
+                        }
                         let r = if rows.end - i >= 4 { 4 } else { 1 };
                         let at: [usize; 4] = std::array::from_fn(|j| (i + j).min(rows.end - 1));
                         let live = at.map(|i| limit(i).min(len));
@@ -1592,6 +1605,7 @@ mod tests {
             }
         }
         let mut rng = StdRng::seed_from_u64(32);
+        check::<8, 2>(&mut rng);
         check::<4, 2>(&mut rng);
         check::<4, 4>(&mut rng);
         check::<4, 6>(&mut rng);

@@ -122,9 +122,9 @@ impl<F: Float> InputStage<F> {
     /// Backward: adds the learned table's gradient into `g` and returns the gradient at the
     /// embedded rows, `[B·T, d]`.
     pub fn backward(&self, cache: &InputCache<F>, grad_y: ArrayView3<F>, g: &mut InputStage<F>) -> Array2<F> {
-        let grad = self
-            .dropout
-            .backward(&cache.dropout, flat(grad_y.to_owned()).view());
+        // One copy of the gradient (from the workspace), the dropout's mask applied in place.
+        let mut grad = flat(crate::kernels::workspace::owned(grad_y));
+        cache.dropout.apply_inplace(grad.view_mut());
         match (&self.learned, &mut g.learned) {
             (Some(table), Some(gt)) => table.backward(grad.view(), cache.t, cache.start, &mut gt.p),
             _ => grad,

@@ -147,8 +147,9 @@ std::thread_local! {
 }
 
 /// `f` on `len` elements of a buffer this thread keeps for scratch (their values arbitrary):
-/// the per-head buffers of the attention's general path (`P ⊙ M`, `∂L/∂P`, `∂L/∂S`), which had
-/// been allocated head by head. A call inside `f` gets a buffer of its own, allocated.
+/// the per-head buffers of the attention (`Kᵀ`, `Vᵀ`, `P ⊙ M`, `∂L/∂P`, `∂L/∂S`), on its
+/// general path and its AVX2 register path, which had been allocated head by head. A call
+/// inside `f` gets a buffer of its own, allocated.
 pub(crate) fn with_thread_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
     fn on<T: Default + Clone + 'static, F: Float, R>(
         cell: &std::cell::RefCell<Vec<T>>,

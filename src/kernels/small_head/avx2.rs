@@ -15,6 +15,7 @@ use std::arch::x86_64::*;
 use super::avx512::{Strided, transpose};
 use super::{Cached, StepCache, StepHead, StepRow, as_f32};
 use crate::kernels::Float;
+use crate::kernels::workspace::with_thread_scratch;
 
 /// Keys, and value features, of a head whose step runs in registers, at most.
 const MAX_KEYS: usize = 64;
@@ -303,6 +304,18 @@ impl Lanes for u16 {
     }
 }
 
+/// Whether the register paths of this module take an `F` product here: `F` is `f32` and the
+/// AVX2 kernels are the CPU's best ([`head_forward`], [`head_backward`], [`product`]).
+fn runs_here<F: 'static>() -> bool {
+    use crate::kernels::cpu::{Level, level};
+    std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>() && level() == Level::Avx2
+}
+
+/// Whether a matrix of these strides and `cols` columns has contiguous rows.
+fn unit_rows(strides: &[isize], cols: usize) -> bool {
+    strides[1] == 1 || cols <= 1
+}
+
 /// One head's forward pass on the AVX2 path, `probs ← softmax(Q·Kᵀ·scale)`, `out ← (probs ⊙
 /// M)·V`, by the attention layer's blocks of queries (`queries`, each with the keys its
 /// queries see at most), where the general path made two GEMM calls a block: the products
@@ -314,10 +327,11 @@ impl Lanes for u16 {
 /// so a head is taken only where the GEMM would have run those kernels over one block of
 /// terms (not the few-row kernels, which sum in another order); `softmax(i, row)` is the
 /// general path's row softmax and the dropout's factors its own (`DropRows::apply_to`, row by
-/// row into a scratch buffer). The same bits as the general path (tested). `false`, and nothing written, where the head is
-/// not taken: `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, rows of Q, K, V,
-/// the weights or the output not contiguous, more than [`MAX_KEYS`] value features or keys
-/// in a block, or products the GEMM would not give its packed kernels.
+/// row into a scratch buffer). The same bits as the general path (tested). `false`, and
+/// nothing written, where the head is not taken: `F` not `f32`, a CPU whose best kernels are
+/// not the AVX2 ones, rows of Q, K, V, the weights or the output not contiguous, more than
+/// [`MAX_KEYS`] value features or keys in a block, or products the GEMM would not give its
+/// packed kernels.
 ///
 /// # Panics
 /// If `probs` is not `[Tq, ≥ kb]` or `out` not `[Tq, d_v]`.
@@ -333,7 +347,6 @@ pub(crate) fn head_forward<F: Float>(
     probs: &mut ndarray::ArrayViewMut2<F>,
     out: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
-    use crate::kernels::cpu::{Level, level};
     use ndarray::s;
     let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
     assert!(
@@ -342,9 +355,8 @@ pub(crate) fn head_forward<F: Float>(
         probs.shape(),
         out.shape()
     );
-    let unit = |s: &[isize], cols: usize| s[1] == 1 || cols <= 1;
-    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
-        && level() == Level::Avx2
+    let unit = unit_rows;
+    let taken = runs_here::<F>()
         && kb > 0
         && k.dim() == (kb, dk)
         && (1..=MAX_KEYS).contains(&dv)
@@ -365,12 +377,9 @@ pub(crate) fn head_forward<F: Float>(
     // F is f32 (checked above): the views below are of f32.
     let (q, p, o) = (Strided::of(&q), Strided::of_mut(probs), Strided::of_mut(out));
     let mut softmax = softmax;
-    SCRATCH.with_borrow_mut(|scratch| {
-        // Kᵀ, and with dropout a block's P ⊙ M (rows kb apart), reused from block to block.
-        let pm_len = if dropped.is_some() { tq * kb } else { 0 };
-        if scratch.len() < dk * kb + pm_len {
-            scratch.resize(dk * kb + pm_len, 0.0);
-        }
+    // Kᵀ, and with dropout a block's P ⊙ M (rows kb apart), in this thread's scratch.
+    let pm_len = if dropped.is_some() { tq * kb } else { 0 };
+    with_thread_scratch(dk * kb + pm_len, |scratch: &mut [f32]| {
         let (kt, pm) = scratch.split_at_mut(dk * kb);
         // SAFETY: K [kb, dk] with contiguous rows (checked above); AVX2 (level).
         unsafe { transpose(Strided::of(&k), kb, dk, kt) };
@@ -487,11 +496,10 @@ pub(crate) fn head_forward<F: Float>(
 /// draws the dropout's mask twice (it had also allocated them and `P ⊙ M` head by head); here
 /// they live in a scratch buffer reused from head to head, the mask is drawn once (its factors
 /// kept for both of its products), and the products are [`Operands`] over the same rows: the
-/// same bits (tested). `few_rows` is
-/// the general path's: whether its GEMM is `gemm` (with the few-row kernels) or `gemm_blocks`.
-/// `false`, and nothing written, where the general path runs instead: `F` not `f32`, a CPU
-/// whose best kernels are not the AVX2 ones, rows not contiguous, or a product [`product`]
-/// would not take.
+/// same bits (tested). `few_rows` is the general path's: whether its GEMM is `gemm` (with the
+/// few-row kernels) or `gemm_blocks`. `false`, and nothing written, where the general path
+/// runs instead: `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, rows not
+/// contiguous, or a product [`product`] would not take.
 ///
 /// # Panics
 /// If `probs` is not `[Tq, kb]`, or `grad_out` or a gradient not of its input's shape.
@@ -512,7 +520,6 @@ pub(crate) fn head_backward<F: Float>(
     grad_k: &mut ndarray::ArrayViewMut2<F>,
     grad_v: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
-    use crate::kernels::cpu::{Level, level};
     let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
     assert!(
         k.dim() == (kb, dk)
@@ -531,10 +538,9 @@ pub(crate) fn head_backward<F: Float>(
         grad_k.shape(),
         grad_v.shape()
     );
-    let unit = |s: &[isize], cols: usize| s[1] == 1 || cols <= 1;
+    let unit = unit_rows;
     let fits = |m: usize, terms: usize, n: usize| m == 0 || in_registers_as_gemm(few_rows, m, terms, n);
-    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
-        && level() == Level::Avx2
+    let taken = runs_here::<F>()
         && tq * kb * dk * dv > 0
         && unit(q.strides(), dk)
         && unit(k.strides(), dk)
@@ -575,11 +581,10 @@ pub(crate) fn head_backward<F: Float>(
     // Row i of P, its kb floats.
     // SAFETY: probs is [tq, kb] with contiguous rows (checked above).
     let p_row = |i: usize| unsafe { std::slice::from_raw_parts(p.from(i, 0).ptr, kb) };
-    BACKWARD.with_borrow_mut(|scratch| {
-        let parts = if dropped.is_some() { 5 } else { 3 };
-        if scratch.len() < parts * tq * kb + dv * kb {
-            scratch.resize(parts * tq * kb + dv * kb, 0.0);
-        }
+    // Vᵀ, ∂L/∂P, ∂L/∂S, and with dropout the mask's factors and P ⊙ M, in this thread's
+    // scratch.
+    let parts = if dropped.is_some() { 5 } else { 3 };
+    with_thread_scratch(parts * tq * kb + dv * kb, |scratch: &mut [f32]| {
         let (vt, rest) = scratch.split_at_mut(dv * kb);
         let (gp, rest) = rest.split_at_mut(tq * kb);
         let (gs, rest) = rest.split_at_mut(tq * kb);
@@ -715,13 +720,9 @@ pub(crate) fn head_backward<F: Float>(
 }
 
 std::thread_local! {
-    /// Kᵀ of [`head_forward`]'s head (`[d_k][kb]`, dense), reused from head to head.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// [`product`]'s right factor with its rows made contiguous, reused from call to call.
+    /// [`product`]'s right factor with its rows made contiguous, reused from call to call (its
+    /// own: the general attention path calls it inside its `with_thread_scratch`).
     static RIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// [`head_backward`]'s `Vᵀ`, `∂L/∂P`, `∂L/∂S`, and with dropout the mask's factors and
-    /// `P ⊙ M`, reused from head to head.
-    static BACKWARD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out ← alpha·left·right` as a register product of [`Operands`], where the GEMM
@@ -746,7 +747,6 @@ pub(crate) fn product<F: Float>(
     right: ndarray::ArrayView2<F>,
     out: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
-    use crate::kernels::cpu::{Level, level};
     let ((m, terms), n) = (left.dim(), right.ncols());
     assert!(
         right.nrows() == terms && out.dim() == (m, n),
@@ -755,11 +755,10 @@ pub(crate) fn product<F: Float>(
         right.shape(),
         out.shape()
     );
-    let rows_unit = right.strides()[1] == 1 || n <= 1;
-    let taken = std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
-        && level() == Level::Avx2
+    let rows_unit = unit_rows(right.strides(), n);
+    let taken = runs_here::<F>()
         && in_registers_as_gemm(few_rows, m, terms, n)
-        && (out.strides()[1] == 1 || n <= 1)
+        && unit_rows(out.strides(), n)
         && (rows_unit || right.strides()[0] == 1);
     if !taken {
         return false;

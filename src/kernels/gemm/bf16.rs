@@ -1295,7 +1295,7 @@ pub(super) unsafe fn gemm_packed_b(
     if m == 0 || n == 0 {
         return;
     }
-    for_tile_runs(parts, m, path.mr(), n.div_ceil(NR), false, |rows, panels| {
+    for_tile_runs(parts, m, path.mr(), n.div_ceil(NR), false, 0, |rows, panels| {
         // SAFETY: forwarded; parts get disjoint tiles of C.
         unsafe { run_part(path, k, n, alpha, a, bpack, beta, c, rows, panels, ep) }
     });

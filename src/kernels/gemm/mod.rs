@@ -1252,6 +1252,69 @@ mod tests {
         );
     }
 
+    /// The pieces of a product cut by rows cover every row once, with or without a share's last
+    /// block apart, and the pieces take as many blocks of A (passes over B) as the shares
+    /// whole would: a share's first blocks, then its last.
+    #[test]
+    fn tile_runs_cover_every_row_once_in_whole_blocks() {
+        let blocks =
+            |rows: &std::ops::Range<usize>, mr: usize, bp: usize| rows.len().div_ceil(mr).div_ceil(bp);
+        for (m, mr, block_panels) in [
+            (1024, 6, 42),
+            (512, 6, 42),
+            (525, 8, 64),
+            (100, 6, 4),
+            (37, 6, 2),
+            (6, 6, 1),
+        ] {
+            for parts in [2, 3, 4] {
+                for even in [false, true] {
+                    for bp in [0, block_panels] {
+                        let got = std::sync::Mutex::new(Vec::new());
+                        packed::for_tile_runs(parts, m, mr, 2, even, bp, |rows, panels| {
+                            assert_eq!(panels, 0..2);
+                            got.lock().unwrap().push(rows);
+                        });
+                        let mut got = got.into_inner().unwrap();
+                        got.sort_by_key(|r| r.start);
+                        let at = format!("m={m} mr={mr} parts={parts} even={even} block panels={bp}");
+                        let mut next = 0;
+                        for r in &got {
+                            assert!(r.start == next && !r.is_empty(), "{at}: {got:?}");
+                            next = r.end;
+                        }
+                        assert_eq!(next, m, "{at}: {got:?}");
+                        if bp > 0 {
+                            let whole = std::sync::Mutex::new(Vec::new());
+                            packed::for_tile_runs(parts, m, mr, 2, even, 0, |rows, _| {
+                                whole.lock().unwrap().push(rows)
+                            });
+                            let passes = |runs: &[std::ops::Range<usize>]| {
+                                runs.iter().map(|r| blocks(r, mr, bp)).sum::<usize>()
+                            };
+                            assert_eq!(
+                                passes(&got),
+                                passes(&whole.into_inner().unwrap()),
+                                "{at}: {got:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Two threads, 1024 rows in blocks of 42 panels of 6: each share of 512 rows (86
+        // panels, three blocks of 29 and 28) as 348 + 164 rows.
+        let got = std::sync::Mutex::new(Vec::new());
+        packed::for_tile_runs(2, 1024, 6, 2, true, 42, |rows, _| got.lock().unwrap().push(rows));
+        let mut got = got.into_inner().unwrap();
+        got.sort_by_key(|r| r.start);
+        assert_eq!(got, [0..348, 348..512, 512..860, 860..1024]);
+        // Taken from the front, share 0's first blocks then its last; from the back, share 1's
+        // first blocks then its last.
+        let order: Vec<_> = (0..4).map(packed::share_pieces).collect();
+        assert_eq!(order, [(0, false), (0, true), (1, true), (1, false)]);
+    }
+
     #[test]
     fn large_products_split_across_threads_match_naive() {
         // Big enough to take the parallel row split (tall C) and column split (wide C).

@@ -486,7 +486,7 @@ pub(crate) unsafe fn gemm_packed_b(
     debug_assert!(bpack.len() >= k * n_panels * nr);
     // The AVX2 kernel reading A's rows in place takes any rows (see `run_part`): cut evenly.
     let even = isa == Isa::Avx2 && a.cs == 1;
-    for_tile_runs(parts, m, mr, n_panels, even, |rows, panels| {
+    for_tile_runs(parts, m, mr, n_panels, even, mc_panels(mr), |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
         unsafe {
             run_part(
@@ -525,24 +525,50 @@ pub(super) fn for_panel_runs(parts: usize, n_panels: usize, pack: impl Fn(Range<
 /// between at most `parts` threads as [`split`] says: contiguous runs of row panels, or of
 /// column panels, or all on this thread. `even_rows`: runs of rows as equal as can be, for a
 /// kernel whose cost is its rows' rather than its panels' (32 rows as 16 + 16, not 18 + 14).
+///
+/// With `block_panels` (the row panels `run` takes in one block of A, as `run_part` cuts them;
+/// 0 for none), a thread's share of rows that spans blocks is handed out as two pieces, its
+/// first blocks and its last one ([`share_pieces`]): a thread whose core the host slows
+/// leaves its last block to the other, which takes it once its own pieces are done (the team
+/// hands out pieces from both ends). With the threads at the same pace each runs its own
+/// share as before, its blocks and so its passes over B unchanged.
 pub(super) fn for_tile_runs(
     parts: usize,
     m: usize,
     mr: usize,
     n_panels: usize,
     even_rows: bool,
+    block_panels: usize,
     run: impl Fn(Range<usize>, Range<usize>) + Sync,
 ) {
     let m_panels = m.div_ceil(mr);
     let (parts, by_rows) = split(parts, m_panels, n_panels);
     if parts == 1 {
         run(0..m, 0..n_panels);
-    } else if by_rows && even_rows {
-        for_each_index(parts, |i| run(i * m / parts..(i + 1) * m / parts, 0..n_panels));
     } else if by_rows {
         let per = m_panels.div_ceil(parts) * mr;
-        for_each_index(parts, |i| {
-            run((i * per).min(m)..((i + 1) * per).min(m), 0..n_panels)
+        let share = |i: usize| {
+            if even_rows {
+                i * m / parts..(i + 1) * m / parts
+            } else {
+                (i * per).min(m)..((i + 1) * per).min(m)
+            }
+        };
+        // Shares of one block (a tiny model's products) stay whole: nothing to leave behind.
+        let first = share(0);
+        let apart = block_panels > 0 && last_block_start(first.clone(), mr, block_panels) < first.end;
+        for_each_index(if apart { 2 * parts } else { parts }, |p| {
+            let rows = if apart {
+                let (i, last) = share_pieces(p);
+                let rows = share(i);
+                let cut = last_block_start(rows.clone(), mr, block_panels);
+                if last { cut..rows.end } else { rows.start..cut }
+            } else {
+                share(p)
+            };
+            if !rows.is_empty() {
+                run(rows, 0..n_panels);
+            }
         });
     } else {
         let per = n_panels.div_ceil(parts);
@@ -550,6 +576,33 @@ pub(super) fn for_tile_runs(
             run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
         });
     }
+}
+
+/// Piece `p` of the `2 · parts` of [`for_tile_runs`]: `(share, last block or not)`. The first
+/// share's two pieces come first, its last block second; every other share's last block comes
+/// before its first blocks: the thread that takes pieces from the front (`0, 1, …`) runs share
+/// 0 in order, the helpers from the back start on their own share's first blocks and come to
+/// its last block at the end. With two threads: share 0's first blocks, share 0's last block,
+/// share 1's last block, share 1's first blocks.
+pub(super) fn share_pieces(p: usize) -> (usize, bool) {
+    match p {
+        0 => (0, false),
+        1 => (0, true),
+        p => (1 + (p - 2) / 2, p % 2 == 0),
+    }
+}
+
+/// Where the last block of A begins in a share of `rows`: `run_part` cuts a run of rows into
+/// as few blocks of at most `block_panels` panels of `mr` rows as it can, of equal size; the
+/// first blocks of this cut take the same blocks as the whole run would. A share of one block
+/// has no last block apart (its end).
+fn last_block_start(rows: Range<usize>, mr: usize, block_panels: usize) -> usize {
+    let panels = rows.len().div_ceil(mr);
+    let blocks = panels.div_ceil(block_panels.max(1));
+    if blocks < 2 {
+        return rows.end;
+    }
+    (rows.start + (blocks - 1) * panels.div_ceil(blocks) * mr).min(rows.end)
 }
 
 /// Rows from which a thread's part of a product asks for C ahead of its stores

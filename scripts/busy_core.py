@@ -7,7 +7,7 @@ of its two cores gives it only part of its time:
 
     python3 scripts/busy_core.py --cpu 1 --busy-ms 1 --idle-ms 2 &
     target/release/examples/bench --workload small --threads 2 --what eval_forward
-    kill %1
+    pkill -f busy_core.py
 
 Linux only (it pins itself with `os.sched_setaffinity`).
 """

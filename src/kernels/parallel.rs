@@ -12,7 +12,10 @@
 //! - [`with_team`] runs a closure with the other threads of the current rayon pool held in a
 //!   spin loop (rayon jobs of a scope, so they leave when the closure returns);
 //! - [`for_each_index`] calls `f(0..parts)` on the team, or on rayon outside a team; a call
-//!   from inside a part runs on the calling thread, so nested loops never oversubscribe.
+//!   from inside a part runs on the calling thread, so nested loops never oversubscribe;
+//! - `for_each_index_shared`, inside a part, offers the loop's parts to the threads that have
+//!   none left (one such loop at a time): two products run side by side ([`join`]) share
+//!   their ends, block by block, rather than one thread waiting for the other's.
 //!
 //! Parts are handed out one at a time: the thread that opened the loop takes them from the
 //! front (`0, 1, …`), its helpers from the back, until they meet. On two threads each takes a
@@ -65,6 +68,31 @@ struct Team {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     /// Threads in the team, the caller included.
     size: usize,
+    /// The loop offered by a thread inside a part, on a cache line of its own: the helpers
+    /// look at it as they spin, the parts' claims above change at every part.
+    offer: Offer,
+}
+
+/// A loop that a thread inside a part offers to the others ([`for_each_index_shared`]).
+#[repr(align(64))]
+struct Offer {
+    /// The loop, valid while `readers` counts a reader that found it here.
+    side: AtomicPtr<Side<'static>>,
+    /// Threads that may be reading `side`.
+    readers: AtomicUsize,
+}
+
+/// A loop offered by a thread inside a part of a region to the team's threads that have no
+/// part left: its owner takes its parts from the front, the others from the back.
+struct Side<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    parts: usize,
+    claimed: AtomicUsize,
+    front: AtomicUsize,
+    back: AtomicUsize,
+    remaining: AtomicUsize,
+    /// The first panic of a part, to resume on the owner's thread.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 thread_local! {
@@ -72,6 +100,8 @@ thread_local! {
     static TEAM: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
     /// Whether this thread is running a part (nested loops then run serially).
     static IN_PART: Cell<bool> = const { Cell::new(false) };
+    /// The team this thread belongs to, as its leader or as a helper, while the team lasts.
+    static MEMBER: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Runs `f` with the other threads of the current rayon pool ready for [`for_each_index`].
@@ -98,13 +128,19 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
         done: AtomicBool::new(false),
         panic: Mutex::new(None),
         size: threads,
+        offer: Offer {
+            side: AtomicPtr::new(std::ptr::null_mut()),
+            readers: AtomicUsize::new(0),
+        },
     };
     let out = rayon::in_place_scope(|s| {
         for _ in 1..threads {
             s.spawn(|_| team.help());
         }
         TEAM.set(&team);
+        MEMBER.set(&team);
         let out = catch_unwind(AssertUnwindSafe(f));
+        MEMBER.set(std::ptr::null());
         TEAM.set(std::ptr::null());
         team.done.store(true, Ordering::Release);
         out
@@ -233,7 +269,9 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
 
 /// Runs `a` and `b`, two independent pieces of work of about the same size: on a team of
 /// exactly two threads, one on each (every loop inside either then runs on its thread
-/// alone), else one after the other, each with every thread.
+/// alone, but for a loop offered with `for_each_index_shared`, such as a product's blocks,
+/// which the thread done first takes from the far end), else one after the other, each with
+/// every thread.
 ///
 /// A weight gradient `∂Y ᵀ·X` and the input gradient `∂Y·W` of the same projection take the
 /// same FLOPs; run side by side, each product keeps its packed operands in its own core's
@@ -484,7 +522,9 @@ impl Team {
         self.epoch.fetch_add(1, Ordering::SeqCst); // open (odd)
         self.work(&region, false);
         while self.remaining.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            if !self.steal() {
+                std::hint::spin_loop();
+            }
         }
         self.epoch.fetch_add(1, Ordering::SeqCst); // closed (even)
         while self.active.load(Ordering::SeqCst) != 0 {
@@ -518,8 +558,26 @@ impl Team {
         }
     }
 
+    /// Works on the loop offered by a thread inside a part, if there is one; whether there was.
+    fn steal(&self) -> bool {
+        if self.offer.side.load(Ordering::Relaxed).is_null() {
+            return false;
+        }
+        self.offer.readers.fetch_add(1, Ordering::SeqCst);
+        let side = self.offer.side.load(Ordering::SeqCst);
+        if !side.is_null() {
+            // SAFETY: this thread is counted in `offer.readers` and found the loop published,
+            // so its owner has not yet taken it down (it waits for the readers after doing
+            // so) and the loop on its stack is alive.
+            unsafe { (*side).work(true) };
+        }
+        self.offer.readers.fetch_sub(1, Ordering::SeqCst);
+        !side.is_null()
+    }
+
     /// A helper's loop: wait for a region, work on it, until the team is done.
     fn help(&self) {
+        MEMBER.set(self);
         let mut seen = 0;
         let mut spins = 0u32;
         loop {
@@ -538,7 +596,12 @@ impl Team {
                 continue;
             }
             if self.done.load(Ordering::Acquire) {
+                MEMBER.set(std::ptr::null());
                 return;
+            }
+            if self.steal() {
+                spins = 0;
+                continue;
             }
             spins += 1;
             if spins.is_multiple_of(SPINS_PER_YIELD) {
@@ -547,6 +610,90 @@ impl Team {
                 std::hint::spin_loop();
             }
         }
+    }
+}
+
+impl Side<'_> {
+    /// Takes parts until none is left, from the front (the owner) or the back, as
+    /// [`Team::work`] does; a thread other than the owner runs them as parts.
+    fn work(&self, from_back: bool) {
+        loop {
+            if self.claimed.fetch_add(1, Ordering::Relaxed) >= self.parts {
+                return;
+            }
+            let i = if from_back {
+                self.parts - 1 - self.back.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.front.fetch_add(1, Ordering::Relaxed)
+            };
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| (self.f)(i)))) {
+                self.panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(p);
+            }
+            self.remaining.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// Whether this thread runs a part of a loop of a team, where [`for_each_index_shared`] can
+/// offer a loop to the others.
+pub(crate) fn in_team_part() -> bool {
+    IN_PART.get() && !MEMBER.get().is_null()
+}
+
+/// Calls `f(i)` for every `i` in `0..parts` as [`for_each_index`] does, and inside a part of
+/// another loop offers the parts to the team's threads that have none left: the calling
+/// thread takes them from the front, a thread that is done with its own part from the back.
+/// Two products run side by side ([`join`]), each on its thread, are cut this way in blocks,
+/// so that the thread that finishes first takes the end of the other's product rather than
+/// wait for it. Only one such loop is offered at a time; another runs on its thread alone.
+///
+/// # Panics
+/// Resumes a panic of `f`.
+pub(crate) fn for_each_index_shared(parts: usize, f: impl Fn(usize) + Sync) {
+    let team = MEMBER.get();
+    if parts < 2 || !IN_PART.get() || team.is_null() {
+        return for_each_index(parts, f);
+    }
+    let precision = super::precision::precision();
+    let packs = super::gemm::weights::Current::get();
+    let f = move |i| super::precision::with_precision(precision, || packs.with(|| f(i)));
+    let side = Side {
+        f: &f,
+        parts,
+        claimed: AtomicUsize::new(0),
+        front: AtomicUsize::new(0),
+        back: AtomicUsize::new(0),
+        remaining: AtomicUsize::new(parts),
+        panic: Mutex::new(None),
+    };
+    // SAFETY: MEMBER points to the team this thread belongs to, alive while it runs a part.
+    let team = unsafe { &*team };
+    let ptr = &side as *const Side<'_> as *mut Side<'static>;
+    if team
+        .offer
+        .side
+        .compare_exchange(std::ptr::null_mut(), ptr, Ordering::SeqCst, Ordering::Relaxed)
+        .is_err()
+    {
+        // Another loop is on offer: this one runs here.
+        return (0..parts).for_each(f);
+    }
+    // SAFETY of the cast above: the loop is only read by threads counted in `offer.readers`
+    // that found it published; it is taken down and those readers waited for below, before
+    // this function returns.
+    side.work(false);
+    while side.remaining.load(Ordering::Acquire) != 0 {
+        std::hint::spin_loop();
+    }
+    team.offer.side.store(std::ptr::null_mut(), Ordering::SeqCst);
+    while team.offer.readers.load(Ordering::SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+    if let Some(p) = side.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        resume_unwind(p);
     }
 }
 
@@ -722,6 +869,82 @@ mod tests {
         pool(2).install(|| {
             let caught = catch_unwind(AssertUnwindSafe(|| join(|| (), || panic!("side b"))));
             assert!(caught.is_err(), "a panic of a side reaches the caller");
+        });
+    }
+
+    /// Runs a loop of `parts` offered inside one side of a join (`side_b`: the helper's side
+    /// on two threads) and returns how many times each part ran and how many parts ran on
+    /// another thread than the owner's. With `wait`, the owner's first part waits (up to two
+    /// seconds) for another thread to take one.
+    fn offered(parts: usize, side_b: bool, wait: bool) -> (Vec<u64>, u64) {
+        let hits: Vec<AtomicU64> = (0..parts).map(|_| AtomicU64::new(0)).collect();
+        let others = AtomicU64::new(0);
+        let body = || {
+            let owner = std::thread::current().id();
+            for_each_index_shared(parts, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+                if std::thread::current().id() != owner {
+                    others.fetch_add(1, Ordering::Relaxed);
+                }
+                if i == 0 && wait {
+                    let start = std::time::Instant::now();
+                    while others.load(Ordering::Relaxed) == 0 && start.elapsed().as_secs() < 2 {
+                        std::thread::yield_now();
+                    }
+                }
+                // Nested loops inside a part, the owner's or a taken one, run on its thread.
+                assert_eq!(threads(), 1);
+            })
+        };
+        if side_b {
+            join(|| (), body)
+        } else {
+            join(body, || ())
+        }
+        let hits = hits.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        (hits, others.load(Ordering::Relaxed))
+    }
+
+    /// A loop offered inside one side of a join runs every part once, and the thread done
+    /// with the other side takes some of its parts, whichever side offers it; outside a team
+    /// it runs as `for_each_index`; a panic of a taken part reaches the caller.
+    #[test]
+    fn a_loop_offered_inside_a_part_is_shared_with_the_idle_thread() {
+        pool(2).install(|| {
+            with_team(|| {
+                for side_b in [true, false] {
+                    let (hits, others) = offered(32, side_b, true);
+                    assert!(hits.iter().all(|&h| h == 1), "{hits:?}");
+                    assert!(others > 0, "side b: {side_b}: the idle thread took none");
+                }
+                // The offer is taken down: the team's loops go on as before.
+                let hits = AtomicU64::new(0);
+                for_each_index(16, |_| {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                });
+                assert_eq!(hits.load(Ordering::Relaxed), 16);
+            });
+            // Outside a team: every part once, on this pool.
+            let (hits, _) = offered(8, true, false);
+            assert!(hits.iter().all(|&h| h == 1), "{hits:?}");
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                with_team(|| {
+                    join(
+                        || (),
+                        || {
+                            let owner = std::thread::current().id();
+                            for_each_index_shared(64, |_| {
+                                if std::thread::current().id() != owner {
+                                    panic!("a taken part");
+                                }
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            })
+                        },
+                    )
+                })
+            }));
+            assert!(caught.is_err(), "the panic reaches the caller");
+            assert_eq!(with_team(|| 3 + 4), 7);
         });
     }
 

@@ -1315,6 +1315,41 @@ mod tests {
         assert_eq!(order, [(0, false), (0, true), (1, true), (1, false)]);
     }
 
+    /// Two products side by side in a team of two (as a backward pass runs a weight gradient
+    /// beside an input gradient), each offering its blocks of A to the thread done with the
+    /// other, give the same bits as on one thread: A's rows read in place and A packed (its
+    /// columns contiguous), over rows enough for several blocks on any L2.
+    #[test]
+    fn products_side_by_side_keep_their_bits() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (m, k, n) = (1100, 70, 40);
+        let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
+        let at = a.t().as_standard_layout().into_owned();
+        let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
+        let product = |a: ArrayView2<f32>| {
+            let mut c = Array2::<f32>::zeros((m, n));
+            gemm(1.0, a, b.view(), 0.0, c.view_mut());
+            c
+        };
+        let (want_rows, want_cols) = (product(a.view()), product(at.t()));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for _ in 0..3 {
+            let (mut rows, mut cols) = (None, None);
+            pool.install(|| {
+                super::super::parallel::with_team(|| {
+                    super::super::parallel::join(
+                        || rows = Some(product(a.view())),
+                        || cols = Some(product(at.t())),
+                    )
+                })
+            });
+            let same =
+                |x: &Array2<f32>, y: &Array2<f32>| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same(&rows.unwrap(), &want_rows), "A's rows in place");
+            assert!(same(&cols.unwrap(), &want_cols), "A packed");
+        }
+    }
+
     #[test]
     fn large_products_split_across_threads_match_naive() {
         // Big enough to take the parallel row split (tall C) and column split (wide C).

@@ -29,7 +29,7 @@ use super::micro::Ahead;
 use super::micro::Far;
 use super::micro::{Tile, TileDrop, TileGate, Update, kernel_scalar};
 use crate::kernels::dropout::DropKey;
-use crate::kernels::parallel::for_each_index;
+use crate::kernels::parallel::{for_each_index, for_each_index_shared, in_team_part};
 
 /// Rows of B (columns of A) per block. Every element of C is summed over k in blocks of this
 /// many, whatever the thread count. Measured on AVX-512 at the workloads' shapes: 512 is a
@@ -544,7 +544,23 @@ pub(super) fn for_tile_runs(
     let m_panels = m.div_ceil(mr);
     let (parts, by_rows) = split(parts, m_panels, n_panels);
     if parts == 1 {
-        run(0..m, 0..n_panels);
+        // Inside a part of a team's loop (a product beside another, `parallel::join`), its
+        // blocks are offered to the thread that finishes first.
+        let blocks = if block_panels > 0 && in_team_part() {
+            m_panels.div_ceil(block_panels)
+        } else {
+            1
+        };
+        if blocks < 2 {
+            run(0..m, 0..n_panels);
+        } else {
+            for_each_index_shared(blocks, |j| {
+                let rows = share_block(0..m, j, blocks, mr, even_rows);
+                if !rows.is_empty() {
+                    run(rows, 0..n_panels);
+                }
+            });
+        }
     } else if by_rows {
         let per = m_panels.div_ceil(parts) * mr;
         let share = |i: usize| {
@@ -575,6 +591,19 @@ pub(super) fn for_tile_runs(
         for_each_index(parts, |i| {
             run(0..m, (i * per).min(n_panels)..((i + 1) * per).min(n_panels))
         });
+    }
+}
+
+/// Block `j` of `blocks` of `rows`: rows as equal as can be (`even_rows`), else whole panels
+/// of `mr` rows, as many in each block but the last; as `run_part` cuts a run of rows into
+/// blocks of A.
+fn share_block(rows: Range<usize>, j: usize, blocks: usize, mr: usize, even_rows: bool) -> Range<usize> {
+    let len = rows.len();
+    if even_rows {
+        rows.start + j * len / blocks..rows.start + (j + 1) * len / blocks
+    } else {
+        let per = len.div_ceil(mr).div_ceil(blocks) * mr;
+        (rows.start + j * per).min(rows.end)..(rows.start + (j + 1) * per).min(rows.end)
     }
 }
 

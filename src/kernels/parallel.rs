@@ -52,14 +52,9 @@ struct Team {
     epoch: AtomicUsize,
     /// The open region (valid while `epoch` is odd and a reader is counted in `active`).
     region: AtomicPtr<Region<'static>>,
-    /// Parts handed out (a thread that takes the count to `parts` or past gets none).
-    claimed: AtomicUsize,
-    /// Parts handed out from the front (`0, 1, …`), to the thread that opened the region.
-    front: AtomicUsize,
-    /// Parts handed out from the back (`parts - 1, parts - 2, …`), to the helpers.
-    back: AtomicUsize,
-    /// Parts not yet finished.
-    remaining: AtomicUsize,
+    /// The open region's parts: from the front to the thread that opened it, from the back
+    /// to the helpers.
+    claims: Claims,
     /// Helpers that may be reading the region.
     active: AtomicUsize,
     /// Set when the team's closure has returned: helpers leave.
@@ -87,12 +82,73 @@ struct Offer {
 struct Side<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     parts: usize,
-    claimed: AtomicUsize,
-    front: AtomicUsize,
-    back: AtomicUsize,
-    remaining: AtomicUsize,
+    claims: Claims,
     /// The first panic of a part, to resume on the owner's thread.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+/// How a loop's parts are handed out from both of its ends.
+struct Claims {
+    /// Parts handed out (a thread that takes the count to `parts` or past gets none).
+    claimed: AtomicUsize,
+    /// Parts handed out from the front (`0, 1, …`).
+    front: AtomicUsize,
+    /// Parts handed out from the back (`parts - 1, parts - 2, …`).
+    back: AtomicUsize,
+    /// Parts not yet finished.
+    remaining: AtomicUsize,
+}
+
+impl Claims {
+    /// For a loop of `parts` parts, none handed out.
+    fn new(parts: usize) -> Self {
+        Claims {
+            claimed: AtomicUsize::new(0),
+            front: AtomicUsize::new(0),
+            back: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(parts),
+        }
+    }
+
+    /// Made ready for a new loop of `parts` parts (by the one thread that opens it).
+    fn reset(&self, parts: usize) {
+        self.claimed.store(0, Ordering::Relaxed);
+        self.front.store(0, Ordering::Relaxed);
+        self.back.store(0, Ordering::Relaxed);
+        self.remaining.store(parts, Ordering::Relaxed);
+    }
+
+    /// Whether every part has finished (their writes then visible to this thread).
+    fn finished(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// Takes parts of `f` until none is left: from the front, or `from_back`, each run as a
+    /// part, the first panic kept in `panic`. Every claim below `parts` is one part; the `f`
+    /// claims from the front are parts `0..f`, the `b` from the back the last `b`, and `f +
+    /// b = parts`, so each part runs once.
+    fn work(
+        &self,
+        parts: usize,
+        f: &(dyn Fn(usize) + Sync),
+        from_back: bool,
+        panic: &Mutex<Option<Box<dyn Any + Send>>>,
+    ) {
+        loop {
+            if self.claimed.fetch_add(1, Ordering::Relaxed) >= parts {
+                return;
+            }
+            let i = if from_back {
+                parts - 1 - self.back.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.front.fetch_add(1, Ordering::Relaxed)
+            };
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| f(i)))) {
+                panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+            }
+            self.remaining.fetch_sub(1, Ordering::Release);
+        }
+    }
 }
 
 thread_local! {
@@ -120,10 +176,7 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     let team = Team {
         epoch: AtomicUsize::new(0),
         region: AtomicPtr::new(std::ptr::null_mut()),
-        claimed: AtomicUsize::new(0),
-        front: AtomicUsize::new(0),
-        back: AtomicUsize::new(0),
-        remaining: AtomicUsize::new(0),
+        claims: Claims::new(0),
         active: AtomicUsize::new(0),
         done: AtomicBool::new(false),
         panic: Mutex::new(None),
@@ -509,10 +562,7 @@ impl Team {
     /// Opens a region, works on it, waits for every part and every reader.
     fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         let region = Region { f, parts };
-        self.claimed.store(0, Ordering::Relaxed);
-        self.front.store(0, Ordering::Relaxed);
-        self.back.store(0, Ordering::Relaxed);
-        self.remaining.store(parts, Ordering::Relaxed);
+        self.claims.reset(parts);
         // SAFETY of the cast: the pointer is only dereferenced while the region is open and
         // counted readers hold it, and this function waits for both to end before returning.
         self.region.store(
@@ -520,8 +570,8 @@ impl Team {
             Ordering::Relaxed,
         );
         self.epoch.fetch_add(1, Ordering::SeqCst); // open (odd)
-        self.work(&region, false);
-        while self.remaining.load(Ordering::Acquire) != 0 {
+        self.claims.work(parts, f, false, &self.panic);
+        while !self.claims.finished() {
             if !self.steal() {
                 std::hint::spin_loop();
             }
@@ -532,29 +582,6 @@ impl Team {
         }
         if let Some(p) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
             resume_unwind(p);
-        }
-    }
-
-    /// Takes parts of `region` until none is left: from the front, or `from_back`. Every
-    /// claim below `parts` is one part; the `f` claims from the front are parts `0..f`, the
-    /// `b` from the back the last `b`, and `f + b = parts`, so each part runs once.
-    fn work(&self, region: &Region<'_>, from_back: bool) {
-        loop {
-            if self.claimed.fetch_add(1, Ordering::Relaxed) >= region.parts {
-                return;
-            }
-            let i = if from_back {
-                region.parts - 1 - self.back.fetch_add(1, Ordering::Relaxed)
-            } else {
-                self.front.fetch_add(1, Ordering::Relaxed)
-            };
-            if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| (region.f)(i)))) {
-                self.panic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(p);
-            }
-            self.remaining.fetch_sub(1, Ordering::Release);
         }
     }
 
@@ -569,7 +596,10 @@ impl Team {
             // SAFETY: this thread is counted in `offer.readers` and found the loop published,
             // so its owner has not yet taken it down (it waits for the readers after doing
             // so) and the loop on its stack is alive.
-            unsafe { (*side).work(true) };
+            unsafe {
+                let side = &*side;
+                side.claims.work(side.parts, side.f, true, &side.panic);
+            }
         }
         self.offer.readers.fetch_sub(1, Ordering::SeqCst);
         !side.is_null()
@@ -588,7 +618,7 @@ impl Team {
                     // SAFETY: the region is open and this thread is counted in `active`, so
                     // `run` has not returned and the region it points to is alive.
                     let region = unsafe { &*self.region.load(Ordering::Acquire) };
-                    self.work(region, true);
+                    self.claims.work(region.parts, region.f, true, &self.panic);
                 }
                 self.active.fetch_sub(1, Ordering::SeqCst);
                 seen = e;
@@ -609,30 +639,6 @@ impl Team {
             } else {
                 std::hint::spin_loop();
             }
-        }
-    }
-}
-
-impl Side<'_> {
-    /// Takes parts until none is left, from the front (the owner) or the back, as
-    /// [`Team::work`] does; a thread other than the owner runs them as parts.
-    fn work(&self, from_back: bool) {
-        loop {
-            if self.claimed.fetch_add(1, Ordering::Relaxed) >= self.parts {
-                return;
-            }
-            let i = if from_back {
-                self.parts - 1 - self.back.fetch_add(1, Ordering::Relaxed)
-            } else {
-                self.front.fetch_add(1, Ordering::Relaxed)
-            };
-            if let Err(p) = catch_unwind(AssertUnwindSafe(|| as_part(|| (self.f)(i)))) {
-                self.panic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(p);
-            }
-            self.remaining.fetch_sub(1, Ordering::Release);
         }
     }
 }
@@ -663,10 +669,7 @@ pub(crate) fn for_each_index_shared(parts: usize, f: impl Fn(usize) + Sync) {
     let side = Side {
         f: &f,
         parts,
-        claimed: AtomicUsize::new(0),
-        front: AtomicUsize::new(0),
-        back: AtomicUsize::new(0),
-        remaining: AtomicUsize::new(parts),
+        claims: Claims::new(parts),
         panic: Mutex::new(None),
     };
     // SAFETY: MEMBER points to the team this thread belongs to, alive while it runs a part.
@@ -684,8 +687,8 @@ pub(crate) fn for_each_index_shared(parts: usize, f: impl Fn(usize) + Sync) {
     // SAFETY of the cast above: the loop is only read by threads counted in `offer.readers`
     // that found it published; it is taken down and those readers waited for below, before
     // this function returns.
-    side.work(false);
-    while side.remaining.load(Ordering::Acquire) != 0 {
+    side.claims.work(parts, &f, false, &side.panic);
+    while !side.claims.finished() {
         std::hint::spin_loop();
     }
     team.offer.side.store(std::ptr::null_mut(), Ordering::SeqCst);

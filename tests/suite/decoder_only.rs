@@ -477,7 +477,7 @@ fn bad_inputs_are_typed_errors() {
 }
 
 #[test]
-fn same_bits_with_one_and_two_threads() {
+fn same_bits_with_one_two_and_three_threads() {
     let cfg = DecoderOnlyConfig::new(50, BlockConfig::new(64, 4, 128).with_norm_first(true), 2)
         .with_positions(Positions::Learned { max_len: 40 });
     let model: DecoderOnly = cfg.init(&mut StdRng::seed_from_u64(79)).unwrap();
@@ -498,11 +498,15 @@ fn same_bits_with_one_and_two_threads() {
     };
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let one = pool(1).install(run);
-    let two = pool(2).install(run);
-    assert_eq!(one.0, two.0, "logits");
-    assert!(one.1 == two.1, "gradients differ");
-    assert_eq!(one.2.to_bits(), two.2.to_bits(), "loss");
-    assert_eq!(one.3, two.3, "generated tokens");
+    // Two threads run a layer's weight and input gradients side by side, each product offering
+    // its blocks to the thread done first; three split every product between them.
+    for threads in [2, 3] {
+        let other = pool(threads).install(run);
+        assert_eq!(one.0, other.0, "logits, {threads} threads");
+        assert!(one.1 == other.1, "gradients differ, {threads} threads");
+        assert_eq!(one.2.to_bits(), other.2.to_bits(), "loss, {threads} threads");
+        assert_eq!(one.3, other.3, "generated tokens, {threads} threads");
+    }
 }
 
 /// The counting language: `x_t = (s + t·d) mod 10` for a start s and a step d ∈ {1, 2, 3}.

@@ -306,11 +306,7 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
         (0..parts).for_each(f);
         return;
     }
-    // The precision of the products, and the weights packed for them, travel with the work to
-    // the threads that run it.
-    let precision = super::precision::precision();
-    let packs = super::gemm::weights::Current::get();
-    let f = move |i| super::precision::with_precision(precision, || packs.with(|| f(i)));
+    let f = carried(f);
     let team = TEAM.get();
     if team.is_null() {
         (0..parts).into_par_iter().for_each(|i| as_part(|| f(i)));
@@ -318,6 +314,14 @@ pub fn for_each_index(parts: usize, f: impl Fn(usize) + Sync) {
     }
     // SAFETY: TEAM points to the team on this thread's stack while its closure runs.
     unsafe { (*team).run(parts, &f) };
+}
+
+/// `f` with the calling thread's precision of the products and the weights packed for them,
+/// which travel with the work to the threads that run its parts.
+fn carried(f: impl Fn(usize) + Sync) -> impl Fn(usize) + Sync {
+    let precision = super::precision::precision();
+    let packs = super::gemm::weights::Current::get();
+    move |i| super::precision::with_precision(precision, || packs.with(|| f(i)))
 }
 
 /// Runs `a` and `b`, two independent pieces of work of about the same size: on a team of
@@ -659,13 +663,11 @@ pub(crate) fn in_team_part() -> bool {
 /// # Panics
 /// Resumes a panic of `f`.
 pub(crate) fn for_each_index_shared(parts: usize, f: impl Fn(usize) + Sync) {
-    let team = MEMBER.get();
-    if parts < 2 || !IN_PART.get() || team.is_null() {
+    if parts < 2 || !in_team_part() {
         return for_each_index(parts, f);
     }
-    let precision = super::precision::precision();
-    let packs = super::gemm::weights::Current::get();
-    let f = move |i| super::precision::with_precision(precision, || packs.with(|| f(i)));
+    let team = MEMBER.get();
+    let f = carried(f);
     let side = Side {
         f: &f,
         parts,

@@ -546,8 +546,8 @@ pub(super) fn for_tile_runs(
     if parts == 1 {
         // Inside a part of a team's loop (a product beside another, `parallel::join`), its
         // blocks are offered to the thread that finishes first.
-        let blocks = if block_panels > 0 && in_team_part() {
-            m_panels.div_ceil(block_panels)
+        let blocks = if in_team_part() {
+            blocks_of(m, mr, block_panels)
         } else {
             1
         };
@@ -572,7 +572,7 @@ pub(super) fn for_tile_runs(
         };
         // Shares of one block (a tiny model's products) stay whole: nothing to leave behind.
         let first = share(0);
-        let apart = block_panels > 0 && last_block_start(first.clone(), mr, block_panels) < first.end;
+        let apart = last_block_start(first.clone(), mr, block_panels) < first.end;
         for_each_index(if apart { 2 * parts } else { parts }, |p| {
             let rows = if apart {
                 let (i, last) = share_pieces(p);
@@ -626,12 +626,20 @@ pub(super) fn share_pieces(p: usize) -> (usize, bool) {
 /// first blocks of this cut take the same blocks as the whole run would. A share of one block
 /// has no last block apart (its end).
 fn last_block_start(rows: Range<usize>, mr: usize, block_panels: usize) -> usize {
-    let panels = rows.len().div_ceil(mr);
-    let blocks = panels.div_ceil(block_panels.max(1));
+    let blocks = blocks_of(rows.len(), mr, block_panels);
     if blocks < 2 {
         return rows.end;
     }
-    (rows.start + (blocks - 1) * panels.div_ceil(blocks) * mr).min(rows.end)
+    share_block(rows, blocks - 1, blocks, mr, false).start
+}
+
+/// How many blocks of A `run_part` cuts a run of `rows` rows into: as few of at most
+/// `block_panels` panels of `mr` rows as it can, one at least (one without `block_panels`).
+fn blocks_of(rows: usize, mr: usize, block_panels: usize) -> usize {
+    if block_panels == 0 {
+        return 1;
+    }
+    rows.div_ceil(mr).div_ceil(block_panels).max(1)
 }
 
 /// Rows from which a thread's part of a product asks for C ahead of its stores
@@ -1057,7 +1065,7 @@ unsafe fn run_part(
     // Blocks of A of equal size (within a panel), as few as fit: a short last block would
     // stream all of B past a few rows.
     let m_panels = rows.len().div_ceil(mr);
-    let blocks = m_panels.div_ceil(mc_panels(mr));
+    let blocks = blocks_of(rows.len(), mr, mc_panels(mr));
     let mc_max = m_panels.div_ceil(blocks) * mr;
     let prefetch = prefetch_c(rows.len());
     let last_col = panels.end;

@@ -355,16 +355,15 @@ pub(crate) fn head_forward<F: Float>(
         probs.shape(),
         out.shape()
     );
-    let unit = unit_rows;
     let taken = runs_here::<F>()
         && kb > 0
         && k.dim() == (kb, dk)
         && (1..=MAX_KEYS).contains(&dv)
-        && unit(q.strides(), dk)
-        && unit(k.strides(), dk)
-        && unit(v.strides(), dv)
+        && unit_rows(q.strides(), dk)
+        && unit_rows(k.strides(), dk)
+        && unit_rows(v.strides(), dv)
         && probs.strides()[1] == 1
-        && unit(out.strides(), dv)
+        && unit_rows(out.strides(), dv)
         && queries.clone().all(|(rows, width)| {
             let n = rows.len();
             width == 0
@@ -538,18 +537,17 @@ pub(crate) fn head_backward<F: Float>(
         grad_k.shape(),
         grad_v.shape()
     );
-    let unit = unit_rows;
     let fits = |m: usize, terms: usize, n: usize| m == 0 || in_registers_as_gemm(few_rows, m, terms, n);
     let taken = runs_here::<F>()
         && tq * kb * dk * dv > 0
-        && unit(q.strides(), dk)
-        && unit(k.strides(), dk)
-        && unit(v.strides(), dv)
-        && unit(probs.strides(), kb)
-        && unit(grad_out.strides(), dv)
-        && unit(grad_q.strides(), dk)
-        && unit(grad_k.strides(), dk)
-        && unit(grad_v.strides(), dv)
+        && unit_rows(q.strides(), dk)
+        && unit_rows(k.strides(), dk)
+        && unit_rows(v.strides(), dv)
+        && unit_rows(probs.strides(), kb)
+        && unit_rows(grad_out.strides(), dv)
+        && unit_rows(grad_q.strides(), dk)
+        && unit_rows(grad_k.strides(), dk)
+        && unit_rows(grad_v.strides(), dv)
         && queries
             .clone()
             .all(|(rows, width)| width == 0 || (fits(rows.len(), dv, width) && fits(rows.len(), width, dk)))

@@ -23,7 +23,7 @@ use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
 use crate::layers::feed_forward::PackedFeedForward;
-use crate::layers::multi_head::PackedMultiHead;
+use crate::layers::multi_head::{KvRows, KvView, PackedMultiHead};
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
@@ -241,7 +241,10 @@ impl<F: Float> DecoderLayer<F> {
         cross: &KvCache<F>,
         memory_mask: &Mask,
     ) -> Array3<F> {
-        self.infer_step_packed(x, self_cache, cross, memory_mask, None)
+        let t = x.dim().1;
+        let y = self.infer_step_packed(x, &mut self_cache.rows_mut(t), cross.view(), memory_mask, None);
+        self_cache.advance(t);
+        y
     }
 
     /// The weights packed for decoding, with the cross-attention's W_K and W_V packed too if
@@ -293,8 +296,8 @@ impl<F: Float> DecoderLayer<F> {
     pub(crate) fn infer_step_packed(
         &self,
         x: ArrayView3<F>,
-        self_cache: &mut KvCache<F>,
-        cross: &KvCache<F>,
+        self_cache: &mut KvRows<F>,
+        cross: KvView<F>,
         memory_mask: &Mask,
         packed: Option<&PackedDecoderLayer<F>>,
     ) -> Array3<F> {

@@ -149,6 +149,43 @@ impl Mask {
                 .any(|k| k.get((b, j)).is_some_and(|&kept| !kept))
     }
 
+    /// The mask of the sequences `seqs` of a batch of `b`: the parts built per sequence cut to
+    /// those, the others (the causal flag, pairs shared by the batch) as they are.
+    pub(crate) fn sequences(&self, b: usize, seqs: std::ops::Range<usize>) -> Mask {
+        let cut = |l: &Vec<usize>| {
+            if l.len() == b {
+                l[seqs.clone()].to_vec()
+            } else {
+                l.clone()
+            }
+        };
+        Mask {
+            causal: self.causal,
+            key_lengths: self.key_lengths.iter().map(cut).collect(),
+            keys_kept: self
+                .keys_kept
+                .iter()
+                .map(|k| {
+                    if k.nrows() == b {
+                        k.slice(ndarray::s![seqs.clone(), ..]).to_owned()
+                    } else {
+                        k.clone()
+                    }
+                })
+                .collect(),
+            pairs_kept: self
+                .pairs_kept
+                .iter()
+                .map(|p| match p {
+                    PairsKept::PerBatch(a) if a.dim().0 == b => {
+                        PairsKept::PerBatch(a.slice(ndarray::s![seqs.clone(), .., ..]).to_owned())
+                    }
+                    p => p.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// Checks the mask against a batch of `b` sequences of `tq` queries and `tk` keys and
     /// combines its parts for fast lookup.
     ///

@@ -215,15 +215,211 @@ impl<F: Float> Store<F> {
     }
 }
 
-/// The first `len` positions of a store as `F`: a view of a full store, a widened copy of a
-/// bf16 one.
-fn filled_part<'a, F: Float>(x: &'a Store<F>, len: usize, keys: bool) -> CowArray<'a, F, Ix4> {
-    let widen = |h: &u16| Cached::<F>::widen(*h);
-    match (x, keys) {
-        (Store::Full { kt, .. }, true) => kt.slice(s![.., .., .., ..len]).into(),
-        (Store::Full { v, .. }, false) => v.slice(s![.., .., ..len, ..]).into(),
-        (Store::Bf16 { kt, .. }, true) => kt.slice(s![.., .., .., ..len]).map(widen).into(),
-        (Store::Bf16 { v, .. }, false) => v.slice(s![.., .., ..len, ..]).map(widen).into(),
+/// Some of a cache's sequences (all of them, or a run of them), read-only: what attention
+/// over the cache reads.
+#[derive(Clone, Copy, Debug)]
+enum StoreRef<'a, F> {
+    Full {
+        kt: ArrayView4<'a, F>,
+        v: ArrayView4<'a, F>,
+    },
+    Bf16 {
+        kt: ArrayView4<'a, u16>,
+        v: ArrayView4<'a, u16>,
+    },
+}
+
+/// A run of a cache's sequences, writable: where a decoding step appends their positions.
+#[derive(Debug)]
+enum StoreMut<'a, F> {
+    Full {
+        kt: ArrayViewMut4<'a, F>,
+        v: ArrayViewMut4<'a, F>,
+    },
+    Bf16 {
+        kt: ArrayViewMut4<'a, u16>,
+        v: ArrayViewMut4<'a, u16>,
+    },
+}
+
+impl<F: Float> Store<F> {
+    fn view(&self) -> StoreRef<'_, F> {
+        match self {
+            Store::Full { kt, v } => StoreRef::Full {
+                kt: kt.view(),
+                v: v.view(),
+            },
+            Store::Bf16 { kt, v } => StoreRef::Bf16 {
+                kt: kt.view(),
+                v: v.view(),
+            },
+        }
+    }
+
+    /// The sequences in runs of `per` (the last run shorter), each writable on its own.
+    fn runs_mut(&mut self, per: usize) -> Vec<StoreMut<'_, F>> {
+        let per = per.max(1);
+        match self {
+            Store::Full { kt, v } => kt
+                .axis_chunks_iter_mut(Axis(0), per)
+                .zip(v.axis_chunks_iter_mut(Axis(0), per))
+                .map(|(kt, v)| StoreMut::Full { kt, v })
+                .collect(),
+            Store::Bf16 { kt, v } => kt
+                .axis_chunks_iter_mut(Axis(0), per)
+                .zip(v.axis_chunks_iter_mut(Axis(0), per))
+                .map(|(kt, v)| StoreMut::Bf16 { kt, v })
+                .collect(),
+        }
+    }
+}
+
+impl<'a, F: Float> StoreRef<'a, F> {
+    /// `(B, H, d_k, capacity)`.
+    fn dim(&self) -> (usize, usize, usize, usize) {
+        match self {
+            StoreRef::Full { kt, .. } => kt.dim(),
+            StoreRef::Bf16 { kt, .. } => kt.dim(),
+        }
+    }
+
+    /// The sequences `seqs`.
+    fn sequences(self, seqs: std::ops::Range<usize>) -> Self {
+        match self {
+            StoreRef::Full { kt, v } => StoreRef::Full {
+                kt: kt.slice_move(s![seqs.clone(), .., .., ..]),
+                v: v.slice_move(s![seqs, .., .., ..]),
+            },
+            StoreRef::Bf16 { kt, v } => StoreRef::Bf16 {
+                kt: kt.slice_move(s![seqs.clone(), .., .., ..]),
+                v: v.slice_move(s![seqs, .., .., ..]),
+            },
+        }
+    }
+
+    /// The first `len` positions as `F`: a view of a full store, a widened copy of a bf16
+    /// one.
+    fn filled(self, len: usize, keys: bool) -> CowArray<'a, F, Ix4> {
+        let widen = |h: &u16| Cached::<F>::widen(*h);
+        match (self, keys) {
+            (StoreRef::Full { kt, .. }, true) => kt.slice_move(s![.., .., .., ..len]).into(),
+            (StoreRef::Full { v, .. }, false) => v.slice_move(s![.., .., ..len, ..]).into(),
+            (StoreRef::Bf16 { kt, .. }, true) => kt.slice(s![.., .., .., ..len]).map(widen).into(),
+            (StoreRef::Bf16 { v, .. }, false) => v.slice(s![.., .., ..len, ..]).map(widen).into(),
+        }
+    }
+}
+
+/// The cached positions of some sequences, read-only (a whole [`KvCache`], or a run of its
+/// sequences): what attention over the cache reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvView<'a, F: Float> {
+    store: StoreRef<'a, F>,
+    len: usize,
+}
+
+impl<'a, F: Float> KvView<'a, F> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn batch_size(&self) -> usize {
+        self.store.dim().0
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self.store, StoreRef::Bf16 { .. })
+    }
+
+    /// The sequences `seqs`.
+    pub(crate) fn sequences(self, seqs: std::ops::Range<usize>) -> Self {
+        KvView {
+            store: self.store.sequences(seqs),
+            len: self.len,
+        }
+    }
+
+    /// The keys, `[B, H, len, d_k]` (a strided view of the transposed store).
+    fn keys(self) -> CowArray<'a, F, Ix4> {
+        let mut k = self.keys_t();
+        k.swap_axes(2, 3);
+        k
+    }
+
+    /// The keys transposed, `[B, H, d_k, len]`.
+    fn keys_t(self) -> CowArray<'a, F, Ix4> {
+        self.store.filled(self.len, true)
+    }
+
+    fn values(self) -> CowArray<'a, F, Ix4> {
+        self.store.filled(self.len, false)
+    }
+
+    /// Attention of one query per sequence over the cache ([`attention_step`]).
+    fn attend_step(self, q: ArrayView2<F>, mask: &ResolvedMask, out: ArrayViewMut2<F>) {
+        let len = self.len;
+        match self.store {
+            StoreRef::Full { kt, v } => attention_step(
+                q,
+                kt.slice(s![.., .., .., ..len]),
+                v.slice(s![.., .., ..len, ..]),
+                mask,
+                out,
+            ),
+            StoreRef::Bf16 { kt, v } => attention_step(
+                q,
+                kt.slice(s![.., .., .., ..len]),
+                v.slice(s![.., .., ..len, ..]),
+                mask,
+                out,
+            ),
+        }
+    }
+}
+
+/// A run of a [`KvCache`]'s sequences, borrowed for a decoding step apart from the others
+/// ([`KvCache::runs_mut`]): each thread steps its own sequences through a whole decoder
+/// layer, appending to their caches without waiting for the others. The cache counts the
+/// appended positions once every run has been stepped ([`KvCache::advance`]).
+#[derive(Debug)]
+pub(crate) struct KvRows<'a, F: Float> {
+    store: StoreMut<'a, F>,
+    len: usize,
+}
+
+impl<F: Float> KvRows<'_, F> {
+    pub(crate) fn batch_size(&self) -> usize {
+        match &self.store {
+            StoreMut::Full { kt, .. } => kt.dim().0,
+            StoreMut::Bf16 { kt, .. } => kt.dim().0,
+        }
+    }
+
+    pub(crate) fn view(&self) -> KvView<'_, F> {
+        let store = match &self.store {
+            StoreMut::Full { kt, v } => StoreRef::Full {
+                kt: kt.view(),
+                v: v.view(),
+            },
+            StoreMut::Bf16 { kt, v } => StoreRef::Bf16 {
+                kt: kt.view(),
+                v: v.view(),
+            },
+        };
+        KvView { store, len: self.len }
+    }
+
+    /// Appends `[B, H, T, d_k]` keys and values, for which the cache made room
+    /// ([`KvCache::runs_mut`]).
+    fn push(&mut self, k: ArrayView4<F>, v: ArrayView4<F>) {
+        let len = self.len;
+        match &mut self.store {
+            StoreMut::Full { kt, v: vv } => append(kt.view_mut(), vv.view_mut(), len, k, v, as_they_are::<F>),
+            StoreMut::Bf16 { kt, v: vv } => {
+                append(kt.view_mut(), vv.view_mut(), len, k, v, rounded_to_bf16::<F>)
+            }
+        }
+        self.len += k.dim().2;
     }
 }
 
@@ -255,41 +451,60 @@ impl<F: Float> KvCache<F> {
         self.store.is_bf16()
     }
 
-    /// The keys, `[B, H, len, d_k]` (a strided view of the transposed store).
-    fn keys(&self) -> CowArray<'_, F, Ix4> {
-        let mut k = self.keys_t();
-        k.swap_axes(2, 3);
-        k
+    /// Every sequence's cached positions, read-only.
+    pub(crate) fn view(&self) -> KvView<'_, F> {
+        KvView {
+            store: self.store.view(),
+            len: self.len,
+        }
     }
 
-    /// The keys transposed, `[B, H, d_k, len]`.
     fn keys_t(&self) -> CowArray<'_, F, Ix4> {
-        filled_part(&self.store, self.len, true)
+        self.view().keys_t()
     }
 
     fn values(&self) -> CowArray<'_, F, Ix4> {
-        filled_part(&self.store, self.len, false)
+        self.view().values()
     }
 
-    /// Attention of one query per sequence over the cache ([`attention_step`]).
-    fn attend_step(&self, q: ArrayView2<F>, mask: &ResolvedMask, out: ArrayViewMut2<F>) {
+    /// The sequences in runs of `per` (the last shorter), each to be stepped apart by `t`
+    /// positions, for which room is made here; [`KvCache::advance`] counts them once every
+    /// run has its keys and values.
+    pub(crate) fn runs_mut(&mut self, t: usize, per: usize) -> Vec<KvRows<'_, F>> {
+        self.reserve(t);
         let len = self.len;
-        match &self.store {
-            Store::Full { kt, v } => attention_step(
-                q,
-                kt.slice(s![.., .., .., ..len]),
-                v.slice(s![.., .., ..len, ..]),
-                mask,
-                out,
-            ),
-            Store::Bf16 { kt, v } => attention_step(
-                q,
-                kt.slice(s![.., .., .., ..len]),
-                v.slice(s![.., .., ..len, ..]),
-                mask,
-                out,
-            ),
-        }
+        self.store
+            .runs_mut(per)
+            .into_iter()
+            .map(|store| KvRows { store, len })
+            .collect()
+    }
+
+    /// All the sequences as one run ([`KvCache::runs_mut`]).
+    pub(crate) fn rows_mut(&mut self, t: usize) -> KvRows<'_, F> {
+        self.reserve(t);
+        let store = match &mut self.store {
+            Store::Full { kt, v } => StoreMut::Full {
+                kt: kt.view_mut(),
+                v: v.view_mut(),
+            },
+            Store::Bf16 { kt, v } => StoreMut::Bf16 {
+                kt: kt.view_mut(),
+                v: v.view_mut(),
+            },
+        };
+        KvRows { store, len: self.len }
+    }
+
+    /// Counts `t` positions appended to every sequence through [`KvCache::runs_mut`].
+    pub(crate) fn advance(&mut self, t: usize) {
+        assert!(
+            self.len + t <= self.store.dim().3,
+            "KvCache::advance: {} + {t} positions in a capacity of {}",
+            self.len,
+            self.store.dim().3
+        );
+        self.len += t;
     }
 
     /// Keeps the sequences `rows` of the batch, in that order: a row may appear more than once
@@ -325,9 +540,15 @@ impl<F: Float> KvCache<F> {
 
     /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.
     fn push(&mut self, k: ArrayView4<F>, v: ArrayView4<F>) {
-        let (b, h, t, dk) = k.dim();
+        let t = k.dim().2;
+        self.rows_mut(t).push(k, v);
+        self.advance(t);
+    }
+
+    /// Makes room for `t` more positions, growing the buffers (doubling) if needed.
+    fn reserve(&mut self, t: usize) {
+        let (b, h, dk, cap) = self.store.dim();
         let (len, need) = (self.len, self.len + t);
-        let cap = self.store.dim().3;
         if need > cap {
             let cap = need.max(2 * cap).max(8);
             let mut grown = Store::zeros(self.store.is_bf16(), b, h, dk, cap);
@@ -335,11 +556,6 @@ impl<F: Float> KvCache<F> {
             self.store = grown;
             self.spare = None;
         }
-        match &mut self.store {
-            Store::Full { kt, v: vv } => append(kt, vv, len, k, v, as_they_are::<F>),
-            Store::Bf16 { kt, v: vv } => append(kt, vv, len, k, v, rounded_to_bf16::<F>),
-        }
-        self.len = need;
     }
 }
 
@@ -405,8 +621,8 @@ fn copy_rows<S: Copy>(
 /// greedy decode; in one process against that form (Intel Xeon, one thread), tiny decoding
 /// 2.6–2.9% faster in `f32` and 2.4–3.5% in bf16, small 1.0–1.8% and 4.1%.
 fn append<F: Float, S: Copy + Default + Send + Sync>(
-    kt: &mut Array4<S>,
-    vv: &mut Array4<S>,
+    mut kt: ArrayViewMut4<S>,
+    mut vv: ArrayViewMut4<S>,
     len: usize,
     k: ArrayView4<F>,
     v: ArrayView4<F>,
@@ -895,6 +1111,14 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// If `x` is not `[B, Tq, d_model]` for the cache's B.
     pub fn infer_cached(&self, x: ArrayView3<F>, cache: &mut KvCache<F>) -> Array3<F> {
+        let tq = x.dim().1;
+        let y = self.infer_cached_rows(x, &mut cache.rows_mut(tq));
+        cache.advance(tq);
+        y
+    }
+
+    /// [`MultiHead::infer_cached`] over a run of a cache's sequences.
+    fn infer_cached_rows(&self, x: ArrayView3<F>, cache: &mut KvRows<F>) -> Array3<F> {
         let (b, tq, d) = x.dim();
         assert!(
             d == self.cfg.d_model && b == cache.batch_size(),
@@ -908,7 +1132,7 @@ impl<F: Float> MultiHead<F> {
         let k = affine(x_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(x_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
         cache.push(self.heads(k.view(), b, tq), self.heads(v.view(), b, tq));
-        self.attend(x_rows.view(), tq, cache, &Mask::causal())
+        self.attend(x_rows.view(), tq, cache.view(), &Mask::causal())
     }
 
     /// Attention of `x` `[B, Tq, d_model]` over cached keys and values (cross-attention over a
@@ -917,6 +1141,11 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// If `x` does not fit the cache or the mask does not fit.
     pub fn infer_with_cache(&self, x: ArrayView3<F>, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+        self.infer_with_view(x, cache.view(), mask)
+    }
+
+    /// [`MultiHead::infer_with_cache`] over a run of a cache's sequences.
+    fn infer_with_view(&self, x: ArrayView3<F>, cache: KvView<F>, mask: &Mask) -> Array3<F> {
         let (b, tq, d) = x.dim();
         assert!(
             d == self.cfg.d_model && b == cache.batch_size(),
@@ -929,7 +1158,7 @@ impl<F: Float> MultiHead<F> {
     }
 
     /// Queries from `x_rows` (`tq` positions per sequence), attention over the cache, W_O.
-    fn attend(&self, x_rows: ArrayView2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask) -> Array3<F> {
+    fn attend(&self, x_rows: ArrayView2<F>, tq: usize, cache: KvView<F>, mask: &Mask) -> Array3<F> {
         let b = cache.batch_size();
         let d = self.cfg.d_model;
         let p = &self.p;
@@ -944,7 +1173,7 @@ impl<F: Float> MultiHead<F> {
     /// The heads' outputs `[B·Tq, d_model]` for projected queries `q` `[B·Tq, d_model]` over
     /// the cache: one query per sequence on the decoding step's path when `step`, else the
     /// general attention.
-    fn context(&self, q: ArrayView2<F>, tq: usize, cache: &KvCache<F>, mask: &Mask, step: bool) -> Array2<F> {
+    fn context(&self, q: ArrayView2<F>, tq: usize, cache: KvView<F>, mask: &Mask, step: bool) -> Array2<F> {
         let b = cache.batch_size();
         let mask = resolve_or_panic(mask, b, tq, cache.len());
         // SAFETY: both `attention_step` and `attention_forward` write every element of
@@ -1084,11 +1313,11 @@ impl<F: Float> MultiHead<F> {
     pub(crate) fn infer_cached_packed(
         &self,
         x: ArrayView3<F>,
-        cache: &mut KvCache<F>,
+        cache: &mut KvRows<F>,
         packed: Option<&PackedMultiHead<F>>,
     ) -> Array3<F> {
         let Some(packed) = packed else {
-            return self.infer_cached(x, cache);
+            return self.infer_cached_rows(x, cache);
         };
         let (b, tq, d) = x.dim();
         assert!(
@@ -1116,7 +1345,13 @@ impl<F: Float> MultiHead<F> {
         // thread's time in a small greedy decode on two threads, while the other waited.
         let [_, k, v] = self.split_heads::<3>(qkv.view(), b, tq);
         cache.push(k, v);
-        let y = self.attend_projected(qkv.slice(s![.., ..d]), tq, cache, &Mask::causal(), &packed.output);
+        let y = self.attend_projected(
+            qkv.slice(s![.., ..d]),
+            tq,
+            cache.view(),
+            &Mask::causal(),
+            &packed.output,
+        );
         qkv.give_back();
         y
     }
@@ -1125,12 +1360,12 @@ impl<F: Float> MultiHead<F> {
     pub(crate) fn infer_with_cache_packed(
         &self,
         x: ArrayView3<F>,
-        cache: &KvCache<F>,
+        cache: KvView<F>,
         mask: &Mask,
         packed: Option<&PackedMultiHead<F>>,
     ) -> Array3<F> {
         let Some(packed) = packed else {
-            return self.infer_with_cache(x, cache, mask);
+            return self.infer_with_view(x, cache, mask);
         };
         let (b, tq, d) = x.dim();
         assert!(
@@ -1163,7 +1398,7 @@ impl<F: Float> MultiHead<F> {
         &self,
         q: ArrayView2<F>,
         tq: usize,
-        cache: &KvCache<F>,
+        cache: KvView<F>,
         mask: &Mask,
         w_o: &PackedB,
     ) -> Array3<F> {
@@ -1287,8 +1522,8 @@ mod tests {
             let q = Array2::from_shape_fn((b, h * dk), |_| rng.random_range(-2.0f32..2.0));
             let mask = Mask::none().resolve(b, 1, plain.len()).unwrap();
             let (mut a, mut c) = (Array2::zeros((b, h * dk)), Array2::zeros((b, h * dk)));
-            plain.attend_step(q.view(), &mask, a.view_mut());
-            strided.attend_step(q.view(), &mask, c.view_mut());
+            plain.view().attend_step(q.view(), &mask, a.view_mut());
+            strided.view().attend_step(q.view(), &mask, c.view_mut());
             assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()));
             assert!(a.iter().any(|&x| x != 0.0));
         }
@@ -1325,8 +1560,8 @@ mod tests {
         let q = Array2::from_shape_fn((1, h * dk), |_| rng.random_range(-2.0f32..2.0));
         let mask = Mask::none().resolve(1, 1, half.len()).unwrap();
         let (mut a, mut c) = (Array2::zeros((1, h * dk)), Array2::zeros((1, h * dk)));
-        half.attend_step(q.view(), &mask, a.view_mut());
-        full.attend_step(q.view(), &mask, c.view_mut());
+        half.view().attend_step(q.view(), &mask, a.view_mut());
+        full.view().attend_step(q.view(), &mask, c.view_mut());
         assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert!(a.iter().any(|&x| x != 0.0));
     }

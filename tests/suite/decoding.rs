@@ -221,3 +221,53 @@ fn packed_model_gives_the_models_results() {
         }
     }
 }
+
+/// A decoding step of many sequences on a team runs in runs of sequences, one a thread, each
+/// through every layer on its own; the logits keep the bits of one thread's whole step: for
+/// runs of uneven length (27 sequences: 14 + 13 on two threads, 9 + 9 + 9 on three), sources
+/// of different lengths (each run's memory mask cut from the batch's), one position a step and
+/// a forced prefix of two, on the model's weights and on its packed ones.
+#[test]
+fn decoding_steps_have_the_same_bits_on_one_two_and_three_threads() {
+    let m = model(false, Positions::Sinusoidal);
+    let packed = m.packed();
+    let b = 27;
+    let src = TokenBatch::from_sequences(
+        &(0..b)
+            .map(|i| (0..1 + (i * 5) % 9).map(|j| 3 + (i + 2 * j) % 14).collect())
+            .collect::<Vec<Vec<usize>>>(),
+        0,
+    )
+    .unwrap();
+    let prefix = Array2::from_shape_fn((b, 2), |(i, j)| 1 + (i + 3 * j) % 18);
+    let run = || {
+        let mut out = Vec::new();
+        for state in [m.begin_decode(&src, 2), packed.begin_decode(&src, 2)] {
+            let mut state = state.unwrap();
+            out.push(m.decode_steps(&mut state, prefix.view()).unwrap());
+            for step in 0..4 {
+                let tokens: Vec<usize> = (0..b).map(|i| (i * 7 + step) % 19).collect();
+                out.push(m.decode_step(&mut state, &tokens).unwrap());
+            }
+            assert_eq!(state.len(), 6);
+        }
+        out
+    };
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(run)
+    };
+    let one = on(1);
+    for threads in [2, 3] {
+        let many = on(threads);
+        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "call {i}: logits on {threads} threads differ from one thread's"
+            );
+        }
+    }
+}

@@ -20,7 +20,9 @@ use clap::{Parser, ValueEnum};
 use vaswani::blocks::BlockConfig;
 use vaswani::infer::{BeamSearch, beam_search};
 use vaswani::kernels::precision::with_precision;
-use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
+use vaswani::models::{
+    DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch,
+};
 use vaswani::rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::train::{AdamConfig, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 use vaswani::{Params, Precision, Result};
@@ -45,6 +47,12 @@ enum What {
     /// measurements, set beside `greedy_decode` (asked for by name only).
     #[value(name = "beam_decode")]
     BeamDecode,
+    /// A decoder-only language model of the workload's width, heads, feed-forward and decoder
+    /// layers over its vocabulary: a prompt of S tokens for each of the B sequences, then T
+    /// greedy tokens with the key/value cache. Not one of PyTorch's measurements (asked for by
+    /// name only).
+    #[value(name = "lm_generate")]
+    LmGenerate,
 }
 
 /// Measure the crate on a reference workload.
@@ -223,6 +231,23 @@ fn run(args: &Args) -> Result<()> {
                     beam_search(packed.begin_decode(&src, t)?, &bos, &beam, None, t).map(|_| ())
                 })
             })?,
+            What::LmGenerate => with_precision(args.precision, || {
+                let lm: DecoderOnly = DecoderOnlyConfig::new(v, BlockConfig::new(d, h, f), layers)
+                    .init(&mut StdRng::seed_from_u64(args.seed))?;
+                let prompts: Vec<Vec<usize>> = (0..b).map(|i| src.ids().row(i).to_vec()).collect();
+                let mut rng = StdRng::seed_from_u64(args.seed);
+                time_it(args, || {
+                    vaswani::infer::generate(
+                        lm.begin_generate(b, s + t),
+                        &prompts,
+                        vaswani::infer::Sampling::Greedy,
+                        None,
+                        t,
+                        &mut rng,
+                    )
+                    .map(|_| ())
+                })
+            })?,
         };
         let flops = match what {
             What::TrainStep => cost.train_flops * micro_batches as u64,
@@ -243,6 +268,15 @@ fn run(args: &Args) -> Result<()> {
                 let encoder = decode_flops(dims.0, dims.1, dims.2, dims.3, b as u64, s as u64, 0);
                 encoder + 4 * (one - encoder)
             }
+            What::LmGenerate => lm_generate_flops(
+                d as u64,
+                f as u64,
+                layers as u64,
+                v as u64,
+                b as u64,
+                s as u64,
+                t as u64,
+            ),
         };
         let tokens = match what {
             What::TrainStep => b * t * micro_batches,
@@ -284,6 +318,21 @@ fn decode_flops(d: u64, f: u64, layers: u64, v: u64, b: u64, s: u64, t: u64) -> 
     b * (layers * enc_layer + layers * dec_layer + dense(d, v, t))
 }
 
+/// The FLOPs of [`What::LmGenerate`] with a key/value cache: S prompt positions, then T
+/// generated ones, position i attending to the i positions up to itself; the vocabulary's
+/// projection for the prompt's last position and each generated one but the last.
+fn lm_generate_flops(d: u64, f: u64, layers: u64, v: u64, b: u64, s: u64, t: u64) -> u64 {
+    let dense = |m: u64, n: u64, tokens: u64| 2 * m * n * tokens;
+    let positions = s + t - 1;
+    let attention: u64 = (1..=positions).map(|i| 4 * i * d).sum();
+    let layer = dense(d, 3 * d, positions)
+        + attention
+        + dense(d, d, positions)
+        + dense(d, f, positions)
+        + dense(f, d, positions);
+    b * (layers * layer + dense(d, v, t))
+}
+
 fn time_it(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..args.warmup {
         f()?;
@@ -311,6 +360,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
         What::EvalForward => "eval_forward",
         What::GreedyDecode => "greedy_decode",
         What::BeamDecode => "beam_decode",
+        What::LmGenerate => "lm_generate",
     };
     let workload = format!("{:?}", args.workload.expect("a workload")).to_lowercase();
     let (min, max) = (sorted[0], sorted[n - 1]);

@@ -3,27 +3,19 @@
 //!
 //! PyTorch equivalent: `nn.TransformerDecoder(layer, num_layers, norm)`.
 
-use std::sync::Mutex;
-
-use ndarray::{Array3, ArrayView3, Axis, s};
+use ndarray::{Array3, ArrayView3, s};
 use rand::Rng;
 
 use super::decoder_layer::PackedDecoderLayer;
 use super::{
-    BlockConfig, DecoderLayer, DecoderLayerCache, DecoderLayerWeights, FinalNorm, flat, rows, unrows,
+    BlockConfig, DecoderLayer, DecoderLayerCache, DecoderLayerWeights, FinalNorm, flat, rows, step_in_runs,
+    step_runs, unrows,
 };
 use crate::error::{Result, check};
-use crate::kernels::parallel::{for_each_split_mut, threads};
+use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
-use crate::kernels::{Float, filled};
-use crate::layers::multi_head::{KvRows, KvView};
+use crate::layers::multi_head::KvView;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
-
-/// The fewest rows (sequences times new positions) a run of a decoding step takes on a thread
-/// of its own ([`Decoder::infer_step_runs`]): each run reads every weight, so runs of fewer
-/// rows pay more for the weights' reads than they save in waits (the `base` reference
-/// workload's 8 sequences decode faster cut by columns of its products).
-const STEP_RUN_ROWS: usize = 8;
 
 /// Configuration of a [`Decoder`] stack.
 #[derive(Clone, Debug, PartialEq)]
@@ -332,7 +324,7 @@ impl<F: Float> Decoder<F> {
         packed: Option<&[PackedDecoderLayer<F>]>,
     ) -> Array3<F> {
         let (b, t, _) = x.dim();
-        let runs = self.step_runs(x, state, memory_mask);
+        let runs = self.runs_for(x, state, memory_mask);
         let mut h = if runs > 1 {
             self.infer_step_runs(x, state, memory_mask, packed, runs)
         } else {
@@ -364,13 +356,12 @@ impl<F: Float> Decoder<F> {
         h
     }
 
-    /// Into how many runs of sequences a decoding step of `x` `[B, T, d_model]` is cut, each
-    /// stepped through every layer on a thread of its own ([`Decoder::infer_step_runs`]); 1
-    /// for none. A run takes [`STEP_RUN_ROWS`] rows at least; a memory mask that does not fit
-    /// the batch is left to the whole step's checks.
-    fn step_runs(&self, x: ArrayView3<F>, state: &DecoderState<F>, memory_mask: &Mask) -> usize {
+    /// Into how many runs of sequences a decoding step of `x` `[B, T, d_model]` is cut
+    /// ([`step_runs`]); 1 for none, and for a memory mask that does not fit the batch (left to
+    /// the whole step's checks).
+    fn runs_for(&self, x: ArrayView3<F>, state: &DecoderState<F>, memory_mask: &Mask) -> usize {
         let (b, t, _) = x.dim();
-        let runs = threads().min(b).min(b * t / STEP_RUN_ROWS);
+        let runs = step_runs(b, t);
         let fits = || {
             let s = state.cross.first().map_or(0, |c| c.len());
             state.batch_size() == b && memory_mask.resolve(b, t, s).is_ok()
@@ -382,11 +373,8 @@ impl<F: Float> Decoder<F> {
         }
     }
 
-    /// A decoding step cut into `runs` runs of sequences, each taken through every layer by a
-    /// thread of the team, its own self-attention caches appended to and its own sequences'
-    /// memory read: between the step's products no thread waits for another (their rows,
-    /// layer norms and attention are each sequence's own). The same arithmetic for every
-    /// element as the whole step's, so the same bits.
+    /// A decoding step cut into `runs` runs of sequences ([`step_in_runs`]), each with its own
+    /// sequences' self-attention caches, memory and memory mask.
     fn infer_step_runs(
         &self,
         x: ArrayView3<F>,
@@ -398,45 +386,21 @@ impl<F: Float> Decoder<F> {
         let (b, t, d) = x.dim();
         let per = b.div_ceil(runs);
         let seqs = |r: usize| r * per..((r + 1) * per).min(b);
-        // Per run: its memory mask and, layer by layer, its self-attention caches (writable)
-        // and its cross-attention keys and values.
-        type Run<'a, F> = (Mask, Vec<(KvRows<'a, F>, KvView<'a, F>)>);
-        let mut parts: Vec<Run<F>> = (0..runs)
-            .map(|r| (memory_mask.sequences(b, seqs(r)), Vec::new()))
+        // Per run: its memory mask, and every layer's cross-attention keys and values of it.
+        let masks: Vec<Mask> = (0..runs).map(|r| memory_mask.sequences(b, seqs(r))).collect();
+        let cross: Vec<Vec<KvView<F>>> = (0..runs)
+            .map(|r| state.cross.iter().map(|c| c.view().sequences(seqs(r))).collect())
             .collect();
-        for (cache, cross) in state.self_caches.iter_mut().zip(&state.cross) {
-            for (r, rows) in cache.runs_mut(t, per).into_iter().enumerate() {
-                parts[r].1.push((rows, cross.view().sequences(seqs(r))));
+        step_in_runs(&mut state.self_caches, (b, t, d), runs, |r, seqs, rows| {
+            let mut h: Option<Array3<F>> = None;
+            for (i, ((layer, rows), cross)) in self.layers.iter().zip(rows).zip(&cross[r]).enumerate() {
+                let input = h
+                    .as_ref()
+                    .map_or_else(|| x.slice(s![seqs.clone(), .., ..]), |h| h.view());
+                h = Some(layer.infer_step_packed(input, rows, *cross, &masks[r], packed.map(|p| &p[i])));
             }
-        }
-        let parts: Vec<Mutex<Option<Run<F>>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-        // SAFETY: the runs cover every row of the output, each writing all of its own.
-        let out = unsafe {
-            filled((b * t, d), |out| {
-                for_each_split_mut(out, Axis(0), runs, per * t, |range, mut out| {
-                    let r = range.start / (per * t);
-                    let (mask, mut layers) = parts[r]
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .expect("each run is stepped once");
-                    let mut h: Option<Array3<F>> = None;
-                    for (i, (layer, (rows, cross))) in self.layers.iter().zip(&mut layers).enumerate() {
-                        let input = h
-                            .as_ref()
-                            .map_or_else(|| x.slice(s![seqs(r), .., ..]), |h| h.view());
-                        let y = layer.infer_step_packed(input, rows, *cross, &mask, packed.map(|p| &p[i]));
-                        h = Some(y);
-                    }
-                    out.assign(&flat(h.expect("a decoder of one layer at least")));
-                })
-            })
-        };
-        drop(parts);
-        for cache in &mut state.self_caches {
-            cache.advance(t);
-        }
-        unrows(out, b, t)
+            h.expect("a decoder of one layer at least")
+        })
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`;

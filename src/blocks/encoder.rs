@@ -4,14 +4,17 @@
 //! PyTorch equivalent: `nn.TransformerEncoder(layer, num_layers, norm)`; parameter names
 //! `layers.{i}.…` and `norm.…` as there.
 
-use ndarray::{Array3, Array4, ArrayView3};
+use ndarray::{Array3, Array4, ArrayView3, s};
 use rand::Rng;
 
 use super::encoder_layer::PackedEncoderLayer;
-use super::{BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, unrows};
+use super::{
+    BlockConfig, EncoderLayer, EncoderLayerCache, FinalNorm, flat, rows, step_in_runs, step_runs, unrows,
+};
 use crate::error::{Result, check};
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
+use crate::layers::multi_head::KvRows;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of an [`Encoder`] stack.
@@ -227,6 +230,17 @@ impl<F: Float> Encoder<F> {
     /// # Panics
     /// If `x` does not fit the caches, or `caches` is not one per layer.
     pub fn infer_step(&self, x: ArrayView3<F>, caches: &mut [KvCache<F>]) -> Array3<F> {
+        self.infer_step_packed(x, caches, None)
+    }
+
+    /// [`Encoder::infer_step`] with the weights of [`Encoder::pack`] (`None`: the weights as
+    /// they are); a step of many sequences on a team in runs of them ([`step_in_runs`]).
+    pub(crate) fn infer_step_packed(
+        &self,
+        x: ArrayView3<F>,
+        caches: &mut [KvCache<F>],
+        packed: Option<&[PackedEncoderLayer<F>]>,
+    ) -> Array3<F> {
         assert_eq!(
             caches.len(),
             self.layers.len(),
@@ -234,11 +248,30 @@ impl<F: Float> Encoder<F> {
             caches.len(),
             self.layers.len()
         );
-        let (b, t, _) = x.dim();
-        let mut h = x.to_owned();
-        for (layer, cache) in self.layers.iter().zip(caches) {
-            h = layer.infer_step(h.view(), cache);
-        }
+        let (b, t, d) = x.dim();
+        let runs = step_runs(b, t);
+        let fits = caches.iter().all(|c| c.batch_size() == b);
+        let layers = |x: ArrayView3<F>, rows: &mut [KvRows<F>]| {
+            let mut h: Option<Array3<F>> = None;
+            for (i, (layer, rows)) in self.layers.iter().zip(rows).enumerate() {
+                let input = h.as_ref().map_or(x, |h| h.view());
+                h = Some(layer.infer_step_packed(input, rows, packed.map(|p| &p[i])));
+            }
+            h.unwrap_or_else(|| x.to_owned())
+        };
+        let mut h = if runs > 1 && fits && !self.layers.is_empty() {
+            step_in_runs(caches, (b, t, d), runs, |_, seqs, rows| {
+                layers(x.slice(s![seqs, .., ..]), rows)
+            })
+        } else {
+            let mut rows: Vec<KvRows<F>> = caches.iter_mut().map(|c| c.rows_mut(t)).collect();
+            let h = layers(x, &mut rows);
+            drop(rows);
+            for cache in caches.iter_mut() {
+                cache.advance(t);
+            }
+            h
+        };
         if let Some(ln) = &self.norm {
             h = unrows(ln.infer(flat(h).view()), b, t);
         }

@@ -36,7 +36,7 @@ use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
 use crate::layers::feed_forward::PackedFeedForward;
-use crate::layers::multi_head::PackedMultiHead;
+use crate::layers::multi_head::{KvRows, PackedMultiHead};
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };
@@ -215,12 +215,31 @@ impl<F: Float> EncoderLayer<F> {
     /// # Panics
     /// If `x` is not `[B, Tq, d_model]` for the cache's B.
     pub fn infer_step(&self, x: ArrayView3<F>, cache: &mut KvCache<F>) -> Array3<F> {
+        let t = x.dim().1;
+        let y = self.infer_step_packed(x, &mut cache.rows_mut(t), None);
+        cache.advance(t);
+        y
+    }
+
+    /// [`EncoderLayer::infer_step`] over a run of a cache's sequences, with the weights of
+    /// [`EncoderLayer::pack`] (`None`: the weights as they are).
+    pub(crate) fn infer_step_packed(
+        &self,
+        x: ArrayView3<F>,
+        cache: &mut KvRows<F>,
+        packed: Option<&PackedEncoderLayer<F>>,
+    ) -> Array3<F> {
         let (b, t, _) = self.check_input(x);
         let x = rows(x);
         let h = self.norm1.infer(x.view(), |z| {
-            flat(self.self_attn.infer_cached(view3(z, b, t), cache))
+            flat(
+                self.self_attn
+                    .infer_cached_packed(view3(z, b, t), cache, packed.map(|p| &p.self_attn)),
+            )
         });
-        let y = self.norm2.infer(h.view(), |z| self.ffn.infer(z));
+        let y = self
+            .norm2
+            .infer(h.view(), |z| self.ffn.infer_packed(z, packed.map(|p| &p.ffn)));
         unrows(y, b, t)
     }
 

@@ -214,6 +214,23 @@ pub(crate) fn zeros<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(shape: Sh
     }
 }
 
+/// `len` zeros, written by the team in chunks of whole multiples of `align` elements, each on
+/// the thread that a loop cut the same way would give it (a key/value cache's sequences are
+/// zeroed by the thread that runs them): a buffer of megabytes zeroed by the calling thread
+/// alone (the allocator's zeroing, or the first touch of its pages) had left the others
+/// waiting.
+pub(crate) fn zeros_by_team<T: Copy + Default + Send>(len: usize, align: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    super::parallel::for_each_chunk_mut(&mut v.spare_capacity_mut()[..len], align, len, |_, c| {
+        for x in c {
+            x.write(T::default());
+        }
+    });
+    // SAFETY: every element of the first `len` was written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// An owned copy of `x` in standard layout, from the workspace when it can.
 pub(crate) fn owned<F: Float, D: Dimension>(x: ndarray::ArrayView<'_, F, D>) -> Array<F, D> {
     // SAFETY: both branches write every element.

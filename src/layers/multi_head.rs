@@ -175,15 +175,21 @@ enum Store<F> {
 impl<F: Float> Store<F> {
     /// Zeroed buffers for `b` sequences of `h` heads of `dk` features, `cap` positions.
     fn zeros(bf16: bool, b: usize, h: usize, dk: usize, cap: usize) -> Self {
+        // Each sequence's buffers zeroed by the team, a run of sequences on each thread.
+        fn zeros<T: Copy + Default + Send>(dim: (usize, usize, usize, usize)) -> Array4<T> {
+            let seq = dim.1 * dim.2 * dim.3;
+            let v = crate::kernels::workspace::zeros_by_team(dim.0 * seq, seq);
+            Array4::from_shape_vec(dim, v).expect("a buffer of the shape's size")
+        }
         if bf16 {
             Store::Bf16 {
-                kt: Array4::zeros((b, h, dk, cap)),
-                v: Array4::zeros((b, h, cap, dk)),
+                kt: zeros((b, h, dk, cap)),
+                v: zeros((b, h, cap, dk)),
             }
         } else {
             Store::Full {
-                kt: Array4::zeros((b, h, dk, cap)),
-                v: Array4::zeros((b, h, cap, dk)),
+                kt: zeros((b, h, dk, cap)),
+                v: zeros((b, h, cap, dk)),
             }
         }
     }

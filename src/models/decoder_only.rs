@@ -76,9 +76,11 @@
 use ndarray::{Array2, ArrayView2, s};
 use rand::Rng;
 
+use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
-use crate::kernels::Float;
+use crate::kernels::precision::{Precision, with_precision};
+use crate::kernels::{Float, PackedB, filled, gemm_packed};
 
 use crate::kernels::loss::log_softmax;
 use crate::kernels::workspace::Recycle;
@@ -473,6 +475,17 @@ pub struct GenerateState<'m, F: Float = f32> {
     b: usize,
     len: usize,
     model: &'m DecoderOnly<F>,
+    /// The weights a step multiplies by, packed once for the whole generation (`None` where
+    /// nothing packs, [`PackedB`]).
+    packed: Option<PackedGenerate<F>>,
+}
+
+/// The layers' and the output projection's weights packed for a generation's many small
+/// products.
+#[derive(Clone, Debug)]
+struct PackedGenerate<F: Float> {
+    layers: Vec<PackedEncoderLayer<F>>,
+    output: PackedB,
 }
 
 impl<'m, F: Float> GenerateState<'m, F> {
@@ -516,13 +529,31 @@ impl<F: Float> DecoderOnly<F> {
     /// [`DecoderOnly::generate_steps`] then costs only the new positions' work. `capacity` is
     /// a hint of how many positions to make room for (the caches grow past it; `usize::MAX`
     /// allocates no more than a long sequence would).
+    ///
+    /// The weights are packed once here for the generation's steps (a transposed copy of each
+    /// into the GEMM kernels' layout; in bf16 under bf16 precision, whose steps then run in
+    /// bf16 wherever they are called).
     pub fn begin_generate(&self, b: usize, capacity: usize) -> GenerateState<'_, F> {
+        let packed = crate::kernels::parallel::with_team(|| self.pack_generate());
         GenerateState {
             caches: self.blocks.begin(b, capacity),
             b,
             len: 0,
             model: self,
+            packed,
         }
+    }
+
+    /// The layers' and the output projection's weights packed; `None` where nothing packs.
+    fn pack_generate(&self) -> Option<PackedGenerate<F>> {
+        let output = match &self.head {
+            Some(head) => PackedB::new(head.p.weight.t()),
+            None => PackedB::new(self.embed.p.weight.t()),
+        }?;
+        Some(PackedGenerate {
+            layers: self.blocks.pack()?,
+            output,
+        })
     }
 
     /// Feeds the next `T` tokens of every sequence, `tokens` `[B, T]` (a prompt in one pass,
@@ -540,7 +571,11 @@ impl<F: Float> DecoderOnly<F> {
         state: &mut GenerateState<'_, F>,
         tokens: ArrayView2<usize>,
     ) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| {
+        let bf16 = state
+            .packed
+            .as_ref()
+            .is_some_and(|p| p.output.precision() == Precision::Bf16);
+        let run = || {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
                     why: "generate_steps: the state was begun with another model".into(),
@@ -557,10 +592,35 @@ impl<F: Float> DecoderOnly<F> {
                 return Ok(Array2::zeros((0, self.cfg.vocab)));
             }
             let x = self.input.infer(self.embed.infer(tokens)?, b, t, pos)?;
-            let h = flat(self.blocks.infer_step(x.view(), &mut state.caches));
+            let packed = state.packed.as_ref();
+            let h = flat(self.blocks.infer_step_packed(
+                x.view(),
+                &mut state.caches,
+                packed.map(|p| p.layers.as_slice()),
+            ));
             state.len = pos + t;
-            Ok(self.project(h.slice(s![t - 1..;t, ..])))
-        })
+            // The last position of each sequence.
+            let last = h.slice(s![t - 1..;t, ..]);
+            Ok(match packed {
+                Some(p) => {
+                    let bias = self.head.as_ref().and_then(|h| h.p.bias.as_ref());
+                    // SAFETY: gemm_packed writes every element.
+                    unsafe {
+                        filled((last.nrows(), p.output.dim().1), |logits| {
+                            gemm_packed(last, &p.output, bias.map(|b| b.view()), false, logits)
+                        })
+                    }
+                }
+                None => self.project(last),
+            })
+        };
+        // Weights packed in bf16 step in bf16 wherever the step is called, as they were packed.
+        let run = || crate::kernels::parallel::with_team(run);
+        if bf16 {
+            with_precision(Precision::Bf16, run)
+        } else {
+            run()
+        }
     }
 }
 

@@ -509,6 +509,59 @@ fn same_bits_with_one_two_and_three_threads() {
     }
 }
 
+/// A generation step of many sequences on a team runs in runs of sequences, one a thread,
+/// each through every layer, with the weights packed once for the generation: the logits keep
+/// the bits of one thread's (27 sequences: 14 + 13 on two threads, 9 + 9 + 9 on three; a
+/// prompt of five positions in one pass, then single positions, the caches growing past
+/// their first capacity) and equal the whole sequences' logits to rounding.
+#[test]
+fn generation_steps_have_the_same_bits_on_one_two_and_three_threads() {
+    let cfg = DecoderOnlyConfig::new(50, BlockConfig::new(32, 4, 64), 2);
+    let model: DecoderOnly = cfg.init(&mut StdRng::seed_from_u64(81)).unwrap();
+    let b = 27;
+    let tokens = Array2::from_shape_fn((b, 9), |(i, j)| (i * 7 + j * 3 + i * j) % 50);
+    let run = || {
+        let mut state = model.begin_generate(b, 4);
+        let mut out = vec![
+            model
+                .generate_steps(&mut state, tokens.slice(ndarray::s![.., ..5]))
+                .unwrap(),
+        ];
+        for j in 5..9 {
+            out.push(
+                model
+                    .generate_steps(&mut state, tokens.slice(ndarray::s![.., j..j + 1]))
+                    .unwrap(),
+            );
+        }
+        out
+    };
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    let one = pool(1).install(run);
+    for threads in [2, 3] {
+        let other = pool(threads).install(run);
+        for (k, (a, o)) in one.iter().zip(&other).enumerate() {
+            assert!(
+                a.iter().zip(o).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "call {k}: logits on {threads} threads differ from one thread's"
+            );
+        }
+    }
+    let full = model.infer(&TokenBatch::full(tokens).unwrap()).unwrap();
+    for (k, step) in one.iter().enumerate() {
+        let pos = 4 + k;
+        for i in 0..b {
+            let want = full.row(i * 9 + pos);
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = (&step.row(i) - &want).iter().fold(0.0f32, |m, e| m.max(e.abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "position {pos} of sequence {i}: {err} from the whole sequence's logits (up to {scale})"
+            );
+        }
+    }
+}
+
 /// The counting language: `x_t = (s + t·d) mod 10` for a start s and a step d ∈ {1, 2, 3}.
 /// The first target (x₁ after x₀) is a guess among the 3 steps; every later token follows
 /// from the two before it, which the model must find by attention.

@@ -309,17 +309,18 @@ pub(crate) struct Aligned<T> {
     len: usize,
 }
 
-impl<T: Copy + Default> Aligned<T> {
-    /// `len` elements of `T::default()`.
+impl<T: Copy + Default + Send> Aligned<T> {
+    /// `len` elements of `T::default()`, written by the team (a weight's packing, megabytes
+    /// at inference, had been zeroed by the calling thread alone while the others waited).
     pub(crate) fn zeroed(len: usize) -> Aligned<T> {
         let pad = (64 / std::mem::size_of::<T>()).max(1);
-        let buf = vec![T::default(); len + pad];
+        let buf: Vec<T> = crate::kernels::workspace::zeros_by_team(len + pad, pad);
         let off = buf.as_ptr().align_offset(64).min(pad - 1);
         Aligned { buf, off, len }
     }
 }
 
-impl<T: Copy + Default> Clone for Aligned<T> {
+impl<T: Copy + Default + Send> Clone for Aligned<T> {
     /// A copy in a new allocation, aligned afresh (the offset of the old one need not fit it).
     fn clone(&self) -> Aligned<T> {
         let mut out = Aligned::zeroed(self.len);

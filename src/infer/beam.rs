@@ -12,12 +12,12 @@
 //! α > 0 the bound does not exist, and the sequence stops at `k` finished hypotheses.
 
 use std::cmp::Ordering;
+use std::sync::Mutex;
 
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 
 use super::{Step, check_start, feed_common};
 use crate::error::{Error, Result};
-use crate::kernels::loss::log_softmax;
 use crate::kernels::{Float, check_finite};
 
 /// Settings of [`beam_search`].
@@ -173,10 +173,23 @@ pub(crate) fn beam_search_with_limits<F: Float, S: Step<F>, P: AsRef<[usize]>>(
     } else {
         Array2::zeros((b, state.vocab()))
     };
+    let prefix_lens: Vec<usize> = prefixes.iter().map(|p| p.as_ref().len()).collect();
     loop {
         let t = state.len();
         let (mut rows, mut next) = (Vec::new(), Vec::new());
-        for i in 0..b {
+        // Each sequence's extensions from its own logits, the sequences side by side on the
+        // threads (a beam's log-probabilities take an `f64` exponential per token).
+        let extended: Vec<Mutex<Option<Extension>>> = (0..b).map(|_| Mutex::new(None)).collect();
+        let extends = |i: usize| !beams[i].is_empty() && t >= prefix_lens[i];
+        let per = b.div_ceil(crate::kernels::parallel::threads().max(1)).max(1);
+        crate::kernels::parallel::for_each_index(b.div_ceil(per), |p| {
+            for i in (p * per..((p + 1) * per).min(b)).filter(|&i| extends(i)) {
+                let mut ended = Vec::new();
+                let live = extend(&beams[i], &logits, i, search, eos, limits[i], &mut ended);
+                *extended[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(live.map(|l| (l, ended)));
+            }
+        });
+        for (i, extended) in extended.into_iter().enumerate() {
             if beams[i].is_empty() {
                 continue;
             }
@@ -189,7 +202,11 @@ pub(crate) fn beam_search_with_limits<F: Float, S: Step<F>, P: AsRef<[usize]>>(
                 beam.row = rows.len() - 1;
                 continue;
             }
-            let live = extend(&beams[i], &logits, i, search, eos, limits[i], &mut finished[i])?;
+            let (live, ended) = extended
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every live sequence past its prefix was extended")?;
+            finished[i].extend(ended);
             finished[i].sort_by(|a, c| c.score.total_cmp(&a.score));
             finished[i].truncate(search.width);
             beams[i] = if done(&live, &finished[i], search, limits[i]) {
@@ -219,6 +236,9 @@ pub(crate) fn beam_search_with_limits<F: Float, S: Step<F>, P: AsRef<[usize]>>(
         .collect())
 }
 
+/// A sequence's step: its live beams and the hypotheses that ended, or the error.
+type Extension = Result<(Vec<Beam>, Vec<Hypothesis>)>;
+
 /// One step of sequence `seq`: every extension of its live `beams` by the logits of their
 /// rows; those ending in `eos` (or reaching `limit` tokens) go to `finished`, the best `width`
 /// others are returned live (their rows still the parents').
@@ -236,19 +256,19 @@ fn extend<F: Float>(
     let order = |a: &(f64, usize, usize), c: &(f64, usize, usize)| {
         c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2))
     };
-    let mut candidates: Vec<(f64, usize, usize)> = Vec::new();
+    let mut candidates: Vec<(f64, usize, usize)> = Vec::with_capacity(keep * beams.len());
     for (j, beam) in beams.iter().enumerate() {
         let row = logits.row(beam.row);
         check_finite(row, || format!("the logits of the next token of sequence {seq}"))?;
-        let log_p = log_softmax(row.insert_axis(Axis(0)));
-        let mut best: Vec<(f64, usize, usize)> = (log_p.iter().enumerate())
-            .map(|(v, &lp)| (beam.log_prob + lp, j, v))
-            .collect();
-        if best.len() > keep {
-            best.select_nth_unstable_by(keep - 1, order);
-            best.truncate(keep);
-        }
-        candidates.extend(best);
+        // log P(v) = z_v − log Z rises with z_v: a beam's best `keep` tokens are those of its
+        // largest logits (ties to the lower token), found in one pass rather than by ranking
+        // every token's log-probability.
+        let log_z = log_sum_exp(row);
+        candidates.extend(
+            top_tokens(row, keep)
+                .into_iter()
+                .map(|v| (beam.log_prob + (row[v].to_f64() - log_z), j, v)),
+        );
     }
     candidates.sort_by(order);
     candidates.truncate(keep);
@@ -295,6 +315,27 @@ fn extend<F: Float>(
     Ok(live)
 }
 
+/// `ln Σ exp(z)` over a row, in `f64` (as [`crate::kernels::loss::log_softmax`] takes it).
+fn log_sum_exp<F: Float>(row: ndarray::ArrayView1<F>) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    max + row.iter().map(|&x| (x.to_f64() - max).exp()).sum::<f64>().ln()
+}
+
+/// The tokens of the `keep` largest entries of `row`, largest first, ties to the lower token.
+fn top_tokens<F: Float>(row: ndarray::ArrayView1<F>, keep: usize) -> Vec<usize> {
+    let mut best: Vec<(F, usize)> = Vec::with_capacity(keep + 1);
+    for (v, &x) in row.iter().enumerate() {
+        if best.len() == keep && best.last().is_none_or(|&(worst, _)| x <= worst) {
+            continue;
+        }
+        // After every entry at least as large (they came first, or are larger).
+        let at = best.partition_point(|&(y, _)| y >= x);
+        best.insert(at, (x, v));
+        best.truncate(keep);
+    }
+    best.into_iter().map(|(_, v)| v).collect()
+}
+
 /// Whether a sequence is done: no live beam, or `width` finished hypotheses that no live
 /// beam can still beat.
 fn done(live: &[Beam], finished: &[Hypothesis], search: &BeamSearch, limit: usize) -> bool {
@@ -316,4 +357,21 @@ fn done(live: &[Beam], finished: &[Hypothesis], search: &BeamSearch, limit: usiz
         best_live / search.length_penalty(limit)
     };
     bound.partial_cmp(&worst) != Some(Ordering::Greater)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_tokens_are_the_largest_ties_to_the_lower_token() {
+        let row = ndarray::arr1(&[0.5f32, 2.0, -1.0, 2.0, 0.5, 3.0, 0.5, -7.0]);
+        for keep in 1..=9 {
+            // Naive: every token ranked by (value down, token up).
+            let mut all: Vec<usize> = (0..row.len()).collect();
+            all.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            all.truncate(keep);
+            assert_eq!(top_tokens(row.view(), keep), all, "keep {keep}");
+        }
+    }
 }

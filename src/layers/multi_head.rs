@@ -585,8 +585,11 @@ fn rounded_to_bf16<'x, F: Float>(x: &'x [F], y: &'x mut [u16]) -> &'x [u16] {
 
 /// Copies the first `len` positions of the sequences `rows` of a cache's keys (transposed)
 /// and values into sequences `0..rows.len()` of `to_kt` and `to_v`, whose heads, features and
-/// capacity are the same or larger.
-fn copy_rows<S: Copy>(
+/// capacity are the same or larger; on the team above a few kilobytes, each destination
+/// sequence by the thread that a decoding step's runs give it (a beam search reorders its
+/// caches at every step: on the calling thread alone the copies had been a sixth of its
+/// samples in a small beam decode on two threads, the other thread waiting).
+fn copy_rows<S: Copy + Send + Sync>(
     kt: &Array4<S>,
     v: &Array4<S>,
     to_kt: &mut Array4<S>,
@@ -596,24 +599,48 @@ fn copy_rows<S: Copy>(
 ) {
     let (_, h, dk, cap) = kt.dim();
     let to_cap = to_kt.dim().3;
-    // Runs of `run` filled elements every `stride` elements, `per_row` runs per sequence: the
-    // transposed keys hold `len` of every `cap` positions per (head, feature), the values
-    // `len · d_k` of every `cap · d_k` per head.
-    for (dst, src, run, stride, to_stride, per_row) in [
-        (&mut *to_kt, kt, len, cap, to_cap, h * dk),
-        (&mut *to_v, v, len * dk, cap * dk, to_cap * dk, h),
-    ] {
-        let (dst, src) = (
-            dst.as_slice_mut().expect("standard layout"),
-            src.as_slice().expect("standard layout"),
-        );
-        for (i, &r) in rows.iter().enumerate() {
-            for j in 0..per_row {
-                let (to, from) = ((i * per_row + j) * to_stride, (r * per_row + j) * stride);
-                dst[to..to + run].copy_from_slice(&src[from..from + run]);
+    let (kt, v) = (
+        kt.as_slice().expect("standard layout"),
+        v.as_slice().expect("standard layout"),
+    );
+    let (to_kt, to_v) = (
+        Disjoint::new(to_kt.as_slice_mut().expect("standard layout")),
+        Disjoint::new(to_v.as_slice_mut().expect("standard layout")),
+    );
+    let (to_seq, seq) = (h * dk * to_cap, h * dk * cap);
+    let parts = if crate::kernels::parallel_worth(2 * rows.len() * h * dk * len) {
+        crate::kernels::parallel::threads().min(rows.len())
+    } else {
+        1
+    };
+    let per = rows.len().div_ceil(parts.max(1)).max(1);
+    for_each_index(rows.len().div_ceil(per), |p| {
+        let first = p * per;
+        for (i, &r) in rows
+            .iter()
+            .enumerate()
+            .take((first + per).min(rows.len()))
+            .skip(first)
+        {
+            // SAFETY: destination sequence i, disjoint from every other's (each holds
+            // h · d_k · to_cap elements in either buffer).
+            let (dst_kt, dst_v) =
+                unsafe { (to_kt.range(i * to_seq, to_seq), to_v.range(i * to_seq, to_seq)) };
+            // Runs of `run` filled elements every `stride` elements, `per_row` runs per
+            // sequence: the transposed keys hold `len` of every `cap` positions per (head,
+            // feature), the values `len · d_k` of every `cap · d_k` per head.
+            for (dst, src, run, stride, to_stride, per_row) in [
+                (&mut *dst_kt, kt, len, cap, to_cap, h * dk),
+                (&mut *dst_v, v, len * dk, cap * dk, to_cap * dk, h),
+            ] {
+                let src = &src[r * seq..(r + 1) * seq];
+                for j in 0..per_row {
+                    dst[j * to_stride..j * to_stride + run]
+                        .copy_from_slice(&src[j * stride..j * stride + run]);
+                }
             }
         }
-    }
+    });
 }
 
 /// Writes keys `k` and values `v` `[B, H, T, d_k]` at positions `len..len + T` of a cache's

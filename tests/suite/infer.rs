@@ -645,3 +645,35 @@ fn teacher_forced_logits_have_the_same_bits_on_one_and_two_threads() {
     check::<f32>();
     check::<f64>();
 }
+
+/// A beam search over many sources on a team: its sequences extended side by side on the
+/// threads, the caches reordered by the team at every step and the decoding steps in runs of
+/// sequences. The hypotheses keep their tokens and the bits of their log-probabilities on
+/// one, two and three threads.
+#[test]
+fn beam_search_gives_the_same_hypotheses_on_one_two_and_three_threads() {
+    let m = seq2seq(false, 19, 5);
+    let seqs: Vec<Vec<usize>> = (0..9)
+        .map(|i| (0..2 + i % 5).map(|j| 3 + (i * 3 + j * 5) % 8).collect())
+        .collect();
+    let src = TokenBatch::from_sequences(&seqs, 0).unwrap();
+    let search = BeamSearch::paper().with_n_best(3);
+    let run = || beam_search(m.begin_decode(&src, 4).unwrap(), &bos(9), &search, Some(EOS), 9).unwrap();
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    let one = pool(1).install(run);
+    for threads in [2, 3] {
+        let other = pool(threads).install(run);
+        for (i, (a, b)) in one.iter().zip(&other).enumerate() {
+            assert_eq!(a.len(), b.len(), "sequence {i}, {threads} threads");
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.tokens, y.tokens, "sequence {i}, {threads} threads");
+                assert_eq!(x.ended, y.ended, "sequence {i}, {threads} threads");
+                assert_eq!(
+                    x.log_prob.to_bits(),
+                    y.log_prob.to_bits(),
+                    "sequence {i}, {threads} threads"
+                );
+            }
+        }
+    }
+}

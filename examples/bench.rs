@@ -249,34 +249,26 @@ fn run(args: &Args) -> Result<()> {
                 })
             })?,
         };
+        let (du, fu, lu, vu, bu, su, tu) = (
+            d as u64,
+            f as u64,
+            layers as u64,
+            v as u64,
+            b as u64,
+            s as u64,
+            t as u64,
+        );
         let flops = match what {
             What::TrainStep => cost.train_flops * micro_batches as u64,
             What::EvalForward => cost.forward_flops,
-            What::GreedyDecode => decode_flops(
-                d as u64,
-                f as u64,
-                layers as u64,
-                v as u64,
-                b as u64,
-                s as u64,
-                t as u64,
-            ),
+            What::GreedyDecode => decode_flops(du, fu, lu, vu, bu, su, tu),
             // The encoder once per source, the decoder for 4 beams (the first step has one).
             What::BeamDecode => {
-                let dims = (d as u64, f as u64, layers as u64, v as u64);
-                let one = decode_flops(dims.0, dims.1, dims.2, dims.3, b as u64, s as u64, t as u64);
-                let encoder = decode_flops(dims.0, dims.1, dims.2, dims.3, b as u64, s as u64, 0);
+                let one = decode_flops(du, fu, lu, vu, bu, su, tu);
+                let encoder = decode_flops(du, fu, lu, vu, bu, su, 0);
                 encoder + 4 * (one - encoder)
             }
-            What::LmGenerate => lm_generate_flops(
-                d as u64,
-                f as u64,
-                layers as u64,
-                v as u64,
-                b as u64,
-                s as u64,
-                t as u64,
-            ),
+            What::LmGenerate => lm_generate_flops(du, fu, lu, vu, bu, su, tu),
         };
         let tokens = match what {
             What::TrainStep => b * t * micro_batches,

@@ -262,6 +262,19 @@ impl<F: Float> Store<F> {
         }
     }
 
+    fn view_mut(&mut self) -> StoreMut<'_, F> {
+        match self {
+            Store::Full { kt, v } => StoreMut::Full {
+                kt: kt.view_mut(),
+                v: v.view_mut(),
+            },
+            Store::Bf16 { kt, v } => StoreMut::Bf16 {
+                kt: kt.view_mut(),
+                v: v.view_mut(),
+            },
+        }
+    }
+
     /// The sequences in runs of `per` (the last run shorter), each writable on its own.
     fn runs_mut(&mut self, per: usize) -> Vec<StoreMut<'_, F>> {
         let per = per.max(1);
@@ -276,6 +289,21 @@ impl<F: Float> Store<F> {
                 .zip(v.axis_chunks_iter_mut(Axis(0), per))
                 .map(|(kt, v)| StoreMut::Bf16 { kt, v })
                 .collect(),
+        }
+    }
+}
+
+impl<F: Float> StoreMut<'_, F> {
+    fn view(&self) -> StoreRef<'_, F> {
+        match self {
+            StoreMut::Full { kt, v } => StoreRef::Full {
+                kt: kt.view(),
+                v: v.view(),
+            },
+            StoreMut::Bf16 { kt, v } => StoreRef::Bf16 {
+                kt: kt.view(),
+                v: v.view(),
+            },
         }
     }
 }
@@ -402,17 +430,10 @@ impl<F: Float> KvRows<'_, F> {
     }
 
     pub(crate) fn view(&self) -> KvView<'_, F> {
-        let store = match &self.store {
-            StoreMut::Full { kt, v } => StoreRef::Full {
-                kt: kt.view(),
-                v: v.view(),
-            },
-            StoreMut::Bf16 { kt, v } => StoreRef::Bf16 {
-                kt: kt.view(),
-                v: v.view(),
-            },
-        };
-        KvView { store, len: self.len }
+        KvView {
+            store: self.store.view(),
+            len: self.len,
+        }
     }
 
     /// Appends `[B, H, T, d_k]` keys and values, for which the cache made room
@@ -489,17 +510,11 @@ impl<F: Float> KvCache<F> {
     /// All the sequences as one run ([`KvCache::runs_mut`]).
     pub(crate) fn rows_mut(&mut self, t: usize) -> KvRows<'_, F> {
         self.reserve(t);
-        let store = match &mut self.store {
-            Store::Full { kt, v } => StoreMut::Full {
-                kt: kt.view_mut(),
-                v: v.view_mut(),
-            },
-            Store::Bf16 { kt, v } => StoreMut::Bf16 {
-                kt: kt.view_mut(),
-                v: v.view_mut(),
-            },
-        };
-        KvRows { store, len: self.len }
+        let len = self.len;
+        KvRows {
+            store: self.store.view_mut(),
+            len,
+        }
     }
 
     /// Counts `t` positions appended to every sequence through [`KvCache::runs_mut`].

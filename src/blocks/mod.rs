@@ -277,8 +277,11 @@ const STEP_RUN_ROWS: usize = 8;
 pub(crate) fn step_runs(b: usize, t: usize) -> usize {
     let runs = crate::kernels::parallel::threads()
         .min(b)
-        .min(b * t / STEP_RUN_ROWS);
-    runs.max(1)
+        .min(b * t / STEP_RUN_ROWS)
+        .max(1);
+    // As many runs as cutting into runs of `per` sequences makes (5 sequences in 4 runs are
+    // 2 + 2 + 1: three).
+    if b == 0 { 1 } else { b.div_ceil(b.div_ceil(runs)) }
 }
 
 /// A decoding step of `b` sequences of `t` new positions (of width `d`) cut into `runs` runs

@@ -270,4 +270,24 @@ fn decoding_steps_have_the_same_bits_on_one_two_and_three_threads() {
             );
         }
     }
+    // 5 sequences fed 8 positions at once on four threads: runs of 2 + 2 + 1, three runs
+    // where the threads would allow four.
+    let few = TokenBatch::from_sequences(&(0..5).map(|i| vec![3 + i; 2 + i]).collect::<Vec<_>>(), 0).unwrap();
+    let prefix = Array2::from_shape_fn((5, 8), |(i, j)| 1 + (2 * i + j) % 18);
+    let run = || {
+        let mut state = m.begin_decode(&few, 8).unwrap();
+        m.decode_steps(&mut state, prefix.view()).unwrap()
+    };
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(run)
+    };
+    let one = on(1);
+    assert!(
+        one.iter().zip(&on(4)).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "a forced prefix on four threads differs from one thread's"
+    );
 }

@@ -1,5 +1,6 @@
 //! Decoding with the key/value cache gives what decoding without it gives.
 
+use crate::common::on_threads;
 use ndarray::{Array2, s};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::Error;
@@ -253,16 +254,9 @@ fn decoding_steps_have_the_same_bits_on_one_two_and_three_threads() {
         }
         out
     };
-    let on = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(run)
-    };
-    let one = on(1);
+    let one = on_threads(1, run);
     for threads in [2, 3] {
-        let many = on(threads);
+        let many = on_threads(threads, run);
         for (i, (a, b)) in one.iter().zip(&many).enumerate() {
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -278,16 +272,11 @@ fn decoding_steps_have_the_same_bits_on_one_two_and_three_threads() {
         let mut state = m.begin_decode(&few, 8).unwrap();
         m.decode_steps(&mut state, prefix.view()).unwrap()
     };
-    let on = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(run)
-    };
-    let one = on(1);
+    let one = on_threads(1, run);
     assert!(
-        one.iter().zip(&on(4)).all(|(x, y)| x.to_bits() == y.to_bits()),
+        one.iter()
+            .zip(&on_threads(4, run))
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
         "a forced prefix on four threads differs from one thread's"
     );
 }

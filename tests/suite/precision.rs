@@ -2,6 +2,7 @@
 //! within a stated relative bound, the loss curve of a copy-task run within a stated
 //! distance, the same bits at any thread count, and the kernel path that ran named.
 
+use crate::common::on_threads;
 use vaswani::blocks::BlockConfig;
 use vaswani::kernels::precision::{Bf16Path, bf16_path, precision, with_precision};
 use vaswani::models::{EncoderDecoder, EncoderDecoderConfig, Seq2SeqBatch, TokenBatch};
@@ -202,15 +203,6 @@ fn bf16_copy_task_follows_the_f32_loss_curve() {
         median < CURVE_BOUND,
         "loss curves a median {median} apart (bound {CURVE_BOUND})"
     );
-}
-
-/// `f` on a pool of `threads` threads.
-fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
 }
 
 /// A one-layer encoder-decoder of width 64 over 50 tokens.

@@ -323,33 +323,37 @@ impl<F: Float> Decoder<F> {
         memory_mask: &Mask,
         packed: Option<&[PackedDecoderLayer<F>]>,
     ) -> Array3<F> {
-        let (b, t, _) = x.dim();
+        let (b, t, d) = x.dim();
         let runs = self.runs_for(x, state, memory_mask);
-        let mut h = if runs > 1 {
-            self.infer_step_runs(x, state, memory_mask, packed, runs)
+        let per = b.div_ceil(runs);
+        let seqs = |r: usize| r * per..((r + 1) * per).min(b);
+        // Per run of several: its memory mask, and every layer's cross-attention keys and
+        // values of its sequences; one run reads the batch's.
+        let masks: Vec<Mask> = if runs > 1 {
+            (0..runs).map(|r| memory_mask.sequences(b, seqs(r))).collect()
         } else {
-            // The first layer reads the input where it lies.
-            let mut out: Option<Array3<F>> = None;
-            for (i, ((layer, cache), cross)) in self
-                .layers
-                .iter()
-                .zip(&mut state.self_caches)
-                .zip(&state.cross)
-                .enumerate()
-            {
-                let input = out.as_ref().map_or(x.view(), |h| h.view());
-                let y = layer.infer_step_packed(
-                    input,
-                    &mut cache.rows_mut(t),
-                    cross.view(),
-                    memory_mask,
-                    packed.map(|p| &p[i]),
-                );
-                cache.advance(t);
-                out = Some(y);
-            }
-            out.unwrap_or_else(|| x.to_owned())
+            Vec::new()
         };
+        let cross: Vec<Vec<KvView<F>>> = (0..runs)
+            .map(|r| {
+                let all = state.cross.iter().map(|c| c.view());
+                if runs > 1 {
+                    all.map(|v| v.sequences(seqs(r))).collect()
+                } else {
+                    all.collect()
+                }
+            })
+            .collect();
+        let mut h = step_in_runs(&mut state.self_caches, (b, t, d), runs, |r, seqs, rows| {
+            let (x, mask) = (x.slice(s![seqs, .., ..]), masks.get(r).unwrap_or(memory_mask));
+            // The first layer reads the input where it lies.
+            let mut h: Option<Array3<F>> = None;
+            for (i, ((layer, rows), cross)) in self.layers.iter().zip(rows).zip(&cross[r]).enumerate() {
+                let input = h.as_ref().map_or(x, |h| h.view());
+                h = Some(layer.infer_step_packed(input, rows, *cross, mask, packed.map(|p| &p[i])));
+            }
+            h.unwrap_or_else(|| x.to_owned())
+        });
         if let Some(ln) = &self.norm {
             h = unrows(ln.infer(flat(h).view()), b, t);
         }
@@ -371,36 +375,6 @@ impl<F: Float> Decoder<F> {
         } else {
             runs
         }
-    }
-
-    /// A decoding step cut into `runs` runs of sequences ([`step_in_runs`]), each with its own
-    /// sequences' self-attention caches, memory and memory mask.
-    fn infer_step_runs(
-        &self,
-        x: ArrayView3<F>,
-        state: &mut DecoderState<F>,
-        memory_mask: &Mask,
-        packed: Option<&[PackedDecoderLayer<F>]>,
-        runs: usize,
-    ) -> Array3<F> {
-        let (b, t, d) = x.dim();
-        let per = b.div_ceil(runs);
-        let seqs = |r: usize| r * per..((r + 1) * per).min(b);
-        // Per run: its memory mask, and every layer's cross-attention keys and values of it.
-        let masks: Vec<Mask> = (0..runs).map(|r| memory_mask.sequences(b, seqs(r))).collect();
-        let cross: Vec<Vec<KvView<F>>> = (0..runs)
-            .map(|r| state.cross.iter().map(|c| c.view().sequences(seqs(r))).collect())
-            .collect();
-        step_in_runs(&mut state.self_caches, (b, t, d), runs, |r, seqs, rows| {
-            let mut h: Option<Array3<F>> = None;
-            for (i, ((layer, rows), cross)) in self.layers.iter().zip(rows).zip(&cross[r]).enumerate() {
-                let input = h
-                    .as_ref()
-                    .map_or_else(|| x.slice(s![seqs.clone(), .., ..]), |h| h.view());
-                h = Some(layer.infer_step_packed(input, rows, *cross, &masks[r], packed.map(|p| &p[i])));
-            }
-            h.expect("a decoder of one layer at least")
-        })
     }
 
     /// Backward pass: adds the parameter gradients into `g` and returns `(∂L/∂x, ∂L/∂memory)`;

@@ -14,7 +14,6 @@ use super::{
 use crate::error::{Result, check};
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
-use crate::layers::multi_head::KvRows;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of an [`Encoder`] stack.
@@ -249,29 +248,19 @@ impl<F: Float> Encoder<F> {
             self.layers.len()
         );
         let (b, t, d) = x.dim();
-        let runs = step_runs(b, t);
-        let fits = caches.iter().all(|c| c.batch_size() == b);
-        let layers = |x: ArrayView3<F>, rows: &mut [KvRows<F>]| {
+        // Runs of sequences where the caches hold the batch (else one run, whose layers report
+        // the mismatch).
+        let fits = caches.iter().all(|c| c.batch_size() == b) && !self.layers.is_empty();
+        let runs = if fits { step_runs(b, t) } else { 1 };
+        let mut h = step_in_runs(caches, (b, t, d), runs, |_, seqs, rows| {
+            let x = x.slice(s![seqs, .., ..]);
             let mut h: Option<Array3<F>> = None;
             for (i, (layer, rows)) in self.layers.iter().zip(rows).enumerate() {
                 let input = h.as_ref().map_or(x, |h| h.view());
                 h = Some(layer.infer_step_packed(input, rows, packed.map(|p| &p[i])));
             }
             h.unwrap_or_else(|| x.to_owned())
-        };
-        let mut h = if runs > 1 && fits && !self.layers.is_empty() {
-            step_in_runs(caches, (b, t, d), runs, |_, seqs, rows| {
-                layers(x.slice(s![seqs, .., ..]), rows)
-            })
-        } else {
-            let mut rows: Vec<KvRows<F>> = caches.iter_mut().map(|c| c.rows_mut(t)).collect();
-            let h = layers(x, &mut rows);
-            drop(rows);
-            for cache in caches.iter_mut() {
-                cache.advance(t);
-            }
-            h
-        };
+        });
         if let Some(ln) = &self.norm {
             h = unrows(ln.infer(flat(h).view()), b, t);
         }

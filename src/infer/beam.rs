@@ -18,6 +18,7 @@ use ndarray::Array2;
 
 use super::{Step, check_start, feed_common};
 use crate::error::{Error, Result};
+use crate::kernels::loss::log_sum_exp;
 use crate::kernels::{Float, check_finite};
 
 /// Settings of [`beam_search`].
@@ -313,12 +314,6 @@ fn extend<F: Float>(
         }
     }
     Ok(live)
-}
-
-/// `ln Σ exp(z)` over a row, in `f64` (as [`crate::kernels::loss::log_softmax`] takes it).
-fn log_sum_exp<F: Float>(row: ndarray::ArrayView1<F>) -> f64 {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
-    max + row.iter().map(|&x| (x.to_f64() - max).exp()).sum::<f64>().ln()
 }
 
 /// The tokens of the `keep` largest entries of `row`, largest first, ties to the lower token.

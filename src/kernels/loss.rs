@@ -13,7 +13,7 @@
 //! PyTorch equivalent: `F.cross_entropy(logits, targets, ignore_index=pad,
 //! label_smoothing=ε)` with the default mean reduction.
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::kernels::Float;
@@ -142,11 +142,17 @@ pub fn cross_entropy<F: Float>(
 pub fn log_softmax<F: Float>(logits: ArrayView2<F>) -> Array2<f64> {
     let mut out = logits.mapv(|x| x.to_f64());
     for mut row in out.axis_iter_mut(Axis(0)) {
-        let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
-        let log_z = max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+        let log_z = log_sum_exp(row.view());
         row.mapv_inplace(|x| x - log_z);
     }
     out
+}
+
+/// `ln Σ exp(z)` over a row, in `f64`: the normaliser of [`log_softmax`] (and of a beam
+/// search's log-probabilities, which take it without the whole row's).
+pub(crate) fn log_sum_exp<F: Float>(row: ArrayView1<F>) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    max + row.iter().map(|&x| (x.to_f64() - max).exp()).sum::<f64>().ln()
 }
 
 /// [`row_cross_entropy`] with label smoothing 0.1 over a row of `z.len()` classes, for the

@@ -423,10 +423,7 @@ pub(crate) struct KvRows<'a, F: Float> {
 
 impl<F: Float> KvRows<'_, F> {
     pub(crate) fn batch_size(&self) -> usize {
-        match &self.store {
-            StoreMut::Full { kt, .. } => kt.dim().0,
-            StoreMut::Bf16 { kt, .. } => kt.dim().0,
-        }
+        self.view().batch_size()
     }
 
     pub(crate) fn view(&self) -> KvView<'_, F> {

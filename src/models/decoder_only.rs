@@ -80,7 +80,7 @@ use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
 use crate::kernels::precision::{Precision, with_precision};
-use crate::kernels::{Float, PackedB, filled, gemm_packed};
+use crate::kernels::{Float, PackedB};
 
 use crate::kernels::loss::log_softmax;
 use crate::kernels::workspace::Recycle;
@@ -90,7 +90,8 @@ use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
-    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
+    OutputCache, check_targets, output_backward, output_forward, output_infer, output_infer_packed,
+    pack_output, token_loss,
 };
 use crate::models::trainable::{LossStats, Trainable};
 
@@ -546,10 +547,7 @@ impl<F: Float> DecoderOnly<F> {
 
     /// The layers' and the output projection's weights packed; `None` where nothing packs.
     fn pack_generate(&self) -> Option<PackedGenerate<F>> {
-        let output = match &self.head {
-            Some(head) => PackedB::new(head.p.weight.t()),
-            None => PackedB::new(self.embed.p.weight.t()),
-        }?;
+        let output = pack_output(self.head.as_ref(), &self.embed)?;
         Some(PackedGenerate {
             layers: self.blocks.pack()?,
             output,
@@ -601,18 +599,12 @@ impl<F: Float> DecoderOnly<F> {
             state.len = pos + t;
             // The last position of each sequence.
             let last = h.slice(s![t - 1..;t, ..]);
-            Ok(match packed {
-                Some(p) => {
-                    let bias = self.head.as_ref().and_then(|h| h.p.bias.as_ref());
-                    // SAFETY: gemm_packed writes every element.
-                    unsafe {
-                        filled((last.nrows(), p.output.dim().1), |logits| {
-                            gemm_packed(last, &p.output, bias.map(|b| b.view()), false, logits)
-                        })
-                    }
-                }
-                None => self.project(last),
-            })
+            Ok(output_infer_packed(
+                self.head.as_ref(),
+                &self.embed,
+                packed.map(|p| &p.output),
+                last,
+            ))
         };
         // Weights packed in bf16 step in bf16 wherever the step is called, as they were packed.
         let run = || crate::kernels::parallel::with_team(run);

@@ -46,14 +46,14 @@ use crate::error::{Error, Result, check};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
-use crate::kernels::{Float, PackedB, filled, gemm_packed};
+use crate::kernels::{Float, PackedB};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
 use crate::models::cost::Cost;
 use crate::models::input::{InputCache, InputStage, Positions};
 use crate::models::output::{
-    OutputCache, check_targets, output_backward, output_forward, output_infer, token_loss,
+    OutputCache, check_targets, output_backward, output_forward, output_infer_packed, pack_output, token_loss,
 };
 use crate::models::trainable::{LossStats, Trainable};
 
@@ -652,27 +652,18 @@ impl<F: Float> EncoderDecoder<F> {
 
     /// The output projection of decoder rows `[N, d_model]` → `[N, V]`.
     fn logits(&self, h: ArrayView2<F>, packed: Option<&PackedDecode<F>>) -> Array2<F> {
-        match packed {
-            Some(p) => {
-                let bias = self.head.as_ref().and_then(|g| g.p.bias.as_ref());
-                // SAFETY: gemm_packed writes every element.
-                unsafe {
-                    filled((h.nrows(), p.output.dim().1), |logits| {
-                        gemm_packed(h, &p.output, bias.map(|b| b.view()), false, logits)
-                    })
-                }
-            }
-            None => output_infer(self.head.as_ref(), self.target_embedding(), h),
-        }
+        output_infer_packed(
+            self.head.as_ref(),
+            self.target_embedding(),
+            packed.map(|p| &p.output),
+            h,
+        )
     }
 
     /// The decoder's (with the memory's projections if `memory`) and the output's weights
     /// packed; `None` where nothing packs.
     fn pack_decode(&self, memory: bool) -> Option<PackedDecode<F>> {
-        let output = match &self.head {
-            Some(head) => PackedB::new(head.p.weight.t()),
-            None => PackedB::new(self.target_embedding().p.weight.t()),
-        }?;
+        let output = pack_output(self.head.as_ref(), self.target_embedding())?;
         Some(PackedDecode {
             decoder: self.decoder.pack_with(memory)?,
             output,

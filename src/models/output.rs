@@ -4,8 +4,8 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::error::{Error, Result};
-use crate::kernels::Float;
 use crate::kernels::loss::{CrossEntropy, cross_entropy};
+use crate::kernels::{Float, PackedB, filled, gemm_packed};
 use crate::layers::{Embedding, Linear, LinearCache, ProjectionCache};
 use crate::models::batch::{IGNORE, TokenBatch};
 use crate::models::trainable::LossStats;
@@ -55,6 +55,36 @@ pub(crate) fn output_infer<F: Float>(
     match head {
         Some(head) => head.infer(h),
         None => embed.project_infer(h),
+    }
+}
+
+/// The output projection's weight (the head's, or the tied embedding's) packed once for the
+/// many products of a decode; `None` where nothing packs ([`PackedB`]).
+pub(crate) fn pack_output<F: Float>(head: Option<&Linear<F>>, embed: &Embedding<F>) -> Option<PackedB> {
+    match head {
+        Some(head) => PackedB::new(head.p.weight.t()),
+        None => PackedB::new(embed.p.weight.t()),
+    }
+}
+
+/// [`output_infer`] with the weight of [`pack_output`] (`None`: the weight as it is).
+pub(crate) fn output_infer_packed<F: Float>(
+    head: Option<&Linear<F>>,
+    embed: &Embedding<F>,
+    packed: Option<&PackedB>,
+    h: ArrayView2<F>,
+) -> Array2<F> {
+    match packed {
+        Some(w) => {
+            let bias = head.and_then(|g| g.p.bias.as_ref());
+            // SAFETY: gemm_packed writes every element.
+            unsafe {
+                filled((h.nrows(), w.dim().1), |logits| {
+                    gemm_packed(h, w, bias.map(|b| b.view()), false, logits)
+                })
+            }
+        }
+        None => output_infer(head, embed, h),
     }
 }
 

@@ -535,6 +535,24 @@ impl<'a, T> Disjoint<'a, T> {
         // SAFETY: inside the slice (asserted); exclusive by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
     }
+
+    /// Elements `at..at + len`, read-only: a range several parts may read at once.
+    ///
+    /// # Safety
+    /// No range from [`Disjoint::range`] that overlaps it may be alive at the same time.
+    ///
+    /// # Panics
+    /// If the range goes past the end.
+    pub unsafe fn shared(&self, at: usize, len: usize) -> &'a [T] {
+        assert!(
+            at + len <= self.len,
+            "Disjoint: {at}..{} past {}",
+            at + len,
+            self.len
+        );
+        // SAFETY: inside the slice (asserted); not written meanwhile by the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
 }
 
 /// A slice's pointer, shared by threads that touch disjoint ranges of it.

@@ -219,6 +219,43 @@ impl<F: Float> Store<F> {
             _ => unreachable!("a store is copied into one of its kind"),
         }
     }
+
+    /// Gives sequence `i` the first `len` positions of sequence `rows[i]` for every `i` with
+    /// `rows[i] != i`, in place ([`move_rows`]), through `spare` for the rows `saved_rows`
+    /// that some destination overwrites.
+    fn move_within(
+        &mut self,
+        spare: Option<&mut Store<F>>,
+        saved_rows: &[usize],
+        rows: &[usize],
+        len: usize,
+    ) {
+        match (self, spare) {
+            (Store::Full { kt, v }, None) => move_rows(kt, v, None, saved_rows, rows, len),
+            (Store::Full { kt, v }, Some(Store::Full { kt: s_kt, v: s_v })) => {
+                move_rows(kt, v, Some((s_kt, s_v)), saved_rows, rows, len)
+            }
+            (Store::Bf16 { kt, v }, None) => move_rows(kt, v, None, saved_rows, rows, len),
+            (Store::Bf16 { kt, v }, Some(Store::Bf16 { kt: s_kt, v: s_v })) => {
+                move_rows(kt, v, Some((s_kt, s_v)), saved_rows, rows, len)
+            }
+            _ => unreachable!("a store is saved in one of its kind"),
+        }
+    }
+
+    /// Keeps the first `n` sequences, in the same buffers.
+    fn truncate(&mut self, n: usize) {
+        match self {
+            Store::Full { kt, v } => {
+                kt.slice_collapse(s![..n, .., .., ..]);
+                v.slice_collapse(s![..n, .., .., ..]);
+            }
+            Store::Bf16 { kt, v } => {
+                kt.slice_collapse(s![..n, .., .., ..]);
+                v.slice_collapse(s![..n, .., .., ..]);
+            }
+        }
+    }
 }
 
 /// Some of a cache's sequences (all of them, or a run of them), read-only: what attention
@@ -539,21 +576,51 @@ impl<F: Float> KvCache<F> {
         if rows.iter().copied().eq(0..b) {
             return;
         }
-        // Each sequence's block is contiguous: one copy per kept row into the spare buffers
-        // (kept from the last select, so that a beam's steady reordering allocates nothing),
-        // then the two swap. The capacity is kept.
         let (_, h, dk, cap) = self.store.dim();
         let bf16 = self.store.is_bf16();
-        if self
-            .spare
-            .as_ref()
-            .is_none_or(|x| x.dim() != (rows.len(), h, dk, cap) || x.is_bf16() != bf16)
-        {
-            self.spare = Some(Store::zeros(bf16, rows.len(), h, dk, cap));
+        let n = rows.len();
+        if n > b {
+            // More sequences than the buffers hold: one copy per kept row into the spare
+            // buffers (kept from the last such select), then the two swap. Each sequence's
+            // block is contiguous; the capacity is kept.
+            if self
+                .spare
+                .as_ref()
+                .is_none_or(|x| x.dim() != (n, h, dk, cap) || x.is_bf16() != bf16)
+            {
+                self.spare = Some(Store::zeros(bf16, n, h, dk, cap));
+            }
+            let mut to = self.spare.take().expect("made above");
+            self.store.copy_into(&mut to, rows, self.len);
+            self.spare = Some(std::mem::replace(&mut self.store, to));
+            return;
         }
-        let mut to = self.spare.take().expect("made above");
-        self.store.copy_into(&mut to, rows, self.len);
-        self.spare = Some(std::mem::replace(&mut self.store, to));
+        // In place: only the sequences that change are written. A beam search keeps most of
+        // its beams where they were (four in five of a small beam decode's rows at a step),
+        // and had copied every row of every cache at every step. A source that some
+        // destination overwrites is first saved in the spare buffers, at its own place.
+        let overwritten = |r: usize| r < n && rows[r] != r;
+        let mut saved: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|&(i, &r)| r != i && overwritten(r))
+            .map(|(_, &r)| r)
+            .collect();
+        saved.sort_unstable();
+        saved.dedup();
+        let spare = if saved.is_empty() {
+            None
+        } else {
+            if self.spare.as_ref().is_none_or(|x| {
+                let (sb, sh, sdk, scap) = x.dim();
+                sb < n || (sh, sdk, scap) != (h, dk, cap) || x.is_bf16() != bf16
+            }) {
+                self.spare = Some(Store::zeros(bf16, n, h, dk, cap));
+            }
+            self.spare.as_mut()
+        };
+        self.store.move_within(spare, &saved, rows, self.len);
+        self.store.truncate(n);
     }
 
     /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.
@@ -596,11 +663,8 @@ fn rounded_to_bf16<'x, F: Float>(x: &'x [F], y: &'x mut [u16]) -> &'x [u16] {
 }
 
 /// Copies the first `len` positions of the sequences `rows` of a cache's keys (transposed)
-/// and values into sequences `0..rows.len()` of `to_kt` and `to_v`, whose heads, features and
-/// capacity are the same or larger; on the team above a few kilobytes, each destination
-/// sequence by the thread that a decoding step's runs give it (a beam search reorders its
-/// caches at every step: on the calling thread alone the copies had been a sixth of its
-/// samples in a small beam decode on two threads, the other thread waiting).
+/// and values into sequences `0..rows.len()` of `to_kt` and `to_v`, whose heads and features
+/// are the same and whose capacity is the same or larger, cut into runs by [`copy_run`].
 fn copy_rows<S: Copy + Send + Sync>(
     kt: &Array4<S>,
     v: &Array4<S>,
@@ -620,39 +684,124 @@ fn copy_rows<S: Copy + Send + Sync>(
         Disjoint::new(to_v.as_slice_mut().expect("standard layout")),
     );
     let (to_seq, seq) = (h * dk * to_cap, h * dk * cap);
-    let parts = if crate::kernels::parallel_worth(2 * rows.len() * h * dk * len) {
-        crate::kernels::parallel::threads().min(rows.len())
+    let per = copy_run(rows.len(), rows.len() * h * dk * len);
+    for_each_index(rows.len().div_ceil(per), |p| {
+        for (i, &r) in rows.iter().enumerate().skip(p * per).take(per) {
+            // SAFETY: destination sequence i, disjoint from every other's (each holds
+            // h · d_k · to_cap elements in either buffer).
+            let to = unsafe { (to_kt.range(i * to_seq, to_seq), to_v.range(i * to_seq, to_seq)) };
+            let from = (&kt[r * seq..(r + 1) * seq], &v[r * seq..(r + 1) * seq]);
+            copy_sequence(to, from, (h, dk, cap, to_cap), len);
+        }
+    });
+}
+
+/// Gives sequence `i` of a cache's keys (transposed) and values the first `len` positions of
+/// sequence `rows[i]`, for every `i` with `rows[i] != i`, in place. A source that some
+/// destination overwrites is one of `saved_rows`, first copied to the same sequence of
+/// `spare` (same heads, features and capacity, at least `rows.len()` sequences); the others
+/// are not written here. Both passes cut into runs as [`copy_rows`], each sequence saved and
+/// written by the thread whose run holds it (saved by the thread of the run the copies went
+/// to, a tiny beam decode on two threads had taken 5–7% longer than with every row copied).
+fn move_rows<S: Copy + Send + Sync>(
+    kt: &mut Array4<S>,
+    v: &mut Array4<S>,
+    spare: Option<(&mut Array4<S>, &mut Array4<S>)>,
+    saved_rows: &[usize],
+    rows: &[usize],
+    len: usize,
+) {
+    let (_, h, dk, cap) = kt.dim();
+    let (seq, dims) = (h * dk * cap, (h, dk, cap, cap));
+    let (kt, v) = (
+        Disjoint::new(kt.as_slice_mut().expect("standard layout")),
+        Disjoint::new(v.as_slice_mut().expect("standard layout")),
+    );
+    let per = copy_run(rows.len(), rows.len() * h * dk * len);
+    let runs = rows.len().div_ceil(per);
+    let saved = spare.map(|(s_kt, s_v)| {
+        let (s_b, s_h, s_dk, s_cap) = s_kt.dim();
+        assert!(
+            s_b >= rows.len() && (s_h, s_dk, s_cap) == (h, dk, cap),
+            "KvCache: spare buffers {:?} for {} rows of {:?}",
+            s_kt.shape(),
+            rows.len(),
+            (h, dk, cap)
+        );
+        let (s_kt, s_v) = (
+            Disjoint::new(s_kt.as_slice_mut().expect("standard layout")),
+            Disjoint::new(s_v.as_slice_mut().expect("standard layout")),
+        );
+        for_each_index(runs, |p| {
+            for &r in saved_rows.iter().filter(|&&r| r / per == p) {
+                // SAFETY: spare sequence r written by this iteration alone (the saved rows
+                // are distinct); the store is only read in this pass.
+                let (to, from) = unsafe {
+                    (
+                        (s_kt.range(r * seq, seq), s_v.range(r * seq, seq)),
+                        (kt.shared(r * seq, seq), v.shared(r * seq, seq)),
+                    )
+                };
+                copy_sequence(to, from, dims, len);
+            }
+        });
+        (s_kt, s_v)
+    });
+    for_each_index(runs, |p| {
+        for (i, &r) in rows.iter().enumerate().skip(p * per).take(per) {
+            if r == i {
+                continue;
+            }
+            // SAFETY: destination sequence i is written by this iteration alone (each
+            // destination once); a source is either saved (read from the spare buffers, not
+            // written in this pass) or a row no destination is (`r` past the kept rows, or
+            // kept where it is), only read here.
+            let to = unsafe { (kt.range(i * seq, seq), v.range(i * seq, seq)) };
+            let from = unsafe {
+                match (&saved, saved_rows.binary_search(&r)) {
+                    (Some((s_kt, s_v)), Ok(_)) => (s_kt.shared(r * seq, seq), s_v.shared(r * seq, seq)),
+                    (None, Ok(_)) => unreachable!("saved rows come with spare buffers"),
+                    (_, Err(_)) => (kt.shared(r * seq, seq), v.shared(r * seq, seq)),
+                }
+            };
+            copy_sequence(to, from, dims, len);
+        }
+    });
+}
+
+/// The sequences a part of a copy of `rows` destination sequences takes: on the team above a
+/// few kilobytes (`elems` elements per buffer in all), each destination by the thread that a
+/// decoding step's runs give it (a beam search reorders its caches at every step: on the
+/// calling thread alone the copies had been a sixth of its samples in a small beam decode on
+/// two threads, the other thread waiting).
+fn copy_run(rows: usize, elems: usize) -> usize {
+    let parts = if crate::kernels::parallel_worth(2 * elems) {
+        crate::kernels::parallel::threads().min(rows)
     } else {
         1
     };
-    let per = rows.len().div_ceil(parts.max(1)).max(1);
-    for_each_index(rows.len().div_ceil(per), |p| {
-        let first = p * per;
-        for (i, &r) in rows
-            .iter()
-            .enumerate()
-            .take((first + per).min(rows.len()))
-            .skip(first)
-        {
-            // SAFETY: destination sequence i, disjoint from every other's (each holds
-            // h · d_k · to_cap elements in either buffer).
-            let (dst_kt, dst_v) =
-                unsafe { (to_kt.range(i * to_seq, to_seq), to_v.range(i * to_seq, to_seq)) };
-            // Runs of `run` filled elements every `stride` elements, `per_row` runs per
-            // sequence: the transposed keys hold `len` of every `cap` positions per (head,
-            // feature), the values `len · d_k` of every `cap · d_k` per head.
-            for (dst, src, run, stride, to_stride, per_row) in [
-                (&mut *dst_kt, kt, len, cap, to_cap, h * dk),
-                (&mut *dst_v, v, len * dk, cap * dk, to_cap * dk, h),
-            ] {
-                let src = &src[r * seq..(r + 1) * seq];
-                for j in 0..per_row {
-                    dst[j * to_stride..j * to_stride + run]
-                        .copy_from_slice(&src[j * stride..j * stride + run]);
-                }
-            }
+    rows.div_ceil(parts.max(1)).max(1)
+}
+
+/// Copies the first `len` positions of one sequence's keys (transposed) and values, `from`,
+/// into another's, `to`; `dims` is `(h, d_k, capacity of from, capacity of to)`.
+fn copy_sequence<S: Copy>(
+    to: (&mut [S], &mut [S]),
+    from: (&[S], &[S]),
+    (h, dk, cap, to_cap): (usize, usize, usize, usize),
+    len: usize,
+) {
+    // Runs of `run` filled elements every `stride` elements, `per_row` runs per sequence:
+    // the transposed keys hold `len` of every `cap` positions per (head, feature), the values
+    // `len · d_k` of every `cap · d_k` per head.
+    for (dst, src, run, stride, to_stride, per_row) in [
+        (to.0, from.0, len, cap, to_cap, h * dk),
+        (to.1, from.1, len * dk, cap * dk, to_cap * dk, h),
+    ] {
+        for j in 0..per_row {
+            dst[j * to_stride..j * to_stride + run].copy_from_slice(&src[j * stride..j * stride + run]);
         }
-    });
+    }
 }
 
 /// Writes keys `k` and values `v` `[B, H, T, d_k]` at positions `len..len + T` of a cache's
@@ -1571,6 +1720,79 @@ mod tests {
             strided.view().attend_step(q.view(), &mask, c.view_mut());
             assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()));
             assert!(a.iter().any(|&x| x != 0.0));
+        }
+    }
+
+    /// Selecting rows (kept, swapped, repeated, dropped, more rows than the batch) leaves
+    /// each kept row with its source's positions, as copying every row does, whether the rows
+    /// move in place or through the spare buffers; the cache then takes further positions
+    /// and selections. On one thread and on two (the copies cut into runs).
+    #[test]
+    fn selecting_rows_gives_each_row_its_sources_positions() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let layer: MultiHead = MultiHeadConfig::new(64, 4).init(&mut rng).unwrap();
+        let (h, dk) = (4, 16);
+        let fixed: Vec<Vec<usize>> = vec![
+            vec![1, 0, 2, 3, 4, 5],
+            vec![1, 2, 0, 3, 4, 5],
+            vec![0, 0, 0, 3, 3, 3],
+            vec![5, 4, 3, 2, 1, 0],
+            vec![0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5],
+            vec![11, 9, 7, 5, 3],
+            vec![4, 4, 0, 1],
+            vec![3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3],
+        ];
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for bf16 in [false, true] {
+                let round = |x: f32| if bf16 { round_bf16(x) } else { x };
+                let mut b = 6;
+                let precision = if bf16 { Precision::Bf16 } else { Precision::F32 };
+                let mut cache = with_precision(precision, || layer.empty_cache(b, 2));
+                assert_eq!(cache.is_bf16(), bf16);
+                // Naively: each sequence's keys and values `[H, len, d_k]`, copied whole.
+                let mut held: Vec<(Array3<f32>, Array3<f32>)> =
+                    vec![(Array3::zeros((h, 0, dk)), Array3::zeros((h, 0, dk))); b];
+                let mut selections = fixed.clone();
+                for _ in 0..12 {
+                    let n = rng.random_range(1..=24);
+                    selections.push((0..n).map(|i| if rng.random_bool(0.7) { i } else { n }).collect());
+                }
+                for rows in selections {
+                    // A random row where the list asks for one, or past the batch.
+                    let rows: Vec<usize> = rows
+                        .iter()
+                        .map(|&r| if r < b { r } else { rng.random_range(0..b) })
+                        .collect();
+                    let t = rng.random_range(1..=4);
+                    let random = |rng: &mut StdRng| {
+                        Array4::from_shape_fn((b, h, t, dk), |_| rng.random_range(-2.0f32..2.0))
+                    };
+                    let (k, v) = (random(&mut rng), random(&mut rng));
+                    cache.push(k.view(), v.view());
+                    for (i, (hk, hv)) in held.iter_mut().enumerate() {
+                        *hk = ndarray::concatenate(Axis(1), &[hk.view(), k.slice(s![i, .., .., ..])])
+                            .unwrap()
+                            .mapv(round);
+                        *hv = ndarray::concatenate(Axis(1), &[hv.view(), v.slice(s![i, .., .., ..])])
+                            .unwrap()
+                            .mapv(round);
+                    }
+                    pool.install(|| cache.select(&rows));
+                    held = rows.iter().map(|&r| held[r].clone()).collect();
+                    b = rows.len();
+                    assert_eq!(cache.batch_size(), b);
+                    let (keys, values) = (cache.view().keys(), cache.values());
+                    for (i, (hk, hv)) in held.iter().enumerate() {
+                        let at = format!("row {i} after {rows:?} (bf16 {bf16}, {threads} threads)");
+                        assert_eq!(keys.slice(s![i, .., .., ..]), hk.view(), "keys of {at}");
+                        assert_eq!(values.slice(s![i, .., .., ..]), hv.view(), "values of {at}");
+                    }
+                }
+            }
         }
     }
 

@@ -99,6 +99,19 @@ pub fn with_workspace<R>(ws: &mut Workspace, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` with the workspace in `ws` (a packed model's, kept from one call to the next) and
+/// ends its step after, or without one if another call holds it (or it is poisoned).
+pub(crate) fn with_shared_workspace<R>(ws: &std::sync::Mutex<Workspace>, f: impl FnOnce() -> R) -> R {
+    match ws.try_lock() {
+        Ok(mut ws) => {
+            let out = with_workspace(&mut ws, f);
+            ws.end_step();
+            out
+        }
+        Err(_) => f(),
+    }
+}
+
 /// Runs `g` on this thread's workspace, if there is one.
 fn current<R>(g: impl FnOnce(&mut Workspace) -> R) -> Option<R> {
     let ws = CURRENT.get();

@@ -73,6 +73,9 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
+use std::borrow::Cow;
+use std::sync::Mutex;
+
 use ndarray::{Array2, ArrayView2, s};
 use rand::Rng;
 
@@ -83,7 +86,7 @@ use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::{Float, PackedB};
 
 use crate::kernels::loss::log_softmax;
-use crate::kernels::workspace::Recycle;
+use crate::kernels::workspace::{Recycle, Workspace, with_shared_workspace};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
@@ -363,17 +366,25 @@ impl<F: Float> DecoderOnly<F> {
         })
     }
 
-    /// The last hidden states `[B·T, d_model]`, without dropout.
-    fn hidden(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
-        self.check_tokens(tokens)?;
-        let (b, t) = (tokens.batch_size(), tokens.seq_len());
-        let x = self.input.infer(tokens.embed(&self.embed)?, b, t, 0)?;
-        Ok(flat(self.blocks.infer(x.view(), &Self::mask(tokens))))
-    }
-
-    /// The output projection of hidden rows `[N, d_model]` → `[N, V]`.
-    fn project(&self, h: ArrayView2<F>) -> Array2<F> {
-        output_infer(self.head.as_ref(), &self.embed, h)
+    /// Logits `[B·T, V]` without dropout, with the layers' and the output's weights `packed`
+    /// (`None`: as they are, packed by each product).
+    fn infer_with(&self, tokens: &TokenBatch, packed: Option<&PackedGenerate<F>>) -> Result<Array2<F>> {
+        crate::kernels::parallel::with_team(|| {
+            self.check_tokens(tokens)?;
+            let (b, t) = (tokens.batch_size(), tokens.seq_len());
+            let x = self.input.infer(tokens.embed(&self.embed)?, b, t, 0)?;
+            let mask = Self::mask(tokens);
+            Ok(match packed {
+                Some(p) => {
+                    let h = flat(self.blocks.infer_packed(x.view(), &mask, &p.layers));
+                    output_infer_packed(self.head.as_ref(), &self.embed, Some(&p.output), h.view())
+                }
+                None => {
+                    let h = flat(self.blocks.infer(x.view(), &mask));
+                    output_infer(self.head.as_ref(), &self.embed, h.view())
+                }
+            })
+        })
     }
 
     /// Every layer's (causal) self-attention maps of a pass without dropout over `tokens`, in
@@ -401,7 +412,7 @@ impl<F: Float> DecoderOnly<F> {
     /// # Errors
     /// As [`DecoderOnly::forward`].
     pub fn infer(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
-        crate::kernels::parallel::with_team(|| Ok(self.project(self.hidden(tokens)?.view())))
+        self.infer_with(tokens, None)
     }
 
     /// The log-likelihood, in nats, of every real token after the first of each sequence given
@@ -416,7 +427,7 @@ impl<F: Float> DecoderOnly<F> {
     /// [`Error::TokenOutOfRange`] for a real id ≥ V, [`Error::SequenceTooLong`] for T past
     /// `max_len + 1`.
     pub fn log_likelihood(&self, tokens: &TokenBatch) -> Result<f64> {
-        crate::kernels::parallel::with_team(|| Ok(self.score(tokens)?.0))
+        Ok(self.score(tokens, None)?.0)
     }
 
     /// The mean negative log-likelihood in bits (log base 2) of the real tokens after the
@@ -427,20 +438,13 @@ impl<F: Float> DecoderOnly<F> {
     /// As [`DecoderOnly::log_likelihood`], and [`Error::InvalidInput`] if no sequence has 2
     /// tokens (nothing is predicted).
     pub fn bits_per_token(&self, tokens: &TokenBatch) -> Result<f64> {
-        crate::kernels::parallel::with_team(|| {
-            let (ll, count) = self.score(tokens)?;
-            if count == 0 {
-                return Err(Error::InvalidInput {
-                    why: "no token to predict: every sequence is shorter than 2 tokens".into(),
-                });
-            }
-            Ok(-ll / (count as f64 * std::f64::consts::LN_2))
-        })
+        bits(self.score(tokens, None)?)
     }
 
-    /// The log-likelihood in nats and the number of predicted tokens. The model reads each
-    /// sequence but its last token.
-    fn score(&self, tokens: &TokenBatch) -> Result<(f64, usize)> {
+    /// The log-likelihood in nats and the number of predicted tokens, with the weights
+    /// `packed` or not ([`DecoderOnly::infer_with`]). The model reads each sequence but its
+    /// last token.
+    fn score(&self, tokens: &TokenBatch, packed: Option<&PackedGenerate<F>>) -> Result<(f64, usize)> {
         tokens.check_vocab(self.cfg.vocab)?;
         let t = tokens.seq_len();
         if let Some(max) = self.input.max_len().filter(|&max| t > max + 1) {
@@ -455,7 +459,7 @@ impl<F: Float> DecoderOnly<F> {
                 .map(|&len| len.saturating_sub(1))
                 .collect(),
         )?;
-        let logits = self.infer(&input)?;
+        let logits = self.infer_with(&input, packed)?;
         let (mut ll, mut count) = (0.0, 0);
         for (b, &len) in input.lengths().iter().enumerate() {
             for i in 0..len {
@@ -468,25 +472,115 @@ impl<F: Float> DecoderOnly<F> {
     }
 }
 
-/// A generation in progress (from [`DecoderOnly::begin_generate`]): every layer's key/value
-/// cache of the positions fed so far, for a batch of sequences fed side by side.
+/// The mean negative log-likelihood in bits of `(log-likelihood in nats, predicted tokens)`.
+fn bits((ll, count): (f64, usize)) -> Result<f64> {
+    if count == 0 {
+        return Err(Error::InvalidInput {
+            why: "no token to predict: every sequence is shorter than 2 tokens".into(),
+        });
+    }
+    Ok(-ll / (count as f64 * std::f64::consts::LN_2))
+}
+
+/// A generation in progress (from [`DecoderOnly::begin_generate`] or
+/// [`PackedDecoderOnly::begin_generate`]): every layer's key/value cache of the positions fed
+/// so far, for a batch of sequences fed side by side.
 #[derive(Clone, Debug)]
 pub struct GenerateState<'m, F: Float = f32> {
     caches: Vec<KvCache<F>>,
     b: usize,
     len: usize,
     model: &'m DecoderOnly<F>,
-    /// The weights a step multiplies by, packed once for the whole generation (`None` where
-    /// nothing packs, [`PackedB`]).
-    packed: Option<PackedGenerate<F>>,
+    /// The weights a step multiplies by, packed once for the whole generation or borrowed
+    /// from a [`PackedDecoderOnly`] (`None` where nothing packs, [`PackedB`]).
+    packed: Option<Cow<'m, PackedGenerate<F>>>,
 }
 
 /// The layers' and the output projection's weights packed for a generation's many small
-/// products.
+/// products (once per generation, or once for many by [`DecoderOnly::packed`]).
 #[derive(Clone, Debug)]
 struct PackedGenerate<F: Float> {
     layers: Vec<PackedEncoderLayer<F>>,
     output: PackedB,
+}
+
+impl<F: Float> PackedGenerate<F> {
+    fn is_bf16(&self) -> bool {
+        self.output.precision() == Precision::Bf16
+    }
+}
+
+/// A [`DecoderOnly`] with its weights packed once for inference (see [`DecoderOnly::packed`]):
+/// the same results as the model's own methods, without the packing of every weight at every
+/// call or generation, and with the memory of one call's activations kept for the next. It
+/// borrows the model, which cannot change meanwhile.
+#[derive(Debug)]
+pub struct PackedDecoderOnly<'m, F: Float = f32> {
+    model: &'m DecoderOnly<F>,
+    packed: Option<PackedGenerate<F>>,
+    /// The memory of one call's activations, kept for the next (see
+    /// [`crate::kernels::workspace`]).
+    workspace: Mutex<Workspace>,
+}
+
+impl<F: Float> Clone for PackedDecoderOnly<'_, F> {
+    fn clone(&self) -> Self {
+        PackedDecoderOnly {
+            model: self.model,
+            packed: self.packed.clone(),
+            workspace: Mutex::new(Workspace::new()),
+        }
+    }
+}
+
+impl<'m, F: Float> PackedDecoderOnly<'m, F> {
+    /// The model it packs.
+    pub fn model(&self) -> &'m DecoderOnly<F> {
+        self.model
+    }
+
+    /// [`DecoderOnly::infer`] with the packed weights: logits `[B·T, V]`.
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::infer`].
+    pub fn infer(&self, tokens: &TokenBatch) -> Result<Array2<F>> {
+        self.run(|| self.model.infer_with(tokens, self.packed.as_ref()))
+    }
+
+    /// [`DecoderOnly::log_likelihood`] with the packed weights.
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::log_likelihood`].
+    pub fn log_likelihood(&self, tokens: &TokenBatch) -> Result<f64> {
+        self.run(|| Ok(self.model.score(tokens, self.packed.as_ref())?.0))
+    }
+
+    /// [`DecoderOnly::bits_per_token`] with the packed weights.
+    ///
+    /// # Errors
+    /// As [`DecoderOnly::bits_per_token`].
+    pub fn bits_per_token(&self, tokens: &TokenBatch) -> Result<f64> {
+        self.run(|| bits(self.model.score(tokens, self.packed.as_ref())?))
+    }
+
+    /// [`DecoderOnly::begin_generate`] with the packed weights, which the generation borrows
+    /// rather than packing its own (continue with [`DecoderOnly::generate_steps`] on the
+    /// model, or with any policy of [`crate::infer`]).
+    pub fn begin_generate(&self, b: usize, capacity: usize) -> GenerateState<'_, F> {
+        self.model
+            .begin_generate_with(b, capacity, self.packed.as_ref().map(Cow::Borrowed))
+    }
+
+    /// Runs `f` with this handle's workspace, in bf16 precision if the weights were packed
+    /// in bf16 (as the model's own calls run under [`with_precision`]).
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let f = || with_shared_workspace(&self.workspace, f);
+        if self.packed.as_ref().is_some_and(PackedGenerate::is_bf16) {
+            with_precision(Precision::Bf16, f)
+        } else {
+            f()
+        }
+    }
 }
 
 impl<'m, F: Float> GenerateState<'m, F> {
@@ -534,14 +628,49 @@ impl<F: Float> DecoderOnly<F> {
     /// The weights are packed once here for the generation's steps (a transposed copy of each
     /// into the GEMM kernels' layout; in bf16 under bf16 precision, whose steps then run in
     /// bf16 wherever they are called).
+    ///
+    /// A program that generates again and again packs the weights once for all of them with
+    /// [`DecoderOnly::packed`].
     pub fn begin_generate(&self, b: usize, capacity: usize) -> GenerateState<'_, F> {
         let packed = crate::kernels::parallel::with_team(|| self.pack_generate());
+        self.begin_generate_with(b, capacity, packed.map(Cow::Owned))
+    }
+
+    /// [`DecoderOnly::begin_generate`] with the given packed weights.
+    fn begin_generate_with<'m>(
+        &'m self,
+        b: usize,
+        capacity: usize,
+        packed: Option<Cow<'m, PackedGenerate<F>>>,
+    ) -> GenerateState<'m, F> {
+        // Weights packed in bf16 generate in bf16 wherever they are used: their key/value
+        // caches too (see `KvCache`).
+        let begin = || self.blocks.begin(b, capacity);
+        let caches = if packed.as_deref().is_some_and(PackedGenerate::is_bf16) {
+            with_precision(Precision::Bf16, begin)
+        } else {
+            begin()
+        };
         GenerateState {
-            caches: self.blocks.begin(b, capacity),
+            caches,
             b,
             len: 0,
             model: self,
             packed,
+        }
+    }
+
+    /// The model with its weights packed once for inference: for a program that evaluates or
+    /// generates again and again, [`PackedDecoderOnly`]'s methods give the model's results
+    /// without repacking every weight at every call or generation (packing is a transposed
+    /// copy of each weight into the GEMM kernels' layout; `f32` on CPUs with the crate's
+    /// vector kernels, and in bf16 under bf16 precision on any CPU, whose calls then run in
+    /// bf16; elsewhere a no-op).
+    pub fn packed(&self) -> PackedDecoderOnly<'_, F> {
+        PackedDecoderOnly {
+            model: self,
+            packed: crate::kernels::parallel::with_team(|| self.pack_generate()),
+            workspace: Mutex::new(Workspace::new()),
         }
     }
 
@@ -569,10 +698,7 @@ impl<F: Float> DecoderOnly<F> {
         state: &mut GenerateState<'_, F>,
         tokens: ArrayView2<usize>,
     ) -> Result<Array2<F>> {
-        let bf16 = state
-            .packed
-            .as_ref()
-            .is_some_and(|p| p.output.precision() == Precision::Bf16);
+        let bf16 = state.packed.as_deref().is_some_and(PackedGenerate::is_bf16);
         let run = || {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
@@ -590,7 +716,7 @@ impl<F: Float> DecoderOnly<F> {
                 return Ok(Array2::zeros((0, self.cfg.vocab)));
             }
             let x = self.input.infer(self.embed.infer(tokens)?, b, t, pos)?;
-            let packed = state.packed.as_ref();
+            let packed = state.packed.as_deref();
             let h = flat(self.blocks.infer_step_packed(
                 x.view(),
                 &mut state.caches,

@@ -45,7 +45,7 @@ use crate::blocks::{
 use crate::error::{Error, Result, check};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_precision};
-use crate::kernels::workspace::{Recycle, Workspace, with_workspace};
+use crate::kernels::workspace::{Recycle, Workspace, with_shared_workspace};
 use crate::kernels::{Float, PackedB};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
@@ -848,7 +848,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
     pub fn model(&self) -> &'m EncoderDecoder<F> {
         self.model
     }
-    /// As [`EncoderDecoder::encode`].
+
     /// [`EncoderDecoder::encode`] with the packed weights.
     ///
     /// # Errors
@@ -859,15 +859,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
 
     /// Runs `f` with this handle's workspace, if no other call holds it.
     fn with_workspace<R>(&self, f: impl FnOnce() -> R) -> R {
-        match self.workspace.try_lock() {
-            Ok(mut ws) => {
-                let out = with_workspace(&mut ws, f);
-                ws.end_step();
-                out
-            }
-            // Used by another thread (or poisoned): run without it.
-            Err(_) => f(),
-        }
+        with_shared_workspace(&self.workspace, f)
     }
 
     /// [`EncoderDecoder::decode`] with the packed weights.

@@ -22,7 +22,9 @@ pub mod trainable;
 pub use attention_maps::AttentionMaps;
 pub use batch::{FeatureBatch, TokenBatch};
 pub use cost::Cost;
-pub use decoder_only::{DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, GenerateState, LmBatch};
+pub use decoder_only::{
+    DecoderOnly, DecoderOnlyCache, DecoderOnlyConfig, GenerateState, LmBatch, PackedDecoderOnly,
+};
 pub use encoder_decoder::{
     DecodeState, EncoderDecoder, EncoderDecoderCache, EncoderDecoderConfig, PackedEncoderDecoder,
     Seq2SeqBatch,

@@ -627,3 +627,85 @@ fn learns_counting_sequences_and_generates_them() {
     assert!(last < floor + 0.02, "final loss {last}, floor {floor}");
     assert!(secs < 10.0, "took {secs:.1} s");
 }
+
+/// A model packed once gives the model's results: teacher-forced logits and log-likelihoods
+/// to rounding (its layers' products fused and packed), and generation step for step with
+/// the same bits as a generation that packs its own weights, once and again from the same
+/// packing; in bf16 as in `f32`.
+#[test]
+fn packed_model_gives_the_models_results() {
+    use vaswani::kernels::precision::{Precision, with_precision};
+    let model = small_model(Positions::Sinusoidal, 5);
+    let tokens = TokenBatch::from_sequences(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let packed = with_precision(precision, || model.packed());
+        let want = with_precision(precision, || model.infer(&tokens)).unwrap();
+        let got = packed.infer(&tokens).unwrap();
+        let scale = want.iter().fold(0.0f32, |s, v| s.max(v.abs()));
+        let err = (&got - &want).iter().fold(0.0f32, |s, e| s.max(e.abs()));
+        let tol = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
+        assert!(
+            err <= tol * scale,
+            "{precision:?}: infer differs by {err} (logits up to {scale})"
+        );
+        let (ll, bits) = (
+            packed.log_likelihood(&tokens).unwrap(),
+            packed.bits_per_token(&tokens).unwrap(),
+        );
+        let want_ll = with_precision(precision, || model.log_likelihood(&tokens)).unwrap();
+        assert!(
+            (ll - want_ll).abs() <= tol as f64 * want_ll.abs(),
+            "{precision:?}: {ll} vs {want_ll}"
+        );
+        assert!((bits + ll / (6.0 - 1.0 + 3.0 - 1.0) / std::f64::consts::LN_2).abs() < 1e-12);
+        // Steps of a generation from the packing, twice, against one packing its own weights.
+        let feed = Array2::from_shape_fn((2, 7), |(i, j)| (3 * i + 5 * j) % 20);
+        let steps = |mut state: vaswani::models::GenerateState<'_, f32>| {
+            let mut out = vec![
+                model
+                    .generate_steps(&mut state, feed.slice(ndarray::s![.., ..3]))
+                    .unwrap(),
+            ];
+            for j in 3..7 {
+                out.push(
+                    model
+                        .generate_steps(&mut state, feed.slice(ndarray::s![.., j..j + 1]))
+                        .unwrap(),
+                );
+            }
+            out
+        };
+        let own = with_precision(precision, || steps(model.begin_generate(2, 4)));
+        for round in 0..2 {
+            let from_packed = steps(packed.begin_generate(2, 4));
+            for (k, (a, b)) in own.iter().zip(&from_packed).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{precision:?}, generation {round}, call {k}: logits differ"
+                );
+            }
+        }
+        let prompts = [vec![3, 1, 4], vec![2]];
+        let generate = |state| {
+            vaswani::infer::generate(
+                state,
+                &prompts,
+                Sampling::Greedy,
+                None,
+                6,
+                &mut StdRng::seed_from_u64(1),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            generate(packed.begin_generate(2, 9)),
+            with_precision(precision, || generate(model.begin_generate(2, 9)))
+        );
+    }
+    // Bad input: the model's typed errors.
+    let bad = TokenBatch::from_sequences(&[vec![3, 25]], 0).unwrap();
+    assert!(matches!(
+        model.packed().infer(&bad),
+        Err(Error::TokenOutOfRange { .. })
+    ));
+}

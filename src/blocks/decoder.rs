@@ -43,10 +43,16 @@ crate::impl_params!(Decoder { layers, norm });
 
 /// The key/value caches of a decode in progress: per layer, the self-attention keys and values
 /// of the positions generated so far and the memory's keys and values, projected once.
+///
+/// The memories stay where [`Decoder::begin`] put them, one per source: each sequence of the
+/// decode knows its source, and sequences of one source (the beams of a beam search) read its
+/// keys and values in the same place, rather than a copy each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderState<F: Float = f32> {
     self_caches: Vec<KvCache<F>>,
     cross: Vec<KvCache<F>>,
+    /// The source of each sequence: its memory's keys and values in `cross`.
+    sources: Vec<usize>,
 }
 
 impl<F: Float> DecoderState<F> {
@@ -62,28 +68,39 @@ impl<F: Float> DecoderState<F> {
 
     /// The number of sequences decoded side by side.
     pub fn batch_size(&self) -> usize {
-        self.cross.first().map_or(0, |c| c.batch_size())
+        self.sources.len()
     }
 
     /// Keeps the sequences `rows`, in that order (see [`KvCache::select`]): beams copied,
-    /// reordered or dropped, with their memories.
+    /// reordered or dropped, each with its source (whose memory is not copied).
     ///
     /// # Panics
     /// If a row is not below the batch size.
     pub fn select(&mut self, rows: &[usize]) {
-        self.select_generated(rows);
-        for cache in &mut self.cross {
-            cache.select(rows);
-        }
-    }
-
-    /// [`DecoderState::select`] of the generated positions only, for a caller that knows each
-    /// kept row's memory is already the one at its new place (beams of the same sources).
-    pub(crate) fn select_generated(&mut self, rows: &[usize]) {
+        let b = self.batch_size();
+        assert!(
+            rows.iter().all(|&r| r < b),
+            "DecoderState::select: rows {rows:?} for a batch of {b}"
+        );
         for cache in &mut self.self_caches {
             cache.select(rows);
         }
+        self.sources = rows.iter().map(|&r| self.sources[r]).collect();
     }
+}
+
+/// Every layer's memory keys and values (`cross`) as the sequences read them: each
+/// sequence's source's (`sources`), in place.
+fn cross_views<'a, F: Float>(
+    cross: &'a [KvCache<F>],
+    sources: &'a [usize],
+) -> impl Iterator<Item = KvView<'a, F>> {
+    let n = cross.first().map_or(0, |c| c.batch_size());
+    let in_place = sources.iter().copied().eq(0..n);
+    cross.iter().map(move |c| {
+        let view = c.view();
+        if in_place { view } else { view.mapped(sources) }
+    })
 }
 
 /// What [`Decoder::backward`] needs from the forward pass.
@@ -273,6 +290,7 @@ impl<F: Float> Decoder<F> {
                 .iter()
                 .map(|l| l.cross_attn.project_kv(memory))
                 .collect(),
+            sources: (0..b).collect(),
         }
     }
 
@@ -336,7 +354,7 @@ impl<F: Float> Decoder<F> {
         };
         let cross: Vec<Vec<KvView<F>>> = (0..runs)
             .map(|r| {
-                let all = state.cross.iter().map(|c| c.view());
+                let all = cross_views(&state.cross, &state.sources);
                 if runs > 1 {
                     all.map(|v| v.sequences(seqs(r))).collect()
                 } else {

@@ -530,35 +530,43 @@ fn head_drop(
 
 /// [`attention_forward`] for one query per sequence (a decoding step), without dropout and
 /// without weights to keep: `q` `[B, H·d_k]` rows, the cached keys transposed `kt`
-/// `[B, H, d_k, Tk]` and values `v` `[B, H, Tk, d_v]` (positions, resp. features, contiguous),
-/// `out` `[B, H·d_v]` rows. Per (sequence, head): the scores as `d_k` scaled sums of
+/// `[N, H, d_k, Tk]` and values `v` `[N, H, Tk, d_v]` (positions, resp. features,
+/// contiguous), `out` `[B, H·d_v]` rows; row `i` attends over cached sequence `seqs[i]`
+/// (several rows may read one sequence, as the beams of a source read its memory), or over
+/// sequence `i` without `seqs` (N = B). Per (row, head): the scores as `d_k` scaled sums of
 /// contiguous runs over the positions, the softmax, and the weighted sum of value rows, on
 /// slices (the general path's per-head GEMM calls and views cost more than their arithmetic
-/// at one query), a sequence's heads side by side ([`step_row`]). The cache holds `S`: `F`, or bf16 bits (`u16`) that are widened to `f32` as
-/// they are read.
+/// at one query), a row's heads side by side ([`step_row`]). The cache holds `S`: `F`, or
+/// bf16 bits (`u16`) that are widened to `f32` as they are read.
 ///
 /// # Panics
-/// If the shapes do not fit, or the last axes of `kt` and `v` are not contiguous.
+/// If the shapes do not fit, a row's sequence is not below N, or the last axes of `kt` and
+/// `v` are not contiguous.
 pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     q: ArrayView2<F>,
     kt: ArrayView4<S>,
     v: ArrayView4<S>,
+    seqs: Option<&[usize]>,
     mask: &ResolvedMask,
     out: ArrayViewMut2<F>,
 ) {
-    let (b, h, dk, tk) = kt.dim();
+    let (n_seqs, h, dk, tk) = kt.dim();
     let dv = v.dim().3;
+    let b = seqs.map_or(n_seqs, <[usize]>::len);
     assert!(
         q.dim() == (b, h * dk)
-            && v.dim() == (b, h, tk, dv)
+            && v.dim() == (n_seqs, h, tk, dv)
             && out.dim() == (b, h * dv)
-            && mask.dims() == (b, 1, tk),
-        "attention_step: q {:?}, keys transposed {:?}, v {:?}, out {:?}",
+            && mask.dims() == (b, 1, tk)
+            && seqs.is_none_or(|s| s.iter().all(|&i| i < n_seqs)),
+        "attention_step: q {:?}, keys transposed {:?}, v {:?}, out {:?}, rows' sequences {:?}",
         q.shape(),
         kt.shape(),
         v.shape(),
-        out.shape()
+        out.shape(),
+        seqs
     );
+    let seq = |bi: usize| seqs.map_or(bi, |s| s[bi]) as isize;
     let unit = |x: &ArrayView4<S>| x.strides()[3] == 1 || x.dim().3 <= 1;
     assert!(
         unit(&kt) && unit(&v),
@@ -579,16 +587,13 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
     let (ks, vs) = (kt.strides(), v.strides());
     let (kp, vp) = (kt.as_ptr() as usize, v.as_ptr() as usize);
-    // Sequences of few heads go through `step_row` together, as one row of their heads side
-    // by side, where their masks are the same and their caches' heads one stride apart:
-    // the vector paths run up to eight heads' chains of multiply-adds interleaved, and a
-    // sequence of four leaves half of them idle. Each head's arithmetic is the same either
-    // way (its own chains, in order), so the bits are.
-    let together = if h < STEP_HEADS
-        && ks[0] == h as isize * ks[1]
-        && vs[0] == h as isize * vs[1]
-        && q_rs == (h * dk) as isize
-    {
+    // Rows of few heads go through `step_row` together, as one row of their heads side by
+    // side, where their masks are the same and their caches one stride apart (consecutive
+    // sequences, or the same one, as the beams of a source read): the vector paths run up
+    // to eight heads' chains of multiply-adds interleaved, and a row of four leaves half of
+    // them idle. Each head's arithmetic is the same either way (its own chains, in order), so
+    // the bits are.
+    let together = if h < STEP_HEADS && q_rs == (h * dk) as isize {
         STEP_HEADS / h
     } else {
         1
@@ -600,9 +605,14 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
         while r < n {
             let bi = first + r;
             let (kb, row_mask) = (mask.key_limit(bi).min(tk), mask.row(bi, 0));
+            // The step from one row's sequence to the next's, the same for every row of the
+            // group.
+            let apart = if r + 1 < n { seq(bi + 1) - seq(bi) } else { 0 };
             let m = (1..together.min(n - r))
                 .take_while(|&i| {
-                    mask.key_limit(bi + i).min(tk) == kb && same_mask(&mask.row(bi + i, 0), &row_mask)
+                    mask.key_limit(bi + i).min(tk) == kb
+                        && same_mask(&mask.row(bi + i, 0), &row_mask)
+                        && seq(bi + i) == seq(bi) + i as isize * apart
                 })
                 .count()
                 + 1;
@@ -615,19 +625,22 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
                 q,
                 scale,
                 heads: m * h,
-                kt: (kp as *const S).wrapping_offset(bi as isize * ks[0]),
+                row_heads: h,
+                kt: (kp as *const S).wrapping_offset(seq(bi) * ks[0]),
                 kt_hs: ks[1],
+                kt_ss: apart * ks[0],
                 kt_rs: ks[2],
-                v: (vp as *const S).wrapping_offset(bi as isize * vs[0]),
+                v: (vp as *const S).wrapping_offset(seq(bi) * vs[0]),
                 v_hs: vs[1],
+                v_ss: apart * vs[0],
                 v_rs: vs[2],
                 kb,
                 mask: row_mask,
             };
-            // SAFETY: for every head hi of sequences bi..bi + m (one head stride apart
-            // across sequences when m > 1), (bi, hi, d < d_k, ..kb) is inside kt and
-            // (bi, hi, j < kb, ..d_v) inside v, whose last axes have unit stride (asserted
-            // above); the rows hold m · h · d_v floats.
+            // SAFETY: for every head hi of rows bi..bi + m, which read sequences seq(bi) +
+            // i · apart (checked above, each below the caches' count, asserted), (seq, hi,
+            // d < d_k, ..kb) is inside kt and (seq, hi, j < kb, ..d_v) inside v, whose last
+            // axes have unit stride (asserted above); the rows hold m · h · d_v floats.
             unsafe { step_row(&step, &mut scores, &mut rows[r * h * dv..(r + m) * h * dv]) };
             r += m;
         }
@@ -887,7 +900,7 @@ fn clean_padding<F: Float>(
 mod tests {
     use super::*;
     use crate::layers::Mask;
-    use ndarray::{Array2, Array4, s};
+    use ndarray::{Array2, Array4, Axis, s};
     use rand::{SeedableRng, rngs::StdRng};
 
     /// A decoding step over sequences of few heads, taken together where their masks agree,
@@ -914,7 +927,7 @@ mod tests {
                 };
                 let all = mask(0..b).resolve(b, 1, tk).unwrap();
                 let mut together = Array2::from_elem((b, h * dk), f32::NAN);
-                attention_step(q.view(), kt.view(), v.view(), &all, together.view_mut());
+                attention_step(q.view(), kt.view(), v.view(), None, &all, together.view_mut());
                 for bi in 0..b {
                     let one = mask(bi..bi + 1).resolve(1, 1, tk).unwrap();
                     let mut alone = Array2::from_elem((1, h * dk), f32::NAN);
@@ -922,6 +935,7 @@ mod tests {
                         q.slice(s![bi..bi + 1, ..]),
                         kt.slice(s![bi..bi + 1, .., .., ..]),
                         v.slice(s![bi..bi + 1, .., .., ..]),
+                        None,
                         &one,
                         alone.view_mut(),
                     );
@@ -957,6 +971,7 @@ mod tests {
                 q.to_owned().view(),
                 kt.view(),
                 v.view(),
+                None,
                 &mask,
                 expected.view_mut(),
             );
@@ -965,10 +980,52 @@ mod tests {
             assert_eq!(cols, q);
             for (what, q) in [("rows of Q, K and V", q), ("strided features", cols)] {
                 let mut got = Array2::from_elem((b, d), f32::NAN);
-                attention_step(q, kt.view(), v.view(), &mask, got.view_mut());
+                attention_step(q, kt.view(), v.view(), None, &mask, got.view_mut());
                 for (x, y) in got.iter().zip(&expected) {
                     assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, {what}");
                 }
+            }
+        }
+    }
+
+    /// Rows that read mapped sequences of the cache (several rows one sequence, as beams
+    /// read their source's memory; runs of the same sequence, of consecutive ones, and
+    /// scattered) give the bits of a step over each row's sequence copied out, for two, four
+    /// and eight heads (taken together or not), with key lengths per row.
+    #[test]
+    fn rows_mapped_to_sequences_give_the_bits_of_their_sequences_copied() {
+        let mut rng = StdRng::seed_from_u64(33);
+        let (n, tk, dk) = (4, 10, 8);
+        let seqs = [0, 0, 0, 0, 1, 2, 3, 3, 1, 0, 2, 2];
+        let b = seqs.len();
+        let lengths: Vec<usize> = seqs.iter().map(|&i| [10, 7, 10, 3][i]).collect();
+        for h in [2, 4, 8] {
+            let q = Array2::from_shape_fn((b, h * dk), |_| rng.random_range(-2.0f32..2.0));
+            let kt = Array4::from_shape_fn((n, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
+            let v = Array4::from_shape_fn((n, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
+            let mask = Mask::key_lengths(&lengths).resolve(b, 1, tk).unwrap();
+            let mut mapped = Array2::from_elem((b, h * dk), f32::NAN);
+            attention_step(
+                q.view(),
+                kt.view(),
+                v.view(),
+                Some(&seqs),
+                &mask,
+                mapped.view_mut(),
+            );
+            let (kt_rows, v_rows) = (kt.select(Axis(0), &seqs), v.select(Axis(0), &seqs));
+            let mut copied = Array2::from_elem((b, h * dk), f32::NAN);
+            attention_step(
+                q.view(),
+                kt_rows.view(),
+                v_rows.view(),
+                None,
+                &mask,
+                copied.view_mut(),
+            );
+            assert!(copied.iter().all(|x| x.is_finite()));
+            for (i, (x, y)) in mapped.iter().zip(&copied).enumerate() {
+                assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, row {}", i / (h * dk));
             }
         }
     }

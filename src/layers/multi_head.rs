@@ -382,11 +382,14 @@ impl<'a, F: Float> StoreRef<'a, F> {
 }
 
 /// The cached positions of some sequences, read-only (a whole [`KvCache`], or a run of its
-/// sequences): what attention over the cache reads.
+/// sequences): what attention over the cache reads. Its rows are the store's sequences, or,
+/// mapped ([`KvView::mapped`]), row `i` reads sequence `rows[i]` (the beams of a source read
+/// its memory's keys and values where they are).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct KvView<'a, F: Float> {
     store: StoreRef<'a, F>,
     len: usize,
+    rows: Option<&'a [usize]>,
 }
 
 impl<'a, F: Float> KvView<'a, F> {
@@ -395,18 +398,40 @@ impl<'a, F: Float> KvView<'a, F> {
     }
 
     pub(crate) fn batch_size(&self) -> usize {
-        self.store.dim().0
+        self.rows.map_or(self.store.dim().0, <[usize]>::len)
     }
 
     fn is_bf16(&self) -> bool {
         matches!(self.store, StoreRef::Bf16 { .. })
     }
 
-    /// The sequences `seqs`.
-    pub(crate) fn sequences(self, seqs: std::ops::Range<usize>) -> Self {
+    /// The view whose row `i` reads sequence `rows[i]`.
+    ///
+    /// # Panics
+    /// If a row is not below the number of sequences, or the view is mapped already.
+    pub(crate) fn mapped(self, rows: &'a [usize]) -> Self {
+        let n = self.store.dim().0;
+        assert!(
+            self.rows.is_none() && rows.iter().all(|&r| r < n),
+            "KvView::mapped: rows {rows:?} over {n} sequences"
+        );
         KvView {
-            store: self.store.sequences(seqs),
-            len: self.len,
+            rows: Some(rows),
+            ..self
+        }
+    }
+
+    /// The rows `seqs`.
+    pub(crate) fn sequences(self, seqs: std::ops::Range<usize>) -> Self {
+        match self.rows {
+            Some(rows) => KvView {
+                rows: Some(&rows[seqs]),
+                ..self
+            },
+            None => KvView {
+                store: self.store.sequences(seqs),
+                ..self
+            },
         }
     }
 
@@ -419,14 +444,24 @@ impl<'a, F: Float> KvView<'a, F> {
 
     /// The keys transposed, `[B, H, d_k, len]`.
     fn keys_t(self) -> CowArray<'a, F, Ix4> {
-        self.store.filled(self.len, true)
+        self.filled(true)
     }
 
     fn values(self) -> CowArray<'a, F, Ix4> {
-        self.store.filled(self.len, false)
+        self.filled(false)
     }
 
-    /// Attention of one query per sequence over the cache ([`attention_step`]).
+    /// The keys (transposed) or values of every row: the store's as [`StoreRef::filled`],
+    /// each row's sequence copied where the view is mapped.
+    fn filled(self, keys: bool) -> CowArray<'a, F, Ix4> {
+        let all = self.store.filled(self.len, keys);
+        match self.rows {
+            Some(rows) => all.select(Axis(0), rows).into(),
+            None => all,
+        }
+    }
+
+    /// Attention of one query per row over the cache ([`attention_step`]).
     fn attend_step(self, q: ArrayView2<F>, mask: &ResolvedMask, out: ArrayViewMut2<F>) {
         let len = self.len;
         match self.store {
@@ -434,6 +469,7 @@ impl<'a, F: Float> KvView<'a, F> {
                 q,
                 kt.slice(s![.., .., .., ..len]),
                 v.slice(s![.., .., ..len, ..]),
+                self.rows,
                 mask,
                 out,
             ),
@@ -441,6 +477,7 @@ impl<'a, F: Float> KvView<'a, F> {
                 q,
                 kt.slice(s![.., .., .., ..len]),
                 v.slice(s![.., .., ..len, ..]),
+                self.rows,
                 mask,
                 out,
             ),
@@ -467,6 +504,7 @@ impl<F: Float> KvRows<'_, F> {
         KvView {
             store: self.store.view(),
             len: self.len,
+            rows: None,
         }
     }
 
@@ -517,6 +555,7 @@ impl<F: Float> KvCache<F> {
         KvView {
             store: self.store.view(),
             len: self.len,
+            rows: None,
         }
     }
 

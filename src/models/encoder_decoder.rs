@@ -132,8 +132,6 @@ crate::kernels::workspace::impl_recycle!(EncoderDecoderCache<F: Float> { src_inp
 /// weights, and [`EncoderDecoder::decode_step`] refuses a state begun with another model.
 #[derive(Clone, Debug)]
 pub struct DecodeState<'m, F: Float = f32> {
-    /// The source of each row (rows are copied and dropped by `select`).
-    sources: Vec<usize>,
     src_lengths: Vec<usize>,
     src_mask: Mask,
     decoder: DecoderState<F>,
@@ -204,16 +202,7 @@ impl<'m, F: Float> DecodeState<'m, F> {
     /// [`Error::InvalidInput`] for a row that is not below the batch size.
     pub fn select(&mut self, rows: &[usize]) -> Result<()> {
         check_rows(rows, self.b, "a decode")?;
-        // Row i's memory is that of source `sources[i]`: where every kept row lands on a row
-        // of the same source (beams reordered within their sources), the memories' keys and
-        // values stay where they are.
-        let sources: Vec<usize> = rows.iter().map(|&r| self.sources[r]).collect();
-        if sources == self.sources {
-            self.decoder.select_generated(rows);
-        } else {
-            self.decoder.select(rows);
-        }
-        self.sources = sources;
+        self.decoder.select(rows);
         self.src_lengths = rows.iter().map(|&r| self.src_lengths[r]).collect();
         self.src_mask = Mask::key_lengths(&self.src_lengths);
         self.b = rows.len();
@@ -767,7 +756,6 @@ impl<F: Float> EncoderDecoder<F> {
             let memory = self.encode_with(src, encoder)?;
             let decoder = self.decoder.begin(memory.view(), capacity);
             Ok(DecodeState {
-                sources: (0..src.batch_size()).collect(),
                 src_lengths: src.lengths().to_vec(),
                 src_mask: src.padding_mask(),
                 decoder,

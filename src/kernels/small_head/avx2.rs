@@ -79,9 +79,9 @@ impl<S> HeadsOf<'_, '_, S> {
                 (
                     &r.q[hi * dk..][..dk],
                     r.scale,
-                    r.kt.wrapping_offset(hi as isize * r.kt_hs),
+                    r.kt_of(hi),
                     r.kt_rs,
-                    r.v.wrapping_offset(hi as isize * r.v_hs),
+                    r.v_of(hi),
                     r.v_rs,
                 )
             }

@@ -1154,13 +1154,14 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     let dk = r.q.len() / r.heads;
     let mk: [u16; NK] = std::array::from_fn(|c| crate::kernels::simd::first_lanes(kb.saturating_sub(c * W)));
     let q = &r.q[first * dk..][..G * dk];
+    let kts: [*const S; G] = std::array::from_fn(|g| r.kt_of(first + g));
     let mut acc = [[_mm512_setzero_ps(); NK]; G];
     for d in 0..dk {
         for (g, acc) in acc.iter_mut().enumerate() {
             let qd = _mm512_set1_ps(q[g * dk + d] * r.scale);
             // SAFETY: head first + g's row d of keys holds kb elements (caller); the masks
             // cover them.
-            let row = unsafe { r.kt.offset((first + g) as isize * r.kt_hs + d as isize * r.kt_rs) };
+            let row = unsafe { kts[g].offset(d as isize * r.kt_rs) };
             for (c, acc) in acc.iter_mut().enumerate() {
                 let k = unsafe { S::lanes(row.add(c * W), mk[c]) };
                 *acc = _mm512_fmadd_ps(qd, k, *acc);
@@ -1207,6 +1208,7 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
     let dv = out.len() / r.heads;
     let mv: [u16; NO] = std::array::from_fn(|c| crate::kernels::simd::first_lanes(dv.saturating_sub(c * W)));
     let plain = r.mask.keys.is_none() && r.mask.pairs.is_none();
+    let vs: [*const S; G] = std::array::from_fn(|g| r.v_of(first + g));
     let mut acc = [[_mm512_setzero_ps(); NO]; G];
     for j in 0..r.mask.limit.min(r.kb) {
         if plain || r.mask.allows(j) {
@@ -1214,7 +1216,7 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
                 let p = _mm512_set1_ps(probs[g][j]);
                 // SAFETY: head first + g's value row j holds d_v elements (caller); the
                 // masks cover them.
-                let row = unsafe { r.v.offset((first + g) as isize * r.v_hs + j as isize * r.v_rs) };
+                let row = unsafe { vs[g].offset(j as isize * r.v_rs) };
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let x = unsafe { S::lanes(row.add(c * W), mv[c]) };
                     *acc = _mm512_fmadd_ps(p, x, *acc);

@@ -218,28 +218,50 @@ pub(crate) unsafe fn step_head_slices<F: Float, S: Cached<F>>(
     })
 }
 
-/// Every head of one query row of a decoding step: [`StepHead`] for each of `heads` heads,
-/// their queries side by side in `q`, each head's keys and values `kt_hs` and `v_hs` after the
-/// previous head's.
+/// Every head of one query row of a decoding step, or of a few rows with the same mask:
+/// [`StepHead`] for each of `heads` heads, their queries side by side in `q`, in rows of
+/// `row_heads` heads; within a row each head's keys and values `kt_hs` and `v_hs` after the
+/// previous head's, each row's `kt_ss` and `v_ss` after the previous row's (0 for rows that
+/// read the same sequence's cache, as the beams of one source do).
 pub(crate) struct StepRow<'a, F, S = F> {
     /// The queries, `heads · d_k` features, head after head.
     pub q: &'a [F],
     /// `1 / √d_k`.
     pub scale: F,
-    /// Heads of the row.
+    /// Heads of the rows.
     pub heads: usize,
-    /// Head 0's keys, transposed, as [`StepHead::kt`]; head `i`'s `i · kt_hs` further on.
+    /// Heads of a row.
+    pub row_heads: usize,
+    /// Head 0's keys, transposed, as [`StepHead::kt`] ([`StepRow::kt_of`] for the others).
     pub kt: *const S,
     pub kt_hs: isize,
+    pub kt_ss: isize,
     pub kt_rs: isize,
-    /// Head 0's values, as [`StepHead::v`]; head `i`'s `i · v_hs` further on.
+    /// Head 0's values, as [`StepHead::v`] ([`StepRow::v_of`] for the others).
     pub v: *const S,
     pub v_hs: isize,
+    pub v_ss: isize,
     pub v_rs: isize,
     /// Keys taking part (the cache's length), in every head.
     pub kb: usize,
     /// The mask of this query's row, in every head.
     pub mask: super::RowMask<'a>,
+}
+
+impl<'a, F, S> StepRow<'a, F, S> {
+    /// Head `hi`'s keys, transposed.
+    pub(crate) fn kt_of(&self, hi: usize) -> *const S {
+        let (row, head) = (hi / self.row_heads, hi % self.row_heads);
+        self.kt
+            .wrapping_offset(row as isize * self.kt_ss + head as isize * self.kt_hs)
+    }
+
+    /// Head `hi`'s values.
+    pub(crate) fn v_of(&self, hi: usize) -> *const S {
+        let (row, head) = (hi / self.row_heads, hi % self.row_heads);
+        self.v
+            .wrapping_offset(row as isize * self.v_ss + head as isize * self.v_hs)
+    }
 }
 
 impl<'a, F: Copy, S> StepRow<'a, F, S> {
@@ -249,9 +271,9 @@ impl<'a, F: Copy, S> StepRow<'a, F, S> {
         StepHead {
             q: &self.q[hi * dk..][..dk],
             scale: self.scale,
-            kt: self.kt.wrapping_offset(hi as isize * self.kt_hs),
+            kt: self.kt_of(hi),
             kt_rs: self.kt_rs,
-            v: self.v.wrapping_offset(hi as isize * self.v_hs),
+            v: self.v_of(hi),
             v_rs: self.v_rs,
             kb: self.kb,
             mask: self.mask,
@@ -454,11 +476,14 @@ pub(super) mod tests {
                     q,
                     scale: 1.0 / (dk as f32).sqrt(),
                     heads,
+                    row_heads: heads,
                     kt,
                     kt_hs: (dk * 70) as isize,
+                    kt_ss: 0,
                     kt_rs: 70,
                     v,
                     v_hs: (70 * (dv + 3)) as isize,
+                    v_ss: 0,
                     v_rs: (dv + 3) as isize,
                     kb,
                     mask,

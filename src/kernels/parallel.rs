@@ -526,13 +526,8 @@ impl<'a, T> Disjoint<'a, T> {
     /// If the range goes past the end.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn range(&self, at: usize, len: usize) -> &'a mut [T] {
-        assert!(
-            at + len <= self.len,
-            "Disjoint: {at}..{} past {}",
-            at + len,
-            self.len
-        );
-        // SAFETY: inside the slice (asserted); exclusive by the caller's contract.
+        self.check(at, len);
+        // SAFETY: inside the slice (checked); exclusive by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
     }
 
@@ -544,14 +539,20 @@ impl<'a, T> Disjoint<'a, T> {
     /// # Panics
     /// If the range goes past the end.
     pub unsafe fn shared(&self, at: usize, len: usize) -> &'a [T] {
+        self.check(at, len);
+        // SAFETY: inside the slice (checked); not written meanwhile by the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
+
+    /// Panics unless `at..at + len` lies inside the slice.
+    #[inline]
+    fn check(&self, at: usize, len: usize) {
         assert!(
             at + len <= self.len,
             "Disjoint: {at}..{} past {}",
             at + len,
             self.len
         );
-        // SAFETY: inside the slice (asserted); not written meanwhile by the caller's contract.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
     }
 }
 

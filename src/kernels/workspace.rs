@@ -99,16 +99,29 @@ pub fn with_workspace<R>(ws: &mut Workspace, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Runs `f` with the workspace in `ws` (a packed model's, kept from one call to the next) and
-/// ends its step after, or without one if another call holds it (or it is poisoned).
-pub(crate) fn with_shared_workspace<R>(ws: &std::sync::Mutex<Workspace>, f: impl FnOnce() -> R) -> R {
-    match ws.try_lock() {
-        Ok(mut ws) => {
-            let out = with_workspace(&mut ws, f);
-            ws.end_step();
-            out
+/// A workspace kept by a handle from one of its calls to the next (a packed model's), shared
+/// by the calls: one call at a time takes it. A clone starts empty, as a [`Workspace`]'s.
+#[derive(Debug, Default)]
+pub(crate) struct KeptWorkspace(std::sync::Mutex<Workspace>);
+
+impl Clone for KeptWorkspace {
+    fn clone(&self) -> Self {
+        KeptWorkspace::default()
+    }
+}
+
+impl KeptWorkspace {
+    /// Runs `f` with the kept workspace and ends its step after, or without one if another
+    /// call holds it (or it is poisoned).
+    pub(crate) fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self.0.try_lock() {
+            Ok(mut ws) => {
+                let out = with_workspace(&mut ws, f);
+                ws.end_step();
+                out
+            }
+            Err(_) => f(),
         }
-        Err(_) => f(),
     }
 }
 

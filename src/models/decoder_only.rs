@@ -74,7 +74,6 @@
 //! ```
 
 use std::borrow::Cow;
-use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, s};
 use rand::Rng;
@@ -86,7 +85,7 @@ use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::{Float, PackedB};
 
 use crate::kernels::loss::log_softmax;
-use crate::kernels::workspace::{Recycle, Workspace, with_shared_workspace};
+use crate::kernels::workspace::{KeptWorkspace, Recycle};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
 use crate::models::batch::{TokenBatch, check_rows, check_step_tokens};
@@ -514,23 +513,13 @@ impl<F: Float> PackedGenerate<F> {
 /// the same results as the model's own methods, without the packing of every weight at every
 /// call or generation, and with the memory of one call's activations kept for the next. It
 /// borrows the model, which cannot change meanwhile.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PackedDecoderOnly<'m, F: Float = f32> {
     model: &'m DecoderOnly<F>,
     packed: Option<PackedGenerate<F>>,
     /// The memory of one call's activations, kept for the next (see
     /// [`crate::kernels::workspace`]).
-    workspace: Mutex<Workspace>,
-}
-
-impl<F: Float> Clone for PackedDecoderOnly<'_, F> {
-    fn clone(&self) -> Self {
-        PackedDecoderOnly {
-            model: self.model,
-            packed: self.packed.clone(),
-            workspace: Mutex::new(Workspace::new()),
-        }
-    }
+    workspace: KeptWorkspace,
 }
 
 impl<'m, F: Float> PackedDecoderOnly<'m, F> {
@@ -574,7 +563,7 @@ impl<'m, F: Float> PackedDecoderOnly<'m, F> {
     /// Runs `f` with this handle's workspace, in bf16 precision if the weights were packed
     /// in bf16 (as the model's own calls run under [`with_precision`]).
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let f = || with_shared_workspace(&self.workspace, f);
+        let f = || self.workspace.run(f);
         if self.packed.as_ref().is_some_and(PackedGenerate::is_bf16) {
             with_precision(Precision::Bf16, f)
         } else {
@@ -670,7 +659,7 @@ impl<F: Float> DecoderOnly<F> {
         PackedDecoderOnly {
             model: self,
             packed: crate::kernels::parallel::with_team(|| self.pack_generate()),
-            workspace: Mutex::new(Workspace::new()),
+            workspace: KeptWorkspace::default(),
         }
     }
 

@@ -34,7 +34,6 @@ use ndarray::{Array2, Array3, ArrayView2, s};
 use rand::Rng;
 
 use std::borrow::Cow;
-use std::sync::Mutex;
 
 use crate::blocks::decoder_layer::PackedDecoderLayer;
 use crate::blocks::encoder_layer::PackedEncoderLayer;
@@ -45,7 +44,7 @@ use crate::blocks::{
 use crate::error::{Error, Result, check};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_precision};
-use crate::kernels::workspace::{Recycle, Workspace, with_shared_workspace};
+use crate::kernels::workspace::{KeptWorkspace, Recycle};
 use crate::kernels::{Float, PackedB};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
@@ -152,25 +151,14 @@ struct PackedDecode<F: Float> {
 /// [`EncoderDecoder::packed`]): the same results as the model's own methods, without the
 /// packing of every weight on every call, and with the memory of one call's activations
 /// kept for the next. It borrows the model, which cannot change meanwhile.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PackedEncoderDecoder<'m, F: Float = f32> {
     model: &'m EncoderDecoder<F>,
     encoder: Option<Vec<PackedEncoderLayer<F>>>,
     decode: Option<PackedDecode<F>>,
     /// The memory of one call's activations, kept for the next (see
     /// [`crate::kernels::workspace`]).
-    workspace: Mutex<Workspace>,
-}
-
-impl<F: Float> Clone for PackedEncoderDecoder<'_, F> {
-    fn clone(&self) -> Self {
-        PackedEncoderDecoder {
-            model: self.model,
-            encoder: self.encoder.clone(),
-            decode: self.decode.clone(),
-            workspace: Mutex::new(Workspace::new()),
-        }
-    }
+    workspace: KeptWorkspace,
 }
 
 impl<'m, F: Float> DecodeState<'m, F> {
@@ -669,7 +657,7 @@ impl<F: Float> EncoderDecoder<F> {
             model: self,
             encoder: self.encoder.pack(),
             decode: self.pack_decode(true),
-            workspace: Mutex::new(Workspace::new()),
+            workspace: KeptWorkspace::default(),
         })
     }
 
@@ -847,7 +835,7 @@ impl<'m, F: Float> PackedEncoderDecoder<'m, F> {
 
     /// Runs `f` with this handle's workspace, if no other call holds it.
     fn with_workspace<R>(&self, f: impl FnOnce() -> R) -> R {
-        with_shared_workspace(&self.workspace, f)
+        self.workspace.run(f)
     }
 
     /// [`EncoderDecoder::decode`] with the packed weights.

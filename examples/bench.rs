@@ -53,6 +53,12 @@ enum What {
     /// (`DecoderOnly::packed`). Not one of PyTorch's measurements (asked for by name only).
     #[value(name = "lm_generate")]
     LmGenerate,
+    /// The same decoder-only model's log-likelihood of each of the B sequences of S + T tokens
+    /// (`PackedDecoderOnly::log_likelihood`, the weights packed once before the runs): a
+    /// forward pass over S + T − 1 positions and every predicted token's log-probability. Not
+    /// one of PyTorch's measurements (asked for by name only).
+    #[value(name = "lm_score")]
+    LmScore,
 }
 
 /// Measure the crate on a reference workload.
@@ -180,6 +186,16 @@ fn run(args: &Args) -> Result<()> {
         model.num_params()
     );
     let cost = cfg.cost(b, s, t);
+    // The decoder-only model of `lm_generate` and `lm_score`, and the text `lm_score` reads:
+    // each source followed by its target.
+    let lm_cfg = DecoderOnlyConfig::new(v, BlockConfig::new(d, h, f), layers);
+    let lm_text = TokenBatch::full(
+        vaswani::ndarray::concatenate(
+            vaswani::ndarray::Axis(1),
+            &[src.ids().view(), tgt_in.ids().view()],
+        )
+        .expect("as many sources as targets"),
+    )?;
     let mut trainer = Trainer::new(
         model,
         TrainerConfig {
@@ -232,8 +248,7 @@ fn run(args: &Args) -> Result<()> {
                 })
             })?,
             What::LmGenerate => with_precision(args.precision, || {
-                let lm: DecoderOnly = DecoderOnlyConfig::new(v, BlockConfig::new(d, h, f), layers)
-                    .init(&mut StdRng::seed_from_u64(args.seed))?;
+                let lm: DecoderOnly = lm_cfg.init(&mut StdRng::seed_from_u64(args.seed))?;
                 let prompts: Vec<Vec<usize>> = (0..b).map(|i| src.ids().row(i).to_vec()).collect();
                 let mut rng = StdRng::seed_from_u64(args.seed);
                 let packed = timed_packing(|| lm.packed());
@@ -248,6 +263,11 @@ fn run(args: &Args) -> Result<()> {
                     )
                     .map(|_| ())
                 })
+            })?,
+            What::LmScore => with_precision(args.precision, || {
+                let lm: DecoderOnly = lm_cfg.init(&mut StdRng::seed_from_u64(args.seed))?;
+                let packed = timed_packing(|| lm.packed());
+                time_it(args, || packed.log_likelihood(&lm_text).map(|_| ()))
             })?,
         };
         let (du, fu, lu, vu, bu, su, tu) = (
@@ -270,9 +290,11 @@ fn run(args: &Args) -> Result<()> {
                 encoder + 4 * (one - encoder)
             }
             What::LmGenerate => lm_generate_flops(du, fu, lu, vu, bu, su, tu),
+            What::LmScore => lm_cfg.cost(b, s + t - 1).forward_flops,
         };
         let tokens = match what {
             What::TrainStep => b * t * micro_batches,
+            What::LmScore => b * (s + t - 1),
             _ => b * t,
         };
         report(args, what, &times, tokens as f64, flops as f64);
@@ -359,6 +381,7 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
         What::GreedyDecode => "greedy_decode",
         What::BeamDecode => "beam_decode",
         What::LmGenerate => "lm_generate",
+        What::LmScore => "lm_score",
     };
     let workload = format!("{:?}", args.workload.expect("a workload")).to_lowercase();
     let (min, max) = (sorted[0], sorted[n - 1]);

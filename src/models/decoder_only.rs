@@ -84,7 +84,8 @@ use crate::error::{Error, Result, check};
 use crate::kernels::precision::{Precision, with_precision};
 use crate::kernels::{Float, PackedB};
 
-use crate::kernels::loss::log_softmax;
+use crate::kernels::loss::log_sum_exp;
+use crate::kernels::parallel::for_each_chunk_mut;
 use crate::kernels::workspace::{KeptWorkspace, Recycle};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, KvCache, Linear, LinearConfig, Mask};
 use crate::models::attention_maps::AttentionMaps;
@@ -459,15 +460,29 @@ impl<F: Float> DecoderOnly<F> {
                 .collect(),
         )?;
         let logits = self.infer_with(&input, packed)?;
-        let (mut ll, mut count) = (0.0, 0);
-        for (b, &len) in input.lengths().iter().enumerate() {
-            for i in 0..len {
-                let row = logits.slice(s![b * t_in + i..b * t_in + i + 1, ..]);
-                ll += log_softmax(row)[[0, tokens.ids()[[b, i + 1]]]];
-                count += 1;
-            }
-        }
-        Ok((ll, count))
+        // (row of the logits, token it predicts) for every real token after a first.
+        let targets: Vec<(usize, usize)> = input
+            .lengths()
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &len)| (0..len).map(move |i| (b * t_in + i, tokens.ids()[[b, i + 1]])))
+            .collect();
+        // Each token's log-probability `z_y − ln Σ exp(z)` in `f64` (as `log_softmax` gives
+        // it), the rows side by side on the team (on the calling thread alone they had been
+        // a sixth of its samples in a small model's `log_likelihood` on two threads, the
+        // other thread waiting), then summed in row order.
+        let mut log_probs = vec![0.0f64; targets.len()];
+        let work = targets.len() * self.cfg.vocab * 16;
+        crate::kernels::parallel::with_team(|| {
+            for_each_chunk_mut(&mut log_probs, 1, work, |at, out| {
+                for (lp, &(r, y)) in out.iter_mut().zip(&targets[at..]) {
+                    let row = logits.row(r);
+                    *lp = row[y].to_f64() - log_sum_exp(row);
+                }
+            })
+        });
+        let ll = log_probs.iter().fold(0.0, |ll, &lp| ll + lp);
+        Ok((ll, targets.len()))
     }
 }
 

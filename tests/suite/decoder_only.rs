@@ -205,7 +205,8 @@ fn log_likelihood_and_bits_agree_with_the_logits() {
     let t = tokens.seq_len();
     let expected = lp[[0, 4]] + lp[[1, 5]] + lp[[2, 6]] + lp[[t, 9]];
     let ll = model.log_likelihood(&tokens).unwrap();
-    assert!((ll - expected).abs() < 1e-9, "{ll} vs {expected}");
+    // The same terms in the same order: the same bits.
+    assert_eq!(ll.to_bits(), expected.to_bits(), "{ll} vs {expected}");
     let bits = model.bits_per_token(&tokens).unwrap();
     assert!((bits - (-expected / 4.0 / std::f64::consts::LN_2)).abs() < 1e-9);
 }
@@ -494,7 +495,10 @@ fn same_bits_with_one_two_and_three_threads() {
         let text =
             vaswani::infer::continue_prompt(&model, &[1, 2, 3], 8, Sampling::Temperature(1.0), &mut rng)
                 .unwrap();
-        (logits, g, stats.loss, text)
+        let ll = model
+            .log_likelihood(&TokenBatch::from_sequences(&seqs, 0).unwrap())
+            .unwrap();
+        (logits, g, stats.loss, text, ll)
     };
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let one = pool(1).install(run);
@@ -506,6 +510,11 @@ fn same_bits_with_one_two_and_three_threads() {
         assert!(one.1 == other.1, "gradients differ, {threads} threads");
         assert_eq!(one.2.to_bits(), other.2.to_bits(), "loss, {threads} threads");
         assert_eq!(one.3, other.3, "generated tokens, {threads} threads");
+        assert_eq!(
+            one.4.to_bits(),
+            other.4.to_bits(),
+            "log-likelihood, {threads} threads"
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 use crate::error::{Error, Result};
 use crate::kernels::Float;
 use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
-use crate::kernels::simd::{exp_f32, max, sum_map, widest};
+use crate::kernels::simd::{exp_f32, exp_f64, max, sum_map, widest};
 
 /// Loss value, gradient and counts of [`cross_entropy`].
 #[derive(Clone, Debug)]
@@ -148,11 +148,17 @@ pub fn log_softmax<F: Float>(logits: ArrayView2<F>) -> Array2<f64> {
     out
 }
 
-/// `ln Σ exp(z)` over a row, in `f64`: the normaliser of [`log_softmax`] (and of a beam
-/// search's log-probabilities, which take it without the whole row's).
+/// `ln Σ exp(z)` over a row, in `f64`: the normaliser of [`log_softmax`] (and of a scored
+/// token's and a beam search's log-probabilities, which take it without the whole row's).
+/// `max z` plus the logarithm of the sum of `exp(z − max z)` ([`exp_f64`], in vectors), summed
+/// in the lanes of [`sum_map`]; NaN for a row with a NaN or a +∞, or of −∞ only.
 pub(crate) fn log_sum_exp<F: Float>(row: ArrayView1<F>) -> f64 {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
-    max + row.iter().map(|&x| (x.to_f64() - max).exp()).sum::<f64>().ln()
+    let row = row.as_standard_layout();
+    let z = row.as_slice().expect("standard layout");
+    widest!({
+        let max = max(z).to_f64();
+        max + sum_map(z, |x: F| exp_f64(x.to_f64() - max)).ln()
+    })
 }
 
 /// [`row_cross_entropy`] with label smoothing 0.1 over a row of `z.len()` classes, for the

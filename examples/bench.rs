@@ -13,6 +13,7 @@
 //! (`EncoderDecoder::packed`), as a program that evaluates many batches would use it.
 //!
 //!     cargo run --release --example bench -- --peak --threads 2   # the machine's FMA peak
+//!     cargo run --release --example bench -- --bandwidth           # one thread's read bandwidth
 
 use std::time::Instant;
 
@@ -65,7 +66,7 @@ enum What {
 #[derive(Parser, Debug)]
 struct Args {
     /// Which reference workload (see scripts/README.md).
-    #[arg(long, value_enum, required_unless_present = "peak")]
+    #[arg(long, value_enum, required_unless_present_any = ["peak", "bandwidth"])]
     workload: Option<Workload>,
     /// Threads in the rayon pool.
     #[arg(long, default_value_t = 1)]
@@ -97,6 +98,11 @@ struct Args {
     /// that the "fraction of peak" figures are quoted against), and exit.
     #[arg(long)]
     peak: bool,
+    /// Measure one thread's read bandwidth from memory instead (a 256 MB buffer read as one
+    /// stream, and as 2 and 4 streams interleaved a kilobyte at a time: what a product bound
+    /// by reading its weights, as a decoding step's are, can expect), and exit.
+    #[arg(long)]
+    bandwidth: bool,
 }
 
 /// (d_model, heads, d_ff, layers, vocab, batch, src_len, tgt_len)
@@ -118,11 +124,48 @@ fn main() -> Result<()> {
         peak(&args);
         return Ok(());
     }
+    if args.bandwidth {
+        bandwidth(&args);
+        return Ok(());
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()
         .expect("thread pool");
     pool.install(|| run(&args))
+}
+
+/// One thread's read bandwidth from memory: a buffer of 256 MB (far past any cache) summed
+/// as one stream and as 2 and 4 streams side by side, a kilobyte of each in turn; the best of
+/// 5 passes each. The hardware's prefetch follows each stream, so several streams can keep
+/// more reads in flight than one.
+fn bandwidth(args: &Args) {
+    const WORDS: usize = 32 << 20; // 256 MB of u64
+    const CHUNK: usize = 128; // 1 KB
+    let buf: Vec<u64> = (0..WORDS as u64).collect();
+    for streams in [1, 2, 4] {
+        let per = WORDS / streams;
+        let best = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                let mut sum = 0u64;
+                for at in (0..per).step_by(CHUNK) {
+                    for s in 0..streams {
+                        let chunk = &buf[s * per + at..(s * per + at + CHUNK).min((s + 1) * per)];
+                        sum = chunk.iter().fold(sum, |a, &x| a.wrapping_add(x));
+                    }
+                }
+                std::hint::black_box(sum);
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        let gbs = (WORDS * 8) as f64 / best / 1e9;
+        if args.json {
+            println!("{{\"what\": \"read_bandwidth\", \"streams\": {streams}, \"gb_per_s\": {gbs:.1}}}");
+        } else {
+            println!("read bandwidth, one thread, {streams} stream(s): {gbs:.1} GB/s");
+        }
+    }
 }
 
 /// The fp32 FMA peak of 1 and of `--threads` threads, each thread running the measuring loop
@@ -154,7 +197,7 @@ fn peak(args: &Args) {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let workload = args.workload.expect("required unless --peak");
+    let workload = args.workload.expect("required unless --peak or --bandwidth");
     let (d, h, f, layers, v, b, s, t) = sizes(workload);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)

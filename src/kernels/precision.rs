@@ -121,6 +121,17 @@ pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` in bf16 precision when `bf16`, else in the caller's: a call on weights packed in
+/// bf16 runs as they were packed (its products, its caches and its choice of threads),
+/// wherever it is called.
+pub(crate) fn with_bf16_if<R>(bf16: bool, f: impl FnOnce() -> R) -> R {
+    if bf16 {
+        with_precision(Precision::Bf16, f)
+    } else {
+        f()
+    }
+}
+
 /// The precision of the matrix products on this thread now.
 pub fn precision() -> Precision {
     CURRENT.get()

@@ -615,22 +615,14 @@ impl<F: Float> KvCache<F> {
         if rows.iter().copied().eq(0..b) {
             return;
         }
-        let (_, h, dk, cap) = self.store.dim();
-        let bf16 = self.store.is_bf16();
         let n = rows.len();
         if n > b {
             // More sequences than the buffers hold: one copy per kept row into the spare
-            // buffers (kept from the last such select), then the two swap. Each sequence's
-            // block is contiguous; the capacity is kept.
-            if self
-                .spare
-                .as_ref()
-                .is_none_or(|x| x.dim() != (n, h, dk, cap) || x.is_bf16() != bf16)
-            {
-                self.spare = Some(Store::zeros(bf16, n, h, dk, cap));
-            }
-            let mut to = self.spare.take().expect("made above");
+            // buffers (kept from the last select), then the two swap. Each sequence's block
+            // is contiguous; the capacity is kept.
+            let mut to = self.spare_for(n);
             self.store.copy_into(&mut to, rows, self.len);
+            to.truncate(n);
             self.spare = Some(std::mem::replace(&mut self.store, to));
             return;
         }
@@ -647,19 +639,28 @@ impl<F: Float> KvCache<F> {
             .collect();
         saved.sort_unstable();
         saved.dedup();
-        let spare = if saved.is_empty() {
-            None
-        } else {
-            if self.spare.as_ref().is_none_or(|x| {
-                let (sb, sh, sdk, scap) = x.dim();
-                sb < n || (sh, sdk, scap) != (h, dk, cap) || x.is_bf16() != bf16
-            }) {
-                self.spare = Some(Store::zeros(bf16, n, h, dk, cap));
-            }
-            self.spare.as_mut()
-        };
-        self.store.move_within(spare, &saved, rows, self.len);
+        let mut spare = (!saved.is_empty()).then(|| self.spare_for(n));
+        self.store.move_within(spare.as_mut(), &saved, rows, self.len);
+        if spare.is_some() {
+            self.spare = spare;
+        }
         self.store.truncate(n);
+    }
+
+    /// The spare buffers (taken out: the caller puts them back), with room for `n` sequences
+    /// of the store's heads, features, capacity and kind: those kept from the last select
+    /// when they have it, else new ones.
+    fn spare_for(&mut self, n: usize) -> Store<F> {
+        let (_, h, dk, cap) = self.store.dim();
+        let bf16 = self.store.is_bf16();
+        let fits = |x: &Store<F>| {
+            let (sb, sh, sdk, scap) = x.dim();
+            sb >= n && (sh, sdk, scap) == (h, dk, cap) && x.is_bf16() == bf16
+        };
+        self.spare
+            .take()
+            .filter(fits)
+            .unwrap_or_else(|| Store::zeros(bf16, n, h, dk, cap))
     }
 
     /// Appends `[B, H, T, d_k]` keys and values, growing the buffers (doubling) if needed.

@@ -81,7 +81,7 @@ use rand::Rng;
 use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
-use crate::kernels::precision::{Precision, with_precision};
+use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::{Float, PackedB};
 
 use crate::kernels::loss::log_sum_exp;
@@ -576,14 +576,10 @@ impl<'m, F: Float> PackedDecoderOnly<'m, F> {
     }
 
     /// Runs `f` with this handle's workspace, in bf16 precision if the weights were packed
-    /// in bf16 (as the model's own calls run under [`with_precision`]).
+    /// in bf16 ([`with_bf16_if`]).
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let f = || self.workspace.run(f);
-        if self.packed.as_ref().is_some_and(PackedGenerate::is_bf16) {
-            with_precision(Precision::Bf16, f)
-        } else {
-            f()
-        }
+        let bf16 = self.packed.as_ref().is_some_and(PackedGenerate::is_bf16);
+        with_bf16_if(bf16, || self.workspace.run(f))
     }
 }
 
@@ -649,12 +645,8 @@ impl<F: Float> DecoderOnly<F> {
     ) -> GenerateState<'m, F> {
         // Weights packed in bf16 generate in bf16 wherever they are used: their key/value
         // caches too (see `KvCache`).
-        let begin = || self.blocks.begin(b, capacity);
-        let caches = if packed.as_deref().is_some_and(PackedGenerate::is_bf16) {
-            with_precision(Precision::Bf16, begin)
-        } else {
-            begin()
-        };
+        let bf16 = packed.as_deref().is_some_and(PackedGenerate::is_bf16);
+        let caches = with_bf16_if(bf16, || self.blocks.begin(b, capacity));
         GenerateState {
             caches,
             b,
@@ -737,12 +729,7 @@ impl<F: Float> DecoderOnly<F> {
             ))
         };
         // Weights packed in bf16 step in bf16 wherever the step is called, as they were packed.
-        let run = || crate::kernels::parallel::with_team(run);
-        if bf16 {
-            with_precision(Precision::Bf16, run)
-        } else {
-            run()
-        }
+        with_bf16_if(bf16, || crate::kernels::parallel::with_team(run))
     }
 }
 

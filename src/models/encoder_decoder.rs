@@ -43,7 +43,7 @@ use crate::blocks::{
 };
 use crate::error::{Error, Result, check};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
-use crate::kernels::precision::{Precision, with_precision};
+use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::workspace::{KeptWorkspace, Recycle};
 use crate::kernels::{Float, PackedB};
 use crate::layers::{Embedding, EmbeddingCache, EmbeddingConfig, Linear, LinearConfig, Mask};
@@ -663,16 +663,10 @@ impl<F: Float> EncoderDecoder<F> {
 
     /// Runs the inference call `f`, whose largest products have `rows` rows of the model's
     /// width, on the team unless they are too small to pay for a second thread
-    /// ([`with_team_for_products`]); in bf16 precision when `bf16` (weights packed in bf16: a
-    /// call on them runs as it would inside [`with_precision`], its products bf16 either way,
-    /// its caches and its choice of threads following them).
+    /// ([`with_team_for_products`]); in bf16 precision when `bf16` (weights packed in bf16,
+    /// [`with_bf16_if`]).
     fn inference<R>(&self, bf16: bool, rows: usize, f: impl FnOnce() -> R) -> R {
-        let run = || with_team_for_products(rows, self.cfg.block.d_model, f);
-        if bf16 {
-            with_precision(Precision::Bf16, run)
-        } else {
-            run()
-        }
+        with_bf16_if(bf16, || with_team_for_products(rows, self.cfg.block.d_model, f))
     }
 
     /// Teacher-forced logits `[B·T, V]` without dropout (evaluation).

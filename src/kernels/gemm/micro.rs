@@ -611,11 +611,12 @@ const B_AHEAD: usize = 8;
 const B_FAR: usize = 128;
 
 /// The lines of packed B that a loop of the AVX2 kernels asks for into L2, one a step: step i
-/// asks for the line at `start + 16·(i >> shift)` floats.
+/// asks for the line at `start + 16·((i·mul) >> shift)` floats.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Far {
     start: *const f32,
+    mul: usize,
     shift: u32,
 }
 
@@ -626,6 +627,7 @@ impl Far {
     pub(crate) fn ahead(b: *const f32) -> Far {
         Far {
             start: b.wrapping_add(16 * B_FAR),
+            mul: 1,
             shift: 0,
         }
     }
@@ -644,6 +646,7 @@ impl Far {
             .trailing_zeros();
         Far {
             start: next.wrapping_add(16 * pass * (kc >> shift)),
+            mul: 1,
             shift,
         }
     }
@@ -675,10 +678,25 @@ impl Far {
         }
     }
 
+    /// Pass `pass` of `passes` over panels of `kc` steps asks for its share of the `lines`
+    /// lines at `next`, at an even pace: step i the line `⌊i · mul / 256⌋` of its share, `mul /
+    /// 256` at or above `lines / (passes · kc)` (a group of panels with one pass more than
+    /// panels, `packed::run_wide`).
+    pub(crate) fn rate(next: *const f32, kc: usize, lines: usize, pass: usize, passes: usize) -> Far {
+        let mul = (lines * 256).div_ceil(passes * kc).clamp(1, 256);
+        Far {
+            start: next.wrapping_add(16 * pass * ((kc * mul) >> 8)),
+            mul,
+            shift: 8,
+        }
+    }
+
     /// The line that step i asks for (an address only: asking never reads memory).
     #[inline(always)]
     fn line(self, i: usize) -> *const i8 {
-        self.start.wrapping_add(16 * (i >> self.shift)).cast()
+        self.start
+            .wrapping_add(16 * ((i * self.mul) >> self.shift))
+            .cast()
     }
 }
 
@@ -735,6 +753,19 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
             b = b.add(16);
         }
     }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store_avx2(&lo, &hi, t) }
+}
+
+/// Stores an AVX2 kernel's `MR × 16` accumulators (`lo`: columns 0–7, `hi`: 8–15) into the
+/// tile `t`, only its `t.rows` rows and `t.cols` columns.
+///
+/// # Safety
+/// The CPU must have AVX2; `t` must describe a tile of C as [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store_avx2<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t: &Tile) {
     if t.csc == 1 && t.cols == 16 && t.drop.is_none() && t.gate.is_none() {
         for r in 0..MR {
             if r >= t.rows {
@@ -769,6 +800,83 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
         // SAFETY: `tile` is MR ≥ t.rows rows of 16; the caller vouches for t.
         unsafe { store_scalar(tile.as_flattened(), 16, t) };
     }
+}
+
+/// `R` of A's rows where they lie (row r's element i at `a + r·lda + i`) over `P` panels of B
+/// side by side (panel p at `b + p·kc·16`), in one pass: `2·R·P` chains of multiply-adds (12
+/// for 1 row over 6 panels or 2 over 3), where a pass of `R` rows over one panel has `2·R` and
+/// waits on the multiply-adds' latency with fewer than 10 (a pass of 4 rows over B in L2 ran
+/// at 66% of the peak, one of 6 at 82%; AMD EPYC Zen 3). Each element's chain
+/// is [`kernel_avx2_rows`]' (the same broadcasts of the same values in the same order), so
+/// the same bits. Step i asks for the line of B at `far.line(i)` into L2 ([`Far`]).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `R` rows of `kc` floats at `a`, `lda` apart, readable; `b`
+/// must hold `P·kc·16` elements, and each of `tiles` (panel p's) describe a tile of at most `R`
+/// rows of C as [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2_wide_at<const R: usize, const P: usize, B: PanelOf>(
+    kc: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const B,
+    tiles: &[Tile],
+    far: Far,
+) {
+    let mut lo = [[_mm256_setzero_ps(); R]; P];
+    let mut hi = [[_mm256_setzero_ps(); R]; P];
+    let rows: [*const f32; R] = std::array::from_fn(|r| a.wrapping_offset(r as isize * lda));
+    let panel = kc * 16;
+    for i in 0..kc {
+        // SAFETY: each row has kc floats, each panel kc·16 elements.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(far.line(i));
+            let ar: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*rows[r].add(i)));
+            for p in 0..P {
+                let bp = b.add(p * panel + 16 * i);
+                let b0 = B::lanes(bp);
+                let b1 = B::lanes(bp.add(8));
+                for r in 0..R {
+                    lo[p][r] = _mm256_fmadd_ps(ar[r], b0, lo[p][r]);
+                    hi[p][r] = _mm256_fmadd_ps(ar[r], b1, hi[p][r]);
+                }
+            }
+        }
+    }
+    for p in 0..P {
+        // SAFETY: the caller's contract for tile p.
+        unsafe { store_avx2(&lo[p], &hi[p], &tiles[p]) };
+    }
+}
+
+/// [`kernel_avx2_wide_at`] for `rows` (1 or 2) of A's rows over `tiles.len()` panels, at
+/// most `6 / rows`.
+///
+/// # Safety
+/// As [`kernel_avx2_wide_at`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn kernel_avx2_wide<B: PanelOf>(
+    far: Far,
+    kc: usize,
+    rows: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const B,
+    tiles: &[Tile],
+) {
+    macro_rules! shapes {
+        ($(($r:literal, $p:literal))*) => {
+            match (rows, tiles.len()) {
+                $(($r, $p) => kernel_avx2_wide_at::<$r, $p, B>(kc, a, lda, b, tiles, far),)*
+                (r, p) => panic!("a wide AVX2 pass of {r} rows over {p} panels"),
+            }
+        };
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { shapes!((1, 1)(1, 2)(1, 3)(1, 4)(1, 5)(1, 6)(2, 1)(2, 2)(2, 3)) }
 }
 
 /// An element of a packed panel of B as the AVX2 kernels read it: `f32`, or the bits of a
@@ -815,6 +923,7 @@ impl PanelOf for u16 {
         // A step reads half a line: a line every two steps.
         Far {
             start: b.wrapping_add(16 * B_FAR).cast(),
+            mul: 1,
             shift: 1,
         }
     }

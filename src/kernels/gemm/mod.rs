@@ -890,11 +890,15 @@ mod tests {
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),
-                // A decoding step's rows, in panels of equal height (8 as 4 + 4, 10 as 5 + 5),
-                // one panel of B at a time over several blocks of k and a short last panel.
+                // A decoding step's rows: 6 over each panel then the rest over groups of panels
+                // (7 and 8 rows, groups of 6 and 3 panels, a short last group and panel), or
+                // panels of equal height (10 as 5 + 5), over several blocks of k.
                 (8, 70, 48),
                 (10, 33, 20),
                 (8, 2 * KC + 3, 9 * 16 + 5),
+                (7, KC + 5, 7 * 16 + 3),
+                (7, 40, 16),
+                (8, 40, 4 * 16 + 1),
             ] {
                 let a = int_matrix(&mut rng, m, k);
                 let at = a.t().as_standard_layout().into_owned();
@@ -943,7 +947,8 @@ mod tests {
     /// fused updates), on values where the order matters, at any thread count: with AVX-512's
     /// short tiles (64 rows) and tall ones (77 rows, edge rows included), several blocks of
     /// panels of B (300 columns), several blocks of A (520 rows) and a decoding step's few rows
-    /// (11), which pass over one panel of B at a time.
+    /// (11, which pass over one panel of B at a time; 8 and 7, the rows after the sixth over
+    /// several panels at once).
     #[test]
     fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
         assert_eq!((Isa::Avx512.tile_rows(64), Isa::Avx512.tile_rows(77)), (8, 12));
@@ -953,6 +958,8 @@ mod tests {
             (77, 2 * KC + 9, 300),
             (520, KC + 9, 40),
             (11, 2 * KC + 9, 300),
+            (8, 2 * KC + 9, 300),
+            (7, KC + 9, 300),
         ] {
             let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
             let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);
@@ -989,6 +996,7 @@ mod tests {
             (33, KC + 5, 70),
             (40, KC + 5, 300),
             (16, 256, 1000),
+            (7, KC + 5, 300),
         ] {
             let a = int_matrix(&mut rng, m, k);
             let w1 = int_matrix(&mut rng, n, k); // [out, in], used as W1ᵀ
@@ -1032,6 +1040,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(12);
         for &(m, k, n) in &[
             (8, 64, 40),
+            (7, KC + 37, 100),
             (10, KC + 37, 70),
             (32, 96, 100),
             (70, 2 * KC + 5, 33),
@@ -1082,7 +1091,13 @@ mod tests {
     #[test]
     fn fused_stores_match_the_written_out_arithmetic() {
         let mut rng = StdRng::seed_from_u64(10);
-        for &(m, k, n) in &[(5, 7, 9), (37, KC + 3, 70), (64, 40, 64)] {
+        for &(m, k, n) in &[
+            (5, 7, 9),
+            (37, KC + 3, 70),
+            (64, 40, 64),
+            (8, KC + 3, 70),
+            (7, 40, 100),
+        ] {
             let a = int_matrix(&mut rng, m, k);
             let b = int_matrix(&mut rng, k, n);
             let bias = int_matrix(&mut rng, 1, n).row(0).to_owned();

@@ -611,12 +611,11 @@ const B_AHEAD: usize = 8;
 const B_FAR: usize = 128;
 
 /// The lines of packed B that a loop of the AVX2 kernels asks for into L2, one a step: step i
-/// asks for the line at `start + 16·((i·mul) >> shift)` floats.
+/// asks for the line at `start + 16·(i >> shift)` floats.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Far {
     start: *const f32,
-    mul: usize,
     shift: u32,
 }
 
@@ -627,7 +626,6 @@ impl Far {
     pub(crate) fn ahead(b: *const f32) -> Far {
         Far {
             start: b.wrapping_add(16 * B_FAR),
-            mul: 1,
             shift: 0,
         }
     }
@@ -646,7 +644,6 @@ impl Far {
             .trailing_zeros();
         Far {
             start: next.wrapping_add(16 * pass * (kc >> shift)),
-            mul: 1,
             shift,
         }
     }
@@ -678,25 +675,10 @@ impl Far {
         }
     }
 
-    /// Pass `pass` of `passes` over panels of `kc` steps asks for its share of the `lines`
-    /// lines at `next`, at an even pace: step i the line `⌊i · mul / 256⌋` of its share, `mul /
-    /// 256` at or above `lines / (passes · kc)` (a group of panels with one pass more than
-    /// panels, `packed::run_wide`).
-    pub(crate) fn rate(next: *const f32, kc: usize, lines: usize, pass: usize, passes: usize) -> Far {
-        let mul = (lines * 256).div_ceil(passes * kc).clamp(1, 256);
-        Far {
-            start: next.wrapping_add(16 * pass * ((kc * mul) >> 8)),
-            mul,
-            shift: 8,
-        }
-    }
-
     /// The line that step i asks for (an address only: asking never reads memory).
     #[inline(always)]
     fn line(self, i: usize) -> *const i8 {
-        self.start
-            .wrapping_add(16 * ((i * self.mul) >> self.shift))
-            .cast()
+        self.start.wrapping_add(16 * (i >> self.shift)).cast()
     }
 }
 
@@ -802,81 +784,130 @@ unsafe fn store_avx2<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t: &
     }
 }
 
-/// `R` of A's rows where they lie (row r's element i at `a + r·lda + i`) over `P` panels of B
-/// side by side (panel p at `b + p·kc·16`), in one pass: `2·R·P` chains of multiply-adds (12
-/// for 1 row over 6 panels or 2 over 3), where a pass of `R` rows over one panel has `2·R` and
-/// waits on the multiply-adds' latency with fewer than 10 (a pass of 4 rows over B in L2 ran
-/// at 66% of the peak, one of 6 at 82%; AMD EPYC Zen 3). Each element's chain
-/// is [`kernel_avx2_rows`]' (the same broadcasts of the same values in the same order), so
-/// the same bits. Step i asks for the line of B at `far.line(i)` into L2 ([`Far`]).
+/// The accumulators of a pass of [`kernel_avx2_span`], carried from one span of k to the next:
+/// `2·R·P` vectors (at most 12), those of row r over panel p at `2·(p·R + r)` (columns 0–7)
+/// and the one after (8–15).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type Carried = [__m256; 12];
+
+/// Accumulators at zero.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn carried_zero() -> Carried {
+    // SAFETY: SSE is part of x86-64.
+    unsafe { [_mm256_setzero_ps(); 12] }
+}
+
+/// Steps `steps` of a pass of `R` of A's rows where they lie (row r's element i at `a + r·lda +
+/// i`) over `P` panels of B side by side (panel p at `b + p·panel`), its accumulators carried
+/// in `acc`: the same broadcasts of the same values in the same order as
+/// [`kernel_avx2_rows`], so each element's chain of multiply-adds is the same and so are its
+/// bits, whatever the spans. Step i asks for the line `near` steps on in each panel into L1
+/// (past the panel's `kc` steps: the same line of the panel `jump` elements on, the next
+/// group's).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `R` rows of `kc` floats at `a`, `lda` apart, readable; `b`
-/// must hold `P·kc·16` elements, and each of `tiles` (panel p's) describe a tile of at most `R`
-/// rows of C as [`store_scalar`] requires.
+/// The CPU must have AVX2 and FMA; `R` rows of at least `steps.end` floats at `a`, `lda` apart,
+/// readable; each of the `P` panels at `b` holds `steps.end·16` elements; `2·R·P ≤ 12`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel_avx2_wide_at<const R: usize, const P: usize, B: PanelOf>(
-    kc: usize,
+unsafe fn span_at<const R: usize, const P: usize, B: PanelOf>(
+    steps: std::ops::Range<usize>,
     a: *const f32,
     lda: isize,
     b: *const B,
-    tiles: &[Tile],
-    far: Far,
+    panel: usize,
+    (near, kc, jump): (usize, usize, isize),
+    acc: &mut Carried,
 ) {
-    let mut lo = [[_mm256_setzero_ps(); R]; P];
-    let mut hi = [[_mm256_setzero_ps(); R]; P];
+    let mut lo: [[__m256; R]; P] = std::array::from_fn(|p| std::array::from_fn(|r| acc[2 * (p * R + r)]));
+    let mut hi: [[__m256; R]; P] = std::array::from_fn(|p| std::array::from_fn(|r| acc[2 * (p * R + r) + 1]));
     let rows: [*const f32; R] = std::array::from_fn(|r| a.wrapping_offset(r as isize * lda));
-    let panel = kc * 16;
-    for i in 0..kc {
-        // SAFETY: each row has kc floats, each panel kc·16 elements.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T1>(far.line(i));
-            let ar: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*rows[r].add(i)));
-            for p in 0..P {
-                let bp = b.add(p * panel + 16 * i);
-                let b0 = B::lanes(bp);
-                let b1 = B::lanes(bp.add(8));
-                for r in 0..R {
-                    lo[p][r] = _mm256_fmadd_ps(ar[r], b0, lo[p][r]);
-                    hi[p][r] = _mm256_fmadd_ps(ar[r], b1, hi[p][r]);
+    let panels: [*const B; P] = std::array::from_fn(|p| b.wrapping_add(p * panel));
+    // The steps whose line ahead lies in the panel, then those whose line lies in the next
+    // group's (one loop each: no choice inside the loop).
+    let split = kc.saturating_sub(near).clamp(steps.start, steps.end);
+    for (range, to) in [(steps.start..split, 0), (split..steps.end, jump)] {
+        let ahead: [*const B; P] =
+            std::array::from_fn(|p| panels[p].wrapping_add(16 * near).wrapping_offset(to));
+        for i in range {
+            // SAFETY: each row has more than i floats, each panel more than 16·i elements;
+            // asking for a line never reads it.
+            unsafe {
+                for line in ahead {
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(16 * i).cast());
+                }
+                let ar: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*rows[r].add(i)));
+                for p in 0..P {
+                    let bp = panels[p].add(16 * i);
+                    let b0 = B::lanes(bp);
+                    let b1 = B::lanes(bp.add(8));
+                    for r in 0..R {
+                        lo[p][r] = _mm256_fmadd_ps(ar[r], b0, lo[p][r]);
+                        hi[p][r] = _mm256_fmadd_ps(ar[r], b1, hi[p][r]);
+                    }
                 }
             }
         }
     }
     for p in 0..P {
-        // SAFETY: the caller's contract for tile p.
-        unsafe { store_avx2(&lo[p], &hi[p], &tiles[p]) };
+        for r in 0..R {
+            acc[2 * (p * R + r)] = lo[p][r];
+            acc[2 * (p * R + r) + 1] = hi[p][r];
+        }
     }
 }
 
-/// [`kernel_avx2_wide_at`] for `rows` (1 or 2) of A's rows over `tiles.len()` panels, at
-/// most `6 / rows`.
+/// [`span_at`] for a pass of `rows` rows over `panels` panels (1 to 6 rows over 1 panel, 1
+/// row over up to 6, 2 over up to 3).
 ///
 /// # Safety
-/// As [`kernel_avx2_wide_at`].
+/// As [`span_at`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn kernel_avx2_wide<B: PanelOf>(
-    far: Far,
-    kc: usize,
-    rows: usize,
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_avx2_span<B: PanelOf>(
+    (rows, panels): (usize, usize),
+    steps: std::ops::Range<usize>,
     a: *const f32,
     lda: isize,
     b: *const B,
-    tiles: &[Tile],
+    panel: usize,
+    ahead: (usize, usize, isize),
+    acc: &mut Carried,
 ) {
     macro_rules! shapes {
         ($(($r:literal, $p:literal))*) => {
-            match (rows, tiles.len()) {
-                $(($r, $p) => kernel_avx2_wide_at::<$r, $p, B>(kc, a, lda, b, tiles, far),)*
-                (r, p) => panic!("a wide AVX2 pass of {r} rows over {p} panels"),
+            match (rows, panels) {
+                $(($r, $p) => span_at::<$r, $p, B>(steps, a, lda, b, panel, ahead, acc),)*
+                (r, p) => panic!("an AVX2 span of {r} rows over {p} panels"),
             }
         };
     }
     // SAFETY: forwarded from this function's contract.
-    unsafe { shapes!((1, 1)(1, 2)(1, 3)(1, 4)(1, 5)(1, 6)(2, 1)(2, 2)(2, 3)) }
+    unsafe { shapes!((6, 1)(5, 1)(4, 1)(3, 1)(2, 1)(1, 1)(1, 2)(1, 3)(1, 4)(1, 5)(1, 6)(2, 2)(2, 3)) }
+}
+
+/// Stores the carried accumulators of a pass of `rows` rows, those over its panel `p`, into the
+/// tile `t` (at most `rows` rows).
+///
+/// # Safety
+/// The CPU must have AVX2; `2·rows·(p + 1) ≤ 12`; `t` describes a tile of C as
+/// [`store_scalar`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn store_carried(rows: usize, acc: &Carried, p: usize, t: &Tile) {
+    let zero = _mm256_setzero_ps();
+    let lo: [__m256; 6] = std::array::from_fn(|r| if r < rows { acc[2 * (p * rows + r)] } else { zero });
+    let hi: [__m256; 6] = std::array::from_fn(|r| {
+        if r < rows {
+            acc[2 * (p * rows + r) + 1]
+        } else {
+            zero
+        }
+    });
+    // SAFETY: the tile's rows are at most `rows`; the caller's contract.
+    unsafe { store_avx2(&lo, &hi, t) };
 }
 
 /// An element of a packed panel of B as the AVX2 kernels read it: `f32`, or the bits of a
@@ -923,7 +954,6 @@ impl PanelOf for u16 {
         // A step reads half a line: a line every two steps.
         Far {
             start: b.wrapping_add(16 * B_FAR).cast(),
-            mul: 1,
             shift: 1,
         }
     }

@@ -890,15 +890,18 @@ mod tests {
                 (64 * 8 + 13, 40, 33),
                 (200, 64, 7),
                 (3, 100, 300),
-                // A decoding step's rows: 6 over each panel then the rest over groups of panels
-                // (7 and 8 rows, groups of 6 and 3 panels, a short last group and panel), or
-                // panels of equal height (10 as 5 + 5), over several blocks of k.
+                // A decoding step's rows, by spans of k over several blocks of k: up to 6 in
+                // one pass, 7 and 8 as 6 over each panel then the rest over groups of panels
+                // (of 6 and 3 panels, a short last group and panel); 10 in panels of equal
+                // height (5 + 5) over one panel of B at a time.
                 (8, 70, 48),
                 (10, 33, 20),
                 (8, 2 * KC + 3, 9 * 16 + 5),
                 (7, KC + 5, 7 * 16 + 3),
                 (7, 40, 16),
                 (8, 40, 4 * 16 + 1),
+                (6, 2 * KC + 3, 100),
+                (3, KC + 7, 50),
             ] {
                 let a = int_matrix(&mut rng, m, k);
                 let at = a.t().as_standard_layout().into_owned();
@@ -947,8 +950,8 @@ mod tests {
     /// fused updates), on values where the order matters, at any thread count: with AVX-512's
     /// short tiles (64 rows) and tall ones (77 rows, edge rows included), several blocks of
     /// panels of B (300 columns), several blocks of A (520 rows) and a decoding step's few rows
-    /// (11, which pass over one panel of B at a time; 8 and 7, the rows after the sixth over
-    /// several panels at once).
+    /// (11, which pass over one panel of B at a time; 8, 7 and 5, by spans of k, the rows
+    /// after the sixth over several panels at once).
     #[test]
     fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
         assert_eq!((Isa::Avx512.tile_rows(64), Isa::Avx512.tile_rows(77)), (8, 12));
@@ -960,6 +963,7 @@ mod tests {
             (11, 2 * KC + 9, 300),
             (8, 2 * KC + 9, 300),
             (7, KC + 9, 300),
+            (5, 2 * KC + 9, 300),
         ] {
             let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
             let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);

@@ -1007,31 +1007,44 @@ const NEXT_NC: usize = 2;
 /// × 512 and 64 × 256 × 256.
 const NEXT_MIN_B: usize = 1 << 16;
 
-/// Rows of a product whose rows are read in place that go as a pass of 6 rows over each panel
-/// and one pass of the other 1 or 2 rows over several panels at once ([`run_wide`]). 9 rows
-/// as 6 + 3 (3 rows over 2 panels) ran slower than as 5 + 4 (B in L2: 63 against 75 GFLOP/s,
-/// AMD EPYC Zen 3): its broadcasts and loads left no register to spare.
-const WIDE_ROWS_MIN: usize = 7;
-const WIDE_ROWS_MAX: usize = 8;
+/// Rows at most of a product whose rows are read in place that goes by [`run_spans`].
+const SPAN_ROWS_MAX: usize = 8;
 
-/// The `mc` rows at `i0` (7 or 8: a decoding step's few rows) over the panels `panels` of the
-/// block of k at `p0` (`kc` steps) for the AVX2 kernels reading A's rows in place: groups of
-/// panels, over each panel of a group a pass of 6 rows ([`super::micro::kernel_avx2_rows`]),
-/// then one pass of the other rows over the whole group ([`super::micro::kernel_avx2_wide`]: 6
-/// panels for 1 row, 3 for 2; 12 chains of multiply-adds). As 4 + 4 rows each pass had 8
-/// chains and waited on their latency: 8 × 512 × 2048 with B in L2 ran at 66% of the peak,
-/// one pass of 6 rows at 82% (AMD EPYC Zen 3, one thread); this way 81%. Every pass of a group
-/// asks for its share of the next group's lines into L2 ([`Far::rate`]), so that memory is
-/// busy during the passes over a group in cache as well. Each element's chain of
-/// multiply-adds is the same as in any other pass, so the bits are too. A decoding step of a
-/// small model (8 or 7 rows, weights in L3) took 6–8% less time; a base decoding step, whose
-/// weights come from memory at one core's stream rate, the same.
+/// Steps of k of a span in [`run_spans`], over all the panels of a group (divided among
+/// them). 96 against 48, 64, 192 and 384: the decoding shapes of 6 and 8 rows from memory and
+/// from L3 alike or faster (AMD EPYC Zen 3, one thread).
+const SPAN_STEPS: usize = 96;
+
+/// How far ahead of its reads a pass in [`run_spans`] asks for B, in bytes of a panel (24
+/// lines): a single stream asking 24 lines ahead read 20–22 GB/s on the AMD EPYC Zen 3, one
+/// asking 512 lines ahead (a panel of `f32`) 14–16.
+const NEAR_BYTES: usize = 24 * 64;
+
+/// The `mc` rows at `i0` (1 to 8: a decoding step's few rows) over the panels `panels` of the
+/// block of k at `p0` (`kc` steps) for the AVX2 kernels reading A's rows in place, in groups of
+/// panels: up to 6 rows in one pass over each panel; 7 or 8 as a pass of 6 rows over each
+/// panel of a group and one of the other 1 or 2 rows over the group's 6 or 3 panels at once
+/// (12 chains of multiply-adds, where 4 + 4 rows a panel had 8 and waited on their latency).
+///
+/// The passes over a group take turns over spans of [`SPAN_STEPS`] steps of k, their
+/// accumulators carried from span to span ([`kernel_avx2_span`]): memory sees one stream
+/// through each panel, read by the first pass and found in L1 by the next. The first pass over
+/// a panel asks for its lines [`NEAR_BYTES`] ahead, the other pass for those a span further on
+/// (asking again costs little), so that memory is kept busy while it runs; the last span asks
+/// for the next group's first lines. Each element's chain of multiply-adds is the same as in
+/// any other pass, so the bits are too.
+///
+/// Measured against passes over a whole panel each asking for a share of the next (AMD EPYC
+/// Zen 3, one thread, × 512 × 2048 over 168 MB of weights, over 16 MB in L3): 6 rows 49.2 → 56.1
+/// GFLOP/s from memory, 82.6 → 88.7 in L3; 8 rows 59.0 → 68.0 and 66.8 → 82.1. 10 and 12 rows
+/// (two passes of 5 or 6 rows) ran faster in L3 (78.3 → 84.5, 85.0 → 89.0) but slower from
+/// memory (71.2 → 65.0, 77.8 → 72.2) and stay with the passes over whole panels.
 ///
 /// # Safety
 /// As [`run_part`]; the CPU has AVX2 and FMA; A's rows are contiguous.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_wide(
+unsafe fn run_spans(
     (p0, kc, n_pad): (usize, usize, usize),
     a: Mat,
     bpack: Panels<'_>,
@@ -1041,47 +1054,91 @@ unsafe fn run_wide(
     (alpha, beta, ep): (f32, f32, &Epilogue),
     (n, last, prefetch): (usize, bool, bool),
 ) {
-    use super::micro::{kernel_avx2_rows, kernel_avx2_wide};
+    use super::micro::{Carried, carried_zero, kernel_avx2_span, store_carried};
     let nr = 16;
-    let rest = mc - 6;
-    let group = 6 / rest;
+    // The passes over a group: (first row, rows, first panel of the group, panels, whether the
+    // first over its panel).
+    let mut passes = [(0, 0, 0, 0, true); 7];
+    let (count, group) = if mc <= 6 {
+        passes[0] = (0, mc, 0, 1, true);
+        (1, 1)
+    } else {
+        let group = 6 / (mc - 6);
+        for (q, pass) in passes.iter_mut().enumerate().take(group) {
+            *pass = (0, 6, q, 1, true);
+        }
+        passes[group] = (6, mc - 6, 0, group, false);
+        (group + 1, group)
+    };
+    let panel = kc * nr;
+    let span = SPAN_STEPS / group;
+    let mut acc: [Carried; 7] = [carried_zero(); 7];
     for j_group in panels.clone().step_by(group) {
         let here = group.min(panels.end - j_group);
-        let at = p0 * n_pad + j_group * kc * nr;
-        let tile_at = |r0: usize, rows: usize, jp: usize| {
-            let j0 = jp * nr;
-            // SAFETY: j0 < n, inside the bias (caller).
-            let update = unsafe { block_update(p0, ep, alpha, beta, j0) };
-            // SAFETY: (r0, j0) is inside C.
-            let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
-            tile(p, c, rows, nr.min(n - j0), update, *ep, r0, j0, n, last, prefetch)
-        };
-        let passes = here + 1;
-        // SAFETY (both arms): rows i0..i0 + mc and columns of this block of k are inside A; the
-        // group's panels hold kc·16 elements each; the tiles are inside C; the CPU has AVX2 and
-        // FMA (caller).
+        let at = p0 * n_pad + j_group * panel;
+        // A pass over a panel past the group's end (its last, short) is left out; one over the
+        // group's panels takes those it has.
+        let width = |panels: usize| panels.min(here);
+        for carried in &mut acc[..count] {
+            *carried = carried_zero();
+        }
+        // SAFETY (both arms): rows i0..i0 + mc and columns p0..p0 + kc are inside A; the group's
+        // panels hold kc·16 elements each; the CPU has AVX2 and FMA (caller). The lines asked
+        // for past the group need not exist (asking never reads).
         unsafe {
-            let a6 = a.ptr.offset(i0 as isize * a.rs + p0 as isize * a.cs);
-            let ar = a6.offset(6 * a.rs);
+            let a0 = a.ptr.offset(i0 as isize * a.rs + p0 as isize * a.cs);
             macro_rules! group {
                 ($b:expr, $bytes:literal) => {{
                     let b = $b;
-                    let lines = here * kc * nr * $bytes / 64;
-                    let next = b.wrapping_add(here * kc * nr).cast::<f32>();
-                    for q in 0..here {
-                        let far = Far::rate(next, kc, lines, q, passes);
-                        let t = tile_at(i0, 6, j_group + q);
-                        kernel_avx2_rows(Some(far), kc, a6, a.rs, b.add(q * kc * nr), &t);
+                    let near = NEAR_BYTES / (16 * $bytes);
+                    let jump = (here * panel) as isize - panel as isize;
+                    for k0 in (0..kc).step_by(span) {
+                        let steps = k0..(k0 + span).min(kc);
+                        for (q, &(r0, rows, first, panels, lead)) in passes[..count].iter().enumerate() {
+                            if first >= here {
+                                continue;
+                            }
+                            kernel_avx2_span(
+                                (rows, width(panels)),
+                                steps.clone(),
+                                a0.offset(r0 as isize * a.rs),
+                                a.rs,
+                                b.add(first * panel),
+                                panel,
+                                (if lead { near } else { span + near }, kc, jump),
+                                &mut acc[q],
+                            );
+                        }
                     }
-                    let tiles: [Tile; 6] =
-                        std::array::from_fn(|q| tile_at(i0 + 6, rest, j_group + q.min(here - 1)));
-                    let far = Far::rate(next, kc, lines, here, passes);
-                    kernel_avx2_wide(far, kc, rest, ar, a.rs, b, &tiles[..here]);
                 }};
             }
             match bpack {
                 Panels::F32(b) => group!(b[at..].as_ptr(), 4),
                 Panels::Bf16(b) => group!(b[at..].as_ptr(), 2),
+            }
+        }
+        for (q, &(r0, rows, first, panels, _)) in passes[..count].iter().enumerate() {
+            for p in (first < here).then(|| 0..width(panels)).into_iter().flatten() {
+                let j0 = (j_group + first + p) * nr;
+                // SAFETY: j0 < n, inside the bias (caller).
+                let update = unsafe { block_update(p0, ep, alpha, beta, j0) };
+                // SAFETY: (i0 + r0, j0) is inside C.
+                let at = unsafe { c.ptr.offset((i0 + r0) as isize * c.rs + j0 as isize * c.cs) };
+                let t = tile(
+                    at,
+                    c,
+                    rows,
+                    nr.min(n - j0),
+                    update,
+                    *ep,
+                    i0 + r0,
+                    j0,
+                    n,
+                    last,
+                    prefetch,
+                );
+                // SAFETY: the tile is inside C and has `rows` rows; the CPU has AVX2.
+                unsafe { store_carried(rows, &acc[q], p, &t) };
             }
         }
     }
@@ -1205,10 +1262,10 @@ unsafe fn run_part(
                         (mr, 0)
                     };
                     #[cfg(target_arch = "x86_64")]
-                    if few && (WIDE_ROWS_MIN..=WIDE_ROWS_MAX).contains(&mc) {
+                    if few && mc <= SPAN_ROWS_MAX {
                         // SAFETY: as the passes below (the caller's contract).
                         unsafe {
-                            run_wide(
+                            run_spans(
                                 (p0, kc, n_pad),
                                 a,
                                 bpack,

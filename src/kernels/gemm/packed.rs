@@ -1008,16 +1008,19 @@ const NEXT_NC: usize = 2;
 const NEXT_MIN_B: usize = 1 << 16;
 
 /// Rows at most of a product whose rows are read in place that goes by [`run_spans`].
+#[cfg(target_arch = "x86_64")]
 const SPAN_ROWS_MAX: usize = 8;
 
 /// Steps of k of a span in [`run_spans`], over all the panels of a group (divided among
 /// them). 96 against 48, 64, 192 and 384: the decoding shapes of 6 and 8 rows from memory and
 /// from L3 alike or faster (AMD EPYC Zen 3, one thread).
+#[cfg(target_arch = "x86_64")]
 const SPAN_STEPS: usize = 96;
 
 /// How far ahead of its reads a pass in [`run_spans`] asks for B, in bytes of a panel (24
 /// lines): a single stream asking 24 lines ahead read 20–22 GB/s on the AMD EPYC Zen 3, one
 /// asking 512 lines ahead (a panel of `f32`) 14–16.
+#[cfg(target_arch = "x86_64")]
 const NEAR_BYTES: usize = 24 * 64;
 
 /// The `mc` rows at `i0` (1 to 8: a decoding step's few rows) over the panels `panels` of the

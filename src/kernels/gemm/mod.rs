@@ -902,6 +902,8 @@ mod tests {
                 (8, 40, 4 * 16 + 1),
                 (6, 2 * KC + 3, 100),
                 (3, KC + 7, 50),
+                (2, 2 * KC + 3, 4 * 16 + 9),
+                (1, KC + 5, 3 * 16),
             ] {
                 let a = int_matrix(&mut rng, m, k);
                 let at = a.t().as_standard_layout().into_owned();
@@ -950,8 +952,8 @@ mod tests {
     /// fused updates), on values where the order matters, at any thread count: with AVX-512's
     /// short tiles (64 rows) and tall ones (77 rows, edge rows included), several blocks of
     /// panels of B (300 columns), several blocks of A (520 rows) and a decoding step's few rows
-    /// (11, which pass over one panel of B at a time; 8, 7 and 5, by spans of k, the rows
-    /// after the sixth over several panels at once).
+    /// (11, which pass over one panel of B at a time; 8, 7, 5 and 2, by spans of k, the rows
+    /// after the sixth over several panels at once, 2 rows over groups of panels).
     #[test]
     fn kernel_paths_agree_bit_for_bit_with_the_scalar_twin() {
         assert_eq!((Isa::Avx512.tile_rows(64), Isa::Avx512.tile_rows(77)), (8, 12));
@@ -964,6 +966,7 @@ mod tests {
             (8, 2 * KC + 9, 300),
             (7, KC + 9, 300),
             (5, 2 * KC + 9, 300),
+            (2, 2 * KC + 9, 300),
         ] {
             let a = Array2::from_shape_fn((m, k), |_| rng.random::<f32>() - 0.5);
             let b = Array2::from_shape_fn((k, n), |_| rng.random::<f32>() - 0.5);

@@ -1011,6 +1011,18 @@ const NEXT_MIN_B: usize = 1 << 16;
 #[cfg(target_arch = "x86_64")]
 const SPAN_ROWS_MAX: usize = 8;
 
+/// Up to this many rows, [`run_spans`] takes [`FEW_STREAMS`] panels side by side, one stream
+/// from memory each, where more rows take one panel at a time: memory delivers more to one
+/// core from several streams than from one (`bench --bandwidth`), and so few rows leave it
+/// the only limit. AMD EPYC Zen 3, one thread, × 512 × 2048 over 168 MB of weights, one panel
+/// → three: 1 row 16.1–18.0 → 19.1–21.4 GB/s, 2 rows 18.4–18.5 → 21.6–22.5, 3 rows 15.2–18.9 →
+/// 19.7–20.6 (in L3 alike or faster); 4 rows 19.1–20.4 → 20.1–21.4 but slower in L3 (80.8–83.3
+/// → 72.0–78.1 GFLOP/s), 6 rows alike from memory.
+#[cfg(target_arch = "x86_64")]
+const FEW_STREAMS_ROWS: usize = 3;
+#[cfg(target_arch = "x86_64")]
+const FEW_STREAMS: usize = 3;
+
 /// Steps of k of a span in [`run_spans`], over all the panels of a group (divided among
 /// them). 96 against 48, 64, 192 and 384: the decoding shapes of 6 and 8 rows from memory and
 /// from L3 alike or faster (AMD EPYC Zen 3, one thread).
@@ -1025,9 +1037,10 @@ const NEAR_BYTES: usize = 24 * 64;
 
 /// The `mc` rows at `i0` (1 to 8: a decoding step's few rows) over the panels `panels` of the
 /// block of k at `p0` (`kc` steps) for the AVX2 kernels reading A's rows in place, in groups of
-/// panels: up to 6 rows in one pass over each panel; 7 or 8 as a pass of 6 rows over each
-/// panel of a group and one of the other 1 or 2 rows over the group's 6 or 3 panels at once
-/// (12 chains of multiply-adds, where 4 + 4 rows a panel had 8 and waited on their latency).
+/// panels: up to 6 rows in one pass over each panel (in groups of [`FEW_STREAMS`] panels up to
+/// [`FEW_STREAMS_ROWS`] rows, else of one); 7 or 8 as a pass of 6 rows over each panel of a
+/// group and one of the other 1 or 2 rows over the group's 6 or 3 panels at once (12 chains
+/// of multiply-adds, where 4 + 4 rows a panel had 8 and waited on their latency).
 ///
 /// The passes over a group take turns over spans of [`SPAN_STEPS`] steps of k, their
 /// accumulators carried from span to span ([`kernel_avx2_span`]): memory sees one stream
@@ -1063,8 +1076,13 @@ unsafe fn run_spans(
     // first over its panel).
     let mut passes = [(0, 0, 0, 0, true); 7];
     let (count, group) = if mc <= 6 {
-        passes[0] = (0, mc, 0, 1, true);
-        (1, 1)
+        // A pass over each panel of the group, the group of several panels for the fewest
+        // rows (several streams from memory at once).
+        let group = if mc <= FEW_STREAMS_ROWS { FEW_STREAMS } else { 1 };
+        for (q, pass) in passes.iter_mut().enumerate().take(group) {
+            *pass = (0, mc, q, 1, true);
+        }
+        (group, group)
     } else {
         let group = 6 / (mc - 6);
         for (q, pass) in passes.iter_mut().enumerate().take(group) {

@@ -14,6 +14,9 @@
 //!
 //!     cargo run --release --example bench -- --peak --threads 2   # the machine's FMA peak
 //!     cargo run --release --example bench -- --bandwidth           # one thread's read bandwidth
+//!
+//! `--batch N` measures a workload's model at another batch (a decoding step of one sequence:
+//! `--batch 1`); that is no reference workload, and `scripts/compare.py` never asks for it.
 
 use std::time::Instant;
 
@@ -91,6 +94,10 @@ struct Args {
     /// step's tokens and FLOPs are this many times the batch's).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     micro_batches: u64,
+    /// The batch instead of the workload's (no longer a reference workload: PyTorch's figures
+    /// are for the workload's batch; the JSON lines then carry "batch").
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: Option<u64>,
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
@@ -199,6 +206,7 @@ fn peak(args: &Args) {
 fn run(args: &Args) -> Result<()> {
     let workload = args.workload.expect("required unless --peak or --bandwidth");
     let (d, h, f, layers, v, b, s, t) = sizes(workload);
+    let b = args.batch.map_or(b, |batch| batch as usize);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let cfg = EncoderDecoderConfig::new(v, v, BlockConfig::new(d, h, f), layers, layers)
         .with_share_embeddings(true)
@@ -430,9 +438,10 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
     let (min, max) = (sorted[0], sorted[n - 1]);
     let tokens_per_s = tokens / median;
     let gflops = flops / median / 1e9;
+    let batch = args.batch.map_or(String::new(), |b| format!("\"batch\": {b}, "));
     if args.json {
         println!(
-            "{{\"workload\": \"{workload}\", \"threads\": {}, \"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"precision\": \"{}\", \"impl\": \"vaswani {}\"}}",
+            "{{\"workload\": \"{workload}\", \"threads\": {}, {batch}\"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"precision\": \"{}\", \"impl\": \"vaswani {}\"}}",
             args.threads,
             median * 1e3,
             min * 1e3,
@@ -444,8 +453,9 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
             env!("CARGO_PKG_VERSION")
         );
     } else {
+        let batch = args.batch.map_or(String::new(), |b| format!(" batch={b}"));
         println!(
-            "{workload:>5} threads={} {what_name:<13} median {:10.3} ms (min {:.3}, max {:.3})  {tokens_per_s:10.1} tok/s {gflops:8.2} GFLOP/s",
+            "{workload:>5}{batch} threads={} {what_name:<13} median {:10.3} ms (min {:.3}, max {:.3})  {tokens_per_s:10.1} tok/s {gflops:8.2} GFLOP/s",
             args.threads,
             median * 1e3,
             min * 1e3,

@@ -1351,10 +1351,7 @@ unsafe fn run_part(
                     let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
                     for ip in 0..mc.div_ceil(mr) {
                         let r0 = i0 + ip * mr;
-                        // SAFETY: (r0, j0) is inside C.
-                        let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
                         let t = tile(
-                            p,
                             c,
                             mr.min(i0 + mc - r0),
                             NR.min(n - j0),

@@ -425,7 +425,7 @@ pub(crate) unsafe fn gemm(
                 unsafe {
                     let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
                     let old = if beta == 0.0 { 0.0 } else { *p };
-                    let t = tile(p, c, 1, 1, update, ep, i, j, n, true, false);
+                    let t = tile(c, 1, 1, update, ep, i, j, n, true, false);
                     *p = t.post(update.apply(0.0, old, j, ep.relu), 0, 0);
                 }
             }
@@ -688,11 +688,11 @@ pub(crate) unsafe fn pack_b_all(isa: Isa, k: usize, n: usize, b: Mat, parts: usi
 }
 
 /// The tile of C at (r0, j0), `rows × cols`, with the epilogue's post-operations when `last`
-/// (the last block of k).
+/// (the last block of k). Its pointer is only an address: the kernels that write through it
+/// vouch for the tile lying inside C.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(super) fn tile(
-    p: *mut f32,
     c: MatMut,
     rows: usize,
     cols: usize,
@@ -706,7 +706,7 @@ pub(super) fn tile(
 ) -> Tile {
     Tile {
         prefetch,
-        c: p,
+        c: c.ptr.wrapping_offset(r0 as isize * c.rs + j0 as isize * c.cs),
         rsc: c.rs,
         csc: c.cs,
         rows,
@@ -1071,24 +1071,45 @@ unsafe fn run_spans(
     (n, last, prefetch): (usize, bool, bool),
 ) {
     use super::micro::{Carried, carried_zero, kernel_avx2_span, store_carried};
+    /// A pass over a group: rows `r0..r0 + rows` over the group's panels `first..first +
+    /// panels`; `lead`: the first pass over its panel (it asks for the lines just ahead).
+    #[derive(Clone, Copy)]
+    struct Pass {
+        r0: usize,
+        rows: usize,
+        first: usize,
+        panels: usize,
+        lead: bool,
+    }
     let nr = 16;
-    // The passes over a group: (first row, rows, first panel of the group, panels, whether the
-    // first over its panel).
-    let mut passes = [(0, 0, 0, 0, true); 7];
+    let lead = |rows: usize, first: usize| Pass {
+        r0: 0,
+        rows,
+        first,
+        panels: 1,
+        lead: true,
+    };
+    let mut passes = [lead(0, 0); 7];
     let (count, group) = if mc <= 6 {
         // A pass over each panel of the group, the group of several panels for the fewest
         // rows (several streams from memory at once).
         let group = if mc <= FEW_STREAMS_ROWS { FEW_STREAMS } else { 1 };
         for (q, pass) in passes.iter_mut().enumerate().take(group) {
-            *pass = (0, mc, q, 1, true);
+            *pass = lead(mc, q);
         }
         (group, group)
     } else {
         let group = 6 / (mc - 6);
         for (q, pass) in passes.iter_mut().enumerate().take(group) {
-            *pass = (0, 6, q, 1, true);
+            *pass = lead(6, q);
         }
-        passes[group] = (6, mc - 6, 0, group, false);
+        passes[group] = Pass {
+            r0: 6,
+            rows: mc - 6,
+            first: 0,
+            panels: group,
+            lead: false,
+        };
         (group + 1, group)
     };
     let panel = kc * nr;
@@ -1115,18 +1136,18 @@ unsafe fn run_spans(
                     let jump = (here * panel) as isize - panel as isize;
                     for k0 in (0..kc).step_by(span) {
                         let steps = k0..(k0 + span).min(kc);
-                        for (q, &(r0, rows, first, panels, lead)) in passes[..count].iter().enumerate() {
-                            if first >= here {
+                        for (q, pass) in passes[..count].iter().enumerate() {
+                            if pass.first >= here {
                                 continue;
                             }
                             kernel_avx2_span(
-                                (rows, width(panels)),
+                                (pass.rows, width(pass.panels)),
                                 steps.clone(),
-                                a0.offset(r0 as isize * a.rs),
+                                a0.offset(pass.r0 as isize * a.rs),
                                 a.rs,
-                                b.add(first * panel),
+                                b.add(pass.first * panel),
                                 panel,
-                                (if lead { near } else { span + near }, kc, jump),
+                                (if pass.lead { near } else { span + near }, kc, jump),
                                 &mut acc[q],
                             );
                         }
@@ -1138,15 +1159,22 @@ unsafe fn run_spans(
                 Panels::Bf16(b) => group!(b[at..].as_ptr(), 2),
             }
         }
-        for (q, &(r0, rows, first, panels, _)) in passes[..count].iter().enumerate() {
+        for (
+            q,
+            &Pass {
+                r0,
+                rows,
+                first,
+                panels,
+                ..
+            },
+        ) in passes[..count].iter().enumerate()
+        {
             for p in (first < here).then(|| 0..width(panels)).into_iter().flatten() {
                 let j0 = (j_group + first + p) * nr;
                 // SAFETY: j0 < n, inside the bias (caller).
                 let update = unsafe { block_update(p0, ep, alpha, beta, j0) };
-                // SAFETY: (i0 + r0, j0) is inside C.
-                let at = unsafe { c.ptr.offset((i0 + r0) as isize * c.rs + j0 as isize * c.cs) };
                 let t = tile(
-                    at,
                     c,
                     rows,
                     nr.min(n - j0),
@@ -1335,11 +1363,8 @@ unsafe fn run_part(
                                 let bp = block.wrapping_add((jp - j_block) * kc * nr);
                                 // SAFETY: j0 < n.
                                 let update = unsafe { block_update(p0, &ep, alpha, beta, j0) };
-                                // SAFETY: (r0, j0) is inside C.
-                                let p = unsafe { c.ptr.offset(r0 as isize * c.rs + j0 as isize * c.cs) };
                                 let cols = nr.min(n - j0);
-                                let tile =
-                                    tile(p, c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
+                                let tile = tile(c, rows, cols, update, ep, r0, j0, n, p0 + kc == k, prefetch);
                                 #[cfg(target_arch = "x86_64")]
                                 if direct {
                                     // SAFETY: rows r0..r0 + rows (at most 6) and columns p0..p0 + kc

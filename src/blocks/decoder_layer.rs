@@ -84,6 +84,13 @@ pub(crate) struct PackedDecoderLayer<F: Float> {
     ffn: PackedFeedForward,
 }
 
+impl<F: Float> PackedDecoderLayer<F> {
+    /// The bytes of the weights a decoding step multiplies by.
+    pub(crate) fn step_bytes(&self) -> usize {
+        self.self_attn.step_bytes() + self.cross_attn.step_bytes() + self.ffn.bytes()
+    }
+}
+
 /// Configuration of a [`DecoderLayer`]: the [`BlockConfig`] its sub-layers share.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

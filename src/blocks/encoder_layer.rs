@@ -79,6 +79,13 @@ pub(crate) struct PackedEncoderLayer<F: Float> {
     ffn: PackedFeedForward,
 }
 
+impl<F: Float> PackedEncoderLayer<F> {
+    /// The bytes of the weights a decoding step multiplies by (a decoder-only model's layer).
+    pub(crate) fn step_bytes(&self) -> usize {
+        self.self_attn.step_bytes() + self.ffn.bytes()
+    }
+}
+
 /// Configuration of an [`EncoderLayer`]: the [`BlockConfig`] its sub-layers share.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

@@ -145,6 +145,13 @@ pub(crate) struct PackedFeedForward {
     w2: PackedB,
 }
 
+impl PackedFeedForward {
+    /// The bytes of its packed weights.
+    pub(crate) fn bytes(&self) -> usize {
+        self.w1.bytes() + self.w2.bytes()
+    }
+}
+
 impl FeedForwardConfig {
     /// Its number of parameters, W₁, W₂ and their biases, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
     pub fn params(&self) -> f64 {

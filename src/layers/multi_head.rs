@@ -978,6 +978,14 @@ pub(crate) struct PackedMultiHead<F: Float> {
     output: PackedB,
 }
 
+impl<F: Float> PackedMultiHead<F> {
+    /// The bytes of the weights a decoding step multiplies by: `input` and `output` (the
+    /// memory's projections run once, before the steps).
+    pub(crate) fn step_bytes(&self) -> usize {
+        self.input.bytes() + self.output.bytes()
+    }
+}
+
 impl MultiHeadConfig {
     /// Its number of parameters, W_Q, W_K, W_V, W_O and their biases, in `f64` (exact below 2⁵³; an absurd config saturates instead of wrapping around).
     pub fn params(&self) -> f64 {

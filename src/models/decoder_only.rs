@@ -81,6 +81,7 @@ use rand::Rng;
 use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
+use crate::kernels::gemm::{llc_bytes, with_streamed_weights};
 use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::{Float, PackedB};
 
@@ -516,6 +517,9 @@ pub struct GenerateState<'m, F: Float = f32> {
 struct PackedGenerate<F: Float> {
     layers: Vec<PackedEncoderLayer<F>>,
     output: PackedB,
+    /// Whether a step's weights are more than the last-level cache holds: each product of a
+    /// step then reads its weight from memory ([`with_streamed_weights`]).
+    streamed: bool,
 }
 
 impl<F: Float> PackedGenerate<F> {
@@ -673,9 +677,12 @@ impl<F: Float> DecoderOnly<F> {
     /// The layers' and the output projection's weights packed; `None` where nothing packs.
     fn pack_generate(&self) -> Option<PackedGenerate<F>> {
         let output = pack_output(self.head.as_ref(), &self.embed)?;
+        let layers = self.blocks.pack()?;
+        let step_bytes = output.bytes() + layers.iter().map(PackedEncoderLayer::step_bytes).sum::<usize>();
         Some(PackedGenerate {
-            layers: self.blocks.pack()?,
+            layers,
             output,
+            streamed: step_bytes > llc_bytes(),
         })
     }
 
@@ -695,6 +702,7 @@ impl<F: Float> DecoderOnly<F> {
         tokens: ArrayView2<usize>,
     ) -> Result<Array2<F>> {
         let bf16 = state.packed.as_deref().is_some_and(PackedGenerate::is_bf16);
+        let streamed = state.packed.as_deref().is_some_and(|p| p.streamed);
         let run = || {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
@@ -729,7 +737,9 @@ impl<F: Float> DecoderOnly<F> {
             ))
         };
         // Weights packed in bf16 step in bf16 wherever the step is called, as they were packed.
-        with_bf16_if(bf16, || crate::kernels::parallel::with_team(run))
+        with_bf16_if(bf16, || {
+            crate::kernels::parallel::with_team(|| with_streamed_weights(streamed, run))
+        })
     }
 }
 

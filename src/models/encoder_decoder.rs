@@ -42,6 +42,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
+use crate::kernels::gemm::{llc_bytes, with_streamed_weights};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::workspace::{KeptWorkspace, Recycle};
@@ -145,6 +146,9 @@ pub struct DecodeState<'m, F: Float = f32> {
 struct PackedDecode<F: Float> {
     decoder: Vec<PackedDecoderLayer<F>>,
     output: PackedB,
+    /// Whether a step's weights are more than the last-level cache holds: each product of a
+    /// step then reads its weight from memory ([`with_streamed_weights`]).
+    streamed: bool,
 }
 
 /// An [`EncoderDecoder`] with its weights packed once for inference (see
@@ -641,9 +645,12 @@ impl<F: Float> EncoderDecoder<F> {
     /// packed; `None` where nothing packs.
     fn pack_decode(&self, memory: bool) -> Option<PackedDecode<F>> {
         let output = pack_output(self.head.as_ref(), self.target_embedding())?;
+        let decoder = self.decoder.pack_with(memory)?;
+        let step_bytes = output.bytes() + decoder.iter().map(PackedDecoderLayer::step_bytes).sum::<usize>();
         Some(PackedDecode {
-            decoder: self.decoder.pack_with(memory)?,
+            decoder,
             output,
+            streamed: step_bytes > llc_bytes(),
         })
     }
 
@@ -781,6 +788,7 @@ impl<F: Float> EncoderDecoder<F> {
     ) -> Result<Array2<F>> {
         let rows = state.b * tokens.ncols();
         let bf16 = is_bf16(state.packed.as_deref());
+        let streamed = state.packed.as_deref().is_some_and(|p| p.streamed);
         self.inference(bf16, rows, || {
             if !std::ptr::eq(state.model, self) {
                 return Err(Error::InvalidInput {
@@ -800,15 +808,17 @@ impl<F: Float> EncoderDecoder<F> {
                 .tgt_input
                 .infer(self.target_embedding().infer(tokens)?, b, t, pos)?;
             let packed = state.packed.as_deref();
-            let h = flat(self.decoder.infer_step_packed(
-                y.view(),
-                &mut state.decoder,
-                &state.src_mask,
-                packed.map(|p| p.decoder.as_slice()),
-            ));
-            // The last position of each sequence.
-            let last = h.slice(s![t - 1..;t, ..]);
-            Ok(self.logits(last, packed))
+            with_streamed_weights(streamed, || {
+                let h = flat(self.decoder.infer_step_packed(
+                    y.view(),
+                    &mut state.decoder,
+                    &state.src_mask,
+                    packed.map(|p| p.decoder.as_slice()),
+                ));
+                // The last position of each sequence.
+                let last = h.slice(s![t - 1..;t, ..]);
+                Ok(self.logits(last, packed))
+            })
         })
     }
 }

@@ -37,6 +37,7 @@ pub(crate) mod weights;
 
 use packed::{Epilogue, Mat, MatMut, Panels};
 pub use packed::{Isa, KC};
+pub(crate) use packed::{llc_bytes, with_streamed_weights};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -464,6 +465,14 @@ impl PackedB {
     pub fn dim(&self) -> (usize, usize) {
         (self.k, self.n)
     }
+
+    /// The bytes of its packing.
+    pub(crate) fn bytes(&self) -> usize {
+        match &self.data {
+            Packing::F32 { data, .. } => std::mem::size_of_val(&data[..]),
+            Packing::Bf16 { data, .. } | Packing::Rounded { data, .. } => std::mem::size_of_val(&data[..]),
+        }
+    }
 }
 
 /// `C ← A·B + bias`, then `max(·, 0)` if `relu`, with B packed beforehand: [`gemm_bias`] for
@@ -800,7 +809,7 @@ pub fn gemm_naive<F: Float>(alpha: F, a: ArrayView2<F>, b: ArrayView2<F>, beta: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{Array2, Array3, s};
+    use ndarray::{Array1, Array2, Array3, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     /// Small integers, so that every product and sum is exact in f32 and the fast and naive
@@ -1031,6 +1040,69 @@ mod tests {
                         if relu { want_relu.clone() } else { want.clone() },
                         "m={m} k={k} n={n}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Products with weights taken as streaming from memory ([`with_streamed_weights`]: rows
+    /// of up to 96 over one panel of B at a time rather than over blocks) cover every tile
+    /// (exact integers against the naive product) and give the same bits as those without
+    /// (random values, whose sums would show another order), `f32` and bf16 weights, 1 and 2
+    /// threads, with a bias and a ReLU, past a block of k and an edge panel.
+    #[test]
+    fn products_of_streamed_weights_match_naive_and_keep_their_bits() {
+        use crate::kernels::precision::{Precision, with_precision};
+        let mut rng = StdRng::seed_from_u64(30);
+        for &(m, k, n) in &[
+            (9, 40, 50),
+            (13, KC + 5, 70),
+            (16, 64, 300),
+            (31, 200, 33),
+            (96, 70, 40),
+            (97, 30, 20),
+        ] {
+            for precision in [Precision::F32, Precision::Bf16] {
+                let exact = int_matrix(&mut rng, m, k);
+                let a = Array2::from_shape_fn((m, k), |_| rng.random_range(-1.0f32..1.0));
+                let w = Array2::from_shape_fn((n, k), |_| rng.random_range(-1.0f32..1.0));
+                let w_exact = int_matrix(&mut rng, n, k);
+                let bias = Array2::from_shape_fn((1, n), |_| rng.random_range(-1.0f32..1.0))
+                    .row(0)
+                    .to_owned();
+                let (Some(packed), Some(packed_exact)) =
+                    with_precision(precision, || (PackedB::new(w.t()), PackedB::new(w_exact.t())))
+                else {
+                    return; // nothing packs on this CPU
+                };
+                let mut want = Array2::<f32>::zeros((m, n));
+                gemm_naive(1.0, exact.view(), w_exact.t(), 0.0, want.view_mut());
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let run = |streamed: bool, a: &Array2<f32>, w: &PackedB, bias: Option<&Array1<f32>>| {
+                        let mut got = Array2::from_elem((m, n), f32::NAN);
+                        pool.install(|| {
+                            with_streamed_weights(streamed, || {
+                                gemm_packed(
+                                    a.view(),
+                                    w,
+                                    bias.map(|b| b.view()),
+                                    bias.is_some(),
+                                    got.view_mut(),
+                                )
+                            })
+                        });
+                        got
+                    };
+                    let what = format!("m={m} k={k} n={n} {precision:?} threads={threads}");
+                    assert_eq!(run(true, &exact, &packed_exact, None), want, "{what}");
+                    let streamed = run(true, &a, &packed, Some(&bias));
+                    let kept = run(false, &a, &packed, Some(&bias));
+                    let bits = |x: &Array2<f32>| x.mapv(f32::to_bits);
+                    assert_eq!(bits(&streamed), bits(&kept), "{what}");
                 }
             }
         }

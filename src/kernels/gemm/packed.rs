@@ -53,6 +53,39 @@ const NC_PANELS: usize = 8;
 /// rows (8 as 4 + 4; see `run_part`), which ask for the next panel at an even pace: 8 × 512 ×
 /// 2048 best 51–54 → 58–61 GFLOP/s, 10 × 512 × 2048 (5 + 5) 64–67 → 67–71.
 const FEW_PANELS: usize = 2;
+/// Row panels at or below which the rows pass over one panel of B at a time as [`FEW_PANELS`]'
+/// do when B streams from memory ([`with_streamed_weights`]): the first pass over a block of
+/// [`NC_PANELS`] had read it from memory at a pace of its own rows while the later passes,
+/// over the block in L2, left memory idle. AMD EPYC Zen 3, `× 512 × 2048` over 42 weights (168
+/// MB), one thread, in one process, median GFLOP/s: 16 rows 66–68 → 80–81, 24 rows 74–76 →
+/// 91, 32 rows 77–81 → 87–88, 48 rows 81 → 93, 64 rows 81 → 91, 96 rows 90 → 95. With B in
+/// L3 the same order was slower (16 × 64 × 256 over 8 weights 78 → 70, 32 × 256 × 1024 91 →
+/// 87): products of weights that fit the cache keep the blocks.
+const STREAMED_PANELS: usize = 16;
+
+thread_local! {
+    /// Whether the products on this thread take packed weights as streaming from memory (see
+    /// [`with_streamed_weights`]).
+    static STREAMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the products of weights packed beforehand ([`super::PackedB`]) on this thread
+/// taken as reading them from memory when `streamed`: a decoding step's products, when the
+/// weights a step reads in turn are more than the last-level cache holds ([`llc_bytes`]), so
+/// that each product finds its weight gone from the cache. Products of a few rows then pass
+/// over one panel of B at a time (see [`STREAMED_PANELS`]). It changes the order in which the
+/// tiles are computed, never a tile's sums: the same bits either way. The previous setting
+/// comes back after `f`, also if it panics.
+pub(crate) fn with_streamed_weights<R>(streamed: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            STREAMED.set(self.0);
+        }
+    }
+    let _restore = Restore(STREAMED.replace(streamed));
+    f()
+}
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
 /// stays in L2 while every panel of B streams past it once; measured on a 2 MiB L2, 512 rows
@@ -67,6 +100,52 @@ pub fn mc_panels(mr: usize) -> usize {
         L2.store(l2, Ordering::Relaxed);
     }
     (l2 / 2 / (mr * KC * 4)).clamp(16, 64)
+}
+
+/// The largest cache this core reads through, in bytes (CPUID's cache leaves: 4 on Intel,
+/// 0x8000_001D on AMD), or 8 MiB where neither tells. Measured once.
+pub(crate) fn llc_bytes() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static LLC: AtomicUsize = AtomicUsize::new(0);
+    let mut llc = LLC.load(Ordering::Relaxed);
+    if llc == 0 {
+        llc = largest_cache().unwrap_or(8 << 20);
+        LLC.store(llc, Ordering::Relaxed);
+    }
+    llc
+}
+
+/// The size of the largest data or unified cache that CPUID's deterministic cache leaves
+/// describe (each sub-leaf one cache, until one of type 0).
+fn largest_cache() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        let mut largest = None;
+        for (leaf, top) in [(4, 0), (0x8000_001D, 0x8000_0000)] {
+            // Leaf `top` says whether `leaf` exists before it is read.
+            if __cpuid(top).eax < leaf {
+                continue;
+            }
+            for sub in 0..16 {
+                let r = __cpuid_count(leaf, sub);
+                match r.eax & 31 {
+                    0 => break,
+                    2 => continue, // instructions
+                    _ => {}
+                }
+                let ways = (r.ebx >> 22) as usize + 1;
+                let partitions = ((r.ebx >> 12) & 1023) as usize + 1;
+                let line = (r.ebx & 4095) as usize + 1;
+                let sets = r.ecx as usize + 1;
+                let bytes = ways * partitions * line * sets;
+                largest = largest.max(Some(bytes));
+            }
+        }
+        largest
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// This core's L2 size (CPUID leaf 0x8000_0006, which Intel and AMD both fill), or 1 MiB.
@@ -487,11 +566,13 @@ pub(crate) unsafe fn gemm_packed_b(
     debug_assert!(bpack.len() >= k * n_panels * nr);
     // The AVX2 kernel reading A's rows in place takes any rows (see `run_part`): cut evenly.
     let even = isa == Isa::Avx2 && a.cs == 1;
+    // Read here, on the calling thread: the parts may run on others.
+    let streamed = prepacked && STREAMED.get();
     for_tile_runs(parts, m, mr, n_panels, even, mc_panels(mr), |rows, panels| {
         // SAFETY: forwarded from this function's contract; parts get disjoint tiles of C.
         unsafe {
             run_part(
-                isa, mr, k, n, alpha, a, bpack, beta, c, rows, panels, ep, prepacked,
+                isa, mr, k, n, alpha, a, bpack, beta, c, rows, panels, ep, prepacked, streamed,
             )
         }
     });
@@ -1243,6 +1324,7 @@ unsafe fn run_part(
     panels: Range<usize>,
     ep: Epilogue,
     prepacked: bool,
+    streamed: bool,
 ) {
     if rows.is_empty() || panels.is_empty() {
         return;
@@ -1282,8 +1364,9 @@ unsafe fn run_part(
                         unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
                     }
                     let passes = mc.div_ceil(mr);
-                    // A decoding step's few rows pass over one panel of B at a time (see `Far`).
-                    let few = direct && passes <= FEW_PANELS;
+                    // A decoding step's few rows pass over one panel of B at a time (see `Far`),
+                    // more of them when B streams from memory.
+                    let few = direct && (passes <= FEW_PANELS || streamed && passes <= STREAMED_PANELS);
                     // The AVX-512 kernel's few rows over a large B: the later passes ask for the
                     // next block, over blocks of two panels (see `NEXT_PASSES`).
                     let spread = matches!(bpack, Panels::F32(_))

@@ -438,8 +438,8 @@ fn report(args: &Args, what: What, times: &[f64], tokens: f64, flops: f64) {
     let (min, max) = (sorted[0], sorted[n - 1]);
     let tokens_per_s = tokens / median;
     let gflops = flops / median / 1e9;
-    let batch = args.batch.map_or(String::new(), |b| format!("\"batch\": {b}, "));
     if args.json {
+        let batch = args.batch.map_or(String::new(), |b| format!("\"batch\": {b}, "));
         println!(
             "{{\"workload\": \"{workload}\", \"threads\": {}, {batch}\"what\": \"{what_name}\", \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"tokens_per_s\": {:.1}, \"gflops\": {:.2}, \"steps\": {}, \"precision\": \"{}\", \"impl\": \"vaswani {}\"}}",
             args.threads,

@@ -72,8 +72,9 @@ thread_local! {
 /// Runs `f` with the products of weights packed beforehand ([`super::PackedB`]) on this thread
 /// taken as reading them from memory when `streamed`: a decoding step's products, when the
 /// weights a step reads in turn are more than the last-level cache holds ([`llc_bytes`]), so
-/// that each product finds its weight gone from the cache. Products of a few rows then pass
-/// over one panel of B at a time (see [`STREAMED_PANELS`]). It changes the order in which the
+/// that each product finds its weight gone from the cache. Products of a few rows by the AVX2
+/// kernels reading A's rows in place then pass over one panel of B at a time (see
+/// [`STREAMED_PANELS`]). It changes the order in which the
 /// tiles are computed, never a tile's sums: the same bits either way. The previous setting
 /// comes back after `f`, also if it panics.
 pub(crate) fn with_streamed_weights<R>(streamed: bool, f: impl FnOnce() -> R) -> R {
@@ -86,6 +87,7 @@ pub(crate) fn with_streamed_weights<R>(streamed: bool, f: impl FnOnce() -> R) ->
     let _restore = Restore(STREAMED.replace(streamed));
     f()
 }
+
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`
 /// floats (64 panels of 8 rows or 42 of 12 on a 2 MiB L2), between 16 and 64. A block of A
 /// stays in L2 while every panel of B streams past it once; measured on a 2 MiB L2, 512 rows

@@ -722,8 +722,7 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(16 * B_AHEAD).cast());
                 _mm_prefetch::<_MM_HINT_T1>(far.line(i));
             }
-            let b0 = B::lanes(b);
-            let b1 = B::lanes(b.add(8));
+            let (b0, b1) = B::step(b);
             for r in 0..MR {
                 let ar = _mm256_broadcast_ss(&*if ROWS { rows[r].add(i) } else { a.add(r) });
                 lo[r] = _mm256_fmadd_ps(ar, b0, lo[r]);
@@ -840,8 +839,7 @@ unsafe fn span_at<const R: usize, const P: usize, B: PanelOf>(
                 let ar: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*rows[r].add(i)));
                 for p in 0..P {
                     let bp = panels[p].add(16 * i);
-                    let b0 = B::lanes(bp);
-                    let b1 = B::lanes(bp.add(8));
+                    let (b0, b1) = B::step(bp);
                     for r in 0..R {
                         lo[p][r] = _mm256_fmadd_ps(ar[r], b0, lo[p][r]);
                         hi[p][r] = _mm256_fmadd_ps(ar[r], b1, hi[p][r]);
@@ -915,11 +913,11 @@ pub(crate) unsafe fn store_carried(rows: usize, acc: &Carried, p: usize, t: &Til
 /// way the kernels multiply the same `f32` values.
 #[cfg(target_arch = "x86_64")]
 pub(crate) trait PanelOf: Copy {
-    /// Eight elements at `p` as `f32` lanes.
+    /// A step's 16 elements at `p` as `f32` lanes: columns 0–7 and 8–15.
     ///
     /// # Safety
-    /// The CPU has AVX2; eight elements are readable at `p`.
-    unsafe fn lanes(p: *const Self) -> __m256;
+    /// The CPU has AVX2; 16 elements are readable at `p`.
+    unsafe fn step(p: *const Self) -> (__m256, __m256);
 
     /// [`B_FAR`] steps ahead of the panel `b` that the loop reads, a line for every step's
     /// bytes: one stream through a block of B, asked for by its first row panel.
@@ -929,9 +927,9 @@ pub(crate) trait PanelOf: Copy {
 #[cfg(target_arch = "x86_64")]
 impl PanelOf for f32 {
     #[inline(always)]
-    unsafe fn lanes(p: *const f32) -> __m256 {
+    unsafe fn step(p: *const f32) -> (__m256, __m256) {
         // SAFETY: the caller's contract.
-        unsafe { _mm256_loadu_ps(p) }
+        unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
     }
 
     fn ahead(b: *const f32) -> Far {
@@ -942,11 +940,18 @@ impl PanelOf for f32 {
 #[cfg(target_arch = "x86_64")]
 impl PanelOf for u16 {
     #[inline(always)]
-    unsafe fn lanes(p: *const u16) -> __m256 {
-        // SAFETY: the caller's contract; a bf16's bits are the high half of its f32's.
+    unsafe fn step(p: *const u16) -> (__m256, __m256) {
+        // SAFETY: the caller's contract; a bf16's bits are the high half of its f32's, and the
+        // step's columns lie as `packed::avx2_bits_at` puts them: 32-bit word j holds column j
+        // in its low half and column 8 + j in its high half.
+        // Column 8 + j is cleared of column j by two shifts rather than a mask, which would
+        // hold a register (the pass of 2 rows over 3 panels keeps all sixteen busy).
         unsafe {
-            let h = _mm_loadu_si128(p.cast());
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            let bits = _mm256_loadu_si256(p.cast());
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits)),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_srli_epi32::<16>(bits))),
+            )
         }
     }
 

@@ -372,7 +372,9 @@ enum Packing {
         data: packed::Aligned<u16>,
     },
     /// Rounded to bf16 for the `f32` kernels of `isa` (the emulated path), in their layout,
-    /// stored as bf16 bits (half the bytes of `f32`) and widened as the products read them.
+    /// stored as bf16 bits (half the bytes of `f32`) and widened as the products read them;
+    /// for AVX2 each step's 16 columns in the order those kernels widen them
+    /// ([`packed::avx2_bits_at`]).
     Rounded { isa: Isa, data: packed::Aligned<u16> },
 }
 
@@ -422,10 +424,19 @@ impl PackedB {
                         })
                     };
                     // Each packed value is a bf16 (or a padding zero): its top half is its
-                    // bits, exactly.
+                    // bits, exactly. The AVX2 kernels read each step's 16 in their own order.
                     let mut data = packed::Aligned::zeroed(values.len());
-                    for (bits, v) in data.iter_mut().zip(values.iter()) {
-                        *bits = (v.to_bits() >> 16) as u16;
+                    let bits = |v: &f32| (v.to_bits() >> 16) as u16;
+                    if isa == Isa::Avx2 {
+                        for (d, v) in data.chunks_exact_mut(16).zip(values.chunks_exact(16)) {
+                            for (c, v) in v.iter().enumerate() {
+                                d[packed::avx2_bits_at(c)] = bits(v);
+                            }
+                        }
+                    } else {
+                        for (d, v) in data.iter_mut().zip(values.iter()) {
+                            *d = bits(v);
+                        }
                     }
                     Packing::Rounded { isa, data }
                 }
@@ -1119,6 +1130,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(12);
         for &(m, k, n) in &[
             (8, 64, 40),
+            (8, KC + 37, 100),
+            (3, 200, 100),
+            (5, 64, 70),
             (7, KC + 37, 100),
             (10, KC + 37, 70),
             (32, 96, 100),

@@ -20,6 +20,24 @@ pub mod workspace;
 
 pub use activations::Activation;
 
+/// Runs `f` with this thread's `cell` set to `value`, then sets it back to what it was, also
+/// if `f` panics: the scoped settings of the kernels (the precision of the products, the
+/// workspace, the bf16 packings of the weights, weights streamed from memory).
+pub(crate) fn with_cell<T: Copy + 'static, R>(
+    cell: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.set(self.1);
+        }
+    }
+    let _restore = Restore(cell, cell.replace(value));
+    f()
+}
+
 /// [`crate::Error::NonFinite`] naming `what()` if a value of `row` is NaN or an infinity: a
 /// decision (a token, a class, a beam) is never taken from values that mean nothing. A
 /// contiguous row is checked in one pass that vectorises (`0·x` is ±0 for a finite x, NaN
@@ -196,6 +214,23 @@ mod tests {
     use super::*;
     use ndarray::ArrayView1;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// A scoped setting holds inside its call, nests, and comes back after it, also when the
+    /// call panics.
+    #[test]
+    fn a_scoped_setting_comes_back_after_a_panic() {
+        use std::cell::Cell;
+        thread_local! {
+            static SETTING: Cell<u32> = const { Cell::new(1) };
+        }
+        let inner = with_cell(&SETTING, 2, || {
+            (SETTING.get(), with_cell(&SETTING, 3, || SETTING.get()))
+        });
+        assert_eq!((inner, SETTING.get()), ((2, 3), 1));
+        let caught = std::panic::catch_unwind(|| with_cell(&SETTING, 4, || panic!("inside")));
+        assert!(caught.is_err());
+        assert_eq!(SETTING.get(), 1);
+    }
 
     /// Column sums in blocks held in registers give the bits of the sums run down the rows
     /// one element at a time, for widths around the block's and both sides of the parallel

@@ -111,14 +111,7 @@ thread_local! {
 /// the crate's parallel loops started inside `f` run on), then restores the previous one,
 /// also if `f` panics.
 pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
-    struct Restore(Precision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CURRENT.set(self.0);
-        }
-    }
-    let _restore = Restore(CURRENT.replace(p));
-    f()
+    super::with_cell(&CURRENT, p, f)
 }
 
 /// Runs `f` in bf16 precision when `bf16`, else in the caller's: a call on weights packed in

@@ -89,14 +89,7 @@ thread_local! {
 /// Runs `f` with `ws` as this thread's workspace (see the [module docs](self)). Nested calls
 /// use the innermost workspace.
 pub fn with_workspace<R>(ws: &mut Workspace, f: impl FnOnce() -> R) -> R {
-    struct Restore(*mut Workspace);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CURRENT.set(self.0);
-        }
-    }
-    let _restore = Restore(CURRENT.replace(ws));
-    f()
+    super::with_cell(&CURRENT, ws as *mut Workspace, f)
 }
 
 /// A workspace kept by a handle from one of its calls to the next (a packed model's), shared

@@ -78,14 +78,7 @@ thread_local! {
 /// tiles are computed, never a tile's sums: the same bits either way. The previous setting
 /// comes back after `f`, also if it panics.
 pub(crate) fn with_streamed_weights<R>(streamed: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            STREAMED.set(self.0);
-        }
-    }
-    let _restore = Restore(STREAMED.replace(streamed));
-    f()
+    crate::kernels::with_cell(&STREAMED, streamed, f)
 }
 
 /// Panels of A per block: as many as fill half of this core's L2 cache with `panels · MR × KC`

@@ -122,14 +122,7 @@ impl Current {
 
     /// Runs `f` with these packings in use on this thread, then restores the previous ones.
     pub(crate) fn with<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(*const WeightPacks);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                CURRENT.set(self.0);
-            }
-        }
-        let _restore = Restore(CURRENT.replace(self.0));
-        f()
+        crate::kernels::with_cell(&CURRENT, self.0, f)
     }
 }
 

@@ -81,7 +81,7 @@ use rand::Rng;
 use crate::blocks::encoder_layer::PackedEncoderLayer;
 use crate::blocks::{BlockConfig, Encoder, EncoderCache, EncoderConfig, FinalNorm, flat, unrows};
 use crate::error::{Error, Result, check};
-use crate::kernels::gemm::{llc_bytes, with_streamed_weights};
+use crate::kernels::gemm::{exceed_last_level_cache, with_streamed_weights};
 use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::{Float, PackedB};
 
@@ -682,7 +682,7 @@ impl<F: Float> DecoderOnly<F> {
         Some(PackedGenerate {
             layers,
             output,
-            streamed: step_bytes > llc_bytes(),
+            streamed: exceed_last_level_cache(step_bytes),
         })
     }
 

@@ -42,7 +42,7 @@ use crate::blocks::{
     FinalNorm, flat,
 };
 use crate::error::{Error, Result, check};
-use crate::kernels::gemm::{llc_bytes, with_streamed_weights};
+use crate::kernels::gemm::{exceed_last_level_cache, with_streamed_weights};
 use crate::kernels::parallel::{join, product_flops, threads, with_team_for_products};
 use crate::kernels::precision::{Precision, with_bf16_if};
 use crate::kernels::workspace::{KeptWorkspace, Recycle};
@@ -650,7 +650,7 @@ impl<F: Float> EncoderDecoder<F> {
         Some(PackedDecode {
             decoder,
             output,
-            streamed: step_bytes > llc_bytes(),
+            streamed: exceed_last_level_cache(step_bytes),
         })
     }
 

@@ -37,7 +37,7 @@ pub(crate) mod weights;
 
 use packed::{Epilogue, Mat, MatMut, Panels};
 pub use packed::{Isa, KC};
-pub(crate) use packed::{llc_bytes, with_streamed_weights};
+pub(crate) use packed::{exceed_last_level_cache, with_streamed_weights};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -373,8 +373,8 @@ enum Packing {
     },
     /// Rounded to bf16 for the `f32` kernels of `isa` (the emulated path), in their layout,
     /// stored as bf16 bits (half the bytes of `f32`) and widened as the products read them;
-    /// for AVX2 each step's 16 columns in the order those kernels widen them
-    /// ([`packed::avx2_bits_at`]).
+    /// for AVX2 each step's 16 columns in the order those kernels widen them (see
+    /// `packed::narrow`).
     Rounded { isa: Isa, data: packed::Aligned<u16> },
 }
 
@@ -423,21 +423,8 @@ impl PackedB {
                             packed::pack_b_all(isa, k, n, rb, parts)
                         })
                     };
-                    // Each packed value is a bf16 (or a padding zero): its top half is its
-                    // bits, exactly. The AVX2 kernels read each step's 16 in their own order.
                     let mut data = packed::Aligned::zeroed(values.len());
-                    let bits = |v: &f32| (v.to_bits() >> 16) as u16;
-                    if isa == Isa::Avx2 {
-                        for (d, v) in data.chunks_exact_mut(16).zip(values.chunks_exact(16)) {
-                            for (c, v) in v.iter().enumerate() {
-                                d[packed::avx2_bits_at(c)] = bits(v);
-                            }
-                        }
-                    } else {
-                        for (d, v) in data.iter_mut().zip(values.iter()) {
-                            *d = bits(v);
-                        }
-                    }
+                    packed::narrow(isa, &values, &mut data);
                     Packing::Rounded { isa, data }
                 }
                 path => Packing::Bf16 {

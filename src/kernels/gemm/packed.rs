@@ -97,9 +97,16 @@ pub fn mc_panels(mr: usize) -> usize {
     (l2 / 2 / (mr * KC * 4)).clamp(16, 64)
 }
 
+/// Whether `bytes` of weights, read in turn (a decoding step's), are more than the last-level
+/// cache holds ([`llc_bytes`]): each product then finds its weight gone from the cache (see
+/// [`with_streamed_weights`]).
+pub(crate) fn exceed_last_level_cache(bytes: usize) -> bool {
+    bytes > llc_bytes()
+}
+
 /// The largest cache this core reads through, in bytes (CPUID's cache leaves: 4 on Intel,
 /// 0x8000_001D on AMD), or 8 MiB where neither tells. Measured once.
-pub(crate) fn llc_bytes() -> usize {
+fn llc_bytes() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static LLC: AtomicUsize = AtomicUsize::new(0);
     let mut llc = LLC.load(Ordering::Relaxed);
@@ -351,15 +358,43 @@ impl Panels<'_> {
 
 /// Where the bf16 bits of column `c` (0 to 15) of a step of a packed panel lie among the
 /// step's 16 for the AVX2 kernels: columns j and 8 + j side by side (the low and the high
-/// half of the step's 32-bit word j), so that one 32-byte load, shifted left by 16 bits and
-/// masked to its high halves, gives columns 0–7 and 8–15 as `f32` (see `micro::PanelOf`):
-/// two instructions and no other register, where widening each half had taken a load and two.
-pub(crate) const fn avx2_bits_at(c: usize) -> usize {
+/// half of the step's 32-bit word j), so that one 32-byte load gives columns 0–7 shifted left
+/// by 16 bits and 8–15 shifted right and back (see `micro::PanelOf`): three instructions and
+/// no register beyond the two results, where widening each half had taken a load and two.
+const fn avx2_bits_at(c: usize) -> usize {
     if c < 8 { 2 * c } else { 2 * (c - 8) + 1 }
 }
 
-/// `dst ← src` widened, each bf16 to its `f32` (exact), in the order of the kernels of `isa`
-/// (each step's columns as [`avx2_bits_at`] lays them for AVX2; as they lie for the others).
+/// `dst ← src`'s bf16 bits, each value a bf16 (or a padding zero) packed for the kernels of
+/// `isa`: its top half, exactly, in those kernels' order (each step's columns as
+/// [`avx2_bits_at`] lays them for AVX2; as they lie for the others). [`widen`] undoes it.
+///
+/// # Panics
+/// If the lengths differ.
+pub(super) fn narrow(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "narrow: {} values into {}",
+        src.len(),
+        dst.len()
+    );
+    let bits = |v: f32| (v.to_bits() >> 16) as u16;
+    if isa == Isa::Avx2 {
+        for (d, s) in dst.chunks_exact_mut(16).zip(src.chunks_exact(16)) {
+            for (c, &v) in s.iter().enumerate() {
+                d[avx2_bits_at(c)] = bits(v);
+            }
+        }
+    } else {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = bits(v);
+        }
+    }
+}
+
+/// `dst ← src` widened, each bf16 to its `f32` (exact), from the order of the kernels of
+/// `isa` that [`narrow`] laid them in.
 ///
 /// # Panics
 /// If the lengths differ.

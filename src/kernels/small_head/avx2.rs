@@ -6,8 +6,9 @@
 //! store and a load of the partial sum, and one head alone leaves the core waiting on each
 //! link. Here the sums stay in registers and the heads run side by side, four, two or one at a
 //! time so that their sums fill at most twelve of the sixteen registers. The arithmetic is
-//! [`super::step_head_slices`]'s, term for term, and the softmax the same function's, so the
-//! bits are the same (tested). The module builds on x86-64 only; the path checks at run time
+//! [`super::step_head_slices`]'s, term for term, and the softmax the same function's (for a
+//! plain limit, [`softmax_rows`] of a group's rows side by side, the same bits), so the bits
+//! are the same (tested). The module builds on x86-64 only; the path checks at run time
 //! that the kernels may use AVX2 and FMA.
 
 use std::arch::x86_64::*;
@@ -71,6 +72,7 @@ enum HeadsOf<'h, 'a, S> {
 impl<S> HeadsOf<'_, '_, S> {
     /// Head `hi`'s query, keys and values: `(q, scale, kt, kt_rs, v, v_rs)`.
     #[allow(clippy::type_complexity)]
+    #[inline]
     fn head(&self, hi: usize) -> (&[f32], f32, *const S, isize, *const S, isize) {
         match self {
             HeadsOf::One(h) => (h.q, h.scale, h.kt, h.kt_rs, h.v, h.v_rs),
@@ -165,8 +167,25 @@ unsafe fn group<S: Lanes, const G: usize>(heads: &HeadsOf<'_, '_, S>, first: usi
     // that kb, resp. d_v, fills (at most 8, as both are at most MAX_KEYS).
     if kb > 0 {
         unsafe { by_vectors!(kb.div_ceil(W), scores, heads, first, &mut probs) };
-        for p in &mut probs {
-            crate::kernels::softmax::softmax_row_inline(&mut p[..kb], mask);
+        if mask.keys.is_none() && mask.pairs.is_none() {
+            // The G rows' softmaxes side by side: one row's is a chain of dependent steps
+            // (the maximum's fold, the exponentials, the sum's fold, the reciprocal), which
+            // had taken a third of a step's attention at 32 keys.
+            let (rows, live) = (probs.each_mut().map(|p| p.as_mut_ptr()), [mask.limit.min(kb); G]);
+            // SAFETY: AVX2 and FMA (caller); each row holds MAX_KEYS ≥ kb floats, the live
+            // ones within 8 · YMM.
+            unsafe {
+                match kb.div_ceil(LANES) {
+                    1 => softmax_rows::<G, 2>(rows, live, kb),
+                    2 => softmax_rows::<G, 4>(rows, live, kb),
+                    3 => softmax_rows::<G, 6>(rows, live, kb),
+                    _ => softmax_rows::<G, 8>(rows, live, kb),
+                }
+            }
+        } else {
+            for p in &mut probs {
+                crate::kernels::softmax::softmax_row_inline(&mut p[..kb], mask);
+            }
         }
     }
     match dv.div_ceil(W) {
@@ -179,6 +198,10 @@ unsafe fn group<S: Lanes, const G: usize>(heads: &HeadsOf<'_, '_, S>, first: usi
 /// chain of fused multiply-adds over the features in order from `q_d·scale`, the `G` heads'
 /// chains interleaved.
 ///
+/// Only the last of a row's `NK` vectors can be part of one, and its mask is taken once, out
+/// of the loop: where each load chose between a whole and a masked one, the compiler had kept
+/// a group's sums partly on the stack (a chain through memory at every feature).
+///
 /// # Safety
 /// As [`group`]; `kb` fills `NK` vectors.
 #[target_feature(enable = "avx2,fma")]
@@ -190,6 +213,8 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
     let (kb, _) = heads.keys();
     let each: [_; G] = std::array::from_fn(|g| heads.head(first + g));
     let dk = each[0].0.len();
+    // SAFETY: AVX2 (caller).
+    let tail = unsafe { Tail::of(kb - (NK - 1) * W) };
     let mut acc = [[_mm256_setzero_ps(); NK]; G];
     for d in 0..dk {
         for (g, acc) in acc.iter_mut().enumerate() {
@@ -197,10 +222,16 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
             let qd = _mm256_set1_ps(q[d] * scale);
             // SAFETY: the head's row d of keys holds kb elements (caller); each load reads
             // those of its vector.
-            let row = unsafe { kt.offset(d as isize * kt_rs) };
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let k = unsafe { S::lanes(row.add(c * W), kb - c * W) };
-                *acc = _mm256_fmadd_ps(qd, k, *acc);
+            unsafe {
+                let row = kt.offset(d as isize * kt_rs);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let k = if c + 1 < NK {
+                        S::whole(row.add(c * W))
+                    } else {
+                        S::part(row.add(c * W), tail)
+                    };
+                    *acc = _mm256_fmadd_ps(qd, k, *acc);
+                }
             }
         }
     }
@@ -214,12 +245,13 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
 
 /// The outputs of heads `first..first + G` (`d_v ≤ 8·NO` features each, `out` their `G · d_v`
 /// floats) from their weights in `probs`: each feature a chain of fused multiply-adds over
-/// the allowed positions in order, the `G` heads' chains interleaved.
+/// the allowed positions in order, the `G` heads' chains interleaved. As in [`scores`], the
+/// last vector's mask is taken once; a row whose every position up to its limit is allowed
+/// runs a loop without the test.
 ///
 /// # Safety
 /// As [`group`]; `d_v` fills `NO` vectors.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // j indexes a position in every head's weights
 unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
     heads: &HeadsOf<'_, '_, S>,
     first: usize,
@@ -229,22 +261,34 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
     let (kb, mask) = heads.keys();
     let dv = out.len() / G;
     let each: [_; G] = std::array::from_fn(|g| heads.head(first + g));
-    let plain = mask.keys.is_none() && mask.pairs.is_none();
+    // SAFETY: AVX2 (caller).
+    let tail = unsafe { Tail::of(dv - (NO - 1) * W) };
     let mut acc = [[_mm256_setzero_ps(); NO]; G];
-    for j in 0..mask.limit.min(kb) {
-        if plain || mask.allows(j) {
-            for (g, acc) in acc.iter_mut().enumerate() {
-                let (.., v, v_rs) = each[g];
-                let p = _mm256_set1_ps(probs[g][j]);
-                // SAFETY: the head's value row j holds d_v elements (caller); each load reads
-                // those of its vector.
-                let row = unsafe { v.offset(j as isize * v_rs) };
+    // Position j's terms, each head's weight times its value row.
+    let mut add = |j: usize| {
+        for (g, acc) in acc.iter_mut().enumerate() {
+            let (.., v, v_rs) = each[g];
+            let p = _mm256_set1_ps(probs[g][j]);
+            // SAFETY: the head's value row j holds d_v elements (caller); each load reads
+            // those of its vector.
+            unsafe {
+                let row = v.offset(j as isize * v_rs);
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let x = unsafe { S::lanes(row.add(c * W), dv - c * W) };
+                    let x = if c + 1 < NO {
+                        S::whole(row.add(c * W))
+                    } else {
+                        S::part(row.add(c * W), tail)
+                    };
                     *acc = _mm256_fmadd_ps(p, x, *acc);
                 }
             }
         }
+    };
+    let limit = mask.limit.min(kb);
+    if mask.keys.is_none() && mask.pairs.is_none() {
+        (0..limit).for_each(&mut add);
+    } else {
+        (0..limit).filter(|&j| mask.allows(j)).for_each(&mut add);
     }
     for (o, acc) in out.chunks_exact_mut(dv).zip(&acc) {
         for (c, &x) in acc.iter().enumerate() {
@@ -263,12 +307,55 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
     }
 }
 
+/// The last vector of a row of `n` elements (1 to 8): how many, and the mask of their lanes.
+#[derive(Clone, Copy)]
+struct Tail {
+    n: usize,
+    mask: __m256i,
+}
+
+impl Tail {
+    /// # Safety
+    /// The CPU has AVX2.
+    #[inline(always)]
+    unsafe fn of(n: usize) -> Tail {
+        // SAFETY: AVX2 (caller); no memory is read.
+        let mask = unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        };
+        Tail { n, mask }
+    }
+}
+
 /// Eight cached elements as `f32` lanes: the first `n` read (all eight where `n ≥ 8`), the
 /// others zero and not read.
 trait Lanes: Copy {
     /// # Safety
     /// The CPU has AVX2; `min(n, 8) ≥ 1` elements are readable at `p`.
     unsafe fn lanes(p: *const Self, n: usize) -> __m256;
+
+    /// Eight elements.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; eight elements are readable at `p`.
+    #[inline(always)]
+    unsafe fn whole(p: *const Self) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { Self::lanes(p, W) }
+    }
+
+    /// The `tail.n` elements of a row's last vector.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `tail.n ≥ 1` elements are readable at `p`.
+    #[inline(always)]
+    unsafe fn part(p: *const Self, tail: Tail) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { Self::lanes(p, tail.n) }
+    }
 }
 
 impl Lanes for f32 {
@@ -284,6 +371,13 @@ impl Lanes for f32 {
                 _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes))
             }
         }
+    }
+
+    #[inline(always)]
+    unsafe fn part(p: *const f32, tail: Tail) -> __m256 {
+        // SAFETY: the caller's contract; the mask's lanes are the first tail.n (all eight
+        // where the row fills its last vector).
+        unsafe { _mm256_maskload_ps(p, tail.mask) }
     }
 }
 

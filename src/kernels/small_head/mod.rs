@@ -335,11 +335,12 @@ pub(super) mod tests {
         k
     };
 
-    /// A decoding step's row masks over `kb` cached keys: all of them, all but the last, and
-    /// some flagged.
-    fn step_masks(kb: usize) -> [RowMask<'static>; 3] {
+    /// A decoding step's row masks over `kb` cached keys: all of them, all but the last, none,
+    /// and some flagged.
+    fn step_masks(kb: usize) -> [RowMask<'static>; 4] {
         [
             RowMask::all(kb),
+            RowMask::all(0),
             RowMask {
                 limit: kb.saturating_sub(1).max(1),
                 keys: None,
@@ -433,7 +434,11 @@ pub(super) mod tests {
                     bits(&f32_rounded),
                     "bf16 cache against f32, dk={dk} kb={kb}"
                 );
-                assert_ne!(bits(&got16), bits(&got), "the keys and values were rounded");
+                if mask.limit > 0 {
+                    assert_ne!(bits(&got16), bits(&got), "the keys and values were rounded");
+                } else {
+                    assert!(got.iter().all(|&x| x == 0.0), "no key: zeros, {got:?}");
+                }
             }
         }
     }

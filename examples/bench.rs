@@ -14,6 +14,7 @@
 //!
 //!     cargo run --release --example bench -- --peak --threads 2   # the machine's FMA peak
 //!     cargo run --release --example bench -- --bandwidth           # one thread's read bandwidth
+//!     cargo run --release --example bench -- --bandwidth --threads 2   # ... and two threads' side by side
 //!
 //! `--batch N` measures a workload's model at another batch (a decoding step of one sequence:
 //! `--batch 1`); that is no reference workload, and `scripts/compare.py` never asks for it.
@@ -105,9 +106,10 @@ struct Args {
     /// that the "fraction of peak" figures are quoted against), and exit.
     #[arg(long)]
     peak: bool,
-    /// Measure one thread's read bandwidth from memory instead (a 256 MB buffer read as one
+    /// Measure the read bandwidth from memory instead (a 256 MB buffer read by one thread as one
     /// stream, and as 2 and 4 streams interleaved a kilobyte at a time: what a product bound
-    /// by reading its weights, as a decoding step's are, can expect), and exit.
+    /// by reading its weights, as a decoding step's are, can expect; with --threads N above 1,
+    /// then by N threads side by side, each its own part), and exit.
     #[arg(long)]
     bandwidth: bool,
 }
@@ -142,37 +144,75 @@ fn main() -> Result<()> {
     pool.install(|| run(&args))
 }
 
-/// One thread's read bandwidth from memory: a buffer of 256 MB (far past any cache) summed
-/// as one stream and as 2 and 4 streams side by side, a kilobyte of each in turn; the best of
-/// 5 passes each. The hardware's prefetch follows each stream, so several streams can keep
-/// more reads in flight than one.
+/// The read bandwidth from memory: a buffer of 256 MB (far past any cache) summed by one thread
+/// as one stream and as 2 and 4 streams side by side, a kilobyte of each in turn; then, with
+/// `--threads` above 1, by that many threads at once, each summing its own contiguous part as
+/// 1 and as 4 streams (the two threads of a decoding step's product each read their own
+/// panels of the weights). The best of 5 passes each. The hardware's prefetch follows each
+/// stream, so several streams can keep more reads in flight than one.
 fn bandwidth(args: &Args) {
     const WORDS: usize = 32 << 20; // 256 MB of u64
-    const CHUNK: usize = 128; // 1 KB
     let buf: Vec<u64> = (0..WORDS as u64).collect();
-    for streams in [1, 2, 4] {
-        let per = WORDS / streams;
+    let best_of_5 = |pass: &dyn Fn()| {
         let best = (0..5)
             .map(|_| {
                 let start = Instant::now();
-                let mut sum = 0u64;
-                for at in (0..per).step_by(CHUNK) {
-                    for s in 0..streams {
-                        let chunk = &buf[s * per + at..(s * per + at + CHUNK).min((s + 1) * per)];
-                        sum = chunk.iter().fold(sum, |a, &x| a.wrapping_add(x));
-                    }
-                }
-                std::hint::black_box(sum);
+                pass();
                 start.elapsed().as_secs_f64()
             })
             .fold(f64::INFINITY, f64::min);
-        let gbs = (WORDS * 8) as f64 / best / 1e9;
+        (WORDS * 8) as f64 / best / 1e9
+    };
+    let print = |threads: usize, streams: usize, gbs: f64| {
         if args.json {
-            println!("{{\"what\": \"read_bandwidth\", \"streams\": {streams}, \"gb_per_s\": {gbs:.1}}}");
-        } else {
+            println!(
+                "{{\"what\": \"read_bandwidth\", \"threads\": {threads}, \"streams\": {streams}, \"gb_per_s\": {gbs:.1}}}"
+            );
+        } else if threads == 1 {
             println!("read bandwidth, one thread, {streams} stream(s): {gbs:.1} GB/s");
+        } else {
+            println!(
+                "read bandwidth, {threads} threads side by side, {streams} stream(s) each: {gbs:.1} GB/s"
+            );
+        }
+    };
+    for streams in [1, 2, 4] {
+        print(
+            1,
+            streams,
+            best_of_5(&|| {
+                std::hint::black_box(sum_streams(&buf, streams));
+            }),
+        );
+    }
+    if args.threads > 1 {
+        let per = WORDS.div_ceil(args.threads);
+        for streams in [1, 4] {
+            let gbs = best_of_5(&|| {
+                std::thread::scope(|s| {
+                    for part in buf.chunks(per) {
+                        s.spawn(move || std::hint::black_box(sum_streams(part, streams)));
+                    }
+                })
+            });
+            print(args.threads, streams, gbs);
         }
     }
+}
+
+/// The wrapping sum of `buf` read as `streams` streams side by side (its equal parts, a
+/// kilobyte of each in turn).
+fn sum_streams(buf: &[u64], streams: usize) -> u64 {
+    const CHUNK: usize = 128; // 1 KB
+    let per = buf.len() / streams;
+    let mut sum = 0u64;
+    for at in (0..per).step_by(CHUNK) {
+        for s in 0..streams {
+            let chunk = &buf[s * per + at..(s * per + at + CHUNK).min((s + 1) * per)];
+            sum = chunk.iter().fold(sum, |a, &x| a.wrapping_add(x));
+        }
+    }
+    sum
 }
 
 /// The fp32 FMA peak of 1 and of `--threads` threads, each thread running the measuring loop

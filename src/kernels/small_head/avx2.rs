@@ -220,19 +220,9 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
         for (g, acc) in acc.iter_mut().enumerate() {
             let (q, scale, kt, kt_rs, ..) = each[g];
             let qd = _mm256_set1_ps(q[d] * scale);
-            // SAFETY: the head's row d of keys holds kb elements (caller); each load reads
-            // those of its vector.
-            unsafe {
-                let row = kt.offset(d as isize * kt_rs);
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let k = if c + 1 < NK {
-                        S::whole(row.add(c * W))
-                    } else {
-                        S::part(row.add(c * W), tail)
-                    };
-                    *acc = _mm256_fmadd_ps(qd, k, *acc);
-                }
-            }
+            // SAFETY: the head's row d of keys holds kb elements (caller), which fill NK
+            // vectors, the last `tail`.
+            unsafe { add_times(acc, qd, kt.offset(d as isize * kt_rs), tail) };
         }
     }
     for (p, acc) in probs.iter_mut().zip(&acc) {
@@ -269,19 +259,9 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
         for (g, acc) in acc.iter_mut().enumerate() {
             let (.., v, v_rs) = each[g];
             let p = _mm256_set1_ps(probs[g][j]);
-            // SAFETY: the head's value row j holds d_v elements (caller); each load reads
-            // those of its vector.
-            unsafe {
-                let row = v.offset(j as isize * v_rs);
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let x = if c + 1 < NO {
-                        S::whole(row.add(c * W))
-                    } else {
-                        S::part(row.add(c * W), tail)
-                    };
-                    *acc = _mm256_fmadd_ps(p, x, *acc);
-                }
-            }
+            // SAFETY: the head's value row j holds d_v elements (caller), which fill NO
+            // vectors, the last `tail`.
+            unsafe { add_times(acc, p, v.offset(j as isize * v_rs), tail) };
         }
     };
     let limit = mask.limit.min(kb);
@@ -303,6 +283,26 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
                 let n = o.len();
                 o.copy_from_slice(&lanes[..n]);
             }
+        }
+    }
+}
+
+/// `acc[c] += x · row[c]` for each of a row's `N` vectors, each sum one fused multiply-add:
+/// the vectors before the last read whole, the last as `tail` says.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the row's `8·(N − 1) + tail.n` elements are readable at `row`.
+#[inline(always)]
+unsafe fn add_times<S: Lanes, const N: usize>(acc: &mut [__m256; N], x: __m256, row: *const S, tail: Tail) {
+    for (c, acc) in acc.iter_mut().enumerate() {
+        // SAFETY: AVX2 and FMA, and vector c of the row (caller).
+        unsafe {
+            let y = if c + 1 < N {
+                S::whole(row.add(c * W))
+            } else {
+                S::part(row.add(c * W), tail)
+            };
+            *acc = _mm256_fmadd_ps(x, y, *acc);
         }
     }
 }

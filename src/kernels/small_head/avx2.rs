@@ -169,19 +169,12 @@ unsafe fn group<S: Lanes, const G: usize>(heads: &HeadsOf<'_, '_, S>, first: usi
         unsafe { by_vectors!(kb.div_ceil(W), scores, heads, first, &mut probs) };
         if mask.keys.is_none() && mask.pairs.is_none() {
             // The G rows' softmaxes side by side: one row's is a chain of dependent steps
-            // (the maximum's fold, the exponentials, the sum's fold, the reciprocal), which
-            // had taken a third of a step's attention at 32 keys.
+            // (the maximum's fold, the exponentials, the sum's fold, the reciprocal), and the
+            // heads' had run one after the other.
             let (rows, live) = (probs.each_mut().map(|p| p.as_mut_ptr()), [mask.limit.min(kb); G]);
             // SAFETY: AVX2 and FMA (caller); each row holds MAX_KEYS ≥ kb floats, the live
-            // ones within 8 · YMM.
-            unsafe {
-                match kb.div_ceil(LANES) {
-                    1 => softmax_rows::<G, 2>(rows, live, kb),
-                    2 => softmax_rows::<G, 4>(rows, live, kb),
-                    3 => softmax_rows::<G, 6>(rows, live, kb),
-                    _ => softmax_rows::<G, 8>(rows, live, kb),
-                }
-            }
+            // ones within kb ≤ MAX_KEYS.
+            unsafe { softmax_rows_within(rows, live, kb, kb) };
         } else {
             for p in &mut probs {
                 crate::kernels::softmax::softmax_row_inline(&mut p[..kb], mask);
@@ -367,8 +360,7 @@ impl Lanes for f32 {
             if n >= W {
                 _mm256_loadu_ps(p)
             } else {
-                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes))
+                _mm256_maskload_ps(p, Tail::of(n).mask)
             }
         }
     }
@@ -525,15 +517,10 @@ pub(crate) fn head_forward<F: Float>(
                         // SAFETY: AVX2 and FMA (level); rows of `len ≥ width ≥ live` floats,
                         // contiguous (checked above).
                         unsafe {
-                            match (r, ymm) {
-                                (4, 2) => softmax_rows::<4, 2>(at.map(row), live, len),
-                                (4, 4) => softmax_rows::<4, 4>(at.map(row), live, len),
-                                (4, 6) => softmax_rows::<4, 6>(at.map(row), live, len),
-                                (4, _) => softmax_rows::<4, 8>(at.map(row), live, len),
-                                (_, 2) => softmax_rows::<1, 2>([row(i)], [live[0]], len),
-                                (_, 4) => softmax_rows::<1, 4>([row(i)], [live[0]], len),
-                                (_, 6) => softmax_rows::<1, 6>([row(i)], [live[0]], len),
-                                _ => softmax_rows::<1, 8>([row(i)], [live[0]], len),
+                            if r == 4 {
+                                softmax_rows_within(at.map(row), live, len, width)
+                            } else {
+                                softmax_rows_within([row(i)], [live[0]], len, width)
                             }
                         }
                         i += r;
@@ -1051,6 +1038,29 @@ impl Operands {
 /// Lanes of the crate's sums: a softmax's maximum and sum are taken in this many lanes,
 /// folded in a tree ([`crate::kernels::simd`]); two vectors here.
 const LANES: usize = crate::kernels::simd::LANES;
+
+/// [`softmax_rows`] with as many vectors a row as `width` floats fill (two per 16 lanes).
+///
+/// # Safety
+/// As [`softmax_rows`], with each `live[r] ≤ width ≤ 64`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn softmax_rows_within<const R: usize>(
+    rows: [*mut f32; R],
+    live: [usize; R],
+    len: usize,
+    width: usize,
+) {
+    // SAFETY: the caller's contract; each count of vectors covers `width`.
+    unsafe {
+        match width.div_ceil(LANES) {
+            1 => softmax_rows::<R, 2>(rows, live, len),
+            2 => softmax_rows::<R, 4>(rows, live, len),
+            3 => softmax_rows::<R, 6>(rows, live, len),
+            _ => softmax_rows::<R, 8>(rows, live, len),
+        }
+    }
+}
 
 /// The softmax of `R` rows side by side in registers, each over its first `live[r]` floats
 /// (the rest of its `len` set to zero), as [`crate::kernels::softmax::softmax_row`] computes it

@@ -322,8 +322,63 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT:
     t: &Tile,
     next: Ahead,
 ) {
+    // SAFETY: forwarded from this function's contract (A packed).
+    unsafe { kernel_avx512_at::<MR, false, FAR, NEXT>(kc, a, 0, b, t, next) }
+}
+
+/// The AVX-512 kernel reading `t.rows` (1 to 12) of A's rows where they lie, `lda` apart
+/// (row r's element i at `a + r·lda + i`), nothing packed; `far` on the first row panel of a
+/// block of B, as [`kernel_avx512`]'s `FAR`. Each element's chain of multiply-adds is the
+/// packed kernel's, so the bits are too.
+///
+/// # Safety
+/// The CPU must have AVX-512F; that many rows of `kc` floats at `a`, `lda` apart, readable;
+/// `b` must hold `kc·32` floats, and `t` must describe a tile of C as [`store_scalar`]
+/// requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn kernel_avx512_rows(
+    far: bool,
+    kc: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    t: &Tile,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (t.rows, far) {
+                $(
+                    ($r, true) => kernel_avx512_at::<$r, true, true, false>(kc, a, lda, b, t, Ahead::NONE),
+                    ($r, false) => kernel_avx512_at::<$r, true, false, false>(kc, a, lda, b, t, Ahead::NONE),
+                )*
+                (rows, _) => panic!("an AVX-512 tile of {rows} rows (1 to 12)"),
+            }
+        };
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { rows!(12 11 10 9 8 7 6 5 4 3 2 1) }
+}
+
+/// [`kernel_avx512`] over A packed (`ROWS` false: step i's MR floats at `a + MR·i`) or over
+/// `MR` of A's rows where they lie (`ROWS`: row r's element i at `a + r·lda + i`).
+///
+/// # Safety
+/// As [`kernel_avx512`], resp. [`kernel_avx512_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn kernel_avx512_at<const MR: usize, const ROWS: bool, const FAR: bool, const NEXT: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    t: &Tile,
+    next: Ahead,
+) {
     let mut lo = [_mm512_setzero_ps(); MR];
     let mut hi = [_mm512_setzero_ps(); MR];
+    let rows: [*const f32; MR] = std::array::from_fn(|r| a.wrapping_offset(r as isize * lda));
     let (mut a, mut b) = (a, b);
     // C's rows are asked for one every few steps of k, not all at once beside B.
     let lines = TileLines::of(t);
@@ -331,7 +386,7 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT:
         if i % C_ROW_STEPS == 0 {
             lines.ask(i / C_ROW_STEPS);
         }
-        // SAFETY: a has MR and b has 32 floats left for each remaining step of k.
+        // SAFETY: A has MR and b has 32 floats left for each remaining step of k.
         unsafe {
             // B streams through once per row panel of A: ask for it a few steps ahead.
             _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH) as *const i8);
@@ -350,11 +405,13 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT:
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
             for r in 0..MR {
-                let ar = _mm512_set1_ps(*a.add(r));
+                let ar = _mm512_set1_ps(*if ROWS { rows[r].add(i) } else { a.add(r) });
                 lo[r] = _mm512_fmadd_ps(ar, b0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(ar, b1, hi[r]);
             }
-            a = a.add(MR);
+            if !ROWS {
+                a = a.add(MR);
+            }
             b = b.add(32);
         }
     }

@@ -1410,6 +1410,55 @@ mod tests {
         assert_eq!(order, [(0, false), (0, true), (1, true), (1, false)]);
     }
 
+    /// A's rows read in place by the vector kernels (products over a few panels of B) give the
+    /// bits of A packed (its columns contiguous) and the exact products of small integers:
+    /// every count of rows a pass can take (1 to 12, and runs of them), k within a block and
+    /// past one, edge panels, B packed per call and packed beforehand, on 1 and 2 threads; rows
+    /// 4 KiB apart (packed instead) too.
+    #[test]
+    fn rows_of_a_read_in_place_give_the_bits_of_a_packed() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let pools: Vec<_> = [1, 2]
+            .map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())
+            .into();
+        for m in (1..=13).chain([24, 25, 37, 100]) {
+            for &(k, n) in &[(40, 33), (KC + 37, 70), (64, 256), (1024, 40)] {
+                let a = int_matrix(&mut rng, m, k);
+                let a_by_columns = a.t().as_standard_layout().into_owned();
+                let b = int_matrix(&mut rng, k, n);
+                let c0 = int_matrix(&mut rng, m, n);
+                let mut want = c0.clone();
+                gemm_naive(1.0, a.view(), b.view(), 0.5, want.view_mut());
+                let packed_b = PackedB::new(b.view());
+                for pool in &pools {
+                    let mut got = [c0.clone(), c0.clone()];
+                    let mut prepacked = [
+                        Array2::from_elem((m, n), f32::NAN),
+                        Array2::from_elem((m, n), f32::NAN),
+                    ];
+                    for (i, a) in [a.view(), a_by_columns.t()].into_iter().enumerate() {
+                        pool.install(|| {
+                            // β = 0.5 keeps the products off the few-row kernels.
+                            gemm(1.0, a, b.view(), 0.5, got[i].view_mut());
+                            if let Some(packed_b) = &packed_b {
+                                gemm_packed(a, packed_b, None, false, prepacked[i].view_mut());
+                            }
+                        });
+                    }
+                    let name = format!("{m}×{k}×{n}, {} threads", pool.current_num_threads());
+                    assert_eq!(got[0], want, "{name}: A by rows");
+                    assert_eq!(got[1], want, "{name}: A by columns");
+                    let bits = |x: &Array2<f32>| x.mapv(f32::to_bits);
+                    assert_eq!(
+                        bits(&prepacked[0]),
+                        bits(&prepacked[1]),
+                        "{name}: B packed beforehand"
+                    );
+                }
+            }
+        }
+    }
+
     /// Two products side by side in a team of two (as a backward pass runs a weight gradient
     /// beside an input gradient), each offering its blocks of A to the thread done with the
     /// other, give the same bits as on one thread: A's rows read in place and A packed (its

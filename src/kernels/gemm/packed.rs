@@ -1359,8 +1359,11 @@ fn next_block_of(
     Some((p * n_pad + j * kc * nr, len))
 }
 
+/// Column panels of B at most over which the AVX-512 kernel reads A's rows in place.
+const DIRECT_PANELS_MAX: usize = 8;
+
 /// The tiles of rows `rows` (a run of whole MR panels, or to the end of C; any run for
-/// the AVX2 kernel reading A's rows in place) and column panels
+/// the kernels reading A's rows in place) and column panels
 /// `panels`, on the calling thread.
 ///
 /// # Safety
@@ -1399,6 +1402,15 @@ unsafe fn run_part(
     // a short panel only its own rows. Nothing is packed. (Columns of A contiguous would put
     // each step of k on a line of its own.)
     let direct = isa == Isa::Avx2 && a.cs == 1;
+    // The AVX-512 kernel reads them in place too (`kernel_avx512_rows`), over `f32` panels,
+    // where packing would pay least: few panels of B to pass over, and rows that are not a
+    // multiple of 4 KiB apart (which would share one set of L1 lines).
+    let direct512 = isa == Isa::Avx512
+        && a.cs == 1
+        && matches!(bpack, Panels::F32(_))
+        && panels.len() <= DIRECT_PANELS_MAX
+        && (a.rs * 4) % 4096 != 0;
+    let a_len = if direct || direct512 { 0 } else { mc_max * KC };
     let wide_len = match bpack {
         Panels::Bf16(_) if !direct => NC_PANELS * KC * nr,
         _ => 0,
@@ -1406,13 +1418,13 @@ unsafe fn run_part(
     // A's rows summed by the part that holds the first panel of columns (parts cut by
     // columns all read the same rows).
     let sums = ep.a_sums.filter(|_| panels.start == 0);
-    with_scratch(&A_BUF, if direct { 0 } else { mc_max * KC }, |apack| {
+    with_scratch(&A_BUF, a_len, |apack| {
         with_scratch(&WIDE_BUF, wide_len, |wide| {
             for p0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - p0);
                 for i0 in rows.clone().step_by(mc_max) {
                     let mc = mc_max.min(rows.end - i0);
-                    if !direct {
+                    if !direct && !direct512 {
                         // SAFETY: the block is inside A, its rows inside the sums (caller).
                         unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa, sums) };
                     } else if let Some(sums) = sums {
@@ -1427,6 +1439,7 @@ unsafe fn run_part(
                     // next block, over blocks of two panels (see `NEXT_PASSES`).
                     let spread = matches!(bpack, Panels::F32(_))
                         && isa == Isa::Avx512
+                        && !direct512
                         && (2..=NEXT_PASSES).contains(&passes)
                         && k * n_pad >= NEXT_MIN_B
                         && prepacked;
@@ -1444,7 +1457,7 @@ unsafe fn run_part(
                     // Small greedy decode, 32 rows a step, AMD EPYC Zen 3, one thread, builds
                     // alternating: 122.5 / 115.3 / 112.0 / 116.1 / 125.2 / 121.9 / 125.3 / 124.6 →
                     // 114.0 / 112.7 / 111.7 / 112.7 / 119.6 / 119.8 / 117.7 / 115.2 ms.
-                    let (base, extra) = if direct {
+                    let (base, extra) = if direct || direct512 {
                         (mc / passes, mc % passes)
                     } else {
                         (mr, 0)
@@ -1522,6 +1535,17 @@ unsafe fn run_part(
                                                 super::micro::kernel_avx2_rows(far, kc, at, a.rs, bits, &tile)
                                             }
                                         }
+                                    }
+                                    continue;
+                                }
+                                #[cfg(target_arch = "x86_64")]
+                                if direct512 {
+                                    // SAFETY: rows r0..r0 + rows (at most 12) and columns
+                                    // p0..p0 + kc are inside A; the panel of B holds kc·32
+                                    // floats; the tile is inside C; the CPU has AVX-512F.
+                                    unsafe {
+                                        let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
+                                        super::micro::kernel_avx512_rows(ip == 0, kc, at, a.rs, bp, &tile)
                                     }
                                     continue;
                                 }

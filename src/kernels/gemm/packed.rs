@@ -1410,7 +1410,8 @@ unsafe fn run_part(
         && matches!(bpack, Panels::F32(_))
         && panels.len() <= DIRECT_PANELS_MAX
         && (a.rs * 4) % 4096 != 0;
-    let a_len = if direct || direct512 { 0 } else { mc_max * KC };
+    let in_place = direct || direct512;
+    let a_len = if in_place { 0 } else { mc_max * KC };
     let wide_len = match bpack {
         Panels::Bf16(_) if !direct => NC_PANELS * KC * nr,
         _ => 0,
@@ -1424,7 +1425,7 @@ unsafe fn run_part(
                 let kc = KC.min(k - p0);
                 for i0 in rows.clone().step_by(mc_max) {
                     let mc = mc_max.min(rows.end - i0);
-                    if !direct && !direct512 {
+                    if !in_place {
                         // SAFETY: the block is inside A, its rows inside the sums (caller).
                         unsafe { pack_a(a, i0, mc, p0, kc, mr, apack, isa, sums) };
                     } else if let Some(sums) = sums {
@@ -1457,7 +1458,7 @@ unsafe fn run_part(
                     // Small greedy decode, 32 rows a step, AMD EPYC Zen 3, one thread, builds
                     // alternating: 122.5 / 115.3 / 112.0 / 116.1 / 125.2 / 121.9 / 125.3 / 124.6 →
                     // 114.0 / 112.7 / 111.7 / 112.7 / 119.6 / 119.8 / 117.7 / 115.2 ms.
-                    let (base, extra) = if direct || direct512 {
+                    let (base, extra) = if in_place {
                         (mc / passes, mc % passes)
                     } else {
                         (mr, 0)

@@ -5,7 +5,9 @@
 //! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`. The
 //! bf16 products, on every path this CPU runs, beside the `f32` kernels:
 //! `cargo bench --bench kernels -- gemm_bf16`. The products of inference, with the weight
-//! packed beforehand: `cargo bench --bench kernels -- gemm_packed`.
+//! packed beforehand: `cargo bench --bench kernels -- gemm_packed`. A decoding step's few rows
+//! against weights read from memory, in bytes of weights a second:
+//! `cargo bench --bench kernels -- gemm_streamed`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2};
@@ -115,6 +117,47 @@ fn bench_gemm_packed(c: &mut Criterion) {
     group.finish();
 }
 
+/// A decoding step's products where the weights come from memory: 8 rows (a batch of 8
+/// sequences, as `base` decodes) against 40 weights of `[2048, 512]` packed beforehand, 168
+/// MB in all, several times any L3 of the reference machines, one after another, on a team
+/// of 1 and 2 threads. Credited with the weights' bytes, so criterion reports the rate at
+/// which the products read them (GB/s), beside what `bench --bandwidth` reads.
+fn bench_gemm_streamed(c: &mut Criterion) {
+    use vaswani::kernels::{PackedB, gemm_packed};
+    let (m, k, n, count) = (8, 512, 2048, 40);
+    let mut rng = StdRng::seed_from_u64(3);
+    let Some(weights) = (0..count)
+        .map(|_| PackedB::new(random(n, k, &mut rng).t()))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return; // nothing packs on this CPU
+    };
+    let a = random(m, k, &mut rng);
+    let mut out = Array2::<f32>::zeros((m, n));
+    let mut group = c.benchmark_group("gemm_streamed");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((count * k * n * 4) as u64));
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        group.bench_with_input(
+            BenchmarkId::new(format!("{m}x{k}x{n}"), format!("{threads}t")),
+            &threads,
+            |bench, _| {
+                pool.install(|| {
+                    vaswani::kernels::parallel::with_team(|| {
+                        bench.iter(|| {
+                            for w in &weights {
+                                gemm_packed(a.view(), w, None, false, out.view_mut());
+                            }
+                        })
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// The bf16 GEMM on each path this process runs (AMX, AVX512-BF16, emulated) beside the `f32`
 /// kernels, one thread, at the dense shapes of `small` and `base`, packing included.
 fn bench_gemm_bf16(c: &mut Criterion) {
@@ -198,6 +241,7 @@ criterion_group!(
     benches,
     bench_gemm,
     bench_gemm_packed,
+    bench_gemm_streamed,
     bench_gemm_bf16,
     bench_softmax,
     bench_layer_norm

@@ -121,7 +121,7 @@ fn bench_gemm_packed(c: &mut Criterion) {
 /// sequences, as `base` decodes) against 40 weights of `[2048, 512]` packed beforehand, 168
 /// MB in all, several times any L3 of the reference machines, one after another, on a team
 /// of 1 and 2 threads. Credited with the weights' bytes, so criterion reports the rate at
-/// which the products read them (GB/s), beside what `bench --bandwidth` reads.
+/// which the products read them (GiB/s), beside what `bench --bandwidth` reads (GB/s).
 fn bench_gemm_streamed(c: &mut Criterion) {
     use vaswani::kernels::{PackedB, gemm_packed};
     let (m, k, n, count) = (8, 512, 2048, 40);

@@ -7,7 +7,8 @@
 //! `cargo bench --bench kernels -- gemm_bf16`. The products of inference, with the weight
 //! packed beforehand: `cargo bench --bench kernels -- gemm_packed`. A decoding step's few rows
 //! against weights read from memory, in bytes of weights a second:
-//! `cargo bench --bench kernels -- gemm_streamed`.
+//! `cargo bench --bench kernels -- gemm_streamed`; a step of 1 to 8 sequences against weights
+//! in L3: `cargo bench --bench kernels -- gemm_few_rows`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2};
@@ -158,6 +159,49 @@ fn bench_gemm_streamed(c: &mut Criterion) {
     group.finish();
 }
 
+/// A decoding step of a few sequences: 1, 2, 4 and 8 rows (one sequence each) against 7
+/// weights of `[1024, 256]` packed beforehand, 7.3 MB, about a `small` decoding step's weights,
+/// which an L3 of the reference machines holds, on a team of 1 and 2 threads. Credited with
+/// the weights' bytes, as `gemm_streamed`: criterion reports the rate at which the products
+/// read them (GiB/s).
+fn bench_gemm_few_rows(c: &mut Criterion) {
+    use vaswani::kernels::{PackedB, gemm_packed};
+    let (k, n, count) = (256, 1024, 7);
+    let mut rng = StdRng::seed_from_u64(4);
+    let Some(weights) = (0..count)
+        .map(|_| PackedB::new(random(n, k, &mut rng).t()))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return; // nothing packs on this CPU
+    };
+    let mut group = c.benchmark_group("gemm_few_rows");
+    group.sample_size(20);
+    group.throughput(Throughput::Bytes((count * k * n * 4) as u64));
+    for m in [1, 2, 4, 8] {
+        let a = random(m, k, &mut rng);
+        let mut out = Array2::<f32>::zeros((m, n));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(
+                BenchmarkId::new(format!("{m}x{k}x{n}"), format!("{threads}t")),
+                &threads,
+                |bench, _| {
+                    pool.install(|| {
+                        vaswani::kernels::parallel::with_team(|| {
+                            bench.iter(|| {
+                                for w in &weights {
+                                    gemm_packed(a.view(), w, None, false, out.view_mut());
+                                }
+                            })
+                        })
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
 /// The bf16 GEMM on each path this process runs (AMX, AVX512-BF16, emulated) beside the `f32`
 /// kernels, one thread, at the dense shapes of `small` and `base`, packing included.
 fn bench_gemm_bf16(c: &mut Criterion) {
@@ -246,6 +290,7 @@ criterion_group!(
     bench_gemm,
     bench_gemm_packed,
     bench_gemm_streamed,
+    bench_gemm_few_rows,
     bench_gemm_bf16,
     bench_softmax,
     bench_layer_norm

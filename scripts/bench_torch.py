@@ -347,6 +347,9 @@ def main():
     ap.add_argument("--adam", choices=("default", "foreach", "fused"), default="default",
                     help="torch.optim.Adam implementation (default: torch's choice, the for-loop one on CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the batch instead of the workload's (1: one sequence at a time); no longer a reference "
+                         "workload, and the JSON lines then carry 'batch'")
     ap.add_argument("--json", action="store_true", help="print JSON lines")
     ap.add_argument("--check", action="store_true",
                     help="measure nothing: check that cached_decode gives greedy_decode's tokens on this "
@@ -354,12 +357,14 @@ def main():
     ap.add_argument("--check-atol", type=float, default=None,
                     help="logit tolerance of --check (default 1e-4 for fp32, 0.1 for bf16)")
     args = ap.parse_args()
-    if args.threads < 1 or args.steps < 1 or args.warmup < 0:
-        ap.error("--threads and --steps must be at least 1, --warmup at least 0")
+    if args.threads < 1 or args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+        ap.error("--threads, --steps and --batch must be at least 1, --warmup at least 0")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    w = WORKLOADS[args.workload]
+    w = dict(WORKLOADS[args.workload])
+    if args.batch is not None:
+        w["batch"] = args.batch
     b, s, t, v = w["batch"], w["src_len"], w["tgt_len"], w["vocab"]
     model = Seq2Seq(w)
     src = torch.randint(2, v, (b, s))
@@ -420,6 +425,8 @@ def main():
             "impl": f"torch {torch.__version__}",
             "precision": args.precision,
         }
+        if args.batch is not None:
+            rec["batch"] = args.batch
         if args.json:
             print(json.dumps(rec), flush=True)
         else:

@@ -24,6 +24,10 @@ of each side's medians and the median of the N speed-ups, each measured back to 
 their range: on a shared machine whose speed drifts by the minute, a cell then rests on N
 pairs rather than one.
 
+--batch N runs both sides at a batch of N instead of each workload's (--batch 1: decoding one
+sequence at a time), the rest of the workload as it is: no longer the reference workloads,
+and the FLOP model counts that batch.
+
 --markdown FILE writes the results as Markdown: the machine and versions, a table with one
 row per workload, thread count and measurement (decoding twice: against PyTorch without and
 with a cache), and a summary of speed-ups in the layout of the README's speed table.
@@ -122,6 +126,9 @@ def main():
                     help="run each pair of processes (PyTorch, then the crate) this many times in turn and "
                          "report medians, with the range of the speed-ups (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the batch instead of each workload's, on both sides (1: one sequence at a time); "
+                         "no longer the reference workloads")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="passed to both sides; anything but fp32 needs the crate's bench to accept --precision")
     ap.add_argument("--peak-gflops", nargs="+", type=float, metavar="P",
@@ -158,6 +165,8 @@ def main():
 
     rows = []  # dicts: workload, threads, what, torch, crate, torch_cached
     headers = []
+    if args.batch is not None:
+        print(f"# batch {args.batch} on both sides instead of each workload's: not the reference workloads")
     jsonl = open(args.jsonl, "w") if args.jsonl else None
     print(f"{'workload':>8} {'thr':>3} {'what':<14} {'torch ms':>10} {'crate ms':>10} {'speed-up':>9} "
           f"{'crate GFLOP/s':>14} {'of peak':>8}   decoding: {'torch cached ms':>15} {'speed-up':>9}")
@@ -167,6 +176,8 @@ def main():
             for what in args.what:
                 common = ["--workload", wl, "--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
                           "--seed", str(args.seed), "--json"]
+                if args.batch is not None:
+                    common += ["--batch", str(args.batch)]
                 torch_what = [what, "cached_decode"] if what == "greedy_decode" else [what]
                 crate_cmd = [str(bench), *common, "--what", what]
                 if crate_has_precision:
@@ -219,7 +230,9 @@ def markdown(args, rows, headers, peak):
     rounds = (f" {args.rounds} rounds: each PyTorch process followed by the crate's, the pair run {args.rounds} "
               "times in turn; milliseconds are the medians over the rounds, speed-ups the median of the rounds' "
               "speed-ups, their range in brackets." if args.rounds > 1 else "")
-    out = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; precision {args.precision}; "
+    batch = (f"batch {args.batch} on both sides instead of each workload's (not the reference workloads); "
+             if args.batch is not None else "")
+    out = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; precision {args.precision}; {batch}"
            f"medians over {args.steps} measured repetitions ({max(3, args.steps // 2)} for base) after "
            f"{args.warmup} warm-up, seed {args.seed}. Speed-up = PyTorch's median / the crate's (above 1 the crate is "
            "faster)." + rounds + (" FMA peak " + " / ".join(f"{p:g}" for p in peak.values()) +

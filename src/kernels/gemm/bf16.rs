@@ -718,7 +718,8 @@ mod vec {
     }
 }
 
-/// The AVX512-BF16 kernel: an `8 × 32` tile from `kp / 32` chunks.
+/// The AVX512-BF16 kernel: an `8 × 32` tile from `kp / 32` chunks, of which it computes the
+/// tile's rows only ([`kernel_avx512bf16_rows`]).
 ///
 /// # Safety
 /// The CPU has AVX512-BF16, F and BW; `a` holds `8 · kp` and `b` `32 · kp` elements packed as
@@ -726,10 +727,34 @@ mod vec {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
+    // SAFETY (each): forwarded from this function's contract; the tile has that many rows.
+    unsafe {
+        match t.rows {
+            1 => kernel_avx512bf16_rows::<1>(kp, a, b, t),
+            2 => kernel_avx512bf16_rows::<2>(kp, a, b, t),
+            3 => kernel_avx512bf16_rows::<3>(kp, a, b, t),
+            4 => kernel_avx512bf16_rows::<4>(kp, a, b, t),
+            5 => kernel_avx512bf16_rows::<5>(kp, a, b, t),
+            6 => kernel_avx512bf16_rows::<6>(kp, a, b, t),
+            7 => kernel_avx512bf16_rows::<7>(kp, a, b, t),
+            _ => kernel_avx512bf16_rows::<8>(kp, a, b, t),
+        }
+    }
+}
+
+/// The first `ROWS` rows of [`kernel_avx512bf16`]'s tile (A packed for eight): a decoding
+/// step of one sequence had multiplied seven rows of zeros beside its one. Each row's chain
+/// of products is the same whichever rows are computed beside it, so the bits are too.
+///
+/// # Safety
+/// As [`kernel_avx512bf16`]; `ROWS ≤ 8` and at least the tile's rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+unsafe fn kernel_avx512bf16_rows<const ROWS: usize>(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
     use std::arch::x86_64::*;
     const MR: usize = 8;
-    let mut lo = [_mm512_setzero_ps(); MR];
-    let mut hi = [_mm512_setzero_ps(); MR];
+    let mut lo = [_mm512_setzero_ps(); ROWS];
+    let mut hi = [_mm512_setzero_ps(); ROWS];
     let lines = super::micro::TileLines::of(t);
     for c in 0..kp / DEPTH {
         // C's rows one per chunk of k (a chunk is 32 steps).
@@ -750,7 +775,7 @@ unsafe fn kernel_avx512bf16(kp: usize, a: *const u16, b: *const u16, t: &Tile) {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR) as *const i32));
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_epi32(bc.add(q * 2 * NR + NR) as *const i32));
-                for r in 0..MR {
+                for r in 0..ROWS {
                     let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ac.add(r * DEPTH / 2 + q)));
                     lo[r] = _mm512_dpbf16_ps(lo[r], ar, b0);
                     hi[r] = _mm512_dpbf16_ps(hi[r], ar, b1);
@@ -1661,8 +1686,13 @@ mod tests {
     fn every_path_against_its_naive_twin() {
         // Odd sizes, k across a block of KC and not a whole chunk, transposed operands; whole
         // 32 × 32 tiles one after another (AMX holds each until the next: `Held`), across a
-        // block of KC too, the second block one whose A streams past B (`STREAM_A_KP`).
+        // block of KC too, the second block one whose A streams past B (`STREAM_A_KP`); every
+        // count of rows below a tile of eight (which AVX512-BF16 computes alone).
         for &(m, k, n) in &[
+            (2, 100, 70),
+            (3, 40, 33),
+            (4, 64, 40),
+            (7, 200, 50),
             (37, 1100, 45),
             (96, 1100, 64),
             (96, 1500, 64),

@@ -1362,6 +1362,15 @@ fn next_block_of(
 /// Column panels of B at most over which the AVX-512 kernel reads A's rows in place.
 const DIRECT_PANELS_MAX: usize = 8;
 
+/// Rows of A below which the AVX-512 kernel reads them in place over any number of panels of
+/// B: fewer than a tile of the packed kernels' smallest height (8), which multiplies the rows
+/// it lacks as zeros. A decoding step of one sequence (one row) had run the 8-row tile, eight
+/// times its arithmetic. `cargo bench --bench kernels -- gemm_few_rows` (7 weights of `[1024,
+/// 256]` in L3, one thread, AMD EPYC Zen 4): 1 row 24.0 → 58.2 GiB/s of weights, 2 rows 23.4
+/// → 58.1, 4 rows 23.3 → 48.5 (3, 5, 6 and 7 rows, in a build for the purpose: 23.4–23.9 →
+/// 58.1, 38.6, 32.4, 27.1); 8 rows 24.7 either way.
+const DIRECT_ROWS_BELOW: usize = 8;
+
 /// The tiles of rows `rows` (a run of whole MR panels, or to the end of C; any run for
 /// the kernels reading A's rows in place) and column panels
 /// `panels`, on the calling thread.
@@ -1403,13 +1412,14 @@ unsafe fn run_part(
     // each step of k on a line of its own.)
     let direct = isa == Isa::Avx2 && a.cs == 1;
     // The AVX-512 kernel reads them in place too (`kernel_avx512_rows`), over `f32` panels,
-    // where packing would pay least: few panels of B to pass over, and rows that are not a
-    // multiple of 4 KiB apart (which would share one set of L1 lines).
+    // where packing would pay least: few panels of B to pass over, or fewer rows than a tile
+    // (`DIRECT_ROWS_BELOW`), and rows that are not a multiple of 4 KiB apart (which would
+    // share one set of L1 lines; a single row shares with none).
     let direct512 = isa == Isa::Avx512
         && a.cs == 1
         && matches!(bpack, Panels::F32(_))
-        && panels.len() <= DIRECT_PANELS_MAX
-        && (a.rs * 4) % 4096 != 0;
+        && (panels.len() <= DIRECT_PANELS_MAX || rows.len() < DIRECT_ROWS_BELOW)
+        && ((a.rs * 4) % 4096 != 0 || rows.len() == 1);
     let in_place = direct || direct512;
     let a_len = if in_place { 0 } else { mc_max * KC };
     let wide_len = match bpack {

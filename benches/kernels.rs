@@ -124,39 +124,7 @@ fn bench_gemm_packed(c: &mut Criterion) {
 /// of 1 and 2 threads. Credited with the weights' bytes, so criterion reports the rate at
 /// which the products read them (GiB/s), beside what `bench --bandwidth` reads (GB/s).
 fn bench_gemm_streamed(c: &mut Criterion) {
-    use vaswani::kernels::{PackedB, gemm_packed};
-    let (m, k, n, count) = (8, 512, 2048, 40);
-    let mut rng = StdRng::seed_from_u64(3);
-    let Some(weights) = (0..count)
-        .map(|_| PackedB::new(random(n, k, &mut rng).t()))
-        .collect::<Option<Vec<_>>>()
-    else {
-        return; // nothing packs on this CPU
-    };
-    let a = random(m, k, &mut rng);
-    let mut out = Array2::<f32>::zeros((m, n));
-    let mut group = c.benchmark_group("gemm_streamed");
-    group.sample_size(10);
-    group.throughput(Throughput::Bytes((count * k * n * 4) as u64));
-    for threads in [1, 2] {
-        let pool = pool(threads);
-        group.bench_with_input(
-            BenchmarkId::new(format!("{m}x{k}x{n}"), format!("{threads}t")),
-            &threads,
-            |bench, _| {
-                pool.install(|| {
-                    vaswani::kernels::parallel::with_team(|| {
-                        bench.iter(|| {
-                            for w in &weights {
-                                gemm_packed(a.view(), w, None, false, out.view_mut());
-                            }
-                        })
-                    })
-                })
-            },
-        );
-    }
-    group.finish();
+    bench_weights_read(c, "gemm_streamed", 10, (512, 2048, 40), 3, &[8]);
 }
 
 /// A decoding step of a few sequences: 1, 2, 4 and 8 rows (one sequence each) against 7
@@ -165,19 +133,32 @@ fn bench_gemm_streamed(c: &mut Criterion) {
 /// the weights' bytes, as `gemm_streamed`: criterion reports the rate at which the products
 /// read them (GiB/s).
 fn bench_gemm_few_rows(c: &mut Criterion) {
+    bench_weights_read(c, "gemm_few_rows", 20, (256, 1024, 7), 4, &[1, 2, 4, 8]);
+}
+
+/// `count` weights of `[n, k]` packed beforehand (`PackedB`), and for each of `rows` a matrix
+/// of that many rows multiplied by every weight in turn, on a team of 1 and 2 threads (as the
+/// model entry points run their products); credited with the weights' bytes.
+fn bench_weights_read(
+    c: &mut Criterion,
+    name: &str,
+    samples: usize,
+    (k, n, count): (usize, usize, usize),
+    seed: u64,
+    rows: &[usize],
+) {
     use vaswani::kernels::{PackedB, gemm_packed};
-    let (k, n, count) = (256, 1024, 7);
-    let mut rng = StdRng::seed_from_u64(4);
+    let mut rng = StdRng::seed_from_u64(seed);
     let Some(weights) = (0..count)
         .map(|_| PackedB::new(random(n, k, &mut rng).t()))
         .collect::<Option<Vec<_>>>()
     else {
         return; // nothing packs on this CPU
     };
-    let mut group = c.benchmark_group("gemm_few_rows");
-    group.sample_size(20);
+    let mut group = c.benchmark_group(name);
+    group.sample_size(samples);
     group.throughput(Throughput::Bytes((count * k * n * 4) as u64));
-    for m in [1, 2, 4, 8] {
+    for &m in rows {
         let a = random(m, k, &mut rng);
         let mut out = Array2::<f32>::zeros((m, n));
         for threads in [1, 2] {

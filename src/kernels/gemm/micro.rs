@@ -323,13 +323,14 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT:
     next: Ahead,
 ) {
     // SAFETY: forwarded from this function's contract (A packed).
-    unsafe { kernel_avx512_at::<MR, false, FAR, NEXT>(kc, a, 0, b, t, next) }
+    unsafe { kernel_avx512_at::<MR, false, FAR, NEXT, true>(kc, a, 0, b, t, next) }
 }
 
 /// The AVX-512 kernel reading `t.rows` (1 to 12) of A's rows where they lie, `lda` apart
 /// (row r's element i at `a + r·lda + i`), nothing packed; `far` on the first row panel of a
-/// block of B, as [`kernel_avx512`]'s `FAR`. Each element's chain of multiply-adds is the
-/// packed kernel's, so the bits are too.
+/// block of B, as [`kernel_avx512`]'s `FAR`; `ask`: B asked for ahead of its loads at all
+/// (`false`: left to the hardware's prefetch, `far` then ignored). Each element's chain of
+/// multiply-adds is the packed kernel's, so the bits are too.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; that many rows of `kc` floats at `a`, `lda` apart, readable;
@@ -339,6 +340,7 @@ pub(crate) unsafe fn kernel_avx512<const MR: usize, const FAR: bool, const NEXT:
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn kernel_avx512_rows(
     far: bool,
+    ask: bool,
     kc: usize,
     a: *const f32,
     lda: isize,
@@ -347,12 +349,13 @@ pub(crate) unsafe fn kernel_avx512_rows(
 ) {
     macro_rules! rows {
         ($($r:literal)*) => {
-            match (t.rows, far) {
+            match (t.rows, far, ask) {
                 $(
-                    ($r, true) => kernel_avx512_at::<$r, true, true, false>(kc, a, lda, b, t, Ahead::NONE),
-                    ($r, false) => kernel_avx512_at::<$r, true, false, false>(kc, a, lda, b, t, Ahead::NONE),
+                    ($r, _, false) => kernel_avx512_at::<$r, true, false, false, false>(kc, a, lda, b, t, Ahead::NONE),
+                    ($r, true, true) => kernel_avx512_at::<$r, true, true, false, true>(kc, a, lda, b, t, Ahead::NONE),
+                    ($r, false, true) => kernel_avx512_at::<$r, true, false, false, true>(kc, a, lda, b, t, Ahead::NONE),
                 )*
-                (rows, _) => panic!("an AVX-512 tile of {rows} rows (1 to 12)"),
+                (rows, _, _) => panic!("an AVX-512 tile of {rows} rows (1 to 12)"),
             }
         };
     }
@@ -368,7 +371,13 @@ pub(crate) unsafe fn kernel_avx512_rows(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
-unsafe fn kernel_avx512_at<const MR: usize, const ROWS: bool, const FAR: bool, const NEXT: bool>(
+unsafe fn kernel_avx512_at<
+    const MR: usize,
+    const ROWS: bool,
+    const FAR: bool,
+    const NEXT: bool,
+    const ASK: bool,
+>(
     kc: usize,
     a: *const f32,
     lda: isize,
@@ -389,8 +398,10 @@ unsafe fn kernel_avx512_at<const MR: usize, const ROWS: bool, const FAR: bool, c
         // SAFETY: A has MR and b has 32 floats left for each remaining step of k.
         unsafe {
             // B streams through once per row panel of A: ask for it a few steps ahead.
-            _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH + 16) as *const i8);
+            if ASK {
+                _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH + 16) as *const i8);
+            }
             if FAR {
                 _mm_prefetch::<_MM_HINT_T1>(b.add(PREFETCH_L2) as *const i8);
                 _mm_prefetch::<_MM_HINT_T1>(b.add(PREFETCH_L2 + 16) as *const i8);

@@ -1371,6 +1371,16 @@ const DIRECT_PANELS_MAX: usize = 8;
 /// 58.1, 38.6, 32.4, 27.1); 8 rows 24.7 either way.
 const DIRECT_ROWS_BELOW: usize = 8;
 
+/// Rows of A read in place at most whose passes over weights in the cache (not streamed from
+/// memory, [`with_streamed_weights`]) leave B to the hardware's prefetch: one or two rows
+/// load B for only two or four multiply-adds a step, and asking for it ahead (two or four
+/// requests a step) had cost more than it saved. `cargo bench --bench kernels --
+/// gemm_few_rows` (AMD EPYC Zen 4, weights in L3): 1 row 58.8 → 75.6 GiB/s on one thread,
+/// 111.2 → 128.6 on two; 2 rows 58.1 → 70.2 and 94.4 → 135.3. From memory the requests pay
+/// (a base decode of one sequence, one thread, 226–256 ms with them, 254–269 without), and
+/// streamed weights keep them.
+const FEW_ROWS_ASK_ABOVE: usize = 2;
+
 /// The tiles of rows `rows` (a run of whole MR panels, or to the end of C; any run for
 /// the kernels reading A's rows in place) and column panels
 /// `panels`, on the calling thread.
@@ -1556,7 +1566,18 @@ unsafe fn run_part(
                                     // floats; the tile is inside C; the CPU has AVX-512F.
                                     unsafe {
                                         let at = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
-                                        super::micro::kernel_avx512_rows(ip == 0, kc, at, a.rs, bp, &tile)
+                                        // One or two rows over weights in the cache ask for
+                                        // nothing ahead (`FEW_ROWS_ASK_ABOVE`).
+                                        let ask = streamed || rows > FEW_ROWS_ASK_ABOVE;
+                                        super::micro::kernel_avx512_rows(
+                                            ip == 0,
+                                            ask,
+                                            kc,
+                                            at,
+                                            a.rs,
+                                            bp,
+                                            &tile,
+                                        )
                                     }
                                     continue;
                                 }

@@ -1379,6 +1379,7 @@ const DIRECT_ROWS_BELOW: usize = 8;
 /// 111.2 → 128.6 on two; 2 rows 58.1 → 70.2 and 94.4 → 135.3. From memory the requests pay
 /// (a base decode of one sequence, one thread, 226–256 ms with them, 254–269 without), and
 /// streamed weights keep them.
+#[cfg(target_arch = "x86_64")]
 const FEW_ROWS_ASK_ABOVE: usize = 2;
 
 /// The tiles of rows `rows` (a run of whole MR panels, or to the end of C; any run for

@@ -55,7 +55,18 @@ pub struct DecoderState<F: Float = f32> {
     sources: Vec<usize>,
 }
 
+crate::kernels::workspace::impl_recycle!(DecoderState<F: Float> { self_caches, cross });
+
 impl<F: Float> DecoderState<F> {
+    /// The caches, taken out (this state is left with none).
+    pub(crate) fn take(&mut self) -> DecoderState<F> {
+        DecoderState {
+            self_caches: std::mem::take(&mut self.self_caches),
+            cross: std::mem::take(&mut self.cross),
+            sources: std::mem::take(&mut self.sources),
+        }
+    }
+
     /// The number of target positions decoded so far.
     pub fn len(&self) -> usize {
         self.self_caches.first().map_or(0, |c| c.len())

@@ -50,10 +50,10 @@ use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::gemm::bf16::{to_bf16, to_bf16_slice};
-use crate::kernels::parallel::{Disjoint, for_each_index, join_gradients};
+use crate::kernels::parallel::{Disjoint, for_each_chunk_mut, for_each_index, join_gradients};
 use crate::kernels::precision::{Precision, precision};
 use crate::kernels::small_head::Cached;
-use crate::kernels::workspace::Recycle;
+use crate::kernels::workspace::{self, Recycle};
 use crate::kernels::{
     Float, PackedB, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_packed, gemm_weight_grad,
 };
@@ -144,6 +144,9 @@ crate::kernels::workspace::impl_recycle!(MultiHeadCache<F: Float> { x, memory, q
 /// doubling.
 const MAX_INITIAL_CAPACITY: usize = 1024;
 
+/// A cache line, in bytes: what [`Store::zeros`] aligns the buffers and their rows to.
+const LINE_BYTES: usize = 64;
+
 /// The keys and values of positions already seen, per head, for decoding step by step: the
 /// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
 /// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
@@ -163,6 +166,19 @@ pub struct KvCache<F: Float = f32> {
     spare: Option<Store<F>>,
 }
 
+impl<F: Float> Recycle for KvCache<F> {
+    /// Gives the buffers to the current workspace, where the next cache of their size takes
+    /// them ([`Store::zeros`]): a packed model's decodes, one after another, reuse their caches'
+    /// memory rather than have the allocator hand out (and the kernel zero) fresh pages for
+    /// each.
+    fn give_back(self) {
+        self.store.give_back();
+        if let Some(spare) = self.spare {
+            spare.give_back();
+        }
+    }
+}
+
 /// A cache's buffers: the keys transposed, `[B, H, d_k, capacity]`, positions `..len` filled
 /// (a decoding step's scores are then `d_k` sums of contiguous runs over the positions), and
 /// the values, `[B, H, capacity, d_k]`; as `F`, or as bf16 bits.
@@ -173,14 +189,50 @@ enum Store<F> {
 }
 
 impl<F: Float> Store<F> {
-    /// Zeroed buffers for `b` sequences of `h` heads of `dk` features, `cap` positions.
+    /// Zeroed buffers for `b` sequences of `h` heads of `dk` features, room for `cap`
+    /// positions or a few more: the capacity rounded up to whole cache lines of keys. `F`
+    /// buffers come from the current workspace when it holds some of their size (a packed
+    /// model's decodes hand their caches on to the next, [`KvCache`]'s [`Recycle`]).
+    ///
+    /// The buffers start on a 64-byte boundary, and each row of transposed keys fills whole
+    /// lines (a value row does too where `d_k` does): a `Vec`'s allocation is only as aligned
+    /// as its element type asks (glibc puts large ones 16 bytes past a page or anywhere on
+    /// its heap), and rows of 32 keys or values (128 bytes) had lain across three lines each,
+    /// so that a decoding step's attention read half as many lines again as it used, and
+    /// every vector of them from two.
     fn zeros(bf16: bool, b: usize, h: usize, dk: usize, cap: usize) -> Self {
+        /// `v` (zeroed, `pad` elements more than `dim` holds) as `dim` from its first element
+        /// on a line.
+        fn lined<T>(v: Vec<T>, pad: usize, dim: (usize, usize, usize, usize)) -> Array4<T> {
+            let len = v.len() - pad;
+            let off = v.as_ptr().align_offset(LINE_BYTES).min(pad);
+            Array1::from_vec(v)
+                .slice_move(s![off..off + len])
+                .into_shape_with_order(dim)
+                .expect("a buffer of the shape's size")
+        }
         // Each sequence's buffers zeroed by the team, a run of sequences on each thread.
         fn zeros<T: Copy + Default + Send>(dim: (usize, usize, usize, usize)) -> Array4<T> {
             let seq = dim.1 * dim.2 * dim.3;
-            let v = crate::kernels::workspace::zeros_by_team(dim.0 * seq, seq);
-            Array4::from_shape_vec(dim, v).expect("a buffer of the shape's size")
+            let pad = LINE_BYTES / std::mem::size_of::<T>() - 1;
+            lined(workspace::zeros_by_team(dim.0 * seq + pad, seq.max(1)), pad, dim)
         }
+        fn full<F: Float>(dim: (usize, usize, usize, usize)) -> Array4<F> {
+            let seq = dim.1 * dim.2 * dim.3;
+            let pad = LINE_BYTES / std::mem::size_of::<F>() - 1;
+            match workspace::take::<F>(dim.0 * seq + pad) {
+                Some(mut v) => {
+                    let len = v.len();
+                    for_each_chunk_mut(&mut v, seq.max(1), len, |_, c| {
+                        crate::kernels::simd::fill(c, F::ZERO)
+                    });
+                    lined(v, pad, dim)
+                }
+                None => zeros(dim),
+            }
+        }
+        let line = LINE_BYTES / if bf16 { 2 } else { std::mem::size_of::<F>() };
+        let cap = cap.next_multiple_of(line);
         if bf16 {
             Store::Bf16 {
                 kt: zeros((b, h, dk, cap)),
@@ -188,9 +240,18 @@ impl<F: Float> Store<F> {
             }
         } else {
             Store::Full {
-                kt: zeros((b, h, dk, cap)),
-                v: zeros((b, h, cap, dk)),
+                kt: full((b, h, dk, cap)),
+                v: full((b, h, cap, dk)),
             }
+        }
+    }
+
+    /// Gives an `F` store's buffers to the current workspace, whole (the arrays start a few
+    /// elements into them, [`Store::zeros`]).
+    fn give_back(self) {
+        if let Store::Full { kt, v } = self {
+            workspace::give(kt.into_raw_vec_and_offset().0);
+            workspace::give(v.into_raw_vec_and_offset().0);
         }
     }
 
@@ -1737,6 +1798,67 @@ mod tests {
     use crate::kernels::gemm::bf16::round_bf16;
     use crate::kernels::precision::with_precision;
     use rand::{SeedableRng, rngs::StdRng};
+
+    /// A cache's buffers start on a cache line, and so does each row of its transposed keys
+    /// (the capacity rounded up to whole lines, by no more than a line), in `f32`, `f64` and
+    /// bf16; a cache given back to a workspace lends its buffers to the next of its size,
+    /// zeroed (the workspace hands them out full of NaN in the crate's tests).
+    #[test]
+    fn cache_buffers_start_on_lines_and_come_back_from_a_workspace_zeroed() {
+        fn check<T>(kt: &Array4<T>, v: &Array4<T>, cap: usize) {
+            let line = 64 / std::mem::size_of::<T>();
+            // (An empty buffer has nothing to align.)
+            assert!(
+                kt.is_empty()
+                    || (kt.as_ptr() as usize).is_multiple_of(64) && (v.as_ptr() as usize).is_multiple_of(64)
+            );
+            let have = kt.dim().3;
+            assert!(
+                have >= cap && have.is_multiple_of(line) && have < cap + line,
+                "{have} for {cap}"
+            );
+            assert_eq!(v.dim().2, have);
+        }
+        for cap in [0, 1, 5, 16, 33] {
+            for bf16 in [false, true] {
+                match Store::<f32>::zeros(bf16, 3, 2, 8, cap) {
+                    Store::Full { kt, v } => check(&kt, &v, cap),
+                    Store::Bf16 { kt, v } => check(&kt, &v, cap),
+                }
+            }
+            match Store::<f64>::zeros(false, 3, 2, 8, cap) {
+                Store::Full { kt, v } => check(&kt, &v, cap),
+                Store::Bf16 { .. } => unreachable!("an f64 store"),
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        let layer: MultiHead = MultiHeadConfig::new(48, 3).init(&mut rng).unwrap();
+        let mut ws = workspace::Workspace::new();
+        workspace::with_workspace(&mut ws, || {
+            let mut cache = layer.empty_cache(4, 32);
+            let k = Array4::from_shape_fn((4, 3, 32, 16), |_| rng.random_range(-2.0f32..2.0));
+            cache.push(k.view(), k.view());
+            let ptrs = |c: &KvCache| match &c.store {
+                Store::Full { kt, v } => [kt.as_ptr() as usize, v.as_ptr() as usize],
+                Store::Bf16 { .. } => unreachable!("an f32 cache"),
+            };
+            let mut before = ptrs(&cache);
+            cache.give_back();
+            let again = layer.empty_cache(4, 32);
+            let mut after = ptrs(&again);
+            // (Two buffers of one size: either may serve either.)
+            before.sort_unstable();
+            after.sort_unstable();
+            assert_eq!(after, before, "the buffers come back");
+            match &again.store {
+                Store::Full { kt, v } => {
+                    check(kt, v, 32);
+                    assert!(kt.iter().chain(v.iter()).all(|&x| x.to_bits() == 0));
+                }
+                Store::Bf16 { .. } => unreachable!("an f32 cache"),
+            }
+        });
+    }
 
     /// Keys and values appended from arrays whose features are strided (gathered) fill a
     /// cache as the same values in standard layout do, over a push of several positions, one

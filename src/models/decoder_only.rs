@@ -520,6 +520,20 @@ struct PackedGenerate<F: Float> {
     /// Whether a step's weights are more than the last-level cache holds: each product of a
     /// step then reads its weight from memory ([`with_streamed_weights`]).
     streamed: bool,
+    /// The memory of a generation's key/value caches, kept for the next generation with
+    /// these weights (a clone starts without).
+    caches: KeptWorkspace,
+}
+
+impl<F: Float> Drop for GenerateState<'_, F> {
+    /// Gives the caches' memory to the packed weights' keeping, for the next generation.
+    fn drop(&mut self) {
+        // Weights packed for this decode alone go with it, and so would the memory.
+        if let Some(Cow::Borrowed(packed)) = &self.packed {
+            let caches = std::mem::take(&mut self.caches);
+            packed.caches.run(|| caches.give_back());
+        }
+    }
 }
 
 impl<F: Float> PackedGenerate<F> {
@@ -650,7 +664,12 @@ impl<F: Float> DecoderOnly<F> {
         // Weights packed in bf16 generate in bf16 wherever they are used: their key/value
         // caches too (see `KvCache`).
         let bf16 = packed.as_deref().is_some_and(PackedGenerate::is_bf16);
-        let caches = with_bf16_if(bf16, || self.blocks.begin(b, capacity));
+        // The caches in the memory of the last generation with these weights, if any.
+        let begin = || with_bf16_if(bf16, || self.blocks.begin(b, capacity));
+        let caches = match packed.as_deref() {
+            Some(p) => p.caches.run(begin),
+            None => begin(),
+        };
         GenerateState {
             caches,
             b,
@@ -683,6 +702,7 @@ impl<F: Float> DecoderOnly<F> {
             layers,
             output,
             streamed: exceed_last_level_cache(step_bytes),
+            caches: KeptWorkspace::default(),
         })
     }
 

@@ -149,6 +149,20 @@ struct PackedDecode<F: Float> {
     /// Whether a step's weights are more than the last-level cache holds: each product of a
     /// step then reads its weight from memory ([`with_streamed_weights`]).
     streamed: bool,
+    /// The memory of a decode's key/value caches, kept for the next decode with these
+    /// weights (a clone starts without).
+    caches: KeptWorkspace,
+}
+
+impl<F: Float> Drop for DecodeState<'_, F> {
+    /// Gives the caches' memory to the packed weights' keeping, for the next decode.
+    fn drop(&mut self) {
+        // Weights packed for this decode alone go with it, and so would the memory.
+        if let Some(Cow::Borrowed(packed)) = &self.packed {
+            let state = self.decoder.take();
+            packed.caches.run(|| state.give_back());
+        }
+    }
 }
 
 /// An [`EncoderDecoder`] with its weights packed once for inference (see
@@ -651,6 +665,7 @@ impl<F: Float> EncoderDecoder<F> {
             decoder,
             output,
             streamed: exceed_last_level_cache(step_bytes),
+            caches: KeptWorkspace::default(),
         })
     }
 
@@ -743,7 +758,12 @@ impl<F: Float> EncoderDecoder<F> {
         self.inference(bf16, rows, || {
             check_sources(src)?;
             let memory = self.encode_with(src, encoder)?;
-            let decoder = self.decoder.begin(memory.view(), capacity);
+            // The caches in the memory of the last decode with these weights, if any.
+            let begin = || self.decoder.begin(memory.view(), capacity);
+            let decoder = match packed.as_deref() {
+                Some(p) => p.caches.run(begin),
+                None => begin(),
+            };
             Ok(DecodeState {
                 src_lengths: src.lengths().to_vec(),
                 src_mask: src.padding_mask(),

@@ -223,6 +223,40 @@ fn packed_model_gives_the_models_results() {
     }
 }
 
+/// A packed model keeps a decode's key/value caches' memory for its next decode (the buffers
+/// handed on, zeroed): decodes one after another on it, of one batch, of a smaller one, then
+/// of the first again, give the first's logits bit for bit.
+#[test]
+fn decodes_one_after_another_on_a_packed_model_give_the_same_bits() {
+    let m = model(false, Positions::Sinusoidal);
+    let packed = m.packed();
+    // 20 sequences of 16 features, room for 16 positions: buffers the workspace keeps.
+    let src = TokenBatch::from_sequences(
+        &(0..20)
+            .map(|i| (0..3 + i % 5).map(|j| 3 + (i + j) % 14).collect())
+            .collect::<Vec<Vec<usize>>>(),
+        0,
+    )
+    .unwrap();
+    let small = TokenBatch::from_sequences(&[vec![3, 4, 5]], 0).unwrap();
+    let steps = |src: &TokenBatch| {
+        let mut state = packed.begin_decode(src, 16).unwrap();
+        (0..5)
+            .map(|step| {
+                let tokens: Vec<usize> = (0..src.batch_size()).map(|i| 1 + (i * 3 + step) % 17).collect();
+                m.decode_step(&mut state, &tokens).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = steps(&src);
+    steps(&small);
+    for again in [steps(&src), steps(&src)] {
+        for (a, b) in first.iter().zip(&again) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
+
 /// A decoding step of many sequences on a team runs in runs of sequences, one a thread, each
 /// through every layer on its own; the logits keep the bits of one thread's whole step: for
 /// runs of uneven length (27 sequences: 14 + 13 on two threads, 9 + 9 + 9 on three), sources

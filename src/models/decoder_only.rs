@@ -544,8 +544,10 @@ impl<F: Float> PackedGenerate<F> {
 
 /// A [`DecoderOnly`] with its weights packed once for inference (see [`DecoderOnly::packed`]):
 /// the same results as the model's own methods, without the packing of every weight at every
-/// call or generation, and with the memory of one call's activations kept for the next. It
-/// borrows the model, which cannot change meanwhile.
+/// call or generation, and with the memory of one call's activations kept for the next (and
+/// of a generation's `f32` key/value caches, from the end of one generation begun on it to
+/// the beginning of the next: freed then if that one does not take it). It borrows the
+/// model, which cannot change meanwhile.
 #[derive(Clone, Debug)]
 pub struct PackedDecoderOnly<'m, F: Float = f32> {
     model: &'m DecoderOnly<F>,

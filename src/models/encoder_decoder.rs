@@ -168,7 +168,9 @@ impl<F: Float> Drop for DecodeState<'_, F> {
 /// An [`EncoderDecoder`] with its weights packed once for inference (see
 /// [`EncoderDecoder::packed`]): the same results as the model's own methods, without the
 /// packing of every weight on every call, and with the memory of one call's activations
-/// kept for the next. It borrows the model, which cannot change meanwhile.
+/// kept for the next (and of a decode's `f32` key/value caches, from the end of one decode
+/// begun on it to the beginning of the next: freed then if that one does not take it). It
+/// borrows the model, which cannot change meanwhile.
 #[derive(Clone, Debug)]
 pub struct PackedEncoderDecoder<'m, F: Float = f32> {
     model: &'m EncoderDecoder<F>,

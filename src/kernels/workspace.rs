@@ -233,6 +233,27 @@ pub(crate) fn zeros<F: Float, D: Dimension, Sh: ShapeBuilder<Dim = D>>(shape: Sh
     }
 }
 
+/// A cache line, in bytes: where buffers read by vector loads start ([`line_start`]).
+const LINE_BYTES: usize = 64;
+
+/// Elements of `T` in a cache line.
+pub(crate) const fn line_elements<T>() -> usize {
+    LINE_BYTES / std::mem::size_of::<T>()
+}
+
+/// Elements of `T` a buffer needs beyond its contents so that they can start on a cache line
+/// ([`line_start`]): a `Vec`'s allocation is only as aligned as its element type asks (glibc
+/// puts large ones 16 bytes past a page, or anywhere on its heap).
+pub(crate) const fn line_pad<T>() -> usize {
+    line_elements::<T>() - 1
+}
+
+/// Where in `buf` (its contents and [`line_pad`] elements more) the first element on a cache
+/// line lies.
+pub(crate) fn line_start<T>(buf: &[T]) -> usize {
+    buf.as_ptr().align_offset(LINE_BYTES).min(line_pad::<T>())
+}
+
 /// `len` zeros, written by the team in chunks of whole multiples of `align` elements, each on
 /// the thread that a loop cut the same way would give it (a key/value cache's sequences are
 /// zeroed by the thread that runs them): a buffer of megabytes zeroed by the calling thread

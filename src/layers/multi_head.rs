@@ -144,9 +144,6 @@ crate::kernels::workspace::impl_recycle!(MultiHeadCache<F: Float> { x, memory, q
 /// doubling.
 const MAX_INITIAL_CAPACITY: usize = 1024;
 
-/// A cache line, in bytes: what [`Store::zeros`] aligns the buffers and their rows to.
-const LINE_BYTES: usize = 64;
-
 /// The keys and values of positions already seen, per head, for decoding step by step: the
 /// self-attention cache grows by the new positions at each step ([`MultiHead::infer_cached`]),
 /// the cross-attention cache is the encoder output projected once ([`MultiHead::project_kv`]).
@@ -195,18 +192,16 @@ impl<F: Float> Store<F> {
     /// buffers come from the current workspace when it holds some of their size (a packed
     /// model's decodes hand their caches on to the next, [`KvCache`]'s [`Recycle`]).
     ///
-    /// The buffers start on a 64-byte boundary, and each row of transposed keys fills whole
-    /// lines (a value row does too where `d_k` does): a `Vec`'s allocation is only as aligned
-    /// as its element type asks (glibc puts large ones 16 bytes past a page or anywhere on
-    /// its heap), and rows of 32 keys or values (128 bytes) had lain across three lines each,
-    /// so that a decoding step's attention read half as many lines again as it used, and
-    /// every vector of them from two.
+    /// The buffers start on a cache line ([`workspace::line_start`]), and each row of
+    /// transposed keys fills whole lines (a value row does too where `d_k` does): rows of 32
+    /// keys or values (128 bytes) had lain across three lines each, so that a decoding step's
+    /// attention read half as many lines again as it used, and every vector of them from two.
     fn zeros(bf16: bool, b: usize, h: usize, dk: usize, cap: usize) -> Self {
-        /// `v` (zeroed, `pad` elements more than `dim` holds) as `dim` from its first element
-        /// on a line.
-        fn lined<T>(v: Vec<T>, pad: usize, dim: (usize, usize, usize, usize)) -> Array4<T> {
-            let len = v.len() - pad;
-            let off = v.as_ptr().align_offset(LINE_BYTES).min(pad);
+        /// `v` (zeroed, [`workspace::line_pad`] elements more than `dim` holds) as `dim` from
+        /// its first element on a line.
+        fn lined<T>(v: Vec<T>, dim: (usize, usize, usize, usize)) -> Array4<T> {
+            let len = v.len() - workspace::line_pad::<T>();
+            let off = workspace::line_start(&v);
             Array1::from_vec(v)
                 .slice_move(s![off..off + len])
                 .into_shape_with_order(dim)
@@ -215,24 +210,29 @@ impl<F: Float> Store<F> {
         // Each sequence's buffers zeroed by the team, a run of sequences on each thread.
         fn zeros<T: Copy + Default + Send>(dim: (usize, usize, usize, usize)) -> Array4<T> {
             let seq = dim.1 * dim.2 * dim.3;
-            let pad = LINE_BYTES / std::mem::size_of::<T>() - 1;
-            lined(workspace::zeros_by_team(dim.0 * seq + pad, seq.max(1)), pad, dim)
+            lined(
+                workspace::zeros_by_team(dim.0 * seq + workspace::line_pad::<T>(), seq.max(1)),
+                dim,
+            )
         }
         fn full<F: Float>(dim: (usize, usize, usize, usize)) -> Array4<F> {
             let seq = dim.1 * dim.2 * dim.3;
-            let pad = LINE_BYTES / std::mem::size_of::<F>() - 1;
-            match workspace::take::<F>(dim.0 * seq + pad) {
+            match workspace::take::<F>(dim.0 * seq + workspace::line_pad::<F>()) {
                 Some(mut v) => {
                     let len = v.len();
                     for_each_chunk_mut(&mut v, seq.max(1), len, |_, c| {
                         crate::kernels::simd::fill(c, F::ZERO)
                     });
-                    lined(v, pad, dim)
+                    lined(v, dim)
                 }
                 None => zeros(dim),
             }
         }
-        let line = LINE_BYTES / if bf16 { 2 } else { std::mem::size_of::<F>() };
+        let line = if bf16 {
+            workspace::line_elements::<u16>()
+        } else {
+            workspace::line_elements::<F>()
+        };
         let cap = cap.next_multiple_of(line);
         if bf16 {
             Store::Bf16 {

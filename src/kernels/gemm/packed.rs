@@ -441,9 +441,9 @@ impl<T: Copy + Default + Send> Aligned<T> {
     /// `len` elements of `T::default()`, written by the team (a weight's packing, megabytes
     /// at inference, had been zeroed by the calling thread alone while the others waited).
     pub(crate) fn zeroed(len: usize) -> Aligned<T> {
-        let pad = (64 / std::mem::size_of::<T>()).max(1);
-        let buf: Vec<T> = crate::kernels::workspace::zeros_by_team(len + pad, pad);
-        let off = buf.as_ptr().align_offset(64).min(pad - 1);
+        use crate::kernels::workspace::{line_elements, line_pad, line_start, zeros_by_team};
+        let buf: Vec<T> = zeros_by_team(len + line_pad::<T>(), line_elements::<T>());
+        let off = line_start(&buf);
         Aligned { buf, off, len }
     }
 }
@@ -478,12 +478,12 @@ pub(super) fn with_scratch<T: Copy + Default, R>(
     len: usize,
     f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
-    let pad = 64 / std::mem::size_of::<T>();
+    use crate::kernels::workspace::{line_pad, line_start};
     let mut buf = key.with(Cell::take);
-    if buf.len() < len + pad {
-        buf = vec![T::default(); len + pad];
+    if buf.len() < len + line_pad::<T>() {
+        buf = vec![T::default(); len + line_pad::<T>()];
     }
-    let skip = buf.as_ptr().align_offset(64).min(pad - 1);
+    let skip = line_start(&buf);
     let out = f(&mut buf[skip..skip + len]);
     key.with(|cell| {
         let other = cell.take();

@@ -1364,11 +1364,11 @@ const DIRECT_PANELS_MAX: usize = 8;
 
 /// Rows of A below which the AVX-512 kernel reads them in place over any number of panels of
 /// B: fewer than a tile of the packed kernels' smallest height ([`Isa::mr`], 8), which
-/// multiplies the rows it lacks as zeros. A decoding step of one sequence (one row) had run the 8-row tile, eight
-/// times its arithmetic. `cargo bench --bench kernels -- gemm_few_rows` (7 weights of `[1024,
-/// 256]` in L3, one thread, AMD EPYC Zen 4): 1 row 24.0 → 58.2 GiB/s of weights, 2 rows 23.4
-/// → 58.1, 4 rows 23.3 → 48.5 (3, 5, 6 and 7 rows, in a build for the purpose: 23.4–23.9 →
-/// 58.1, 38.6, 32.4, 27.1); 8 rows 24.7 either way.
+/// multiplies the rows it lacks as zeros. A decoding step of one sequence (one row) had run
+/// the 8-row tile, eight times its arithmetic. `cargo bench --bench kernels -- gemm_few_rows`
+/// (7 weights of `[1024, 256]` in L3, one thread, AMD EPYC Zen 4): 1 row 24.0 → 58.2 GiB/s
+/// of weights, 2 rows 23.4 → 58.1, 4 rows 23.3 → 48.5 (3, 5, 6 and 7 rows, in a build for
+/// the purpose: 23.4–23.9 → 58.1, 38.6, 32.4, 27.1); 8 rows 24.7 either way.
 const DIRECT_ROWS_BELOW: usize = Isa::Avx512.mr();
 
 /// Rows of A read in place at most whose passes over weights in the cache (not streamed from

@@ -5,14 +5,12 @@
 
 use std::ops::Range;
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, s};
 
 use super::{Cached, StepCache, StepHead, StepRow, as_f32};
 use crate::kernels::Float;
 use crate::kernels::dropout::DropRows;
 use crate::kernels::gemm::KC;
-use crate::kernels::simd::widest;
-use crate::kernels::softmax::{RowMask, softmax_row_inline};
 
 /// Columns of a product in registers, at most: keys whose softmax runs in registers, value
 /// features, and (backward) key features of a head. Heads with more keys (up to [`KC`]) take
@@ -22,6 +20,9 @@ pub(crate) const MAX_KEYS: usize = 64;
 pub(crate) const MAX_DK: usize = 128;
 /// Lanes of a vector.
 const W: usize = 16;
+/// Queries taken through their scores, weights and product with V together, at most, where
+/// a head's rows of weights are stored between them.
+const SUB_ROWS: usize = 16;
 
 thread_local! {
     /// Each thread's scratch: Kᵀ or Vᵀ, and the backward pass's `∂L/∂P` and `∂L/∂S`.
@@ -180,17 +181,23 @@ impl SmallHead {
             out.shape()
         );
         let p = Strided::of_mut(probs);
+        let o = Strided::of_mut(out);
+        let len = probs.ncols();
         // Every row of Q, K and V, all asked for at once: they come from the projections'
         // outputs, in L2 or beyond, a few KiB apart.
         ask_rows(self.q, tq, dk);
         ask_rows(self.k, kb, dk);
         ask_rows(self.v, kb, dv);
-        let limit = match &softmax {
-            RowSoftmax::Limit(l) => Some(l),
-            RowSoftmax::Rows(_) => None,
+        let (limit, mut rows_softmax) = match softmax {
+            RowSoftmax::Limit(l) => (Some(l), None),
+            RowSoftmax::Rows(s) => (None, Some(s)),
         };
+        let row = |i: usize| p.from(i, 0).ptr as *mut f32;
         SCRATCH.with_borrow_mut(|scratch| {
-            let (qt, kt) = take(scratch, dk * tq + dk * kb).split_at_mut(dk * tq);
+            let (qt, rest) = take(scratch, dk * tq + dk * kb + kb * tq).split_at_mut(dk * tq);
+            // Kᵀ [dk][kb], and P ⊙ M [tq][kb] made row by row (below each block's width) when
+            // there is a dropout mask.
+            let (kt, pm) = rest.split_at_mut(dk * kb);
             // SAFETY: Q and K have contiguous rows (checked by `new`); AVX-512F is there.
             unsafe { transpose(self.k, kb, dk, kt) };
             // Q's rows are read where they are, except for rows of keys that fit one vector,
@@ -198,86 +205,106 @@ impl SmallHead {
             if kb <= W {
                 unsafe { transpose(self.q, tq, dk, qt) };
             }
-            for (rows, width) in queries.clone() {
+            for (rows, width) in queries {
                 if width == 0 {
-                    continue; // rows of zeros, below
-                }
-                let q = if kb <= W {
-                    Left::Transposed(&qt[rows.start..], tq)
-                } else {
-                    Left::Rows(self.q.from(rows.start, 0))
-                };
-                let (p, n) = (p.from(rows.start, 0), rows.len());
-                match limit {
-                    // The softmax in registers, beside the scores.
-                    Some(limit) if width <= MAX_KEYS => {
-                        let limit = |r: usize| limit(rows.start + r);
-                        // SAFETY: AVX-512F; S = Q·Kᵀ for these rows from Q and Kᵀ [dk][kb],
-                        // into probs [tq, ≥ kb] (asserted).
-                        unsafe { products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), p, n) };
+                    // Queries that see no key: zero weights (or the row softmax's), zero output.
+                    for i in rows {
+                        match rows_softmax.as_mut() {
+                            Some(softmax) => {
+                                softmax(i, probs.row_mut(i).as_slice_mut().expect("contiguous rows"))
+                            }
+                            None => probs.row_mut(i).fill(F::ZERO),
+                        }
+                        // SAFETY: row i of out [tq, dv] (asserted).
+                        (0..dv).for_each(|d| unsafe { *o.addr(i, d) = 0.0 });
                     }
-                    // The scores alone, a product of at most MAX_KEYS columns at a time.
-                    _ => {
+                    continue;
+                }
+                // Scores, weights and the product with V by runs of at most SUB_ROWS queries
+                // where a row's weights are stored between them (more keys than registers
+                // hold), so that the run's weights stay in L1 from one to the next; else the
+                // whole block at once.
+                let in_registers = limit.is_some() && width <= MAX_KEYS;
+                let run = if in_registers { rows.len() } else { SUB_ROWS };
+                for start in rows.clone().step_by(run) {
+                    let sub = start..(start + run).min(rows.end);
+                    let n = sub.len();
+                    let q = if kb <= W {
+                        Left::Transposed(&qt[sub.start..], tq)
+                    } else {
+                        Left::Rows(self.q.from(sub.start, 0))
+                    };
+                    let ps = p.from(sub.start, 0);
+                    if in_registers {
+                        let limit = limit.as_ref().expect("a limit");
+                        let limit = |r: usize| limit(sub.start + r);
+                        // The softmax in registers, beside the scores. SAFETY: AVX-512F; S =
+                        // Q·Kᵀ for these rows from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
+                        // (asserted).
+                        unsafe { products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), ps, n) };
+                        // The keys past the block's own are blocked.
+                        for i in sub.clone() {
+                            probs.row_mut(i).slice_mut(s![width..]).fill(F::ZERO);
+                        }
+                    } else {
+                        // The scores alone, a product of at most MAX_KEYS columns at a time.
                         for c in (0..width).step_by(MAX_KEYS) {
                             let b = Strided::dense(&kt[c..], kb);
                             let cols = MAX_KEYS.min(width - c);
                             // SAFETY: as above, for columns c..c + cols.
-                            unsafe { products(q, b, dk, cols, scale, NO_LIMIT, p.from(0, c), n) };
+                            unsafe { products(q, b, dk, cols, scale, NO_LIMIT, ps.from(0, c), n) };
+                        }
+                        match (limit.as_ref(), rows_softmax.as_mut()) {
+                            (Some(limit), _) => {
+                                // Four stored rows side by side, then the rows left one at a time.
+                                let mut i = sub.start;
+                                while i + 4 <= sub.end {
+                                    let at: [usize; 4] = std::array::from_fn(|r| i + r);
+                                    // SAFETY: AVX-512F; rows of probs [tq, len], contiguous
+                                    // (asserted).
+                                    unsafe { softmax_stored(at.map(row), at.map(limit), len) };
+                                    i += 4;
+                                }
+                                for i in i..sub.end {
+                                    // SAFETY: as above.
+                                    unsafe { softmax_stored([row(i)], [limit(i)], len) };
+                                }
+                            }
+                            (None, Some(softmax)) => {
+                                for i in sub.clone() {
+                                    softmax(i, probs.row_mut(i).as_slice_mut().expect("contiguous rows"));
+                                }
+                            }
+                            (None, None) => unreachable!("a limit or a row softmax"),
                         }
                     }
-                }
-            }
-        });
-        match softmax {
-            RowSoftmax::Limit(limit) => {
-                for (rows, width) in queries.clone() {
-                    for i in rows {
-                        let mut row = probs.row_mut(i);
-                        let row = row.as_slice_mut().expect("contiguous rows (asserted)");
-                        if width <= MAX_KEYS {
-                            // Softmax done; the keys past the block's own are blocked.
-                            row[width..].fill(F::ZERO);
-                        } else {
-                            let mask = RowMask {
-                                limit: limit(i),
-                                keys: None,
-                                pairs: None,
+                    let src = match dropped {
+                        Some(m) => {
+                            // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows (asserted),
+                            // pm [tq][kb].
+                            unsafe {
+                                mask_rows(Some(p), m, std::iter::once((sub.clone(), width)), kb, pm, false)
                             };
-                            widest!(softmax_row_inline(row, mask));
+                            Strided::dense(pm, kb)
                         }
-                    }
+                        None => p,
+                    };
+                    // SAFETY: AVX-512F; O = (P ⊙ M)·V for these rows from the rows of P ⊙ M
+                    // [tq, ≥ kb] (contiguous) and V [kb, dv] with contiguous rows (checked by
+                    // `new`), into out [tq, dv] (asserted).
+                    unsafe {
+                        products(
+                            Left::Rows(src.from(sub.start, 0)),
+                            self.v,
+                            width,
+                            dv,
+                            1.0,
+                            NO_LIMIT,
+                            o.from(sub.start, 0),
+                            n,
+                        )
+                    };
                 }
-            }
-            RowSoftmax::Rows(mut softmax) => {
-                for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
-                    softmax(i, row.as_slice_mut().expect("contiguous rows (asserted)"));
-                }
-            }
-        }
-        let o = Strided::of_mut(out);
-        SCRATCH.with_borrow_mut(|scratch| {
-            // P ⊙ M [tq][kb], made row by row (below each block's width) when there is a mask.
-            let pm = take(scratch, kb * tq);
-            let src = match dropped {
-                Some(m) => {
-                    // SAFETY: F is f32; probs [tq, ≥ kb] with contiguous rows (asserted).
-                    unsafe { mask_rows(Some(p), m, queries.clone(), kb, pm, false) };
-                    Strided::dense(pm, kb)
-                }
-                None => p,
-            };
-            for (rows, width) in queries {
-                let (src, o) = (src.from(rows.start, 0), o.from(rows.start, 0));
-                if width == 0 {
-                    // Queries that see no key.
-                    // SAFETY: these rows of out [tq, dv] (asserted).
-                    (0..rows.len()).for_each(|r| (0..dv).for_each(|d| unsafe { *o.addr(r, d) = 0.0 }));
-                    continue;
-                }
-                // SAFETY: AVX-512F; O = (P ⊙ M)·V for these rows from the rows of P ⊙ M
-                // [tq, ≥ kb] (contiguous) and V [kb, dv] with contiguous rows (checked by
-                // `new`), into out [tq, dv] (asserted).
-                unsafe { products(Left::Rows(src), self.v, width, dv, 1.0, NO_LIMIT, o, rows.len()) };
             }
         });
     }
@@ -855,6 +882,73 @@ macro_rules! softmax_rows {
             }
         }
     }};
+}
+
+/// The softmax of `R` stored rows side by side (row `r` at `rows[r]`, `len` floats), each over
+/// its first `limits[r]` columns with zeros after them: what [`crate::kernels::softmax::softmax_row`] computes
+/// for each under a plain limit, bit for bit ([`softmax_rows!`]'s steps on vectors loaded
+/// from the rows, two vectors of each row at a time). For heads of more keys than fit
+/// registers: one row's softmax alone is a chain of dependent steps (maximum, the lanes'
+/// tree, exponentials, sum, the tree again, one division), and the rows side by side fill
+/// each other's waits.
+///
+/// # Safety
+/// AVX-512F; each `rows[r]` is valid for reads and writes of `len` floats, no two overlap.
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R], len: usize) {
+    use crate::kernels::simd::first_lanes;
+    use std::arch::x86_64::*;
+    let limits = limits.map(|l| l.min(len));
+    let lanes = |r: usize, c: usize| first_lanes(limits[r].saturating_sub(c * W));
+    let vectors = limits.iter().max().map_or(0, |&l| l.div_ceil(W));
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut top = [ninf; R];
+    for c in 0..vectors {
+        for r in 0..R {
+            // SAFETY: the lanes loaded lie below the row's limit, inside its `len` floats.
+            let x = unsafe { _mm512_maskz_loadu_ps(lanes(r, c), rows[r].add(c * W)) };
+            // max(x, top) keeps top where x is NaN, as the softmax's maximum ignores NaN.
+            top[r] = _mm512_mask_max_ps(top[r], lanes(r, c), x, top[r]);
+        }
+    }
+    let m = lane_trees!(top, R, _mm256_max_ps, _mm_max_ps, _mm_max_ss);
+    let mut sum = [_mm512_setzero_ps(); R];
+    for c in (0..vectors).step_by(2) {
+        let mut live = [[0u16; 2]; R];
+        let mut x = [[_mm512_setzero_ps(); 2]; R];
+        for r in 0..R {
+            for j in 0..2 {
+                live[r][j] = lanes(r, c + j);
+                // SAFETY: as above.
+                let v = unsafe { _mm512_maskz_loadu_ps(live[r][j], rows[r].add((c + j) * W)) };
+                x[r][j] = _mm512_sub_ps(v, _mm512_set1_ps(m[r]));
+            }
+        }
+        exp_all!(x, R, 2);
+        for j in 0..2 {
+            for r in 0..R {
+                x[r][j] = _mm512_maskz_mov_ps(live[r][j], x[r][j]);
+                sum[r] = _mm512_add_ps(sum[r], x[r][j]);
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(rows[r].add((c + j) * W), live[r][j], x[r][j]) };
+            }
+        }
+    }
+    let total = lane_trees!(sum, R, _mm256_add_ps, _mm_add_ps, _mm_add_ss);
+    for r in 0..R {
+        let inv = _mm512_set1_ps(1.0 / total[r]);
+        // A row with no live score, or only −∞ ones, is all zero (its exponentials are NaN).
+        let all = m[r] != f32::NEG_INFINITY;
+        for c in 0..len.div_ceil(W) {
+            let keep = if all { lanes(r, c) } else { 0 };
+            // SAFETY: the lanes loaded lie below the limit, those stored below `len`.
+            unsafe {
+                let at = rows[r].add(c * W);
+                let x = _mm512_maskz_loadu_ps(keep, at);
+                _mm512_mask_storeu_ps(at, first_lanes(len - c * W), _mm512_maskz_mul_ps(keep, x, inv));
+            }
+        }
+    }
 }
 
 /// Rows `i..i + R` of [`products`], all `R·C` vectors of them in registers: each element a
@@ -1664,5 +1758,76 @@ mod tests {
         check::<4, 3>(&mut rng);
         check::<4, 4>(&mut rng);
         check::<1, 2>(&mut rng);
+    }
+
+    #[test]
+    fn stored_rows_softmax_equals_the_row_softmax_bit_for_bit() {
+        if skip() {
+            return;
+        }
+        fn check<const R: usize>(rng: &mut StdRng) {
+            let specials = [
+                f32::NEG_INFINITY,
+                f32::INFINITY,
+                f32::NAN,
+                0.0,
+                -0.0,
+                80.0,
+                -80.0,
+                1e30,
+            ];
+            for round in 0..150 {
+                // Rows of 1 to 300 floats (vectors partly filled, odd and even counts of them),
+                // each with its own limit, some past the row's end.
+                let len = rng.random_range(1..=300);
+                let mut rows = vec![vec![0.0f32; len]; R];
+                let mut limits = [0; R];
+                for (r, (row, limit)) in rows.iter_mut().zip(&mut limits).enumerate() {
+                    *limit = match (round + r) % 6 {
+                        0 => 0,
+                        1 => len,
+                        2 => len + 5,
+                        _ => rng.random_range(1..=len),
+                    };
+                    for x in row.iter_mut() {
+                        *x = if rng.random_range(0..8) == 0 {
+                            specials[rng.random_range(0..specials.len())]
+                        } else {
+                            rng.random_range(-30.0f32..30.0)
+                        };
+                    }
+                    if round % 7 == r % 7 {
+                        row.fill(f32::NEG_INFINITY);
+                    }
+                }
+                let mut want = rows.clone();
+                for (row, &limit) in want.iter_mut().zip(&limits) {
+                    softmax_row(
+                        row,
+                        RowMask {
+                            limit,
+                            keys: None,
+                            pairs: None,
+                        },
+                    );
+                }
+                let at: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
+                // SAFETY: AVX-512F (`skip` checked it); R rows of `len` floats each.
+                unsafe { softmax_stored(at, limits, len) };
+                for r in 0..R {
+                    for j in 0..len {
+                        let (g, w) = (rows[r][j], want[r][j]);
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{R} rows of {len}, round {round}, row {r} (limit {}), key {j}: {g} against {w}",
+                            limits[r]
+                        );
+                    }
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(12);
+        check::<4>(&mut rng);
+        check::<1>(&mut rng);
     }
 }

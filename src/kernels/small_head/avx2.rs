@@ -1201,7 +1201,7 @@ mod tests {
     use crate::kernels::dropout::{DropKey, DropRows};
     use crate::kernels::gemm_blocks;
     use crate::kernels::small_head::RowSoftmax;
-    use crate::kernels::small_head::tests::{KEYS, random};
+    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random};
     use crate::kernels::softmax::{RowMask, softmax_row};
     use ndarray::{Array2, s};
     use rand::{SeedableRng, rngs::StdRng};
@@ -1693,16 +1693,7 @@ mod tests {
                 let ptrs: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
                 // SAFETY: AVX2 (checked); rows of len ≥ live floats.
                 unsafe { softmax_rows::<R, YMM>(ptrs, live, len) };
-                for r in 0..R {
-                    for j in 0..len {
-                        let (g, w) = (rows[r][j], want[r][j]);
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{R}×{YMM}, round {round}, row {r} (live {}), key {j}: {g} against {w}",
-                            live[r]
-                        );
-                    }
-                }
+                assert_rows_bits(&rows, &want, len, &live, &format!("{R}×{YMM}, round {round}"));
             }
         }
         let mut rng = StdRng::seed_from_u64(32);

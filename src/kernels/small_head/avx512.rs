@@ -1331,7 +1331,7 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
 mod tests {
     use super::*;
     use crate::kernels::gemm::{Isa, gemm};
-    use crate::kernels::small_head::tests::{KEYS, random};
+    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random};
     use crate::kernels::softmax::{RowMask, softmax_row, softmax_row_backward};
     use ndarray::{Array2, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -1739,16 +1739,7 @@ mod tests {
                 }
                 // SAFETY: AVX-512F (`skip` checked it).
                 unsafe { block::<R, C>(&mut rows, &limits) };
-                for r in 0..R {
-                    for j in 0..width {
-                        let (g, w) = (rows[r][j], want[r][j]);
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{R}×{C}, round {round}, row {r} (limit {}), key {j}: {g} against {w}",
-                            limits[r]
-                        );
-                    }
-                }
+                assert_rows_bits(&rows, &want, width, &limits, &format!("{R}×{C}, round {round}"));
             }
         }
         let mut rng = StdRng::seed_from_u64(11);
@@ -1814,16 +1805,13 @@ mod tests {
                 let at: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
                 // SAFETY: AVX-512F (`skip` checked it); R rows of `len` floats each.
                 unsafe { softmax_stored(at, limits, len) };
-                for r in 0..R {
-                    for j in 0..len {
-                        let (g, w) = (rows[r][j], want[r][j]);
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{R} rows of {len}, round {round}, row {r} (limit {}), key {j}: {g} against {w}",
-                            limits[r]
-                        );
-                    }
-                }
+                assert_rows_bits(
+                    &rows,
+                    &want,
+                    len,
+                    &limits,
+                    &format!("{R} rows of {len}, round {round}"),
+                );
             }
         }
         let mut rng = StdRng::seed_from_u64(12);

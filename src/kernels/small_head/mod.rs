@@ -325,6 +325,27 @@ pub(super) mod tests {
         Array2::from_shape_fn(shape, |_| rng.random_range(-2.0..2.0))
     }
 
+    /// Asserts that the first `len` elements of each row of `got` have the bits of `want`'s
+    /// (a NaN matching any NaN), naming `case`, the row, its limit and the key where one does
+    /// not: the softmax paths of stored rows against the row softmax.
+    pub(super) fn assert_rows_bits<G: AsRef<[f32]>, W: AsRef<[f32]>>(
+        got: &[G],
+        want: &[W],
+        len: usize,
+        limits: &[usize],
+        case: &str,
+    ) {
+        for (r, (g, w)) in got.iter().zip(want).enumerate() {
+            for (j, (&g, &w)) in g.as_ref()[..len].iter().zip(&w.as_ref()[..len]).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{case}, row {r} (limit {}), key {j}: {g} against {w}",
+                    limits[r]
+                );
+            }
+        }
+    }
+
     pub(super) static KEYS: [bool; 303] = {
         let mut k = [true; 303];
         let mut j = 1;

@@ -1201,7 +1201,7 @@ mod tests {
     use crate::kernels::dropout::{DropKey, DropRows};
     use crate::kernels::gemm_blocks;
     use crate::kernels::small_head::RowSoftmax;
-    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random};
+    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random, row_softmaxes, score};
     use crate::kernels::softmax::{RowMask, softmax_row};
     use ndarray::{Array2, s};
     use rand::{SeedableRng, rngs::StdRng};
@@ -1647,17 +1647,6 @@ mod tests {
         }
         use rand::Rng;
         fn check<const R: usize, const YMM: usize>(rng: &mut StdRng) {
-            let specials = [
-                f32::NEG_INFINITY,
-                f32::INFINITY,
-                f32::NAN,
-                0.0,
-                -0.0,
-                80.0,
-                -80.0,
-                1e30,
-                -1e30,
-            ];
             let len = 8 * YMM + 5;
             for round in 0..300 {
                 let mut rows = vec![vec![0.0f32; len]; R];
@@ -1669,27 +1658,13 @@ mod tests {
                         _ => rng.random_range(1..=8 * YMM),
                     };
                     for x in row.iter_mut() {
-                        *x = if rng.random_range(0..6) == 0 {
-                            specials[rng.random_range(0..specials.len())]
-                        } else {
-                            rng.random_range(-30.0f32..30.0)
-                        };
+                        *x = score(rng);
                     }
                     if round % 7 == r % 7 {
                         row[..*live].fill(f32::NEG_INFINITY);
                     }
                 }
-                let mut want = rows.clone();
-                for (row, &limit) in want.iter_mut().zip(&live) {
-                    softmax_row(
-                        row,
-                        RowMask {
-                            limit,
-                            keys: None,
-                            pairs: None,
-                        },
-                    );
-                }
+                let want = row_softmaxes(&rows, len, &live);
                 let ptrs: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
                 // SAFETY: AVX2 (checked); rows of len ≥ live floats.
                 unsafe { softmax_rows::<R, YMM>(ptrs, live, len) };

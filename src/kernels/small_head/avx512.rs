@@ -1331,7 +1331,7 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
 mod tests {
     use super::*;
     use crate::kernels::gemm::{Isa, gemm};
-    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random};
+    use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random, row_softmaxes, score};
     use crate::kernels::softmax::{RowMask, softmax_row, softmax_row_backward};
     use ndarray::{Array2, s};
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -1693,17 +1693,6 @@ mod tests {
             }
         }
         fn check<const R: usize, const C: usize>(rng: &mut StdRng) {
-            let specials = [
-                f32::NEG_INFINITY,
-                f32::INFINITY,
-                f32::NAN,
-                0.0,
-                -0.0,
-                80.0,
-                -80.0,
-                1e30,
-                -1e30,
-            ];
             for round in 0..200 {
                 let width = C * W;
                 let mut rows = vec![[0.0f32; 64]; R];
@@ -1715,28 +1704,14 @@ mod tests {
                         _ => rng.random_range(1..=width),
                     };
                     for x in row[..width].iter_mut() {
-                        *x = if rng.random_range(0..6) == 0 {
-                            specials[rng.random_range(0..specials.len())]
-                        } else {
-                            rng.random_range(-30.0f32..30.0)
-                        };
+                        *x = score(rng);
                     }
                     // Some rows with only −∞ allowed.
                     if round % 7 == r % 7 {
                         row[..width].fill(f32::NEG_INFINITY);
                     }
                 }
-                let mut want = rows.clone();
-                for (row, &limit) in want.iter_mut().zip(&limits) {
-                    softmax_row(
-                        &mut row[..width],
-                        RowMask {
-                            limit,
-                            keys: None,
-                            pairs: None,
-                        },
-                    );
-                }
+                let want = row_softmaxes(&rows, width, &limits);
                 // SAFETY: AVX-512F (`skip` checked it).
                 unsafe { block::<R, C>(&mut rows, &limits) };
                 assert_rows_bits(&rows, &want, width, &limits, &format!("{R}×{C}, round {round}"));
@@ -1757,16 +1732,6 @@ mod tests {
             return;
         }
         fn check<const R: usize>(rng: &mut StdRng) {
-            let specials = [
-                f32::NEG_INFINITY,
-                f32::INFINITY,
-                f32::NAN,
-                0.0,
-                -0.0,
-                80.0,
-                -80.0,
-                1e30,
-            ];
             for round in 0..150 {
                 // Rows of 1 to 300 floats (vectors partly filled, odd and even counts of them),
                 // each with its own limit, some past the row's end.
@@ -1781,27 +1746,13 @@ mod tests {
                         _ => rng.random_range(1..=len),
                     };
                     for x in row.iter_mut() {
-                        *x = if rng.random_range(0..8) == 0 {
-                            specials[rng.random_range(0..specials.len())]
-                        } else {
-                            rng.random_range(-30.0f32..30.0)
-                        };
+                        *x = score(rng);
                     }
                     if round % 7 == r % 7 {
                         row.fill(f32::NEG_INFINITY);
                     }
                 }
-                let mut want = rows.clone();
-                for (row, &limit) in want.iter_mut().zip(&limits) {
-                    softmax_row(
-                        row,
-                        RowMask {
-                            limit,
-                            keys: None,
-                            pairs: None,
-                        },
-                    );
-                }
+                let want = row_softmaxes(&rows, len, &limits);
                 let at: [*mut f32; R] = std::array::from_fn(|r| rows[r].as_mut_ptr());
                 // SAFETY: AVX-512F (`skip` checked it); R rows of `len` floats each.
                 unsafe { softmax_stored(at, limits, len) };

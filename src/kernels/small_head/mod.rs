@@ -325,6 +325,42 @@ pub(super) mod tests {
         Array2::from_shape_fn(shape, |_| rng.random_range(-2.0..2.0))
     }
 
+    /// A score for the softmax tests: one time in six a special value (an infinity, NaN, a
+    /// signed zero, a large one), else uniform in −30..30.
+    pub(super) fn score(rng: &mut StdRng) -> f32 {
+        const SPECIALS: [f32; 9] = [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+            80.0,
+            -80.0,
+            1e30,
+            -1e30,
+        ];
+        if rng.random_range(0..6) == 0 {
+            SPECIALS[rng.random_range(0..SPECIALS.len())]
+        } else {
+            rng.random_range(-30.0f32..30.0)
+        }
+    }
+
+    /// The softmax of the first `len` floats of each row under a plain limit, by the row
+    /// softmax of the general path: what a softmax of stored rows must give, bit for bit.
+    pub(super) fn row_softmaxes<T: Clone + AsMut<[f32]>>(rows: &[T], len: usize, limits: &[usize]) -> Vec<T> {
+        let mut want = rows.to_vec();
+        for (row, &limit) in want.iter_mut().zip(limits) {
+            let mask = RowMask {
+                limit,
+                keys: None,
+                pairs: None,
+            };
+            crate::kernels::softmax::softmax_row(&mut row.as_mut()[..len], mask);
+        }
+        want
+    }
+
     /// Asserts that the first `len` elements of each row of `got` have the bits of `want`'s
     /// (a NaN matching any NaN), naming `case`, the row, its limit and the key where one does
     /// not: the softmax paths of stored rows against the row softmax.

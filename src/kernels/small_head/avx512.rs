@@ -164,7 +164,7 @@ impl SmallHead {
     pub(crate) unsafe fn forward<F: Float, L: Fn(usize) -> usize, S: FnMut(usize, &mut [F])>(
         &self,
         scale: f32,
-        softmax: RowSoftmax<L, S>,
+        mut softmax: RowSoftmax<L, S>,
         queries: impl Iterator<Item = (Range<usize>, usize)> + Clone,
         dropped: Option<DropRows>,
         probs: &mut ArrayViewMut2<F>,
@@ -188,10 +188,6 @@ impl SmallHead {
         ask_rows(self.q, tq, dk);
         ask_rows(self.k, kb, dk);
         ask_rows(self.v, kb, dv);
-        let (limit, mut rows_softmax) = match softmax {
-            RowSoftmax::Limit(l) => (Some(l), None),
-            RowSoftmax::Rows(s) => (None, Some(s)),
-        };
         let row = |i: usize| p.from(i, 0).ptr as *mut f32;
         SCRATCH.with_borrow_mut(|scratch| {
             let (qt, rest) = take(scratch, dk * tq + dk * kb + kb * tq).split_at_mut(dk * tq);
@@ -209,11 +205,11 @@ impl SmallHead {
                 if width == 0 {
                     // Queries that see no key: zero weights (or the row softmax's), zero output.
                     for i in rows {
-                        match rows_softmax.as_mut() {
-                            Some(softmax) => {
+                        match &mut softmax {
+                            RowSoftmax::Rows(softmax) => {
                                 softmax(i, probs.row_mut(i).as_slice_mut().expect("contiguous rows"))
                             }
-                            None => probs.row_mut(i).fill(F::ZERO),
+                            RowSoftmax::Limit(_) => probs.row_mut(i).fill(F::ZERO),
                         }
                         // SAFETY: row i of out [tq, dv] (asserted).
                         (0..dv).for_each(|d| unsafe { *o.addr(i, d) = 0.0 });
@@ -224,7 +220,7 @@ impl SmallHead {
                 // where a row's weights are stored between them (more keys than registers
                 // hold), so that the run's weights stay in L1 from one to the next; else the
                 // whole block at once.
-                let in_registers = limit.is_some() && width <= MAX_KEYS;
+                let in_registers = matches!(softmax, RowSoftmax::Limit(_)) && width <= MAX_KEYS;
                 let run = if in_registers { rows.len() } else { SUB_ROWS };
                 for start in rows.clone().step_by(run) {
                     let sub = start..(start + run).min(rows.end);
@@ -235,47 +231,40 @@ impl SmallHead {
                         Left::Rows(self.q.from(sub.start, 0))
                     };
                     let ps = p.from(sub.start, 0);
-                    if in_registers {
-                        let limit = limit.as_ref().expect("a limit");
-                        let limit = |r: usize| limit(sub.start + r);
-                        // The softmax in registers, beside the scores. SAFETY: AVX-512F; S =
-                        // Q·Kᵀ for these rows from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
-                        // (asserted).
-                        unsafe { products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), ps, n) };
-                        // The keys past the block's own are blocked.
-                        for i in sub.clone() {
-                            probs.row_mut(i).slice_mut(s![width..]).fill(F::ZERO);
+                    match &mut softmax {
+                        RowSoftmax::Limit(limit) if in_registers => {
+                            let limit = &*limit;
+                            let limit = |r: usize| limit(sub.start + r);
+                            // The softmax in registers, beside the scores. SAFETY: AVX-512F; S =
+                            // Q·Kᵀ for these rows from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
+                            // (asserted).
+                            unsafe {
+                                products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), ps, n)
+                            };
+                            // The keys past the block's own are blocked.
+                            for i in sub.clone() {
+                                probs.row_mut(i).slice_mut(s![width..]).fill(F::ZERO);
+                            }
                         }
-                    } else {
-                        // The scores alone, a product of at most MAX_KEYS columns at a time.
-                        for c in (0..width).step_by(MAX_KEYS) {
-                            let b = Strided::dense(&kt[c..], kb);
-                            let cols = MAX_KEYS.min(width - c);
-                            // SAFETY: as above, for columns c..c + cols.
-                            unsafe { products(q, b, dk, cols, scale, NO_LIMIT, ps.from(0, c), n) };
-                        }
-                        match (limit.as_ref(), rows_softmax.as_mut()) {
-                            (Some(limit), _) => {
-                                // Four stored rows side by side, then the rows left one at a time.
-                                let mut i = sub.start;
-                                while i + 4 <= sub.end {
-                                    let at: [usize; 4] = std::array::from_fn(|r| i + r);
-                                    // SAFETY: AVX-512F; rows of probs [tq, len], contiguous
-                                    // (asserted).
-                                    unsafe { softmax_stored(at.map(row), at.map(limit), len) };
-                                    i += 4;
-                                }
-                                for i in i..sub.end {
-                                    // SAFETY: as above.
-                                    unsafe { softmax_stored([row(i)], [limit(i)], len) };
+                        softmax => {
+                            // The scores alone, a product of at most MAX_KEYS columns at a time.
+                            for c in (0..width).step_by(MAX_KEYS) {
+                                let b = Strided::dense(&kt[c..], kb);
+                                let cols = MAX_KEYS.min(width - c);
+                                // SAFETY: as above, for columns c..c + cols.
+                                unsafe { products(q, b, dk, cols, scale, NO_LIMIT, ps.from(0, c), n) };
+                            }
+                            match softmax {
+                                // SAFETY: AVX-512F; rows of probs [tq, len], contiguous (asserted).
+                                RowSoftmax::Limit(limit) => unsafe {
+                                    softmax_stored_rows(row, &*limit, sub.clone(), len)
+                                },
+                                RowSoftmax::Rows(softmax) => {
+                                    for i in sub.clone() {
+                                        softmax(i, probs.row_mut(i).as_slice_mut().expect("contiguous rows"));
+                                    }
                                 }
                             }
-                            (None, Some(softmax)) => {
-                                for i in sub.clone() {
-                                    softmax(i, probs.row_mut(i).as_slice_mut().expect("contiguous rows"));
-                                }
-                            }
-                            (None, None) => unreachable!("a limit or a row softmax"),
                         }
                     }
                     let src = match dropped {
@@ -948,6 +937,30 @@ unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R]
                 _mm512_mask_storeu_ps(at, first_lanes(len - c * W), _mm512_maskz_mul_ps(keep, x, inv));
             }
         }
+    }
+}
+
+/// [`softmax_stored`] of the stored rows `rows` (row `i` at `row(i)`, over its first
+/// `limit(i)` of `len` floats): four side by side, then the rows left one at a time.
+///
+/// # Safety
+/// As [`softmax_stored`], for each row of `rows`.
+unsafe fn softmax_stored_rows(
+    row: impl Fn(usize) -> *mut f32,
+    limit: impl Fn(usize) -> usize,
+    rows: Range<usize>,
+    len: usize,
+) {
+    let mut i = rows.start;
+    while i + 4 <= rows.end {
+        let at: [usize; 4] = std::array::from_fn(|r| i + r);
+        // SAFETY: the caller's rows; AVX-512F.
+        unsafe { softmax_stored(at.map(&row), at.map(&limit), len) };
+        i += 4;
+    }
+    for i in i..rows.end {
+        // SAFETY: as above.
+        unsafe { softmax_stored([row(i)], [limit(i)], len) };
     }
 }
 

@@ -37,7 +37,7 @@ pub(crate) mod weights;
 
 use packed::{Epilogue, Mat, MatMut, Panels};
 pub use packed::{Isa, KC};
-pub(crate) use packed::{exceed_last_level_cache, with_streamed_weights};
+pub(crate) use packed::{exceed_last_level_cache, l2_cache_bytes, with_streamed_weights};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;

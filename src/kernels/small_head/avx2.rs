@@ -90,6 +90,14 @@ impl<S> HeadsOf<'_, '_, S> {
         }
     }
 
+    /// Elements to the keys and values of the rows stepped next ([`StepRow::next`]).
+    fn next(&self) -> Option<(isize, isize)> {
+        match self {
+            HeadsOf::One(_) => None,
+            HeadsOf::Row(r) => r.next,
+        }
+    }
+
     /// The keys taking part and the mask of the query's row, in every head.
     fn keys(&self) -> (usize, crate::kernels::softmax::RowMask<'_>) {
         match self {
@@ -208,14 +216,19 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
     let dk = each[0].0.len();
     // SAFETY: AVX2 (caller).
     let tail = unsafe { Tail::of(kb - (NK - 1) * W) };
+    let next = heads.next().map(|(kt, _)| kt);
     let mut acc = [[_mm256_setzero_ps(); NK]; G];
     for d in 0..dk {
         for (g, acc) in acc.iter_mut().enumerate() {
             let (q, scale, kt, kt_rs, ..) = each[g];
             let qd = _mm256_set1_ps(q[d] * scale);
+            let row = kt.wrapping_offset(d as isize * kt_rs);
             // SAFETY: the head's row d of keys holds kb elements (caller), which fill NK
             // vectors, the last `tail`.
-            unsafe { add_times(acc, qd, kt.offset(d as isize * kt_rs), tail) };
+            unsafe { add_times(acc, qd, row, tail) };
+            if let Some(next) = next {
+                ask_ahead::<S, NK>(row, next);
+            }
         }
     }
     for (p, acc) in probs.iter_mut().zip(&acc) {
@@ -246,15 +259,20 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
     let each: [_; G] = std::array::from_fn(|g| heads.head(first + g));
     // SAFETY: AVX2 (caller).
     let tail = unsafe { Tail::of(dv - (NO - 1) * W) };
+    let next = heads.next().map(|(_, v)| v);
     let mut acc = [[_mm256_setzero_ps(); NO]; G];
     // Position j's terms, each head's weight times its value row.
     let mut add = |j: usize| {
         for (g, acc) in acc.iter_mut().enumerate() {
             let (.., v, v_rs) = each[g];
             let p = _mm256_set1_ps(probs[g][j]);
+            let row = v.wrapping_offset(j as isize * v_rs);
             // SAFETY: the head's value row j holds d_v elements (caller), which fill NO
             // vectors, the last `tail`.
-            unsafe { add_times(acc, p, v.offset(j as isize * v_rs), tail) };
+            unsafe { add_times(acc, p, row, tail) };
+            if let Some(next) = next {
+                ask_ahead::<S, NO>(row, next);
+            }
         }
     };
     let limit = mask.limit.min(kb);
@@ -277,6 +295,17 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
                 o.copy_from_slice(&lanes[..n]);
             }
         }
+    }
+}
+
+/// Asks for the lines of a row of `N` vectors `next` elements ahead of `row`, in the rows
+/// stepped next ([`StepRow::ahead`]), into L2: one ask a line.
+#[inline(always)]
+fn ask_ahead<S, const N: usize>(row: *const S, next: isize) {
+    let per_line = (64 / (W * std::mem::size_of::<S>())).max(1);
+    for c in (0..N).step_by(per_line) {
+        // SAFETY: SSE is part of x86-64; an ask reads nothing and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next)) };
     }
 }
 

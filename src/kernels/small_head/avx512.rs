@@ -1260,18 +1260,25 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
     let kb = r.kb;
     let dk = r.q.len() / r.heads;
     let mk: [u16; NK] = std::array::from_fn(|c| crate::kernels::simd::first_lanes(kb.saturating_sub(c * W)));
-    let q = &r.q[first * dk..][..G * dk];
+    // The heads' queries by pointer: a bounds check in the loop (a way out of it, to a panic)
+    // had kept a copy of every accumulator in memory, stored after each multiply-add.
+    let q: [*const f32; G] = std::array::from_fn(|g| r.q[(first + g) * dk..][..dk].as_ptr());
     let kts: [*const S; G] = std::array::from_fn(|g| r.kt_of(first + g));
     let mut acc = [[_mm512_setzero_ps(); NK]; G];
     for d in 0..dk {
         for (g, acc) in acc.iter_mut().enumerate() {
-            let qd = _mm512_set1_ps(q[g * dk + d] * r.scale);
+            // SAFETY: d < d_k, inside head first + g's queries (sliced above).
+            let qd = _mm512_set1_ps(unsafe { *q[g].add(d) } * r.scale);
             // SAFETY: head first + g's row d of keys holds kb elements (caller); the masks
             // cover them.
             let row = unsafe { kts[g].offset(d as isize * r.kt_rs) };
             for (c, acc) in acc.iter_mut().enumerate() {
                 let k = unsafe { S::lanes(row.add(c * W), mk[c]) };
                 *acc = _mm512_fmadd_ps(qd, k, *acc);
+                // The next rows' line where this one lies in theirs (`StepRow::ahead`).
+                if let Some((next, _)) = r.next {
+                    _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next));
+                }
             }
         }
     }
@@ -1327,6 +1334,9 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let x = unsafe { S::lanes(row.add(c * W), mv[c]) };
                     *acc = _mm512_fmadd_ps(p, x, *acc);
+                    if let Some((_, next)) = r.next {
+                        _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next));
+                    }
                 }
             }
         }

@@ -246,6 +246,20 @@ pub(crate) struct StepRow<'a, F, S = F> {
     pub kb: usize,
     /// The mask of this query's row, in every head.
     pub mask: super::RowMask<'a>,
+    /// Elements from these rows' keys, resp. values, to those of the rows stepped next, if
+    /// the vector paths are to ask for their lines into L2 as they read their own (see
+    /// [`StepRow::ahead`]).
+    pub next: Option<(isize, isize)>,
+}
+
+impl<'a, F, S> StepRow<'a, F, S> {
+    /// The element `next` ahead of `p` (an element of these rows' keys or values) in the rows
+    /// stepped next, to ask for (never read: only its address is computed). Why, and when a
+    /// step asks: `attention_step` in `layers::attention`.
+    #[inline(always)]
+    pub(crate) fn ahead(p: *const S, next: isize) -> *const i8 {
+        p.wrapping_offset(next) as *const i8
+    }
 }
 
 impl<'a, F, S> StepRow<'a, F, S> {
@@ -549,6 +563,7 @@ pub(super) mod tests {
                     v_rs: (dv + 3) as isize,
                     kb,
                     mask,
+                    next: None,
                 }
             }
             use crate::kernels::gemm::bf16::to_bf16;

@@ -922,6 +922,28 @@ mod tests {
     use ndarray::{Array2, Array4, Axis, s};
     use rand::{SeedableRng, rngs::StdRng};
 
+    /// Row `row` of `q` stepped alone over sequence `seq`'s keys (transposed) and values,
+    /// under `one`, a mask of one row.
+    fn step_alone(
+        q: &Array2<f32>,
+        kt: &Array4<f32>,
+        v: &Array4<f32>,
+        row: usize,
+        seq: usize,
+        one: &ResolvedMask,
+    ) -> Array2<f32> {
+        let mut alone = Array2::from_elem((1, q.ncols()), f32::NAN);
+        attention_step(
+            q.slice(s![row..row + 1, ..]),
+            kt.slice(s![seq..seq + 1, .., .., ..]),
+            v.slice(s![seq..seq + 1, .., .., ..]),
+            None,
+            one,
+            alone.view_mut(),
+        );
+        alone
+    }
+
     /// A decoding step over sequences of few heads, taken together where their masks agree,
     /// gives the bits of each sequence's step alone: sequences of two and four heads, key
     /// lengths that agree for runs of one to three sequences, and padding flags that set one
@@ -949,15 +971,7 @@ mod tests {
                 attention_step(q.view(), kt.view(), v.view(), None, &all, together.view_mut());
                 for bi in 0..b {
                     let one = mask(bi..bi + 1).resolve(1, 1, tk).unwrap();
-                    let mut alone = Array2::from_elem((1, h * dk), f32::NAN);
-                    attention_step(
-                        q.slice(s![bi..bi + 1, ..]),
-                        kt.slice(s![bi..bi + 1, .., .., ..]),
-                        v.slice(s![bi..bi + 1, .., .., ..]),
-                        None,
-                        &one,
-                        alone.view_mut(),
-                    );
+                    let alone = step_alone(&q, &kt, &v, bi, bi, &one);
                     for (x, y) in alone.iter().zip(together.row(bi)) {
                         assert_eq!(
                             x.to_bits(),
@@ -1002,15 +1016,7 @@ mod tests {
                 let one = Mask::key_lengths(&lengths[row..row + 1])
                     .resolve(1, 1, tk)
                     .unwrap();
-                let mut alone = Array2::from_elem((1, h * dk), f32::NAN);
-                attention_step(
-                    q.slice(s![row..row + 1, ..]),
-                    kt.slice(s![seq..seq + 1, .., .., ..]),
-                    v.slice(s![seq..seq + 1, .., .., ..]),
-                    None,
-                    &one,
-                    alone.view_mut(),
-                );
+                let alone = step_alone(&q, &kt, &v, row, seq, &one);
                 for (x, y) in alone.iter().zip(stepped.row(row)) {
                     assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, row {row} (sequence {seq})");
                 }

@@ -249,6 +249,7 @@ pub(crate) struct StepRow<'a, F, S = F> {
     /// Elements from these rows' keys, resp. values, to those of the rows stepped next, if
     /// the vector paths are to ask for their lines into L2 as they read their own (see
     /// [`StepRow::ahead`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels
     pub next: Option<(isize, isize)>,
 }
 
@@ -256,6 +257,7 @@ impl<'a, F, S> StepRow<'a, F, S> {
     /// The element `next` ahead of `p` (an element of these rows' keys or values) in the rows
     /// stepped next, to ask for (never read: only its address is computed). Why, and when a
     /// step asks: `attention_step` in `layers::attention`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // called by the x86 kernels
     #[inline(always)]
     pub(crate) fn ahead(p: *const S, next: isize) -> *const i8 {
         p.wrapping_offset(next) as *const i8

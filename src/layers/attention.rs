@@ -922,26 +922,20 @@ mod tests {
     use ndarray::{Array2, Array4, Axis, s};
     use rand::{SeedableRng, rngs::StdRng};
 
-    /// Row `row` of `q` stepped alone over sequence `seq`'s keys (transposed) and values,
-    /// under `one`, a mask of one row.
-    fn step_alone(
-        q: &Array2<f32>,
-        kt: &Array4<f32>,
-        v: &Array4<f32>,
-        row: usize,
-        seq: usize,
-        one: &ResolvedMask,
-    ) -> Array2<f32> {
-        let mut alone = Array2::from_elem((1, q.ncols()), f32::NAN);
-        attention_step(
-            q.slice(s![row..row + 1, ..]),
-            kt.slice(s![seq..seq + 1, .., .., ..]),
-            v.slice(s![seq..seq + 1, .., .., ..]),
-            None,
-            one,
-            alone.view_mut(),
-        );
-        alone
+    /// A decoding step's random inputs: queries `[rows, h · d_k]`, and `n` sequences' cached
+    /// keys (transposed, `[n, h, d_k, tk]`) and values (`[n, h, tk, d_k]`).
+    fn random_step(
+        rng: &mut StdRng,
+        rows: usize,
+        n: usize,
+        h: usize,
+        dk: usize,
+        tk: usize,
+    ) -> (Array2<f32>, Array4<f32>, Array4<f32>) {
+        let q = Array2::from_shape_fn((rows, h * dk), |_| rng.random_range(-2.0f32..2.0));
+        let kt = Array4::from_shape_fn((n, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
+        let v = Array4::from_shape_fn((n, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
+        (q, kt, v)
     }
 
     /// A decoding step over sequences of few heads, taken together where their masks agree,
@@ -955,9 +949,7 @@ mod tests {
         let lengths = [11, 11, 11, 4, 9, 9, 11];
         let padding = Array2::from_shape_fn((b, tk), |(i, j)| i == 5 && j == 2);
         for h in [2, 4] {
-            let q = Array2::from_shape_fn((b, h * dk), |_| rng.random_range(-2.0f32..2.0));
-            let kt = Array4::from_shape_fn((b, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
-            let v = Array4::from_shape_fn((b, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
+            let (q, kt, v) = random_step(&mut rng, b, b, h, dk, tk);
             for padded in [false, true] {
                 let mask = |rows: std::ops::Range<usize>| {
                     if padded {
@@ -971,7 +963,15 @@ mod tests {
                 attention_step(q.view(), kt.view(), v.view(), None, &all, together.view_mut());
                 for bi in 0..b {
                     let one = mask(bi..bi + 1).resolve(1, 1, tk).unwrap();
-                    let alone = step_alone(&q, &kt, &v, bi, bi, &one);
+                    let mut alone = Array2::from_elem((1, h * dk), f32::NAN);
+                    attention_step(
+                        q.slice(s![bi..bi + 1, ..]),
+                        kt.slice(s![bi..bi + 1, .., .., ..]),
+                        v.slice(s![bi..bi + 1, .., .., ..]),
+                        None,
+                        &one,
+                        alone.view_mut(),
+                    );
                     for (x, y) in alone.iter().zip(together.row(bi)) {
                         assert_eq!(
                             x.to_bits(),
@@ -979,46 +979,6 @@ mod tests {
                             "{h} heads, sequence {bi}, padded {padded}"
                         );
                     }
-                }
-            }
-        }
-    }
-
-    /// Over caches larger than L2, whose next sequence's lines each step asks for while it
-    /// reads its own, every row gets its sequence's own bits: rows that read the sequences
-    /// backwards, one twice in a row and one again after others (as beams do), with eight heads
-    /// a row and with two (rows taken together).
-    #[test]
-    fn steps_over_caches_past_l2_give_each_sequences_bits() {
-        let mut rng = StdRng::seed_from_u64(33);
-        let (tk, dk) = (40, 32);
-        for h in [8, 2] {
-            let per_sequence = h * tk * 2 * dk * std::mem::size_of::<f32>();
-            let b = crate::kernels::gemm::l2_cache_bytes() / per_sequence + 3;
-            let mut seqs: Vec<usize> = (0..b).rev().collect();
-            seqs.extend([1, 1, 0, b - 1]);
-            let rows = seqs.len();
-            let lengths: Vec<usize> = (0..rows).map(|i| if i % 5 == 4 { 17 } else { tk }).collect();
-            let q = Array2::from_shape_fn((rows, h * dk), |_| rng.random_range(-2.0f32..2.0));
-            let kt = Array4::from_shape_fn((b, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
-            let v = Array4::from_shape_fn((b, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
-            let all = Mask::key_lengths(&lengths).resolve(rows, 1, tk).unwrap();
-            let mut stepped = Array2::from_elem((rows, h * dk), f32::NAN);
-            attention_step(
-                q.view(),
-                kt.view(),
-                v.view(),
-                Some(&seqs),
-                &all,
-                stepped.view_mut(),
-            );
-            for (row, &seq) in seqs.iter().enumerate() {
-                let one = Mask::key_lengths(&lengths[row..row + 1])
-                    .resolve(1, 1, tk)
-                    .unwrap();
-                let alone = step_alone(&q, &kt, &v, row, seq, &one);
-                for (x, y) in alone.iter().zip(stepped.row(row)) {
-                    assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, row {row} (sequence {seq})");
                 }
             }
         }
@@ -1064,41 +1024,58 @@ mod tests {
     /// Rows that read mapped sequences of the cache (several rows one sequence, as beams
     /// read their source's memory; runs of the same sequence, of consecutive ones, and
     /// scattered) give the bits of a step over each row's sequence copied out, for two, four
-    /// and eight heads (taken together or not), with key lengths per row.
+    /// and eight heads (taken together or not), with key lengths per row; also over caches
+    /// more than L2 holds, where each step asks for the next rows' lines while it reads its
+    /// own (the sequences read backwards, one twice in a row, one again after others).
     #[test]
     fn rows_mapped_to_sequences_give_the_bits_of_their_sequences_copied() {
         let mut rng = StdRng::seed_from_u64(33);
-        let (n, tk, dk) = (4, 10, 8);
-        let seqs = [0, 0, 0, 0, 1, 2, 3, 3, 1, 0, 2, 2];
-        let b = seqs.len();
-        let lengths: Vec<usize> = seqs.iter().map(|&i| [10, 7, 10, 3][i]).collect();
-        for h in [2, 4, 8] {
-            let q = Array2::from_shape_fn((b, h * dk), |_| rng.random_range(-2.0f32..2.0));
-            let kt = Array4::from_shape_fn((n, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
-            let v = Array4::from_shape_fn((n, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
-            let mask = Mask::key_lengths(&lengths).resolve(b, 1, tk).unwrap();
-            let mut mapped = Array2::from_elem((b, h * dk), f32::NAN);
-            attention_step(
-                q.view(),
-                kt.view(),
-                v.view(),
-                Some(&seqs),
-                &mask,
-                mapped.view_mut(),
-            );
-            let (kt_rows, v_rows) = (kt.select(Axis(0), &seqs), v.select(Axis(0), &seqs));
-            let mut copied = Array2::from_elem((b, h * dk), f32::NAN);
-            attention_step(
-                q.view(),
-                kt_rows.view(),
-                v_rows.view(),
-                None,
-                &mask,
-                copied.view_mut(),
-            );
-            assert!(copied.iter().all(|x| x.is_finite()));
-            for (i, (x, y)) in mapped.iter().zip(&copied).enumerate() {
-                assert_eq!(x.to_bits(), y.to_bits(), "{h} heads, row {}", i / (h * dk));
+        let scattered = vec![0, 0, 0, 0, 1, 2, 3, 3, 1, 0, 2, 2];
+        let scattered_lengths: Vec<usize> = scattered.iter().map(|&i| [10, 7, 10, 3][i]).collect();
+        // Sequences of 40 positions of d_k 32: with two heads, as many as fill L2, and three.
+        let big = crate::kernels::gemm::l2_cache_bytes() / (2 * 40 * 2 * 32 * 4) + 3;
+        let mut backwards: Vec<usize> = (0..big).rev().collect();
+        backwards.extend([1, 1, 0, big - 1]);
+        let backwards_lengths: Vec<usize> = (0..backwards.len())
+            .map(|i| if i % 5 == 4 { 17 } else { 40 })
+            .collect();
+        let cases = [
+            (4, 10, 8, scattered, scattered_lengths),
+            (big, 40, 32, backwards, backwards_lengths),
+        ];
+        for (n, tk, dk, seqs, lengths) in cases {
+            let b = seqs.len();
+            for h in [2, 4, 8] {
+                let (q, kt, v) = random_step(&mut rng, b, n, h, dk, tk);
+                let mask = Mask::key_lengths(&lengths).resolve(b, 1, tk).unwrap();
+                let mut mapped = Array2::from_elem((b, h * dk), f32::NAN);
+                attention_step(
+                    q.view(),
+                    kt.view(),
+                    v.view(),
+                    Some(&seqs),
+                    &mask,
+                    mapped.view_mut(),
+                );
+                let (kt_rows, v_rows) = (kt.select(Axis(0), &seqs), v.select(Axis(0), &seqs));
+                let mut copied = Array2::from_elem((b, h * dk), f32::NAN);
+                attention_step(
+                    q.view(),
+                    kt_rows.view(),
+                    v_rows.view(),
+                    None,
+                    &mask,
+                    copied.view_mut(),
+                );
+                assert!(copied.iter().all(|x| x.is_finite()));
+                for (i, (x, y)) in mapped.iter().zip(&copied).enumerate() {
+                    assert_eq!(
+                        x.to_bits(),
+                        y.to_bits(),
+                        "{n} sequences, {h} heads, row {}",
+                        i / (h * dk)
+                    );
+                }
             }
         }
     }

@@ -599,7 +599,7 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
         1
     };
     // The keys and values of the rows stepped next asked for while these are stepped
-    // (`StepRow::ahead`), where what the step reads is more than L2 holds: a decoding step
+    // (`small_head::ask_ahead`), where what the step reads is more than L2 holds: a decoding step
     // reads each sequence's cache once (8 heads of 32 keys and values of 32 features: 64 KiB
     // in 16 runs of 4 KiB), which the step's weights have pushed out of L2 since the last
     // step, and the hardware's prefetcher, trained afresh on each head's run, had asked for
@@ -610,9 +610,9 @@ pub(crate) fn attention_step<F: Float, S: Cached<F>>(
     // workload's heads, runs of 16 KiB that the prefetcher follows, about level (505–546M →
     // 470–534M). Caches that stay in L2 (the tiny workload's, 128 KiB a layer) ask for
     // nothing: there the asks had cost more than they saved.
-    let ask_ahead =
-        b * h * tk * (dk + dv) * std::mem::size_of::<S>() > crate::kernels::gemm::l2_cache_bytes();
-    for_each_chunk_mut(out, h * dv, b * h * tk * (dk + dv), |at, rows| {
+    let cached = b * h * tk * (dk + dv);
+    let ask_ahead = cached * std::mem::size_of::<S>() > crate::kernels::gemm::l2_cache_bytes();
+    for_each_chunk_mut(out, h * dv, cached, |at, rows| {
         let mut scores = vec![F::ZERO; tk];
         let (first, n) = (at / (h * dv), rows.len() / (h * dv));
         let mut r = 0;

@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::{Strided, transpose};
-use super::{Cached, StepCache, StepHead, StepRow, as_f32};
+use super::{Cached, StepCache, StepHead, StepRow, as_f32, ask_ahead};
 use crate::kernels::Float;
 use crate::kernels::workspace::with_thread_scratch;
 
@@ -227,7 +227,7 @@ unsafe fn scores<S: Lanes, const G: usize, const NK: usize>(
             // vectors, the last `tail`.
             unsafe { add_times(acc, qd, row, tail) };
             if let Some(next) = next {
-                ask_ahead::<S, NK>(row, next);
+                ask_ahead(row, NK * W, next);
             }
         }
     }
@@ -271,7 +271,7 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
             // vectors, the last `tail`.
             unsafe { add_times(acc, p, row, tail) };
             if let Some(next) = next {
-                ask_ahead::<S, NO>(row, next);
+                ask_ahead(row, NO * W, next);
             }
         }
     };
@@ -295,17 +295,6 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
                 o.copy_from_slice(&lanes[..n]);
             }
         }
-    }
-}
-
-/// Asks for the lines of a row of `N` vectors `next` elements ahead of `row`, in the rows
-/// stepped next ([`StepRow::ahead`]), into L2: one ask a line.
-#[inline(always)]
-fn ask_ahead<S, const N: usize>(row: *const S, next: isize) {
-    let per_line = (64 / (W * std::mem::size_of::<S>())).max(1);
-    for c in (0..N).step_by(per_line) {
-        // SAFETY: SSE is part of x86-64; an ask reads nothing and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next)) };
     }
 }
 

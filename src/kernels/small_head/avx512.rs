@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::{Cached, StepCache, StepHead, StepRow, as_f32};
+use super::{Cached, StepCache, StepHead, StepRow, as_f32, ask_ahead};
 use crate::kernels::Float;
 use crate::kernels::dropout::DropRows;
 use crate::kernels::gemm::KC;
@@ -1281,10 +1281,10 @@ unsafe fn group_scores<S: Lanes, const G: usize, const NK: usize>(
             for (c, acc) in acc.iter_mut().enumerate() {
                 let k = unsafe { S::lanes(row.add(c * W), mk[c]) };
                 *acc = _mm512_fmadd_ps(qd, k, *acc);
-                // The next rows' line where this one lies in theirs (`StepRow::ahead`).
-                if let Some((next, _)) = r.next {
-                    _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next));
-                }
+            }
+            // The next rows' lines where this row's lie in theirs.
+            if let Some((next, _)) = r.next {
+                ask_ahead(row, NK * W, next);
             }
         }
     }
@@ -1340,9 +1340,9 @@ unsafe fn group_values<S: Lanes, const G: usize, const NO: usize>(
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let x = unsafe { S::lanes(row.add(c * W), mv[c]) };
                     *acc = _mm512_fmadd_ps(p, x, *acc);
-                    if let Some((_, next)) = r.next {
-                        _mm_prefetch::<_MM_HINT_T1>(StepRow::<f32, S>::ahead(row.wrapping_add(c * W), next));
-                    }
+                }
+                if let Some((_, next)) = r.next {
+                    ask_ahead(row, NO * W, next);
                 }
             }
         }

@@ -247,20 +247,23 @@ pub(crate) struct StepRow<'a, F, S = F> {
     /// The mask of this query's row, in every head.
     pub mask: super::RowMask<'a>,
     /// Elements from these rows' keys, resp. values, to those of the rows stepped next, if
-    /// the vector paths are to ask for their lines into L2 as they read their own (see
-    /// [`StepRow::ahead`]).
+    /// the vector paths are to ask for their lines into L2 as they read their own
+    /// ([`ask_ahead`]; why, and when a step asks: `attention_step` in `layers::attention`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels
     pub next: Option<(isize, isize)>,
 }
 
-impl<'a, F, S> StepRow<'a, F, S> {
-    /// The element `next` ahead of `p` (an element of these rows' keys or values) in the rows
-    /// stepped next, to ask for (never read: only its address is computed). Why, and when a
-    /// step asks: `attention_step` in `layers::attention`.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // called by the x86 kernels
-    #[inline(always)]
-    pub(crate) fn ahead(p: *const S, next: isize) -> *const i8 {
-        p.wrapping_offset(next) as *const i8
+/// Asks for the lines of the `len` elements at `row` (a row of keys or values, on a line's
+/// start) `next` elements ahead, in the rows stepped next ([`StepRow::next`]), into L2: one
+/// ask a line. Asking reads nothing and never faults: only the addresses are computed.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn ask_ahead<S>(row: *const S, len: usize, next: isize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let per_line = (64 / std::mem::size_of::<S>()).max(1);
+    for e in (0..len).step_by(per_line) {
+        // SAFETY: SSE is part of x86-64; an ask reads nothing and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(e).wrapping_offset(next) as *const i8) };
     }
 }
 

@@ -191,11 +191,17 @@ impl SmallHead {
         let row = |i: usize| p.from(i, 0).ptr as *mut f32;
         SCRATCH.with_borrow_mut(|scratch| {
             let (qt, rest) = take(scratch, dk * tq + dk * kb + kb * tq).split_at_mut(dk * tq);
-            // Kᵀ [dk][kb], and P ⊙ M [tq][kb] made row by row (below each block's width) when
+            // Kᵀ (below), and P ⊙ M [tq][kb] made row by row (below each block's width) when
             // there is a dropout mask.
             let (kt, pm) = rest.split_at_mut(dk * kb);
+            // Kᵀ by blocks of MAX_KEYS keys, block c·MAX_KEYS (`[dk][w]`, `w` its keys) at
+            // `c·MAX_KEYS·dk`: each product's keys one dense run, its rows `w` floats apart
+            // rather than `kb` (at 256 keys, rows 1 KiB apart shared a quarter of L1's sets).
             // SAFETY: Q and K have contiguous rows (checked by `new`); AVX-512F is there.
-            unsafe { transpose(self.k, kb, dk, kt) };
+            for c in (0..kb).step_by(MAX_KEYS) {
+                unsafe { transpose(self.k.from(c, 0), MAX_KEYS.min(kb - c), dk, &mut kt[c * dk..]) };
+            }
+            let kt_block = |c: usize| Strided::dense(&kt[c * dk..], MAX_KEYS.min(kb - c));
             // Q's rows are read where they are, except for rows of keys that fit one vector,
             // whose products go sixteen rows at a time from Qᵀ.
             if kb <= W {
@@ -238,9 +244,7 @@ impl SmallHead {
                             // The softmax in registers, beside the scores. SAFETY: AVX-512F; S =
                             // Q·Kᵀ for these rows from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
                             // (asserted).
-                            unsafe {
-                                products(q, Strided::dense(kt, kb), dk, width, scale, Some(&limit), ps, n)
-                            };
+                            unsafe { products(q, kt_block(0), dk, width, scale, Some(&limit), ps, n) };
                             // The keys past the block's own are blocked. By pointer: a view
                             // of each row's tail (most often empty) had been 6% of a tiny eval
                             // forward.
@@ -255,10 +259,11 @@ impl SmallHead {
                         softmax => {
                             // The scores alone, a product of at most MAX_KEYS columns at a time.
                             for c in (0..width).step_by(MAX_KEYS) {
-                                let b = Strided::dense(&kt[c..], kb);
                                 let cols = MAX_KEYS.min(width - c);
                                 // SAFETY: as above, for columns c..c + cols.
-                                unsafe { products(q, b, dk, cols, scale, NO_LIMIT, ps.from(0, c), n) };
+                                unsafe {
+                                    products(q, kt_block(c), dk, cols, scale, NO_LIMIT, ps.from(0, c), n)
+                                };
                             }
                             match softmax {
                                 // SAFETY: AVX-512F; rows of probs [tq, len], contiguous (asserted).
@@ -752,18 +757,33 @@ macro_rules! staged {
 /// operation (so the same bits), each operation on all of them before the next: a row's
 /// exponentials alone are a chain of about 17 dependent operations. NaN comes through the
 /// clamps (`max` and `min` return their second operand where one is NaN) and every step
-/// after them as NaN, as `exp_f32` gives it.
+/// after them as NaN, as `exp_f32` gives it. `exp_all!(x, R, C, at_most_zero)` leaves out
+/// the upper clamp, which changes nothing where every input is at most 0 or NaN (a softmax's
+/// differences from its row's largest): one operation of 17 fewer.
 ///
 /// [`exp_f32`]: crate::kernels::simd::exp_f32
 macro_rules! exp_all {
     ($x:ident, $rows:expr, $cols:expr) => {{
         use crate::kernels::simd::exp_consts::*;
         use std::arch::x86_64::*;
-        let set = _mm512_set1_ps;
         each!($x, $rows, $cols, |v| _mm512_min_ps(
-            set(CLAMP),
-            _mm512_max_ps(set(LOW), v)
+            _mm512_set1_ps(CLAMP),
+            _mm512_max_ps(_mm512_set1_ps(LOW), v)
         ));
+        exp_all!(@clamped $x, $rows, $cols);
+    }};
+    // Inputs at most 0 (or NaN), which the upper clamp leaves as they are: the same bits
+    // without it (a softmax's differences from its row's largest).
+    ($x:ident, $rows:expr, $cols:expr, at_most_zero) => {{
+        use crate::kernels::simd::exp_consts::*;
+        use std::arch::x86_64::*;
+        each!($x, $rows, $cols, |v| _mm512_max_ps(_mm512_set1_ps(LOW), v));
+        exp_all!(@clamped $x, $rows, $cols);
+    }};
+    (@clamped $x:ident, $rows:expr, $cols:expr) => {{
+        use crate::kernels::simd::exp_consts::*;
+        use std::arch::x86_64::*;
+        let set = _mm512_set1_ps;
         let mut t = $x;
         each!(t, $rows, $cols, |v| _mm512_fmadd_ps(
             v,
@@ -857,7 +877,9 @@ macro_rules! softmax_rows {
                 $x[r][c] = _mm512_sub_ps($x[r][c], mr);
             }
         }
-        exp_all!($x, $rows, $cols);
+        // A live lane's difference is at most 0 (or NaN): m is its row's largest. The other
+        // lanes' exponentials (of anything) are set to 0 below.
+        exp_all!($x, $rows, $cols, at_most_zero);
         let mut sum = [_mm512_setzero_ps(); $rows];
         for c in 0..$cols {
             for r in 0..$rows {
@@ -894,21 +916,40 @@ unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R]
     use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
     let limits = limits.map(|l| l.min(len));
-    let lanes = |r: usize, c: usize| first_lanes(limits[r].saturating_sub(c * W));
+    // Vectors below `whole` lie below every row's limit: their lanes are all live, their
+    // loads, stores and masks plain (in a head without a mask, every vector but a last
+    // partial one). The masks of the others are worked out per vector.
+    let whole = limits.iter().min().map_or(0, |&l| l / W);
+    let lanes = |r: usize, c: usize| {
+        if c < whole {
+            0xffff
+        } else {
+            first_lanes(limits[r].saturating_sub(c * W))
+        }
+    };
     let vectors = limits.iter().max().map_or(0, |&l| l.div_ceil(W));
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut top = [ninf; R];
-    for c in 0..vectors {
+    // Each pass's loop split at `whole`, so that each part's masks are one constant or worked
+    // out per vector: the same arithmetic either way. (Macros: a closure was left out of line.)
+    macro_rules! split {
+        ($range:expr, $step:expr, |$c:ident| $body:block) => {
+            let (end, cut) = ($range.end, $range.end.min(whole / $step * $step));
+            for $c in ($range.start..cut).step_by($step) $body
+            for $c in (cut..end).step_by($step) $body
+        };
+    }
+    split!(0..vectors, 1, |c| {
         for r in 0..R {
             // SAFETY: the lanes loaded lie below the row's limit, inside its `len` floats.
             let x = unsafe { _mm512_maskz_loadu_ps(lanes(r, c), rows[r].add(c * W)) };
             // max(x, top) keeps top where x is NaN, as the softmax's maximum ignores NaN.
             top[r] = _mm512_mask_max_ps(top[r], lanes(r, c), x, top[r]);
         }
-    }
+    });
     let m = lane_trees!(top, R, _mm256_max_ps, _mm_max_ps, _mm_max_ss);
     let mut sum = [_mm512_setzero_ps(); R];
-    for c in (0..vectors).step_by(2) {
+    split!(0..vectors, 2, |c| {
         let mut live = [[0u16; 2]; R];
         let mut x = [[_mm512_setzero_ps(); 2]; R];
         for r in 0..R {
@@ -919,7 +960,8 @@ unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R]
                 x[r][j] = _mm512_sub_ps(v, _mm512_set1_ps(m[r]));
             }
         }
-        exp_all!(x, R, 2);
+        // A live lane's difference is at most 0 (or NaN): m is its row's largest.
+        exp_all!(x, R, 2, at_most_zero);
         for j in 0..2 {
             for r in 0..R {
                 x[r][j] = _mm512_maskz_mov_ps(live[r][j], x[r][j]);
@@ -928,13 +970,13 @@ unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R]
                 unsafe { _mm512_mask_storeu_ps(rows[r].add((c + j) * W), live[r][j], x[r][j]) };
             }
         }
-    }
+    });
     let total = lane_trees!(sum, R, _mm256_add_ps, _mm_add_ps, _mm_add_ss);
     for r in 0..R {
         let inv = _mm512_set1_ps(1.0 / total[r]);
         // A row with no live score, or only −∞ ones, is all zero (its exponentials are NaN).
         let all = m[r] != f32::NEG_INFINITY;
-        for c in 0..len.div_ceil(W) {
+        split!(0..len.div_ceil(W), 1, |c| {
             let keep = if all { lanes(r, c) } else { 0 };
             // SAFETY: the lanes loaded lie below the limit, those stored below `len`.
             unsafe {
@@ -942,7 +984,7 @@ unsafe fn softmax_stored<const R: usize>(rows: [*mut f32; R], limits: [usize; R]
                 let x = _mm512_maskz_loadu_ps(keep, at);
                 _mm512_mask_storeu_ps(at, first_lanes(len - c * W), _mm512_maskz_mul_ps(keep, x, inv));
             }
-        }
+        });
     }
 }
 
@@ -1669,28 +1711,38 @@ mod tests {
         const BLOCK: usize = 3 * 2 * W;
         xs.resize(xs.len().next_multiple_of(BLOCK), 0.5);
         #[target_feature(enable = "avx512f")]
-        fn block(x: &[f32], out: &mut [f32]) {
+        fn block(x: &[f32], out: &mut [f32], nonpositive: &mut [f32]) {
             use std::arch::x86_64::*;
-            // SAFETY (loads and stores): 3·2 vectors of 16 floats, inside both slices.
+            // SAFETY (loads and stores): 3·2 vectors of 16 floats, inside the three slices.
             let mut v: [[__m512; 2]; 3] = std::array::from_fn(|r| {
                 std::array::from_fn(|c| unsafe { _mm512_loadu_ps(x[(2 * r + c) * W..].as_ptr()) })
             });
+            let mut below = v;
             exp_all!(v, 3, 2);
+            exp_all!(below, 3, 2, at_most_zero);
             for r in 0..3 {
                 for c in 0..2 {
                     unsafe { _mm512_storeu_ps(out[(2 * r + c) * W..].as_mut_ptr(), v[r][c]) };
+                    unsafe { _mm512_storeu_ps(nonpositive[(2 * r + c) * W..].as_mut_ptr(), below[r][c]) };
                 }
             }
         }
         for chunk in xs.chunks_exact(BLOCK) {
-            let mut got = [0.0f32; BLOCK];
+            let (mut got, mut below) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
             // SAFETY: AVX-512F checked above.
-            unsafe { block(chunk, &mut got) };
-            for (&x, &g) in chunk.iter().zip(&got) {
+            unsafe { block(chunk, &mut got, &mut below) };
+            for ((&x, &g), &b) in chunk.iter().zip(&got).zip(&below) {
                 let want = crate::kernels::simd::exp_f32(x);
                 assert!(
                     g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
                     "exp_all!({x}) = {g}, exp_f32 = {want}"
+                );
+                // The form without the upper clamp, for inputs at most 0 or NaN.
+                assert!(
+                    !(x <= 0.0 || x.is_nan())
+                        || b.to_bits() == want.to_bits()
+                        || (b.is_nan() && want.is_nan()),
+                    "exp_all!({x}, at_most_zero) = {b}, exp_f32 = {want}"
                 );
             }
         }
@@ -1768,7 +1820,9 @@ mod tests {
                 let mut rows = vec![vec![0.0f32; len]; R];
                 let mut limits = [0; R];
                 for (r, (row, limit)) in rows.iter_mut().zip(&mut limits).enumerate() {
+                    // Every third round, every row whole (the vectors' plain loads and stores).
                     *limit = match (round + r) % 6 {
+                        _ if round % 3 == 0 => len + round % 2,
                         0 => 0,
                         1 => len,
                         2 => len + 5,

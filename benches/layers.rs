@@ -91,11 +91,13 @@ fn bench_feed_forward(c: &mut Criterion) {
 }
 
 /// The attention core alone (`Q·Kᵀ`, softmax, `·V`, every head of every sequence), without a
-/// mask and without dropout, on a team of threads as the models run it: the batched per-head
+/// mask and without dropout, as inference runs it (`attention_infer`: no weights kept, as
+/// PyTorch's `F.scaled_dot_product_attention` keeps none), on a team of threads as the models
+/// run it: the batched per-head
 /// products at the small and base workloads' shapes. Credited with `4·T²·d_k` FLOPs per head
 /// (the two products, as `WORKLOADS.md` counts attention).
 fn bench_attention_core(c: &mut Criterion) {
-    use vaswani::layers::attention::attention_forward;
+    use vaswani::layers::attention::attention_infer;
     let mut group = c.benchmark_group("attention_core");
     group.sample_size(20);
     // (name, batch, heads, length, d_k): the small and base workloads' shapes, then an
@@ -118,15 +120,7 @@ fn bench_attention_core(c: &mut Criterion) {
                     vaswani::kernels::parallel::with_team(|| {
                         bench.iter(|| {
                             let mask = Mask::none().resolve(b, t, t).expect("a mask of no pairs");
-                            attention_forward(
-                                q.view(),
-                                k.view(),
-                                v.view(),
-                                mask,
-                                0.0,
-                                None::<&mut StdRng>,
-                                out.view_mut(),
-                            )
+                            attention_infer(q.view(), k.view(), v.view(), &mask, out.view_mut())
                         })
                     })
                 })

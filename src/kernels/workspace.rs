@@ -163,6 +163,8 @@ pub(crate) fn give<F: Float>(v: Vec<F>) {
 std::thread_local! {
     static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static SCRATCH_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WEIGHTS_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WEIGHTS_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `f` on `len` elements of a buffer this thread keeps for scratch (their values arbitrary):
@@ -170,6 +172,26 @@ std::thread_local! {
 /// general path and its AVX2 register path, which had been allocated head by head. A call
 /// inside `f` gets a buffer of its own, allocated.
 pub(crate) fn with_thread_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
+    scratch_of(&SCRATCH_F32, &SCRATCH_F64, len, f)
+}
+
+/// [`with_thread_scratch`] on a second buffer of the thread's: a head's attention weights in
+/// inference ([`crate::layers::attention::attention_infer`]), around the calls that take
+/// the first.
+pub(crate) fn with_weights_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
+    scratch_of(&WEIGHTS_F32, &WEIGHTS_F64, len, f)
+}
+
+type Scratch<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
+
+/// `f` on `len` elements of the thread's buffer of `F` (`f32` or `f64`), or of a new one
+/// where that buffer is taken.
+fn scratch_of<F: Float, R>(
+    f32s: &'static Scratch<f32>,
+    f64s: &'static Scratch<f64>,
+    len: usize,
+    f: impl FnOnce(&mut [F]) -> R,
+) -> R {
     fn on<T: Default + Clone + 'static, F: Float, R>(
         cell: &std::cell::RefCell<Vec<T>>,
         len: usize,
@@ -188,9 +210,9 @@ pub(crate) fn with_thread_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [
         }
     }
     if TypeId::of::<F>() == TypeId::of::<f32>() {
-        SCRATCH_F32.with(|c| on::<f32, F, R>(c, len, f))
+        f32s.with(|c| on::<f32, F, R>(c, len, f))
     } else {
-        SCRATCH_F64.with(|c| on::<f64, F, R>(c, len, f))
+        f64s.with(|c| on::<f64, F, R>(c, len, f))
     }
 }
 

@@ -77,7 +77,7 @@ use crate::kernels::small_head::{
     RowSoftmax, SmallHead, head_backward_avx2, head_forward_avx2, product_avx2,
 };
 use crate::kernels::softmax::{softmax_row_backward_inline, softmax_row_inline};
-use crate::kernels::workspace::with_thread_scratch;
+use crate::kernels::workspace::{with_thread_scratch, with_weights_scratch};
 use crate::kernels::{DropKey, Float, gemm, gemm_blocks, parallel_worth};
 use crate::layers::mask::{Mask, ResolvedMask};
 
@@ -186,7 +186,17 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
     ) -> Array3<F> {
-        self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>).0
+        let (b, tq, _) = q.dim();
+        let mask = resolve_or_panic(mask, b, tq, k.dim().1);
+        let mut out = Array3::zeros((b, tq, v.dim().2));
+        attention_infer(
+            q.insert_axis(Axis(1)),
+            k.insert_axis(Axis(1)),
+            v.insert_axis(Axis(1)),
+            &mask,
+            out.view_mut().insert_axis(Axis(1)),
+        );
+        out
     }
 
     /// Forward pass without dropout, handing back the attention weights `[B, Tq, Tk]`.
@@ -327,8 +337,57 @@ pub fn attention_forward<F: Float>(
     mask: ResolvedMask,
     p_drop: f32,
     rng: Option<&mut impl Rng>,
-    mut out: ArrayViewMut4<F>,
+    out: ArrayViewMut4<F>,
 ) -> AttentionCoreCache<F> {
+    let (b, h, tq, _) = q.dim();
+    let tk = k.dim().2;
+    let drop = match rng {
+        // One draw from the RNG, as `dropout_mask` of the whole [B, H, Tq, Tk] would take.
+        Some(rng) if p_drop > 0.0 => Some(DropKey::draw(p_drop, rng)),
+        _ => None,
+    };
+    // SAFETY: `attend` writes every element of every head's [Tq, Tk] weights it is given
+    // before reading it (it is given all of them here).
+    let probs = unsafe {
+        crate::kernels::workspace::filled((b, h, tq, tk), |probs| {
+            attend(q, k, v, &mask, drop, Some(probs), out)
+        })
+    };
+    AttentionCoreCache { probs, drop, mask }
+}
+
+/// [`attention_forward`] without dropout and without keeping the weights: the same `out`, bit
+/// for bit, for a forward pass that has no backward (inference). Each head's weights live in
+/// a buffer of the thread's, one head at a time, rather than in a `[B, H, Tq, Tk]` array
+/// written out and dropped (over 256 positions 8 MiB a call for 4 sequences of 8 heads).
+///
+/// # Shapes
+/// As [`attention_forward`].
+///
+/// # Panics
+/// If the shapes do not fit together.
+pub fn attention_infer<F: Float>(
+    q: ArrayView4<F>,
+    k: ArrayView4<F>,
+    v: ArrayView4<F>,
+    mask: &ResolvedMask,
+    out: ArrayViewMut4<F>,
+) {
+    attend(q, k, v, mask, None, None, out);
+}
+
+/// The heads of [`attention_forward`] and [`attention_infer`]: the weights into `probs`
+/// (`[B, H, Tq, Tk]`, each element written before it is read) or, without it, into a
+/// buffer of the thread's, a head at a time.
+fn attend<F: Float>(
+    q: ArrayView4<F>,
+    k: ArrayView4<F>,
+    v: ArrayView4<F>,
+    mask: &ResolvedMask,
+    drop: Option<DropKey>,
+    probs: Option<ArrayViewMut4<F>>,
+    mut out: ArrayViewMut4<F>,
+) {
     let (b, h, tq, dk) = q.dim();
     let (tk, dv) = (k.dim().2, v.dim().3);
     assert!(
@@ -344,15 +403,12 @@ pub fn attention_forward<F: Float>(
         (b, tq, tk),
         "attention: mask resolved for another shape"
     );
-    let drop = match rng {
-        // One draw from the RNG, as `dropout_mask` of the whole [B, H, Tq, Tk] would take.
-        Some(rng) if p_drop > 0.0 => Some(DropKey::draw(p_drop, rng)),
-        _ => None,
-    };
     if b * h * tq * dv == 0 || tk == 0 {
         out.fill(F::ZERO);
-        let probs = crate::kernels::workspace::zeros((b, h, tq, tk));
-        return AttentionCoreCache { probs, drop, mask };
+        if let Some(mut probs) = probs {
+            probs.fill(F::ZERO);
+        }
+        return;
     }
     let scale = F::ONE / F::from_f64((dk as f64).sqrt());
     let outs = PairViews::new(out);
@@ -360,96 +416,91 @@ pub fn attention_forward<F: Float>(
     // product, then the softmax over the whole row, or zeros past the keys), so they are
     // not zeroed first (two passes over [B, H, Tq, Tk] per call had been most of a `memset`
     // that took 1.7% of the attention core alone at the base shape).
-    let fill_probs = |mut probs: ndarray::ArrayViewMut4<'_, F>| {
-        let all_probs = PairViews::new(probs.view_mut());
-        let one_head = |pair: usize| {
-            let (bi, hi) = (pair / h, pair % h);
-            // SAFETY: each pair is taken by one part only.
-            let (mut out, mut probs) = unsafe { (outs.get(bi, hi), all_probs.get(bi, hi)) };
-            let kb = mask.key_limit(bi);
-            let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
-            let cleaned = clean_padding(k, v, mask.keys_kept(bi));
-            let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
-            let dropped = head_drop(drop, (b, h, tq, tk), bi, hi);
-            let q = head_view(&q, bi, hi, tq, dk);
-            // The register paths: each row's softmax in registers where its mask is a plain
-            // limit, else the general path's row softmax.
-            #[cfg(target_arch = "x86_64")]
-            {
-                let softmax = || {
-                    let first = mask.row(bi, 0);
-                    if first.keys.is_none() && first.pairs.is_none() {
-                        RowSoftmax::Limit(|i| mask.limit(bi, i))
-                    } else {
-                        RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
-                    }
-                };
-                let queries = query_blocks(&mask, bi, tq, kb);
-                if let Some(head) = SmallHead::new(q, k, v) {
-                    // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
-                    unsafe {
-                        head.forward(
-                            scale.to_f64() as f32,
-                            softmax(),
-                            queries,
-                            dropped,
-                            &mut probs,
-                            &mut out,
-                        )
-                    };
-                    return;
+    let all_probs = probs.map(PairViews::new);
+    let one_head = |bi: usize, hi: usize, out: &mut ArrayViewMut2<F>, probs: &mut ArrayViewMut2<F>| {
+        let kb = mask.key_limit(bi);
+        let (k, v) = (head_view(&k, bi, hi, kb, dk), head_view(&v, bi, hi, kb, dv));
+        let cleaned = clean_padding(k, v, mask.keys_kept(bi));
+        let (k, v) = cleaned.as_ref().map_or((k, v), |(k, v)| (k.view(), v.view()));
+        let dropped = head_drop(drop, (b, h, tq, tk), bi, hi);
+        let q = head_view(&q, bi, hi, tq, dk);
+        // The register paths: each row's softmax in registers where its mask is a plain
+        // limit, else the general path's row softmax.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let softmax = || {
+                let first = mask.row(bi, 0);
+                if first.keys.is_none() && first.pairs.is_none() {
+                    RowSoftmax::Limit(|i| mask.limit(bi, i))
+                } else {
+                    RowSoftmax::Rows(|i, row: &mut [F]| widest!(softmax_row_inline(row, mask.row(bi, i))))
                 }
-                if head_forward_avx2(q, k, v, scale, queries, softmax(), dropped, &mut probs, &mut out) {
-                    return;
-                }
+            };
+            let queries = query_blocks(mask, bi, tq, kb);
+            if let Some(head) = SmallHead::new(q, k, v) {
+                // SAFETY: F is f32 (checked by `new`), and the views it took are alive.
+                unsafe { head.forward(scale.to_f64() as f32, softmax(), queries, dropped, probs, out) };
+                return;
             }
-            let gemm = products::<F>(&mask);
-            for (rows, width) in query_blocks(&mask, bi, tq, kb) {
-                let mut probs = probs.slice_mut(s![rows.clone(), ..]);
-                let mut out = out.slice_mut(s![rows.clone(), ..]);
-                if width == 0 {
-                    // Queries that see no key: zero weights, zero output.
-                    probs.fill(F::ZERO);
-                    out.fill(F::ZERO);
-                    continue;
-                }
-                // S = Q·Kᵀ/√d_k over the keys these queries see (not padding by length, not
-                // past the last key a causal mask shows them).
-                gemm(
-                    scale,
-                    q.slice(s![rows.clone(), ..]),
-                    k.slice(s![..width, ..]).t(),
-                    F::ZERO,
-                    probs.slice_mut(s![.., ..width]),
-                );
-                // Each row's softmax reads its keys below its limit (at most `width`) and
-                // writes zeros from there to the end of the row.
-                widest!(for (i, mut row) in rows.clone().zip(probs.rows_mut()) {
-                    softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
-                });
-                let (p, v) = (probs.slice(s![.., ..width]), v.slice(s![..width, ..]));
-                match dropped {
-                    Some(m) => with_thread_scratch(p.len(), |buf| {
-                        gemm(F::ONE, m.times_into(rows.start, p, buf).view(), v, F::ZERO, out)
-                    }),
-                    None => gemm(F::ONE, p, v, F::ZERO, out),
-                }
+            if head_forward_avx2(q, k, v, scale, queries, softmax(), dropped, probs, out) {
+                return;
             }
-        };
-        // The attention core computes in f32 whatever the precision of the products around
-        // it (the register path always did; the GEMM calls of the general path take bf16
-        // operands under bf16 precision otherwise).
-        let one = |pair: usize| with_precision(Precision::F32, || one_head(pair));
-        if parallel_worth(b * h * tq * tk * (dk + dv)) {
-            for_each_index(b * h, one);
-        } else {
-            (0..b * h).for_each(one);
+        }
+        let gemm = products::<F>(mask);
+        for (rows, width) in query_blocks(mask, bi, tq, kb) {
+            let mut probs = probs.slice_mut(s![rows.clone(), ..]);
+            let mut out = out.slice_mut(s![rows.clone(), ..]);
+            if width == 0 {
+                // Queries that see no key: zero weights, zero output.
+                probs.fill(F::ZERO);
+                out.fill(F::ZERO);
+                continue;
+            }
+            // S = Q·Kᵀ/√d_k over the keys these queries see (not padding by length, not
+            // past the last key a causal mask shows them).
+            gemm(
+                scale,
+                q.slice(s![rows.clone(), ..]),
+                k.slice(s![..width, ..]).t(),
+                F::ZERO,
+                probs.slice_mut(s![.., ..width]),
+            );
+            // Each row's softmax reads its keys below its limit (at most `width`) and
+            // writes zeros from there to the end of the row.
+            widest!(for (i, mut row) in rows.clone().zip(probs.rows_mut()) {
+                softmax_row_inline(row.as_slice_mut().expect("contiguous"), mask.row(bi, i));
+            });
+            let (p, v) = (probs.slice(s![.., ..width]), v.slice(s![..width, ..]));
+            match dropped {
+                Some(m) => with_thread_scratch(p.len(), |buf| {
+                    gemm(F::ONE, m.times_into(rows.start, p, buf).view(), v, F::ZERO, out)
+                }),
+                None => gemm(F::ONE, p, v, F::ZERO, out),
+            }
         }
     };
-    // SAFETY: `fill_probs` writes every element of every head's [Tq, Tk] weights before
-    // reading it (above).
-    let probs = unsafe { crate::kernels::workspace::filled((b, h, tq, tk), fill_probs) };
-    AttentionCoreCache { probs, drop, mask }
+    let one = |pair: usize| {
+        let (bi, hi) = (pair / h, pair % h);
+        // SAFETY: each pair is taken by one part only.
+        let mut out = unsafe { outs.get(bi, hi) };
+        match &all_probs {
+            // SAFETY: as above.
+            Some(all) => one_head(bi, hi, &mut out, &mut unsafe { all.get(bi, hi) }),
+            None => with_weights_scratch(tq * tk, |buf: &mut [F]| {
+                let mut probs = ArrayViewMut2::from_shape((tq, tk), buf).expect("tq·tk elements");
+                one_head(bi, hi, &mut out, &mut probs)
+            }),
+        }
+    };
+    // The attention core computes in f32 whatever the precision of the products around it
+    // (the register path always did; the GEMM calls of the general path take bf16 operands
+    // under bf16 precision otherwise).
+    let one = |pair: usize| with_precision(Precision::F32, || one(pair));
+    if parallel_worth(b * h * tq * tk * (dk + dv)) {
+        for_each_index(b * h, one);
+    } else {
+        (0..b * h).for_each(one);
+    }
 }
 
 /// Queries (and keys) per block under a causal mask: each block of queries computes its
@@ -936,6 +987,62 @@ mod tests {
         let kt = Array4::from_shape_fn((n, h, dk, tk), |_| rng.random_range(-2.0f32..2.0));
         let v = Array4::from_shape_fn((n, h, tk, dk), |_| rng.random_range(-2.0f32..2.0));
         (q, kt, v)
+    }
+
+    /// The forward pass of inference, which keeps no weights, gives the bits of the forward
+    /// pass that keeps them: heads of few keys (softmax in registers), of 65 to 512 (stored
+    /// rows) and of more (the general path), in `f32` and `f64`, under no mask, a causal one,
+    /// key lengths and padding flags.
+    #[test]
+    fn inference_without_weights_gives_the_forward_bits() {
+        fn check<F: Float>(rng: &mut StdRng, (b, h, tq, tk, dk): (usize, usize, usize, usize, usize)) {
+            let mut draw =
+                |t: usize| Array4::from_shape_fn((b, h, t, dk), |_| F::from_f64(rng.random_range(-2.0..2.0)));
+            let (q, k, v) = (draw(tq), draw(tk), draw(tk));
+            let lengths: Vec<usize> = (0..b).map(|i| tk - i * tk / (2 * b)).collect();
+            let padding = Array2::from_shape_fn((b, tk), |(i, j)| (i + j) % 5 == 3);
+            let masks = [
+                ("no mask", Mask::none()),
+                ("causal", Mask::causal()),
+                ("key lengths", Mask::key_lengths(&lengths)),
+                ("padding", Mask::key_padding(padding.view())),
+            ];
+            for (what, mask) in masks {
+                if what == "causal" && tq != tk {
+                    continue;
+                }
+                let mask = mask.resolve(b, tq, tk).unwrap();
+                let mut kept = Array4::from_elem((b, h, tq, dk), F::from_f64(f64::NAN));
+                let mut lean = kept.clone();
+                attention_forward(
+                    q.view(),
+                    k.view(),
+                    v.view(),
+                    mask.clone(),
+                    0.0,
+                    None::<&mut StdRng>,
+                    kept.view_mut(),
+                );
+                attention_infer(q.view(), k.view(), v.view(), &mask, lean.view_mut());
+                for (x, y) in kept.iter().zip(&lean) {
+                    assert_eq!(
+                        x.to_f64().to_bits(),
+                        y.to_f64().to_bits(),
+                        "{what}, {tq} queries over {tk} keys"
+                    );
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(33);
+        for shape in [
+            (2, 2, 16, 16, 8),
+            (2, 3, 40, 100, 16),
+            (1, 2, 33, 530, 8),
+            (2, 2, 96, 96, 32),
+        ] {
+            check::<f32>(&mut rng, shape);
+        }
+        check::<f64>(&mut rng, (2, 2, 20, 70, 8));
     }
 
     /// A decoding step over sequences of few heads, taken together where their masks agree,

@@ -58,7 +58,8 @@ use crate::kernels::{
     Float, PackedB, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_packed, gemm_weight_grad,
 };
 use crate::layers::attention::{
-    AttentionCoreCache, attention_backward, attention_forward, attention_step, resolve_or_panic,
+    AttentionCoreCache, attention_backward, attention_forward, attention_infer, attention_step,
+    resolve_or_panic,
 };
 use crate::layers::linear::{affine, affine_backward, check_backward_weights};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -1152,8 +1153,8 @@ impl<F: Float> MultiHead<F> {
         mask: &Mask,
         rng: &mut impl Rng,
     ) -> (Array3<F>, MultiHeadCache<F>) {
-        let (y, cache) = self.run(x, memory, mask, Some(rng));
-        (y, cache)
+        let (y, cache) = self.run(x, memory, mask, Some(rng), true);
+        (y, cache.expect("kept"))
     }
 
     /// Forward pass without dropout and without cache.
@@ -1161,7 +1162,8 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// As [`MultiHead::forward`].
     pub fn infer(&self, x: ArrayView3<F>, memory: Option<ArrayView3<F>>, mask: &Mask) -> Array3<F> {
-        self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>).0
+        self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>, false)
+            .0
     }
 
     /// Forward pass without dropout that also hands back every head's attention weights,
@@ -1175,8 +1177,8 @@ impl<F: Float> MultiHead<F> {
         memory: Option<ArrayView3<F>>,
         mask: &Mask,
     ) -> (Array3<F>, Array4<F>) {
-        let (y, cache) = self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>);
-        (y, cache.core.into_weights())
+        let (y, cache) = self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>, true);
+        (y, cache.expect("kept").core.into_weights())
     }
 
     /// `(B, Tq, Tk)` of queries `x` `[B, Tq, d_model]` over `memory` `[B, Tk, d_model]` (or
@@ -1204,7 +1206,8 @@ impl<F: Float> MultiHead<F> {
         memory: Option<ArrayView3<F>>,
         mask: &Mask,
         rng: Option<&mut impl Rng>,
-    ) -> (Array3<F>, MultiHeadCache<F>) {
+        keep: bool,
+    ) -> (Array3<F>, Option<MultiHeadCache<F>>) {
         let d = self.cfg.d_model;
         let (b, tq, tk) = self.check_pair(x, memory);
         let mask = resolve_or_panic(mask, b, tq, tk);
@@ -1223,10 +1226,11 @@ impl<F: Float> MultiHead<F> {
             mask,
             p_drop,
             rng,
+            keep,
         );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
-        let cache = MultiHeadCache {
+        let cache = core.map(|core| MultiHeadCache {
             dims: (b, tq, tk),
             x: x_rows,
             memory: m_rows,
@@ -1235,7 +1239,7 @@ impl<F: Float> MultiHead<F> {
             v,
             ctx,
             core,
-        };
+        });
         (y, cache)
     }
 
@@ -1480,20 +1484,18 @@ impl<F: Float> MultiHead<F> {
     fn context(&self, q: ArrayView2<F>, tq: usize, cache: KvView<F>, mask: &Mask, step: bool) -> Array2<F> {
         let b = cache.batch_size();
         let mask = resolve_or_panic(mask, b, tq, cache.len());
-        // SAFETY: both `attention_step` and `attention_forward` write every element of
-        // their output.
+        // SAFETY: both `attention_step` and `attention_infer` write every element of their
+        // output.
         unsafe {
             crate::kernels::workspace::filled((b * tq, self.cfg.d_model), |mut ctx| {
                 if step {
                     cache.attend_step(q, &mask, ctx);
                 } else {
-                    attention_forward(
+                    attention_infer(
                         self.heads(q.as_standard_layout().view(), b, tq),
                         cache.keys().view(),
                         cache.values().view(),
-                        mask,
-                        0.0,
-                        None::<&mut rand::rngs::SmallRng>,
+                        &mask,
                         self.heads_mut(ctx.view_mut(), b, tq),
                     );
                 }
@@ -1590,10 +1592,9 @@ impl<F: Float> MultiHead<F> {
                 (q, k, v)
             }
         };
-        let (ctx, core) = self.all_heads(q, k, v, mask, 0.0, None::<&mut rand::rngs::SmallRng>);
+        let (ctx, _) = self.all_heads(q, k, v, mask, 0.0, None::<&mut rand::rngs::SmallRng>, false);
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
-        core.give_back();
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
     }
 
@@ -1728,8 +1729,10 @@ impl<F: Float> MultiHead<F> {
     }
 
     /// The attention core over every head (`q` `[B, H, Tq, d_k]`, `k` and `v` `[B, H, Tk,
-    /// d_k]`): the context `[B·Tq, d]`, its heads concatenated, and the core's cache. The
-    /// context is not zeroed first: `attention_forward` writes every element of it.
+    /// d_k]`): the context `[B·Tq, d]`, its heads concatenated, and with `keep` the core's
+    /// cache (without it, [`attention_infer`]: no dropout, and no weights kept). The context is
+    /// not zeroed first: the core writes every element of it.
+    #[allow(clippy::too_many_arguments)]
     fn all_heads(
         &self,
         q: ArrayView4<'_, F>,
@@ -1738,24 +1741,22 @@ impl<F: Float> MultiHead<F> {
         mask: ResolvedMask,
         p_drop: f32,
         rng: Option<&mut impl Rng>,
-    ) -> (Array2<F>, AttentionCoreCache<F>) {
+        keep: bool,
+    ) -> (Array2<F>, Option<AttentionCoreCache<F>>) {
         let (b, tq) = (q.dim().0, q.dim().2);
         let mut core = None;
-        // SAFETY: `attention_forward` writes every element of its output.
+        // SAFETY: `attention_forward` and `attention_infer` write every element of their output.
         let ctx = unsafe {
             crate::kernels::workspace::filled((b * tq, self.cfg.d_model), |ctx| {
-                core = Some(attention_forward(
-                    q,
-                    k,
-                    v,
-                    mask,
-                    p_drop,
-                    rng,
-                    self.heads_mut(ctx, b, tq),
-                ))
+                let ctx = self.heads_mut(ctx, b, tq);
+                if keep {
+                    core = Some(attention_forward(q, k, v, mask, p_drop, rng, ctx));
+                } else {
+                    attention_infer(q, k, v, &mask, ctx);
+                }
             })
         };
-        (ctx, core.expect("attention_forward ran"))
+        (ctx, core)
     }
 
     fn heads_mut<'a>(&self, x: ArrayViewMut2<'a, F>, b: usize, t: usize) -> ArrayViewMut4<'a, F> {

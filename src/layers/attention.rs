@@ -6,7 +6,8 @@
 //! and used to average the rows of V.
 //!
 //! The core, [`attention_forward`] and [`attention_backward`], works on 4-D views
-//! `[B, H, T, d]` with any strides. [`crate::layers::MultiHead`] hands it per-head views of
+//! `[B, H, T, d]` with any strides; [`attention_infer`] is its forward pass for inference,
+//! which keeps no weights (each head's in a buffer of the thread's while it runs). [`crate::layers::MultiHead`] hands it per-head views of
 //! its `[B·T, d_model]` projections (head h is columns `h·d_k .. (h+1)·d_k`), so heads are
 //! never copied apart or concatenated back: the output is written in place into the
 //! concatenated layout. A head of up to 512 keys, on AVX-512 CPUs, runs in vector registers

@@ -197,8 +197,9 @@ impl SmallHead {
             // Kᵀ by blocks of MAX_KEYS keys, block c·MAX_KEYS (`[dk][w]`, `w` its keys) at
             // `c·MAX_KEYS·dk`: each product's keys one dense run, its rows `w` floats apart
             // rather than `kb` (at 256 keys, rows 1 KiB apart shared a quarter of L1's sets).
-            // SAFETY: Q and K have contiguous rows (checked by `new`); AVX-512F is there.
             for c in (0..kb).step_by(MAX_KEYS) {
+                // SAFETY: K has contiguous rows (checked by `new`), keys c.. lie inside it and
+                // the block's dk·w floats inside kt; AVX-512F is there.
                 unsafe { transpose(self.k.from(c, 0), MAX_KEYS.min(kb - c), dk, &mut kt[c * dk..]) };
             }
             let kt_block = |c: usize| Strided::dense(&kt[c * dk..], MAX_KEYS.min(kb - c));
@@ -242,8 +243,8 @@ impl SmallHead {
                             let limit = &*limit;
                             let limit = |r: usize| limit(sub.start + r);
                             // The softmax in registers, beside the scores. SAFETY: AVX-512F; S =
-                            // Q·Kᵀ for these rows from Q and Kᵀ [dk][kb], into probs [tq, ≥ kb]
-                            // (asserted).
+                            // Q·Kᵀ for these rows from Q and Kᵀ's first block (all `width` ≤
+                            // MAX_KEYS keys), into probs [tq, ≥ kb] (asserted).
                             unsafe { products(q, kt_block(0), dk, width, scale, Some(&limit), ps, n) };
                             // The keys past the block's own are blocked. By pointer: a view
                             // of each row's tail (most often empty) had been 6% of a tiny eval

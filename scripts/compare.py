@@ -119,8 +119,10 @@ def main():
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--what", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS),
                     help="measurements (greedy_decode also runs PyTorch's cached_decode)")
-    ap.add_argument("--steps", type=int, default=10,
-                    help="measured repetitions (default 10; base uses max(3, steps // 2))")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured repetitions (default: 100 for tiny, whose steps take milliseconds and whose "
+                         "medians over 10 moved with the host by a third; 10 for small; 5 for base). A number "
+                         "given applies to tiny and small; base uses max(3, steps // 2)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured repetitions first (default 3)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run each pair of processes (PyTorch, then the crate) this many times in turn and "
@@ -171,7 +173,7 @@ def main():
     print(f"{'workload':>8} {'thr':>3} {'what':<14} {'torch ms':>10} {'crate ms':>10} {'speed-up':>9} "
           f"{'crate GFLOP/s':>14} {'of peak':>8}   decoding: {'torch cached ms':>15} {'speed-up':>9}")
     for wl in args.workloads:
-        steps = max(3, args.steps // 2) if wl == "base" else args.steps
+        steps = steps_for(args, wl)
         for th in args.threads:
             for what in args.what:
                 common = ["--workload", wl, "--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
@@ -225,6 +227,14 @@ def main():
         print(f"wrote {args.markdown}")
 
 
+def steps_for(args, workload):
+    """Measured repetitions for `workload`: `--steps` (halved for base, at least 3), or by default 100
+    for tiny, 10 for small and 5 for base."""
+    if args.steps is None:
+        return {"tiny": 100, "small": 10, "base": 5}[workload]
+    return max(3, args.steps // 2) if workload == "base" else args.steps
+
+
 def markdown(args, rows, headers, peak):
     """The results as Markdown: setup, one detailed table, one table of speed-ups."""
     rounds = (f" {args.rounds} rounds: each PyTorch process followed by the crate's, the pair run {args.rounds} "
@@ -233,7 +243,8 @@ def markdown(args, rows, headers, peak):
     batch = (f"batch {args.batch} on both sides instead of each workload's (not the reference workloads); "
              if args.batch is not None else "")
     out = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; precision {args.precision}; {batch}"
-           f"medians over {args.steps} measured repetitions ({max(3, args.steps // 2)} for base) after "
+           "medians over " + ", ".join(f"{steps_for(args, wl)} measured repetitions for {wl}" for wl in args.workloads) +
+           " after "
            f"{args.warmup} warm-up, seed {args.seed}. Speed-up = PyTorch's median / the crate's (above 1 the crate is "
            "faster)." + rounds + (" FMA peak " + " / ".join(f"{p:g}" for p in peak.values()) +
                                   f" GFLOP/s at {' / '.join(str(k) for k in peak)} threads." if peak else ""), ""]

@@ -7,18 +7,19 @@
 //!
 //! The core, [`attention_forward`] and [`attention_backward`], works on 4-D views
 //! `[B, H, T, d]` with any strides; [`attention_infer`] is its forward pass for inference,
-//! which keeps no weights (each head's in a buffer of the thread's while it runs). [`crate::layers::MultiHead`] hands it per-head views of
-//! its `[B·T, d_model]` projections (head h is columns `h·d_k .. (h+1)·d_k`), so heads are
-//! never copied apart or concatenated back: the output is written in place into the
-//! concatenated layout. A head of up to 512 keys, on AVX-512 CPUs, runs in vector registers
-//! instead of as two GEMM calls, with the same arithmetic and bits (`kernels::small_head`).
-//! Under a causal mask a head goes in blocks of 32 queries, each computing its scores,
-//! softmax and products only up to the last key one of its queries sees (its backward, in
-//! blocks of keys, from the first query that sees one): the blocked half is skipped rather
-//! than computed and zeroed, with the same results. The (b, h) pairs run in parallel on the
-//! rayon pool; each is computed whole by one thread, so results do not depend on the thread
-//! count. The attention dropout mask over `[B, H, Tq, Tk]` takes one draw from the caller's
-//! RNG before the parallel part (the key of [`DropKey`], as
+//! which keeps no weights (each head's in a buffer of the thread's while it runs).
+//! [`crate::layers::MultiHead`] hands it per-head views of its `[B·T, d_model]` projections
+//! (head h is columns `h·d_k .. (h+1)·d_k`), so heads are never copied apart or
+//! concatenated back: the output is written in place into the concatenated layout. A head
+//! of up to 512 keys, on AVX-512 CPUs, runs in vector registers instead of as two GEMM
+//! calls, with the same arithmetic and bits (`kernels::small_head`). Under a causal mask a
+//! head goes in blocks of 32 queries, each computing its scores, softmax and products only
+//! up to the last key one of its queries sees (its backward, in blocks of keys, from the
+//! first query that sees one): the blocked half is skipped rather than computed and zeroed,
+//! with the same results. The (b, h) pairs run in parallel on the rayon pool; each is
+//! computed whole by one thread, so results do not depend on the thread count. The
+//! attention dropout mask over `[B, H, Tq, Tk]` takes one draw from the caller's RNG before
+//! the parallel part (the key of [`DropKey`], as
 //! [`dropout_mask`](crate::kernels::dropout_mask) of that shape would take) and is never
 //! stored: each head computes the factors of its weights, in (b, h, i, j) order, where it
 //! multiplies them, only below the keys a block of queries sees, forward and backward.
@@ -166,12 +167,12 @@ impl ScaledDotProductAttention {
         mask: &Mask,
         rng: &mut impl Rng,
     ) -> (Array3<F>, AttentionCache<F>) {
-        let (out, core) = self.run(q, k, v, mask, Some(rng));
+        let (out, core) = self.run(q, k, v, mask, Some(rng), true);
         let cache = AttentionCache {
             q: q.to_owned(),
             k: k.to_owned(),
             v: v.to_owned(),
-            core,
+            core: core.expect("kept"),
         };
         (out, cache)
     }
@@ -187,17 +188,8 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
     ) -> Array3<F> {
-        let (b, tq, _) = q.dim();
-        let mask = resolve_or_panic(mask, b, tq, k.dim().1);
-        let mut out = Array3::zeros((b, tq, v.dim().2));
-        attention_infer(
-            q.insert_axis(Axis(1)),
-            k.insert_axis(Axis(1)),
-            v.insert_axis(Axis(1)),
-            &mask,
-            out.view_mut().insert_axis(Axis(1)),
-        );
-        out
+        self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>, false)
+            .0
     }
 
     /// Forward pass without dropout, handing back the attention weights `[B, Tq, Tk]`.
@@ -211,10 +203,12 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
     ) -> (Array3<F>, Array3<F>) {
-        let (out, core) = self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>);
-        (out, core.probs.index_axis_move(Axis(1), 0))
+        let (out, core) = self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>, true);
+        (out, core.expect("kept").probs.index_axis_move(Axis(1), 0))
     }
 
+    /// The output and, with `keep`, the core's cache; without it [`attention_infer`] runs (no
+    /// dropout, no weights kept), so `rng` must be `None`.
     fn run<F: Float>(
         &self,
         q: ArrayView3<F>,
@@ -222,21 +216,26 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
         rng: Option<&mut impl Rng>,
-    ) -> (Array3<F>, AttentionCoreCache<F>) {
+        keep: bool,
+    ) -> (Array3<F>, Option<AttentionCoreCache<F>>) {
+        debug_assert!(keep || rng.is_none(), "dropout asked of inference");
         let (b, tq, _) = q.dim();
         let dv = v.dim().2;
         let mask = resolve_or_panic(mask, b, tq, k.dim().1);
         let mut out = Array3::zeros((b, tq, dv));
-        let p = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
-        let core = attention_forward(
+        let (q, k, v) = (
             q.insert_axis(Axis(1)),
             k.insert_axis(Axis(1)),
             v.insert_axis(Axis(1)),
-            mask,
-            p,
-            rng,
-            out.view_mut().insert_axis(Axis(1)),
         );
+        let heads_out = out.view_mut().insert_axis(Axis(1));
+        let core = if keep {
+            let p = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
+            Some(attention_forward(q, k, v, mask, p, rng, heads_out))
+        } else {
+            attention_infer(q, k, v, &mask, heads_out);
+            None
+        };
         (out, core)
     }
 

@@ -1743,6 +1743,10 @@ impl<F: Float> MultiHead<F> {
         rng: Option<&mut impl Rng>,
         keep: bool,
     ) -> (Array2<F>, Option<AttentionCoreCache<F>>) {
+        debug_assert!(
+            keep || (p_drop == 0.0 && rng.is_none()),
+            "dropout asked of inference"
+        );
         let (b, tq) = (q.dim().0, q.dim().2);
         let mut core = None;
         // SAFETY: `attention_forward` and `attention_infer` write every element of their output.

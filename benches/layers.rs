@@ -93,9 +93,8 @@ fn bench_feed_forward(c: &mut Criterion) {
 /// The attention core alone (`Q·Kᵀ`, softmax, `·V`, every head of every sequence), without a
 /// mask and without dropout, as inference runs it (`attention_infer`: no weights kept, as
 /// PyTorch's `F.scaled_dot_product_attention` keeps none), on a team of threads as the models
-/// run it: the batched per-head
-/// products at the small and base workloads' shapes. Credited with `4·T²·d_k` FLOPs per head
-/// (the two products, as `WORKLOADS.md` counts attention).
+/// run it: the batched per-head products at the small and base workloads' shapes. Credited
+/// with `4·T²·d_k` FLOPs per head (the two products, as `WORKLOADS.md` counts attention).
 fn bench_attention_core(c: &mut Criterion) {
     use vaswani::layers::attention::attention_infer;
     let mut group = c.benchmark_group("attention_core");

@@ -45,16 +45,56 @@ fn mean_rstd<F: Float>(x: &[F], eps: F) -> (F, F) {
     (mean, F::ONE / (var + eps).sqrt())
 }
 
+/// [`mean_rstd`] of each row of `x`, a group of at most [`GROUP`] rows of d, into `stats`,
+/// bit for bit: in `f32` with AVX-512 the rows' lane sums are reduced side by side
+/// ([`avx512::stats`]), else row after row. A row's sums are a chain of additions as long as
+/// the row has vectors, then a tree of shuffles; one row after another, a layer norm of
+/// short rows waits on them (d = 64: about 115 cycles a row, the tiny eval forward's 5%).
+#[inline(always)]
+fn group_stats<F: Float>(x: &[F], d: usize, eps: F, stats: &mut [(F, F)]) {
+    let rows = x.len() / d;
+    debug_assert!(rows <= GROUP && rows * d == x.len() && stats.len() >= rows);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = F::as_f32(x)
+        && rows > 0
+        && super::cpu::avx512()
+    {
+        // SAFETY: the CPU has AVX-512F (checked); `x` holds `rows` rows of d.
+        let (mean, rstd) = unsafe { avx512::stats(x.as_ptr(), rows, d, eps.to_f64() as f32) };
+        for (st, (m, r)) in stats.iter_mut().zip(mean.into_iter().zip(rstd)).take(rows) {
+            *st = (F::from_f64(m.into()), F::from_f64(r.into()));
+        }
+        return;
+    }
+    for (st, row) in stats.iter_mut().zip(x.chunks_exact(d)) {
+        *st = mean_rstd(row, eps);
+    }
+}
+
 /// The row arithmetic of [`layer_norm_row`], lengths checked by the caller.
 #[inline(always)]
 fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
     let (mean, rstd) = mean_rstd(x, eps);
+    normalize_with(x, mean, rstd, gamma, beta, x_hat, y);
+    rstd
+}
+
+/// `x̂ = (x − mean)·rstd` and `y = γ ⊙ x̂ + β` of one row whose statistics are known.
+#[inline(always)]
+fn normalize_with<F: Float>(
+    x: &[F],
+    mean: F,
+    rstd: F,
+    gamma: &[F],
+    beta: &[F],
+    x_hat: &mut [F],
+    y: &mut [F],
+) {
     for ((((xh, y), &x), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(x).zip(gamma).zip(beta) {
         let h = (x - mean) * rstd;
         *xh = h;
         *y = g * h + b;
     }
-    rstd
 }
 
 /// Backward of [`layer_norm_row`] for one row: writes `∂L/∂x` into `grad_x`, overwriting it
@@ -76,10 +116,59 @@ pub fn layer_norm_row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad
 
 #[inline(always)]
 fn row_backward<F: Float>(x_hat: &[F], rstd: F, gamma: &[F], grad_y: &[F], grad_x: &mut [F]) {
-    let d = x_hat.len();
-    let inv_d = F::ONE / F::from_f64(d as f64);
+    let means = grad_means(x_hat, gamma, grad_y);
+    row_backward_with(x_hat, rstd, means, gamma, grad_y, grad_x);
+}
+
+/// `mean(g)` and `mean(g ⊙ x̂)` of one row of the backward pass, `g = γ ⊙ ∂L/∂y`.
+#[inline(always)]
+fn grad_means<F: Float>(x_hat: &[F], gamma: &[F], grad_y: &[F]) -> (F, F) {
+    let inv_d = F::ONE / F::from_f64(x_hat.len() as f64);
     let mean_g = dot(gamma, grad_y) * inv_d;
     let mean_gx = sum_zip3(gamma, grad_y, x_hat, |g, dy, h| g * dy * h) * inv_d;
+    (mean_g, mean_gx)
+}
+
+/// [`grad_means`] of each row of a group of at most [`GROUP`] rows of d (`x_hat` and
+/// `grad_y` as many rows), into `means`, bit for bit: side by side with AVX-512 in `f32`, as
+/// [`group_stats`].
+#[inline(always)]
+fn group_grad_means<F: Float>(x_hat: &[F], gamma: &[F], grad_y: &[F], means: &mut [(F, F)]) {
+    let d = gamma.len();
+    let rows = x_hat.len() / d;
+    debug_assert!(rows <= GROUP && grad_y.len() == x_hat.len() && means.len() >= rows);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(h), Some(g), Some(dy)) = (F::as_f32(x_hat), F::as_f32(gamma), F::as_f32(grad_y))
+        && rows > 0
+        && super::cpu::avx512()
+    {
+        // SAFETY: the CPU has AVX-512F (checked); `x_hat` and `grad_y` hold `rows` rows of d,
+        // `gamma` d values.
+        let (mean_g, mean_gx) = unsafe { avx512::grad_means(h.as_ptr(), g.as_ptr(), dy.as_ptr(), rows, d) };
+        for (m, (a, b)) in means.iter_mut().zip(mean_g.into_iter().zip(mean_gx)).take(rows) {
+            *m = (F::from_f64(a.into()), F::from_f64(b.into()));
+        }
+        return;
+    }
+    for (m, (h, dy)) in means
+        .iter_mut()
+        .zip(x_hat.chunks_exact(d).zip(grad_y.chunks_exact(d)))
+    {
+        *m = grad_means(h, gamma, dy);
+    }
+}
+
+/// The backward pass of one row, given its [`grad_means`].
+#[inline(always)]
+fn row_backward_with<F: Float>(
+    x_hat: &[F],
+    rstd: F,
+    means: (F, F),
+    gamma: &[F],
+    grad_y: &[F],
+    grad_x: &mut [F],
+) {
+    let (mean_g, mean_gx) = means;
     for (((gx, &g), &dy), &h) in grad_x.iter_mut().zip(gamma).zip(grad_y).zip(x_hat) {
         *gx = rstd * (g * dy - mean_g - h * mean_gx);
     }
@@ -176,28 +265,32 @@ fn rows_forward<F: Float>(
     y: &mut [F],
 ) {
     let d = gamma.len();
-    let Some((z, m)) = z else {
-        for (i, r) in rstd.iter_mut().enumerate() {
-            let at = i * d..(i + 1) * d;
-            *r = normalize(
-                &x[at.clone()],
-                gamma,
-                beta,
-                eps,
-                &mut x_hat[at.clone()],
-                &mut y[at],
-            );
-        }
-        return;
-    };
-    // The sums go into x̂ first, then are normalised from there: for a group of rows at a
-    // time, so that a row's sum is read back well after it was stored (read right away, the
-    // wide loads of a row just stored in pieces stall until the stores retire: 18% of a
-    // layer norm's samples at d = 64).
     let rows = rstd.len();
-    for g0 in (0..rows).step_by(SUM_GROUP) {
-        let group = g0..rows.min(g0 + SUM_GROUP);
+    let mut stats = [(F::ZERO, F::ZERO); GROUP];
+    for g0 in (0..rows).step_by(GROUP) {
+        let group = g0..rows.min(g0 + GROUP);
         let span = group.start * d..group.end * d;
+        let Some((z, m)) = z else {
+            group_stats(&x[span.clone()], d, eps, &mut stats);
+            for (i, &(mean, r)) in group.zip(&stats) {
+                let at = i * d..(i + 1) * d;
+                rstd[i] = r;
+                normalize_with(
+                    &x[at.clone()],
+                    mean,
+                    r,
+                    gamma,
+                    beta,
+                    &mut x_hat[at.clone()],
+                    &mut y[at],
+                );
+            }
+            continue;
+        };
+        // The sums go into x̂ first, then are normalised from there: a group of rows at a
+        // time, so that a row's sum is read back well after it was stored (read right away,
+        // the wide loads of a row just stored in pieces stall until the stores retire: 18% of
+        // a layer norm's samples at d = 64).
         let (sums, x, z) = (&mut x_hat[span.clone()], &x[span.clone()], &z[span.clone()]);
         match m {
             Some(key) => {
@@ -215,15 +308,26 @@ fn rows_forward<F: Float>(
                 }
             }
         }
-        for i in group {
+        group_stats(&x_hat[span], d, eps, &mut stats);
+        for (i, &(mean, r)) in group.zip(&stats) {
             let at = i * d..(i + 1) * d;
-            rstd[i] = normalize_in_place(gamma, beta, eps, &mut x_hat[at.clone()], &mut y[at]);
+            rstd[i] = r;
+            for ((xh, y), (&g, &b)) in x_hat[at.clone()]
+                .iter_mut()
+                .zip(&mut y[at])
+                .zip(gamma.iter().zip(beta))
+            {
+                let h = (*xh - mean) * r;
+                *xh = h;
+                *y = g * h + b;
+            }
         }
     }
 }
 
-/// Rows whose residual sums [`rows_forward`] writes before it normalises the first of them.
-const SUM_GROUP: usize = 8;
+/// Rows whose sums [`rows_forward`], [`rows_infer`] and the backward pass reduce side by side
+/// ([`group_stats`]), and whose residual sums they write before normalising the first of them.
+const GROUP: usize = 16;
 
 /// [`layer_norm_rows_sum`] of `x + z` (or of `x`) for inference: writes `y` alone, the same
 /// bits, where the training form also writes `x̂` and `rstd` for the backward pass (a store
@@ -271,8 +375,9 @@ pub(crate) fn layer_norm_rows_infer<F: Float>(
 fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: F, y: &mut [F]) {
     let d = gamma.len();
     let rows = y.len() / d;
-    for g0 in (0..rows).step_by(SUM_GROUP) {
-        let span = g0 * d..rows.min(g0 + SUM_GROUP) * d;
+    let mut stats = [(F::ZERO, F::ZERO); GROUP];
+    for g0 in (0..rows).step_by(GROUP) {
+        let span = g0 * d..rows.min(g0 + GROUP) * d;
         match z {
             Some(z) => {
                 for ((s, &x), &z) in y[span.clone()]
@@ -285,13 +390,8 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
             }
             None => y[span.clone()].copy_from_slice(&x[span.clone()]),
         }
-        // Every row's mean and 1/√(var + ε) first, then the rows normalised: the rows' chains
-        // of sums (each two folds and a square root long) run side by side. Tiny eval forward,
-        // AMD EPYC Zen 3, one thread, builds alternating: 1.877 → 1.858 ms (medians of eight).
-        let mut stats = [(F::ZERO, F::ZERO); SUM_GROUP];
-        for (st, row) in stats.iter_mut().zip(y[span.clone()].chunks_exact(d)) {
-            *st = mean_rstd(row, eps);
-        }
+        // Every row's mean and 1/√(var + ε) first, then the rows normalised.
+        group_stats(&y[span.clone()], d, eps, &mut stats);
         for (row, &(mean, rstd)) in y[span].chunks_exact_mut(d).zip(&stats) {
             for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
                 let h = (*y - mean) * rstd;
@@ -299,18 +399,6 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
             }
         }
     }
-}
-
-/// [`normalize`] of the row held in `x_hat`, overwritten by `x̂`.
-#[inline(always)]
-fn normalize_in_place<F: Float>(gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F], y: &mut [F]) -> F {
-    let (mean, rstd) = mean_rstd(x_hat, eps);
-    for (((xh, y), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
-        let h = (*xh - mean) * rstd;
-        *xh = h;
-        *y = g * h + b;
-    }
-    rstd
 }
 
 /// A pointer to send to threads that write disjoint parts of what it points to.
@@ -399,12 +487,18 @@ pub fn layer_norm_rows_backward_masked<F: Float>(
             .as_ref()
             .map(|(m, key)| (unsafe { m.range(at, gx.len()) }, *key));
         widest!({
-            for (i, r) in rows.enumerate() {
-                let row = r * d..(r + 1) * d;
-                let gx = &mut gx[i * d..(i + 1) * d];
-                row_backward(&x_hat[row.clone()], rstd[r], gamma, &grad_y[row], gx);
-                if let Some((m, key)) = out.as_mut() {
-                    key.apply_to(r * d, gx, &mut m[i * d..(i + 1) * d]);
+            let mut means = [(F::ZERO, F::ZERO); GROUP];
+            for g0 in rows.clone().step_by(GROUP) {
+                let group = g0..rows.end.min(g0 + GROUP);
+                let span = group.start * d..group.end * d;
+                group_grad_means(&x_hat[span.clone()], gamma, &grad_y[span], &mut means);
+                for (r, &m) in group.zip(&means) {
+                    let (row, i) = (r * d..(r + 1) * d, r - rows.start);
+                    let gx = &mut gx[i * d..(i + 1) * d];
+                    row_backward_with(&x_hat[row.clone()], rstd[r], m, gamma, &grad_y[row], gx);
+                    if let Some((m, key)) = out.as_mut() {
+                        key.apply_to(r * d, gx, &mut m[i * d..(i + 1) * d]);
+                    }
                 }
             }
         })
@@ -468,6 +562,137 @@ fn param_grads_block<F: Float>(
             *gg += g * h;
             *gb += g;
         }
+    }
+}
+
+/// The AVX-512 forms of the rows' sums in `f32`: up to 16 rows at a time, each row's lane
+/// sums accumulated as [`sum_map`] does (lane l takes the columns `l`, `l + 16`, …, the last
+/// partial vector masked) and the 16 rows' lane trees reduced together, with the additions of
+/// [`super::simd::reduce`] and so its bits, in 30 shuffles and additions where one row alone
+/// takes 8 (and waits on each).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::simd::first_lanes;
+
+    /// For rows `0..rows` (at most 16), `Σ_c term(r, c, mask)` over the vectors of columns
+    /// `c = 0, 16, …` below d (`mask` the columns inside the row), in lane trees; lane r of the
+    /// result is row r's sum. `term` of a row past `rows` is asked with an empty mask and
+    /// must then read nothing (a masked load reads no memory under an empty mask).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn sums(rows: usize, d: usize, term: impl Fn(usize, usize, __mmask16) -> __m512) -> __m512 {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut c = 0;
+        while c < d {
+            let m = first_lanes(d - c);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let k = if r < rows { m } else { 0 };
+                *a = _mm512_mask_add_ps(*a, k, *a, term(r, c, k));
+            }
+            c += 16;
+        }
+        reduce16(acc)
+    }
+
+    /// Lane r of the result: the lanes of `a[r]` added in the tree of
+    /// [`super::super::simd::reduce`] (lane i + lane i + 8, then + 4, + 2, + 1).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn reduce16(a: [__m512; 16]) -> __m512 {
+        // Lanes i and i + 8 of rows r and r + 8 in one vector: blocks of four lanes [r 0..4,
+        // r 4..8, r + 8 0..4, r + 8 4..8].
+        let mut l8 = [_mm512_setzero_ps(); 8];
+        for (r, v) in l8.iter_mut().enumerate() {
+            let (p, q) = (a[r], a[r + 8]);
+            *v = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(p, q),
+                _mm512_shuffle_f32x4::<0xEE>(p, q),
+            );
+        }
+        // i + 4: blocks [r, r + 8, r + 4, r + 12], four lanes of each.
+        let mut l4 = [_mm512_setzero_ps(); 4];
+        for (r, v) in l4.iter_mut().enumerate() {
+            let (p, q) = (l8[r], l8[r + 4]);
+            *v = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(p, q),
+                _mm512_shuffle_f32x4::<0xDD>(p, q),
+            );
+        }
+        // i + 2, within each block: two lanes of a row of l4[r], then two of l4[r + 2]'s.
+        let mut l2 = [_mm512_setzero_ps(); 2];
+        for (r, v) in l2.iter_mut().enumerate() {
+            let (p, q) = (l4[r], l4[r + 2]);
+            *v = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(p, q), _mm512_shuffle_ps::<0xEE>(p, q));
+        }
+        // i + 1: the sums of rows [0, 2, 1, 3], [8, 10, 9, 11], [4, 6, 5, 7], [12, 14, 13, 15].
+        let (p, q) = (l2[0], l2[1]);
+        let s = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(p, q), _mm512_shuffle_ps::<0xDD>(p, q));
+        let order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+        _mm512_permutexvar_ps(order, s)
+    }
+
+    /// [`super::mean_rstd`] of `rows` (1 to 16) rows of d at `x`: the means and `1/√(σ² + ε)`.
+    ///
+    /// # Safety
+    /// `rows` rows of d floats must be readable at `x`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn stats(x: *const f32, rows: usize, d: usize, eps: f32) -> ([f32; 16], [f32; 16]) {
+        let inv_d = _mm512_set1_ps(1.0 / d as f32);
+        // SAFETY: row r < rows (the last for rows past it, read under an empty mask), columns
+        // c..c + 16 under a mask of those below d (caller).
+        let load =
+            |r: usize, c: usize, k| unsafe { _mm512_maskz_loadu_ps(k, x.add(r.min(rows - 1) * d + c)) };
+        let mut mean = [0.0f32; 16];
+        let means = _mm512_mul_ps(sums(rows, d, load), inv_d);
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(mean.as_mut_ptr(), means) };
+        let var = sums(rows, d, |r, c, k| {
+            let t = _mm512_sub_ps(load(r, c, k), _mm512_set1_ps(mean[r]));
+            _mm512_mul_ps(t, t)
+        });
+        let var = _mm512_mul_ps(var, inv_d);
+        let rstd = _mm512_div_ps(
+            _mm512_set1_ps(1.0),
+            _mm512_sqrt_ps(_mm512_add_ps(var, _mm512_set1_ps(eps))),
+        );
+        let mut out = [0.0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), rstd) };
+        (mean, out)
+    }
+
+    /// [`super::grad_means`] of `rows` (1 to 16) rows of d: `mean(γ ⊙ ∂L/∂y)` and
+    /// `mean(γ ⊙ ∂L/∂y ⊙ x̂)` of each.
+    ///
+    /// # Safety
+    /// `rows` rows of d floats must be readable at `x_hat` and at `grad_y`, d at `gamma`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn grad_means(
+        x_hat: *const f32,
+        gamma: *const f32,
+        grad_y: *const f32,
+        rows: usize,
+        d: usize,
+    ) -> ([f32; 16], [f32; 16]) {
+        let inv_d = _mm512_set1_ps(1.0 / d as f32);
+        // SAFETY (both): as `stats`' loads; γ's columns under the same masks.
+        let at = |p: *const f32, r: usize, c: usize, k| unsafe {
+            _mm512_maskz_loadu_ps(k, p.add(r.min(rows - 1) * d + c))
+        };
+        let g = |c: usize, k| unsafe { _mm512_maskz_loadu_ps(k, gamma.add(c)) };
+        let mean_g = sums(rows, d, |r, c, k| _mm512_mul_ps(g(c, k), at(grad_y, r, c, k)));
+        let mean_gx = sums(rows, d, |r, c, k| {
+            _mm512_mul_ps(_mm512_mul_ps(g(c, k), at(grad_y, r, c, k)), at(x_hat, r, c, k))
+        });
+        let (mut a, mut b) = ([0.0f32; 16], [0.0f32; 16]);
+        // SAFETY: 16 floats each.
+        unsafe {
+            _mm512_storeu_ps(a.as_mut_ptr(), _mm512_mul_ps(mean_g, inv_d));
+            _mm512_storeu_ps(b.as_mut_ptr(), _mm512_mul_ps(mean_gx, inv_d));
+        }
+        (a, b)
     }
 }
 
@@ -578,6 +803,74 @@ mod tests {
                 for (a, b) in got.iter().zip(&y) {
                     assert_eq!(a.to_bits(), b.to_bits(), "n {n}, d {d}, residual {}", z.is_some());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_the_single_row_bit_for_bit() {
+        // The rows' forms (whose sums run side by side in groups, with AVX-512 on the CPUs
+        // that have it) against the one-row forms, row after row: groups of rows whole, cut
+        // and past several; widths inside a vector, at its edges and past several; rows with
+        // a large common offset, constant rows (variance 0) and rows of −0.
+        let mut rng = StdRng::seed_from_u64(13);
+        let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (n, d) in [
+            (1, 1),
+            (5, 15),
+            (16, 16),
+            (17, 17),
+            (33, 64),
+            (7, 100),
+            (20, 256),
+            (3, 512),
+        ] {
+            let mut x = Array2::from_shape_fn((n, d), |_| rng.random_range(-4.0..4.0_f32) + 100.0);
+            x.row_mut(0).fill(3.5);
+            if n > 2 {
+                x.row_mut(2).fill(-0.0);
+            }
+            let gamma = Array1::from_shape_fn(d, |_| rng.random_range(0.5..1.5_f32));
+            let beta = Array1::from_shape_fn(d, |_| rng.random_range(-1.0..1.0_f32));
+            let grad_y = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0_f32));
+            let (mut x_hat, mut y) = (Array2::zeros((n, d)), Array2::zeros((n, d)));
+            let mut rstd = Array1::zeros(n);
+            let (g, b) = (gamma.as_slice().unwrap(), beta.as_slice().unwrap());
+            layer_norm_rows(
+                x.view(),
+                gamma.view(),
+                beta.view(),
+                1e-5,
+                x_hat.view_mut(),
+                rstd.view_mut(),
+                y.view_mut(),
+            );
+            let mut infer = Array2::zeros((n, d));
+            layer_norm_rows_infer(x.view(), None, gamma.view(), beta.view(), 1e-5, infer.view_mut());
+            let (mut grad_x, mut gg, mut gb) = (Array2::zeros((n, d)), Array1::zeros(d), Array1::zeros(d));
+            layer_norm_rows_backward(
+                x_hat.view(),
+                rstd.view(),
+                gamma.view(),
+                grad_y.view(),
+                gg.view_mut(),
+                gb.view_mut(),
+                grad_x.view_mut(),
+            );
+            for r in 0..n {
+                let (mut h, mut yr, mut gx) = (vec![0.0; d], vec![0.0; d], vec![0.0; d]);
+                let s = layer_norm_row(x.row(r).as_slice().unwrap(), g, b, 1e-5, &mut h, &mut yr);
+                let at = format!("n {n}, d {d}, row {r}");
+                assert_eq!(s.to_bits(), rstd[r].to_bits(), "rstd, {at}");
+                assert_eq!(bits(&h), bits(x_hat.row(r).as_slice().unwrap()), "x̂, {at}");
+                assert_eq!(bits(&yr), bits(y.row(r).as_slice().unwrap()), "y, {at}");
+                assert_eq!(
+                    bits(&yr),
+                    bits(infer.row(r).as_slice().unwrap()),
+                    "inference, {at}"
+                );
+                layer_norm_row_backward(&h, s, g, grad_y.row(r).as_slice().unwrap(), &mut gx);
+                assert_eq!(bits(&gx), bits(grad_x.row(r).as_slice().unwrap()), "∂L/∂x, {at}");
             }
         }
     }

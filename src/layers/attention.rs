@@ -66,7 +66,7 @@ use ndarray::{
     Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, CowArray,
     s,
 };
-use rand::Rng;
+use rand::{Rng, RngCore};
 
 use crate::error::{Result, check};
 use crate::kernels::dropout::DropRows;
@@ -167,7 +167,7 @@ impl ScaledDotProductAttention {
         mask: &Mask,
         rng: &mut impl Rng,
     ) -> (Array3<F>, AttentionCache<F>) {
-        let (out, core) = self.run(q, k, v, mask, Some(rng), true);
+        let (out, core) = self.run(q, k, v, mask, Pass::Train(rng));
         let cache = AttentionCache {
             q: q.to_owned(),
             k: k.to_owned(),
@@ -188,8 +188,7 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
     ) -> Array3<F> {
-        self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>, false)
-            .0
+        self.run(q, k, v, mask, Pass::Infer).0
     }
 
     /// Forward pass without dropout, handing back the attention weights `[B, Tq, Tk]`.
@@ -203,22 +202,19 @@ impl ScaledDotProductAttention {
         v: ArrayView3<F>,
         mask: &Mask,
     ) -> (Array3<F>, Array3<F>) {
-        let (out, core) = self.run(q, k, v, mask, None::<&mut rand::rngs::SmallRng>, true);
+        let (out, core) = self.run(q, k, v, mask, Pass::Weights);
         (out, core.expect("kept").probs.index_axis_move(Axis(1), 0))
     }
 
-    /// The output and, with `keep`, the core's cache; without it [`attention_infer`] runs (no
-    /// dropout, no weights kept), so `rng` must be `None`.
+    /// The output and, but in [`Pass::Infer`], the core's cache.
     fn run<F: Float>(
         &self,
         q: ArrayView3<F>,
         k: ArrayView3<F>,
         v: ArrayView3<F>,
         mask: &Mask,
-        rng: Option<&mut impl Rng>,
-        keep: bool,
+        pass: Pass<'_>,
     ) -> (Array3<F>, Option<AttentionCoreCache<F>>) {
-        debug_assert!(keep || rng.is_none(), "dropout asked of inference");
         let (b, tq, _) = q.dim();
         let dv = v.dim().2;
         let mask = resolve_or_panic(mask, b, tq, k.dim().1);
@@ -228,14 +224,14 @@ impl ScaledDotProductAttention {
             k.insert_axis(Axis(1)),
             v.insert_axis(Axis(1)),
         );
-        let heads_out = out.view_mut().insert_axis(Axis(1));
-        let core = if keep {
-            let p = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
-            Some(attention_forward(q, k, v, mask, p, rng, heads_out))
-        } else {
-            attention_infer(q, k, v, &mask, heads_out);
-            None
-        };
+        let core = pass.attend(
+            q,
+            k,
+            v,
+            mask,
+            self.cfg.p_drop,
+            out.view_mut().insert_axis(Axis(1)),
+        );
         (out, core)
     }
 
@@ -317,6 +313,48 @@ fn head_view<'a, F>(
             ndarray::ShapeBuilder::strides((rows, cols), (s[2] as usize, s[3] as usize)),
             x.as_ptr().offset(i as isize * s[0] + j as isize * s[1]),
         )
+    }
+}
+
+/// What a forward pass of attention is for, which decides what it draws and what it keeps.
+pub(crate) enum Pass<'a> {
+    /// Training: dropout on the weights (at the layer's rate), drawn from the generator, and
+    /// the core's cache kept for the backward pass ([`attention_forward`]).
+    Train(&'a mut dyn RngCore),
+    /// No dropout; the core's cache, with every head's weights, kept: the weights asked for.
+    Weights,
+    /// Inference: no dropout, nothing kept ([`attention_infer`]).
+    Infer,
+}
+
+impl Pass<'_> {
+    /// The attention core over `q`, `k`, `v` (`[B, H, T, d]`) into `out` for this pass, with
+    /// dropout at `p_drop` in training; the core's cache unless this is [`Pass::Infer`].
+    pub(crate) fn attend<F: Float>(
+        self,
+        q: ArrayView4<F>,
+        k: ArrayView4<F>,
+        v: ArrayView4<F>,
+        mask: ResolvedMask,
+        p_drop: f32,
+        out: ArrayViewMut4<F>,
+    ) -> Option<AttentionCoreCache<F>> {
+        match self {
+            Pass::Train(mut rng) => Some(attention_forward(q, k, v, mask, p_drop, Some(&mut rng), out)),
+            Pass::Weights => Some(attention_forward(
+                q,
+                k,
+                v,
+                mask,
+                0.0,
+                None::<&mut &mut dyn RngCore>,
+                out,
+            )),
+            Pass::Infer => {
+                attention_infer(q, k, v, &mask, out);
+                None
+            }
+        }
     }
 }
 

@@ -58,8 +58,7 @@ use crate::kernels::{
     Float, PackedB, add_column_sums, bias_sums_in_packing, filled, gemm, gemm_packed, gemm_weight_grad,
 };
 use crate::layers::attention::{
-    AttentionCoreCache, attention_backward, attention_forward, attention_infer, attention_step,
-    resolve_or_panic,
+    AttentionCoreCache, Pass, attention_backward, attention_infer, attention_step, resolve_or_panic,
 };
 use crate::layers::linear::{affine, affine_backward, check_backward_weights};
 use crate::layers::mask::{Mask, ResolvedMask};
@@ -1153,7 +1152,7 @@ impl<F: Float> MultiHead<F> {
         mask: &Mask,
         rng: &mut impl Rng,
     ) -> (Array3<F>, MultiHeadCache<F>) {
-        let (y, cache) = self.run(x, memory, mask, Some(rng), true);
+        let (y, cache) = self.run(x, memory, mask, Pass::Train(rng));
         (y, cache.expect("kept"))
     }
 
@@ -1162,8 +1161,7 @@ impl<F: Float> MultiHead<F> {
     /// # Panics
     /// As [`MultiHead::forward`].
     pub fn infer(&self, x: ArrayView3<F>, memory: Option<ArrayView3<F>>, mask: &Mask) -> Array3<F> {
-        self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>, false)
-            .0
+        self.run(x, memory, mask, Pass::Infer).0
     }
 
     /// Forward pass without dropout that also hands back every head's attention weights,
@@ -1177,7 +1175,7 @@ impl<F: Float> MultiHead<F> {
         memory: Option<ArrayView3<F>>,
         mask: &Mask,
     ) -> (Array3<F>, Array4<F>) {
-        let (y, cache) = self.run(x, memory, mask, None::<&mut rand::rngs::SmallRng>, true);
+        let (y, cache) = self.run(x, memory, mask, Pass::Weights);
         (y, cache.expect("kept").core.into_weights())
     }
 
@@ -1205,8 +1203,7 @@ impl<F: Float> MultiHead<F> {
         x: ArrayView3<F>,
         memory: Option<ArrayView3<F>>,
         mask: &Mask,
-        rng: Option<&mut impl Rng>,
-        keep: bool,
+        pass: Pass<'_>,
     ) -> (Array3<F>, Option<MultiHeadCache<F>>) {
         let d = self.cfg.d_model;
         let (b, tq, tk) = self.check_pair(x, memory);
@@ -1218,15 +1215,12 @@ impl<F: Float> MultiHead<F> {
         let q = affine(x_rows.view(), p.w_q.view(), p.b_q.as_ref().map(|b| b.view()));
         let k = affine(src_rows.view(), p.w_k.view(), p.b_k.as_ref().map(|b| b.view()));
         let v = affine(src_rows.view(), p.w_v.view(), p.b_v.as_ref().map(|b| b.view()));
-        let p_drop = if rng.is_some() { self.cfg.p_drop } else { 0.0 };
         let (ctx, core) = self.all_heads(
             self.heads(q.view(), b, tq),
             self.heads(k.view(), b, tk),
             self.heads(v.view(), b, tk),
             mask,
-            p_drop,
-            rng,
-            keep,
+            pass,
         );
         let y = affine(ctx.view(), p.w_o.view(), p.b_o.as_ref().map(|b| b.view()));
         let y = y.into_shape_with_order((b, tq, d)).expect("standard layout");
@@ -1592,7 +1586,7 @@ impl<F: Float> MultiHead<F> {
                 (q, k, v)
             }
         };
-        let (ctx, _) = self.all_heads(q, k, v, mask, 0.0, None::<&mut rand::rngs::SmallRng>, false);
+        let (ctx, _) = self.all_heads(q, k, v, mask, Pass::Infer);
         let y = product(ctx.view(), &packed.output, &self.p.b_o);
         (input, kv, ctx).give_back();
         y.into_shape_with_order((b, tq, d)).expect("standard layout")
@@ -1729,35 +1723,23 @@ impl<F: Float> MultiHead<F> {
     }
 
     /// The attention core over every head (`q` `[B, H, Tq, d_k]`, `k` and `v` `[B, H, Tk,
-    /// d_k]`): the context `[B·Tq, d]`, its heads concatenated, and with `keep` the core's
-    /// cache (without it, [`attention_infer`]: no dropout, and no weights kept). The context is
-    /// not zeroed first: the core writes every element of it.
-    #[allow(clippy::too_many_arguments)]
+    /// d_k]`) for `pass`: the context `[B·Tq, d]`, its heads concatenated, and but in
+    /// [`Pass::Infer`] the core's cache. The context is not zeroed first: the core writes every
+    /// element of it.
     fn all_heads(
         &self,
         q: ArrayView4<'_, F>,
         k: ArrayView4<'_, F>,
         v: ArrayView4<'_, F>,
         mask: ResolvedMask,
-        p_drop: f32,
-        rng: Option<&mut impl Rng>,
-        keep: bool,
+        pass: Pass<'_>,
     ) -> (Array2<F>, Option<AttentionCoreCache<F>>) {
-        debug_assert!(
-            keep || (p_drop == 0.0 && rng.is_none()),
-            "dropout asked of inference"
-        );
         let (b, tq) = (q.dim().0, q.dim().2);
         let mut core = None;
         // SAFETY: `attention_forward` and `attention_infer` write every element of their output.
         let ctx = unsafe {
             crate::kernels::workspace::filled((b * tq, self.cfg.d_model), |ctx| {
-                let ctx = self.heads_mut(ctx, b, tq);
-                if keep {
-                    core = Some(attention_forward(q, k, v, mask, p_drop, rng, ctx));
-                } else {
-                    attention_infer(q, k, v, &mask, ctx);
-                }
+                core = pass.attend(q, k, v, mask, self.cfg.p_drop, self.heads_mut(ctx, b, tq));
             })
         };
         (ctx, core)

@@ -206,7 +206,7 @@ impl ScaledDotProductAttention {
         (out, core.expect("kept").probs.index_axis_move(Axis(1), 0))
     }
 
-    /// The output and, but in [`Pass::Infer`], the core's cache.
+    /// The output, and the core's cache unless `pass` is [`Pass::Infer`].
     fn run<F: Float>(
         &self,
         q: ArrayView3<F>,

@@ -1198,6 +1198,7 @@ impl<F: Float> MultiHead<F> {
         (b, tq, tk)
     }
 
+    /// The output, and the cache for the backward pass unless `pass` is [`Pass::Infer`].
     fn run(
         &self,
         x: ArrayView3<F>,
@@ -1723,9 +1724,9 @@ impl<F: Float> MultiHead<F> {
     }
 
     /// The attention core over every head (`q` `[B, H, Tq, d_k]`, `k` and `v` `[B, H, Tk,
-    /// d_k]`) for `pass`: the context `[B·Tq, d]`, its heads concatenated, and but in
-    /// [`Pass::Infer`] the core's cache. The context is not zeroed first: the core writes every
-    /// element of it.
+    /// d_k]`) for `pass`: the context `[B·Tq, d]`, its heads concatenated, and the core's
+    /// cache unless `pass` is [`Pass::Infer`]. The context is not zeroed first: the core writes
+    /// every element of it.
     fn all_heads(
         &self,
         q: ArrayView4<'_, F>,

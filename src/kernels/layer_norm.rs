@@ -515,8 +515,8 @@ fn param_grads_block<F: Float>(
 /// The AVX-512 forms of the rows' sums in `f32`: up to 16 rows at a time, each row's lane
 /// sums accumulated as [`sum_map`] does (lane l takes the columns `l`, `l + 16`, …, the last
 /// partial vector masked) and the 16 rows' lane trees reduced together, with the additions of
-/// [`super::simd::reduce`] and so its bits, in 30 shuffles and additions where one row alone
-/// takes 8 (and waits on each).
+/// [`super::simd::reduce`] and so its bits: 30 shuffles, 15 additions and a permutation for
+/// the 16, where one row at a time takes 8 operations, each waiting on the one before.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;

@@ -97,6 +97,23 @@ fn normalize_with<F: Float>(
     }
 }
 
+/// [`normalize_with`] of the row held in `x_hat`, overwritten by `x̂`.
+#[inline(always)]
+fn normalize_in_place_with<F: Float>(
+    mean: F,
+    rstd: F,
+    gamma: &[F],
+    beta: &[F],
+    x_hat: &mut [F],
+    y: &mut [F],
+) {
+    for (((xh, y), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+        let h = (*xh - mean) * rstd;
+        *xh = h;
+        *y = g * h + b;
+    }
+}
+
 /// Backward of [`layer_norm_row`] for one row: writes `∂L/∂x` into `grad_x`, overwriting it
 /// (γ and β gradients are summed over rows by [`layer_norm_rows_backward`]).
 ///
@@ -263,15 +280,7 @@ fn rows_forward<F: Float>(
         for (i, &(mean, r)) in group.zip(&stats) {
             let at = i * d..(i + 1) * d;
             rstd[i] = r;
-            for ((xh, y), (&g, &b)) in x_hat[at.clone()]
-                .iter_mut()
-                .zip(&mut y[at])
-                .zip(gamma.iter().zip(beta))
-            {
-                let h = (*xh - mean) * r;
-                *xh = h;
-                *y = g * h + b;
-            }
+            normalize_in_place_with(mean, r, gamma, beta, &mut x_hat[at.clone()], &mut y[at]);
         }
     }
 }

@@ -802,6 +802,19 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
             b = b.add(16);
         }
     }
+    if t.csc == 1 && t.cols == 16 && t.rows == MR && t.drop.is_none() && t.gate.is_none() {
+        // A whole tile with nothing after its update, stored here from the registers (in a
+        // call the accumulators went through the stack).
+        for r in 0..MR {
+            // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc);
+                store256(p, lo[r], t.update, 0, t.relu);
+                store256(p.add(8), hi[r], t.update, 8, t.relu);
+            }
+        }
+        return;
+    }
     // SAFETY: forwarded from this function's contract.
     unsafe { store_avx2(&lo, &hi, t) }
 }

@@ -802,29 +802,15 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
             b = b.add(16);
         }
     }
-    if t.csc == 1 && t.cols == 16 && t.rows == MR && t.vector_post() {
-        // A whole tile, stored here from the registers: in a call to `store_avx2` the
-        // accumulators went through the stack, and each 8 lanes with dropout or a gate were a
-        // call of their own (AMD EPYC Zen 3, one thread, the two forms alternating step by
-        // step in one process: a tiny training step 3–5% faster at its fastest and median
-        // steps, a small one 2–6% at its fastest; a tiny eval forward 2% at its fastest).
-        if t.drop.is_none() && t.gate.is_none() {
-            for r in 0..MR {
-                // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
-                unsafe {
-                    let p = t.c.offset(r as isize * t.rsc);
-                    store256(p, lo[r], t.update, 0, t.relu);
-                    store256(p.add(8), hi[r], t.update, 8, t.relu);
-                }
-            }
-        } else {
-            for r in 0..MR {
-                // SAFETY: row r < rows and its 16 columns are inside C (csc = 1), and so
-                // are the gate's (a vector post has a gate of unit column stride).
-                unsafe {
-                    store_post8(t, r, 0, lo[r], 8);
-                    store_post8(t, r, 8, hi[r], 8);
-                }
+    if t.csc == 1 && t.cols == 16 && t.rows == MR && t.drop.is_none() && t.gate.is_none() {
+        // A whole tile with nothing after its update, stored here from the registers (in a
+        // call the accumulators went through the stack).
+        for r in 0..MR {
+            // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
+            unsafe {
+                let p = t.c.offset(r as isize * t.rsc);
+                store256(p, lo[r], t.update, 0, t.relu);
+                store256(p.add(8), hi[r], t.update, 8, t.relu);
             }
         }
         return;

@@ -79,6 +79,14 @@ fn normalize<F: Float>(x: &[F], gamma: &[F], beta: &[F], eps: F, x_hat: &mut [F]
     rstd
 }
 
+/// `(x̂, y)` of one value: `x̂ = (x − mean)·rstd` and `y = γ·x̂ + β`, the arithmetic that the
+/// training and the inference forms share, so that they give the same bits.
+#[inline(always)]
+fn normalized<F: Float>(x: F, mean: F, rstd: F, gamma: F, beta: F) -> (F, F) {
+    let h = (x - mean) * rstd;
+    (h, gamma * h + beta)
+}
+
 /// `x̂ = (x − mean)·rstd` and `y = γ ⊙ x̂ + β` of one row whose statistics are known.
 #[inline(always)]
 fn normalize_with<F: Float>(
@@ -91,9 +99,7 @@ fn normalize_with<F: Float>(
     y: &mut [F],
 ) {
     for ((((xh, y), &x), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(x).zip(gamma).zip(beta) {
-        let h = (x - mean) * rstd;
-        *xh = h;
-        *y = g * h + b;
+        (*xh, *y) = normalized(x, mean, rstd, g, b);
     }
 }
 
@@ -108,9 +114,7 @@ fn normalize_in_place_with<F: Float>(
     y: &mut [F],
 ) {
     for (((xh, y), &g), &b) in x_hat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
-        let h = (*xh - mean) * rstd;
-        *xh = h;
-        *y = g * h + b;
+        (*xh, *y) = normalized(*xh, mean, rstd, g, b);
     }
 }
 
@@ -356,8 +360,7 @@ fn rows_infer<F: Float>(x: &[F], z: Option<&[F]>, gamma: &[F], beta: &[F], eps: 
         group_stats(&y[span.clone()], d, eps, &mut stats);
         for (row, &(mean, rstd)) in y[span].chunks_exact_mut(d).zip(&stats) {
             for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-                let h = (*y - mean) * rstd;
-                *y = g * h + b;
+                *y = normalized(*y, mean, rstd, g, b).1;
             }
         }
     }

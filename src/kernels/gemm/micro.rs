@@ -805,18 +805,38 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
     if t.csc == 1 && t.cols == 16 && t.rows == MR && t.drop.is_none() && t.gate.is_none() {
         // A whole tile with nothing after its update, stored here from the registers (in a
         // call the accumulators went through the stack).
-        for r in 0..MR {
-            // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
-            unsafe {
-                let p = t.c.offset(r as isize * t.rsc);
-                store256(p, lo[r], t.update, 0, t.relu);
-                store256(p.add(8), hi[r], t.update, 8, t.relu);
-            }
-        }
+        // SAFETY: the tile's MR rows of 16 columns are inside C (csc = 1; caller).
+        unsafe { store_rows16(&lo, &hi, MR, t) };
         return;
     }
     // SAFETY: forwarded from this function's contract.
     unsafe { store_avx2(&lo, &hi, t) }
+}
+
+/// Rows `0..rows` (`rows ≤ MR`) of a tile of 16 columns with unit column stride and no
+/// dropout or gate, through its update and ReLU: [`store_avx2`]'s whole rows, which the
+/// kernels also store from their registers when every row of a tile is whole.
+///
+/// Always inlined (a `#[target_feature]` function may not be), so that it runs in its callers'
+/// AVX2 code with the accumulators in their registers.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; those rows and columns must be inside C (readable too
+/// unless the update is `Set`), and so must the bias's columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_rows16<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], rows: usize, t: &Tile) {
+    for r in 0..MR {
+        if r >= rows {
+            break;
+        }
+        // SAFETY: row r < rows and its 16 columns are inside C (caller).
+        unsafe {
+            let p = t.c.offset(r as isize * t.rsc);
+            store256(p, lo[r], t.update, 0, t.relu);
+            store256(p.add(8), hi[r], t.update, 8, t.relu);
+        }
+    }
 }
 
 /// Stores an AVX2 kernel's `MR × 16` accumulators (`lo`: columns 0–7, `hi`: 8–15) into the
@@ -829,17 +849,8 @@ unsafe fn kernel_avx2_at<const MR: usize, const ROWS: bool, const FAR: bool, B: 
 #[inline]
 unsafe fn store_avx2<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t: &Tile) {
     if t.csc == 1 && t.cols == 16 && t.drop.is_none() && t.gate.is_none() {
-        for r in 0..MR {
-            if r >= t.rows {
-                break;
-            }
-            // SAFETY: row r < rows and its 16 columns are inside C (csc = 1).
-            unsafe {
-                let p = t.c.offset(r as isize * t.rsc);
-                store256(p, lo[r], t.update, 0, t.relu);
-                store256(p.add(8), hi[r], t.update, 8, t.relu);
-            }
-        }
+        // SAFETY: the tile's rows of 16 columns are inside C (csc = 1; caller).
+        unsafe { store_rows16(lo, hi, t.rows, t) };
     } else if t.csc == 1 && t.vector_post() {
         for r in 0..MR.min(t.rows) {
             // SAFETY: row r < rows and its `cols` columns are inside C (csc = 1).

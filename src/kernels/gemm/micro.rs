@@ -851,6 +851,9 @@ unsafe fn store_avx2<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t: &
     if t.csc == 1 && t.cols == 16 && t.drop.is_none() && t.gate.is_none() {
         // SAFETY: the tile's rows of 16 columns are inside C (csc = 1; caller).
         unsafe { store_rows16(lo, hi, t.rows, t) };
+    } else if t.csc == 1 && t.cols == 16 && t.vector_post() {
+        // SAFETY: the tile's rows of 16 columns are inside C (csc = 1; caller).
+        unsafe { store_post16(lo, hi, t) };
     } else if t.csc == 1 && t.vector_post() {
         for r in 0..MR.min(t.rows) {
             // SAFETY: row r < rows and its `cols` columns are inside C (csc = 1).
@@ -1103,8 +1106,48 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bo
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn store_post8(t: &Tile, r: usize, j0: usize, acc: __m256, n: usize) {
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+    // SAFETY: forwarded from this function's contract.
+    unsafe { post8(t, r, j0, acc, n) }
+}
+
+/// The rows `0..t.rows` (at most `MR`) of a tile of 16 columns with dropout or a gate: each
+/// 8 lanes as [`store_post8`], in one call for the tile. Each 8 lanes had been a call from
+/// the kernel, which set up the update's, the dropout's and the gate's constants again;
+/// here they are set up once (the compiler lifts them out of the loop over the rows) and
+/// the kernel's loop keeps its code (the stores inlined there had slowed the products that
+/// take neither tail, *Tried and dropped* on the performance page).
+///
+/// # Safety
+/// As [`store_post8`] for every row below `t.rows`, columns 0–15.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn store_post16<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t: &Tile) {
+    for r in 0..MR {
+        if r >= t.rows {
+            break;
+        }
+        // SAFETY: row r < rows, its 16 columns inside C (caller).
+        unsafe {
+            post8(t, r, 0, lo[r], 8);
+            post8(t, r, 8, hi[r], 8);
+        }
+    }
+}
+
+/// The arithmetic and the stores of [`store_post8`] (always inlined: a `#[target_feature]`
+/// function may not be), so that [`store_post16`] runs it with `n` known.
+///
+/// # Safety
+/// As [`store_post8`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn post8(t: &Tile, r: usize, j0: usize, acc: __m256, n: usize) {
+    // SAFETY: the CPU has AVX2 (caller).
+    let (lanes, live) = unsafe {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        (lanes, _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes))
+    };
     // SAFETY: the caller vouches for the first n floats at q; the others are not read.
     let load = |q: *const f32| unsafe {
         if n == 8 {

@@ -1229,6 +1229,45 @@ mod tests {
                 pool.install(|| gemm_fused(a.view(), b.view(), post, got.view_mut()));
                 assert_eq!(got, backward, "backward m={m} k={k} n={n} threads={threads}");
             }
+            // Every kernel path the CPU has, called directly (`gemm_fused` takes the best, or
+            // the small products' path): whole tiles and edge tiles with each tail.
+            for isa in Isa::available() {
+                let mat = |x: &Array2<f32>| Mat {
+                    ptr: x.as_ptr(),
+                    rs: x.strides()[0],
+                    cs: 1,
+                };
+                let tails = [
+                    (
+                        Epilogue {
+                            bias: Some(bias.as_ptr()),
+                            relu: true,
+                            dropout: Some(key),
+                            ..Epilogue::default()
+                        },
+                        &forward,
+                    ),
+                    (
+                        Epilogue {
+                            gate: Some((gate.as_ptr(), n as isize, 1, 1.25)),
+                            ..Epilogue::default()
+                        },
+                        &backward,
+                    ),
+                ];
+                for (ep, want) in tails {
+                    let mut got = Array2::from_elem((m, n), f32::NAN);
+                    let mc = MatMut {
+                        ptr: got.as_mut_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    };
+                    // SAFETY: the matrices address their own elements (A m × k, B k × n, C and
+                    // the gate m × n, the bias n); the CPU runs isa.
+                    unsafe { packed::gemm(isa, m, k, n, 1.0, mat(&a), mat(&b), 0.0, mc, 1, ep) };
+                    assert_eq!(&got, want, "{isa:?} m={m} k={k} n={n} gate {}", ep.gate.is_some());
+                }
+            }
         }
     }
 

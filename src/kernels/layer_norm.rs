@@ -47,9 +47,10 @@ fn mean_rstd<F: Float>(x: &[F], eps: F) -> (F, F) {
 
 /// [`mean_rstd`] of each row of `x`, a group of at most [`GROUP`] rows of d, into `stats`,
 /// bit for bit: in `f32` the rows' lane sums are reduced side by side, 16 at a time with
-/// AVX-512 ([`avx512::stats`]) and 8 with AVX2 ([`avx2::stats8`]), else row after row. A row's sums are a chain of additions as long as
-/// the row has vectors, then a tree of shuffles; one row after another, a layer norm of
-/// short rows waits on them (d = 64: about 115 cycles a row, the tiny eval forward's 5%).
+/// AVX-512 ([`avx512::stats`]) and 8 with AVX2 ([`avx2::stats8`]), else row after row. A
+/// row's sums are a chain of additions as long as the row has vectors, then a tree of
+/// shuffles; one row after another, a layer norm of short rows waits on them (d = 64: about
+/// 115 cycles a row, the tiny eval forward's 5%).
 #[inline(always)]
 fn group_stats<F: Float>(x: &[F], d: usize, eps: F, stats: &mut [(F, F)]) {
     let rows = x.len() / d;
@@ -639,9 +640,9 @@ mod avx512 {
 /// The AVX2 forms of the rows' sums in `f32`: 8 rows at a time, each row's lane sums
 /// accumulated as [`sum_map`] does (its 16 lanes in two vectors, columns `l`, `l + 16`, … in
 /// lane l) one row after another, whose chains are independent, and the 8 rows' lane trees
-/// reduced together with the additions of [`super::simd::reduce`], so its bits: 14 shuffles
-/// and 7 additions for the 8, where one row at a time takes 7 operations, each waiting on the
-/// one before.
+/// reduced together with the additions of [`super::simd::reduce`], so its bits: 15 shuffles
+/// (the last a permutation into row order) and 7 additions for the 8, where one row at a time
+/// takes 6 operations, each waiting on the one before.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -655,8 +656,8 @@ mod avx2 {
     fn sums(rows: usize, d: usize, term: impl Fn(usize, usize, Option<__m256i>) -> __m256) -> __m256 {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let whole = d - d % 16;
-        let mut v = [_mm256_setzero_ps(); 8];
-        for (r, v) in v.iter_mut().enumerate().take(rows) {
+        let mut part = [_mm256_setzero_ps(); 8];
+        for (r, v) in part.iter_mut().enumerate().take(rows) {
             let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut c = 0;
             while c < whole {
@@ -676,7 +677,7 @@ mod avx2 {
         }
         // i + 4: rows r (low half) and r + 4 (high half).
         let l4: [__m256; 4] = std::array::from_fn(|r| {
-            let (p, q) = (v[r], v[r + 4]);
+            let (p, q) = (part[r], part[r + 4]);
             _mm256_add_ps(
                 _mm256_permute2f128_ps::<0x20>(p, q),
                 _mm256_permute2f128_ps::<0x31>(p, q),
@@ -839,8 +840,8 @@ mod tests {
         }
     }
 
-    /// Each vector form of the rows' statistics the CPU runs (whichever the dispatch picks),
-    /// against [`mean_rstd`] row by row, bit for bit: groups whole and cut, widths inside a
+    /// Each vector form of the rows' statistics the CPU can run, called directly (not only the
+    /// one the dispatch picks), against [`mean_rstd`] row by row, bit for bit: groups whole and cut, widths inside a
     /// vector, at its edges and past several, constant rows and rows of −0.
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -841,8 +841,9 @@ mod tests {
     }
 
     /// Each vector form of the rows' statistics the CPU can run, called directly (not only the
-    /// one the dispatch picks), against [`mean_rstd`] row by row, bit for bit: groups whole and cut, widths inside a
-    /// vector, at its edges and past several, constant rows and rows of −0.
+    /// one the dispatch picks), against [`mean_rstd`] row by row, bit for bit: groups whole
+    /// and cut, widths inside a vector, at its edges and past several, constant rows and rows
+    /// of −0.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_stats_are_the_row_statistics_bit_for_bit() {

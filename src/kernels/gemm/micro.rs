@@ -1089,27 +1089,6 @@ unsafe fn store256(p: *mut f32, acc: __m256, update: Update, j0: usize, relu: bo
     }
 }
 
-/// Row r's columns `j0..j0 + n` (`1 ≤ n ≤ 8`) of the tile through its update, ReLU, dropout
-/// and gate, 8 lanes at a time: [`store512`]'s arithmetic, and [`Tile::post`]'s, lane by lane.
-/// The AVX2 kernel's tiles with dropout or a gate (the feed-forward and attention outputs of a
-/// training step) and its edge tiles had gone through the scalar stores, the dropout's hash
-/// one element at a time: 9% of a tiny training step (AMD EPYC Zen 3).
-///
-/// Lanes past `n` are not read (masked loads) and not written (the row goes through a local
-/// array): a masked store is a microcoded sequence on AMD's cores before Zen 4.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA; the tile's row r, columns `j0..j0 + n`, must be inside C
-/// with unit column stride (and readable unless the update is `Set`); the bias and the gate
-/// (unit column stride) must hold them too.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn store_post8(t: &Tile, r: usize, j0: usize, acc: __m256, n: usize) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { post8(t, r, j0, acc, n) }
-}
-
 /// The rows `0..t.rows` (at most `MR`) of a tile of 16 columns with dropout or a gate: each
 /// 8 lanes as [`store_post8`], in one call for the tile. Each 8 lanes had been a call from
 /// the kernel, which set up the update's, the dropout's and the gate's constants again;
@@ -1129,20 +1108,31 @@ unsafe fn store_post16<const MR: usize>(lo: &[__m256; MR], hi: &[__m256; MR], t:
         }
         // SAFETY: row r < rows, its 16 columns inside C (caller).
         unsafe {
-            post8(t, r, 0, lo[r], 8);
-            post8(t, r, 8, hi[r], 8);
+            store_post8(t, r, 0, lo[r], 8);
+            store_post8(t, r, 8, hi[r], 8);
         }
     }
 }
 
-/// The arithmetic and the stores of [`store_post8`] (always inlined: a `#[target_feature]`
-/// function may not be), so that [`store_post16`] runs it with `n` known.
+/// Row r's columns `j0..j0 + n` (`1 ≤ n ≤ 8`) of the tile through its update, ReLU, dropout
+/// and gate, 8 lanes at a time: [`store512`]'s arithmetic, and [`Tile::post`]'s, lane by lane.
+/// The AVX2 kernel's tiles with dropout or a gate (the feed-forward and attention outputs of a
+/// training step) and its edge tiles had gone through the scalar stores, the dropout's hash
+/// one element at a time: 9% of a tiny training step (AMD EPYC Zen 3).
+///
+/// Lanes past `n` are not read (masked loads) and not written (the row goes through a local
+/// array): a masked store is a microcoded sequence on AMD's cores before Zen 4.
+///
+/// Always inlined (a `#[target_feature]` function may not be) into its AVX2 callers:
+/// [`store_avx2`]'s edge tiles and [`store_post16`], which runs it with `n` known.
 ///
 /// # Safety
-/// As [`store_post8`].
+/// The CPU must have AVX2 and FMA; the tile's row r, columns `j0..j0 + n`, must be inside C
+/// with unit column stride (and readable unless the update is `Set`); the bias and the gate
+/// (unit column stride) must hold them too.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn post8(t: &Tile, r: usize, j0: usize, acc: __m256, n: usize) {
+unsafe fn store_post8(t: &Tile, r: usize, j0: usize, acc: __m256, n: usize) {
     // SAFETY: the CPU has AVX2 (caller).
     let (lanes, live) = unsafe {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -5,7 +5,8 @@
 //! `cargo bench --bench kernels`; one group: `cargo bench --bench kernels -- gemm`. The
 //! bf16 products, on every path this CPU runs, beside the `f32` kernels:
 //! `cargo bench --bench kernels -- gemm_bf16`. The products of inference, with the weight
-//! packed beforehand: `cargo bench --bench kernels -- gemm_packed`. A decoding step's few rows
+//! packed beforehand: `cargo bench --bench kernels -- gemm_packed`; the same with every operand
+//! in L2: `cargo bench --bench kernels -- gemm_in_cache`. A decoding step's few rows
 //! against weights read from memory, in bytes of weights a second:
 //! `cargo bench --bench kernels -- gemm_streamed`; a step of 1 to 8 sequences against weights
 //! in L3: `cargo bench --bench kernels -- gemm_few_rows`.
@@ -114,6 +115,66 @@ fn bench_gemm_packed(c: &mut Criterion) {
                 },
             );
         }
+    }
+    group.finish();
+}
+
+/// The weight gradients of the dense products of `small` and `base`, as a training step's
+/// backward runs them: `∂W += ∂Yᵀ·X` for the rows X `[m, k]` and ∂Y `[m, n]` of a product
+/// (k, the reduction, is the rows), both operands packed in the call, on a team of 1 and 2
+/// threads.
+fn bench_gemm_weight_grad(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut group = c.benchmark_group("gemm_weight_grad");
+    group.sample_size(20);
+    for (name, x, w, out, flops) in dense_products(&mut rng) {
+        let dy = random(out.nrows(), out.ncols(), &mut rng);
+        let mut dw = Array2::<f32>::zeros(w.dim());
+        group.throughput(Throughput::Elements(flops));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(
+                BenchmarkId::new(name, format!("{threads}t")),
+                &threads,
+                |bench, _| {
+                    pool.install(|| {
+                        vaswani::kernels::parallel::with_team(|| {
+                            bench.iter(|| gemm(1.0, dy.t(), x.view(), 1.0, dw.view_mut()))
+                        })
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+/// The kernels' ceiling: products whose operands all stay in a core's L2, B packed beforehand
+/// (256 KiB of it), repeated on one thread: 48 rows (eight panels of the AVX2 kernels' 6 rows,
+/// four of AVX-512's 12), and 12 rows, which pass over one panel of B at a time as a decoding
+/// step's few rows do. Beside `gemm_packed` at the workloads' shapes, the distance is what
+/// the operands' trips from L3 and memory, and C's, cost those products; beside `bench
+/// --peak`, what the kernels' loops, starts and stores leave of the FMA peak.
+fn bench_gemm_in_cache(c: &mut Criterion) {
+    use vaswani::kernels::{PackedB, gemm_packed};
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut group = c.benchmark_group("gemm_in_cache");
+    group.sample_size(20);
+    for (m, k, n) in [(48, 256, 128), (12, 512, 128)] {
+        let a = random(m, k, &mut rng);
+        let Some(packed) = PackedB::new(random(n, k, &mut rng).t()) else {
+            return; // nothing packs on this CPU
+        };
+        let mut out = Array2::<f32>::zeros((m, n));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let pool = pool(1);
+        group.bench_function(BenchmarkId::new(format!("{m}x{k}x{n}"), "1t"), |bench| {
+            pool.install(|| {
+                vaswani::kernels::parallel::with_team(|| {
+                    bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
+                })
+            })
+        });
     }
     group.finish();
 }
@@ -270,6 +331,8 @@ criterion_group!(
     benches,
     bench_gemm,
     bench_gemm_packed,
+    bench_gemm_in_cache,
+    bench_gemm_weight_grad,
     bench_gemm_streamed,
     bench_gemm_few_rows,
     bench_gemm_bf16,

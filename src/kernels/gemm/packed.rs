@@ -865,14 +865,18 @@ pub(super) fn tile(
     }
 }
 
-/// Contiguous lines (rows of B, columns of A) the AVX-512 packing copies across every panel
-/// before the next lines. A panel's share of a line is 48–128 bytes, and the lines are rows
-/// of a training step's activations or gradients, 1–4 KiB apart in L3: packed a panel at a
-/// time, every line of the block was visited once per panel, a cache line or two from each,
-/// which the hardware's prefetcher does not follow. By runs of lines, each is read along its
-/// length. Intel Xeon (AVX-512), one thread, weight gradients with B packed in the call: 1024
-/// × 1024 × 256 150 → 161 GFLOP/s, 256 × 1024 × 1024 144 → 154, 768 × 1024 × 256 146 → 151;
-/// small `f32` training step 1–3% faster.
+/// Contiguous lines (rows of B, columns of A) the packings copy across every panel before the
+/// next lines (AVX-512, and AVX2 for its panels of 6 rows and 16 columns). A panel's share of
+/// a line is 24–128 bytes, and the lines are rows of a training step's activations or
+/// gradients, 1–32 KiB apart in L3: packed a panel at a time, every line of the block was
+/// visited once per panel, a cache line or two from each, which the hardware's prefetcher
+/// does not follow. By runs of lines, each is read along its length. Intel Xeon (AVX-512),
+/// one thread, weight gradients with B packed in the call: 1024 × 1024 × 256 150 → 161
+/// GFLOP/s, 256 × 1024 × 1024 144 → 154, 768 × 1024 × 256 146 → 151; small `f32` training
+/// step 1–3% faster. AMD EPYC Zen 3 (AVX2), one thread, `small`'s weight gradients (`cargo
+/// bench --bench kernels -- gemm_weight_grad`), builds alternating, three runs each: 1024 ×
+/// 1024 × 256 76.1 / 80.4 / 80.0 → 81.7 / 81.4 / 80.3 GFLOP/s, 256 × 1024 × 1024 82.6 / 82.3 /
+/// 84.8 → 84.6 / 86.2 / 85.7, the others alike; training steps alike within that host's noise.
 #[cfg(target_arch = "x86_64")]
 const LINE_RUN: usize = 16;
 
@@ -895,7 +899,7 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         #[cfg(target_arch = "x86_64")]
-        if b.cs == 1 && isa == Isa::Avx512 {
+        if b.cs == 1 && (isa == Isa::Avx512 || isa == Isa::Avx2 && nr <= 16) {
             // Rows of B contiguous: runs of rows across every panel (see `LINE_RUN`).
             for p in (0..kc).step_by(LINE_RUN) {
                 let lines = LINE_RUN.min(kc - p);
@@ -904,19 +908,23 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                     let cols = nr.min(n - j0);
                     // SAFETY: rows p0 + p.. + lines, columns j0.. + cols of B; their lines of
                     // this panel's floats of this block, inside `out` and ours alone; the CPU
-                    // has AVX-512F.
+                    // has AVX-512F, resp. AVX2 (and the panel at most 16 floats wide).
                     unsafe {
+                        use super::micro::{copy_lines_padded, copy_lines_padded_avx2};
                         let src = b.ptr.offset((p0 + p) as isize * b.rs + j0 as isize);
                         let dst = out.0.add(p0 * n_pad + jp * kc * nr + p * nr);
-                        super::micro::copy_lines_padded::<false>(
-                            src,
-                            b.rs,
-                            cols,
-                            lines,
-                            dst,
-                            nr,
-                            std::ptr::null_mut(),
-                        );
+                        match isa {
+                            Isa::Avx2 => copy_lines_padded_avx2(src, b.rs, cols, lines, dst, nr),
+                            _ => copy_lines_padded::<false>(
+                                src,
+                                b.rs,
+                                cols,
+                                lines,
+                                dst,
+                                nr,
+                                std::ptr::null_mut(),
+                            ),
+                        }
                     }
                 }
             }
@@ -930,16 +938,6 @@ unsafe fn pack_b(b: Mat, k: usize, n: usize, nr: usize, panels: Range<usize>, ou
                 unsafe { std::slice::from_raw_parts_mut(out.0.add(p0 * n_pad + jp * kc * nr), kc * nr) };
             // SAFETY (for every read below): rows p0..p0 + kc and columns j0..j0 + cols are
             // inside B.
-            #[cfg(target_arch = "x86_64")]
-            if b.cs == 1 && isa == Isa::Avx2 && nr <= 16 {
-                // SAFETY: kc rows of `cols` floats of B; the panel holds kc rows of nr; the CPU
-                // has AVX2.
-                unsafe {
-                    let src = b.ptr.offset(p0 as isize * b.rs + j0 as isize);
-                    super::micro::copy_lines_padded_avx2(src, b.rs, cols, kc, dst.as_mut_ptr(), nr);
-                }
-                continue;
-            }
             if b.cs == 1 {
                 for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     let src = unsafe {
@@ -1022,23 +1020,29 @@ unsafe fn pack_a(
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
     #[cfg(target_arch = "x86_64")]
-    if a.rs == 1 && isa == Isa::Avx512 {
+    if a.rs == 1 && (isa == Isa::Avx512 || isa == Isa::Avx2 && mr <= 16) {
         // Columns of A contiguous (A = ∂Yᵀ, a weight gradient's): runs of columns across every
-        // panel (see `LINE_RUN`).
+        // panel (see `LINE_RUN`). The AVX2 copy does not sum: the sums first, as below.
+        if let (Isa::Avx2, Some(sums)) = (isa, sums) {
+            // SAFETY: the block's rows of the sums and of A (caller).
+            unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
+        }
         for p in (0..kc).step_by(LINE_RUN) {
             let lines = LINE_RUN.min(kc - p);
             for ip in 0..mc.div_ceil(mr) {
                 let r0 = i0 + ip * mr;
                 let rows = mr.min(i0 + mc - r0);
                 // SAFETY: columns p0 + p.. + lines, rows r0.. + rows of A (inside the block);
-                // their lines of panel ip, inside `out`; the CPU has AVX-512F.
+                // their lines of panel ip, inside `out`; the CPU has AVX-512F, resp. AVX2 (and
+                // the panel at most 16 rows).
                 unsafe {
-                    use super::micro::copy_lines_padded as copy;
+                    use super::micro::{copy_lines_padded as copy, copy_lines_padded_avx2};
                     let src = a.ptr.offset(r0 as isize + (p0 + p) as isize * a.cs);
                     let dst = out.as_mut_ptr().add(ip * mr * kc + p * mr);
-                    match sums {
-                        Some(s) => copy::<true>(src, a.cs, rows, lines, dst, mr, s.add(r0)),
-                        None => copy::<false>(src, a.cs, rows, lines, dst, mr, std::ptr::null_mut()),
+                    match (isa, sums) {
+                        (Isa::Avx2, _) => copy_lines_padded_avx2(src, a.cs, rows, lines, dst, mr),
+                        (_, Some(s)) => copy::<true>(src, a.cs, rows, lines, dst, mr, s.add(r0)),
+                        (_, None) => copy::<false>(src, a.cs, rows, lines, dst, mr, std::ptr::null_mut()),
                     }
                 }
             }
@@ -1056,13 +1060,6 @@ unsafe fn pack_a(
         // inside A.
         let at =
             |r: usize, p: usize| unsafe { a.ptr.offset((r0 + r) as isize * a.rs + (p0 + p) as isize * a.cs) };
-        #[cfg(target_arch = "x86_64")]
-        if a.rs == 1 && isa == Isa::Avx2 && mr <= 16 {
-            // SAFETY: kc columns of `rows` floats of A; the panel holds kc columns of mr; the
-            // CPU has AVX2.
-            unsafe { super::micro::copy_lines_padded_avx2(at(0, 0), a.cs, rows, kc, dst.as_mut_ptr(), mr) };
-            continue;
-        }
         if a.rs == 1 {
             // Columns of A are contiguous: each step of k is one copy.
             for (p, col) in dst.chunks_exact_mut(mr).enumerate() {

@@ -11,7 +11,8 @@
 //! `cargo bench --bench kernels -- gemm_streamed`; a step of 1 to 8 sequences against weights
 //! in L3: `cargo bench --bench kernels -- gemm_few_rows`.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vaswani::kernels::{RowMask, gemm, layer_norm_rows, softmax_row};
@@ -25,6 +26,17 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .num_threads(threads)
         .build()
         .expect("thread pool")
+}
+
+/// Benchmarks `product` as `name/1t` and `name/2t`, on a team of that many threads, as the
+/// model entry points run their products.
+fn on_teams(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, mut product: impl FnMut() + Send) {
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        group.bench_function(BenchmarkId::new(name, format!("{threads}t")), |bench| {
+            pool.install(|| vaswani::kernels::parallel::with_team(|| bench.iter(&mut product)))
+        });
+    }
 }
 
 /// (name, m, k, n): the reference sizes, then the projections of each workload
@@ -100,21 +112,9 @@ fn bench_gemm_packed(c: &mut Criterion) {
             return; // nothing packs on this CPU
         };
         group.throughput(Throughput::Elements(flops));
-        for threads in [1, 2] {
-            let pool = pool(threads);
-            group.bench_with_input(
-                BenchmarkId::new(name, format!("{threads}t")),
-                &threads,
-                |bench, _| {
-                    // On a team, as the model entry points run their products.
-                    pool.install(|| {
-                        vaswani::kernels::parallel::with_team(|| {
-                            bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
-                        })
-                    })
-                },
-            );
-        }
+        on_teams(&mut group, name, || {
+            gemm_packed(a.view(), &packed, None, false, out.view_mut())
+        });
     }
     group.finish();
 }
@@ -131,20 +131,9 @@ fn bench_gemm_weight_grad(c: &mut Criterion) {
         let dy = random(out.nrows(), out.ncols(), &mut rng);
         let mut dw = Array2::<f32>::zeros(w.dim());
         group.throughput(Throughput::Elements(flops));
-        for threads in [1, 2] {
-            let pool = pool(threads);
-            group.bench_with_input(
-                BenchmarkId::new(name, format!("{threads}t")),
-                &threads,
-                |bench, _| {
-                    pool.install(|| {
-                        vaswani::kernels::parallel::with_team(|| {
-                            bench.iter(|| gemm(1.0, dy.t(), x.view(), 1.0, dw.view_mut()))
-                        })
-                    })
-                },
-            );
-        }
+        on_teams(&mut group, name, || {
+            gemm(1.0, dy.t(), x.view(), 1.0, dw.view_mut())
+        });
     }
     group.finish();
 }
@@ -222,24 +211,11 @@ fn bench_weights_read(
     for &m in rows {
         let a = random(m, k, &mut rng);
         let mut out = Array2::<f32>::zeros((m, n));
-        for threads in [1, 2] {
-            let pool = pool(threads);
-            group.bench_with_input(
-                BenchmarkId::new(format!("{m}x{k}x{n}"), format!("{threads}t")),
-                &threads,
-                |bench, _| {
-                    pool.install(|| {
-                        vaswani::kernels::parallel::with_team(|| {
-                            bench.iter(|| {
-                                for w in &weights {
-                                    gemm_packed(a.view(), w, None, false, out.view_mut());
-                                }
-                            })
-                        })
-                    })
-                },
-            );
-        }
+        on_teams(&mut group, &format!("{m}x{k}x{n}"), || {
+            for w in &weights {
+                gemm_packed(a.view(), w, None, false, out.view_mut());
+            }
+        });
     }
     group.finish();
 }

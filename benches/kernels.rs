@@ -28,10 +28,15 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .expect("thread pool")
 }
 
-/// Benchmarks `product` as `name/1t` and `name/2t`, on a team of that many threads, as the
-/// model entry points run their products.
-fn on_teams(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, mut product: impl FnMut() + Send) {
-    for threads in [1, 2] {
+/// Benchmarks `product` as `name/1t`, `name/2t`, … for each count of `threads`, on a team of
+/// that many threads, as the model entry points run their products.
+fn on_teams(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    threads: &[usize],
+    mut product: impl FnMut() + Send,
+) {
+    for &threads in threads {
         let pool = pool(threads);
         group.bench_function(BenchmarkId::new(name, format!("{threads}t")), |bench| {
             pool.install(|| vaswani::kernels::parallel::with_team(|| bench.iter(&mut product)))
@@ -112,7 +117,7 @@ fn bench_gemm_packed(c: &mut Criterion) {
             return; // nothing packs on this CPU
         };
         group.throughput(Throughput::Elements(flops));
-        on_teams(&mut group, name, || {
+        on_teams(&mut group, name, &[1, 2], || {
             gemm_packed(a.view(), &packed, None, false, out.view_mut())
         });
     }
@@ -131,7 +136,7 @@ fn bench_gemm_weight_grad(c: &mut Criterion) {
         let dy = random(out.nrows(), out.ncols(), &mut rng);
         let mut dw = Array2::<f32>::zeros(w.dim());
         group.throughput(Throughput::Elements(flops));
-        on_teams(&mut group, name, || {
+        on_teams(&mut group, name, &[1, 2], || {
             gemm(1.0, dy.t(), x.view(), 1.0, dw.view_mut())
         });
     }
@@ -156,13 +161,8 @@ fn bench_gemm_in_cache(c: &mut Criterion) {
         };
         let mut out = Array2::<f32>::zeros((m, n));
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        let pool = pool(1);
-        group.bench_function(BenchmarkId::new(format!("{m}x{k}x{n}"), "1t"), |bench| {
-            pool.install(|| {
-                vaswani::kernels::parallel::with_team(|| {
-                    bench.iter(|| gemm_packed(a.view(), &packed, None, false, out.view_mut()))
-                })
-            })
+        on_teams(&mut group, &format!("{m}x{k}x{n}"), &[1], || {
+            gemm_packed(a.view(), &packed, None, false, out.view_mut())
         });
     }
     group.finish();
@@ -211,7 +211,7 @@ fn bench_weights_read(
     for &m in rows {
         let a = random(m, k, &mut rng);
         let mut out = Array2::<f32>::zeros((m, n));
-        on_teams(&mut group, &format!("{m}x{k}x{n}"), || {
+        on_teams(&mut group, &format!("{m}x{k}x{n}"), &[1, 2], || {
             for w in &weights {
                 gemm_packed(a.view(), w, None, false, out.view_mut());
             }

@@ -1019,14 +1019,19 @@ unsafe fn pack_a(
 ) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // read by the x86 paths
     let simd = isa != Isa::Scalar;
+    // Only the AVX-512 copy of contiguous columns sums as it copies; every other path takes
+    // the sums first.
+    let summed_in_copy = cfg!(target_arch = "x86_64") && a.rs == 1 && isa == Isa::Avx512;
+    if let Some(sums) = sums
+        && !summed_in_copy
+    {
+        // SAFETY: the block's rows of the sums and of A (caller).
+        unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
+    }
     #[cfg(target_arch = "x86_64")]
     if a.rs == 1 && (isa == Isa::Avx512 || isa == Isa::Avx2 && mr <= 16) {
         // Columns of A contiguous (A = ∂Yᵀ, a weight gradient's): runs of columns across every
-        // panel (see `LINE_RUN`). The AVX2 copy does not sum: the sums first, as below.
-        if let (Isa::Avx2, Some(sums)) = (isa, sums) {
-            // SAFETY: the block's rows of the sums and of A (caller).
-            unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
-        }
+        // panel (see `LINE_RUN`).
         for p in (0..kc).step_by(LINE_RUN) {
             let lines = LINE_RUN.min(kc - p);
             for ip in 0..mc.div_ceil(mr) {
@@ -1048,10 +1053,6 @@ unsafe fn pack_a(
             }
         }
         return;
-    }
-    if let Some(sums) = sums {
-        // SAFETY: the block's rows of the sums and of A (caller).
-        unsafe { add_row_sums(a, i0..i0 + mc, p0..p0 + kc, sums) };
     }
     for (ip, dst) in out.chunks_exact_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
         let r0 = i0 + ip * mr;

@@ -524,6 +524,76 @@ pub fn fma_peak_gflops(seconds: f64) -> f64 {
     }
 }
 
+/// The AVX2 forms of this module's arithmetic that hand-written kernels share: [`exp_f32`] on
+/// vectors, and the tree in which [`reduce`] folds its lanes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp_f32`] of each lane of `K` vectors whose lanes are at most 0 (or NaN), as
+    /// a softmax's differences from its maximum are, operation for operation (so the same
+    /// bits; NaN comes through as NaN), each operation on the `K` vectors before the next.
+    /// The clamp from above, which changes none of these lanes, is left out.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn exp_vecs_at_most_zero<const K: usize>(v: [__m256; K]) -> [__m256; K] {
+        exp_clamped(v.map(|v| _mm256_max_ps(_mm256_set1_ps(super::exp_consts::LOW), v)))
+    }
+
+    /// [`super::exp_f32`] past its clamps.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn exp_clamped<const K: usize>(v: [__m256; K]) -> [__m256; K] {
+        use super::exp_consts::*;
+        let set = _mm256_set1_ps;
+        let t = v.map(|v| _mm256_fmadd_ps(v, set(std::f32::consts::LOG2_E), set(ROUND)));
+        // r = x − n·C1 − n·C2.
+        let r: [__m256; K] = std::array::from_fn(|i| {
+            let n = _mm256_sub_ps(t[i], set(ROUND));
+            _mm256_fnmadd_ps(n, set(C2), _mm256_fnmadd_ps(n, set(C1), v[i]))
+        });
+        let mut p = [set(POLY[0]); K];
+        for &k in &POLY[1..] {
+            for i in 0..K {
+                p[i] = _mm256_fmadd_ps(p[i], r[i], set(k));
+            }
+        }
+        // e = p·r² + r + 1; 2ⁿ⁻¹ from n's integer (the low bits of t's mantissa).
+        std::array::from_fn(|i| {
+            let e = _mm256_add_ps(_mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), r[i]), set(1.0));
+            let half = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_castps_si256(t[i]),
+                _mm256_set1_epi32(BIAS),
+            )));
+            _mm256_mul_ps(_mm256_mul_ps(e, half), set(2.0))
+        })
+    }
+
+    /// The maximum of the 16 lanes of `v` (lanes 0–7 in `v[0]`, 8–15 in `v[1]`) in
+    /// [`super::reduce`]'s tree: lane i with i + 8, then i + 4, i + 2, i + 1, each step
+    /// `if later > earlier { later } else { earlier }`. Lane 0 of the result holds it (the
+    /// others the same terms, some in the other order).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn fold_max(v: [__m256; 2]) -> __m256 {
+        let v = _mm256_max_ps(v[1], v[0]);
+        let v = _mm256_max_ps(_mm256_permute2f128_ps::<1>(v, v), v);
+        let v = _mm256_max_ps(_mm256_permute_ps::<0b01_00_11_10>(v), v);
+        _mm256_max_ps(_mm256_permute_ps::<0b10_11_00_01>(v), v)
+    }
+
+    /// The sum of the 16 lanes of `v` in [`super::reduce`]'s tree (as [`fold_max`]); lane 0
+    /// of the result holds it.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn fold_add(v: [__m256; 2]) -> __m256 {
+        let v = _mm256_add_ps(v[0], v[1]);
+        let v = _mm256_add_ps(v, _mm256_permute2f128_ps::<1>(v, v));
+        let v = _mm256_add_ps(v, _mm256_permute_ps::<0b01_00_11_10>(v));
+        _mm256_add_ps(v, _mm256_permute_ps::<0b10_11_00_01>(v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +652,55 @@ mod tests {
             assert!(y >= last, "exp_f64({x}) = {y} below {last}");
             last = y;
             x += 0.0173;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_exp_of_lanes_at_most_zero_is_exp_f32_bit_for_bit() {
+        use std::arch::x86_64::*;
+        if !crate::kernels::cpu::avx2() {
+            eprintln!("skipped: this CPU has no AVX2 and FMA");
+            return;
+        }
+        // Every bin of the range reduction down to past the limit, then the edges.
+        let mut xs: Vec<f32> = (0..24_000).map(|i| -(i as f32) * 0.003_7).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            -1.0e-30,
+            -86.98,
+            -87.0,
+            -87.3,
+            -1.0e4,
+            f32::MIN,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        xs.resize(xs.len().div_ceil(24) * 24, -1.5);
+        for chunk in xs.chunks_exact(24) {
+            #[target_feature(enable = "avx2,fma")]
+            fn three(x: &[f32]) -> [f32; 24] {
+                // SAFETY: `x` holds 24 floats, read 8 at a time; `out` holds 24.
+                unsafe {
+                    let v = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+                    let e: [__m256; 3] = super::avx2::exp_vecs_at_most_zero(v);
+                    let mut out = [0.0f32; 24];
+                    for (i, e) in e.iter().enumerate() {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *e);
+                    }
+                    out
+                }
+            }
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            let got = unsafe { three(chunk) };
+            for (&x, g) in chunk.iter().zip(got) {
+                let want = exp_f32(x);
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "exp({x}): {g} against {want}"
+                );
+            }
         }
     }
 

@@ -195,10 +195,15 @@ mod avx2 {
                 top[1] = _mm256_max_ps(_mm256_loadu_ps(p.add(c + 8)), top[1]);
             }
         }
-        // SAFETY: as above.
-        unsafe {
-            top[0] = _mm256_max_ps(_mm256_loadu_ps(l), top[0]);
-            top[1] = _mm256_max_ps(_mm256_loadu_ps(l.add(8)), top[1]);
+        // A row of whole chunks leaves the padded one out: its maximum and its exponentials
+        // (all 0, added to sums of at least +0) change nothing.
+        let tail = len > body;
+        if tail {
+            // SAFETY: as above.
+            unsafe {
+                top[0] = _mm256_max_ps(_mm256_loadu_ps(l), top[0]);
+                top[1] = _mm256_max_ps(_mm256_loadu_ps(l.add(8)), top[1]);
+            }
         }
         let m = _mm256_cvtss_f32(fold_max(top));
         if m == f32::NEG_INFINITY {
@@ -223,7 +228,7 @@ mod avx2 {
             }
             c += 32;
         }
-        for at in [(c < body).then_some(p.wrapping_add(c)), Some(l)]
+        for at in [(c < body).then_some(p.wrapping_add(c)), tail.then_some(l)]
             .into_iter()
             .flatten()
         {

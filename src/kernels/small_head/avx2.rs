@@ -17,6 +17,7 @@ use super::avx512::{Strided, transpose};
 use super::{Cached, StepCache, StepHead, StepRow, as_f32, ask_ahead};
 use crate::kernels::Float;
 use crate::kernels::simd::avx2::{exp_vecs_at_most_zero, fold_add, fold_max};
+use crate::kernels::softmax::RowMask;
 use crate::kernels::workspace::with_thread_scratch;
 
 /// Keys, and value features, of a head whose step runs in registers, at most.
@@ -100,7 +101,7 @@ impl<S> HeadsOf<'_, '_, S> {
     }
 
     /// The keys taking part and the mask of the query's row, in every head.
-    fn keys(&self) -> (usize, crate::kernels::softmax::RowMask<'_>) {
+    fn keys(&self) -> (usize, RowMask<'_>) {
         match self {
             HeadsOf::One(h) => (h.kb, h.mask),
             HeadsOf::Row(r) => (r.kb, r.mask),
@@ -426,8 +427,9 @@ fn unit_rows(strides: &[isize], cols: usize) -> bool {
 /// queries see at most), where the general path made two GEMM calls a block: the products
 /// here read Q, Kᵀ (transposed once per head into a scratch buffer, by the 8 × 8 vector
 /// transposes of the AVX-512 path's `transpose`, which needs AVX2 only) and V where they are,
-/// several rows of the result and all their columns (at most [`MAX_KEYS`]) in registers,
-/// with no packing and no per-call loops. Each element is what the GEMM's packed kernel
+/// several rows of the result and 16 of their columns at a time in registers, with no
+/// packing and no per-call loops; a block's softmax in registers up to [`MAX_KEYS`] keys, the
+/// row softmax past them. Each element is what the GEMM's packed kernel
 /// gives it (a chain of fused multiply-adds over the terms in order, scaled after the sum),
 /// so a head is taken only where the GEMM would have run those kernels over one block of
 /// terms (not the few-row kernels, which sum in another order); `softmax(i, row)` is the
@@ -435,8 +437,7 @@ fn unit_rows(strides: &[isize], cols: usize) -> bool {
 /// row into a scratch buffer). The same bits as the general path (tested). `false`, and
 /// nothing written, where the head is not taken: `F` not `f32`, a CPU whose best kernels are
 /// not the AVX2 ones, rows of Q, K, V, the weights or the output not contiguous, more than
-/// [`MAX_KEYS`] value features or keys in a block, or products the GEMM would not give its
-/// packed kernels.
+/// [`MAX_KEYS`] value features, or products the GEMM would not give its packed kernels.
 ///
 /// # Panics
 /// If `probs` is not `[Tq, ≥ kb]` or `out` not `[Tq, d_v]`.
@@ -471,9 +472,7 @@ pub(crate) fn head_forward<F: Float>(
         && unit_rows(out.strides(), dv)
         && queries.clone().all(|(rows, width)| {
             let n = rows.len();
-            width == 0
-                || n == 0
-                || (in_registers_as_gemm(true, n, dk, width) && in_registers_as_gemm(true, n, width, dv))
+            width == 0 || n == 0 || (as_gemm(true, n, dk) && in_registers_as_gemm(true, n, width, dv))
         });
     if !taken {
         return false;
@@ -512,6 +511,19 @@ pub(crate) fn head_forward<F: Float>(
             // rows n × ≥ width, all with contiguous rows (checked above).
             unsafe { scores.run(n) };
             match &mut softmax {
+                super::RowSoftmax::Limit(limit) if width > MAX_KEYS => {
+                    // More keys than a row in registers: the row softmax, as the general path.
+                    for i in rows.clone() {
+                        let mut row = probs.row_mut(i);
+                        let row = row.as_slice_mut().expect("contiguous rows (checked)");
+                        let mask = RowMask {
+                            limit: limit(i),
+                            keys: None,
+                            pairs: None,
+                        };
+                        crate::kernels::softmax::softmax_row(row, mask);
+                    }
+                }
                 super::RowSoftmax::Limit(limit) => {
                     let row = |i: usize| p.from(i, 0).ptr as *mut f32;
                     let (len, ymm) = (probs.ncols(), 2 * width.div_ceil(LANES));
@@ -598,7 +610,8 @@ pub(crate) fn head_forward<F: Float>(
 /// same bits (tested). `few_rows` is the general path's: whether its GEMM is `gemm` (with the
 /// few-row kernels) or `gemm_blocks`. `false`, and nothing written, where the general path
 /// runs instead: `F` not `f32`, a CPU whose best kernels are not the AVX2 ones, rows not
-/// contiguous, or a product [`product`] would not take.
+/// contiguous, or a product [`product`] would not take (but `∂L/∂P`'s, whose columns, one a
+/// key, go by parts of 16 however many there are).
 ///
 /// # Panics
 /// If `probs` is not `[Tq, kb]`, or `grad_out` or a gradient not of its input's shape.
@@ -648,9 +661,11 @@ pub(crate) fn head_backward<F: Float>(
         && unit_rows(grad_q.strides(), dk)
         && unit_rows(grad_k.strides(), dk)
         && unit_rows(grad_v.strides(), dv)
-        && queries
-            .clone()
-            .all(|(rows, width)| width == 0 || (fits(rows.len(), dv, width) && fits(rows.len(), width, dk)))
+        && queries.clone().all(|(rows, width)| {
+            // ∂L/∂P's columns, one a key, by parts of 16 as the forward's scores.
+            let grad_p = rows.is_empty() || as_gemm(few_rows, rows.len(), dv);
+            width == 0 || (grad_p && fits(rows.len(), width, dk))
+        })
         && keys.clone().all(|(keys, first)| {
             first >= tq || (fits(keys.len(), tq - first, dv) && fits(keys.len(), tq - first, dk))
         });
@@ -899,9 +914,15 @@ pub(crate) fn product<F: Float>(
 /// [`MAX_KEYS`]. The one place of these conditions, for [`head_forward`]'s blocks and
 /// [`product`].
 fn in_registers_as_gemm(few_rows: bool, m: usize, terms: usize, n: usize) -> bool {
+    (1..=MAX_KEYS).contains(&n) && as_gemm(few_rows, m, terms)
+}
+
+/// Whether a product of `m` rows and `terms` terms runs as [`Operands`] with the GEMM's bits,
+/// whatever its columns: the GEMM gives it to its packed kernels in one block of terms.
+fn as_gemm(few_rows: bool, m: usize, terms: usize) -> bool {
     use crate::kernels::gemm::KC;
     use crate::kernels::small_gemm::takes;
-    m > 0 && (1..=KC).contains(&terms) && (1..=MAX_KEYS).contains(&n) && !(few_rows && takes(m, terms))
+    m > 0 && (1..=KC).contains(&terms) && !(few_rows && takes(m, terms))
 }
 
 /// A product `C ← alpha·A·B` of [`head_forward`] and [`product`]: A's rows (`terms` floats
@@ -935,7 +956,7 @@ impl Operands {
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the operands hold what [`Operands`] says for `n` rows;
-    /// `1 ≤ cols ≤ MAX_KEYS`.
+    /// `cols ≥ 1`.
     unsafe fn run(&self, n: usize) {
         if self.cols > 2 * W {
             for c0 in (0..self.cols).step_by(2 * W) {
@@ -1183,13 +1204,14 @@ mod tests {
     use crate::kernels::gemm_blocks;
     use crate::kernels::small_head::RowSoftmax;
     use crate::kernels::small_head::tests::{KEYS, assert_rows_bits, random, row_softmaxes, score};
-    use crate::kernels::softmax::{RowMask, softmax_row};
+    use crate::kernels::softmax::softmax_row;
     use ndarray::{Array2, s};
     use rand::{SeedableRng, rngs::StdRng};
 
     /// The heads `(Tq, kb, d_k, d_v)` the tests of a head's passes take: at the edges of
-    /// vectors and of row tiles, one of a single query, and more keys than a row in registers.
-    const HEADS: [(usize, usize, usize, usize); 7] = [
+    /// vectors and of row tiles, one of a single query, and more keys than a row in registers
+    /// (over a few columns past them, and past a chunk of 256).
+    const HEADS: [(usize, usize, usize, usize); 9] = [
         (16, 16, 16, 16),
         (32, 32, 32, 32),
         (13, 17, 9, 20),
@@ -1197,6 +1219,8 @@ mod tests {
         (70, 64, 24, 64),
         (40, 33, 64, 7),
         (64, 70, 16, 16),
+        (40, 130, 16, 16),
+        (33, 257, 32, 24),
     ];
 
     /// Whether the AVX2 kernels are this CPU's best, said when they are not.
@@ -1227,7 +1251,7 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(31);
-        let mut taken = 0;
+        let (mut taken, mut long) = (0, 0);
         for (tq, kb, dk, dv) in HEADS {
             for (causal, flags, dropped) in [
                 (false, false, false),
@@ -1342,6 +1366,7 @@ mod tests {
                         continue;
                     }
                     taken += 1;
+                    long += usize::from(kb > MAX_KEYS);
                     let same = |a: &Array2<f32>, b: &Array2<f32>| {
                         a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
                     };
@@ -1354,6 +1379,8 @@ mod tests {
         }
         // (40, 33, 64, 7): 40 rows of 64 terms go to the packed kernels; (1, 5, 8, 3) too.
         assert!(taken >= 20, "{taken} heads taken");
+        // Heads of more keys than a row in registers, every variant but the padding flags'.
+        assert!(long >= 9, "{long} heads of more than {MAX_KEYS} keys taken");
     }
 
     /// A head's backward on the AVX2 path gives the general path's bits (the products by
@@ -1370,7 +1397,7 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(37);
-        let mut taken = 0;
+        let (mut taken, mut long) = (0, 0);
         for (tq, kb, dk, dv) in HEADS {
             for (causal, flags, dropped) in [
                 (false, false, false),
@@ -1532,6 +1559,7 @@ mod tests {
                     continue;
                 }
                 taken += 1;
+                long += usize::from(kb > MAX_KEYS);
                 let same = |got: ndarray::ArrayView2<f32>, want: &Array2<f32>| {
                     got.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits())
                 };
@@ -1541,6 +1569,7 @@ mod tests {
             }
         }
         assert!(taken >= 25, "{taken} heads taken");
+        assert!(long >= 9, "{long} heads of more than {MAX_KEYS} keys taken");
     }
 
     /// A product in registers gives the GEMM's bits (`gemm` with its few-row kernels, or

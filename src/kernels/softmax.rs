@@ -100,7 +100,7 @@ pub(crate) fn softmax_row_inline<F: Float>(row: &mut [F], mask: RowMask<'_>) {
 #[inline(always)]
 fn softmax_f32(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::avx2() && !super::cpu::avx512() {
+    if super::cpu::level() == super::cpu::Level::Avx2 {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         unsafe { avx2::softmax_f32(row) };
         return;
@@ -217,15 +217,7 @@ mod avx2 {
         // padded one.
         while c + 32 <= body {
             // SAFETY: as above.
-            unsafe {
-                let x: [__m256; 4] =
-                    std::array::from_fn(|i| _mm256_sub_ps(_mm256_loadu_ps(p.add(c + 8 * i)), mv));
-                let e = exp_vecs_at_most_zero(x);
-                for (i, &e) in e.iter().enumerate() {
-                    _mm256_storeu_ps(p.add(c + 8 * i), e);
-                    acc[i % 2] = _mm256_add_ps(acc[i % 2], e);
-                }
-            }
+            unsafe { exp_into::<4>(p.add(c), mv, &mut acc) };
             c += 32;
         }
         for at in [(c < body).then_some(p.wrapping_add(c)), tail.then_some(l)]
@@ -233,15 +225,7 @@ mod avx2 {
             .flatten()
         {
             // SAFETY: as above.
-            unsafe {
-                let x: [__m256; 2] =
-                    std::array::from_fn(|i| _mm256_sub_ps(_mm256_loadu_ps(at.add(8 * i)), mv));
-                let e = exp_vecs_at_most_zero(x);
-                for (i, &e) in e.iter().enumerate() {
-                    _mm256_storeu_ps(at.add(8 * i), e);
-                    acc[i] = _mm256_add_ps(acc[i], e);
-                }
-            }
+            unsafe { exp_into::<2>(at, mv, &mut acc) };
         }
         let inv = 1.0 / _mm256_cvtss_f32(fold_add(acc));
         let iv = _mm256_set1_ps(inv);
@@ -251,6 +235,24 @@ mod avx2 {
         }
         for (t, x) in row[body..].iter_mut().zip(last) {
             *t = x * inv;
+        }
+    }
+
+    /// `K` vectors at `at` replaced by `exp(x − m)`, each added to the sums of its lanes
+    /// (vector i to `acc[i % 2]`, in order).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `8·K` floats at `at` are readable and writable.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp_into<const K: usize>(at: *mut f32, m: __m256, acc: &mut [__m256; 2]) {
+        // SAFETY: the 8·K floats at `at` (caller).
+        unsafe {
+            let x: [__m256; K] = std::array::from_fn(|i| _mm256_sub_ps(_mm256_loadu_ps(at.add(8 * i)), m));
+            for (i, &e) in exp_vecs_at_most_zero(x).iter().enumerate() {
+                _mm256_storeu_ps(at.add(8 * i), e);
+                acc[i % 2] = _mm256_add_ps(acc[i % 2], e);
+            }
         }
     }
 }

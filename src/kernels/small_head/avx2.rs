@@ -910,15 +910,17 @@ pub(crate) fn product<F: Float>(
 
 /// Whether a product of `m` rows, `terms` terms and `n` columns runs as [`Operands`] with the
 /// GEMM's bits: the GEMM ([`crate::kernels::gemm`], or its `gemm_blocks` if `few_rows` is
-/// false) gives it to its packed kernels in one block of terms, and its columns fit
-/// [`MAX_KEYS`]. The one place of these conditions, for [`head_forward`]'s blocks and
-/// [`product`].
+/// false) gives it to its packed kernels in one block of terms ([`as_gemm`]), and its columns
+/// fit [`MAX_KEYS`]: for [`head_forward`]'s outputs, [`head_backward`]'s products but
+/// `∂L/∂P`, and [`product`]. The scores and `∂L/∂P`, whose columns (one a key) go by parts of
+/// 16 however many there are, ask [`as_gemm`] alone.
 fn in_registers_as_gemm(few_rows: bool, m: usize, terms: usize, n: usize) -> bool {
     (1..=MAX_KEYS).contains(&n) && as_gemm(few_rows, m, terms)
 }
 
 /// Whether a product of `m` rows and `terms` terms runs as [`Operands`] with the GEMM's bits,
-/// whatever its columns: the GEMM gives it to its packed kernels in one block of terms.
+/// whatever its columns: the GEMM gives it to its packed kernels in one block of terms. The
+/// one place of these conditions.
 fn as_gemm(few_rows: bool, m: usize, terms: usize) -> bool {
     use crate::kernels::gemm::KC;
     use crate::kernels::small_gemm::takes;

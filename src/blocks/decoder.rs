@@ -14,7 +14,7 @@ use super::{
 use crate::error::{Result, check};
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
-use crate::layers::multi_head::KvView;
+use crate::layers::kv_cache::KvView;
 use crate::layers::{KvCache, LayerNorm, LayerNormCache, LayerNormConfig, Mask};
 
 /// Configuration of a [`Decoder`] stack.

@@ -23,7 +23,8 @@ use crate::error::Result;
 use crate::kernels::Float;
 use crate::kernels::workspace::Recycle;
 use crate::layers::feed_forward::PackedFeedForward;
-use crate::layers::multi_head::{KvRows, KvView, PackedMultiHead};
+use crate::layers::kv_cache::{KvRows, KvView};
+use crate::layers::multi_head::PackedMultiHead;
 use crate::layers::{
     FeedForward, FeedForwardCache, KvCache, Mask, MultiHead, MultiHeadCache, Residual, ResidualCache,
 };

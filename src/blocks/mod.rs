@@ -30,7 +30,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis, CowArray, Ix2, Ix3, 
 use crate::error::{Result, check};
 use crate::kernels::parallel::for_each_split_mut;
 use crate::kernels::{Activation, Float, filled};
-use crate::layers::multi_head::KvRows;
+use crate::layers::kv_cache::KvRows;
 use crate::layers::{KvCache, Mask};
 
 /// The sizes and switches shared by every layer of a stack; PyTorch's

@@ -24,6 +24,7 @@ pub mod attention;
 pub mod dropout;
 pub mod embedding;
 pub mod feed_forward;
+pub mod kv_cache;
 pub mod layer_norm;
 pub mod linear;
 pub mod mask;
@@ -35,10 +36,11 @@ pub use attention::{AttentionCache, AttentionConfig, ScaledDotProductAttention};
 pub use dropout::{Dropout, DropoutCache, DropoutConfig};
 pub use embedding::{Embedding, EmbeddingCache, EmbeddingConfig, EmbeddingParams, ProjectionCache};
 pub use feed_forward::{FeedForward, FeedForwardCache, FeedForwardConfig, FeedForwardParams};
+pub use kv_cache::KvCache;
 pub use layer_norm::{LayerNorm, LayerNormCache, LayerNormConfig, LayerNormParams};
 pub use linear::{Linear, LinearCache, LinearConfig, LinearParams};
 pub use mask::{Mask, PairFlags, ResolvedMask};
-pub use multi_head::{KvCache, MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};
+pub use multi_head::{MultiHead, MultiHeadCache, MultiHeadConfig, MultiHeadParams};
 pub use positional::{
     LearnedPositional, LearnedPositionalConfig, LearnedPositionalParams, SinusoidalConfig,
     SinusoidalEncoding, sinusoidal_rows, sinusoidal_table,

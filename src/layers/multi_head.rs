@@ -13,6 +13,9 @@
 //! - Self-attention: queries, keys and values all come from x (`memory = None`).
 //! - Cross-attention (encoder-decoder attention, §3.2.3): queries from the decoder stream x,
 //!   keys and values from the encoder output `memory`, which may be of another length.
+//! - Decoding one position at a time: [`MultiHead::empty_cache`] and [`MultiHead::project_kv`]
+//!   begin a [key/value cache](crate::layers::kv_cache), which [`MultiHead::infer_cached`]
+//!   grows by each step's positions and attends over.
 //!
 //! Each W is stored `[out, in]` as in PyTorch (`y = x·Wᵀ + b`), with the paper's names:
 //! `w_q`, `w_k`, `w_v` (PyTorch packs them as the rows of `in_proj_weight`, in that order)

@@ -46,6 +46,26 @@ fn allocations(f: impl FnOnce()) -> u64 {
     COUNT.get() - before
 }
 
+/// Whether the portable kernels run, whose GEMM (`matrixmultiply`) allocates its packing
+/// buffers at every call: the tests below then say they are skipped.
+fn on_portable_kernels() -> bool {
+    use vaswani::kernels::cpu::{Level, level};
+    let portable = level() == Level::Scalar;
+    if portable {
+        eprintln!("skipped: the portable kernels' GEMM allocates at every call");
+    }
+    portable
+}
+
+/// `f` on a pool of one thread, so that every allocation it makes is counted on that thread.
+fn on_one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 /// A training step of a model of `heads` heads over a batch of `batch` pairs, on one thread,
 /// allocates a few dozen times whatever the heads, the batch and the number of layers:
 /// nothing per head, per sequence or per parameter tensor. On the crate's own kernels (AVX2,
@@ -53,14 +73,11 @@ fn allocations(f: impl FnOnce()) -> u64 {
 /// every call.
 #[test]
 fn a_training_step_allocates_nothing_per_head_or_tensor() {
-    use vaswani::kernels::cpu::{Level, level};
-    if level() == Level::Scalar {
-        eprintln!("skipped: the portable kernels' GEMM allocates at every call");
+    if on_portable_kernels() {
         return;
     }
     let per_step = |heads: usize, batch: usize, layers: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        pool.install(|| {
+        on_one_thread(|| {
             let mut rng = StdRng::seed_from_u64(5);
             let block = BlockConfig::new(32, heads, 64).with_p_drop(0.1);
             let model = EncoderDecoderConfig::new(40, 40, block, layers, layers)
@@ -106,15 +123,12 @@ fn a_training_step_allocates_nothing_per_head_or_tensor() {
 /// kernels, as above.
 #[test]
 fn inference_allocates_nothing_per_head_or_sequence() {
-    use vaswani::kernels::cpu::{Level, level};
     use vaswani::models::TokenBatch;
-    if level() == Level::Scalar {
-        eprintln!("skipped: the portable kernels' GEMM allocates at every call");
+    if on_portable_kernels() {
         return;
     }
     let counts = |heads: usize, batch: usize, layers: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        pool.install(|| {
+        on_one_thread(|| {
             let mut rng = StdRng::seed_from_u64(7);
             let block = BlockConfig::new(32, heads, 64);
             let model = EncoderDecoderConfig::new(40, 40, block, layers, layers)

@@ -66,5 +66,5 @@ pub mod your_data {}
 /// positional_encoding -- --svg --out docs/guide/img/positional_encoding`.*
 pub mod positional_encoding {}
 
-#[doc = include_str!("../docs/performance.md")]
+#[doc = include_str!("../docs/guide/performance.md")]
 pub mod performance {}

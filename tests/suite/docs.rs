@@ -244,6 +244,58 @@ fn docs_point_inside_the_crate_and_agree_with_the_code() {
     }
 }
 
+/// The speed-ups (`1.62×`, `11–29×`) and fractions of the peak (`85–97%`) in a text: a run
+/// of digits, points and en dashes that begins with a digit and ends at `×` or `%`.
+fn figures(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (at, c) in text.char_indices() {
+        if c != '×' && c != '%' {
+            continue;
+        }
+        let head = &text[..at];
+        let start = head
+            .char_indices()
+            .rev()
+            .take_while(|&(_, d)| d.is_ascii_digit() || d == '.' || d == '–')
+            .last()
+            .map_or(at, |(i, _)| i);
+        let number = head[start..].trim_start_matches(['.', '–']);
+        if number.starts_with(|d: char| d.is_ascii_digit()) {
+            out.push(format!("{number}{c}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn figures_are_read_whole() {
+    assert_eq!(
+        figures("1.62× · 11–29× (85–97% of it), 4% more; x×, –%"),
+        ["1.62×", "11–29×", "85–97%", "4%"]
+    );
+}
+
+/// Every speed-up and fraction of the peak that the README's speed section quotes is on the
+/// guide's performance page, which names the machine, the run and the command of each: a
+/// table updated in one place and not the other fails here.
+#[test]
+fn the_readmes_speed_figures_are_on_the_performance_page() {
+    let readme = read("README.md");
+    let start = readme
+        .find("\n## Speed\n")
+        .expect("the README has a speed section");
+    let speed = &readme[start + 1..];
+    let speed = &speed[..speed.find("\n## ").unwrap_or(speed.len())];
+    let page = read("docs/guide/performance.md");
+    let quoted = figures(speed);
+    assert!(quoted.len() > 50, "the speed section's tables: {quoted:?}");
+    let missing: Vec<&String> = quoted.iter().filter(|f| !page.contains(f.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "figures in the README's speed section that docs/guide/performance.md does not give: {missing:?}"
+    );
+}
+
 /// The README is also the crate's page on crates.io, where an intra-doc link (`crate::…`) is
 /// dead: it links the guide, its chapters and its other pages by absolute docs.rs URLs, which
 /// work on crates.io, on GitHub and on docs.rs, each to a module that exists.

@@ -102,6 +102,47 @@ impl Activation {
         }
     }
 
+    /// `(act(x), act′(x))`, the same bits as [`Activation::apply`] and
+    /// [`Activation::derivative`] give, with what the two have in common computed once: GELU's
+    /// `erf(x/√2)`, the tanh approximation's `tanh`. Always inlined, as they are.
+    #[inline(always)]
+    pub fn apply_and_derivative<F: Float>(self, x: F) -> (F, F) {
+        match self {
+            Activation::Relu => (self.apply(x), self.derivative(x)),
+            Activation::Gelu => {
+                let half = F::from_f64(0.5);
+                let erf = (x * F::from_f64(FRAC_1_SQRT_2)).erf();
+                let cdf = half * (F::ONE + erf);
+                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-half * x * x).exp_vector();
+                (half * x * (F::ONE + erf), cdf + x * pdf)
+            }
+            Activation::GeluTanh => {
+                let c = F::from_f64(GELU_TANH_C);
+                let k = F::from_f64(SQRT_2_OVER_PI);
+                let t = (k * (x + c * x * x * x)).tanh();
+                let half = F::from_f64(0.5);
+                let slope = half * (F::ONE + t)
+                    + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x);
+                (half * x * (F::ONE + t), slope)
+            }
+        }
+    }
+
+    /// `a ← act(x)` and `x ← act′(x)` for every element ([`Activation::apply_and_derivative`]),
+    /// as [`Activation::apply_all`] builds its loop.
+    ///
+    /// # Panics
+    /// If `a` is shorter than `x`.
+    #[inline(always)]
+    pub(crate) fn apply_keeping_derivative<F: Float>(self, x: &mut [F], a: &mut [F]) {
+        let a = &mut a[..x.len()];
+        for_each_variant!(self, |act| {
+            for (x, a) in x.iter_mut().zip(a.iter_mut()) {
+                (*a, *x) = act.apply_and_derivative(*x);
+            }
+        })
+    }
+
     /// `x ← act(x)` for every element. The activation is fixed outside the loop (a loop
     /// that chose it element by element stayed scalar), and the loop is inlined into the
     /// caller's, so that it vectorises where the caller is built for vector instructions.
@@ -112,20 +153,6 @@ impl Activation {
         for_each_variant!(self, |act| {
             for v in x.iter_mut() {
                 *v = act.apply(*v);
-            }
-        })
-    }
-
-    /// `g ← g ⊙ act′(x)` for every element (as [`Activation::apply_all`]).
-    ///
-    /// # Panics
-    /// If `x` is shorter than `g`.
-    #[inline(always)]
-    pub(crate) fn scale_by_derivative<F: Float>(self, g: &mut [F], x: &[F]) {
-        let x = &x[..g.len()];
-        for_each_variant!(self, |act| {
-            for (g, &x) in g.iter_mut().zip(x) {
-                *g *= act.derivative(x);
             }
         })
     }
@@ -172,6 +199,27 @@ mod tests {
         }
     }
 
+    /// The activation and its derivative computed together are the bits of the two computed
+    /// apart, in `f64` and `f32`, at ordinary values, far in the tails, at zero of either sign,
+    /// the infinities and NaN.
+    #[test]
+    fn apply_and_derivative_together_are_the_bits_of_each_apart() {
+        let mut xs: Vec<f64> = (-600..=600).map(|i| i as f64 / 37.0).collect();
+        xs.extend([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e10, -1e10]);
+        xs.extend([f64::INFINITY, f64::NEG_INFINITY, f64::NAN]);
+        for act in ALL {
+            for &x in &xs {
+                let (a, d) = act.apply_and_derivative(x);
+                assert_eq!(a.to_bits(), act.apply(x).to_bits(), "{act:?} f64 at {x}");
+                assert_eq!(d.to_bits(), act.derivative(x).to_bits(), "{act:?}′ f64 at {x}");
+                let x = x as f32;
+                let (a, d) = act.apply_and_derivative(x);
+                assert_eq!(a.to_bits(), act.apply(x).to_bits(), "{act:?} f32 at {x}");
+                assert_eq!(d.to_bits(), act.derivative(x).to_bits(), "{act:?}′ f32 at {x}");
+            }
+        }
+    }
+
     #[test]
     fn derivative_matches_finite_differences() {
         let h = 1e-6;
@@ -184,7 +232,7 @@ mod tests {
         }
     }
 
-    /// The layers' loops ([`Activation::apply_all`], [`Activation::scale_by_derivative`])
+    /// The layers' loops ([`Activation::apply_all`], [`Activation::apply_keeping_derivative`])
     /// give each element the bits of the scalar calls, built for the baseline CPU or for its
     /// vector instructions; the `f32` derivative stays near the `f64` one.
     #[test]
@@ -202,17 +250,16 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), scalar, "{act:?}");
             assert_eq!(bits(&wide), scalar, "{act:?}");
-            let g: Vec<f32> = (0..x.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
-            let scalar: Vec<u32> = g
-                .iter()
-                .zip(&x)
-                .map(|(&g, &x)| (g * act.derivative(x)).to_bits())
-                .collect();
-            let (mut plain, mut wide) = (g.clone(), g.clone());
-            act.scale_by_derivative(&mut plain, &x);
-            widest!(act.scale_by_derivative(&mut wide, &x));
-            assert_eq!(bits(&plain), scalar, "{act:?}");
-            assert_eq!(bits(&wide), scalar, "{act:?}");
+            let (mut plain, mut wide) = (x.clone(), x.clone());
+            let (mut plain_a, mut wide_a) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            act.apply_keeping_derivative(&mut plain, &mut plain_a);
+            widest!(act.apply_keeping_derivative(&mut wide, &mut wide_a));
+            let derivative: Vec<u32> = x.iter().map(|&v| act.derivative(v).to_bits()).collect();
+            let applied: Vec<u32> = x.iter().map(|&v| act.apply(v).to_bits()).collect();
+            for (a, d) in [(&plain_a, &plain), (&wide_a, &wide)] {
+                assert_eq!(bits(a), applied, "{act:?}: act(x) beside act′(x)");
+                assert_eq!(bits(d), derivative, "{act:?}: act′(x) beside act(x)");
+            }
             for &v in &x[..5000] {
                 let want = act.derivative(v as f64);
                 assert!((act.derivative(v) as f64 - want).abs() < 2e-6, "{act:?} at {v}");

@@ -63,12 +63,12 @@
 //! # Ok::<(), vaswani::Error>(())
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
 use rand::Rng;
 
 use crate::error::{Result, check};
 use crate::kernels::gemm::{Fused, gemm_fused};
-use crate::kernels::parallel::for_each_chunk_mut;
+use crate::kernels::parallel::{Disjoint, for_each_chunk_mut};
 use crate::kernels::simd::widest;
 use crate::kernels::workspace::Recycle;
 use crate::kernels::{Activation, Float, PackedB, filled, gemm_bias, gemm_packed};
@@ -126,15 +126,16 @@ crate::delegate_params!(FeedForward => p);
 pub struct FeedForwardCache<F: Float = f32> {
     /// The input x, `[N, d_model]`.
     x: Array2<F>,
-    /// The pre-activation h = x·W1ᵀ + b1, `[N, d_ff]`; `None` for ReLU, whose derivative
-    /// (1 where a > 0) comes from a.
-    h: Option<Array2<F>>,
+    /// The activation's slope at the pre-activation h = x·W1ᵀ + b1, act′(h), `[N, d_ff]`,
+    /// computed beside act(h) in the forward pass; `None` for ReLU, whose derivative (1 where
+    /// a > 0) comes from a.
+    slope: Option<Array2<F>>,
     /// The input of the second projection, a = Dropout(act(h)), `[N, d_ff]`.
     a: Array2<F>,
     /// The dropout mask.
     dropout: DropoutCache<F>,
 }
-crate::kernels::workspace::impl_recycle!(FeedForwardCache<F: Float> { x, h, a, dropout });
+crate::kernels::workspace::impl_recycle!(FeedForwardCache<F: Float> { x, slope, a, dropout });
 
 /// W1 and W2 of a [`FeedForward`] packed once for the many products of a decode
 /// ([`crate::kernels::PackedB`]); made by [`FeedForward::pack`], valid while the layer is
@@ -243,7 +244,7 @@ impl<F: Float> FeedForward<F> {
     pub fn forward(&self, x: ArrayView2<F>, rng: &mut impl Rng) -> (Array2<F>, FeedForwardCache<F>) {
         self.check_input(x);
         let dropout = self.dropout.draw((x.nrows(), self.cfg.d_ff), rng);
-        let (h, a) = if self.cfg.activation == Activation::Relu {
+        let (slope, a) = if self.cfg.activation == Activation::Relu {
             // a = Dropout(ReLU(x·W1ᵀ + b1)) in the GEMM's stores, the mask by its key.
             let post = Fused {
                 bias: self.p.b1.as_ref().map(|b| b.view()),
@@ -266,14 +267,17 @@ impl<F: Float> FeedForward<F> {
             };
             (None, a)
         } else {
-            let (h, mut a) = self.hidden(x);
+            // act(h) and act′(h) in one pass over h, which becomes the slope: GELU's erf once
+            // where the backward pass had computed it again.
+            let mut h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+            let mut a = activate_keeping_slope(self.cfg.activation, &mut h);
             dropout.apply_inplace(a.view_mut());
-            (h, a)
+            (Some(h), a)
         };
         let y = affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()));
         let cache = FeedForwardCache {
             x: crate::kernels::workspace::owned(x),
-            h,
+            slope,
             a,
             dropout,
         };
@@ -289,7 +293,7 @@ impl<F: Float> FeedForward<F> {
     /// If `x` is not `[N, d_model]`, or the parameters do not have the config's shapes.
     pub fn infer(&self, x: ArrayView2<F>) -> Array2<F> {
         self.check_input(x);
-        let (_, a) = self.hidden(x);
+        let a = self.hidden(x);
         affine(a.view(), self.p.w2.view(), self.p.b2.as_ref().map(|b| b.view()))
     }
 
@@ -319,14 +323,14 @@ impl<F: Float> FeedForward<F> {
         } else {
             // SAFETY: as above.
             let h = unsafe { filled((n, d_ff), |h| gemm_packed(x, &packed.w1, b1, false, h)) };
-            activate(self.cfg.activation, &h)
+            activate(self.cfg.activation, h)
         };
         // SAFETY: as above.
         unsafe { filled((n, d), |y| gemm_packed(a.view(), &packed.w2, b2, false, y)) }
     }
 
     /// `(h, act(h))` with `h = x·W1ᵀ + b1`; for ReLU one pass that keeps only `act(h)`.
-    fn hidden(&self, x: ArrayView2<F>) -> (Option<Array2<F>>, Array2<F>) {
+    fn hidden(&self, x: ArrayView2<F>) -> Array2<F> {
         let (w1, b1) = (self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
         assert_eq!(
             w1.ncols(),
@@ -337,12 +341,9 @@ impl<F: Float> FeedForward<F> {
         );
         if self.cfg.activation == Activation::Relu {
             // SAFETY: gemm_bias writes every element.
-            let a = unsafe { filled((x.nrows(), w1.nrows()), |a| gemm_bias(x, w1.t(), b1, true, a)) };
-            return (None, a);
+            return unsafe { filled((x.nrows(), w1.nrows()), |a| gemm_bias(x, w1.t(), b1, true, a)) };
         }
-        let h = affine(x, w1, b1);
-        let a = activate(self.cfg.activation, &h);
-        (Some(h), a)
+        activate(self.cfg.activation, affine(x, w1, b1))
     }
 
     /// Backward pass: adds `∂L/∂W1`, `∂L/∂b1`, `∂L/∂W2`, `∂L/∂b2` into `g` and returns
@@ -375,8 +376,7 @@ impl<F: Float> FeedForward<F> {
             self.p.b1.is_some(),
             self.p.b2.is_some()
         );
-        let act = self.cfg.activation;
-        let grad_h = match &cache.h {
+        let grad_h = match &cache.slope {
             // ReLU: ∂L/∂h = (grad_y·W2) ⊙ mask ⊙ [h > 0] = (grad_y·W2) · scale where a > 0 (a
             // kept entry of a positive h), else 0: a gate on the GEMM's stores, with no mask
             // and no pass of its own.
@@ -396,8 +396,8 @@ impl<F: Float> FeedForward<F> {
                     })
                 }
             }
-            // ∂L/∂a, then ∂L/∂h in place: ⊙ mask, ⊙ act'(h).
-            Some(h) => {
+            // ∂L/∂a, then ∂L/∂h in place: ⊙ mask, ⊙ act′(h).
+            Some(slope) => {
                 let mut grad_h = affine_backward(
                     cache.a.view(),
                     self.p.w2.view(),
@@ -407,9 +407,13 @@ impl<F: Float> FeedForward<F> {
                 );
                 cache.dropout.apply_inplace(grad_h.view_mut());
                 let gh = grad_h.as_slice_mut().expect("standard layout");
-                let h = h.as_slice().expect("standard layout");
-                for_each_chunk_mut(gh, 1, 16 * h.len(), |at, gh| {
-                    widest!(act.scale_by_derivative(gh, &h[at..]))
+                let slope = slope.as_slice().expect("standard layout");
+                for_each_chunk_mut(gh, 1, gh.len(), |at, gh| {
+                    widest!({
+                        for (g, &s) in gh.iter_mut().zip(&slope[at..]) {
+                            *g *= s;
+                        }
+                    })
                 });
                 grad_h
             }
@@ -436,16 +440,37 @@ impl<F: Float> FeedForward<F> {
     }
 }
 
-/// `act(h)` element-wise, on the rayon pool for large arrays (each element on its own, so
-/// the result does not depend on the thread count).
-fn activate<F: Float>(act: Activation, h: &Array2<F>) -> Array2<F> {
-    let mut out = h.as_standard_layout().into_owned();
+/// `act(h)` element-wise in place, on the rayon pool for large arrays (each element on its
+/// own, so the result does not depend on the thread count).
+fn activate<F: Float>(act: Activation, h: Array2<F>) -> Array2<F> {
+    let mut out = if h.is_standard_layout() {
+        h
+    } else {
+        h.as_standard_layout().into_owned()
+    };
     let len = out.len();
     let slice = out.as_slice_mut().expect("standard layout");
     // In vector registers where the CPU has them (GELU's erf and exponential are fused
     // multiply-adds: `Float::erf`, `Float::exp_vector`).
     for_each_chunk_mut(slice, 1, 16 * len, |_, chunk| widest!(act.apply_all(chunk)));
     out
+}
+
+/// `act(h)` element-wise, returned, and `h ← act′(h)` in place, in one pass
+/// ([`Activation::apply_keeping_derivative`]), on the rayon pool as [`activate`].
+fn activate_keeping_slope<F: Float>(act: Activation, h: &mut Array2<F>) -> Array2<F> {
+    let (dim, len) = (h.dim(), h.len());
+    let h = h.as_slice_mut().expect("standard layout");
+    let fill = |mut a: ArrayViewMut2<F>| {
+        let a = Disjoint::new(a.as_slice_mut().expect("standard layout"));
+        for_each_chunk_mut(h, 1, 16 * len, |at, h| {
+            // SAFETY: the chunks are disjoint ranges of `h`, and so these ranges of `a` are.
+            let a = unsafe { a.range(at, h.len()) };
+            widest!(act.apply_keeping_derivative(h, a))
+        });
+    };
+    // SAFETY: the chunks of `h` cover it, so their ranges of `a` write every element.
+    unsafe { filled(dim, fill) }
 }
 
 #[cfg(test)]

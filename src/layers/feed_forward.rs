@@ -252,13 +252,7 @@ impl<F: Float> FeedForward<F> {
                 dropout: dropout.key(),
                 gate: None,
             };
-            assert_eq!(
-                self.p.w1.ncols(),
-                x.ncols(),
-                "FeedForward: W1 is {:?} for x {:?}",
-                self.p.w1.shape(),
-                x.shape()
-            );
+            self.check_w1(x);
             // SAFETY: gemm_fused writes every element.
             let a = unsafe {
                 filled((x.nrows(), self.cfg.d_ff), |a| {
@@ -268,7 +262,8 @@ impl<F: Float> FeedForward<F> {
             (None, a)
         } else {
             // act(h) and act′(h) in one pass over h, which becomes the slope: GELU's erf once
-            // where the backward pass had computed it again.
+            // for both, and the backward pass a multiplication.
+            self.check_w1(x);
             let mut h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
             let mut a = activate_keeping_slope(self.cfg.activation, &mut h);
             dropout.apply_inplace(a.view_mut());
@@ -329,16 +324,11 @@ impl<F: Float> FeedForward<F> {
         unsafe { filled((n, d), |y| gemm_packed(a.view(), &packed.w2, b2, false, y)) }
     }
 
-    /// `(h, act(h))` with `h = x·W1ᵀ + b1`; for ReLU one pass that keeps only `act(h)`.
+    /// `act(x·W1ᵀ + b1)` without dropout: for ReLU in the product's stores, else the
+    /// activation applied in place to the product.
     fn hidden(&self, x: ArrayView2<F>) -> Array2<F> {
         let (w1, b1) = (self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
-        assert_eq!(
-            w1.ncols(),
-            x.ncols(),
-            "FeedForward: W1 is {:?} for x {:?}",
-            w1.shape(),
-            x.shape()
-        );
+        self.check_w1(x);
         if self.cfg.activation == Activation::Relu {
             // SAFETY: gemm_bias writes every element.
             return unsafe { filled((x.nrows(), w1.nrows()), |a| gemm_bias(x, w1.t(), b1, true, a)) };
@@ -427,6 +417,17 @@ impl<F: Float> FeedForward<F> {
         );
         grad_h.give_back();
         grad_x
+    }
+
+    /// Panics unless W1 takes rows of `x`'s width, naming both shapes.
+    fn check_w1(&self, x: ArrayView2<F>) {
+        assert_eq!(
+            self.p.w1.ncols(),
+            x.ncols(),
+            "FeedForward: W1 is {:?} for x {:?}",
+            self.p.w1.shape(),
+            x.shape()
+        );
     }
 
     fn check_input(&self, x: ArrayView2<F>) {

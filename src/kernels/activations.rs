@@ -49,6 +49,50 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 const GELU_TANH_C: f64 = 0.044_715;
 
+/// `erf(x/√2)`, shared by GELU and its derivative.
+#[inline(always)]
+fn gelu_erf<F: Float>(x: F) -> F {
+    (x * F::from_f64(FRAC_1_SQRT_2)).erf()
+}
+
+/// GELU, `x·Φ(x)`, from `erf(x/√2)`.
+#[inline(always)]
+fn gelu<F: Float>(x: F, erf: F) -> F {
+    F::from_f64(0.5) * x * (F::ONE + erf)
+}
+
+/// GELU's derivative, `Φ(x) + x·φ(x)`, from `erf(x/√2)`.
+#[inline(always)]
+fn gelu_slope<F: Float>(x: F, erf: F) -> F {
+    let half = F::from_f64(0.5);
+    let cdf = half * (F::ONE + erf);
+    let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-half * x * x).exp_vector();
+    cdf + x * pdf
+}
+
+/// `tanh(√(2/π)·(x + 0.044715·x³))`, shared by the tanh approximation and its derivative.
+#[inline(always)]
+fn gelu_tanh_t<F: Float>(x: F) -> F {
+    (F::from_f64(SQRT_2_OVER_PI) * (x + F::from_f64(GELU_TANH_C) * x * x * x)).tanh()
+}
+
+/// The tanh approximation of GELU from its `tanh`.
+#[inline(always)]
+fn gelu_tanh<F: Float>(x: F, t: F) -> F {
+    F::from_f64(0.5) * x * (F::ONE + t)
+}
+
+/// The tanh approximation's derivative from its `tanh`.
+#[inline(always)]
+fn gelu_tanh_slope<F: Float>(x: F, t: F) -> F {
+    let (c, k, half) = (
+        F::from_f64(GELU_TANH_C),
+        F::from_f64(SQRT_2_OVER_PI),
+        F::from_f64(0.5),
+    );
+    half * (F::ONE + t) + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x)
+}
+
 impl Activation {
     /// The activation at `x`. Always inlined: the layers' loops of it are built for the
     /// CPU's vector instructions, and GELU's fused multiply-adds must be compiled there, not in
@@ -64,14 +108,8 @@ impl Activation {
                     F::ZERO
                 }
             }
-            Activation::Gelu => {
-                let half = F::from_f64(0.5);
-                half * x * (F::ONE + (x * F::from_f64(FRAC_1_SQRT_2)).erf())
-            }
-            Activation::GeluTanh => {
-                let inner = F::from_f64(SQRT_2_OVER_PI) * (x + F::from_f64(GELU_TANH_C) * x * x * x);
-                F::from_f64(0.5) * x * (F::ONE + inner.tanh())
-            }
+            Activation::Gelu => gelu(x, gelu_erf(x)),
+            Activation::GeluTanh => gelu_tanh(x, gelu_tanh_t(x)),
         }
     }
 
@@ -86,44 +124,25 @@ impl Activation {
                     F::ZERO
                 }
             }
-            Activation::Gelu => {
-                let cdf = F::from_f64(0.5) * (F::ONE + (x * F::from_f64(FRAC_1_SQRT_2)).erf());
-                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-F::from_f64(0.5) * x * x).exp_vector();
-                cdf + x * pdf
-            }
-            Activation::GeluTanh => {
-                let c = F::from_f64(GELU_TANH_C);
-                let k = F::from_f64(SQRT_2_OVER_PI);
-                let t = (k * (x + c * x * x * x)).tanh();
-                let half = F::from_f64(0.5);
-                half * (F::ONE + t)
-                    + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x)
-            }
+            Activation::Gelu => gelu_slope(x, gelu_erf(x)),
+            Activation::GeluTanh => gelu_tanh_slope(x, gelu_tanh_t(x)),
         }
     }
 
-    /// `(act(x), act′(x))`, the same bits as [`Activation::apply`] and
-    /// [`Activation::derivative`] give, with what the two have in common computed once: GELU's
-    /// `erf(x/√2)`, the tanh approximation's `tanh`. Always inlined, as they are.
+    /// `(act(x), act′(x))`, the bits of [`Activation::apply`] and [`Activation::derivative`],
+    /// with what the two have in common computed once: GELU's `erf(x/√2)`, the tanh
+    /// approximation's `tanh`. Always inlined, as they are.
     #[inline(always)]
     pub fn apply_and_derivative<F: Float>(self, x: F) -> (F, F) {
         match self {
             Activation::Relu => (self.apply(x), self.derivative(x)),
             Activation::Gelu => {
-                let half = F::from_f64(0.5);
-                let erf = (x * F::from_f64(FRAC_1_SQRT_2)).erf();
-                let cdf = half * (F::ONE + erf);
-                let pdf = F::from_f64(FRAC_1_SQRT_2PI) * (-half * x * x).exp_vector();
-                (half * x * (F::ONE + erf), cdf + x * pdf)
+                let erf = gelu_erf(x);
+                (gelu(x, erf), gelu_slope(x, erf))
             }
             Activation::GeluTanh => {
-                let c = F::from_f64(GELU_TANH_C);
-                let k = F::from_f64(SQRT_2_OVER_PI);
-                let t = (k * (x + c * x * x * x)).tanh();
-                let half = F::from_f64(0.5);
-                let slope = half * (F::ONE + t)
-                    + half * x * (F::ONE - t * t) * k * (F::ONE + F::from_f64(3.0) * c * x * x);
-                (half * x * (F::ONE + t), slope)
+                let t = gelu_tanh_t(x);
+                (gelu_tanh(x, t), gelu_tanh_slope(x, t))
             }
         }
     }

@@ -263,8 +263,7 @@ impl<F: Float> FeedForward<F> {
         } else {
             // act(h) and act′(h) in one pass over h, which becomes the slope: GELU's erf once
             // for both, and the backward pass a multiplication.
-            self.check_w1(x);
-            let mut h = affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+            let mut h = self.pre_activation(x);
             let mut a = activate_keeping_slope(self.cfg.activation, &mut h);
             dropout.apply_inplace(a.view_mut());
             (Some(h), a)
@@ -327,13 +326,20 @@ impl<F: Float> FeedForward<F> {
     /// `act(x·W1ᵀ + b1)` without dropout: for ReLU in the product's stores, else the
     /// activation applied in place to the product.
     fn hidden(&self, x: ArrayView2<F>) -> Array2<F> {
-        let (w1, b1) = (self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
-        self.check_w1(x);
         if self.cfg.activation == Activation::Relu {
+            let (w1, b1) = (self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()));
+            self.check_w1(x);
             // SAFETY: gemm_bias writes every element.
             return unsafe { filled((x.nrows(), w1.nrows()), |a| gemm_bias(x, w1.t(), b1, true, a)) };
         }
-        activate(self.cfg.activation, affine(x, w1, b1))
+        activate(self.cfg.activation, self.pre_activation(x))
+    }
+
+    /// The pre-activation `h = x·W1ᵀ + b1`, `[N, d_ff]`, for an activation with a pass of its
+    /// own.
+    fn pre_activation(&self, x: ArrayView2<F>) -> Array2<F> {
+        self.check_w1(x);
+        affine(x, self.p.w1.view(), self.p.b1.as_ref().map(|b| b.view()))
     }
 
     /// Backward pass: adds `∂L/∂W1`, `∂L/∂b1`, `∂L/∂W2`, `∂L/∂b2` into `g` and returns
@@ -443,18 +449,13 @@ impl<F: Float> FeedForward<F> {
 
 /// `act(h)` element-wise in place, on the rayon pool for large arrays (each element on its
 /// own, so the result does not depend on the thread count).
-fn activate<F: Float>(act: Activation, h: Array2<F>) -> Array2<F> {
-    let mut out = if h.is_standard_layout() {
-        h
-    } else {
-        h.as_standard_layout().into_owned()
-    };
-    let len = out.len();
-    let slice = out.as_slice_mut().expect("standard layout");
+fn activate<F: Float>(act: Activation, mut h: Array2<F>) -> Array2<F> {
+    let len = h.len();
+    let slice = h.as_slice_mut().expect("standard layout");
     // In vector registers where the CPU has them (GELU's erf and exponential are fused
     // multiply-adds: `Float::erf`, `Float::exp_vector`).
     for_each_chunk_mut(slice, 1, 16 * len, |_, chunk| widest!(act.apply_all(chunk)));
-    out
+    h
 }
 
 /// `act(h)` element-wise, returned, and `h ← act′(h)` in place, in one pass

@@ -859,6 +859,17 @@ pub fn attention_backward<F: Float>(
             return;
         }
         let q = head_view(&q, bi, hi, tq, dk);
+        // The AVX2 path's row backward: in vector registers where the rows' masks are plain
+        // limits, as the forward pass's softmax.
+        #[cfg(target_arch = "x86_64")]
+        let softmax_backward = {
+            let first = mask.row(bi, 0);
+            if first.keys.is_none() && first.pairs.is_none() {
+                RowSoftmax::Limit(|i| mask.limit(bi, i))
+            } else {
+                RowSoftmax::Rows(softmax_backward)
+            }
+        };
         #[cfg(target_arch = "x86_64")]
         if head_backward_avx2(
             !mask.is_causal(),

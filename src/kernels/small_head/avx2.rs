@@ -599,8 +599,10 @@ pub(crate) fn head_forward<F: Float>(
 }
 
 /// One head's backward pass on the AVX2 path, given `∂L/∂O` (`grad_out`): `∂L/∂V = (P ⊙
-/// M)ᵀ·G`, `∂L/∂P = (G·Vᵀ) ⊙ M`, `∂L/∂S` row by row from `softmax_backward(i, p, ∂L/∂p,
-/// ∂L/∂s)`, `∂L/∂Q = scale·∂L/∂S·K` and `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`, by the forward pass's
+/// M)ᵀ·G`, `∂L/∂P = (G·Vᵀ) ⊙ M`, `∂L/∂S` row by row (where each row's mask is a plain
+/// limit, `softmax_backward` is `Limit(limit)` and [`softmax_backward_rows`] runs in vector
+/// registers; else it is `Rows(f)`, and `f(i, p, ∂L/∂p, ∂L/∂s)` the general path's row
+/// backward), `∂L/∂Q = scale·∂L/∂S·K` and `∂L/∂K = scale·(∂L/∂S)ᵀ·Q`, by the forward pass's
 /// blocks: of `queries`, each with the keys its queries see at most, and of `keys`, each with
 /// the first query that sees one. The general path makes each product a [`product`] call on
 /// views it slices block by block, zeroes the whole of `∂L/∂P` and `∂L/∂S` for every head and
@@ -627,11 +629,12 @@ pub(crate) fn head_backward<F: Float>(
     probs: ndarray::ArrayView2<F>,
     dropped: Option<crate::kernels::dropout::DropRows>,
     grad_out: ndarray::ArrayView2<F>,
-    mut softmax_backward: impl FnMut(usize, &[F], &[F], &mut [F]),
+    softmax_backward: super::RowSoftmax<impl Fn(usize) -> usize, impl FnMut(usize, &[F], &[F], &mut [F])>,
     grad_q: &mut ndarray::ArrayViewMut2<F>,
     grad_k: &mut ndarray::ArrayViewMut2<F>,
     grad_v: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
+    let mut softmax_backward = softmax_backward;
     let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
     assert!(
         k.dim() == (kb, dk)
@@ -766,7 +769,7 @@ pub(crate) fn head_backward<F: Float>(
                 };
                 unsafe { product.run(rows.len()) };
             }
-            for i in rows {
+            for i in rows.clone() {
                 let row = &mut gp[i * kb..][..kb];
                 row[width..].fill(0.0);
                 if dropped.is_some() {
@@ -774,15 +777,36 @@ pub(crate) fn head_backward<F: Float>(
                         *x *= f;
                     }
                 }
-                // SAFETY: F is f32 (checked above): the same floats.
-                let (p, gp, gs) = unsafe {
-                    (
-                        std::slice::from_raw_parts(p_row(i).as_ptr() as *const F, kb),
-                        std::slice::from_raw_parts(row.as_ptr() as *const F, kb),
-                        std::slice::from_raw_parts_mut(gs[i * kb..].as_mut_ptr() as *mut F, kb),
-                    )
-                };
-                softmax_backward(i, p, gp, gs);
+            }
+            match &mut softmax_backward {
+                super::RowSoftmax::Limit(limit) => {
+                    let at = rows.start * kb;
+                    // SAFETY: AVX2 and FMA (level); rows of P (checked above), ∂L/∂P and
+                    // ∂L/∂S (the scratch's) of kb floats each, apart.
+                    unsafe {
+                        softmax_backward_rows(
+                            (p.from(rows.start, 0).ptr, p.rs),
+                            gp[at..].as_ptr(),
+                            gs[at..].as_mut_ptr(),
+                            kb,
+                            rows.len(),
+                            |r| limit(rows.start + r).min(kb),
+                        )
+                    }
+                }
+                super::RowSoftmax::Rows(softmax_backward) => {
+                    for i in rows {
+                        // SAFETY: F is f32 (checked above): the same floats.
+                        let (p, gp, gs) = unsafe {
+                            (
+                                std::slice::from_raw_parts(p_row(i).as_ptr() as *const F, kb),
+                                std::slice::from_raw_parts(gp[i * kb..].as_ptr() as *const F, kb),
+                                std::slice::from_raw_parts_mut(gs[i * kb..].as_mut_ptr() as *mut F, kb),
+                            )
+                        };
+                        softmax_backward(i, p, gp, gs);
+                    }
+                }
             }
         }
         let gs = Strided::dense(gs, kb);
@@ -984,15 +1008,27 @@ impl Operands {
     }
 
     /// [`Operands::run`] for `N ≤ 2` vectors of columns: tiles of six rows, then one of the
-    /// rows left.
+    /// rows left. Where the columns fill one vector (a head's output or gradient of at most 8
+    /// features), tiles of twelve rows first: six rows' chains of fused multiply-adds, one
+    /// a row, had left the two FMA units waiting on their latency (four cycles), twelve fill
+    /// it, in twelve sums, one vector of B and the broadcast factor.
     ///
     /// # Safety
     /// As [`Operands::run`], with `cols ≤ N · 8`.
     unsafe fn rows<const N: usize>(&self, n: usize) {
-        let full = n - n % 6;
-        for i in (0..full).step_by(6) {
+        let mut i = 0;
+        if N == 1 {
+            while i + 12 <= n {
+                // SAFETY: rows i..i + 12 (caller).
+                unsafe { self.tile_of::<12, 1>(i) };
+                i += 12;
+            }
+        }
+        let full = i + (n - i) / 6 * 6;
+        while i < full {
             // SAFETY: rows i..i + 6 (caller).
             unsafe { self.tile_of::<6, N>(i) };
+            i += 6;
         }
         // SAFETY (each): the rows full..n (caller).
         unsafe {
@@ -1179,6 +1215,117 @@ unsafe fn softmax_rows<const R: usize, const YMM: usize>(rows: [*mut f32; R], li
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
                 row[c * W..c * W + n].copy_from_slice(&lanes[..n]);
             }
+        }
+    }
+}
+
+/// The backward pass of the softmax of `n` rows, row `r` over its first `live(r)` keys, as
+/// [`crate::kernels::softmax::softmax_row_backward`] computes it for a plain limit: `gs =
+/// p ⊙ (gp − Σⱼ pⱼ·gpⱼ)` below the limit, zero from there to `len`. The sum in the 16 lanes
+/// of [`crate::kernels::simd::dot`] (a product, then a sum, in chunks of 16 in order, the
+/// last chunk's missing lanes left alone) folded in its tree. The scalar row, called row by
+/// row, had cost more than the arithmetic at a few dozen keys (its lanes' sums, its tail, the
+/// row's mask asked for again). The same bits (tested; NaN as NaN).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; rows `0..n` of `p` (`p_rs` apart), of `gp` and of `gs` (`len`
+/// apart) hold `len` floats, `live(r) ≤ len` of them readable in `p` and `gp`, all writable in
+/// `gs`, which is apart from both.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_backward_rows(
+    (p, p_rs): (*const f32, isize),
+    gp: *const f32,
+    gs: *mut f32,
+    len: usize,
+    n: usize,
+    live: impl Fn(usize) -> usize,
+) {
+    // Row r's three rows.
+    let at = |r: usize| {
+        (
+            p.wrapping_offset(r as isize * p_rs),
+            gp.wrapping_add(r * len),
+            gs.wrapping_add(r * len),
+        )
+    };
+    // The sum in every lane.
+    let broadcast = |halves: [__m256; 2]| {
+        let d = fold_add(halves);
+        _mm256_permute2f128_ps::<0>(_mm256_permute_ps::<0>(d), _mm256_permute_ps::<0>(d))
+    };
+    for r in 0..n {
+        let (p, gp, gs) = at(r);
+        // SAFETY: row r of each, as the caller vouches.
+        unsafe { row_gradient(p, gp, gs, broadcast(row_sum(p, gp, live(r))), live(r), len) };
+    }
+}
+
+/// `Σⱼ pⱼ·gpⱼ` over a row's first `live` floats in the two vectors of 16 lanes of
+/// [`crate::kernels::simd::dot`], before their fold.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `p` and `gp` hold `live` readable floats.
+#[inline(always)]
+unsafe fn row_sum(p: *const f32, gp: *const f32, live: usize) -> [__m256; 2] {
+    // SAFETY (every access): inside the floats the caller vouches for; AVX2 and FMA.
+    unsafe {
+        let (whole, n) = (live / W, live % W);
+        let term = |c: usize| _mm256_mul_ps(_mm256_loadu_ps(p.add(c * W)), _mm256_loadu_ps(gp.add(c * W)));
+        // The two halves of 16 lanes, named rather than indexed (an index kept them in memory).
+        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        while c + 2 <= whole {
+            even = _mm256_add_ps(even, term(c));
+            odd = _mm256_add_ps(odd, term(c + 1));
+            c += 2;
+        }
+        if c < whole {
+            even = _mm256_add_ps(even, term(c));
+        }
+        if n > 0 {
+            // The last vector's live lanes; the others load as +0, and a product +0 added
+            // leaves a lane's sum as it was (begun at +0, a sum is never −0).
+            let mask = Tail::of(n).mask;
+            let x = _mm256_mul_ps(
+                _mm256_maskload_ps(p.add(whole * W), mask),
+                _mm256_maskload_ps(gp.add(whole * W), mask),
+            );
+            if whole % 2 == 0 {
+                even = _mm256_add_ps(even, x);
+            } else {
+                odd = _mm256_add_ps(odd, x);
+            }
+        }
+        [even, odd]
+    }
+}
+
+/// `gs = p ⊙ (gp − dot)` over a row's first `live` floats, zero from there to `len`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `p` and `gp` hold `live` readable floats, `gs` `len ≥ live`
+/// writable ones, apart from both.
+#[inline(always)]
+unsafe fn row_gradient(p: *const f32, gp: *const f32, gs: *mut f32, dot: __m256, live: usize, len: usize) {
+    // SAFETY (every access): inside the floats the caller vouches for; AVX2 and FMA.
+    unsafe {
+        let (whole, n) = (live / W, live % W);
+        for c in 0..whole {
+            let (p, gp) = (_mm256_loadu_ps(p.add(c * W)), _mm256_loadu_ps(gp.add(c * W)));
+            _mm256_storeu_ps(gs.add(c * W), _mm256_mul_ps(p, _mm256_sub_ps(gp, dot)));
+        }
+        if n > 0 {
+            let mask = Tail::of(n).mask;
+            let (p, gp) = (
+                _mm256_maskload_ps(p.add(whole * W), mask),
+                _mm256_maskload_ps(gp.add(whole * W), mask),
+            );
+            let mut lanes = [0.0f32; W];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(p, _mm256_sub_ps(gp, dot)));
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), gs.add(whole * W), n);
+        }
+        for j in live..len {
+            *gs.add(j) = 0.0;
         }
     }
 }
@@ -1553,7 +1700,13 @@ mod tests {
                     p,
                     drop,
                     g,
-                    |i, p: &[f32], gp: &[f32], gs: &mut [f32]| softmax_row_backward(p, gp, gs, mask(i)),
+                    if flags {
+                        RowSoftmax::Rows(|i, p: &[f32], gp: &[f32], gs: &mut [f32]| {
+                            softmax_row_backward(p, gp, gs, mask(i))
+                        })
+                    } else {
+                        RowSoftmax::Limit(limit)
+                    },
                     &mut gqw.slice_mut(s![.., ..dk]),
                     &mut gkw.slice_mut(s![.., ..dk]),
                     &mut gvw.slice_mut(s![.., ..dv]),
@@ -1599,6 +1752,11 @@ mod tests {
             (5, 33, 65),
             (9, 12, 20),
             (15, 8, 40),
+            // One vector of columns: tiles of twelve rows, then six, then the rest.
+            (12, 10, 7),
+            (23, 9, 8),
+            (29, 8, 8),
+            (18, 11, 4),
         ] {
             let left = random(&mut rng, (m, terms));
             let left_t = random(&mut rng, (terms, m));
@@ -1691,5 +1849,80 @@ mod tests {
         check::<4, 8>(&mut rng);
         check::<1, 2>(&mut rng);
         check::<1, 8>(&mut rng);
+    }
+
+    /// The softmax backward of rows in vector registers gives the scalar row backward's bits
+    /// for plain limits: blocks of rows of every length to past four vectors, each row with its
+    /// own limit (every one within the length, over the blocks), P's rows further apart than
+    /// the length, and products of −0, infinities and NaN among the values.
+    #[test]
+    fn softmax_backward_rows_equals_the_row_backward_bit_for_bit() {
+        use crate::kernels::softmax::softmax_row_backward;
+        use rand::Rng;
+        if !avx2_is_best() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(41);
+        let mut rows = 0;
+        for len in 0..=70 {
+            for block in 0..len + 2 {
+                // Five rows, the first's limit going through 0..=len from block to block.
+                let n = 5;
+                let live: Vec<usize> = (0..n)
+                    .map(|r| {
+                        if r == 0 {
+                            block.min(len)
+                        } else {
+                            rng.random_range(0..=len)
+                        }
+                    })
+                    .collect();
+                let p_rs = len + 3;
+                let mut p: Vec<f32> = (0..n * p_rs).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut gp: Vec<f32> = (0..n * len).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                for (r, &live) in live.iter().enumerate() {
+                    let (p, gp) = (&mut p[r * p_rs..][..len], &mut gp[r * len..][..len]);
+                    match (r + block) % 4 {
+                        // Every product −0.
+                        1 => {
+                            p.iter_mut().for_each(|x| *x = 0.0);
+                            gp.iter_mut().for_each(|x| *x = -x.abs());
+                        }
+                        2 if live > 0 => p[rng.random_range(0..live)] = f32::INFINITY,
+                        3 if live > 0 => gp[rng.random_range(0..live)] = f32::NAN,
+                        _ => {}
+                    }
+                }
+                let mut got = vec![f32::NAN; n * len];
+                // SAFETY: AVX2 and FMA (checked above); rows of len ≥ live floats, P's p_rs
+                // apart.
+                unsafe {
+                    softmax_backward_rows(
+                        (p.as_ptr(), p_rs as isize),
+                        gp.as_ptr(),
+                        got.as_mut_ptr(),
+                        len,
+                        n,
+                        |r| live[r],
+                    )
+                };
+                for (r, &live) in live.iter().enumerate() {
+                    let mut want = vec![f32::NAN; len];
+                    let mask = RowMask {
+                        limit: live,
+                        keys: None,
+                        pairs: None,
+                    };
+                    softmax_row_backward(&p[r * p_rs..][..len], &gp[r * len..][..len], &mut want, mask);
+                    let got = &got[r * len..][..len];
+                    assert!(
+                        got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "len {len}, row {r}, live {live}: {got:?} against {want:?}"
+                    );
+                    rows += 1;
+                }
+            }
+        }
+        assert!(rows > 10_000, "{rows} rows");
     }
 }

@@ -137,7 +137,6 @@ fn bench_attention_core(c: &mut Criterion) {
 /// Credited with the unmasked work, `3 · 4·T²·d_k` FLOPs per head (as `WORKLOADS.md` counts a
 /// training step), whatever the blocked half costs.
 fn bench_attention_causal(c: &mut Criterion) {
-    use vaswani::layers::attention::{attention_backward, attention_forward};
     let mut group = c.benchmark_group("attention_causal");
     group.sample_size(20);
     // (name, batch, heads, length, d_k)
@@ -146,42 +145,7 @@ fn bench_attention_causal(c: &mut Criterion) {
         ("base", 8, 8, 64, 64),
         ("long", 4, 8, 256, 32),
     ] {
-        let mut rng = StdRng::seed_from_u64(3);
-        let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((b, h, t, dk), &mut rng));
-        let [mut out, mut gq, mut gk, mut gv]: [Array4<f32>; 4] =
-            std::array::from_fn(|_| Array4::zeros((b, h, t, dk)));
-        group.throughput(Throughput::Elements((3 * 4 * b * h * t * t * dk) as u64));
-        for threads in [1, 2] {
-            let pool = pool(threads);
-            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &(), |bench, _| {
-                pool.install(|| {
-                    vaswani::kernels::parallel::with_team(|| {
-                        bench.iter(|| {
-                            let mask = Mask::causal().resolve(b, t, t).expect("a causal mask");
-                            let cache = attention_forward(
-                                q.view(),
-                                k.view(),
-                                v.view(),
-                                mask,
-                                0.0,
-                                None::<&mut StdRng>,
-                                out.view_mut(),
-                            );
-                            attention_backward(
-                                q.view(),
-                                k.view(),
-                                v.view(),
-                                &cache,
-                                g.view(),
-                                gq.view_mut(),
-                                gk.view_mut(),
-                                gv.view_mut(),
-                            );
-                        })
-                    })
-                })
-            });
-        }
+        forward_and_backward(&mut group, name, (b, h, t, dk), 3, Mask::causal);
     }
     group.finish();
 }
@@ -191,51 +155,63 @@ fn bench_attention_causal(c: &mut Criterion) {
 /// features; the keys past each window's length masked), whose heads are narrower than any
 /// reference workload's. Credited with the unmasked work, `3 · 4·T²·d_k` FLOPs per head.
 fn bench_attention_padded(c: &mut Criterion) {
-    use vaswani::layers::attention::{attention_backward, attention_forward};
     let mut group = c.benchmark_group("attention_padded");
     group.sample_size(20);
-    // (name, batch, heads, length, d_k)
-    for &(name, b, h, t, dk) in &[("sensor", 32, 4, 64, 8)] {
-        let mut rng = StdRng::seed_from_u64(4);
-        let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((b, h, t, dk), &mut rng));
-        let [mut out, mut gq, mut gk, mut gv]: [Array4<f32>; 4] =
-            std::array::from_fn(|_| Array4::zeros((b, h, t, dk)));
-        // Lengths spread evenly from half the longest to the longest.
-        let lengths: Vec<usize> = (0..b).map(|i| t / 2 + i * (t / 2) / (b - 1).max(1)).collect();
-        group.throughput(Throughput::Elements((3 * 4 * b * h * t * t * dk) as u64));
-        for threads in [1, 2] {
-            let pool = pool(threads);
-            group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &(), |bench, _| {
-                pool.install(|| {
-                    vaswani::kernels::parallel::with_team(|| {
-                        bench.iter(|| {
-                            let mask = Mask::key_lengths(&lengths).resolve(b, t, t).expect("lengths");
-                            let cache = attention_forward(
-                                q.view(),
-                                k.view(),
-                                v.view(),
-                                mask,
-                                0.0,
-                                None::<&mut StdRng>,
-                                out.view_mut(),
-                            );
-                            attention_backward(
-                                q.view(),
-                                k.view(),
-                                v.view(),
-                                &cache,
-                                g.view(),
-                                gq.view_mut(),
-                                gk.view_mut(),
-                                gv.view_mut(),
-                            );
-                        })
+    let (b, h, t, dk) = (32, 4, 64, 8);
+    // Lengths spread evenly from half the longest to the longest.
+    let lengths: Vec<usize> = (0..b).map(|i| t / 2 + i * (t / 2) / (b - 1)).collect();
+    forward_and_backward(&mut group, "sensor", (b, h, t, dk), 4, || {
+        Mask::key_lengths(&lengths)
+    });
+    group.finish();
+}
+
+/// The attention core's forward then backward pass over random `[B, H, T, d_k]` operands
+/// (from `seed`) under `mask()`, on one and on two threads, in `group` as `name`.
+fn forward_and_backward(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    (b, h, t, dk): (usize, usize, usize, usize),
+    seed: u64,
+    mask: impl Fn() -> Mask + Sync,
+) {
+    use vaswani::layers::attention::{attention_backward, attention_forward};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let [q, k, v, g]: [Array4<f32>; 4] = std::array::from_fn(|_| random_like((b, h, t, dk), &mut rng));
+    let [mut out, mut gq, mut gk, mut gv]: [Array4<f32>; 4] =
+        std::array::from_fn(|_| Array4::zeros((b, h, t, dk)));
+    group.throughput(Throughput::Elements((3 * 4 * b * h * t * t * dk) as u64));
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        group.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &(), |bench, _| {
+            pool.install(|| {
+                vaswani::kernels::parallel::with_team(|| {
+                    bench.iter(|| {
+                        let mask = mask().resolve(b, t, t).expect("a mask of the operands' shape");
+                        let cache = attention_forward(
+                            q.view(),
+                            k.view(),
+                            v.view(),
+                            mask,
+                            0.0,
+                            None::<&mut StdRng>,
+                            out.view_mut(),
+                        );
+                        attention_backward(
+                            q.view(),
+                            k.view(),
+                            v.view(),
+                            &cache,
+                            g.view(),
+                            gq.view_mut(),
+                            gk.view_mut(),
+                            gv.view_mut(),
+                        );
                     })
                 })
-            });
-        }
+            })
+        });
     }
-    group.finish();
 }
 
 criterion_group!(

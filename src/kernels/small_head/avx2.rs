@@ -286,16 +286,9 @@ unsafe fn values<S: Lanes, const G: usize, const NO: usize>(
     for (o, acc) in out.chunks_exact_mut(dv).zip(&acc) {
         for (c, &x) in acc.iter().enumerate() {
             let o = &mut o[c * W..];
-            if o.len() >= W {
-                // SAFETY: 8 floats of the head's output.
-                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), x) };
-            } else {
-                let mut lanes = [0.0f32; W];
-                // SAFETY: a local array of 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), x) };
-                let n = o.len();
-                o.copy_from_slice(&lanes[..n]);
-            }
+            // SAFETY: AVX2 (caller); the head's output from feature c·8 on, at most 8 floats
+            // written.
+            unsafe { store_lanes(o.as_mut_ptr(), x, o.len()) };
         }
     }
 }
@@ -341,6 +334,35 @@ impl Tail {
         };
         Tail { n, mask }
     }
+}
+
+/// The first `n` lanes of `v` (all eight where `n ≥ 8`) stored at `to`; a row's last, partial
+/// vector through a local array, as a masked store is slow on AMD's cores.
+///
+/// # Safety
+/// The CPU has AVX; `min(n, 8)` floats are writable at `to`.
+#[inline(always)]
+unsafe fn store_lanes(to: *mut f32, v: __m256, n: usize) {
+    // SAFETY: the caller's contract; the array holds 8 floats.
+    unsafe {
+        if n >= W {
+            _mm256_storeu_ps(to, v);
+        } else {
+            let mut lanes = [0.0f32; W];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), to, n);
+        }
+    }
+}
+
+/// Lane 0 of `v` in every lane.
+///
+/// # Safety
+/// The CPU has AVX.
+#[inline(always)]
+unsafe fn splat_first(v: __m256) -> __m256 {
+    // SAFETY: AVX (caller); no memory is touched.
+    unsafe { _mm256_permute2f128_ps::<0>(_mm256_permute_ps::<0>(v), _mm256_permute_ps::<0>(v)) }
 }
 
 /// Eight cached elements as `f32` lanes: the first `n` read (all eight where `n ≥ 8`), the
@@ -629,12 +651,11 @@ pub(crate) fn head_backward<F: Float>(
     probs: ndarray::ArrayView2<F>,
     dropped: Option<crate::kernels::dropout::DropRows>,
     grad_out: ndarray::ArrayView2<F>,
-    softmax_backward: super::RowSoftmax<impl Fn(usize) -> usize, impl FnMut(usize, &[F], &[F], &mut [F])>,
+    mut softmax_backward: super::RowSoftmax<impl Fn(usize) -> usize, impl FnMut(usize, &[F], &[F], &mut [F])>,
     grad_q: &mut ndarray::ArrayViewMut2<F>,
     grad_k: &mut ndarray::ArrayViewMut2<F>,
     grad_v: &mut ndarray::ArrayViewMut2<F>,
 ) -> bool {
-    let mut softmax_backward = softmax_backward;
     let ((tq, dk), (kb, dv)) = (q.dim(), v.dim());
     assert!(
         k.dim() == (kb, dk)
@@ -1098,15 +1119,7 @@ impl Operands {
             for (r, acc) in acc.iter().enumerate() {
                 let to = self.c.offset((i + r) as isize * self.ldc);
                 for (c, &x) in acc.iter().enumerate() {
-                    let v = _mm256_mul_ps(x, alpha);
-                    let left = self.cols - c * W;
-                    if left >= W {
-                        _mm256_storeu_ps(to.add(c * W), v);
-                    } else {
-                        let mut lanes = [0.0f32; W];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), to.add(c * W), left);
-                    }
+                    store_lanes(to.add(c * W), _mm256_mul_ps(x, alpha), self.cols - c * W);
                 }
             }
         }
@@ -1176,10 +1189,8 @@ unsafe fn softmax_rows<const R: usize, const YMM: usize>(rows: [*mut f32; R], li
             top[r][c % 2] = _mm256_max_ps(x[r][c], top[r][c % 2]);
         }
     }
-    let m: [__m256; R] = std::array::from_fn(|r| {
-        let v = fold_max(top[r]);
-        _mm256_permute2f128_ps::<0>(_mm256_permute_ps::<0>(v), _mm256_permute_ps::<0>(v))
-    });
+    // SAFETY: AVX2 (caller).
+    let m: [__m256; R] = std::array::from_fn(|r| unsafe { splat_first(fold_max(top[r])) });
     for (x, &m) in x.iter_mut().zip(&m) {
         for v in x.iter_mut() {
             *v = _mm256_sub_ps(*v, m);
@@ -1203,18 +1214,9 @@ unsafe fn softmax_rows<const R: usize, const YMM: usize>(rows: [*mut f32; R], li
             continue;
         }
         let inv = _mm256_set1_ps(1.0 / _mm256_cvtss_f32(fold_add(acc[r])));
-        for c in 0..live.div_ceil(W) {
-            let v = _mm256_mul_ps(x[r][c], inv);
-            let n = (live - c * W).min(W);
-            if n == W {
-                // SAFETY: 8 live floats of the row.
-                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(c * W), v) };
-            } else {
-                let mut lanes = [0.0f32; W];
-                // SAFETY: a local array of 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                row[c * W..c * W + n].copy_from_slice(&lanes[..n]);
-            }
+        for (c, &v) in x[r].iter().enumerate().take(live.div_ceil(W)) {
+            // SAFETY: AVX2 (caller); the row's live floats from c·8 on, at most 8 written.
+            unsafe { store_lanes(row.as_mut_ptr().add(c * W), _mm256_mul_ps(v, inv), live - c * W) };
         }
     }
 }
@@ -1248,15 +1250,13 @@ unsafe fn softmax_backward_rows(
             gs.wrapping_add(r * len),
         )
     };
-    // The sum in every lane.
-    let broadcast = |halves: [__m256; 2]| {
-        let d = fold_add(halves);
-        _mm256_permute2f128_ps::<0>(_mm256_permute_ps::<0>(d), _mm256_permute_ps::<0>(d))
-    };
     for r in 0..n {
         let (p, gp, gs) = at(r);
-        // SAFETY: row r of each, as the caller vouches.
-        unsafe { row_gradient(p, gp, gs, broadcast(row_sum(p, gp, live(r))), live(r), len) };
+        // SAFETY: row r of each, as the caller vouches; AVX2 and FMA (caller).
+        unsafe {
+            let dot = splat_first(fold_add(row_sum(p, gp, live(r))));
+            row_gradient(p, gp, gs, dot, live(r), len)
+        };
     }
 }
 
@@ -1320,9 +1320,7 @@ unsafe fn row_gradient(p: *const f32, gp: *const f32, gs: *mut f32, dot: __m256,
                 _mm256_maskload_ps(p.add(whole * W), mask),
                 _mm256_maskload_ps(gp.add(whole * W), mask),
             );
-            let mut lanes = [0.0f32; W];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(p, _mm256_sub_ps(gp, dot)));
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), gs.add(whole * W), n);
+            store_lanes(gs.add(whole * W), _mm256_mul_ps(p, _mm256_sub_ps(gp, dot)), n);
         }
         for j in live..len {
             *gs.add(j) = 0.0;
